@@ -1,0 +1,37 @@
+# Two commands matter: `make demo` and `make test`. Both install what they need first.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PKGS := prosody
+
+.PHONY: demo test setup system-deps bench clean
+
+demo: setup
+	$(VENV)/bin/gridpresence demo
+
+test: setup
+	$(PY) -m pytest -q
+
+setup: system-deps $(VENV)/.installed
+
+# Debian packages: Prosody is the XMPP server the project starts as its own child process.
+system-deps:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+bench: setup
+	$(PY) bench/fanout.py
+	$(PY) bench/presence_latency.py
+
+clean:
+	rm -rf $(VENV) .gridpresence .pytest_cache

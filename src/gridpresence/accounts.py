@@ -1,0 +1,66 @@
+"""From a fleet to XMPP accounts: passwords that survive restarts, and who is in whose roster.
+
+Rosters are what make presence flow: operators and the watchdog see every device; a device
+sees the operators, the watchdog, its parent and its children; billing sees the operators.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+from gridpresence import roles
+from gridpresence.config import DeviceSpec, Fleet
+from gridpresence.server.provision import AccountSpec, RosterEntry
+
+WATCHDOG = "watchdog"
+
+
+class Secrets:
+    """Account passwords in ``DIR/secrets.json`` (mode 0600); a second `up` reuses them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.passwords: dict[str, str] = {}
+        if path.exists():
+            self.passwords = json.loads(path.read_text(encoding="utf-8"))
+
+    def password(self, name: str) -> str:
+        if name not in self.passwords:
+            self.passwords[name] = secrets.token_urlsafe(18)
+        return self.passwords[name]
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(self.passwords, fh, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
+def _device_entry(fleet: Fleet, dev: DeviceSpec) -> RosterEntry:
+    return RosterEntry(jid=fleet.jid(dev.name), name=dev.label, groups=(roles.DEVICE_GROUPS[dev.kind],))
+
+
+def plan_accounts(fleet: Fleet, passwords: Secrets) -> list[AccountSpec]:
+    """Every account the fleet needs, with its roster."""
+    ops = [RosterEntry(jid=fleet.jid(o.name), name=o.label, groups=(roles.OPERATORS,)) for o in fleet.operators]
+    billing = [RosterEntry(jid=fleet.jid(b.name), name=b.label, groups=(roles.BILLING,)) for b in fleet.billing]
+    watchdog = RosterEntry(jid=fleet.jid(WATCHDOG), name="Presence watchdog", groups=(roles.SERVICES,))
+    devices = [_device_entry(fleet, d) for d in fleet.devices]
+
+    accounts: list[AccountSpec] = []
+    for op in fleet.operators:
+        others = [e for e in ops if e.jid != fleet.jid(op.name)]
+        accounts.append(AccountSpec(op.name, passwords.password(op.name), tuple([*devices, *others, *billing, watchdog])))
+    for bill in fleet.billing:
+        accounts.append(AccountSpec(bill.name, passwords.password(bill.name), tuple(ops)))
+    accounts.append(AccountSpec(WATCHDOG, passwords.password(WATCHDOG), tuple([*devices, *ops])))
+    for dev in fleet.devices:
+        kin = [fleet.device(dev.parent)] if dev.parent else []
+        kin += list(fleet.children(dev.name))
+        accounts.append(AccountSpec(dev.name, passwords.password(dev.name),
+                                    tuple([*ops, watchdog, *(_device_entry(fleet, k) for k in kin)])))
+    return accounts

@@ -1,0 +1,288 @@
+"""A device bot: a simulated IED that is an XMPP client.
+
+It publishes rich presence on every change and every refresh interval, executes commands
+from the utility's operators, and answers each command with exactly one outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from pydantic import ValidationError
+from slixmpp import JID, Message, Presence
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import StanzaPath
+
+from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
+from gridpresence.config import DeviceSpec
+from gridpresence.devices import SimDevice, make_device
+from gridpresence.protocol.codec import (
+    PayloadError,
+    command_from_xml,
+    q,
+    outcome_to_xml,
+    report_from_xml,
+    report_to_xml,
+)
+from gridpresence.protocol.models import (
+    Action,
+    Command,
+    DeviceKind,
+    DeviceState,
+    Outcome,
+    OutcomeStatus,
+    PresenceReport,
+    RejectReason,
+    Telemetry,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+# Publish between refreshes only when a reading moves this much (percentage points of load):
+# every drift would flood the operators with presence.
+LOAD_DEADBAND_PCT = 5.0
+
+
+def branch_contribution(child: PresenceReport) -> float:
+    """Net load a child adds to its branch: consumers add, generators subtract, and a breaker
+    only carries what the others already count."""
+    kw = child.telemetry.kw or 0.0
+    if child.kind is DeviceKind.GENERATOR:
+        return -kw
+    return 0.0 if child.kind is DeviceKind.BREAKER else kw
+
+
+class DeviceAgent:
+    """One device identity on the network.
+
+    ``operators`` are the bare JIDs allowed to command it; ``children`` the bare JIDs whose
+    load this device sums (a master IED or a branch meter).
+    """
+
+    def __init__(
+        self,
+        spec: DeviceSpec,
+        jid: str,
+        password: str,
+        endpoint: Endpoint,
+        operators: Iterable[str],
+        children: Iterable[str] = (),
+        tick_s: float = 1.0,
+    ) -> None:
+        self.spec = spec
+        self.endpoint = endpoint
+        self.operators = frozenset(JID(j).bare for j in operators)
+        self.children = frozenset(JID(j).bare for j in children)
+        self.tick_s = min(tick_s, spec.refresh_s)
+        self.sim: SimDevice = make_device(spec, utcnow())
+        self.client = make_client(jid, password, endpoint)
+        self._seq = 0
+        self._published: PresenceReport | None = None
+        self._published_at = 0.0
+        # Outcomes by command id, kept until the command expires: a redelivery inside that
+        # window is answered from here (no second effect); after it, expiry rejects it anyway.
+        self._done: OrderedDict[str, tuple[dt.datetime, Outcome]] = OrderedDict()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.client.register_handler(
+            Callback("grid command", StanzaPath("message/grid_command"), self._on_command)
+        )
+        if self.children:
+            self.client.add_event_handler("presence", self._on_child_presence)
+        self.client.add_event_handler("disconnected", self._on_disconnected)
+        self.client.add_event_handler("session_start", self._on_session_start)
+
+    @property
+    def jid(self) -> str:
+        return self.client.boundjid.bare
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self, timeout: float = 20.0) -> None:
+        await open_session(self.client, self.endpoint, timeout)
+
+    def _on_session_start(self, _event: object) -> None:
+        self._published = None  # a new session has told no one anything yet
+        self.publish()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        """Say goodbye (state "gone") and leave."""
+        self._stopping = True
+        if self._loop_task:
+            self._loop_task.cancel()
+        if self.client.is_connected():
+            report = self._report(DeviceState.GONE)
+            pres = self.client.make_presence(ptype="unavailable", pstatus="gone: shut down")
+            pres.append(report_to_xml(report))
+            pres.send()
+            await close_session(self.client)
+
+    def _on_disconnected(self, _event: object) -> None:
+        if not self._stopping:
+            # Keep trying: a device's job is to be present. The server-side watchdog flags
+            # the gap as a presence error meanwhile.
+            log.info("%s: connection lost, reconnecting", self.spec.name)
+            asyncio.get_running_loop().call_later(1.0, self._reconnect)
+
+    def _reconnect(self) -> None:
+        if not self._stopping and not self.client.is_connected():
+            self.client.connect(self.endpoint.host, self.endpoint.c2s_port)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.tick_s)
+            try:
+                self.sim.tick(utcnow())
+                refresh_due = loop.time() - self._published_at >= self.spec.refresh_s
+                self.publish(force=refresh_due)
+            except Exception:  # one bad tick must not end the device
+                log.exception("%s: tick failed", self.spec.name)
+
+    # -- presence ---------------------------------------------------------------------
+
+    def _report(self, state: DeviceState | None = None) -> PresenceReport:
+        self._seq += 1
+        return PresenceReport(
+            kind=self.sim.kind,
+            state=state or self.sim.state,
+            critical=self.spec.critical,
+            telemetry=self.sim.telemetry() if state is None else Telemetry(),
+            restriction=self.sim.restriction if state is None else None,
+            refresh_s=self.spec.refresh_s,
+            seq=self._seq,
+        )
+
+    def current_report(self) -> PresenceReport | None:
+        """The device's state as a validated report, or None (logged) if the physics is off."""
+        try:
+            return self._report()
+        except ValidationError as exc:
+            log.error("%s: refusing to publish invalid values: %s", self.spec.name, exc)
+            return None
+
+    def _changed(self, report: PresenceReport) -> bool:
+        old = self._published
+        if old is None or old.state != report.state or old.restriction != report.restriction:
+            return True
+        a, b = old.telemetry, report.telemetry
+        if a.breaker != b.breaker:
+            return True
+        return abs((a.load_pct or 0.0) - (b.load_pct or 0.0)) >= LOAD_DEADBAND_PCT
+
+    def publish(self, force: bool = True) -> None:
+        """Broadcast presence if forced (refresh) or if something worth telling changed."""
+        if not self.client.is_connected():
+            return
+        report = self.current_report()
+        if report is None or not (force or self._changed(report)):
+            return
+        pres = self.client.make_presence(pshow=report.show(), pstatus=report.status_text())
+        pres.append(report_to_xml(report))
+        pres.send()
+        self._published = report
+        self._published_at = asyncio.get_running_loop().time()
+
+    def _on_child_presence(self, pres: Presence) -> None:
+        sender = pres["from"].bare
+        if sender not in self.children:
+            return
+        kw = 0.0
+        if pres["type"] != "unavailable" and pres.xml.find(q("device")) is not None:
+            try:
+                child = report_from_xml(pres["grid_device"].xml)
+            except PayloadError as exc:
+                log.warning("%s: dropped invalid presence from %s: %s", self.spec.name, sender, exc)
+                return
+            kw = branch_contribution(child)
+        self.sim.branch_kw[sender] = kw
+        self.publish(force=False)
+
+    # -- commands ---------------------------------------------------------------------
+
+    def _on_command(self, msg: Message) -> None:
+        try:
+            self._handle_command(msg)
+        except Exception:  # never let one stanza end the bot
+            log.exception("%s: command handling failed", self.spec.name)
+            self._stanza_error(msg["from"], "internal-server-error", "wait", "the device could not handle this command")
+
+    def _handle_command(self, msg: Message) -> None:
+        sender = msg["from"]
+        raw = msg["grid_command"].xml
+        cmd_id = raw.get("id") or ""
+        now = utcnow()
+        if sender.bare not in self.operators:
+            log.warning("%s: command from %s refused: not authorised", self.spec.name, sender)
+            self._answer(sender, cmd_id, OutcomeStatus.REJECTED, RejectReason.NOT_AUTHORISED,
+                         f"{sender.bare} may not command this device")
+            return
+        try:
+            cmd = command_from_xml(raw)
+        except PayloadError as exc:
+            unknown_action = raw.get("action") not in {a.value for a in Action}
+            reason = RejectReason.NOT_SUPPORTED if unknown_action else RejectReason.INVALID_ARGUMENTS
+            detail = f"unknown command {raw.get('action')!r}" if unknown_action else str(exc)
+            log.warning("%s: bad command from %s: %s", self.spec.name, sender, detail)
+            self._answer(sender, cmd_id, OutcomeStatus.REJECTED, reason, detail)
+            return
+        self._forget_expired(now)
+        if cmd.id in self._done:
+            log.info("%s: command %s delivered again; answering from memory", self.spec.name, cmd.id)
+            self._send_outcome(sender, self._done[cmd.id][1])
+            return
+        if cmd.is_expired(now):
+            late = (now - cmd.expires).total_seconds()
+            self._answer(sender, cmd.id, OutcomeStatus.EXPIRED, None, f"arrived {late:.1f} s after its expiry")
+            return
+        outcome = self.execute(cmd, now)
+        self._done[cmd.id] = (cmd.expires, outcome)
+        self._send_outcome(sender, outcome)
+
+    def execute(self, cmd: Command, now: dt.datetime) -> Outcome:
+        """Apply a valid, authorised, fresh command to the physics; publish the new state first
+        so an issuer that sees the outcome already sees the matching presence."""
+        effect = self.sim.execute(cmd.action, cmd.args, now)
+        self.publish(force=False)
+        report = self.current_report()
+        return Outcome(
+            command_id=cmd.id,
+            device=self.jid,
+            status=effect.status,
+            reason=effect.reason,
+            detail=effect.detail,
+            report=report,
+        )
+
+    def _forget_expired(self, now: dt.datetime) -> None:
+        while self._done:
+            first = next(iter(self._done))
+            if self._done[first][0] > now:
+                break
+            del self._done[first]
+
+    def _answer(self, to: JID, cmd_id: str, status: OutcomeStatus, reason: RejectReason | None, detail: str) -> None:
+        if not cmd_id:  # nothing to correlate with: a stanza-level error is all we can give
+            self._stanza_error(to, "bad-request", "modify", f"grid command without an id: {detail}")
+            return
+        self._send_outcome(to, Outcome(command_id=cmd_id[:64], device=self.jid, status=status, reason=reason,
+                                       detail=detail[:500]))
+
+    def _stanza_error(self, to: JID, condition: str, etype: str, text: str) -> None:
+        err = self.client.make_message(mto=to, mtype="error")
+        err["error"]["type"] = etype
+        err["error"]["condition"] = condition
+        err["error"]["text"] = text[:500]
+        err.send()
+
+    def _send_outcome(self, to: JID, outcome: Outcome) -> None:
+        msg = self.client.make_message(mto=to, mtype="normal")
+        msg.append(outcome_to_xml(outcome))
+        msg.send()

@@ -1,0 +1,74 @@
+"""Hosts a fleet's bots — devices, billing, watchdog — in one process and one event loop.
+
+A thousand device identities are a thousand light XMPP sessions here, not a thousand processes;
+they log in a few at a time so the server is not hit by one thundering herd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Collection
+from typing import Protocol
+
+from gridpresence.accounts import WATCHDOG, Secrets
+from gridpresence.agents.billing import BillingAgent
+from gridpresence.agents.device import DeviceAgent
+from gridpresence.agents.session import Endpoint
+from gridpresence.agents.watchdog import WatchdogAgent
+from gridpresence.config import Fleet
+
+log = logging.getLogger(__name__)
+
+LOGIN_CONCURRENCY = 16
+
+
+class Bot(Protocol):
+    async def start(self, timeout: float = 20.0) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class FleetBots:
+    """The bots of a fleet. `only` limits them to some names (e.g. to run one device apart)."""
+
+    def __init__(self, fleet: Fleet, endpoint: Endpoint, secrets: Secrets, only: Collection[str] | None = None,
+                 tick_s: float = 1.0, with_services: bool = True) -> None:
+        self.fleet = fleet
+        operators = [fleet.jid(o.name) for o in fleet.operators]
+        wanted = set(only) if only is not None else None
+        self.devices: dict[str, DeviceAgent] = {}
+        self.billing: dict[str, BillingAgent] = {}
+        self.watchdog: WatchdogAgent | None = None
+        for dev in fleet.devices:
+            if wanted is None or dev.name in wanted:
+                children = [fleet.jid(c.name) for c in fleet.children(dev.name)]
+                self.devices[dev.name] = DeviceAgent(dev, fleet.jid(dev.name), secrets.password(dev.name), endpoint,
+                                                     operators, children, tick_s=tick_s)
+        for bill in fleet.billing:
+            if wanted is None or bill.name in wanted:
+                self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),
+                                                       endpoint, operators)
+        if with_services and (wanted is None or WATCHDOG in wanted):
+            self.watchdog = WatchdogAgent(fleet.jid(WATCHDOG), secrets.password(WATCHDOG), endpoint, operators,
+                                          grace_s=fleet.presence_grace_s)
+
+    @property
+    def bots(self) -> list[Bot]:
+        # The watchdog first, so it sees every device arrive.
+        return [*([self.watchdog] if self.watchdog else []), *self.billing.values(), *self.devices.values()]
+
+    async def start(self, timeout: float = 60.0) -> None:
+        gate = asyncio.Semaphore(LOGIN_CONCURRENCY)
+
+        async def one(bot: Bot) -> None:
+            async with gate:
+                await bot.start()
+
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(one(b) for b in self.bots))
+
+    async def stop(self) -> None:
+        results = await asyncio.gather(*(b.stop() for b in self.bots), return_exceptions=True)
+        for res in results:
+            if isinstance(res, BaseException):
+                log.warning("a bot did not stop cleanly: %s", res)

@@ -1,0 +1,260 @@
+"""The utility operator's library: the one API behind load-shed scripts, the CLI and the console.
+
+Example::
+
+    async with GridOperator.from_connection(ConnectionInfo.load(path)) as grid:
+        for name, view in grid.devices.items():
+            print(name, view.label, view.report and view.report.telemetry.kw)
+        outcome = await grid.command("load-1", "shed")
+        await grid.wait_for(lambda devices: devices["load-1"].state is DeviceState.OFF, timeout=5)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from types import TracebackType
+
+from slixmpp import JID, Message
+from slixmpp.exceptions import IqError, IqTimeout
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import StanzaPath
+
+from gridpresence import roles
+from gridpresence.agents.session import ConnectionInfo, Endpoint, close_session, make_client, open_session
+from gridpresence.agents.tracker import DeviceChange, DeviceView, PresenceTracker
+from gridpresence.protocol.codec import (
+    PayloadError,
+    command_to_xml,
+    health_from_xml,
+    outcome_from_xml,
+    q,
+    tariff_from_xml,
+)
+from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
+
+log = logging.getLogger(__name__)
+
+# Extra time after a command's expiry for its "expired" outcome to travel back.
+OUTCOME_MARGIN_S = 1.0
+
+
+class UnknownDevice(KeyError):
+    def __str__(self) -> str:
+        return f"no device named {self.args[0]!r} in this operator's roster"
+
+
+class GridOperator:
+    """A logged-in utility operator: sees every device's rich presence and commands devices."""
+
+    def __init__(
+        self,
+        jid: str,
+        password: str,
+        endpoint: Endpoint,
+        *,
+        watchdog: str | None = None,
+        grace_s: float = 15.0,
+        resource: str | None = None,
+    ) -> None:
+        full = f"{jid}/{resource}" if resource else jid
+        self.endpoint = endpoint
+        self.watchdog = watchdog
+        self.client = make_client(full, password, endpoint)
+        self.tracker = PresenceTracker(self.client, grace_s=grace_s)
+        self.tariff: Tariff | None = None
+        self._pending: dict[str, asyncio.Future[Outcome]] = {}  # command id -> outcome
+        self._stanza_to_command: dict[str, str] = {}  # message id -> command id, for bounces
+        self._version = 0
+        self._changed = asyncio.Event()
+        self.tracker.listen(lambda _change: self._bump())
+        self.client.register_handler(Callback("grid outcome", StanzaPath("message/grid_outcome"), self._on_outcome))
+        self.client.register_handler(Callback("grid tariff", StanzaPath("message/grid_tariff"), self._on_tariff))
+        self.client.add_event_handler("message_error", self._on_bounce)
+
+    @classmethod
+    def from_connection(cls, info: ConnectionInfo, operator: str | None = None, resource: str | None = None) -> GridOperator:
+        acc = info.operator(operator)
+        return cls(acc.jid, acc.password, info.server, watchdog=info.watchdog, grace_s=info.presence_grace_s,
+                   resource=resource)
+
+    @property
+    def jid(self) -> str:
+        return self.client.boundjid.bare
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def connect(self, timeout: float = 20.0, settle_s: float = 0.5) -> None:
+        """Log in, learn the devices from the roster, go online and collect their presence.
+
+        `settle_s` waits for the initial presence burst; it ends early once every device
+        is known.
+        """
+        await open_session(self.client, self.endpoint, timeout)
+        await self.client.get_roster()
+        self.tracker.load_roster()
+        self.client.send_presence(pshow="chat", pstatus="grid operator")
+        try:
+            await self.wait_for(lambda devs: all(v.present for v in devs.values()), timeout=settle_s)
+        except TimeoutError:
+            pass  # some devices are not present; the view says so
+        await self._adopt_watchdog_health()
+        self.tracker.start_watchdog()
+
+    async def close(self) -> None:
+        self.tracker.stop_watchdog()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.cancel()
+        await close_session(self.client)
+
+    async def __aenter__(self) -> GridOperator:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+        await self.close()
+
+    async def _adopt_watchdog_health(self) -> None:
+        """Devices that vanished before we connected: ask the watchdog service what it saw."""
+        if not self.watchdog or all(v.present for v in self.tracker.views.values()):
+            return
+        resources = self.client.client_roster[self.watchdog].resources
+        for _ in range(20):  # its presence may still be on the way
+            if resources:
+                break
+            await asyncio.sleep(0.05)
+        if not resources:
+            log.info("watchdog %s is not present; using own view only", self.watchdog)
+            return
+        iq = self.client.make_iq_get(ito=f"{self.watchdog}/{next(iter(resources))}")
+        iq.enable("grid_fleet_health")
+        try:
+            result = await iq.send(timeout=3)
+        except (IqError, IqTimeout) as exc:
+            log.info("watchdog %s did not answer (%s); using own view only", self.watchdog, exc)
+            return
+        for el in result.xml.iter(q("health")):
+            try:
+                self.tracker.adopt(health_from_xml(el))
+            except PayloadError as exc:
+                log.warning("watchdog sent invalid health: %s", exc)
+
+    # -- views ------------------------------------------------------------------------
+
+    @property
+    def devices(self) -> Mapping[str, DeviceView]:
+        """Every device in the roster, by name."""
+        return self.tracker.by_name()
+
+    def device(self, name: str) -> DeviceView:
+        for view in self.tracker.views.values():
+            if name in (view.name, view.jid):
+                return view
+        raise UnknownDevice(name)
+
+    def _bump(self) -> None:
+        self._version += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for(self, predicate: Callable[[Mapping[str, DeviceView]], bool], timeout: float) -> Mapping[str, DeviceView]:
+        """Wait until `predicate(devices)` holds; raises TimeoutError."""
+        async with asyncio.timeout(timeout):
+            while not predicate(self.devices):
+                await self._changed.wait()
+        return self.devices
+
+    async def changes(self) -> AsyncIterator[DeviceChange]:
+        """Every presence or health change, as it happens."""
+        queue: asyncio.Queue[DeviceChange] = asyncio.Queue()
+        stop = self.tracker.listen(queue.put_nowait)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            stop()
+
+    # -- commands ---------------------------------------------------------------------
+
+    async def command(self, name: str, action: Action | str, *, args: dict[str, str] | None = None,
+                      ttl_s: float = 30.0) -> Outcome:
+        """Send one command and wait for its one outcome (executed, rejected, expired, undeliverable)."""
+        view = self.device(name)
+        cmd = Command.new(action, self.jid, ttl_s=ttl_s, args=args)
+        if view.full_jid is None:
+            return Outcome(command_id=cmd.id, device=view.jid, status=OutcomeStatus.UNDELIVERABLE,
+                           detail=f"{view.name} has no presence ({view.label})")
+        return await self.send_command(cmd, view.full_jid)
+
+    async def send_command(self, cmd: Command, to: str) -> Outcome:
+        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._pending[cmd.id] = fut
+        msg = self.client.make_message(mto=to, mtype="normal")
+        msg.append(command_to_xml(cmd))
+        self._stanza_to_command[msg["id"]] = cmd.id
+        msg.send()
+        wait_s = max(0.0, (cmd.expires - utcnow()).total_seconds()) + OUTCOME_MARGIN_S
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), wait_s)
+        except asyncio.TimeoutError:
+            return Outcome(command_id=cmd.id, device=JID(to).bare, status=OutcomeStatus.EXPIRED,
+                           detail="no outcome before the command expired")
+        finally:
+            self._pending.pop(cmd.id, None)
+            self._stanza_to_command.pop(msg["id"], None)
+
+    async def command_many(self, names: Iterable[str], action: Action | str, *, args: dict[str, str] | None = None,
+                           ttl_s: float = 30.0) -> dict[str, Outcome]:
+        """The same command to many devices at once; one outcome per device."""
+        names = list(names)
+        outcomes = await asyncio.gather(*(self.command(n, action, args=args, ttl_s=ttl_s) for n in names))
+        return dict(zip(names, outcomes))
+
+    def _on_outcome(self, msg: Message) -> None:
+        try:
+            outcome = outcome_from_xml(msg["grid_outcome"].xml)
+        except PayloadError as exc:
+            log.warning("dropped invalid outcome from %s: %s", msg["from"], exc)
+            return
+        fut = self._pending.get(outcome.command_id)
+        if fut is None or fut.done():
+            log.debug("outcome for unknown or answered command %s from %s", outcome.command_id, msg["from"])
+            return
+        if JID(outcome.device).bare != msg["from"].bare:
+            log.warning("outcome for %s claims device %s but came from %s", outcome.command_id, outcome.device, msg["from"])
+            return
+        fut.set_result(outcome)
+
+    def _on_bounce(self, msg: Message) -> None:
+        cmd_id = self._stanza_to_command.get(msg["id"])
+        fut = self._pending.get(cmd_id) if cmd_id else None
+        if fut is None or fut.done():
+            return
+        err = msg["error"]
+        fut.set_result(Outcome(command_id=cmd_id or "", device=msg["from"].bare, status=OutcomeStatus.UNDELIVERABLE,
+                               detail=f"{err['condition']}: {err['text']}".rstrip(": ")))
+
+    # -- tariffs ----------------------------------------------------------------------
+
+    def _on_tariff(self, msg: Message) -> None:
+        sender = msg["from"].bare
+        if roles.BILLING not in self.client.client_roster[sender]["groups"]:
+            log.warning("tariff from %s ignored: not a billing party", sender)
+            return
+        try:
+            self.tariff = tariff_from_xml(msg["grid_tariff"].xml)
+        except PayloadError as exc:
+            log.warning("dropped invalid tariff from %s: %s", sender, exc)
+            return
+        self._bump()
+
+    async def wait_tariff(self, timeout: float) -> Tariff:
+        async with asyncio.timeout(timeout):
+            while self.tariff is None:
+                await self._changed.wait()
+        return self.tariff
+
+    def price_now(self) -> float | None:
+        return self.tariff.price_at() if self.tariff else None

@@ -1,0 +1,136 @@
+"""One place that turns (endpoint, account) into a logged-in slixmpp client.
+
+Every party — device, operator, billing, watchdog — connects through :func:`open_session`,
+so TLS trust, plugin choice and login failures are handled the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from slixmpp import ClientXMPP
+
+from gridpresence.protocol import stanzas
+
+log = logging.getLogger(__name__)
+
+
+class Endpoint(BaseModel):
+    """Where the XMPP server is and how to trust it."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    host: str = "127.0.0.1"
+    c2s_port: int = Field(default=5222, ge=1, le=65535)
+    domain: str = "localhost"
+    ca_file: Path | None = None
+
+
+class Account(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    name: str
+    jid: str
+    password: str
+
+
+class ConnectionInfo(BaseModel):
+    """The contents of ``DIR/connection.json`` written by ``gridpresence up``."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    server: Endpoint
+    operators: tuple[Account, ...]
+    watchdog: str | None = None
+    billing: tuple[str, ...] = ()
+    presence_grace_s: float = Field(default=15.0, gt=0)
+
+    @classmethod
+    def load(cls, path: Path) -> ConnectionInfo:
+        try:
+            return cls.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise SessionError(f"{path}: not found; start the grid with `gridpresence up` first") from None
+        except (ValueError, TypeError) as exc:
+            raise SessionError(f"{path}: not a valid connection file: {exc}") from None
+
+    def operator(self, name: str | None = None) -> Account:
+        if not self.operators:
+            raise SessionError("connection file lists no operator")
+        if name is None:
+            return self.operators[0]
+        for acc in self.operators:
+            if name in (acc.name, acc.jid):
+                return acc
+        raise SessionError(f"no operator named {name!r} in the connection file")
+
+
+class SessionError(RuntimeError):
+    """Could not log in: the message says why (server down, bad password, TLS)."""
+
+
+def make_client(jid: str, password: str, endpoint: Endpoint, plugins: tuple[str, ...] = ()) -> ClientXMPP:
+    """A slixmpp client that trusts only the configured CA and never sends a password in clear."""
+    stanzas.register()
+    client = ClientXMPP(jid, password)
+    client.enable_direct_tls = False  # the c2s port speaks STARTTLS; a direct-TLS try only costs a round trip
+    client.enable_plaintext = False
+    if endpoint.ca_file is not None:
+        client.ca_certs = Path(endpoint.ca_file)
+    # Only provisioned contacts see a grid party's presence: refuse ad-hoc subscription requests.
+    client.roster.auto_authorize = False
+    client.roster.auto_subscribe = False
+    for name in ("xep_0030", "xep_0199", *plugins):
+        client.register_plugin(name)
+    return client
+
+
+async def open_session(client: ClientXMPP, endpoint: Endpoint, timeout: float = 20.0) -> None:
+    """Connect and log in; raises :class:`SessionError` on a refused login or a timeout."""
+    loop = asyncio.get_running_loop()
+    started: asyncio.Future[None] = loop.create_future()
+
+    def _ok(_event: object) -> None:
+        if not started.done():
+            started.set_result(None)
+
+    def _fail(why: str) -> None:
+        if not started.done():
+            started.set_exception(SessionError(why))
+
+    handlers = {
+        "session_start": _ok,
+        "failed_all_auth": lambda _e: _fail(f"{client.boundjid.bare}: login refused (wrong password or no such account)"),
+        "stream_error": lambda e: _fail(f"{client.boundjid.bare}: server closed the stream: {e['condition']}"),
+    }
+    for event, handler in handlers.items():
+        client.add_event_handler(event, handler)
+    try:
+        client.connect(endpoint.host, endpoint.c2s_port)
+        try:
+            await asyncio.wait_for(started, timeout)
+        except asyncio.TimeoutError:
+            client.cancel_connection_attempt()
+            client.abort()
+            raise SessionError(
+                f"{client.boundjid.bare}: no session with {endpoint.host}:{endpoint.c2s_port} within {timeout:.0f} s"
+            ) from None
+        except SessionError:
+            client.cancel_connection_attempt()
+            client.abort()
+            raise
+    finally:
+        for event, handler in handlers.items():
+            client.del_event_handler(event, handler)
+
+
+async def close_session(client: ClientXMPP, wait: float = 2.0) -> None:
+    """Close the stream politely, waiting at most `wait` seconds."""
+    try:
+        await asyncio.wait_for(client.disconnect(wait=wait), wait + 1)
+    except (asyncio.TimeoutError, ConnectionError):
+        client.abort()

@@ -1,0 +1,157 @@
+"""The fleet file: who is on the grid network (operators, billing, devices) and how they relate.
+
+A fleet file is TOML, validated with pydantic; every error names the field, e.g.
+``devices[3].rated_kw: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gridpresence.protocol.models import DeviceKind
+
+# XMPP localparts we generate from names: keep them boring so every client can type them.
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,47}$")
+RESERVED = frozenset({"watchdog", "relay", "console"})
+
+
+class FleetError(ValueError):
+    """A fleet file that cannot be used; the message names the file and the field."""
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    display_name: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name_shape(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("must be lowercase letters, digits and '-', starting with a letter")
+        if value in RESERVED:
+            raise ValueError(f"'{value}' is reserved for a service account")
+        return value
+
+    @property
+    def label(self) -> str:
+        return self.display_name or self.name
+
+
+class OperatorSpec(_Spec):
+    """A utility operator: may command devices; duty order decides alarm escalation later."""
+
+
+class BillingSpec(_Spec):
+    """The billing party: sends tariffs and real-time prices to the utility ([00142])."""
+
+    supplier: str = "utility-supply"
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
+    peak_price: float = Field(default=0.80, ge=0, allow_inf_nan=False)
+    off_peak_price: float = Field(default=0.60, ge=0, allow_inf_nan=False)
+    peak_start_hour: int = Field(default=6, ge=0, le=23)
+    peak_end_hour: int = Field(default=18, ge=1, le=24)
+
+
+class DeviceSpec(_Spec):
+    kind: DeviceKind
+    rated_kw: float = Field(gt=0, le=1e6, allow_inf_nan=False)
+    critical: bool = False
+    parent: str | None = None
+    refresh_s: float = Field(default=60.0, ge=0.2, le=86400, allow_inf_nan=False)
+    # Generator: seconds in "starting" (restricted) before it is on ([00131]).
+    startup_s: float = Field(default=10.0, ge=0, le=3600, allow_inf_nan=False)
+    # Critical load: how long it stays restricted after refusing a shed.
+    critical_hold_s: float = Field(default=300.0, gt=0, le=86400, allow_inf_nan=False)
+    # Starting utilisation of a load/meter/breaker (0..1) or generator output share when on.
+    utilisation: float = Field(default=0.6, ge=0, le=1.2, allow_inf_nan=False)
+    initial_state: Annotated[str, Field(pattern="^(on|off)$")] | None = None
+
+
+class Fleet(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    domain: str = Field(default="localhost", pattern=r"^[a-z0-9.-]{1,253}$")
+    presence_grace_s: float = Field(default=15.0, gt=0, le=3600, allow_inf_nan=False)
+    operators: tuple[OperatorSpec, ...] = Field(min_length=1)
+    billing: tuple[BillingSpec, ...] = ()
+    devices: tuple[DeviceSpec, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Fleet:
+        seen: set[str] = set()
+        for party in (*self.operators, *self.billing, *self.devices):
+            if party.name in seen:
+                raise ValueError(f"name '{party.name}' is used twice")
+            seen.add(party.name)
+        names = {d.name: d for d in self.devices}
+        for i, dev in enumerate(self.devices):
+            if dev.parent is None:
+                continue
+            if dev.parent not in names:
+                raise ValueError(f"devices[{i}].parent: no device named '{dev.parent}'")
+            # Walk up the tree: a cycle would make branch sums loop forever.
+            hops, node = 0, dev
+            while node.parent is not None:
+                node = names[node.parent]
+                hops += 1
+                if hops > len(names):
+                    raise ValueError(f"devices[{i}].parent: '{dev.name}' is in a parent cycle")
+        return self
+
+    def device(self, name: str) -> DeviceSpec:
+        for dev in self.devices:
+            if dev.name == name:
+                return dev
+        raise KeyError(name)
+
+    def children(self, name: str) -> tuple[DeviceSpec, ...]:
+        return tuple(d for d in self.devices if d.parent == name)
+
+    def descendants(self, name: str) -> tuple[DeviceSpec, ...]:
+        out: list[DeviceSpec] = []
+        for child in self.children(name):
+            out.append(child)
+            out.extend(self.descendants(child.name))
+        return tuple(out)
+
+    def jid(self, name: str) -> str:
+        return f"{name}@{self.domain}"
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "fleet"
+
+
+def parse_fleet(data: dict[str, object], source: str = "fleet") -> Fleet:
+    try:
+        return Fleet.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: {_where(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise FleetError("\n".join(lines)) from None
+
+
+def load_fleet(path: Path) -> Fleet:
+    """Read and validate a fleet file (TOML, or the JSON copy `up` keeps in its data
+    directory); raises :class:`FleetError` naming the field."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except FileNotFoundError:
+        raise FleetError(f"{path}: no such fleet file") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FleetError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise FleetError(f"{path}: a fleet file holds a table of settings")
+    return parse_fleet(data, str(path))

@@ -1,0 +1,92 @@
+"""The whole grid network on the embedded server: what ``gridpresence up`` runs, and what the
+tests start. Server, accounts, connection file and bots come up and go down together."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Collection
+from pathlib import Path
+from types import TracebackType
+
+from gridpresence.accounts import WATCHDOG, Secrets, plan_accounts
+from gridpresence.agents.fleet import FleetBots
+from gridpresence.agents.session import Account, ConnectionInfo, Endpoint
+from gridpresence.config import Fleet
+from gridpresence.server import ProsodyServer, ServerPorts, provision
+
+log = logging.getLogger(__name__)
+
+CONNECTION_FILE = "connection.json"
+SECRETS_FILE = "secrets.json"
+FLEET_COPY = "fleet.json"  # the fleet this directory runs, for `gridpresence bots`
+
+
+class Grid:
+    def __init__(self, fleet: Fleet, data_dir: Path, *, bind: str = "127.0.0.1", ports: ServerPorts | None = None,
+                 bots: bool = True, only: Collection[str] | None = None, tick_s: float = 1.0,
+                 prosody_bin: str = "prosody") -> None:
+        self.fleet = fleet
+        self.data_dir = Path(data_dir)
+        self.server = ProsodyServer(self.data_dir, domain=fleet.domain, bind=bind, ports=ports, prosody_bin=prosody_bin)
+        self.secrets = Secrets(self.data_dir / SECRETS_FILE)
+        self._want_bots = bots
+        self._only = only
+        self._tick_s = tick_s
+        self.bots: FleetBots | None = None
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(host=self.server.bind, c2s_port=self.server.ports.c2s, domain=self.fleet.domain,
+                        ca_file=self.server.certs.ca)
+
+    @property
+    def connection(self) -> ConnectionInfo:
+        ops = tuple(Account(name=o.name, jid=self.fleet.jid(o.name), password=self.secrets.password(o.name))
+                    for o in self.fleet.operators)
+        return ConnectionInfo(server=self.endpoint, operators=ops, watchdog=self.fleet.jid(WATCHDOG),
+                              billing=tuple(self.fleet.jid(b.name) for b in self.fleet.billing),
+                              presence_grace_s=self.fleet.presence_grace_s)
+
+    @property
+    def connection_file(self) -> Path:
+        return self.data_dir / CONNECTION_FILE
+
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.server.render()
+        provision(self.server.storage_path, self.fleet.domain, plan_accounts(self.fleet, self.secrets))
+        self.secrets.save()
+        (self.data_dir / FLEET_COPY).write_text(self.fleet.model_dump_json(indent=1, exclude_defaults=True))
+        await self.server.start()
+        try:
+            self._write_connection()
+            if self._want_bots:
+                self.bots = FleetBots(self.fleet, self.endpoint, self.secrets, only=self._only, tick_s=self._tick_s)
+                await self.bots.start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _write_connection(self) -> None:
+        data = self.connection.model_dump(mode="json")
+        data["server"]["port"] = self.server.ports.c2s  # the name a person looks for
+        tmp = self.connection_file.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds passwords
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2)
+        os.replace(tmp, self.connection_file)
+
+    async def stop(self) -> None:
+        if self.bots is not None:
+            await self.bots.stop()
+            self.bots = None
+        await self.server.stop()
+
+    async def __aenter__(self) -> Grid:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+        await self.stop()

@@ -1,0 +1,174 @@
+"""XML form of the grid payloads: one function pair per payload, one place for the wire.
+
+Attributes use hyphenated field names (``load-pct``); unknown attributes are ignored so an
+older party can read a newer one's payloads, but every known value is validated.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any, TypeVar
+from xml.etree import ElementTree as ET
+
+from pydantic import BaseModel, ValidationError
+
+from gridpresence.protocol.models import (
+    NS,
+    Command,
+    Health,
+    Outcome,
+    PresenceReport,
+    Restriction,
+    Tariff,
+    TariffPeriod,
+    Telemetry,
+)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class PayloadError(ValueError):
+    """A payload that cannot be turned into a model; the message says which field and why."""
+
+
+def q(name: str) -> str:
+    """Qualified element name in the grid namespace."""
+    return f"{{{NS}}}{name}"
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _attrs(model: BaseModel, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """Scalar fields of a model as hyphenated attributes (None left out)."""
+    out: dict[str, str] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if name in skip or value is None or isinstance(value, (BaseModel, dict, tuple)):
+            continue
+        out[name.replace("_", "-")] = _text(value)
+    return out
+
+
+def _fields(cls: type[BaseModel], attrib: Mapping[str, str]) -> dict[str, Any]:
+    known = cls.model_fields
+    return {k.replace("-", "_"): v for k, v in attrib.items() if k.replace("-", "_") in known}
+
+
+def _validate(cls: type[M], data: dict[str, Any], what: str) -> M:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or what}: {e['msg']}" for e in exc.errors()
+        )
+        raise PayloadError(f"invalid {what}: {problems}") from None
+
+
+def _expect(element: ET.Element | None, name: str) -> ET.Element:
+    if element is None or element.tag != q(name):
+        raise PayloadError(f"expected <{name} xmlns='{NS}'>")
+    return element
+
+
+# -- presence --------------------------------------------------------------------------
+
+
+def report_to_xml(report: PresenceReport, tag: str = "device") -> ET.Element:
+    el = ET.Element(q(tag), _attrs(report))
+    ET.SubElement(el, q("telemetry"), _attrs(report.telemetry))
+    if report.restriction is not None:
+        r = ET.SubElement(el, q("restriction"), _attrs(report.restriction, skip=("note",)))
+        r.text = report.restriction.note
+    return el
+
+
+def report_from_xml(el: ET.Element | None, tag: str = "device") -> PresenceReport:
+    el = _expect(el, tag)
+    data = _fields(PresenceReport, el.attrib)
+    tel = el.find(q("telemetry"))
+    data["telemetry"] = _validate(Telemetry, _fields(Telemetry, tel.attrib), "telemetry") if tel is not None else Telemetry()
+    res = el.find(q("restriction"))
+    if res is not None:
+        data["restriction"] = _validate(
+            Restriction, {**_fields(Restriction, res.attrib), "note": (res.text or "").strip()}, "restriction"
+        )
+    return _validate(PresenceReport, data, "device presence")
+
+
+# -- commands and outcomes ---------------------------------------------------------------
+
+
+def command_to_xml(cmd: Command) -> ET.Element:
+    el = ET.Element(q("command"), _attrs(cmd))
+    for name, value in cmd.args.items():
+        arg = ET.SubElement(el, q("arg"), {"name": name})
+        arg.text = value
+    return el
+
+
+def command_from_xml(el: ET.Element | None) -> Command:
+    el = _expect(el, "command")
+    data = _fields(Command, el.attrib)
+    data["args"] = {a.get("name", ""): a.text or "" for a in el.findall(q("arg"))}
+    return _validate(Command, data, "command")
+
+
+def outcome_to_xml(outcome: Outcome) -> ET.Element:
+    el = ET.Element(q("outcome"), _attrs(outcome, skip=("detail",)))
+    if outcome.detail:
+        ET.SubElement(el, q("detail")).text = outcome.detail
+    if outcome.report is not None:
+        el.append(report_to_xml(outcome.report))
+    return el
+
+
+def outcome_from_xml(el: ET.Element | None) -> Outcome:
+    el = _expect(el, "outcome")
+    data = _fields(Outcome, el.attrib)
+    data["detail"] = el.findtext(q("detail"), default="")
+    dev = el.find(q("device"))
+    if dev is not None:
+        data["report"] = report_from_xml(dev)
+    return _validate(Outcome, data, "outcome")
+
+
+# -- tariffs and health ------------------------------------------------------------------
+
+
+def tariff_to_xml(tariff: Tariff) -> ET.Element:
+    el = ET.Element(q("tariff"), _attrs(tariff))
+    for period in tariff.periods:
+        ET.SubElement(el, q("period"), _attrs(period))
+    return el
+
+
+def tariff_from_xml(el: ET.Element | None) -> Tariff:
+    el = _expect(el, "tariff")
+    data = _fields(Tariff, el.attrib)
+    data["periods"] = tuple(
+        _validate(TariffPeriod, _fields(TariffPeriod, p.attrib), "period") for p in el.findall(q("period"))
+    )
+    return _validate(Tariff, data, "tariff")
+
+
+def health_to_xml(health: Health) -> ET.Element:
+    el = ET.Element(q("health"), _attrs(health, skip=("reason",)))
+    el.text = health.reason or None
+    return el
+
+
+def health_from_xml(el: ET.Element | None) -> Health:
+    el = _expect(el, "health")
+    return _validate(Health, {**_fields(Health, el.attrib), "reason": (el.text or "").strip()}, "health")

@@ -1,0 +1,59 @@
+"""slixmpp stanza plugins for the grid payloads, so handlers match them the slixmpp way
+(``StanzaPath('message/grid_command')``). The XML itself is read and written by
+:mod:`gridpresence.protocol.codec`; these classes only name the elements."""
+
+from __future__ import annotations
+
+from slixmpp import Iq, Message, Presence
+from slixmpp.xmlstream import ElementBase, register_stanza_plugin
+
+from gridpresence.protocol.models import NS
+
+
+class GridDevice(ElementBase):
+    name = "device"
+    namespace = NS
+    plugin_attrib = "grid_device"
+
+
+class GridCommand(ElementBase):
+    name = "command"
+    namespace = NS
+    plugin_attrib = "grid_command"
+
+
+class GridOutcome(ElementBase):
+    name = "outcome"
+    namespace = NS
+    plugin_attrib = "grid_outcome"
+
+
+class GridTariff(ElementBase):
+    name = "tariff"
+    namespace = NS
+    plugin_attrib = "grid_tariff"
+
+
+class GridHealthQuery(ElementBase):
+    """``<fleet-health/>`` in an iq get; the result holds one ``<health/>`` per device."""
+
+    name = "fleet-health"
+    namespace = NS
+    plugin_attrib = "grid_fleet_health"
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the grid stanza plugins once per process."""
+    global _registered
+    if _registered:
+        return
+    register_stanza_plugin(Presence, GridDevice)
+    register_stanza_plugin(Message, GridDevice)
+    register_stanza_plugin(Message, GridCommand)
+    register_stanza_plugin(Message, GridOutcome)
+    register_stanza_plugin(Message, GridTariff)
+    register_stanza_plugin(Iq, GridHealthQuery)
+    _registered = True

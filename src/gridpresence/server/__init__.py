@@ -1,0 +1,34 @@
+"""Embedded XMPP server: a private Prosody with its own CA, ports and bulk-provisioned accounts."""
+
+from gridpresence.server.certs import CertPaths, ensure_certificates
+from gridpresence.server.ports import free_port, free_ports, port_is_free
+from gridpresence.server.prosody import (
+    PortInUse,
+    ProsodyMissing,
+    ProsodyServer,
+    ServerError,
+    ServerPorts,
+)
+from gridpresence.server.provision import (
+    AccountSpec,
+    RosterEntry,
+    provision,
+    scram_sha1_credentials,
+)
+
+__all__ = [
+    "AccountSpec",
+    "CertPaths",
+    "PortInUse",
+    "ProsodyMissing",
+    "ProsodyServer",
+    "RosterEntry",
+    "ServerError",
+    "ServerPorts",
+    "ensure_certificates",
+    "free_port",
+    "free_ports",
+    "port_is_free",
+    "provision",
+    "scram_sha1_credentials",
+]

@@ -1,0 +1,393 @@
+"""Run a private Prosody as a child process: own config, data, certificates, ports and log.
+
+Everything lives under one `data_dir`, so tests and benchmarks can run several servers side by
+side without touching the system Prosody (/etc/prosody, /var/lib/prosody, port 5222).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from string import Template
+from types import TracebackType
+from xml.sax.saxutils import quoteattr
+
+from gridpresence.server.certs import CertPaths, ensure_certificates
+from gridpresence.server.ports import free_ports, port_is_free
+from gridpresence.server.provision import lua_string
+
+TEMPLATE_PATH = Path(__file__).resolve().parents[3] / "server_config" / "prosody.cfg.lua.tmpl"
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_TAIL_LINES = 30
+
+
+class ServerError(RuntimeError):
+    """The embedded server could not be started or run; the message is meant for a person."""
+
+
+class ProsodyMissing(ServerError):
+    """The Prosody executable is not installed (or not where we were told)."""
+
+
+class PortInUse(ServerError):
+    """A port we were asked to use is already taken by another listener."""
+
+    def __init__(self, setting: str, host: str, port: int) -> None:
+        super().__init__(
+            f"port {port} on {host} (the {setting} port) is already in use; "
+            f"stop whatever listens there or choose another {setting} port"
+        )
+        self.setting = setting
+        self.host = host
+        self.port = port
+
+
+@dataclass
+class ServerPorts:
+    """The TCP ports Prosody listens on: XMPP clients, BOSH/WebSocket (http, https), components."""
+
+    c2s: int
+    http: int
+    https: int
+    component: int
+
+    @classmethod
+    def choose(cls, host: str) -> ServerPorts:
+        """Four distinct ports that are free on `host` now."""
+        return cls(*free_ports(len(fields(cls)), host))
+
+    def items(self) -> list[tuple[str, int]]:
+        """(setting name, port) pairs, for checks and messages."""
+        return list(asdict(self).items())
+
+
+# Process groups of servers still running; killed if the interpreter exits without stop().
+_live_groups: set[int] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for pgid in list(_live_groups):
+        _signal_group(pgid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # already gone
+
+
+class ProsodyServer:
+    """A Prosody child process configured from server_config/prosody.cfg.lua.tmpl.
+
+    With ``ports=None`` ports are chosen once and remembered in ``data_dir/ports.json``; if one
+    of them is busy when `start` runs, a fresh set is chosen, so read `ports` after `start`.
+    Explicitly given ports are never changed: a busy one raises `PortInUse`.
+    `template_path` exists for tests and experiments; normally the repository's template is used.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        domain: str = "localhost",
+        bind: str = "127.0.0.1",
+        ports: ServerPorts | None = None,
+        prosody_bin: str = "prosody",
+        log_level: str = "info",
+        extra_modules: Sequence[str] = (),
+        component_secret: str | None = None,
+        template_path: Path = TEMPLATE_PATH,
+    ) -> None:
+        if log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {LOG_LEVELS}, not {log_level!r}")
+        self.data_dir = Path(data_dir).resolve()
+        self.domain = domain
+        self.bind = bind
+        self.prosody_bin = prosody_bin
+        self.log_level = log_level
+        self.extra_modules = tuple(extra_modules)
+        self.component_secret = component_secret
+        self.template_path = Path(template_path)
+        self.certs = CertPaths.in_directory(self.data_dir / "certs")
+        self._auto_ports = ports is None
+        self.ports = ports if ports is not None else self._remembered_or_new_ports()
+        self._process: asyncio.subprocess.Process | None = None
+        self._log_offset = 0
+
+    # --- paths ----------------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.data_dir / "prosody.cfg.lua"
+
+    @property
+    def storage_path(self) -> Path:
+        """Prosody's data_path: pass this to `provision`."""
+        return self.data_dir / "prosody"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "prosody.log"
+
+    @property
+    def pidfile_path(self) -> Path:
+        return self.data_dir / "prosody.pid"
+
+    @property
+    def connect_host(self) -> str:
+        """Address clients should dial: `bind`, or loopback when bound to every interface."""
+        if self.bind == "0.0.0.0":
+            return "127.0.0.1"
+        if self.bind == "::":
+            return "::1"
+        return self.bind
+
+    @property
+    def component_domain(self) -> str | None:
+        """JID of the devices component, when a component secret was given."""
+        return f"devices.{self.domain}" if self.component_secret is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    # --- configuration --------------------------------------------------------------------
+
+    def render(self) -> Path:
+        """Write data_dir/prosody.cfg.lua (and certificates if needed); return the config path."""
+        self.storage_path.mkdir(mode=0o750, parents=True, exist_ok=True)
+        ensure_certificates(self.certs.ca.parent, self.domain, self._cert_ips())
+        text = Template(self.template_path.read_text()).substitute(self._template_values())
+        tmp = self.config_path.with_name(self.config_path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.config_path)
+        return self.config_path
+
+    def _template_values(self) -> dict[str, str]:
+        modules = "".join(f"\t{lua_string(name)};\n" for name in self.extra_modules)
+        component = ""
+        if self.component_secret is not None:
+            component = (
+                f"Component {lua_string(f'devices.{self.domain}')}\n"
+                f"\tcomponent_secret = {lua_string(self.component_secret)}\n"
+            )
+        return {
+            "pidfile": lua_string(str(self.pidfile_path)),
+            "data_path": lua_string(str(self.storage_path)),
+            "log_level": lua_string(self.log_level),
+            "log_file": lua_string(str(self.log_path)),
+            "bind": lua_string(self.bind),
+            "c2s_port": str(int(self.ports.c2s)),
+            "http_port": str(int(self.ports.http)),
+            "https_port": str(int(self.ports.https)),
+            "component_port": str(int(self.ports.component)),
+            "cert": lua_string(str(self.certs.cert)),
+            "key": lua_string(str(self.certs.key)),
+            "domain": lua_string(self.domain),
+            "extra_modules": modules,
+            "component": component,
+        }
+
+    def _cert_ips(self) -> list[str]:
+        """Loopback always, plus the bind address when it is one specific IP."""
+        ips = ["127.0.0.1"]
+        try:
+            address = ipaddress.ip_address(self.connect_host)
+        except ValueError:
+            return ips  # a host name: covered by DNS SANs
+        return list(dict.fromkeys([*ips, str(address)]))
+
+    # --- ports ----------------------------------------------------------------------------
+
+    @property
+    def _ports_file(self) -> Path:
+        return self.data_dir / "ports.json"
+
+    def _remembered_or_new_ports(self) -> ServerPorts:
+        """Last run's ports when all are still free (stable URLs across runs), else new ones."""
+        try:
+            ports = ServerPorts(**json.loads(self._ports_file.read_text()))
+            if self._busy_port(ports) is None:
+                return ports
+        except (OSError, ValueError, TypeError):
+            pass  # missing or unreadable: choose afresh
+        return self._new_ports()
+
+    def _new_ports(self) -> ServerPorts:
+        ports = ServerPorts.choose(self.bind)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._ports_file.write_text(json.dumps(asdict(ports), indent=2) + "\n")
+        return ports
+
+    def _busy_port(self, ports: ServerPorts) -> tuple[str, int] | None:
+        """The first (setting, port) that cannot be bound, or None."""
+        seen: set[int] = set()
+        for setting, port in ports.items():
+            if port in seen or not port_is_free(self.bind, port):
+                return setting, port
+            seen.add(port)
+        return None
+
+    def _claim_ports(self) -> None:
+        busy = self._busy_port(self.ports)
+        if busy is None:
+            return
+        if not self._auto_ports:
+            raise PortInUse(busy[0], self.bind, busy[1])
+        self.ports = self._new_ports()
+
+    # --- process --------------------------------------------------------------------------
+
+    def _find_binary(self) -> str:
+        found = shutil.which(self.prosody_bin)
+        if found is None:
+            raise ProsodyMissing(
+                f"the Prosody XMPP server ({self.prosody_bin!r}) was not found; "
+                "install it with `apt-get install prosody` or pass prosody_bin=/path/to/prosody"
+            )
+        return found
+
+    async def start(self, timeout: float = 15.0) -> None:
+        """Spawn Prosody and return once it serves XMPP on the c2s port."""
+        if self.running:
+            return
+        await self.stop()  # reap a previous child that died on its own
+        binary = self._find_binary()
+        self._refuse_if_running_elsewhere()
+        self._claim_ports()
+        self.render()
+        await self._spawn(binary)
+        try:
+            await self._wait_ready(timeout)
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _refuse_if_running_elsewhere(self) -> None:
+        """Fail fast when another Prosody already runs from this data_dir.
+
+        Prosody 0.12 notices the locked pidfile itself but then cannot shut down that early
+        in start-up: it lingers half-started (no c2s port) instead of exiting.
+        """
+        try:
+            handle = open(self.pidfile_path, "r+")
+        except FileNotFoundError:
+            return
+        with handle:  # closing drops our probe lock again
+            try:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pid = handle.read().strip() or "unknown"
+                raise ServerError(
+                    f"another Prosody (pid {pid}) is already running from {self.data_dir}; "
+                    "stop it or use another data_dir"
+                ) from None
+
+    async def _spawn(self, binary: str) -> None:
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        # Prosody's file log sink and its stdout/stderr (early errors, Lua tracebacks) share one
+        # append-only file, so one place explains any failure.
+        with open(self.log_path, "ab") as log:
+            self._process = await asyncio.create_subprocess_exec(
+                binary, "--config", str(self.config_path), "-F",
+                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
+                cwd=self.data_dir,
+                start_new_session=True,  # own process group: stop() reaches any child it spawns
+            )
+        _live_groups.add(self._process.pid)
+
+    async def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.returncode is not None:
+                raise ServerError(
+                    f"prosody exited with status {self._process.returncode} while starting; "
+                    f"end of {self.log_path}:\n{self.log_tail()}"
+                )
+            if await self._serves_xmpp():
+                return
+            await asyncio.sleep(0.05)
+        raise ServerError(
+            f"prosody did not serve XMPP on {self.connect_host}:{self.ports.c2s} within {timeout:g} s; "
+            f"end of {self.log_path}:\n{self.log_tail()}"
+        )
+
+    async def _serves_xmpp(self) -> bool:
+        """True once the c2s port accepts TCP and offers STARTTLS for our domain.
+
+        The kernel accepts TCP as soon as Prosody binds, before its event loop and the
+        VirtualHost are up; asking for stream features proves the host really serves.
+        """
+        header = (
+            "<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
+            f"xmlns:stream='http://etherx.jabber.org/streams' to={quoteattr(self.domain)} version='1.0'>"
+        )
+        try:
+            reader, writer = await asyncio.open_connection(self.connect_host, self.ports.c2s)
+        except OSError:
+            return False
+        try:
+            writer.write(header.encode())
+            received = b""
+            async with asyncio.timeout(2.0):
+                while b"</stream:features>" not in received and b"stream:error" not in received:
+                    chunk = await reader.read(4096)
+                    if not chunk:
+                        break
+                    received += chunk
+            return b"starttls" in received
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()  # leave no half-open probe for Prosody to wait on
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM Prosody's process group, SIGKILL it after `timeout`; safe to call repeatedly."""
+        process = self._process
+        if process is None:
+            return
+        try:
+            if process.returncode is None:
+                _signal_group(process.pid, signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(process.wait(), timeout)
+                except TimeoutError:
+                    _signal_group(process.pid, signal.SIGKILL)
+                    await process.wait()
+        finally:
+            _live_groups.discard(process.pid)
+            self._process = None
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last `lines` lines Prosody logged since the latest start."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_offset)
+                text = log.read().decode("utf-8", errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(log empty)"
+
+    async def __aenter__(self) -> ProsodyServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()

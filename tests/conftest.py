@@ -1,0 +1,102 @@
+"""Shared fixtures: one real Prosody with a small test fleet for the whole session.
+
+Everything runs in one event loop (the session loop), so subprocesses must be awaited with
+asyncio, never run blocking: the device bots live in this same loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from gridpresence.agents.operator import GridOperator
+from gridpresence.config import Fleet, parse_fleet
+from gridpresence.grid import Grid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TEST_FLEET = {
+    "domain": "localhost",
+    "presence_grace_s": 2.0,
+    "operators": [{"name": "alice"}, {"name": "bob"}],
+    "billing": [{"name": "billing", "peak_price": 0.8, "off_peak_price": 0.6}],
+    "devices": [
+        {"name": "master", "kind": "master", "rated_kw": 1000},
+        {"name": "branch-a", "kind": "meter", "rated_kw": 400, "parent": "master"},
+        {"name": "branch-b", "kind": "meter", "rated_kw": 400, "parent": "master"},
+        *({"name": f"load-{c}", "kind": "load", "rated_kw": 50 + 10 * i, "parent": "branch-a" if i < 5 else "branch-b"}
+          for i, c in enumerate("abcdefghij")),
+        # One critical load per test that sheds one: a refused shed restricts it for a while.
+        *({"name": name, "kind": "load", "rated_kw": 150, "critical": True, "parent": "branch-b",
+           "critical_hold_s": 60} for name in ("load-crit", "load-crit2", "load-crit3")),
+        {"name": "gen-1", "kind": "generator", "rated_kw": 200, "startup_s": 2.0, "parent": "master"},
+        {"name": "gen-2", "kind": "generator", "rated_kw": 300, "startup_s": 2.0, "parent": "master"},
+        {"name": "meter-1", "kind": "meter", "rated_kw": 80},
+        {"name": "breaker-1", "kind": "breaker", "rated_kw": 500, "parent": "master"},
+        # Run apart by tests that kill or freeze a device process.
+        {"name": "victim-1", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
+        {"name": "victim-2", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
+    ],
+}
+APART = ("victim-1", "victim-2")
+
+
+@dataclass
+class Env:
+    grid: Grid
+    fleet: Fleet
+    data: Path
+
+    def operator(self, name: str = "alice", resource: str | None = None) -> GridOperator:
+        return GridOperator.from_connection(self.grid.connection, operator=name, resource=resource)
+
+
+@pytest.fixture(scope="session")
+def fleet() -> Fleet:
+    return parse_fleet(TEST_FLEET)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def env(tmp_path_factory: pytest.TempPathFactory, fleet: Fleet) -> AsyncIterator[Env]:
+    data = tmp_path_factory.mktemp("grid")
+    only = [d.name for d in fleet.devices if d.name not in APART] + [b.name for b in fleet.billing] + ["watchdog"]
+    grid = Grid(fleet, data, only=only)
+    await grid.start()
+    try:
+        yield Env(grid, fleet, data)
+    finally:
+        await grid.stop()
+
+
+@pytest_asyncio.fixture
+async def alice(env: Env) -> AsyncIterator[GridOperator]:
+    op = env.operator("alice", resource=f"test-{os.urandom(3).hex()}")
+    await op.connect()
+    try:
+        yield op
+    finally:
+        await op.close()
+
+
+async def run_cli(*args: str, timeout: float = 60.0, env_vars: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run the installed console script without blocking the session loop."""
+    exe = Path(sys.executable).with_name("gridpresence")
+    proc = await asyncio.create_subprocess_exec(
+        str(exe), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env_vars or {})}, cwd=ROOT)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def run_python(*args: str, timeout: float = 60.0) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode or 0, out.decode(), err.decode()

@@ -1,0 +1,246 @@
+"""The CLI as a person uses it: `up` (and its errors), `status`, `watch`, actions, the example
+load-shed script and the billing party's price."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, Env, run_cli, run_python
+from gridpresence.agents.billing import BillingAgent
+from gridpresence.agents.operator import GridOperator
+from gridpresence.protocol import DeviceState
+
+SMALL_FLEET = """
+domain = "localhost"
+[[operators]]
+name = "olga"
+[[billing]]
+name = "bill"
+[[devices]]
+name = "pump"
+kind = "load"
+rated_kw = 30
+[[devices]]
+name = "diesel"
+kind = "generator"
+rated_kw = 60
+startup_s = 1
+"""
+
+
+def _conn(env: Env) -> list[str]:
+    return ["--connection", str(env.grid.connection_file)]
+
+
+async def test_status_table_and_json(env: Env) -> None:
+    code, out, err = await run_cli("status", *_conn(env))
+    assert code == 0, err
+    header, *rows = out.splitlines()
+    assert header.split()[:3] == ["DEVICE", "KIND", "STATE"]
+    assert any(r.split()[:3] == ["gen-2", "generator", "off"] for r in rows)
+    code, out, _ = await run_cli("status", "--json", *_conn(env))
+    data = json.loads(out)
+    by_name = {d["name"]: d for d in data["devices"]}
+    assert by_name["load-a"]["kind"] == "load" and by_name["load-a"]["telemetry"]["kw"] > 0
+    assert data["price_per_kwh"] in (0.6, 0.8)
+
+
+async def test_action_commands_print_outcomes(env: Env, alice: GridOperator) -> None:
+    code, out, err = await run_cli("shed", "load-i", "load-crit2", "--json", *_conn(env))
+    assert code == 1, "one rejection must make the exit code non-zero"
+    outcomes = {o["name"]: o for o in json.loads(out)}
+    assert outcomes["load-i"]["status"] == "executed"
+    assert outcomes["load-crit2"]["status"] == "rejected" and outcomes["load-crit2"]["reason"] == "critical"
+    await alice.wait_for(lambda d: d["load-i"].state is DeviceState.OFF, timeout=5)
+    code, out, err = await run_cli("restore", "load-i", *_conn(env))
+    assert code == 0, err
+    assert out.startswith("load-i: executed")
+
+
+async def test_unknown_device_and_missing_connection_are_clear_errors(env: Env, tmp_path: Path) -> None:
+    code, out, err = await run_cli("shed", "no-such-thing", *_conn(env))
+    assert code == 2 and "no device named 'no-such-thing'" in err
+    code, _, err = await run_cli("status", "--connection", str(tmp_path / "nope.json"))
+    assert code == 2 and "gridpresence up" in err
+    (tmp_path / "bad.json").write_text("{not json")
+    code, _, err = await run_cli("status", "--connection", str(tmp_path / "bad.json"))
+    assert code == 2 and "not a valid connection file" in err
+
+
+async def test_watch_shows_changes_live(env: Env, alice: GridOperator) -> None:
+    exe = Path(sys.executable).with_name("gridpresence")
+    proc = await asyncio.create_subprocess_exec(str(exe), "watch", "--json", "--count", "1", *_conn(env),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        await asyncio.sleep(2.5)  # let it log in and settle
+        assert (await alice.command("load-j", "shed")).ok
+        out, err = await asyncio.wait_for(proc.communicate(), 15)
+        change = json.loads(out.decode().strip().splitlines()[-1])
+        assert change["name"] == "load-j" and change["state"] == "off"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await alice.command("load-j", "restore")
+
+
+async def test_load_shed_script_skips_critical_and_restricted(env: Env, alice: GridOperator) -> None:
+    before = dict(alice.devices)
+    code, out, err = await run_python("bots/load_shed.py", "--target-kw", "0", "--json", *_conn(env))
+    report = json.loads(out)
+    shed = {a["device"] for a in report["actions"] if a["action"] == "shed"}
+    assert "load-crit" not in shed and "load-crit" in report["skipped"]
+    assert {n for n, v in before.items() if n.startswith("load-") and v.state is DeviceState.ON
+            and not v.report.critical} <= shed  # type: ignore[union-attr]
+    # Target 0 cannot be met by shedding: it starts a generator that is off.
+    assert report["generator_started"] in ("gen-1", "gen-2")
+    await alice.wait_for(lambda d: all(d[n].state is DeviceState.OFF for n in shed), timeout=5)
+    await alice.command_many(sorted(shed), "restore")
+    await alice.wait_for(lambda d: d[report["generator_started"]].state is DeviceState.ON, timeout=10)
+    await alice.command(report["generator_started"], "stop")
+
+
+async def test_price_above_limit_makes_the_script_shed(env: Env, alice: GridOperator) -> None:
+    billing: BillingAgent = env.grid.bots.billing["billing"]  # type: ignore[union-attr]
+    original = billing.tariff
+    try:
+        # The script connects as a new operator resource: billing sends it the price on presence.
+        billing.set_price(0.95)
+        code, out, err = await run_python("bots/load_shed.py", "--target-kw", "100000", "--price-limit", "0.9",
+                                          "--json", *_conn(env))
+        report = json.loads(out)
+        assert report["price"] == 0.95 and report["target_kw"] == 0.0
+        shed = [a["device"] for a in report["actions"] if a["action"] == "shed"]
+        assert shed, out
+        await alice.command_many(shed, "restore")
+        if report["generator_started"]:
+            await alice.wait_for(lambda d: d[report["generator_started"]].state is DeviceState.ON, timeout=10)
+            await alice.command(report["generator_started"], "stop")
+        billing.set_price(0.5)
+        code, out, _ = await run_python("bots/load_shed.py", "--target-kw", "100000", "--price-limit", "0.9",
+                                        "--json", *_conn(env))
+        assert json.loads(out)["actions"] == []
+    finally:
+        billing.publish(original)
+
+
+async def test_operator_receives_tariff_when_present(env: Env, alice: GridOperator) -> None:
+    tariff = await alice.wait_tariff(timeout=5)
+    assert tariff.supplier == "utility-supply" and tariff.kind == "tariff"
+    assert {p.price_per_kwh for p in tariff.periods} == {0.6, 0.8}
+    assert alice.price_now() in {p.price_per_kwh for p in tariff.periods}
+
+
+# -- `gridpresence up` ------------------------------------------------------------------------
+
+
+async def _start_up(data: Path, fleet: Path, *extra: str) -> tuple[asyncio.subprocess.Process, str]:
+    exe = Path(sys.executable).with_name("gridpresence")
+    proc = await asyncio.create_subprocess_exec(str(exe), "up", "--data", str(data), "--fleet", str(fleet), *extra,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    seen = ""
+    async with asyncio.timeout(40):
+        while "Ctrl-C" not in seen:
+            line = await proc.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                raise AssertionError(f"up ended early: {seen}{(await proc.stderr.read()).decode()}")  # type: ignore[union-attr]
+            seen += line.decode()
+    return proc, seen
+
+
+def _prosody_running(data: Path) -> bool:
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "prosody" in cmd and str(data) in cmd:
+                return True
+    return False
+
+
+async def test_up_runs_reuses_accounts_and_stops_cleanly(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(SMALL_FLEET)
+    data = tmp_path / "grid"
+    proc, banner = await _start_up(data, fleet)
+    try:
+        conn = json.loads((data / "connection.json").read_text())
+        assert conn["server"]["port"] == conn["server"]["c2s_port"] and conn["operators"][0]["jid"] == "olga@localhost"
+        assert conn["operators"][0]["password"] in banner
+        code, out, err = await run_cli("status", "--json", "--connection", str(data / "connection.json"))
+        assert code == 0, err
+        assert {d["name"]: d["state"] for d in json.loads(out)["devices"]} == {"pump": "on", "diesel": "off"}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    assert not _prosody_running(data), "Ctrl-C left Prosody running"
+    # Second run on the same directory: same accounts, same passwords, same port.
+    proc, _ = await _start_up(data, fleet)
+    try:
+        conn2 = json.loads((data / "connection.json").read_text())
+        assert conn2["operators"] == conn["operators"] and conn2["server"]["c2s_port"] == conn["server"]["c2s_port"]
+        code, out, err = await run_cli("shed", "pump", "--connection", str(data / "connection.json"))
+        assert code == 0 and "executed" in out, err
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+async def test_up_errors_are_clear(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(SMALL_FLEET.replace("rated_kw = 30", "rated_kw = -5"))
+    code, _, err = await run_cli("up", "--data", str(tmp_path / "a"), "--fleet", str(fleet))
+    assert code == 2 and "devices[0].rated_kw" in err and "greater than 0" in err
+
+    fleet.write_text(SMALL_FLEET)
+    code, _, err = await run_cli("up", "--data", str(tmp_path / "b"), "--fleet", str(fleet), "--prosody",
+                                 "/nonexistent/prosody")
+    assert code == 2 and "apt-get install prosody" in err
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = await run_cli("up", "--data", str(tmp_path / "c"), "--fleet", str(fleet), "--c2s-port", str(port))
+    assert code == 2 and str(port) in err and "c2s" in err
+
+
+@pytest.mark.parametrize("text, field", [
+    ("[[operators]]\nname='x'\n", "devices"),
+    (SMALL_FLEET.replace('kind = "load"', 'kind = "toaster"'), "devices[0].kind"),
+    (SMALL_FLEET.replace('name = "pump"', 'name = "Pump!"'), "devices[0].name"),
+    (SMALL_FLEET + '[[devices]]\nname = "x"\nkind = "load"\nrated_kw = 1\nparent = "nowhere"\n', "parent"),
+    (SMALL_FLEET + '[[devices]]\nname = "pump"\nkind = "load"\nrated_kw = 1\n', "used twice"),
+    (SMALL_FLEET + "colour = 'red'\n", "colour"),
+    ("this is not toml", "not valid TOML"),
+])
+async def test_fleet_file_errors_name_the_field(tmp_path: Path, text: str, field: str) -> None:
+    from gridpresence.config import FleetError, load_fleet
+
+    path = tmp_path / "f.toml"
+    path.write_text(text)
+    with pytest.raises(FleetError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        load_fleet(path)
+
+
+def test_demo_fleet_has_what_the_issue_asks() -> None:
+    from gridpresence.config import load_fleet
+    from gridpresence.protocol import DeviceKind
+
+    fleet = load_fleet(ROOT / "bots" / "demo-fleet.toml")
+    kinds = [d.kind for d in fleet.devices]
+    assert len(fleet.operators) >= 2 and len(fleet.billing) >= 1
+    masters = [d for d in fleet.devices if d.kind is DeviceKind.MASTER]
+    assert len(masters) == 1 and len(fleet.children(masters[0].name)) >= 2
+    assert kinds.count(DeviceKind.LOAD) >= 6 and sum(d.critical for d in fleet.devices) >= 1
+    assert kinds.count(DeviceKind.GENERATOR) >= 2 and kinds.count(DeviceKind.METER) >= 2
+    assert kinds.count(DeviceKind.BREAKER) >= 1

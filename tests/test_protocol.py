@@ -1,0 +1,194 @@
+"""The wire format and the device physics, without a server; plus how an ordinary chat
+client (a plain XMPP session that knows nothing of the grid namespace) sees device presence."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+from xml.etree import ElementTree as ET
+
+import pytest
+from slixmpp import Presence
+
+from conftest import Env
+from gridpresence.agents.device import DeviceAgent
+from gridpresence.agents.operator import GridOperator
+from gridpresence.agents.session import close_session, make_client, open_session
+from gridpresence.config import DeviceSpec
+from gridpresence.devices import make_device
+from gridpresence.protocol import (
+    NS,
+    Action,
+    Command,
+    DeviceKind,
+    DeviceState,
+    Outcome,
+    OutcomeStatus,
+    PresenceReport,
+    RejectReason,
+    Restriction,
+    Telemetry,
+)
+from gridpresence.protocol.codec import (
+    PayloadError,
+    command_from_xml,
+    command_to_xml,
+    outcome_from_xml,
+    outcome_to_xml,
+    report_from_xml,
+    report_to_xml,
+)
+
+NOW = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def _roundtrip(el: ET.Element) -> ET.Element:
+    return ET.fromstring(ET.tostring(el))
+
+
+def test_presence_report_roundtrip() -> None:
+    report = PresenceReport(kind=DeviceKind.GENERATOR, state=DeviceState.RESTRICTED, critical=False,
+                            telemetry=Telemetry(load_pct=12.5, kw=25.0, capacity_kw=200, fuel_pct=99.5,
+                                                temperature_c=31.25),
+                            restriction=Restriction(note="starting", until=NOW), refresh_s=30, seq=7, at=NOW)
+    assert report_from_xml(_roundtrip(report_to_xml(report))) == report
+
+
+def test_command_and_outcome_roundtrip() -> None:
+    cmd = Command.new(Action.SET_TIME, "alice@localhost", args={"time": "2030-01-01T00:00:00Z"}, now=NOW)
+    assert command_from_xml(_roundtrip(command_to_xml(cmd))) == cmd
+    out = Outcome(command_id=cmd.id, device="x@localhost", status=OutcomeStatus.REJECTED,
+                  reason=RejectReason.CRITICAL, detail="no",
+                  report=PresenceReport(kind=DeviceKind.LOAD, state=DeviceState.ON, at=NOW))
+    assert outcome_from_xml(_roundtrip(outcome_to_xml(out))) == out
+
+
+@pytest.mark.parametrize("attrs", ["load-pct='150.5'", "load-pct='-1'", "kw='nan'", "kw='inf'", "fuel-pct='101'",
+                                   "temperature-c='1e9'", "breaker='melted'"])
+def test_out_of_range_telemetry_is_rejected(attrs: str) -> None:
+    el = ET.fromstring(f"<device xmlns='{NS}' kind='load' state='on'><telemetry {attrs}/></device>")
+    with pytest.raises(PayloadError, match="telemetry"):
+        report_from_xml(el)
+
+
+def test_state_and_restriction_must_agree() -> None:
+    with pytest.raises(PayloadError, match="restriction"):
+        report_from_xml(ET.fromstring(f"<device xmlns='{NS}' kind='load' state='restricted'/>"))
+    with pytest.raises(ValueError):
+        PresenceReport(kind=DeviceKind.LOAD, state=DeviceState.ON, restriction=Restriction(note="x"))
+
+
+def test_unknown_attributes_are_ignored_for_forward_compatibility() -> None:
+    el = ET.fromstring(f"<device xmlns='{NS}' kind='load' state='on' colour='blue'><telemetry kw='3' volts='230'/>"
+                       f"</device>")
+    assert report_from_xml(el).telemetry.kw == 3.0
+
+
+@pytest.mark.parametrize("state, show, status", [
+    (DeviceState.ON, None, "on, load 40%, 4.0 kW"),
+    (DeviceState.OFF, "away", "off, load 0%, 0.0 kW"),
+])
+def test_state_maps_onto_show_and_status(state: DeviceState, show: str | None, status: str) -> None:
+    kw = 4.0 if state is DeviceState.ON else 0.0
+    report = PresenceReport(kind=DeviceKind.LOAD, state=state, telemetry=Telemetry(load_pct=kw * 10, kw=kw))
+    assert report.show() == show and report.status_text() == status
+
+
+def test_restricted_maps_onto_dnd_with_the_note() -> None:
+    until = dt.datetime(2026, 1, 1, 13, 3, tzinfo=dt.timezone.utc)
+    report = PresenceReport(kind=DeviceKind.LOAD, state=DeviceState.RESTRICTED,
+                            restriction=Restriction(note="critical process online", until=until))
+    assert report.show() == "dnd"
+    assert report.status_text() == "critical process online (until 13:03:00 UTC)"
+
+
+# -- physics ------------------------------------------------------------------------------
+
+
+def test_generator_start_up_sequence() -> None:
+    gen = make_device(DeviceSpec(name="g", kind="generator", rated_kw=100, startup_s=5), NOW)
+    assert gen.state is DeviceState.OFF and gen.telemetry().kw == 0
+    assert gen.execute(Action.START, {}, NOW).status is OutcomeStatus.EXECUTED
+    assert gen.state is DeviceState.RESTRICTED
+    assert gen.execute(Action.STOP, {}, NOW + dt.timedelta(seconds=1)).reason is RejectReason.RESTRICTED
+    gen.tick(NOW + dt.timedelta(seconds=5))
+    assert gen.state is DeviceState.ON and gen.telemetry().kw > 0
+    gen.tick(NOW + dt.timedelta(hours=1))
+    t = gen.telemetry()
+    assert t.fuel_pct < 100 and t.temperature_c > 80  # type: ignore[operator]
+
+
+def test_critical_load_restriction_ends_by_itself() -> None:
+    load = make_device(DeviceSpec(name="l", kind="load", rated_kw=10, critical=True, critical_hold_s=60), NOW)
+    assert load.execute(Action.SHED, {}, NOW).reason is RejectReason.CRITICAL
+    assert load.state is DeviceState.RESTRICTED and load.telemetry().kw > 0
+    load.tick(NOW + dt.timedelta(seconds=61))
+    assert load.state is DeviceState.ON and load.restriction is None
+
+
+def test_physics_stays_in_range_over_a_long_run() -> None:
+    for kind in ("load", "generator", "meter", "breaker"):
+        dev = make_device(DeviceSpec(name="d", kind=kind, rated_kw=50, utilisation=1.2), NOW)
+        if kind == "generator":
+            dev.execute(Action.START, {}, NOW)
+        for i in range(1, 5000):
+            dev.tick(NOW + dt.timedelta(seconds=10 * i))
+            t = dev.telemetry()  # would raise if a value left its range
+            assert t.load_pct is not None and 0 <= t.load_pct <= 150
+
+
+def test_device_never_publishes_invalid_values(caplog: pytest.LogCaptureFixture) -> None:
+    from gridpresence.agents.session import Endpoint
+
+    agent = DeviceAgent(DeviceSpec(name="l", kind="load", rated_kw=10), "l@localhost", "pw", Endpoint(), [])
+    agent.sim.utilisation = math.nan  # type: ignore[attr-defined]  # a broken sensor model
+    caplog.set_level(logging.ERROR)
+    assert agent.current_report() is None
+    assert "refusing to publish invalid values" in caplog.text
+
+
+# -- what an ordinary chat client sees ------------------------------------------------------
+
+
+async def test_plain_client_sees_online_away_and_dnd_with_note(env: Env, alice: GridOperator) -> None:
+    """Log in as bob with a bare XMPP session, the way Gajim or Profanity would."""
+    client = make_client("bob@localhost/chatclient", env.grid.secrets.password("bob"), env.grid.endpoint)
+    seen: dict[str, Presence] = {}
+    client.add_event_handler("presence", lambda p: seen.__setitem__(p["from"].bare, p))
+    await open_session(client, env.grid.endpoint)
+    await client.get_roster()
+    client.send_presence()
+    try:
+        async with asyncio.timeout(5):
+            while not {"load-a@localhost", "gen-2@localhost"} <= seen.keys():
+                await asyncio.sleep(0.05)
+        assert seen["load-a@localhost"]["show"] == "" and seen["load-a@localhost"]["status"].startswith("on")
+        assert seen["gen-2@localhost"]["show"] == "away"
+        groups = client.client_roster["load-a@localhost"]["groups"]
+        assert groups == ["Loads"]
+        outcome = await alice.command("load-crit3", Action.SHED)
+        assert outcome.reason is RejectReason.CRITICAL
+        async with asyncio.timeout(5):
+            while seen.get("load-crit3@localhost") is None or seen["load-crit3@localhost"]["show"] != "dnd":
+                await asyncio.sleep(0.05)
+        assert "critical process" in seen["load-crit3@localhost"]["status"]
+    finally:
+        await close_session(client)
+
+
+async def test_watchdog_answers_operators_only(env: Env) -> None:
+    from slixmpp.exceptions import IqError
+
+    client = make_client("billing@localhost/probe", env.grid.secrets.password("billing"), env.grid.endpoint)
+    await open_session(client, env.grid.endpoint)
+    try:
+        # To its full JID: an iq to a bare JID is answered by the server itself.
+        iq = client.make_iq_get(ito=env.grid.bots.watchdog.client.boundjid.full)  # type: ignore[union-attr]
+        iq.enable("grid_fleet_health")
+        with pytest.raises(IqError) as err:
+            await iq.send(timeout=5)
+        assert err.value.condition == "forbidden"
+    finally:
+        await close_session(client)
