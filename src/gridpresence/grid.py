@@ -38,7 +38,7 @@ class Grid:
 
     @property
     def endpoint(self) -> Endpoint:
-        return Endpoint(host=self.server.bind, c2s_port=self.server.ports.c2s, domain=self.fleet.domain,
+        return Endpoint(host=self.server.connect_host, c2s_port=self.server.ports.c2s, domain=self.fleet.domain,
                         ca_file=self.server.certs.ca)
 
     @property

@@ -177,18 +177,18 @@ class DeviceAgent:
             return True
         return abs((a.load_pct or 0.0) - (b.load_pct or 0.0)) >= LOAD_DEADBAND_PCT
 
-    def publish(self, force: bool = True) -> None:
-        """Broadcast presence if forced (refresh) or if something worth telling changed."""
-        if not self.client.is_connected():
-            return
+    def publish(self, force: bool = True) -> PresenceReport | None:
+        """Broadcast presence if forced (refresh) or if something worth telling changed;
+        returns the current report (None if the physics produced invalid values)."""
         report = self.current_report()
-        if report is None or not (force or self._changed(report)):
-            return
+        if report is None or not self.client.is_connected() or not (force or self._changed(report)):
+            return report
         pres = self.client.make_presence(pshow=report.show(), pstatus=report.status_text())
         pres.append(report_to_xml(report))
         pres.send()
         self._published = report
         self._published_at = asyncio.get_running_loop().time()
+        return report
 
     def _on_child_presence(self, pres: Presence) -> None:
         sender = pres["from"].bare
@@ -250,8 +250,7 @@ class DeviceAgent:
         """Apply a valid, authorised, fresh command to the physics; publish the new state first
         so an issuer that sees the outcome already sees the matching presence."""
         effect = self.sim.execute(cmd.action, cmd.args, now)
-        self.publish(force=False)
-        report = self.current_report()
+        report = self.publish(force=False)
         return Outcome(
             command_id=cmd.id,
             device=self.jid,

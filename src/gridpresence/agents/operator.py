@@ -149,10 +149,11 @@ class GridOperator:
         return self.tracker.by_name()
 
     def device(self, name: str) -> DeviceView:
-        for view in self.tracker.views.values():
-            if name in (view.name, view.jid):
-                return view
-        raise UnknownDevice(name)
+        """A device by name or bare JID."""
+        view = self.tracker.find(name)
+        if view is None:
+            raise UnknownDevice(name)
+        return view
 
     def _bump(self) -> None:
         self._version += 1

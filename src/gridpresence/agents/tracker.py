@@ -86,6 +86,7 @@ class PresenceTracker:
         self.grace_s = grace_s
         self.ping_timeout_s = ping_timeout_s
         self.views: dict[str, DeviceView] = {}  # by bare JID
+        self.jid_by_name: dict[str, str] = {}
         self._last_refresh: dict[str, float] = {}  # loop time of the last valid presence
         self._pinging: set[str] = set()
         self._listeners: list[Callable[[DeviceChange], None]] = []
@@ -101,7 +102,9 @@ class PresenceTracker:
         for jid in roster:
             kind = roles.device_kind(roster[jid]["groups"])
             if kind is not None and jid not in self.views:
-                self.views[jid] = DeviceView(name=jid.split("@", 1)[0], jid=jid, kind=kind)
+                name = jid.split("@", 1)[0]
+                self.views[jid] = DeviceView(name=name, jid=jid, kind=kind)
+                self.jid_by_name[name] = jid
 
     def start_watchdog(self) -> None:
         self._started_at = asyncio.get_running_loop().time()
@@ -226,3 +229,7 @@ class PresenceTracker:
 
     def by_name(self) -> Mapping[str, DeviceView]:
         return {v.name: v for v in self.views.values()}
+
+    def find(self, name_or_jid: str) -> DeviceView | None:
+        jid = self.jid_by_name.get(name_or_jid, name_or_jid)
+        return self.views.get(jid)

@@ -1,0 +1,140 @@
+"""Shared pieces of the benchmarks: a private grid, statistics, and the raw slixmpp baseline.
+
+Numbers, not pass/fail: every script prints median, p99 and the ratio to a baseline measured
+in the same run against the same server (the machine is small and noisy: ratios travel, absolute
+milliseconds do not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import statistics
+import tempfile
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from slixmpp import ClientXMPP, Message
+
+from gridpresence.accounts import Secrets
+from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
+from gridpresence.config import Fleet, parse_fleet
+from gridpresence.grid import Grid
+
+
+def percentile(samples: Sequence[float], pct: float) -> float:
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary(name: str, samples_s: Sequence[float]) -> dict[str, float]:
+    med, p99 = statistics.median(samples_s), percentile(samples_s, 99)
+    print(f"  {name:<44} n={len(samples_s):<5} median {med * 1000:9.3f} ms   p99 {p99 * 1000:9.3f} ms", flush=True)
+    return {"median_ms": med * 1000, "p99_ms": p99 * 1000, "n": len(samples_s)}
+
+
+def bench_fleet(loads: int, refresh_s: float = 300.0) -> Fleet:
+    """N loads, one operator, and the baseline's echo pair (as billing parties: accounts whose
+    rosters hold only the operator, so they are not flooded by device presence)."""
+    return parse_fleet({
+        "domain": "localhost",
+        "operators": [{"name": "bench-op"}],
+        "billing": [{"name": "echo-a"}, {"name": "echo-b"}],
+        "devices": [{"name": f"dev-{i:04d}", "kind": "load", "rated_kw": 10, "refresh_s": refresh_s}
+                    for i in range(loads)],
+    })
+
+
+class BenchGrid:
+    """A bench grid: server, accounts and watchdog here; device bots and the echo responder in a
+    second process (as they would be on other hardware), so the two sides use both cores."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.grid = Grid(fleet, Path(tempfile.mkdtemp(prefix="gridbench-")), only=["watchdog"])
+        self.remote: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        await self.grid.start()
+        tick = max(d.refresh_s for d in self.fleet.devices)  # drift only: keep ticks out of the timings
+        self.remote = await asyncio.create_subprocess_exec(
+            sys.executable, str(Path(__file__).with_name("remote_side.py")), str(self.grid.data_dir), str(tick),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        line = await asyncio.wait_for(self.remote.stdout.readline(), 900)  # type: ignore[union-attr]
+        if line.strip() != b"ready":
+            raise SystemExit("the device process did not come up")
+
+    async def stop(self) -> None:
+        if self.remote is not None:
+            self.remote.stdin.close()  # type: ignore[union-attr]
+            await asyncio.wait_for(self.remote.wait(), 60)
+        await self.grid.stop()
+        shutil.rmtree(self.grid.data_dir, ignore_errors=True)
+
+
+class EchoResponder:
+    """The baseline's far end: a plain slixmpp client that echoes every chat message."""
+
+    def __init__(self, endpoint: Endpoint, secrets: Secrets) -> None:
+        self.endpoint = endpoint
+        self.client = make_client("echo-b@localhost/bench", secrets.password("echo-b"), endpoint)
+        self.client.add_event_handler("message", lambda msg: msg.reply(msg["body"]).send())
+
+    async def start(self) -> None:
+        await open_session(self.client, self.endpoint)
+        self.client.send_presence()
+
+    async def stop(self) -> None:
+        await close_session(self.client)
+
+
+class EchoPair:
+    """The baseline: plain slixmpp chat messages to the echo responder and back."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.endpoint = grid.endpoint
+        self.sender = make_client("echo-a@localhost/bench", grid.secrets.password("echo-a"), self.endpoint)
+        self.echo_jid = "echo-b@localhost/bench"
+        self.waiting: dict[str, asyncio.Future[float]] = {}
+        self.sender.add_event_handler("message", self._back)
+
+    def _back(self, msg: Message) -> None:
+        fut = self.waiting.pop(msg["body"], None)
+        if fut is not None and not fut.done():
+            fut.set_result(time.perf_counter())
+
+    async def start(self) -> None:
+        await open_session(self.sender, self.endpoint)
+        self.sender.send_presence()
+
+    async def stop(self) -> None:
+        await close_session(self.sender)
+
+    def _send(self, i: int) -> asyncio.Future[float]:
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        body = f"ping {i} {time.perf_counter_ns()}"
+        self.waiting[body] = fut
+        self.sender.send_message(mto=self.echo_jid, mbody=body, mtype="chat")
+        return fut
+
+    async def sequential(self, n: int) -> list[float]:
+        """n round trips one after another: the latency baseline."""
+        out = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            t1 = await asyncio.wait_for(self._send(i), 10)
+            out.append(t1 - t0)
+        return out
+
+    async def pipelined(self, n: int) -> float:
+        """n round trips all in flight at once: the throughput baseline (seconds for all)."""
+        t0 = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*(self._send(i) for i in range(n))), 60)
+        return time.perf_counter() - t0
+
+
+def client_for(grid: Grid, name: str) -> ClientXMPP:
+    return make_client(f"{name}@localhost/bench", grid.secrets.password(name), grid.endpoint)
