@@ -8,6 +8,7 @@ milliseconds do not).
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import statistics
 import tempfile
@@ -61,7 +62,7 @@ class BenchGrid:
         await self.grid.start()
         tick = max(d.refresh_s for d in self.fleet.devices)  # drift only: keep ticks out of the timings
         self.remote = await asyncio.create_subprocess_exec(
-            sys.executable, str(Path(__file__).with_name("remote_side.py")), str(self.grid.data_dir), str(tick),
+            sys.executable, os.environ.get("REMOTE_SIDE", str(Path(__file__).with_name("remote_side.py"))), str(self.grid.data_dir), str(tick),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         line = await asyncio.wait_for(self.remote.stdout.readline(), 900)  # type: ignore[union-attr]
         if line.strip() != b"ready":
