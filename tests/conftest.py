@@ -39,6 +39,7 @@ TEST_FLEET = {
         {"name": "gen-1", "kind": "generator", "rated_kw": 200, "startup_s": 2.0, "parent": "master"},
         {"name": "gen-2", "kind": "generator", "rated_kw": 300, "startup_s": 2.0, "parent": "master"},
         {"name": "meter-1", "kind": "meter", "rated_kw": 80},
+        {"name": "pulse-meter", "kind": "meter", "rated_kw": 10, "refresh_s": 1.0},
         {"name": "breaker-1", "kind": "breaker", "rated_kw": 500, "parent": "master"},
         # Run apart by tests that kill or freeze a device process.
         {"name": "victim-1", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},

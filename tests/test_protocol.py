@@ -208,3 +208,15 @@ def test_fast_scram_matches_slixmpp_scram() -> None:
         ours, theirs = FastSCRAM.__new__(FastSCRAM), SCRAM.__new__(SCRAM)
         ours.hash = theirs.hash = hash_fn
         assert ours.Hi(password, b"salt-1", 4096) == SCRAM.Hi(theirs, password, b"salt-1", 4096)
+
+
+async def test_client_trusting_another_ca_cannot_log_in(env: Env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Every session verifies the server against the configured CA only."""
+    from gridpresence.agents.session import SessionError
+    from gridpresence.server import ensure_certificates
+
+    stranger = ensure_certificates(tmp_path, "localhost")
+    endpoint = env.grid.endpoint.model_copy(update={"ca_file": stranger.ca})
+    client = make_client("bob@localhost/wrong-ca", env.grid.secrets.password("bob"), endpoint)
+    with pytest.raises(SessionError, match="no session"):
+        await open_session(client, endpoint, timeout=4)

@@ -112,6 +112,18 @@ async def test_master_sums_its_branches(alice: GridOperator) -> None:
     assert master is not None and master.telemetry.kw is not None and master.telemetry.kw > 0
 
 
+async def test_presence_is_refreshed_every_interval_without_changes(alice: GridOperator) -> None:
+    seqs: list[int] = []
+    stop = alice.tracker.listen(lambda c: c.current.name == "pulse-meter" and c.current.report
+                                and seqs.append(c.current.report.seq))
+    try:
+        await asyncio.sleep(3.6)  # refresh_s = 1
+    finally:
+        stop()
+    assert len(seqs) >= 3 and seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert alice.devices["pulse-meter"].health is HealthStatus.OK
+
+
 # -- presence error -------------------------------------------------------------------------
 
 

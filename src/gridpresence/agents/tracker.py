@@ -141,7 +141,10 @@ class PresenceTracker:
     def _on_presence(self, pres: Presence) -> None:
         sender = pres["from"]
         view = self.views.get(sender.bare)
-        if view is None or pres["type"] not in ("available", "unavailable", *Presence.showtypes):
+        # The raw attribute, not pres["type"]: this runs for every device presence and
+        # slixmpp's computed type costs more than the rest of the handler.
+        ptype = pres.xml.get("type")
+        if view is None or ptype not in (None, "unavailable"):
             return
         element = pres.xml.find(q("device"))
         report: PresenceReport | None = None
@@ -152,7 +155,7 @@ class PresenceTracker:
                 log.warning("dropped invalid presence from %s: %s", sender, exc)
                 return
         now = utcnow()
-        if pres["type"] == "unavailable":
+        if ptype == "unavailable":
             if view.full_jid is not None and sender.full != view.full_jid and sender.resource:
                 return  # another resource of the device left; the one we command is still here
             self._last_refresh.pop(view.jid, None)

@@ -77,7 +77,7 @@ def _new_ca(domain: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _new_key()
     name = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "gridpresence"),
-        x509.NameAttribute(NameOID.COMMON_NAME, f"gridpresence test CA for {domain}"),
+        x509.NameAttribute(NameOID.COMMON_NAME, f"gridpresence private CA for {domain}"),
     ])
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
