@@ -127,6 +127,11 @@ async def test_presence_is_refreshed_every_interval_without_changes(alice: GridO
 # -- presence error -------------------------------------------------------------------------
 
 
+def _fresh_and_on(view: DeviceView) -> bool:
+    # Present and healthy: a stale "on" from before an earlier kill does not count.
+    return view.present and view.health is HealthStatus.OK and view.state is DeviceState.ON
+
+
 async def _start_apart(env: Env, name: str) -> asyncio.subprocess.Process:
     exe = os.path.join(os.path.dirname(sys.executable), "gridpresence")
     return await asyncio.create_subprocess_exec(
@@ -137,7 +142,7 @@ async def _start_apart(env: Env, name: str) -> asyncio.subprocess.Process:
 async def test_device_killed_without_goodbye_is_presence_error(env: Env, alice: GridOperator) -> None:
     proc = await _start_apart(env, "victim-1")
     try:
-        await alice.wait_for(lambda d: d["victim-1"].state is DeviceState.ON, timeout=20)
+        await alice.wait_for(lambda d: _fresh_and_on(d["victim-1"]), timeout=20)
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
         await alice.wait_for(lambda d: d["victim-1"].health is HealthStatus.PRESENCE_ERROR, timeout=10)
@@ -161,7 +166,7 @@ async def test_device_killed_without_goodbye_is_presence_error(env: Env, alice: 
 async def test_frozen_device_is_pinged_then_flagged_then_recovers(env: Env, alice: GridOperator) -> None:
     proc = await _start_apart(env, "victim-2")
     try:
-        await alice.wait_for(lambda d: d["victim-2"].state is DeviceState.ON, timeout=20)
+        await alice.wait_for(lambda d: _fresh_and_on(d["victim-2"]), timeout=20)
         proc.send_signal(signal.SIGSTOP)  # TCP stays open: only the missing refresh can tell
         await alice.wait_for(lambda d: d["victim-2"].health is HealthStatus.PRESENCE_ERROR, timeout=15)
         reason = alice.devices["victim-2"].health_reason
@@ -177,7 +182,7 @@ async def test_frozen_device_is_pinged_then_flagged_then_recovers(env: Env, alic
 async def test_device_goodbye_is_gone_not_error(env: Env, alice: GridOperator) -> None:
     proc = await _start_apart(env, "victim-1")
     try:
-        await alice.wait_for(lambda d: d["victim-1"].state is DeviceState.ON, timeout=20)
+        await alice.wait_for(lambda d: _fresh_and_on(d["victim-1"]), timeout=20)
         proc.send_signal(signal.SIGTERM)  # a clean stop says goodbye
         await asyncio.wait_for(proc.wait(), 10)
         await alice.wait_for(lambda d: d["victim-1"].health is HealthStatus.GONE, timeout=10)
