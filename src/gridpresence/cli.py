@@ -190,12 +190,28 @@ def _ports(args: argparse.Namespace) -> ServerPorts | None:
                        https=args.https_port or free_port(args.bind), component=free_port(args.bind))
 
 
-async def _until_signalled() -> None:
+def _stop_signal() -> asyncio.Event:
+    """Ctrl-C / SIGTERM set the returned event. Installed before anything starts, so a signal
+    during start-up still ends in an orderly stop (devices say goodbye, Prosody is stopped)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> None:
+    """Run `work` to its end, or cancel it when a stop signal comes first."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if not task.done():
+        task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
 
 
 def _print_welcome(grid: Grid) -> None:
@@ -214,13 +230,14 @@ def _print_welcome(grid: Grid) -> None:
 async def cmd_up(args: argparse.Namespace, scenario: Callable[[Grid], Awaitable[None]] | None = None) -> int:
     fleet = load_fleet(Path(args.fleet))
     grid = Grid(fleet, Path(args.data), bind=args.bind, ports=_ports(args), prosody_bin=args.prosody)
+    stop = _stop_signal()
     await grid.start()
     try:
         _print_welcome(grid)
         if scenario is not None:
-            await scenario(grid)
+            await _unless_stopped(scenario(grid), stop)
         if not getattr(args, "once", False):
-            await _until_signalled()
+            await stop.wait()
     finally:
         print("stopping...", flush=True)
         await grid.stop()
@@ -243,10 +260,11 @@ async def cmd_bots(args: argparse.Namespace) -> int:
     bots = FleetBots(fleet, info.server, Secrets(secrets_path), only=args.only, with_services=False)
     if not bots.bots:
         raise CliError(f"no bot named {', '.join(args.only)} in the fleet")
-    await bots.start()
-    print(f"running {', '.join(sorted(bots.devices) + sorted(bots.billing))}", flush=True)
+    stop = _stop_signal()
     try:
-        await _until_signalled()
+        await _unless_stopped(bots.start(), stop)
+        print(f"running {', '.join(sorted(bots.devices) + sorted(bots.billing))}", flush=True)
+        await stop.wait()
     finally:
         await bots.stop()
     return EXIT_OK

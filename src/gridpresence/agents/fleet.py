@@ -7,6 +7,7 @@ they log in a few at a time so the server is not hit by one thundering herd.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Collection
 from typing import Protocol
@@ -66,6 +67,10 @@ class FleetBots:
 
         async with asyncio.timeout(timeout):
             await asyncio.gather(*(one(b) for b in self.bots))
+        # Thousands of long-lived session objects now exist; keep the cyclic GC from
+        # re-scanning them on every full collection (a third of a fan-out's time otherwise).
+        gc.collect()
+        gc.freeze()
 
     async def stop(self) -> None:
         results = await asyncio.gather(*(b.stop() for b in self.bots), return_exceptions=True)
