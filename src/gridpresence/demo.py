@@ -43,7 +43,8 @@ async def run_scenario(grid: Grid) -> None:
             print(outcome_line(gen, await op.command(gen, Action.STOP)), flush=True)
             startup = grid.fleet.device(gen).startup_s
             await op.wait_for(lambda d: d[gen].state is DeviceState.ON, timeout=startup + 10)
-            print(f"{gen}: {op.devices[gen].report.status_text() if op.devices[gen].report else '?'}", flush=True)
+            report = op.devices[gen].report
+            print(f"{gen}: {report.status_text() if report else '?'}", flush=True)
 
     say(f"the example load-shed script: shed to {SCRIPT_TARGET_KW:.0f} kW net, start a generator if that is not enough")
     proc = await asyncio.create_subprocess_exec(

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from slixmpp import ClientXMPP, Presence
+from slixmpp import JID, ClientXMPP, Presence
 from slixmpp.exceptions import IqError, IqTimeout
 
 from gridpresence import roles
@@ -209,7 +209,7 @@ class PresenceTracker:
         try:
             target = view.full_jid or view.jid
             try:
-                await self.client.plugin["xep_0199"].send_ping(target, timeout=self.ping_timeout_s)
+                await self.client.plugin["xep_0199"].send_ping(JID(target), timeout=self.ping_timeout_s)
                 log.info("%s missed its presence refresh but answered a ping", view.name)
                 self._last_refresh[view.jid] = asyncio.get_running_loop().time()
                 return

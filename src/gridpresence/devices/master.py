@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import ClassVar
 
 from gridpresence.devices.base import Effect, SimDevice
 from gridpresence.protocol.models import Action, DeviceKind, DeviceState, Telemetry
@@ -10,7 +11,7 @@ from gridpresence.protocol.models import Action, DeviceKind, DeviceState, Teleme
 
 class Master(SimDevice):
     kind = DeviceKind.MASTER
-    actions: frozenset[Action] = frozenset()
+    actions: ClassVar[frozenset[Action]] = frozenset()
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ A branch meter (one with devices below it) measures the sum of their load."""
 from __future__ import annotations
 
 import datetime as dt
+from typing import ClassVar
 
 from gridpresence.devices.base import Effect, SimDevice, walk
 from gridpresence.protocol.models import Action, DeviceKind, DeviceState, Telemetry
@@ -12,7 +13,7 @@ from gridpresence.protocol.models import Action, DeviceKind, DeviceState, Teleme
 
 class Meter(SimDevice):
     kind = DeviceKind.METER
-    actions: frozenset[Action] = frozenset()
+    actions: ClassVar[frozenset[Action]] = frozenset()
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from slixmpp import JID
 from slixmpp.jid import InvalidJID
@@ -198,7 +198,7 @@ def lua_literal(value: object, indent: int = 0) -> str:
     raise TypeError(f"cannot write {type(value).__name__} to Prosody storage")
 
 
-def _write_store(path: Path, table: Mapping[object, object]) -> None:
+def _write_store(path: Path, table: Mapping[Any, object]) -> None:
     """Atomically replace `path` with `return <table>;` (what datamanager.store writes).
 
     No fsync: atomicity here protects a running Prosody from half-written files; durability
