@@ -262,10 +262,10 @@ async def test_mail_only_device_reaches_operators(env: Env, relay: RelayProcess)
 
 
 async def test_group_command_retries_absent_and_restricted_members(env: Env, op: GridOperator) -> None:
-    # load-crit3 refuses a shed and stays restricted; far-3 is absent; load-j is available.
-    group = ["load-j", "far-3", "load-crit3"]
-    crit = await op.command("load-crit3", Action.SHED)
-    assert crit.reason is RejectReason.CRITICAL and op.devices["load-crit3"].state is DeviceState.RESTRICTED
+    # relay-crit refuses a shed and stays restricted; far-3 is absent; load-j is available.
+    group = ["load-j", "far-3", "relay-crit"]
+    crit = await op.command("relay-crit", Action.SHED)
+    assert crit.reason is RejectReason.CRITICAL and op.devices["relay-crit"].state is DeviceState.RESTRICTED
 
     async def far_returns_later() -> None:
         await asyncio.sleep(1.0)
@@ -278,8 +278,8 @@ async def test_group_command_retries_absent_and_restricted_members(env: Env, op:
     assert set(outcomes) == set(group)
     assert outcomes["load-j"].ok
     assert outcomes["far-3"].ok  # retried when it appeared
-    assert outcomes["load-crit3"].status is OutcomeStatus.EXPIRED  # still restricted at the time-out
-    assert "not available" in outcomes["load-crit3"].detail
+    assert outcomes["relay-crit"].status is OutcomeStatus.EXPIRED  # still restricted at the time-out
+    assert "not available" in outcomes["relay-crit"].detail
 
 
 async def test_alert_when_device_becomes_available(env: Env, op: GridOperator) -> None:
@@ -331,3 +331,28 @@ async def test_kill_9_while_queued_and_while_delivering(env: Env, relay: RelayPr
     assert all(dev.executions[o.command_id] == 0 for o in short)
     assert all(dev.executions[o.command_id] == 1 for o in queued[:950])
     assert sum(dev.executions.values()) == 950
+
+
+async def test_up_starts_the_relay(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[[operators]]\nname = "olga"\n\n[[devices]]\nname = "pump"\nkind = "load"\nrated_kw = 30\n')
+    data = tmp_path / "grid"
+    exe = Path(sys.executable).with_name("gridpresence")
+    proc = await asyncio.create_subprocess_exec(str(exe), "up", "--data", str(data), "--fleet", str(fleet),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        banner = ""
+        async with asyncio.timeout(40):
+            while "Ctrl-C" not in banner:
+                line = await proc.stdout.readline()  # type: ignore[union-attr]
+                assert line, banner
+                banner += line.decode()
+        info = ConnectionInfo.load(data / "connection.json")
+        assert info.relay is not None and info.relay.jid == "relay@localhost"
+        assert f"SMTP {info.relay.smtp_host}:{info.relay.smtp_port}" in banner
+        assert (data / "relay" / "queue.sqlite3").exists()
+        code, out, err = await run_cli("mail-device", "pump", "--data", str(data), "--count", "1")
+        assert code == 0 and "pump: mailed" in out, err
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0

@@ -234,6 +234,8 @@ def _print_welcome(grid: Grid) -> None:
     bots = grid.bots
     if bots:
         print(f"  {len(bots.devices)} device bots, {len(bots.billing)} billing, watchdog {info.watchdog}")
+    if info.relay is not None:
+        print(f"  store-and-forward relay {info.relay.jid}: SMTP {info.relay.smtp_host}:{info.relay.smtp_port}")
     print("Ctrl-C stops everything.", flush=True)
 
 
