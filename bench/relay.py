@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import shutil
 import statistics
 import sys
@@ -220,4 +221,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    # A device bot stopped mid-stream leaves slixmpp filter tasks behind; their "destroyed but
+    # pending" notices at exit are noise here.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     asyncio.run(main())

@@ -34,14 +34,15 @@ COPIED = ("connection.json", "secrets.json", "fleet.json")
 class RelayProcess:
     """`gridpresence relay` as a child process, so kill -9 is real."""
 
-    def __init__(self, data: Path, queue: Path, port: int) -> None:
-        self.data, self.queue, self.port = data, queue, port
+    def __init__(self, data: Path, queue: Path, port: int, bind: str = "127.0.0.1") -> None:
+        self.data, self.queue, self.port, self.bind = data, queue, port, bind
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
         exe = Path(sys.executable).with_name("gridpresence")
         self.proc = await asyncio.create_subprocess_exec(
             str(exe), "relay", "--data", str(self.data), "--queue", str(self.queue), "--smtp-port", str(self.port),
+            "--bind", self.bind,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         line = await asyncio.wait_for(self.proc.stdout.readline(), 30)  # type: ignore[union-attr]
         if not line.startswith(b"relay up"):

@@ -216,12 +216,17 @@ def _ports(args: argparse.Namespace) -> ServerPorts | None:
                        https=args.https_port or free_port(args.bind), component=free_port(args.bind))
 
 
-async def _until_signalled() -> None:
+def _stop_on_signals() -> asyncio.Event:
+    """An event Ctrl-C or SIGTERM sets; install it before anything a signal should stop cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def _until_signalled() -> None:
+    await _stop_on_signals().wait()
 
 
 def _print_welcome(grid: Grid) -> None:
@@ -271,10 +276,12 @@ async def cmd_bots(args: argparse.Namespace) -> int:
     bots = FleetBots(fleet, info.server, Secrets(secrets_path), only=args.only, with_services=False)
     if not bots.bots:
         raise CliError(f"no bot named {', '.join(args.only)} in the fleet")
+    # Handlers first: a SIGTERM right after a device's presence appears must still say goodbye.
+    stop = _stop_on_signals()
     await bots.start()
     print(f"running {', '.join(sorted(bots.devices) + sorted(bots.billing))}", flush=True)
     try:
-        await _until_signalled()
+        await stop.wait()
     finally:
         await bots.stop()
     return EXIT_OK

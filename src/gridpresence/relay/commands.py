@@ -43,16 +43,16 @@ async def cmd_relay(args: argparse.Namespace) -> int:
     port = relay_port(data, args.bind, args.smtp_port)
     relay = RelayService(fleet, info.server, secrets.password(RELAY), queue_path, smtp_host=args.bind,
                          smtp_port=port, durable=args.durable)
+    stop = asyncio.Event()  # handlers before start: a SIGTERM during start-up still stops cleanly
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     await relay.start()
     try:
         publish_relay(data / CONNECTION_FILE, RelayEndpoint(jid=relay.jid, smtp_host=args.bind, smtp_port=relay.smtp_port))
         counts = relay.queue.counts()
         print(f"relay up: SMTP {args.bind}:{relay.smtp_port}, XMPP {relay.jid}, queue {queue_path} "
               f"({counts.get('queued', 0)} queued)", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
         await relay.stop()

@@ -31,7 +31,8 @@ from gridpresence.protocol.models import Command, Outcome, PresenceReport
 
 CONTENT_TYPE = "application/vnd.gridpresence+xml"
 _MAINTYPE, _SUBTYPE = CONTENT_TYPE.split("/")
-_PARSER = BytesParser(policy=policy.SMTP)
+# compat32 parses ~10x faster than the modern policy, and we read only three headers and one part.
+_PARSER = BytesParser(policy=policy.compat32)
 
 Payload = Command | Outcome | PresenceReport
 

@@ -143,8 +143,8 @@ class RelayService:
     def _on_stored(self, stored: Stored) -> None:
         for device in stored.devices:
             self.flush(device)  # present already (a race with its return): no need to wait
-        if stored.devices:
-            self._schedule_expiry()
+        if stored.command is not None and stored.devices:
+            self._schedule_expiry(stored.command.expires.timestamp())
         if stored.inbox:
             self._forward_inbox()
 
@@ -217,8 +217,10 @@ class RelayService:
             self._close(self.queue.answer(answers))
         self._schedule_expiry()
 
-    def _schedule_expiry(self) -> None:
-        when = self.queue.next_expiry(ANSWER_MARGIN_S)
+    def _schedule_expiry(self, when: float | None = None) -> None:
+        """Check expiries at `when` (POSIX seconds), or at the queue's next expiry if not given."""
+        if when is None:
+            when = self.queue.next_expiry(ANSWER_MARGIN_S)
         if when is None or not self._online:
             return
         if self._expiry is not None:
