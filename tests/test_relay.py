@@ -13,6 +13,7 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from xml.etree import ElementTree as ET
 
 import pytest
 import pytest_asyncio
@@ -23,6 +24,7 @@ from gridpresence.agents.device import DeviceAgent
 from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.session import ConnectionInfo
 from gridpresence.protocol.models import Action, Command, DeviceState, Outcome, OutcomeStatus, RejectReason
+from gridpresence.protocol.codec import outcome_to_xml
 from gridpresence.relay.mail import build_mail
 from gridpresence.relay.mail_device import MailDevice
 from gridpresence.relay.queue import CommandQueue
@@ -161,6 +163,15 @@ async def test_cli_prints_queued_and_waits_for_final(env: Env, relay: RelayProce
     assert "far-3: queued" in out
     code, out, _ = await run_cli("shed", "far-3", *conn, "--ttl", "1.5", "--wait")
     assert code == 1 and "far-3: expired" in out
+    # A group: the available member acts now, the absent one is retried until the time-out.
+    code, out, _ = await run_cli("read", "load-j", "far-3", *conn, "--until-available", "1.5")
+    assert code == 1 and "load-j: executed" in out and "far-3: expired" in out, out
+
+
+async def test_relay_down_means_undeliverable_not_lost(relay: RelayProcess, op: GridOperator) -> None:
+    await relay.stop()
+    outcome = await op.command("far-2", Action.SHED)
+    assert outcome.status is OutcomeStatus.UNDELIVERABLE and "unreachable" in outcome.detail
 
 
 # -- duplicates ------------------------------------------------------------------------------
@@ -220,8 +231,16 @@ async def test_relay_refuses_unknown_senders_recipients_big_and_bad_mail(relay: 
         assert other.value.smtp_code == 550
         # The relay is still up and takes good mail.
         smtp.send_message(good, from_addr="alice@localhost", to_addrs=["far-1@localhost"])
+    # Over XMPP, an operator cannot pass off an outcome as a device's.
+    forged = op.client.make_message(mto="relay@localhost/relay", mtype="normal")
+    forged.append(outcome_to_xml(Outcome(command_id=cmd.id, device="far-1@localhost", status=OutcomeStatus.EXECUTED)))
+    forged.send()
+    garbage = op.client.make_message(mto="relay@localhost/relay", mtype="normal")
+    garbage.append(ET.fromstring("<outcome xmlns='urn:gridpresence:0' command='x' status='melted'/>"))
+    garbage.send()
+    await op.client.plugin["xep_0199"].send_ping("relay@localhost/relay", timeout=5)  # it is still answering
     queue = CommandQueue(relay.queue)
-    assert queue.counts() == {"queued": 1}  # only the good mail was stored
+    assert queue.counts() == {"queued": 1}  # only the good mail was stored, and it is still open
     queue.close()
     # An operator's command the relay refuses ends "undeliverable" with the relay's reply.
     assert op.relay is not None
