@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import logging
 import shutil
+import smtplib
 import statistics
 import sys
 import tempfile
@@ -38,7 +39,7 @@ from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.session import ConnectionInfo
 from gridpresence.grid import Grid
 from gridpresence.protocol import Action, Command, OutcomeStatus
-from gridpresence.relay.mail import MailSender, build_mail
+from gridpresence.relay.mail import build_mail
 from gridpresence.server.ports import free_port
 
 NOOP_SMTP = textwrap.dedent("""
@@ -141,17 +142,12 @@ def ingest(port: int, mails: list[bytes], sender: str, device: str, connections:
     lock = threading.Lock()
 
     def worker(share: list[bytes]) -> None:
-        client = MailSender("127.0.0.1", port)
         mine = []
-        for raw in share:
-            t0 = time.perf_counter()
-            with client._lock:  # the same transaction MailSender.send makes, on raw bytes
-                if client._smtp is None:
-                    import smtplib
-                    client._smtp = smtplib.SMTP("127.0.0.1", port)
-                client._smtp.sendmail(sender, [device], raw)
-            mine.append(time.perf_counter() - t0)
-        client.close()
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            for raw in share:
+                t0 = time.perf_counter()
+                client.sendmail(sender, [device], raw)
+                mine.append(time.perf_counter() - t0)
         with lock:
             latencies.extend(mine)
 

@@ -13,6 +13,7 @@ A mail is answered 250 only once its payload is committed to the queue.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import ssl
 from collections.abc import Callable
@@ -109,7 +110,7 @@ class RelayHandler:
             raise _Refused("550 5.7.1 an outcome must come from its own device")
         if any(r in d.devices for r in rcpts):
             raise _Refused("550 5.1.1 device data goes to the operators or the relay")
-        key = mail.message_id or f"<{sender}.{hash(payload_xml(payload))}>"
+        key = mail.message_id or f"<{hashlib.sha256(payload_xml(payload).encode()).hexdigest()}.{sender}>"
         return Stored(inbox=self.queue.add_inbox(key, sender, payload_xml(payload)))
 
 
