@@ -10,6 +10,10 @@ device over XMPP, no outcome yet) -> ``answered`` (the device's outcome or "expi
   for a command it already has).
 
 Inserts are idempotent: the same command mailed twice is stored once.
+
+One case stays uncertain: a command sent before a crash whose expiry passes before the relay is
+back is reported "expired" with "no answer from the device"; the device may have executed it,
+and it forgets its answers at the expiry, so no one can tell.
 """
 
 from __future__ import annotations
