@@ -44,9 +44,13 @@ TEST_FLEET = {
         # Run apart by tests that kill or freeze a device process.
         {"name": "victim-1", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
         {"name": "victim-2", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
+        # Absent at first: the store-and-forward relay's tests bring them up themselves.
+        *({"name": f"far-{i}", "kind": "load", "rated_kw": 30} for i in range(1, 5)),
+        {"name": "mailer-1", "kind": "meter", "rated_kw": 40},
+        {"name": "relay-crit", "kind": "load", "rated_kw": 150, "critical": True, "critical_hold_s": 60},
     ],
 }
-APART = ("victim-1", "victim-2")
+APART = ("victim-1", "victim-2", "far-1", "far-2", "far-3", "far-4", "mailer-1")
 
 
 @dataclass

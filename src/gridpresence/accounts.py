@@ -16,6 +16,7 @@ from gridpresence.config import DeviceSpec, Fleet
 from gridpresence.server.provision import AccountSpec, RosterEntry
 
 WATCHDOG = "watchdog"
+RELAY = "relay"  # the store-and-forward relay (gridpresence.relay): sees every device, relays commands
 
 
 class Secrets:
@@ -49,18 +50,21 @@ def plan_accounts(fleet: Fleet, passwords: Secrets) -> list[AccountSpec]:
     ops = [RosterEntry(jid=fleet.jid(o.name), name=o.label, groups=(roles.OPERATORS,)) for o in fleet.operators]
     billing = [RosterEntry(jid=fleet.jid(b.name), name=b.label, groups=(roles.BILLING,)) for b in fleet.billing]
     watchdog = RosterEntry(jid=fleet.jid(WATCHDOG), name="Presence watchdog", groups=(roles.SERVICES,))
+    relay = RosterEntry(jid=fleet.jid(RELAY), name="Store-and-forward relay", groups=(roles.SERVICES,))
     devices = [_device_entry(fleet, d) for d in fleet.devices]
 
     accounts: list[AccountSpec] = []
     for op in fleet.operators:
         others = [e for e in ops if e.jid != fleet.jid(op.name)]
-        accounts.append(AccountSpec(op.name, passwords.password(op.name), tuple([*devices, *others, *billing, watchdog])))
+        accounts.append(AccountSpec(op.name, passwords.password(op.name),
+                                    tuple([*devices, *others, *billing, watchdog, relay])))
     for bill in fleet.billing:
         accounts.append(AccountSpec(bill.name, passwords.password(bill.name), tuple(ops)))
     accounts.append(AccountSpec(WATCHDOG, passwords.password(WATCHDOG), tuple([*devices, *ops])))
+    accounts.append(AccountSpec(RELAY, passwords.password(RELAY), tuple([*devices, *ops])))
     for dev in fleet.devices:
         kin = [fleet.device(dev.parent)] if dev.parent else []
         kin += list(fleet.children(dev.name))
         accounts.append(AccountSpec(dev.name, passwords.password(dev.name),
-                                    tuple([*ops, watchdog, *(_device_entry(fleet, k) for k in kin)])))
+                                    tuple([*ops, watchdog, relay, *(_device_entry(fleet, k) for k in kin)])))
     return accounts

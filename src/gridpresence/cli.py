@@ -7,6 +7,9 @@
     gridpresence shed|restore|start|stop|open|close|read DEVICE... [--json]
     gridpresence set-time DEVICE... [--time ISO]
     gridpresence bots --data DIR --only NAME...       run some bots apart (e.g. to kill one)
+    gridpresence relay --data DIR                     the email store-and-forward relay alone
+    gridpresence mail-device NAME --data DIR          a device that reaches the grid by SMTP only
+    gridpresence alert DEVICE [--timeout S]           wait until a device is available
 
 Operator commands read ``connection.json`` (written by ``up``) from --connection, or
 $GRIDPRESENCE_CONNECTION, or .gridpresence/connection.json.
@@ -34,6 +37,7 @@ from gridpresence.agents.tracker import DeviceChange, DeviceView
 from gridpresence.config import FleetError, load_fleet
 from gridpresence.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE, Grid
 from gridpresence.protocol.models import Action, Outcome, OutcomeStatus
+from gridpresence.relay import commands as relay_commands
 from gridpresence.server import ServerError, ServerPorts
 
 DEFAULT_DATA = Path(".gridpresence")
@@ -166,13 +170,35 @@ async def cmd_action(args: argparse.Namespace) -> int:
     async def body(grid: GridOperator) -> int:
         for name in args.devices:
             grid.device(name)  # unknown names fail before anything is sent
-        outcomes = await grid.command_many(args.devices, action, args=extra, ttl_s=args.ttl)
+        if args.until_available:
+            from gridpresence.agents.availability import command_group
+
+            outcomes = await command_group(grid, args.devices, action, args=extra, timeout_s=args.until_available)
+        else:
+            outcomes = await grid.command_many(args.devices, action, args=extra, ttl_s=args.ttl, wait_final=args.wait)
         if args.json:
             print(json.dumps([outcome_dict(n, o) for n, o in outcomes.items()], indent=2))
         else:
             for name, outcome in outcomes.items():
                 print(outcome_line(name, outcome))
-        return EXIT_OK if all(o.status is OutcomeStatus.EXECUTED for o in outcomes.values()) else EXIT_FAILED_OUTCOME
+        # "queued" is not a failure: the relay holds the command (use --wait for the final outcome).
+        fine = (OutcomeStatus.EXECUTED, OutcomeStatus.QUEUED)
+        return EXIT_OK if all(o.status in fine for o in outcomes.values()) else EXIT_FAILED_OUTCOME
+
+    return await _with_operator(args, body)
+
+
+async def cmd_alert(args: argparse.Namespace) -> int:
+    from gridpresence.agents.availability import wait_available
+
+    async def body(grid: GridOperator) -> int:
+        try:
+            view = await wait_available(grid, args.device, timeout=args.timeout)
+        except TimeoutError:
+            print(f"{args.device}: not available within {args.timeout:g} s ({grid.device(args.device).label})")
+            return EXIT_FAILED_OUTCOME
+        print(f"{view.name}: available ({view.report.status_text() if view.report else view.label})", flush=True)
+        return EXIT_OK
 
     return await _with_operator(args, body)
 
@@ -224,6 +250,8 @@ def _print_welcome(grid: Grid) -> None:
     bots = grid.bots
     if bots:
         print(f"  {len(bots.devices)} device bots, {len(bots.billing)} billing, watchdog {info.watchdog}")
+    if info.relay is not None:
+        print(f"  store-and-forward relay {info.relay.jid}: SMTP {info.relay.smtp_host}:{info.relay.smtp_port}")
     print("Ctrl-C stops everything.", flush=True)
 
 
@@ -319,9 +347,19 @@ def build_parser() -> argparse.ArgumentParser:
         operator_opts(p)
         p.add_argument("devices", nargs="+", metavar="DEVICE")
         p.add_argument("--ttl", type=float, default=30.0, help="seconds before the command expires")
+        p.add_argument("--wait", action="store_true",
+                       help="for a device without presence, wait for the relay's final outcome instead of 'queued'")
+        p.add_argument("--until-available", type=float, default=0.0, metavar="S",
+                       help="retry members that are absent or restricted until they are available, for up to S seconds")
         if action == "set-time":
             p.add_argument("--time", default=None, help="ISO 8601 time with zone (default: now)")
         p.set_defaults(run=cmd_action, action=action)
+    alert = sub.add_parser("alert", help="wait until a device is available, then print it")
+    operator_opts(alert)
+    alert.add_argument("device", metavar="DEVICE")
+    alert.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (exit 1)")
+    alert.set_defaults(run=cmd_alert)
+    relay_commands.register(sub, operator_opts, str(DEFAULT_DATA))
     return parser
 
 

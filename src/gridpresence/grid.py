@@ -10,10 +10,11 @@ from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
 
-from gridpresence.accounts import WATCHDOG, Secrets, plan_accounts
+from gridpresence.accounts import RELAY, WATCHDOG, Secrets, plan_accounts
 from gridpresence.agents.fleet import FleetBots
-from gridpresence.agents.session import Account, ConnectionInfo, Endpoint
+from gridpresence.agents.session import Account, ConnectionInfo, Endpoint, RelayEndpoint
 from gridpresence.config import Fleet
+from gridpresence.relay.service import RelayService, relay_files, relay_port
 from gridpresence.server import ProsodyServer, ServerPorts, provision
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ class Grid:
         self._only = only
         self._tick_s = tick_s
         self.bots: FleetBots | None = None
+        self.relay: RelayService | None = None
+        self._bind = bind
 
     @property
     def endpoint(self) -> Endpoint:
@@ -47,7 +50,13 @@ class Grid:
                     for o in self.fleet.operators)
         return ConnectionInfo(server=self.endpoint, operators=ops, watchdog=self.fleet.jid(WATCHDOG),
                               billing=tuple(self.fleet.jid(b.name) for b in self.fleet.billing),
-                              presence_grace_s=self.fleet.presence_grace_s)
+                              presence_grace_s=self.fleet.presence_grace_s, relay=self.relay_endpoint)
+
+    @property
+    def relay_endpoint(self) -> RelayEndpoint | None:
+        if self.relay is None:
+            return None
+        return RelayEndpoint(jid=self.relay.jid, smtp_host=self.server.connect_host, smtp_port=self.relay.smtp_port)
 
     @property
     def connection_file(self) -> Path:
@@ -61,6 +70,8 @@ class Grid:
         (self.data_dir / FLEET_COPY).write_text(self.fleet.model_dump_json(indent=1, exclude_defaults=True))
         await self.server.start()
         try:
+            if self._want_bots and (self._only is None or RELAY in self._only):
+                await self._start_relay()
             self._write_connection()
             if self._want_bots:
                 self.bots = FleetBots(self.fleet, self.endpoint, self.secrets, only=self._only, tick_s=self._tick_s)
@@ -68,6 +79,14 @@ class Grid:
         except BaseException:
             await self.stop()
             raise
+
+    async def _start_relay(self) -> None:
+        """The store-and-forward relay, before the devices so it sees them arrive."""
+        queue_path, _ = relay_files(self.data_dir)
+        port = relay_port(self.data_dir, self._bind)
+        self.relay = RelayService(self.fleet, self.endpoint, self.secrets.password(RELAY), queue_path,
+                                  smtp_host=self._bind, smtp_port=port)
+        await self.relay.start()
 
     def _write_connection(self) -> None:
         data = self.connection.model_dump(mode="json")
@@ -82,6 +101,9 @@ class Grid:
         if self.bots is not None:
             await self.bots.stop()
             self.bots = None
+        if self.relay is not None:
+            await self.relay.stop()
+            self.relay = None
         await self.server.stop()
 
     async def __aenter__(self) -> Grid:

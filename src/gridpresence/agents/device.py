@@ -61,7 +61,8 @@ class DeviceAgent:
     """One device identity on the network.
 
     ``operators`` are the bare JIDs allowed to command it; ``children`` the bare JIDs whose
-    load this device sums (a master IED or a branch meter).
+    load this device sums (a master IED or a branch meter); ``relays`` the store-and-forward
+    relays that may hand over an operator's command.
     """
 
     def __init__(
@@ -73,11 +74,14 @@ class DeviceAgent:
         operators: Iterable[str],
         children: Iterable[str] = (),
         tick_s: float = 1.0,
+        relays: Iterable[str] = (),
     ) -> None:
         self.spec = spec
         self.endpoint = endpoint
         self.operators = frozenset(JID(j).bare for j in operators)
         self.children = frozenset(JID(j).bare for j in children)
+        # Store-and-forward relays may hand over commands, but only ones an operator issued.
+        self.relays = frozenset(JID(j).bare for j in relays)
         self.tick_s = min(tick_s, spec.refresh_s)
         self.sim: SimDevice = make_device(spec, utcnow())
         self.client = make_client(jid, password, endpoint)
@@ -219,7 +223,8 @@ class DeviceAgent:
         raw = msg["grid_command"].xml
         cmd_id = raw.get("id") or ""
         now = utcnow()
-        if sender.bare not in self.operators:
+        relayed = sender.bare in self.relays and (raw.get("issuer") or "") in self.operators
+        if sender.bare not in self.operators and not relayed:
             log.warning("%s: command from %s refused: not authorised", self.spec.name, sender)
             self._answer(sender, cmd_id, OutcomeStatus.REJECTED, RejectReason.NOT_AUTHORISED,
                          f"{sender.bare} may not command this device")

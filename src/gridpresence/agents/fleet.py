@@ -12,7 +12,7 @@ import logging
 from collections.abc import Collection
 from typing import Protocol
 
-from gridpresence.accounts import WATCHDOG, Secrets
+from gridpresence.accounts import RELAY, WATCHDOG, Secrets
 from gridpresence.agents.billing import BillingAgent
 from gridpresence.agents.device import DeviceAgent
 from gridpresence.agents.session import Endpoint
@@ -44,7 +44,7 @@ class FleetBots:
             if wanted is None or dev.name in wanted:
                 children = [fleet.jid(c.name) for c in fleet.children(dev.name)]
                 self.devices[dev.name] = DeviceAgent(dev, fleet.jid(dev.name), secrets.password(dev.name), endpoint,
-                                                     operators, children, tick_s=tick_s)
+                                                     operators, children, tick_s=tick_s, relays=[fleet.jid(RELAY)])
         for bill in fleet.billing:
             if wanted is None or bill.name in wanted:
                 self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),

@@ -22,7 +22,14 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence import roles
-from gridpresence.agents.session import ConnectionInfo, Endpoint, close_session, make_client, open_session
+from gridpresence.agents.session import (
+    ConnectionInfo,
+    Endpoint,
+    RelayEndpoint,
+    close_session,
+    make_client,
+    open_session,
+)
 from gridpresence.agents.tracker import DeviceChange, DeviceView, PresenceTracker
 from gridpresence.protocol.codec import (
     PayloadError,
@@ -30,9 +37,12 @@ from gridpresence.protocol.codec import (
     health_from_xml,
     outcome_from_xml,
     q,
+    report_from_xml,
     tariff_from_xml,
 )
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
+from gridpresence.relay.route import FINAL_MARGIN_S, RelayRoute
+from gridpresence.relay.service import origin_of
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +67,7 @@ class GridOperator:
         watchdog: str | None = None,
         grace_s: float = 15.0,
         resource: str | None = None,
+        relay: RelayEndpoint | None = None,
     ) -> None:
         full = f"{jid}/{resource}" if resource else jid
         self.endpoint = endpoint
@@ -66,18 +77,22 @@ class GridOperator:
         self.tariff: Tariff | None = None
         self._pending: dict[str, asyncio.Future[Outcome]] = {}  # command id -> outcome
         self._stanza_to_command: dict[str, str] = {}  # message id -> command id, for bounces
+        # Commands for absent devices go to the store-and-forward relay, if there is one.
+        self.relay = RelayRoute(relay) if relay is not None else None
+        self._queued: dict[str, Command] = {}  # command id -> command the relay holds for us
         self._version = 0
         self._changed = asyncio.Event()
         self.tracker.listen(lambda _change: self._bump())
         self.client.register_handler(Callback("grid outcome", StanzaPath("message/grid_outcome"), self._on_outcome))
         self.client.register_handler(Callback("grid tariff", StanzaPath("message/grid_tariff"), self._on_tariff))
+        self.client.register_handler(Callback("mailed data", StanzaPath("message/grid_device"), self._on_mailed_data))
         self.client.add_event_handler("message_error", self._on_bounce)
 
     @classmethod
     def from_connection(cls, info: ConnectionInfo, operator: str | None = None, resource: str | None = None) -> GridOperator:
         acc = info.operator(operator)
         return cls(acc.jid, acc.password, info.server, watchdog=info.watchdog, grace_s=info.presence_grace_s,
-                   resource=resource)
+                   resource=resource, relay=info.relay)
 
     @property
     def jid(self) -> str:
@@ -107,6 +122,8 @@ class GridOperator:
         for fut in self._pending.values():
             if not fut.done():
                 fut.cancel()
+        if self.relay is not None:
+            await asyncio.to_thread(self.relay.close)
         await close_session(self.client)
 
     async def __aenter__(self) -> GridOperator:
@@ -180,14 +197,49 @@ class GridOperator:
     # -- commands ---------------------------------------------------------------------
 
     async def command(self, name: str, action: Action | str, *, args: dict[str, str] | None = None,
-                      ttl_s: float = 30.0) -> Outcome:
-        """Send one command and wait for its one outcome (executed, rejected, expired, undeliverable)."""
+                      ttl_s: float = 30.0, wait_final: bool = False) -> Outcome:
+        """Send one command and wait for its one outcome (executed, rejected, expired, undeliverable).
+
+        A device without presence gets the command through the relay (if the connection names
+        one): the outcome is then "queued", and :meth:`final_outcome` (or ``wait_final=True``)
+        gives the device's real outcome, or "expired" if it did not return in time.
+        """
         view = self.device(name)
         cmd = Command.new(action, self.jid, ttl_s=ttl_s, args=args)
         if view.full_jid is None:
-            return Outcome(command_id=cmd.id, device=view.jid, status=OutcomeStatus.UNDELIVERABLE,
-                           detail=f"{view.name} has no presence ({view.label})")
+            if self.relay is None:
+                return Outcome(command_id=cmd.id, device=view.jid, status=OutcomeStatus.UNDELIVERABLE,
+                               detail=f"{view.name} has no presence ({view.label})")
+            queued = await self.queue_command(cmd, view.jid)
+            return await self.final_outcome(queued) if wait_final else queued
         return await self.send_command(cmd, view.full_jid)
+
+    async def queue_command(self, cmd: Command, device: str) -> Outcome:
+        """Mail `cmd` to the relay for `device` (bare JID); "queued" or "undeliverable"."""
+        assert self.relay is not None
+        self._pending[cmd.id] = asyncio.get_running_loop().create_future()
+        outcome = await self.relay.queue(cmd, device)
+        if outcome.status is OutcomeStatus.QUEUED:
+            self._queued[cmd.id] = cmd
+        else:
+            self._pending.pop(cmd.id, None)
+        return outcome
+
+    async def final_outcome(self, queued: Outcome) -> Outcome:
+        """The real outcome of a command the relay queued: the device's, or "expired"."""
+        cmd = self._queued.get(queued.command_id)
+        fut = self._pending.get(queued.command_id)
+        if cmd is None or fut is None:
+            return queued  # not one of ours in the relay: already final
+        wait_s = max(0.0, (cmd.expires - utcnow()).total_seconds()) + FINAL_MARGIN_S
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), wait_s)
+        except asyncio.TimeoutError:
+            return Outcome(command_id=cmd.id, device=queued.device, status=OutcomeStatus.EXPIRED,
+                           detail="the relay reported no outcome before the command expired")
+        finally:
+            self._pending.pop(cmd.id, None)
+            self._queued.pop(cmd.id, None)
 
     async def send_command(self, cmd: Command, to: str) -> Outcome:
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
@@ -207,10 +259,11 @@ class GridOperator:
             self._stanza_to_command.pop(msg["id"], None)
 
     async def command_many(self, names: Iterable[str], action: Action | str, *, args: dict[str, str] | None = None,
-                           ttl_s: float = 30.0) -> dict[str, Outcome]:
+                           ttl_s: float = 30.0, wait_final: bool = False) -> dict[str, Outcome]:
         """The same command to many devices at once; one outcome per device."""
         names = list(names)
-        outcomes = await asyncio.gather(*(self.command(n, action, args=args, ttl_s=ttl_s) for n in names))
+        outcomes = await asyncio.gather(*(self.command(n, action, args=args, ttl_s=ttl_s, wait_final=wait_final)
+                                          for n in names))
         return dict(zip(names, outcomes))
 
     def _on_outcome(self, msg: Message) -> None:
@@ -223,7 +276,8 @@ class GridOperator:
         if fut is None or fut.done():
             log.debug("outcome for unknown or answered command %s from %s", outcome.command_id, msg["from"])
             return
-        if JID(outcome.device).bare != msg["from"].bare:
+        relayed = self.relay is not None and msg["from"].bare == self.relay.jid
+        if JID(outcome.device).bare != msg["from"].bare and not relayed:
             log.warning("outcome for %s claims device %s but came from %s", outcome.command_id, outcome.device, msg["from"])
             return
         fut.set_result(outcome)
@@ -236,6 +290,18 @@ class GridOperator:
         err = msg["error"]
         fut.set_result(Outcome(command_id=cmd_id or "", device=msg["from"].bare, status=OutcomeStatus.UNDELIVERABLE,
                                detail=f"{err['condition']}: {err['text']}".rstrip(": ")))
+
+    def _on_mailed_data(self, msg: Message) -> None:
+        """A device's data that reached the relay by mail ([00116]): update that device's view."""
+        device = origin_of(msg)
+        if self.relay is None or msg["from"].bare != self.relay.jid or device is None:
+            return
+        try:
+            report = report_from_xml(msg["grid_device"].xml)
+        except PayloadError as exc:
+            log.warning("dropped invalid mailed data for %s: %s", device, exc)
+            return
+        self.tracker.note_mailed(device, report)
 
     # -- tariffs ----------------------------------------------------------------------
 

@@ -41,6 +41,16 @@ class Account(BaseModel):
     password: str
 
 
+class RelayEndpoint(BaseModel):
+    """The store-and-forward relay: its XMPP account and the SMTP port that takes commands."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    jid: str
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = Field(ge=1, le=65535)
+
+
 class ConnectionInfo(BaseModel):
     """The contents of ``DIR/connection.json`` written by ``gridpresence up``."""
 
@@ -51,6 +61,7 @@ class ConnectionInfo(BaseModel):
     watchdog: str | None = None
     billing: tuple[str, ...] = ()
     presence_grace_s: float = Field(default=15.0, gt=0)
+    relay: RelayEndpoint | None = None
 
     @classmethod
     def load(cls, path: Path) -> ConnectionInfo:

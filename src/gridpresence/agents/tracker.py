@@ -182,6 +182,14 @@ class PresenceTracker:
                       since=view.since if healthy and view.state is report.state else now)
         self._set(view, new, "presence" if healthy else "recovered")
 
+    def note_mailed(self, jid: str, report: PresenceReport) -> None:
+        """Data a device pushed by mail (through the relay): it has no presence, but it is alive."""
+        view = self.views.get(jid)
+        if view is None:
+            return
+        self._set(view, replace(view, report=report, health=HealthStatus.OK, since=utcnow(),
+                                health_reason="reported by mail through the relay"), "mail")
+
     # -- watchdog ---------------------------------------------------------------------
 
     def _deadline(self, view: DeviceView) -> float | None:

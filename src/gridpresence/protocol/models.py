@@ -63,6 +63,7 @@ class OutcomeStatus(StrEnum):
     REJECTED = "rejected"
     EXPIRED = "expired"
     UNDELIVERABLE = "undeliverable"
+    QUEUED = "queued"  # not final: the relay holds it until the device's presence returns
 
 
 class RejectReason(StrEnum):

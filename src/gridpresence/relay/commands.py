@@ -1,0 +1,103 @@
+"""Command-line entry points of the relay: ``gridpresence relay``, ``mail-device`` and ``alert``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import smtplib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gridpresence.accounts import RELAY, Secrets
+from gridpresence.agents.session import ConnectionInfo, RelayEndpoint, SessionError
+from gridpresence.config import FleetError, load_fleet
+from gridpresence.relay.mail_device import MailDevice
+from gridpresence.relay.service import RelayService, relay_files, relay_port
+
+CONNECTION_FILE, SECRETS_FILE, FLEET_COPY = "connection.json", "secrets.json", "fleet.json"
+
+
+def publish_relay(connection_file: Path, relay: RelayEndpoint) -> None:
+    """Add the relay to a grid's connection file, so operators route through it."""
+    data = json.loads(connection_file.read_text(encoding="utf-8"))
+    data["relay"] = relay.model_dump(mode="json")
+    tmp = connection_file.with_suffix(".relay.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds passwords
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
+    os.replace(tmp, connection_file)
+
+
+async def cmd_relay(args: argparse.Namespace) -> int:
+    data = Path(args.data)
+    info = ConnectionInfo.load(data / CONNECTION_FILE)
+    fleet = load_fleet(data / FLEET_COPY)
+    secrets = Secrets(data / SECRETS_FILE)
+    if RELAY not in secrets.passwords:
+        raise SessionError(f"{data}: no relay account; run `gridpresence up --data {data}` once with this version")
+    queue_path = Path(args.queue) if args.queue else relay_files(data)[0]
+    port = relay_port(data, args.bind, args.smtp_port)
+    relay = RelayService(fleet, info.server, secrets.password(RELAY), queue_path, smtp_host=args.bind,
+                         smtp_port=port, durable=args.durable)
+    stop = asyncio.Event()  # handlers before start: a SIGTERM during start-up still stops cleanly
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await relay.start()
+    try:
+        publish_relay(data / CONNECTION_FILE, RelayEndpoint(jid=relay.jid, smtp_host=args.bind, smtp_port=relay.smtp_port))
+        counts = relay.queue.counts()
+        print(f"relay up: SMTP {args.bind}:{relay.smtp_port}, XMPP {relay.jid}, queue {queue_path} "
+              f"({counts.get('queued', 0)} queued)", flush=True)
+        await stop.wait()
+    finally:
+        await relay.stop()
+    return 0
+
+
+async def cmd_mail_device(args: argparse.Namespace) -> int:
+    info = ConnectionInfo.load(Path(args.connection) if args.connection else Path(args.data) / CONNECTION_FILE)
+    if info.relay is None:
+        raise SessionError("the connection file names no relay; start one with `gridpresence relay`")
+    fleet = load_fleet(Path(args.fleet) if args.fleet else Path(args.data) / FLEET_COPY)
+    try:
+        spec = fleet.device(args.name)
+    except KeyError:
+        raise FleetError(f"no device named {args.name!r} in the fleet") from None
+    device = MailDevice(spec, fleet.jid(spec.name), info.relay)
+    try:
+        for _ in range(args.count) if args.count else iter(int, 1):
+            try:
+                report = await device.push_report()
+            except (smtplib.SMTPException, OSError) as exc:
+                print(f"{spec.name}: relay refused or unreachable: {exc}", flush=True)
+                return 1
+            print(f"{spec.name}: mailed {report.status_text()}", flush=True)
+            if args.count != 1:
+                await asyncio.sleep(args.every or spec.refresh_s)
+    finally:
+        device.close()
+    return 0
+
+
+def register(sub: Any, operator_opts: Callable[[argparse.ArgumentParser], None], default_data: str) -> None:
+    relay = sub.add_parser("relay", help="run the email store-and-forward relay for a running grid")
+    relay.add_argument("--data", default=default_data, help="the grid's data directory (written by `up`)")
+    relay.add_argument("--bind", default="127.0.0.1", help="address the SMTP server listens on")
+    relay.add_argument("--smtp-port", type=int, help="SMTP port (default: as last time, or a free one)")
+    relay.add_argument("--queue", help="queue database (default DATA/relay/queue.sqlite3)")
+    relay.add_argument("--durable", action="store_true", help="fsync every stored mail (survives power loss)")
+    relay.set_defaults(run=cmd_relay)
+
+    mail = sub.add_parser("mail-device", help="run a device that reaches the grid by SMTP only")
+    mail.add_argument("name", help="the device's name in the fleet")
+    mail.add_argument("--data", default=default_data)
+    mail.add_argument("--connection", help="connection.json (default DATA/connection.json)")
+    mail.add_argument("--fleet", help="fleet file (default: the copy in DATA)")
+    mail.add_argument("--count", type=int, default=0, help="reports to send (0 = until stopped)")
+    mail.add_argument("--every", type=float, default=0.0, help="seconds between reports (default: refresh_s)")
+    mail.set_defaults(run=cmd_mail_device)

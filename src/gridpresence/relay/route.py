@@ -1,0 +1,49 @@
+"""The issuer's side of store-and-forward: a command for a device without presence goes to the
+relay as mail ([00118]), and the issuer gets "queued" until the relay passes on the real outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+
+from gridpresence.agents.session import RelayEndpoint
+from gridpresence.protocol.models import Command, Outcome, OutcomeStatus
+from gridpresence.relay.mail import MailSender, build_mail
+from gridpresence.relay.service import ANSWER_MARGIN_S
+
+# How long after a queued command's expiry the issuer waits for the relay's verdict.
+FINAL_MARGIN_S = ANSWER_MARGIN_S + 1.0
+
+
+class RelayRoute:
+    """Mails commands to the relay over one kept-open SMTP connection."""
+
+    def __init__(self, relay: RelayEndpoint) -> None:
+        self.relay = relay
+        self.jid = relay.jid
+        self._sender = MailSender(relay.smtp_host, relay.smtp_port)
+
+    async def queue(self, cmd: Command, device: str) -> Outcome:
+        """Hand `cmd` for `device` (bare JID) to the relay: "queued", or "undeliverable" with the
+        relay's refusal (its SMTP reply) or why it could not be reached."""
+        mail = build_mail(cmd, cmd.issuer, [device])
+        try:
+            await asyncio.to_thread(self._sender.send, mail, cmd.issuer, [device])
+        except smtplib.SMTPRecipientsRefused as exc:
+            code, text = next(iter(exc.recipients.values()))
+            return self._undeliverable(cmd, device, f"relay refused: {code} {text.decode(errors='replace')}")
+        except smtplib.SMTPResponseException as exc:
+            return self._undeliverable(cmd, device, f"relay refused: {exc.smtp_code} "
+                                                    f"{exc.smtp_error.decode(errors='replace')}")
+        except (smtplib.SMTPException, OSError) as exc:
+            return self._undeliverable(cmd, device, f"relay at {self.relay.smtp_host}:{self.relay.smtp_port} "
+                                                    f"unreachable: {exc}")
+        return Outcome(command_id=cmd.id, device=device, status=OutcomeStatus.QUEUED,
+                       detail=f"no presence; queued by the relay until {cmd.expires:%H:%M:%S} UTC")
+
+    @staticmethod
+    def _undeliverable(cmd: Command, device: str, detail: str) -> Outcome:
+        return Outcome(command_id=cmd.id, device=device, status=OutcomeStatus.UNDELIVERABLE, detail=detail[:500])
+
+    def close(self) -> None:
+        self._sender.close()

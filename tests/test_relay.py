@@ -1,0 +1,378 @@
+"""The email store-and-forward relay, run as its own process (`gridpresence relay`) against the
+session's Prosody: routing by presence, expiry, sender screening, mail-only devices, group
+commands and alerts, and durability across kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import smtplib
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import pytest
+import pytest_asyncio
+from conftest import Env, run_cli
+
+from gridpresence.agents.availability import command_group, wait_available
+from gridpresence.agents.device import DeviceAgent
+from gridpresence.agents.operator import GridOperator
+from gridpresence.agents.session import ConnectionInfo
+from gridpresence.protocol.models import Action, Command, DeviceState, Outcome, OutcomeStatus, RejectReason
+from gridpresence.protocol.codec import outcome_to_xml
+from gridpresence.relay.mail import build_mail
+from gridpresence.relay.mail_device import MailDevice
+from gridpresence.relay.queue import CommandQueue
+from gridpresence.server.ports import free_port
+
+COPIED = ("connection.json", "secrets.json", "fleet.json")
+
+
+class RelayProcess:
+    """`gridpresence relay` as a child process, so kill -9 is real."""
+
+    def __init__(self, data: Path, queue: Path, port: int, bind: str = "127.0.0.1") -> None:
+        self.data, self.queue, self.port, self.bind = data, queue, port, bind
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        exe = Path(sys.executable).with_name("gridpresence")
+        self.proc = await asyncio.create_subprocess_exec(
+            str(exe), "relay", "--data", str(self.data), "--queue", str(self.queue), "--smtp-port", str(self.port),
+            "--bind", self.bind,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 30)  # type: ignore[union-attr]
+        if not line.startswith(b"relay up"):
+            err = await self.proc.stderr.read()  # type: ignore[union-attr]
+            raise AssertionError(f"relay did not start: {line!r} {err.decode()[-2000:]}")
+
+    async def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(self.proc.wait(), 20)
+
+
+@pytest.fixture
+def grid_dir(env: Env, tmp_path: Path) -> Path:
+    """A copy of the grid's connection, secrets and fleet, so each relay has its own files."""
+    data = tmp_path / "grid"
+    data.mkdir()
+    for name in COPIED:
+        shutil.copy(env.data / name, data / name)
+    return data
+
+
+@pytest_asyncio.fixture
+async def relay(grid_dir: Path, tmp_path: Path) -> AsyncIterator[RelayProcess]:
+    proc = RelayProcess(grid_dir, tmp_path / "queue.sqlite3", free_port())
+    await proc.start()
+    try:
+        yield proc
+    finally:
+        await proc.stop()
+
+
+def operator(grid_dir: Path, name: str = "alice") -> GridOperator:
+    info = ConnectionInfo.load(grid_dir / "connection.json")
+    assert info.relay is not None  # the relay published itself
+    return GridOperator.from_connection(info, operator=name, resource=f"relay-test-{os.urandom(3).hex()}")
+
+
+@pytest_asyncio.fixture
+async def op(relay: RelayProcess) -> AsyncIterator[GridOperator]:
+    grid = operator(relay.data)
+    await grid.connect()
+    try:
+        yield grid
+    finally:
+        await grid.close()
+
+
+class CountedDevice:
+    """A device bot that counts how often each command id took effect."""
+
+    def __init__(self, env: Env, name: str) -> None:
+        fleet = env.fleet
+        self.agent = DeviceAgent(fleet.device(name), fleet.jid(name), env.grid.secrets.password(name), env.grid.endpoint,
+                                 [fleet.jid(o.name) for o in fleet.operators], relays=[fleet.jid("relay")])
+        self.executions: Counter[str] = Counter()
+        run = self.agent.execute
+
+        def counted(cmd: Command, now):  # type: ignore[no-untyped-def]
+            self.executions[cmd.id] += 1
+            return run(cmd, now)
+
+        self.agent.execute = counted  # type: ignore[method-assign]
+
+    async def __aenter__(self) -> CountedDevice:
+        await self.agent.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.agent.stop()
+
+
+# -- routing by presence ----------------------------------------------------------------
+
+
+async def test_command_to_absent_device_is_queued_then_executed_on_return(env: Env, op: GridOperator) -> None:
+    assert not op.devices["far-1"].present
+    queued = await op.command("far-1", Action.SHED, ttl_s=60)
+    assert queued.status is OutcomeStatus.QUEUED and "relay" in queued.detail
+    second = await op.command("far-1", Action.READ, ttl_s=60)
+    assert second.status is OutcomeStatus.QUEUED
+    async with CountedDevice(env, "far-1") as dev:
+        final = await op.final_outcome(queued)
+        assert final.status is OutcomeStatus.EXECUTED, final.summary()
+        assert final.report is not None and final.report.state is DeviceState.OFF
+        read = await op.final_outcome(second)
+        assert read.ok and read.report is not None and read.report.state is DeviceState.OFF  # in order: after the shed
+        assert dev.executions == Counter({queued.command_id: 1, second.command_id: 1})
+        # Present now: commands go straight over XMPP again.
+        await op.wait_for(lambda d: d["far-1"].present, timeout=5)
+        assert (await op.command("far-1", Action.RESTORE)).ok
+
+
+async def test_command_expires_when_device_does_not_return(env: Env, op: GridOperator) -> None:
+    queued = await op.command("far-2", Action.SHED, ttl_s=1.5)
+    assert queued.status is OutcomeStatus.QUEUED
+    final = await op.final_outcome(queued)
+    assert final.status is OutcomeStatus.EXPIRED
+    assert "no presence" in final.detail  # the relay's verdict, not the library's own time-out
+    async with CountedDevice(env, "far-2") as dev:  # it comes back too late: nothing happens
+        await op.wait_for(lambda d: d["far-2"].present, timeout=5)
+        await asyncio.sleep(0.5)
+        assert not dev.executions
+        assert op.devices["far-2"].state is DeviceState.ON
+
+
+async def test_cli_prints_queued_and_waits_for_final(env: Env, relay: RelayProcess) -> None:
+    conn = ["--connection", str(relay.data / "connection.json")]
+    code, out, err = await run_cli("read", "far-3", *conn, "--ttl", "2")
+    assert code == 0, err
+    assert "far-3: queued" in out
+    code, out, _ = await run_cli("shed", "far-3", *conn, "--ttl", "1.5", "--wait")
+    assert code == 1 and "far-3: expired" in out
+    # A group: the available member acts now, the absent one is retried until the time-out.
+    code, out, _ = await run_cli("read", "load-j", "far-3", *conn, "--until-available", "1.5")
+    assert code == 1 and "load-j: executed" in out and "far-3: expired" in out, out
+
+
+async def test_relay_down_means_undeliverable_not_lost(relay: RelayProcess, op: GridOperator) -> None:
+    await relay.stop()
+    outcome = await op.command("far-2", Action.SHED)
+    assert outcome.status is OutcomeStatus.UNDELIVERABLE and "unreachable" in outcome.detail
+
+
+# -- duplicates ------------------------------------------------------------------------------
+
+
+async def test_same_mail_twice_and_an_xmpp_copy_take_effect_once(env: Env, relay: RelayProcess,
+                                                                 op: GridOperator) -> None:
+    assert op.relay is not None
+    cmd = Command.new(Action.READ, op.jid, ttl_s=60)
+    first = await op.queue_command(cmd, "far-4@localhost")
+    assert first.status is OutcomeStatus.QUEUED
+    mail = build_mail(cmd, op.jid, ["far-4@localhost"])
+    with smtplib.SMTP(op.relay.relay.smtp_host, op.relay.relay.smtp_port) as smtp:
+        smtp.send_message(mail, from_addr=op.jid, to_addrs=["far-4@localhost"])  # the same mail again: accepted
+    async with CountedDevice(env, "far-4") as dev:
+        final = await op.final_outcome(first)
+        assert final.ok
+        await op.wait_for(lambda d: d["far-4"].present, timeout=5)
+        # The issuer also sends its copy over XMPP now that the device is back.
+        copy = await op.send_command(cmd, op.devices["far-4"].full_jid or "")
+        assert copy.ok
+        await asyncio.sleep(0.3)
+        assert dev.executions == Counter({cmd.id: 1})
+    queue = CommandQueue(relay.queue)
+    assert queue.counts() == {"closed": 1}
+    queue.close()
+
+
+
+# -- screening ------------------------------------------------------------------------------
+
+
+async def test_relay_refuses_unknown_senders_recipients_big_and_bad_mail(relay: RelayProcess, op: GridOperator) -> None:
+    cmd = Command.new(Action.SHED, "alice@localhost", ttl_s=60)
+    good = build_mail(cmd, "alice@localhost", ["far-1@localhost"])
+    with smtplib.SMTP("127.0.0.1", relay.port) as smtp:
+        smtp.ehlo()
+        code, _ = smtp.mail("mallory@example.com")
+        assert code == 553
+        smtp.rset()
+        assert smtp.mail("alice@localhost")[0] == 250
+        assert smtp.rcpt("nobody@localhost")[0] == 550
+        smtp.rset()
+        with pytest.raises(smtplib.SMTPSenderRefused) as big:  # announced too big with SIZE=
+            smtp.sendmail("alice@localhost", ["far-1@localhost"], b"x" * 300_000)
+        assert big.value.smtp_code == 552
+        with pytest.raises(smtplib.SMTPDataError) as bad:
+            smtp.sendmail("alice@localhost", ["far-1@localhost"], b"Subject: shed it\r\n\r\nplease\r\n")
+        assert bad.value.smtp_code == 554
+        with pytest.raises(smtplib.SMTPDataError) as forged:  # a device may not mail commands
+            smtp.send_message(build_mail(cmd, "far-2@localhost", ["far-1@localhost"]), from_addr="far-2@localhost",
+                              to_addrs=["far-1@localhost"])
+        assert forged.value.smtp_code == 550
+        with pytest.raises(smtplib.SMTPDataError) as other:  # nor an operator as someone else
+            smtp.send_message(build_mail(cmd, "bob@localhost", ["far-1@localhost"]), from_addr="bob@localhost",
+                              to_addrs=["far-1@localhost"])
+        assert other.value.smtp_code == 550
+        # The relay is still up and takes good mail.
+        smtp.send_message(good, from_addr="alice@localhost", to_addrs=["far-1@localhost"])
+    # Over XMPP, an operator cannot pass off an outcome as a device's.
+    forged = op.client.make_message(mto="relay@localhost/relay", mtype="normal")
+    forged.append(outcome_to_xml(Outcome(command_id=cmd.id, device="far-1@localhost", status=OutcomeStatus.EXECUTED)))
+    forged.send()
+    garbage = op.client.make_message(mto="relay@localhost/relay", mtype="normal")
+    garbage.append(ET.fromstring("<outcome xmlns='urn:gridpresence:0' command='x' status='melted'/>"))
+    garbage.send()
+    await op.client.plugin["xep_0199"].send_ping("relay@localhost/relay", timeout=5)  # it is still answering
+    queue = CommandQueue(relay.queue)
+    assert queue.counts() == {"queued": 1}  # only the good mail was stored, and it is still open
+    queue.close()
+    # An operator's command the relay refuses ends "undeliverable" with the relay's reply.
+    assert op.relay is not None
+    foreign = Command.new(Action.SHED, "alice@localhost", ttl_s=60)
+    refused = await op.queue_command(foreign, "nobody@localhost")
+    assert refused.status is OutcomeStatus.UNDELIVERABLE and "550" in refused.detail
+
+
+# -- the reverse way ------------------------------------------------------------------------
+
+
+async def test_mail_only_device_reaches_operators(env: Env, relay: RelayProcess) -> None:
+    info = ConnectionInfo.load(relay.data / "connection.json")
+    assert info.relay is not None
+    async with operator(relay.data, "alice") as alice, operator(relay.data, "bob") as bob:
+        assert alice.devices["mailer-1"].report is None
+        code, out, err = await run_cli("mail-device", "mailer-1", "--data", str(relay.data), "--count", "1")
+        assert code == 0, err
+        assert "mailer-1: mailed" in out
+        for grid in (alice, bob):
+            await grid.wait_for(lambda d: d["mailer-1"].report is not None, timeout=5)
+            view = grid.devices["mailer-1"]
+            assert view.label == "on" and "mail" in view.health_reason and not view.present
+            assert view.report is not None and view.report.telemetry.kw is not None
+        # A device may only answer for itself, and only devices push data.
+        device = MailDevice(env.fleet.device("mailer-1"), "mailer-1@localhost", info.relay)
+        forged = Outcome(command_id="c-1", device="far-1@localhost", status=OutcomeStatus.EXECUTED)
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            await device.push_outcome(forged)
+        assert refused.value.smtp_code == 550
+        device.close()
+        impostor = MailDevice(env.fleet.device("mailer-1"), "alice@localhost", info.relay)
+        with pytest.raises(smtplib.SMTPDataError):
+            await impostor.push_report()
+        impostor.close()
+
+
+# -- alerts, pre-stored messages, group commands -------------------------------------------------
+
+
+async def test_group_command_retries_absent_and_restricted_members(env: Env, op: GridOperator) -> None:
+    # relay-crit refuses a shed and stays restricted; far-3 is absent; load-j is available.
+    group = ["load-j", "far-3", "relay-crit"]
+    crit = await op.command("relay-crit", Action.SHED)
+    assert crit.reason is RejectReason.CRITICAL and op.devices["relay-crit"].state is DeviceState.RESTRICTED
+
+    async def far_returns_later() -> None:
+        await asyncio.sleep(1.0)
+        async with CountedDevice(env, "far-3"):
+            await asyncio.sleep(2.5)
+
+    late = asyncio.ensure_future(far_returns_later())
+    outcomes = await command_group(op, group, Action.READ, timeout_s=3.0)
+    await late
+    assert set(outcomes) == set(group)
+    assert outcomes["load-j"].ok
+    assert outcomes["far-3"].ok  # retried when it appeared
+    assert outcomes["relay-crit"].status is OutcomeStatus.EXPIRED  # still restricted at the time-out
+    assert "not available" in outcomes["relay-crit"].detail
+
+
+async def test_alert_when_device_becomes_available(env: Env, op: GridOperator) -> None:
+    with pytest.raises(TimeoutError):
+        await wait_available(op, "far-2", timeout=0.3)
+    waiting = asyncio.ensure_future(wait_available(op, "far-2", timeout=10))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    async with CountedDevice(env, "far-2"):
+        view = await waiting
+        assert view.present and view.state is DeviceState.ON
+
+
+# -- durability -----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+async def test_kill_9_while_queued_and_while_delivering(env: Env, relay: RelayProcess, op: GridOperator) -> None:
+    """1,000 commands queued; the relay is killed with them queued, and again mid-delivery.
+    Every command ends executed exactly once, or reported expired (never executed)."""
+    queued = list(await asyncio.gather(*(op.command("far-1", Action.READ, ttl_s=120) for _ in range(950))))
+    short = list(await asyncio.gather(*(op.command("far-1", Action.READ, ttl_s=4) for _ in range(50))))
+    queued += short
+    assert all(o.status is OutcomeStatus.QUEUED for o in queued)
+    await relay.kill9()  # 1: everything queued, nothing delivered
+    check = CommandQueue(relay.queue)
+    assert check.counts() == {"queued": 1000}
+    check.close()
+    await asyncio.sleep(4.2)  # the short ones expire while the relay is down
+    await relay.start()
+    finals = asyncio.ensure_future(asyncio.gather(*(op.final_outcome(o) for o in queued)))
+    async with CountedDevice(env, "far-1") as dev:
+        while sum(dev.executions.values()) < 100:
+            await asyncio.sleep(0.005)
+        await relay.kill9()  # 2: while delivering
+        check = CommandQueue(relay.queue)
+        mid = check.counts()
+        check.close()
+        await relay.start()
+        try:
+            results = await asyncio.wait_for(asyncio.shield(finals), 60)
+        except TimeoutError:
+            check = CommandQueue(relay.queue)
+            raise AssertionError(f"finals missing; queue {check.counts()}, executions {sum(dev.executions.values())}")
+    print("states at the second kill:", mid)
+    assert mid.get("delivering", 0) + mid.get("queued", 0) > 0, mid  # it really was mid-delivery
+    by_status = Counter(r.status for r in results)
+    assert by_status == Counter({OutcomeStatus.EXECUTED: 950, OutcomeStatus.EXPIRED: 50}), by_status
+    assert all(dev.executions[o.command_id] == 0 for o in short)
+    assert all(dev.executions[o.command_id] == 1 for o in queued[:950])
+    assert sum(dev.executions.values()) == 950
+
+
+async def test_up_starts_the_relay(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[[operators]]\nname = "olga"\n\n[[devices]]\nname = "pump"\nkind = "load"\nrated_kw = 30\n')
+    data = tmp_path / "grid"
+    exe = Path(sys.executable).with_name("gridpresence")
+    proc = await asyncio.create_subprocess_exec(str(exe), "up", "--data", str(data), "--fleet", str(fleet),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        banner = ""
+        async with asyncio.timeout(40):
+            while "Ctrl-C" not in banner:
+                line = await proc.stdout.readline()  # type: ignore[union-attr]
+                assert line, banner
+                banner += line.decode()
+        info = ConnectionInfo.load(data / "connection.json")
+        assert info.relay is not None and info.relay.jid == "relay@localhost"
+        assert f"SMTP {info.relay.smtp_host}:{info.relay.smtp_port}" in banner
+        assert (data / "relay" / "queue.sqlite3").exists()
+        code, out, err = await run_cli("mail-device", "pump", "--data", str(data), "--count", "1")
+        assert code == 0 and "pump: mailed" in out, err
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
