@@ -16,6 +16,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 from slixmpp import ClientXMPP
 
+from gridpresence.transport.policy import ConnectionPolicy, GridClient
+
 from gridpresence.agents import fast_scram  # noqa: F401  (registers the C-speed SCRAM with slixmpp)
 from gridpresence.protocol import stanzas
 
@@ -31,6 +33,8 @@ class Endpoint(BaseModel):
     c2s_port: int = Field(default=5222, ge=1, le=65535)
     domain: str = "localhost"
     ca_file: Path | None = None
+    # BOSH (XEP-0206) endpoint used when the c2s port is unreachable, e.g. https://host:5281/http-bind
+    bosh_url: str | None = Field(default=None, pattern=r"^https?://")
 
 
 class Account(BaseModel):
@@ -90,10 +94,13 @@ def tls_context(ca_file: Path | None) -> ssl.SSLContext:
     return ctx
 
 
-def make_client(jid: str, password: str, endpoint: Endpoint, plugins: tuple[str, ...] = ()) -> ClientXMPP:
-    """A slixmpp client that trusts only the configured CA and never sends a password in clear."""
+def make_client(jid: str, password: str, endpoint: Endpoint, plugins: tuple[str, ...] = (),
+                policy: ConnectionPolicy | None = None) -> GridClient:
+    """A slixmpp client that trusts only the configured CA and never sends a password in clear;
+    it reaches the server over the c2s port, or over BOSH when that port is blocked."""
     stanzas.register()
-    client = ClientXMPP(jid, password, ssl_context=tls_context(endpoint.ca_file))
+    client = GridClient(jid, password, ssl_context=tls_context(endpoint.ca_file), bosh_url=endpoint.bosh_url,
+                        policy=policy)
     client.enable_direct_tls = False  # the c2s port speaks STARTTLS; a direct-TLS try only costs a round trip
     client.enable_plaintext = False
     # Only provisioned contacts see a grid party's presence: refuse ad-hoc subscription requests.

@@ -155,6 +155,12 @@ class ProsodyServer:
         return self.bind
 
     @property
+    def bosh_url(self) -> str:
+        """mod_bosh over HTTPS (the embedded CA's certificate covers `connect_host`)."""
+        host = f"[{self.connect_host}]" if ":" in self.connect_host else self.connect_host
+        return f"https://{host}:{self.ports.https}/http-bind"
+
+    @property
     def component_domain(self) -> str | None:
         """JID of the devices component, when a component secret was given."""
         return f"devices.{self.domain}" if self.component_secret is not None else None
