@@ -55,7 +55,7 @@ def _fmt(value: float | None, unit: str = "") -> str:
 
 
 def status_rows(devices: dict[str, DeviceView]) -> list[list[str]]:
-    rows = [["DEVICE", "KIND", "STATE", "LOAD", "KW", "DETAIL"]]
+    rows = [["DEVICE", "KIND", "STATE", "TRANSPORT", "LOAD", "KW", "DETAIL"]]
     for name in sorted(devices):
         v = devices[name]
         t = v.report.telemetry if v.report else None
@@ -75,7 +75,7 @@ def status_rows(devices: dict[str, DeviceView]) -> list[list[str]]:
                 detail.append(f"{t.energy_kwh:.2f} kWh")
         if v.report and v.report.critical:
             detail.append("critical")
-        rows.append([name, v.kind.value if v.kind else "?", v.label, _fmt(t.load_pct if t else None, "%"),
+        rows.append([name, v.kind.value if v.kind else "?", v.label, v.transport or "-", _fmt(t.load_pct if t else None, "%"),
                      _fmt(t.kw if t else None), ", ".join(detail)])
     return rows
 

@@ -35,6 +35,8 @@ class Endpoint(BaseModel):
     ca_file: Path | None = None
     # BOSH (XEP-0206) endpoint used when the c2s port is unreachable, e.g. https://host:5281/http-bind
     bosh_url: str | None = Field(default=None, pattern=r"^https?://")
+    # The server's web origin, where XEP-0156 host-meta announces BOSH when bosh_url is not given.
+    web_url: str | None = Field(default=None, pattern=r"^https?://")
 
 
 class Account(BaseModel):
@@ -100,7 +102,7 @@ def make_client(jid: str, password: str, endpoint: Endpoint, plugins: tuple[str,
     it reaches the server over the c2s port, or over BOSH when that port is blocked."""
     stanzas.register()
     client = GridClient(jid, password, ssl_context=tls_context(endpoint.ca_file), bosh_url=endpoint.bosh_url,
-                        policy=policy)
+                        web_url=endpoint.web_url, policy=policy)
     client.enable_direct_tls = False  # the c2s port speaks STARTTLS; a direct-TLS try only costs a round trip
     client.enable_plaintext = False
     # Only provisioned contacts see a grid party's presence: refuse ad-hoc subscription requests.

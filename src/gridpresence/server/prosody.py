@@ -155,10 +155,15 @@ class ProsodyServer:
         return self.bind
 
     @property
-    def bosh_url(self) -> str:
-        """mod_bosh over HTTPS (the embedded CA's certificate covers `connect_host`)."""
+    def web_url(self) -> str:
+        """The HTTPS origin (the embedded CA's certificate covers `connect_host`)."""
         host = f"[{self.connect_host}]" if ":" in self.connect_host else self.connect_host
-        return f"https://{host}:{self.ports.https}/http-bind"
+        return f"https://{host}:{self.ports.https}"
+
+    @property
+    def bosh_url(self) -> str:
+        """mod_bosh over HTTPS; also announced at web_url/.well-known/host-meta."""
+        return f"{self.web_url}/http-bind"
 
     @property
     def component_domain(self) -> str | None:
@@ -203,6 +208,8 @@ class ProsodyServer:
             "key": lua_string(str(self.certs.key)),
             "domain": lua_string(self.domain),
             "extra_modules": modules,
+            "plugin_dir": lua_string(str(self.template_path.parent)),
+            "bosh_url": lua_string(self.bosh_url),
             "component": component,
         }
 

@@ -46,9 +46,10 @@ class GridClient(ClientXMPP):
     """A ClientXMPP that falls back to BOSH; `transport_name` says which one carries it."""
 
     def __init__(self, jid: str, password: str, *, ssl_context: ssl.SSLContext, bosh_url: str | None = None,
-                 policy: ConnectionPolicy | None = None) -> None:
+                 web_url: str | None = None, policy: ConnectionPolicy | None = None) -> None:
         super().__init__(jid, password, ssl_context=ssl_context)
         self.bosh_url = bosh_url
+        self.web_url = web_url  # where to look for host-meta (XEP-0156) when no bosh_url is given
         self.policy = policy or ConnectionPolicy()
         self.transport_name: TransportName | None = None
         self.bosh: BoshTransport | None = None
@@ -68,6 +69,8 @@ class GridClient(ClientXMPP):
             if ok:
                 self.transport_name = "tcp"
                 return True
+        if self.bosh_url is None and self.web_url is not None:
+            self.bosh_url = await discover_bosh_url(self.web_url, self.ssl_context)
         if not self.bosh_url or self._current_connection_attempt is None:
             return False
         return await self._attempt_bosh(self.bosh_url)
@@ -88,10 +91,29 @@ class GridClient(ClientXMPP):
         self.bosh = transport
         self._connect_loop_wait = 0
         self.event_when_connected = "connected"
+        self._no_resume_onto_bosh()
         transport.attach(self)
         if self.policy.use_tcp and self.policy.tcp_retry_s > 0 and self.custom_address:
-            self._probe = asyncio.ensure_future(self._probe_tcp(*self.custom_address))
+            self._probe = asyncio.ensure_future(self._probe_tcp())
         return True
+
+    def _no_resume_onto_bosh(self) -> None:
+        """Prosody 0.12's mod_smacks cannot resume a stream onto a BOSH session (it needs a raw
+        connection and fails with a traceback, leaving the client waiting). Start a fresh
+        session instead, and send again what the server never acknowledged (at least once:
+        commands carry ids, so a duplicate is answered from memory, not executed twice)."""
+        sm = self.plugin["xep_0198"] if "xep_0198" in self.plugin else None
+        if sm is None or not sm.sm_id:
+            return
+        unacked = [stanza for _seq, stanza in sm.unacked_queue]
+        self.event("session_end")  # the old session is over; slixmpp and the SM plugin reset
+
+        def resend(_event: object) -> None:
+            for stanza in unacked:
+                self.send(stanza)
+
+        if unacked:
+            self.add_event_handler("session_start", resend, disposable=True)
 
     def _security(self, values: set[str]) -> dict[str, Any]:
         """BOSH over https:// is encrypted even though slixmpp sees no TLS socket of its own."""
@@ -100,10 +122,11 @@ class GridClient(ClientXMPP):
             result["encrypted"] = True
         return result
 
-    async def _probe_tcp(self, host: str, port: int) -> None:
+    async def _probe_tcp(self) -> None:
         """While on BOSH: once the XMPP port accepts again, reconnect (TCP is tried first)."""
-        while self.transport_name == "bosh":
+        while self.transport_name == "bosh" and self.custom_address:
             await asyncio.sleep(self.policy.tcp_retry_s)
+            host, port = self.custom_address
             try:
                 _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
                                                          self.policy.tcp_timeout_s)
