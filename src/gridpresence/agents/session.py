@@ -143,8 +143,10 @@ async def open_session(client: ClientXMPP, endpoint: Endpoint, timeout: float = 
         except asyncio.TimeoutError:
             client.cancel_connection_attempt()
             client.abort()
+            why = getattr(client, "last_error", None)
             raise SessionError(
                 f"{client.boundjid.bare}: no session with {endpoint.host}:{endpoint.c2s_port} within {timeout:.0f} s"
+                + (f" ({why})" if why else "")
             ) from None
         except SessionError:
             client.cancel_connection_attempt()

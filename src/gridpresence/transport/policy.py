@@ -52,6 +52,7 @@ class GridClient(ClientXMPP):
         self.web_url = web_url  # where to look for host-meta (XEP-0156) when no bosh_url is given
         self.policy = policy or ConnectionPolicy()
         self.transport_name: TransportName | None = None
+        self.last_error: str | None = None  # why the latest connection attempt failed
         self.bosh: BoshTransport | None = None
         self._probe: asyncio.Task[None] | None = None
         self.plugin["feature_mechanisms"].security_callback = self._security
@@ -66,12 +67,16 @@ class GridClient(ClientXMPP):
                 log.info("%s: XMPP port %s:%s silent for %.1f s", self.boundjid.bare, host, port,
                          self.policy.tcp_timeout_s)
                 ok = False
+            if not ok:
+                self.last_error = f"XMPP port {host}:{port} unreachable"
             if ok:
                 self.transport_name = "tcp"
                 return True
         if self.bosh_url is None and self.web_url is not None:
             self.bosh_url = await discover_bosh_url(self.web_url, self.ssl_context)
         if not self.bosh_url or self._current_connection_attempt is None:
+            if self.web_url is not None and not self.bosh_url:
+                self.last_error = f"{self.last_error}; no BOSH endpoint announced at {self.web_url}"
             return False
         return await self._attempt_bosh(self.bosh_url)
 
@@ -80,7 +85,8 @@ class GridClient(ClientXMPP):
         try:
             await transport.open(self.policy.bosh_timeout_s)
         except (BoshError, TimeoutError, aiohttp.ClientError, OSError) as exc:
-            log.info("%s: BOSH at %s failed: %s", self.boundjid.bare, url, exc or type(exc).__name__)
+            self.last_error = f"BOSH at {url} failed: {exc or type(exc).__name__}"
+            log.info("%s: %s", self.boundjid.bare, self.last_error)
             self.event("connection_failed", exc)
             return False
         if self._current_connection_attempt is None:  # cancelled meanwhile
