@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PKGS := prosody
+APT_PKGS := prosody nftables iproute2
 
 .PHONY: demo test setup system-deps bench clean
 
@@ -32,6 +32,7 @@ $(VENV)/.installed: pyproject.toml
 bench: setup
 	$(PY) bench/fanout.py
 	$(PY) bench/presence_latency.py
+	$(PY) bench/bosh.py
 
 clean:
 	rm -rf $(VENV) .gridpresence .pytest_cache

@@ -37,7 +37,8 @@ from gridpresence.transport.bosh_session import (
 log = logging.getLogger(__name__)
 
 # How long past the negotiated `wait` an HTTP exchange may take before it counts as broken.
-HTTP_MARGIN_S = 10.0
+HTTP_MARGIN_S = 5.0
+CONNECT_TIMEOUT_S = 5.0  # a firewall that drops SYNs must not stall a retransmission for long
 MAX_ATTEMPTS = 4  # sends of one request (1 + retransmissions) before the session is given up
 
 
@@ -168,7 +169,7 @@ class BoshTransport(asyncio.Transport):
         loop = asyncio.get_running_loop()
         assert self._http is not None
         wait = self.session.granted.wait if self.session.created else self.session.wait
-        timeout = aiohttp.ClientTimeout(total=wait + HTTP_MARGIN_S)
+        timeout = aiohttp.ClientTimeout(total=wait + HTTP_MARGIN_S, sock_connect=CONNECT_TIMEOUT_S)
         try:
             while True:
                 try:

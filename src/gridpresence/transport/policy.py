@@ -38,8 +38,9 @@ class ConnectionPolicy:
     tcp_timeout_s: float = 3.0
     tcp_retry_s: float = 60.0
     bosh_timeout_s: float = 10.0
-    bosh_wait_s: int = 30
+    bosh_wait_s: int = 20
     use_tcp: bool = True
+    max_backoff_s: float = 10.0  # slixmpp backs off up to 300 s; a device should be back sooner
 
 
 class GridClient(ClientXMPP):
@@ -102,6 +103,11 @@ class GridClient(ClientXMPP):
         if self.policy.use_tcp and self.policy.tcp_retry_s > 0 and self.custom_address:
             self._probe = asyncio.ensure_future(self._probe_tcp())
         return True
+
+    def reschedule_connection_attempt(self) -> asyncio.Future[Any] | None:
+        attempt = super().reschedule_connection_attempt()
+        self._connect_loop_wait = min(self._connect_loop_wait, self.policy.max_backoff_s)  # read when it runs
+        return attempt
 
     def _no_resume_onto_bosh(self) -> None:
         """Prosody 0.12's mod_smacks cannot resume a stream onto a BOSH session (it needs a raw
