@@ -11,7 +11,7 @@ from gridpresence.agents.session import close_session, make_client, open_session
 from gridpresence.protocol.models import Action, DeviceState, OutcomeStatus
 from gridpresence.server import free_port
 from gridpresence.transport.policy import ConnectionPolicy, discover_bosh_url
-from tests.conftest import Env, run_cli
+from conftest import Env, run_cli
 
 
 def _device(env: Env, name: str, endpoint: object) -> DeviceAgent:
