@@ -110,7 +110,14 @@ class Lab:
         return await proc.wait() == 0
 
 
-async def stop_bot(proc: asyncio.subprocess.Process) -> None:
+async def stop_bot(proc: asyncio.subprocess.Process, graceful: bool = False) -> None:
+    """Kill a bot process (graceful: SIGTERM first, so it says goodbye)."""
+    if proc.returncode is None and graceful:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            pass
     if proc.returncode is None:
         os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()

@@ -183,6 +183,12 @@ class BoshSession:
     def outstanding(self) -> int:
         return len(self._pending)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing to send and nothing outstanding: the next request would be an empty poll."""
+        return (self.created and not self.closed and not self._pending and not self._queue
+                and not self._restart_wanted and not self._terminate_wanted)
+
     def poll_due(self, now: float) -> float | None:
         """When an empty poll may next be sent (None: no restriction)."""
         return self._poll_not_before
@@ -281,7 +287,8 @@ class BoshSession:
         events: list[Event] = []
         if req.kind is Kind.CREATE:
             events.append(StreamStart(self.granted.sid, attrs.get("from", self.to)))
-        events.extend(Payload(ET.tostring(child)) for child in root)
+        if len(root):
+            events.append(Payload(_inner(body, root)))
         if req.empty and req.kind is Kind.PAYLOAD and len(root) == 0 and now - req.sent_at < self.granted.polling:
             self._poll_not_before = req.sent_at + self.granted.polling  # not held: we are polling
         if "ack" in attrs and req.kind is not Kind.CREATE:
@@ -353,6 +360,21 @@ def _parse(body: bytes) -> ET.Element:
     if root.tag != f"{{{NS_HTTPBIND}}}body":
         raise BoshProtocolError(f"BOSH response is <{root.tag}>, not an httpbind <body>", retryable=True)
     return root
+
+
+def _inner(body: bytes, root: ET.Element) -> bytes:
+    """The body's children as they arrived (already checked well-formed by the parse), so the
+    XMPP parser reads them once more instead of us serializing them again; falls back to
+    re-serializing when the raw text cannot be cut cleanly."""
+    end = body.rstrip()
+    start = body.find(b">")
+    if start > 0 and body[start - 1:start] != b"/" and end.endswith(b"</body>") and b">" not in _attr_text(root):
+        return body[start + 1:len(end) - len(b"</body>")]
+    return b"".join(ET.tostring(child) for child in root)
+
+
+def _attr_text(root: ET.Element) -> bytes:
+    return "".join(root.attrib.values()).encode()
 
 
 def _text(root: ET.Element) -> str:
