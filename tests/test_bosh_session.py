@@ -90,7 +90,7 @@ def test_a_broken_request_is_resent_with_the_same_rid_and_payload() -> None:
     s.queue(b"<message to='a@grid.test'><body>keep me</body></message>")
     req = s.next_request(1.0)
     assert req is not None
-    again = s.broken(req.rid)
+    again = s.broken(req.rid, now=1.5)
     assert (again.rid, again.body, again.attempts) == (req.rid, req.body, 1)
     # The retransmission's answer is consumed normally and nothing was renumbered.
     s.receive(req.rid, 200, body("sid='s1'"))
@@ -178,3 +178,20 @@ def test_namespaced_elements_keep_their_namespace() -> None:
     s.queue(b"<r xmlns='urn:xmpp:sm:3'/>")
     req = s.next_request(1.0)
     assert req is not None and b"<r xmlns='urn:xmpp:sm:3'/>" in req.body
+
+
+def test_retransmission_gives_up_after_attempts_or_inactivity() -> None:
+    s, _ = created()  # inactivity 60
+    req = s.next_request(1.0)
+    assert req is not None
+    s.broken(req.rid, now=2.0, max_attempts=10)
+    s.broken(req.rid, now=50.0, max_attempts=10)
+    with pytest.raises(BoshError, match="inactivity"):
+        s.broken(req.rid, now=63.0, max_attempts=10)
+    s2, _ = created()
+    req2 = s2.next_request(1.0)
+    assert req2 is not None
+    for attempt in (1, 2):
+        assert s2.broken(req2.rid, now=attempt, max_attempts=3).attempts == attempt
+    with pytest.raises(BoshError, match="failed 3 times"):
+        s2.broken(req2.rid, now=3, max_attempts=3)

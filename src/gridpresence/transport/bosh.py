@@ -187,10 +187,10 @@ class BoshTransport(asyncio.Transport):
                 except (aiohttp.ClientError, TimeoutError, OSError, BoshError) as exc:
                     if isinstance(exc, BoshError) and not exc.retryable:
                         raise
-                    req = self.session.broken(req.rid)
-                    if req.attempts >= MAX_ATTEMPTS:
-                        raise BoshError(f"BOSH request {req.rid} to {self.url} failed {req.attempts} times: "
-                                        f"{exc or type(exc).__name__}") from exc
+                    try:
+                        req = self.session.broken(req.rid, loop.time(), MAX_ATTEMPTS)
+                    except BoshError as gave_up:
+                        raise BoshError(f"{gave_up} ({self.url}): {exc or type(exc).__name__}") from exc
                     log.info("BOSH: request %d broke (%s); sending it again", req.rid, exc or type(exc).__name__)
                     await asyncio.sleep(min(0.25 * 2 ** req.attempts, 2.0))
             self._deliver(events)

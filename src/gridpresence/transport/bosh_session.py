@@ -86,6 +86,7 @@ class Request:
     empty: bool
     sent_at: float = 0.0
     attempts: int = 0
+    first_failure: float | None = None
 
 
 @dataclass
@@ -258,13 +259,22 @@ class BoshSession:
 
     # -- what came back ----------------------------------------------------------------
 
-    def broken(self, rid: int) -> Request:
+    def broken(self, rid: int, now: float = 0.0, max_attempts: int = 4) -> Request:
         """The HTTP exchange for `rid` failed without an answer: the same request, to be sent
-        again unchanged (same rid, same payload) so nothing is lost or duplicated."""
+        again unchanged (same rid, same payload) so nothing is lost or duplicated. Raises
+        :class:`BoshError` once it failed `max_attempts` times, or for longer than the
+        server's inactivity limit (the server has dropped the session by then)."""
         req = self._pending.get(rid)
         if req is None:
             raise BoshError(f"no outstanding BOSH request with rid {rid}")
         req.attempts += 1
+        if req.first_failure is None:
+            req.first_failure = now
+        if req.attempts >= max_attempts:
+            raise BoshError(f"BOSH request {rid} failed {req.attempts} times")
+        if self.created and now - req.first_failure > self.granted.inactivity:
+            raise BoshError(f"BOSH request {rid} failing for longer than the server's "
+                            f"{self.granted.inactivity:g} s inactivity limit")
         return req
 
     def receive(self, rid: int, status: int, body: bytes, now: float = 0.0) -> list[Event]:
