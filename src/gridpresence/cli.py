@@ -202,6 +202,8 @@ def _print_welcome(grid: Grid) -> None:
     info = grid.connection
     print(f"grid is up: XMPP server {info.server.host}:{info.server.c2s_port} (domain {info.server.domain}, TLS, "
           f"CA {info.server.ca_file})")
+    if info.server.bosh_url:
+        print(f"BOSH (for clients behind web-only firewalls): {info.server.bosh_url}")
     print(f"connection file: {grid.connection_file}")
     for acc in info.operators:
         print(f"  operator login: {acc.jid}  password: {acc.password}")
