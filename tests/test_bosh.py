@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
+
+import pytest
 
 from gridpresence.agents.device import DeviceAgent
 from gridpresence.agents.operator import GridOperator
-from gridpresence.agents.session import close_session, make_client, open_session
+from gridpresence.agents.session import SessionError, close_session, make_client, open_session
 from gridpresence.protocol.models import Action, DeviceState, OutcomeStatus
 from gridpresence.server import free_port
+from gridpresence.server.certs import ensure_certificates
 from gridpresence.transport.policy import ConnectionPolicy, discover_bosh_url
 from conftest import Env, run_cli
 
@@ -124,3 +128,14 @@ async def test_host_meta_announces_the_bosh_endpoint(env: Env) -> None:
     assert client.transport_name == "bosh" and client.bosh_url == server.bosh_url
     await close_session(client)
 
+
+
+async def test_bosh_trusts_only_the_embedded_ca(env: Env, tmp_path: Path) -> None:
+    """HTTPS to BOSH is verified: a client that trusts another CA gets no session, and says why."""
+    stranger = ensure_certificates(tmp_path / "other-ca", "localhost")
+    acc = env.grid.connection.operator("bob")
+    endpoint = env.grid.endpoint.model_copy(update={"ca_file": stranger.ca})
+    client = make_client(f"{acc.jid}/untrusting", acc.password, endpoint, policy=ConnectionPolicy(use_tcp=False))
+    with pytest.raises(SessionError, match="certificate verify failed"):
+        await open_session(client, endpoint, timeout=4)
+    assert client.transport_name is None

@@ -42,6 +42,7 @@ CONNECT_TIMEOUT_S = 5.0  # a firewall that drops SYNs must not stall a retransmi
 # Before renewing the long poll, let the stanzas the last response caused (an outcome for a
 # command) be written: they then ride on the poll itself, one HTTP request instead of two.
 POLL_COALESCE_S = 0.002
+FEED_CHUNK = 4096  # bytes handed to the XMPP parser at a time, like reads from a socket
 MAX_ATTEMPTS = 4  # sends of one request (1 + retransmissions) before the session is given up
 
 
@@ -64,6 +65,7 @@ class BoshTransport(asyncio.Transport):
         self._wake = asyncio.Event()
         self._driver: asyncio.Task[None] | None = None
         self._exchanges: set[asyncio.Task[None]] = set()
+        self._delivering = asyncio.Lock()
         self._closing = False
         self._lost = False
         self.error: BaseException | None = None  # why the session ended, if it failed
@@ -193,7 +195,9 @@ class BoshTransport(asyncio.Transport):
                         raise BoshError(f"{gave_up} ({self.url}): {exc or type(exc).__name__}") from exc
                     log.info("BOSH: request %d broke (%s); sending it again", req.rid, exc or type(exc).__name__)
                     await asyncio.sleep(min(0.25 * 2 ** req.attempts, 2.0))
-            self._deliver(events)
+            self._wake.set()  # a request slot is free again
+            async with self._delivering:  # FIFO: answers stay in rid order
+                await self._feed(events)
         except BoshError as exc:
             self._lose(exc)
         except asyncio.CancelledError:
@@ -203,6 +207,20 @@ class BoshTransport(asyncio.Transport):
             self._lose(BoshError(f"BOSH transport failed: {exc}"))
         else:
             self._wake.set()
+
+    async def _feed(self, events: list[StreamStart | Payload | Terminated]) -> None:
+        """Deliver a response the way a socket would: a big batch of stanzas in pieces, with
+        the loop free in between, so answers to the first ones go out while the rest are read."""
+        for event in events:
+            if isinstance(event, Payload) and len(event.xml) > FEED_CHUNK and self._protocol is not None:
+                data = event.xml
+                for start in range(0, len(data), FEED_CHUNK):
+                    if self._lost:
+                        return
+                    self._protocol.data_received(data[start:start + FEED_CHUNK])
+                    await asyncio.sleep(0)
+            else:
+                self._deliver([event])
 
     def _deliver(self, events: list[StreamStart | Payload | Terminated]) -> None:
         if events and not self.created.done():
