@@ -43,13 +43,11 @@ TEST_FLEET = {
         # Run apart by tests that kill or freeze a device process.
         {"name": "victim-1", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
         {"name": "victim-2", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
-        # Run apart by the BOSH and firewall tests, over a transport of their choosing.
+        # Run apart by the BOSH tests, over a transport of their choosing.
         {"name": "remote-1", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
-        {"name": "remote-2", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
-        {"name": "remote-3", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
     ],
 }
-APART = ("victim-1", "victim-2", "remote-1", "remote-2", "remote-3")
+APART = ("victim-1", "victim-2", "remote-1")
 
 
 @dataclass

@@ -16,10 +16,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 from slixmpp import ClientXMPP
 
-from gridpresence.transport.policy import ConnectionPolicy, GridClient
-
 from gridpresence.agents import fast_scram  # noqa: F401  (registers the C-speed SCRAM with slixmpp)
 from gridpresence.protocol import stanzas
+from gridpresence.transport.policy import ConnectionPolicy, GridClient
 
 log = logging.getLogger(__name__)
 
