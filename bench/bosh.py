@@ -12,7 +12,7 @@ the time from "XMPP port blocked" to "online via BOSH".
 Goals (issue 3): BOSH median RTT <= 2x TCP; BOSH throughput >= 50 % of TCP; blocked to
 online <= 5 s. Needs root (namespaces, nftables).
 
-    python bench/bosh.py [--rounds 5] [--n 200] [--inflight 300] [--starts 3]
+    python bench/bosh.py [--rounds 7] [--n 200] [--inflight 500] [--starts 3]
 """
 
 from __future__ import annotations
@@ -81,9 +81,9 @@ async def time_to_online(lab: netlab.Lab, op: GridOperator, firewall: bool) -> t
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--n", type=int, default=200, help="sequential round trips per transport per round")
-    parser.add_argument("--inflight", type=int, default=300, help="commands in flight at once")
+    parser.add_argument("--inflight", type=int, default=500, help="commands in flight at once")
     parser.add_argument("--starts", type=int, default=3, help="device starts per case (blocked, open)")
     args = parser.parse_args()
     fleet = parse_fleet(FLEET)

@@ -286,10 +286,10 @@ class BoshSession:
         if status != 200:
             raise BoshHTTPError(status)
         root = _parse(body)
-        attrs = root.attrib
+        attrs = root.attrs
         if req.kind is Kind.CREATE:
             if attrs.get("type") == "terminate":
-                raise BoshTerminated(attrs.get("condition"), _text(root))
+                raise BoshTerminated(attrs.get("condition"), root.text())
             self._negotiate(attrs)
         elif attrs.get("sid", self.granted.sid) != self.granted.sid:
             raise BoshProtocolError(f"BOSH response for session {attrs.get('sid')!r}, expected {self.granted.sid!r}")
@@ -297,9 +297,9 @@ class BoshSession:
         events: list[Event] = []
         if req.kind is Kind.CREATE:
             events.append(StreamStart(self.granted.sid, attrs.get("from", self.to)))
-        if len(root):
-            events.append(Payload(_inner(body, root)))
-        if req.empty and req.kind is Kind.PAYLOAD and len(root) == 0 and now - req.sent_at < self.granted.polling:
+        if root.inner.strip():
+            events.append(Payload(root.inner))
+        elif req.empty and req.kind is Kind.PAYLOAD and now - req.sent_at < self.granted.polling:
             self._poll_not_before = req.sent_at + self.granted.polling  # not held: we are polling
         if "ack" in attrs and req.kind is not Kind.CREATE:
             self._server_ack = int(attrs["ack"]) if attrs["ack"].isdigit() else None
@@ -308,7 +308,7 @@ class BoshSession:
             if condition and req.kind is not Kind.TERMINATE:
                 self._answers[rid] = events
                 self.closed = True
-                raise BoshTerminated(condition, _text(root))
+                raise BoshTerminated(condition, root.text())
             events.append(Terminated(condition))
         elif req.kind is Kind.TERMINATE:
             events.append(Terminated(None))
@@ -362,33 +362,51 @@ def _qualify(stanza: bytes) -> bytes:
     return stanza[: m.end(1)] + b" xmlns='" + NS_CLIENT.encode() + b"'" + stanza[m.end(1):]
 
 
-def _parse(body: bytes) -> ET.Element:
+@dataclass
+class _Body:
+    """A response body: its attributes, and its children as raw XML for the XMPP parser."""
+
+    attrs: dict[str, str]
+    inner: bytes
+    raw: bytes
+
+    def text(self) -> str:
+        """Character data inside the body (a terminate's explanation), for messages."""
+        try:
+            root = ET.fromstring(self.raw)
+        except ET.ParseError:
+            return ""
+        return " ".join(t.strip() for t in root.itertext() if t.strip())[:200]
+
+
+# The opening <body ...> tag; Prosody escapes '>' in attribute values, so [^>]* is exact there.
+_BODY_START = re.compile(rb"\s*(?:<\?xml[^>]*\?>\s*)?<body\b[^>]*>")
+_BODY_TAG = f"{{{NS_HTTPBIND}}}body"
+
+
+def _parse(body: bytes) -> _Body:
+    """Read a response body's attributes from its opening tag alone and hand the children on
+    as they arrived: the XMPP parser reads (and checks) them once, instead of twice. Anything
+    that does not look like a plain httpbind body gets a full parse and a precise error."""
+    m = _BODY_START.match(body)
+    if m is not None:
+        head = m.group(0).lstrip()
+        closed = head.endswith(b"/>")
+        rest = body[m.end():].rstrip()
+        if (closed and not rest) or (not closed and rest.endswith(b"</body>")):
+            try:
+                tag = ET.fromstring(head if closed else head[:-1] + b"/>")
+            except ET.ParseError:
+                tag = None
+            if tag is not None and tag.tag == _BODY_TAG:
+                return _Body(dict(tag.attrib), b"" if closed else rest[: -len(b"</body>")], body)
     try:
         root = ET.fromstring(body)
     except ET.ParseError as exc:
         raise BoshProtocolError(f"BOSH response is not XML ({exc}): {body[:80]!r}", retryable=True) from None
-    if root.tag != f"{{{NS_HTTPBIND}}}body":
+    if root.tag != _BODY_TAG:
         raise BoshProtocolError(f"BOSH response is <{root.tag}>, not an httpbind <body>", retryable=True)
-    return root
-
-
-def _inner(body: bytes, root: ET.Element) -> bytes:
-    """The body's children as they arrived (already checked well-formed by the parse), so the
-    XMPP parser reads them once more instead of us serializing them again; falls back to
-    re-serializing when the raw text cannot be cut cleanly."""
-    end = body.rstrip()
-    start = body.find(b">")
-    if start > 0 and body[start - 1:start] != b"/" and end.endswith(b"</body>") and b">" not in _attr_text(root):
-        return body[start + 1:len(end) - len(b"</body>")]
-    return b"".join(ET.tostring(child) for child in root)
-
-
-def _attr_text(root: ET.Element) -> bytes:
-    return "".join(root.attrib.values()).encode()
-
-
-def _text(root: ET.Element) -> str:
-    return " ".join(t.strip() for t in root.itertext() if t.strip())[:200]
+    return _Body(dict(root.attrib), b"".join(ET.tostring(child) for child in root), body)
 
 
 def _num(attrs: dict[str, str], name: str, default: float) -> float:
