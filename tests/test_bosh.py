@@ -6,6 +6,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from gridpresence.agents.device import DeviceAgent
@@ -139,3 +140,29 @@ async def test_bosh_trusts_only_the_embedded_ca(env: Env, tmp_path: Path) -> Non
     with pytest.raises(SessionError, match="certificate verify failed"):
         await open_session(client, endpoint, timeout=4)
     assert client.transport_name is None
+
+
+async def test_plain_http_bosh_is_served_but_never_carries_a_login(env: Env) -> None:
+    """mod_bosh answers on the HTTP port too, but a grid client sends no credentials over it."""
+    server = env.grid.server
+    http_url = f"http://{server.connect_host}:{server.ports.http}/http-bind"
+    create = ("<body xmlns='http://jabber.org/protocol/httpbind' xmlns:xmpp='urn:xmpp:xbosh' rid='1000' "
+              "to='localhost' wait='5' hold='1' ver='1.6' xmpp:version='1.0'/>")
+    async with aiohttp.ClientSession() as http, http.post(http_url, data=create) as resp:
+        assert resp.status == 200
+        assert b"sid=" in await resp.read()
+    acc = env.grid.connection.operator("bob")
+    endpoint = env.grid.endpoint.model_copy(update={"bosh_url": http_url})
+    client = make_client(f"{acc.jid}/plain", acc.password, endpoint, policy=ConnectionPolicy(use_tcp=False))
+    started = time.monotonic()
+    with pytest.raises(SessionError, match="login refused .*plain HTTP: credentials are only sent over HTTPS"):
+        await open_session(client, endpoint, timeout=6)
+    assert time.monotonic() - started < 3  # refused at once, not timed out
+
+
+async def test_wrong_password_over_bosh_is_refused_clearly(env: Env) -> None:
+    ep = env.grid.endpoint
+    blocked = ep.model_copy(update={"c2s_port": free_port()})  # fall back first, then fail the login
+    client = make_client("bob@localhost/wrong", "not-the-password", blocked, policy=ConnectionPolicy(tcp_timeout_s=1))
+    with pytest.raises(SessionError, match=r"login refused \(wrong password or no such account\)"):
+        await open_session(client, blocked, timeout=8)

@@ -130,7 +130,8 @@ async def open_session(client: ClientXMPP, endpoint: Endpoint, timeout: float = 
 
     handlers = {
         "session_start": _ok,
-        "failed_all_auth": lambda _e: _fail(f"{client.boundjid.bare}: login refused (wrong password or no such account)"),
+        "failed_all_auth": lambda _e: _fail(f"{client.boundjid.bare}: login refused ("
+                                            f"{getattr(client, 'last_error', None) or 'wrong password or no such account'})"),
         "stream_error": lambda e: _fail(f"{client.boundjid.bare}: server closed the stream: {e['condition']}"),
     }
     for event, handler in handlers.items():

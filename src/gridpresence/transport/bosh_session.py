@@ -153,7 +153,9 @@ class BoshSession:
     _answers: dict[int, list[Event]] = field(default_factory=dict)
     _next_deliver: int = 0
     _poll_not_before: float | None = None
-    _server_ack: int | None = None
+    # The highest rid the server says it received (XEP-0124 §9.2), when it acknowledges; lost
+    # requests are found by their broken HTTP exchange, so this is for diagnostics only.
+    server_ack: int | None = None
 
     def __post_init__(self) -> None:
         self._next_deliver = self.rid
@@ -302,7 +304,7 @@ class BoshSession:
         elif req.empty and req.kind is Kind.PAYLOAD and now - req.sent_at < self.granted.polling:
             self._poll_not_before = req.sent_at + self.granted.polling  # not held: we are polling
         if "ack" in attrs and req.kind is not Kind.CREATE:
-            self._server_ack = int(attrs["ack"]) if attrs["ack"].isdigit() else None
+            self.server_ack = int(attrs["ack"]) if attrs["ack"].isdigit() else None
         if attrs.get("type") == "terminate":
             condition = attrs.get("condition")
             if condition and req.kind is not Kind.TERMINATE:

@@ -72,6 +72,7 @@ class GridClient(ClientXMPP):
                 self.last_error = f"XMPP port {host}:{port} unreachable"
             if ok:
                 self.transport_name = "tcp"
+                self.last_error = None
                 return True
         if self.bosh_url is None and self.web_url is not None:
             self.bosh_url = await discover_bosh_url(self.web_url, self.ssl_context)
@@ -95,9 +96,12 @@ class GridClient(ClientXMPP):
             return False
         log.info("%s: connected over BOSH (%s)", self.boundjid.bare, url)
         self.transport_name = "bosh"
+        self.last_error = None
         self.bosh = transport
         self._connect_loop_wait = 0
         self.event_when_connected = "connected"
+        # BOSH is secured by HTTPS or not at all: STARTTLS inside it cannot work (XEP-0206 §4).
+        self.enable_starttls = False
         self._no_resume_onto_bosh()
         transport.attach(self)
         if self.policy.use_tcp and self.policy.tcp_retry_s > 0 and self.custom_address:
@@ -130,8 +134,10 @@ class GridClient(ClientXMPP):
     def _security(self, values: set[str]) -> dict[str, Any]:
         """BOSH over https:// is encrypted even though slixmpp sees no TLS socket of its own."""
         result: dict[str, Any] = self.plugin["feature_mechanisms"]._default_security(values)
-        if "encrypted" in values and self.transport_name == "bosh" and self.bosh is not None and self.bosh.secure:
-            result["encrypted"] = True
+        if "encrypted" in values and self.transport_name == "bosh" and self.bosh is not None:
+            result["encrypted"] = self.bosh.secure
+            if not self.bosh.secure:
+                self.last_error = f"{self.bosh.url} is plain HTTP: credentials are only sent over HTTPS"
         return result
 
     async def _probe_tcp(self) -> None:
@@ -150,6 +156,7 @@ class GridClient(ClientXMPP):
             return
 
     def _on_disconnected(self, _event: object) -> None:
+        self.enable_starttls = True  # the next attempt starts with the XMPP port again
         self.transport_name = None
         self.bosh = None
         if self._probe is not None and self._probe is not asyncio.current_task():
