@@ -33,6 +33,7 @@ bench: setup
 	$(PY) bench/fanout.py
 	$(PY) bench/presence_latency.py
 	$(PY) bench/relay.py
+	$(PY) bench/bosh.py
 
 clean:
 	rm -rf $(VENV) .gridpresence .pytest_cache

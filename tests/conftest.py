@@ -48,9 +48,11 @@ TEST_FLEET = {
         *({"name": f"far-{i}", "kind": "load", "rated_kw": 30} for i in range(1, 5)),
         {"name": "mailer-1", "kind": "meter", "rated_kw": 40},
         {"name": "relay-crit", "kind": "load", "rated_kw": 150, "critical": True, "critical_hold_s": 60},
+        # Run apart by the BOSH tests, over a transport of their choosing.
+        {"name": "remote-1", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
     ],
 }
-APART = ("victim-1", "victim-2", "far-1", "far-2", "far-3", "far-4", "mailer-1")
+APART = ("victim-1", "victim-2", "far-1", "far-2", "far-3", "far-4", "mailer-1", "remote-1")
 
 
 @dataclass

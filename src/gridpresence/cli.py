@@ -59,7 +59,7 @@ def _fmt(value: float | None, unit: str = "") -> str:
 
 
 def status_rows(devices: dict[str, DeviceView]) -> list[list[str]]:
-    rows = [["DEVICE", "KIND", "STATE", "LOAD", "KW", "DETAIL"]]
+    rows = [["DEVICE", "KIND", "STATE", "TRANSPORT", "LOAD", "KW", "DETAIL"]]
     for name in sorted(devices):
         v = devices[name]
         t = v.report.telemetry if v.report else None
@@ -79,7 +79,7 @@ def status_rows(devices: dict[str, DeviceView]) -> list[list[str]]:
                 detail.append(f"{t.energy_kwh:.2f} kWh")
         if v.report and v.report.critical:
             detail.append("critical")
-        rows.append([name, v.kind.value if v.kind else "?", v.label, _fmt(t.load_pct if t else None, "%"),
+        rows.append([name, v.kind.value if v.kind else "?", v.label, v.transport or "-", _fmt(t.load_pct if t else None, "%"),
                      _fmt(t.kw if t else None), ", ".join(detail)])
     return rows
 
@@ -244,6 +244,8 @@ def _print_welcome(grid: Grid) -> None:
     info = grid.connection
     print(f"grid is up: XMPP server {info.server.host}:{info.server.c2s_port} (domain {info.server.domain}, TLS, "
           f"CA {info.server.ca_file})")
+    if info.server.bosh_url:
+        print(f"BOSH (for clients behind web-only firewalls): {info.server.bosh_url}")
     print(f"connection file: {grid.connection_file}")
     for acc in info.operators:
         print(f"  operator login: {acc.jid}  password: {acc.password}")

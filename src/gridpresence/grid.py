@@ -42,7 +42,7 @@ class Grid:
     @property
     def endpoint(self) -> Endpoint:
         return Endpoint(host=self.server.connect_host, c2s_port=self.server.ports.c2s, domain=self.fleet.domain,
-                        ca_file=self.server.certs.ca)
+                        ca_file=self.server.certs.ca, bosh_url=self.server.bosh_url, web_url=self.server.web_url)
 
     @property
     def connection(self) -> ConnectionInfo:

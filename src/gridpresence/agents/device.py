@@ -162,6 +162,7 @@ class DeviceAgent:
             restriction=self.sim.restriction if state is None else None,
             refresh_s=self.spec.refresh_s,
             seq=self._seq,
+            transport=self.client.transport_name,
         )
 
     def current_report(self) -> PresenceReport | None:

@@ -18,6 +18,7 @@ from slixmpp import ClientXMPP
 
 from gridpresence.agents import fast_scram  # noqa: F401  (registers the C-speed SCRAM with slixmpp)
 from gridpresence.protocol import stanzas
+from gridpresence.transport.policy import ConnectionPolicy, GridClient
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,10 @@ class Endpoint(BaseModel):
     c2s_port: int = Field(default=5222, ge=1, le=65535)
     domain: str = "localhost"
     ca_file: Path | None = None
+    # BOSH (XEP-0206) endpoint used when the c2s port is unreachable, e.g. https://host:5281/http-bind
+    bosh_url: str | None = Field(default=None, pattern=r"^https?://")
+    # The server's web origin, where XEP-0156 host-meta announces BOSH when bosh_url is not given.
+    web_url: str | None = Field(default=None, pattern=r"^https?://")
 
 
 class Account(BaseModel):
@@ -101,10 +106,13 @@ def tls_context(ca_file: Path | None) -> ssl.SSLContext:
     return ctx
 
 
-def make_client(jid: str, password: str, endpoint: Endpoint, plugins: tuple[str, ...] = ()) -> ClientXMPP:
-    """A slixmpp client that trusts only the configured CA and never sends a password in clear."""
+def make_client(jid: str, password: str, endpoint: Endpoint, plugins: tuple[str, ...] = (),
+                policy: ConnectionPolicy | None = None) -> GridClient:
+    """A slixmpp client that trusts only the configured CA and never sends a password in clear;
+    it reaches the server over the c2s port, or over BOSH when that port is blocked."""
     stanzas.register()
-    client = ClientXMPP(jid, password, ssl_context=tls_context(endpoint.ca_file))
+    client = GridClient(jid, password, ssl_context=tls_context(endpoint.ca_file), bosh_url=endpoint.bosh_url,
+                        web_url=endpoint.web_url, policy=policy)
     client.enable_direct_tls = False  # the c2s port speaks STARTTLS; a direct-TLS try only costs a round trip
     client.enable_plaintext = False
     # Only provisioned contacts see a grid party's presence: refuse ad-hoc subscription requests.
@@ -133,7 +141,8 @@ async def open_session(client: ClientXMPP, endpoint: Endpoint, timeout: float = 
 
     handlers = {
         "session_start": _ok,
-        "failed_all_auth": lambda _e: _fail(f"{client.boundjid.bare}: login refused (wrong password or no such account)"),
+        "failed_all_auth": lambda _e: _fail(f"{client.boundjid.bare}: login refused ("
+                                            f"{getattr(client, 'last_error', None) or 'wrong password or no such account'})"),
         "stream_error": lambda e: _fail(f"{client.boundjid.bare}: server closed the stream: {e['condition']}"),
     }
     for event, handler in handlers.items():
@@ -145,8 +154,10 @@ async def open_session(client: ClientXMPP, endpoint: Endpoint, timeout: float = 
         except asyncio.TimeoutError:
             client.cancel_connection_attempt()
             client.abort()
+            why = getattr(client, "last_error", None)
             raise SessionError(
                 f"{client.boundjid.bare}: no session with {endpoint.host}:{endpoint.c2s_port} within {timeout:.0f} s"
+                + (f" ({why})" if why else "")
             ) from None
         except SessionError:
             client.cancel_connection_attempt()

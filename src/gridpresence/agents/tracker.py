@@ -43,6 +43,11 @@ class DeviceView:
         return self.report.state if self.report else None
 
     @property
+    def transport(self) -> str | None:
+        """"tcp" or "bosh": how the device reaches the server, as it last reported."""
+        return self.report.transport if self.report and self.present else None
+
+    @property
     def present(self) -> bool:
         return self.full_jid is not None
 
@@ -68,6 +73,7 @@ class DeviceView:
             "restriction": r.model_dump(mode="json") if r else None,
             "telemetry": t.model_dump(mode="json", exclude_none=True) if t else {},
             "since": self.since.isoformat(),
+            "transport": self.transport,
         }
 
 

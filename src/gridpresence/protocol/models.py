@@ -119,6 +119,8 @@ class PresenceReport(_Model):
     refresh_s: float = Field(default=60.0, gt=0, le=86400, allow_inf_nan=False)
     seq: int = Field(default=0, ge=0)
     at: AwareDatetime = Field(default_factory=utcnow)
+    # How the device reaches the server: the XMPP port, or BOSH through a web-only firewall.
+    transport: Literal["tcp", "bosh"] | None = None
 
     @model_validator(mode="after")
     def _restriction_iff_restricted(self) -> PresenceReport:

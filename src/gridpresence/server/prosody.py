@@ -155,6 +155,17 @@ class ProsodyServer:
         return self.bind
 
     @property
+    def web_url(self) -> str:
+        """The HTTPS origin (the embedded CA's certificate covers `connect_host`)."""
+        host = f"[{self.connect_host}]" if ":" in self.connect_host else self.connect_host
+        return f"https://{host}:{self.ports.https}"
+
+    @property
+    def bosh_url(self) -> str:
+        """mod_bosh over HTTPS; also announced at web_url/.well-known/host-meta."""
+        return f"{self.web_url}/http-bind"
+
+    @property
     def component_domain(self) -> str | None:
         """JID of the devices component, when a component secret was given."""
         return f"devices.{self.domain}" if self.component_secret is not None else None
@@ -197,6 +208,8 @@ class ProsodyServer:
             "key": lua_string(str(self.certs.key)),
             "domain": lua_string(self.domain),
             "extra_modules": modules,
+            "plugin_dir": lua_string(str(self.template_path.parent)),
+            "bosh_url": lua_string(self.bosh_url),
             "component": component,
         }
 

@@ -1,0 +1,1 @@
+"""Ways to reach the XMPP server: TCP c2s, or BOSH over HTTPS through firewalls."""
