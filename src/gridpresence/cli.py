@@ -23,7 +23,6 @@ import datetime as dt
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from gridpresence.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE, Grid
 from gridpresence.protocol.models import Action, Outcome, OutcomeStatus
 from gridpresence.relay import commands as relay_commands
 from gridpresence.server import ServerError, ServerPorts
+from gridpresence.signals import stop_signal, unless_stopped
 
 DEFAULT_DATA = Path(".gridpresence")
 DEFAULT_FLEET = Path(__file__).resolve().parents[2] / "bots" / "demo-fleet.toml"
@@ -216,30 +216,6 @@ def _ports(args: argparse.Namespace) -> ServerPorts | None:
                        https=args.https_port or free_port(args.bind), component=free_port(args.bind))
 
 
-def _stop_signal() -> asyncio.Event:
-    """Ctrl-C / SIGTERM set the returned event. Installed before anything starts, so a signal
-    during start-up still ends in an orderly stop (devices say goodbye, Prosody is stopped)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
-
-
-async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> None:
-    """Run `work` to its end, or cancel it when a stop signal comes first."""
-    task = asyncio.ensure_future(work)
-    waiter = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
-    if not task.done():
-        task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
-
-
 def _print_welcome(grid: Grid) -> None:
     info = grid.connection
     print(f"grid is up: XMPP server {info.server.host}:{info.server.c2s_port} (domain {info.server.domain}, TLS, "
@@ -260,12 +236,12 @@ def _print_welcome(grid: Grid) -> None:
 async def cmd_up(args: argparse.Namespace, scenario: Callable[[Grid], Awaitable[None]] | None = None) -> int:
     fleet = load_fleet(Path(args.fleet))
     grid = Grid(fleet, Path(args.data), bind=args.bind, ports=_ports(args), prosody_bin=args.prosody)
-    stop = _stop_signal()
+    stop = stop_signal()
     await grid.start()
     try:
         _print_welcome(grid)
         if scenario is not None:
-            await _unless_stopped(scenario(grid), stop)
+            await unless_stopped(scenario(grid), stop)
         if not getattr(args, "once", False):
             await stop.wait()
     finally:
@@ -290,9 +266,9 @@ async def cmd_bots(args: argparse.Namespace) -> int:
     bots = FleetBots(fleet, info.server, Secrets(secrets_path), only=args.only, with_services=False)
     if not bots.bots:
         raise CliError(f"no bot named {', '.join(args.only)} in the fleet")
-    stop = _stop_signal()
+    stop = stop_signal()
     try:
-        await _unless_stopped(bots.start(), stop)
+        await unless_stopped(bots.start(), stop)
         print(f"running {', '.join(sorted(bots.devices) + sorted(bots.billing))}", flush=True)
         await stop.wait()
     finally:

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import smtplib
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from gridpresence.agents.session import ConnectionInfo, RelayEndpoint, SessionEr
 from gridpresence.config import FleetError, load_fleet
 from gridpresence.relay.mail_device import MailDevice
 from gridpresence.relay.service import RelayService, relay_files, relay_port
+from gridpresence.signals import stop_signal
 
 CONNECTION_FILE, SECRETS_FILE, FLEET_COPY = "connection.json", "secrets.json", "fleet.json"
 
@@ -43,10 +43,7 @@ async def cmd_relay(args: argparse.Namespace) -> int:
     port = relay_port(data, args.bind, args.smtp_port)
     relay = RelayService(fleet, info.server, secrets.password(RELAY), queue_path, smtp_host=args.bind,
                          smtp_port=port, durable=args.durable)
-    stop = asyncio.Event()  # handlers before start: a SIGTERM during start-up still stops cleanly
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_signal()  # before start: a SIGTERM during start-up still stops cleanly
     await relay.start()
     try:
         publish_relay(data / CONNECTION_FILE, RelayEndpoint(jid=relay.jid, smtp_host=args.bind, smtp_port=relay.smtp_port))
