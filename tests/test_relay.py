@@ -278,6 +278,26 @@ async def test_mail_only_device_reaches_operators(env: Env, relay: RelayProcess)
         impostor.close()
 
 
+async def test_mailed_outcome_reaches_the_issuer(env: Env, relay: RelayProcess) -> None:
+    """The upstream half of [00118]: a device that can only send mail answers a relayed
+    command by mail, and the relay hands that outcome to the command's issuer over XMPP."""
+    info = ConnectionInfo.load(relay.data / "connection.json")
+    assert info.relay is not None
+    async with operator(relay.data, "alice") as alice:
+        queued = await alice.command("mailer-1", "read", ttl_s=30)
+        assert queued.status is OutcomeStatus.QUEUED
+        device = MailDevice(env.fleet.device("mailer-1"), "mailer-1@localhost", info.relay)
+        try:
+            answer = Outcome(command_id=queued.command_id, device="mailer-1@localhost",
+                             status=OutcomeStatus.EXECUTED, detail="read by mail", report=device.report())
+            await device.push_outcome(answer)
+        finally:
+            device.close()
+        final = await asyncio.wait_for(alice.final_outcome(queued), 15)
+        assert final.status is OutcomeStatus.EXECUTED and final.detail == "read by mail"
+        assert final.report is not None and final.report.telemetry.kw is not None
+
+
 # -- alerts, pre-stored messages, group commands -------------------------------------------------
 
 
