@@ -41,6 +41,11 @@ TEST_FLEET = {
         {"name": "meter-1", "kind": "meter", "rated_kw": 80},
         {"name": "pulse-meter", "kind": "meter", "rated_kw": 10, "refresh_s": 1.0},
         {"name": "breaker-1", "kind": "breaker", "rated_kw": 500, "parent": "master"},
+        # Driven past their alarm thresholds by the alarm tests.
+        {"name": "hot-load", "kind": "load", "rated_kw": 100},
+        {"name": "hot-load2", "kind": "load", "rated_kw": 100},
+        {"name": "hot-gen", "kind": "generator", "rated_kw": 100, "startup_s": 0, "initial_state": "on"},
+        {"name": "hot-breaker", "kind": "breaker", "rated_kw": 100},
         # Run apart by tests that kill or freeze a device process.
         {"name": "victim-1", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
         {"name": "victim-2", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},

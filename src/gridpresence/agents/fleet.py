@@ -44,7 +44,8 @@ class FleetBots:
             if wanted is None or dev.name in wanted:
                 children = [fleet.jid(c.name) for c in fleet.children(dev.name)]
                 self.devices[dev.name] = DeviceAgent(dev, fleet.jid(dev.name), secrets.password(dev.name), endpoint,
-                                                     operators, children, tick_s=tick_s)
+                                                     operators, children, tick_s=tick_s,
+                                                     alarms=fleet.alarms)
         for bill in fleet.billing:
             if wanted is None or bill.name in wanted:
                 self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),

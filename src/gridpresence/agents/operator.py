@@ -32,6 +32,7 @@ from gridpresence.protocol.codec import (
     q,
     tariff_from_xml,
 )
+from gridpresence.protocol.alarm import Alarm, alarm_from_xml
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class GridOperator:
         self.client.register_handler(Callback("grid outcome", StanzaPath("message/grid_outcome"), self._on_outcome))
         self.client.register_handler(Callback("grid tariff", StanzaPath("message/grid_tariff"), self._on_tariff))
         self.client.add_event_handler("message_error", self._on_bounce)
+        self.alarms: list[Alarm] = []  # alarms devices sent this operator, oldest first
+        self.client.register_handler(Callback("grid alarm", StanzaPath("message/grid_alarm"), self._on_alarm))
 
     @classmethod
     def from_connection(cls, info: ConnectionInfo, operator: str | None = None, resource: str | None = None) -> GridOperator:
@@ -236,6 +239,18 @@ class GridOperator:
         err = msg["error"]
         fut.set_result(Outcome(command_id=cmd_id or "", device=msg["from"].bare, status=OutcomeStatus.UNDELIVERABLE,
                                detail=f"{err['condition']}: {err['text']}".rstrip(": ")))
+
+    def _on_alarm(self, msg: Message) -> None:
+        try:
+            alarm = alarm_from_xml(msg["grid_alarm"].xml)
+        except PayloadError as exc:
+            log.warning("dropped invalid alarm from %s: %s", msg["from"], exc)
+            return
+        if JID(alarm.device).bare != msg["from"].bare or self.tracker.find(alarm.device) is None:
+            log.warning("alarm from %s for %s ignored: not that device", msg["from"], alarm.device)
+            return
+        self.alarms.append(alarm)
+        self._bump()
 
     # -- tariffs ----------------------------------------------------------------------
 
