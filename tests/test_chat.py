@@ -48,7 +48,7 @@ async def test_redelivered_chat_command_has_no_second_effect(env: Env, bob_chat:
 
 
 async def test_critical_load_refuses_then_restricted(env: Env, bob_chat: ChatPeer) -> None:
-    target = jid(env, "load-crit2")
+    target = jid(env, "load-crit4")
     refused = await bob_chat.ask(target, "shed")
     assert refused.startswith("Refused shed: it is a critical load")
     restricted = await bob_chat.ask(target, "restore")
