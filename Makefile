@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PKGS := prosody
+APT_PKGS := prosody profanity tmux
 
 .PHONY: demo test setup system-deps bench clean
 

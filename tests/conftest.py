@@ -46,6 +46,9 @@ TEST_FLEET = {
         {"name": "hot-load2", "kind": "load", "rated_kw": 100},
         {"name": "hot-gen", "kind": "generator", "rated_kw": 100, "startup_s": 0, "initial_state": "on"},
         {"name": "hot-breaker", "kind": "breaker", "rated_kw": 100},
+        # Talked to from a third-party chat client.
+        {"name": "desk-load", "kind": "load", "rated_kw": 120},
+        {"name": "desk-gen", "kind": "generator", "rated_kw": 100, "startup_s": 0, "initial_state": "on"},
         # Run apart by tests that kill or freeze a device process.
         {"name": "victim-1", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
         {"name": "victim-2", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
