@@ -17,6 +17,7 @@ from slixmpp import JID, Message, Presence
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
+from gridpresence.agents.adhoc import enable_standard_features
 from gridpresence.agents.alarms import AlarmDesk
 from gridpresence.agents.chat import ChatDesk
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
@@ -103,6 +104,7 @@ class DeviceAgent:
         self.client.add_event_handler("session_start", self._on_session_start)
         self.alarms = AlarmDesk(self, duty, alarms or AlarmSettings())
         self.chat = ChatDesk(self)
+        enable_standard_features(self)
 
     @property
     def jid(self) -> str:
