@@ -35,7 +35,7 @@ TEST_FLEET = {
           for i, c in enumerate("abcdefghij")),
         # One critical load per test that sheds one: a refused shed restricts it for a while.
         *({"name": name, "kind": "load", "rated_kw": 150, "critical": True, "parent": "branch-b",
-           "critical_hold_s": 60} for name in ("load-crit", "load-crit2", "load-crit3", "load-crit4")),
+           "critical_hold_s": 60} for name in ("load-crit", "load-crit2", "load-crit3", "load-crit4", "load-crit5")),
         {"name": "gen-1", "kind": "generator", "rated_kw": 200, "startup_s": 2.0, "parent": "master"},
         {"name": "gen-2", "kind": "generator", "rated_kw": 300, "startup_s": 2.0, "parent": "master"},
         {"name": "meter-1", "kind": "meter", "rated_kw": 80},
@@ -75,7 +75,7 @@ def fleet() -> Fleet:
 @pytest_asyncio.fixture(scope="session")
 async def env(tmp_path_factory: pytest.TempPathFactory, fleet: Fleet) -> AsyncIterator[Env]:
     data = tmp_path_factory.mktemp("grid")
-    only = [d.name for d in fleet.devices if d.name not in APART] + [b.name for b in fleet.billing] + ["watchdog"]
+    only = [d.name for d in fleet.devices if d.name not in APART] + [b.name for b in fleet.billing] + ["watchdog", "console"]
     grid = Grid(fleet, data, only=only)
     await grid.start()
     try:

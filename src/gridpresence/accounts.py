@@ -16,6 +16,7 @@ from gridpresence.config import DeviceSpec, Fleet
 from gridpresence.server.provision import AccountSpec, RosterEntry
 
 WATCHDOG = "watchdog"
+CONSOLE = "console"  # the fleet console bot operators chat with (agents/console.py)
 
 
 class Secrets:
@@ -50,17 +51,19 @@ def plan_accounts(fleet: Fleet, passwords: Secrets) -> list[AccountSpec]:
     billing = [RosterEntry(jid=fleet.jid(b.name), name=b.label, groups=(roles.BILLING,)) for b in fleet.billing]
     watchdog = RosterEntry(jid=fleet.jid(WATCHDOG), name="Presence watchdog", groups=(roles.SERVICES,))
     devices = [_device_entry(fleet, d) for d in fleet.devices]
+    console = RosterEntry(jid=fleet.jid(CONSOLE), name="Fleet console", groups=(roles.SERVICES,))
 
     accounts: list[AccountSpec] = []
     for op in fleet.operators:
         others = [e for e in ops if e.jid != fleet.jid(op.name)]
-        accounts.append(AccountSpec(op.name, passwords.password(op.name), tuple([*devices, *others, *billing, watchdog])))
+        accounts.append(AccountSpec(op.name, passwords.password(op.name), tuple([*devices, *others, *billing, watchdog, console])))
     for bill in fleet.billing:
         accounts.append(AccountSpec(bill.name, passwords.password(bill.name), tuple(ops)))
     accounts.append(AccountSpec(WATCHDOG, passwords.password(WATCHDOG), tuple([*devices, *ops])))
+    accounts.append(AccountSpec(CONSOLE, passwords.password(CONSOLE), tuple([*devices, *ops, watchdog])))
     for dev in fleet.devices:
         kin = [fleet.device(dev.parent)] if dev.parent else []
         kin += list(fleet.children(dev.name))
         accounts.append(AccountSpec(dev.name, passwords.password(dev.name),
-                                    tuple([*ops, watchdog, *(_device_entry(fleet, k) for k in kin)])))
+                                    tuple([*ops, watchdog, console, *(_device_entry(fleet, k) for k in kin)])))
     return accounts

@@ -78,11 +78,13 @@ class DeviceAgent:
         children: Iterable[str] = (),
         tick_s: float = 1.0,
         alarms: AlarmSettings | None = None,
+        services: Iterable[str] = (),
     ) -> None:
         self.spec = spec
         self.endpoint = endpoint
         duty = tuple(dict.fromkeys(JID(j).bare for j in operators))  # fleet order is duty order
-        self.operators = frozenset(duty)
+        # Service bots acting for operators (the fleet console) may command, but are never on duty.
+        self.operators = frozenset(duty) | {JID(j).bare for j in services}
         self.children = frozenset(JID(j).bare for j in children)
         self.tick_s = min(tick_s, spec.refresh_s)
         self.sim: SimDevice = make_device(spec, utcnow())
