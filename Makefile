@@ -32,6 +32,7 @@ $(VENV)/.installed: pyproject.toml
 bench: setup
 	$(PY) bench/fanout.py
 	$(PY) bench/presence_latency.py
+	$(PY) bench/chat.py
 
 clean:
 	rm -rf $(VENV) .gridpresence .pytest_cache

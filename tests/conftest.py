@@ -46,6 +46,11 @@ TEST_FLEET = {
         {"name": "hot-load2", "kind": "load", "rated_kw": 100},
         {"name": "hot-gen", "kind": "generator", "rated_kw": 100, "startup_s": 0, "initial_state": "on"},
         {"name": "hot-breaker", "kind": "breaker", "rated_kw": 100},
+        # A small branch the branch-hierarchy test drives near its limit.
+        {"name": "branch-x", "kind": "meter", "rated_kw": 100, "parent": "master"},
+        {"name": "bx-load-1", "kind": "load", "rated_kw": 60, "parent": "branch-x"},
+        {"name": "bx-load-2", "kind": "load", "rated_kw": 25, "parent": "branch-x"},
+        {"name": "bx-crit", "kind": "load", "rated_kw": 30, "critical": True, "parent": "branch-x"},
         # Talked to from a third-party chat client.
         {"name": "desk-load", "kind": "load", "rated_kw": 120},
         {"name": "desk-gen", "kind": "generator", "rated_kw": 100, "startup_s": 0, "initial_state": "on"},

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gridpresence import roles
 from gridpresence.config import DeviceSpec, Fleet
+from gridpresence.protocol.models import DeviceKind
 from gridpresence.server.provision import AccountSpec, RosterEntry
 
 WATCHDOG = "watchdog"
@@ -45,6 +46,19 @@ def _device_entry(fleet: Fleet, dev: DeviceSpec) -> RosterEntry:
     return RosterEntry(jid=fleet.jid(dev.name), name=dev.label, groups=(roles.DEVICE_GROUPS[dev.kind],))
 
 
+def _master_kin(fleet: Fleet, dev: DeviceSpec) -> list[DeviceSpec]:
+    """A master IED follows its whole tree's presence ([00146]): it sees every device below it,
+    and every device sees the masters above it."""
+    if dev.kind is DeviceKind.MASTER:
+        return list(fleet.descendants(dev.name))
+    above, node = [], dev
+    while node.parent is not None:
+        node = fleet.device(node.parent)
+        if node.kind is DeviceKind.MASTER:
+            above.append(node)
+    return above
+
+
 def plan_accounts(fleet: Fleet, passwords: Secrets) -> list[AccountSpec]:
     """Every account the fleet needs, with its roster."""
     ops = [RosterEntry(jid=fleet.jid(o.name), name=o.label, groups=(roles.OPERATORS,)) for o in fleet.operators]
@@ -64,6 +78,7 @@ def plan_accounts(fleet: Fleet, passwords: Secrets) -> list[AccountSpec]:
     for dev in fleet.devices:
         kin = [fleet.device(dev.parent)] if dev.parent else []
         kin += list(fleet.children(dev.name))
+        kin += [d for d in _master_kin(fleet, dev) if d not in kin]
         accounts.append(AccountSpec(dev.name, passwords.password(dev.name),
                                     tuple([*ops, watchdog, console, *(_device_entry(fleet, k) for k in kin)])))
     return accounts

@@ -33,6 +33,7 @@ TITLES: dict[AlarmKind, str] = {
     AlarmKind.LOW_FUEL: "generating with low fuel",
     AlarmKind.TEMPERATURE_EXCEEDED: "generator temperature exceeded",
     AlarmKind.SERVICE_REQUIRED: "service required",
+    AlarmKind.BRANCH_NEAR_LIMIT: "branch near its limit",
 }
 
 
@@ -131,11 +132,14 @@ class AlarmDesk:
         # While the trip point is imminent, "high loading" counts as told: the urgent alarm says it all.
         self._active = frozenset(held) | ({AlarmKind.HIGH_LOADING} if tripping else frozenset())
 
-    def raise_alarm(self, kind: AlarmKind, value: float | None = None, threshold: float | None = None) -> Alarm:
+    def raise_alarm(self, kind: AlarmKind, value: float | None = None, threshold: float | None = None,
+                    detail: str = "") -> Alarm:
+        """Raise and deliver an alarm; `detail` (e.g. a master IED's advice) follows the reading."""
         level = AlarmLevel.URGENT if kind in URGENT_KINDS else AlarmLevel.WARNING
         alarm = Alarm(id=str(self._next_id), device=self.agent.jid, kind=kind, level=level,
                       value=None if value is None else round(value, 2), threshold=threshold)
-        alarm = alarm.model_copy(update={"text": describe(alarm)})
+        text = describe(alarm) + (f": {detail}" if detail else "")
+        alarm = alarm.model_copy(update={"text": text if len(text) <= 300 else text[:299] + "…"})
         self._next_id += 1
         entry = _Open(alarm)
         self.open[alarm.id] = entry

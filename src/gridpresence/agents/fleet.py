@@ -14,11 +14,13 @@ from typing import Protocol
 
 from gridpresence.accounts import CONSOLE, WATCHDOG, Secrets
 from gridpresence.agents.billing import BillingAgent
+from gridpresence.agents.branch import BranchAdvisor
 from gridpresence.agents.console import ConsoleAgent
 from gridpresence.agents.device import DeviceAgent
 from gridpresence.agents.session import Endpoint
 from gridpresence.agents.watchdog import WatchdogAgent
 from gridpresence.config import Fleet
+from gridpresence.protocol.models import DeviceKind
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class FleetBots:
         operators = [fleet.jid(o.name) for o in fleet.operators]
         wanted = set(only) if only is not None else None
         self.devices: dict[str, DeviceAgent] = {}
+        self.advisors: dict[str, BranchAdvisor] = {}  # master IEDs' branch watch, by name
         self.billing: dict[str, BillingAgent] = {}
         self.watchdog: WatchdogAgent | None = None
         self.console: ConsoleAgent | None = None
@@ -48,6 +51,8 @@ class FleetBots:
                 self.devices[dev.name] = DeviceAgent(dev, fleet.jid(dev.name), secrets.password(dev.name), endpoint,
                                                      operators, children, tick_s=tick_s,
                                                      alarms=fleet.alarms, services=[fleet.jid(CONSOLE)])
+                if dev.kind is DeviceKind.MASTER:
+                    self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
         for bill in fleet.billing:
             if wanted is None or bill.name in wanted:
                 self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),

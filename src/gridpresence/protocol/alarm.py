@@ -24,6 +24,7 @@ class AlarmKind(StrEnum):
     LOW_FUEL = "low-fuel"
     TEMPERATURE_EXCEEDED = "temperature-exceeded"
     SERVICE_REQUIRED = "service-required"
+    BRANCH_NEAR_LIMIT = "branch-near-limit"  # a master IED's advice: what to shed or start
 
 
 class AlarmLevel(StrEnum):
