@@ -51,6 +51,11 @@ TEST_FLEET = {
         {"name": "bx-load-1", "kind": "load", "rated_kw": 60, "parent": "branch-x"},
         {"name": "bx-load-2", "kind": "load", "rated_kw": 25, "parent": "branch-x"},
         {"name": "bx-crit", "kind": "load", "rated_kw": 30, "critical": True, "parent": "branch-x"},
+        # Firmware upgrade targets; the critical ones turn restricted when shed.
+        {"name": "fw-1", "kind": "load", "rated_kw": 10},
+        {"name": "fw-2", "kind": "load", "rated_kw": 10},
+        {"name": "fw-crit", "kind": "load", "rated_kw": 10, "critical": True, "critical_hold_s": 3},
+        {"name": "fw-stuck", "kind": "load", "rated_kw": 10, "critical": True, "critical_hold_s": 120},
         # Talked to from a third-party chat client.
         {"name": "desk-load", "kind": "load", "rated_kw": 120},
         {"name": "desk-gen", "kind": "generator", "rated_kw": 100, "startup_s": 0, "initial_state": "on"},

@@ -20,6 +20,7 @@ from slixmpp.xmlstream.matcher import StanzaPath
 from gridpresence.agents.adhoc import enable_standard_features
 from gridpresence.agents.alarms import AlarmDesk
 from gridpresence.agents.chat import ChatDesk
+from gridpresence.agents.firmware import FirmwareDesk
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
 from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.config import DeviceSpec
@@ -107,6 +108,7 @@ class DeviceAgent:
         self.alarms = AlarmDesk(self, duty, alarms or AlarmSettings())
         self.chat = ChatDesk(self)
         enable_standard_features(self)
+        self.firmware = FirmwareDesk(self)
 
     @property
     def jid(self) -> str:
