@@ -14,7 +14,8 @@ test: setup
 
 setup: system-deps $(VENV)/.installed
 
-# Debian packages: Prosody is the XMPP server the project starts as its own child process.
+# Debian packages: Prosody is the XMPP server the project starts as its own child process;
+# profanity (driven through tmux) is the third-party chat client the tests log in with.
 system-deps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \

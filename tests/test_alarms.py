@@ -155,3 +155,25 @@ async def test_generator_and_breaker_alarms_reach_operator_library(env: Env, ali
         gen.sim.fuel_pct = 100.0  # type: ignore[attr-defined]
         gen.sim.temperature_c = 80.0  # type: ignore[attr-defined]
         brk.sim.contacts = Breaker.CLOSED  # type: ignore[attr-defined]
+
+
+async def test_warning_goes_to_every_available_operator_and_clears(env: Env, fast_acks: None) -> None:
+    device = env.fleet.jid("hot-load")
+    alice = await chat_peer(env, "alice", "warn")
+    bob = await chat_peer(env, "bob", "warn")
+    try:
+        await asyncio.sleep(0.3)
+        agent(env, "hot-load").sim.utilisation = 0.86  # high loading, short of the trip point
+        high = lambda m: "WARNING" in m["body"] and "high loading" in m["body"]  # noqa: E731
+        to_alice = await alice.alarm(device, timeout=5, predicate=high)
+        to_bob = await bob.alarm(device, timeout=5, predicate=high)
+        alarm = alarm_from_xml(to_alice.xml.find(q("alarm")))
+        assert alarm.level is AlarmLevel.WARNING and alarm_from_xml(to_bob.xml.find(q("alarm"))).id == alarm.id
+        agent(env, "hot-load").sim.utilisation = 0.4  # back to normal before anyone acknowledged
+        cleared = await bob.alarm(device, timeout=5, predicate=lambda m: "cleared" in m["body"])
+        assert alarm_from_xml(cleared.xml.find(q("alarm"))).status is AlarmStatus.CLEARED
+        assert alarm.id not in agent(env, "hot-load").alarms.open
+    finally:
+        agent(env, "hot-load").sim.utilisation = 0.5
+        await alice.close()
+        await bob.close()

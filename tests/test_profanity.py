@@ -63,7 +63,9 @@ async def profanity(tmp_path: Path) -> AsyncIterator[Terminal]:
     home.mkdir()
     term = Terminal(tmp_path / "tmux.sock")
     env = f"HOME={home} XDG_CONFIG_HOME={home}/.config XDG_DATA_HOME={home}/.local/share TERM=xterm-256color"
-    await term.tmux("new-session", "-d", "-s", "main", "-x", "240", "-y", "60", f"env {env} profanity")
+    # remain-on-exit: should profanity die, its last screen and exit status stay readable.
+    await term.tmux("new-session", "-d", "-s", "main", "-x", "240", "-y", "60", f"env {env} profanity",
+                    ";", "set-option", "-t", "main", "remain-on-exit", "on")
     try:
         await term.wait_for("Type '/help'", timeout=10)
         yield term

@@ -37,6 +37,10 @@ TITLES: dict[AlarmKind, str] = {
 }
 
 
+# Kinds raised from the device's own readings (a master's branch advice is raised elsewhere).
+CHECKED_KINDS = frozenset(AlarmKind) - {AlarmKind.BRANCH_NEAR_LIMIT}
+
+
 @dataclass
 class _Open:
     alarm: Alarm
@@ -131,6 +135,20 @@ class AlarmDesk:
                 self.raise_alarm(kind, value, threshold)
         # While the trip point is imminent, "high loading" counts as told: the urgent alarm says it all.
         self._active = frozenset(held) | ({AlarmKind.HIGH_LOADING} if tripping else frozenset())
+        self._clear_warnings(self._active)
+
+    def _clear_warnings(self, holding: frozenset[AlarmKind]) -> None:
+        """A warning whose condition has passed stops being sent again; those told hear it cleared.
+        Urgent alarms stay open until acknowledged: someone must know the trip point was near."""
+        for aid, entry in list(self.open.items()):
+            alarm = entry.alarm
+            if alarm.level is AlarmLevel.WARNING and alarm.kind in CHECKED_KINDS and alarm.kind not in holding:
+                del self.open[aid]
+                if entry.timer is not None:
+                    entry.timer.cancel()
+                cleared = alarm.model_copy(update={"status": AlarmStatus.CLEARED})
+                for op in entry.notified:
+                    self._send(op, cleared)
 
     def raise_alarm(self, kind: AlarmKind, value: float | None = None, threshold: float | None = None,
                     detail: str = "") -> Alarm:
@@ -181,6 +199,8 @@ class AlarmDesk:
         name = self.agent.spec.label
         if alarm.status is AlarmStatus.ACKNOWLEDGED:
             body = f"{name}: alarm {alarm.id} ({TITLES[alarm.kind]}) acknowledged by {alarm.acked_by}"
+        elif alarm.status is AlarmStatus.CLEARED:
+            body = f"{name}: alarm {alarm.id} ({TITLES[alarm.kind]}) cleared, the reading is back to normal"
         else:
             again = f" — not acknowledged, sent again ({alarm.escalation})" if alarm.escalation else ""
             body = (f"{alarm.level.value.upper()} {name}: {alarm.text}{again}. "

@@ -15,7 +15,7 @@ from gridpresence.config import DeviceSpec, Fleet
 from gridpresence.protocol.alarm import AlarmKind
 from gridpresence.protocol.branch import BranchTotal, branches_to_xml
 from gridpresence.protocol.codec import PayloadError, q, report_from_xml
-from gridpresence.protocol.models import DeviceKind, DeviceState, PresenceReport
+from gridpresence.protocol.models import DeviceKind, DeviceState, PresenceReport, Telemetry
 
 if TYPE_CHECKING:
     from gridpresence.agents.device import DeviceAgent
@@ -79,30 +79,28 @@ class BranchAdvisor:
 
     # -- advice ---------------------------------------------------------------------------
 
-    def _branch_report(self, jid: str) -> PresenceReport | None:
+    def _branch_telemetry(self, jid: str) -> Telemetry | None:
         if jid == self.agent.jid:
-            return self.agent.current_report()
-        return self.reports.get(jid)
+            return self.agent.sim.telemetry()  # the master's own sum, without spending a presence seq
+        report = self.reports.get(jid)
+        return report.telemetry if report else None
 
     def evaluate(self) -> None:
         settings = self.agent.alarms.settings
         for head in self.branches:
-            report = self._branch_report(head)
-            pct = report.telemetry.load_pct if report else None
-            if pct is None:
+            t = self._branch_telemetry(head)
+            if t is None or t.load_pct is None:
                 continue
-            if pct < settings.high_loading_pct - settings.hysteresis_pct:
+            if t.load_pct < settings.high_loading_pct - settings.hysteresis_pct:
                 self.near.discard(head)
-            elif pct >= settings.high_loading_pct and head not in self.near:
+            elif t.load_pct >= settings.high_loading_pct and head not in self.near:
                 self.near.add(head)
-                assert report is not None
-                self.agent.alarms.raise_alarm(AlarmKind.BRANCH_NEAR_LIMIT, pct, settings.high_loading_pct,
-                                              self.advice(head, report, settings.high_loading_pct))
+                self.agent.alarms.raise_alarm(AlarmKind.BRANCH_NEAR_LIMIT, t.load_pct, settings.high_loading_pct,
+                                              self.advice(head, t, settings.high_loading_pct))
 
-    def advice(self, head: str, report: PresenceReport, limit_pct: float) -> str:
+    def advice(self, head: str, t: Telemetry, limit_pct: float) -> str:
         """What would bring a branch back under its limit: loads to shed (largest first, never
         critical or restricted ones) and a generator that is off."""
-        t = report.telemetry
         capacity = t.capacity_kw or 0.0
         excess = (t.kw or 0.0) - capacity * limit_pct / 100
         loads = sorted(((j, r) for j in self.branches[head] if (r := self.reports.get(j)) is not None

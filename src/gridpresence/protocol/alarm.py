@@ -35,6 +35,7 @@ class AlarmLevel(StrEnum):
 class AlarmStatus(StrEnum):
     RAISED = "raised"
     ACKNOWLEDGED = "acknowledged"
+    CLEARED = "cleared"  # a warning whose reading went back to normal before anyone acknowledged it
 
 
 URGENT_KINDS = frozenset({AlarmKind.TRIP_IMMINENT, AlarmKind.BREAKER_TRIPPED, AlarmKind.TEMPERATURE_EXCEEDED})
