@@ -178,3 +178,27 @@ async def test_warning_goes_to_every_available_operator_and_clears(env: Env, fas
         agent(env, "hot-load").sim.utilisation = 0.5
         await alice.close()
         await bob.close()
+
+
+async def test_cli_shows_alarms_as_they_arrive(env: Env, fast_acks: None) -> None:
+    import json
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("gridpresence")
+    proc = await asyncio.create_subprocess_exec(
+        str(exe), "alarms", "--json", "--as", "bob", "--connection", str(env.grid.connection_file),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        await asyncio.sleep(2.5)  # logged in and available
+        agent(env, "hot-load2").sim.utilisation = 0.87  # a warning: every available operator gets it
+        async with asyncio.timeout(10):
+            while True:
+                line = json.loads(await proc.stdout.readline())  # type: ignore[union-attr]
+                if line["device"] == env.fleet.jid("hot-load2") and line["kind"] == "high-loading":
+                    break
+        assert line["level"] == "warning" and line["status"] == "raised" and line["threshold"] == 80.0
+    finally:
+        agent(env, "hot-load2").sim.utilisation = 0.5
+        proc.kill()
+        await proc.wait()

@@ -159,6 +159,23 @@ async def cmd_watch(args: argparse.Namespace) -> int:
     return await _with_operator(args, body)
 
 
+async def cmd_alarms(args: argparse.Namespace) -> int:
+    async def body(grid: GridOperator) -> int:
+        count = 0
+        async for alarm in grid.new_alarms():
+            if args.json:
+                print(alarm.model_dump_json(exclude_none=True), flush=True)
+            else:
+                print(f"{alarm.raised:%H:%M:%S} {alarm.level.value.upper():<7} {alarm.device} alarm {alarm.id} "
+                      f"{alarm.status.value}: {alarm.text}", flush=True)
+            count += 1
+            if args.count and count >= args.count:
+                break
+        return EXIT_OK
+
+    return await _with_operator(args, body)
+
+
 async def cmd_action(args: argparse.Namespace) -> int:
     action = Action(args.action.replace("-", "_"))
     extra = {"time": args.time} if action is Action.SET_TIME else None
@@ -314,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     operator_opts(watch)
     watch.add_argument("--count", type=int, default=0, help="stop after this many changes")
     watch.set_defaults(run=cmd_watch)
+    alarms = sub.add_parser("alarms", help="show alarms sent to this operator as they arrive (acknowledge: chat 'ack ID')")
+    operator_opts(alarms)
+    alarms.add_argument("--count", type=int, default=0, help="stop after this many alarms")
+    alarms.set_defaults(run=cmd_alarms)
     for action in (*COMMAND_ACTIONS, "set-time"):
         p = sub.add_parser(action, help=f"{action} one or more devices and print the outcomes")
         operator_opts(p)

@@ -252,6 +252,15 @@ class GridOperator:
         self.alarms.append(alarm)
         self._bump()
 
+    async def new_alarms(self) -> AsyncIterator[Alarm]:
+        """Alarms sent to this operator from now on, as they arrive."""
+        seen = len(self.alarms)
+        while True:
+            while seen < len(self.alarms):
+                seen += 1
+                yield self.alarms[seen - 1]
+            await self._changed.wait()
+
     # -- tariffs ----------------------------------------------------------------------
 
     def _on_tariff(self, msg: Message) -> None:
