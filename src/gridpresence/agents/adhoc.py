@@ -12,8 +12,11 @@ import logging
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from slixmpp import JID, Iq
+from xml.etree import ElementTree as ET
+
+from slixmpp import JID, Iq, Presence
 from slixmpp.exceptions import XMPPError
+from slixmpp.xmlstream import StanzaBase
 
 from gridpresence.agents.alarms import TITLES
 from gridpresence.agents.chat import REASONS, describe_outcome, describe_report
@@ -27,6 +30,8 @@ log = logging.getLogger(__name__)
 ADHOC_TTL_S = 30.0
 ALL_ALARMS = "all"
 STATUS, RUN, ACK = "status", "run", "ack-alarm"
+CAPS_NS = "http://jabber.org/protocol/caps"
+CAPS_NODE = "urn:gridpresence:caps"
 
 
 def _software_version() -> str:
@@ -42,10 +47,13 @@ def enable_standard_features(agent: DeviceAgent) -> None:
     client.register_plugin("xep_0004")
     client.register_plugin("xep_0050")
     client.register_plugin("xep_0092", {"software_name": "gridpresence device", "version": _software_version()})
-    client.register_plugin("xep_0115", {"caps_node": "urn:gridpresence:caps"})
+    client.register_plugin("xep_0115", {"caps_node": CAPS_NODE})
     # Advertise our own caps, but do not query everyone else's: a thousand devices asking each
     # new operator's client for its features would be a storm, and devices have no use for them.
     client.remove_handler("Entity Capabilities")
+    # The plugin stamps presence from an async filter, which slixmpp runs as a task with a
+    # timeout for every outgoing stanza (a third more time per command); a sync filter does it.
+    client.del_filter("out", client.plugin["xep_0115"]._filter_add_caps)
     AdhocCommands(agent)
 
 
@@ -54,6 +62,7 @@ class AdhocCommands:
         self.agent = agent
         self.forms = agent.client.plugin["xep_0004"]
         self.adhoc = agent.client.plugin["xep_0050"]
+        self._caps: ET.Element | None = None
         # Commands are keyed by the full JID, which a new session may change: add them each time.
         agent.client.add_event_handler("session_start", self._add_commands)
 
@@ -69,10 +78,21 @@ class AdhocCommands:
         """Hash the features (commands included) into the caps version, then publish once more
         so the presence everyone caches carries it."""
         try:
-            await self.agent.client.plugin["xep_0115"].update_caps(self.agent.client.boundjid.full, broadcast=False)
+            client, jid = self.agent.client, self.agent.client.boundjid.full
+            await client.plugin["xep_0115"].update_caps(jid, broadcast=False)
+            ver = await client.plugin["xep_0115"].get_verstring(jid)
+            first = self._caps is None
+            self._caps = ET.Element(f"{{{CAPS_NS}}}c", {"hash": "sha-1", "node": CAPS_NODE, "ver": ver})
+            if first:
+                client.add_filter("out", self._stamp_caps)
             self.agent.publish(force=True)
         except Exception:  # caps are a courtesy to clients: never worth the device
             log.exception("%s: could not compute entity caps", self.agent.spec.name)
+
+    def _stamp_caps(self, stanza: StanzaBase) -> StanzaBase:
+        if self._caps is not None and isinstance(stanza, Presence) and stanza["type"] != "unavailable":
+            stanza.xml.append(self._caps)  # one shared element: it is only ever serialised
+        return stanza
 
     def actions(self) -> list[Action]:
         return sorted(a for a in self.agent.sim.actions if a not in (Action.READ, Action.SET_TIME))
