@@ -241,6 +241,8 @@ def _print_welcome(grid: Grid) -> None:
     bots = grid.bots
     if bots:
         print(f"  {len(bots.devices)} device bots, {len(bots.billing)} billing, watchdog {info.watchdog}")
+        if bots.console is not None:
+            print(f"  chat with the fleet console: {bots.console.grid.jid} (type help); devices answer chat too")
     print("Ctrl-C stops everything.", flush=True)
 
 
