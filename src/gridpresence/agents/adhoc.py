@@ -53,7 +53,7 @@ def enable_standard_features(agent: DeviceAgent) -> None:
     client.remove_handler("Entity Capabilities")
     # The plugin stamps presence from an async filter, which slixmpp runs as a task with a
     # timeout for every outgoing stanza (a third more time per command); a sync filter does it.
-    client.del_filter("out", client.plugin["xep_0115"]._filter_add_caps)
+    client.del_filter("out", client.plugin["xep_0115"]._filter_add_caps)  # type: ignore[arg-type]
     AdhocCommands(agent)
 
 

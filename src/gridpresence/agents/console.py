@@ -125,7 +125,7 @@ class ConsoleAgent:
     async def shed_kw(self, kw: float) -> str:
         net = net_load_kw(self.grid.devices)
         report = await shed_to_target(self.grid, net - kw, None)
-        lines = [f"{step['action']} {step['device']}: {step['outcome']}" for step in report["actions"]]  # type: ignore[union-attr]
+        lines = [f"{step['action']} {step['device']}: {step['outcome']}" for step in report["actions"]]  # type: ignore[union-attr,attr-defined]
         skipped = ", ".join(report["skipped"]) or "none"  # type: ignore[arg-type]
         started = f"; started {report['generator_started']}" if report["generator_started"] else ""
         verdict = "target met" if report["met"] else "target NOT met"
