@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PKGS := prosody nftables iproute2
+APT_PKGS := prosody nftables iproute2 profanity tmux
 
 .PHONY: demo test setup system-deps bench clean
 
@@ -14,7 +14,8 @@ test: setup
 
 setup: system-deps $(VENV)/.installed
 
-# Debian packages: Prosody is the XMPP server the project starts as its own child process.
+# Debian packages: Prosody is the XMPP server the project starts as its own child process;
+# profanity (driven through tmux) is the third-party chat client the tests log in with.
 system-deps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
@@ -34,6 +35,7 @@ bench: setup
 	$(PY) bench/presence_latency.py
 	$(PY) bench/relay.py
 	$(PY) bench/bosh.py
+	$(PY) bench/chat.py
 
 clean:
 	rm -rf $(VENV) .gridpresence .pytest_cache

@@ -35,12 +35,30 @@ TEST_FLEET = {
           for i, c in enumerate("abcdefghij")),
         # One critical load per test that sheds one: a refused shed restricts it for a while.
         *({"name": name, "kind": "load", "rated_kw": 150, "critical": True, "parent": "branch-b",
-           "critical_hold_s": 60} for name in ("load-crit", "load-crit2", "load-crit3")),
+           "critical_hold_s": 60} for name in ("load-crit", "load-crit2", "load-crit3", "load-crit4", "load-crit5")),
         {"name": "gen-1", "kind": "generator", "rated_kw": 200, "startup_s": 2.0, "parent": "master"},
         {"name": "gen-2", "kind": "generator", "rated_kw": 300, "startup_s": 2.0, "parent": "master"},
         {"name": "meter-1", "kind": "meter", "rated_kw": 80},
         {"name": "pulse-meter", "kind": "meter", "rated_kw": 10, "refresh_s": 1.0},
         {"name": "breaker-1", "kind": "breaker", "rated_kw": 500, "parent": "master"},
+        # Driven past their alarm thresholds by the alarm tests.
+        {"name": "hot-load", "kind": "load", "rated_kw": 100},
+        {"name": "hot-load2", "kind": "load", "rated_kw": 100},
+        {"name": "hot-gen", "kind": "generator", "rated_kw": 100, "startup_s": 0, "initial_state": "on"},
+        {"name": "hot-breaker", "kind": "breaker", "rated_kw": 100},
+        # A small branch the branch-hierarchy test drives near its limit.
+        {"name": "branch-x", "kind": "meter", "rated_kw": 100, "parent": "master"},
+        {"name": "bx-load-1", "kind": "load", "rated_kw": 60, "parent": "branch-x"},
+        {"name": "bx-load-2", "kind": "load", "rated_kw": 25, "parent": "branch-x"},
+        {"name": "bx-crit", "kind": "load", "rated_kw": 30, "critical": True, "parent": "branch-x"},
+        # Firmware upgrade targets; the critical ones turn restricted when shed.
+        {"name": "fw-1", "kind": "load", "rated_kw": 10},
+        {"name": "fw-2", "kind": "load", "rated_kw": 10},
+        {"name": "fw-crit", "kind": "load", "rated_kw": 10, "critical": True, "critical_hold_s": 3},
+        {"name": "fw-stuck", "kind": "load", "rated_kw": 10, "critical": True, "critical_hold_s": 120},
+        # Talked to from a third-party chat client.
+        {"name": "desk-load", "kind": "load", "rated_kw": 120},
+        {"name": "desk-gen", "kind": "generator", "rated_kw": 100, "startup_s": 0, "initial_state": "on"},
         # Run apart by tests that kill or freeze a device process.
         {"name": "victim-1", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
         {"name": "victim-2", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
@@ -73,7 +91,7 @@ def fleet() -> Fleet:
 @pytest_asyncio.fixture(scope="session")
 async def env(tmp_path_factory: pytest.TempPathFactory, fleet: Fleet) -> AsyncIterator[Env]:
     data = tmp_path_factory.mktemp("grid")
-    only = [d.name for d in fleet.devices if d.name not in APART] + [b.name for b in fleet.billing] + ["watchdog"]
+    only = [d.name for d in fleet.devices if d.name not in APART] + [b.name for b in fleet.billing] + ["watchdog", "console"]
     grid = Grid(fleet, data, only=only)
     await grid.start()
     try:

@@ -13,10 +13,12 @@ from pathlib import Path
 
 from gridpresence import roles
 from gridpresence.config import DeviceSpec, Fleet
+from gridpresence.protocol.models import DeviceKind
 from gridpresence.server.provision import AccountSpec, RosterEntry
 
 WATCHDOG = "watchdog"
 RELAY = "relay"  # the store-and-forward relay (gridpresence.relay): sees every device, relays commands
+CONSOLE = "console"  # the fleet console bot operators chat with (agents/console.py)
 
 
 class Secrets:
@@ -45,6 +47,19 @@ def _device_entry(fleet: Fleet, dev: DeviceSpec) -> RosterEntry:
     return RosterEntry(jid=fleet.jid(dev.name), name=dev.label, groups=(roles.DEVICE_GROUPS[dev.kind],))
 
 
+def _master_kin(fleet: Fleet, dev: DeviceSpec) -> list[DeviceSpec]:
+    """A master IED follows its whole tree's presence ([00146]): it sees every device below it,
+    and every device sees the masters above it."""
+    if dev.kind is DeviceKind.MASTER:
+        return list(fleet.descendants(dev.name))
+    above, node = [], dev
+    while node.parent is not None:
+        node = fleet.device(node.parent)
+        if node.kind is DeviceKind.MASTER:
+            above.append(node)
+    return above
+
+
 def plan_accounts(fleet: Fleet, passwords: Secrets) -> list[AccountSpec]:
     """Every account the fleet needs, with its roster."""
     ops = [RosterEntry(jid=fleet.jid(o.name), name=o.label, groups=(roles.OPERATORS,)) for o in fleet.operators]
@@ -52,19 +67,22 @@ def plan_accounts(fleet: Fleet, passwords: Secrets) -> list[AccountSpec]:
     watchdog = RosterEntry(jid=fleet.jid(WATCHDOG), name="Presence watchdog", groups=(roles.SERVICES,))
     relay = RosterEntry(jid=fleet.jid(RELAY), name="Store-and-forward relay", groups=(roles.SERVICES,))
     devices = [_device_entry(fleet, d) for d in fleet.devices]
+    console = RosterEntry(jid=fleet.jid(CONSOLE), name="Fleet console", groups=(roles.SERVICES,))
 
     accounts: list[AccountSpec] = []
     for op in fleet.operators:
         others = [e for e in ops if e.jid != fleet.jid(op.name)]
         accounts.append(AccountSpec(op.name, passwords.password(op.name),
-                                    tuple([*devices, *others, *billing, watchdog, relay])))
+                                    tuple([*devices, *others, *billing, watchdog, relay, console])))
     for bill in fleet.billing:
         accounts.append(AccountSpec(bill.name, passwords.password(bill.name), tuple(ops)))
     accounts.append(AccountSpec(WATCHDOG, passwords.password(WATCHDOG), tuple([*devices, *ops])))
     accounts.append(AccountSpec(RELAY, passwords.password(RELAY), tuple([*devices, *ops])))
+    accounts.append(AccountSpec(CONSOLE, passwords.password(CONSOLE), tuple([*devices, *ops, watchdog])))
     for dev in fleet.devices:
         kin = [fleet.device(dev.parent)] if dev.parent else []
         kin += list(fleet.children(dev.name))
+        kin += [d for d in _master_kin(fleet, dev) if d not in kin]
         accounts.append(AccountSpec(dev.name, passwords.password(dev.name),
-                                    tuple([*ops, watchdog, relay, *(_device_entry(fleet, k) for k in kin)])))
+                                    tuple([*ops, watchdog, relay, console, *(_device_entry(fleet, k) for k in kin)])))
     return accounts

@@ -163,6 +163,23 @@ async def cmd_watch(args: argparse.Namespace) -> int:
     return await _with_operator(args, body)
 
 
+async def cmd_alarms(args: argparse.Namespace) -> int:
+    async def body(grid: GridOperator) -> int:
+        count = 0
+        async for alarm in grid.new_alarms():
+            if args.json:
+                print(alarm.model_dump_json(exclude_none=True), flush=True)
+            else:
+                print(f"{alarm.raised:%H:%M:%S} {alarm.level.value.upper():<7} {alarm.device} alarm {alarm.id} "
+                      f"{alarm.status.value}: {alarm.text}", flush=True)
+            count += 1
+            if args.count and count >= args.count:
+                break
+        return EXIT_OK
+
+    return await _with_operator(args, body)
+
+
 async def cmd_action(args: argparse.Namespace) -> int:
     action = Action(args.action.replace("-", "_"))
     extra = {"time": args.time} if action is Action.SET_TIME else None
@@ -228,6 +245,8 @@ def _print_welcome(grid: Grid) -> None:
     bots = grid.bots
     if bots:
         print(f"  {len(bots.devices)} device bots, {len(bots.billing)} billing, watchdog {info.watchdog}")
+        if bots.console is not None:
+            print(f"  chat with the fleet console: {bots.console.grid.jid} (type help); devices answer chat too")
     if info.relay is not None:
         print(f"  store-and-forward relay {info.relay.jid}: SMTP {info.relay.smtp_host}:{info.relay.smtp_port}")
     print("Ctrl-C stops everything.", flush=True)
@@ -320,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     operator_opts(watch)
     watch.add_argument("--count", type=int, default=0, help="stop after this many changes")
     watch.set_defaults(run=cmd_watch)
+    alarms = sub.add_parser("alarms", help="show alarms sent to this operator as they arrive (acknowledge: chat 'ack ID')")
+    operator_opts(alarms)
+    alarms.add_argument("--count", type=int, default=0, help="stop after this many alarms")
+    alarms.set_defaults(run=cmd_alarms)
     for action in (*COMMAND_ACTIONS, "set-time"):
         p = sub.add_parser(action, help=f"{action} one or more devices and print the outcomes")
         operator_opts(p)

@@ -14,6 +14,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.protocol.models import DeviceKind
 
 # XMPP localparts we generate from names: keep them boring so every client can type them.
@@ -83,6 +84,7 @@ class Fleet(BaseModel):
     operators: tuple[OperatorSpec, ...] = Field(min_length=1)
     billing: tuple[BillingSpec, ...] = ()
     devices: tuple[DeviceSpec, ...] = Field(min_length=1)
+    alarms: AlarmSettings = AlarmSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Fleet:

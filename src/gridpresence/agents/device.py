@@ -17,7 +17,12 @@ from slixmpp import JID, Message, Presence
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
+from gridpresence.agents.adhoc import enable_standard_features
+from gridpresence.agents.alarms import AlarmDesk
+from gridpresence.agents.chat import ChatDesk
+from gridpresence.agents.firmware import FirmwareDesk
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
+from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.config import DeviceSpec
 from gridpresence.devices import SimDevice, make_device
 from gridpresence.protocol.codec import (
@@ -75,10 +80,14 @@ class DeviceAgent:
         children: Iterable[str] = (),
         tick_s: float = 1.0,
         relays: Iterable[str] = (),
+        alarms: AlarmSettings | None = None,
+        services: Iterable[str] = (),
     ) -> None:
         self.spec = spec
         self.endpoint = endpoint
-        self.operators = frozenset(JID(j).bare for j in operators)
+        duty = tuple(dict.fromkeys(JID(j).bare for j in operators))  # fleet order is duty order
+        # Service bots acting for operators (the fleet console) may command, but are never on duty.
+        self.operators = frozenset(duty) | {JID(j).bare for j in services}
         self.children = frozenset(JID(j).bare for j in children)
         # Store-and-forward relays may hand over commands, but only ones an operator issued.
         self.relays = frozenset(JID(j).bare for j in relays)
@@ -100,6 +109,10 @@ class DeviceAgent:
             self.client.add_event_handler("presence", self._on_child_presence)
         self.client.add_event_handler("disconnected", self._on_disconnected)
         self.client.add_event_handler("session_start", self._on_session_start)
+        self.alarms = AlarmDesk(self, duty, alarms or AlarmSettings())
+        self.chat = ChatDesk(self)
+        enable_standard_features(self)
+        self.firmware = FirmwareDesk(self)
 
     @property
     def jid(self) -> str:
@@ -119,6 +132,7 @@ class DeviceAgent:
     async def stop(self) -> None:
         """Say goodbye (state "gone") and leave."""
         self._stopping = True
+        self.alarms.close()
         if self._loop_task:
             self._loop_task.cancel()
         if self.client.is_connected():
@@ -146,7 +160,7 @@ class DeviceAgent:
             try:
                 self.sim.tick(utcnow())
                 refresh_due = loop.time() - self._published_at >= self.spec.refresh_s
-                self.publish(force=refresh_due)
+                self.alarms.check(self.publish(force=refresh_due))
             except Exception:  # one bad tick must not end the device
                 log.exception("%s: tick failed", self.spec.name)
 
@@ -239,18 +253,22 @@ class DeviceAgent:
             log.warning("%s: bad command from %s: %s", self.spec.name, sender, detail)
             self._answer(sender, cmd_id, OutcomeStatus.REJECTED, reason, detail)
             return
+        self._send_outcome(sender, self.accept(cmd, now))
+
+    def accept(self, cmd: Command, now: dt.datetime) -> Outcome:
+        """The one path for an authorised, valid command (stanza, chat or ad-hoc): a repeated id
+        gets the remembered outcome with no second effect, a late one is expired."""
         self._forget_expired(now)
         if cmd.id in self._done:
             log.info("%s: command %s delivered again; answering from memory", self.spec.name, cmd.id)
-            self._send_outcome(sender, self._done[cmd.id][1])
-            return
+            return self._done[cmd.id][1]
         if cmd.is_expired(now):
             late = (now - cmd.expires).total_seconds()
-            self._answer(sender, cmd.id, OutcomeStatus.EXPIRED, None, f"arrived {late:.1f} s after its expiry")
-            return
+            return Outcome(command_id=cmd.id, device=self.jid, status=OutcomeStatus.EXPIRED,
+                           detail=f"arrived {late:.1f} s after its expiry")
         outcome = self.execute(cmd, now)
         self._done[cmd.id] = (cmd.expires, outcome)
-        self._send_outcome(sender, outcome)
+        return outcome
 
     def execute(self, cmd: Command, now: dt.datetime) -> Outcome:
         """Apply a valid, authorised, fresh command to the physics; publish the new state first

@@ -12,12 +12,15 @@ import logging
 from collections.abc import Collection
 from typing import Protocol
 
-from gridpresence.accounts import RELAY, WATCHDOG, Secrets
+from gridpresence.accounts import CONSOLE, RELAY, WATCHDOG, Secrets
 from gridpresence.agents.billing import BillingAgent
+from gridpresence.agents.branch import BranchAdvisor
+from gridpresence.agents.console import ConsoleAgent
 from gridpresence.agents.device import DeviceAgent
 from gridpresence.agents.session import Endpoint
 from gridpresence.agents.watchdog import WatchdogAgent
 from gridpresence.config import Fleet
+from gridpresence.protocol.models import DeviceKind
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +41,18 @@ class FleetBots:
         operators = [fleet.jid(o.name) for o in fleet.operators]
         wanted = set(only) if only is not None else None
         self.devices: dict[str, DeviceAgent] = {}
+        self.advisors: dict[str, BranchAdvisor] = {}  # master IEDs' branch watch, by name
         self.billing: dict[str, BillingAgent] = {}
         self.watchdog: WatchdogAgent | None = None
+        self.console: ConsoleAgent | None = None
         for dev in fleet.devices:
             if wanted is None or dev.name in wanted:
                 children = [fleet.jid(c.name) for c in fleet.children(dev.name)]
                 self.devices[dev.name] = DeviceAgent(dev, fleet.jid(dev.name), secrets.password(dev.name), endpoint,
-                                                     operators, children, tick_s=tick_s, relays=[fleet.jid(RELAY)])
+                                                     operators, children, tick_s=tick_s, relays=[fleet.jid(RELAY)],
+                                                     alarms=fleet.alarms, services=[fleet.jid(CONSOLE)])
+                if dev.kind is DeviceKind.MASTER:
+                    self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
         for bill in fleet.billing:
             if wanted is None or bill.name in wanted:
                 self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),
@@ -53,10 +61,15 @@ class FleetBots:
             self.watchdog = WatchdogAgent(fleet.jid(WATCHDOG), secrets.password(WATCHDOG), endpoint, operators,
                                           grace_s=fleet.presence_grace_s)
 
+        if with_services and (wanted is None or CONSOLE in wanted):
+            self.console = ConsoleAgent(fleet.jid(CONSOLE), secrets.password(CONSOLE), endpoint, operators,
+                                        watchdog=fleet.jid(WATCHDOG), grace_s=fleet.presence_grace_s)
+
     @property
     def bots(self) -> list[Bot]:
         # The watchdog first, so it sees every device arrive.
-        return [*([self.watchdog] if self.watchdog else []), *self.billing.values(), *self.devices.values()]
+        return [*([self.watchdog] if self.watchdog else []), *self.billing.values(), *self.devices.values(),
+                *([self.console] if self.console else [])]
 
     async def start(self, timeout: float = 60.0) -> None:
         gate = asyncio.Semaphore(LOGIN_CONCURRENCY)

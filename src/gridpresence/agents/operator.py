@@ -40,6 +40,7 @@ from gridpresence.protocol.codec import (
     report_from_xml,
     tariff_from_xml,
 )
+from gridpresence.protocol.alarm import Alarm, alarm_from_xml
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
 from gridpresence.relay.route import FINAL_MARGIN_S, RelayRoute
 from gridpresence.relay.service import origin_of
@@ -87,6 +88,8 @@ class GridOperator:
         self.client.register_handler(Callback("grid tariff", StanzaPath("message/grid_tariff"), self._on_tariff))
         self.client.register_handler(Callback("mailed data", StanzaPath("message/grid_device"), self._on_mailed_data))
         self.client.add_event_handler("message_error", self._on_bounce)
+        self.alarms: list[Alarm] = []  # alarms devices sent this operator, oldest first
+        self.client.register_handler(Callback("grid alarm", StanzaPath("message/grid_alarm"), self._on_alarm))
 
     @classmethod
     def from_connection(cls, info: ConnectionInfo, operator: str | None = None, resource: str | None = None) -> GridOperator:
@@ -302,6 +305,27 @@ class GridOperator:
             log.warning("dropped invalid mailed data for %s: %s", device, exc)
             return
         self.tracker.note_mailed(device, report)
+
+    def _on_alarm(self, msg: Message) -> None:
+        try:
+            alarm = alarm_from_xml(msg["grid_alarm"].xml)
+        except PayloadError as exc:
+            log.warning("dropped invalid alarm from %s: %s", msg["from"], exc)
+            return
+        if JID(alarm.device).bare != msg["from"].bare or self.tracker.find(alarm.device) is None:
+            log.warning("alarm from %s for %s ignored: not that device", msg["from"], alarm.device)
+            return
+        self.alarms.append(alarm)
+        self._bump()
+
+    async def new_alarms(self) -> AsyncIterator[Alarm]:
+        """Alarms sent to this operator from now on, as they arrive."""
+        seen = len(self.alarms)
+        while True:
+            while seen < len(self.alarms):
+                seen += 1
+                yield self.alarms[seen - 1]
+            await self._changed.wait()
 
     # -- tariffs ----------------------------------------------------------------------
 

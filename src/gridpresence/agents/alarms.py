@@ -1,0 +1,235 @@
+"""Alarms as instant messages ([00145]), escalated by the operators' presence.
+
+A device watches its own readings against the fleet's thresholds. A warning goes to every
+available operator; an urgent alarm goes to the first *available* operator in duty order
+(the fleet's operator order): one who is offline, away or dnd is skipped. An alarm stays
+open until an operator acknowledges it (chat ``ack ID`` or the ad-hoc command); if nobody
+does within ``ack_timeout_s`` it is sent again, to the next available operator on duty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from gridpresence.alarm_settings import AlarmSettings
+from gridpresence.protocol.alarm import URGENT_KINDS, Alarm, AlarmKind, AlarmLevel, AlarmStatus, alarm_to_xml
+from gridpresence.protocol.models import Breaker, DeviceKind, DeviceState, PresenceReport
+
+if TYPE_CHECKING:
+    from gridpresence.agents.device import DeviceAgent
+
+log = logging.getLogger(__name__)
+
+# Presence <show> values that mean "can respond now"; away, xa and dnd do not.
+AVAILABLE_SHOWS = frozenset({"", "chat"})
+
+TITLES: dict[AlarmKind, str] = {
+    AlarmKind.HIGH_LOADING: "high loading",
+    AlarmKind.TRIP_IMMINENT: "trip point imminent",
+    AlarmKind.BREAKER_TRIPPED: "breaker tripped",
+    AlarmKind.LOW_FUEL: "generating with low fuel",
+    AlarmKind.TEMPERATURE_EXCEEDED: "generator temperature exceeded",
+    AlarmKind.SERVICE_REQUIRED: "service required",
+    AlarmKind.BRANCH_NEAR_LIMIT: "branch near its limit",
+}
+
+
+# Kinds raised from the device's own readings (a master's branch advice is raised elsewhere).
+CHECKED_KINDS = frozenset(AlarmKind) - {AlarmKind.BRANCH_NEAR_LIMIT}
+
+
+@dataclass
+class _Open:
+    alarm: Alarm
+    duty_pos: int = -1  # index in the duty order of the operator told last (urgent alarms)
+    notified: set[str] = field(default_factory=set)
+    timer: asyncio.TimerHandle | None = None
+
+
+def conditions(report: PresenceReport, settings: AlarmSettings, run_h: float,
+               active: frozenset[AlarmKind] = frozenset()) -> dict[AlarmKind, tuple[float, float]]:
+    """Alarm conditions that hold for a report: kind -> (value, threshold). A condition that is
+    already active holds until the reading is `hysteresis_pct` back on the safe side."""
+    t, hyst = report.telemetry, settings.hysteresis_pct
+    out: dict[AlarmKind, tuple[float, float]] = {}
+
+    def above(kind: AlarmKind, value: float | None, threshold: float) -> None:
+        if value is not None and value >= threshold - (hyst if kind in active else 0.0):
+            out[kind] = (value, threshold)
+
+    def below(kind: AlarmKind, value: float | None, threshold: float) -> None:
+        if value is not None and value <= threshold + (hyst if kind in active else 0.0):
+            out[kind] = (value, threshold)
+
+    if report.state is DeviceState.GONE:
+        return out
+    above(AlarmKind.TRIP_IMMINENT, t.load_pct, settings.trip_imminent_pct)
+    above(AlarmKind.HIGH_LOADING, t.load_pct, settings.high_loading_pct)
+    if report.kind is DeviceKind.BREAKER:
+        if t.breaker is Breaker.TRIPPED:
+            out[AlarmKind.BREAKER_TRIPPED] = (t.load_pct or 0.0, settings.breaker_tripped_pct)
+        elif t.breaker is Breaker.CLOSED:
+            below(AlarmKind.BREAKER_TRIPPED, t.load_pct, settings.breaker_tripped_pct)
+    if report.kind is DeviceKind.GENERATOR:
+        if report.state is DeviceState.ON:
+            below(AlarmKind.LOW_FUEL, t.fuel_pct, settings.low_fuel_pct)
+        above(AlarmKind.TEMPERATURE_EXCEEDED, t.temperature_c, settings.max_temperature_c)
+        above(AlarmKind.SERVICE_REQUIRED, run_h, settings.service_after_run_h)
+    return out
+
+
+def describe(alarm: Alarm) -> str:
+    """The alarm as a line for a person."""
+    units = {AlarmKind.TEMPERATURE_EXCEEDED: " °C", AlarmKind.SERVICE_REQUIRED: " running hours"}.get(alarm.kind, " %")
+    reading = ""
+    if alarm.value is not None and alarm.threshold is not None:
+        reading = f" ({alarm.value:.1f}{units}, limit {alarm.threshold:g}{units})"
+    return f"{TITLES[alarm.kind]}{reading}"
+
+
+class AlarmDesk:
+    """One device's alarms: raising, routing by presence, escalation, acknowledgement."""
+
+    def __init__(self, agent: DeviceAgent, duty: tuple[str, ...], settings: AlarmSettings) -> None:
+        self.agent = agent
+        self.duty = duty
+        self.settings = settings
+        self.open: dict[str, _Open] = {}
+        self._active: frozenset[AlarmKind] = frozenset()
+        self._next_id = 1
+        self._run_s = 0.0
+        self._last_check: float | None = None
+
+    # -- presence of the operators ------------------------------------------------------
+
+    def available(self, operator: str) -> bool:
+        """Online and not away, xa or dnd, on at least one resource."""
+        resources = self.agent.client.client_roster[operator].resources
+        return any((r.get("show") or "") in AVAILABLE_SHOWS for r in resources.values())
+
+    def _next_on_duty(self, after: int) -> int | None:
+        n = len(self.duty)
+        for step in range(1, n + 1):
+            pos = (after + step) % n
+            if self.available(self.duty[pos]):
+                return pos
+        return None
+
+    # -- raising ------------------------------------------------------------------------
+
+    def check(self, report: PresenceReport | None) -> None:
+        """Compare the latest readings with the thresholds; raise what newly holds."""
+        if report is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if self._last_check is not None and report.kind is DeviceKind.GENERATOR and report.state is DeviceState.ON:
+            self._run_s += now - self._last_check
+        self._last_check = now
+        held = conditions(report, self.settings, self._run_s / 3600, self._active)
+        tripping = AlarmKind.TRIP_IMMINENT in held
+        for kind, (value, threshold) in held.items():
+            if kind not in self._active and not (tripping and kind is AlarmKind.HIGH_LOADING):
+                self.raise_alarm(kind, value, threshold)
+        # While the trip point is imminent, "high loading" counts as told: the urgent alarm says it all.
+        self._active = frozenset(held) | ({AlarmKind.HIGH_LOADING} if tripping else frozenset())
+        self._clear_warnings(self._active)
+
+    def _clear_warnings(self, holding: frozenset[AlarmKind]) -> None:
+        """A warning whose condition has passed stops being sent again; those told hear it cleared.
+        Urgent alarms stay open until acknowledged: someone must know the trip point was near."""
+        for aid, entry in list(self.open.items()):
+            alarm = entry.alarm
+            if alarm.level is AlarmLevel.WARNING and alarm.kind in CHECKED_KINDS and alarm.kind not in holding:
+                del self.open[aid]
+                if entry.timer is not None:
+                    entry.timer.cancel()
+                cleared = alarm.model_copy(update={"status": AlarmStatus.CLEARED})
+                for op in entry.notified:
+                    self._send(op, cleared)
+
+    def raise_alarm(self, kind: AlarmKind, value: float | None = None, threshold: float | None = None,
+                    detail: str = "") -> Alarm:
+        """Raise and deliver an alarm; `detail` (e.g. a master IED's advice) follows the reading."""
+        level = AlarmLevel.URGENT if kind in URGENT_KINDS else AlarmLevel.WARNING
+        alarm = Alarm(id=str(self._next_id), device=self.agent.jid, kind=kind, level=level,
+                      value=None if value is None else round(value, 2), threshold=threshold)
+        text = describe(alarm) + (f": {detail}" if detail else "")
+        alarm = alarm.model_copy(update={"text": text if len(text) <= 300 else text[:299] + "…"})
+        self._next_id += 1
+        entry = _Open(alarm)
+        self.open[alarm.id] = entry
+        log.info("%s: alarm %s raised: %s", self.agent.spec.name, alarm.id, alarm.text)
+        self._deliver(entry)
+        return alarm
+
+    def _deliver(self, entry: _Open) -> None:
+        alarm = entry.alarm
+        if alarm.level is AlarmLevel.URGENT:
+            pos = self._next_on_duty(entry.duty_pos)
+            if pos is None:  # nobody can respond now: leave it with everyone on duty, offline
+                targets = list(self.duty)
+            else:
+                entry.duty_pos, targets = pos, [self.duty[pos]]
+        else:
+            targets = [op for op in self.duty if self.available(op)] or list(self.duty)
+        for op in targets:
+            self._send(op, alarm)
+        entry.notified.update(targets)
+        loop = asyncio.get_running_loop()
+        entry.timer = loop.call_later(self.settings.ack_timeout_s, self._escalate, alarm.id)
+
+    def _escalate(self, alarm_id: str) -> None:
+        entry = self.open.get(alarm_id)
+        if entry is None or self.agent._stopping:
+            return
+        entry.alarm = entry.alarm.model_copy(update={"escalation": entry.alarm.escalation + 1})
+        log.info("%s: alarm %s not acknowledged; escalating (%d)", self.agent.spec.name, alarm_id,
+                 entry.alarm.escalation)
+        try:
+            self._deliver(entry)
+        except Exception:  # a failed send must not end the escalation chain
+            log.exception("%s: escalating alarm %s failed", self.agent.spec.name, alarm_id)
+
+    def _send(self, to: str, alarm: Alarm) -> None:
+        if not self.agent.client.is_connected():
+            return
+        name = self.agent.spec.label
+        if alarm.status is AlarmStatus.ACKNOWLEDGED:
+            body = f"{name}: alarm {alarm.id} ({TITLES[alarm.kind]}) acknowledged by {alarm.acked_by}"
+        elif alarm.status is AlarmStatus.CLEARED:
+            body = f"{name}: alarm {alarm.id} ({TITLES[alarm.kind]}) cleared, the reading is back to normal"
+        else:
+            again = f" — not acknowledged, sent again ({alarm.escalation})" if alarm.escalation else ""
+            body = (f"{alarm.level.value.upper()} {name}: {alarm.text}{again}. "
+                    f"Reply 'ack {alarm.id}' to acknowledge.")
+        msg = self.agent.client.make_message(mto=to, mbody=body, mtype="chat")
+        msg.append(alarm_to_xml(alarm))
+        msg.send()
+
+    # -- acknowledgement ----------------------------------------------------------------
+
+    def acknowledge(self, alarm_id: str | None, by: str) -> list[Alarm]:
+        """Acknowledge one open alarm (or all, if `alarm_id` is None); returns those acknowledged.
+        The other operators who were told hear who took it."""
+        ids = [alarm_id] if alarm_id is not None else list(self.open)
+        done: list[Alarm] = []
+        for aid in ids:
+            entry = self.open.pop(aid, None)
+            if entry is None:
+                continue
+            if entry.timer is not None:
+                entry.timer.cancel()
+            alarm = entry.alarm.model_copy(update={"status": AlarmStatus.ACKNOWLEDGED, "acked_by": by})
+            for op in entry.notified - {by}:
+                self._send(op, alarm)
+            log.info("%s: alarm %s acknowledged by %s", self.agent.spec.name, aid, by)
+            done.append(alarm)
+        return done
+
+    def close(self) -> None:
+        for entry in self.open.values():
+            if entry.timer is not None:
+                entry.timer.cancel()

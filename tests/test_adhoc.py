@@ -1,0 +1,149 @@
+"""Standard XMPP on device bots, driven the way Gajim drives them: disco#info, disco#items on the
+commands node, execute, submit the form; plus caps in presence, software version and ping."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from slixmpp import ClientXMPP, Presence
+from slixmpp.exceptions import IqError
+
+from conftest import Env
+from gridpresence.agents.operator import GridOperator
+from gridpresence.agents.session import close_session, make_client, open_session
+from gridpresence.protocol import DeviceState
+from gridpresence.protocol.alarm import AlarmKind
+
+COMMANDS = "http://jabber.org/protocol/commands"
+
+
+class Gajim:
+    """What a desktop client does with ad-hoc commands, with slixmpp's own plugins."""
+
+    def __init__(self, client: ClientXMPP) -> None:
+        self.client = client
+        self.caps: dict[str, str] = {}
+        client.add_event_handler("presence_available", self._on_presence)
+
+    def _on_presence(self, pres: Presence) -> None:
+        if pres.xml.find("{http://jabber.org/protocol/caps}c") is not None:
+            self.caps[pres["from"].bare] = pres["caps"]["node"]
+
+    async def execute(self, to: str, node: str) -> Any:
+        iq = self.client.make_iq_set(ito=to)
+        iq["command"]["node"] = node
+        iq["command"]["action"] = "execute"
+        return await iq.send(timeout=5)
+
+    async def submit(self, to: str, first: Any, values: dict[str, str]) -> Any:
+        iq = self.client.make_iq_set(ito=to)
+        iq["command"]["node"] = first["command"]["node"]
+        iq["command"]["sessionid"] = first["command"]["sessionid"]
+        iq["command"]["action"] = "complete"
+        form = self.client.plugin["xep_0004"].make_form(ftype="submit")
+        for var, value in values.items():
+            form.add_field(var=var, value=value)
+        iq["command"].append(form)
+        return await iq.send(timeout=5)
+
+
+async def _gajim(env: Env, name: str) -> Gajim:
+    client = make_client(f"{env.fleet.jid(name)}/gajim", env.grid.secrets.password(name), env.grid.endpoint,
+                         plugins=("xep_0004", "xep_0050", "xep_0092"))
+    gajim = Gajim(client)
+    await open_session(client, env.grid.endpoint)
+    await client.get_roster()
+    client.send_presence()
+    return gajim
+
+
+@pytest_asyncio.fixture
+async def gajim(env: Env) -> AsyncIterator[Gajim]:
+    g = await _gajim(env, "bob")
+    yield g
+    await close_session(g.client)
+
+
+def full(alice: GridOperator, name: str) -> str:
+    jid = alice.devices[name].full_jid
+    assert jid is not None
+    return jid
+
+
+async def test_disco_caps_version_ping(gajim: Gajim, alice: GridOperator) -> None:
+    to = full(alice, "load-j")
+    info = await gajim.client.plugin["xep_0030"].get_info(jid=to, timeout=5)
+    features = set(info["disco_info"]["features"])
+    assert {COMMANDS, "jabber:iq:version", "urn:xmpp:ping", "http://jabber.org/protocol/caps"} <= features
+    items = await gajim.client.plugin["xep_0030"].get_items(jid=to, node=COMMANDS, timeout=5)
+    nodes = {node: name for _jid, node, name in items["disco_items"]["items"]}
+    assert nodes == {"status": "Status", "run": "Run a command", "ack-alarm": "Acknowledge an alarm"}
+    version = await gajim.client.plugin["xep_0092"].get_version(to, timeout=5)
+    assert version["software_version"]["name"] == "gridpresence device"
+    assert await gajim.client.plugin["xep_0199"].ping(to, timeout=5) >= 0
+    async with asyncio.timeout(5):  # a device's presence carries its caps
+        while "load-j@localhost" not in gajim.caps:
+            await asyncio.sleep(0.1)
+    assert gajim.caps["load-j@localhost"] == "urn:gridpresence:caps"
+
+
+async def test_status_and_shed_through_forms(gajim: Gajim, alice: GridOperator) -> None:
+    to = full(alice, "load-j")
+    status = await gajim.execute(to, "status")
+    assert status["command"]["status"] == "completed"
+    values = status["command"]["form"].get_values()
+    assert values["state"] == "on" and float(values["kw"]) > 0
+    assert status["command"]["notes"][0][1].startswith("load-j (load) is on")
+
+    form = await gajim.execute(to, "run")
+    assert form["command"]["status"] == "executing" and "complete" in form["command"]["actions"]
+    options = [o["value"] for o in form["command"]["form"].get_fields()["action"]["options"]]
+    assert options == ["restore", "shed"]
+    done = await gajim.submit(to, form, {"action": "shed"})
+    assert done["command"]["status"] == "completed"
+    result = done["command"]["form"].get_values()
+    assert result["outcome"] == "executed" and result["state"] == "off"
+    assert done["command"]["notes"][0] == ("info", done["command"]["notes"][0][1])
+    assert done["command"]["notes"][0][1].startswith("Done: load shed.")
+    await alice.wait_for(lambda d: d["load-j"].state is DeviceState.OFF, timeout=5)
+    again = await gajim.submit(to, await gajim.execute(to, "run"), {"action": "restore"})
+    assert again["command"]["form"].get_values()["outcome"] == "executed"
+    await alice.wait_for(lambda d: d["load-j"].state is DeviceState.ON, timeout=5)
+
+
+async def test_bad_form_input_and_unauthorised(env: Env, gajim: Gajim, alice: GridOperator) -> None:
+    to = full(alice, "load-j")
+    bad = await gajim.submit(to, await gajim.execute(to, "run"), {"action": "explode"})
+    assert bad["command"]["status"] == "completed"
+    assert bad["command"]["notes"][0][0] == "error" and "unknown action 'explode'" in bad["command"]["notes"][0][1]
+    crit = full(alice, "load-crit3")
+    with pytest.raises(IqError) as err:
+        await gajim.execute(full(alice, "gen-2"), "nonexistent")
+    assert err.value.condition == "item-not-found"
+    stranger = await _gajim(env, "billing")
+    try:
+        with pytest.raises(IqError) as refused:
+            await stranger.execute(crit, "run")
+        assert refused.value.condition == "forbidden" and "not authorised" in refused.value.text
+    finally:
+        await close_session(stranger.client)
+    assert (await gajim.execute(to, "status"))["command"]["form"].get_values()["state"] == "on"
+
+
+async def test_acknowledge_alarm_through_form(env: Env, gajim: Gajim, alice: GridOperator) -> None:
+    assert env.grid.bots is not None
+    device = env.grid.bots.devices["hot-breaker"]
+    to = full(alice, "hot-breaker")
+    alarm = device.alarms.raise_alarm(AlarmKind.BREAKER_TRIPPED, 0.0, 0.0)
+    form = await gajim.execute(to, "ack-alarm")
+    options = {o["value"] for o in form["command"]["form"].get_fields()["alarm"]["options"]}
+    assert alarm.id in options and "all" in options
+    done = await gajim.submit(to, form, {"alarm": alarm.id})
+    assert done["command"]["notes"][0][1] == f"Acknowledged: alarm {alarm.id} (breaker tripped)."
+    assert alarm.id not in device.alarms.open
+    empty = await gajim.execute(to, "ack-alarm")
+    assert empty["command"]["status"] == "completed" and "no open alarms" in empty["command"]["notes"][0][1]

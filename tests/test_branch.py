@@ -1,0 +1,64 @@
+"""Branch hierarchy ([00146]) on a real Prosody: the master IED publishes its branch totals in its
+presence, and when a branch nears its limit it tells the operators what to shed or start."""
+
+from __future__ import annotations
+
+import asyncio
+
+from chatpeer import chat_peer
+from conftest import Env
+from gridpresence.agents.operator import GridOperator
+from gridpresence.protocol.alarm import AlarmKind, alarm_from_xml
+from gridpresence.protocol.branch import branches_from_xml
+from gridpresence.protocol.codec import q
+from gridpresence.protocol.models import DeviceState
+
+
+async def test_master_publishes_branch_totals(env: Env, alice: GridOperator) -> None:
+    peer = await chat_peer(env, "bob", "branches")
+    seen: asyncio.Queue = asyncio.Queue()
+    peer.client.add_event_handler("presence_available", lambda p: p["from"].bare == "master@localhost"
+                                  and p.xml.find(q("branches")) is not None and seen.put_nowait(p))
+    try:
+        pres = await asyncio.wait_for(seen.get(), 5)  # the server sends the master's last presence
+        totals = {t.device: t for t in branches_from_xml(pres.xml.find(q("branches")))}
+        children = {env.fleet.jid(d.name) for d in env.fleet.children("master")}
+        assert set(totals) <= children and env.fleet.jid("branch-a") in totals
+        branch_a = alice.devices["branch-a"].report
+        assert totals[env.fleet.jid("branch-a")].kind.value == "meter"
+        assert branch_a is not None and abs(totals[env.fleet.jid("branch-a")].kw - (branch_a.telemetry.kw or 0)) <= 25
+        assert all(t.kw <= 0 for t in totals.values() if t.kind.value == "generator")
+    finally:
+        await peer.close()
+
+
+async def test_branch_near_limit_advice_names_loads_and_generator(env: Env, alice: GridOperator) -> None:
+    assert env.grid.bots is not None
+    bots = env.grid.bots.devices
+    before = {n: bots[n].sim.utilisation for n in ("bx-load-1", "bx-load-2", "bx-crit")}  # type: ignore[attr-defined]
+    # Other tests start generators; the advice can only name one that is off.
+    await alice.wait_for(lambda d: d["gen-2"].state in (DeviceState.ON, DeviceState.OFF), timeout=10)
+    if alice.devices["gen-2"].state is DeviceState.ON:
+        assert (await alice.command("gen-2", "stop")).ok
+    peer = await chat_peer(env, "alice", "branch-advice")
+    try:
+        advisor = env.grid.bots.advisors["master"]
+        for name in before:  # start well under the limit, so crossing it is news
+            bots[name].sim.utilisation = 0.2  # type: ignore[attr-defined]
+        async with asyncio.timeout(8):
+            while env.fleet.jid("branch-x") in advisor.near:
+                await asyncio.sleep(0.1)
+        for name in before:  # the physics: every load on branch-x at full power, 115 kW on a 100 kW branch
+            bots[name].sim.utilisation = 1.0  # type: ignore[attr-defined]
+        msg = await peer.alarm(env.fleet.jid("master"), timeout=8,
+                               predicate=lambda m: "branch near its limit" in m["body"])
+        alarm = alarm_from_xml(msg.xml.find(q("alarm")))
+        assert alarm.kind is AlarmKind.BRANCH_NEAR_LIMIT and alarm.threshold == 80.0
+        assert "branch-x carries" in alarm.text and "of 100 kW" in alarm.text
+        assert "shed bx-load-1 (60 kW)" in alarm.text and "bx-crit" not in alarm.text.split("shed", 1)[1].split("start")[0]
+        assert "start gen-" in alarm.text
+        assert (await peer.ask(env.fleet.jid("master"), f"ack {alarm.id}")).startswith("Acknowledged")
+    finally:
+        for name, value in before.items():
+            bots[name].sim.utilisation = value  # type: ignore[attr-defined]
+        await peer.close()
