@@ -7,6 +7,7 @@
     gridpresence shed|restore|start|stop|open|close|read DEVICE... [--json]
     gridpresence set-time DEVICE... [--time ISO]
     gridpresence bots --data DIR --only NAME...       run some bots apart (e.g. to kill one)
+    gridpresence rules replay TRACE.csv [--json]      alarms and threshold changes of a rule set over a trace
 
 Operator commands read ``connection.json`` (written by ``up``) from --connection, or
 $GRIDPRESENCE_CONNECTION, or .gridpresence/connection.json.
@@ -34,6 +35,7 @@ from gridpresence.agents.tracker import DeviceChange, DeviceView
 from gridpresence.config import FleetError, load_fleet
 from gridpresence.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE, Grid
 from gridpresence.protocol.models import Action, Outcome, OutcomeStatus
+from gridpresence.rules.cli import add_rules_commands
 from gridpresence.server import ServerError, ServerPorts
 
 DEFAULT_DATA = Path(".gridpresence")
@@ -343,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "set-time":
             p.add_argument("--time", default=None, help="ISO 8601 time with zone (default: now)")
         p.set_defaults(run=cmd_action, action=action)
+    add_rules_commands(sub)
     return parser
 
 
