@@ -165,7 +165,7 @@ def run(trace: Trace, adaptive: bool) -> dict[str, object]:
         for ev in events:
             if adjuster is not None:
                 adjuster.event(ev)
-            if not ev.raised or ev.silent:
+            if not ev.raised:
                 continue
             ep = episode_of(trace, ev)
             if ep is None or ev.rule not in DETECTS[ep.kind]:

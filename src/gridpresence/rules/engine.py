@@ -39,7 +39,6 @@ class FaultEvent:
     value: float | None
     threshold: float | None
     since_change_s: float
-    silent: bool = False  # raised while a rule it defers to holds: told by that one
 
 
 @dataclass
@@ -65,7 +64,7 @@ class Engine:
         return rule.params[name]
 
     def active(self, device: str) -> dict[str, bool]:
-        """Rules that hold for a device now: rule name -> told silently."""
+        """Rules that hold for a device now: rule name -> held silently (a rule it defers to was told)."""
         track = self._devices.get(device)
         return dict(track.active) if track else {}
 
@@ -79,18 +78,10 @@ class Engine:
         since = s.ts - track.changed_ts
         values = {**s.values, "run_h": track.run_s / 3600}
 
-        holding: dict[str, Rule] = {}
-        for rule in self.rules.rules:
-            if not rule.active or not rule.applies_to.matches(s.device, s.kind):
-                continue
-            if self._triggered(s, rule, since) and self._holds(s.device, rule, rule.content, values,
-                                                                rule.name in track.active):
-                holding[rule.name] = rule
-
+        holding = self.holding(s, values, since, set(track.active))
         events: list[FaultEvent] = []
         for name in list(track.active):
-            if name not in holding:
-                del track.active[name]
+            if name not in holding and not track.active.pop(name):  # a silent one was never told
                 events.append(self._event(s, self.rules.get(name), values, since, raised=False))
         for name, rule in holding.items():
             silent = any(o in holding for o in rule.suppressed_by)
@@ -99,6 +90,26 @@ class Engine:
                 if not silent:
                     events.append(self._event(s, rule, values, since, raised=True))
         return events
+
+    def holding(self, s: Sample, values: Mapping[str, Value], since: float, active: set[str]) -> dict[str, Rule]:
+        """The rules whose trigger and content hold for one sample (pure: no state changes).
+        `active` rules hold until their reading is `hysteresis` back on the safe side."""
+        out: dict[str, Rule] = {}
+        for rule in self.rules.rules:
+            if not rule.active or not rule.applies_to.matches(s.device, s.kind):
+                continue
+            if self._triggered(s, rule, since) and self._holds(s.device, rule, rule.content, values,
+                                                                rule.name in active):
+                out[rule.name] = rule
+        return out
+
+    def reading(self, device: str, rule: Rule, values: Mapping[str, Value]) -> tuple[float | None, float | None]:
+        """The reading and threshold that describe a rule's fault (its first comparison with a param)."""
+        first = first_param_compare(rule.content)
+        if first is None:
+            return None, None
+        v = values.get(first.field)
+        return (float(v) if isinstance(v, float | int) else None), self.param(device, rule, first.param or "")
 
     def _triggered(self, s: Sample, rule: Rule, since: float) -> bool:
         t = rule.trigger
@@ -135,13 +146,6 @@ class Engine:
                 return v != target
 
     def _event(self, s: Sample, rule: Rule, values: Mapping[str, Value], since: float, raised: bool) -> FaultEvent:
-        value = threshold = None
-        first = first_param_compare(rule.content)
-        if first is not None:
-            v = values.get(first.field)
-            value = v if isinstance(v, float | int) else None
-            threshold = self.param(s.device, rule, first.param or "")
+        value, threshold = self.reading(s.device, rule, values)
         return FaultEvent(device=s.device, rule=rule.name, alarm=rule.alarm, urgent=rule.urgent, raised=raised,
-                          ts=s.ts, value=value, threshold=threshold, since_change_s=since,
-                          silent=raised and any(o in self._devices[s.device].active for o in rule.suppressed_by))
-
+                          ts=s.ts, value=value, threshold=threshold, since_change_s=since)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from enum import StrEnum
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -199,7 +200,11 @@ DEFAULT_RULES = Path(__file__).with_name("default.toml")
 
 def default_rules(settings: AlarmSettings | None = None) -> RuleSet:
     """The alarms of [00145] as rules, with the fleet file's ``[alarms]`` levels as params."""
-    s = settings or AlarmSettings()
+    return _default_rules(settings or AlarmSettings())
+
+
+@lru_cache(maxsize=32)
+def _default_rules(s: AlarmSettings) -> RuleSet:
     levels = {"high_loading": s.high_loading_pct, "trip_imminent": s.trip_imminent_pct,
               "breaker_tripped": s.breaker_tripped_pct, "low_fuel": s.low_fuel_pct,
               "max_temperature": s.max_temperature_c, "service_after": s.service_after_run_h}

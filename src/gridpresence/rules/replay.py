@@ -134,8 +134,6 @@ def replay(rows: Iterable[TraceRow], rules: RuleSet, mode: AdjustMode | None = N
             if not ev.raised:
                 out.cleared += 1
                 continue
-            if ev.silent:
-                continue
             out.alarms.append(_alarm(ev, at, row.verdict))
             if row.verdict is not None:
                 _record(out, adjuster.verdict(ev.device, ev.rule, row.verdict == "fault", at))

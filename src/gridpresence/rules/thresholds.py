@@ -179,12 +179,14 @@ class Adjuster:
             alarm.cleared = ev
         return self._consider(ev.device, ev.rule, at)
 
-    def verdict(self, device: str, rule: str, fault: bool, at: datetime | None = None) -> Change | Proposal | None:
-        """An operator's judgement of the device's latest alarm of this rule."""
+    def verdict(self, device: str, rule: str, fault: bool, at: datetime | None = None,
+                raised_ts: float | None = None) -> Change | Proposal | None:
+        """An operator's judgement of an alarm: the one raised at `raised_ts`, else the latest."""
         hist = self._hist.get((device, rule))
         if hist is None or not hist.alarms:
-            raise AdjustError(f"{device} has had no {rule} alarm to judge")
-        hist.alarms[-1].verdict = fault
+            raise AdjustError(f"{device} has had no {rule} alarm to judge since its threshold last changed")
+        judged = next((a for a in reversed(hist.alarms) if a.event.ts == raised_ts), hist.alarms[-1])
+        judged.verdict = fault
         hist.false_share.add(0.0 if fault else 1.0)
         return self._consider(device, rule, at)
 
@@ -234,6 +236,8 @@ class Adjuster:
             return change
         for pid, p in list(self.pending.items()):  # one open proposal per threshold: the newest evidence wins
             if (p.device, p.rule, p.param) == (device, rule.name, rule.adjust.param):
+                if p.proposed == proposed:
+                    return None  # already with the operator
                 del self.pending[pid]
         p = Proposal(self._next_proposal, device, rule.name, rule.adjust.param, current, proposed, why, mode)
         self._next_proposal += 1
