@@ -159,10 +159,7 @@ def run(trace: Trace, adaptive: bool) -> dict[str, object]:
     first: dict[int, float] = {}
     index = {id(ep): k for k, ep in enumerate(trace.episodes)}
     for s in trace.samples:
-        events = engine.feed(s)
-        if adjuster is not None:
-            adjuster.observe(s)
-        for ev in events:
+        for ev in engine.feed(s):
             if adjuster is not None:
                 adjuster.event(ev)
             if not ev.raised:
@@ -174,6 +171,8 @@ def run(trace: Trace, adaptive: bool) -> dict[str, object]:
                 first.setdefault(index[id(ep)], ev.ts)
             if adjuster is not None:
                 adjuster.verdict(ev.device, ev.rule, ep is not None)
+        if adjuster is not None:
+            adjuster.observe(s)
     delays = [(first[k] - ep.start) / STEP_S for k, ep in enumerate(trace.episodes) if k in first]
     return {"false_alarms": false_alarms, "missed": len(trace.episodes) - len(first),
             "true_faults": len(trace.episodes), "delay_samples": delays,

@@ -120,15 +120,14 @@ class AlarmDesk:
         if report is None:
             return
         sample = report_sample(self.agent.spec.name, report, asyncio.get_running_loop().time())
-        events = self.engine.feed(sample)
-        self.adjuster.observe(sample)
-        for ev in events:
+        for ev in self.engine.feed(sample):
             if ev.raised:
                 alarm = self.raise_alarm(AlarmKind(ev.alarm), ev.value, ev.threshold)
                 self.rule_alarms[alarm.id] = (ev.rule, ev.ts)
             outcome = self.adjuster.event(ev)
             if outcome is not None and self.on_adjustment is not None:
                 self.on_adjustment(outcome)
+        self.adjuster.observe(sample)  # after the events: readings of an open fault stay out of the indices
         # A rule held silently (high loading while the trip point is imminent) counts as told.
         held = self.engine.active(self.agent.spec.name)
         self._active = frozenset(AlarmKind(self.engine.rules.get(name).alarm) for name in held)

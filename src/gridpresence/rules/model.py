@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.protocol.models import DeviceKind, DeviceState
@@ -59,7 +59,16 @@ class Xor(_Strict):
     xor: list[Condition] = Field(min_length=2)
 
 
-Condition = Union[Compare, All, AnyOf, Xor]
+def _condition_tag(v: object) -> str | None:
+    """Which kind of condition a table is, by its key: errors then name the right fields."""
+    if isinstance(v, dict):
+        return next((k for k in ("all", "any", "xor") if k in v), "compare")
+    return {Compare: "compare", All: "all", AnyOf: "any", Xor: "xor"}.get(type(v))
+
+
+Condition = Annotated[Union[Annotated[Compare, Tag("compare")], Annotated[All, Tag("all")],
+                            Annotated[AnyOf, Tag("any")], Annotated[Xor, Tag("xor")]],
+                      Discriminator(_condition_tag)]
 All.model_rebuild()
 AnyOf.model_rebuild()
 Xor.model_rebuild()
@@ -191,7 +200,9 @@ def load_rules(path: Path) -> RuleSet:
         return RuleSet.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        loc = [str(p) for p in first["loc"]]
+        # A condition's tag repeats its key ("any.any.1"): say it once.
+        where = ".".join(p for i, p in enumerate(loc) if i == 0 or p != loc[i - 1])
         raise RuleSetError(f"{path}: {where}: {first['msg']}") from exc
 
 

@@ -127,9 +127,7 @@ def replay(rows: Iterable[TraceRow], rules: RuleSet, mode: AdjustMode | None = N
         s = row.sample()
         out.samples += 1
         at = datetime.fromtimestamp(s.ts, UTC)
-        events = engine.feed(s)
-        adjuster.observe(s)
-        for ev in events:
+        for ev in engine.feed(s):
             _record(out, adjuster.event(ev, at))
             if not ev.raised:
                 out.cleared += 1
@@ -137,6 +135,7 @@ def replay(rows: Iterable[TraceRow], rules: RuleSet, mode: AdjustMode | None = N
             out.alarms.append(_alarm(ev, at, row.verdict))
             if row.verdict is not None:
                 _record(out, adjuster.verdict(ev.device, ev.rule, row.verdict == "fault", at))
+        adjuster.observe(s)  # after the events: readings of an open fault stay out of the indices
     out.proposals = list(adjuster.pending.values())
     return out
 

@@ -152,7 +152,8 @@ class Adjuster:
     # -- inputs --------------------------------------------------------------------------
 
     def observe(self, s: Sample) -> None:
-        """EWMA indices of readings taken while no fault is open; peaks of open faults."""
+        """EWMA indices of readings taken while no fault is open; peaks of open faults. Call it
+        after passing the sample's fault events to `event`."""
         for (device, rule), alarm in self._open.items():
             if device == s.device:
                 cmp = first_param_compare(self.rules.get(rule).content)
