@@ -34,6 +34,7 @@ bench: setup
 	$(PY) bench/fanout.py
 	$(PY) bench/presence_latency.py
 	$(PY) bench/chat.py
+	$(PY) bench/rules_eval.py
 
 clean:
 	rm -rf $(VENV) .gridpresence .pytest_cache

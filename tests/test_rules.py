@@ -322,3 +322,61 @@ def test_rules_eval_bench_meets_its_goals() -> None:
     assert adaptive["false_alarms"] <= 0.2 * fixed["false_alarms"] and fixed["false_alarms"] > 50
     assert adaptive["delay_median_samples"] <= 1
     assert "ratio to fixed: false alarms" in out.stdout
+
+
+FLEET = """
+[[operators]]
+name = "alice"
+
+[[billing]]
+name = "supplier"
+peak_price = 0.80
+off_peak_price = 0.60
+
+[[devices]]
+name = "master"
+kind = "master"
+rated_kw = 1000
+
+[[devices]]
+name = "branch-x"
+kind = "meter"
+rated_kw = 400
+parent = "master"
+
+[[devices]]
+name = "load-1"
+kind = "load"
+rated_kw = 100
+parent = "branch-x"
+
+[[devices]]
+name = "load-2"
+kind = "load"
+rated_kw = 10
+"""
+
+RANKED = """timestamp,device,state,load_pct,output_kw,fuel_pct,temperature_c,breaker
+2026-01-01T12:00:00Z,branch-x,on,90,,,,
+2026-01-01T12:01:00Z,load-1,on,90,,,,
+2026-01-01T12:02:00Z,branch-x,on,50,,,,
+2026-01-01T12:03:00Z,load-1,on,50,,,,
+2026-01-01T20:04:00Z,load-1,on,85,,,,
+2026-01-01T20:05:00Z,load-2,on,85,,,,
+"""
+
+
+def test_replay_ranks_by_cost_per_day_at_the_tariff_and_folds_under_faulty_branch(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fleet, trace = write(tmp_path, "fleet.toml", FLEET), write(tmp_path, "ranked.csv", RANKED)
+    assert main(["rules", "replay", str(trace), "--fleet", str(fleet), "--high-cost", "50", "--json"]) == 0
+    alarms = json.loads(capsys.readouterr().out)["alarms"]
+    got = [(a["device"], a["cost_per_day"], a["sent"], a["folded_into"]) for a in alarms]
+    assert got == [
+        ("branch-x", 768.0, "at once", None),  # 10 % of 400 kW over, 24 h at the $0.80 peak price
+        ("load-1", 192.0, "at once", "branch-x"),  # its branch is in fault: told with the branch alarm
+        ("load-1", 72.0, "at once", None),  # 5 kW over at the $0.60 off-peak price; branch back to normal
+        ("load-2", 7.2, "batched", None),  # 0.5 kW over: low priority, batched
+    ]
+    assert main(["rules", "replay", str(trace), "--fleet", str(tmp_path / "none.toml")]) == 2
+    assert "none.toml" in capsys.readouterr().err

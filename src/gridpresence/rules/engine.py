@@ -127,7 +127,7 @@ class Engine:
         if v is None:
             return False
         target = self.param(device, rule, cond.param) if cond.param else cond.value
-        if isinstance(target, str) or isinstance(v, str):
+        if target is None or isinstance(target, str) or isinstance(v, str):
             return (str(v) == str(target)) == (cond.op == "==")
         # An active fault holds until the reading is `hysteresis` back on the safe side.
         slack = rule.hysteresis if active else 0.0

@@ -63,7 +63,8 @@ def _condition_tag(v: object) -> str | None:
     """Which kind of condition a table is, by its key: errors then name the right fields."""
     if isinstance(v, dict):
         return next((k for k in ("all", "any", "xor") if k in v), "compare")
-    return {Compare: "compare", All: "all", AnyOf: "any", Xor: "xor"}.get(type(v))
+    tags: dict[type, str] = {Compare: "compare", All: "all", AnyOf: "any", Xor: "xor"}
+    return tags.get(type(v))
 
 
 Condition = Annotated[Union[Annotated[Compare, Tag("compare")], Annotated[All, Tag("all")],
@@ -78,7 +79,7 @@ class Trigger(_Strict):
     """When the content condition is evaluated at all: in these states, this long after the last
     state change (a number of seconds or a param, e.g. a generator's settling time), in this mode."""
 
-    states: list[DeviceState] = Field(default_factory=lambda: [s for s in DeviceState if s is not DeviceState.GONE])
+    states: list[DeviceState] = Field(default_factory=lambda: [DeviceState.ON, DeviceState.OFF, DeviceState.RESTRICTED])
     since_change_s: float | _Name = 0.0
     mode: str | None = None
 

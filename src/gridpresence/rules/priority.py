@@ -8,7 +8,7 @@ is itself in fault is folded into the branch's alarm.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from gridpresence.rules.engine import FaultEvent
@@ -61,19 +61,24 @@ class Prioritiser:
         return out
 
 
+def faulty_ancestor(device: str, parent: Callable[[str], str | None], in_fault: Collection[str]) -> str | None:
+    """The highest branch above `device` that is itself in fault, if any."""
+    top, node, seen = None, parent(device), {device}
+    while node is not None and node not in seen:
+        seen.add(node)
+        if node in in_fault:
+            top = node
+        node = parent(node)
+    return top
+
+
 def fold_under_branches(faults: Iterable[Ranked], parent: Callable[[str], str | None]) -> list[Ranked]:
     """Faults whose device has an ancestor in fault are folded into the highest such ancestor's."""
     faults = list(faults)
     in_fault = {r.event.device for r in faults}
 
     def top_faulty_ancestor(device: str) -> str | None:
-        top, node, seen = None, parent(device), {device}
-        while node is not None and node not in seen:
-            seen.add(node)
-            if node in in_fault:
-                top = node
-            node = parent(node)
-        return top
+        return faulty_ancestor(device, parent, in_fault)
 
     folded: dict[str, list[FaultEvent]] = {}
     kept: list[Ranked] = []

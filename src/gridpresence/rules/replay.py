@@ -9,7 +9,7 @@ operator's judgement used when an alarm fires on that row.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,9 +17,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from gridpresence.protocol.models import Breaker, DeviceKind, DeviceState
+from gridpresence.protocol.models import Breaker, DeviceKind, DeviceState, Tariff
 from gridpresence.rules.engine import Engine, FaultEvent, Sample
 from gridpresence.rules.model import AdjustMode, RuleSet
+from gridpresence.rules.priority import cost_per_day, excess_kw, faulty_ancestor
 from gridpresence.rules.thresholds import Adjuster, Change, Proposal, ThresholdBook
 
 REQUIRED = ("timestamp", "device", "state", "load_pct", "output_kw", "fuel_pct", "temperature_c", "breaker")
@@ -117,27 +118,57 @@ class ReplayResult:
                 "proposals": [p.as_dict() for p in self.proposals]}
 
 
-def replay(rows: Iterable[TraceRow], rules: RuleSet, mode: AdjustMode | None = None) -> ReplayResult:
-    """Run the rules over the rows in order; verdicts feed the threshold adjustment."""
+@dataclass(frozen=True)
+class PriorityOptions:
+    """Central ranking: the billing party's tariff, a cost that counts as high, the branch tree."""
+
+    tariff: Tariff
+    high_cost_per_day: float
+    parents: Mapping[str, str | None] = field(default_factory=dict)
+    rated_kw: Mapping[str, float] = field(default_factory=dict)
+
+
+def replay(rows: Iterable[TraceRow], rules: RuleSet, mode: AdjustMode | None = None,
+           priority: PriorityOptions | None = None) -> ReplayResult:
+    """Run the rules over the rows in order; verdicts feed the threshold adjustment. With
+    `priority`, each alarm gets its cost per day at the tariff's price of its time, is marked
+    sent at once or batched, and is folded into a branch above it that is itself in fault."""
     book = ThresholdBook(rules)
     engine = Engine(rules, book)
     adjuster = Adjuster(rules, book, mode=mode)
     out = ReplayResult()
+    in_fault: dict[str, set[str]] = {}
     for row in rows:
         s = row.sample()
         out.samples += 1
         at = datetime.fromtimestamp(s.ts, UTC)
         for ev in engine.feed(s):
             _record(out, adjuster.event(ev, at))
+            faults = in_fault.setdefault(ev.device, set())
             if not ev.raised:
+                faults.discard(ev.rule)
                 out.cleared += 1
                 continue
-            out.alarms.append(_alarm(ev, at, row.verdict))
+            faults.add(ev.rule)
+            alarm = _alarm(ev, at, row.verdict)
+            if priority is not None:
+                alarm.update(_rank(ev, at, row, priority, {d for d, f in in_fault.items() if f}))
+            out.alarms.append(alarm)
             if row.verdict is not None:
                 _record(out, adjuster.verdict(ev.device, ev.rule, row.verdict == "fault", at))
         adjuster.observe(s)  # after the events: readings of an open fault stay out of the indices
     out.proposals = list(adjuster.pending.values())
     return out
+
+
+def _rank(ev: FaultEvent, at: datetime, row: TraceRow, opts: PriorityOptions,
+          in_fault: set[str]) -> dict[str, object]:
+    capacity = opts.rated_kw.get(ev.device)
+    if capacity is None and row.output_kw is not None and row.load_pct:
+        capacity = row.output_kw / (row.load_pct / 100)  # the device's own power tells its rating
+    cost = round(cost_per_day(excess_kw(ev, capacity), opts.tariff.price_at(at)), 2)
+    return {"cost_per_day": cost, "sent": "at once" if ev.urgent or cost >= opts.high_cost_per_day else "batched",
+            "folded_into": faulty_ancestor(ev.device, opts.parents.get, in_fault)}
 
 
 def _record(out: ReplayResult, outcome: Change | Proposal | None) -> None:

@@ -175,9 +175,8 @@ class Adjuster:
             self._open[key] = alarm
             self._history(*key).alarms.append(alarm)
             return self._consider(ev.device, ev.rule, at)
-        alarm = self._open.pop(key, None)
-        if alarm is not None:
-            alarm.cleared = ev
+        if key in self._open:
+            self._open.pop(key).cleared = ev
         return self._consider(ev.device, ev.rule, at)
 
     def verdict(self, device: str, rule: str, fault: bool, at: datetime | None = None,
