@@ -43,6 +43,9 @@ TITLES: dict[AlarmKind, str] = {
 }
 
 
+# Alarms an operator can still judge ("not a fault") are the device's latest this many.
+MAX_JUDGEABLE = 200
+
 # Kinds raised from the device's own readings (a master's branch advice is raised elsewhere).
 CHECKED_KINDS = frozenset(AlarmKind) - {AlarmKind.BRANCH_NEAR_LIMIT}
 
@@ -124,6 +127,8 @@ class AlarmDesk:
             if ev.raised:
                 alarm = self.raise_alarm(AlarmKind(ev.alarm), ev.value, ev.threshold)
                 self.rule_alarms[alarm.id] = (ev.rule, ev.ts)
+                if len(self.rule_alarms) > MAX_JUDGEABLE:
+                    del self.rule_alarms[min(self.rule_alarms, key=int)]
             outcome = self.adjuster.event(ev)
             if outcome is not None and self.on_adjustment is not None:
                 self.on_adjustment(outcome)

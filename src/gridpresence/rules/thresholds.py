@@ -122,7 +122,7 @@ class _History:
     lam: float
     false_share: _Ewma = field(init=False)
     raised: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
-    alarms: list[_Alarm] = field(default_factory=list)
+    alarms: deque[_Alarm] = field(default_factory=lambda: deque(maxlen=200))  # a bounded history
 
     def __post_init__(self) -> None:
         self.false_share = _Ewma(self.lam, 0.0)
