@@ -115,6 +115,10 @@ async def test_verdict_by_adhoc_command_and_bad_ids(env: Env) -> None:
         assert done["command"]["notes"][0][1].startswith(f"Recorded: alarm {aid} (high_loading) is not a fault.")
         hist = dev.alarms.adjuster._hist[(DEVICE, "high_loading")]
         assert hist.alarms[-1].verdict is False
+        # One rule set, stored once, shared by the devices (each with its own threshold book).
+        assert env.grid.bots is not None
+        other = env.grid.bots.devices["hot-load"].alarms
+        assert other.engine.rules is dev.alarms.engine.rules and other.thresholds is not dev.alarms.thresholds
     finally:
         dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
         dev.alarms.acknowledge(None, "test-cleanup")
