@@ -124,3 +124,50 @@ async def test_verdict_by_adhoc_command_and_bad_ids(env: Env) -> None:
         dev.alarms.acknowledge(None, "test-cleanup")
         await bob.close()
         await close_session(gajim.client)
+
+
+async def test_low_priority_warning_batched_costly_one_at_once(env: Env) -> None:
+    """Ranked by cost per day at the billing party's tariff: 2 kW past the limit waits for the
+    batch (and is dropped if it passes first); 13 kW past it goes at once."""
+    assert env.grid.bots is not None
+    dev = env.grid.bots.devices["hot-load"]
+    name, device = "hot-load", env.fleet.jid("hot-load")
+    before = dev.alarms.settings
+    dev.alarms.settings = before.model_copy(update={"batch_low_priority_s": 2.0, "high_cost_per_day": 100.0})
+    bob = await chat_peer(env, "bob", "batch")
+
+    async def until(held: bool) -> None:
+        async with asyncio.timeout(5):
+            while ("high_loading" in dev.alarms.engine.active(name)) != held:
+                await asyncio.sleep(0.05)
+
+    try:
+        await asyncio.sleep(0.3)
+        assert dev.alarms.price is not None and dev.alarms.price() in (0.8, 0.6)  # the fleet's billing tariff
+        # A short, cheap excursion: batched, then passed before the batch went out: nobody is told.
+        dev.sim.utilisation = 0.82  # type: ignore[attr-defined]
+        await until(True)
+        dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
+        await until(False)
+        await asyncio.sleep(2.5)
+        assert not [m for m in bob.alarms._queue if m["from"].bare == device]  # type: ignore[attr-defined]
+        # A cheap one that lasts: told once the batch goes out, with its cost.
+        dev.sim.utilisation = 0.82  # type: ignore[attr-defined]
+        await until(True)
+        aid = await high_loading_alarm(bob, device, AlarmStatus.RAISED, timeout=5)
+        text = dev.alarms.open[aid].alarm.text
+        assert "low priority" in text and "a day, batched" in text
+        cost = float(text.split("low priority, ")[1].split(" a day")[0])
+        assert 0 < cost < 100
+        dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
+        await high_loading_alarm(bob, device, AlarmStatus.CLEARED)
+        # A costly one: at once, no batching note.
+        dev.sim.utilisation = 0.93  # type: ignore[attr-defined]
+        await until(True)
+        aid = await high_loading_alarm(bob, device, AlarmStatus.RAISED, timeout=1.0)
+        assert "batched" not in dev.alarms.open[aid].alarm.text
+    finally:
+        dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
+        dev.alarms.settings = before
+        dev.alarms.acknowledge(None, "test-cleanup")
+        await bob.close()

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.protocol.alarm import URGENT_KINDS, Alarm, AlarmKind, AlarmLevel, AlarmStatus, alarm_to_xml
 from gridpresence.protocol.models import PresenceReport
-from gridpresence.rules.engine import Engine
+from gridpresence.rules.engine import Engine, FaultEvent
+from gridpresence.rules.priority import Prioritiser
 from gridpresence.rules.live import report_sample
 from gridpresence.rules.model import default_rules
 from gridpresence.rules.thresholds import Adjuster, Change, Proposal, ThresholdBook
@@ -100,6 +101,11 @@ class AlarmDesk:
         self.adjuster = Adjuster(rules, self.thresholds)
         self.rule_alarms: dict[str, tuple[str, float]] = {}  # alarm id -> (rule, when raised), for verdicts
         self.on_adjustment: Callable[[Change | Proposal], None] | None = None
+        # The billing party's price now (set by the fleet); with [alarms] batch_low_priority_s it ranks faults.
+        self.price: Callable[[], float] | None = None
+        self._prioritiser: Prioritiser | None = None
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._capacity_kw: float | None = None
 
     # -- presence of the operators ------------------------------------------------------
 
@@ -123,12 +129,15 @@ class AlarmDesk:
         if report is None:
             return
         sample = report_sample(self.agent.spec.name, report, asyncio.get_running_loop().time())
+        self._capacity_kw = report.telemetry.capacity_kw
+        ranker = self._ranker()
         for ev in self.engine.feed(sample):
-            if ev.raised:
-                alarm = self.raise_alarm(AlarmKind(ev.alarm), ev.value, ev.threshold)
-                self.rule_alarms[alarm.id] = (ev.rule, ev.ts)
-                if len(self.rule_alarms) > MAX_JUDGEABLE:
-                    del self.rule_alarms[min(self.rule_alarms, key=int)]
+            if ev.raised and (ranker is None or ranker.submit(ev)):
+                self._raise_fault(ev)
+            elif ev.raised:  # low priority: waits for the batch
+                self._schedule_flush()
+            elif ranker is not None:
+                ranker.withdraw(ev.device, ev.rule)  # passed before the batch went out: nobody is bothered
             outcome = self.adjuster.event(ev)
             if outcome is not None and self.on_adjustment is not None:
                 self.on_adjustment(outcome)
@@ -137,6 +146,38 @@ class AlarmDesk:
         held = self.engine.active(self.agent.spec.name)
         self._active = frozenset(AlarmKind(self.engine.rules.get(name).alarm) for name in held)
         self._clear_warnings(self._active)
+
+    def _raise_fault(self, ev: FaultEvent, detail: str = "") -> None:
+        alarm = self.raise_alarm(AlarmKind(ev.alarm), ev.value, ev.threshold, detail)
+        self.rule_alarms[alarm.id] = (ev.rule, ev.ts)
+        if len(self.rule_alarms) > MAX_JUDGEABLE:
+            del self.rule_alarms[min(self.rule_alarms, key=int)]
+
+    # -- priority: costly faults at once, the rest batched (second document, "cost per day") --
+
+    def _ranker(self) -> Prioritiser | None:
+        if self.settings.batch_low_priority_s <= 0 or self.price is None:
+            return None
+        if self._prioritiser is None:
+            self._prioritiser = Prioritiser(self.settings.high_cost_per_day, self.price,
+                                            lambda _device: self._capacity_kw)
+        self._prioritiser.high_cost_per_day = self.settings.high_cost_per_day
+        return self._prioritiser
+
+    def _schedule_flush(self) -> None:
+        if self._flush_timer is None:
+            loop = asyncio.get_running_loop()
+            self._flush_timer = loop.call_later(self.settings.batch_low_priority_s, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_timer = None
+        if self._prioritiser is None or self.agent._stopping:
+            return
+        for ranked in self._prioritiser.flush():  # costliest first
+            try:
+                self._raise_fault(ranked.event, f"low priority, {ranked.cost_per_day:.2f} a day, batched")
+            except Exception:  # one failed send must not lose the rest of the batch
+                log.exception("%s: sending a batched alarm failed", self.agent.spec.name)
 
     def _clear_warnings(self, holding: frozenset[AlarmKind]) -> None:
         """A warning whose condition has passed stops being sent again; those told hear it cleared.
@@ -231,6 +272,8 @@ class AlarmDesk:
         return done
 
     def close(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
         for entry in self.open.values():
             if entry.timer is not None:
                 entry.timer.cancel()

@@ -55,6 +55,10 @@ class Prioritiser:
         self.batch.append(r)
         return []
 
+    def withdraw(self, device: str, rule: str) -> None:
+        """A batched fault that has passed before the batch went out is dropped."""
+        self.batch = [r for r in self.batch if (r.event.device, r.event.rule) != (device, rule)]
+
     def flush(self) -> list[Ranked]:
         """The batch, costliest first."""
         out, self.batch = sorted(self.batch, key=lambda r: -r.cost_per_day), []
