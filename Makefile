@@ -36,6 +36,7 @@ bench: setup
 	$(PY) bench/relay.py
 	$(PY) bench/bosh.py
 	$(PY) bench/chat.py
+	$(PY) bench/rules_eval.py
 
 clean:
 	rm -rf $(VENV) .gridpresence .pytest_cache

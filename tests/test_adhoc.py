@@ -81,7 +81,8 @@ async def test_disco_caps_version_ping(gajim: Gajim, alice: GridOperator) -> Non
     assert {COMMANDS, "jabber:iq:version", "urn:xmpp:ping", "http://jabber.org/protocol/caps"} <= features
     items = await gajim.client.plugin["xep_0030"].get_items(jid=to, node=COMMANDS, timeout=5)
     nodes = {node: name for _jid, node, name in items["disco_items"]["items"]}
-    assert nodes == {"status": "Status", "run": "Run a command", "ack-alarm": "Acknowledge an alarm"}
+    assert nodes == {"status": "Status", "run": "Run a command", "ack-alarm": "Acknowledge an alarm",
+                     "judge-alarm": "Judge an alarm"}
     version = await gajim.client.plugin["xep_0092"].get_version(to, timeout=5)
     assert version["software_version"]["name"] == "gridpresence device"
     assert await gajim.client.plugin["xep_0199"].ping(to, timeout=5) >= 0

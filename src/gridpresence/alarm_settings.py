@@ -22,6 +22,10 @@ class AlarmSettings(BaseModel):
     ack_timeout_s: float = Field(default=120.0, ge=0.5, le=86400, allow_inf_nan=False)
     # A reading must fall this far below a threshold before the alarm can be raised anew.
     hysteresis_pct: float = Field(default=2.0, ge=0, le=50, allow_inf_nan=False)
+    # Warnings costing less than high_cost_per_day (kW past the threshold x 24 h x the billing
+    # party's price) wait this long and go out together, costliest first; 0 sends every one at once.
+    batch_low_priority_s: float = Field(default=0.0, ge=0, le=86400, allow_inf_nan=False)
+    high_cost_per_day: float = Field(default=50.0, ge=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _ordered(self) -> AlarmSettings:

@@ -10,6 +10,7 @@
     gridpresence relay --data DIR                     the email store-and-forward relay alone
     gridpresence mail-device NAME --data DIR          a device that reaches the grid by SMTP only
     gridpresence alert DEVICE [--timeout S]           wait until a device is available
+    gridpresence rules replay TRACE.csv [--json]      alarms and threshold changes of a rule set over a trace
 
 Operator commands read ``connection.json`` (written by ``up``) from --connection, or
 $GRIDPRESENCE_CONNECTION, or .gridpresence/connection.json.
@@ -37,6 +38,7 @@ from gridpresence.config import FleetError, load_fleet
 from gridpresence.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE, Grid
 from gridpresence.protocol.models import Action, Outcome, OutcomeStatus
 from gridpresence.relay import commands as relay_commands
+from gridpresence.rules.cli import add_rules_commands
 from gridpresence.server import ServerError, ServerPorts
 from gridpresence.signals import stop_signal, unless_stopped
 
@@ -361,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     alert.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (exit 1)")
     alert.set_defaults(run=cmd_alert)
     relay_commands.register(sub, operator_opts, str(DEFAULT_DATA))
+    add_rules_commands(sub)
     return parser
 
 

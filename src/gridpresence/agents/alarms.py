@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.protocol.alarm import URGENT_KINDS, Alarm, AlarmKind, AlarmLevel, AlarmStatus, alarm_to_xml
-from gridpresence.protocol.models import Breaker, DeviceKind, DeviceState, PresenceReport
+from gridpresence.protocol.models import PresenceReport
+from gridpresence.rules.engine import Engine, FaultEvent
+from gridpresence.rules.priority import Prioritiser
+from gridpresence.rules.live import report_sample
+from gridpresence.rules.model import default_rules
+from gridpresence.rules.thresholds import Adjuster, Change, Proposal, ThresholdBook
 
 if TYPE_CHECKING:
     from gridpresence.agents.device import DeviceAgent
@@ -37,6 +44,9 @@ TITLES: dict[AlarmKind, str] = {
 }
 
 
+# Alarms an operator can still judge ("not a fault") are the device's latest this many.
+MAX_JUDGEABLE = 200
+
 # Kinds raised from the device's own readings (a master's branch advice is raised elsewhere).
 CHECKED_KINDS = frozenset(AlarmKind) - {AlarmKind.BRANCH_NEAR_LIMIT}
 
@@ -51,33 +61,17 @@ class _Open:
 
 def conditions(report: PresenceReport, settings: AlarmSettings, run_h: float,
                active: frozenset[AlarmKind] = frozenset()) -> dict[AlarmKind, tuple[float, float]]:
-    """Alarm conditions that hold for a report: kind -> (value, threshold). A condition that is
-    already active holds until the reading is `hysteresis_pct` back on the safe side."""
-    t, hyst = report.telemetry, settings.hysteresis_pct
+    """Alarm conditions that hold for a report: kind -> (value, threshold), by the default rule
+    set. A condition that is already active holds until the reading is `hysteresis_pct` back on
+    the safe side."""
+    engine = Engine(default_rules(settings))
+    sample = report_sample("", report, 0.0)
+    values = {**sample.values, "run_h": run_h}
+    active_rules = {r.name for r in engine.rules.rules if AlarmKind(r.alarm) in active}
     out: dict[AlarmKind, tuple[float, float]] = {}
-
-    def above(kind: AlarmKind, value: float | None, threshold: float) -> None:
-        if value is not None and value >= threshold - (hyst if kind in active else 0.0):
-            out[kind] = (value, threshold)
-
-    def below(kind: AlarmKind, value: float | None, threshold: float) -> None:
-        if value is not None and value <= threshold + (hyst if kind in active else 0.0):
-            out[kind] = (value, threshold)
-
-    if report.state is DeviceState.GONE:
-        return out
-    above(AlarmKind.TRIP_IMMINENT, t.load_pct, settings.trip_imminent_pct)
-    above(AlarmKind.HIGH_LOADING, t.load_pct, settings.high_loading_pct)
-    if report.kind is DeviceKind.BREAKER:
-        if t.breaker is Breaker.TRIPPED:
-            out[AlarmKind.BREAKER_TRIPPED] = (t.load_pct or 0.0, settings.breaker_tripped_pct)
-        elif t.breaker is Breaker.CLOSED:
-            below(AlarmKind.BREAKER_TRIPPED, t.load_pct, settings.breaker_tripped_pct)
-    if report.kind is DeviceKind.GENERATOR:
-        if report.state is DeviceState.ON:
-            below(AlarmKind.LOW_FUEL, t.fuel_pct, settings.low_fuel_pct)
-        above(AlarmKind.TEMPERATURE_EXCEEDED, t.temperature_c, settings.max_temperature_c)
-        above(AlarmKind.SERVICE_REQUIRED, run_h, settings.service_after_run_h)
+    for rule in engine.holding(sample, values, math.inf, active_rules).values():
+        value, threshold = engine.reading("", rule, values)
+        out[AlarmKind(rule.alarm)] = (value or 0.0, threshold or 0.0)
     return out
 
 
@@ -100,8 +94,18 @@ class AlarmDesk:
         self.open: dict[str, _Open] = {}
         self._active: frozenset[AlarmKind] = frozenset()
         self._next_id = 1
-        self._run_s = 0.0
-        self._last_check: float | None = None
+        # The rules run here, on the device: only faults leave it. Thresholds adapt per device.
+        rules = default_rules(settings)
+        self.thresholds = ThresholdBook(rules)
+        self.engine = Engine(rules, self.thresholds)
+        self.adjuster = Adjuster(rules, self.thresholds)
+        self.rule_alarms: dict[str, tuple[str, float]] = {}  # alarm id -> (rule, when raised), for verdicts
+        self.on_adjustment: Callable[[Change | Proposal], None] | None = None
+        # The billing party's price now (set by the fleet); with [alarms] batch_low_priority_s it ranks faults.
+        self.price: Callable[[], float] | None = None
+        self._prioritiser: Prioritiser | None = None
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._capacity_kw: float | None = None
 
     # -- presence of the operators ------------------------------------------------------
 
@@ -121,21 +125,59 @@ class AlarmDesk:
     # -- raising ------------------------------------------------------------------------
 
     def check(self, report: PresenceReport | None) -> None:
-        """Compare the latest readings with the thresholds; raise what newly holds."""
+        """Run the rules over the latest readings; raise what newly holds."""
         if report is None:
             return
-        now = asyncio.get_running_loop().time()
-        if self._last_check is not None and report.kind is DeviceKind.GENERATOR and report.state is DeviceState.ON:
-            self._run_s += now - self._last_check
-        self._last_check = now
-        held = conditions(report, self.settings, self._run_s / 3600, self._active)
-        tripping = AlarmKind.TRIP_IMMINENT in held
-        for kind, (value, threshold) in held.items():
-            if kind not in self._active and not (tripping and kind is AlarmKind.HIGH_LOADING):
-                self.raise_alarm(kind, value, threshold)
-        # While the trip point is imminent, "high loading" counts as told: the urgent alarm says it all.
-        self._active = frozenset(held) | ({AlarmKind.HIGH_LOADING} if tripping else frozenset())
+        sample = report_sample(self.agent.spec.name, report, asyncio.get_running_loop().time())
+        self._capacity_kw = report.telemetry.capacity_kw
+        ranker = self._ranker()
+        for ev in self.engine.feed(sample):
+            if ev.raised and (ranker is None or ranker.submit(ev)):
+                self._raise_fault(ev)
+            elif ev.raised:  # low priority: waits for the batch
+                self._schedule_flush()
+            elif ranker is not None:
+                ranker.withdraw(ev.device, ev.rule)  # passed before the batch went out: nobody is bothered
+            outcome = self.adjuster.event(ev)
+            if outcome is not None and self.on_adjustment is not None:
+                self.on_adjustment(outcome)
+        self.adjuster.observe(sample)  # after the events: readings of an open fault stay out of the indices
+        # A rule held silently (high loading while the trip point is imminent) counts as told.
+        held = self.engine.active(self.agent.spec.name)
+        self._active = frozenset(AlarmKind(self.engine.rules.get(name).alarm) for name in held)
         self._clear_warnings(self._active)
+
+    def _raise_fault(self, ev: FaultEvent, detail: str = "") -> None:
+        alarm = self.raise_alarm(AlarmKind(ev.alarm), ev.value, ev.threshold, detail)
+        self.rule_alarms[alarm.id] = (ev.rule, ev.ts)
+        if len(self.rule_alarms) > MAX_JUDGEABLE:
+            del self.rule_alarms[min(self.rule_alarms, key=int)]
+
+    # -- priority: costly faults at once, the rest batched (second document, "cost per day") --
+
+    def _ranker(self) -> Prioritiser | None:
+        if self.settings.batch_low_priority_s <= 0 or self.price is None:
+            return None
+        if self._prioritiser is None:
+            self._prioritiser = Prioritiser(self.settings.high_cost_per_day, self.price,
+                                            lambda _device: self._capacity_kw)
+        self._prioritiser.high_cost_per_day = self.settings.high_cost_per_day
+        return self._prioritiser
+
+    def _schedule_flush(self) -> None:
+        if self._flush_timer is None:
+            loop = asyncio.get_running_loop()
+            self._flush_timer = loop.call_later(self.settings.batch_low_priority_s, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_timer = None
+        if self._prioritiser is None or self.agent._stopping:
+            return
+        for ranked in self._prioritiser.flush():  # costliest first
+            try:
+                self._raise_fault(ranked.event, f"low priority, {ranked.cost_per_day:.2f} a day, batched")
+            except Exception:  # one failed send must not lose the rest of the batch
+                log.exception("%s: sending a batched alarm failed", self.agent.spec.name)
 
     def _clear_warnings(self, holding: frozenset[AlarmKind]) -> None:
         """A warning whose condition has passed stops being sent again; those told hear it cleared.
@@ -230,6 +272,8 @@ class AlarmDesk:
         return done
 
     def close(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
         for entry in self.open.values():
             if entry.timer is not None:
                 entry.timer.cancel()

@@ -114,7 +114,7 @@ class ChatDesk:
 
     def help_text(self) -> str:
         actions = sorted(a.value for a in self.agent.sim.actions if a.value in ACTION_WORDS)
-        words = ["status", *actions, "read [" + "|".join(FIELDS) + "]", "alarms", "ack [ID]", "help"]
+        words = ["status", *actions, "read [" + "|".join(FIELDS) + "]", "alarms", "ack [ID]", *self.agent.verdicts.WORDS, "help"]
         return f"{self.name} understands: " + ", ".join(words) + "."
 
     def _on_message(self, msg: Message) -> None:
@@ -155,6 +155,9 @@ class ChatDesk:
             return self._alarms()
         if verb == "ack" and len(rest) <= 1:
             return self._ack(who, rest[0] if rest else None)
+        verdict = self.agent.verdicts.answer(who, text)
+        if verdict is not None:
+            return verdict
         shown = text.strip()[:40]
         return f"I do not understand {shown!r}. {self.help_text()}"
 

@@ -19,6 +19,7 @@ from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.agents.adhoc import enable_standard_features
 from gridpresence.agents.alarms import AlarmDesk
+from gridpresence.agents.verdicts import VerdictDesk
 from gridpresence.agents.chat import ChatDesk
 from gridpresence.agents.firmware import FirmwareDesk
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
@@ -112,6 +113,7 @@ class DeviceAgent:
         self.alarms = AlarmDesk(self, duty, alarms or AlarmSettings())
         self.chat = ChatDesk(self)
         enable_standard_features(self)
+        self.verdicts = VerdictDesk(self)
         self.firmware = FirmwareDesk(self)
 
     @property

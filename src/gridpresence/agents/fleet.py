@@ -13,7 +13,7 @@ from collections.abc import Collection
 from typing import Protocol
 
 from gridpresence.accounts import CONSOLE, RELAY, WATCHDOG, Secrets
-from gridpresence.agents.billing import BillingAgent
+from gridpresence.agents.billing import BillingAgent, tariff_from_spec
 from gridpresence.agents.branch import BranchAdvisor
 from gridpresence.agents.console import ConsoleAgent
 from gridpresence.agents.device import DeviceAgent
@@ -51,6 +51,8 @@ class FleetBots:
                 self.devices[dev.name] = DeviceAgent(dev, fleet.jid(dev.name), secrets.password(dev.name), endpoint,
                                                      operators, children, tick_s=tick_s, relays=[fleet.jid(RELAY)],
                                                      alarms=fleet.alarms, services=[fleet.jid(CONSOLE)])
+                if fleet.billing:  # alarms are ranked at the billing party's tariff
+                    self.devices[dev.name].alarms.price = tariff_from_spec(fleet.billing[0]).price_at
                 if dev.kind is DeviceKind.MASTER:
                     self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
         for bill in fleet.billing:

@@ -1,0 +1,308 @@
+"""Threshold adjustment (second document, "fault detection strategy that incorporates a
+threshold adjustment"): decide the need from the fault history — verdicts of "not a fault",
+how often the alarm fires — and EWMA indices; compute the new value from the sensor's error,
+the time to steady state after a start, or the device's own readings; apply it at once
+(automatic), or propose it to an operator (confirm / hybrid). Every change is audited and can
+be reverted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+from gridpresence.rules.engine import FaultEvent, Sample
+from gridpresence.rules.model import Adjust, AdjustMethod, AdjustMode, Rule, RuleSet, compare_of, first_param_compare
+
+SYSTEM = "system"
+DAY_S = 86400.0
+
+
+@dataclass(frozen=True)
+class Change:
+    id: int
+    device: str
+    rule: str
+    param: str
+    old: float
+    new: float
+    by: str
+    at: datetime
+    why: str
+    reverts: int | None = None  # the change this one undoes
+
+    def as_dict(self) -> dict[str, object]:
+        return {**asdict(self), "at": self.at.isoformat()}
+
+
+@dataclass(frozen=True)
+class Proposal:
+    id: int
+    device: str
+    rule: str
+    param: str
+    current: float
+    proposed: float
+    why: str
+    mode: AdjustMode
+
+    def as_dict(self) -> dict[str, object]:
+        return {**asdict(self), "mode": self.mode.value}
+
+
+class AdjustError(ValueError):
+    """A confirmation, value or revert that cannot be applied; the message says why."""
+
+
+class ThresholdBook:
+    """Per-device threshold values over the shared rules, and the audit of every change."""
+
+    def __init__(self, rules: RuleSet) -> None:
+        self.rules = rules
+        self._values: dict[tuple[str, str, str], float] = {}
+        self.audit: list[Change] = []
+
+    def __call__(self, device: str, rule: str, param: str) -> float | None:
+        return self._values.get((device, rule, param))
+
+    def current(self, device: str, rule: str, param: str) -> float:
+        v = self(device, rule, param)
+        return self.rules.get(rule).params[param] if v is None else v
+
+    def set(self, device: str, rule: str, param: str, new: float, by: str, why: str,
+            at: datetime | None = None, reverts: int | None = None) -> Change:
+        if param not in self.rules.get(rule).params:
+            raise AdjustError(f"rule {rule} has no param {param!r}")
+        if not math.isfinite(new):
+            raise AdjustError(f"{new} is not a usable threshold")
+        old = self.current(device, rule, param)
+        self._values[(device, rule, param)] = new
+        change = Change(id=len(self.audit) + 1, device=device, rule=rule, param=param, old=old, new=new, by=by,
+                        at=at or datetime.now(UTC), why=why, reverts=reverts)
+        self.audit.append(change)
+        return change
+
+    def revert(self, change_id: int, by: str, at: datetime | None = None) -> Change:
+        """Put the value back to what it was before a change; the revert is audited too."""
+        if not 1 <= change_id <= len(self.audit):
+            raise AdjustError(f"no threshold change {change_id}")
+        c = self.audit[change_id - 1]
+        return self.set(c.device, c.rule, c.param, c.old, by, f"revert of change {c.id}", at, reverts=c.id)
+
+
+@dataclass
+class _Ewma:
+    """Exponentially weighted mean and variance (the document's performance indices)."""
+
+    lam: float
+    mean: float | None = None
+    var: float = 0.0
+
+    def add(self, x: float) -> None:
+        if self.mean is None:
+            self.mean = x
+            return
+        d = x - self.mean
+        self.mean += self.lam * d
+        self.var = (1 - self.lam) * (self.var + self.lam * d * d)
+
+
+@dataclass
+class _Alarm:
+    event: FaultEvent
+    peak: float | None
+    verdict: bool | None = None  # True: a fault; False: not a fault
+    cleared: FaultEvent | None = None
+
+
+@dataclass
+class _History:
+    lam: float
+    false_share: _Ewma = field(init=False)
+    raised: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    alarms: deque[_Alarm] = field(default_factory=lambda: deque(maxlen=200))  # a bounded history
+
+    def __post_init__(self) -> None:
+        self.false_share = _Ewma(self.lam, 0.0)
+
+
+class Adjuster:
+    """Watches alarms, verdicts and readings; adjusts thresholds or proposes adjustments."""
+
+    def __init__(self, rules: RuleSet, book: ThresholdBook, lam: float = 0.3,
+                 mode: AdjustMode | None = None) -> None:
+        self.rules, self.book, self.lam = rules, book, lam
+        self.mode_override = mode
+        self.pending: dict[int, Proposal] = {}
+        self._next_proposal = 1
+        self._hist: dict[tuple[str, str], _History] = {}
+        self._indices: dict[tuple[str, str], _Ewma] = {}
+        self._open: dict[tuple[str, str], _Alarm] = {}
+
+    def mode(self, rule: Rule) -> AdjustMode:
+        if rule.adjust is None:
+            return AdjustMode.OFF
+        return self.mode_override or rule.adjust.mode
+
+    def _history(self, device: str, rule: str) -> _History:
+        return self._hist.setdefault((device, rule), _History(self.lam))
+
+    # -- inputs --------------------------------------------------------------------------
+
+    def observe(self, s: Sample) -> None:
+        """EWMA indices of readings taken while no fault is open; peaks of open faults. Call it
+        after passing the sample's fault events to `event`."""
+        for (device, rule), alarm in self._open.items():
+            if device == s.device:
+                cmp = first_param_compare(self.rules.get(rule).content)
+                v = s.values.get(cmp.field) if cmp else None
+                if isinstance(v, float | int) and alarm.peak is not None:
+                    worse = max if cmp and cmp.op in (">=", ">") else min
+                    alarm.peak = worse(alarm.peak, float(v))
+        if any(d == s.device for d, _ in self._open):
+            return
+        for name, v in s.values.items():
+            if isinstance(v, float | int):
+                self._indices.setdefault((s.device, name), _Ewma(self.lam / 10)).add(float(v))
+
+    def event(self, ev: FaultEvent, at: datetime | None = None) -> Change | Proposal | None:
+        key = (ev.device, ev.rule)
+        if ev.raised:
+            self._history(*key).raised.append(ev.ts)
+            alarm = _Alarm(ev, ev.value)
+            self._open[key] = alarm
+            self._history(*key).alarms.append(alarm)
+            return self._consider(ev.device, ev.rule, at)
+        if key in self._open:
+            self._open.pop(key).cleared = ev
+        return self._consider(ev.device, ev.rule, at)
+
+    def verdict(self, device: str, rule: str, fault: bool, at: datetime | None = None,
+                raised_ts: float | None = None) -> Change | Proposal | None:
+        """An operator's judgement of an alarm: the one raised at `raised_ts`, else the latest."""
+        hist = self._hist.get((device, rule))
+        if hist is None or not hist.alarms:
+            raise AdjustError(f"{device} has had no {rule} alarm to judge since its threshold last changed")
+        judged = next((a for a in reversed(hist.alarms) if a.event.ts == raised_ts), hist.alarms[-1])
+        judged.verdict = fault
+        hist.false_share.add(0.0 if fault else 1.0)
+        return self._consider(device, rule, at)
+
+    # -- the operator's answers ---------------------------------------------------------
+
+    def confirm(self, proposal_id: int, by: str, value: float | None = None, at: datetime | None = None) -> Change:
+        p = self.pending.get(proposal_id)
+        if p is None:
+            raise AdjustError(f"no threshold proposal {proposal_id} is pending")
+        if value is not None and p.mode is not AdjustMode.HYBRID:
+            raise AdjustError(f"proposal {proposal_id} can only be confirmed as proposed ({p.proposed:g})")
+        adjust = self.rules.get(p.rule).adjust
+        new = p.proposed if value is None else value
+        if adjust is not None and not _within(adjust, new):
+            raise AdjustError(f"{new:g} is outside the bounds of {p.rule}.{p.param} ({_bounds(adjust)})")
+        del self.pending[proposal_id]
+        why = p.why + ("" if value is None else f"; operator entered {value:g} instead of {p.proposed:g}")
+        change = self.book.set(p.device, p.rule, p.param, new, by, why, at)
+        self._reset(p.device, p.rule)
+        return change
+
+    def reject(self, proposal_id: int) -> Proposal:
+        p = self.pending.pop(proposal_id, None)
+        if p is None:
+            raise AdjustError(f"no threshold proposal {proposal_id} is pending")
+        self._reset(p.device, p.rule)
+        return p
+
+    # -- need and new value ------------------------------------------------------------
+
+    def _consider(self, device: str, rule_name: str, at: datetime | None) -> Change | Proposal | None:
+        rule = self.rules.get(rule_name)
+        mode = self.mode(rule)
+        if mode is AdjustMode.OFF or rule.adjust is None:
+            return None
+        need = self._need(device, rule, rule.adjust)
+        if need is None:
+            return None
+        proposed = self._new_value(device, rule, rule.adjust)
+        current = self.book.current(device, rule.name, rule.adjust.param)
+        if proposed is None or proposed == current:
+            return None
+        why = f"{need}; new value from {rule.adjust.method.value}"
+        if mode is AdjustMode.AUTO:
+            change = self.book.set(device, rule.name, rule.adjust.param, proposed, SYSTEM, why, at)
+            self._reset(device, rule.name)
+            return change
+        for pid, p in list(self.pending.items()):  # one open proposal per threshold: the newest evidence wins
+            if (p.device, p.rule, p.param) == (device, rule.name, rule.adjust.param):
+                if p.proposed == proposed:
+                    return None  # already with the operator
+                del self.pending[pid]
+        p = Proposal(self._next_proposal, device, rule.name, rule.adjust.param, current, proposed, why, mode)
+        self._next_proposal += 1
+        self.pending[p.id] = p
+        return p
+
+    def _need(self, device: str, rule: Rule, adjust: Adjust) -> str | None:
+        hist = self._history(device, rule.name)
+        false = [a for a in hist.alarms if a.verdict is False and a.cleared is not None]
+        if len(false) >= adjust.min_false and (hist.false_share.mean or 0.0) >= adjust.false_ratio:
+            return (f"{len(false)} alarms judged not a fault (EWMA false-alarm share "
+                    f"{hist.false_share.mean:.2f})")
+        if adjust.max_per_day and hist.raised:
+            last = hist.raised[-1]
+            n = sum(1 for t in hist.raised if t > last - DAY_S)
+            if n >= adjust.max_per_day and not any(a.verdict for a in hist.alarms):
+                return f"{n} alarms in a day, none judged a fault"
+        return None
+
+    def _new_value(self, device: str, rule: Rule, adjust: Adjust) -> float | None:
+        hist = self._history(device, rule.name)
+        false = [a for a in hist.alarms if a.verdict is False and a.cleared is not None]
+        current = self.book.current(device, rule.name, adjust.param)
+        new: float | None = None
+        if adjust.method is AdjustMethod.SETTLE:
+            # Alarms near a state change that went away on their own: wait until that has passed.
+            settle = [a.cleared.since_change_s for a in false
+                      if a.cleared is not None and a.event.since_change_s <= (adjust.hi or DAY_S)]
+            if settle:
+                new = max(current, max(settle) * (1 + adjust.margin))
+        else:
+            cmp = compare_of(rule.content, adjust.param)
+            if cmp is None:
+                return None
+            upward = cmp.op in (">=", ">")
+            if adjust.method is AdjustMethod.ERROR:
+                # The sensor's error: how far past the threshold it read when nothing was wrong.
+                peaks = [a.peak for a in false if a.peak is not None]
+                if peaks:
+                    error = max(abs(p - current) for p in peaks)
+                    new = current + error + adjust.margin if upward else current - error - adjust.margin
+            else:
+                idx = self._indices.get((device, cmp.field))
+                if idx is not None and idx.mean is not None:
+                    spread = adjust.margin * math.sqrt(idx.var)
+                    new = idx.mean + spread if upward else idx.mean - spread
+        if new is None:
+            return None
+        return round(_clamp(adjust, new), 3)
+
+    def _reset(self, device: str, rule: str) -> None:
+        self._hist[(device, rule)] = _History(self.lam)
+
+
+def _clamp(adjust: Adjust, v: float) -> float:
+    if adjust.lo is not None:
+        v = max(adjust.lo, v)
+    if adjust.hi is not None:
+        v = min(adjust.hi, v)
+    return v
+
+
+def _within(adjust: Adjust, v: float) -> bool:
+    return math.isfinite(v) and _clamp(adjust, v) == v
+
+
+def _bounds(adjust: Adjust) -> str:
+    return f"{'-inf' if adjust.lo is None else f'{adjust.lo:g}'} to {'inf' if adjust.hi is None else f'{adjust.hi:g}'}"

@@ -1,0 +1,173 @@
+"""Operator verdicts over chat on a real Prosody: "not a fault" replies to a device's alarms feed
+its threshold adjustment; the proposal reaches the operator as a chat message, the operator's
+answer applies it (audited), the device raises alarms by the new threshold, and a revert undoes it.
+The "Judge an alarm" ad-hoc command records a verdict the same way."""
+
+from __future__ import annotations
+
+import asyncio
+
+from chatpeer import ChatPeer, chat_peer
+from conftest import Env
+from gridpresence.agents.device import DeviceAgent
+from gridpresence.protocol.alarm import AlarmKind, AlarmStatus, alarm_from_xml
+from gridpresence.protocol.codec import q
+from test_adhoc import _gajim
+from gridpresence.agents.session import close_session
+
+DEVICE = "hot-load2"
+
+
+def agent(env: Env) -> DeviceAgent:
+    assert env.grid.bots is not None
+    return env.grid.bots.devices[DEVICE]
+
+
+async def high_loading_alarm(peer: ChatPeer, device: str, status: AlarmStatus, timeout: float = 6.0) -> str:
+    """The id of the next high-loading alarm message in this status."""
+    def wanted(m) -> bool:  # type: ignore[no-untyped-def]
+        a = alarm_from_xml(m.xml.find(q("alarm")))
+        return a.kind is AlarmKind.HIGH_LOADING and a.status is status
+    msg = await peer.alarm(device, timeout, wanted)
+    return alarm_from_xml(msg.xml.find(q("alarm"))).id
+
+
+async def reply_from(peer: ChatPeer, device: str, needle: str, timeout: float = 6.0) -> str:
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = await peer.replies.get()
+            if msg["from"].bare == device and needle in msg["body"]:
+                return msg["body"]
+
+
+async def test_not_a_fault_over_chat_proposes_confirms_and_reverts(env: Env) -> None:
+    dev = agent(env)
+    device = env.fleet.jid(DEVICE)
+    alice = await chat_peer(env, "alice", "verdicts")
+    sim = dev.sim
+    try:
+        await asyncio.sleep(0.3)
+        readings: list[float] = []
+        for n in range(2):
+            sim.utilisation = 0.85  # type: ignore[attr-defined]
+            aid = await high_loading_alarm(alice, device, AlarmStatus.RAISED)
+            readings.append(dev.current_report().telemetry.load_pct or 0.0)  # type: ignore[union-attr]
+            sim.utilisation = 0.5  # type: ignore[attr-defined]
+            assert await high_loading_alarm(alice, device, AlarmStatus.CLEARED) == aid
+            answer = await alice.ask(device, f"not a fault {aid}" if n == 0 else "Not a fault.")
+            assert answer.startswith(f"Recorded: alarm {aid} (high_loading) is not a fault.")
+        # Two alarms judged not a fault: the hybrid rule proposes a limit past the sensor's error.
+        assert "threshold proposal" in answer and "high_loading.high_loading 80 ->" in answer
+        proposal = dev.alarms.adjuster.pending
+        assert len(proposal) == 1
+        (pid, p), = proposal.items()
+        assert p.proposed > max(readings) and p.proposed <= 94
+        assert f"accept {pid}" in answer and f"set {pid} VALUE" in answer
+        # Bad answers are refused with the reason; nothing changes.
+        assert "outside the bounds" in await alice.ask(device, f"set {pid} 120")
+        assert "not a number" in await alice.ask(device, f"set {pid} lots")
+        assert "no threshold proposal 999" in await alice.ask(device, "accept 999")
+        assert dev.alarms.thresholds.current(DEVICE, "high_loading", "high_loading") == 80.0
+        # The operator enters another value (hybrid): applied, audited as theirs.
+        changed = await alice.ask(device, f"set {pid} 90")
+        assert "changed 80 -> 90 by " + env.fleet.jid("alice") in changed
+        change = dev.alarms.thresholds.audit[-1]
+        assert (change.old, change.new, change.by) == (80.0, 90.0, env.fleet.jid("alice"))
+        assert "not a fault" in change.why and "operator entered 90" in change.why
+        # The device now raises by the new limit: 86 % is quiet, 92 % is an alarm.
+        sim.utilisation = 0.86  # type: ignore[attr-defined]
+        await asyncio.sleep(2.5)
+        assert not [m for m in alice.alarms._queue if m["from"].bare == device]  # type: ignore[attr-defined]
+        sim.utilisation = 0.92  # type: ignore[attr-defined]
+        aid = await high_loading_alarm(alice, device, AlarmStatus.RAISED)
+        assert "limit 90" in dev.alarms.open[aid].alarm.text
+        sim.utilisation = 0.5  # type: ignore[attr-defined]
+        assert await high_loading_alarm(alice, device, AlarmStatus.CLEARED) == aid
+        # Reverted: back to the rule set's value, the revert audited too.
+        reverted = await alice.ask(device, f"revert {change.id}")
+        assert "changed 90 -> 80" in reverted and f"revert of change {change.id}" in reverted
+        assert dev.alarms.thresholds.current(DEVICE, "high_loading", "high_loading") == 80.0
+        assert "revert of change" in await alice.ask(device, "thresholds")
+    finally:
+        sim.utilisation = 0.5  # type: ignore[attr-defined]
+        dev.alarms.acknowledge(None, "test-cleanup")
+        await alice.close()
+
+
+async def test_verdict_by_adhoc_command_and_bad_ids(env: Env) -> None:
+    dev = agent(env)
+    device = env.fleet.jid(DEVICE)
+    bob = await chat_peer(env, "bob", "verdicts")
+    gajim = await _gajim(env, "alice")
+    try:
+        await asyncio.sleep(0.3)
+        assert "raised no alarm" in await bob.ask(device, "not a fault 12345")
+        dev.sim.utilisation = 0.85  # type: ignore[attr-defined]
+        aid = await high_loading_alarm(bob, device, AlarmStatus.RAISED)
+        dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
+        full = dev.client.boundjid.full
+        first = await gajim.execute(full, "judge-alarm")
+        form = first["command"]["form"]
+        assert aid in [o["value"] for o in form.get_fields()["alarm"]["options"]]
+        bad = await gajim.submit(full, await gajim.execute(full, "judge-alarm"), {"alarm": aid, "verdict": "maybe"})
+        assert "verdict must be fault or not_fault" in bad["command"]["notes"][0][1]
+        done = await gajim.submit(full, first, {"alarm": aid, "verdict": "not_fault"})
+        assert done["command"]["notes"][0][1].startswith(f"Recorded: alarm {aid} (high_loading) is not a fault.")
+        hist = dev.alarms.adjuster._hist[(DEVICE, "high_loading")]
+        assert hist.alarms[-1].verdict is False
+        # One rule set, stored once, shared by the devices (each with its own threshold book).
+        assert env.grid.bots is not None
+        other = env.grid.bots.devices["hot-load"].alarms
+        assert other.engine.rules is dev.alarms.engine.rules and other.thresholds is not dev.alarms.thresholds
+    finally:
+        dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
+        dev.alarms.acknowledge(None, "test-cleanup")
+        await bob.close()
+        await close_session(gajim.client)
+
+
+async def test_low_priority_warning_batched_costly_one_at_once(env: Env) -> None:
+    """Ranked by cost per day at the billing party's tariff: 2 kW past the limit waits for the
+    batch (and is dropped if it passes first); 13 kW past it goes at once."""
+    assert env.grid.bots is not None
+    dev = env.grid.bots.devices["hot-load"]
+    name, device = "hot-load", env.fleet.jid("hot-load")
+    before = dev.alarms.settings
+    dev.alarms.settings = before.model_copy(update={"batch_low_priority_s": 2.0, "high_cost_per_day": 100.0})
+    bob = await chat_peer(env, "bob", "batch")
+
+    async def until(held: bool) -> None:
+        async with asyncio.timeout(5):
+            while ("high_loading" in dev.alarms.engine.active(name)) != held:
+                await asyncio.sleep(0.05)
+
+    try:
+        await asyncio.sleep(0.3)
+        assert dev.alarms.price is not None and dev.alarms.price() in (0.8, 0.6)  # the fleet's billing tariff
+        # A short, cheap excursion: batched, then passed before the batch went out: nobody is told.
+        dev.sim.utilisation = 0.82  # type: ignore[attr-defined]
+        await until(True)
+        dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
+        await until(False)
+        await asyncio.sleep(2.5)
+        assert not [m for m in bob.alarms._queue if m["from"].bare == device]  # type: ignore[attr-defined]
+        # A cheap one that lasts: told once the batch goes out, with its cost.
+        dev.sim.utilisation = 0.82  # type: ignore[attr-defined]
+        await until(True)
+        aid = await high_loading_alarm(bob, device, AlarmStatus.RAISED, timeout=5)
+        text = dev.alarms.open[aid].alarm.text
+        assert "low priority" in text and "a day, batched" in text
+        cost = float(text.split("low priority, ")[1].split(" a day")[0])
+        assert 0 < cost < 100
+        dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
+        await high_loading_alarm(bob, device, AlarmStatus.CLEARED)
+        # A costly one: at once, no batching note.
+        dev.sim.utilisation = 0.93  # type: ignore[attr-defined]
+        await until(True)
+        aid = await high_loading_alarm(bob, device, AlarmStatus.RAISED, timeout=1.0)
+        assert "batched" not in dev.alarms.open[aid].alarm.text
+    finally:
+        dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
+        dev.alarms.settings = before
+        dev.alarms.acknowledge(None, "test-cleanup")
+        await bob.close()
