@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.session import ConnectionInfo
-from gridpresence.shedding import net_load_kw, sheddable, shed_to_target  # noqa: F401  (the script's API)
+from gridpresence.shedding import shed_to_target
 
 
 async def main() -> int:

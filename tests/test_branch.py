@@ -4,6 +4,7 @@ presence, and when a branch nears its limit it tells the operators what to shed 
 from __future__ import annotations
 
 import asyncio
+import re
 
 from chatpeer import chat_peer
 from conftest import Env
@@ -55,7 +56,10 @@ async def test_branch_near_limit_advice_names_loads_and_generator(env: Env, alic
         alarm = alarm_from_xml(msg.xml.find(q("alarm")))
         assert alarm.kind is AlarmKind.BRANCH_NEAR_LIMIT and alarm.threshold == 80.0
         assert "branch-x carries" in alarm.text and "of 100 kW" in alarm.text
-        assert "shed bx-load-1 (60 kW)" in alarm.text and "bx-crit" not in alarm.text.split("shed", 1)[1].split("start")[0]
+        # Largest sheddable load first, at what it draws now (the physics drifts a little below full power).
+        shed = re.search(r"shed bx-load-1 \((\d+) kW\)", alarm.text)
+        assert shed is not None and 55 <= int(shed.group(1)) <= 60, alarm.text
+        assert "bx-crit" not in alarm.text.split("shed", 1)[1].split("start")[0]
         assert "start gen-" in alarm.text
         assert (await peer.ask(env.fleet.jid("master"), f"ack {alarm.id}")).startswith("Acknowledged")
     finally:
