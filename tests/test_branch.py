@@ -51,6 +51,8 @@ async def test_branch_near_limit_advice_names_loads_and_generator(env: Env, alic
                 await asyncio.sleep(0.1)
         for name in before:  # the physics: every load on branch-x at full power, 115 kW on a 100 kW branch
             bots[name].sim.utilisation = 1.0  # type: ignore[attr-defined]
+        for name in before:  # each device tells at once (largest first), as on its next tick
+            bots[name].publish(force=True)
         msg = await peer.alarm(env.fleet.jid("master"), timeout=8,
                                predicate=lambda m: "branch near its limit" in m["body"])
         alarm = alarm_from_xml(msg.xml.find(q("alarm")))
