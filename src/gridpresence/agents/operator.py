@@ -165,7 +165,7 @@ class GridOperator:
 
     @property
     def devices(self) -> Mapping[str, DeviceView]:
-        """Every device in the roster, by name."""
+        """Every device in the roster, by name: a live view (take `dict(...)` for a snapshot)."""
         return self.tracker.by_name()
 
     def device(self, name: str) -> DeviceView:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -245,8 +245,24 @@ class PresenceTracker:
                 for v in self.views.values()]
 
     def by_name(self) -> Mapping[str, DeviceView]:
-        return {v.name: v for v in self.views.values()}
+        """A live, read-only view of the devices by name (no copy: `wait_for` predicates and
+        scripts read it after every presence change, and a fleet may hold thousands)."""
+        return _ViewsByName(self)
 
     def find(self, name_or_jid: str) -> DeviceView | None:
         jid = self.jid_by_name.get(name_or_jid, name_or_jid)
         return self.views.get(jid)
+
+
+class _ViewsByName(Mapping[str, DeviceView]):
+    def __init__(self, tracker: PresenceTracker) -> None:
+        self._tracker = tracker
+
+    def __getitem__(self, name: str) -> DeviceView:
+        return self._tracker.views[self._tracker.jid_by_name[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tracker.jid_by_name)
+
+    def __len__(self) -> int:
+        return len(self._tracker.jid_by_name)
