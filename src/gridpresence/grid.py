@@ -15,6 +15,7 @@ from gridpresence.agents.fleet import FleetBots
 from gridpresence.agents.session import Account, ConnectionInfo, Endpoint, RelayEndpoint
 from gridpresence.config import Fleet
 from gridpresence.relay.service import RelayService, relay_files, relay_port
+from gridpresence.security.keys import KEYS_DIR, KeyStore
 from gridpresence.server import ProsodyServer, ServerPorts, provision
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class Grid:
         self.data_dir = Path(data_dir)
         self.server = ProsodyServer(self.data_dir, domain=fleet.domain, bind=bind, ports=ports, prosody_bin=prosody_bin)
         self.secrets = Secrets(self.data_dir / SECRETS_FILE)
+        self.keys = KeyStore(self.data_dir / KEYS_DIR)
         self._want_bots = bots
         self._only = only
         self._tick_s = tick_s
@@ -46,7 +48,8 @@ class Grid:
 
     @property
     def connection(self) -> ConnectionInfo:
-        ops = tuple(Account(name=o.name, jid=self.fleet.jid(o.name), password=self.secrets.password(o.name))
+        ops = tuple(Account(name=o.name, jid=self.fleet.jid(o.name), password=self.secrets.password(o.name),
+                            key_file=str(self.keys.secret_path(o.name)))
                     for o in self.fleet.operators)
         return ConnectionInfo(server=self.endpoint, operators=ops, watchdog=self.fleet.jid(WATCHDOG),
                               billing=tuple(self.fleet.jid(b.name) for b in self.fleet.billing),
@@ -65,8 +68,11 @@ class Grid:
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.server.render()
-        provision(self.server.storage_path, self.fleet.domain, plan_accounts(self.fleet, self.secrets))
+        accounts = plan_accounts(self.fleet, self.secrets)
+        provision(self.server.storage_path, self.fleet.domain, accounts)
         self.secrets.save()
+        for account in accounts:  # every party gets its OpenPGP key when it is provisioned
+            self.keys.ensure(account.username, self.fleet.jid(account.username))
         (self.data_dir / FLEET_COPY).write_text(self.fleet.model_dump_json(indent=1, exclude_defaults=True))
         await self.server.start()
         try:

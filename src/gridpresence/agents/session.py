@@ -44,6 +44,7 @@ class Account(BaseModel):
     name: str
     jid: str
     password: str
+    key_file: str | None = None  # the party's OpenPGP secret key (security/keys.py)
 
 
 class RelayEndpoint(BaseModel):
