@@ -21,6 +21,7 @@ from slixmpp import JID, Message
 from gridpresence import roles
 from gridpresence.agents.alarms import TITLES
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, PresenceReport, RejectReason, utcnow
+from gridpresence.protocol.ox import openpgp_from_message
 
 if TYPE_CHECKING:
     from gridpresence.agents.device import DeviceAgent
@@ -120,6 +121,8 @@ class ChatDesk:
     def _on_message(self, msg: Message) -> None:
         if msg["type"] not in ("chat", "normal") or not msg["body"] or msg["from"].bare == self.agent.jid:
             return
+        if openpgp_from_message(msg.xml) is not None:
+            return  # OpenPGP for XMPP: its body is only a fallback; the OX desk answers it
         try:
             answer = self.answer(msg["from"], msg["body"], msg["id"] or "")
         except Exception:  # nothing a person types may end the bot
@@ -131,11 +134,12 @@ class ChatDesk:
                 reply["thread"] = msg["thread"]
             reply.send()
 
-    def answer(self, sender: JID, text: str, stanza_id: str = "") -> str | None:
-        """The reply to one chat message (None: stay silent to a stranger already told)."""
+    def answer(self, sender: JID, text: str, stanza_id: str = "", signed: bool = False) -> str | None:
+        """The reply to one chat message (None: stay silent to a stranger already told).
+        ``signed``: the line came signed by the sender's pinned key (an OX message)."""
         who = sender.bare
         if who not in self.agent.operators:
-            return self._refuse(who)
+            return self.refuse(who)
         problem = unreadable(text)
         if problem:
             return f"{problem} {self.help_text()}"
@@ -161,7 +165,8 @@ class ChatDesk:
         shown = text.strip()[:40]
         return f"I do not understand {shown!r}. {self.help_text()}"
 
-    def _refuse(self, who: str) -> str | None:
+    def refuse(self, who: str) -> str | None:
+        """"Not authorised" for a stranger, once a minute; silence for another bot."""
         groups = self.agent.client.client_roster[who]["groups"] if who in self.agent.client.client_roster else []
         if roles.device_kind(groups) is not None or roles.SERVICES in groups:
             return None  # another bot: answering could start an endless exchange

@@ -8,6 +8,7 @@ from slixmpp import Iq, Message, Presence
 from slixmpp.xmlstream import ElementBase, register_stanza_plugin
 
 from gridpresence.protocol.models import NS
+from gridpresence.protocol.ox import OX_NS
 
 
 class GridDevice(ElementBase):
@@ -42,6 +43,14 @@ class GridHealthQuery(ElementBase):
     plugin_attrib = "grid_fleet_health"
 
 
+class OxOpenPGP(ElementBase):
+    """XEP-0373 ``<openpgp/>``: an OpenPGP message (base64) in a message stanza."""
+
+    name = "openpgp"
+    namespace = OX_NS
+    plugin_attrib = "ox_openpgp"
+
+
 _registered = False
 
 
@@ -56,4 +65,5 @@ def register() -> None:
     register_stanza_plugin(Message, GridOutcome)
     register_stanza_plugin(Message, GridTariff)
     register_stanza_plugin(Iq, GridHealthQuery)
+    register_stanza_plugin(Message, OxOpenPGP)
     _registered = True

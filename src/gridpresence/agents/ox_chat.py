@@ -1,0 +1,91 @@
+"""Signed chat for operators whose client speaks OpenPGP for XMPP (XEP-0373/0374), such as
+Profanity with ``/ox start``: the device opens the message (decrypt with its own key, verify
+with the sender's pinned key, check it is addressed to it and fresh), answers the text as a
+SIGNED chat line through the same :class:`ChatDesk`, and seals the answer back to the sender
+so their client shows it decrypted. A message it will not act on gets a plain-text reply
+saying why; nothing in one ends the bot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from slixmpp import JID, Message
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import StanzaPath
+
+from gridpresence.protocol.models import Signcrypt, utcnow
+from gridpresence.protocol.ox import FALLBACK_BODY, openpgp_from_message, openpgp_to_xml
+from gridpresence.security.keyring import KeyLookup
+from gridpresence.security.ox import OxRefused, open_message, seal
+from gridpresence.security.pgp import pgpy
+
+if TYPE_CHECKING:
+    from gridpresence.agents.device import DeviceAgent
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING = 64  # OX messages being opened at once; more are answered "busy", not queued
+
+
+class OxDesk:
+    """Answers OX chat messages to one device bot."""
+
+    def __init__(self, agent: DeviceAgent, secret: pgpy.PGPKey, keys: KeyLookup) -> None:
+        self.agent = agent
+        self.secret = secret
+        self.keys = keys
+        self._pending: set[asyncio.Task[None]] = set()
+        agent.client.register_handler(Callback("ox message", StanzaPath("message/ox_openpgp"), self._on_ox))
+
+    def _on_ox(self, msg: Message) -> None:
+        if msg["type"] not in ("chat", "normal") or msg["from"].bare == self.agent.jid:
+            return
+        if len(self._pending) >= MAX_PENDING:
+            self._reply_plain(msg, "The device is busy opening other encrypted messages; send it again shortly.")
+            return
+        task = asyncio.ensure_future(self._answer(msg))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _answer(self, msg: Message) -> None:
+        sender: JID = msg["from"]
+        try:
+            if sender.bare not in self.agent.operators:
+                refusal = self.agent.chat.refuse(sender.bare)  # no crypto work for strangers
+                if refusal:
+                    self._reply_plain(msg, refusal)
+                return
+            opened = await open_message(openpgp_from_message(msg.xml) or "", sender.bare, self.agent.jid,
+                                        self.secret, self.keys)
+            answer = self.agent.chat.answer(sender, opened.content.body, "ox-" + opened.digest[:32], signed=True)
+            if answer:
+                self._reply_sealed(msg, answer, opened.key)
+        except OxRefused as exc:
+            log.warning("%s: OX message from %s refused: %s", self.agent.spec.name, sender, exc)
+            self._reply_plain(msg, f"Your encrypted message was not accepted: {exc}.")
+        except Exception:  # nothing a sender puts in a message may end the bot
+            log.exception("%s: OX message from %s failed", self.agent.spec.name, sender)
+            self._reply_plain(msg, "Sorry, that failed inside the device; it is logged.")
+
+    def _reply_sealed(self, msg: Message, text: str, key: pgpy.PGPKey) -> None:
+        sender: JID = msg["from"]
+        try:
+            sealed = seal(Signcrypt(to=(sender.bare,), time=utcnow(), body=text), self.secret, [key])
+        except OxRefused as exc:  # the command itself was handled: say so, not "refused"
+            self._reply_plain(msg, f"Your message was handled, but the answer could not be encrypted ({exc}).")
+            return
+        reply = self.agent.client.make_message(mto=sender, mbody=FALLBACK_BODY, mtype="chat")
+        reply.append(openpgp_to_xml(sealed))
+        self._send(reply, msg)
+
+    def _reply_plain(self, msg: Message, text: str) -> None:
+        self._send(self.agent.client.make_message(mto=msg["from"], mbody=text, mtype="chat"), msg)
+
+    @staticmethod
+    def _send(reply: Message, msg: Message) -> None:
+        if msg["thread"]:
+            reply["thread"] = msg["thread"]
+        reply.send()

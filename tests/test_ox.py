@@ -1,0 +1,154 @@
+"""OpenPGP for XMPP without a server: security/ox.py against GnuPG, the engine behind
+Profanity's /ox. A <signcrypt/> signed and encrypted by gpg (as Profanity's gpgme call does)
+is opened by the device; the device's sealed answer is decrypted and verified by gpg; every
+way a message can be wrong is refused with a reason for the sender."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from gnupg import HAVE_GPG, GnuPG
+from gridpresence.protocol.models import Signcrypt, utcnow
+from gridpresence.protocol.ox import signcrypt_from_xml, signcrypt_to_xml
+from gridpresence.security import keys
+from gridpresence.security.keyring import StaticKeys
+from gridpresence.security.ox import MAX_AGE_S, OxRefused, open_message, seal
+from gridpresence.security.pgp import pgpy
+from pgpy.constants import CompressionAlgorithm
+
+ALICE, DEVICE, BOB = "alice@localhost", "ox-load@localhost", "bob@localhost"
+ALICE_KEY, DEVICE_KEY, BOB_KEY = keys.generate(ALICE), keys.generate(DEVICE), keys.generate(BOB)
+PINNED = StaticKeys({ALICE: ALICE_KEY, BOB: BOB_KEY})
+
+
+def profanity_signcrypt(to: str, body: str, stamp: str) -> bytes:
+    """The element Profanity 0.13 builds: local time with a +hhmm offset, letters as padding."""
+    return (f"<signcrypt xmlns='urn:xmpp:openpgp:0'><to jid='{to}'/><time stamp='{stamp}'/>"
+            f"<rpad>KqWbGfdR</rpad><payload><body xmlns='jabber:client'>{body}</body></payload></signcrypt>").encode()
+
+
+def profanity_stamp(when: dt.datetime) -> str:
+    return when.astimezone(dt.timezone(dt.timedelta(hours=2))).strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+async def open_(blob: str, sender: str = ALICE, pinned: StaticKeys = PINNED) -> str:
+    return (await open_message(blob, sender, DEVICE, DEVICE_KEY, pinned)).content.body
+
+
+@pytest_asyncio.fixture
+async def operator_gpg() -> AsyncIterator[GnuPG]:
+    """Alice's GnuPG home: her secret key and the device's public key."""
+    if not HAVE_GPG:
+        pytest.skip("gpg is not installed (Debian package `gnupg`)")
+    async with GnuPG() as gpg:
+        await gpg.import_key(str(ALICE_KEY))
+        await gpg.import_key(str(DEVICE_KEY.pubkey))
+        yield gpg
+
+
+async def gpg_signcrypt(gpg: GnuPG, plain: bytes, signer: str = ALICE, to: str = DEVICE) -> str:
+    """Sign with ``signer`` and encrypt to ``to`` and to the signer, binary: what gpgme does."""
+    out, _ = await gpg.run("--sign", "--encrypt", "--local-user", f"xmpp:{signer}",
+                           "--recipient", f"xmpp:{to}", "--recipient", f"xmpp:{signer}", stdin=plain)
+    return base64.b64encode(out).decode()
+
+
+async def test_device_opens_what_gnupg_signed_and_encrypted(operator_gpg: GnuPG) -> None:
+    blob = await gpg_signcrypt(operator_gpg, profanity_signcrypt(DEVICE, "shed", profanity_stamp(utcnow())))
+    opened = await open_message(blob, ALICE, DEVICE, DEVICE_KEY, PINNED)
+    assert opened.content.body == "shed"
+    assert opened.content.to == (DEVICE,)
+    assert keys.fingerprint(opened.key) == keys.fingerprint(ALICE_KEY)
+    # A replayed copy has the same identity, so the device recognises it as the same command.
+    assert (await open_message(blob, ALICE, DEVICE, DEVICE_KEY, PINNED)).digest == opened.digest
+
+
+async def test_gnupg_decrypts_and_verifies_the_devices_answer(operator_gpg: GnuPG) -> None:
+    blob = seal(Signcrypt(to=(ALICE,), time=utcnow(), body="Done: load shed. <ok> & \"quoted\""),
+                DEVICE_KEY, [ALICE_KEY.pubkey])
+    plain, status = await operator_gpg.run("--decrypt", stdin=base64.b64decode(blob))
+    assert f"[GNUPG:] VALIDSIG {keys.fingerprint(DEVICE_KEY)}" in status
+    assert "[GNUPG:] GOODSIG" in status and "[GNUPG:] DECRYPTION_OKAY" in status
+    answer = signcrypt_from_xml(plain)
+    assert answer.body == "Done: load shed. <ok> & \"quoted\"" and answer.to == (ALICE,)
+    assert b"<rpad>" in plain and b"xmlns=\"jabber:client\"" in plain
+
+
+async def test_refusals_say_why(operator_gpg: GnuPG) -> None:
+    fresh = profanity_stamp(utcnow())
+    # Signed with Bob's key but sent from Alice's account: not the key pinned for Alice.
+    await operator_gpg.import_key(str(BOB_KEY))
+    by_bob = await gpg_signcrypt(operator_gpg, profanity_signcrypt(DEVICE, "shed", fresh), signer=BOB)
+    with pytest.raises(OxRefused, match=r"signature does not verify with the key pinned for alice@localhost"):
+        await open_(by_bob)
+    assert await open_(by_bob, sender=BOB) == "shed"  # and it is Bob's, genuinely
+
+    # Encrypted, not signed.
+    out, _ = await operator_gpg.run("--encrypt", "--recipient", f"xmpp:{DEVICE}",
+                                    stdin=profanity_signcrypt(DEVICE, "shed", fresh))
+    with pytest.raises(OxRefused, match="encrypted but not signed"):
+        await open_(base64.b64encode(out).decode())
+
+    # Encrypted to someone else: the device cannot read it.
+    to_bob = await gpg_signcrypt(operator_gpg, profanity_signcrypt(DEVICE, "shed", fresh), to=BOB)
+    with pytest.raises(OxRefused, match="not encrypted to this party's key"):
+        await open_(to_bob)
+
+    # Addressed (inside the signature) to another device: a forwarded copy.
+    other = await gpg_signcrypt(operator_gpg, profanity_signcrypt("load-a@localhost", "shed", fresh))
+    with pytest.raises(OxRefused, match="addressed to load-a@localhost, not to ox-load@localhost"):
+        await open_(other)
+
+    # Stale, and from the future.
+    old = profanity_stamp(utcnow() - dt.timedelta(seconds=MAX_AGE_S + 40))
+    with pytest.raises(OxRefused, match=r"signed \d+ s ago"):
+        await open_(await gpg_signcrypt(operator_gpg, profanity_signcrypt(DEVICE, "shed", old)))
+    ahead = profanity_stamp(utcnow() + dt.timedelta(minutes=5))
+    with pytest.raises(OxRefused, match="in the future"):
+        await open_(await gpg_signcrypt(operator_gpg, profanity_signcrypt(DEVICE, "shed", ahead)))
+
+    # No key known for the sender.
+    with pytest.raises(OxRefused, match="no usable OpenPGP key for alice@localhost"):
+        await open_(await gpg_signcrypt(operator_gpg, profanity_signcrypt(DEVICE, "shed", fresh)),
+                    pinned=StaticKeys({}))
+
+
+@pytest.mark.parametrize(("blob", "why"), [
+    ("not base64 !", "does not hold base64"),
+    (base64.b64encode(b"hello, device").decode(), "does not hold an OpenPGP message"),
+    (base64.b64encode(bytes(pgpy.PGPMessage.new(b"plain"))).decode(), "not encrypted"),
+    ("A" * 200_000, "longer than"),
+])
+async def test_malformed_openpgp_content_is_refused(blob: str, why: str) -> None:
+    with pytest.raises(OxRefused, match=why):
+        await open_(blob)
+
+
+@pytest.mark.parametrize(("plain", "why"), [
+    (b"<crypt xmlns='urn:xmpp:openpgp:0'/>", "encrypted but not signed"),
+    (b"<signcrypt xmlns='urn:xmpp:openpgp:0'><to jid='ox-load@localhost'/></signcrypt>", "no <time"),
+    (b"<signcrypt xmlns='urn:xmpp:openpgp:0'><to jid='ox-load@localhost'/><time stamp='yesterday'/>"
+     b"<payload><body xmlns='jabber:client'>shed</body></payload></signcrypt>", "not an XEP-0082"),
+    (b"<signcrypt xmlns='urn:xmpp:openpgp:0'><to jid='ox-load@localhost'/><time stamp='2026-01-01T00:00:00Z'/>"
+     b"<payload/></signcrypt>", "no <payload/> with a chat <body/>"),
+    (b"<signcrypt xmlns='urn:xmpp:openpgp:0'><time stamp='2026-01-01T00:00:00Z'/>"
+     b"<payload><body xmlns='jabber:client'>shed</body></payload></signcrypt>", "to: Tuple should have at least 1"),
+    (b"\x00\xff not xml", "not XML"),
+])
+async def test_bad_signcrypt_content_is_refused_even_when_signed(plain: bytes, why: str) -> None:
+    message = pgpy.PGPMessage.new(plain, compression=CompressionAlgorithm.Uncompressed)
+    message |= ALICE_KEY.sign(message)
+    with pytest.raises(OxRefused, match=why):
+        await open_(base64.b64encode(bytes(DEVICE_KEY.pubkey.encrypt(message))).decode())
+
+
+def test_signcrypt_round_trip_pads_and_keeps_text() -> None:
+    content = Signcrypt(to=(DEVICE,), time=utcnow().replace(microsecond=0), body="read fuel")
+    a, b = signcrypt_to_xml(content), signcrypt_to_xml(content)
+    assert signcrypt_from_xml(a) == content == signcrypt_from_xml(b)
+    assert a != b  # random padding: equal commands do not look equal
