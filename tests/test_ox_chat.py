@@ -1,0 +1,104 @@
+"""Signed, encrypted chat (XEP-0373/0374) with a device bot over the real server, the way an
+OX client sends it: the command acts and the answer comes back sealed to the operator; a
+replayed copy has no second effect; everything the device will not act on gets a plain
+reply saying why, and the bot keeps answering."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from collections.abc import AsyncIterator
+
+import pytest_asyncio
+from slixmpp import Message
+
+from chatpeer import ChatPeer, chat_peer
+from conftest import Env
+from gridpresence.agents.operator import GridOperator
+from gridpresence.protocol import DeviceState
+from gridpresence.protocol.models import Signcrypt, utcnow
+from gridpresence.protocol.ox import FALLBACK_BODY, openpgp_from_message, openpgp_to_xml
+from gridpresence.security.keyring import StaticKeys
+from gridpresence.security.ox import MAX_AGE_S, open_message, seal
+from gridpresence.security.pgp import pgpy
+from oxdesk import ox_desk
+
+DEVICE = "ox-wire"
+
+
+@pytest_asyncio.fixture
+async def alice_chat(env: Env) -> AsyncIterator[ChatPeer]:
+    ox_desk(env, DEVICE)
+    peer = await chat_peer(env, "alice", "ox-script")
+    yield peer
+    await peer.close()
+
+
+def send_ox(peer: ChatPeer, to: str, blob: str) -> None:
+    msg = peer.client.make_message(mto=to, mbody=FALLBACK_BODY, mtype="chat")
+    msg.append(openpgp_to_xml(blob))
+    msg.send()
+
+
+def sealed(env: Env, text: str, signer: str = "alice", when: dt.datetime | None = None) -> str:
+    content = Signcrypt(to=(env.fleet.jid(DEVICE),), time=when or utcnow(), body=text)
+    return seal(content, env.grid.keys.secret(signer), [env.grid.keys.secret(DEVICE).pubkey])
+
+
+async def opened_reply(env: Env, msg: Message) -> str:
+    """Alice opens the device's answer: encrypted to her, signed by the device's key."""
+    blob = openpgp_from_message(msg.xml)
+    assert blob is not None, f"expected an OX answer, got plain text: {msg['body']!r}"
+    assert msg["body"] == FALLBACK_BODY
+    device = env.fleet.jid(DEVICE)
+    pinned = StaticKeys({device: env.grid.keys.secret(DEVICE)})
+    alice: pgpy.PGPKey = env.grid.keys.secret("alice")
+    return (await open_message(blob, device, env.fleet.jid("alice"), alice, pinned)).content.body
+
+
+async def test_signed_shed_acts_and_the_answer_comes_back_sealed(env: Env, alice_chat: ChatPeer,
+                                                                  alice: GridOperator) -> None:
+    device = env.fleet.jid(DEVICE)
+    shed = sealed(env, "shed")
+    send_ox(alice_chat, device, shed)
+    answer = await opened_reply(env, await alice_chat.reply_from(device))
+    assert answer.startswith(f"Done: load shed. Now: {DEVICE} (load) is off")
+    await alice.wait_for(lambda d: d[DEVICE].state is DeviceState.OFF, timeout=5)
+
+    send_ox(alice_chat, device, sealed(env, "restore"))
+    assert (await opened_reply(env, await alice_chat.reply_from(device))).startswith("Done: load restored.")
+    await alice.wait_for(lambda d: d[DEVICE].state is DeviceState.ON, timeout=5)
+    # The first message captured and sent again (a new stanza around the same OpenPGP message):
+    # the same command, answered from memory, no second shed.
+    send_ox(alice_chat, device, shed)
+    assert (await opened_reply(env, await alice_chat.reply_from(device))).startswith("Done: load shed.")
+    assert (await alice_chat.ask(device, "status")).startswith(f"{DEVICE} (load) is on")
+    assert alice.devices[DEVICE].state is DeviceState.ON
+
+
+async def test_what_the_device_will_not_act_on_is_answered_in_plain_text(env: Env, alice_chat: ChatPeer,
+                                                                         alice: GridOperator) -> None:
+    device = env.fleet.jid(DEVICE)
+    cases = [
+        ("%%% not base64", "the <openpgp/> element does not hold base64 data"),
+        (base64.b64encode(b"\x00" * 40).decode(), "does not hold an OpenPGP message"),
+        (sealed(env, "shed", signer="bob"), "its signature does not verify with the key pinned for alice@localhost"),
+        (sealed(env, "shed", when=utcnow() - dt.timedelta(seconds=MAX_AGE_S + 60)), "s ago; signed commands must arrive within 20 s"),
+        (seal(Signcrypt(to=(device,), time=utcnow(), body="shed"), env.grid.keys.secret("alice"),
+              [env.grid.keys.secret("bob").pubkey]), "not encrypted to this party's key"),
+    ]
+    for blob, why in cases:
+        send_ox(alice_chat, device, blob)
+        reply = await alice_chat.reply_from(device)
+        assert openpgp_from_message(reply.xml) is None
+        assert reply["body"].startswith("Your encrypted message was not accepted: ") and why in reply["body"], reply["body"]
+    assert alice.devices[DEVICE].state is DeviceState.ON  # nothing acted
+    assert (await alice_chat.ask(device, "status")).startswith(f"{DEVICE} (load) is on")  # and the bot lives
+
+    # A stranger gets the usual refusal, and no decryption work is done for it.
+    stranger = await chat_peer(env, "billing", "ox")
+    try:
+        send_ox(stranger, device, sealed(env, "shed", signer="billing"))
+        assert (await stranger.reply_from(device))["body"] == f"not authorised: only the utility's operators may use {DEVICE}."
+    finally:
+        await stranger.close()
