@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from gnupg import HAVE_GPG, GnuPG
+from gpghome import HAVE_GPG, GnuPG
 from gridpresence.protocol.models import Signcrypt, utcnow
 from gridpresence.protocol.ox import signcrypt_from_xml, signcrypt_to_xml
 from gridpresence.security import keys

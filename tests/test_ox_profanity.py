@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Env
-from gnupg import HAVE_GPG, GnuPG
+from gpghome import HAVE_GPG, GnuPG
 from gridpresence.agents.operator import GridOperator
 from gridpresence.protocol import DeviceState
 from gridpresence.security.keys import fingerprint
