@@ -48,7 +48,7 @@ def test_gnupg_imports_the_key_and_verifies_its_signature(tmp_path: Path) -> Non
     (tmp_path / "data.sig").write_text(str(key.sign(data)))
     home = tmp_path / "gnupg"
     home.mkdir(mode=0o700)
-    gpg = ["gpg", "--homedir", str(home), "--batch"]
+    gpg = ["gpg", "--homedir", str(home), "--batch", "--no-autostart"]  # no agent left behind
     subprocess.run([*gpg, "--import", str(tmp_path / "alice.asc")], check=True, capture_output=True)
     listed = subprocess.run([*gpg, "--with-colons", "--list-keys"], check=True, capture_output=True, text=True).stdout
     assert "xmpp\\x3aalice@grid.test" in listed  # the user id, colon escaped by --with-colons
