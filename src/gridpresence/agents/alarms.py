@@ -22,7 +22,7 @@ from gridpresence.protocol.models import PresenceReport
 from gridpresence.rules.engine import Engine, FaultEvent
 from gridpresence.rules.priority import Prioritiser
 from gridpresence.rules.live import report_sample
-from gridpresence.rules.model import default_rules
+from gridpresence.rules.model import RuleSet, default_rules
 from gridpresence.rules.thresholds import Adjuster, Change, Proposal, ThresholdBook
 
 if TYPE_CHECKING:
@@ -87,7 +87,8 @@ def describe(alarm: Alarm) -> str:
 class AlarmDesk:
     """One device's alarms: raising, routing by presence, escalation, acknowledgement."""
 
-    def __init__(self, agent: DeviceAgent, duty: tuple[str, ...], settings: AlarmSettings) -> None:
+    def __init__(self, agent: DeviceAgent, duty: tuple[str, ...], settings: AlarmSettings,
+                 rules: RuleSet | None = None) -> None:
         self.agent = agent
         self.duty = duty
         self.settings = settings
@@ -95,13 +96,14 @@ class AlarmDesk:
         self._active: frozenset[AlarmKind] = frozenset()
         self._next_id = 1
         # The rules run here, on the device: only faults leave it. Thresholds adapt per device.
-        rules = default_rules(settings)
+        # The fleet's own rule set (shared by its devices) replaces the built-in alarms.
+        rules = rules or default_rules(settings)
         self.thresholds = ThresholdBook(rules)
         self.engine = Engine(rules, self.thresholds)
         self.adjuster = Adjuster(rules, self.thresholds)
         self.rule_alarms: dict[str, tuple[str, float]] = {}  # alarm id -> (rule, when raised), for verdicts
         self.on_adjustment: Callable[[Change | Proposal], None] | None = None
-        # The billing party's price now (set by the fleet); with [alarms] batch_low_priority_s it ranks faults.
+        # The billing party's price now (the device's PriceFeed); with [alarms] batch_low_priority_s it ranks faults.
         self.price: Callable[[], float] | None = None
         self._prioritiser: Prioritiser | None = None
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -148,7 +150,7 @@ class AlarmDesk:
         self._clear_warnings(self._active)
 
     def _raise_fault(self, ev: FaultEvent, detail: str = "") -> None:
-        alarm = self.raise_alarm(AlarmKind(ev.alarm), ev.value, ev.threshold, detail)
+        alarm = self.raise_alarm(AlarmKind(ev.alarm), ev.value, ev.threshold, detail, urgent=ev.urgent)
         self.rule_alarms[alarm.id] = (ev.rule, ev.ts)
         if len(self.rule_alarms) > MAX_JUDGEABLE:
             del self.rule_alarms[min(self.rule_alarms, key=int)]
@@ -193,9 +195,12 @@ class AlarmDesk:
                     self._send(op, cleared)
 
     def raise_alarm(self, kind: AlarmKind, value: float | None = None, threshold: float | None = None,
-                    detail: str = "") -> Alarm:
-        """Raise and deliver an alarm; `detail` (e.g. a master IED's advice) follows the reading."""
-        level = AlarmLevel.URGENT if kind in URGENT_KINDS else AlarmLevel.WARNING
+                    detail: str = "", urgent: bool | None = None) -> Alarm:
+        """Raise and deliver an alarm; `detail` (e.g. a master IED's advice) follows the reading.
+        A rule says whether it is urgent; otherwise the kind does."""
+        if urgent is None:
+            urgent = kind in URGENT_KINDS
+        level = AlarmLevel.URGENT if urgent else AlarmLevel.WARNING
         alarm = Alarm(id=str(self._next_id), device=self.agent.jid, kind=kind, level=level,
                       value=None if value is None else round(value, 2), threshold=threshold)
         text = describe(alarm) + (f": {detail}" if detail else "")

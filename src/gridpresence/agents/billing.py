@@ -1,16 +1,17 @@
 """The billing party ([00142], [0093]): sends its tariff, or a real-time price, to the
-utility's operators whenever they are present."""
+utility's operators and to the devices whenever they are present (devices rank their faults by
+cost per day at that price)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from slixmpp import JID, Presence
+from slixmpp import JID, Message, Presence
 
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
 from gridpresence.config import BillingSpec
-from gridpresence.protocol.codec import tariff_to_xml
+from gridpresence.protocol.codec import PayloadError, tariff_from_xml, tariff_to_xml
 from gridpresence.protocol.models import Tariff, TariffPeriod
 
 log = logging.getLogger(__name__)
@@ -24,14 +25,36 @@ def tariff_from_spec(spec: BillingSpec) -> Tariff:
     return Tariff(supplier=spec.supplier, currency=spec.currency, periods=(peak, off))
 
 
+class TariffRefused(ValueError):
+    """A ``<tariff>`` that is not taken; `condition` is the stanza error the sender gets."""
+
+    def __init__(self, condition: str, text: str) -> None:
+        super().__init__(text)
+        self.condition = condition
+
+
+def tariff_from_billing(msg: Message, is_billing: Callable[[str], bool]) -> Tariff:
+    """The one gate for a price message, on every receiving side: a billing party's, and valid.
+    (A signature check belongs here too: it then covers operators and devices alike.)"""
+    sender = msg["from"].bare
+    if not is_billing(sender):
+        raise TariffRefused("not-authorized", f"{sender} is not a billing party; only the billing party sets prices")
+    try:
+        return tariff_from_xml(msg["grid_tariff"].xml)
+    except PayloadError as exc:
+        raise TariffRefused("bad-request", str(exc)) from None
+
+
 class BillingAgent:
-    def __init__(self, spec: BillingSpec, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str]) -> None:
+    def __init__(self, spec: BillingSpec, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str],
+                 devices: Iterable[str] = ()) -> None:
         self.spec = spec
         self.endpoint = endpoint
-        self.operators = frozenset(JID(j).bare for j in operators)
+        # Operators see the price; devices rank their faults by it.
+        self.recipients = frozenset(JID(j).bare for j in (*operators, *devices))
         self.tariff = tariff_from_spec(spec)
         self.client = make_client(jid, password, endpoint)
-        self._present: set[str] = set()  # operators' full JIDs that have our current tariff
+        self._present: set[str] = set()  # recipients' full JIDs that have our current tariff
         self.client.add_event_handler("presence", self._on_presence)
         self.client.add_event_handler("session_start", lambda _e: self.client.send_presence(pstatus="billing"))
 
@@ -43,12 +66,12 @@ class BillingAgent:
 
     def _on_presence(self, pres: Presence) -> None:
         sender = pres["from"]
-        if sender.bare not in self.operators:
+        if sender.bare not in self.recipients:
             return
         if pres["type"] == "unavailable":
             self._present.discard(sender.full)
         elif pres["type"] in ("available", *Presence.showtypes) and sender.full not in self._present:
-            # The utility just became present: that is when the price goes out ([00142]).
+            # An operator or device just became present: that is when the price goes out ([00142]).
             self._present.add(sender.full)
             self._send(sender.full)
 
@@ -60,7 +83,7 @@ class BillingAgent:
         msg.send()
 
     def publish(self, tariff: Tariff) -> None:
-        """Replace the tariff and send it to every operator present now."""
+        """Replace the tariff and send it to every operator and device present now."""
         self.tariff = tariff
         for full in sorted(self._present):
             self._send(full)

@@ -163,8 +163,8 @@ class ChatDesk:
 
     def _refuse(self, who: str) -> str | None:
         groups = self.agent.client.client_roster[who]["groups"] if who in self.agent.client.client_roster else []
-        if roles.device_kind(groups) is not None or roles.SERVICES in groups:
-            return None  # another bot: answering could start an endless exchange
+        if roles.device_kind(groups) is not None or roles.SERVICES in groups or roles.BILLING in groups:
+            return None  # another bot (billing's price note has a body): answering could start an endless exchange
         now = time.monotonic()
         if now - self._refused_at.get(who, -REFUSAL_INTERVAL_S) < REFUSAL_INTERVAL_S:
             return None

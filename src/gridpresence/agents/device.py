@@ -19,6 +19,7 @@ from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.agents.adhoc import enable_standard_features
 from gridpresence.agents.alarms import AlarmDesk
+from gridpresence.agents.price_feed import PriceFeed
 from gridpresence.agents.verdicts import VerdictDesk
 from gridpresence.agents.chat import ChatDesk
 from gridpresence.agents.firmware import FirmwareDesk
@@ -26,6 +27,7 @@ from gridpresence.agents.session import Endpoint, close_session, make_client, op
 from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.config import DeviceSpec
 from gridpresence.devices import SimDevice, make_device
+from gridpresence.rules.model import RuleSet
 from gridpresence.protocol.codec import (
     PayloadError,
     command_from_xml,
@@ -43,6 +45,7 @@ from gridpresence.protocol.models import (
     OutcomeStatus,
     PresenceReport,
     RejectReason,
+    Tariff,
     Telemetry,
     utcnow,
 )
@@ -83,6 +86,9 @@ class DeviceAgent:
         relays: Iterable[str] = (),
         alarms: AlarmSettings | None = None,
         services: Iterable[str] = (),
+        rules: RuleSet | None = None,
+        billing: Iterable[str] = (),
+        tariff: Tariff | None = None,
     ) -> None:
         self.spec = spec
         self.endpoint = endpoint
@@ -110,7 +116,11 @@ class DeviceAgent:
             self.client.add_event_handler("presence", self._on_child_presence)
         self.client.add_event_handler("disconnected", self._on_disconnected)
         self.client.add_event_handler("session_start", self._on_session_start)
-        self.alarms = AlarmDesk(self, duty, alarms or AlarmSettings())
+        self.alarms = AlarmDesk(self, duty, alarms or AlarmSettings(), rules)
+        # Faults are ranked at the billing party's price, as it sends it ([00142]).
+        self.prices = PriceFeed(self, billing, tariff)
+        if self.prices.billing:  # no billing party: no price, nothing is ranked
+            self.alarms.price = self.prices.price
         self.chat = ChatDesk(self)
         enable_standard_features(self)
         self.verdicts = VerdictDesk(self)

@@ -22,6 +22,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence import roles
+from gridpresence.agents.billing import TariffRefused, tariff_from_billing
 from gridpresence.agents.session import (
     ConnectionInfo,
     Endpoint,
@@ -38,7 +39,6 @@ from gridpresence.protocol.codec import (
     outcome_from_xml,
     q,
     report_from_xml,
-    tariff_from_xml,
 )
 from gridpresence.protocol.alarm import Alarm, alarm_from_xml
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
@@ -330,16 +330,15 @@ class GridOperator:
     # -- tariffs ----------------------------------------------------------------------
 
     def _on_tariff(self, msg: Message) -> None:
-        sender = msg["from"].bare
-        if roles.BILLING not in self.client.client_roster[sender]["groups"]:
-            log.warning("tariff from %s ignored: not a billing party", sender)
-            return
         try:
-            self.tariff = tariff_from_xml(msg["grid_tariff"].xml)
-        except PayloadError as exc:
-            log.warning("dropped invalid tariff from %s: %s", sender, exc)
+            self.tariff = tariff_from_billing(msg, self._is_billing)
+        except TariffRefused as exc:
+            log.warning("tariff from %s ignored: %s", msg["from"], exc)
             return
         self._bump()
+
+    def _is_billing(self, jid: str) -> bool:
+        return jid in self.client.client_roster and roles.BILLING in self.client.client_roster[jid]["groups"]
 
     async def wait_tariff(self, timeout: float) -> Tariff:
         async with asyncio.timeout(timeout):

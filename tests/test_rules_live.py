@@ -1,0 +1,173 @@
+"""The rule engine live on a real Prosody: the fleet's own rule file on a device, the billing
+party's price ranking faults on the devices, the threshold audit surviving a restart, and faults
+under a branch in fault folded into the branch's alarm."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+from slixmpp import Message
+
+from chatpeer import ChatPeer, chat_peer
+from conftest import Env, run_cli
+from gridpresence.agents.billing import tariff_from_spec
+from gridpresence.agents.device import DeviceAgent
+from gridpresence.agents.fleet import FleetBots
+from gridpresence.config import load_fleet
+from gridpresence.protocol.alarm import Alarm, AlarmKind, AlarmLevel, AlarmStatus, alarm_from_xml
+from gridpresence.protocol.codec import q, tariff_to_xml
+from gridpresence.protocol.models import Tariff, TariffPeriod
+
+CUSTOM_RULES = """
+# Replaces the built-in alarms: a generator running hot once it has been on for a while.
+[[rules]]
+name = "hot_running"
+alarm = "temperature-exceeded"
+urgent = true
+applies_to = { kinds = ["generator"] }
+trigger = { states = ["on"], since_change_s = "warm_up_s" }
+content = { field = "temperature_c", op = ">", param = "max_running_c" }
+params = { max_running_c = 70.0, warm_up_s = 2.0 }
+"""
+
+FLEET = """
+domain = "localhost"
+operators = [{ name = "alice" }, { name = "bob" }]
+devices = [{ name = "rules-gen", kind = "generator", rated_kw = 100, startup_s = 0 }]
+[rules]
+file = "my-rules.toml"
+"""
+
+
+def device(env: Env, name: str) -> DeviceAgent:
+    assert env.grid.bots is not None
+    return env.grid.bots.devices[name]
+
+
+def alarm_of(msg: Message) -> Alarm:
+    return alarm_from_xml(msg.xml.find(q("alarm")))
+
+
+def alarms_from(peer: ChatPeer, jid: str) -> list[Alarm]:
+    """Alarms from one device that have arrived and not been taken yet."""
+    return [alarm_of(m) for m in list(peer.alarms._queue) if m["from"].bare == jid]  # type: ignore[attr-defined]
+
+
+async def until(check, timeout: float = 6.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.05)
+
+
+# -- the fleet's own rule set -------------------------------------------------------------
+
+
+async def test_fleet_rule_file_replaces_default_rules_on_a_live_device(env: Env, tmp_path: Path) -> None:
+    (tmp_path / "my-rules.toml").write_text(CUSTOM_RULES)
+    (tmp_path / "fleet.toml").write_text(FLEET)
+    fleet = load_fleet(tmp_path / "fleet.toml")
+    assert fleet.rules is not None and fleet.rules.file == str(tmp_path / "my-rules.toml")  # relative to the fleet
+    bots = FleetBots(fleet, env.grid.endpoint, env.grid.secrets, only=["rules-gen"], tick_s=0.2, with_services=False)
+    await bots.start()
+    alice = await chat_peer(env, "alice", "custom-rules")
+    gen, jid = bots.devices["rules-gen"], env.fleet.jid("rules-gen")
+    try:
+        assert [r.name for r in gen.alarms.engine.rules.rules] == ["hot_running"]
+        # Hot and nearly dry, but off: the rule's trigger (on, for 2 s) does not hold.
+        gen.sim.temperature_c = 110.0  # type: ignore[attr-defined]
+        gen.sim.fuel_pct = 4.0  # type: ignore[attr-defined]
+        await asyncio.sleep(0.6)
+        assert not alarms_from(alice, jid)
+        started = time.monotonic()
+        assert "started" in await alice.ask(jid, "start")
+        msg = await alice.alarm(jid, timeout=6)
+        waited = time.monotonic() - started
+        alarm = alarm_of(msg)
+        # The custom rule: its own limit (70, not the built-in 105), only after 2 s on.
+        assert alarm.kind is AlarmKind.TEMPERATURE_EXCEEDED and alarm.level is AlarmLevel.URGENT
+        assert alarm.threshold == 70.0 and "limit 70" in alarm.text and waited >= 1.8, (alarm, waited)
+        # The built-in low-fuel rule is not in the set: 4 % fuel while on raises nothing.
+        await asyncio.sleep(1.0)
+        assert not [a for a in alarms_from(alice, jid) if a.kind is AlarmKind.LOW_FUEL]
+        assert "Acknowledged" in await alice.ask(jid, f"ack {alarm.id}")
+    finally:
+        await alice.close()
+        await bots.stop()
+
+
+async def test_bad_rule_file_stops_up_with_the_rule_and_field_named(tmp_path: Path) -> None:
+    (tmp_path / "my-rules.toml").write_text(CUSTOM_RULES.replace('op = ">"', 'op = "above"'))
+    (tmp_path / "fleet.toml").write_text(FLEET)
+    code, out, err = await run_cli("up", "--fleet", str(tmp_path / "fleet.toml"), "--data", str(tmp_path / "data"))
+    assert code == 2 and "Traceback" not in err, err
+    assert "rules.file" in err and "my-rules.toml" in err and "rule 'hot_running'" in err and "op" in err, err
+    assert not (tmp_path / "data" / "connection.json").exists()  # nothing started
+    (tmp_path / "fleet.toml").write_text(FLEET.replace("my-rules.toml", "absent.toml"))
+    code, _, err = await run_cli("up", "--fleet", str(tmp_path / "fleet.toml"), "--data", str(tmp_path / "data"))
+    assert code == 2 and "absent.toml" in err and "Traceback" not in err, err
+
+
+# -- the billing party's price on the devices ---------------------------------------------
+
+
+async def test_billing_price_flips_a_fault_between_batched_and_at_once(env: Env) -> None:
+    """2-5 kW past the high-loading limit: 0.50 a kWh makes it cheap (batched), 5.00 costly (at once)."""
+    assert env.grid.bots is not None
+    dev, name, jid = device(env, "price-load"), "price-load", env.fleet.jid("price-load")
+    billing = env.grid.bots.billing["billing"]
+    before = dev.alarms.settings
+    dev.alarms.settings = before.model_copy(update={"batch_low_priority_s": 60.0, "high_cost_per_day": 100.0})
+    bob = await chat_peer(env, "bob", "price")
+    errors: asyncio.Queue[Message] = asyncio.Queue()
+    bob.client.add_event_handler("message_error", errors.put_nowait)
+
+    def held() -> bool:
+        return "high_loading" in dev.alarms.engine.active(name)
+
+    try:
+        billing.set_price(0.5)
+        await until(lambda: dev.prices.price() == 0.5)
+        dev.sim.utilisation = 0.84  # type: ignore[attr-defined]
+        await until(held)
+        await asyncio.sleep(1.5)
+        assert not alarms_from(bob, jid)  # cheap at this price: waiting for the batch
+        assert dev.alarms._prioritiser is not None and [r.event.rule for r in dev.alarms._prioritiser.batch] == ["high_loading"]
+        dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
+        await until(lambda: not held())
+        billing.set_price(5.0)  # the billing party's real-time price goes up
+        await until(lambda: dev.prices.price() == 5.0)
+        dev.sim.utilisation = 0.84  # type: ignore[attr-defined]
+        await until(held)
+        alarm = alarm_of(await bob.alarm(jid, timeout=2.0))  # costly now: at once
+        assert alarm.kind is AlarmKind.HIGH_LOADING and "batched" not in alarm.text
+
+        # Only the billing party sets the price: an operator's tariff is refused, with the reason.
+        forged = bob.client.make_message(mto=jid, mtype="normal")
+        forged.append(tariff_to_xml(Tariff(supplier="cheap-power", periods=(TariffPeriod(start_hour=0, end_hour=24,
+                                                                                         price_per_kwh=0.01),))))
+        forged.send()
+        err = await asyncio.wait_for(errors.get(), 5)
+        assert err["error"]["condition"] == "not-authorized" and "not a billing party" in err["error"]["text"]
+        # An invalid tariff, even the billing party's own, is dropped with the reason; the device carries on.
+        rogue = await chat_peer(env, "billing", "broken-tool")
+        rogue_errors: asyncio.Queue[Message] = asyncio.Queue()
+        rogue.client.add_event_handler("message_error", rogue_errors.put_nowait)
+        try:
+            bad = rogue.client.make_message(mto=jid, mtype="normal")
+            bad.append(ET.Element(q("tariff"), {"supplier": "utility-supply", "currency": "dollars"}))
+            bad.send()
+            err = await asyncio.wait_for(rogue_errors.get(), 5)
+            assert err["error"]["condition"] == "bad-request" and "currency" in err["error"]["text"]
+        finally:
+            await rogue.close()
+        assert dev.prices.price() == 5.0
+        assert "price-load (load) is on" in await bob.ask(jid, "status")
+    finally:
+        dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
+        dev.alarms.settings = before
+        billing.publish(tariff_from_spec(billing.spec))  # back to the fleet's tariff for the other tests
+        dev.alarms.acknowledge(None, "test-cleanup")
+        await bob.close()
