@@ -5,10 +5,12 @@ under a branch in fault folded into the branch's alarm."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
+import pytest
 from slixmpp import Message
 
 from chatpeer import ChatPeer, chat_peer
@@ -20,6 +22,9 @@ from gridpresence.config import load_fleet
 from gridpresence.protocol.alarm import Alarm, AlarmKind, AlarmLevel, AlarmStatus, alarm_from_xml
 from gridpresence.protocol.codec import q, tariff_to_xml
 from gridpresence.protocol.models import Tariff, TariffPeriod
+from gridpresence.rules.audit_log import AuditJournal, audit_path
+from gridpresence.rules.model import default_rules
+from gridpresence.rules.thresholds import ThresholdBook
 
 CUSTOM_RULES = """
 # Replaces the built-in alarms: a generator running hot once it has been on for a while.
@@ -171,3 +176,78 @@ async def test_billing_price_flips_a_fault_between_batched_and_at_once(env: Env)
         billing.publish(tariff_from_spec(billing.spec))  # back to the fleet's tariff for the other tests
         dev.alarms.acknowledge(None, "test-cleanup")
         await bob.close()
+
+
+# -- the threshold audit survives a restart -----------------------------------------------
+
+
+async def _high_loading(peer: ChatPeer, jid: str, status: AlarmStatus) -> str:
+    msg = await peer.alarm(jid, 6, lambda m: alarm_of(m).kind is AlarmKind.HIGH_LOADING and alarm_of(m).status is status)
+    return alarm_of(msg).id
+
+
+async def test_threshold_change_survives_restart_and_reverts(env: Env) -> None:
+    name, jid = "audit-load", env.fleet.jid("audit-load")
+    journal = audit_path(env.data, name)
+
+    def run() -> FleetBots:
+        return FleetBots(env.fleet, env.grid.endpoint, env.grid.secrets, only=[name], tick_s=0.2,
+                         with_services=False, data_dir=env.data)
+
+    bots = run()
+    await bots.start()
+    alice = await chat_peer(env, "alice", "audit")
+    try:
+        dev = bots.devices[name]
+        answer = ""
+        for _ in range(2):  # two alarms judged not a fault: the hybrid rule proposes a new limit
+            dev.sim.utilisation = 0.85  # type: ignore[attr-defined]
+            aid = await _high_loading(alice, jid, AlarmStatus.RAISED)
+            dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
+            await _high_loading(alice, jid, AlarmStatus.CLEARED)
+            answer = await alice.ask(jid, f"not a fault {aid}")
+        (pid,) = dev.alarms.adjuster.pending
+        assert f"threshold proposal {pid}" in answer
+        changed = await alice.ask(jid, f"set {pid} 90")
+        assert "changed 80 -> 90 by alice@localhost (change 1)" in changed, changed
+        assert '"new": 90.0' in journal.read_text()  # on disk as soon as it is made
+    finally:
+        await alice.close()
+        await bots.stop()
+
+    bots = run()  # the device restarts: its thresholds and their audit come back from disk
+    await bots.start()
+    try:
+        dev = bots.devices[name]
+        assert dev.alarms.thresholds.current(name, "high_loading", "high_loading") == 90.0
+        code, out, err = await run_cli("rules", "audit", "--data", str(env.data), "--device", name, "--json")
+        assert code == 0, err
+        (entry,) = json.loads(out)
+        assert (entry["id"], entry["old"], entry["new"], entry["by"]) == (1, 80.0, 90.0, "alice@localhost")
+        assert "not a fault" in entry["why"] and "operator entered 90" in entry["why"] and entry["at"]
+        # Reverted after the restart, by another operator from the command line; the revert is audited too.
+        conn = ["--connection", str(env.grid.connection_file), "--as", "bob"]
+        code, out, err = await run_cli("rules", "revert", name, "1", *conn)
+        assert code == 0 and "changed 90 -> 80 by bob@localhost" in out and "revert of change 1" in out, out + err
+        assert dev.alarms.thresholds.current(name, "high_loading", "high_loading") == 80.0
+        code, out, _ = await run_cli("rules", "revert", name, "99", *conn)
+        assert code == 1 and "no threshold change 99" in out
+        code, out, _ = await run_cli("rules", "audit", "--data", str(env.data), "--device", name)
+        assert "change 2: audit-load high_loading.high_loading 90 -> 80 by bob@localhost: revert of change 1" in out
+    finally:
+        await bots.stop()
+
+
+def test_audit_journal_skips_an_unreadable_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A crash mid-write leaves half a line: the rest of the audit still loads, and numbering goes on."""
+    rules = default_rules()
+    journal = AuditJournal(tmp_path / "thresholds" / "dev.jsonl")
+    book = ThresholdBook(rules, journal)
+    book.set("dev", "high_loading", "high_loading", 88.0, "alice@localhost", "test")
+    with open(journal.path, "a") as fh:
+        fh.write('{"id": 2, "device": "dev", "rule"')
+    again = ThresholdBook(rules, journal)
+    assert [c.new for c in again.audit] == [88.0] and again.current("dev", "high_loading", "high_loading") == 88.0
+    assert "skipped an unreadable audit entry" in caplog.text
+    assert again.revert(1, "bob@localhost").id == 2
+    assert [c.new for c in ThresholdBook(rules, journal).audit] == [88.0, 80.0]

@@ -14,11 +14,13 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.protocol.alarm import URGENT_KINDS, Alarm, AlarmKind, AlarmLevel, AlarmStatus, alarm_to_xml
 from gridpresence.protocol.models import PresenceReport
+from gridpresence.rules.audit_log import AuditJournal
 from gridpresence.rules.engine import Engine, FaultEvent
 from gridpresence.rules.priority import Prioritiser
 from gridpresence.rules.live import report_sample
@@ -88,7 +90,7 @@ class AlarmDesk:
     """One device's alarms: raising, routing by presence, escalation, acknowledgement."""
 
     def __init__(self, agent: DeviceAgent, duty: tuple[str, ...], settings: AlarmSettings,
-                 rules: RuleSet | None = None) -> None:
+                 rules: RuleSet | None = None, audit: Path | None = None) -> None:
         self.agent = agent
         self.duty = duty
         self.settings = settings
@@ -98,7 +100,8 @@ class AlarmDesk:
         # The rules run here, on the device: only faults leave it. Thresholds adapt per device.
         # The fleet's own rule set (shared by its devices) replaces the built-in alarms.
         rules = rules or default_rules(settings)
-        self.thresholds = ThresholdBook(rules)
+        # The audit of threshold changes, on disk when the device has a data directory (survives restarts).
+        self.thresholds = ThresholdBook(rules, AuditJournal(audit) if audit is not None else None)
         self.engine = Engine(rules, self.thresholds)
         self.adjuster = Adjuster(rules, self.thresholds)
         self.rule_alarms: dict[str, tuple[str, float]] = {}  # alarm id -> (rule, when raised), for verdicts

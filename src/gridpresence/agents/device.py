@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable
+from pathlib import Path
 
 from pydantic import ValidationError
 from slixmpp import JID, Message, Presence
@@ -89,6 +90,7 @@ class DeviceAgent:
         rules: RuleSet | None = None,
         billing: Iterable[str] = (),
         tariff: Tariff | None = None,
+        audit: Path | None = None,
     ) -> None:
         self.spec = spec
         self.endpoint = endpoint
@@ -116,7 +118,7 @@ class DeviceAgent:
             self.client.add_event_handler("presence", self._on_child_presence)
         self.client.add_event_handler("disconnected", self._on_disconnected)
         self.client.add_event_handler("session_start", self._on_session_start)
-        self.alarms = AlarmDesk(self, duty, alarms or AlarmSettings(), rules)
+        self.alarms = AlarmDesk(self, duty, alarms or AlarmSettings(), rules, audit)
         # Faults are ranked at the billing party's price, as it sends it ([00142]).
         self.prices = PriceFeed(self, billing, tariff)
         if self.prices.billing:  # no billing party: no price, nothing is ranked

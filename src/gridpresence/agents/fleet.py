@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 from collections.abc import Collection
+from pathlib import Path
 from typing import Protocol
 
 from gridpresence.accounts import CONSOLE, RELAY, WATCHDOG, Secrets
@@ -21,6 +22,7 @@ from gridpresence.agents.session import Endpoint
 from gridpresence.agents.watchdog import WatchdogAgent
 from gridpresence.config import Fleet
 from gridpresence.protocol.models import DeviceKind
+from gridpresence.rules.audit_log import audit_path
 from gridpresence.rules.model import rules_for
 
 log = logging.getLogger(__name__)
@@ -34,10 +36,11 @@ class Bot(Protocol):
 
 
 class FleetBots:
-    """The bots of a fleet. `only` limits them to some names (e.g. to run one device apart)."""
+    """The bots of a fleet. `only` limits them to some names (e.g. to run one device apart);
+    `data_dir` is where devices keep their threshold audit."""
 
     def __init__(self, fleet: Fleet, endpoint: Endpoint, secrets: Secrets, only: Collection[str] | None = None,
-                 tick_s: float = 1.0, with_services: bool = True) -> None:
+                 tick_s: float = 1.0, with_services: bool = True, data_dir: Path | None = None) -> None:
         self.fleet = fleet
         operators = [fleet.jid(o.name) for o in fleet.operators]
         wanted = set(only) if only is not None else None
@@ -57,7 +60,8 @@ class FleetBots:
                 self.devices[dev.name] = DeviceAgent(dev, fleet.jid(dev.name), secrets.password(dev.name), endpoint,
                                                      operators, children, tick_s=tick_s, relays=[fleet.jid(RELAY)],
                                                      alarms=fleet.alarms, services=[fleet.jid(CONSOLE)],
-                                                     rules=self.rules, billing=billing, tariff=tariff)
+                                                     rules=self.rules, billing=billing, tariff=tariff,
+                                                     audit=audit_path(data_dir, dev.name) if data_dir else None)
                 if dev.kind is DeviceKind.MASTER:
                     self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
         for bill in fleet.billing:

@@ -327,6 +327,25 @@ class GridOperator:
                 yield self.alarms[seen - 1]
             await self._changed.wait()
 
+    # -- chat -------------------------------------------------------------------------
+
+    async def ask(self, name: str, text: str, timeout: float = 10.0) -> str:
+        """Say one chat line to a device (as a person would) and return its reply."""
+        jid = self.device(name).jid
+        reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def on_message(msg: Message) -> None:
+            if (msg["type"] == "chat" and msg["from"].bare == jid and msg["body"] and not reply.done()
+                    and msg.xml.find(q("alarm")) is None):
+                reply.set_result(msg["body"])
+
+        self.client.add_event_handler("message", on_message)
+        try:
+            self.client.make_message(mto=jid, mbody=text, mtype="chat").send()
+            return await asyncio.wait_for(reply, timeout)
+        finally:
+            self.client.del_event_handler("message", on_message)
+
     # -- tariffs ----------------------------------------------------------------------
 
     def _on_tariff(self, msg: Message) -> None:
