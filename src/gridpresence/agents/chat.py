@@ -20,6 +20,7 @@ from slixmpp import JID, Message
 
 from gridpresence import roles
 from gridpresence.agents.alarms import TITLES
+from gridpresence.protocol.codec import q
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, PresenceReport, RejectReason, utcnow
 
 if TYPE_CHECKING:
@@ -120,6 +121,8 @@ class ChatDesk:
     def _on_message(self, msg: Message) -> None:
         if msg["type"] not in ("chat", "normal") or not msg["body"] or msg["from"].bare == self.agent.jid:
             return
+        if msg.xml.find(q("tariff")) is not None:
+            return  # a price (its body is a note for people): the device's PriceFeed takes it
         try:
             answer = self.answer(msg["from"], msg["body"], msg["id"] or "")
         except Exception:  # nothing a person types may end the bot
@@ -163,8 +166,8 @@ class ChatDesk:
 
     def _refuse(self, who: str) -> str | None:
         groups = self.agent.client.client_roster[who]["groups"] if who in self.agent.client.client_roster else []
-        if roles.device_kind(groups) is not None or roles.SERVICES in groups or roles.BILLING in groups:
-            return None  # another bot (billing's price note has a body): answering could start an endless exchange
+        if roles.device_kind(groups) is not None or roles.SERVICES in groups:
+            return None  # another bot: answering could start an endless exchange
         now = time.monotonic()
         if now - self._refused_at.get(who, -REFUSAL_INTERVAL_S) < REFUSAL_INTERVAL_S:
             return None
