@@ -18,10 +18,11 @@ from conftest import Env, run_cli
 from gridpresence.agents.billing import tariff_from_spec
 from gridpresence.agents.device import DeviceAgent
 from gridpresence.agents.fleet import FleetBots
+from gridpresence.agents.operator import GridOperator
 from gridpresence.config import load_fleet
 from gridpresence.protocol.alarm import Alarm, AlarmKind, AlarmLevel, AlarmStatus, alarm_from_xml
-from gridpresence.protocol.codec import q, tariff_to_xml
-from gridpresence.protocol.models import Tariff, TariffPeriod
+from gridpresence.protocol.codec import PayloadError, q, report_from_xml, report_to_xml, tariff_to_xml
+from gridpresence.protocol.models import DeviceKind, DeviceState, FaultRef, PresenceReport, Tariff, TariffPeriod
 from gridpresence.rules.audit_log import AuditJournal, audit_path
 from gridpresence.rules.model import default_rules
 from gridpresence.rules.thresholds import ThresholdBook
@@ -251,3 +252,64 @@ def test_audit_journal_skips_an_unreadable_line(tmp_path: Path, caplog: pytest.L
     assert "skipped an unreadable audit entry" in caplog.text
     assert again.revert(1, "bob@localhost").id == 2
     assert [c.new for c in ThresholdBook(rules, journal).audit] == [88.0, 80.0]
+
+
+# -- faults under a branch in fault fold into the branch's alarm --------------------------
+
+
+async def test_child_fault_folds_into_branch_alarm_and_goes_out_alone_when_branch_clears(
+        env: Env, alice: GridOperator) -> None:
+    meter, small = device(env, "fold-meter"), device(env, "fold-small")
+    bases = [device(env, f"fold-base-{i}") for i in (1, 2)]
+    meter_jid, small_jid = env.fleet.jid("fold-meter"), env.fleet.jid("fold-small")
+    peer = await chat_peer(env, "bob", "folding")
+
+    def high_loading(m: Message) -> bool:
+        return alarm_of(m).kind is AlarmKind.HIGH_LOADING
+
+    try:
+        # The base loads (65 % of their own rating each: no fault of theirs) put the branch at ~83 %.
+        for b in bases:
+            b.sim.utilisation = 0.65  # type: ignore[attr-defined]
+        branch = alarm_of(await peer.alarm(meter_jid, 8, high_loading))
+        assert branch.status is AlarmStatus.RAISED and "folded" not in branch.text
+        await until(lambda: small.fold.parent_in_fault)  # the branch's presence says it is in fault
+        # Now a fault of the small load under it (90 % of its rating): folded, not sent on its own.
+        small.sim.utilisation = 0.9  # type: ignore[attr-defined]
+        update = alarm_of(await peer.alarm(meter_jid, 6, lambda m: "folded" in alarm_of(m).text))
+        assert update.id == branch.id and update.status is AlarmStatus.RAISED  # the one branch alarm, naming it
+        assert update.text.endswith("; folded: fold-small high loading"), update.text
+        assert "high_loading" in small.alarms.engine.active("fold-small") and "high_loading" in small.alarms.held
+        # The branch's presence names its fault and the one folded into it, for operators and branches above.
+        await alice.wait_for(lambda d: (r := d["fold-meter"].report) is not None and len(r.faults) == 2, timeout=5)
+        faults = alice.devices["fold-meter"].report.faults  # type: ignore[union-attr]
+        assert [(f.kind, f.device) for f in faults] == [("high-loading", None), ("high-loading", small_jid)]
+        await asyncio.sleep(1.0)
+        assert not alarms_from(peer, small_jid)
+        # The branch's fault clears: the small load's fault, still there, goes out on its own.
+        for b in bases:
+            b.sim.utilisation = 0.4  # type: ignore[attr-defined]
+        cleared = alarm_of(await peer.alarm(meter_jid, 8, lambda m: alarm_of(m).status is AlarmStatus.CLEARED))
+        assert cleared.id == branch.id
+        alone = alarm_of(await peer.alarm(small_jid, 6, high_loading))
+        assert alone.status is AlarmStatus.RAISED and alone.threshold == 80.0 and "folded" not in alone.text
+        assert not small.alarms.held
+    finally:
+        small.sim.utilisation = 0.5  # type: ignore[attr-defined]
+        for b in bases:
+            b.sim.utilisation = 0.5  # type: ignore[attr-defined]
+        for d in (meter, small):
+            d.alarms.acknowledge(None, "test-cleanup")
+        await peer.close()
+
+
+def test_faults_in_presence_round_trip_and_bad_ones_are_refused() -> None:
+    report = PresenceReport(kind=DeviceKind.METER, state=DeviceState.ON, faults=(
+        FaultRef(kind="high-loading"), FaultRef(kind="trip-point-imminent", device="fold-small@localhost")))
+    back = report_from_xml(report_to_xml(report))
+    assert back.faults == report.faults and back.in_fault
+    assert not PresenceReport(kind=DeviceKind.LOAD, state=DeviceState.ON, faults=report.faults[1:]).in_fault
+    el = report_to_xml(report)
+    el.find(q("faults")).find(q("fault")).set("kind", "<script>")  # type: ignore[union-attr]
+    with pytest.raises(PayloadError, match="fault.*kind"):
+        report_from_xml(el)

@@ -24,6 +24,7 @@ from gridpresence.agents.price_feed import PriceFeed
 from gridpresence.agents.verdicts import VerdictDesk
 from gridpresence.agents.chat import ChatDesk
 from gridpresence.agents.firmware import FirmwareDesk
+from gridpresence.agents.folding import BranchFold
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
 from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.config import DeviceSpec
@@ -42,6 +43,7 @@ from gridpresence.protocol.models import (
     Command,
     DeviceKind,
     DeviceState,
+    FaultRef,
     Outcome,
     OutcomeStatus,
     PresenceReport,
@@ -91,6 +93,7 @@ class DeviceAgent:
         billing: Iterable[str] = (),
         tariff: Tariff | None = None,
         audit: Path | None = None,
+        parent: str | None = None,
     ) -> None:
         self.spec = spec
         self.endpoint = endpoint
@@ -123,6 +126,9 @@ class DeviceAgent:
         self.prices = PriceFeed(self, billing, tariff)
         if self.prices.billing:  # no billing party: no price, nothing is ranked
             self.alarms.price = self.prices.price
+        # Faults under a branch in fault go out in the branch's alarm (agents/folding.py says why here).
+        self.fold = BranchFold(self, parent)
+        self.alarms.fold = self.fold
         self.chat = ChatDesk(self)
         enable_standard_features(self)
         self.verdicts = VerdictDesk(self)
@@ -175,6 +181,8 @@ class DeviceAgent:
                 self.sim.tick(utcnow())
                 refresh_due = loop.time() - self._published_at >= self.spec.refresh_s
                 self.alarms.check(self.publish(force=refresh_due))
+                if self._published is not None and self._published.faults != self._faults():
+                    self.publish(force=False)  # parent and children learn of a fault now, not at the next refresh
             except Exception:  # one bad tick must not end the device
                 log.exception("%s: tick failed", self.spec.name)
 
@@ -191,7 +199,11 @@ class DeviceAgent:
             refresh_s=self.spec.refresh_s,
             seq=self._seq,
             transport=self.client.transport_name,
+            faults=self._faults() if state is None else (),
         )
+
+    def _faults(self) -> tuple[FaultRef, ...]:
+        return self.fold.presence_faults(self.alarms.own_faults)
 
     def current_report(self) -> PresenceReport | None:
         """The device's state as a validated report, or None (logged) if the physics is off."""
@@ -203,7 +215,8 @@ class DeviceAgent:
 
     def _changed(self, report: PresenceReport) -> bool:
         old = self._published
-        if old is None or old.state != report.state or old.restriction != report.restriction:
+        if (old is None or old.state != report.state or old.restriction != report.restriction
+                or old.faults != report.faults):
             return True
         a, b = old.telemetry, report.telemetry
         if a.breaker != b.breaker:
@@ -227,7 +240,7 @@ class DeviceAgent:
         sender = pres["from"].bare
         if sender not in self.children:
             return
-        kw = 0.0
+        kw, child = 0.0, None
         if pres["type"] != "unavailable" and pres.xml.find(q("device")) is not None:
             try:
                 child = report_from_xml(pres["grid_device"].xml)
@@ -236,6 +249,8 @@ class DeviceAgent:
                 return
             kw = branch_contribution(child)
         self.sim.branch_kw[sender] = kw
+        if self.fold.child(sender, child):
+            self.alarms.below_changed()
         self.publish(force=False)
 
     # -- commands ---------------------------------------------------------------------

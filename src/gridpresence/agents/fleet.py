@@ -61,7 +61,8 @@ class FleetBots:
                                                      operators, children, tick_s=tick_s, relays=[fleet.jid(RELAY)],
                                                      alarms=fleet.alarms, services=[fleet.jid(CONSOLE)],
                                                      rules=self.rules, billing=billing, tariff=tariff,
-                                                     audit=audit_path(data_dir, dev.name) if data_dir else None)
+                                                     audit=audit_path(data_dir, dev.name) if data_dir else None,
+                                                     parent=fleet.jid(dev.parent) if dev.parent else None)
                 if dev.kind is DeviceKind.MASTER:
                     self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
         for bill in fleet.billing:
