@@ -75,6 +75,9 @@ TEST_FLEET = {
         *({"name": f"fold-base-{i}", "kind": "load", "rated_kw": 60, "parent": "fold-meter", "utilisation": 0.5}
           for i in (1, 2)),
         {"name": "fold-small", "kind": "load", "rated_kw": 10, "parent": "fold-meter", "utilisation": 0.5},
+        # A branch under the branch, not in fault itself: the fault of the load under it folds all the way up.
+        {"name": "fold-sub", "kind": "meter", "rated_kw": 50, "parent": "fold-meter"},
+        {"name": "fold-leaf", "kind": "load", "rated_kw": 5, "parent": "fold-sub", "utilisation": 0.5},
         # Run apart: with the fleet's own rule file, and restarted to show the threshold audit survives.
         {"name": "rules-gen", "kind": "generator", "rated_kw": 100, "startup_s": 0},
         {"name": "audit-load", "kind": "load", "rated_kw": 100},

@@ -257,50 +257,82 @@ def test_audit_journal_skips_an_unreadable_line(tmp_path: Path, caplog: pytest.L
 # -- faults under a branch in fault fold into the branch's alarm --------------------------
 
 
-async def test_child_fault_folds_into_branch_alarm_and_goes_out_alone_when_branch_clears(
+class Physics:
+    """Holds loads at set utilisations (their random walk would drift them across a limit)."""
+
+    def __init__(self, env: Env) -> None:
+        self.env, self.pinned, self.task = env, {}, None  # type: ignore[var-annotated]
+
+    def set(self, name: str, utilisation: float) -> None:
+        self.pinned[name] = utilisation
+        device(self.env, name).sim.utilisation = utilisation  # type: ignore[attr-defined]
+
+    async def _hold(self) -> None:
+        while True:
+            for name, u in self.pinned.items():
+                device(self.env, name).sim.utilisation = u  # type: ignore[attr-defined]
+            await asyncio.sleep(0.05)
+
+    def __enter__(self) -> Physics:
+        self.task = asyncio.ensure_future(self._hold())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.task.cancel()  # type: ignore[attr-defined]
+        for name in self.pinned:
+            device(self.env, name).sim.utilisation = 0.5  # type: ignore[attr-defined]
+
+
+async def test_child_faults_fold_into_branch_alarm_and_go_out_alone_when_branch_clears(
         env: Env, alice: GridOperator) -> None:
-    meter, small = device(env, "fold-meter"), device(env, "fold-small")
-    bases = [device(env, f"fold-base-{i}") for i in (1, 2)]
-    meter_jid, small_jid = env.fleet.jid("fold-meter"), env.fleet.jid("fold-small")
+    """fold-meter (100 kW) over fold-base-1/2 (60 kW), fold-small (10 kW) and fold-sub (a meter)
+    over fold-leaf (5 kW). The base loads put the branch in fault; then the small load and the leaf
+    (under fold-sub, which is not in fault itself) fault too."""
+    small, leaf = device(env, "fold-small"), device(env, "fold-leaf")
+    meter_jid, small_jid, leaf_jid = (env.fleet.jid(n) for n in ("fold-meter", "fold-small", "fold-leaf"))
     peer = await chat_peer(env, "bob", "folding")
 
     def high_loading(m: Message) -> bool:
         return alarm_of(m).kind is AlarmKind.HIGH_LOADING
 
-    try:
-        # The base loads (65 % of their own rating each: no fault of theirs) put the branch at ~83 %.
-        for b in bases:
-            b.sim.utilisation = 0.65  # type: ignore[attr-defined]
-        branch = alarm_of(await peer.alarm(meter_jid, 8, high_loading))
-        assert branch.status is AlarmStatus.RAISED and "folded" not in branch.text
-        await until(lambda: small.fold.parent_in_fault)  # the branch's presence says it is in fault
-        # Now a fault of the small load under it (90 % of its rating): folded, not sent on its own.
-        small.sim.utilisation = 0.9  # type: ignore[attr-defined]
-        update = alarm_of(await peer.alarm(meter_jid, 6, lambda m: "folded" in alarm_of(m).text))
-        assert update.id == branch.id and update.status is AlarmStatus.RAISED  # the one branch alarm, naming it
-        assert update.text.endswith("; folded: fold-small high loading"), update.text
-        assert "high_loading" in small.alarms.engine.active("fold-small") and "high_loading" in small.alarms.held
-        # The branch's presence names its fault and the one folded into it, for operators and branches above.
-        await alice.wait_for(lambda d: (r := d["fold-meter"].report) is not None and len(r.faults) == 2, timeout=5)
-        faults = alice.devices["fold-meter"].report.faults  # type: ignore[union-attr]
-        assert [(f.kind, f.device) for f in faults] == [("high-loading", None), ("high-loading", small_jid)]
-        await asyncio.sleep(1.0)
-        assert not alarms_from(peer, small_jid)
-        # The branch's fault clears: the small load's fault, still there, goes out on its own.
-        for b in bases:
-            b.sim.utilisation = 0.4  # type: ignore[attr-defined]
-        cleared = alarm_of(await peer.alarm(meter_jid, 8, lambda m: alarm_of(m).status is AlarmStatus.CLEARED))
-        assert cleared.id == branch.id
-        alone = alarm_of(await peer.alarm(small_jid, 6, high_loading))
-        assert alone.status is AlarmStatus.RAISED and alone.threshold == 80.0 and "folded" not in alone.text
-        assert not small.alarms.held
-    finally:
-        small.sim.utilisation = 0.5  # type: ignore[attr-defined]
-        for b in bases:
-            b.sim.utilisation = 0.5  # type: ignore[attr-defined]
-        for d in (meter, small):
-            d.alarms.acknowledge(None, "test-cleanup")
-        await peer.close()
+    with Physics(env) as physics:
+        try:
+            for b in ("fold-base-1", "fold-base-2"):  # 65 % of their own rating (no fault of theirs): branch at 85.5 %
+                physics.set(b, 0.65)
+            branch = alarm_of(await peer.alarm(meter_jid, 8, high_loading))
+            assert branch.status is AlarmStatus.RAISED and "folded" not in branch.text
+            # The branch's presence says it is in fault; fold-sub's says a branch above it is.
+            await until(lambda: small.fold.parent_in_fault and leaf.fold.parent_in_fault)
+            physics.set("fold-small", 0.9)  # 90 % of its rating: a fault, folded (branch now at 89.5 %)
+            update = alarm_of(await peer.alarm(meter_jid, 6, lambda m: "folded" in alarm_of(m).text))
+            assert update.id == branch.id and update.status is AlarmStatus.RAISED  # the one branch alarm
+            assert update.text.endswith("; folded: fold-small high loading"), update.text
+            physics.set("fold-leaf", 0.9)  # two levels down: folded into the highest branch in fault
+            update = alarm_of(await peer.alarm(meter_jid, 6, lambda m: "fold-leaf" in alarm_of(m).text))
+            assert update.id == branch.id
+            assert update.text.endswith("; folded: fold-small high loading, fold-leaf high loading"), update.text
+            assert "high_loading" in small.alarms.held and "high_loading" in leaf.alarms.held
+            # The branch's presence names its fault and those folded into it, for operators and branches above.
+            await alice.wait_for(lambda d: (r := d["fold-meter"].report) is not None and len(r.faults) == 3, timeout=5)
+            faults = alice.devices["fold-meter"].report.faults  # type: ignore[union-attr]
+            assert [(f.kind, f.device) for f in faults] == [
+                ("high-loading", None), ("high-loading", small_jid), ("high-loading", leaf_jid)]
+            assert alice.devices["fold-sub"].report.under_fault  # type: ignore[union-attr]
+            await asyncio.sleep(1.0)
+            assert not alarms_from(peer, small_jid) and not alarms_from(peer, leaf_jid)
+            # The branch's fault clears: the faults below, still there, go out on their own.
+            for b in ("fold-base-1", "fold-base-2"):
+                physics.set(b, 0.4)
+            cleared = alarm_of(await peer.alarm(meter_jid, 8, lambda m: alarm_of(m).status is AlarmStatus.CLEARED))
+            assert cleared.id == branch.id
+            for jid in (small_jid, leaf_jid):
+                alone = alarm_of(await peer.alarm(jid, 6, high_loading))
+                assert alone.status is AlarmStatus.RAISED and alone.threshold == 80.0 and "folded" not in alone.text
+            assert not small.alarms.held and not leaf.alarms.held
+        finally:
+            for name in ("fold-meter", "fold-small", "fold-leaf", "fold-sub"):
+                device(env, name).alarms.acknowledge(None, "test-cleanup")
+            await peer.close()
 
 
 def test_faults_in_presence_round_trip_and_bad_ones_are_refused() -> None:

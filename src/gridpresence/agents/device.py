@@ -200,6 +200,7 @@ class DeviceAgent:
             seq=self._seq,
             transport=self.client.transport_name,
             faults=self._faults() if state is None else (),
+            under_fault=True if state is None and self.fold.parent_in_fault else None,
         )
 
     def _faults(self) -> tuple[FaultRef, ...]:
@@ -216,7 +217,7 @@ class DeviceAgent:
     def _changed(self, report: PresenceReport) -> bool:
         old = self._published
         if (old is None or old.state != report.state or old.restriction != report.restriction
-                or old.faults != report.faults):
+                or old.faults != report.faults or old.under_fault != report.under_fault):
             return True
         a, b = old.telemetry, report.telemetry
         if a.breaker != b.breaker:

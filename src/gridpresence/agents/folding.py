@@ -3,10 +3,11 @@ suppression), live on the network.
 
 Why on the devices, through presence: every device already sees its parent's and its children's
 presence (their rosters), and an alarm leaves a device as a chat message that any client shows.
-So each device carries its active faults in its presence. A child whose parent is in fault holds
-its own alarms back (they are folded); the parent, seeing its children's faults in their presence,
-names them in its alarm and in its own presence, so a branch above it in turn names them all. When
-the parent's fault clears, the child sends what still holds on its own. No central party has to be
+So each device carries its active faults in its presence. A child whose parent is in fault (or
+is itself under a branch in fault: ``under-fault``) holds its own alarms back (they are folded);
+the parent, seeing its children's faults in their presence, names them in its alarm and in its
+own presence, so the highest branch in fault names them all, as central folding does. When that
+fault clears, the child sends what still holds on its own. No central party has to be
 up for it, nothing extra is sent, and third-party chat clients see the folded view too. (Operator
 side folding could not stop the child's message reaching a plain chat client.)
 """
@@ -33,7 +34,7 @@ class BranchFold:
     def __init__(self, agent: DeviceAgent, parent: str | None) -> None:
         self.agent = agent
         self.parent = JID(parent).bare if parent else None
-        self.parent_in_fault = False
+        self.parent_in_fault = False  # the parent, or a branch above it, is in fault: fold
         self._below: dict[str, tuple[FaultRef, ...]] = {}  # child bare JID -> the faults its presence names
         if self.parent is not None:
             agent.client.add_event_handler("presence", self._on_parent_presence)
@@ -46,7 +47,7 @@ class BranchFold:
         in_fault = False
         if pres["type"] != "unavailable" and pres.xml.find(q("device")) is not None:
             try:
-                in_fault = report_from_xml(pres.xml.find(q("device"))).in_fault
+                in_fault = report_from_xml(pres.xml.find(q("device"))).folds_below
             except PayloadError as exc:
                 log.warning("%s: ignored invalid presence from %s: %s", self.agent.spec.name, self.parent, exc)
                 return
@@ -55,8 +56,12 @@ class BranchFold:
         self.parent_in_fault = in_fault
         log.info("%s: parent %s %s", self.agent.spec.name, self.parent, "in fault: folding my alarms into its"
                  if in_fault else "out of fault: my alarms go out on their own again")
-        if not in_fault:
-            self.agent.alarms.release_folded()
+        try:
+            if not in_fault:
+                self.agent.alarms.release_folded()
+            self.agent.publish(force=False)  # the devices below learn whether they fold
+        except Exception:  # folding is a help; a failure must not end the device
+            log.exception("%s: folding change failed", self.agent.spec.name)
 
     # -- the children below --------------------------------------------------------------
 
@@ -78,7 +83,7 @@ class BranchFold:
         return tuple(out)
 
     def presence_faults(self, own_kinds: list[str]) -> tuple[FaultRef, ...]:
-        """What this device's presence says: its own faults and, only while it is in fault, those
-        folded into them (else they are not folded: each device below tells its own)."""
+        """What this device's presence says: its own faults and, only while it or a branch above is
+        in fault, those folded into them (else they are not folded: each device below tells its own)."""
         own = [FaultRef(kind=k) for k in own_kinds]
-        return tuple([*own, *self.below()] if own else own)[:MAX_FAULTS]
+        return tuple([*own, *self.below()] if own or self.parent_in_fault else own)[:MAX_FAULTS]

@@ -134,11 +134,18 @@ class PresenceReport(_Model):
     transport: Literal["tcp", "bosh"] | None = None
     # Faults active now (own first, then those folded into them); empty on a healthy device.
     faults: tuple[FaultRef, ...] = Field(default=(), max_length=MAX_FAULTS)
+    # A branch above is in fault: faults here and below are folded into its alarm (None: not).
+    under_fault: bool | None = None
 
     @property
     def in_fault(self) -> bool:
         """The device itself has a fault (not only ones folded into it)."""
         return any(f.device is None for f in self.faults)
+
+    @property
+    def folds_below(self) -> bool:
+        """Faults of the devices below this one are folded: it, or a branch above it, is in fault."""
+        return self.in_fault or bool(self.under_fault)
 
     @model_validator(mode="after")
     def _restriction_iff_restricted(self) -> PresenceReport:
