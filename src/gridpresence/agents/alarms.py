@@ -185,6 +185,8 @@ class AlarmDesk:
     def release_folded(self) -> None:
         """The parent's fault has cleared: own faults that still hold are told on their own."""
         held, self.held = self.held, {}
+        if self.agent._stopping:
+            return
         active = self.engine.active(self.agent.spec.name)
         ranker = self._ranker()
         for rule, ev in held.items():
@@ -240,6 +242,9 @@ class AlarmDesk:
         if self._prioritiser is None or self.agent._stopping:
             return
         for ranked in self._prioritiser.flush():  # costliest first
+            if self.fold is not None and self.fold.parent_in_fault:
+                self.held[ranked.event.rule] = ranked.event  # the branch went into fault meanwhile: folded
+                continue
             try:
                 self._raise_fault(ranked.event, f"low priority, {ranked.cost_per_day:.2f} a day, batched")
             except Exception:  # one failed send must not lose the rest of the batch

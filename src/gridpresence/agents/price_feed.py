@@ -25,7 +25,8 @@ class PriceFeed:
         self.agent = agent
         self.billing = frozenset(JID(j).bare for j in billing)
         self.tariff = tariff  # the fleet file's tariff until the billing party sends its own
-        agent.client.register_handler(Callback("grid tariff", StanzaPath("message/grid_tariff"), self.on_tariff))
+        agent.client.register_handler(Callback("grid tariff", StanzaPath("message/grid_tariff"),
+                                               self.on_tariff))  # type: ignore[arg-type]  # slixmpp types it as StanzaBase
 
     def price(self) -> float:
         """The price per kWh now (0 before any tariff is known: nothing is costly then)."""
