@@ -79,11 +79,11 @@ TEST_FLEET = {
         {"name": "fold-sub", "kind": "meter", "rated_kw": 50, "parent": "fold-meter"},
         {"name": "fold-leaf", "kind": "load", "rated_kw": 5, "parent": "fold-sub", "utilisation": 0.5},
         # Run apart: with the fleet's own rule file, and restarted to show the threshold audit survives.
-        {"name": "rules-gen", "kind": "generator", "rated_kw": 100, "startup_s": 0},
+        {"name": "rules-load", "kind": "load", "rated_kw": 100, "initial_state": "off"},
         {"name": "audit-load", "kind": "load", "rated_kw": 100},
     ],
 }
-APART = ("victim-1", "victim-2", "far-1", "far-2", "far-3", "far-4", "mailer-1", "remote-1", "rules-gen",
+APART = ("victim-1", "victim-2", "far-1", "far-2", "far-3", "far-4", "mailer-1", "remote-1", "rules-load",
          "audit-load")
 
 
