@@ -150,6 +150,14 @@ async def test_billing_price_flips_a_fault_between_batched_and_at_once(env: Env)
         await until(held)
         alarm = alarm_of(await bob.alarm(jid, timeout=2.0))  # costly now: at once
         assert alarm.kind is AlarmKind.HIGH_LOADING and "batched" not in alarm.text
+        # A device that was offline when the price changed gets it when it logs in (the server held it).
+        late = FleetBots(env.fleet, env.grid.endpoint, env.grid.secrets, only=["rules-load"], with_services=False)
+        assert late.devices["rules-load"].prices.price() in (0.8, 0.6)  # the fleet file's tariff, before login
+        await late.start()
+        try:
+            await until(lambda: late.devices["rules-load"].prices.price() == 5.0)
+        finally:
+            await late.stop()
 
         # Only the billing party sets the price: an operator's tariff is refused, with the reason.
         forged = bob.client.make_message(mto=jid, mtype="normal")

@@ -1,8 +1,7 @@
 """From a fleet to XMPP accounts: passwords that survive restarts, and who is in whose roster.
 
 Rosters are what make presence flow: operators and the watchdog see every device; a device
-sees the operators, the watchdog, its parent and its children; billing sees the operators and the
-devices (it sends both its prices), and they see billing.
+sees the operators, the watchdog, its parent and its children; billing sees the operators.
 """
 
 from __future__ import annotations
@@ -76,7 +75,7 @@ def plan_accounts(fleet: Fleet, passwords: Secrets) -> list[AccountSpec]:
         accounts.append(AccountSpec(op.name, passwords.password(op.name),
                                     tuple([*devices, *others, *billing, watchdog, relay, console])))
     for bill in fleet.billing:
-        accounts.append(AccountSpec(bill.name, passwords.password(bill.name), tuple([*ops, *devices])))
+        accounts.append(AccountSpec(bill.name, passwords.password(bill.name), tuple(ops)))
     accounts.append(AccountSpec(WATCHDOG, passwords.password(WATCHDOG), tuple([*devices, *ops])))
     accounts.append(AccountSpec(RELAY, passwords.password(RELAY), tuple([*devices, *ops])))
     accounts.append(AccountSpec(CONSOLE, passwords.password(CONSOLE), tuple([*devices, *ops, watchdog])))
@@ -85,6 +84,5 @@ def plan_accounts(fleet: Fleet, passwords: Secrets) -> list[AccountSpec]:
         kin += list(fleet.children(dev.name))
         kin += [d for d in _master_kin(fleet, dev) if d not in kin]
         accounts.append(AccountSpec(dev.name, passwords.password(dev.name),
-                                    tuple([*ops, watchdog, relay, console, *billing,
-                                           *(_device_entry(fleet, k) for k in kin)])))
+                                    tuple([*ops, watchdog, relay, console, *(_device_entry(fleet, k) for k in kin)])))
     return accounts

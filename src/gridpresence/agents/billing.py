@@ -1,6 +1,11 @@
 """The billing party ([00142], [0093]): sends its tariff, or a real-time price, to the
-utility's operators and to the devices whenever they are present (devices rank their faults by
-cost per day at that price)."""
+utility's operators whenever they are present, and to the devices, which rank their faults by
+cost per day at that price.
+
+Devices get it as a message to their bare JID, when billing comes online and at every change:
+the server holds it for a device that is offline (mod_offline) and hands it over when the device
+logs in. Billing does not follow the devices' presence: that would copy all of the grid's
+presence traffic to billing just to learn when to send a rare price change."""
 
 from __future__ import annotations
 
@@ -50,13 +55,17 @@ class BillingAgent:
                  devices: Iterable[str] = ()) -> None:
         self.spec = spec
         self.endpoint = endpoint
-        # Operators see the price; devices rank their faults by it.
-        self.recipients = frozenset(JID(j).bare for j in (*operators, *devices))
+        self.operators = frozenset(JID(j).bare for j in operators)
+        self.devices = tuple(sorted({JID(j).bare for j in devices}))
         self.tariff = tariff_from_spec(spec)
         self.client = make_client(jid, password, endpoint)
-        self._present: set[str] = set()  # recipients' full JIDs that have our current tariff
+        self._present: set[str] = set()  # operators' full JIDs that have our current tariff
         self.client.add_event_handler("presence", self._on_presence)
-        self.client.add_event_handler("session_start", lambda _e: self.client.send_presence(pstatus="billing"))
+        self.client.add_event_handler("session_start", self._on_session_start)
+
+    def _on_session_start(self, _event: object) -> None:
+        self.client.send_presence(pstatus="billing")
+        self._send_devices()
 
     async def start(self, timeout: float = 20.0) -> None:
         await open_session(self.client, self.endpoint, timeout)
@@ -66,12 +75,12 @@ class BillingAgent:
 
     def _on_presence(self, pres: Presence) -> None:
         sender = pres["from"]
-        if sender.bare not in self.recipients:
+        if sender.bare not in self.operators:
             return
         if pres["type"] == "unavailable":
             self._present.discard(sender.full)
         elif pres["type"] in ("available", *Presence.showtypes) and sender.full not in self._present:
-            # An operator or device just became present: that is when the price goes out ([00142]).
+            # The utility just became present: that is when the price goes out ([00142]).
             self._present.add(sender.full)
             self._send(sender.full)
 
@@ -82,11 +91,16 @@ class BillingAgent:
         msg.append(tariff_to_xml(self.tariff))
         msg.send()
 
+    def _send_devices(self) -> None:
+        for bare in self.devices:  # held by the server for a device that is offline
+            self._send(bare)
+
     def publish(self, tariff: Tariff) -> None:
-        """Replace the tariff and send it to every operator and device present now."""
+        """Replace the tariff and send it to every operator present now and to every device."""
         self.tariff = tariff
         for full in sorted(self._present):
             self._send(full)
+        self._send_devices()
 
     def set_price(self, price_per_kwh: float) -> Tariff:
         """A real-time price, valid all day until replaced."""

@@ -1,5 +1,6 @@
 """The billing party's price on a device: the tariff or real-time price its faults are ranked at
-(cost per day = excess kWh x this price). Only the fleet's billing parties may set it."""
+(cost per day = excess kWh x this price). Only the fleet's billing parties may set it; it comes
+as a message, held by the server while the device is offline (agents/billing.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class PriceFeed:
         self.agent = agent
         self.billing = frozenset(JID(j).bare for j in billing)
         self.tariff = tariff  # the fleet file's tariff until the billing party sends its own
+        self._from_billing = False
         agent.client.register_handler(Callback("grid tariff", StanzaPath("message/grid_tariff"),
                                                self.on_tariff))  # type: ignore[arg-type]  # slixmpp types it as StanzaBase
 
@@ -41,7 +43,10 @@ class PriceFeed:
             log.warning("%s: tariff from %s refused: %s", self.agent.spec.name, msg["from"], exc)
             self._refuse(msg, exc)
             return
-        self.tariff = tariff
+        if self._from_billing and self.tariff is not None and tariff.issued < self.tariff.issued:
+            log.info("%s: ignored a tariff issued before the one in force", self.agent.spec.name)
+            return  # an older one held for us while offline, arriving late
+        self.tariff, self._from_billing = tariff, True
         log.info("%s: price now %.4f %s/kWh from %s", self.agent.spec.name, self.price(), tariff.currency,
                  msg["from"].bare)
 
