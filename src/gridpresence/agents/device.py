@@ -29,7 +29,6 @@ from gridpresence.agents.session import Endpoint, close_session, make_client, op
 from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.config import DeviceSpec
 from gridpresence.devices import SimDevice, make_device
-from gridpresence.rules.model import RuleSet
 from gridpresence.protocol.codec import (
     PayloadError,
     command_from_xml,
@@ -52,6 +51,7 @@ from gridpresence.protocol.models import (
     Telemetry,
     utcnow,
 )
+from gridpresence.rules.model import RuleSet
 
 log = logging.getLogger(__name__)
 
