@@ -80,7 +80,8 @@ class Grid:
                 await self._start_relay()
             self._write_connection()
             if self._want_bots:
-                self.bots = FleetBots(self.fleet, self.endpoint, self.secrets, only=self._only, tick_s=self._tick_s)
+                self.bots = FleetBots(self.fleet, self.endpoint, self.secrets, only=self._only, tick_s=self._tick_s,
+                                      data_dir=self.data_dir)
                 await self.bots.start()
         except BaseException:
             await self.stop()

@@ -20,6 +20,7 @@ from slixmpp import JID, Message
 
 from gridpresence import roles
 from gridpresence.agents.alarms import TITLES
+from gridpresence.protocol.codec import q
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, PresenceReport, RejectReason, utcnow
 from gridpresence.protocol.ox import openpgp_from_message
 
@@ -121,6 +122,8 @@ class ChatDesk:
     def _on_message(self, msg: Message) -> None:
         if msg["type"] not in ("chat", "normal") or not msg["body"] or msg["from"].bare == self.agent.jid:
             return
+        if msg.xml.find(q("tariff")) is not None:
+            return  # a price (its body is a note for people): the device's PriceFeed takes it
         if openpgp_from_message(msg.xml) is not None:
             return  # OpenPGP for XMPP: its body is only a fallback; the OX desk answers it
         try:

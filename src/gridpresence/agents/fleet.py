@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 from collections.abc import Collection
+from pathlib import Path
 from typing import Protocol
 
 from gridpresence.accounts import CONSOLE, RELAY, WATCHDOG, Secrets
@@ -21,6 +22,8 @@ from gridpresence.agents.session import Endpoint
 from gridpresence.agents.watchdog import WatchdogAgent
 from gridpresence.config import Fleet
 from gridpresence.protocol.models import DeviceKind
+from gridpresence.rules.audit_log import audit_path
+from gridpresence.rules.model import rules_for
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +36,11 @@ class Bot(Protocol):
 
 
 class FleetBots:
-    """The bots of a fleet. `only` limits them to some names (e.g. to run one device apart)."""
+    """The bots of a fleet. `only` limits them to some names (e.g. to run one device apart);
+    `data_dir` is where devices keep their threshold audit."""
 
     def __init__(self, fleet: Fleet, endpoint: Endpoint, secrets: Secrets, only: Collection[str] | None = None,
-                 tick_s: float = 1.0, with_services: bool = True) -> None:
+                 tick_s: float = 1.0, with_services: bool = True, data_dir: Path | None = None) -> None:
         self.fleet = fleet
         operators = [fleet.jid(o.name) for o in fleet.operators]
         wanted = set(only) if only is not None else None
@@ -45,20 +49,26 @@ class FleetBots:
         self.billing: dict[str, BillingAgent] = {}
         self.watchdog: WatchdogAgent | None = None
         self.console: ConsoleAgent | None = None
+        # One rule set, loaded once, shared by every device.
+        self.rules = rules_for(fleet.rules.path if fleet.rules else None, fleet.alarms)
+        # Devices rank faults at the billing party's price: its fleet-file tariff until it sends one.
+        billing = [fleet.jid(b.name) for b in fleet.billing]
+        tariff = tariff_from_spec(fleet.billing[0]) if fleet.billing else None
         for dev in fleet.devices:
             if wanted is None or dev.name in wanted:
                 children = [fleet.jid(c.name) for c in fleet.children(dev.name)]
                 self.devices[dev.name] = DeviceAgent(dev, fleet.jid(dev.name), secrets.password(dev.name), endpoint,
                                                      operators, children, tick_s=tick_s, relays=[fleet.jid(RELAY)],
-                                                     alarms=fleet.alarms, services=[fleet.jid(CONSOLE)])
-                if fleet.billing:  # alarms are ranked at the billing party's tariff
-                    self.devices[dev.name].alarms.price = tariff_from_spec(fleet.billing[0]).price_at
+                                                     alarms=fleet.alarms, services=[fleet.jid(CONSOLE)],
+                                                     rules=self.rules, billing=billing, tariff=tariff,
+                                                     audit=audit_path(data_dir, dev.name) if data_dir else None,
+                                                     parent=fleet.jid(dev.parent) if dev.parent else None)
                 if dev.kind is DeviceKind.MASTER:
                     self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
         for bill in fleet.billing:
             if wanted is None or bill.name in wanted:
                 self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),
-                                                       endpoint, operators)
+                                                       endpoint, operators, [fleet.jid(d.name) for d in fleet.devices])
         if with_services and (wanted is None or WATCHDOG in wanted):
             self.watchdog = WatchdogAgent(fleet.jid(WATCHDOG), secrets.password(WATCHDOG), endpoint, operators,
                                           grace_s=fleet.presence_grace_s)
