@@ -284,7 +284,8 @@ async def cmd_bots(args: argparse.Namespace) -> int:
     secrets_path = data / SECRETS_FILE
     if not secrets_path.exists():
         raise CliError(f"{secrets_path}: not found; run `gridpresence up --data {data}` first")
-    bots = FleetBots(fleet, info.server, Secrets(secrets_path), only=args.only, with_services=False)
+    bots = FleetBots(fleet, info.server, Secrets(secrets_path), only=args.only, with_services=False,
+                     data_dir=data)
     if not bots.bots:
         raise CliError(f"no bot named {', '.join(args.only)} in the fleet")
     stop = stop_signal()

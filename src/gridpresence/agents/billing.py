@@ -12,6 +12,7 @@ from gridpresence.agents.session import Endpoint, close_session, make_client, op
 from gridpresence.config import BillingSpec
 from gridpresence.protocol.codec import tariff_to_xml
 from gridpresence.protocol.models import Tariff, TariffPeriod
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +26,21 @@ def tariff_from_spec(spec: BillingSpec) -> Tariff:
 
 
 class BillingAgent:
-    def __init__(self, spec: BillingSpec, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str]) -> None:
+    def __init__(self, spec: BillingSpec, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str],
+                 keys: PartyKeys | None = None) -> None:
         self.spec = spec
         self.endpoint = endpoint
         self.operators = frozenset(JID(j).bare for j in operators)
         self.tariff = tariff_from_spec(spec)
         self.client = make_client(jid, password, endpoint)
+        self.keyring = PepKeyring(self.client, keys)
         self._present: set[str] = set()  # operators' full JIDs that have our current tariff
         self.client.add_event_handler("presence", self._on_presence)
         self.client.add_event_handler("session_start", lambda _e: self.client.send_presence(pstatus="billing"))
 
     async def start(self, timeout: float = 20.0) -> None:
         await open_session(self.client, self.endpoint, timeout)
+        await self.keyring.announced()
 
     async def stop(self) -> None:
         await close_session(self.client)

@@ -34,6 +34,7 @@ from gridpresence.protocol.codec import (
     report_from_xml,
     report_to_xml,
 )
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.protocol.models import (
     Action,
     Command,
@@ -83,6 +84,7 @@ class DeviceAgent:
         relays: Iterable[str] = (),
         alarms: AlarmSettings | None = None,
         services: Iterable[str] = (),
+        keys: PartyKeys | None = None,
     ) -> None:
         self.spec = spec
         self.endpoint = endpoint
@@ -95,6 +97,7 @@ class DeviceAgent:
         self.tick_s = min(tick_s, spec.refresh_s)
         self.sim: SimDevice = make_device(spec, utcnow())
         self.client = make_client(jid, password, endpoint)
+        self.keyring = PepKeyring(self.client, keys)
         self._seq = 0
         self._published: PresenceReport | None = None
         self._published_at = 0.0
@@ -124,6 +127,7 @@ class DeviceAgent:
 
     async def start(self, timeout: float = 20.0) -> None:
         await open_session(self.client, self.endpoint, timeout)
+        await self.keyring.announced()
 
     def _on_session_start(self, _event: object) -> None:
         self._published = None  # a new session has told no one anything yet

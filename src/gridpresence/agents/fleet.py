@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 from collections.abc import Collection
+from pathlib import Path
 from typing import Protocol
 
 from gridpresence.accounts import CONSOLE, RELAY, WATCHDOG, Secrets
@@ -21,6 +22,7 @@ from gridpresence.agents.session import Endpoint
 from gridpresence.agents.watchdog import WatchdogAgent
 from gridpresence.config import Fleet
 from gridpresence.protocol.models import DeviceKind
+from gridpresence.security.pep_keyring import PartyKeys
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +38,13 @@ class FleetBots:
     """The bots of a fleet. `only` limits them to some names (e.g. to run one device apart)."""
 
     def __init__(self, fleet: Fleet, endpoint: Endpoint, secrets: Secrets, only: Collection[str] | None = None,
-                 tick_s: float = 1.0, with_services: bool = True) -> None:
+                 tick_s: float = 1.0, with_services: bool = True, data_dir: Path | None = None) -> None:
         self.fleet = fleet
+
+        def keys(name: str) -> PartyKeys | None:
+            """Each bot's key and pins in the grid's data directory (none: no key to announce)."""
+            return PartyKeys.in_data_dir(data_dir, name) if data_dir is not None else None
+
         operators = [fleet.jid(o.name) for o in fleet.operators]
         wanted = set(only) if only is not None else None
         self.devices: dict[str, DeviceAgent] = {}
@@ -50,7 +57,8 @@ class FleetBots:
                 children = [fleet.jid(c.name) for c in fleet.children(dev.name)]
                 self.devices[dev.name] = DeviceAgent(dev, fleet.jid(dev.name), secrets.password(dev.name), endpoint,
                                                      operators, children, tick_s=tick_s, relays=[fleet.jid(RELAY)],
-                                                     alarms=fleet.alarms, services=[fleet.jid(CONSOLE)])
+                                                     alarms=fleet.alarms, services=[fleet.jid(CONSOLE)],
+                                                     keys=keys(dev.name))
                 if fleet.billing:  # alarms are ranked at the billing party's tariff
                     self.devices[dev.name].alarms.price = tariff_from_spec(fleet.billing[0]).price_at
                 if dev.kind is DeviceKind.MASTER:
@@ -58,14 +66,15 @@ class FleetBots:
         for bill in fleet.billing:
             if wanted is None or bill.name in wanted:
                 self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),
-                                                       endpoint, operators)
+                                                       endpoint, operators, keys=keys(bill.name))
         if with_services and (wanted is None or WATCHDOG in wanted):
             self.watchdog = WatchdogAgent(fleet.jid(WATCHDOG), secrets.password(WATCHDOG), endpoint, operators,
-                                          grace_s=fleet.presence_grace_s)
+                                          grace_s=fleet.presence_grace_s, keys=keys(WATCHDOG))
 
         if with_services and (wanted is None or CONSOLE in wanted):
             self.console = ConsoleAgent(fleet.jid(CONSOLE), secrets.password(CONSOLE), endpoint, operators,
-                                        watchdog=fleet.jid(WATCHDOG), grace_s=fleet.presence_grace_s)
+                                        watchdog=fleet.jid(WATCHDOG), grace_s=fleet.presence_grace_s,
+                                        keys=keys(CONSOLE))
 
     @property
     def bots(self) -> list[Bot]:
