@@ -39,6 +39,7 @@ from gridpresence.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE, Grid
 from gridpresence.protocol.models import Action, Outcome, OutcomeStatus
 from gridpresence.relay import commands as relay_commands
 from gridpresence.rules.cli import add_rules_commands
+from gridpresence.security import cli as keys_commands
 from gridpresence.server import ServerError, ServerPorts
 from gridpresence.signals import stop_signal, unless_stopped
 
@@ -365,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     alert.set_defaults(run=cmd_alert)
     relay_commands.register(sub, operator_opts, str(DEFAULT_DATA))
     add_rules_commands(sub)
+    keys_commands.register(sub, str(DEFAULT_DATA))
     return parser
 
 

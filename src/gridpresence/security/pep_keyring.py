@@ -83,7 +83,7 @@ class PepKeyring:
         self.pins = PinStore(keys.pins_file)
         self.secret_file = keys.secret_file
         self.warnings: list[KeyChanged] = []  # every key change seen, oldest first
-        self._keys: dict[str, pgpy.PGPKey] = {}  # bare JID -> pinned public key
+        self._keys: dict[str, tuple[str, pgpy.PGPKey]] = {}  # bare JID -> (fingerprint, pinned key)
         self._fetching: dict[str, asyncio.Task[pgpy.PGPKey]] = {}
         self._watched: set[str] = set()  # metadata nodes we subscribed to
         self._secret: pgpy.PGPKey | None = None
@@ -177,11 +177,18 @@ class PepKeyring:
     # -- other parties' keys ----------------------------------------------------------
 
     def cached(self, jid: str) -> pgpy.PGPKey | None:
-        return self._keys.get(JID(jid).bare)
+        bare = JID(jid).bare
+        entry = self._keys.get(bare)
+        if entry is None:
+            return None
+        if entry[0] != self.pins.pinned(bare):  # re-pinned meanwhile (`gridpresence keys repin`)
+            del self._keys[bare]
+            return None
+        return entry[1]
 
     async def key_for(self, jid: str, timeout: float = 5.0) -> pgpy.PGPKey:
         bare = JID(jid).bare
-        key = self._keys.get(bare)
+        key = self.cached(bare)
         if key is not None:
             return key
         task = self._fetching.get(bare)
@@ -203,7 +210,7 @@ class PepKeyring:
         chosen = next((a for a in announced if a.fingerprint == pinned), announced[0])
         key = await self._key(bare, chosen.fingerprint, timeout)
         self._accept(bare, key, chosen.fingerprint, raise_on_change=True)
-        asyncio.ensure_future(self._watch(bare))
+        await self._watch(bare)  # from here on, a newly announced key is checked at once
         return key
 
     def _accept(self, bare: str, key: pgpy.PGPKey | None, fpr: str, *, raise_on_change: bool) -> None:
@@ -217,7 +224,7 @@ class PepKeyring:
                 raise change
             return
         if key is not None:
-            self._keys[bare] = key
+            self._keys[bare] = (fpr, key)
 
     async def _metadata(self, bare: str, timeout: float) -> list[KeyAnnouncement]:
         item = await self._last_item(bare, PUBLIC_KEYS_NODE, timeout, "public-keys list")
@@ -299,7 +306,7 @@ class PepKeyring:
         bare = JID(jid).bare
         old = self.pins.pinned(bare)
         self.pins.repin(bare, fingerprint(key))
-        self._keys[bare] = key
+        self._keys[bare] = (fingerprint(key), key)
         self.warnings = [w for w in self.warnings if w.jid != bare]
         return old
 
