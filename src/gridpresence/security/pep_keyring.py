@@ -136,6 +136,9 @@ class PepKeyring:
         except (IqError, IqTimeout) as exc:
             log.warning("%s: could not announce its OpenPGP key: %s", self.jid, _why(exc))
             return False
+        except Exception:  # e.g. the stream closed meanwhile: the next session tries again
+            log.exception("%s: announcing its OpenPGP key failed", self.jid)
+            return False
 
     async def publish(self, secret_key: pgpy.PGPKey, timeout: float = 10.0) -> bool:
         """Announce our public key as XEP-0373 §4.1-4.2 says; False when already announced."""
@@ -195,11 +198,16 @@ class PepKeyring:
         if task is None:  # concurrent callers share one fetch
             task = asyncio.ensure_future(self._fetch(bare, timeout))
             self._fetching[bare] = task
-            task.add_done_callback(lambda _t: self._fetching.pop(bare, None))
+            task.add_done_callback(lambda t: self._fetch_done(bare, t))
         try:
             return await asyncio.wait_for(asyncio.shield(task), timeout)
         except TimeoutError:
             raise KeyUnavailable(bare, f"no answer within {timeout:.1f} s") from None
+
+    def _fetch_done(self, bare: str, task: asyncio.Task[pgpy.PGPKey]) -> None:
+        self._fetching.pop(bare, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here too: every waiter may have timed out already
 
     async def _fetch(self, bare: str, timeout: float) -> pgpy.PGPKey:
         announced = await self._metadata(bare, timeout)
