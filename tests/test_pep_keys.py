@@ -380,3 +380,20 @@ async def test_keys_repin_accepts_a_rotated_key(env: Env, victim: tuple[GridClie
                 ["--as", "pulse-meter", "not a jid"]):
         code, out, err = await run_cli("keys", "repin", "--data", str(env.data), *bad)
         assert code != 0 and "error:" in err and "Traceback" not in err, (bad, err)
+
+
+async def test_operator_without_its_key_file_works_read_only(env: Env, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    info = env.grid.connection
+    acc = info.operator("bob").model_copy(update={"key_file": str(tmp_path / "missing.sec.asc")})
+    op = GridOperator.from_connection(info.model_copy(update={"operators": (acc,)}), resource="no-key")
+    with caplog.at_level(logging.WARNING):
+        await op.connect(settle_s=0.1)
+    try:
+        assert op.keyring.secret_key is None
+        assert any("cannot sign" in r.getMessage() for r in caplog.records)
+        assert fingerprint(await op.keyring.key_for(env.fleet.jid("master"))) == _fpr(env, "master")
+        assert op.devices["master"].present  # the rest of the operator works as before
+    finally:
+        await op.close()
+    assert (tmp_path / "bob.pins.json").exists()  # pins beside the (missing) key file
