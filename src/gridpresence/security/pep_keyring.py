@@ -115,10 +115,9 @@ class PepKeyring:
         return str(self.client.boundjid.bare)
 
     def _on_session_start(self, _event: object) -> None:
+        # Subscriptions to others' metadata need no renewal: PEP keeps bare-JID subscribers.
         if self.secret_key is not None:
             self._announcing = asyncio.ensure_future(self._announce_logged(self.secret_key))
-        for jid in self._watched:  # a new session: the server may have dropped our subscriptions
-            asyncio.ensure_future(self._watch(jid, force=True))
 
     async def announced(self, timeout: float = 10.0) -> bool:
         """Wait for this session's announcement of our key; False if there is none or it failed."""
@@ -274,9 +273,9 @@ class PepKeyring:
 
     # -- later announcements ----------------------------------------------------------
 
-    async def _watch(self, bare: str, force: bool = False) -> None:
+    async def _watch(self, bare: str) -> None:
         """Subscribe to ``bare``'s metadata node (XEP-0060 §6.1), so a new key is noticed."""
-        if bare in self._watched and not force:
+        if bare in self._watched:
             return
         self._watched.add(bare)
         try:
