@@ -19,7 +19,7 @@ from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.session import Endpoint
 from gridpresence.agents.tracker import DeviceView
 from gridpresence.protocol import Action, DeviceKind, DeviceState
-from gridpresence.security.pep_keyring import PartyKeys
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.shedding import net_load_kw, shed_to_target
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,15 @@ class ConsoleAgent:
         self.grid.client.add_event_handler("message", self._on_message)
         self._busy: set[asyncio.Task[None]] = set()
 
+    @property
+    def keyring(self) -> PepKeyring:
+        return self.grid.keyring
+
     async def start(self, timeout: float = 20.0) -> None:
         await self.grid.connect(timeout=timeout, settle_s=0.2)
         self.grid.client.send_presence(pstatus="fleet console: type help")
+
+    login = start  # one console: no login herd to spread
 
     async def stop(self) -> None:
         for task in self._busy:

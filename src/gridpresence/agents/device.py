@@ -126,8 +126,13 @@ class DeviceAgent:
     # -- life cycle -------------------------------------------------------------------
 
     async def start(self, timeout: float = 20.0) -> None:
-        await open_session(self.client, self.endpoint, timeout)
+        """Log in and announce our key (XEP-0373) before anyone is told we are here."""
+        await self.login(timeout)
         await self.keyring.announced()
+
+    async def login(self, timeout: float = 20.0) -> None:
+        """Log in; the key is announced meanwhile (:meth:`start` waits for that too)."""
+        await open_session(self.client, self.endpoint, timeout)
 
     def _on_session_start(self, _event: object) -> None:
         self._published = None  # a new session has told no one anything yet

@@ -22,7 +22,7 @@ from gridpresence.agents.session import Endpoint
 from gridpresence.agents.watchdog import WatchdogAgent
 from gridpresence.config import Fleet
 from gridpresence.protocol.models import DeviceKind
-from gridpresence.security.pep_keyring import PartyKeys
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ LOGIN_CONCURRENCY = 16
 
 
 class Bot(Protocol):
+    @property
+    def keyring(self) -> PepKeyring: ...
+    async def login(self, timeout: float = 20.0) -> None: ...
     async def start(self, timeout: float = 20.0) -> None: ...
     async def stop(self) -> None: ...
 
@@ -87,7 +90,9 @@ class FleetBots:
 
         async def one(bot: Bot) -> None:
             async with gate:
-                await bot.start()
+                await bot.login()
+            # Outside the gate: the next login need not wait for this key announcement's round trip.
+            await bot.keyring.announced()
 
         async with asyncio.timeout(timeout):
             await asyncio.gather(*(one(b) for b in self.bots))

@@ -31,8 +31,13 @@ class WatchdogAgent:
         )
 
     async def start(self, timeout: float = 20.0) -> None:
-        await open_session(self.client, self.endpoint, timeout)
+        """Log in and announce our key (XEP-0373) before anyone is told we are here."""
+        await self.login(timeout)
         await self.keyring.announced()
+
+    async def login(self, timeout: float = 20.0) -> None:
+        """Log in; the key is announced meanwhile (:meth:`start` waits for that too)."""
+        await open_session(self.client, self.endpoint, timeout)
         await self.client.get_roster()
         self.tracker.load_roster()
         self.client.send_presence(pstatus="presence watchdog")
