@@ -16,6 +16,7 @@ from gridpresence.agents.session import Account, ConnectionInfo, Endpoint, Relay
 from gridpresence.config import Fleet
 from gridpresence.relay.service import RelayService, relay_files, relay_port
 from gridpresence.security.keys import KEYS_DIR, KeyStore
+from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.server import ProsodyServer, ServerPorts, provision
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class Grid:
         queue_path, _ = relay_files(self.data_dir)
         port = relay_port(self.data_dir, self._bind)
         self.relay = RelayService(self.fleet, self.endpoint, self.secrets.password(RELAY), queue_path,
-                                  smtp_host=self._bind, smtp_port=port)
+                                  smtp_host=self._bind, smtp_port=port, keys=PartyKeys.in_data_dir(self.data_dir, RELAY))
         await self.relay.start()
 
     def _write_connection(self) -> None:

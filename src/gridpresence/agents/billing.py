@@ -18,6 +18,7 @@ from gridpresence.agents.session import Endpoint, close_session, make_client, op
 from gridpresence.config import BillingSpec
 from gridpresence.protocol.codec import PayloadError, tariff_from_xml, tariff_to_xml
 from gridpresence.protocol.models import Tariff, TariffPeriod
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,14 @@ def tariff_from_billing(msg: Message, is_billing: Callable[[str], bool]) -> Tari
 
 class BillingAgent:
     def __init__(self, spec: BillingSpec, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str],
-                 devices: Iterable[str] = ()) -> None:
+                 devices: Iterable[str] = (), keys: PartyKeys | None = None) -> None:
         self.spec = spec
         self.endpoint = endpoint
         self.operators = frozenset(JID(j).bare for j in operators)
         self.devices = tuple(sorted({JID(j).bare for j in devices}))
         self.tariff = tariff_from_spec(spec)
         self.client = make_client(jid, password, endpoint)
+        self.keyring = PepKeyring(self.client, keys)
         self._present: set[str] = set()  # operators' full JIDs that have our current tariff
         self.client.add_event_handler("presence", self._on_presence)
         self.client.add_event_handler("session_start", self._on_session_start)
@@ -68,6 +70,12 @@ class BillingAgent:
         self._send_devices()
 
     async def start(self, timeout: float = 20.0) -> None:
+        """Log in and announce our key (XEP-0373) before anyone is told we are here."""
+        await self.login(timeout)
+        await self.keyring.announced()
+
+    async def login(self, timeout: float = 20.0) -> None:
+        """Log in; the key is announced meanwhile (:meth:`start` waits for that too)."""
         await open_session(self.client, self.endpoint, timeout)
 
     async def stop(self) -> None:

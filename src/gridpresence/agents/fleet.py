@@ -24,6 +24,7 @@ from gridpresence.config import Fleet
 from gridpresence.protocol.models import DeviceKind
 from gridpresence.rules.audit_log import audit_path
 from gridpresence.rules.model import rules_for
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ LOGIN_CONCURRENCY = 16
 
 
 class Bot(Protocol):
+    @property
+    def keyring(self) -> PepKeyring: ...
+    async def login(self, timeout: float = 20.0) -> None: ...
     async def start(self, timeout: float = 20.0) -> None: ...
     async def stop(self) -> None: ...
 
@@ -42,6 +46,11 @@ class FleetBots:
     def __init__(self, fleet: Fleet, endpoint: Endpoint, secrets: Secrets, only: Collection[str] | None = None,
                  tick_s: float = 1.0, with_services: bool = True, data_dir: Path | None = None) -> None:
         self.fleet = fleet
+
+        def keys(name: str) -> PartyKeys | None:
+            """Each bot's key and pins in the grid's data directory (none: no key to announce)."""
+            return PartyKeys.in_data_dir(data_dir, name) if data_dir is not None else None
+
         operators = [fleet.jid(o.name) for o in fleet.operators]
         wanted = set(only) if only is not None else None
         self.devices: dict[str, DeviceAgent] = {}
@@ -62,20 +71,23 @@ class FleetBots:
                                                      alarms=fleet.alarms, services=[fleet.jid(CONSOLE)],
                                                      rules=self.rules, billing=billing, tariff=tariff,
                                                      audit=audit_path(data_dir, dev.name) if data_dir else None,
-                                                     parent=fleet.jid(dev.parent) if dev.parent else None)
+                                                     parent=fleet.jid(dev.parent) if dev.parent else None,
+                                                     keys=keys(dev.name))
                 if dev.kind is DeviceKind.MASTER:
                     self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
         for bill in fleet.billing:
             if wanted is None or bill.name in wanted:
                 self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),
-                                                       endpoint, operators, [fleet.jid(d.name) for d in fleet.devices])
+                                                       endpoint, operators, [fleet.jid(d.name) for d in fleet.devices],
+                                                       keys=keys(bill.name))
         if with_services and (wanted is None or WATCHDOG in wanted):
             self.watchdog = WatchdogAgent(fleet.jid(WATCHDOG), secrets.password(WATCHDOG), endpoint, operators,
-                                          grace_s=fleet.presence_grace_s)
+                                          grace_s=fleet.presence_grace_s, keys=keys(WATCHDOG))
 
         if with_services and (wanted is None or CONSOLE in wanted):
             self.console = ConsoleAgent(fleet.jid(CONSOLE), secrets.password(CONSOLE), endpoint, operators,
-                                        watchdog=fleet.jid(WATCHDOG), grace_s=fleet.presence_grace_s)
+                                        watchdog=fleet.jid(WATCHDOG), grace_s=fleet.presence_grace_s,
+                                        keys=keys(CONSOLE))
 
     @property
     def bots(self) -> list[Bot]:
@@ -88,7 +100,9 @@ class FleetBots:
 
         async def one(bot: Bot) -> None:
             async with gate:
-                await bot.start()
+                await bot.login()
+            # Outside the gate: the next login need not wait for this key announcement's round trip.
+            await bot.keyring.announced()
 
         async with asyncio.timeout(timeout):
             await asyncio.gather(*(one(b) for b in self.bots))

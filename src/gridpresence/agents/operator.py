@@ -42,6 +42,7 @@ from gridpresence.protocol.codec import (
 )
 from gridpresence.protocol.alarm import Alarm, alarm_from_xml
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.relay.route import FINAL_MARGIN_S, RelayRoute
 from gridpresence.relay.service import origin_of
 
@@ -69,11 +70,13 @@ class GridOperator:
         grace_s: float = 15.0,
         resource: str | None = None,
         relay: RelayEndpoint | None = None,
+        keys: PartyKeys | None = None,
     ) -> None:
         full = f"{jid}/{resource}" if resource else jid
         self.endpoint = endpoint
         self.watchdog = watchdog
         self.client = make_client(full, password, endpoint)
+        self.keyring = PepKeyring(self.client, keys)  # our key's announcement, others' pinned keys
         self.tracker = PresenceTracker(self.client, grace_s=grace_s)
         self.tariff: Tariff | None = None
         self._pending: dict[str, asyncio.Future[Outcome]] = {}  # command id -> outcome
@@ -94,8 +97,10 @@ class GridOperator:
     @classmethod
     def from_connection(cls, info: ConnectionInfo, operator: str | None = None, resource: str | None = None) -> GridOperator:
         acc = info.operator(operator)
+        if acc.key_file is None:
+            log.warning("%s: the connection file names no OpenPGP key: read-only, cannot sign", acc.jid)
         return cls(acc.jid, acc.password, info.server, watchdog=info.watchdog, grace_s=info.presence_grace_s,
-                   resource=resource, relay=info.relay)
+                   resource=resource, relay=info.relay, keys=PartyKeys.beside(acc.key_file, acc.name))
 
     @property
     def jid(self) -> str:
@@ -110,6 +115,7 @@ class GridOperator:
         is known.
         """
         await open_session(self.client, self.endpoint, timeout)
+        await self.keyring.announced()
         await self.client.get_roster()
         self.tracker.load_roster()
         self.client.send_presence(pshow="chat", pstatus="grid operator")
