@@ -20,12 +20,11 @@ from pathlib import Path
 from common import EchoPair, EchoResponder, bench_fleet, summary
 from slixmpp import Message
 
-from gridpresence.agents.ox_chat import OxDesk
 from gridpresence.agents.session import close_session, make_client, open_session
 from gridpresence.grid import Grid
 from gridpresence.protocol.models import Signcrypt, utcnow
-from gridpresence.protocol.ox import FALLBACK_BODY, openpgp_from_message, openpgp_to_xml
-from gridpresence.security.keyring import StaticKeys
+from gridpresence.security.ox_xml import FALLBACK_BODY, openpgp_from_message, openpgp_to_xml
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.security.ox import open_message, seal
 
 OPERATOR = "bench-op@localhost"
@@ -36,7 +35,8 @@ class Operator:
         self.grid = grid
         self.client = make_client(f"{OPERATOR}/ox", grid.secrets.password("bench-op"), grid.endpoint)
         self.key = grid.keys.secret("bench-op")
-        self.devices = StaticKeys({f"{d.name}@localhost": grid.keys.secret(d.name) for d in grid.fleet.devices})
+        # Announces the operator's key on PEP (devices look it up there) and pins the devices' keys.
+        self.keyring = PepKeyring(self.client, PartyKeys(secret_file=grid.keys.secret_path("bench-op")))
         self.reply: asyncio.Future[Message] | None = None
         self.client.add_event_handler("message", self._on_message)
 
@@ -56,15 +56,14 @@ class Operator:
 
     async def ox(self, to: str, text: str) -> float:
         t0 = time.perf_counter()
-        device_key = self.devices.cached(to)
-        assert device_key is not None
+        device_key = await self.keyring.key_for(to)
         msg = self.client.make_message(mto=to, mbody=FALLBACK_BODY, mtype="chat")
         msg.append(openpgp_to_xml(seal(Signcrypt(to=(to,), time=utcnow(), body=text), self.key, [device_key])))
         reply = await self._exchange(msg)
         blob = openpgp_from_message(reply.xml)
         if blob is None:
             raise SystemExit(f"the device answered in plain text: {reply['body']}")
-        await open_message(blob, to, OPERATOR, self.key, self.devices)
+        await open_message(blob, to, OPERATOR, self.key, self.keyring)
         return time.perf_counter() - t0
 
 
@@ -72,15 +71,12 @@ async def main(devices: int, rounds: int) -> None:
     fleet = bench_fleet(devices)
     data = Path(tempfile.mkdtemp(prefix="oxbench-"))
     async with Grid(fleet, data, only=[d.name for d in fleet.devices]) as grid:
-        assert grid.bots is not None
-        operators = StaticKeys({OPERATOR: grid.keys.secret("bench-op")})
-        for name, dev in grid.bots.devices.items():
-            OxDesk(dev, grid.keys.secret(name), operators)
         echo, pair, op = EchoResponder(grid.endpoint, grid.secrets), EchoPair(grid), Operator(grid)
         for party in (echo, pair):
             await party.start()
         await open_session(op.client, grid.endpoint)
         op.client.send_presence()
+        await op.keyring.announced()
         jids = [f"{d.name}@localhost" for d in fleet.devices]
         await pair.sequential(20)  # warm-up
         for i in range(20):

@@ -14,14 +14,12 @@ HAVE_GPG = shutil.which("gpg") is not None and shutil.which("gpgconf") is not No
 
 
 class GnuPG:
-    def __init__(self) -> None:
+    def __init__(self, trust_all: bool = True) -> None:
         # Short path: gpg-agent's socket lives here when /run/user/UID does not exist.
         self.home = Path(tempfile.mkdtemp(prefix="gp-gnupg-"))
         self.home.chmod(0o700)
-        # A test home trusts every key it holds: who may command a device is the device's
-        # decision (pinned keys), not the operator's web of trust. gpgme refuses to encrypt
-        # to a key of unknown validity otherwise.
-        (self.home / "gpg.conf").write_text("trust-model always\n")
+        if trust_all:  # else keys are valid only once certified, as in an operator's own home
+            (self.home / "gpg.conf").write_text("trust-model always\n")
         self.env = {**os.environ, "GNUPGHOME": str(self.home)}
 
     async def run(self, *args: str, stdin: bytes = b"", check: bool = True) -> tuple[bytes, str]:
@@ -36,6 +34,10 @@ class GnuPG:
 
     async def import_key(self, armored: str | bytes) -> None:
         await self.run("--import", stdin=armored.encode() if isinstance(armored, str) else armored)
+
+    async def trust_own_key(self, fingerprint: str) -> None:
+        """Ultimate owner trust for one's own key: what makes keys it certifies valid."""
+        await self.run("--import-ownertrust", stdin=f"{fingerprint}:6:\n".encode())
 
     async def close(self) -> None:
         proc = await asyncio.create_subprocess_exec("gpgconf", "--kill", "gpg-agent", env=self.env,

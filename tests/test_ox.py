@@ -14,7 +14,7 @@ import pytest_asyncio
 
 from gpghome import HAVE_GPG, GnuPG
 from gridpresence.protocol.models import Signcrypt, utcnow
-from gridpresence.protocol.ox import signcrypt_from_xml, signcrypt_to_xml
+from gridpresence.security.ox_xml import signcrypt_from_xml, signcrypt_to_xml
 from gridpresence.security import keys
 from gridpresence.security.keyring import StaticKeys
 from gridpresence.security.ox import MAX_AGE_S, OxRefused, open_message, seal

@@ -17,18 +17,17 @@ from conftest import Env
 from gridpresence.agents.operator import GridOperator
 from gridpresence.protocol import DeviceState
 from gridpresence.protocol.models import Signcrypt, utcnow
-from gridpresence.protocol.ox import FALLBACK_BODY, openpgp_from_message, openpgp_to_xml
+from gridpresence.security.ox_xml import FALLBACK_BODY, openpgp_from_message, openpgp_to_xml
 from gridpresence.security.keyring import StaticKeys
 from gridpresence.security.ox import MAX_AGE_S, open_message, seal
 from gridpresence.security.pgp import pgpy
-from oxdesk import ox_desk
 
 DEVICE = "ox-wire"
 
 
 @pytest_asyncio.fixture
-async def alice_chat(env: Env) -> AsyncIterator[ChatPeer]:
-    ox_desk(env, DEVICE)
+async def alice_chat(env: Env, alice: GridOperator) -> AsyncIterator[ChatPeer]:
+    """Alice in a plain client; the operator library (``alice``) has announced her key on PEP."""
     peer = await chat_peer(env, "alice", "ox-script")
     yield peer
     await peer.close()

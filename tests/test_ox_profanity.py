@@ -1,7 +1,8 @@
 """OpenPGP for XMPP from a chat client this project did not write: Profanity's /ox (gpgme and
 GnuPG underneath), driven through tmux. The operator's GnuPG home holds her grid key; she
-announces her public key, gets the device's, starts OX with the device and types `shed`. The
-device acts on the signed command and Profanity shows its answer, decrypted."""
+announces her public key on PEP, discovers and imports the device's from its PEP node,
+certifies it, starts OX with the device and types `shed`. The device acts on the signed
+command and Profanity shows its answer, decrypted."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from gpghome import HAVE_GPG, GnuPG
 from gridpresence.agents.operator import GridOperator
 from gridpresence.protocol import DeviceState
 from gridpresence.security.keys import fingerprint
-from oxdesk import ox_desk
 from terminal import HAVE_PROFANITY, NO_PROFANITY, log_in, run_profanity
 
 pytestmark = [
@@ -28,22 +28,29 @@ DEVICE = "ox-load"
 
 async def test_operator_in_profanity_sends_a_signed_encrypted_shed(env: Env, tmp_path: Path,
                                                                     alice: GridOperator) -> None:
-    ox_desk(env, DEVICE)
     device = env.fleet.jid(DEVICE)
-    async with GnuPG() as gpg:
-        # The operator's setup, once: her grid key into GnuPG, her public key exported for PEP.
+    device_fpr = fingerprint(env.grid.keys.secret(DEVICE))
+    async with GnuPG(trust_all=False) as gpg:
+        # The operator's setup, once (README): her grid key into GnuPG, trusted as her own,
+        # and her public key exported for PEP.
         await gpg.import_key(env.grid.keys.secret_path("alice").read_text())
+        await gpg.trust_own_key(fingerprint(env.grid.keys.secret("alice")))
         public, _ = await gpg.run("--export", "--export-options", "export-minimal", "xmpp:alice@localhost")
         (tmp_path / "alice.pub").write_bytes(public)
-        # The device's public key, given to her out of band.
-        await gpg.import_key(str(env.grid.keys.secret(DEVICE).pubkey))
 
         async with run_profanity(tmp_path, {"GNUPGHOME": str(gpg.home)}) as term:
             await log_in(term, env, "alice")
             await term.type(f"/ox announce {tmp_path / 'alice.pub'}")
             await term.wait_for("Announce OpenPGP Key for OX")
+            # The device's key, from the device's own PEP nodes.
+            await term.type(f"/ox discover {device}")
+            await term.wait_for(rf"Discovering Public Key for {re.escape(device)}.*\n\S+ - {device_fpr}")
+            await term.type(f"/ox request {device} {device_fpr}")
+            await term.wait_for("Public Key imported")
+            await gpg.run("--quick-lsign-key", device_fpr)  # she checked the fingerprint: valid now
+
             await term.type(f"/ox start {device}")
-            await term.wait_for(r"ox-load \[\w+\] \[OX\]")  # the chat window's title: OX is on
+            await term.wait_for(rf"{DEVICE} \[\w+\] \[OX\]")  # the chat window's title: OX is on
             await term.type("shed")
             await term.wait_for(rf"Done: load shed\. Now: {DEVICE} \(load\) is off, 0\.0 kW of 90 kW")
             await alice.wait_for(lambda d: d[DEVICE].state is DeviceState.OFF, timeout=5)

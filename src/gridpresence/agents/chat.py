@@ -22,7 +22,7 @@ from gridpresence import roles
 from gridpresence.agents.alarms import TITLES
 from gridpresence.protocol.codec import q
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, PresenceReport, RejectReason, utcnow
-from gridpresence.protocol.ox import openpgp_from_message
+from gridpresence.security.ox_xml import openpgp_from_message
 
 if TYPE_CHECKING:
     from gridpresence.agents.device import DeviceAgent

@@ -23,6 +23,7 @@ from gridpresence.agents.alarms import AlarmDesk
 from gridpresence.agents.price_feed import PriceFeed
 from gridpresence.agents.verdicts import VerdictDesk
 from gridpresence.agents.chat import ChatDesk
+from gridpresence.agents.ox_chat import OxDesk
 from gridpresence.agents.firmware import FirmwareDesk
 from gridpresence.agents.folding import BranchFold
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
@@ -133,6 +134,7 @@ class DeviceAgent:
         self.fold = BranchFold(self, parent)
         self.alarms.fold = self.fold
         self.chat = ChatDesk(self)
+        self.ox = OxDesk(self)  # the same chat, signed and encrypted (XEP-0374) by OX clients
         enable_standard_features(self)
         self.verdicts = VerdictDesk(self)
         self.firmware = FirmwareDesk(self)

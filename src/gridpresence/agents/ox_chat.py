@@ -17,8 +17,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.protocol.models import Signcrypt, utcnow
-from gridpresence.protocol.ox import FALLBACK_BODY, openpgp_from_message, openpgp_to_xml
-from gridpresence.security.keyring import KeyLookup
+from gridpresence.security.ox_xml import FALLBACK_BODY, openpgp_from_message, openpgp_to_xml
 from gridpresence.security.ox import OxRefused, open_message, seal
 from gridpresence.security.pgp import pgpy
 
@@ -31,12 +30,11 @@ MAX_PENDING = 64  # OX messages being opened at once; more are answered "busy", 
 
 
 class OxDesk:
-    """Answers OX chat messages to one device bot."""
+    """Answers OX chat messages to one device bot, with the device's own key and its keyring
+    (the operators' keys looked up over PEP and pinned on first use)."""
 
-    def __init__(self, agent: DeviceAgent, secret: pgpy.PGPKey, keys: KeyLookup) -> None:
+    def __init__(self, agent: DeviceAgent) -> None:
         self.agent = agent
-        self.secret = secret
-        self.keys = keys
         self._pending: set[asyncio.Task[None]] = set()
         agent.client.register_handler(Callback("ox message", StanzaPath("message/ox_openpgp"), self._on_ox))
 
@@ -58,11 +56,16 @@ class OxDesk:
                 if refusal:
                     self._reply_plain(msg, refusal)
                 return
+            secret = self.agent.keyring.secret_key
+            if secret is None:
+                self._reply_plain(msg, f"{self.agent.spec.name} has no OpenPGP key of its own, so it cannot read "
+                                       "encrypted messages; send plain chat or a signed command.")
+                return
             opened = await open_message(openpgp_from_message(msg.xml) or "", sender.bare, self.agent.jid,
-                                        self.secret, self.keys)
+                                        secret, self.agent.keyring)
             answer = self.agent.chat.answer(sender, opened.content.body, "ox-" + opened.digest[:32], signed=True)
             if answer:
-                self._reply_sealed(msg, answer, opened.key)
+                self._reply_sealed(msg, answer, secret, opened.key)
         except OxRefused as exc:
             log.warning("%s: OX message from %s refused: %s", self.agent.spec.name, sender, exc)
             self._reply_plain(msg, f"Your encrypted message was not accepted: {exc}.")
@@ -70,10 +73,10 @@ class OxDesk:
             log.exception("%s: OX message from %s failed", self.agent.spec.name, sender)
             self._reply_plain(msg, "Sorry, that failed inside the device; it is logged.")
 
-    def _reply_sealed(self, msg: Message, text: str, key: pgpy.PGPKey) -> None:
+    def _reply_sealed(self, msg: Message, text: str, secret: pgpy.PGPKey, key: pgpy.PGPKey) -> None:
         sender: JID = msg["from"]
         try:
-            sealed = seal(Signcrypt(to=(sender.bare,), time=utcnow(), body=text), self.secret, [key])
+            sealed = seal(Signcrypt(to=(sender.bare,), time=utcnow(), body=text), secret, [key])
         except OxRefused as exc:  # the command itself was handled: say so, not "refused"
             self._reply_plain(msg, f"Your message was handled, but the answer could not be encrypted ({exc}).")
             return

@@ -8,7 +8,7 @@ from slixmpp import Iq, Message, Presence
 from slixmpp.xmlstream import ElementBase, register_stanza_plugin
 
 from gridpresence.protocol.models import NS
-from gridpresence.protocol.ox import OX_NS
+from gridpresence.security.ox_xml import NS_OX
 
 
 class GridDevice(ElementBase):
@@ -47,7 +47,7 @@ class OxOpenPGP(ElementBase):
     """XEP-0373 ``<openpgp/>``: an OpenPGP message (base64) in a message stanza."""
 
     name = "openpgp"
-    namespace = OX_NS
+    namespace = NS_OX
     plugin_attrib = "ox_openpgp"
 
 

@@ -17,9 +17,8 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gridpresence.protocol.codec import PayloadError
 from gridpresence.protocol.models import Signcrypt, utcnow
-from gridpresence.protocol.ox import signcrypt_from_xml, signcrypt_to_xml
+from gridpresence.security.ox_xml import OxXmlError, signcrypt_from_xml, signcrypt_to_xml
 from gridpresence.security.keyring import KeyLookup, KeyUnavailable
 from gridpresence.security.keys import fingerprint
 from gridpresence.security.pgp import pgpy
@@ -101,7 +100,7 @@ async def open_message(message_b64: str, sender: str, me: str, own: pgpy.PGPKey,
     plaintext = verified_plaintext(decrypted, sender, key)
     try:
         content = signcrypt_from_xml(plaintext)
-    except PayloadError as exc:
+    except OxXmlError as exc:
         raise OxRefused(str(exc)) from None
     check_fresh_and_mine(content, me, now or utcnow())
     return Opened(content, hashlib.sha256(plaintext).hexdigest(), key)
