@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PKGS := prosody nftables iproute2 profanity tmux gnupg
+APT_PKGS := prosody nftables iproute2 profanity tmux gnupg go-sendxmpp
 
 .PHONY: demo test setup system-deps bench clean
 
