@@ -17,7 +17,7 @@ from gridpresence.protocol.models import Signcrypt, utcnow
 from gridpresence.security.ox_xml import signcrypt_from_xml, signcrypt_to_xml
 from gridpresence.security import keys
 from gridpresence.security.keyring import StaticKeys
-from gridpresence.security.ox import MAX_AGE_S, OxRefused, open_message, seal
+from gridpresence.security.ox import MAX_AGE_S, OxRefused, is_encrypted, open_message, seal
 from gridpresence.security.pgp import pgpy
 from pgpy.constants import CompressionAlgorithm
 
@@ -60,6 +60,7 @@ async def gpg_signcrypt(gpg: GnuPG, plain: bytes, signer: str = ALICE, to: str =
 
 async def test_device_opens_what_gnupg_signed_and_encrypted(operator_gpg: GnuPG) -> None:
     blob = await gpg_signcrypt(operator_gpg, profanity_signcrypt(DEVICE, "shed", profanity_stamp(utcnow())))
+    assert is_encrypted(blob)
     opened = await open_message(blob, ALICE, DEVICE, DEVICE_KEY, PINNED)
     assert opened.content.body == "shed"
     assert opened.content.to == (DEVICE,)
@@ -145,6 +146,15 @@ async def test_bad_signcrypt_content_is_refused_even_when_signed(plain: bytes, w
     message |= ALICE_KEY.sign(message)
     with pytest.raises(OxRefused, match=why):
         await open_(base64.b64encode(bytes(DEVICE_KEY.pubkey.encrypt(message))).decode())
+
+
+def test_encrypted_messages_are_told_from_signed_only_ones() -> None:
+    sealed = seal(Signcrypt(to=(DEVICE,), time=utcnow(), body="shed"), ALICE_KEY, [DEVICE_KEY.pubkey])
+    assert is_encrypted(sealed)
+    signed = pgpy.PGPMessage.new(b"<sign xmlns='urn:xmpp:openpgp:0'/>", compression=CompressionAlgorithm.Uncompressed)
+    signed |= ALICE_KEY.sign(signed)
+    assert not is_encrypted(base64.b64encode(bytes(signed)).decode())
+    assert not is_encrypted("") and not is_encrypted("%%%%") and not is_encrypted("AAAA")
 
 
 def test_signcrypt_round_trip_pads_and_keeps_text() -> None:

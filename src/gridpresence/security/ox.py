@@ -43,6 +43,20 @@ class Opened:
     key: pgpy.PGPKey  # the sender's pinned key that signed it: the answer is encrypted to it
 
 
+def is_encrypted(message_b64: str) -> bool:
+    """Whether an ``<openpgp/>`` element holds an encrypted message (``<signcrypt/>``, OX chat)
+    rather than a signed-only one (``<sign/>``, a signed grid payload): an encrypted OpenPGP
+    message starts with a session-key packet, tag 1 or 3 (RFC 4880 §4.2-4.3). Reads one byte."""
+    try:
+        first = base64.b64decode(message_b64[:4], validate=True)[:1]
+    except (binascii.Error, ValueError):
+        return False
+    if not first or not first[0] & 0x80:
+        return False
+    tag = first[0] & 0x3F if first[0] & 0x40 else (first[0] >> 2) & 0x0F  # new / old packet format
+    return tag in (1, 3)
+
+
 def decrypt(message_b64: str, own: pgpy.PGPKey) -> pgpy.PGPMessage:
     """The decrypted (still signed) OpenPGP message inside an ``<openpgp/>`` element."""
     if len(message_b64) > MAX_MESSAGE_BYTES * 4 // 3 + 4:
