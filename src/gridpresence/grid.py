@@ -15,6 +15,7 @@ from gridpresence.agents.fleet import FleetBots
 from gridpresence.agents.session import Account, ConnectionInfo, Endpoint, RelayEndpoint
 from gridpresence.config import Fleet
 from gridpresence.relay.service import RelayService, relay_files, relay_port
+from gridpresence.security.bridge import provisioned_keys
 from gridpresence.security.keys import KEYS_DIR, KeyStore
 from gridpresence.server import ProsodyServer, ServerPorts, provision
 
@@ -80,7 +81,8 @@ class Grid:
                 await self._start_relay()
             self._write_connection()
             if self._want_bots:
-                self.bots = FleetBots(self.fleet, self.endpoint, self.secrets, only=self._only, tick_s=self._tick_s)
+                self.bots = FleetBots(self.fleet, self.endpoint, self.secrets, only=self._only, tick_s=self._tick_s,
+                                      keys=self.keys, keyring=provisioned_keys(self.keys.directory))
                 await self.bots.start()
         except BaseException:
             await self.stop()

@@ -1,5 +1,6 @@
 """The billing party ([00142], [0093]): sends its tariff, or a real-time price, to the
-utility's operators whenever they are present."""
+utility's operators whenever they are present, and reads the billing part of the meters'
+encrypted billing reports ([0085]) — never their power-quality part."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ from collections.abc import Iterable
 
 from slixmpp import JID, Presence
 
+from gridpresence.agents.reports import ReportInbox, ReportReader, request_report
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
 from gridpresence.config import BillingSpec
 from gridpresence.protocol.codec import tariff_to_xml
+from gridpresence.protocol.billing_report import BillingData, PartName
 from gridpresence.protocol.models import Tariff, TariffPeriod
+from gridpresence.security.keyring import KeyLookup
+from gridpresence.security.pgp import pgpy
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +30,9 @@ def tariff_from_spec(spec: BillingSpec) -> Tariff:
 
 
 class BillingAgent:
-    def __init__(self, spec: BillingSpec, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str]) -> None:
+    def __init__(self, spec: BillingSpec, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str],
+                 *, secret: pgpy.PGPKey | None = None, keyring: KeyLookup | None = None,
+                 relays: Iterable[str] = ()) -> None:
         self.spec = spec
         self.endpoint = endpoint
         self.operators = frozenset(JID(j).bare for j in operators)
@@ -34,6 +41,20 @@ class BillingAgent:
         self._present: set[str] = set()  # operators' full JIDs that have our current tariff
         self.client.add_event_handler("presence", self._on_presence)
         self.client.add_event_handler("session_start", lambda _e: self.client.send_presence(pstatus="billing"))
+        # Billing reports: without our secret key and others' public keys we cannot read them.
+        self.inbox: ReportInbox | None = None
+        if secret is not None and keyring is not None:
+            reader = ReportReader(JID(jid).bare, secret, keyring, PartName.BILLING)
+            self.inbox = ReportInbox(self.client, reader, relays)
+
+    @property
+    def reports(self) -> list[BillingData]:
+        """Billing parts read so far, oldest first."""
+        return [d for d in (self.inbox.received if self.inbox else []) if isinstance(d, BillingData)]
+
+    def request_report(self, meter: str) -> None:
+        """Ask a meter (bare JID) for its billing report now."""
+        request_report(self.client, meter)
 
     async def start(self, timeout: float = 20.0) -> None:
         await open_session(self.client, self.endpoint, timeout)

@@ -16,11 +16,14 @@ from gridpresence.accounts import CONSOLE, RELAY, WATCHDOG, Secrets
 from gridpresence.agents.billing import BillingAgent, tariff_from_spec
 from gridpresence.agents.branch import BranchAdvisor
 from gridpresence.agents.console import ConsoleAgent
+from gridpresence.agents.reports import METERING_KINDS, BillingReporter, ReportAudience, peak_hours
 from gridpresence.agents.device import DeviceAgent
 from gridpresence.agents.session import Endpoint
 from gridpresence.agents.watchdog import WatchdogAgent
 from gridpresence.config import Fleet
 from gridpresence.protocol.models import DeviceKind
+from gridpresence.security.keyring import KeyLookup
+from gridpresence.security.keys import KeyStore
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +39,15 @@ class FleetBots:
     """The bots of a fleet. `only` limits them to some names (e.g. to run one device apart)."""
 
     def __init__(self, fleet: Fleet, endpoint: Endpoint, secrets: Secrets, only: Collection[str] | None = None,
-                 tick_s: float = 1.0, with_services: bool = True) -> None:
+                 tick_s: float = 1.0, with_services: bool = True, keys: KeyStore | None = None,
+                 keyring: KeyLookup | None = None) -> None:
         self.fleet = fleet
         operators = [fleet.jid(o.name) for o in fleet.operators]
         wanted = set(only) if only is not None else None
         self.devices: dict[str, DeviceAgent] = {}
         self.advisors: dict[str, BranchAdvisor] = {}  # master IEDs' branch watch, by name
         self.billing: dict[str, BillingAgent] = {}
+        self.reporters: dict[str, BillingReporter] = {}  # metering devices' billing reports, by name
         self.watchdog: WatchdogAgent | None = None
         self.console: ConsoleAgent | None = None
         for dev in fleet.devices:
@@ -55,10 +60,15 @@ class FleetBots:
                     self.devices[dev.name].alarms.price = tariff_from_spec(fleet.billing[0]).price_at
                 if dev.kind is DeviceKind.MASTER:
                     self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
+                if dev.kind in METERING_KINDS and keys is not None and keyring is not None:
+                    self.reporters[dev.name] = BillingReporter(self.devices[dev.name], keys.secret(dev.name), keyring,
+                                                               ReportAudience.of(fleet, dev), peak_hours(fleet))
         for bill in fleet.billing:
             if wanted is None or bill.name in wanted:
-                self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),
-                                                       endpoint, operators)
+                self.billing[bill.name] = BillingAgent(
+                    bill, fleet.jid(bill.name), secrets.password(bill.name), endpoint, operators,
+                    secret=keys.secret(bill.name) if keys is not None else None, keyring=keyring,
+                    relays=[fleet.jid(RELAY)])
         if with_services and (wanted is None or WATCHDOG in wanted):
             self.watchdog = WatchdogAgent(fleet.jid(WATCHDOG), secrets.password(WATCHDOG), endpoint, operators,
                                           grace_s=fleet.presence_grace_s)
@@ -88,6 +98,8 @@ class FleetBots:
         gc.freeze()
 
     async def stop(self) -> None:
+        for reporter in self.reporters.values():
+            reporter.stop()
         results = await asyncio.gather(*(b.stop() for b in self.bots), return_exceptions=True)
         for res in results:
             if isinstance(res, BaseException):

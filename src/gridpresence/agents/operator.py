@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from pathlib import Path
 from types import TracebackType
 
 from slixmpp import JID, Message
@@ -22,6 +23,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence import roles
+from gridpresence.agents.reports import ReportInbox, ReportReader, request_report
 from gridpresence.agents.session import (
     ConnectionInfo,
     Endpoint,
@@ -43,7 +45,12 @@ from gridpresence.protocol.codec import (
 from gridpresence.protocol.alarm import Alarm, alarm_from_xml
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
 from gridpresence.relay.route import FINAL_MARGIN_S, RelayRoute
+from gridpresence.protocol.billing_report import PartName, QualityData
 from gridpresence.relay.service import origin_of
+from gridpresence.security.bridge import provisioned_keys
+from gridpresence.security.keyring import KeyLookup
+from gridpresence.security.keys import load_secret
+from gridpresence.security.pgp import pgpy
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +76,8 @@ class GridOperator:
         grace_s: float = 15.0,
         resource: str | None = None,
         relay: RelayEndpoint | None = None,
+        secret: pgpy.PGPKey | None = None,
+        keyring: KeyLookup | None = None,
     ) -> None:
         full = f"{jid}/{resource}" if resource else jid
         self.endpoint = endpoint
@@ -90,12 +99,28 @@ class GridOperator:
         self.client.add_event_handler("message_error", self._on_bounce)
         self.alarms: list[Alarm] = []  # alarms devices sent this operator, oldest first
         self.client.register_handler(Callback("grid alarm", StanzaPath("message/grid_alarm"), self._on_alarm))
+        # The power-quality part of meters' billing reports is for the utility ([0085]).
+        self.reports: ReportInbox | None = None
+        if secret is not None and keyring is not None:
+            reader = ReportReader(JID(jid).bare, secret, keyring, PartName.POWER_QUALITY)
+            self.reports = ReportInbox(self.client, reader, [relay.jid] if relay else [])
 
     @classmethod
     def from_connection(cls, info: ConnectionInfo, operator: str | None = None, resource: str | None = None) -> GridOperator:
         acc = info.operator(operator)
+        secret = load_secret(Path(acc.key_file)) if acc.key_file else None
+        keyring = provisioned_keys(Path(acc.key_file).parent) if acc.key_file else None
         return cls(acc.jid, acc.password, info.server, watchdog=info.watchdog, grace_s=info.presence_grace_s,
-                   resource=resource, relay=info.relay)
+                   resource=resource, relay=info.relay, secret=secret, keyring=keyring)
+
+    @property
+    def quality(self) -> list[QualityData]:
+        """Power-quality parts of billing reports read so far, oldest first."""
+        return [d for d in (self.reports.received if self.reports else []) if isinstance(d, QualityData)]
+
+    def request_report(self, device: str) -> None:
+        """Ask a meter or master IED (by name) for its billing report now."""
+        request_report(self.client, self.device(device).jid)
 
     @property
     def jid(self) -> str:
