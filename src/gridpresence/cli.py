@@ -39,6 +39,7 @@ from gridpresence.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE, Grid
 from gridpresence.protocol.models import Action, Outcome, OutcomeStatus
 from gridpresence.relay import commands as relay_commands
 from gridpresence.rules.cli import add_rules_commands
+from gridpresence.security.keys import KeyFileError
 from gridpresence.server import ServerError, ServerPorts
 from gridpresence.signals import stop_signal, unless_stopped
 
@@ -375,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.time = dt.datetime.now(dt.timezone.utc).isoformat()
     try:
         return asyncio.run(args.run(args))
-    except (CliError, FleetError, ServerError, SessionError, UnknownDevice) as exc:
+    except (CliError, FleetError, ServerError, SessionError, UnknownDevice, KeyFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -46,7 +46,7 @@ from gridpresence.protocol.alarm import Alarm, alarm_from_xml
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
 from gridpresence.relay.route import FINAL_MARGIN_S, RelayRoute
 from gridpresence.protocol.billing_report import PartName, QualityData
-from gridpresence.relay.service import origin_of
+from gridpresence.protocol.addressing import origin_of
 from gridpresence.security.bridge import provisioned_keys
 from gridpresence.security.keyring import KeyLookup
 from gridpresence.security.keys import load_secret
@@ -88,7 +88,7 @@ class GridOperator:
         self._pending: dict[str, asyncio.Future[Outcome]] = {}  # command id -> outcome
         self._stanza_to_command: dict[str, str] = {}  # message id -> command id, for bounces
         # Commands for absent devices go to the store-and-forward relay, if there is one.
-        self.relay = RelayRoute(relay) if relay is not None else None
+        self.relay = RelayRoute(relay, secret) if relay is not None else None
         self._queued: dict[str, Command] = {}  # command id -> command the relay holds for us
         self._version = 0
         self._changed = asyncio.Event()
@@ -321,7 +321,7 @@ class GridOperator:
 
     def _on_mailed_data(self, msg: Message) -> None:
         """A device's data that reached the relay by mail ([00116]): update that device's view."""
-        device = origin_of(msg)
+        device = origin_of(msg.xml)
         if self.relay is None or msg["from"].bare != self.relay.jid or device is None:
             return
         try:

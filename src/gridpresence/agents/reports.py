@@ -38,7 +38,7 @@ from gridpresence.protocol.billing_report import (
 )
 from gridpresence.protocol.codec import PayloadError
 from gridpresence.protocol.models import DeviceKind, utcnow
-from gridpresence.relay.service import origin_of
+from gridpresence.protocol.addressing import origin_of
 from gridpresence.security.keyring import KeyLookup, KeyUnavailable
 from gridpresence.security.parts import BadPart, PartError, PartProblem, seal, unseal
 from gridpresence.security.pgp import pgpy
@@ -225,7 +225,7 @@ class ReportInbox:
         sender = msg["from"].bare
         try:
             report = billing_report_from_xml(msg["grid_billing_report"].xml)
-            origin = origin_of(msg) if sender in self.relays else sender
+            origin = origin_of(msg.xml) if sender in self.relays else sender
             if origin != report.device:
                 raise BadPart(PartProblem.WRONG_SIGNER, f"report of {report.device} sent by {origin or sender}")
             data = await self.reader.read(report)

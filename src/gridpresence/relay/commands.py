@@ -12,10 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from gridpresence.accounts import RELAY, Secrets
+from gridpresence.agents.reports import ReportAudience
 from gridpresence.agents.session import ConnectionInfo, RelayEndpoint, SessionError
 from gridpresence.config import FleetError, load_fleet
 from gridpresence.relay.mail_device import MailDevice
 from gridpresence.relay.service import RelayService, relay_files, relay_port
+from gridpresence.security.bridge import provisioned_keys
+from gridpresence.security.keyring import KeyUnavailable
+from gridpresence.security.keys import KEYS_DIR, load_secret
+from gridpresence.server.certs import CertPaths
 from gridpresence.signals import stop_signal
 
 CONNECTION_FILE, SECRETS_FILE, FLEET_COPY = "connection.json", "secrets.json", "fleet.json"
@@ -41,12 +46,17 @@ async def cmd_relay(args: argparse.Namespace) -> int:
         raise SessionError(f"{data}: no relay account; run `gridpresence up --data {data}` once with this version")
     queue_path = Path(args.queue) if args.queue else relay_files(data)[0]
     port = relay_port(data, args.bind, args.smtp_port)
-    relay = RelayService(fleet, info.server, secrets.password(RELAY), queue_path, smtp_host=args.bind,
-                         smtp_port=port, durable=args.durable)
+    # STARTTLS with a certificate of the grid's CA: the server's own (it names the grid's host).
+    certs = CertPaths.in_directory(Path(args.certs) if args.certs else
+                                   (info.server.ca_file.parent if info.server.ca_file else data / "certs"))
+    relay = RelayService(fleet, info.server, secrets.password(RELAY), queue_path, tls=certs,
+                         keyring=provisioned_keys(Path(args.keys) if args.keys else data / KEYS_DIR),
+                         smtp_host=args.bind, smtp_port=port, durable=args.durable)
     stop = stop_signal()  # before start: a SIGTERM during start-up still stops cleanly
     await relay.start()
     try:
-        publish_relay(data / CONNECTION_FILE, RelayEndpoint(jid=relay.jid, smtp_host=args.bind, smtp_port=relay.smtp_port))
+        publish_relay(data / CONNECTION_FILE, RelayEndpoint(jid=relay.jid, smtp_host=args.bind, smtp_port=relay.smtp_port,
+                                                            ca_file=certs.ca))
         counts = relay.queue.counts()
         print(f"relay up: SMTP {args.bind}:{relay.smtp_port}, XMPP {relay.jid}, queue {queue_path} "
               f"({counts.get('queued', 0)} queued)", flush=True)
@@ -65,15 +75,21 @@ async def cmd_mail_device(args: argparse.Namespace) -> int:
         spec = fleet.device(args.name)
     except KeyError:
         raise FleetError(f"no device named {args.name!r} in the fleet") from None
-    device = MailDevice(spec, fleet.jid(spec.name), info.relay)
+    keys = Path(args.keys) if args.keys else Path(args.data) / KEYS_DIR
+    device = MailDevice(spec, fleet.jid(spec.name), info.relay, secret=load_secret(keys / f"{spec.name}.sec.asc"),
+                        keyring=provisioned_keys(keys), audience=ReportAudience.of(fleet, spec))
     try:
         for _ in range(args.count) if args.count else iter(int, 1):
             try:
-                report = await device.push_report()
-            except (smtplib.SMTPException, OSError) as exc:
+                if args.billing:
+                    sealed = await device.push_billing_report()
+                    print(f"{spec.name}: mailed {sealed.summary()}", flush=True)
+                else:
+                    report = await device.push_report()
+                    print(f"{spec.name}: mailed {report.status_text()}", flush=True)
+            except (smtplib.SMTPException, OSError, KeyUnavailable) as exc:
                 print(f"{spec.name}: relay refused or unreachable: {exc}", flush=True)
                 return 1
-            print(f"{spec.name}: mailed {report.status_text()}", flush=True)
             if args.count != 1:
                 await asyncio.sleep(args.every or spec.refresh_s)
     finally:
@@ -88,6 +104,8 @@ def register(sub: Any, operator_opts: Callable[[argparse.ArgumentParser], None],
     relay.add_argument("--smtp-port", type=int, help="SMTP port (default: as last time, or a free one)")
     relay.add_argument("--queue", help="queue database (default DATA/relay/queue.sqlite3)")
     relay.add_argument("--durable", action="store_true", help="fsync every stored mail (survives power loss)")
+    relay.add_argument("--certs", help="directory with the STARTTLS certificate (default: beside the grid's CA)")
+    relay.add_argument("--keys", help="the grid's key directory (default DATA/keys)")
     relay.set_defaults(run=cmd_relay)
 
     mail = sub.add_parser("mail-device", help="run a device that reaches the grid by SMTP only")
@@ -97,4 +115,7 @@ def register(sub: Any, operator_opts: Callable[[argparse.ArgumentParser], None],
     mail.add_argument("--fleet", help="fleet file (default: the copy in DATA)")
     mail.add_argument("--count", type=int, default=0, help="reports to send (0 = until stopped)")
     mail.add_argument("--every", type=float, default=0.0, help="seconds between reports (default: refresh_s)")
+    mail.add_argument("--keys", help="key directory holding NAME.sec.asc (default DATA/keys)")
+    mail.add_argument("--billing", action="store_true",
+                      help="mail encrypted billing reports (meters, master IEDs) instead of presence data")
     mail.set_defaults(run=cmd_mail_device)
