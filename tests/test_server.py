@@ -269,23 +269,41 @@ def test_lua_string_round_trips_through_lua(tmp_path: Path) -> None:
 
 
 async def test_bosh_answers_over_http_and_https(server: ProsodyServer) -> None:
+    """BOSH answers on both ports, but offers logins only over HTTPS."""
     body = (
         f"<body rid='1' to='{DOMAIN}' xml:lang='en' wait='10' hold='1' ver='1.6' xmpp:version='1.0' "
         "xmlns='http://jabber.org/protocol/httpbind' xmlns:xmpp='urn:xmpp:xbosh'/>"
     )
     tls = ssl.create_default_context(cafile=str(server.certs.ca))
-    urls = {
-        f"http://{server.connect_host}:{server.ports.http}/http-bind": None,
-        f"https://{DOMAIN}:{server.ports.https}/http-bind": tls,  # hostname checked against the cert
-    }
+    http = f"http://{server.connect_host}:{server.ports.http}/http-bind"
+    https = f"https://{DOMAIN}:{server.ports.https}/http-bind"  # hostname checked against the cert
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        for url, ctx in urls.items():
-            async with session.get(url, ssl=ctx if ctx else False) as response:
+        for url, ctx, offered in ((http, False, False), (https, tls, True)):
+            async with session.get(url, ssl=ctx) as response:
                 assert response.status == 200, url
-            async with session.post(url, data=body, ssl=ctx if ctx else False) as response:
+            async with session.post(url, data=body, ssl=ctx) as response:
                 text = await response.text()
                 assert response.status == 200, url
-                assert "sid=" in text and "SCRAM-SHA-1" in text, text  # session created, auth offered
+                assert "sid=" in text, text  # session created
+                assert ("SCRAM-SHA-1" in text) is offered and ("<mechanisms" in text) is offered, (url, text)
+
+
+async def test_sasl_plain_over_plain_http_bosh_is_refused(server: ProsodyServer) -> None:
+    """The server itself refuses a password on plain-HTTP BOSH (consider_bosh_secure = false),
+    whatever the client does: <auth/> gets <encryption-required/>, never <success/>."""
+    http = f"http://{server.connect_host}:{server.ports.http}/http-bind"
+    ns = "xmlns='http://jabber.org/protocol/httpbind' xmlns:xmpp='urn:xmpp:xbosh'"
+    create = f"<body rid='100' to='{DOMAIN}' wait='5' hold='1' ver='1.6' xmpp:version='1.0' {ns}/>"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+        async with session.post(http, data=create) as response:
+            text = await response.text()
+        sid = text.split("sid='", 1)[1].split("'", 1)[0] if "sid='" in text else text.split('sid="', 1)[1].split('"', 1)[0]
+        plain = base64.b64encode(b"\0alice\0" + ALICE.password.encode()).decode()
+        auth = (f"<body rid='101' sid='{sid}' {ns}><auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' "
+                f"mechanism='PLAIN'>{plain}</auth></body>")
+        async with session.post(http, data=auth) as response:
+            answer = await response.text()
+    assert "encryption-required" in answer and "<success" not in answer, answer
 
 
 # --- failures and ports ------------------------------------------------------------------------
