@@ -67,6 +67,10 @@ async def test_billing_and_operator_each_read_their_part_only(env: Env, alice: G
         branch = env.fleet.jid("branch-a")
         billing.request_report(branch)
         assert (await billing.inbox.wait(lambda d: d.device == branch, timeout=10)).customer is None
+        # A master IED meters its whole tree the same way.
+        alice.request_report("master")
+        tree = await alice.reports.wait(lambda d: d.device == env.fleet.jid("master"), timeout=10)
+        assert isinstance(tree, QualityData) and tree.load_pct >= 0
     finally:
         await close_session(acme)
 

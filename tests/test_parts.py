@@ -9,6 +9,7 @@ from xml.etree import ElementTree as ET
 import pytest
 
 from gridpresence.agents.reports import ReportAudience, ReportReader, seal_report
+from gridpresence.config import FleetError, parse_fleet
 from gridpresence.devices.metering import MeterRegisters, PeakHours
 from gridpresence.protocol.billing_report import (
     BillingData,
@@ -147,3 +148,13 @@ def test_envelope_errors_are_payload_errors() -> None:
                           "issued='2026-11-21T12:00:00Z'/>")
     with pytest.raises(PayloadError, match="parts"):
         billing_report_from_xml(empty)
+
+
+def test_fleet_names_customers_of_metering_devices_only() -> None:
+    base = {"operators": [{"name": "alice"}], "customers": [{"name": "acme"}]}
+    fleet = parse_fleet({**base, "devices": [{"name": "m", "kind": "meter", "rated_kw": 5, "customer": "acme"}]})
+    assert ReportAudience.of(fleet, fleet.device("m")).billing == ("acme@localhost",)
+    with pytest.raises(FleetError, match=r"devices\[0\].customer: no customer named 'acme2'"):
+        parse_fleet({**base, "devices": [{"name": "m", "kind": "meter", "rated_kw": 5, "customer": "acme2"}]})
+    with pytest.raises(FleetError, match="only a meter or a master IED has a customer"):
+        parse_fleet({**base, "devices": [{"name": "l", "kind": "load", "rated_kw": 5, "customer": "acme"}]})

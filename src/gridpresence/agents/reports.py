@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from slixmpp import ClientXMPP, Message
+from slixmpp import ClientXMPP
+from slixmpp.xmlstream import StanzaBase
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
@@ -183,7 +184,7 @@ class BillingReporter:
             log.info("%s: sent %s", self.agent.spec.name, report.summary())
             return report
 
-    def _on_request(self, msg: Message) -> None:
+    def _on_request(self, msg: StanzaBase) -> None:
         asker = msg["from"].bare
         if asker not in self.audience.everyone:
             err = self.agent.client.make_message(mto=msg["from"], mtype="error")
@@ -218,10 +219,10 @@ class ReportInbox:
         self._arrived = asyncio.Event()
         client.register_handler(Callback("billing report", StanzaPath("message/grid_billing_report"), self._on_report))
 
-    def _on_report(self, msg: Message) -> None:
+    def _on_report(self, msg: StanzaBase) -> None:
         asyncio.ensure_future(self._read(msg))
 
-    async def _read(self, msg: Message) -> None:
+    async def _read(self, msg: StanzaBase) -> None:
         sender = msg["from"].bare
         try:
             report = billing_report_from_xml(msg["grid_billing_report"].xml)

@@ -71,13 +71,12 @@ class MeterRegisters:
     def close(self, report: str, device: str, customer: str | None, now: dt.datetime,
               load_pct: float) -> tuple[BillingData, QualityData]:
         """The period's two parts; the next period starts now."""
-        n = self.samples
-        period = {"report": report, "device": device, "period_start": self.period_start, "period_end": now}
-        billing = BillingData(**period, customer=customer, register_kwh=round(self.register_kwh, 4),
+        n, start = self.samples, self.period_start
+        billing = BillingData(report=report, device=device, period_start=start, period_end=now, customer=customer, register_kwh=round(self.register_kwh, 4),
                               period_kwh=round(self.register_kwh - self.start_kwh, 4),
                               peak_kwh=round(self.peak_kwh, 4), off_peak_kwh=round(self.off_peak_kwh, 4),
                               max_demand_kw=round(self.max_kw, 3))
-        quality = QualityData(**period, voltage_v=round(self.v_sum / n if n else self.voltage_v, 2),
+        quality = QualityData(report=report, device=device, period_start=start, period_end=now, voltage_v=round(self.v_sum / n if n else self.voltage_v, 2),
                               voltage_min_v=round(self.v_min, 2), voltage_max_v=round(self.v_max, 2),
                               frequency_hz=round(self.frequency_hz, 3), power_factor=round(self.power_factor, 3),
                               thd_pct=round(self.thd_pct, 2),

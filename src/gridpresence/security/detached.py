@@ -4,7 +4,8 @@ from that device, although it cannot read (and must not need to read) what is in
 from __future__ import annotations
 
 from gridpresence.security.pgp import pgpy
-from pgpy.errors import PGPError
+
+PGPError = pgpy.errors.PGPError
 
 
 class SignatureRefused(Exception):

@@ -18,10 +18,9 @@ from gridpresence.protocol.codec import PayloadError
 from gridpresence.protocol.models import utcnow
 from gridpresence.protocol.openpgp import Signcrypt, signcrypt_from_bytes, signcrypt_to_bytes
 from gridpresence.security.pgp import pgpy
-from pgpy.constants import CompressionAlgorithm, SymmetricKeyAlgorithm
-from pgpy.errors import PGPDecryptionError, PGPError
 
-CIPHER = SymmetricKeyAlgorithm.AES256
+PGPError, PGPDecryptionError = pgpy.errors.PGPError, pgpy.errors.PGPDecryptionError
+CIPHER = pgpy.constants.SymmetricKeyAlgorithm.AES256
 # A part older than this, or this far in the future, is refused: an old report replayed as new,
 # or a sender whose clock is badly off (its readings' period would be wrong too).
 MAX_SKEW = dt.timedelta(days=1)
@@ -63,7 +62,7 @@ def seal(payload: ET.Element, signer: pgpy.PGPKey, recipients: Mapping[str, pgpy
     if not recipients:
         raise ValueError("a sealed part needs at least one recipient")
     content = Signcrypt(to=tuple(recipients), time=now or utcnow(), payload=payload)
-    message = pgpy.PGPMessage.new(signcrypt_to_bytes(content), compression=CompressionAlgorithm.Uncompressed)
+    message = pgpy.PGPMessage.new(signcrypt_to_bytes(content), compression=pgpy.constants.CompressionAlgorithm.Uncompressed)
     message |= signer.sign(message)
     session_key = CIPHER.gen_key()  # one session key, wrapped once per recipient
     for key in recipients.values():
