@@ -5,11 +5,12 @@ power-quality part, and nobody reads the other's."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from xml.etree import ElementTree as ET
 
 import pytest
-from conftest import Env
+from conftest import Env, run_cli
 from slixmpp import Message
 
 from gridpresence.agents.operator import GridOperator
@@ -118,3 +119,16 @@ async def test_forged_report_is_refused_with_a_reason(env: Env) -> None:
             outsider.del_event_handler("message_error", refused.put_nowait)
     finally:
         await bob.close()
+
+
+async def test_quality_cli_shows_the_operators_part(env: Env) -> None:
+    conn = ["--connection", str(env.grid.connection_file)]
+    code, out, err = await run_cli("quality", "meter-1", "branch-b", "--json", *conn)
+    assert code == 0, err
+    parts = [json.loads(line) for line in out.splitlines()]
+    assert [p["device"] for p in parts] == ["meter-1@localhost", "branch-b@localhost"]
+    assert all(45 < p["frequency_hz"] < 55 and "register_kwh" not in p for p in parts)
+    code, out, err = await run_cli("quality", "meter-1", *conn)
+    assert code == 0 and out.startswith("meter-1: ") and " Hz, PF " in out, err
+    code, _, err = await run_cli("quality", "hot-load", *conn)
+    assert code == 2 and "only meters and master IEDs send billing reports" in err
