@@ -86,6 +86,7 @@ async def test_mail_only_device_behind_firewall_reaches_operators(env: Env, tmp_
     data.mkdir()
     for name in ("connection.json", "secrets.json", "fleet.json"):
         shutil.copy(env.data / name, data / name)
+    shutil.copytree(env.data / "keys", data / "keys")  # the device signs its mail; the relay checks it
     relay = RelayProcess(data, tmp_path / "queue.sqlite3", free_port(net.host_ip), bind=net.host_ip)
     # Something else listening on the device's side of the host: the firewall must keep it out.
     other = socket.create_server((net.host_ip, 0))

@@ -32,6 +32,7 @@ from gridpresence.server import (
     port_is_free,
     provision,
 )
+from gridpresence.server.certs import cert_ips
 from gridpresence.server.prosody import TEMPLATE_PATH
 from gridpresence.server.provision import encode_name, lua_string
 
@@ -366,3 +367,13 @@ def test_port_helpers() -> None:
         squatter.bind(("127.0.0.1", port))
         squatter.listen(1)
         assert not port_is_free("127.0.0.1", port)
+
+
+def test_a_service_certificate_from_the_same_ca_names_its_address(tmp_path: Path) -> None:
+    server = ensure_certificates(tmp_path, DOMAIN)
+    relay = ensure_certificates(tmp_path, DOMAIN, cert_ips("10.99.0.1"), service="relay")
+    assert relay.ca == server.ca and relay.cert.name == "relay.pem" and relay.cert != server.cert
+    cert = x509.load_pem_x509_certificate(relay.cert.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "10.99.0.1"}
+    assert cert_ips("grid.example") == ["127.0.0.1"]

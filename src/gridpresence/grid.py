@@ -61,7 +61,7 @@ class Grid:
         if self.relay is None:
             return None
         return RelayEndpoint(jid=self.relay.jid, smtp_host=self.server.connect_host, smtp_port=self.relay.smtp_port,
-                             ca_file=self.server.certs.ca)
+                             ca_file=self.relay.certs.ca)
 
     @property
     def connection_file(self) -> Path:
@@ -94,7 +94,7 @@ class Grid:
         queue_path, _ = relay_files(self.data_dir)
         port = relay_port(self.data_dir, self._bind)
         self.relay = RelayService(self.fleet, self.endpoint, self.secrets.password(RELAY), queue_path,
-                                  tls=self.server.certs, keyring=provisioned_keys(self.keys.directory),
+                                  certs_dir=self.server.certs.ca.parent, keyring=provisioned_keys(self.keys.directory),
                                   smtp_host=self._bind, smtp_port=port)
         await self.relay.start()
 

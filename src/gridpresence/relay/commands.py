@@ -20,7 +20,6 @@ from gridpresence.relay.service import RelayService, relay_files, relay_port
 from gridpresence.security.bridge import provisioned_keys
 from gridpresence.security.keyring import KeyUnavailable
 from gridpresence.security.keys import KEYS_DIR, load_secret
-from gridpresence.server.certs import CertPaths
 from gridpresence.signals import stop_signal
 
 CONNECTION_FILE, SECRETS_FILE, FLEET_COPY = "connection.json", "secrets.json", "fleet.json"
@@ -46,17 +45,16 @@ async def cmd_relay(args: argparse.Namespace) -> int:
         raise SessionError(f"{data}: no relay account; run `gridpresence up --data {data}` once with this version")
     queue_path = Path(args.queue) if args.queue else relay_files(data)[0]
     port = relay_port(data, args.bind, args.smtp_port)
-    # STARTTLS with a certificate of the grid's CA: the server's own (it names the grid's host).
-    certs = CertPaths.in_directory(Path(args.certs) if args.certs else
-                                   (info.server.ca_file.parent if info.server.ca_file else data / "certs"))
-    relay = RelayService(fleet, info.server, secrets.password(RELAY), queue_path, tls=certs,
+    # The grid's CA issues the relay's STARTTLS certificate (kept beside it).
+    certs_dir = Path(args.certs) if args.certs else (info.server.ca_file.parent if info.server.ca_file else data / "certs")
+    relay = RelayService(fleet, info.server, secrets.password(RELAY), queue_path, certs_dir=certs_dir,
                          keyring=provisioned_keys(Path(args.keys) if args.keys else data / KEYS_DIR),
                          smtp_host=args.bind, smtp_port=port, durable=args.durable)
     stop = stop_signal()  # before start: a SIGTERM during start-up still stops cleanly
     await relay.start()
     try:
         publish_relay(data / CONNECTION_FILE, RelayEndpoint(jid=relay.jid, smtp_host=args.bind, smtp_port=relay.smtp_port,
-                                                            ca_file=certs.ca))
+                                                            ca_file=relay.certs.ca))
         counts = relay.queue.counts()
         print(f"relay up: SMTP {args.bind}:{relay.smtp_port}, XMPP {relay.jid}, queue {queue_path} "
               f"({counts.get('queued', 0)} queued)", flush=True)
@@ -104,7 +102,8 @@ def register(sub: Any, operator_opts: Callable[[argparse.ArgumentParser], None],
     relay.add_argument("--smtp-port", type=int, help="SMTP port (default: as last time, or a free one)")
     relay.add_argument("--queue", help="queue database (default DATA/relay/queue.sqlite3)")
     relay.add_argument("--durable", action="store_true", help="fsync every stored mail (survives power loss)")
-    relay.add_argument("--certs", help="directory with the STARTTLS certificate (default: beside the grid's CA)")
+    relay.add_argument("--certs", help="the grid's CA directory, where the relay's STARTTLS certificate is issued "
+                                       "(default: that of the CA file in the connection file)")
     relay.add_argument("--keys", help="the grid's key directory (default DATA/keys)")
     relay.set_defaults(run=cmd_relay)
 

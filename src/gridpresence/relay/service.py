@@ -42,7 +42,7 @@ from gridpresence.relay.queue import CommandQueue, QueuedCommand, State
 from gridpresence.protocol.billing_report import BillingReport
 from gridpresence.relay.smtp import Directory, RelayHandler, Stored, server_tls, smtp_factory
 from gridpresence.security.keyring import KeyLookup
-from gridpresence.server.certs import CertPaths
+from gridpresence.server.certs import cert_ips, ensure_certificates
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ ANSWER_MARGIN_S = 2.0
 class RelayService:
     """One relay for a fleet: ``await start()``, then it runs in the current event loop."""
 
-    def __init__(self, fleet: Fleet, endpoint: Endpoint, password: str, queue_path: Path, *, tls: CertPaths,
+    def __init__(self, fleet: Fleet, endpoint: Endpoint, password: str, queue_path: Path, *, certs_dir: Path,
                  keyring: KeyLookup, smtp_host: str = "127.0.0.1", smtp_port: int = 0, durable: bool = False) -> None:
         self.fleet = fleet
         self.endpoint = endpoint
@@ -68,7 +68,9 @@ class RelayService:
         readers = frozenset(fleet.jid(p.name) for p in (*fleet.billing, *fleet.customers))
         self.handler = RelayHandler(Directory(self.operators, self.devices, self.jid, readers), self.queue,
                                     self._on_stored, keyring)
-        self.tls = server_tls(tls.cert, tls.key)
+        # STARTTLS with a certificate of the grid's CA for the address the relay listens on.
+        self.certs = ensure_certificates(certs_dir, fleet.domain, cert_ips(smtp_host), service=RELAY)
+        self.tls = server_tls(self.certs.cert, self.certs.key)
         self.client.register_handler(Callback("relay outcome", StanzaPath("message/grid_outcome"), self._on_outcome))
         self._server: asyncio.AbstractServer | None = None
         self._online = False
