@@ -24,7 +24,7 @@ from gridpresence.protocol.billing_report import (
     billing_report_from_xml,
     billing_report_to_xml,
 )
-from gridpresence.security.bridge import provisioned_keys
+from gridpresence.security.commissioned import commissioned_keys
 from gridpresence.security.parts import NotForYou
 
 
@@ -36,7 +36,7 @@ async def test_billing_and_operator_each_read_their_part_only(env: Env, alice: G
     # The customer, acme, logs in like any XMPP client would, with its own key.
     acme_jid = env.fleet.jid("acme")
     acme = make_client(f"{acme_jid}/t", env.grid.secrets.password("acme"), env.grid.endpoint)
-    keyring = provisioned_keys(env.grid.keys.directory)
+    keyring = commissioned_keys(env.grid.keys.directory)
     acme_inbox = ReportInbox(acme, ReportReader(acme_jid, env.grid.keys.secret("acme"), keyring, PartName.BILLING))
     wire: list[BillingReport] = []
     acme.add_event_handler("message", lambda m: m.xml.find("{urn:gridpresence:0}billing-report") is not None

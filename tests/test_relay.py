@@ -29,7 +29,7 @@ from gridpresence.agents.reports import ReportReader
 from gridpresence.protocol.billing_report import PartName, billing_report_from_xml
 from gridpresence.relay.mail import MailTLSError, build_mail, open_smtp
 from gridpresence.relay.route import RelayRoute
-from gridpresence.security.bridge import provisioned_keys
+from gridpresence.security.commissioned import commissioned_keys
 from gridpresence.security.parts import NotForYou
 from gridpresence.server.certs import ensure_certificates
 from gridpresence.relay.mail_device import MailDevice
@@ -493,7 +493,7 @@ async def test_billing_report_by_mail_is_routed_sealed(env: Env, relay: RelayPro
     queue.close()
     assert "register-kwh" not in stored and "voltage" not in stored and repr(quality.voltage_v) not in stored
     report = billing_report_from_xml(ET.fromstring(stored))
-    keyring = provisioned_keys(relay.data / "keys")
+    keyring = commissioned_keys(relay.data / "keys")
     for part in PartName:
         with pytest.raises(NotForYou):
             await ReportReader("relay@localhost", env.grid.keys.secret("relay"), keyring, part).read(report)

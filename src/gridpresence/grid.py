@@ -15,7 +15,7 @@ from gridpresence.agents.fleet import FleetBots
 from gridpresence.agents.session import Account, ConnectionInfo, Endpoint, RelayEndpoint
 from gridpresence.config import Fleet
 from gridpresence.relay.service import RelayService, relay_files, relay_port
-from gridpresence.security.bridge import provisioned_keys
+from gridpresence.security.commissioned import commissioned_keys
 from gridpresence.security.keys import KEYS_DIR, KeyStore
 from gridpresence.server import ProsodyServer, ServerPorts, provision
 
@@ -83,7 +83,7 @@ class Grid:
             self._write_connection()
             if self._want_bots:
                 self.bots = FleetBots(self.fleet, self.endpoint, self.secrets, only=self._only, tick_s=self._tick_s,
-                                      keys=self.keys, keyring=provisioned_keys(self.keys.directory))
+                                      keys=self.keys, keyring=commissioned_keys(self.keys.directory))
                 await self.bots.start()
         except BaseException:
             await self.stop()
@@ -94,7 +94,7 @@ class Grid:
         queue_path, _ = relay_files(self.data_dir)
         port = relay_port(self.data_dir, self._bind)
         self.relay = RelayService(self.fleet, self.endpoint, self.secrets.password(RELAY), queue_path,
-                                  certs_dir=self.server.certs.ca.parent, keyring=provisioned_keys(self.keys.directory),
+                                  certs_dir=self.server.certs.ca.parent, keyring=commissioned_keys(self.keys.directory),
                                   smtp_host=self._bind, smtp_port=port)
         await self.relay.start()
 

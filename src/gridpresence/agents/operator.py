@@ -47,7 +47,7 @@ from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus
 from gridpresence.relay.route import FINAL_MARGIN_S, RelayRoute
 from gridpresence.protocol.billing_report import PartName, QualityData
 from gridpresence.protocol.addressing import origin_of
-from gridpresence.security.bridge import provisioned_keys
+from gridpresence.security.commissioned import commissioned_keys
 from gridpresence.security.keyring import KeyLookup
 from gridpresence.security.keys import load_secret
 from gridpresence.security.pgp import pgpy
@@ -109,7 +109,7 @@ class GridOperator:
     def from_connection(cls, info: ConnectionInfo, operator: str | None = None, resource: str | None = None) -> GridOperator:
         acc = info.operator(operator)
         secret = load_secret(Path(acc.key_file)) if acc.key_file else None
-        keyring = provisioned_keys(Path(acc.key_file).parent) if acc.key_file else None
+        keyring = commissioned_keys(Path(acc.key_file).parent) if acc.key_file else None
         return cls(acc.jid, acc.password, info.server, watchdog=info.watchdog, grace_s=info.presence_grace_s,
                    resource=resource, relay=info.relay, secret=secret, keyring=keyring)
 

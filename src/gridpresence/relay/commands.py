@@ -17,7 +17,7 @@ from gridpresence.agents.session import ConnectionInfo, RelayEndpoint, SessionEr
 from gridpresence.config import FleetError, load_fleet
 from gridpresence.relay.mail_device import MailDevice
 from gridpresence.relay.service import RelayService, relay_files, relay_port
-from gridpresence.security.bridge import provisioned_keys
+from gridpresence.security.commissioned import commissioned_keys
 from gridpresence.security.keyring import KeyUnavailable
 from gridpresence.security.keys import KEYS_DIR, load_secret
 from gridpresence.signals import stop_signal
@@ -48,7 +48,7 @@ async def cmd_relay(args: argparse.Namespace) -> int:
     # The grid's CA issues the relay's STARTTLS certificate (kept beside it).
     certs_dir = Path(args.certs) if args.certs else (info.server.ca_file.parent if info.server.ca_file else data / "certs")
     relay = RelayService(fleet, info.server, secrets.password(RELAY), queue_path, certs_dir=certs_dir,
-                         keyring=provisioned_keys(Path(args.keys) if args.keys else data / KEYS_DIR),
+                         keyring=commissioned_keys(Path(args.keys) if args.keys else data / KEYS_DIR),
                          smtp_host=args.bind, smtp_port=port, durable=args.durable)
     stop = stop_signal()  # before start: a SIGTERM during start-up still stops cleanly
     await relay.start()
@@ -75,7 +75,7 @@ async def cmd_mail_device(args: argparse.Namespace) -> int:
         raise FleetError(f"no device named {args.name!r} in the fleet") from None
     keys = Path(args.keys) if args.keys else Path(args.data) / KEYS_DIR
     device = MailDevice(spec, fleet.jid(spec.name), info.relay, secret=load_secret(keys / f"{spec.name}.sec.asc"),
-                        keyring=provisioned_keys(keys), audience=ReportAudience.of(fleet, spec))
+                        keyring=commissioned_keys(keys), audience=ReportAudience.of(fleet, spec))
     try:
         for _ in range(args.count) if args.count else iter(int, 1):
             try:
