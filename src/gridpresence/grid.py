@@ -83,7 +83,7 @@ class Grid:
             self._write_connection()
             if self._want_bots:
                 self.bots = FleetBots(self.fleet, self.endpoint, self.secrets, only=self._only, tick_s=self._tick_s,
-                                      keys=self.keys, keyring=commissioned_keys(self.keys.directory))
+                                      data_dir=self.data_dir)
                 await self.bots.start()
         except BaseException:
             await self.stop()

@@ -1,19 +1,25 @@
 """The billing party ([00142], [0093]): sends its tariff, or a real-time price, to the
-utility's operators whenever they are present, and reads the billing part of the meters'
-encrypted billing reports ([0085]) — never their power-quality part."""
+utility's operators whenever they are present, and to the devices, which rank their faults by
+cost per day at that price. It reads the billing part of the meters' encrypted billing reports
+([0085]), never their power-quality part.
+
+Devices get it as a message to their bare JID, when billing comes online and at every change:
+the server holds it for a device that is offline (mod_offline) and hands it over when the device
+logs in. Billing does not follow the devices' presence: that would copy all of the grid's
+presence traffic to billing just to learn when to send a rare price change."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from slixmpp import JID, Presence
+from slixmpp import JID, Message, Presence
 
 from gridpresence.agents.reports import ReportInbox, ReportReader, request_report
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
 from gridpresence.config import BillingSpec
-from gridpresence.protocol.codec import tariff_to_xml
 from gridpresence.protocol.billing_report import BillingData, PartName
+from gridpresence.protocol.codec import PayloadError, tariff_from_xml, tariff_to_xml
 from gridpresence.protocol.models import Tariff, TariffPeriod
 from gridpresence.security.keyring import KeyLookup
 from gridpresence.security.pgp import pgpy
@@ -29,23 +35,48 @@ def tariff_from_spec(spec: BillingSpec) -> Tariff:
     return Tariff(supplier=spec.supplier, currency=spec.currency, periods=(peak, off))
 
 
+class TariffRefused(ValueError):
+    """A ``<tariff>`` that is not taken; `condition` is the stanza error the sender gets."""
+
+    def __init__(self, condition: str, text: str) -> None:
+        super().__init__(text)
+        self.condition = condition
+
+
+def tariff_from_billing(msg: Message, is_billing: Callable[[str], bool]) -> Tariff:
+    """The one gate for a price message, on every receiving side: a billing party's, and valid.
+    (A signature check belongs here too: it then covers operators and devices alike.)"""
+    sender = msg["from"].bare
+    if not is_billing(sender):
+        raise TariffRefused("not-authorized", f"{sender} is not a billing party; only the billing party sets prices")
+    try:
+        return tariff_from_xml(msg["grid_tariff"].xml)
+    except PayloadError as exc:
+        raise TariffRefused("bad-request", str(exc)) from None
+
+
 class BillingAgent:
     def __init__(self, spec: BillingSpec, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str],
-                 *, secret: pgpy.PGPKey | None = None, keyring: KeyLookup | None = None,
-                 relays: Iterable[str] = ()) -> None:
+                 devices: Iterable[str] = (), *, secret: pgpy.PGPKey | None = None,
+                 keyring: KeyLookup | None = None, relays: Iterable[str] = ()) -> None:
         self.spec = spec
         self.endpoint = endpoint
         self.operators = frozenset(JID(j).bare for j in operators)
+        self.devices = tuple(sorted({JID(j).bare for j in devices}))
         self.tariff = tariff_from_spec(spec)
         self.client = make_client(jid, password, endpoint)
         self._present: set[str] = set()  # operators' full JIDs that have our current tariff
         self.client.add_event_handler("presence", self._on_presence)
-        self.client.add_event_handler("session_start", lambda _e: self.client.send_presence(pstatus="billing"))
+        self.client.add_event_handler("session_start", self._on_session_start)
         # Billing reports: without our secret key and others' public keys we cannot read them.
         self.inbox: ReportInbox | None = None
         if secret is not None and keyring is not None:
             reader = ReportReader(JID(jid).bare, secret, keyring, PartName.BILLING)
             self.inbox = ReportInbox(self.client, reader, relays)
+
+    def _on_session_start(self, _event: object) -> None:
+        self.client.send_presence(pstatus="billing")
+        self._send_devices()
 
     @property
     def reports(self) -> list[BillingData]:
@@ -80,11 +111,16 @@ class BillingAgent:
         msg.append(tariff_to_xml(self.tariff))
         msg.send()
 
+    def _send_devices(self) -> None:
+        for bare in self.devices:  # held by the server for a device that is offline
+            self._send(bare)
+
     def publish(self, tariff: Tariff) -> None:
-        """Replace the tariff and send it to every operator present now."""
+        """Replace the tariff and send it to every operator present now and to every device."""
         self.tariff = tariff
         for full in sorted(self._present):
             self._send(full)
+        self._send_devices()
 
     def set_price(self, price_per_kwh: float) -> Tariff:
         """A real-time price, valid all day until replaced."""

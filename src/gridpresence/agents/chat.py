@@ -20,6 +20,7 @@ from slixmpp import JID, Message
 
 from gridpresence import roles
 from gridpresence.agents.alarms import TITLES
+from gridpresence.protocol.codec import q
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, PresenceReport, RejectReason, utcnow
 
 if TYPE_CHECKING:
@@ -120,6 +121,8 @@ class ChatDesk:
     def _on_message(self, msg: Message) -> None:
         if msg["type"] not in ("chat", "normal") or not msg["body"] or msg["from"].bare == self.agent.jid:
             return
+        if msg.xml.find(q("tariff")) is not None:
+            return  # a price (its body is a note for people): the device's PriceFeed takes it
         try:
             answer = self.answer(msg["from"], msg["body"], msg["id"] or "")
         except Exception:  # nothing a person types may end the bot

@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable
+from pathlib import Path
 
 from pydantic import ValidationError
 from slixmpp import JID, Message, Presence
@@ -19,9 +20,11 @@ from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.agents.adhoc import enable_standard_features
 from gridpresence.agents.alarms import AlarmDesk
+from gridpresence.agents.price_feed import PriceFeed
 from gridpresence.agents.verdicts import VerdictDesk
 from gridpresence.agents.chat import ChatDesk
 from gridpresence.agents.firmware import FirmwareDesk
+from gridpresence.agents.folding import BranchFold
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
 from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.config import DeviceSpec
@@ -39,13 +42,16 @@ from gridpresence.protocol.models import (
     Command,
     DeviceKind,
     DeviceState,
+    FaultRef,
     Outcome,
     OutcomeStatus,
     PresenceReport,
     RejectReason,
+    Tariff,
     Telemetry,
     utcnow,
 )
+from gridpresence.rules.model import RuleSet
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +89,11 @@ class DeviceAgent:
         relays: Iterable[str] = (),
         alarms: AlarmSettings | None = None,
         services: Iterable[str] = (),
+        rules: RuleSet | None = None,
+        billing: Iterable[str] = (),
+        tariff: Tariff | None = None,
+        audit: Path | None = None,
+        parent: str | None = None,
     ) -> None:
         self.spec = spec
         self.endpoint = endpoint
@@ -110,7 +121,14 @@ class DeviceAgent:
             self.client.add_event_handler("presence", self._on_child_presence)
         self.client.add_event_handler("disconnected", self._on_disconnected)
         self.client.add_event_handler("session_start", self._on_session_start)
-        self.alarms = AlarmDesk(self, duty, alarms or AlarmSettings())
+        self.alarms = AlarmDesk(self, duty, alarms or AlarmSettings(), rules, audit)
+        # Faults are ranked at the billing party's price, as it sends it ([00142]).
+        self.prices = PriceFeed(self, billing, tariff)
+        if self.prices.billing:  # no billing party: no price, nothing is ranked
+            self.alarms.price = self.prices.price
+        # Faults under a branch in fault go out in the branch's alarm (agents/folding.py says why here).
+        self.fold = BranchFold(self, parent)
+        self.alarms.fold = self.fold
         self.chat = ChatDesk(self)
         enable_standard_features(self)
         self.verdicts = VerdictDesk(self)
@@ -163,6 +181,8 @@ class DeviceAgent:
                 self.sim.tick(utcnow())
                 refresh_due = loop.time() - self._published_at >= self.spec.refresh_s
                 self.alarms.check(self.publish(force=refresh_due))
+                if self._published is not None and self._published.faults != self._faults():
+                    self.publish(force=False)  # parent and children learn of a fault now, not at the next refresh
             except Exception:  # one bad tick must not end the device
                 log.exception("%s: tick failed", self.spec.name)
 
@@ -179,7 +199,12 @@ class DeviceAgent:
             refresh_s=self.spec.refresh_s,
             seq=self._seq,
             transport=self.client.transport_name,
+            faults=self._faults() if state is None else (),
+            under_fault=True if state is None and self.fold.parent_in_fault else None,
         )
+
+    def _faults(self) -> tuple[FaultRef, ...]:
+        return self.fold.presence_faults(self.alarms.own_faults)
 
     def current_report(self) -> PresenceReport | None:
         """The device's state as a validated report, or None (logged) if the physics is off."""
@@ -191,7 +216,8 @@ class DeviceAgent:
 
     def _changed(self, report: PresenceReport) -> bool:
         old = self._published
-        if old is None or old.state != report.state or old.restriction != report.restriction:
+        if (old is None or old.state != report.state or old.restriction != report.restriction
+                or old.faults != report.faults or old.under_fault != report.under_fault):
             return True
         a, b = old.telemetry, report.telemetry
         if a.breaker != b.breaker:
@@ -215,7 +241,7 @@ class DeviceAgent:
         sender = pres["from"].bare
         if sender not in self.children:
             return
-        kw = 0.0
+        kw, child = 0.0, None
         if pres["type"] != "unavailable" and pres.xml.find(q("device")) is not None:
             try:
                 child = report_from_xml(pres["grid_device"].xml)
@@ -224,6 +250,8 @@ class DeviceAgent:
                 return
             kw = branch_contribution(child)
         self.sim.branch_kw[sender] = kw
+        if self.fold.child(sender, child):
+            self.alarms.below_changed()
         self.publish(force=False)
 
     # -- commands ---------------------------------------------------------------------

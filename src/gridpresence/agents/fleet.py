@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 from collections.abc import Collection
+from pathlib import Path
 from typing import Protocol
 
 from gridpresence.accounts import CONSOLE, RELAY, WATCHDOG, Secrets
@@ -22,8 +23,10 @@ from gridpresence.agents.session import Endpoint
 from gridpresence.agents.watchdog import WatchdogAgent
 from gridpresence.config import Fleet
 from gridpresence.protocol.models import DeviceKind
-from gridpresence.security.keyring import KeyLookup
-from gridpresence.security.keys import KeyStore
+from gridpresence.rules.audit_log import audit_path
+from gridpresence.rules.model import rules_for
+from gridpresence.security.commissioned import commissioned_keys
+from gridpresence.security.keys import KEYS_DIR, KeyStore
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +39,36 @@ class Bot(Protocol):
 
 
 class FleetBots:
-    """The bots of a fleet. `only` limits them to some names (e.g. to run one device apart)."""
+    """The bots of a fleet. `only` limits them to some names (e.g. to run one device apart);
+    `data_dir` is where devices keep their threshold audit and every party its OpenPGP key."""
 
     def __init__(self, fleet: Fleet, endpoint: Endpoint, secrets: Secrets, only: Collection[str] | None = None,
-                 tick_s: float = 1.0, with_services: bool = True, keys: KeyStore | None = None,
-                 keyring: KeyLookup | None = None) -> None:
+                 tick_s: float = 1.0, with_services: bool = True, data_dir: Path | None = None) -> None:
         self.fleet = fleet
         operators = [fleet.jid(o.name) for o in fleet.operators]
         wanted = set(only) if only is not None else None
+        keys = KeyStore(data_dir / KEYS_DIR) if data_dir is not None else None
+        keyring = commissioned_keys(keys.directory) if keys is not None else None  # TEMPORARY until PEP keys
         self.devices: dict[str, DeviceAgent] = {}
         self.advisors: dict[str, BranchAdvisor] = {}  # master IEDs' branch watch, by name
         self.billing: dict[str, BillingAgent] = {}
         self.reporters: dict[str, BillingReporter] = {}  # metering devices' billing reports, by name
         self.watchdog: WatchdogAgent | None = None
         self.console: ConsoleAgent | None = None
+        # One rule set, loaded once, shared by every device.
+        self.rules = rules_for(fleet.rules.path if fleet.rules else None, fleet.alarms)
+        # Devices rank faults at the billing party's price: its fleet-file tariff until it sends one.
+        billing = [fleet.jid(b.name) for b in fleet.billing]
+        tariff = tariff_from_spec(fleet.billing[0]) if fleet.billing else None
         for dev in fleet.devices:
             if wanted is None or dev.name in wanted:
                 children = [fleet.jid(c.name) for c in fleet.children(dev.name)]
                 self.devices[dev.name] = DeviceAgent(dev, fleet.jid(dev.name), secrets.password(dev.name), endpoint,
                                                      operators, children, tick_s=tick_s, relays=[fleet.jid(RELAY)],
-                                                     alarms=fleet.alarms, services=[fleet.jid(CONSOLE)])
-                if fleet.billing:  # alarms are ranked at the billing party's tariff
-                    self.devices[dev.name].alarms.price = tariff_from_spec(fleet.billing[0]).price_at
+                                                     alarms=fleet.alarms, services=[fleet.jid(CONSOLE)],
+                                                     rules=self.rules, billing=billing, tariff=tariff,
+                                                     audit=audit_path(data_dir, dev.name) if data_dir else None,
+                                                     parent=fleet.jid(dev.parent) if dev.parent else None)
                 if dev.kind is DeviceKind.MASTER:
                     self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
                 if dev.kind in METERING_KINDS and keys is not None and keyring is not None:
@@ -67,6 +78,7 @@ class FleetBots:
             if wanted is None or bill.name in wanted:
                 self.billing[bill.name] = BillingAgent(
                     bill, fleet.jid(bill.name), secrets.password(bill.name), endpoint, operators,
+                    [fleet.jid(d.name) for d in fleet.devices],
                     secret=keys.secret(bill.name) if keys is not None else None, keyring=keyring,
                     relays=[fleet.jid(RELAY)])
         if with_services and (wanted is None or WATCHDOG in wanted):

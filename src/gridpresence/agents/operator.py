@@ -23,6 +23,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence import roles
+from gridpresence.agents.billing import TariffRefused, tariff_from_billing
 from gridpresence.agents.reports import ReportInbox, ReportReader, request_report
 from gridpresence.agents.session import (
     ConnectionInfo,
@@ -40,7 +41,6 @@ from gridpresence.protocol.codec import (
     outcome_from_xml,
     q,
     report_from_xml,
-    tariff_from_xml,
 )
 from gridpresence.protocol.alarm import Alarm, alarm_from_xml
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
@@ -352,19 +352,37 @@ class GridOperator:
                 yield self.alarms[seen - 1]
             await self._changed.wait()
 
+    # -- chat -------------------------------------------------------------------------
+
+    async def ask(self, name: str, text: str, timeout: float = 10.0) -> str:
+        """Say one chat line to a device (as a person would) and return its reply."""
+        jid = self.device(name).jid
+        reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def on_message(msg: Message) -> None:
+            if (msg["type"] == "chat" and msg["from"].bare == jid and msg["body"] and not reply.done()
+                    and msg.xml.find(q("alarm")) is None):
+                reply.set_result(msg["body"])
+
+        self.client.add_event_handler("message", on_message)
+        try:
+            self.client.make_message(mto=jid, mbody=text, mtype="chat").send()
+            return await asyncio.wait_for(reply, timeout)
+        finally:
+            self.client.del_event_handler("message", on_message)
+
     # -- tariffs ----------------------------------------------------------------------
 
     def _on_tariff(self, msg: Message) -> None:
-        sender = msg["from"].bare
-        if roles.BILLING not in self.client.client_roster[sender]["groups"]:
-            log.warning("tariff from %s ignored: not a billing party", sender)
-            return
         try:
-            self.tariff = tariff_from_xml(msg["grid_tariff"].xml)
-        except PayloadError as exc:
-            log.warning("dropped invalid tariff from %s: %s", sender, exc)
+            self.tariff = tariff_from_billing(msg, self._is_billing)
+        except TariffRefused as exc:
+            log.warning("tariff from %s ignored: %s", msg["from"], exc)
             return
         self._bump()
+
+    def _is_billing(self, jid: str) -> bool:
+        return jid in self.client.client_roster and roles.BILLING in self.client.client_roster[jid]["groups"]
 
     async def wait_tariff(self, timeout: float) -> Tariff:
         async with asyncio.timeout(timeout):

@@ -108,6 +108,17 @@ class Restriction(_Model):
         return value
 
 
+MAX_FAULTS = 64
+
+
+class FaultRef(_Model):
+    """A fault named in a device's presence: its own (no `device`), or one of a device below it
+    folded into it because the device is in fault itself (a branch alarm names what it folds)."""
+
+    kind: str = Field(pattern=r"^[a-z][a-z-]{0,47}$")  # the alarm kind (protocol.alarm.AlarmKind)
+    device: str | None = Field(default=None, min_length=3, max_length=300)
+
+
 class PresenceReport(_Model):
     """The typed extension carried in a device's presence."""
 
@@ -121,6 +132,20 @@ class PresenceReport(_Model):
     at: AwareDatetime = Field(default_factory=utcnow)
     # How the device reaches the server: the XMPP port, or BOSH through a web-only firewall.
     transport: Literal["tcp", "bosh"] | None = None
+    # Faults active now (own first, then those folded into them); empty on a healthy device.
+    faults: tuple[FaultRef, ...] = Field(default=(), max_length=MAX_FAULTS)
+    # A branch above is in fault: faults here and below are folded into its alarm (None: not).
+    under_fault: bool | None = None
+
+    @property
+    def in_fault(self) -> bool:
+        """The device itself has a fault (not only ones folded into it)."""
+        return any(f.device is None for f in self.faults)
+
+    @property
+    def folds_below(self) -> bool:
+        """Faults of the devices below this one are folded: it, or a branch above it, is in fault."""
+        return self.in_fault or bool(self.under_fault)
 
     @model_validator(mode="after")
     def _restriction_iff_restricted(self) -> PresenceReport:
