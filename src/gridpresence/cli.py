@@ -191,20 +191,17 @@ async def cmd_quality(args: argparse.Namespace) -> int:
     async def body(grid: GridOperator) -> int:
         if grid.reports is None:
             raise CliError("this operator has no OpenPGP key file in the connection file; cannot read reports")
-        jids = {}
         for name in args.devices:  # unknown names and devices that meter nothing fail first
             view = grid.device(name)
             if view.kind not in METERING_KINDS:
                 raise CliError(f"{name} is a {view.kind.value if view.kind else 'device'}: "
                                "only meters and master IEDs send billing reports")
-            jids[name] = view.jid
         for name in args.devices:
             grid.request_report(name)
         failed = 0
-        for name, jid in jids.items():
+        for name in args.devices:
             try:
-                q = await grid.reports.wait(lambda d, jid=jid: d.device == jid and d.period_end >= started,
-                                            timeout=args.timeout)
+                q = await grid.wait_quality(name, since=started, timeout=args.timeout)
             except TimeoutError:
                 print(f"{name}: no billing report within {args.timeout:g} s", flush=True)
                 failed += 1

@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
@@ -45,7 +46,7 @@ from gridpresence.protocol.codec import (
 from gridpresence.protocol.alarm import Alarm, alarm_from_xml
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
 from gridpresence.relay.route import FINAL_MARGIN_S, RelayRoute
-from gridpresence.protocol.billing_report import PartName, QualityData
+from gridpresence.protocol.billing_report import PartData, PartName, QualityData
 from gridpresence.protocol.addressing import origin_of
 from gridpresence.security.commissioned import commissioned_keys
 from gridpresence.security.keyring import KeyLookup
@@ -121,6 +122,19 @@ class GridOperator:
     def request_report(self, device: str) -> None:
         """Ask a meter or master IED (by name) for its billing report now."""
         request_report(self.client, self.device(device).jid)
+
+    async def wait_quality(self, device: str, since: dt.datetime | None = None, timeout: float = 10.0) -> QualityData:
+        """The power-quality part of `device`'s next report (one ending at or after `since`)."""
+        if self.reports is None:
+            raise RuntimeError("this operator has no OpenPGP key: it cannot read billing reports")
+        jid = self.device(device).jid
+
+        def wanted(data: PartData) -> bool:
+            return isinstance(data, QualityData) and data.device == jid and (since is None or data.period_end >= since)
+
+        found = await self.reports.wait(wanted, timeout)
+        assert isinstance(found, QualityData)
+        return found
 
     @property
     def jid(self) -> str:
