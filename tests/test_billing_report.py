@@ -24,7 +24,7 @@ from gridpresence.protocol.billing_report import (
     billing_report_from_xml,
     billing_report_to_xml,
 )
-from gridpresence.security.commissioned import commissioned_keys
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.security.parts import NotForYou
 
 
@@ -33,15 +33,17 @@ async def test_billing_and_operator_each_read_their_part_only(env: Env, alice: G
     assert bots is not None
     billing = bots.billing["billing"]
     assert billing.inbox is not None and alice.reports is not None
-    # The customer, acme, logs in like any XMPP client would, with its own key.
+    # The customer, acme, logs in like an OX-capable chat client would: it announces its key over
+    # PEP (XEP-0373), so the meter can encrypt to it, and finds the meter's key there.
     acme_jid = env.fleet.jid("acme")
-    acme = make_client(f"{acme_jid}/t", env.grid.secrets.password("acme"), env.grid.endpoint)
-    keyring = commissioned_keys(env.grid.keys.directory)
+    acme = make_client(f"{acme_jid}/t", env.grid.secrets.password("acme"), env.grid.endpoint, plugins=("xep_0060",))
+    keyring = PepKeyring(acme, PartyKeys.in_data_dir(env.data, "acme"))
     acme_inbox = ReportInbox(acme, ReportReader(acme_jid, env.grid.keys.secret("acme"), keyring, PartName.BILLING))
     wire: list[BillingReport] = []
     acme.add_event_handler("message", lambda m: m.xml.find("{urn:gridpresence:0}billing-report") is not None
                            and wire.append(billing_report_from_xml(m["grid_billing_report"].xml)))
     await open_session(acme, env.grid.endpoint)
+    assert await keyring.announced()
     acme.send_presence()
     try:
         meter = env.fleet.jid("meter-1")

@@ -24,9 +24,8 @@ from gridpresence.protocol.billing_report import (
 from gridpresence.protocol.codec import PayloadError
 from gridpresence.protocol.models import utcnow
 from gridpresence.protocol.openpgp import openpgp_from_xml
-from gridpresence.security.commissioned import FirstOf
-from gridpresence.security.keyring import KeyChanged, KeyUnavailable, StaticKeys
-from gridpresence.security.keys import fingerprint, generate
+from gridpresence.security.keyring import StaticKeys
+from gridpresence.security.keys import generate
 from gridpresence.security.parts import BadPart, NotForYou, PartProblem, seal, unseal
 from gridpresence.security.pgp import pgpy
 
@@ -160,18 +159,3 @@ def test_fleet_names_customers_of_metering_devices_only() -> None:
     with pytest.raises(FleetError, match="only a meter or a master IED has a customer"):
         parse_fleet({**base, "devices": [{"name": "l", "kind": "load", "rated_kw": 5, "customer": "acme"}]})
 
-
-async def test_commissioned_keys_stand_in_only_where_pep_has_none() -> None:
-    class Pep(StaticKeys):
-        async def key_for(self, jid: str, timeout: float = 5.0) -> pgpy.PGPKey:
-            if jid == BOB:
-                raise KeyChanged(BOB, "OLD", "NEW")
-            return await super().key_for(jid, timeout)
-
-    chain = FirstOf(Pep({ALICE: KEYS[ALICE]}), StaticKeys({METER: KEYS[METER], BOB: KEYS[BOB]}))
-    assert fingerprint(await chain.key_for(ALICE)) == fingerprint(KEYS[ALICE])
-    assert fingerprint(await chain.key_for(METER)) == fingerprint(KEYS[METER])  # never announced over PEP
-    with pytest.raises(KeyChanged):  # a changed key is refused, not replaced by the commissioned one
-        await chain.key_for(BOB)
-    with pytest.raises(KeyUnavailable, match="not in this key set"):
-        await chain.key_for(RELAY)

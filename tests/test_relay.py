@@ -25,11 +25,12 @@ from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.session import ConnectionInfo, tls_context
 from gridpresence.protocol.models import Action, Command, DeviceState, Outcome, OutcomeStatus, RejectReason
 from gridpresence.protocol.codec import outcome_to_xml
-from gridpresence.agents.reports import ReportReader
+from gridpresence.agents.reports import ReportAudience, ReportReader
 from gridpresence.protocol.billing_report import PartName, billing_report_from_xml
 from gridpresence.relay.mail import MailTLSError, build_mail, open_smtp
 from gridpresence.relay.route import RelayRoute
-from gridpresence.security.commissioned import commissioned_keys
+from gridpresence.relay.commissioning import commission
+from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.security.parts import NotForYou
 from gridpresence.server.certs import ensure_certificates
 from gridpresence.relay.mail_device import MailDevice
@@ -68,9 +69,26 @@ class RelayProcess:
             await asyncio.wait_for(self.proc.wait(), 20)
 
 
-@pytest.fixture
-def grid_dir(env: Env, tmp_path: Path) -> Path:
-    """A copy of the grid's connection, secrets and fleet, so each relay has its own files."""
+_commissioned: set[str] = set()
+
+
+async def commission_once(env: Env, name: str) -> None:
+    """A mail-only device is commissioned once: its key announced over PEP, its readers' keys kept."""
+    if name in _commissioned:
+        return
+    spec = env.fleet.device(name)
+    async with env.operator("alice", resource=f"announce-{os.urandom(3).hex()}"):
+        pass  # alice has announced her key over PEP: the device can seal the power-quality part to her
+    found = await commission(name, env.fleet.jid(name), env.grid.secrets.password(name), env.grid.endpoint,
+                             PartyKeys.in_data_dir(env.data, name), ReportAudience.of(env.fleet, spec).everyone)
+    assert {"billing@localhost", "alice@localhost"} <= set(found)
+    _commissioned.add(name)
+
+
+@pytest_asyncio.fixture
+async def grid_dir(env: Env, tmp_path: Path) -> Path:
+    """A copy of the grid's connection, secrets, fleet and keys, so each relay has its own files."""
+    await commission_once(env, "mailer-1")
     data = tmp_path / "grid"
     data.mkdir()
     for name in COPIED:
@@ -477,6 +495,14 @@ async def test_billing_report_by_mail_is_routed_sealed(env: Env, relay: RelayPro
     bots = env.grid.bots
     assert bots is not None and bots.billing["billing"].inbox is not None
     billing = bots.billing["billing"]
+    readers = relay.data / "keys" / "mailer-1.readers.json"
+    readers.unlink()
+    code, _, err = await run_cli("mail-device", "mailer-1", "--data", str(relay.data), "--count", "1", "--billing")
+    assert code == 2 and "mailer-1 was not commissioned" in err
+    # Commissioning, where XMPP is reachable: the key goes out over PEP, the readers' keys come back.
+    code, out, err = await run_cli("mail-device", "mailer-1", "--data", str(relay.data), "--commission")
+    assert code == 0 and "key announced over PEP" in out and "billing@localhost" in out, err
+    assert readers.exists()
     async with operator(relay.data, "alice") as alice:
         assert alice.reports is not None
         code, out, err = await run_cli("mail-device", "mailer-1", "--data", str(relay.data), "--count", "1",
@@ -493,7 +519,6 @@ async def test_billing_report_by_mail_is_routed_sealed(env: Env, relay: RelayPro
     queue.close()
     assert "register-kwh" not in stored and "voltage" not in stored and repr(quality.voltage_v) not in stored
     report = billing_report_from_xml(ET.fromstring(stored))
-    keyring = commissioned_keys(relay.data / "keys")
     for part in PartName:
         with pytest.raises(NotForYou):
-            await ReportReader("relay@localhost", env.grid.keys.secret("relay"), keyring, part).read(report)
+            await ReportReader("relay@localhost", env.grid.keys.secret("relay"), alice.keyring, part).read(report)

@@ -15,8 +15,8 @@ from gridpresence.agents.fleet import FleetBots
 from gridpresence.agents.session import Account, ConnectionInfo, Endpoint, RelayEndpoint
 from gridpresence.config import Fleet
 from gridpresence.relay.service import RelayService, relay_files, relay_port
-from gridpresence.security.commissioned import commissioned_keys
 from gridpresence.security.keys import KEYS_DIR, KeyStore
+from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.server import ProsodyServer, ServerPorts, provision
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ class Grid:
         queue_path, _ = relay_files(self.data_dir)
         port = relay_port(self.data_dir, self._bind)
         self.relay = RelayService(self.fleet, self.endpoint, self.secrets.password(RELAY), queue_path,
-                                  certs_dir=self.server.certs.ca.parent, keyring=commissioned_keys(self.keys.directory),
-                                  smtp_host=self._bind, smtp_port=port)
+                                  certs_dir=self.server.certs.ca.parent,
+                                  smtp_host=self._bind, smtp_port=port, keys=PartyKeys.in_data_dir(self.data_dir, RELAY))
         await self.relay.start()
 
     def _write_connection(self) -> None:

@@ -21,8 +21,7 @@ from gridpresence.config import BillingSpec
 from gridpresence.protocol.billing_report import BillingData, PartName
 from gridpresence.protocol.codec import PayloadError, tariff_from_xml, tariff_to_xml
 from gridpresence.protocol.models import Tariff, TariffPeriod
-from gridpresence.security.keyring import KeyLookup
-from gridpresence.security.pgp import pgpy
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +56,21 @@ def tariff_from_billing(msg: Message, is_billing: Callable[[str], bool]) -> Tari
 
 class BillingAgent:
     def __init__(self, spec: BillingSpec, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str],
-                 devices: Iterable[str] = (), *, secret: pgpy.PGPKey | None = None,
-                 keyring: KeyLookup | None = None, relays: Iterable[str] = ()) -> None:
+                 devices: Iterable[str] = (), keys: PartyKeys | None = None, relays: Iterable[str] = ()) -> None:
         self.spec = spec
         self.endpoint = endpoint
         self.operators = frozenset(JID(j).bare for j in operators)
         self.devices = tuple(sorted({JID(j).bare for j in devices}))
         self.tariff = tariff_from_spec(spec)
         self.client = make_client(jid, password, endpoint)
+        self.keyring = PepKeyring(self.client, keys)
         self._present: set[str] = set()  # operators' full JIDs that have our current tariff
         self.client.add_event_handler("presence", self._on_presence)
         self.client.add_event_handler("session_start", self._on_session_start)
-        # Billing reports: without our secret key and others' public keys we cannot read them.
+        # Billing reports ([0085]): only with our secret key can we read their billing part.
         self.inbox: ReportInbox | None = None
-        if secret is not None and keyring is not None:
-            reader = ReportReader(JID(jid).bare, secret, keyring, PartName.BILLING)
+        if self.keyring.secret_key is not None:
+            reader = ReportReader(JID(jid).bare, self.keyring.secret_key, self.keyring, PartName.BILLING)
             self.inbox = ReportInbox(self.client, reader, relays)
 
     def _on_session_start(self, _event: object) -> None:
@@ -88,6 +87,12 @@ class BillingAgent:
         request_report(self.client, meter)
 
     async def start(self, timeout: float = 20.0) -> None:
+        """Log in and announce our key (XEP-0373) before anyone is told we are here."""
+        await self.login(timeout)
+        await self.keyring.announced()
+
+    async def login(self, timeout: float = 20.0) -> None:
+        """Log in; the key is announced meanwhile (:meth:`start` waits for that too)."""
         await open_session(self.client, self.endpoint, timeout)
 
     async def stop(self) -> None:

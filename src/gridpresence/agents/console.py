@@ -19,6 +19,7 @@ from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.session import Endpoint
 from gridpresence.agents.tracker import DeviceView
 from gridpresence.protocol import Action, DeviceKind, DeviceState
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.shedding import net_load_kw, shed_to_target
 
 log = logging.getLogger(__name__)
@@ -47,15 +48,21 @@ def fleet_summary(devices: Mapping[str, DeviceView]) -> str:
 
 class ConsoleAgent:
     def __init__(self, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str], *,
-                 watchdog: str | None = None, grace_s: float = 15.0) -> None:
+                 watchdog: str | None = None, grace_s: float = 15.0, keys: PartyKeys | None = None) -> None:
         self.operators = frozenset(JID(j).bare for j in operators)
-        self.grid = GridOperator(jid, password, endpoint, watchdog=watchdog, grace_s=grace_s)
+        self.grid = GridOperator(jid, password, endpoint, watchdog=watchdog, grace_s=grace_s, keys=keys)
         self.grid.client.add_event_handler("message", self._on_message)
         self._busy: set[asyncio.Task[None]] = set()
+
+    @property
+    def keyring(self) -> PepKeyring:
+        return self.grid.keyring
 
     async def start(self, timeout: float = 20.0) -> None:
         await self.grid.connect(timeout=timeout, settle_s=0.2)
         self.grid.client.send_presence(pstatus="fleet console: type help")
+
+    login = start  # one console: no login herd to spread
 
     async def stop(self) -> None:
         for task in self._busy:

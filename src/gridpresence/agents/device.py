@@ -37,6 +37,7 @@ from gridpresence.protocol.codec import (
     report_from_xml,
     report_to_xml,
 )
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.protocol.models import (
     Action,
     Command,
@@ -94,6 +95,7 @@ class DeviceAgent:
         tariff: Tariff | None = None,
         audit: Path | None = None,
         parent: str | None = None,
+        keys: PartyKeys | None = None,
     ) -> None:
         self.spec = spec
         self.endpoint = endpoint
@@ -106,6 +108,7 @@ class DeviceAgent:
         self.tick_s = min(tick_s, spec.refresh_s)
         self.sim: SimDevice = make_device(spec, utcnow())
         self.client = make_client(jid, password, endpoint)
+        self.keyring = PepKeyring(self.client, keys)
         self._seq = 0
         self._published: PresenceReport | None = None
         self._published_at = 0.0
@@ -141,6 +144,12 @@ class DeviceAgent:
     # -- life cycle -------------------------------------------------------------------
 
     async def start(self, timeout: float = 20.0) -> None:
+        """Log in and announce our key (XEP-0373) before anyone is told we are here."""
+        await self.login(timeout)
+        await self.keyring.announced()
+
+    async def login(self, timeout: float = 20.0) -> None:
+        """Log in; the key is announced meanwhile (:meth:`start` waits for that too)."""
         await open_session(self.client, self.endpoint, timeout)
 
     def _on_session_start(self, _event: object) -> None:

@@ -25,8 +25,7 @@ from gridpresence.config import Fleet
 from gridpresence.protocol.models import DeviceKind
 from gridpresence.rules.audit_log import audit_path
 from gridpresence.rules.model import rules_for
-from gridpresence.security.commissioned import commissioned_keys
-from gridpresence.security.keys import KEYS_DIR, KeyStore
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +33,9 @@ LOGIN_CONCURRENCY = 16
 
 
 class Bot(Protocol):
+    @property
+    def keyring(self) -> PepKeyring: ...
+    async def login(self, timeout: float = 20.0) -> None: ...
     async def start(self, timeout: float = 20.0) -> None: ...
     async def stop(self) -> None: ...
 
@@ -45,10 +47,13 @@ class FleetBots:
     def __init__(self, fleet: Fleet, endpoint: Endpoint, secrets: Secrets, only: Collection[str] | None = None,
                  tick_s: float = 1.0, with_services: bool = True, data_dir: Path | None = None) -> None:
         self.fleet = fleet
+
+        def keys(name: str) -> PartyKeys | None:
+            """Each bot's key and pins in the grid's data directory (none: no key to announce)."""
+            return PartyKeys.in_data_dir(data_dir, name) if data_dir is not None else None
+
         operators = [fleet.jid(o.name) for o in fleet.operators]
         wanted = set(only) if only is not None else None
-        keys = KeyStore(data_dir / KEYS_DIR) if data_dir is not None else None
-        keyring = commissioned_keys(keys.directory) if keys is not None else None  # TEMPORARY until PEP keys
         self.devices: dict[str, DeviceAgent] = {}
         self.advisors: dict[str, BranchAdvisor] = {}  # master IEDs' branch watch, by name
         self.billing: dict[str, BillingAgent] = {}
@@ -68,26 +73,26 @@ class FleetBots:
                                                      alarms=fleet.alarms, services=[fleet.jid(CONSOLE)],
                                                      rules=self.rules, billing=billing, tariff=tariff,
                                                      audit=audit_path(data_dir, dev.name) if data_dir else None,
-                                                     parent=fleet.jid(dev.parent) if dev.parent else None)
+                                                     parent=fleet.jid(dev.parent) if dev.parent else None,
+                                                     keys=keys(dev.name))
                 if dev.kind is DeviceKind.MASTER:
                     self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
-                if dev.kind in METERING_KINDS and keys is not None and keyring is not None:
-                    self.reporters[dev.name] = BillingReporter(self.devices[dev.name], keys.secret(dev.name), keyring,
-                                                               ReportAudience.of(fleet, dev), peak_hours(fleet))
+                if dev.kind in METERING_KINDS and self.devices[dev.name].keyring.secret_key is not None:
+                    self.reporters[dev.name] = BillingReporter(self.devices[dev.name], ReportAudience.of(fleet, dev),
+                                                               peak_hours(fleet))
         for bill in fleet.billing:
             if wanted is None or bill.name in wanted:
-                self.billing[bill.name] = BillingAgent(
-                    bill, fleet.jid(bill.name), secrets.password(bill.name), endpoint, operators,
-                    [fleet.jid(d.name) for d in fleet.devices],
-                    secret=keys.secret(bill.name) if keys is not None else None, keyring=keyring,
-                    relays=[fleet.jid(RELAY)])
+                self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),
+                                                       endpoint, operators, [fleet.jid(d.name) for d in fleet.devices],
+                                                       keys=keys(bill.name), relays=[fleet.jid(RELAY)])
         if with_services and (wanted is None or WATCHDOG in wanted):
             self.watchdog = WatchdogAgent(fleet.jid(WATCHDOG), secrets.password(WATCHDOG), endpoint, operators,
-                                          grace_s=fleet.presence_grace_s)
+                                          grace_s=fleet.presence_grace_s, keys=keys(WATCHDOG))
 
         if with_services and (wanted is None or CONSOLE in wanted):
             self.console = ConsoleAgent(fleet.jid(CONSOLE), secrets.password(CONSOLE), endpoint, operators,
-                                        watchdog=fleet.jid(WATCHDOG), grace_s=fleet.presence_grace_s)
+                                        watchdog=fleet.jid(WATCHDOG), grace_s=fleet.presence_grace_s,
+                                        keys=keys(CONSOLE))
 
     @property
     def bots(self) -> list[Bot]:
@@ -100,7 +105,9 @@ class FleetBots:
 
         async def one(bot: Bot) -> None:
             async with gate:
-                await bot.start()
+                await bot.login()
+            # Outside the gate: the next login need not wait for this key announcement's round trip.
+            await bot.keyring.announced()
 
         async with asyncio.timeout(timeout):
             await asyncio.gather(*(one(b) for b in self.bots))

@@ -15,7 +15,6 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from pathlib import Path
 from types import TracebackType
 
 from slixmpp import JID, Message
@@ -45,13 +44,10 @@ from gridpresence.protocol.codec import (
 )
 from gridpresence.protocol.alarm import Alarm, alarm_from_xml
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.relay.route import FINAL_MARGIN_S, RelayRoute
 from gridpresence.protocol.billing_report import PartData, PartName, QualityData
 from gridpresence.protocol.addressing import origin_of
-from gridpresence.security.commissioned import commissioned_keys
-from gridpresence.security.keyring import KeyLookup
-from gridpresence.security.keys import load_secret
-from gridpresence.security.pgp import pgpy
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +73,19 @@ class GridOperator:
         grace_s: float = 15.0,
         resource: str | None = None,
         relay: RelayEndpoint | None = None,
-        secret: pgpy.PGPKey | None = None,
-        keyring: KeyLookup | None = None,
+        keys: PartyKeys | None = None,
     ) -> None:
         full = f"{jid}/{resource}" if resource else jid
         self.endpoint = endpoint
         self.watchdog = watchdog
         self.client = make_client(full, password, endpoint)
+        self.keyring = PepKeyring(self.client, keys)  # our key's announcement, others' pinned keys
         self.tracker = PresenceTracker(self.client, grace_s=grace_s)
         self.tariff: Tariff | None = None
         self._pending: dict[str, asyncio.Future[Outcome]] = {}  # command id -> outcome
         self._stanza_to_command: dict[str, str] = {}  # message id -> command id, for bounces
         # Commands for absent devices go to the store-and-forward relay, if there is one.
-        self.relay = RelayRoute(relay, secret) if relay is not None else None
+        self.relay = RelayRoute(relay, self.keyring.secret_key) if relay is not None else None
         self._queued: dict[str, Command] = {}  # command id -> command the relay holds for us
         self._version = 0
         self._changed = asyncio.Event()
@@ -102,17 +98,17 @@ class GridOperator:
         self.client.register_handler(Callback("grid alarm", StanzaPath("message/grid_alarm"), self._on_alarm))
         # The power-quality part of meters' billing reports is for the utility ([0085]).
         self.reports: ReportInbox | None = None
-        if secret is not None and keyring is not None:
-            reader = ReportReader(JID(jid).bare, secret, keyring, PartName.POWER_QUALITY)
+        if self.keyring.secret_key is not None:
+            reader = ReportReader(JID(jid).bare, self.keyring.secret_key, self.keyring, PartName.POWER_QUALITY)
             self.reports = ReportInbox(self.client, reader, [relay.jid] if relay else [])
 
     @classmethod
     def from_connection(cls, info: ConnectionInfo, operator: str | None = None, resource: str | None = None) -> GridOperator:
         acc = info.operator(operator)
-        secret = load_secret(Path(acc.key_file)) if acc.key_file else None
-        keyring = commissioned_keys(Path(acc.key_file).parent) if acc.key_file else None
+        if acc.key_file is None:
+            log.warning("%s: the connection file names no OpenPGP key: read-only, cannot sign", acc.jid)
         return cls(acc.jid, acc.password, info.server, watchdog=info.watchdog, grace_s=info.presence_grace_s,
-                   resource=resource, relay=info.relay, secret=secret, keyring=keyring)
+                   resource=resource, relay=info.relay, keys=PartyKeys.beside(acc.key_file, acc.name))
 
     @property
     def quality(self) -> list[QualityData]:
@@ -149,6 +145,7 @@ class GridOperator:
         is known.
         """
         await open_session(self.client, self.endpoint, timeout)
+        await self.keyring.announced()
         await self.client.get_roster()
         self.tracker.load_roster()
         self.client.send_presence(pshow="chat", pstatus="grid operator")

@@ -93,14 +93,25 @@ def close_period(registers: MeterRegisters, device: str, customer: str | None,
 
 async def seal_report(billing: BillingData, quality: QualityData, signer: pgpy.PGPKey,
                       audience: ReportAudience, keyring: KeyLookup, timeout: float = 5.0) -> BillingReport:
-    """Both parts, each signed by the device and encrypted to its own audience only.
-    Raises KeyUnavailable when a reader's key cannot be found (nothing is sent then)."""
+    """Both parts, each signed by the device and encrypted to its own audience only. A reader
+    whose key cannot be found (never announced, changed) is left out with a warning; a part none
+    of whose readers has a usable key raises KeyUnavailable (nothing is sent then)."""
     parts = []
     for name, data in ((PartName.BILLING, billing), (PartName.POWER_QUALITY, quality)):
         readers = audience.readers(name)
         if not readers:
             continue  # e.g. a fleet without a billing party
-        keys = {jid: await keyring.key_for(jid, timeout) for jid in readers}
+        keys, missing = {}, []
+        for jid in readers:
+            try:
+                keys[jid] = await keyring.key_for(jid, timeout)
+            except KeyUnavailable as exc:
+                missing.append(exc)
+        if not keys:
+            raise missing[0]
+        for exc in missing:
+            log.warning("%s: %s part of report %s not encrypted to %s: %s", billing.device, name.value,
+                        billing.report, exc.jid, exc.reason)
         parts.append(SealedPart(name=name, data=seal(part_data_to_xml(data), signer, keys)))
     return BillingReport(id=billing.report, device=billing.device, issued=billing.period_end, parts=tuple(parts))
 
@@ -135,11 +146,13 @@ class BillingReporter:
     """A metering device bot's reports: every ``billing_report_s`` and whenever a reader asks
     (``<billing-report-request/>``). The one report goes to every reader of either part."""
 
-    def __init__(self, agent: DeviceAgent, secret: pgpy.PGPKey, keyring: KeyLookup, audience: ReportAudience,
-                 peak: PeakHours = PeakHours()) -> None:
+    def __init__(self, agent: DeviceAgent, audience: ReportAudience, peak: PeakHours = PeakHours()) -> None:
+        secret = agent.keyring.secret_key
+        if secret is None:
+            raise ValueError(f"{agent.spec.name} has no OpenPGP secret key: it cannot sign billing reports")
         self.agent = agent
         self.secret = secret
-        self.keyring = keyring
+        self.keyring = agent.keyring  # readers' keys over PEP (XEP-0373), pinned on first use
         self.audience = audience
         self.registers: MeterRegisters = getattr(agent.sim, "registers")
         self.registers.peak = peak

@@ -17,9 +17,10 @@ from gridpresence.agents.session import ConnectionInfo, RelayEndpoint, SessionEr
 from gridpresence.config import FleetError, load_fleet
 from gridpresence.relay.mail_device import MailDevice
 from gridpresence.relay.service import RelayService, relay_files, relay_port
-from gridpresence.security.commissioned import commissioned_keys
+from gridpresence.relay.commissioning import commission, readers_keys
 from gridpresence.security.keyring import KeyUnavailable
-from gridpresence.security.keys import KEYS_DIR, load_secret
+from gridpresence.security.keys import load_secret
+from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.signals import stop_signal
 
 CONNECTION_FILE, SECRETS_FILE, FLEET_COPY = "connection.json", "secrets.json", "fleet.json"
@@ -48,8 +49,8 @@ async def cmd_relay(args: argparse.Namespace) -> int:
     # The grid's CA issues the relay's STARTTLS certificate (kept beside it).
     certs_dir = Path(args.certs) if args.certs else (info.server.ca_file.parent if info.server.ca_file else data / "certs")
     relay = RelayService(fleet, info.server, secrets.password(RELAY), queue_path, certs_dir=certs_dir,
-                         keyring=commissioned_keys(Path(args.keys) if args.keys else data / KEYS_DIR),
-                         smtp_host=args.bind, smtp_port=port, durable=args.durable)
+                         smtp_host=args.bind, smtp_port=port, durable=args.durable,
+                         keys=PartyKeys.in_data_dir(data, RELAY))
     stop = stop_signal()  # before start: a SIGTERM during start-up still stops cleanly
     await relay.start()
     try:
@@ -73,9 +74,21 @@ async def cmd_mail_device(args: argparse.Namespace) -> int:
         spec = fleet.device(args.name)
     except KeyError:
         raise FleetError(f"no device named {args.name!r} in the fleet") from None
-    keys = Path(args.keys) if args.keys else Path(args.data) / KEYS_DIR
-    device = MailDevice(spec, fleet.jid(spec.name), info.relay, secret=load_secret(keys / f"{spec.name}.sec.asc"),
-                        keyring=commissioned_keys(keys), audience=ReportAudience.of(fleet, spec))
+    data = Path(args.data)
+    keys = PartyKeys.in_data_dir(data, spec.name)
+    audience = ReportAudience.of(fleet, spec)
+    if args.commission:
+        secrets = Secrets(data / SECRETS_FILE)
+        if spec.name not in secrets.passwords:
+            raise SessionError(f"{data}: no account for {spec.name}; run `gridpresence up --data {data}` first")
+        found = await commission(spec.name, fleet.jid(spec.name), secrets.password(spec.name), info.server, keys,
+                                 audience.everyone)
+        print(f"{spec.name}: key announced over PEP; readers' keys kept: {', '.join(sorted(found)) or 'none'}",
+              flush=True)
+        return 0
+    assert keys.secret_file is not None
+    device = MailDevice(spec, fleet.jid(spec.name), info.relay, secret=load_secret(keys.secret_file),
+                        keyring=readers_keys(keys, spec.name) if args.billing else None, audience=audience)
     try:
         for _ in range(args.count) if args.count else iter(int, 1):
             try:
@@ -104,7 +117,6 @@ def register(sub: Any, operator_opts: Callable[[argparse.ArgumentParser], None],
     relay.add_argument("--durable", action="store_true", help="fsync every stored mail (survives power loss)")
     relay.add_argument("--certs", help="the grid's CA directory, where the relay's STARTTLS certificate is issued "
                                        "(default: that of the CA file in the connection file)")
-    relay.add_argument("--keys", help="the grid's key directory (default DATA/keys)")
     relay.set_defaults(run=cmd_relay)
 
     mail = sub.add_parser("mail-device", help="run a device that reaches the grid by SMTP only")
@@ -114,7 +126,9 @@ def register(sub: Any, operator_opts: Callable[[argparse.ArgumentParser], None],
     mail.add_argument("--fleet", help="fleet file (default: the copy in DATA)")
     mail.add_argument("--count", type=int, default=0, help="reports to send (0 = until stopped)")
     mail.add_argument("--every", type=float, default=0.0, help="seconds between reports (default: refresh_s)")
-    mail.add_argument("--keys", help="key directory holding NAME.sec.asc (default DATA/keys)")
+    mail.add_argument("--commission", action="store_true",
+                      help="once, where XMPP is reachable: announce the device's key over PEP and keep its "
+                           "readers' keys for billing reports")
     mail.add_argument("--billing", action="store_true",
                       help="mail encrypted billing reports (meters, master IEDs) instead of presence data")
     mail.set_defaults(run=cmd_mail_device)

@@ -41,7 +41,7 @@ from gridpresence.relay.mail import payload_from_xml
 from gridpresence.relay.queue import CommandQueue, QueuedCommand, State
 from gridpresence.protocol.billing_report import BillingReport
 from gridpresence.relay.smtp import Directory, RelayHandler, Stored, server_tls, smtp_factory
-from gridpresence.security.keyring import KeyLookup
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.server.certs import cert_ips, ensure_certificates
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ class RelayService:
     """One relay for a fleet: ``await start()``, then it runs in the current event loop."""
 
     def __init__(self, fleet: Fleet, endpoint: Endpoint, password: str, queue_path: Path, *, certs_dir: Path,
-                 keyring: KeyLookup, smtp_host: str = "127.0.0.1", smtp_port: int = 0, durable: bool = False) -> None:
+                 smtp_host: str = "127.0.0.1", smtp_port: int = 0, durable: bool = False,
+                 keys: PartyKeys | None = None) -> None:
         self.fleet = fleet
         self.endpoint = endpoint
         self.jid = fleet.jid(RELAY)
@@ -63,11 +64,14 @@ class RelayService:
         self.queue = CommandQueue(queue_path, durable=durable)
         self.smtp_host, self.smtp_port = smtp_host, smtp_port
         self.client = make_client(f"{self.jid}/relay", password, endpoint)
+        self.keyring = PepKeyring(self.client, keys)
         self.tracker = PresenceTracker(self.client, grace_s=fleet.presence_grace_s)
         self.tracker.listen(self._on_change)
         readers = frozenset(fleet.jid(p.name) for p in (*fleet.billing, *fleet.customers))
+        # Signatures on mailed data are checked with the senders' keys found over PEP (a mail-only
+        # device announced its key when it was commissioned: relay/commissioning.py).
         self.handler = RelayHandler(Directory(self.operators, self.devices, self.jid, readers), self.queue,
-                                    self._on_stored, keyring)
+                                    self._on_stored, self.keyring)
         # STARTTLS with a certificate of the grid's CA for the address the relay listens on.
         self.certs = ensure_certificates(certs_dir, fleet.domain, cert_ips(smtp_host), service=RELAY)
         self.tls = server_tls(self.certs.cert, self.certs.key)
@@ -91,6 +95,7 @@ class RelayService:
         self.smtp_port = self._server.sockets[0].getsockname()[1]
         try:
             await open_session(self.client, self.endpoint, timeout)
+            await self.keyring.announced()
             await self.client.get_roster()
             self.tracker.load_roster()
             self._online = True

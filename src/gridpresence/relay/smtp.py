@@ -98,20 +98,38 @@ class RelayHandler:
             return f"554 5.6.0 not a grid mail: {exc}"[:500]
         if mail.sender != envelope.mail_from:
             return "550 5.7.1 header From does not match the envelope sender"
-        refused = await self._check_signature(mail)
+        rcpts = list(dict.fromkeys(envelope.rcpt_tos))
+        # Who may send what to whom first (cheap and certain), then whether the sender signed it.
+        refused = self._role_refusal(mail, rcpts) or await self._signature_refusal(mail)
         if refused is not None:
             log.warning("refused mail from %s: %s", mail.sender, refused)
             return refused[:500]
-        try:
-            stored = self._store(mail, envelope)
-        except _Refused as exc:
-            return str(exc)
-        self.on_stored(stored)
+        self.on_stored(self._store(mail, rcpts))
         return "250 2.0.0 stored"
 
-    async def _check_signature(self, mail: GridMail) -> str | None:
-        """The SMTP refusal for a mail whose signature is missing or wrong, else None. Devices
-        must sign what they mail; an operator's signature, when present, must be good too."""
+    def _role_refusal(self, mail: GridMail, rcpts: list[str]) -> str | None:
+        payload, sender, d = mail.payload, mail.sender, self.directory
+        if isinstance(payload, Command):
+            if sender not in d.operators or payload.issuer != sender:
+                return "550 5.7.1 only an operator may mail commands, as their own issuer"
+            if any(r not in d.devices for r in rcpts):
+                return "550 5.1.1 commands go to device addresses only"
+            return None
+        if sender not in d.devices:
+            return "550 5.7.1 only a device may mail its data or outcomes"
+        if isinstance(payload, Outcome) and payload.device != sender:
+            return "550 5.7.1 an outcome must come from its own device"
+        if isinstance(payload, BillingReport) and payload.device != sender:
+            return "550 5.7.1 a billing report must come from its own device"
+        if any(r in d.devices for r in rcpts):
+            return "550 5.1.1 device data goes to the operators or the relay"
+        if not isinstance(payload, BillingReport) and any(r in d.readers for r in rcpts):
+            return "550 5.1.1 only billing reports go to the billing party or customers"
+        return None
+
+    async def _signature_refusal(self, mail: GridMail) -> str | None:
+        """Devices must sign what they mail (the envelope proves nothing); an operator's
+        signature, when present, must be good too."""
         if mail.sender not in self.directory.devices and mail.signature is None:
             return None
         try:
@@ -124,32 +142,14 @@ class RelayHandler:
             return f"550 5.7.1 {exc}"
         return None
 
-    def _store(self, mail: GridMail, envelope: Envelope) -> Stored:
-        payload, sender, d = mail.payload, mail.sender, self.directory
-        rcpts = list(dict.fromkeys(envelope.rcpt_tos))
+    def _store(self, mail: GridMail, rcpts: list[str]) -> Stored:
+        """Commit a screened mail: commands per device, anything else to the inbox (once per id)."""
+        payload = mail.payload
         if isinstance(payload, Command):
-            if sender not in d.operators or payload.issuer != sender:
-                raise _Refused("550 5.7.1 only an operator may mail commands, as their own issuer")
-            if any(r not in d.devices for r in rcpts):
-                raise _Refused("550 5.1.1 commands go to device addresses only")
             added = self.queue.add(payload, rcpts, payload_xml(payload))
             return Stored(command=payload, devices=tuple(added))
-        if sender not in d.devices:
-            raise _Refused("550 5.7.1 only a device may mail its data or outcomes")
-        if isinstance(payload, Outcome) and payload.device != sender:
-            raise _Refused("550 5.7.1 an outcome must come from its own device")
-        if isinstance(payload, BillingReport) and payload.device != sender:
-            raise _Refused("550 5.7.1 a billing report must come from its own device")
-        if any(r in d.devices for r in rcpts):
-            raise _Refused("550 5.1.1 device data goes to the operators or the relay")
-        if not isinstance(payload, BillingReport) and any(r in d.readers for r in rcpts):
-            raise _Refused("550 5.1.1 only billing reports go to the billing party or customers")
-        key = mail.message_id or f"<{hashlib.sha256(payload_xml(payload).encode()).hexdigest()}.{sender}>"
-        return Stored(inbox=self.queue.add_inbox(key, sender, payload_xml(payload)))
-
-
-class _Refused(Exception):
-    """An SMTP reply refusing a mail after its data was read."""
+        key = mail.message_id or f"<{hashlib.sha256(payload_xml(payload).encode()).hexdigest()}.{mail.sender}>"
+        return Stored(inbox=self.queue.add_inbox(key, mail.sender, payload_xml(payload)))
 
 
 def server_tls(cert: Path, key: Path) -> ssl.SSLContext:
