@@ -397,3 +397,27 @@ async def test_operator_without_its_key_file_works_read_only(env: Env, tmp_path:
     finally:
         await op.close()
     assert (tmp_path / "bob.pins.json").exists()  # pins beside the (missing) key file
+
+
+async def test_key_change_announced_without_payload_is_noticed(
+        env: Env, observer: PepKeyring, victim: tuple[GridClient, PepKeyring]) -> None:
+    """XEP-0373 §4.5: notifications may carry only the item id; the keyring reads the node then."""
+    client, _ring = victim
+    jid = env.fleet.jid(VICTIM)
+    assert fingerprint(await observer.key_for(jid)) == _fpr(env, VICTIM)
+    form = client.plugin["xep_0004"].make_form(ftype="submit")
+    form.add_field(var="FORM_TYPE", ftype="hidden", value="http://jabber.org/protocol/pubsub#node_config")
+    form.add_field(var="pubsub#deliver_payloads", value="0")
+    await client.plugin["xep_0060"].set_node_config(client.boundjid.bare, PUBLIC_KEYS_NODE, form)
+    seen: list[bool] = []
+    observer.client.add_event_handler(
+        "ox_public_keys_publish",
+        lambda msg: seen.append(len(msg["pubsub_event"]["items"].xml.find("{*}item") or []) == 0))
+    attacker_client, attacker = await _login(env, VICTIM, "attacker3")
+    forged = generate(jid)
+    try:
+        await attacker.publish(forged)
+        await _eventually(lambda: any(w.offered == fingerprint(forged) for w in observer.warnings))
+    finally:
+        await close_session(attacker_client)
+    assert seen and all(seen)  # the notifications really came without the list
