@@ -24,7 +24,7 @@ from gridpresence.protocol.billing_report import (
 from gridpresence.protocol.codec import PayloadError
 from gridpresence.protocol.models import utcnow
 from gridpresence.protocol.openpgp import openpgp_from_xml
-from gridpresence.security.keyring import StaticKeys
+from gridpresence.security.keyring import KeyUnavailable, StaticKeys
 from gridpresence.security.keys import generate
 from gridpresence.security.parts import BadPart, NotForYou, PartProblem, seal, unseal
 from gridpresence.security.pgp import pgpy
@@ -159,3 +159,14 @@ def test_fleet_names_customers_of_metering_devices_only() -> None:
     with pytest.raises(FleetError, match="only a meter or a master IED has a customer"):
         parse_fleet({**base, "devices": [{"name": "l", "kind": "load", "rated_kw": 5, "customer": "acme"}]})
 
+
+
+async def test_a_reader_without_a_published_key_is_left_out_not_the_report() -> None:
+    billing, quality = one_period()
+    unknown = "carol@localhost"  # an operator who never announced a key
+    audience = ReportAudience(billing_parties=(BILLING,), quality=(ALICE, unknown))
+    report = await seal_report(billing, quality, KEYS[METER], audience, KEYRING)
+    assert await reader(ALICE, PartName.POWER_QUALITY).read(report) == quality
+    nobody = ReportAudience(billing_parties=(BILLING,), quality=(unknown,))
+    with pytest.raises(KeyUnavailable, match="carol@localhost"):
+        await seal_report(billing, quality, KEYS[METER], nobody, KEYRING)

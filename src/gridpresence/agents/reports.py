@@ -109,9 +109,9 @@ async def seal_report(billing: BillingData, quality: QualityData, signer: pgpy.P
                 missing.append(exc)
         if not keys:
             raise missing[0]
-        for exc in missing:
+        for gap in missing:
             log.warning("%s: %s part of report %s not encrypted to %s: %s", billing.device, name.value,
-                        billing.report, exc.jid, exc.reason)
+                        billing.report, gap.jid, gap.reason)
         parts.append(SealedPart(name=name, data=seal(part_data_to_xml(data), signer, keys)))
     return BillingReport(id=billing.report, device=billing.device, issued=billing.period_end, parts=tuple(parts))
 
