@@ -41,7 +41,9 @@ from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.session import ConnectionInfo, tls_context
 from gridpresence.grid import Grid
 from gridpresence.protocol import Action, Command, DeviceKind, DeviceState, OutcomeStatus, PresenceReport, Telemetry
+from gridpresence.relay.commissioning import commission
 from gridpresence.relay.mail import build_mail, open_smtp
+from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.server.ports import free_port
 
 NOOP_SMTP = textwrap.dedent("""
@@ -216,6 +218,9 @@ async def main() -> None:
               f"goal >= 200/s: {'met' if rate >= 200 else 'NOT met'}")
 
         print(f"4. signed device data ingested ({args.mails // 2} presence reports by mail, signature checked)")
+        # The device announces its key over PEP once (commissioning): the relay checks mail with it.
+        await commission("dev-0003", grid.fleet.jid("dev-0003"), grid.secrets.password("dev-0003"), grid.endpoint,
+                         PartyKeys.in_data_dir(data, "dev-0003"), ())
         key = grid.keys.secret("dev-0003")
         reports = [PresenceReport(kind=DeviceKind.LOAD, state=DeviceState.ON, telemetry=Telemetry(kw=1.0 + i), seq=i)
                    for i in range(args.mails // 2)]
