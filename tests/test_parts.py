@@ -8,7 +8,7 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from gridpresence.agents.reports import ReportAudience, ReportReader, seal_report
+from gridpresence.agents.reports import ReportAudience, ReportReader, reader_keys, seal_report
 from gridpresence.config import FleetError, parse_fleet
 from gridpresence.devices.metering import MeterRegisters, PeakHours
 from gridpresence.protocol.billing_report import (
@@ -61,7 +61,7 @@ def test_registers_split_energy_at_the_tariff_hours() -> None:
 
 async def test_each_party_reads_its_own_part_and_nothing_else() -> None:
     billing, quality = one_period()
-    report = await seal_report(billing, quality, KEYS[METER], AUDIENCE, KEYRING)
+    report = seal_report(billing, quality, KEYS[METER], await reader_keys(AUDIENCE, KEYRING))
     wire = billing_report_from_xml(ET.fromstring(ET.tostring(billing_report_to_xml(report))))
     assert wire == report
     assert await reader(BILLING, PartName.BILLING).read(wire) == billing
@@ -125,7 +125,7 @@ def test_unseal_refuses_forged_unsigned_tampered_and_stale_parts() -> None:
 
 async def test_a_part_moved_into_another_report_is_refused() -> None:
     billing, quality = one_period()
-    first = await seal_report(billing, quality, KEYS[METER], AUDIENCE, KEYRING)
+    first = seal_report(billing, quality, KEYS[METER], await reader_keys(AUDIENCE, KEYRING))
     other = BillingReport(id="r2", device=METER, issued=first.issued, parts=first.parts)
     with pytest.raises(BadPart, match="belongs to report r1"):
         await reader(BILLING, PartName.BILLING).read(other)
@@ -165,8 +165,8 @@ async def test_a_reader_without_a_published_key_is_left_out_not_the_report() -> 
     billing, quality = one_period()
     unknown = "carol@localhost"  # an operator who never announced a key
     audience = ReportAudience(billing_parties=(BILLING,), quality=(ALICE, unknown))
-    report = await seal_report(billing, quality, KEYS[METER], audience, KEYRING)
+    report = seal_report(billing, quality, KEYS[METER], await reader_keys(audience, KEYRING))
     assert await reader(ALICE, PartName.POWER_QUALITY).read(report) == quality
     nobody = ReportAudience(billing_parties=(BILLING,), quality=(unknown,))
     with pytest.raises(KeyUnavailable, match="carol@localhost"):
-        await seal_report(billing, quality, KEYS[METER], nobody, KEYRING)
+        await reader_keys(nobody, KEYRING)

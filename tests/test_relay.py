@@ -29,7 +29,7 @@ from gridpresence.agents.reports import ReportAudience, ReportReader
 from gridpresence.protocol.billing_report import PartName, billing_report_from_xml
 from gridpresence.relay.mail import MailTLSError, build_mail, open_smtp
 from gridpresence.relay.route import RelayRoute
-from gridpresence.relay.commissioning import commission
+from gridpresence.relay.commissioning import commission, readers_keys
 from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.security.parts import NotForYou
 from gridpresence.server.certs import ensure_certificates
@@ -467,6 +467,18 @@ async def test_device_data_must_carry_the_devices_signature(env: Env, relay: Rel
             device.close()
         assert refused.value.smtp_code == 550, why
         assert (b"not signed" if why == "unsigned" else b"not by mailer-1@localhost's key") in refused.value.smtp_error
+    # A billing report the relay refuses leaves the period open: its readings go in the next one.
+    forger = MailDevice(spec, "mailer-1@localhost", info.relay, secret=env.grid.keys.secret("alice"),
+                        keyring=readers_keys(PartyKeys.in_data_dir(relay.data, "mailer-1"), "mailer-1"),
+                        audience=ReportAudience.of(env.fleet, spec))
+    opened = forger.sim.registers.period_start  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            await forger.push_billing_report()
+    finally:
+        forger.close()
+    assert refused.value.smtp_code == 550
+    assert forger.sim.registers.period_start == opened and forger.sim.registers.samples >= 1  # type: ignore[attr-defined]
     # Signed, then changed on the way: the signature no longer matches.
     good = MailDevice(spec, "mailer-1@localhost", info.relay, secret=env.grid.keys.secret("mailer-1"))
     mail = build_mail(good.report(), "mailer-1@localhost", ["relay@localhost"], env.grid.keys.secret("mailer-1"))

@@ -3,7 +3,8 @@ reader opens only the part made for it.
 
 * :class:`ReportAudience`: who reads which part (billing party and the device's customer: the
   billing part; the utility's operators: the power-quality part).
-* :func:`seal_report`: the device side, shared by XMPP devices and mail-only ones.
+* :func:`reader_keys`, :func:`seal_report`: the device side, shared by XMPP devices and
+  mail-only ones.
 * :class:`ReportReader`: the reader side (billing agent, operator library, customers).
 * :class:`BillingReporter`: a device bot's periodic and on-request reports.
 """
@@ -91,29 +92,37 @@ def close_period(registers: MeterRegisters, device: str, customer: str | None,
     return registers.close(uuid.uuid4().hex, device, customer, utcnow(), load_pct)
 
 
-async def seal_report(billing: BillingData, quality: QualityData, signer: pgpy.PGPKey,
-                      audience: ReportAudience, keyring: KeyLookup, timeout: float = 5.0) -> BillingReport:
-    """Both parts, each signed by the device and encrypted to its own audience only. A reader
-    whose key cannot be found (never announced, changed) is left out with a warning; a part none
-    of whose readers has a usable key raises KeyUnavailable (nothing is sent then)."""
-    parts = []
-    for name, data in ((PartName.BILLING, billing), (PartName.POWER_QUALITY, quality)):
+ReaderKeys = dict[PartName, dict[str, pgpy.PGPKey]]
+
+
+async def reader_keys(audience: ReportAudience, keyring: KeyLookup, timeout: float = 5.0) -> ReaderKeys:
+    """Each part's readers' public keys. A reader whose key cannot be found (never announced,
+    changed) is left out with a warning; a part none of whose readers has a usable key raises
+    KeyUnavailable. Looked up before a period is closed, so a failure loses no readings."""
+    keys: ReaderKeys = {}
+    for name in PartName:
         readers = audience.readers(name)
         if not readers:
             continue  # e.g. a fleet without a billing party
-        keys, missing = {}, []
+        found, missing = {}, []
         for jid in readers:
             try:
-                keys[jid] = await keyring.key_for(jid, timeout)
+                found[jid] = await keyring.key_for(jid, timeout)
             except KeyUnavailable as exc:
                 missing.append(exc)
-        if not keys:
+        if not found:
             raise missing[0]
         for gap in missing:
-            log.warning("%s: %s part of report %s not encrypted to %s: %s", billing.device, name.value,
-                        billing.report, gap.jid, gap.reason)
-        parts.append(SealedPart(name=name, data=seal(part_data_to_xml(data), signer, keys)))
-    return BillingReport(id=billing.report, device=billing.device, issued=billing.period_end, parts=tuple(parts))
+            log.warning("%s part not encrypted to %s: %s", name.value, gap.jid, gap.reason)
+        keys[name] = found
+    return keys
+
+
+def seal_report(billing: BillingData, quality: QualityData, signer: pgpy.PGPKey, keys: ReaderKeys) -> BillingReport:
+    """Both parts, each signed by the device and encrypted to its own readers only."""
+    parts = tuple(SealedPart(name=name, data=seal(part_data_to_xml(data), signer, keys[name]))
+                  for name, data in ((PartName.BILLING, billing), (PartName.POWER_QUALITY, quality)) if name in keys)
+    return BillingReport(id=billing.report, device=billing.device, issued=billing.period_end, parts=parts)
 
 
 class ReportReader:
@@ -182,11 +191,12 @@ class BillingReporter:
     async def send_report(self) -> BillingReport:
         """Close the period now and send its report to every reader."""
         async with self._busy:  # one period closes at a time
+            keys = await reader_keys(self.audience, self.keyring)
             sim = self.agent.sim
-            sim.tick(utcnow())
+            sim.tick(utcnow())  # from here on nothing waits: no reading falls between two periods
             billing, quality = close_period(self.registers, self.agent.jid, self.audience.customer,
                                             getattr(sim, "load_pct", 0.0))
-            report = await seal_report(billing, quality, self.secret, self.audience, self.keyring)
+            report = seal_report(billing, quality, self.secret, keys)
             body = f"{report.summary()}: readable by its audiences only"
             for reader in self.audience.everyone:
                 msg = self.agent.client.make_message(mto=reader, mtype="normal", mbody=body)

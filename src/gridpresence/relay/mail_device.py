@@ -6,8 +6,9 @@ billing report is sealed part by part for its readers before it leaves the devic
 from __future__ import annotations
 
 import asyncio
+import copy
 
-from gridpresence.agents.reports import ReportAudience, close_period, seal_report
+from gridpresence.agents.reports import ReportAudience, close_period, reader_keys, seal_report
 from gridpresence.agents.session import RelayEndpoint
 from gridpresence.config import DeviceSpec
 from gridpresence.devices import SimDevice, make_device
@@ -50,17 +51,24 @@ class MailDevice:
 
     async def push_billing_report(self) -> BillingReport:
         """Close the metering period and mail its report, one mail to all its readers; the relay
-        passes it on sealed. Raises KeyUnavailable if a reader's key is unknown."""
+        passes it on sealed. Raises KeyUnavailable if no reader of a part has a key. If the relay
+        refuses or cannot be reached, the period stays open: its readings go in the next report."""
         registers = getattr(self.sim, "registers", None)
         if not isinstance(registers, MeterRegisters):
             raise ValueError(f"a {self.spec.kind.value} keeps no billing registers")
         if self.secret is None or self.keyring is None or self.audience is None:
             raise ValueError("a billing report needs the device's key, the readers' keys and its audience")
+        keys = await reader_keys(self.audience, self.keyring)
         self.sim.tick(utcnow())
+        unsent = copy.copy(registers)  # the open period as it is, kept in case the mail fails
         billing, quality = close_period(registers, self.address, self.audience.customer,
                                         getattr(self.sim, "load_pct", 0.0))
-        report = await seal_report(billing, quality, self.secret, self.audience, self.keyring)
-        await self.push(report, list(self.audience.everyone))
+        report = seal_report(billing, quality, self.secret, keys)
+        try:
+            await self.push(report, list(self.audience.everyone))
+        except BaseException:
+            setattr(self.sim, "registers", unsent)
+            raise
         return report
 
     async def push_report(self) -> PresenceReport:
