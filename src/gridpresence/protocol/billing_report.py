@@ -20,7 +20,7 @@ from slixmpp.xmlstream import ElementBase, register_stanza_plugin
 
 from gridpresence.protocol.codec import PayloadError, _attrs, _expect, _fields, _validate, q
 from gridpresence.protocol.models import _ID, NS, _Model
-from gridpresence.protocol.openpgp import openpgp_from_xml, openpgp_to_xml
+from gridpresence.protocol.openpgp import openpgp_from_xml, openpgp_to_xml, ox
 
 _JID = Field(min_length=3, max_length=300)
 
@@ -137,7 +137,7 @@ def billing_report_from_xml(el: ET.Element | None) -> BillingReport:
             name = PartName(part.get("name", ""))
         except ValueError:
             continue  # a part for an audience this version does not know: not ours to read
-        parts.append(SealedPart(name=name, data=openpgp_from_xml(part.find("{urn:xmpp:openpgp:0}openpgp"))))
+        parts.append(SealedPart(name=name, data=openpgp_from_xml(part.find(ox("openpgp")))))
     return _validate(BillingReport, {**_fields(BillingReport, el.attrib), "parts": tuple(parts)}, "billing report")
 
 

@@ -1,4 +1,5 @@
-"""XEP-0373 (OpenPGP for XMPP) framing, §3: the only place its XML is read or written.
+"""XEP-0373 (OpenPGP for XMPP) framing, §3: the only place its XML is read or written (the
+public-key nodes of §4 are in :mod:`gridpresence.security.ox_xml`, whose names this shares).
 
 ``<openpgp xmlns='urn:xmpp:openpgp:0'>BASE64</openpgp>`` carries one binary OpenPGP message;
 decrypted, that message is a ``<signcrypt/>`` element naming its recipients (``<to jid/>``),
@@ -16,14 +17,13 @@ from dataclasses import dataclass
 from xml.etree import ElementTree as ET
 
 from gridpresence.protocol.codec import PayloadError, _text
+from gridpresence.security.ox_xml import NS_OX as OX_NS
+from gridpresence.security.ox_xml import ox
 
-OX_NS = "urn:xmpp:openpgp:0"
+__all__ = ["OX_NS", "Signcrypt", "openpgp_from_xml", "openpgp_to_xml", "ox", "signcrypt_from_bytes",
+           "signcrypt_to_bytes"]
 # A sealed part is a few hundred bytes; this bounds what a receiver will even try to decode.
 MAX_OPENPGP_BYTES = 64 * 1024
-
-
-def ox(name: str) -> str:
-    return f"{{{OX_NS}}}{name}"
 
 
 def openpgp_to_xml(message: bytes) -> ET.Element:
