@@ -243,7 +243,13 @@ class ReportInbox:
         client.register_handler(Callback("billing report", StanzaPath("message/grid_billing_report"), self._on_report))
 
     def _on_report(self, msg: StanzaBase) -> None:
-        asyncio.ensure_future(self._read(msg))
+        asyncio.ensure_future(self._read_logged(msg))
+
+    async def _read_logged(self, msg: StanzaBase) -> None:
+        try:
+            await self._read(msg)
+        except Exception:  # one bad report must not leave a task failing silently, nor stop the next
+            log.exception("%s: billing report from %s could not be handled", self.reader.me, msg["from"])
 
     async def _read(self, msg: StanzaBase) -> None:
         sender = msg["from"].bare
