@@ -76,6 +76,8 @@ def plan_accounts(fleet: Fleet, passwords: Secrets) -> list[AccountSpec]:
                                     tuple([*devices, *others, *billing, watchdog, relay, console])))
     for bill in fleet.billing:
         accounts.append(AccountSpec(bill.name, passwords.password(bill.name), tuple(ops)))
+    for customer in fleet.customers:  # reads its meters' billing parts; sees no one's presence
+        accounts.append(AccountSpec(customer.name, passwords.password(customer.name), ()))
     accounts.append(AccountSpec(WATCHDOG, passwords.password(WATCHDOG), tuple([*devices, *ops])))
     accounts.append(AccountSpec(RELAY, passwords.password(RELAY), tuple([*devices, *ops])))
     accounts.append(AccountSpec(CONSOLE, passwords.password(CONSOLE), tuple([*devices, *ops, watchdog])))

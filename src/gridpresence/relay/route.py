@@ -10,6 +10,7 @@ from gridpresence.agents.session import RelayEndpoint
 from gridpresence.protocol.models import Command, Outcome, OutcomeStatus
 from gridpresence.relay.mail import MailSender, build_mail
 from gridpresence.relay.service import ANSWER_MARGIN_S
+from gridpresence.security.pgp import pgpy
 
 # How long after a queued command's expiry the issuer waits for the relay's verdict.
 FINAL_MARGIN_S = ANSWER_MARGIN_S + 1.0
@@ -18,15 +19,16 @@ FINAL_MARGIN_S = ANSWER_MARGIN_S + 1.0
 class RelayRoute:
     """Mails commands to the relay over one kept-open SMTP connection."""
 
-    def __init__(self, relay: RelayEndpoint) -> None:
+    def __init__(self, relay: RelayEndpoint, signer: pgpy.PGPKey | None = None) -> None:
         self.relay = relay
         self.jid = relay.jid
-        self._sender = MailSender(relay.smtp_host, relay.smtp_port)
+        self.signer = signer  # the issuer's secret key: its mailed commands carry its signature
+        self._sender = MailSender(relay.smtp_host, relay.smtp_port, relay.ca_file)
 
     async def queue(self, cmd: Command, device: str) -> Outcome:
         """Hand `cmd` for `device` (bare JID) to the relay: "queued", or "undeliverable" with the
         relay's refusal (its SMTP reply) or why it could not be reached."""
-        mail = build_mail(cmd, cmd.issuer, [device])
+        mail = build_mail(cmd, cmd.issuer, [device], self.signer)
         try:
             await asyncio.to_thread(self._sender.send, mail, cmd.issuer, [device])
         except smtplib.SMTPRecipientsRefused as exc:

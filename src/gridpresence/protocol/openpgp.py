@@ -1,0 +1,91 @@
+"""XEP-0373 (OpenPGP for XMPP) framing, §3: the only place its XML is read or written (the
+public-key nodes of §4 are in :mod:`gridpresence.security.ox_xml`, whose names this shares).
+
+``<openpgp xmlns='urn:xmpp:openpgp:0'>BASE64</openpgp>`` carries one binary OpenPGP message;
+decrypted, that message is a ``<signcrypt/>`` element naming its recipients (``<to jid/>``),
+when it was made (``<time stamp/>``), random padding (``<rpad/>``, hides the payload's length)
+and the ``<payload/>``. The crypto itself is in :mod:`gridpresence.security.parts`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import secrets
+from dataclasses import dataclass
+from xml.etree import ElementTree as ET
+
+from gridpresence.protocol.codec import PayloadError, _text
+from gridpresence.security.ox_xml import NS_OX as OX_NS
+from gridpresence.security.ox_xml import ox
+
+__all__ = ["OX_NS", "Signcrypt", "openpgp_from_xml", "openpgp_to_xml", "ox", "signcrypt_from_bytes",
+           "signcrypt_to_bytes"]
+# A sealed part is a few hundred bytes; this bounds what a receiver will even try to decode.
+MAX_OPENPGP_BYTES = 64 * 1024
+
+
+def openpgp_to_xml(message: bytes) -> ET.Element:
+    el = ET.Element(ox("openpgp"))
+    el.text = base64.b64encode(message).decode("ascii")
+    return el
+
+
+def openpgp_from_xml(el: ET.Element | None) -> bytes:
+    """The binary OpenPGP message an ``<openpgp/>`` element holds; raises :class:`PayloadError`."""
+    if el is None or el.tag != ox("openpgp"):
+        raise PayloadError(f"expected <openpgp xmlns='{OX_NS}'>")
+    text = "".join((el.text or "").split())
+    if len(text) > MAX_OPENPGP_BYTES * 4 // 3 + 4:
+        raise PayloadError(f"OpenPGP message larger than {MAX_OPENPGP_BYTES} bytes")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise PayloadError("<openpgp/> is not valid base64") from None
+    if not data:
+        raise PayloadError("<openpgp/> is empty")
+    return data
+
+
+@dataclass(frozen=True)
+class Signcrypt:
+    """The cleartext of a signed and encrypted OpenPGP message (XEP-0373 §3.1)."""
+
+    to: tuple[str, ...]
+    time: dt.datetime
+    payload: ET.Element
+
+
+def signcrypt_to_bytes(content: Signcrypt) -> bytes:
+    el = ET.Element(ox("signcrypt"))
+    for jid in content.to:
+        ET.SubElement(el, ox("to"), {"jid": jid})
+    ET.SubElement(el, ox("time"), {"stamp": _text(content.time)})
+    # 0-63 random characters: ciphertexts of the same kind of part do not all have one length.
+    ET.SubElement(el, ox("rpad")).text = secrets.token_urlsafe(48)[: secrets.randbelow(64)] or None
+    ET.SubElement(el, ox("payload")).append(content.payload)
+    return ET.tostring(el, encoding="utf-8")
+
+
+def signcrypt_from_bytes(data: bytes) -> Signcrypt:
+    try:
+        el = ET.fromstring(data)
+    except ET.ParseError as exc:
+        raise PayloadError(f"decrypted part is not well-formed XML: {exc}") from None
+    if el.tag != ox("signcrypt"):
+        raise PayloadError(f"decrypted part is <{el.tag}>, not <signcrypt xmlns='{OX_NS}'>")
+    to = tuple(t.get("jid", "") for t in el.findall(ox("to")))
+    stamp = el.find(ox("time"))
+    payload = el.find(ox("payload"))
+    if not to or not all(to):
+        raise PayloadError("<signcrypt/> names no recipient")
+    if stamp is None or payload is None or len(payload) != 1:
+        raise PayloadError("<signcrypt/> needs one <time/> and a <payload/> with one element")
+    try:
+        when = dt.datetime.fromisoformat(stamp.get("stamp", "").replace("Z", "+00:00"))
+    except ValueError:
+        raise PayloadError("<time stamp/> is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise PayloadError("<time stamp/> has no time zone")
+    return Signcrypt(to=to, time=when, payload=payload[0])
