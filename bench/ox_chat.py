@@ -22,10 +22,9 @@ from slixmpp import Message
 
 from gridpresence.agents.session import close_session, make_client, open_session
 from gridpresence.grid import Grid
-from gridpresence.protocol.models import Signcrypt, utcnow
-from gridpresence.security.ox_xml import FALLBACK_BODY, openpgp_from_message, openpgp_to_xml
+from gridpresence.protocol.openpgp import FALLBACK_BODY, ox
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
-from gridpresence.security.ox import open_message, seal
+from gridpresence.security.ox import open_chat, seal_chat
 
 OPERATOR = "bench-op@localhost"
 
@@ -58,12 +57,12 @@ class Operator:
         t0 = time.perf_counter()
         device_key = await self.keyring.key_for(to)
         msg = self.client.make_message(mto=to, mbody=FALLBACK_BODY, mtype="chat")
-        msg.append(openpgp_to_xml(seal(Signcrypt(to=(to,), time=utcnow(), body=text), self.key, [device_key])))
+        msg.append(seal_chat(text, self.key, to, device_key))
         reply = await self._exchange(msg)
-        blob = openpgp_from_message(reply.xml)
-        if blob is None:
+        answer = reply.xml.find(ox("openpgp"))
+        if answer is None:
             raise SystemExit(f"the device answered in plain text: {reply['body']}")
-        await open_message(blob, to, OPERATOR, self.key, self.keyring)
+        await open_chat(answer, to, OPERATOR, self.key, self.keyring)
         return time.perf_counter() - t0
 
 

@@ -16,11 +16,11 @@ from chatpeer import ChatPeer, chat_peer
 from conftest import Env
 from gridpresence.agents.operator import GridOperator
 from gridpresence.protocol import DeviceState
-from gridpresence.protocol.models import Signcrypt, utcnow
-from gridpresence.security.ox_xml import FALLBACK_BODY, openpgp_from_message, openpgp_to_xml
+from gridpresence.protocol.models import utcnow
+from gridpresence.protocol.openpgp import FALLBACK_BODY, chat_payload, openpgp_to_xml, ox
 from gridpresence.security.keyring import StaticKeys
-from gridpresence.security.ox import MAX_AGE_S, open_message, seal
-from gridpresence.security.pgp import pgpy
+from gridpresence.security.ox import MAX_AGE_S, open_chat
+from gridpresence.security.parts import seal
 
 DEVICE = "ox-wire"
 
@@ -33,26 +33,30 @@ async def alice_chat(env: Env, alice: GridOperator) -> AsyncIterator[ChatPeer]:
     await peer.close()
 
 
-def send_ox(peer: ChatPeer, to: str, blob: str) -> None:
+def send_ox(peer: ChatPeer, to: str, blob: bytes | str) -> None:
+    """An OX chat message holding ``blob`` (an OpenPGP message, or text as it stands)."""
+    el = openpgp_to_xml(blob if isinstance(blob, bytes) else b"")
+    if isinstance(blob, str):
+        el.text = blob
     msg = peer.client.make_message(mto=to, mbody=FALLBACK_BODY, mtype="chat")
-    msg.append(openpgp_to_xml(blob))
+    msg.append(el)
     msg.send()
 
 
-def sealed(env: Env, text: str, signer: str = "alice", when: dt.datetime | None = None) -> str:
-    content = Signcrypt(to=(env.fleet.jid(DEVICE),), time=when or utcnow(), body=text)
-    return seal(content, env.grid.keys.secret(signer), [env.grid.keys.secret(DEVICE).pubkey])
+def sealed(env: Env, text: str, signer: str = "alice", when: dt.datetime | None = None, to: str = "") -> bytes:
+    device = env.fleet.jid(DEVICE)
+    recipient = env.grid.keys.secret(to).pubkey if to else env.grid.keys.secret(DEVICE).pubkey
+    return seal(chat_payload(text), env.grid.keys.secret(signer), {device: recipient}, now=when or utcnow())
 
 
 async def opened_reply(env: Env, msg: Message) -> str:
     """Alice opens the device's answer: encrypted to her, signed by the device's key."""
-    blob = openpgp_from_message(msg.xml)
-    assert blob is not None, f"expected an OX answer, got plain text: {msg['body']!r}"
+    el = msg.xml.find(ox("openpgp"))
+    assert el is not None, f"expected an OX answer, got plain text: {msg['body']!r}"
     assert msg["body"] == FALLBACK_BODY
     device = env.fleet.jid(DEVICE)
     pinned = StaticKeys({device: env.grid.keys.secret(DEVICE)})
-    alice: pgpy.PGPKey = env.grid.keys.secret("alice")
-    return (await open_message(blob, device, env.fleet.jid("alice"), alice, pinned)).content.body
+    return (await open_chat(el, device, env.fleet.jid("alice"), env.grid.keys.secret("alice"), pinned)).text
 
 
 async def test_signed_shed_acts_and_the_answer_comes_back_sealed(env: Env, alice_chat: ChatPeer,
@@ -78,18 +82,18 @@ async def test_signed_shed_acts_and_the_answer_comes_back_sealed(env: Env, alice
 async def test_what_the_device_will_not_act_on_is_answered_in_plain_text(env: Env, alice_chat: ChatPeer,
                                                                          alice: GridOperator) -> None:
     device = env.fleet.jid(DEVICE)
-    cases = [
-        ("%%% not base64", "the <openpgp/> element does not hold base64 data"),
-        (base64.b64encode(b"\x00" * 40).decode(), "does not hold an OpenPGP message"),
-        (sealed(env, "shed", signer="bob"), "its signature does not verify with the key pinned for alice@localhost"),
-        (sealed(env, "shed", when=utcnow() - dt.timedelta(seconds=MAX_AGE_S + 60)), "s ago; signed commands must arrive within 20 s"),
-        (seal(Signcrypt(to=(device,), time=utcnow(), body="shed"), env.grid.keys.secret("alice"),
-              [env.grid.keys.secret("bob").pubkey]), "not encrypted to this party's key"),
+    cases: list[tuple[bytes | str, str]] = [
+        ("%%% not base64", "<openpgp/> is not valid base64"),
+        (b"\x00" * 40, "not an OpenPGP message"),
+        (sealed(env, "shed", signer="bob"), "not alice@localhost's"),
+        (sealed(env, "shed", when=utcnow() - dt.timedelta(seconds=MAX_AGE_S + 60)),
+         "s ago; signed commands must arrive within 20 s"),
+        (sealed(env, "shed", to="bob"), f"part is not for {device}"),
     ]
     for blob, why in cases:
         send_ox(alice_chat, device, blob)
         reply = await alice_chat.reply_from(device)
-        assert openpgp_from_message(reply.xml) is None
+        assert reply.xml.find(ox("openpgp")) is None
         assert reply["body"].startswith("Your encrypted message was not accepted: ") and why in reply["body"], reply["body"]
     assert alice.devices[DEVICE].state is DeviceState.ON  # nothing acted
     assert (await alice_chat.ask(device, "status")).startswith(f"{DEVICE} (load) is on")  # and the bot lives

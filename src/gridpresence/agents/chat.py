@@ -22,7 +22,7 @@ from gridpresence import roles
 from gridpresence.agents.alarms import TITLES
 from gridpresence.protocol.codec import q
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, PresenceReport, RejectReason, utcnow
-from gridpresence.security.ox_xml import openpgp_from_message
+from gridpresence.security.ox_xml import ox
 
 if TYPE_CHECKING:
     from gridpresence.agents.device import DeviceAgent
@@ -124,7 +124,7 @@ class ChatDesk:
             return
         if msg.xml.find(q("tariff")) is not None:
             return  # a price (its body is a note for people): the device's PriceFeed takes it
-        if openpgp_from_message(msg.xml) is not None:
+        if msg.xml.find(ox("openpgp")) is not None:
             return  # OpenPGP for XMPP: its body is only a fallback; the OX desk answers it
         try:
             answer = self.answer(msg["from"], msg["body"], msg["id"] or "")

@@ -16,9 +16,8 @@ from slixmpp import JID, Message
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
-from gridpresence.protocol.models import Signcrypt, utcnow
-from gridpresence.security.ox_xml import FALLBACK_BODY, openpgp_from_message, openpgp_to_xml
-from gridpresence.security.ox import OxRefused, open_message, seal
+from gridpresence.protocol.openpgp import FALLBACK_BODY
+from gridpresence.security.ox import OxRefused, open_chat, seal_chat
 from gridpresence.security.pgp import pgpy
 
 if TYPE_CHECKING:
@@ -36,7 +35,8 @@ class OxDesk:
     def __init__(self, agent: DeviceAgent) -> None:
         self.agent = agent
         self._pending: set[asyncio.Task[None]] = set()
-        agent.client.register_handler(Callback("ox message", StanzaPath("message/ox_openpgp"), self._on_ox))
+        agent.client.register_handler(Callback("ox message", StanzaPath("message/ox_openpgp"),
+                                               self._on_ox))  # type: ignore[arg-type]
 
     def _on_ox(self, msg: Message) -> None:
         if msg["type"] not in ("chat", "normal") or msg["from"].bare == self.agent.jid:
@@ -61,9 +61,8 @@ class OxDesk:
                 self._reply_plain(msg, f"{self.agent.spec.name} has no OpenPGP key of its own, so it cannot read "
                                        "encrypted messages; send plain chat or a signed command.")
                 return
-            opened = await open_message(openpgp_from_message(msg.xml) or "", sender.bare, self.agent.jid,
-                                        secret, self.agent.keyring)
-            answer = self.agent.chat.answer(sender, opened.content.body, "ox-" + opened.digest[:32], signed=True)
+            opened = await open_chat(msg["ox_openpgp"].xml, sender.bare, self.agent.jid, secret, self.agent.keyring)
+            answer = self.agent.chat.answer(sender, opened.text, "ox-" + opened.digest[:32], signed=True)
             if answer:
                 self._reply_sealed(msg, answer, secret, opened.key)
         except OxRefused as exc:
@@ -76,12 +75,12 @@ class OxDesk:
     def _reply_sealed(self, msg: Message, text: str, secret: pgpy.PGPKey, key: pgpy.PGPKey) -> None:
         sender: JID = msg["from"]
         try:
-            sealed = seal(Signcrypt(to=(sender.bare,), time=utcnow(), body=text), secret, [key])
+            sealed = seal_chat(text, secret, sender.bare, key)
         except OxRefused as exc:  # the command itself was handled: say so, not "refused"
             self._reply_plain(msg, f"Your message was handled, but the answer could not be encrypted ({exc}).")
             return
         reply = self.agent.client.make_message(mto=sender, mbody=FALLBACK_BODY, mtype="chat")
-        reply.append(openpgp_to_xml(sealed))
+        reply.append(sealed)
         self._send(reply, msg)
 
     def _reply_plain(self, msg: Message, text: str) -> None:

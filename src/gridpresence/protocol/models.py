@@ -305,12 +305,3 @@ class Health(_Model):
     status: HealthStatus
     reason: str = Field(default="", max_length=300)
     since: AwareDatetime = Field(default_factory=utcnow)
-
-
-class Signcrypt(_Model):
-    """The signed and encrypted content of an OpenPGP for XMPP message (XEP-0373 §3.1
-    ``<signcrypt/>`` with the XEP-0374 chat ``<body/>``): for whom, when, and the text."""
-
-    to: tuple[Annotated[str, Field(min_length=3, max_length=300)], ...] = Field(min_length=1, max_length=16)
-    time: AwareDatetime
-    body: str = Field(max_length=4000)  # chat answers are short; a chat command far shorter

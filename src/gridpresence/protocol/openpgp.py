@@ -20,8 +20,8 @@ from gridpresence.protocol.codec import PayloadError, _text
 from gridpresence.security.ox_xml import NS_OX as OX_NS
 from gridpresence.security.ox_xml import ox
 
-__all__ = ["OX_NS", "Signcrypt", "openpgp_from_xml", "openpgp_to_xml", "ox", "signcrypt_from_bytes",
-           "signcrypt_to_bytes"]
+__all__ = ["OX_NS", "Signcrypt", "chat_body", "chat_payload", "openpgp_from_xml", "openpgp_to_xml", "ox",
+           "signcrypt_from_bytes", "signcrypt_to_bytes"]
 # A sealed part is a few hundred bytes; this bounds what a receiver will even try to decode.
 MAX_OPENPGP_BYTES = 64 * 1024
 
@@ -89,3 +89,23 @@ def signcrypt_from_bytes(data: bytes) -> Signcrypt:
     if when.tzinfo is None:
         raise PayloadError("<time stamp/> has no time zone")
     return Signcrypt(to=to, time=when, payload=payload[0])
+
+
+# -- XEP-0374 chat: the payload is a message's <body/> ---------------------------------------
+
+CLIENT_NS = "jabber:client"
+# The plain body a client that cannot read OX shows instead (XEP-0374 §2.1 suggests one).
+FALLBACK_BODY = "This message is encrypted (XEP-0373: OpenPGP for XMPP)."
+
+
+def chat_payload(text: str) -> ET.Element:
+    el = ET.Element(f"{{{CLIENT_NS}}}body")
+    el.text = text
+    return el
+
+
+def chat_body(payload: ET.Element) -> str:
+    """The text of a chat payload (``<body xmlns='jabber:client'/>``); :class:`PayloadError` if not one."""
+    if payload.tag != f"{{{CLIENT_NS}}}body":
+        raise PayloadError(f"the signed payload is <{payload.tag}>, not a chat <body xmlns='{CLIENT_NS}'/>")
+    return payload.text or ""

@@ -13,22 +13,12 @@ import base64
 import binascii
 import datetime as dt
 import re
-import secrets
-import string
 from dataclasses import dataclass
 from xml.etree import ElementTree as ET
-
-from pydantic import ValidationError
-
-from gridpresence.protocol.models import Signcrypt
 
 NS_OX = "urn:xmpp:openpgp:0"
 PUBLIC_KEYS_NODE = f"{NS_OX}:public-keys"  # the metadata node
 PUBLIC_KEYS_NOTIFY = f"{PUBLIC_KEYS_NODE}+notify"  # XEP-0163 interest in the metadata node
-NS_CLIENT = "jabber:client"
-# The plain body a client that cannot read OX shows instead (XEP-0374 §2.1 suggests one).
-FALLBACK_BODY = "This message is encrypted (XEP-0373: OpenPGP for XMPP)."
-_PAD_CHARS = string.ascii_letters + string.digits
 _FPR = re.compile(r"^[0-9A-F]{40}$")
 
 
@@ -113,62 +103,3 @@ def metadata_from_xml(el: ET.Element | None) -> list[KeyAnnouncement]:
         out.append(KeyAnnouncement(fpr, _parse_xep82(meta.get("date") or "")))
     out.sort(key=lambda a: a.date, reverse=True)
     return out
-
-
-# -- OX messages (§3, XEP-0374 chat) ---------------------------------------------------------
-# Written the way OX clients (Profanity, Gajim) write them: <signcrypt> in the default namespace,
-# <to jid/>, <time stamp/>, random <rpad/> (the ciphertext's length does not tell the text's)
-# and a <payload/> of stanza elements, here one <body xmlns='jabber:client'/>.
-
-
-def openpgp_to_xml(message_b64: str) -> ET.Element:
-    """``<openpgp xmlns='urn:xmpp:openpgp:0'>BASE64</openpgp>`` for a message stanza."""
-    el = ET.Element(ox("openpgp"))
-    el.text = message_b64
-    return el
-
-
-def openpgp_from_message(stanza: ET.Element) -> str | None:
-    """The base64 OpenPGP message a message stanza carries, or None if it carries none."""
-    el = stanza.find(ox("openpgp"))
-    if el is None:
-        return None
-    return "".join((el.text or "").split())
-
-
-def signcrypt_to_xml(content: Signcrypt) -> bytes:
-    """The plaintext to sign and encrypt (UTF-8), with 16-63 random padding characters."""
-    root = ET.Element("signcrypt", {"xmlns": NS_OX})
-    for jid in content.to:
-        ET.SubElement(root, "to", {"jid": jid})
-    ET.SubElement(root, "time", {"stamp": xep82(content.time)})
-    ET.SubElement(root, "rpad").text = "".join(secrets.choice(_PAD_CHARS) for _ in range(16 + secrets.randbelow(48)))
-    ET.SubElement(ET.SubElement(root, "payload"), "body", {"xmlns": NS_CLIENT}).text = content.body
-    return ET.tostring(root, encoding="utf-8", xml_declaration=False)
-
-
-def signcrypt_from_xml(data: bytes) -> Signcrypt:
-    """A decrypted, verified ``<signcrypt/>`` carrying chat; :class:`OxXmlError` says what is wrong."""
-    try:
-        root = ET.fromstring(data)
-    except ET.ParseError as exc:
-        raise OxXmlError(f"the decrypted content is not XML ({exc})") from None
-    if root.tag in (ox("sign"), ox("crypt")):
-        kind = "signed but not encrypted" if root.tag == ox("sign") else "encrypted but not signed"
-        raise OxXmlError(f"it is a <{root.tag.split('}')[1]}/> ({kind}); commands need <signcrypt/>")
-    if root.tag != ox("signcrypt"):
-        raise OxXmlError(f"the decrypted content is not <signcrypt xmlns='{NS_OX}'/>")
-    stamp = root.find(ox("time"))
-    if stamp is None or not stamp.get("stamp"):
-        raise OxXmlError("<signcrypt/> has no <time stamp=''/>")
-    when = _parse_xep82(stamp.get("stamp", ""))
-    payload = root.find(ox("payload"))
-    bodies = [] if payload is None else [el for el in payload if el.tag in (f"{{{NS_CLIENT}}}body", ox("body"))]
-    if not bodies:
-        raise OxXmlError("<signcrypt/> has no <payload/> with a chat <body/>")
-    try:
-        return Signcrypt(to=tuple(el.get("jid", "") for el in root.findall(ox("to"))), time=when,
-                         body=bodies[0].text or "")
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise OxXmlError(f"invalid <signcrypt/>: {problems}") from None
