@@ -80,7 +80,7 @@ async def test_gnupg_decrypts_and_verifies_the_devices_answer(operator_gpg: GnuP
     assert f"[GNUPG:] VALIDSIG {keys.fingerprint(DEVICE_KEY)}" in status
     assert "[GNUPG:] GOODSIG" in status and "[GNUPG:] DECRYPTION_OKAY" in status
     answer = signcrypt_from_bytes(plain)
-    assert chat_body(answer.payload) == "Done: load shed. <ok> & \"quoted\"" and answer.to == (ALICE,)
+    assert chat_body(answer) == "Done: load shed. <ok> & \"quoted\"" and answer.to == (ALICE,)
     assert b"rpad" in plain and b"jabber:client" in plain
 
 
@@ -141,12 +141,12 @@ async def test_malformed_openpgp_content_is_refused(text: str, why: str) -> None
     (b"<signcrypt xmlns='urn:xmpp:openpgp:0'><to jid='ox-load@localhost'/><time stamp='yesterday'/>"
      b"<payload><body xmlns='jabber:client'>shed</body></payload></signcrypt>", "not an ISO 8601 time"),
     (b"<signcrypt xmlns='urn:xmpp:openpgp:0'><to jid='ox-load@localhost'/><time stamp='2026-01-01T00:00:00Z'/>"
-     b"<payload/></signcrypt>", "a <payload/> with one element"),
+     b"<payload/></signcrypt>", "a <payload/> with an element"),
     (b"<signcrypt xmlns='urn:xmpp:openpgp:0'><time stamp='2026-01-01T00:00:00Z'/>"
      b"<payload><body xmlns='jabber:client'>shed</body></payload></signcrypt>", "names no recipient"),
     (b"<signcrypt xmlns='urn:xmpp:openpgp:0'><to jid='ox-load@localhost'/><time stamp='%s'/>"
      b"<payload><command xmlns='urn:gridpresence:0'/></payload></signcrypt>" % f"{utcnow():%Y-%m-%dT%H:%M:%SZ}".encode(),
-     "not a chat <body"),
+     "holds no chat <body"),
     (b"\x00\xff not xml", "not well-formed XML"),
 ])
 async def test_bad_signcrypt_content_is_refused_even_when_signed(plain: bytes, why: str) -> None:
@@ -154,6 +154,17 @@ async def test_bad_signcrypt_content_is_refused_even_when_signed(plain: bytes, w
     message |= ALICE_KEY.sign(message)
     with pytest.raises(OxRefused, match=why):
         await open_(bytes(DEVICE_KEY.pubkey.encrypt(message)))
+
+
+async def test_a_body_beside_chat_states_and_receipt_requests_is_read() -> None:
+    """Gajim's OpenPGP plugin encrypts every stanza element but hints into the payload."""
+    stamp = f"{utcnow():%Y-%m-%dT%H:%M:%SZ}"
+    plain = (f"<signcrypt xmlns='urn:xmpp:openpgp:0'><to jid='{DEVICE}'/><time stamp='{stamp}'/><rpad>xyz</rpad>"
+             "<payload><active xmlns='http://jabber.org/protocol/chatstates'/><body xmlns='jabber:client'>status</body>"
+             "<request xmlns='urn:xmpp:receipts'/></payload></signcrypt>").encode()
+    message = pgpy.PGPMessage.new(plain, compression=CompressionAlgorithm.Uncompressed)
+    message |= ALICE_KEY.sign(message)
+    assert await open_(bytes(DEVICE_KEY.pubkey.encrypt(message))) == "status"
 
 
 def test_encrypted_messages_are_told_from_signed_only_ones() -> None:

@@ -55,6 +55,9 @@ class Signcrypt:
     to: tuple[str, ...]
     time: dt.datetime
     payload: ET.Element
+    # Further payload elements: XEP-0374 chat clients put chat states or receipt requests
+    # beside the <body/> (Gajim does); a grid part has none.
+    extra: tuple[ET.Element, ...] = ()
 
 
 def signcrypt_to_bytes(content: Signcrypt) -> bytes:
@@ -80,15 +83,15 @@ def signcrypt_from_bytes(data: bytes) -> Signcrypt:
     payload = el.find(ox("payload"))
     if not to or not all(to):
         raise PayloadError("<signcrypt/> names no recipient")
-    if stamp is None or payload is None or len(payload) != 1:
-        raise PayloadError("<signcrypt/> needs one <time/> and a <payload/> with one element")
+    if stamp is None or payload is None or len(payload) == 0:
+        raise PayloadError("<signcrypt/> needs one <time/> and a <payload/> with an element")
     try:
         when = dt.datetime.fromisoformat(stamp.get("stamp", "").replace("Z", "+00:00"))
     except ValueError:
         raise PayloadError("<time stamp/> is not an ISO 8601 time") from None
     if when.tzinfo is None:
         raise PayloadError("<time stamp/> has no time zone")
-    return Signcrypt(to=to, time=when, payload=payload[0])
+    return Signcrypt(to=to, time=when, payload=payload[0], extra=tuple(payload[1:]))
 
 
 # -- XEP-0374 chat: the payload is a message's <body/> ---------------------------------------
@@ -104,8 +107,9 @@ def chat_payload(text: str) -> ET.Element:
     return el
 
 
-def chat_body(payload: ET.Element) -> str:
-    """The text of a chat payload (``<body xmlns='jabber:client'/>``); :class:`PayloadError` if not one."""
-    if payload.tag != f"{{{CLIENT_NS}}}body":
-        raise PayloadError(f"the signed payload is <{payload.tag}>, not a chat <body xmlns='{CLIENT_NS}'/>")
-    return payload.text or ""
+def chat_body(content: Signcrypt) -> str:
+    """The text of the chat ``<body xmlns='jabber:client'/>`` among the payload elements."""
+    for el in (content.payload, *content.extra):
+        if el.tag == f"{{{CLIENT_NS}}}body":
+            return el.text or ""
+    raise PayloadError(f"the signed payload holds no chat <body xmlns='{CLIENT_NS}'/>")

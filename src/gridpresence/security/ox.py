@@ -72,7 +72,7 @@ async def open_chat(openpgp: ET.Element, sender: str, me: str, own: pgpy.PGPKey,
     now = now or utcnow()
     try:
         content = unseal(blob, me, own, sender, key, now)
-        text = chat_body(content.payload)
+        text = chat_body(content)
     except NotForYou as exc:
         raise OxRefused(f"{exc} ({fingerprint(own)}); fetch its current key from its PEP node "
                         "(Profanity: /ox discover, /ox request)") from None
