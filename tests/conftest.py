@@ -27,6 +27,9 @@ TEST_FLEET = {
     "presence_grace_s": 2.0,
     "operators": [{"name": "alice"}, {"name": "bob"}],
     "billing": [{"name": "billing", "peak_price": 0.8, "off_peak_price": 0.6}],
+    "manufacturers": [{"name": "maker"}],
+    # Lab setting: the chat, console and ad-hoc tests drive devices with plain (unsigned) lines.
+    "security": {"unsigned_chat_actions": ["shed", "restore", "start", "stop", "open", "close"]},
     "devices": [
         {"name": "master", "kind": "master", "rated_kw": 1000},
         {"name": "branch-a", "kind": "meter", "rated_kw": 400, "parent": "master"},

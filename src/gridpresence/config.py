@@ -6,6 +6,7 @@ A fleet file is TOML, validated with pydantic; every error names the field, e.g.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tomllib
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.protocol.models import DeviceKind
+from gridpresence.security.policy import Role, SecuritySettings
 
 # XMPP localparts we generate from names: keep them boring so every client can type them.
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,47}$")
@@ -61,8 +63,20 @@ class BillingSpec(_Spec):
     peak_end_hour: int = Field(default=18, ge=1, le=24)
 
 
+class ManufacturerSpec(_Spec):
+    """A device manufacturer: signs firmware upgrade offers for the devices it made."""
+
+
+def default_serial(name: str) -> str:
+    """A device's serial number when the fleet file gives none: stable for a name, so a second
+    `up` and every party computing it agree (``SN-`` and 12 hex digits of the name's SHA-256)."""
+    return "SN-" + hashlib.sha256(name.encode()).hexdigest()[:12].upper()
+
+
 class DeviceSpec(_Spec):
     kind: DeviceKind
+    # The serial number bound into every signed command for this device ([0045]).
+    serial: str = Field(default="", pattern=r"^([A-Za-z0-9._:-]{1,64})?$")
     rated_kw: float = Field(gt=0, le=1e6, allow_inf_nan=False)
     critical: bool = False
     parent: str | None = None
@@ -75,6 +89,12 @@ class DeviceSpec(_Spec):
     utilisation: float = Field(default=0.6, ge=0, le=1.2, allow_inf_nan=False)
     initial_state: Annotated[str, Field(pattern="^(on|off)$")] | None = None
 
+    @model_validator(mode="after")
+    def _serial(self) -> DeviceSpec:
+        if not self.serial:
+            object.__setattr__(self, "serial", default_serial(self.name))
+        return self
+
 
 class Fleet(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -83,13 +103,15 @@ class Fleet(BaseModel):
     presence_grace_s: float = Field(default=15.0, gt=0, le=3600, allow_inf_nan=False)
     operators: tuple[OperatorSpec, ...] = Field(min_length=1)
     billing: tuple[BillingSpec, ...] = ()
+    manufacturers: tuple[ManufacturerSpec, ...] = ()
     devices: tuple[DeviceSpec, ...] = Field(min_length=1)
     alarms: AlarmSettings = AlarmSettings()
+    security: SecuritySettings = SecuritySettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Fleet:
         seen: set[str] = set()
-        for party in (*self.operators, *self.billing, *self.devices):
+        for party in (*self.operators, *self.billing, *self.manufacturers, *self.devices):
             if party.name in seen:
                 raise ValueError(f"name '{party.name}' is used twice")
             seen.add(party.name)
@@ -126,6 +148,13 @@ class Fleet(BaseModel):
 
     def jid(self, name: str) -> str:
         return f"{name}@{self.domain}"
+
+    def roles(self) -> dict[str, Role]:
+        """Bare JID -> the role its signed commands are judged by ([security] allow)."""
+        out = {self.jid(p.name): Role.MANUFACTURER for p in self.manufacturers}
+        out.update({self.jid(p.name): Role.BILLING for p in self.billing})
+        out.update({self.jid(p.name): Role.OPERATOR for p in self.operators})
+        return out
 
 
 def _where(loc: tuple[int | str, ...]) -> str:

@@ -16,6 +16,7 @@ from gridpresence.agents.session import Account, ConnectionInfo, Endpoint, Relay
 from gridpresence.config import Fleet
 from gridpresence.relay.service import RelayService, relay_files, relay_port
 from gridpresence.security.keys import KEYS_DIR, KeyStore
+from gridpresence.security.replay import ReplayStore
 from gridpresence.server import ProsodyServer, ServerPorts, provision
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 CONNECTION_FILE = "connection.json"
 SECRETS_FILE = "secrets.json"
 FLEET_COPY = "fleet.json"  # the fleet this directory runs, for `gridpresence bots`
+REPLAY_FILE = "replay.sqlite3"  # commands the devices took, so a restarted device refuses a replay
 
 
 class Grid:
@@ -39,6 +41,7 @@ class Grid:
         self._tick_s = tick_s
         self.bots: FleetBots | None = None
         self.relay: RelayService | None = None
+        self.replay: ReplayStore | None = None  # the devices' memory of commands taken
         self._bind = bind
 
     @property
@@ -53,7 +56,8 @@ class Grid:
                     for o in self.fleet.operators)
         return ConnectionInfo(server=self.endpoint, operators=ops, watchdog=self.fleet.jid(WATCHDOG),
                               billing=tuple(self.fleet.jid(b.name) for b in self.fleet.billing),
-                              presence_grace_s=self.fleet.presence_grace_s, relay=self.relay_endpoint)
+                              presence_grace_s=self.fleet.presence_grace_s, relay=self.relay_endpoint,
+                              serials={self.fleet.jid(d.name): d.serial for d in self.fleet.devices})
 
     @property
     def relay_endpoint(self) -> RelayEndpoint | None:
@@ -80,7 +84,9 @@ class Grid:
                 await self._start_relay()
             self._write_connection()
             if self._want_bots:
-                self.bots = FleetBots(self.fleet, self.endpoint, self.secrets, only=self._only, tick_s=self._tick_s)
+                self.replay = ReplayStore(self.data_dir / REPLAY_FILE)
+                self.bots = FleetBots(self.fleet, self.endpoint, self.secrets, only=self._only, tick_s=self._tick_s,
+                                      keys=self.keys, replay=self.replay)
                 await self.bots.start()
         except BaseException:
             await self.stop()
@@ -110,6 +116,9 @@ class Grid:
         if self.relay is not None:
             await self.relay.stop()
             self.relay = None
+        if self.replay is not None:
+            self.replay.close()
+            self.replay = None
         await self.server.stop()
 
     async def __aenter__(self) -> Grid:

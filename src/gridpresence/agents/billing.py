@@ -8,10 +8,12 @@ from collections.abc import Iterable
 
 from slixmpp import JID, Presence
 
+from gridpresence.agents.issuer import CommandIssuer
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
 from gridpresence.config import BillingSpec
 from gridpresence.protocol.codec import tariff_to_xml
-from gridpresence.protocol.models import Tariff, TariffPeriod
+from gridpresence.protocol.models import Action, Command, Outcome, Tariff, TariffPeriod
+from gridpresence.security.pgp import pgpy
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +27,15 @@ def tariff_from_spec(spec: BillingSpec) -> Tariff:
 
 
 class BillingAgent:
-    def __init__(self, spec: BillingSpec, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str]) -> None:
+    def __init__(self, spec: BillingSpec, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str],
+                 key: pgpy.PGPKey | None = None) -> None:
         self.spec = spec
         self.endpoint = endpoint
         self.operators = frozenset(JID(j).bare for j in operators)
         self.tariff = tariff_from_spec(spec)
         self.client = make_client(jid, password, endpoint)
+        # Commands to devices (billing reset, tariff, price) are signed with the billing key.
+        self.issuer = CommandIssuer(self.client, key)
         self._present: set[str] = set()  # operators' full JIDs that have our current tariff
         self.client.add_event_handler("presence", self._on_presence)
         self.client.add_event_handler("session_start", lambda _e: self.client.send_presence(pstatus="billing"))
@@ -71,3 +76,10 @@ class BillingAgent:
                         periods=(TariffPeriod(start_hour=0, end_hour=24, price_per_kwh=price_per_kwh),))
         self.publish(tariff)
         return tariff
+
+    async def command(self, device: str, serial: str, action: Action | str, *, args: dict[str, str] | None = None,
+                      ttl_s: float = 30.0) -> Outcome:
+        """A signed command to a device (bare JID; a device has one session) and its one outcome,
+        e.g. ``billing_reset`` to a meter ([0085]: accepted only with the billing party's signature)."""
+        cmd = Command.new(action, self.client.boundjid.bare, ttl_s=ttl_s, args=args, serial=serial)
+        return await self.issuer.send(cmd, device)

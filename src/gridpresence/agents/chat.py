@@ -48,6 +48,14 @@ REASONS: dict[RejectReason, str] = {
     RejectReason.NOT_SUPPORTED: "not something this device can do",
     RejectReason.INVALID_ARGUMENTS: "the arguments are not valid",
     RejectReason.NOT_AUTHORISED: "not authorised",
+    RejectReason.UNSIGNED: "an unsigned chat line may not change the device's state",
+    RejectReason.BAD_SIGNATURE: "the signature does not check out",
+    RejectReason.UNKNOWN_KEY: "the issuer's key is unknown",
+    RejectReason.KEY_CHANGED: "the issuer's key changed",
+    RejectReason.REPLAYED: "the device had this command already",
+    RejectReason.STALE: "the command is outside its time window",
+    RejectReason.WRONG_SERIAL: "it was signed for another serial number",
+    RejectReason.WRONG_RECIPIENT: "it was signed for another device",
 }
 _CHAT_ID = re.compile(r"[^A-Za-z0-9._:-]")
 
@@ -131,7 +139,14 @@ class ChatDesk:
                 reply["thread"] = msg["thread"]
             reply.send()
 
-    def answer(self, sender: JID, text: str, stanza_id: str = "") -> str | None:
+    def handle(self, text: str, sender: JID, signed: bool, stanza_id: str = "") -> str | None:
+        """The reply to one chat line. ``signed``: the line came verified from the sender's key
+        (e.g. an XEP-0374 signcrypt message from an OX client); only then may it change the
+        device's state, unless the fleet allows that action unsigned ([security]
+        unsigned_chat_actions, a lab setting)."""
+        return self.answer(sender, text, stanza_id, signed=signed)
+
+    def answer(self, sender: JID, text: str, stanza_id: str = "", *, signed: bool = False) -> str | None:
         """The reply to one chat message (None: stay silent to a stranger already told)."""
         who = sender.bare
         if who not in self.agent.operators:
@@ -148,6 +163,9 @@ class ChatDesk:
         if verb in ("status", "state", "s"):
             return describe_report(self.name, self.agent.current_report())
         if verb in ACTION_WORDS and not rest:
+            if not signed and ACTION_WORDS[verb] not in self.agent.security.unsigned_chat_actions:
+                return (f"Refused {verb}: {REASONS[RejectReason.UNSIGNED]}; send a signed command "
+                        "(gridpresence CLI or the operator library) or an OpenPGP-signed chat message.")
             return self._act(who, ACTION_WORDS[verb], stanza_id)
         if verb == "read" and len(rest) <= 1:
             return self._read(who, rest[0].lower() if rest else None, stanza_id)

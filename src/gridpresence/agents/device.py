@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from pydantic import ValidationError
 from slixmpp import JID, Message, Presence
@@ -28,14 +27,15 @@ from gridpresence.config import DeviceSpec
 from gridpresence.devices import SimDevice, make_device
 from gridpresence.protocol.codec import (
     PayloadError,
-    command_from_xml,
+    outcome_from_text,
+    outcome_to_text,
     q,
     outcome_to_xml,
     report_from_xml,
     report_to_xml,
 )
+from gridpresence.protocol import openpgp  # noqa: F401  (registers <openpgp/> with slixmpp)
 from gridpresence.protocol.models import (
-    Action,
     Command,
     DeviceKind,
     DeviceState,
@@ -43,9 +43,15 @@ from gridpresence.protocol.models import (
     OutcomeStatus,
     PresenceReport,
     RejectReason,
+    Tariff,
     Telemetry,
     utcnow,
 )
+from gridpresence.security.gate import CommandGate, Refusal, SignedCommand, open_command
+from gridpresence.security.keyring import KeyLookup, StaticKeys
+from gridpresence.security.policy import Role, SecuritySettings
+from gridpresence.security.replay import ReplayGuard, ReplayStore
+from gridpresence.security.signed import SignatureFailure, key_of
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +72,12 @@ def branch_contribution(child: PresenceReport) -> float:
 class DeviceAgent:
     """One device identity on the network.
 
-    ``operators`` are the bare JIDs allowed to command it; ``children`` the bare JIDs whose
-    load this device sums (a master IED or a branch meter); ``relays`` the store-and-forward
-    relays that may hand over an operator's command.
+    ``operators`` are the bare JIDs on alarm duty that may chat with it; ``children`` the bare
+    JIDs whose load this device sums (a master IED or a branch meter); ``relays`` the
+    store-and-forward relays that may hand over a signed command. Commands must be signed:
+    ``roles`` (bare JID -> role, default: operators and services as operators) and
+    ``security`` decide who may issue what, ``keys`` finds the issuers' public keys, and
+    ``replay`` (default: memory only) remembers the commands taken, across restarts.
     """
 
     def __init__(
@@ -83,6 +92,11 @@ class DeviceAgent:
         relays: Iterable[str] = (),
         alarms: AlarmSettings | None = None,
         services: Iterable[str] = (),
+        *,
+        security: SecuritySettings | None = None,
+        roles: Mapping[str, Role] | None = None,
+        keys: KeyLookup | None = None,
+        replay: ReplayStore | None = None,
     ) -> None:
         self.spec = spec
         self.endpoint = endpoint
@@ -95,17 +109,24 @@ class DeviceAgent:
         self.tick_s = min(tick_s, spec.refresh_s)
         self.sim: SimDevice = make_device(spec, utcnow())
         self.client = make_client(jid, password, endpoint)
+        self.security = security or SecuritySettings()
+        self.gate = CommandGate(JID(jid).bare, spec.serial, self.security,
+                                dict(roles) if roles is not None else dict.fromkeys(self.operators, Role.OPERATOR),
+                                self.relays)
+        self.keyring: KeyLookup = keys if keys is not None else StaticKeys({})
+        # Every command taken, with its outcome, until its expiry: a copy has no second effect.
+        self.replay = ReplayGuard(replay or ReplayStore(None), self.gate.device)
+        self.tariff: Tariff | None = None  # the billing party's, once it sent one
         self._seq = 0
         self._published: PresenceReport | None = None
         self._published_at = 0.0
-        # Outcomes by command id, kept until the command expires: a redelivery inside that
-        # window is answered from here (no second effect); after it, expiry rejects it anyway.
-        self._done: OrderedDict[str, tuple[dt.datetime, Outcome]] = OrderedDict()
         self._loop_task: asyncio.Task[None] | None = None
+        self._fetching: set[asyncio.Task[None]] = set()
         self._stopping = False
         self.client.register_handler(
             Callback("grid command", StanzaPath("message/grid_command"), self._on_command)
         )
+        self.client.register_handler(Callback("signed command", StanzaPath("message/openpgp"), self._on_signed))
         if self.children:
             self.client.add_event_handler("presence", self._on_child_presence)
         self.client.add_event_handler("disconnected", self._on_disconnected)
@@ -179,6 +200,7 @@ class DeviceAgent:
             refresh_s=self.spec.refresh_s,
             seq=self._seq,
             transport=self.client.transport_name,
+            serial=self.spec.serial,
         )
 
     def current_report(self) -> PresenceReport | None:
@@ -229,47 +251,86 @@ class DeviceAgent:
     # -- commands ---------------------------------------------------------------------
 
     def _on_command(self, msg: Message) -> None:
+        """A bare ``<command/>``: never acted on, only answered (every command must be signed)."""
         try:
-            self._handle_command(msg)
+            sender = msg["from"]
+            cmd_id = msg["grid_command"].xml.get("id") or ""
+            if not self.gate.may_send(sender.bare):
+                log.warning("%s: command from %s refused: not authorised", self.spec.name, sender)
+                self._answer(sender, cmd_id, OutcomeStatus.REJECTED, RejectReason.NOT_AUTHORISED,
+                             f"{sender.bare} may not command this device")
+                return
+            self._answer(sender, cmd_id, OutcomeStatus.REJECTED, RejectReason.UNSIGNED,
+                         "commands must be signed with the issuer's OpenPGP key (<openpgp xmlns='urn:xmpp:openpgp:0'/>)")
         except Exception:  # never let one stanza end the bot
             log.exception("%s: command handling failed", self.spec.name)
-            self._stanza_error(msg["from"], "internal-server-error", "wait", "the device could not handle this command")
 
-    def _handle_command(self, msg: Message) -> None:
+    def _on_signed(self, msg: Message) -> None:
+        """A signed command: checked, then acted on once. Sync while the issuer's key is cached."""
         sender = msg["from"]
-        raw = msg["grid_command"].xml
-        cmd_id = raw.get("id") or ""
-        now = utcnow()
-        relayed = sender.bare in self.relays and (raw.get("issuer") or "") in self.operators
-        if sender.bare not in self.operators and not relayed:
-            log.warning("%s: command from %s refused: not authorised", self.spec.name, sender)
-            self._answer(sender, cmd_id, OutcomeStatus.REJECTED, RejectReason.NOT_AUTHORISED,
-                         f"{sender.bare} may not command this device")
-            return
         try:
-            cmd = command_from_xml(raw)
-        except PayloadError as exc:
-            unknown_action = raw.get("action") not in {a.value for a in Action}
-            reason = RejectReason.NOT_SUPPORTED if unknown_action else RejectReason.INVALID_ARGUMENTS
-            detail = f"unknown command {raw.get('action')!r}" if unknown_action else str(exc)
-            log.warning("%s: bad command from %s: %s", self.spec.name, sender, detail)
-            self._answer(sender, cmd_id, OutcomeStatus.REJECTED, reason, detail)
-            return
-        self._send_outcome(sender, self.accept(cmd, now))
+            signed = open_command(msg["openpgp"].xml)
+            if not self.gate.may_send(sender.bare):
+                raise Refusal(RejectReason.NOT_AUTHORISED, f"{sender.bare} may not command this device",
+                              signed.command.id)
+            key = self.keyring.cached(signed.command.issuer)
+            if key is None:  # first command from this issuer: fetch its key, then go on
+                task = asyncio.ensure_future(self._signed_after_fetch(sender, signed))
+                self._fetching.add(task)
+                task.add_done_callback(self._fetching.discard)
+                return
+            self._send_outcome(sender, self._take_signed(sender, signed, key))
+        except Refusal as refusal:
+            self._refused(sender, refusal)
+        except Exception:  # never let one stanza end the bot
+            log.exception("%s: signed command handling failed", self.spec.name)
+            self._stanza_error(sender, "internal-server-error", "wait", "the device could not handle this command")
 
-    def accept(self, cmd: Command, now: dt.datetime) -> Outcome:
-        """The one path for an authorised, valid command (stanza, chat or ad-hoc): a repeated id
-        gets the remembered outcome with no second effect, a late one is expired."""
-        self._forget_expired(now)
-        if cmd.id in self._done:
-            log.info("%s: command %s delivered again; answering from memory", self.spec.name, cmd.id)
-            return self._done[cmd.id][1]
+    async def _signed_after_fetch(self, sender: JID, signed: SignedCommand) -> None:
+        try:
+            key = await key_of(signed.command.issuer, self.keyring)
+            self._send_outcome(sender, self._take_signed(sender, signed, key))
+        except SignatureFailure as exc:
+            self._refused(sender, Refusal(exc.reason, exc.detail, signed.command.id))
+        except Refusal as refusal:
+            self._refused(sender, refusal)
+        except Exception:
+            log.exception("%s: signed command handling failed", self.spec.name)
+
+    def _take_signed(self, sender: JID, signed: SignedCommand, key: object) -> Outcome:
+        now = utcnow()
+        cmd = self.gate.check(sender.bare, signed, key, now)
+        return self.accept(cmd, now, signed=True)
+
+    def _refused(self, sender: JID, refusal: Refusal) -> None:
+        log.warning("%s: command %s from %s refused (%s): %s", self.spec.name, refusal.command_id or "?", sender,
+                    refusal.reason.value, refusal.detail)
+        self._answer(sender, refusal.command_id, OutcomeStatus.REJECTED, refusal.reason, refusal.detail)
+
+    def accept(self, cmd: Command, now: dt.datetime, *, signed: bool = False) -> Outcome:
+        """The one path for an authorised, valid command (signed stanza, chat or ad-hoc).
+
+        A command taken before (same issuer and id, until its expiry) has no second effect: a
+        signed copy is rejected ``replayed`` with the first outcome attached; a chat or ad-hoc
+        redelivery gets the first outcome again. A late command is expired."""
+        seen = self.replay.seen(cmd.issuer, cmd.id)
+        if seen is not None:
+            first = outcome_from_text(seen.outcome)
+            if not signed:
+                return first
+            log.warning("%s: command %s from %s seen before: refused as a replay", self.spec.name, cmd.id, cmd.issuer)
+            at = dt.datetime.fromtimestamp(seen.first_at, dt.timezone.utc)
+            return Outcome(command_id=cmd.id, device=self.jid, status=OutcomeStatus.REJECTED,
+                           reason=RejectReason.REPLAYED, first=first.model_copy(update={"report": None}),
+                           detail=f"already had at {at:%H:%M:%S} UTC: {first.summary()}"[:500],
+                           report=self.current_report())
         if cmd.is_expired(now):
             late = (now - cmd.expires).total_seconds()
             return Outcome(command_id=cmd.id, device=self.jid, status=OutcomeStatus.EXPIRED,
                            detail=f"arrived {late:.1f} s after its expiry")
         outcome = self.execute(cmd, now)
-        self._done[cmd.id] = (cmd.expires, outcome)
+        forget_at = cmd.expires.timestamp() + self.security.clock_skew_s
+        self.replay.record(cmd.issuer, cmd.id, forget_at, outcome_to_text(outcome))
         return outcome
 
     def execute(self, cmd: Command, now: dt.datetime) -> Outcome:
@@ -285,13 +346,6 @@ class DeviceAgent:
             detail=effect.detail,
             report=report,
         )
-
-    def _forget_expired(self, now: dt.datetime) -> None:
-        while self._done:
-            first = next(iter(self._done))
-            if self._done[first][0] > now:
-                break
-            del self._done[first]
 
     def _answer(self, to: JID, cmd_id: str, status: OutcomeStatus, reason: RejectReason | None, detail: str) -> None:
         if not cmd_id:  # nothing to correlate with: a stanza-level error is all we can give

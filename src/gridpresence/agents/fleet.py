@@ -21,6 +21,10 @@ from gridpresence.agents.session import Endpoint
 from gridpresence.agents.watchdog import WatchdogAgent
 from gridpresence.config import Fleet
 from gridpresence.protocol.models import DeviceKind
+from gridpresence.security.keyring import KeyLookup, StaticKeys
+from gridpresence.security.keys import KeyStore
+from gridpresence.security.policy import Role
+from gridpresence.security.replay import ReplayStore
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +40,14 @@ class FleetBots:
     """The bots of a fleet. `only` limits them to some names (e.g. to run one device apart)."""
 
     def __init__(self, fleet: Fleet, endpoint: Endpoint, secrets: Secrets, only: Collection[str] | None = None,
-                 tick_s: float = 1.0, with_services: bool = True) -> None:
+                 tick_s: float = 1.0, with_services: bool = True, keys: KeyStore | None = None,
+                 replay: ReplayStore | None = None) -> None:
         self.fleet = fleet
         operators = [fleet.jid(o.name) for o in fleet.operators]
+        # Who signs as what: the fleet's parties, and the console acting for the operators.
+        roles = {**fleet.roles(), fleet.jid(CONSOLE): Role.OPERATOR}
+        keyring = issuer_keys(fleet, keys, roles)
+        self.replay = replay
         wanted = set(only) if only is not None else None
         self.devices: dict[str, DeviceAgent] = {}
         self.advisors: dict[str, BranchAdvisor] = {}  # master IEDs' branch watch, by name
@@ -50,7 +59,9 @@ class FleetBots:
                 children = [fleet.jid(c.name) for c in fleet.children(dev.name)]
                 self.devices[dev.name] = DeviceAgent(dev, fleet.jid(dev.name), secrets.password(dev.name), endpoint,
                                                      operators, children, tick_s=tick_s, relays=[fleet.jid(RELAY)],
-                                                     alarms=fleet.alarms, services=[fleet.jid(CONSOLE)])
+                                                     alarms=fleet.alarms, services=[fleet.jid(CONSOLE)],
+                                                     security=fleet.security, roles=roles, keys=keyring,
+                                                     replay=replay)
                 if fleet.billing:  # alarms are ranked at the billing party's tariff
                     self.devices[dev.name].alarms.price = tariff_from_spec(fleet.billing[0]).price_at
                 if dev.kind is DeviceKind.MASTER:
@@ -58,14 +69,18 @@ class FleetBots:
         for bill in fleet.billing:
             if wanted is None or bill.name in wanted:
                 self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),
-                                                       endpoint, operators)
+                                                       endpoint, operators,
+                                                       key=keys.secret(bill.name) if keys is not None else None)
         if with_services and (wanted is None or WATCHDOG in wanted):
             self.watchdog = WatchdogAgent(fleet.jid(WATCHDOG), secrets.password(WATCHDOG), endpoint, operators,
                                           grace_s=fleet.presence_grace_s)
 
         if with_services and (wanted is None or CONSOLE in wanted):
             self.console = ConsoleAgent(fleet.jid(CONSOLE), secrets.password(CONSOLE), endpoint, operators,
-                                        watchdog=fleet.jid(WATCHDOG), grace_s=fleet.presence_grace_s)
+                                        watchdog=fleet.jid(WATCHDOG), grace_s=fleet.presence_grace_s,
+                                        key=keys.secret(CONSOLE) if keys is not None else None,
+                                        serials={fleet.jid(d.name): d.serial for d in fleet.devices},
+                                        unsigned_actions=fleet.security.unsigned_chat_actions)
 
     @property
     def bots(self) -> list[Bot]:
@@ -92,3 +107,17 @@ class FleetBots:
         for res in results:
             if isinstance(res, BaseException):
                 log.warning("a bot did not stop cleanly: %s", res)
+
+
+def issuer_keys(fleet: Fleet, keys: KeyStore | None, roles: dict[str, Role]) -> KeyLookup:
+    """The public keys devices check signatures with.
+
+    TEMPORARY bridge until the PEP keyring (XEP-0373 key discovery with TOFU pins) is merged:
+    read from the key files this process provisioned. It never copies keys anywhere.
+    """
+    if keys is None:
+        return StaticKeys({})
+    names = {fleet.jid(p.name): p.name for p in (*fleet.operators, *fleet.billing, *fleet.manufacturers)}
+    names[fleet.jid(CONSOLE)] = CONSOLE
+    found = {jid: keys.secret(name) for jid, name in names.items() if jid in roles and keys.secret_path(name).exists()}
+    return StaticKeys(found)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+from xml.etree import ElementTree as ET
 
 from gridpresence.agents.session import RelayEndpoint
 from gridpresence.protocol.models import Command, Outcome, OutcomeStatus
-from gridpresence.relay.mail import MailSender, build_mail
+from gridpresence.protocol.codec import q
+from gridpresence.protocol.openpgp import element_to_text
+from gridpresence.relay.mail import MailSender, SignedCommand, build_mail
 from gridpresence.relay.service import ANSWER_MARGIN_S
 
 # How long after a queued command's expiry the issuer waits for the relay's verdict.
@@ -23,10 +26,12 @@ class RelayRoute:
         self.jid = relay.jid
         self._sender = MailSender(relay.smtp_host, relay.smtp_port)
 
-    async def queue(self, cmd: Command, device: str) -> Outcome:
-        """Hand `cmd` for `device` (bare JID) to the relay: "queued", or "undeliverable" with the
-        relay's refusal (its SMTP reply) or why it could not be reached."""
-        mail = build_mail(cmd, cmd.issuer, [device])
+    async def queue(self, cmd: Command, wire: ET.Element, device: str) -> Outcome:
+        """Hand `cmd` for `device` (bare JID) to the relay as `wire` (its signed ``<openpgp/>``,
+        or the bare ``<command/>`` of an issuer without a key): "queued", or "undeliverable"
+        with the relay's refusal (its SMTP reply) or why it could not be reached."""
+        payload = cmd if wire.tag == q("command") else SignedCommand(cmd, element_to_text(wire))
+        mail = build_mail(payload, cmd.issuer, [device])
         try:
             await asyncio.to_thread(self._sender.send, mail, cmd.issuer, [device])
         except smtplib.SMTPRecipientsRefused as exc:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gridpresence.protocol.models import Command, Outcome
-from gridpresence.relay.mail import GridMail, MailError, parse_mail, payload_xml
+from gridpresence.relay.mail import GridMail, MailError, SignedCommand, parse_mail, payload_xml
 from gridpresence.relay.queue import CommandQueue
 
 log = logging.getLogger(__name__)
@@ -97,13 +97,16 @@ class RelayHandler:
     def _store(self, mail: GridMail, envelope: Envelope) -> Stored:
         payload, sender, d = mail.payload, mail.sender, self.directory
         rcpts = list(dict.fromkeys(envelope.rcpt_tos))
-        if isinstance(payload, Command):
-            if sender not in d.operators or payload.issuer != sender:
+        if isinstance(payload, (Command, SignedCommand)):
+            cmd = payload.command if isinstance(payload, SignedCommand) else payload
+            if sender not in d.operators or cmd.issuer != sender:
                 raise _Refused("550 5.7.1 only an operator may mail commands, as their own issuer")
             if any(r not in d.devices for r in rcpts):
                 raise _Refused("550 5.1.1 commands go to device addresses only")
-            added = self.queue.add(payload, rcpts, payload_xml(payload))
-            return Stored(command=payload, devices=tuple(added))
+            if isinstance(payload, SignedCommand) and len(rcpts) != 1:
+                raise _Refused("550 5.1.1 a signed command goes to the one device it is signed for")
+            added = self.queue.add(cmd, rcpts, payload_xml(payload))
+            return Stored(command=cmd, devices=tuple(added))
         if sender not in d.devices:
             raise _Refused("550 5.7.1 only a device may mail its data or outcomes")
         if isinstance(payload, Outcome) and payload.device != sender:
