@@ -19,7 +19,7 @@ from slixmpp.exceptions import XMPPError
 from slixmpp.xmlstream import StanzaBase
 
 from gridpresence.agents.alarms import TITLES
-from gridpresence.agents.chat import REASONS, describe_outcome, describe_report
+from gridpresence.agents.chat import ACTION_WORDS, REASONS, describe_outcome, describe_report
 from gridpresence.protocol.models import Action, Command, PresenceReport, RejectReason, utcnow
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ class AdhocCommands:
         return stanza
 
     def actions(self) -> list[Action]:
-        return sorted(a for a in self.agent.sim.actions if a not in (Action.READ, Action.SET_TIME))
+        return sorted(a for a in self.agent.sim.actions if a.value in ACTION_WORDS)
 
     # -- helpers ------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from slixmpp import JID, Message
 
 from gridpresence import roles
 from gridpresence.agents.alarms import TITLES
+from gridpresence.security.policy import DEFAULT_ALLOW, Role
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, PresenceReport, RejectReason, utcnow
 
 if TYPE_CHECKING:
@@ -32,7 +33,9 @@ CHAT_TTL_S = 30.0
 # One "not authorised" per stranger per this many seconds: two bots must not talk forever.
 REFUSAL_INTERVAL_S = 60.0
 
-ACTION_WORDS: dict[str, Action] = {a.value: a for a in Action if a not in (Action.READ, Action.SET_TIME)}
+# Operators' actions only: billing and firmware commands come signed from their own parties.
+ACTION_WORDS: dict[str, Action] = {a.value: a for a in DEFAULT_ALLOW[Role.OPERATOR]
+                                   if a not in (Action.READ, Action.SET_TIME)}
 FIELDS: dict[str, tuple[str, str]] = {  # chat name -> (telemetry field, unit)
     "load": ("load_pct", "%"),
     "kw": ("kw", "kW"),

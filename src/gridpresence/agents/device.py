@@ -25,6 +25,7 @@ from gridpresence.agents.session import Endpoint, close_session, make_client, op
 from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.config import DeviceSpec
 from gridpresence.devices import SimDevice, make_device
+from gridpresence.devices.base import Effect
 from gridpresence.protocol.codec import (
     PayloadError,
     outcome_from_text,
@@ -36,6 +37,7 @@ from gridpresence.protocol.codec import (
 )
 from gridpresence.protocol import openpgp  # noqa: F401  (registers <openpgp/> with slixmpp)
 from gridpresence.protocol.models import (
+    Action,
     Command,
     DeviceKind,
     DeviceState,
@@ -268,6 +270,8 @@ class DeviceAgent:
     def _on_signed(self, msg: Message) -> None:
         """A signed command: checked, then acted on once. Sync while the issuer's key is cached."""
         sender = msg["from"]
+        if msg.xml.find(q("firmware")) is not None:
+            return  # a firmware image with its signed offer: the firmware desk's
         try:
             signed = open_command(msg["openpgp"].xml)
             if not self.gate.may_send(sender.bare):
@@ -336,7 +340,13 @@ class DeviceAgent:
     def execute(self, cmd: Command, now: dt.datetime) -> Outcome:
         """Apply a valid, authorised, fresh command to the physics; publish the new state first
         so an issuer that sees the outcome already sees the matching presence."""
-        effect = self.sim.execute(cmd.action, cmd.args, now)
+        if cmd.action in (Action.TARIFF, Action.PRICE):
+            effect = self._store_tariff(cmd)
+        elif cmd.action is Action.FIRMWARE_UPGRADE:
+            effect = Effect.refused(RejectReason.INVALID_ARGUMENTS,
+                                    "a firmware offer travels with its image (<firmware/>), not alone")
+        else:
+            effect = self.sim.execute(cmd.action, cmd.args, now)
         report = self.publish(force=False)
         return Outcome(
             command_id=cmd.id,
@@ -346,6 +356,19 @@ class DeviceAgent:
             detail=effect.detail,
             report=report,
         )
+
+    def _store_tariff(self, cmd: Command) -> Effect:
+        try:
+            tariff = Tariff.from_args(cmd.args, "tariff" if cmd.action is Action.TARIFF else "real-time")
+        except ValueError as exc:
+            return Effect.refused(RejectReason.INVALID_ARGUMENTS, f"not a tariff: {exc}"[:300])
+        self.tariff = tariff
+        return Effect.done(f"{tariff.kind} from {tariff.supplier} stored: {tariff.price_at():.2f} "
+                           f"{tariff.currency}/kWh now")
+
+    def price_now(self) -> float:
+        """The billing party's price now (alarm priority), from the last tariff it sent."""
+        return self.tariff.price_at() if self.tariff is not None else 0.0
 
     def _answer(self, to: JID, cmd_id: str, status: OutcomeStatus, reason: RejectReason | None, detail: str) -> None:
         if not cmd_id:  # nothing to correlate with: a stanza-level error is all we can give

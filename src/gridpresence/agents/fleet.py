@@ -62,8 +62,9 @@ class FleetBots:
                                                      alarms=fleet.alarms, services=[fleet.jid(CONSOLE)],
                                                      security=fleet.security, roles=roles, keys=keyring,
                                                      replay=replay)
-                if fleet.billing:  # alarms are ranked at the billing party's tariff
-                    self.devices[dev.name].alarms.price = tariff_from_spec(fleet.billing[0]).price_at
+                if fleet.billing:  # alarms are ranked at the billing party's tariff (until it sends another)
+                    self.devices[dev.name].tariff = tariff_from_spec(fleet.billing[0])
+                    self.devices[dev.name].alarms.price = self.devices[dev.name].price_now
                 if dev.kind is DeviceKind.MASTER:
                     self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
         for bill in fleet.billing:

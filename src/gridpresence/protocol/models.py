@@ -283,6 +283,22 @@ class Tariff(_Model):
     periods: tuple[TariffPeriod, ...] = Field(min_length=1, max_length=24)
     issued: AwareDatetime = Field(default_factory=utcnow)
 
+    def to_args(self) -> dict[str, str]:
+        """The tariff as command arguments (a signed ``tariff`` or ``price`` command)."""
+        periods = ",".join(f"{p.start_hour}-{p.end_hour}:{p.price_per_kwh!r}" for p in self.periods)
+        return {"supplier": self.supplier, "currency": self.currency, "periods": periods}
+
+    @classmethod
+    def from_args(cls, args: dict[str, str], kind: Literal["tariff", "real-time"]) -> Tariff:
+        """Read :meth:`to_args` back; raises ValueError (pydantic's, naming the field) or on shape."""
+        periods = []
+        for part in args.get("periods", "").split(","):
+            hours, _, price = part.partition(":")
+            start, _, end = hours.partition("-")
+            periods.append({"start_hour": start, "end_hour": end, "price_per_kwh": price})
+        return cls.model_validate({"supplier": args.get("supplier", ""), "currency": args.get("currency", "USD"),
+                                   "kind": kind, "periods": periods})
+
     def price_at(self, when: dt.datetime | None = None) -> float:
         hour = (when or utcnow()).astimezone(dt.timezone.utc).hour
         for period in self.periods:

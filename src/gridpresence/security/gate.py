@@ -67,14 +67,16 @@ class CommandGate:
         """Whether ``sender`` (bare JID) may hand this device commands at all."""
         return sender in self.roles or sender in self.relays
 
-    def check(self, sender: str, signed: SignedCommand, key: pgpy.PGPKey, now: dt.datetime) -> Command:
-        """The command if ``key`` (the issuer's pinned key) signed it and it may act now."""
+    def check(self, sender: str, signed: SignedCommand, key: pgpy.PGPKey, now: dt.datetime, *,
+              carriers: frozenset[str] = frozenset()) -> Command:
+        """The command if ``key`` (the issuer's pinned key) signed it and it may act now.
+        ``carriers``: who else may hand it over (operators carry a manufacturer's firmware offer)."""
         cmd = signed.command
         try:
             signed.sealed.verify(key, cmd.issuer)
         except SignatureFailure as exc:
             raise Refusal(exc.reason, exc.detail, cmd.id) from None
-        if sender != cmd.issuer and sender not in self.relays:
+        if sender != cmd.issuer and sender not in self.relays and sender not in carriers:
             raise Refusal(RejectReason.NOT_AUTHORISED, f"{sender} is neither the issuer nor a relay", cmd.id)
         if self.device not in signed.sealed.content.to:
             raise Refusal(RejectReason.WRONG_RECIPIENT,
