@@ -71,9 +71,13 @@ TEST_FLEET = {
         {"name": "relay-crit", "kind": "load", "rated_kw": 150, "critical": True, "critical_hold_s": 60},
         # Run apart by the BOSH tests, over a transport of their choosing.
         {"name": "remote-1", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
+        # Signed-command targets: one on the shared grid, one run apart (restarts, its own keys).
+        {"name": "sig-load", "kind": "load", "rated_kw": 40, "serial": "ACME-0001"},
+        {"name": "sig-meter", "kind": "meter", "rated_kw": 40},
+        {"name": "sig-apart", "kind": "load", "rated_kw": 20},
     ],
 }
-APART = ("victim-1", "victim-2", "far-1", "far-2", "far-3", "far-4", "mailer-1", "remote-1")
+APART = ("victim-1", "victim-2", "far-1", "far-2", "far-3", "far-4", "mailer-1", "remote-1", "sig-apart")
 
 
 @dataclass

@@ -10,8 +10,9 @@ import aiohttp
 import pytest
 
 from gridpresence.agents.device import DeviceAgent
+from gridpresence.agents.fleet import device_agent, issuer_keys
 from gridpresence.agents.operator import GridOperator
-from gridpresence.agents.session import SessionError, close_session, make_client, open_session
+from gridpresence.agents.session import Endpoint, SessionError, close_session, make_client, open_session
 from gridpresence.protocol.models import Action, DeviceState, OutcomeStatus
 from gridpresence.server import free_port
 from gridpresence.server.certs import ensure_certificates
@@ -19,10 +20,8 @@ from gridpresence.transport.policy import ConnectionPolicy, discover_bosh_url
 from conftest import Env, run_cli
 
 
-def _device(env: Env, name: str, endpoint: object) -> DeviceAgent:
-    spec = env.fleet.device(name)
-    operators = [env.fleet.jid(o.name) for o in env.fleet.operators]
-    return DeviceAgent(spec, env.fleet.jid(name), env.grid.secrets.password(name), endpoint, operators)  # type: ignore[arg-type]
+def _device(env: Env, name: str, endpoint: Endpoint) -> DeviceAgent:
+    return device_agent(env.fleet, name, endpoint, env.grid.secrets.password(name), issuer_keys(env.fleet, env.grid.keys))
 
 
 async def test_connection_file_gives_an_https_bosh_url(env: Env) -> None:

@@ -277,6 +277,7 @@ class DeviceAgent:
             if not self.gate.may_send(sender.bare):
                 raise Refusal(RejectReason.NOT_AUTHORISED, f"{sender.bare} may not command this device",
                               signed.command.id)
+            self.gate.may_issue(signed)
             key = self.keyring.cached(signed.command.issuer)
             if key is None:  # first command from this issuer: fetch its key, then go on
                 task = asyncio.ensure_future(self._signed_after_fetch(sender, signed))

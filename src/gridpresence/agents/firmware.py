@@ -95,6 +95,7 @@ class FirmwareDesk:
         if offer_el is None:
             raise Refusal(RejectReason.UNSIGNED, "no manufacturer-signed offer came with the image")
         signed = open_command(offer_el)
+        self.agent.gate.may_issue(signed)
         try:
             key = await key_of(signed.command.issuer, self.agent.keyring)
         except SignatureFailure as exc:

@@ -44,10 +44,7 @@ class FleetBots:
                  replay: ReplayStore | None = None) -> None:
         self.fleet = fleet
         operators = [fleet.jid(o.name) for o in fleet.operators]
-        # Who signs as what: the fleet's parties, and the console acting for the operators.
-        roles = {**fleet.roles(), fleet.jid(CONSOLE): Role.OPERATOR}
-        keyring = issuer_keys(fleet, keys, roles)
-        self.replay = replay
+        keyring = issuer_keys(fleet, keys)
         wanted = set(only) if only is not None else None
         self.devices: dict[str, DeviceAgent] = {}
         self.advisors: dict[str, BranchAdvisor] = {}  # master IEDs' branch watch, by name
@@ -56,15 +53,8 @@ class FleetBots:
         self.console: ConsoleAgent | None = None
         for dev in fleet.devices:
             if wanted is None or dev.name in wanted:
-                children = [fleet.jid(c.name) for c in fleet.children(dev.name)]
-                self.devices[dev.name] = DeviceAgent(dev, fleet.jid(dev.name), secrets.password(dev.name), endpoint,
-                                                     operators, children, tick_s=tick_s, relays=[fleet.jid(RELAY)],
-                                                     alarms=fleet.alarms, services=[fleet.jid(CONSOLE)],
-                                                     security=fleet.security, roles=roles, keys=keyring,
-                                                     replay=replay)
-                if fleet.billing:  # alarms are ranked at the billing party's tariff (until it sends another)
-                    self.devices[dev.name].tariff = tariff_from_spec(fleet.billing[0])
-                    self.devices[dev.name].alarms.price = self.devices[dev.name].price_now
+                self.devices[dev.name] = device_agent(fleet, dev.name, endpoint, secrets.password(dev.name), keyring,
+                                                      replay, tick_s=tick_s)
                 if dev.kind is DeviceKind.MASTER:
                     self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
         for bill in fleet.billing:
@@ -110,7 +100,26 @@ class FleetBots:
                 log.warning("a bot did not stop cleanly: %s", res)
 
 
-def issuer_keys(fleet: Fleet, keys: KeyStore | None, roles: dict[str, Role]) -> KeyLookup:
+def device_agent(fleet: Fleet, name: str, endpoint: Endpoint, password: str, keys: KeyLookup,
+                 replay: ReplayStore | None = None, tick_s: float = 1.0) -> DeviceAgent:
+    """The bot of the fleet's device `name`, with the fleet's parties, roles and policy."""
+    spec = fleet.device(name)
+    agent = DeviceAgent(spec, fleet.jid(name), password, endpoint, [fleet.jid(o.name) for o in fleet.operators],
+                        [fleet.jid(c.name) for c in fleet.children(name)], tick_s=tick_s, relays=[fleet.jid(RELAY)],
+                        alarms=fleet.alarms, services=[fleet.jid(CONSOLE)], security=fleet.security,
+                        roles=issuer_roles(fleet), keys=keys, replay=replay)
+    if fleet.billing:  # alarms are ranked at the billing party's tariff (until it sends another)
+        agent.tariff = tariff_from_spec(fleet.billing[0])
+        agent.alarms.price = agent.price_now
+    return agent
+
+
+def issuer_roles(fleet: Fleet) -> dict[str, Role]:
+    """Who signs as what: the fleet's parties, and the console acting for the operators."""
+    return {**fleet.roles(), fleet.jid(CONSOLE): Role.OPERATOR}
+
+
+def issuer_keys(fleet: Fleet, keys: KeyStore | None) -> KeyLookup:
     """The public keys devices check signatures with.
 
     TEMPORARY bridge until the PEP keyring (XEP-0373 key discovery with TOFU pins) is merged:
@@ -120,5 +129,5 @@ def issuer_keys(fleet: Fleet, keys: KeyStore | None, roles: dict[str, Role]) -> 
         return StaticKeys({})
     names = {fleet.jid(p.name): p.name for p in (*fleet.operators, *fleet.billing, *fleet.manufacturers)}
     names[fleet.jid(CONSOLE)] = CONSOLE
-    found = {jid: keys.secret(name) for jid, name in names.items() if jid in roles and keys.secret_path(name).exists()}
+    found = {jid: keys.secret(name) for jid, name in names.items() if keys.secret_path(name).exists()}
     return StaticKeys(found)

@@ -67,6 +67,13 @@ class CommandGate:
         """Whether ``sender`` (bare JID) may hand this device commands at all."""
         return sender in self.roles or sender in self.relays
 
+    def may_issue(self, signed: SignedCommand) -> None:
+        """Before any key is looked up: the claimed issuer must have a role at all (a relay or a
+        device has none, so there is no key worth fetching for it)."""
+        cmd = signed.command
+        if cmd.issuer not in self.roles:
+            raise Refusal(RejectReason.NOT_AUTHORISED, f"{cmd.issuer} has no role that may issue commands", cmd.id)
+
     def check(self, sender: str, signed: SignedCommand, key: pgpy.PGPKey, now: dt.datetime, *,
               carriers: frozenset[str] = frozenset()) -> Command:
         """The command if ``key`` (the issuer's pinned key) signed it and it may act now.
