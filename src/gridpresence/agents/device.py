@@ -49,7 +49,7 @@ from gridpresence.protocol.models import (
     Telemetry,
     utcnow,
 )
-from gridpresence.security.gate import CommandGate, Refusal, SignedCommand, open_command
+from gridpresence.security.gate import CommandGate, Refusal, SignedCommand, open_command, parse_command
 from gridpresence.security.keyring import KeyLookup, StaticKeys
 from gridpresence.security.policy import Role, SecuritySettings
 from gridpresence.security.replay import ReplayGuard, ReplayStore
@@ -253,19 +253,23 @@ class DeviceAgent:
     # -- commands ---------------------------------------------------------------------
 
     def _on_command(self, msg: Message) -> None:
-        """A bare ``<command/>``: never acted on, only answered (every command must be signed)."""
+        """A bare ``<command/>``: refused as unsigned (unless the fleet turned signatures off)."""
+        sender = msg["from"]
         try:
-            sender = msg["from"]
-            cmd_id = msg["grid_command"].xml.get("id") or ""
+            raw = msg["grid_command"].xml
             if not self.gate.may_send(sender.bare):
-                log.warning("%s: command from %s refused: not authorised", self.spec.name, sender)
-                self._answer(sender, cmd_id, OutcomeStatus.REJECTED, RejectReason.NOT_AUTHORISED,
-                             f"{sender.bare} may not command this device")
-                return
-            self._answer(sender, cmd_id, OutcomeStatus.REJECTED, RejectReason.UNSIGNED,
-                         "commands must be signed with the issuer's OpenPGP key (<openpgp xmlns='urn:xmpp:openpgp:0'/>)")
+                raise Refusal(RejectReason.NOT_AUTHORISED, f"{sender.bare} may not command this device",
+                              raw.get("id") or "")
+            if self.security.require_signatures:
+                raise Refusal(RejectReason.UNSIGNED, "commands must be signed with the issuer's OpenPGP key "
+                                                     "(<openpgp xmlns='urn:xmpp:openpgp:0'/>)", raw.get("id") or "")
+            cmd = self.gate.check_unsigned(sender.bare, parse_command(raw))
+            self._send_outcome(sender, self.accept(cmd, utcnow(), signed=True))
+        except Refusal as refusal:
+            self._refused(sender, refusal)
         except Exception:  # never let one stanza end the bot
             log.exception("%s: command handling failed", self.spec.name)
+            self._stanza_error(sender, "internal-server-error", "wait", "the device could not handle this command")
 
     def _on_signed(self, msg: Message) -> None:
         """A signed command: checked, then acted on once. Sync while the issuer's key is cached."""

@@ -42,14 +42,18 @@ def open_command(el: ET.Element | None) -> SignedCommand:
         sealed = open_signed(el)
     except SignatureFailure as exc:
         raise Refusal(exc.reason, exc.detail) from None
-    raw = sealed.payload
-    cmd_id = (raw.get("id") or "")[:64]
+    return SignedCommand(sealed, parse_command(sealed.payload))
+
+
+def parse_command(raw: ET.Element) -> Command:
+    """The ``<command/>`` element as a model; a Refusal says what is wrong with it."""
     try:
-        return SignedCommand(sealed, command_from_xml(raw))
+        return command_from_xml(raw)
     except PayloadError as exc:
         unknown = raw.get("action") not in {a.value for a in Action}
         reason = RejectReason.NOT_SUPPORTED if unknown else RejectReason.INVALID_ARGUMENTS
-        raise Refusal(reason, f"unknown command {raw.get('action')!r}" if unknown else str(exc), cmd_id) from None
+        detail = f"unknown command {raw.get('action')!r}" if unknown else str(exc)
+        raise Refusal(reason, detail, (raw.get("id") or "")[:64]) from None
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,20 @@ class CommandGate:
         if self.device not in signed.sealed.content.to:
             raise Refusal(RejectReason.WRONG_RECIPIENT,
                           f"signed for {', '.join(signed.sealed.content.to)[:200]}, not {self.device}", cmd.id)
+        self._authorised(cmd)
+        self._fresh(cmd, signed.sealed.content.time, now)
+        return cmd
+
+    def check_unsigned(self, sender: str, cmd: Command) -> Command:
+        """With ``require_signatures = false`` only: the same rules minus the signature."""
+        if sender != cmd.issuer and sender not in self.relays:
+            raise Refusal(RejectReason.NOT_AUTHORISED, f"{sender} is neither the issuer nor a relay", cmd.id)
+        if cmd.issuer not in self.roles:
+            raise Refusal(RejectReason.NOT_AUTHORISED, f"{cmd.issuer} has no role that may issue commands", cmd.id)
+        self._authorised(cmd)
+        return cmd
+
+    def _authorised(self, cmd: Command) -> None:
         if cmd.serial != self.serial:
             raise Refusal(RejectReason.WRONG_SERIAL,
                           f"signed for serial {cmd.serial or '(none)'}, this device is {self.serial}", cmd.id)
@@ -96,8 +114,6 @@ class CommandGate:
             may = " or ".join(self.security.roles_for(cmd.action)) or "nobody"
             raise Refusal(RejectReason.NOT_AUTHORISED, f"{cmd.issuer} ({role.value if role else 'no role'}) may not "
                                                        f"{cmd.action.value}; only {may} may", cmd.id)
-        self._fresh(cmd, signed.sealed.content.time, now)
-        return cmd
 
     def _fresh(self, cmd: Command, signed_at: dt.datetime, now: dt.datetime) -> None:
         skew = dt.timedelta(seconds=self.security.clock_skew_s)

@@ -45,6 +45,10 @@ class SecuritySettings(BaseModel):
     max_ttl_s: float = Field(default=86400.0, gt=0, le=30 * 86400, allow_inf_nan=False)
     # Lab/test setting: actions an operator's unsigned chat line or ad-hoc form may run.
     unsigned_chat_actions: tuple[Action, ...] = ()
+    # Benchmark/migration setting only: false lets devices also take a bare <command/> from a
+    # party with a role (still under `allow`, the serial and the replay guard) — with it, a
+    # stolen password commands the grid again. bench/fanout.py --signatures both uses it.
+    require_signatures: bool = True
 
     @model_validator(mode="after")
     def _every_role(self) -> SecuritySettings:

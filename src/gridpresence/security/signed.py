@@ -25,6 +25,7 @@ from gridpresence.protocol.openpgp import (
     sign_from_bytes,
     sign_to_bytes,
 )
+from gridpresence.security import fastsig
 from gridpresence.security.keyring import KeyChanged, KeyLookup, KeyUnavailable
 from gridpresence.security.keys import fingerprint
 from gridpresence.security.pgp import pgpy
@@ -52,10 +53,12 @@ class Verified:
 
 @dataclass(frozen=True)
 class Sealed:
-    """An ``<openpgp/>`` element opened but not yet verified: read it, trust nothing in it."""
+    """An ``<openpgp/>`` element opened but not yet verified: read it, trust nothing in it.
+    ``fast``: the message in the shape :mod:`fastsig` checks itself; otherwise pgpy does."""
 
     content: SignContent
-    message: pgpy.PGPMessage
+    blob: bytes
+    fast: fastsig.FastSigned | None = None
 
     @property
     def payload(self) -> ET.Element:
@@ -64,10 +67,12 @@ class Sealed:
     def verify(self, key: pgpy.PGPKey, signer: str) -> Verified:
         """Check the signature with ``signer``'s public key; :class:`SignatureFailure` if it
         was not made by that key over exactly these bytes."""
-        try:
-            good = bool(key.verify(self.message))
-        except Exception:  # pgpy: "No signatures to verify" when no signature is by this key
-            good = False
+        good = fastsig.verify(self.fast, key) if self.fast is not None else None
+        if good is None:
+            try:
+                good = bool(key.verify(pgpy.PGPMessage.from_blob(self.blob)))
+            except Exception:  # pgpy: "No signatures to verify" when no signature is by this key
+                good = False
         if not good:
             raise SignatureFailure(RejectReason.BAD_SIGNATURE,
                                    f"the signature is not {signer}'s key {fingerprint(key)} over this content")
@@ -77,10 +82,14 @@ class Sealed:
 
 def sign_payload(payload: ET.Element, to_jid: str, key: pgpy.PGPKey, now: dt.datetime | None = None) -> ET.Element:
     """``payload`` for ``to_jid`` (bare JID), signed with the secret ``key``: an ``<openpgp/>``."""
-    data = sign_to_bytes(to_jid, now or utcnow(), payload)
-    message = pgpy.PGPMessage.new(data, format="b", compression=CompressionAlgorithm.Uncompressed)
-    message |= key.sign(message)
-    return openpgp_to_xml(bytes(message))
+    when = now or utcnow()
+    data = sign_to_bytes(to_jid, when, payload)
+    blob = fastsig.sign(data, key, when)
+    if blob is None:  # not an Ed25519 key: the general path
+        message = pgpy.PGPMessage.new(data, format="b", compression=CompressionAlgorithm.Uncompressed)
+        message |= key.sign(message)
+        blob = bytes(message)
+    return openpgp_to_xml(blob)
 
 
 def open_signed(el: ET.Element | None) -> Sealed:
@@ -89,20 +98,25 @@ def open_signed(el: ET.Element | None) -> Sealed:
         blob = openpgp_from_xml(el)
     except PayloadError as exc:
         raise SignatureFailure(RejectReason.BAD_SIGNATURE, str(exc)) from None
+    fast = fastsig.parse(blob)
+    if fast is not None:
+        data: object = fast.data
+    else:
+        try:
+            message = pgpy.PGPMessage.from_blob(blob)
+            data = message.message if message.type == "literal" else None
+        except Exception as exc:  # pgpy raises many kinds (even NotImplementedError) on broken packets
+            raise SignatureFailure(RejectReason.BAD_SIGNATURE,
+                                   f"not an OpenPGP message: {type(exc).__name__}") from None
+        if not isinstance(data, (bytes, bytearray)):
+            raise SignatureFailure(RejectReason.BAD_SIGNATURE, "the OpenPGP message holds no binary literal data")
+        if not message.signatures:
+            raise SignatureFailure(RejectReason.UNSIGNED, "the OpenPGP message carries no signature")
     try:
-        message = pgpy.PGPMessage.from_blob(blob)
-        data = message.message if message.type == "literal" else None
-    except Exception as exc:  # pgpy raises many kinds (even NotImplementedError) on broken packets
-        raise SignatureFailure(RejectReason.BAD_SIGNATURE, f"not an OpenPGP message: {type(exc).__name__}") from None
-    if not isinstance(data, (bytes, bytearray)):
-        raise SignatureFailure(RejectReason.BAD_SIGNATURE, "the OpenPGP message holds no binary literal data")
-    if not message.signatures:
-        raise SignatureFailure(RejectReason.UNSIGNED, "the OpenPGP message carries no signature")
-    try:
-        content = sign_from_bytes(bytes(data))
+        content = sign_from_bytes(bytes(data))  # type: ignore[arg-type]
     except PayloadError as exc:
         raise SignatureFailure(RejectReason.BAD_SIGNATURE, str(exc)) from None
-    return Sealed(content=content, message=message)
+    return Sealed(content=content, blob=blob, fast=fast)
 
 
 async def key_of(signer: str, keys: KeyLookup, timeout: float = 5.0) -> pgpy.PGPKey:
