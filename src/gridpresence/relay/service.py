@@ -9,8 +9,9 @@
   answering is sent again on its return (the device answers a seen id from memory).
 * Data and outcomes a device can only push by mail go to the operators over XMPP.
 
-How a device trusts a relayed command: the relay is in every device's trust set as a relay,
-and the device still checks the command's issuer against the operators (agents/device.py).
+How a device trusts a relayed command: the command is the issuer's signed ``<openpgp/>``,
+stored and sent verbatim; the device verifies the issuer's signature, role, serial and window
+(security/gate.py), so the relay can route a command but not forge or change one.
 """
 
 from __future__ import annotations

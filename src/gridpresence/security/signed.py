@@ -99,24 +99,26 @@ def open_signed(el: ET.Element | None) -> Sealed:
     except PayloadError as exc:
         raise SignatureFailure(RejectReason.BAD_SIGNATURE, str(exc)) from None
     fast = fastsig.parse(blob)
-    if fast is not None:
-        data: object = fast.data
-    else:
-        try:
-            message = pgpy.PGPMessage.from_blob(blob)
-            data = message.message if message.type == "literal" else None
-        except Exception as exc:  # pgpy raises many kinds (even NotImplementedError) on broken packets
-            raise SignatureFailure(RejectReason.BAD_SIGNATURE,
-                                   f"not an OpenPGP message: {type(exc).__name__}") from None
-        if not isinstance(data, (bytes, bytearray)):
-            raise SignatureFailure(RejectReason.BAD_SIGNATURE, "the OpenPGP message holds no binary literal data")
-        if not message.signatures:
-            raise SignatureFailure(RejectReason.UNSIGNED, "the OpenPGP message carries no signature")
+    data = fast.data if fast is not None else _pgpy_literal(blob)
     try:
-        content = sign_from_bytes(bytes(data))  # type: ignore[arg-type]
+        content = sign_from_bytes(data)
     except PayloadError as exc:
         raise SignatureFailure(RejectReason.BAD_SIGNATURE, str(exc)) from None
     return Sealed(content=content, blob=blob, fast=fast)
+
+
+def _pgpy_literal(blob: bytes) -> bytes:
+    """The signed data of a message in a shape :mod:`fastsig` does not read, through pgpy."""
+    try:
+        message = pgpy.PGPMessage.from_blob(blob)
+        data = message.message if message.type == "literal" else None
+    except Exception as exc:  # pgpy raises many kinds (even NotImplementedError) on broken packets
+        raise SignatureFailure(RejectReason.BAD_SIGNATURE, f"not an OpenPGP message: {type(exc).__name__}") from None
+    if not isinstance(data, (bytes, bytearray)):
+        raise SignatureFailure(RejectReason.BAD_SIGNATURE, "the OpenPGP message holds no binary literal data")
+    if not message.signatures:
+        raise SignatureFailure(RejectReason.UNSIGNED, "the OpenPGP message carries no signature")
+    return bytes(data)
 
 
 async def key_of(signer: str, keys: KeyLookup, timeout: float = 5.0) -> pgpy.PGPKey:
