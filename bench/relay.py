@@ -34,12 +34,13 @@ from pathlib import Path
 
 from common import bench_fleet, summary
 
-from gridpresence.agents.device import DeviceAgent
+from gridpresence.agents.fleet import device_agent, issuer_keys
+from gridpresence.protocol.openpgp import element_to_text
 from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.session import ConnectionInfo
 from gridpresence.grid import Grid
 from gridpresence.protocol import Action, Command, OutcomeStatus
-from gridpresence.relay.mail import build_mail
+from gridpresence.relay.mail import SignedCommand, build_mail
 from gridpresence.server.ports import free_port
 
 NOOP_SMTP = textwrap.dedent("""
@@ -61,9 +62,8 @@ class TimedDevice:
     """A device bot that notes when its presence goes out and when each command executes."""
 
     def __init__(self, grid: Grid, name: str) -> None:
-        fleet = grid.fleet
-        self.agent = DeviceAgent(fleet.device(name), fleet.jid(name), grid.secrets.password(name), grid.endpoint,
-                                 [fleet.jid(o.name) for o in fleet.operators], relays=[fleet.jid("relay")])
+        self.agent = device_agent(grid.fleet, name, grid.endpoint, grid.secrets.password(name),
+                                  issuer_keys(grid.fleet, grid.keys))
         self.present_at = 0.0
         self.executed_at: list[float] = []
         self.agent.client.add_event_handler("session_start", lambda _e: setattr(self, "present_at", time.perf_counter()))
@@ -199,7 +199,9 @@ async def main() -> None:
 
         print(f"3. mails ingested ({args.mails} command mails, 4 connections)")
         cmds = [Command.new(Action.READ, op.jid, ttl_s=3600) for _ in range(args.mails)]
-        mails = [build_mail(c, op.jid, ["dev-0003@localhost"]).as_bytes() for c in cmds]
+        # Signed, as the library mails them: the relay opens each to route it.
+        mails = [build_mail(SignedCommand(c, element_to_text(op.issuer.wire(c, "dev-0003@localhost"))), op.jid,
+                            ["dev-0003@localhost"]).as_bytes() for c in cmds]
         rate_base, lat_base = await asyncio.to_thread(ingest, noop_port, mails, op.jid, "dev-0003@localhost")
         rate, lat = await asyncio.to_thread(ingest, relay_port, mails, op.jid, "dev-0003@localhost")
         summary("relay: per mail (stored, 250)", lat)

@@ -35,7 +35,9 @@ from gridpresence.agents.operator import GridOperator, UnknownDevice
 from gridpresence.agents.session import ConnectionInfo, SessionError
 from gridpresence.agents.tracker import DeviceChange, DeviceView
 from gridpresence.config import FleetError, load_fleet
-from gridpresence.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE, Grid
+from gridpresence.grid import CONNECTION_FILE, FLEET_COPY, REPLAY_FILE, SECRETS_FILE, Grid
+from gridpresence.security.keys import KEYS_DIR, KeyStore
+from gridpresence.security.replay import ReplayStore
 from gridpresence.protocol.models import Action, Outcome, OutcomeStatus
 from gridpresence.relay import commands as relay_commands
 from gridpresence.rules.cli import add_rules_commands
@@ -284,7 +286,9 @@ async def cmd_bots(args: argparse.Namespace) -> int:
     secrets_path = data / SECRETS_FILE
     if not secrets_path.exists():
         raise CliError(f"{secrets_path}: not found; run `gridpresence up --data {data}` first")
-    bots = FleetBots(fleet, info.server, Secrets(secrets_path), only=args.only, with_services=False)
+    replay = ReplayStore(data / REPLAY_FILE)  # the devices' memory of commands taken, kept across runs
+    bots = FleetBots(fleet, info.server, Secrets(secrets_path), only=args.only, with_services=False,
+                     keys=KeyStore(data / KEYS_DIR), replay=replay)
     if not bots.bots:
         raise CliError(f"no bot named {', '.join(args.only)} in the fleet")
     stop = stop_signal()
@@ -294,6 +298,7 @@ async def cmd_bots(args: argparse.Namespace) -> int:
         await stop.wait()
     finally:
         await bots.stop()
+        replay.close()
     return EXIT_OK
 
 
