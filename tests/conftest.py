@@ -98,7 +98,8 @@ def fleet() -> Fleet:
 @pytest_asyncio.fixture(scope="session")
 async def env(tmp_path_factory: pytest.TempPathFactory, fleet: Fleet) -> AsyncIterator[Env]:
     data = tmp_path_factory.mktemp("grid")
-    only = [d.name for d in fleet.devices if d.name not in APART] + [b.name for b in fleet.billing] + ["watchdog", "console"]
+    only = ([d.name for d in fleet.devices if d.name not in APART] + [b.name for b in fleet.billing]
+            + [m.name for m in fleet.manufacturers] + ["watchdog", "console"])
     grid = Grid(fleet, data, only=only)
     await grid.start()
     try:

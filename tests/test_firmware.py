@@ -30,9 +30,16 @@ from gridpresence.protocol.firmware import (
 
 def offers(env: Env, alice: GridOperator, image: FirmwareImage, names: list[str], signer: str = "maker",
            ttl_s: float = 600.0) -> dict:  # type: ignore[type-arg]
-    """The manufacturer's signed offer of `image` for each device (signed offline, carried by the operator)."""
-    return {n: sign_offer(image, alice.devices[n].jid, alice.serial_of(alice.devices[n]) or "", env.fleet.jid(signer),
-                          env.grid.keys.secret(signer), ttl_s=ttl_s) for n in names}
+    """The signed offer of `image` for each device (by the manufacturer, or `signer`'s key to test
+    refusals), carried by the operator."""
+    def serial(n: str) -> str:
+        return alice.serial_of(alice.devices[n]) or ""
+
+    if signer == "maker":
+        maker = env.grid.bots.manufacturers["maker"]  # type: ignore[union-attr]
+        return {n: maker.offer(image, alice.devices[n].jid, serial(n), ttl_s=ttl_s) for n in names}
+    return {n: sign_offer(image, alice.devices[n].jid, serial(n), env.fleet.jid(signer), env.grid.keys.secret(signer),
+                          ttl_s=ttl_s) for n in names}
 
 
 async def test_group_upgrade_restricted_device_gets_it_once_available(env: Env, alice: GridOperator) -> None:

@@ -17,6 +17,7 @@ from gridpresence.agents.billing import BillingAgent, tariff_from_spec
 from gridpresence.agents.branch import BranchAdvisor
 from gridpresence.agents.console import ConsoleAgent
 from gridpresence.agents.device import DeviceAgent
+from gridpresence.agents.manufacturer import ManufacturerAgent
 from gridpresence.agents.session import Endpoint
 from gridpresence.agents.watchdog import WatchdogAgent
 from gridpresence.config import Fleet
@@ -49,6 +50,7 @@ class FleetBots:
         self.devices: dict[str, DeviceAgent] = {}
         self.advisors: dict[str, BranchAdvisor] = {}  # master IEDs' branch watch, by name
         self.billing: dict[str, BillingAgent] = {}
+        self.manufacturers: dict[str, ManufacturerAgent] = {}
         self.watchdog: WatchdogAgent | None = None
         self.console: ConsoleAgent | None = None
         for dev in fleet.devices:
@@ -62,6 +64,11 @@ class FleetBots:
                 self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),
                                                        endpoint, operators,
                                                        key=keys.secret(bill.name) if keys is not None else None)
+        for maker in fleet.manufacturers:
+            if wanted is None or maker.name in wanted:
+                self.manufacturers[maker.name] = ManufacturerAgent(
+                    maker, fleet.jid(maker.name), secrets.password(maker.name), endpoint,
+                    key=keys.secret(maker.name) if keys is not None else None)
         if with_services and (wanted is None or WATCHDOG in wanted):
             self.watchdog = WatchdogAgent(fleet.jid(WATCHDOG), secrets.password(WATCHDOG), endpoint, operators,
                                           grace_s=fleet.presence_grace_s)
@@ -76,7 +83,8 @@ class FleetBots:
     @property
     def bots(self) -> list[Bot]:
         # The watchdog first, so it sees every device arrive.
-        return [*([self.watchdog] if self.watchdog else []), *self.billing.values(), *self.devices.values(),
+        return [*([self.watchdog] if self.watchdog else []), *self.billing.values(), *self.manufacturers.values(),
+                *self.devices.values(),
                 *([self.console] if self.console else [])]
 
     async def start(self, timeout: float = 60.0) -> None:

@@ -1,0 +1,42 @@
+"""A device manufacturer on the grid network: it holds the key that firmware offers are signed
+with, keeps that key announced to the devices, and signs an offer of an image for each device
+(:func:`gridpresence.agents.firmware.sign_offer`) that operators then carry with the image."""
+
+from __future__ import annotations
+
+import logging
+from xml.etree import ElementTree as ET
+
+from gridpresence.agents.firmware import sign_offer
+from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
+from gridpresence.config import ManufacturerSpec
+from gridpresence.protocol.firmware import FirmwareImage
+from gridpresence.security.pgp import pgpy
+
+log = logging.getLogger(__name__)
+
+
+class ManufacturerAgent:
+    def __init__(self, spec: ManufacturerSpec, jid: str, password: str, endpoint: Endpoint,
+                 key: pgpy.PGPKey | None = None) -> None:
+        self.spec = spec
+        self.endpoint = endpoint
+        self.key = key
+        self.client = make_client(jid, password, endpoint)
+        self.client.add_event_handler("session_start", lambda _e: self.client.send_presence(pstatus="manufacturer"))
+
+    @property
+    def jid(self) -> str:
+        return str(self.client.boundjid.bare)
+
+    async def start(self, timeout: float = 20.0) -> None:
+        await open_session(self.client, self.endpoint, timeout)
+
+    async def stop(self) -> None:
+        await close_session(self.client)
+
+    def offer(self, image: FirmwareImage, device: str, serial: str, ttl_s: float = 3600.0) -> ET.Element:
+        """This manufacturer's signed offer of ``image`` to one device (bare JID and serial)."""
+        if self.key is None:
+            raise RuntimeError(f"{self.jid} holds no OpenPGP key: it cannot sign firmware offers")
+        return sign_offer(image, device, serial, self.jid, self.key, ttl_s=ttl_s)
