@@ -160,6 +160,8 @@ class DeviceAgent:
         self.alarms.close()
         if self._loop_task:
             self._loop_task.cancel()
+        for task in self._fetching:  # commands waiting for their issuer's key: never acted on
+            task.cancel()
         if self.client.is_connected():
             report = self._report(DeviceState.GONE)
             pres = self.client.make_presence(ptype="unavailable", pstatus="gone: shut down")
