@@ -23,7 +23,13 @@ from gridpresence.security.keys import generate
 from gridpresence.security.pgp import pgpy
 from gridpresence.security.policy import Role, SecuritySettings
 from gridpresence.security.replay import ReplayGuard, ReplayStore
-from gridpresence.security.signed import SignatureFailure, open_signed, sign_payload, verify_payload
+from gridpresence.security.signed import (
+    SignatureFailure,
+    check_envelope,
+    open_signed,
+    sign_payload,
+    verify_payload,
+)
 
 ALICE, DEVICE, SERIAL = "alice@localhost", "load-1@localhost", "SN-1"
 KEY = generate(ALICE)
@@ -53,6 +59,18 @@ def test_any_payload_round_trips_and_names_signer_and_recipient() -> None:
     with pytest.raises(SignatureFailure) as unknown:
         asyncio.run(verify_payload(el, "bob@localhost", StaticKeys({ALICE: KEY})))
     assert unknown.value.reason is RejectReason.UNKNOWN_KEY
+
+
+def test_envelope_names_the_recipient_and_a_time_in_the_window() -> None:
+    content = open_signed(signed(Command.new(Action.READ, ALICE, now=NOW, serial=SERIAL))).content
+    check_envelope(content, DEVICE, NOW + dt.timedelta(hours=2), 30)  # a command's age is its expiry's business
+    for to, now, age, reason in ((("load-2@localhost", NOW, None, RejectReason.WRONG_RECIPIENT)),
+                                 (DEVICE, NOW - dt.timedelta(seconds=31), None, RejectReason.STALE),
+                                 (DEVICE, NOW + dt.timedelta(seconds=3631), 3600.0, RejectReason.STALE)):
+        with pytest.raises(SignatureFailure) as refused:
+            check_envelope(content, to, now, 30, age)
+        assert refused.value.reason is reason
+    check_envelope(content, DEVICE, NOW + dt.timedelta(seconds=3600), 30, 3600.0)
 
 
 def test_key_lookup_failures_become_reasons() -> None:

@@ -80,6 +80,20 @@ class Sealed:
                         time=self.content.time, to=self.content.to)
 
 
+def check_envelope(content: SignContent, to: str, now: dt.datetime, skew_s: float,
+                   max_age_s: float | None = None) -> None:
+    """XEP-0373 §3.2 for the receiver: the ``<sign/>`` must name ``to`` (bare JID), and its time
+    must not be ahead of ``now`` by more than ``skew_s`` nor, with ``max_age_s``, older than that
+    (a command has its own expiry instead; a tariff or price has none)."""
+    if to not in content.to:
+        raise SignatureFailure(RejectReason.WRONG_RECIPIENT, f"signed for {', '.join(content.to)[:200]}, not {to}")
+    ahead = (content.time - now).total_seconds()
+    if ahead > skew_s:
+        raise SignatureFailure(RejectReason.STALE, f"signed {ahead:.0f} s in the future")
+    if max_age_s is not None and -ahead > max_age_s + skew_s:
+        raise SignatureFailure(RejectReason.STALE, f"signed {-ahead:.0f} s ago, more than {max_age_s:g} s")
+
+
 def sign_payload(payload: ET.Element, to_jid: str, key: pgpy.PGPKey, now: dt.datetime | None = None) -> ET.Element:
     """``payload`` for ``to_jid`` (bare JID), signed with the secret ``key``: an ``<openpgp/>``."""
     when = now or utcnow()
