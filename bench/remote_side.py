@@ -15,24 +15,20 @@ from gridpresence.accounts import Secrets
 from gridpresence.agents.fleet import FleetBots
 from gridpresence.agents.session import ConnectionInfo
 from gridpresence.config import load_fleet
-from gridpresence.grid import CONNECTION_FILE, FLEET_COPY, REPLAY_FILE, SECRETS_FILE
-from gridpresence.security.keys import KEYS_DIR, KeyStore
-from gridpresence.security.replay import ReplayStore
+from gridpresence.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE
 
 
 async def main(data: Path, tick_s: float) -> None:
     info = ConnectionInfo.load(data / CONNECTION_FILE)
     fleet = load_fleet(data / FLEET_COPY)
     secrets = Secrets(data / SECRETS_FILE)
-    replay = ReplayStore(data / REPLAY_FILE)
     bots = FleetBots(fleet, info.server, secrets, only=[d.name for d in fleet.devices], tick_s=tick_s,
-                     with_services=False, keys=KeyStore(data / KEYS_DIR), replay=replay)
+                     with_services=False, data_dir=data)
     echo = EchoResponder(info.server, secrets)
     await asyncio.gather(bots.start(timeout=600), echo.start())
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await asyncio.gather(bots.stop(), echo.stop())
-    replay.close()
 
 
 if __name__ == "__main__":

@@ -75,9 +75,23 @@ TEST_FLEET = {
         {"name": "sig-load", "kind": "load", "rated_kw": 40, "serial": "ACME-0001"},
         {"name": "sig-meter", "kind": "meter", "rated_kw": 40},
         {"name": "sig-apart", "kind": "load", "rated_kw": 20},
+        # Live rules (test_rules_live): ranked at billing's price; a branch whose children's faults
+        # fold into its alarm (the base loads put it in fault, the small one faults on its own).
+        {"name": "price-load", "kind": "load", "rated_kw": 100},
+        {"name": "fold-meter", "kind": "meter", "rated_kw": 100},
+        *({"name": f"fold-base-{i}", "kind": "load", "rated_kw": 60, "parent": "fold-meter", "utilisation": 0.5}
+          for i in (1, 2)),
+        {"name": "fold-small", "kind": "load", "rated_kw": 10, "parent": "fold-meter", "utilisation": 0.5},
+        # A branch under the branch, not in fault itself: the fault of the load under it folds all the way up.
+        {"name": "fold-sub", "kind": "meter", "rated_kw": 50, "parent": "fold-meter"},
+        {"name": "fold-leaf", "kind": "load", "rated_kw": 5, "parent": "fold-sub", "utilisation": 0.5},
+        # Run apart: with the fleet's own rule file, and restarted to show the threshold audit survives.
+        {"name": "rules-load", "kind": "load", "rated_kw": 100, "initial_state": "off"},
+        {"name": "audit-load", "kind": "load", "rated_kw": 100},
     ],
 }
-APART = ("victim-1", "victim-2", "far-1", "far-2", "far-3", "far-4", "mailer-1", "remote-1", "sig-apart")
+APART = ("victim-1", "victim-2", "far-1", "far-2", "far-3", "far-4", "mailer-1", "remote-1", "rules-load",
+         "audit-load", "sig-apart")
 
 
 @dataclass

@@ -56,7 +56,7 @@ def test_rule_file_validated_with_field_named(tmp_path: Path) -> None:
     rules = load_rules(write(tmp_path, "ok.toml", VALVE_RULES))
     assert [r.name for r in rules.rules] == ["valve_open", "off_rule"] and not rules.rules[1].active
     bad = VALVE_RULES.replace('op = "<", param', 'op = "<>", param')
-    with pytest.raises(RuleSetError, match=r"bad.toml: rules\.0\.content.*op"):
+    with pytest.raises(RuleSetError, match=r"bad.toml: rule 'valve_open': rules\.0\.content.*op"):
         load_rules(write(tmp_path, "bad.toml", bad))
     with pytest.raises(RuleSetError, match=r"params missing: settle_s"):
         load_rules(write(tmp_path, "p.toml", VALVE_RULES.replace("open_pct = 100.0, settle_s = 60.0", "open_pct = 100.0")))
@@ -310,7 +310,7 @@ def test_replay_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.Captur
     assert "No such file" in capsys.readouterr().err
     assert main(["rules", "replay", str(write(tmp_path, "ok.csv", TRACE)),
                  "--rules", str(write(tmp_path, "r.toml", "[[rules]]\nname = 'X'\n"))]) == 2
-    assert "r.toml: rules.0" in capsys.readouterr().err
+    assert "r.toml: rule 'X': rules.0.name" in capsys.readouterr().err
 
 
 def test_rules_eval_bench_meets_its_goals() -> None:

@@ -23,8 +23,18 @@ from conftest import Env
 from gridpresence.agents.fleet import device_agent, issuer_keys
 from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.session import close_session, make_client, open_session
-from gridpresence.protocol.codec import command_to_xml, outcome_from_xml, q
-from gridpresence.protocol.models import Action, Command, DeviceState, Outcome, OutcomeStatus, RejectReason, Tariff
+from gridpresence.agents.billing import tariff_from_spec
+from gridpresence.protocol.codec import command_to_xml, outcome_from_xml, q, tariff_to_xml
+from gridpresence.protocol.models import (
+    Action,
+    Command,
+    DeviceState,
+    Outcome,
+    OutcomeStatus,
+    RejectReason,
+    Tariff,
+    TariffPeriod,
+)
 from gridpresence.protocol.openpgp import openpgp_from_xml, openpgp_to_xml
 from gridpresence.security.keyring import StaticKeys
 from gridpresence.security.keys import generate
@@ -207,17 +217,38 @@ async def test_roles_decide_who_may_issue_what(env: Env, alice: GridOperator) ->
     assert reset.report is not None and (reset.report.telemetry.energy_kwh or 0) < before
 
 
-async def test_billing_sends_its_signed_tariff_and_price(env: Env, alice: GridOperator) -> None:
+async def test_prices_reach_devices_only_signed_by_billing(env: Env, alice: GridOperator) -> None:
     billing = env.grid.bots.billing["billing"]  # type: ignore[union-attr]
     device = env.grid.bots.devices["sig-meter"]  # type: ignore[union-attr]
-    price = billing.set_price(1.25)
-    outcome = await billing.command(device.jid, device.spec.serial, Action.PRICE, args=price.to_args())
-    assert outcome.ok and "1.25" in outcome.detail
-    assert device.tariff is not None and device.tariff.kind == "real-time" and device.price_now() == 1.25
-    bad = await billing.command(device.jid, device.spec.serial, Action.TARIFF, args={"periods": "25-3:x"})
-    assert bad.reason is RejectReason.INVALID_ARGUMENTS and device.price_now() == 1.25
-    by_operator = await alice.command("sig-meter", Action.PRICE, args=Tariff.to_args(price))
-    assert by_operator.reason is RejectReason.NOT_AUTHORISED and device.price_now() == 1.25
+    errors: asyncio.Queue[Message] = asyncio.Queue()
+    try:
+        billing.set_price(1.25)  # signed for each device and operator
+        async with asyncio.timeout(5):
+            while device.prices.price() != 1.25 or alice.price_now() != 1.25:
+                await asyncio.sleep(0.05)
+        peers = {name: await wire_peer(env, name) for name in ("billing", "alice")}
+        for peer in peers.values():
+            peer.client.add_event_handler("message_error", errors.put_nowait)
+        cheap = Tariff(supplier="x", kind="real-time", periods=(TariffPeriod(start_hour=0, end_hour=24,
+                                                                             price_per_kwh=0.01),))
+        attempts = [
+            ("billing", tariff_to_xml(cheap), "unsigned"),  # billing's password without its key
+            ("billing", sign_payload(tariff_to_xml(cheap), device.jid, key(env, "alice")), "bad-signature"),
+            ("billing", sign_payload(tariff_to_xml(cheap), env.fleet.jid("load-a"), key(env, "billing")),
+             "wrong-recipient"),
+            ("alice", sign_payload(tariff_to_xml(cheap), device.jid, key(env, "alice")), "not a billing party"),
+        ]
+        for sender, el, why in attempts:
+            msg = peers[sender].client.make_message(mto=device.jid, mtype="normal", mbody="cheap power")
+            msg.append(el)
+            msg.send()
+            refused = await asyncio.wait_for(errors.get(), 5)
+            assert why in refused["error"]["text"], (why, refused["error"]["text"])
+        assert device.prices.price() == 1.25
+        for peer in peers.values():
+            await close_session(peer.client)
+    finally:
+        billing.publish(tariff_from_spec(billing.spec))  # back to the fleet's tariff for the other tests
 
 
 # -- a compromised operator account: the password without the key -------------------------------

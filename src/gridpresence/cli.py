@@ -35,12 +35,11 @@ from gridpresence.agents.operator import GridOperator, UnknownDevice
 from gridpresence.agents.session import ConnectionInfo, SessionError
 from gridpresence.agents.tracker import DeviceChange, DeviceView
 from gridpresence.config import FleetError, load_fleet
-from gridpresence.grid import CONNECTION_FILE, FLEET_COPY, REPLAY_FILE, SECRETS_FILE, Grid
-from gridpresence.security.keys import KEYS_DIR, KeyStore
-from gridpresence.security.replay import ReplayStore
+from gridpresence.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE, Grid
 from gridpresence.protocol.models import Action, Outcome, OutcomeStatus
 from gridpresence.relay import commands as relay_commands
 from gridpresence.rules.cli import add_rules_commands
+from gridpresence.rules.model import RuleSetError
 from gridpresence.server import ServerError, ServerPorts
 from gridpresence.signals import stop_signal, unless_stopped
 
@@ -286,9 +285,7 @@ async def cmd_bots(args: argparse.Namespace) -> int:
     secrets_path = data / SECRETS_FILE
     if not secrets_path.exists():
         raise CliError(f"{secrets_path}: not found; run `gridpresence up --data {data}` first")
-    replay = ReplayStore(data / REPLAY_FILE)  # the devices' memory of commands taken, kept across runs
-    bots = FleetBots(fleet, info.server, Secrets(secrets_path), only=args.only, with_services=False,
-                     keys=KeyStore(data / KEYS_DIR), replay=replay)
+    bots = FleetBots(fleet, info.server, Secrets(secrets_path), only=args.only, with_services=False, data_dir=data)
     if not bots.bots:
         raise CliError(f"no bot named {', '.join(args.only)} in the fleet")
     stop = stop_signal()
@@ -368,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     alert.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (exit 1)")
     alert.set_defaults(run=cmd_alert)
     relay_commands.register(sub, operator_opts, str(DEFAULT_DATA))
-    add_rules_commands(sub)
+    add_rules_commands(sub, operator_opts, _with_operator, str(DEFAULT_DATA))
     return parser
 
 
@@ -380,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.time = dt.datetime.now(dt.timezone.utc).isoformat()
     try:
         return asyncio.run(args.run(args))
-    except (CliError, FleetError, ServerError, SessionError, UnknownDevice) as exc:
+    except (CliError, FleetError, RuleSetError, ServerError, SessionError, UnknownDevice) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.protocol.models import DeviceKind
 from gridpresence.security.policy import Role, SecuritySettings
+from gridpresence.rules.model import RuleSetError, load_rules
 
 # XMPP localparts we generate from names: keep them boring so every client can type them.
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,47}$")
@@ -96,6 +97,19 @@ class DeviceSpec(_Spec):
         return self
 
 
+class RulesSpec(BaseModel):
+    """``[rules]``: the rule set live devices run instead of the built-in alarms. A relative
+    ``file`` is relative to the fleet file; the loaded fleet holds it resolved."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str = Field(min_length=1, max_length=4096)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.file)
+
+
 class Fleet(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -107,6 +121,7 @@ class Fleet(BaseModel):
     devices: tuple[DeviceSpec, ...] = Field(min_length=1)
     alarms: AlarmSettings = AlarmSettings()
     security: SecuritySettings = SecuritySettings()
+    rules: RulesSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Fleet:
@@ -164,12 +179,28 @@ def _where(loc: tuple[int | str, ...]) -> str:
     return out or "fleet"
 
 
-def parse_fleet(data: dict[str, object], source: str = "fleet") -> Fleet:
+def parse_fleet(data: dict[str, object], source: str = "fleet", base: Path | None = None) -> Fleet:
+    """Validate a fleet; `base` is the fleet file's folder, for a relative ``[rules] file``."""
     try:
-        return Fleet.model_validate(data)
+        fleet = Fleet.model_validate(data)
     except ValidationError as exc:
         lines = [f"{source}: {_where(e['loc'])}: {e['msg']}" for e in exc.errors()]
         raise FleetError("\n".join(lines)) from None
+    return _with_rules(fleet, source, base)
+
+
+def _with_rules(fleet: Fleet, source: str, base: Path | None) -> Fleet:
+    """Resolve the rule-set file and check it now: a bad rule stops `up` before anything starts."""
+    if fleet.rules is None:
+        return fleet
+    path = fleet.rules.path
+    if not path.is_absolute() and base is not None:
+        path = (base / path).resolve()
+    try:
+        load_rules(path)
+    except RuleSetError as exc:
+        raise FleetError(f"{source}: rules.file: {exc}") from None
+    return fleet.model_copy(update={"rules": RulesSpec(file=str(path))})
 
 
 def load_fleet(path: Path) -> Fleet:
@@ -185,4 +216,4 @@ def load_fleet(path: Path) -> Fleet:
         raise FleetError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {exc}") from None
     if not isinstance(data, dict):
         raise FleetError(f"{path}: a fleet file holds a table of settings")
-    return parse_fleet(data, str(path))
+    return parse_fleet(data, str(path), path.parent)

@@ -16,7 +16,6 @@ from gridpresence.agents.session import Account, ConnectionInfo, Endpoint, Relay
 from gridpresence.config import Fleet
 from gridpresence.relay.service import RelayService, relay_files, relay_port
 from gridpresence.security.keys import KEYS_DIR, KeyStore
-from gridpresence.security.replay import ReplayStore
 from gridpresence.server import ProsodyServer, ServerPorts, provision
 
 log = logging.getLogger(__name__)
@@ -24,7 +23,6 @@ log = logging.getLogger(__name__)
 CONNECTION_FILE = "connection.json"
 SECRETS_FILE = "secrets.json"
 FLEET_COPY = "fleet.json"  # the fleet this directory runs, for `gridpresence bots`
-REPLAY_FILE = "replay.sqlite3"  # commands the devices took, so a restarted device refuses a replay
 
 
 class Grid:
@@ -41,7 +39,6 @@ class Grid:
         self._tick_s = tick_s
         self.bots: FleetBots | None = None
         self.relay: RelayService | None = None
-        self.replay: ReplayStore | None = None  # the devices' memory of commands taken
         self._bind = bind
 
     @property
@@ -84,9 +81,8 @@ class Grid:
                 await self._start_relay()
             self._write_connection()
             if self._want_bots:
-                self.replay = ReplayStore(self.data_dir / REPLAY_FILE)
                 self.bots = FleetBots(self.fleet, self.endpoint, self.secrets, only=self._only, tick_s=self._tick_s,
-                                      keys=self.keys, replay=self.replay)
+                                      data_dir=self.data_dir)
                 await self.bots.start()
         except BaseException:
             await self.stop()
@@ -116,9 +112,6 @@ class Grid:
         if self.relay is not None:
             await self.relay.stop()
             self.relay = None
-        if self.replay is not None:
-            self.replay.close()
-            self.replay = None
         await self.server.stop()
 
     async def __aenter__(self) -> Grid:

@@ -14,19 +14,24 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from slixmpp import JID
 
 from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.protocol.alarm import URGENT_KINDS, Alarm, AlarmKind, AlarmLevel, AlarmStatus, alarm_to_xml
 from gridpresence.protocol.models import PresenceReport
+from gridpresence.rules.audit_log import AuditJournal
 from gridpresence.rules.engine import Engine, FaultEvent
 from gridpresence.rules.priority import Prioritiser
 from gridpresence.rules.live import report_sample
-from gridpresence.rules.model import default_rules
+from gridpresence.rules.model import RuleSet, default_rules
 from gridpresence.rules.thresholds import Adjuster, Change, Proposal, ThresholdBook
 
 if TYPE_CHECKING:
     from gridpresence.agents.device import DeviceAgent
+    from gridpresence.agents.folding import BranchFold
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,8 @@ TITLES: dict[AlarmKind, str] = {
 }
 
 
+KINDS = frozenset(k.value for k in AlarmKind)
+
 # Alarms an operator can still judge ("not a fault") are the device's latest this many.
 MAX_JUDGEABLE = 200
 
@@ -54,6 +61,7 @@ CHECKED_KINDS = frozenset(AlarmKind) - {AlarmKind.BRANCH_NEAR_LIMIT}
 @dataclass
 class _Open:
     alarm: Alarm
+    base_text: str = ""  # the text before the faults folded into it are named
     duty_pos: int = -1  # index in the duty order of the operator told last (urgent alarms)
     notified: set[str] = field(default_factory=set)
     timer: asyncio.TimerHandle | None = None
@@ -75,6 +83,15 @@ def conditions(report: PresenceReport, settings: AlarmSettings, run_h: float,
     return out
 
 
+def _cut(text: str) -> str:
+    """An alarm's text fits the payload's 300 characters."""
+    return text if len(text) <= 300 else text[:299] + "…"
+
+
+def _title(kind: str) -> str:
+    return TITLES[AlarmKind(kind)] if kind in KINDS else kind
+
+
 def describe(alarm: Alarm) -> str:
     """The alarm as a line for a person."""
     units = {AlarmKind.TEMPERATURE_EXCEEDED: " °C", AlarmKind.SERVICE_REQUIRED: " running hours"}.get(alarm.kind, " %")
@@ -87,7 +104,8 @@ def describe(alarm: Alarm) -> str:
 class AlarmDesk:
     """One device's alarms: raising, routing by presence, escalation, acknowledgement."""
 
-    def __init__(self, agent: DeviceAgent, duty: tuple[str, ...], settings: AlarmSettings) -> None:
+    def __init__(self, agent: DeviceAgent, duty: tuple[str, ...], settings: AlarmSettings,
+                 rules: RuleSet | None = None, audit: Path | None = None) -> None:
         self.agent = agent
         self.duty = duty
         self.settings = settings
@@ -95,17 +113,25 @@ class AlarmDesk:
         self._active: frozenset[AlarmKind] = frozenset()
         self._next_id = 1
         # The rules run here, on the device: only faults leave it. Thresholds adapt per device.
-        rules = default_rules(settings)
-        self.thresholds = ThresholdBook(rules)
+        # The fleet's own rule set (shared by its devices) replaces the built-in alarms.
+        rules = rules or default_rules(settings)
+        # The audit of threshold changes, on disk when the device has a data directory (survives restarts).
+        self.thresholds = ThresholdBook(rules, AuditJournal(audit) if audit is not None else None)
         self.engine = Engine(rules, self.thresholds)
         self.adjuster = Adjuster(rules, self.thresholds)
         self.rule_alarms: dict[str, tuple[str, float]] = {}  # alarm id -> (rule, when raised), for verdicts
         self.on_adjustment: Callable[[Change | Proposal], None] | None = None
-        # The billing party's price now (set by the fleet); with [alarms] batch_low_priority_s it ranks faults.
+        # The billing party's price now (the device's PriceFeed); with [alarms] batch_low_priority_s it ranks faults.
         self.price: Callable[[], float] | None = None
         self._prioritiser: Prioritiser | None = None
         self._flush_timer: asyncio.TimerHandle | None = None
         self._capacity_kw: float | None = None
+        # Branch folding (agents/folding.py): own faults held back while the parent is in fault,
+        # and the own alarm that names the faults folded into this device from below.
+        self.fold: BranchFold | None = None
+        self.held: dict[str, FaultEvent] = {}  # rule -> its raise, told on its own if the parent's fault clears first
+        self.own_faults: list[str] = []  # alarm kinds of the rules holding now (not silently)
+        self._branch_alarm: str | None = None
 
     # -- presence of the operators ------------------------------------------------------
 
@@ -132,11 +158,11 @@ class AlarmDesk:
         self._capacity_kw = report.telemetry.capacity_kw
         ranker = self._ranker()
         for ev in self.engine.feed(sample):
-            if ev.raised and (ranker is None or ranker.submit(ev)):
-                self._raise_fault(ev)
-            elif ev.raised:  # low priority: waits for the batch
-                self._schedule_flush()
-            elif ranker is not None:
+            if ev.raised and self.fold is not None and self.fold.parent_in_fault:
+                self.held[ev.rule] = ev  # folded: the parent's alarm names it
+            elif ev.raised:
+                self._offer(ev, ranker)
+            elif self.held.pop(ev.rule, None) is None and ranker is not None:
                 ranker.withdraw(ev.device, ev.rule)  # passed before the batch went out: nobody is bothered
             outcome = self.adjuster.event(ev)
             if outcome is not None and self.on_adjustment is not None:
@@ -145,10 +171,52 @@ class AlarmDesk:
         # A rule held silently (high loading while the trip point is imminent) counts as told.
         held = self.engine.active(self.agent.spec.name)
         self._active = frozenset(AlarmKind(self.engine.rules.get(name).alarm) for name in held)
+        self.own_faults = sorted({self.engine.rules.get(name).alarm.value for name, silent in held.items() if not silent})
         self._clear_warnings(self._active)
 
+    def _offer(self, ev: FaultEvent, ranker: Prioritiser | None) -> None:
+        if ranker is None or ranker.submit(ev):
+            self._raise_fault(ev)
+        else:  # low priority: waits for the batch
+            self._schedule_flush()
+
+    # -- branch folding -------------------------------------------------------------------
+
+    def release_folded(self) -> None:
+        """The parent's fault has cleared: own faults that still hold are told on their own."""
+        held, self.held = self.held, {}
+        if self.agent._stopping:
+            return
+        active = self.engine.active(self.agent.spec.name)
+        ranker = self._ranker()
+        for rule, ev in held.items():
+            if active.get(rule) is False:  # still holding, and not silently
+                self._offer(ev, ranker)
+
+    def below_changed(self) -> None:
+        """The faults below this device changed: the open branch alarm names them anew."""
+        entry = self.open.get(self._branch_alarm or "")
+        if entry is None:
+            return
+        text = self._with_folded(entry.base_text)
+        if text == entry.alarm.text:
+            return
+        entry.alarm = entry.alarm.model_copy(update={"text": text})
+        log.info("%s: alarm %s now: %s", self.agent.spec.name, entry.alarm.id, text)
+        for op in entry.notified:  # the same alarm (same id), told again with what it folds
+            self._send(op, entry.alarm)
+
+    def _with_folded(self, text: str) -> str:
+        below = self.fold.below() if self.fold is not None else ()
+        if below:
+            text += "; folded: " + ", ".join(f"{JID(f.device or '').user} {_title(f.kind)}" for f in below)
+        return _cut(text)
+
     def _raise_fault(self, ev: FaultEvent, detail: str = "") -> None:
-        alarm = self.raise_alarm(AlarmKind(ev.alarm), ev.value, ev.threshold, detail)
+        folds = self._branch_alarm not in self.open  # the first own fault's alarm names what is folded into it
+        alarm = self.raise_alarm(AlarmKind(ev.alarm), ev.value, ev.threshold, detail, urgent=ev.urgent, folds=folds)
+        if folds:
+            self._branch_alarm = alarm.id
         self.rule_alarms[alarm.id] = (ev.rule, ev.ts)
         if len(self.rule_alarms) > MAX_JUDGEABLE:
             del self.rule_alarms[min(self.rule_alarms, key=int)]
@@ -174,6 +242,9 @@ class AlarmDesk:
         if self._prioritiser is None or self.agent._stopping:
             return
         for ranked in self._prioritiser.flush():  # costliest first
+            if self.fold is not None and self.fold.parent_in_fault:
+                self.held[ranked.event.rule] = ranked.event  # the branch went into fault meanwhile: folded
+                continue
             try:
                 self._raise_fault(ranked.event, f"low priority, {ranked.cost_per_day:.2f} a day, batched")
             except Exception:  # one failed send must not lose the rest of the batch
@@ -193,15 +264,19 @@ class AlarmDesk:
                     self._send(op, cleared)
 
     def raise_alarm(self, kind: AlarmKind, value: float | None = None, threshold: float | None = None,
-                    detail: str = "") -> Alarm:
-        """Raise and deliver an alarm; `detail` (e.g. a master IED's advice) follows the reading."""
-        level = AlarmLevel.URGENT if kind in URGENT_KINDS else AlarmLevel.WARNING
+                    detail: str = "", urgent: bool | None = None, folds: bool = False) -> Alarm:
+        """Raise and deliver an alarm; `detail` (e.g. a master IED's advice) follows the reading.
+        A rule says whether it is urgent; otherwise the kind does. A branch alarm (`folds`) also
+        names the faults below it that are folded into it."""
+        if urgent is None:
+            urgent = kind in URGENT_KINDS
+        level = AlarmLevel.URGENT if urgent else AlarmLevel.WARNING
         alarm = Alarm(id=str(self._next_id), device=self.agent.jid, kind=kind, level=level,
                       value=None if value is None else round(value, 2), threshold=threshold)
         text = describe(alarm) + (f": {detail}" if detail else "")
-        alarm = alarm.model_copy(update={"text": text if len(text) <= 300 else text[:299] + "…"})
+        alarm = alarm.model_copy(update={"text": self._with_folded(text) if folds else _cut(text)})
         self._next_id += 1
-        entry = _Open(alarm)
+        entry = _Open(alarm, base_text=text)
         self.open[alarm.id] = entry
         log.info("%s: alarm %s raised: %s", self.agent.spec.name, alarm.id, alarm.text)
         self._deliver(entry)

@@ -1,19 +1,30 @@
 """The billing party ([00142], [0093]): sends its tariff, or a real-time price, to the
-utility's operators whenever they are present."""
+utility's operators whenever they are present, and to the devices, which rank their faults by
+cost per day at that price.
+
+Devices get it as a message to their bare JID, when billing comes online and at every change:
+the server holds it for a device that is offline (mod_offline) and hands it over when the device
+logs in. Billing does not follow the devices' presence: that would copy all of the grid's
+presence traffic to billing just to learn when to send a rare price change."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from slixmpp import JID, Presence
+from slixmpp import JID, Message, Presence
 
 from gridpresence.agents.issuer import CommandIssuer
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
 from gridpresence.config import BillingSpec
-from gridpresence.protocol.codec import tariff_to_xml
+from gridpresence.protocol.codec import PayloadError, tariff_from_xml, tariff_to_xml
 from gridpresence.protocol.models import Action, Command, Outcome, Tariff, TariffPeriod
+from gridpresence.protocol.models import utcnow
+from gridpresence.protocol.openpgp import OPENPGP_NS
+from gridpresence.security.keyring import KeyLookup
 from gridpresence.security.pgp import pgpy
+from gridpresence.security.policy import Role, SecuritySettings
+from gridpresence.security.signed import SignatureFailure, check_envelope, key_of, open_signed, sign_payload
 
 log = logging.getLogger(__name__)
 
@@ -26,19 +37,61 @@ def tariff_from_spec(spec: BillingSpec) -> Tariff:
     return Tariff(supplier=spec.supplier, currency=spec.currency, periods=(peak, off))
 
 
+class TariffRefused(ValueError):
+    """A ``<tariff>`` that is not taken; `condition` is the stanza error the sender gets."""
+
+    def __init__(self, condition: str, text: str) -> None:
+        super().__init__(text)
+        self.condition = condition
+
+
+async def tariff_from_billing(msg: Message, is_billing: Callable[[str], bool], keys: KeyLookup,
+                              security: SecuritySettings | None = None) -> Tariff:
+    """The one gate for a price message, on every receiving side (devices and operators): a
+    billing party's, signed with its key for this recipient (XEP-0373 ``<sign/>``, not older
+    than ``max_ttl_s``: the server may have held it while the recipient was offline), allowed by
+    the policy, and valid. A bare ``<tariff/>`` is refused: anyone with billing's password could
+    send one."""
+    security = security or SecuritySettings()
+    sender, me = msg["from"].bare, msg["to"].bare
+    if not is_billing(sender):
+        raise TariffRefused("not-authorized", f"{sender} is not a billing party; only the billing party sets prices")
+    sealed_el = msg.xml.find(f"{{{OPENPGP_NS}}}openpgp")
+    if sealed_el is None:
+        raise TariffRefused("not-authorized", "unsigned: a tariff must be signed with the billing party's key")
+    try:
+        sealed = open_signed(sealed_el)
+        sealed.verify(await key_of(sender, keys), sender)
+        check_envelope(sealed.content, me, utcnow(), security.clock_skew_s, security.max_ttl_s)
+        tariff = tariff_from_xml(sealed.payload)
+    except SignatureFailure as exc:
+        raise TariffRefused("not-authorized", f"{exc.reason.value}: {exc.detail}") from None
+    except PayloadError as exc:
+        raise TariffRefused("bad-request", str(exc)) from None
+    action = Action.TARIFF if tariff.kind == "tariff" else Action.PRICE
+    if not security.allows(Role.BILLING, action):
+        raise TariffRefused("not-authorized", f"the policy does not let billing send a {action.value}")
+    return tariff
+
+
 class BillingAgent:
     def __init__(self, spec: BillingSpec, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str],
-                 key: pgpy.PGPKey | None = None) -> None:
+                 devices: Iterable[str] = (), key: pgpy.PGPKey | None = None) -> None:
         self.spec = spec
         self.endpoint = endpoint
         self.operators = frozenset(JID(j).bare for j in operators)
+        self.devices = tuple(sorted({JID(j).bare for j in devices}))
         self.tariff = tariff_from_spec(spec)
         self.client = make_client(jid, password, endpoint)
-        # Commands to devices (billing reset, tariff, price) are signed with the billing key.
+        # Commands to devices (billing reset) and prices are signed with the billing key.
         self.issuer = CommandIssuer(self.client, key)
         self._present: set[str] = set()  # operators' full JIDs that have our current tariff
         self.client.add_event_handler("presence", self._on_presence)
-        self.client.add_event_handler("session_start", lambda _e: self.client.send_presence(pstatus="billing"))
+        self.client.add_event_handler("session_start", self._on_session_start)
+
+    def _on_session_start(self, _event: object) -> None:
+        self.client.send_presence(pstatus="billing")
+        self._send_devices()
 
     async def start(self, timeout: float = 20.0) -> None:
         await open_session(self.client, self.endpoint, timeout)
@@ -61,14 +114,21 @@ class BillingAgent:
         msg = self.client.make_message(mto=to, mtype="normal",
                                        mbody=f"tariff from {self.tariff.supplier}: {self.tariff.price_at():.2f} "
                                              f"{self.tariff.currency}/kWh now")
-        msg.append(tariff_to_xml(self.tariff))
+        # Signed for this recipient: devices and operators refuse an unsigned price.
+        key = self.issuer.key
+        msg.append(sign_payload(tariff_to_xml(self.tariff), JID(to).bare, key) if key else tariff_to_xml(self.tariff))
         msg.send()
 
+    def _send_devices(self) -> None:
+        for bare in self.devices:  # held by the server for a device that is offline
+            self._send(bare)
+
     def publish(self, tariff: Tariff) -> None:
-        """Replace the tariff and send it to every operator present now."""
+        """Replace the tariff and send it to every operator present now and to every device."""
         self.tariff = tariff
         for full in sorted(self._present):
             self._send(full)
+        self._send_devices()
 
     def set_price(self, price_per_kwh: float) -> Tariff:
         """A real-time price, valid all day until replaced."""

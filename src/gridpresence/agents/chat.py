@@ -21,6 +21,8 @@ from slixmpp import JID, Message
 from gridpresence import roles
 from gridpresence.agents.alarms import TITLES
 from gridpresence.security.policy import DEFAULT_ALLOW, Role
+from gridpresence.protocol.codec import q
+from gridpresence.protocol.openpgp import OPENPGP_NS
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, PresenceReport, RejectReason, utcnow
 
 if TYPE_CHECKING:
@@ -131,6 +133,8 @@ class ChatDesk:
     def _on_message(self, msg: Message) -> None:
         if msg["type"] not in ("chat", "normal") or not msg["body"] or msg["from"].bare == self.agent.jid:
             return
+        if msg.xml.find(q("tariff")) is not None or msg.xml.find(f"{{{OPENPGP_NS}}}openpgp") is not None:
+            return  # a price or another signed payload (its body is a note for people): not chat
         try:
             answer = self.answer(msg["from"], msg["body"], msg["id"] or "")
         except Exception:  # nothing a person types may end the bot

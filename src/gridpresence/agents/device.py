@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 from pydantic import ValidationError
 from slixmpp import JID, Message, Presence
@@ -18,9 +19,11 @@ from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.agents.adhoc import enable_standard_features
 from gridpresence.agents.alarms import AlarmDesk
+from gridpresence.agents.price_feed import PriceFeed
 from gridpresence.agents.verdicts import VerdictDesk
 from gridpresence.agents.chat import ChatDesk
 from gridpresence.agents.firmware import FirmwareDesk
+from gridpresence.agents.folding import BranchFold
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
 from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.config import DeviceSpec
@@ -41,6 +44,7 @@ from gridpresence.protocol.models import (
     Command,
     DeviceKind,
     DeviceState,
+    FaultRef,
     Outcome,
     OutcomeStatus,
     PresenceReport,
@@ -49,11 +53,12 @@ from gridpresence.protocol.models import (
     Telemetry,
     utcnow,
 )
-from gridpresence.security.gate import CommandGate, Refusal, SignedCommand, open_command, parse_command
+from gridpresence.security.gate import CommandGate, Refusal, SignedCommand, open_sealed, parse_command
 from gridpresence.security.keyring import KeyLookup, StaticKeys
 from gridpresence.security.policy import Role, SecuritySettings
 from gridpresence.security.replay import ReplayGuard, ReplayStore
 from gridpresence.security.signed import SignatureFailure, key_of
+from gridpresence.rules.model import RuleSet
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +99,11 @@ class DeviceAgent:
         relays: Iterable[str] = (),
         alarms: AlarmSettings | None = None,
         services: Iterable[str] = (),
+        rules: RuleSet | None = None,
+        billing: Iterable[str] = (),
+        tariff: Tariff | None = None,
+        audit: Path | None = None,
+        parent: str | None = None,
         *,
         security: SecuritySettings | None = None,
         roles: Mapping[str, Role] | None = None,
@@ -118,7 +128,6 @@ class DeviceAgent:
         self.keyring: KeyLookup = keys if keys is not None else StaticKeys({})
         # Every command taken, with its outcome, until its expiry: a copy has no second effect.
         self.replay = ReplayGuard(replay or ReplayStore(None), self.gate.device)
-        self.tariff: Tariff | None = None  # the billing party's, once it sent one
         self._seq = 0
         self._published: PresenceReport | None = None
         self._published_at = 0.0
@@ -133,7 +142,14 @@ class DeviceAgent:
             self.client.add_event_handler("presence", self._on_child_presence)
         self.client.add_event_handler("disconnected", self._on_disconnected)
         self.client.add_event_handler("session_start", self._on_session_start)
-        self.alarms = AlarmDesk(self, duty, alarms or AlarmSettings())
+        self.alarms = AlarmDesk(self, duty, alarms or AlarmSettings(), rules, audit)
+        # Faults are ranked at the billing party's price, as it sends it ([00142]).
+        self.prices = PriceFeed(self, billing, tariff)
+        if self.prices.billing:  # no billing party: no price, nothing is ranked
+            self.alarms.price = self.prices.price
+        # Faults under a branch in fault go out in the branch's alarm (agents/folding.py says why here).
+        self.fold = BranchFold(self, parent)
+        self.alarms.fold = self.fold
         self.chat = ChatDesk(self)
         enable_standard_features(self)
         self.verdicts = VerdictDesk(self)
@@ -188,6 +204,8 @@ class DeviceAgent:
                 self.sim.tick(utcnow())
                 refresh_due = loop.time() - self._published_at >= self.spec.refresh_s
                 self.alarms.check(self.publish(force=refresh_due))
+                if self._published is not None and self._published.faults != self._faults():
+                    self.publish(force=False)  # parent and children learn of a fault now, not at the next refresh
             except Exception:  # one bad tick must not end the device
                 log.exception("%s: tick failed", self.spec.name)
 
@@ -205,7 +223,12 @@ class DeviceAgent:
             seq=self._seq,
             transport=self.client.transport_name,
             serial=self.spec.serial,
+            faults=self._faults() if state is None else (),
+            under_fault=True if state is None and self.fold.parent_in_fault else None,
         )
+
+    def _faults(self) -> tuple[FaultRef, ...]:
+        return self.fold.presence_faults(self.alarms.own_faults)
 
     def current_report(self) -> PresenceReport | None:
         """The device's state as a validated report, or None (logged) if the physics is off."""
@@ -217,7 +240,8 @@ class DeviceAgent:
 
     def _changed(self, report: PresenceReport) -> bool:
         old = self._published
-        if old is None or old.state != report.state or old.restriction != report.restriction:
+        if (old is None or old.state != report.state or old.restriction != report.restriction
+                or old.faults != report.faults or old.under_fault != report.under_fault):
             return True
         a, b = old.telemetry, report.telemetry
         if a.breaker != b.breaker:
@@ -241,7 +265,7 @@ class DeviceAgent:
         sender = pres["from"].bare
         if sender not in self.children:
             return
-        kw = 0.0
+        kw, child = 0.0, None
         if pres["type"] != "unavailable" and pres.xml.find(q("device")) is not None:
             try:
                 child = report_from_xml(pres["grid_device"].xml)
@@ -250,6 +274,8 @@ class DeviceAgent:
                 return
             kw = branch_contribution(child)
         self.sim.branch_kw[sender] = kw
+        if self.fold.child(sender, child):
+            self.alarms.below_changed()
         self.publish(force=False)
 
     # -- commands ---------------------------------------------------------------------
@@ -279,7 +305,11 @@ class DeviceAgent:
         if msg.xml.find(q("firmware")) is not None:
             return  # a firmware image with its signed offer: the firmware desk's
         try:
-            signed = open_command(msg["openpgp"].xml)
+            sealed = open_sealed(msg["openpgp"].xml)
+            if sealed.payload.tag == q("tariff"):
+                self.prices.on_tariff(msg)  # the billing party's signed price: its own gate
+                return
+            signed = SignedCommand(sealed, parse_command(sealed.payload))
             if not self.gate.may_send(sender.bare):
                 raise Refusal(RejectReason.NOT_AUTHORISED, f"{sender.bare} may not command this device",
                               signed.command.id)
@@ -347,11 +377,10 @@ class DeviceAgent:
     def execute(self, cmd: Command, now: dt.datetime) -> Outcome:
         """Apply a valid, authorised, fresh command to the physics; publish the new state first
         so an issuer that sees the outcome already sees the matching presence."""
-        if cmd.action in (Action.TARIFF, Action.PRICE):
-            effect = self._store_tariff(cmd)
-        elif cmd.action is Action.FIRMWARE_UPGRADE:
-            effect = Effect.refused(RejectReason.INVALID_ARGUMENTS,
-                                    "a firmware offer travels with its image (<firmware/>), not alone")
+        if cmd.action in (Action.TARIFF, Action.PRICE, Action.FIRMWARE_UPGRADE):
+            effect = Effect.refused(RejectReason.INVALID_ARGUMENTS, f"{cmd.action.value} is not a command on its own: "
+                                    "a tariff or price is the billing party's signed <tariff/>, a firmware offer "
+                                    "travels with its image")
         else:
             effect = self.sim.execute(cmd.action, cmd.args, now)
         report = self.publish(force=False)
@@ -363,19 +392,6 @@ class DeviceAgent:
             detail=effect.detail,
             report=report,
         )
-
-    def _store_tariff(self, cmd: Command) -> Effect:
-        try:
-            tariff = Tariff.from_args(cmd.args, "tariff" if cmd.action is Action.TARIFF else "real-time")
-        except ValueError as exc:
-            return Effect.refused(RejectReason.INVALID_ARGUMENTS, f"not a tariff: {exc}"[:300])
-        self.tariff = tariff
-        return Effect.done(f"{tariff.kind} from {tariff.supplier} stored: {tariff.price_at():.2f} "
-                           f"{tariff.currency}/kWh now")
-
-    def price_now(self) -> float:
-        """The billing party's price now (alarm priority), from the last tariff it sent."""
-        return self.tariff.price_at() if self.tariff is not None else 0.0
 
     def _answer(self, to: JID, cmd_id: str, status: OutcomeStatus, reason: RejectReason | None, detail: str) -> None:
         if not cmd_id:  # nothing to correlate with: a stanza-level error is all we can give

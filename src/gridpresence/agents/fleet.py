@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 from collections.abc import Collection
+from pathlib import Path
 from typing import Protocol
 
 from gridpresence.accounts import CONSOLE, RELAY, WATCHDOG, Secrets
@@ -26,6 +27,10 @@ from gridpresence.security.keyring import KeyLookup, StaticKeys
 from gridpresence.security.keys import KeyStore
 from gridpresence.security.policy import Role
 from gridpresence.security.replay import ReplayStore
+from gridpresence.rules.audit_log import audit_path
+from gridpresence.rules.model import RuleSet, rules_for
+from gridpresence.security.keys import KEYS_DIR
+from gridpresence.security.replay import REPLAY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +43,18 @@ class Bot(Protocol):
 
 
 class FleetBots:
-    """The bots of a fleet. `only` limits them to some names (e.g. to run one device apart)."""
+    """The bots of a fleet. `only` limits them to some names (e.g. to run one device apart);
+    `data_dir` is where devices keep their threshold audit and replay guard, and where the
+    parties' keys are."""
 
     def __init__(self, fleet: Fleet, endpoint: Endpoint, secrets: Secrets, only: Collection[str] | None = None,
-                 tick_s: float = 1.0, with_services: bool = True, keys: KeyStore | None = None,
-                 replay: ReplayStore | None = None) -> None:
+                 tick_s: float = 1.0, with_services: bool = True, data_dir: Path | None = None) -> None:
         self.fleet = fleet
         operators = [fleet.jid(o.name) for o in fleet.operators]
+        keys = KeyStore(Path(data_dir) / KEYS_DIR) if data_dir is not None else None
         keyring = issuer_keys(fleet, keys)
+        # The devices' memory of commands taken, in the data directory so it outlives a restart.
+        self.replay = ReplayStore(Path(data_dir) / REPLAY_FILE if data_dir is not None else None)
         wanted = set(only) if only is not None else None
         self.devices: dict[str, DeviceAgent] = {}
         self.advisors: dict[str, BranchAdvisor] = {}  # master IEDs' branch watch, by name
@@ -53,16 +62,18 @@ class FleetBots:
         self.manufacturers: dict[str, ManufacturerAgent] = {}
         self.watchdog: WatchdogAgent | None = None
         self.console: ConsoleAgent | None = None
+        # One rule set, loaded once, shared by every device.
+        self.rules = rules_for(fleet.rules.path if fleet.rules else None, fleet.alarms)
         for dev in fleet.devices:
             if wanted is None or dev.name in wanted:
                 self.devices[dev.name] = device_agent(fleet, dev.name, endpoint, secrets.password(dev.name), keyring,
-                                                      replay, tick_s=tick_s)
+                                                      self.replay, tick_s=tick_s, rules=self.rules, data_dir=data_dir)
                 if dev.kind is DeviceKind.MASTER:
                     self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
         for bill in fleet.billing:
             if wanted is None or bill.name in wanted:
                 self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),
-                                                       endpoint, operators,
+                                                       endpoint, operators, [fleet.jid(d.name) for d in fleet.devices],
                                                        key=keys.secret(bill.name) if keys is not None else None)
         for maker in fleet.manufacturers:
             if wanted is None or maker.name in wanted:
@@ -106,20 +117,24 @@ class FleetBots:
         for res in results:
             if isinstance(res, BaseException):
                 log.warning("a bot did not stop cleanly: %s", res)
+        self.replay.close()
 
 
 def device_agent(fleet: Fleet, name: str, endpoint: Endpoint, password: str, keys: KeyLookup,
-                 replay: ReplayStore | None = None, tick_s: float = 1.0) -> DeviceAgent:
-    """The bot of the fleet's device `name`, with the fleet's parties, roles and policy."""
+                 replay: ReplayStore | None = None, tick_s: float = 1.0, rules: RuleSet | None = None,
+                 data_dir: Path | None = None) -> DeviceAgent:
+    """The bot of the fleet's device `name`, with the fleet's parties, roles, policy and rules."""
     spec = fleet.device(name)
-    agent = DeviceAgent(spec, fleet.jid(name), password, endpoint, [fleet.jid(o.name) for o in fleet.operators],
-                        [fleet.jid(c.name) for c in fleet.children(name)], tick_s=tick_s, relays=[fleet.jid(RELAY)],
-                        alarms=fleet.alarms, services=[fleet.jid(CONSOLE)], security=fleet.security,
-                        roles=issuer_roles(fleet), keys=keys, replay=replay)
-    if fleet.billing:  # alarms are ranked at the billing party's tariff (until it sends another)
-        agent.tariff = tariff_from_spec(fleet.billing[0])
-        agent.alarms.price = agent.price_now
-    return agent
+    # Devices rank faults at the billing party's price: its fleet-file tariff until it sends one.
+    tariff = tariff_from_spec(fleet.billing[0]) if fleet.billing else None
+    return DeviceAgent(spec, fleet.jid(name), password, endpoint, [fleet.jid(o.name) for o in fleet.operators],
+                       [fleet.jid(c.name) for c in fleet.children(name)], tick_s=tick_s, relays=[fleet.jid(RELAY)],
+                       alarms=fleet.alarms, services=[fleet.jid(CONSOLE)],
+                       rules=rules or rules_for(fleet.rules.path if fleet.rules else None, fleet.alarms),
+                       billing=[fleet.jid(b.name) for b in fleet.billing], tariff=tariff,
+                       audit=audit_path(data_dir, name) if data_dir else None,
+                       parent=fleet.jid(spec.parent) if spec.parent else None,
+                       security=fleet.security, roles=issuer_roles(fleet), keys=keys, replay=replay)
 
 
 def issuer_roles(fleet: Fleet) -> dict[str, Role]:

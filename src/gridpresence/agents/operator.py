@@ -24,6 +24,7 @@ from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence import roles
 from gridpresence.agents.issuer import CommandIssuer
+from gridpresence.agents.billing import TariffRefused, tariff_from_billing
 from gridpresence.agents.session import (
     ConnectionInfo,
     Endpoint,
@@ -38,16 +39,29 @@ from gridpresence.protocol.codec import (
     health_from_xml,
     q,
     report_from_xml,
-    tariff_from_xml,
 )
 from gridpresence.protocol.alarm import Alarm, alarm_from_xml
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
 from gridpresence.relay.route import FINAL_MARGIN_S, RelayRoute
 from gridpresence.relay.service import origin_of
+from gridpresence.security.keyring import KeyLookup, StaticKeys
 from gridpresence.security.keys import load_secret
 from gridpresence.security.pgp import pgpy
 
 log = logging.getLogger(__name__)
+
+
+def _billing_keys_beside(key_file: str | None, billing: Iterable[str]) -> KeyLookup:
+    """TEMPORARY bridge until the PEP keyring is merged: the billing parties' public keys from
+    the key files provisioned next to the operator's own. Replaced by XEP-0373 key discovery."""
+    if key_file is None:
+        return StaticKeys({})
+    found = {}
+    for jid in billing:
+        path = Path(key_file).with_name(f"{JID(jid).user}.sec.asc")
+        if path.exists():
+            found[JID(jid).bare] = load_secret(path)
+    return StaticKeys(found)
 
 
 class UnknownDevice(KeyError):
@@ -70,6 +84,7 @@ class GridOperator:
         relay: RelayEndpoint | None = None,
         key: pgpy.PGPKey | None = None,
         serials: Mapping[str, str] | None = None,
+        keys: KeyLookup | None = None,
     ) -> None:
         full = f"{jid}/{resource}" if resource else jid
         self.endpoint = endpoint
@@ -79,6 +94,8 @@ class GridOperator:
         self.tariff: Tariff | None = None
         # Every command is signed with the operator's key; without one, devices refuse them.
         self.issuer = CommandIssuer(self.client, key, relay.jid if relay is not None else None)
+        self.keys: KeyLookup = keys if keys is not None else StaticKeys({})  # others' keys (the billing party's)
+        self._busy: set[asyncio.Task[None]] = set()
         self._pending = self.issuer.pending
         # Serial numbers by device JID from the connection file, for devices not seen yet.
         self.serials = dict(serials or {})
@@ -89,6 +106,7 @@ class GridOperator:
         self._changed = asyncio.Event()
         self.tracker.listen(lambda _change: self._bump())
         self.client.register_handler(Callback("grid tariff", StanzaPath("message/grid_tariff"), self._on_tariff))
+        self.client.register_handler(Callback("signed tariff", StanzaPath("message/openpgp"), self._on_tariff))
         self.client.register_handler(Callback("mailed data", StanzaPath("message/grid_device"), self._on_mailed_data))
         self.alarms: list[Alarm] = []  # alarms devices sent this operator, oldest first
         self.client.register_handler(Callback("grid alarm", StanzaPath("message/grid_alarm"), self._on_alarm))
@@ -98,7 +116,8 @@ class GridOperator:
         acc = info.operator(operator)
         key = load_secret(Path(acc.key_file)) if acc.key_file else None
         return cls(acc.jid, acc.password, info.server, watchdog=info.watchdog, grace_s=info.presence_grace_s,
-                   resource=resource, relay=info.relay, key=key, serials=info.serials)
+                   resource=resource, relay=info.relay, key=key, serials=info.serials,
+                   keys=_billing_keys_beside(acc.key_file, info.billing))
 
     @property
     def jid(self) -> str:
@@ -304,19 +323,42 @@ class GridOperator:
                 yield self.alarms[seen - 1]
             await self._changed.wait()
 
+    # -- chat -------------------------------------------------------------------------
+
+    async def ask(self, name: str, text: str, timeout: float = 10.0) -> str:
+        """Say one chat line to a device (as a person would) and return its reply."""
+        jid = self.device(name).jid
+        reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def on_message(msg: Message) -> None:
+            if (msg["type"] == "chat" and msg["from"].bare == jid and msg["body"] and not reply.done()
+                    and msg.xml.find(q("alarm")) is None):
+                reply.set_result(msg["body"])
+
+        self.client.add_event_handler("message", on_message)
+        try:
+            self.client.make_message(mto=jid, mbody=text, mtype="chat").send()
+            return await asyncio.wait_for(reply, timeout)
+        finally:
+            self.client.del_event_handler("message", on_message)
+
     # -- tariffs ----------------------------------------------------------------------
 
     def _on_tariff(self, msg: Message) -> None:
-        sender = msg["from"].bare
-        if roles.BILLING not in self.client.client_roster[sender]["groups"]:
-            log.warning("tariff from %s ignored: not a billing party", sender)
-            return
+        task = asyncio.ensure_future(self._take_tariff(msg))  # the billing key may have to be fetched
+        self._busy.add(task)
+        task.add_done_callback(self._busy.discard)
+
+    async def _take_tariff(self, msg: Message) -> None:
         try:
-            self.tariff = tariff_from_xml(msg["grid_tariff"].xml)
-        except PayloadError as exc:
-            log.warning("dropped invalid tariff from %s: %s", sender, exc)
+            self.tariff = await tariff_from_billing(msg, self._is_billing, self.keys)
+        except TariffRefused as exc:
+            log.warning("tariff from %s ignored: %s", msg["from"], exc)
             return
         self._bump()
+
+    def _is_billing(self, jid: str) -> bool:
+        return jid in self.client.client_roster and roles.BILLING in self.client.client_roster[jid]["groups"]
 
     async def wait_tariff(self, timeout: float) -> Tariff:
         async with asyncio.timeout(timeout):

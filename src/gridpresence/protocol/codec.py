@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from gridpresence.protocol.models import (
     NS,
     Command,
+    FaultRef,
     Health,
     Outcome,
     PresenceReport,
@@ -91,6 +92,10 @@ def report_to_xml(report: PresenceReport, tag: str = "device") -> ET.Element:
     if report.restriction is not None:
         r = ET.SubElement(el, q("restriction"), _attrs(report.restriction, skip=("note",)))
         r.text = report.restriction.note
+    if report.faults:
+        faults = ET.SubElement(el, q("faults"))
+        for ref in report.faults:
+            ET.SubElement(faults, q("fault"), _attrs(ref))
     return el
 
 
@@ -104,6 +109,9 @@ def report_from_xml(el: ET.Element | None, tag: str = "device") -> PresenceRepor
         data["restriction"] = _validate(
             Restriction, {**_fields(Restriction, res.attrib), "note": (res.text or "").strip()}, "restriction"
         )
+    faults = el.find(q("faults"))
+    if faults is not None:
+        data["faults"] = tuple(_validate(FaultRef, _fields(FaultRef, f.attrib), "fault") for f in faults.findall(q("fault")))
     return _validate(PresenceReport, data, "device presence")
 
 

@@ -122,6 +122,17 @@ class Restriction(_Model):
         return value
 
 
+MAX_FAULTS = 64
+
+
+class FaultRef(_Model):
+    """A fault named in a device's presence: its own (no `device`), or one of a device below it
+    folded into it because the device is in fault itself (a branch alarm names what it folds)."""
+
+    kind: str = Field(pattern=r"^[a-z][a-z-]{0,47}$")  # the alarm kind (protocol.alarm.AlarmKind)
+    device: str | None = Field(default=None, min_length=3, max_length=300)
+
+
 class PresenceReport(_Model):
     """The typed extension carried in a device's presence."""
 
@@ -137,6 +148,20 @@ class PresenceReport(_Model):
     transport: Literal["tcp", "bosh"] | None = None
     # The device's serial number: issuers bind it into every signed command ([0045]).
     serial: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{1,64}$")
+    # Faults active now (own first, then those folded into them); empty on a healthy device.
+    faults: tuple[FaultRef, ...] = Field(default=(), max_length=MAX_FAULTS)
+    # A branch above is in fault: faults here and below are folded into its alarm (None: not).
+    under_fault: bool | None = None
+
+    @property
+    def in_fault(self) -> bool:
+        """The device itself has a fault (not only ones folded into it)."""
+        return any(f.device is None for f in self.faults)
+
+    @property
+    def folds_below(self) -> bool:
+        """Faults of the devices below this one are folded: it, or a branch above it, is in fault."""
+        return self.in_fault or bool(self.under_fault)
 
     @model_validator(mode="after")
     def _restriction_iff_restricted(self) -> PresenceReport:
@@ -282,22 +307,6 @@ class Tariff(_Model):
     currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
     periods: tuple[TariffPeriod, ...] = Field(min_length=1, max_length=24)
     issued: AwareDatetime = Field(default_factory=utcnow)
-
-    def to_args(self) -> dict[str, str]:
-        """The tariff as command arguments (a signed ``tariff`` or ``price`` command)."""
-        periods = ",".join(f"{p.start_hour}-{p.end_hour}:{p.price_per_kwh!r}" for p in self.periods)
-        return {"supplier": self.supplier, "currency": self.currency, "periods": periods}
-
-    @classmethod
-    def from_args(cls, args: dict[str, str], kind: Literal["tariff", "real-time"]) -> Tariff:
-        """Read :meth:`to_args` back; raises ValueError (pydantic's, naming the field) or on shape."""
-        periods = []
-        for part in args.get("periods", "").split(","):
-            hours, _, price = part.partition(":")
-            start, _, end = hours.partition("-")
-            periods.append({"start_hour": start, "end_hour": end, "price_per_kwh": price})
-        return cls.model_validate({"supplier": args.get("supplier", ""), "currency": args.get("currency", "USD"),
-                                   "kind": kind, "periods": periods})
 
     def price_at(self, when: dt.datetime | None = None) -> float:
         hour = (when or utcnow()).astimezone(dt.timezone.utc).hour

@@ -16,6 +16,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from gridpresence.alarm_settings import AlarmSettings
+from gridpresence.protocol.alarm import AlarmKind
 from gridpresence.protocol.models import DeviceKind, DeviceState
 
 FIELDS = ("load_pct", "output_kw", "fuel_pct", "temperature_c", "breaker", "run_h", "capacity_kw")
@@ -121,7 +122,7 @@ class Adjust(_Strict):
 
 class Rule(_Strict):
     name: _Name
-    alarm: str  # the alarm kind it raises (protocol.alarm.AlarmKind value)
+    alarm: AlarmKind  # the alarm it raises, as operators' clients know it
     urgent: bool = False
     active: bool = True
     applies_to: Selector = Selector()
@@ -204,7 +205,17 @@ def load_rules(path: Path) -> RuleSet:
         loc = [str(p) for p in first["loc"]]
         # A condition's tag repeats its key ("any.any.1"): say it once.
         where = ".".join(p for i, p in enumerate(loc) if i == 0 or p != loc[i - 1])
-        raise RuleSetError(f"{path}: {where}: {first['msg']}") from exc
+        raise RuleSetError(f"{path}: {_rule_named(data, first['loc'])}{where}: {first['msg']}") from exc
+
+
+def _rule_named(data: object, loc: tuple[int | str, ...]) -> str:
+    """"rule 'NAME': " for an error inside one rule, so a person finds it without counting."""
+    if len(loc) < 2 or loc[0] != "rules" or not isinstance(loc[1], int) or not isinstance(data, dict):
+        return ""
+    rules = data.get("rules")
+    rule = rules[loc[1]] if isinstance(rules, list) and loc[1] < len(rules) else None
+    name = rule.get("name") if isinstance(rule, dict) else None
+    return f"rule {name!r}: " if isinstance(name, str) else ""
 
 
 DEFAULT_RULES = Path(__file__).with_name("default.toml")
@@ -227,3 +238,9 @@ def _default_rules(s: AlarmSettings) -> RuleSet:
         hyst = s.hysteresis_pct if r.hysteresis else 0.0
         rules.append(r.model_copy(update={"params": params, "hysteresis": hyst}))
     return RuleSet(rules=rules)
+
+
+def rules_for(rules_file: Path | None, settings: AlarmSettings | None = None) -> RuleSet:
+    """The rule set live devices run: the fleet's own file if it names one, else the built-in
+    alarms at the fleet's ``[alarms]`` levels. Loaded once and shared by every device."""
+    return load_rules(rules_file) if rules_file is not None else default_rules(settings)

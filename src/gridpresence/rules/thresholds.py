@@ -8,13 +8,17 @@ be reverted.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
 
 from gridpresence.rules.engine import FaultEvent, Sample
 from gridpresence.rules.model import Adjust, AdjustMethod, AdjustMode, Rule, RuleSet, compare_of, first_param_compare
+
+log = logging.getLogger(__name__)
 
 SYSTEM = "system"
 DAY_S = 86400.0
@@ -56,16 +60,35 @@ class AdjustError(ValueError):
     """A confirmation, value or revert that cannot be applied; the message says why."""
 
 
-class ThresholdBook:
-    """Per-device threshold values over the shared rules, and the audit of every change."""
+class Journal(Protocol):
+    """Where the audit is kept (rules.audit_log.AuditJournal: a file per device)."""
 
-    def __init__(self, rules: RuleSet) -> None:
+    def load(self) -> list[Change]: ...
+    def append(self, change: Change) -> None: ...
+
+
+class ThresholdBook:
+    """Per-device threshold values over the shared rules, and the audit of every change. With a
+    journal the audit is written before a change takes effect and read back on start."""
+
+    def __init__(self, rules: RuleSet, journal: Journal | None = None) -> None:
         self.rules = rules
+        self.journal = journal
         self._values: dict[tuple[str, str, str], float] = {}
         self.audit: list[Change] = []
+        for change in journal.load() if journal is not None else []:
+            self.audit.append(change)
+            if self._known(change.rule, change.param):
+                self._values[(change.device, change.rule, change.param)] = change.new
+            else:  # the rule set changed since: the entry stays in the audit, the value no longer applies
+                log.warning("threshold change %d: %s.%s is not in the rule set; not applied", change.id,
+                            change.rule, change.param)
 
     def __call__(self, device: str, rule: str, param: str) -> float | None:
         return self._values.get((device, rule, param))
+
+    def _known(self, rule: str, param: str) -> bool:
+        return any(r.name == rule and param in r.params for r in self.rules.rules)
 
     def current(self, device: str, rule: str, param: str) -> float:
         v = self(device, rule, param)
@@ -73,22 +96,28 @@ class ThresholdBook:
 
     def set(self, device: str, rule: str, param: str, new: float, by: str, why: str,
             at: datetime | None = None, reverts: int | None = None) -> Change:
-        if param not in self.rules.get(rule).params:
-            raise AdjustError(f"rule {rule} has no param {param!r}")
+        if not self._known(rule, param):
+            raise AdjustError(f"the rule set has no {rule}.{param}")
         if not math.isfinite(new):
             raise AdjustError(f"{new} is not a usable threshold")
         old = self.current(device, rule, param)
+        change = Change(id=max((c.id for c in self.audit), default=0) + 1, device=device, rule=rule, param=param,
+                        old=old, new=new, by=by, at=at or datetime.now(UTC), why=why, reverts=reverts)
+        if self.journal is not None:
+            try:
+                self.journal.append(change)  # on disk first: a change nobody can audit does not happen
+            except OSError as exc:
+                raise AdjustError(f"the audit could not be written ({exc.strerror or exc}); "
+                                  f"{rule}.{param} stays {old:g}") from exc
         self._values[(device, rule, param)] = new
-        change = Change(id=len(self.audit) + 1, device=device, rule=rule, param=param, old=old, new=new, by=by,
-                        at=at or datetime.now(UTC), why=why, reverts=reverts)
         self.audit.append(change)
         return change
 
     def revert(self, change_id: int, by: str, at: datetime | None = None) -> Change:
         """Put the value back to what it was before a change; the revert is audited too."""
-        if not 1 <= change_id <= len(self.audit):
+        c = next((c for c in self.audit if c.id == change_id), None)
+        if c is None:
             raise AdjustError(f"no threshold change {change_id}")
-        c = self.audit[change_id - 1]
         return self.set(c.device, c.rule, c.param, c.old, by, f"revert of change {c.id}", at, reverts=c.id)
 
 

@@ -36,12 +36,17 @@ class SignedCommand:
     command: Command
 
 
-def open_command(el: ET.Element | None) -> SignedCommand:
-    """Parse a signed command without trusting it (the issuer names the key to check with)."""
+def open_sealed(el: ET.Element | None) -> Sealed:
+    """:func:`open_signed`, refusing as a command would be refused."""
     try:
-        sealed = open_signed(el)
+        return open_signed(el)
     except SignatureFailure as exc:
         raise Refusal(exc.reason, exc.detail) from None
+
+
+def open_command(el: ET.Element | None) -> SignedCommand:
+    """Parse a signed command without trusting it (the issuer names the key to check with)."""
+    sealed = open_sealed(el)
     return SignedCommand(sealed, parse_command(sealed.payload))
 
 

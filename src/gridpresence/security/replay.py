@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+REPLAY_FILE = "replay.sqlite3"  # in a grid's data directory
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (
     device TEXT NOT NULL,
