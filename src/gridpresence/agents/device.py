@@ -55,6 +55,7 @@ from gridpresence.protocol.models import (
 )
 from gridpresence.security.gate import CommandGate, Refusal, SignedCommand, open_sealed, parse_command
 from gridpresence.security.keyring import KeyLookup, StaticKeys
+from gridpresence.security.pgp import pgpy
 from gridpresence.security.policy import Role, SecuritySettings
 from gridpresence.security.replay import ReplayGuard, ReplayStore
 from gridpresence.security.signed import SignatureFailure, key_of
@@ -338,7 +339,7 @@ class DeviceAgent:
         except Exception:
             log.exception("%s: signed command handling failed", self.spec.name)
 
-    def _take_signed(self, sender: JID, signed: SignedCommand, key: object) -> Outcome:
+    def _take_signed(self, sender: JID, signed: SignedCommand, key: pgpy.PGPKey) -> Outcome:
         now = utcnow()
         cmd = self.gate.check(sender.bare, signed, key, now)
         return self.accept(cmd, now, signed=True)
