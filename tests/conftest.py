@@ -77,7 +77,7 @@ TEST_FLEET = {
         {"name": "sig-apart", "kind": "load", "rated_kw": 20},
         # Live rules (test_rules_live): ranked at billing's price; a branch whose children's faults
         # fold into its alarm (the base loads put it in fault, the small one faults on its own).
-        {"name": "price-load", "kind": "load", "rated_kw": 100},
+        {"name": "price-load", "kind": "load", "rated_kw": 100, "utilisation": 0.4},  # far from faults until driven
         {"name": "fold-meter", "kind": "meter", "rated_kw": 100},
         *({"name": f"fold-base-{i}", "kind": "load", "rated_kw": 60, "parent": "fold-meter", "utilisation": 0.5}
           for i in (1, 2)),
