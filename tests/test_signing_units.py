@@ -184,12 +184,14 @@ def test_replay_guard_remembers_across_a_restart_and_forgets_after_expiry(tmp_pa
 
     store = ReplayStore(tmp_path / "replay.sqlite3")
     guard = ReplayGuard(store, DEVICE)
-    guard.record(ALICE, "c1", time.time() + 60, "<outcome/>")
-    guard.record(ALICE, "old", time.time() - 1, "<outcome/>")
+    done = Outcome(command_id="c1", device=DEVICE, status=OutcomeStatus.EXECUTED, detail="load shed")
+    guard.record(ALICE, "c1", time.time() + 60, done)
+    guard.record(ALICE, "old", time.time() - 1, done)
     assert guard.seen(ALICE, "c1") is not None and guard.seen("bob@localhost", "c1") is None
     store.close()
     again = ReplayGuard(ReplayStore(tmp_path / "replay.sqlite3"), DEVICE)
-    assert again.seen(ALICE, "c1") is not None  # a restarted device still knows it
+    seen = again.seen(ALICE, "c1")
+    assert seen is not None and seen.outcome == done  # a restarted device still knows it, and what it did
     assert again.seen(ALICE, "old") is None  # past its expiry: the window refuses it anyway
     assert ReplayGuard(again.store, "load-2@localhost").seen(ALICE, "c1") is None  # per device
 

@@ -31,8 +31,6 @@ from gridpresence.devices import SimDevice, make_device
 from gridpresence.devices.base import Effect
 from gridpresence.protocol.codec import (
     PayloadError,
-    outcome_from_text,
-    outcome_to_text,
     q,
     outcome_to_xml,
     report_from_xml,
@@ -357,13 +355,13 @@ class DeviceAgent:
         redelivery gets the first outcome again. A late command is expired."""
         seen = self.replay.seen(cmd.issuer, cmd.id)
         if seen is not None:
-            first = outcome_from_text(seen.outcome)
+            first = seen.outcome
             if not signed:
-                return first
+                return first.model_copy(update={"report": self.current_report()})
             log.warning("%s: command %s from %s seen before: refused as a replay", self.spec.name, cmd.id, cmd.issuer)
             at = dt.datetime.fromtimestamp(seen.first_at, dt.timezone.utc)
             return Outcome(command_id=cmd.id, device=self.jid, status=OutcomeStatus.REJECTED,
-                           reason=RejectReason.REPLAYED, first=first.model_copy(update={"report": None}),
+                           reason=RejectReason.REPLAYED, first=first,
                            detail=f"already had at {at:%H:%M:%S} UTC: {first.summary()}"[:500],
                            report=self.current_report())
         if cmd.is_expired(now):
@@ -372,7 +370,7 @@ class DeviceAgent:
                            detail=f"arrived {late:.1f} s after its expiry")
         outcome = self.execute(cmd, now)
         forget_at = cmd.expires.timestamp() + self.security.clock_skew_s
-        self.replay.record(cmd.issuer, cmd.id, forget_at, outcome_to_text(outcome))
+        self.replay.record(cmd.issuer, cmd.id, forget_at, outcome)
         return outcome
 
     def execute(self, cmd: Command, now: dt.datetime) -> Outcome:

@@ -24,7 +24,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.agents.tracker import DeviceChange
-from gridpresence.protocol.codec import PayloadError, command_to_xml, outcome_to_text
+from gridpresence.protocol.codec import PayloadError, command_to_xml
 from gridpresence.protocol.firmware import (
     FirmwareImage,
     FirmwareReason,
@@ -138,7 +138,7 @@ class FirmwareDesk:
         done = Outcome(command_id=offer.id, device=self.agent.jid, status=OutcomeStatus.EXECUTED,
                        detail=f"firmware {old} -> {image.version}")
         forget_at = offer.expires.timestamp() + self.agent.security.clock_skew_s
-        self.agent.replay.record(offer.issuer, offer.id, forget_at, outcome_to_text(done))  # the offer is used up
+        self.agent.replay.record(offer.issuer, offer.id, forget_at, done)  # the offer is used up
         self.agent.client.plugin["xep_0092"].version = image.version  # what clients see in "version"
         log.info("%s: firmware %s -> %s (%d bytes)", self.agent.spec.name, old, image.version, image.size)
         return self._result(image.id, FirmwareStatus.APPLIED, None, done.detail)

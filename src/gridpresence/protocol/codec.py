@@ -159,18 +159,6 @@ def outcome_from_xml(el: ET.Element | None, *, nested: bool = False) -> Outcome:
     return _validate(Outcome, data, "outcome")
 
 
-def outcome_to_text(outcome: Outcome) -> str:
-    """An outcome as stored text (the relay's queue, a device's replay guard)."""
-    return ET.tostring(outcome_to_xml(outcome), encoding="unicode")
-
-
-def outcome_from_text(text: str) -> Outcome:
-    try:
-        return outcome_from_xml(ET.fromstring(text))
-    except ET.ParseError as exc:
-        raise PayloadError(f"stored outcome is not XML: {exc}") from None
-
-
 # -- tariffs and health ------------------------------------------------------------------
 
 

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gridpresence.protocol.models import Outcome
+
 REPLAY_FILE = "replay.sqlite3"  # in a grid's data directory
 
 _SCHEMA = """
@@ -32,10 +34,15 @@ CREATE INDEX IF NOT EXISTS seen_by_age ON seen (device, forget_at);
 
 @dataclass(frozen=True)
 class Seen:
-    """A command the device already had: when, and the outcome it gave (its XML)."""
+    """A command the device already had: when, and the outcome it gave (without the state
+    report: the device's state now is what a repeat is answered with)."""
 
     first_at: float  # POSIX seconds
-    outcome: str
+    stored: str  # the outcome as compact JSON: a tenth of the cost of its XML, on every command
+
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome.model_validate_json(self.stored)
 
 
 class ReplayStore:
@@ -73,11 +80,12 @@ class ReplayGuard:
         entry = self._seen.get((issuer, cmd_id))
         return entry[1] if entry is not None and entry[0] > time.time() else None
 
-    def record(self, issuer: str, cmd_id: str, forget_at: float, outcome: str) -> None:
+    def record(self, issuer: str, cmd_id: str, forget_at: float, outcome: Outcome) -> None:
         now = time.time()
-        self._seen[(issuer, cmd_id)] = (forget_at, Seen(now, outcome))
+        stored = outcome.model_dump_json(exclude={"report", "first"})
+        self._seen[(issuer, cmd_id)] = (forget_at, Seen(now, stored))
         self.store.db.execute("INSERT OR REPLACE INTO seen (device, issuer, id, forget_at, first_at, outcome)"
-                              " VALUES (?, ?, ?, ?, ?, ?)", (self.device, issuer, cmd_id, forget_at, now, outcome))
+                              " VALUES (?, ?, ?, ?, ?, ?)", (self.device, issuer, cmd_id, forget_at, now, stored))
 
     def _prune(self) -> None:
         now = time.time()
