@@ -34,7 +34,8 @@ from pathlib import Path
 
 from common import bench_fleet, summary
 
-from gridpresence.agents.fleet import device_agent, issuer_keys
+from gridpresence.agents.fleet import device_agent
+from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.protocol.openpgp import element_to_text
 from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.session import ConnectionInfo
@@ -63,7 +64,7 @@ class TimedDevice:
 
     def __init__(self, grid: Grid, name: str) -> None:
         self.agent = device_agent(grid.fleet, name, grid.endpoint, grid.secrets.password(name),
-                                  issuer_keys(grid.fleet, grid.keys))
+                                  PartyKeys.in_data_dir(grid.data_dir, name))
         self.present_at = 0.0
         self.executed_at: list[float] = []
         self.agent.client.add_event_handler("session_start", lambda _e: setattr(self, "present_at", time.perf_counter()))

@@ -23,7 +23,7 @@ async def main(data: Path, tick_s: float) -> None:
     fleet = load_fleet(data / FLEET_COPY)
     secrets = Secrets(data / SECRETS_FILE)
     bots = FleetBots(fleet, info.server, secrets, only=[d.name for d in fleet.devices], tick_s=tick_s,
-                     with_services=False, data_dir=data)
+                     with_services=False, data_dir=data)  # as deployed: each device announces its key
     echo = EchoResponder(info.server, secrets)
     await asyncio.gather(bots.start(timeout=600), echo.start())
     print("ready", flush=True)

@@ -27,7 +27,8 @@ TEST_FLEET = {
     "presence_grace_s": 2.0,
     "operators": [{"name": "alice"}, {"name": "bob"}],
     "billing": [{"name": "billing", "peak_price": 0.8, "off_peak_price": 0.6}],
-    "manufacturers": [{"name": "maker"}],
+    # maker-offline never logs in, so it never announces its key: its signatures meet "unknown key".
+    "manufacturers": [{"name": "maker"}, {"name": "maker-offline"}],
     # Lab setting: the chat, console and ad-hoc tests drive devices with plain (unsigned) lines.
     "security": {"unsigned_chat_actions": ["shed", "restore", "start", "stop", "open", "close"]},
     "devices": [
@@ -113,7 +114,7 @@ def fleet() -> Fleet:
 async def env(tmp_path_factory: pytest.TempPathFactory, fleet: Fleet) -> AsyncIterator[Env]:
     data = tmp_path_factory.mktemp("grid")
     only = ([d.name for d in fleet.devices if d.name not in APART] + [b.name for b in fleet.billing]
-            + [m.name for m in fleet.manufacturers] + ["watchdog", "console"])
+            + ["maker", "watchdog", "console"])
     grid = Grid(fleet, data, only=only)
     await grid.start()
     try:

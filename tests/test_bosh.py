@@ -10,7 +10,8 @@ import aiohttp
 import pytest
 
 from gridpresence.agents.device import DeviceAgent
-from gridpresence.agents.fleet import device_agent, issuer_keys
+from gridpresence.agents.fleet import device_agent
+from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.session import Endpoint, SessionError, close_session, make_client, open_session
 from gridpresence.protocol.models import Action, DeviceState, OutcomeStatus, RejectReason
@@ -21,7 +22,7 @@ from conftest import Env, run_cli
 
 
 def _device(env: Env, name: str, endpoint: Endpoint) -> DeviceAgent:
-    return device_agent(env.fleet, name, endpoint, env.grid.secrets.password(name), issuer_keys(env.fleet, env.grid.keys))
+    return device_agent(env.fleet, name, endpoint, env.grid.secrets.password(name), PartyKeys.in_data_dir(env.data, name))
 
 
 async def test_connection_file_gives_an_https_bosh_url(env: Env) -> None:

@@ -20,7 +20,8 @@ import pytest_asyncio
 from conftest import Env, run_cli
 
 from gridpresence.agents.availability import command_group, wait_available
-from gridpresence.agents.fleet import device_agent, issuer_keys
+from gridpresence.agents.fleet import device_agent
+from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.session import ConnectionInfo
 from gridpresence.protocol.models import Action, Command, DeviceState, Outcome, OutcomeStatus, RejectReason
@@ -103,7 +104,7 @@ class CountedDevice:
 
     def __init__(self, env: Env, name: str) -> None:
         self.agent = device_agent(env.fleet, name, env.grid.endpoint, env.grid.secrets.password(name),
-                                  issuer_keys(env.fleet, env.grid.keys))
+                                  PartyKeys.in_data_dir(env.data, name))
         self.executions: Counter[str] = Counter()
         run = self.agent.execute
 

@@ -20,7 +20,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from conftest import Env
-from gridpresence.agents.fleet import device_agent, issuer_keys
+from gridpresence.agents.fleet import device_agent
 from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.session import close_session, make_client, open_session
 from gridpresence.agents.billing import tariff_from_spec
@@ -36,8 +36,8 @@ from gridpresence.protocol.models import (
     TariffPeriod,
 )
 from gridpresence.protocol.openpgp import openpgp_from_xml, openpgp_to_xml
-from gridpresence.security.keyring import StaticKeys
-from gridpresence.security.keys import generate
+from gridpresence.security.keys import generate, write_secret
+from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.security.pgp import pgpy
 from gridpresence.security.replay import ReplayStore
 from gridpresence.security.signed import sign_payload
@@ -254,34 +254,38 @@ async def test_prices_reach_devices_only_signed_by_billing(env: Env, alice: Grid
 # -- a compromised operator account: the password without the key -------------------------------
 
 
-async def test_password_without_the_key_cannot_command(env: Env, alice: GridOperator) -> None:
+async def test_password_without_the_key_cannot_command(env: Env, alice: GridOperator, tmp_path: Path) -> None:
+    """The thief has bob's password: without bob's key the commands are unsigned; with a key of
+    their own, announced over PEP in bob's name, they meet the key pinned at provisioning."""
     acc = env.grid.connection.operator("bob")
-    attacker_key = generate(acc.jid)  # a key the attacker made for bob's account
-    for k, reason in ((None, RejectReason.UNSIGNED), (attacker_key, RejectReason.BAD_SIGNATURE)):
-        intruder = GridOperator(acc.jid, acc.password, env.grid.endpoint, resource=f"intruder-{os.urandom(2).hex()}",
-                                key=k, serials=env.grid.connection.serials)
-        await intruder.connect()
-        try:
-            outcome = await intruder.command("sig-load", Action.SHED)
-            assert outcome.status is OutcomeStatus.REJECTED and outcome.reason is reason, outcome
-        finally:
-            await intruder.close()
-    await unchanged(alice, "sig-load")
+    write_secret(tmp_path / "thief.sec.asc", generate(acc.jid))
+    cases = ((PartyKeys(), {RejectReason.UNSIGNED}),
+             (PartyKeys(tmp_path / "thief.sec.asc"), {RejectReason.KEY_CHANGED, RejectReason.BAD_SIGNATURE}))
+    try:
+        for keys, reasons in cases:
+            intruder = GridOperator(acc.jid, acc.password, env.grid.endpoint, keys=keys,
+                                    resource=f"intruder-{os.urandom(2).hex()}", serials=env.grid.connection.serials)
+            await intruder.connect()  # announces the thief's key as bob's, if it has one
+            try:
+                for name in ("sig-load", "load-b"):
+                    outcome = await intruder.command(name, Action.SHED)
+                    assert outcome.status is OutcomeStatus.REJECTED and outcome.reason in reasons, outcome
+            finally:
+                await intruder.close()
+        await unchanged(alice, "sig-load")
+        await unchanged(alice, "load-b")
+    finally:
+        real = env.operator("bob", resource="real-bob")
+        await real.connect()  # bob logs in: his own key is announced again
+        await real.close()
 
 
 # -- a device run apart: unknown keys, the default chat policy, replays after a restart -----------
 
 
-@pytest_asyncio.fixture
-async def apart_store(tmp_path: Path) -> AsyncIterator[ReplayStore]:
-    store = ReplayStore(tmp_path / "replay.sqlite3")
-    yield store
-    store.close()
-
-
 async def test_replay_after_restart_and_unknown_key(env: Env, alice: GridOperator, alice_wire: WirePeer,
                                                     tmp_path: Path) -> None:
-    keys = issuer_keys(env.fleet, env.grid.keys)
+    keys = PartyKeys.in_data_dir(env.data, "sig-apart")
     path = env.grid.secrets.password("sig-apart")
     store = ReplayStore(tmp_path / "replay.sqlite3")
     device = device_agent(env.fleet, "sig-apart", env.grid.endpoint, path, keys, store)
@@ -309,23 +313,27 @@ async def test_replay_after_restart_and_unknown_key(env: Env, alice: GridOperato
     finally:
         await device.stop()
         store.close()
-    # A device that knows no key for the issuer refuses: unknown key.
-    device = device_agent(env.fleet, "sig-apart", env.grid.endpoint, path, StaticKeys({}))
-    await device.start()
+
+
+
+async def test_a_key_nobody_announced_is_unknown(env: Env, alice: GridOperator) -> None:
+    """A manufacturer that never logged in has announced no key: its signature cannot be checked."""
+    offline = await wire_peer(env, "maker-offline")  # a plain session: it announces nothing
     try:
-        await alice.wait_for(lambda d: d["sig-apart"].present, timeout=5)
-        outcome = await alice.command("sig-apart", Action.SHED)
-        assert outcome.reason is RejectReason.UNKNOWN_KEY and "alice@localhost" in outcome.detail
-        assert device.sim.state is DeviceState.ON and alice.devices["sig-apart"].state is DeviceState.ON
+        cmd = Command.new(Action.READ, env.fleet.jid("maker-offline"), serial="ACME-0001")
+        el = sign_payload(command_to_xml(cmd), alice.devices["sig-load"].jid, key(env, "maker-offline"))
+        outcome = await offline.send(alice.devices["sig-load"].full_jid or "", el, cmd.id, timeout=10)
+        assert outcome.reason is RejectReason.UNKNOWN_KEY and "maker-offline@localhost" in outcome.detail
     finally:
-        await device.stop()
+        await close_session(offline.client)
+    await unchanged(alice, "sig-load")
 
 
 async def test_unsigned_chat_changes_nothing_by_default(env: Env) -> None:
     """Without the lab setting, a chat line may look but not act; a verified one may act."""
     fleet = env.fleet.model_copy(update={"security": env.fleet.security.model_copy(
         update={"unsigned_chat_actions": ()})})
-    device = device_agent(fleet, "sig-apart", env.grid.endpoint, env.grid.secrets.password("sig-apart"), StaticKeys({}))
+    device = device_agent(fleet, "sig-apart", env.grid.endpoint, env.grid.secrets.password("sig-apart"), None)
     alice = JID("alice@localhost/chat")
     refused = device.chat.handle("shed", alice, signed=False)
     assert refused is not None and refused.startswith("Refused shed") and device.sim.state is DeviceState.ON

@@ -40,6 +40,7 @@ from gridpresence.protocol.models import Action, Outcome, OutcomeStatus
 from gridpresence.relay import commands as relay_commands
 from gridpresence.rules.cli import add_rules_commands
 from gridpresence.rules.model import RuleSetError
+from gridpresence.security import cli as keys_commands
 from gridpresence.server import ServerError, ServerPorts
 from gridpresence.signals import stop_signal, unless_stopped
 
@@ -366,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     alert.set_defaults(run=cmd_alert)
     relay_commands.register(sub, operator_opts, str(DEFAULT_DATA))
     add_rules_commands(sub, operator_opts, _with_operator, str(DEFAULT_DATA))
+    keys_commands.register(sub, str(DEFAULT_DATA))
     return parser
 
 

@@ -10,12 +10,14 @@ from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
 
-from gridpresence.accounts import RELAY, WATCHDOG, Secrets, plan_accounts
+from gridpresence.accounts import CONSOLE, RELAY, WATCHDOG, Secrets, plan_accounts
 from gridpresence.agents.fleet import FleetBots
 from gridpresence.agents.session import Account, ConnectionInfo, Endpoint, RelayEndpoint
 from gridpresence.config import Fleet
 from gridpresence.relay.service import RelayService, relay_files, relay_port
-from gridpresence.security.keys import KEYS_DIR, KeyStore
+from gridpresence.security.keys import KEYS_DIR, KeyStore, fingerprint
+from gridpresence.security.pep_keyring import PartyKeys
+from gridpresence.security.pins import PinStore
 from gridpresence.server import ProsodyServer, ServerPorts, provision
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class Grid:
         self.secrets.save()
         for account in accounts:  # every party gets its OpenPGP key when it is provisioned
             self.keys.ensure(account.username, self.fleet.jid(account.username))
+        self._pin_issuers()
         (self.data_dir / FLEET_COPY).write_text(self.fleet.model_dump_json(indent=1, exclude_defaults=True))
         await self.server.start()
         try:
@@ -88,12 +91,22 @@ class Grid:
             await self.stop()
             raise
 
+    def _pin_issuers(self) -> None:
+        """Devices get the keys of every party that may command them pinned at provisioning,
+        not on first use: an operator account taken over with a key of the thief's is refused
+        even by a device that never heard from that operator before."""
+        f = self.fleet
+        issuers = [p.name for p in (*f.operators, *f.billing, *f.manufacturers)] + [CONSOLE]
+        pins = {f.jid(name): fingerprint(self.keys.secret(name)) for name in issuers}
+        for dev in self.fleet.devices:
+            PinStore(PartyKeys.in_data_dir(self.data_dir, dev.name).pins_file).provision(pins)
+
     async def _start_relay(self) -> None:
         """The store-and-forward relay, before the devices so it sees them arrive."""
         queue_path, _ = relay_files(self.data_dir)
         port = relay_port(self.data_dir, self._bind)
         self.relay = RelayService(self.fleet, self.endpoint, self.secrets.password(RELAY), queue_path,
-                                  smtp_host=self._bind, smtp_port=port)
+                                  smtp_host=self._bind, smtp_port=port, keys=PartyKeys.in_data_dir(self.data_dir, RELAY))
         await self.relay.start()
 
     def _write_connection(self) -> None:

@@ -22,6 +22,7 @@ from gridpresence.protocol.models import Action, Command, Outcome, Tariff, Tarif
 from gridpresence.protocol.models import utcnow
 from gridpresence.protocol.openpgp import OPENPGP_NS
 from gridpresence.security.keyring import KeyLookup
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.security.pgp import pgpy
 from gridpresence.security.policy import Role, SecuritySettings
 from gridpresence.security.signed import SignatureFailure, check_envelope, key_of, open_signed, sign_payload
@@ -76,15 +77,16 @@ async def tariff_from_billing(msg: Message, is_billing: Callable[[str], bool], k
 
 class BillingAgent:
     def __init__(self, spec: BillingSpec, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str],
-                 devices: Iterable[str] = (), key: pgpy.PGPKey | None = None) -> None:
+                 devices: Iterable[str] = (), keys: PartyKeys | None = None) -> None:
         self.spec = spec
         self.endpoint = endpoint
         self.operators = frozenset(JID(j).bare for j in operators)
         self.devices = tuple(sorted({JID(j).bare for j in devices}))
         self.tariff = tariff_from_spec(spec)
         self.client = make_client(jid, password, endpoint)
+        self.keyring = PepKeyring(self.client, keys)
         # Commands to devices (billing reset) and prices are signed with the billing key.
-        self.issuer = CommandIssuer(self.client, key)
+        self.issuer = CommandIssuer(self.client, self.keyring.secret_key)
         self._present: set[str] = set()  # operators' full JIDs that have our current tariff
         self.client.add_event_handler("presence", self._on_presence)
         self.client.add_event_handler("session_start", self._on_session_start)
@@ -94,6 +96,12 @@ class BillingAgent:
         self._send_devices()
 
     async def start(self, timeout: float = 20.0) -> None:
+        """Log in and announce our key (XEP-0373) before anyone is told we are here."""
+        await self.login(timeout)
+        await self.keyring.announced()
+
+    async def login(self, timeout: float = 20.0) -> None:
+        """Log in; the key is announced meanwhile (:meth:`start` waits for that too)."""
         await open_session(self.client, self.endpoint, timeout)
 
     async def stop(self) -> None:

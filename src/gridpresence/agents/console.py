@@ -19,7 +19,7 @@ from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.session import Endpoint
 from gridpresence.agents.tracker import DeviceView
 from gridpresence.protocol import Action, DeviceKind, DeviceState
-from gridpresence.security.pgp import pgpy
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.security.policy import READ_ONLY_ACTIONS
 from gridpresence.shedding import net_load_kw, shed_to_target
 
@@ -49,19 +49,26 @@ def fleet_summary(devices: Mapping[str, DeviceView]) -> str:
 
 class ConsoleAgent:
     def __init__(self, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str], *,
-                 watchdog: str | None = None, grace_s: float = 15.0, key: pgpy.PGPKey | None = None,
+                 watchdog: str | None = None, grace_s: float = 15.0, keys: PartyKeys | None = None,
                  serials: Mapping[str, str] | None = None, unsigned_actions: Iterable[Action] = ()) -> None:
         self.operators = frozenset(JID(j).bare for j in operators)
         # The console signs with its own key, but an operator's chat line to it is unsigned: it
         # acts only where the fleet allows unsigned chat actions ([security]); reads always.
         self.unsigned_actions = frozenset(unsigned_actions) | READ_ONLY_ACTIONS
-        self.grid = GridOperator(jid, password, endpoint, watchdog=watchdog, grace_s=grace_s, key=key, serials=serials)
+        self.grid = GridOperator(jid, password, endpoint, watchdog=watchdog, grace_s=grace_s, keys=keys,
+                                 serials=serials)
         self.grid.client.add_event_handler("message", self._on_message)
         self._busy: set[asyncio.Task[None]] = set()
+
+    @property
+    def keyring(self) -> PepKeyring:
+        return self.grid.keyring
 
     async def start(self, timeout: float = 20.0) -> None:
         await self.grid.connect(timeout=timeout, settle_s=0.2)
         self.grid.client.send_presence(pstatus="fleet console: type help")
+
+    login = start  # one console: no login herd to spread
 
     async def stop(self) -> None:
         for task in self._busy:

@@ -37,6 +37,7 @@ from gridpresence.protocol.codec import (
     report_to_xml,
 )
 from gridpresence.protocol import openpgp  # noqa: F401  (registers <openpgp/> with slixmpp)
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.protocol.models import (
     Action,
     Command,
@@ -52,7 +53,6 @@ from gridpresence.protocol.models import (
     utcnow,
 )
 from gridpresence.security.gate import CommandGate, Refusal, SignedCommand, open_sealed, parse_command
-from gridpresence.security.keyring import KeyLookup, StaticKeys
 from gridpresence.security.pgp import pgpy
 from gridpresence.security.policy import Role, SecuritySettings
 from gridpresence.security.replay import ReplayGuard, ReplayStore
@@ -103,10 +103,10 @@ class DeviceAgent:
         tariff: Tariff | None = None,
         audit: Path | None = None,
         parent: str | None = None,
+        keys: PartyKeys | None = None,
         *,
         security: SecuritySettings | None = None,
         roles: Mapping[str, Role] | None = None,
-        keys: KeyLookup | None = None,
         replay: ReplayStore | None = None,
     ) -> None:
         self.spec = spec
@@ -124,7 +124,8 @@ class DeviceAgent:
         self.gate = CommandGate(JID(jid).bare, spec.serial, self.security,
                                 dict(roles) if roles is not None else dict.fromkeys(self.operators, Role.OPERATOR),
                                 self.relays)
-        self.keyring: KeyLookup = keys if keys is not None else StaticKeys({})
+        # Issuers' keys over PEP (XEP-0373), pinned; and this device's own key's announcement.
+        self.keyring = PepKeyring(self.client, keys)
         # Every command taken, with its outcome, until its expiry: a copy has no second effect.
         self.replay = ReplayGuard(replay or ReplayStore(None), self.gate.device)
         self._seq = 0
@@ -161,6 +162,12 @@ class DeviceAgent:
     # -- life cycle -------------------------------------------------------------------
 
     async def start(self, timeout: float = 20.0) -> None:
+        """Log in and announce our key (XEP-0373) before anyone is told we are here."""
+        await self.login(timeout)
+        await self.keyring.announced()
+
+    async def login(self, timeout: float = 20.0) -> None:
+        """Log in; the key is announced meanwhile (:meth:`start` waits for that too)."""
         await open_session(self.client, self.endpoint, timeout)
 
     def _on_session_start(self, _event: object) -> None:

@@ -23,14 +23,11 @@ from gridpresence.agents.session import Endpoint
 from gridpresence.agents.watchdog import WatchdogAgent
 from gridpresence.config import Fleet
 from gridpresence.protocol.models import DeviceKind
-from gridpresence.security.keyring import KeyLookup, StaticKeys
-from gridpresence.security.keys import KeyStore
-from gridpresence.security.policy import Role
-from gridpresence.security.replay import ReplayStore
 from gridpresence.rules.audit_log import audit_path
 from gridpresence.rules.model import RuleSet, rules_for
-from gridpresence.security.keys import KEYS_DIR
-from gridpresence.security.replay import REPLAY_FILE
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
+from gridpresence.security.policy import Role
+from gridpresence.security.replay import REPLAY_FILE, ReplayStore
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +35,9 @@ LOGIN_CONCURRENCY = 16
 
 
 class Bot(Protocol):
+    @property
+    def keyring(self) -> PepKeyring: ...
+    async def login(self, timeout: float = 20.0) -> None: ...
     async def start(self, timeout: float = 20.0) -> None: ...
     async def stop(self) -> None: ...
 
@@ -50,9 +50,12 @@ class FleetBots:
     def __init__(self, fleet: Fleet, endpoint: Endpoint, secrets: Secrets, only: Collection[str] | None = None,
                  tick_s: float = 1.0, with_services: bool = True, data_dir: Path | None = None) -> None:
         self.fleet = fleet
+
+        def keys(name: str) -> PartyKeys | None:
+            """Each bot's key and pins in the grid's data directory (none: no key to announce)."""
+            return PartyKeys.in_data_dir(data_dir, name) if data_dir is not None else None
+
         operators = [fleet.jid(o.name) for o in fleet.operators]
-        keys = KeyStore(Path(data_dir) / KEYS_DIR) if data_dir is not None else None
-        keyring = issuer_keys(fleet, keys)
         # The devices' memory of commands taken, in the data directory so it outlives a restart.
         self.replay = ReplayStore(Path(data_dir) / REPLAY_FILE if data_dir is not None else None)
         wanted = set(only) if only is not None else None
@@ -66,7 +69,7 @@ class FleetBots:
         self.rules = rules_for(fleet.rules.path if fleet.rules else None, fleet.alarms)
         for dev in fleet.devices:
             if wanted is None or dev.name in wanted:
-                self.devices[dev.name] = device_agent(fleet, dev.name, endpoint, secrets.password(dev.name), keyring,
+                self.devices[dev.name] = device_agent(fleet, dev.name, endpoint, secrets.password(dev.name), keys(dev.name),
                                                       self.replay, tick_s=tick_s, rules=self.rules, data_dir=data_dir)
                 if dev.kind is DeviceKind.MASTER:
                     self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
@@ -74,21 +77,20 @@ class FleetBots:
             if wanted is None or bill.name in wanted:
                 self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),
                                                        endpoint, operators, [fleet.jid(d.name) for d in fleet.devices],
-                                                       key=keys.secret(bill.name) if keys is not None else None)
+                                                       keys=keys(bill.name))
         for maker in fleet.manufacturers:
             if wanted is None or maker.name in wanted:
-                self.manufacturers[maker.name] = ManufacturerAgent(
-                    maker, fleet.jid(maker.name), secrets.password(maker.name), endpoint,
-                    key=keys.secret(maker.name) if keys is not None else None)
+                self.manufacturers[maker.name] = ManufacturerAgent(maker, fleet.jid(maker.name),
+                                                                   secrets.password(maker.name), endpoint,
+                                                                   keys=keys(maker.name))
         if with_services and (wanted is None or WATCHDOG in wanted):
             self.watchdog = WatchdogAgent(fleet.jid(WATCHDOG), secrets.password(WATCHDOG), endpoint, operators,
-                                          grace_s=fleet.presence_grace_s)
+                                          grace_s=fleet.presence_grace_s, keys=keys(WATCHDOG))
 
         if with_services and (wanted is None or CONSOLE in wanted):
             self.console = ConsoleAgent(fleet.jid(CONSOLE), secrets.password(CONSOLE), endpoint, operators,
                                         watchdog=fleet.jid(WATCHDOG), grace_s=fleet.presence_grace_s,
-                                        key=keys.secret(CONSOLE) if keys is not None else None,
-                                        serials={fleet.jid(d.name): d.serial for d in fleet.devices},
+                                        keys=keys(CONSOLE), serials={fleet.jid(d.name): d.serial for d in fleet.devices},
                                         unsigned_actions=fleet.security.unsigned_chat_actions)
 
     @property
@@ -103,7 +105,9 @@ class FleetBots:
 
         async def one(bot: Bot) -> None:
             async with gate:
-                await bot.start()
+                await bot.login()
+            # Outside the gate: the next login need not wait for this key announcement's round trip.
+            await bot.keyring.announced()
 
         async with asyncio.timeout(timeout):
             await asyncio.gather(*(one(b) for b in self.bots))
@@ -120,7 +124,7 @@ class FleetBots:
         self.replay.close()
 
 
-def device_agent(fleet: Fleet, name: str, endpoint: Endpoint, password: str, keys: KeyLookup,
+def device_agent(fleet: Fleet, name: str, endpoint: Endpoint, password: str, keys: PartyKeys | None,
                  replay: ReplayStore | None = None, tick_s: float = 1.0, rules: RuleSet | None = None,
                  data_dir: Path | None = None) -> DeviceAgent:
     """The bot of the fleet's device `name`, with the fleet's parties, roles, policy and rules."""
@@ -140,17 +144,3 @@ def device_agent(fleet: Fleet, name: str, endpoint: Endpoint, password: str, key
 def issuer_roles(fleet: Fleet) -> dict[str, Role]:
     """Who signs as what: the fleet's parties, and the console acting for the operators."""
     return {**fleet.roles(), fleet.jid(CONSOLE): Role.OPERATOR}
-
-
-def issuer_keys(fleet: Fleet, keys: KeyStore | None) -> KeyLookup:
-    """The public keys devices check signatures with.
-
-    TEMPORARY bridge until the PEP keyring (XEP-0373 key discovery with TOFU pins) is merged:
-    read from the key files this process provisioned. It never copies keys anywhere.
-    """
-    if keys is None:
-        return StaticKeys({})
-    names = {fleet.jid(p.name): p.name for p in (*fleet.operators, *fleet.billing, *fleet.manufacturers)}
-    names[fleet.jid(CONSOLE)] = CONSOLE
-    found = {jid: keys.secret(name) for jid, name in names.items() if keys.secret_path(name).exists()}
-    return StaticKeys(found)

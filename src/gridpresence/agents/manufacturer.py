@@ -11,18 +11,18 @@ from gridpresence.agents.firmware import sign_offer
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
 from gridpresence.config import ManufacturerSpec
 from gridpresence.protocol.firmware import FirmwareImage
-from gridpresence.security.pgp import pgpy
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 
 log = logging.getLogger(__name__)
 
 
 class ManufacturerAgent:
     def __init__(self, spec: ManufacturerSpec, jid: str, password: str, endpoint: Endpoint,
-                 key: pgpy.PGPKey | None = None) -> None:
+                 keys: PartyKeys | None = None) -> None:
         self.spec = spec
         self.endpoint = endpoint
-        self.key = key
         self.client = make_client(jid, password, endpoint)
+        self.keyring = PepKeyring(self.client, keys)  # announces the key devices check offers with
         self.client.add_event_handler("session_start", lambda _e: self.client.send_presence(pstatus="manufacturer"))
 
     @property
@@ -30,6 +30,11 @@ class ManufacturerAgent:
         return str(self.client.boundjid.bare)
 
     async def start(self, timeout: float = 20.0) -> None:
+        """Log in and announce our key (XEP-0373)."""
+        await self.login(timeout)
+        await self.keyring.announced()
+
+    async def login(self, timeout: float = 20.0) -> None:
         await open_session(self.client, self.endpoint, timeout)
 
     async def stop(self) -> None:
@@ -37,6 +42,7 @@ class ManufacturerAgent:
 
     def offer(self, image: FirmwareImage, device: str, serial: str, ttl_s: float = 3600.0) -> ET.Element:
         """This manufacturer's signed offer of ``image`` to one device (bare JID and serial)."""
-        if self.key is None:
+        key = self.keyring.secret_key
+        if key is None:
             raise RuntimeError(f"{self.jid} holds no OpenPGP key: it cannot sign firmware offers")
-        return sign_offer(image, device, serial, self.jid, self.key, ttl_s=ttl_s)
+        return sign_offer(image, device, serial, self.jid, key, ttl_s=ttl_s)

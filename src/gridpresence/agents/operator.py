@@ -42,26 +42,12 @@ from gridpresence.protocol.codec import (
 )
 from gridpresence.protocol.alarm import Alarm, alarm_from_xml
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.relay.route import FINAL_MARGIN_S, RelayRoute
 from gridpresence.relay.service import origin_of
-from gridpresence.security.keyring import KeyLookup, StaticKeys
-from gridpresence.security.keys import load_secret
 from gridpresence.security.pgp import pgpy
 
 log = logging.getLogger(__name__)
-
-
-def _billing_keys_beside(key_file: str | None, billing: Iterable[str]) -> KeyLookup:
-    """TEMPORARY bridge until the PEP keyring is merged: the billing parties' public keys from
-    the key files provisioned next to the operator's own. Replaced by XEP-0373 key discovery."""
-    if key_file is None:
-        return StaticKeys({})
-    found = {}
-    for jid in billing:
-        path = Path(key_file).with_name(f"{JID(jid).user}.sec.asc")
-        if path.exists():
-            found[JID(jid).bare] = load_secret(path)
-    return StaticKeys(found)
 
 
 class UnknownDevice(KeyError):
@@ -82,19 +68,18 @@ class GridOperator:
         grace_s: float = 15.0,
         resource: str | None = None,
         relay: RelayEndpoint | None = None,
-        key: pgpy.PGPKey | None = None,
+        keys: PartyKeys | None = None,
         serials: Mapping[str, str] | None = None,
-        keys: KeyLookup | None = None,
     ) -> None:
         full = f"{jid}/{resource}" if resource else jid
         self.endpoint = endpoint
         self.watchdog = watchdog
         self.client = make_client(full, password, endpoint)
+        self.keyring = PepKeyring(self.client, keys)  # our key's announcement, others' pinned keys
         self.tracker = PresenceTracker(self.client, grace_s=grace_s)
         self.tariff: Tariff | None = None
         # Every command is signed with the operator's key; without one, devices refuse them.
-        self.issuer = CommandIssuer(self.client, key, relay.jid if relay is not None else None)
-        self.keys: KeyLookup = keys if keys is not None else StaticKeys({})  # others' keys (the billing party's)
+        self.issuer = CommandIssuer(self.client, self.keyring.secret_key, relay.jid if relay is not None else None)
         self._busy: set[asyncio.Task[None]] = set()
         self._pending = self.issuer.pending
         # Serial numbers by device JID from the connection file, for devices not seen yet.
@@ -114,10 +99,11 @@ class GridOperator:
     @classmethod
     def from_connection(cls, info: ConnectionInfo, operator: str | None = None, resource: str | None = None) -> GridOperator:
         acc = info.operator(operator)
-        key = load_secret(Path(acc.key_file)) if acc.key_file else None
+        if acc.key_file is None:
+            log.warning("%s: the connection file names no OpenPGP key: read-only, cannot sign", acc.jid)
         return cls(acc.jid, acc.password, info.server, watchdog=info.watchdog, grace_s=info.presence_grace_s,
-                   resource=resource, relay=info.relay, key=key, serials=info.serials,
-                   keys=_billing_keys_beside(acc.key_file, info.billing))
+                   resource=resource, relay=info.relay, keys=PartyKeys.beside(acc.key_file, acc.name),
+                   serials=info.serials)
 
     @property
     def jid(self) -> str:
@@ -132,6 +118,7 @@ class GridOperator:
         is known.
         """
         await open_session(self.client, self.endpoint, timeout)
+        await self.keyring.announced()
         await self.client.get_roster()
         self.tracker.load_roster()
         self.client.send_presence(pshow="chat", pstatus="grid operator")
@@ -351,7 +338,7 @@ class GridOperator:
 
     async def _take_tariff(self, msg: Message) -> None:
         try:
-            self.tariff = await tariff_from_billing(msg, self._is_billing, self.keys)
+            self.tariff = await tariff_from_billing(msg, self._is_billing, self.keyring)
         except TariffRefused as exc:
             log.warning("tariff from %s ignored: %s", msg["from"], exc)
             return

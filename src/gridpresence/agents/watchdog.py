@@ -13,21 +13,30 @@ from slixmpp.xmlstream.matcher import StanzaPath
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
 from gridpresence.agents.tracker import PresenceTracker
 from gridpresence.protocol.codec import health_to_xml
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 
 log = logging.getLogger(__name__)
 
 
 class WatchdogAgent:
-    def __init__(self, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str], grace_s: float = 15.0) -> None:
+    def __init__(self, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str], grace_s: float = 15.0,
+                 keys: PartyKeys | None = None) -> None:
         self.endpoint = endpoint
         self.operators = frozenset(JID(j).bare for j in operators)
         self.client = make_client(jid, password, endpoint)
+        self.keyring = PepKeyring(self.client, keys)
         self.tracker = PresenceTracker(self.client, grace_s=grace_s)
         self.client.register_handler(
             Callback("fleet health", StanzaPath("iq@type=get/grid_fleet_health"), self._on_query)
         )
 
     async def start(self, timeout: float = 20.0) -> None:
+        """Log in and announce our key (XEP-0373) before anyone is told we are here."""
+        await self.login(timeout)
+        await self.keyring.announced()
+
+    async def login(self, timeout: float = 20.0) -> None:
+        """Log in; the key is announced meanwhile (:meth:`start` waits for that too)."""
         await open_session(self.client, self.endpoint, timeout)
         await self.client.get_roster()
         self.tracker.load_roster()

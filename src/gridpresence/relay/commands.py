@@ -16,6 +16,7 @@ from gridpresence.agents.session import ConnectionInfo, RelayEndpoint, SessionEr
 from gridpresence.config import FleetError, load_fleet
 from gridpresence.relay.mail_device import MailDevice
 from gridpresence.relay.service import RelayService, relay_files, relay_port
+from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.signals import stop_signal
 
 CONNECTION_FILE, SECRETS_FILE, FLEET_COPY = "connection.json", "secrets.json", "fleet.json"
@@ -42,7 +43,7 @@ async def cmd_relay(args: argparse.Namespace) -> int:
     queue_path = Path(args.queue) if args.queue else relay_files(data)[0]
     port = relay_port(data, args.bind, args.smtp_port)
     relay = RelayService(fleet, info.server, secrets.password(RELAY), queue_path, smtp_host=args.bind,
-                         smtp_port=port, durable=args.durable)
+                         smtp_port=port, durable=args.durable, keys=PartyKeys.in_data_dir(data, RELAY))
     stop = stop_signal()  # before start: a SIGTERM during start-up still stops cleanly
     await relay.start()
     try:

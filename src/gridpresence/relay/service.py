@@ -37,6 +37,7 @@ from gridpresence.protocol.models import Outcome, OutcomeStatus, PresenceReport
 from gridpresence.relay.mail import payload_from_xml
 from gridpresence.relay.queue import CommandQueue, QueuedCommand, State
 from gridpresence.relay.smtp import Directory, RelayHandler, Stored, smtp_factory
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class RelayService:
     """One relay for a fleet: ``await start()``, then it runs in the current event loop."""
 
     def __init__(self, fleet: Fleet, endpoint: Endpoint, password: str, queue_path: Path, *,
-                 smtp_host: str = "127.0.0.1", smtp_port: int = 0, durable: bool = False) -> None:
+                 smtp_host: str = "127.0.0.1", smtp_port: int = 0, durable: bool = False,
+                 keys: PartyKeys | None = None) -> None:
         self.fleet = fleet
         self.endpoint = endpoint
         self.jid = fleet.jid(RELAY)
@@ -66,6 +68,7 @@ class RelayService:
         self.queue = CommandQueue(queue_path, durable=durable)
         self.smtp_host, self.smtp_port = smtp_host, smtp_port
         self.client = make_client(f"{self.jid}/relay", password, endpoint)
+        self.keyring = PepKeyring(self.client, keys)
         self.tracker = PresenceTracker(self.client, grace_s=fleet.presence_grace_s)
         self.tracker.listen(self._on_change)
         self.handler = RelayHandler(Directory(self.operators, self.devices, self.jid), self.queue, self._on_stored)
@@ -89,6 +92,7 @@ class RelayService:
         self.smtp_port = self._server.sockets[0].getsockname()[1]
         try:
             await open_session(self.client, self.endpoint, timeout)
+            await self.keyring.announced()
             await self.client.get_roster()
             self.tracker.load_roster()
             self._online = True
