@@ -137,7 +137,8 @@ class DeviceAgent:
         self.client.register_handler(
             Callback("grid command", StanzaPath("message/grid_command"), self._on_command)
         )
-        self.client.register_handler(Callback("signed command", StanzaPath("message/openpgp"), self._on_signed))
+        self.client.register_handler(Callback("signed command", StanzaPath("message/openpgp"),
+                                              self._on_signed))  # type: ignore[arg-type]
         if self.children:
             self.client.add_event_handler("presence", self._on_child_presence)
         self.client.add_event_handler("disconnected", self._on_disconnected)

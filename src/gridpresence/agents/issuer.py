@@ -38,7 +38,8 @@ class CommandIssuer:
         self.relay = relay
         self.pending: dict[str, asyncio.Future[Outcome]] = {}  # command id -> outcome
         self._stanza_to_command: dict[str, str] = {}  # message id -> command id, for bounces
-        client.register_handler(Callback("grid outcome", StanzaPath("message/grid_outcome"), self._on_outcome))
+        client.register_handler(Callback("grid outcome", StanzaPath("message/grid_outcome"),
+                                         self._on_outcome))  # type: ignore[arg-type]
         client.add_event_handler("message_error", self._on_bounce)
 
     def wire(self, cmd: Command, device: str) -> ET.Element:

@@ -91,7 +91,8 @@ class GridOperator:
         self._changed = asyncio.Event()
         self.tracker.listen(lambda _change: self._bump())
         self.client.register_handler(Callback("grid tariff", StanzaPath("message/grid_tariff"), self._on_tariff))
-        self.client.register_handler(Callback("signed tariff", StanzaPath("message/openpgp"), self._on_tariff))
+        self.client.register_handler(Callback("signed tariff", StanzaPath("message/openpgp"),
+                                              self._on_tariff))  # type: ignore[arg-type]
         self.client.register_handler(Callback("mailed data", StanzaPath("message/grid_device"), self._on_mailed_data))
         self.alarms: list[Alarm] = []  # alarms devices sent this operator, oldest first
         self.client.register_handler(Callback("grid alarm", StanzaPath("message/grid_alarm"), self._on_alarm))
