@@ -20,10 +20,10 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from conftest import Env
+from gridpresence.agents.billing import tariff_from_spec
 from gridpresence.agents.fleet import device_agent
 from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.session import close_session, make_client, open_session
-from gridpresence.agents.billing import tariff_from_spec
 from gridpresence.protocol.codec import command_to_xml, outcome_from_xml, q, tariff_to_xml
 from gridpresence.protocol.models import (
     Action,
@@ -36,8 +36,9 @@ from gridpresence.protocol.models import (
     TariffPeriod,
 )
 from gridpresence.protocol.openpgp import openpgp_from_xml, openpgp_to_xml
-from gridpresence.security.keys import generate, write_secret
+from gridpresence.security.keys import fingerprint, generate, write_secret
 from gridpresence.security.pep_keyring import PartyKeys
+from gridpresence.security.pins import PinStore
 from gridpresence.security.pgp import pgpy
 from gridpresence.security.replay import ReplayStore
 from gridpresence.security.signed import sign_payload
@@ -51,7 +52,8 @@ class WirePeer:
     def __init__(self, client: ClientXMPP) -> None:
         self.client = client
         self.outcomes: dict[str, asyncio.Future[Outcome]] = {}
-        client.register_handler(Callback("outcome", StanzaPath("message/grid_outcome"), self._on_outcome))
+        client.register_handler(Callback("outcome", StanzaPath("message/grid_outcome"),
+                                         self._on_outcome))  # type: ignore[arg-type]
 
     def _on_outcome(self, msg: Message) -> None:
         outcome = outcome_from_xml(msg.xml.find(q("outcome")))
@@ -378,3 +380,13 @@ def test_signed_content_is_the_xep_0373_sign_element(env: Env) -> None:
     assert sign.find("{urn:xmpp:openpgp:0}time") is not None
     inner = sign.find("{urn:xmpp:openpgp:0}payload/{urn:gridpresence:0}command")
     assert inner is not None and inner.get("serial") == "ACME-0001" and inner.get("id") == cmd.id
+
+
+def test_issuers_keys_are_pinned_at_provisioning(env: Env) -> None:
+    """Not trust on first use for the parties that command devices or price the grid."""
+    device_pins = PinStore(PartyKeys.in_data_dir(env.data, "sig-load").pins_file)
+    for name in ("alice", "bob", "billing", "maker", "maker-offline", "console"):
+        assert device_pins.pinned(env.fleet.jid(name)) == fingerprint(key(env, name)), name
+    assert device_pins.pinned(env.fleet.jid("relay")) is None  # it carries commands, never signs them
+    alice_pins = PinStore(PartyKeys.beside(env.grid.keys.secret_path("alice"), "alice").pins_file)
+    assert alice_pins.pinned(env.fleet.jid("billing")) == fingerprint(key(env, "billing"))

@@ -151,8 +151,8 @@ def test_gate_accepts_the_right_command_and_refuses_each_wrong_one() -> None:
     assert reason(cmd=long, max_ttl_s=3600) is RejectReason.STALE
     assert check(long) == long  # under the default one-day limit
     allowed = Command.new(Action.BILLING_RESET, ALICE, now=NOW, serial=SERIAL)
-    policy = {"allow": {"operator": ["billing_reset"], "billing": [], "manufacturer": []}}
-    assert check(allowed, **policy) == allowed  # the policy is configuration
+    assert check(allowed, allow={"operator": ["billing_reset"], "billing": [], "manufacturer": []}) == allowed
+    # ... the policy is configuration
 
 
 def test_broken_envelopes_are_refused_with_a_reason() -> None:

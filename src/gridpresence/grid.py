@@ -94,12 +94,17 @@ class Grid:
     def _pin_issuers(self) -> None:
         """Devices get the keys of every party that may command them pinned at provisioning,
         not on first use: an operator account taken over with a key of the thief's is refused
-        even by a device that never heard from that operator before."""
+        even by a device that never heard from that operator before. Operators get the billing
+        parties' keys pinned likewise."""
         f = self.fleet
         issuers = [p.name for p in (*f.operators, *f.billing, *f.manufacturers)] + [CONSOLE]
         pins = {f.jid(name): fingerprint(self.keys.secret(name)) for name in issuers}
         for dev in self.fleet.devices:
             PinStore(PartyKeys.in_data_dir(self.data_dir, dev.name).pins_file).provision(pins)
+        # Operators take prices only signed by billing: its key is pinned for them the same way.
+        billing = {f.jid(b.name): pins[f.jid(b.name)] for b in f.billing}
+        for op in f.operators:
+            PinStore(PartyKeys.beside(self.keys.secret_path(op.name), op.name).pins_file).provision(billing)
 
     async def _start_relay(self) -> None:
         """The store-and-forward relay, before the devices so it sees them arrive."""
