@@ -31,6 +31,7 @@ TEST_FLEET = {
     "manufacturers": [{"name": "maker"}, {"name": "maker-offline"}],
     # Lab setting: the chat, console and ad-hoc tests drive devices with plain (unsigned) lines.
     "security": {"unsigned_chat_actions": ["shed", "restore", "start", "stop", "open", "close"]},
+    "customers": [{"name": "acme"}],  # reads meter-1's billing part
     "devices": [
         {"name": "master", "kind": "master", "rated_kw": 1000},
         {"name": "branch-a", "kind": "meter", "rated_kw": 400, "parent": "master"},
@@ -42,7 +43,7 @@ TEST_FLEET = {
            "critical_hold_s": 60} for name in ("load-crit", "load-crit2", "load-crit3", "load-crit4", "load-crit5")),
         {"name": "gen-1", "kind": "generator", "rated_kw": 200, "startup_s": 2.0, "parent": "master"},
         {"name": "gen-2", "kind": "generator", "rated_kw": 300, "startup_s": 2.0, "parent": "master"},
-        {"name": "meter-1", "kind": "meter", "rated_kw": 80},
+        {"name": "meter-1", "kind": "meter", "rated_kw": 80, "customer": "acme"},
         {"name": "pulse-meter", "kind": "meter", "rated_kw": 10, "refresh_s": 1.0},
         {"name": "breaker-1", "kind": "breaker", "rated_kw": 500, "parent": "master"},
         # Driven past their alarm thresholds by the alarm tests.

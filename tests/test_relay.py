@@ -23,10 +23,17 @@ from gridpresence.agents.availability import command_group, wait_available
 from gridpresence.agents.fleet import device_agent
 from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.agents.operator import GridOperator
-from gridpresence.agents.session import ConnectionInfo
+from gridpresence.agents.session import ConnectionInfo, tls_context
 from gridpresence.protocol.models import Action, Command, DeviceState, Outcome, OutcomeStatus, RejectReason
 from gridpresence.protocol.codec import outcome_to_xml
-from gridpresence.relay.mail import build_mail
+from gridpresence.agents.reports import ReportAudience, ReportReader
+from gridpresence.protocol.billing_report import PartName, billing_report_from_xml
+from gridpresence.relay.mail import MailTLSError, build_mail, open_smtp
+from gridpresence.relay.route import RelayRoute
+from gridpresence.relay.commissioning import commission, readers_keys
+from gridpresence.security.pep_keyring import PartyKeys
+from gridpresence.security.parts import NotForYou
+from gridpresence.server.certs import ensure_certificates
 from gridpresence.relay.mail_device import MailDevice
 from gridpresence.relay.queue import CommandQueue
 from gridpresence.server.ports import free_port
@@ -63,13 +70,31 @@ class RelayProcess:
             await asyncio.wait_for(self.proc.wait(), 20)
 
 
-@pytest.fixture
-def grid_dir(env: Env, tmp_path: Path) -> Path:
-    """A copy of the grid's connection, secrets and fleet, so each relay has its own files."""
+_commissioned: set[str] = set()
+
+
+async def commission_once(env: Env, name: str) -> None:
+    """A mail-only device is commissioned once: its key announced over PEP, its readers' keys kept."""
+    if name in _commissioned:
+        return
+    spec = env.fleet.device(name)
+    async with env.operator("alice", resource=f"announce-{os.urandom(3).hex()}"):
+        pass  # alice has announced her key over PEP: the device can seal the power-quality part to her
+    found = await commission(name, env.fleet.jid(name), env.grid.secrets.password(name), env.grid.endpoint,
+                             PartyKeys.in_data_dir(env.data, name), ReportAudience.of(env.fleet, spec).everyone)
+    assert {"billing@localhost", "alice@localhost"} <= set(found)
+    _commissioned.add(name)
+
+
+@pytest_asyncio.fixture
+async def grid_dir(env: Env, tmp_path: Path) -> Path:
+    """A copy of the grid's connection, secrets, fleet and keys, so each relay has its own files."""
+    await commission_once(env, "mailer-1")
     data = tmp_path / "grid"
     data.mkdir()
     for name in COPIED:
         shutil.copy(env.data / name, data / name)
+    shutil.copytree(env.data / "keys", data / "keys")
     return data
 
 
@@ -184,7 +209,7 @@ async def test_same_mail_twice_and_an_xmpp_copy_take_effect_once(env: Env, relay
     first = await op.queue_command(cmd, "far-4@localhost")
     assert first.status is OutcomeStatus.QUEUED
     mail = build_mail(cmd, op.jid, ["far-4@localhost"])
-    with smtplib.SMTP(op.relay.relay.smtp_host, op.relay.relay.smtp_port) as smtp:
+    with open_smtp(op.relay.relay.smtp_host, op.relay.relay.smtp_port, tls_context(env.grid.server.certs.ca)) as smtp:
         smtp.send_message(mail, from_addr=op.jid, to_addrs=["far-4@localhost"])  # the same mail again: accepted
     async with CountedDevice(env, "far-4") as dev:
         final = await op.final_outcome(first)
@@ -204,10 +229,11 @@ async def test_same_mail_twice_and_an_xmpp_copy_take_effect_once(env: Env, relay
 # -- screening ------------------------------------------------------------------------------
 
 
-async def test_relay_refuses_unknown_senders_recipients_big_and_bad_mail(relay: RelayProcess, op: GridOperator) -> None:
+async def test_relay_refuses_unknown_senders_recipients_big_and_bad_mail(env: Env, relay: RelayProcess,
+                                                                         op: GridOperator) -> None:
     cmd = Command.new(Action.SHED, "alice@localhost", ttl_s=60)
     good = build_mail(cmd, "alice@localhost", ["far-1@localhost"])
-    with smtplib.SMTP("127.0.0.1", relay.port) as smtp:
+    with open_smtp("127.0.0.1", relay.port, tls_context(env.grid.server.certs.ca)) as smtp:
         smtp.ehlo()
         code, _ = smtp.mail("mallory@example.com")
         assert code == 553
@@ -266,7 +292,8 @@ async def test_mail_only_device_reaches_operators(env: Env, relay: RelayProcess)
             assert view.label == "on" and "mail" in view.health_reason and not view.present
             assert view.report is not None and view.report.telemetry.kw is not None
         # A device may only answer for itself, and only devices push data.
-        device = MailDevice(env.fleet.device("mailer-1"), "mailer-1@localhost", info.relay)
+        device = MailDevice(env.fleet.device("mailer-1"), "mailer-1@localhost", info.relay,
+                            secret=env.grid.keys.secret("mailer-1"))
         forged = Outcome(command_id="c-1", device="far-1@localhost", status=OutcomeStatus.EXECUTED)
         with pytest.raises(smtplib.SMTPDataError) as refused:
             await device.push_outcome(forged)
@@ -286,7 +313,8 @@ async def test_mailed_outcome_reaches_the_issuer(env: Env, relay: RelayProcess) 
     async with operator(relay.data, "alice") as alice:
         queued = await alice.command("mailer-1", "read", ttl_s=30)
         assert queued.status is OutcomeStatus.QUEUED
-        device = MailDevice(env.fleet.device("mailer-1"), "mailer-1@localhost", info.relay)
+        device = MailDevice(env.fleet.device("mailer-1"), "mailer-1@localhost", info.relay,
+                            secret=env.grid.keys.secret("mailer-1"))
         try:
             answer = Outcome(command_id=queued.command_id, device="mailer-1@localhost",
                              status=OutcomeStatus.EXECUTED, detail="read by mail", report=device.report())
@@ -428,3 +456,113 @@ async def test_relay_carries_signed_commands_verbatim_and_cannot_change_them(env
         assert bad.status is OutcomeStatus.REJECTED and bad.reason is RejectReason.BAD_SIGNATURE, bad.summary()
         assert dev.executions == Counter({honest.command_id: 1})
         assert dev.agent.sim.state is DeviceState.ON
+
+
+# -- transport security and signed device data ------------------------------------------------
+
+
+async def test_relay_requires_starttls_verified_against_the_grid_ca(env: Env, relay: RelayProcess, tmp_path: Path) -> None:
+    with smtplib.SMTP("127.0.0.1", relay.port) as plain:
+        plain.ehlo()
+        assert plain.has_extn("starttls")
+        code, text = plain.mail("alice@localhost")
+        assert code == 530 and b"STARTTLS" in text  # not even an address in clear
+    with open_smtp("127.0.0.1", relay.port, tls_context(env.grid.server.certs.ca)) as smtp:
+        assert smtp.mail("alice@localhost")[0] == 250
+    # A client that trusts another CA does not talk to the relay, and says why.
+    stranger = ensure_certificates(tmp_path / "other-ca", "localhost")
+    with pytest.raises(MailTLSError, match="certificate verify failed.*grid's CA"):
+        open_smtp("127.0.0.1", relay.port, tls_context(stranger.ca))
+    info = ConnectionInfo.load(relay.data / "connection.json")
+    assert info.relay is not None and info.relay.ca_file == env.grid.server.certs.ca
+    route = RelayRoute(info.relay.model_copy(update={"ca_file": stranger.ca}))
+    try:
+        refused = await route.queue(Command.new(Action.READ, "alice@localhost", ttl_s=60), "far-1@localhost")
+    finally:
+        route.close()
+    assert refused.status is OutcomeStatus.UNDELIVERABLE and "certificate verify failed" in refused.detail
+
+
+async def test_device_data_must_carry_the_devices_signature(env: Env, relay: RelayProcess) -> None:
+    info = ConnectionInfo.load(relay.data / "connection.json")
+    assert info.relay is not None
+    spec = env.fleet.device("mailer-1")
+    cases = {
+        "unsigned": MailDevice(spec, "mailer-1@localhost", info.relay),
+        "someone else's key": MailDevice(spec, "mailer-1@localhost", info.relay, secret=env.grid.keys.secret("alice")),
+    }
+    for why, device in cases.items():
+        try:
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                await device.push_report()
+        finally:
+            device.close()
+        assert refused.value.smtp_code == 550, why
+        assert (b"not signed" if why == "unsigned" else b"not by mailer-1@localhost's key") in refused.value.smtp_error
+    # A billing report the relay refuses leaves the period open: its readings go in the next one.
+    forger = MailDevice(spec, "mailer-1@localhost", info.relay, secret=env.grid.keys.secret("alice"),
+                        keyring=readers_keys(PartyKeys.in_data_dir(relay.data, "mailer-1"), "mailer-1"),
+                        audience=ReportAudience.of(env.fleet, spec))
+    opened = forger.sim.registers.period_start  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            await forger.push_billing_report()
+    finally:
+        forger.close()
+    assert refused.value.smtp_code == 550
+    assert forger.sim.registers.period_start == opened and forger.sim.registers.samples >= 1  # type: ignore[attr-defined]
+    # Signed, then changed on the way: the signature no longer matches.
+    good = MailDevice(spec, "mailer-1@localhost", info.relay, secret=env.grid.keys.secret("mailer-1"))
+    mail = build_mail(good.report(), "mailer-1@localhost", ["relay@localhost"], env.grid.keys.secret("mailer-1"))
+    for part in mail.iter_attachments():
+        if part.get_content_type() == "application/vnd.gridpresence+xml":
+            changed_xml = part.get_content().replace(b' kw="', b' kw="9')
+            assert changed_xml != part.get_content()
+            part.set_content(changed_xml, "application", "vnd.gridpresence+xml", filename="payload.xml")
+    raw = mail.as_bytes()
+    try:
+        with open_smtp("127.0.0.1", relay.port, tls_context(env.grid.server.certs.ca)) as smtp:
+            with pytest.raises(smtplib.SMTPDataError) as changed:
+                smtp.sendmail("mailer-1@localhost", ["relay@localhost"], raw)
+            assert changed.value.smtp_code == 550 and b"does not match" in changed.value.smtp_error
+        await good.push_report()  # the relay is still up and takes the device's own signed data
+    finally:
+        good.close()
+    queue = CommandQueue(relay.queue)
+    assert len(queue.db.execute("SELECT * FROM inbox").fetchall()) == 1  # nothing refused was stored
+    queue.close()
+
+
+async def test_billing_report_by_mail_is_routed_sealed(env: Env, relay: RelayProcess) -> None:
+    """A mail-only meter mails one report to the billing party and the operators; the relay
+    checks its signature and passes it on, and can read neither part."""
+    bots = env.grid.bots
+    assert bots is not None and bots.billing["billing"].inbox is not None
+    billing = bots.billing["billing"]
+    readers = relay.data / "keys" / "mailer-1.readers.json"
+    readers.unlink()
+    code, _, err = await run_cli("mail-device", "mailer-1", "--data", str(relay.data), "--count", "1", "--billing")
+    assert code == 2 and "mailer-1 was not commissioned" in err
+    # Commissioning, where XMPP is reachable: the key goes out over PEP, the readers' keys come back.
+    code, out, err = await run_cli("mail-device", "mailer-1", "--data", str(relay.data), "--commission")
+    assert code == 0 and "key announced over PEP" in out and "billing@localhost" in out, err
+    assert readers.exists()
+    async with operator(relay.data, "alice") as alice:
+        assert alice.reports is not None
+        code, out, err = await run_cli("mail-device", "mailer-1", "--data", str(relay.data), "--count", "1",
+                                       "--billing")
+        assert code == 0, err
+        assert "mailer-1: mailed billing report" in out
+        meter = "mailer-1@localhost"
+        bill = await billing.inbox.wait(lambda d: d.device == meter, timeout=10)
+        quality = await alice.reports.wait(lambda d: d.device == meter, timeout=10)
+        assert bill.report == quality.report and bill.register_kwh >= 0 and quality.frequency_hz > 40
+    # What the relay kept is ciphertext: no reading is in its queue, and its own key opens nothing.
+    queue = CommandQueue(relay.queue)
+    (stored,) = [row[0] for row in queue.db.execute("SELECT payload FROM inbox").fetchall() if "billing-report" in row[0]]
+    queue.close()
+    assert "register-kwh" not in stored and "voltage" not in stored and repr(quality.voltage_v) not in stored
+    report = billing_report_from_xml(ET.fromstring(stored))
+    for part in PartName:
+        with pytest.raises(NotForYou):
+            await ReportReader("relay@localhost", env.grid.keys.secret("relay"), alice.keyring, part).read(report)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Env
-from test_relay import RelayProcess, operator
+from test_relay import RelayProcess, commission_once, operator
 
 from gridpresence.agents.session import ConnectionInfo
 from gridpresence.server.ports import free_port
@@ -82,10 +82,12 @@ async def connects_from_ns(net: MailOnlyNetwork, port: int) -> bool:
 async def test_mail_only_device_behind_firewall_reaches_operators(env: Env, tmp_path: Path,
                                                                   mail_only_net: MailOnlyNetwork) -> None:
     net = mail_only_net
+    await commission_once(env, "mailer-1")  # on the grid's side, before it is behind the firewall
     data = tmp_path / "grid"
     data.mkdir()
     for name in ("connection.json", "secrets.json", "fleet.json"):
         shutil.copy(env.data / name, data / name)
+    shutil.copytree(env.data / "keys", data / "keys")  # the device signs its mail; the relay checks it
     relay = RelayProcess(data, tmp_path / "queue.sqlite3", free_port(net.host_ip), bind=net.host_ip)
     # Something else listening on the device's side of the host: the firewall must keep it out.
     other = socket.create_server((net.host_ip, 0))

@@ -32,6 +32,7 @@ from gridpresence.server import (
     port_is_free,
     provision,
 )
+from gridpresence.server.certs import cert_ips
 from gridpresence.server.prosody import TEMPLATE_PATH
 from gridpresence.server.provision import encode_name, lua_string
 
@@ -269,23 +270,41 @@ def test_lua_string_round_trips_through_lua(tmp_path: Path) -> None:
 
 
 async def test_bosh_answers_over_http_and_https(server: ProsodyServer) -> None:
+    """BOSH answers on both ports, but offers logins only over HTTPS."""
     body = (
         f"<body rid='1' to='{DOMAIN}' xml:lang='en' wait='10' hold='1' ver='1.6' xmpp:version='1.0' "
         "xmlns='http://jabber.org/protocol/httpbind' xmlns:xmpp='urn:xmpp:xbosh'/>"
     )
     tls = ssl.create_default_context(cafile=str(server.certs.ca))
-    urls = {
-        f"http://{server.connect_host}:{server.ports.http}/http-bind": None,
-        f"https://{DOMAIN}:{server.ports.https}/http-bind": tls,  # hostname checked against the cert
-    }
+    http = f"http://{server.connect_host}:{server.ports.http}/http-bind"
+    https = f"https://{DOMAIN}:{server.ports.https}/http-bind"  # hostname checked against the cert
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        for url, ctx in urls.items():
-            async with session.get(url, ssl=ctx if ctx else False) as response:
+        for url, ctx, offered in ((http, False, False), (https, tls, True)):
+            async with session.get(url, ssl=ctx) as response:
                 assert response.status == 200, url
-            async with session.post(url, data=body, ssl=ctx if ctx else False) as response:
+            async with session.post(url, data=body, ssl=ctx) as response:
                 text = await response.text()
                 assert response.status == 200, url
-                assert "sid=" in text and "SCRAM-SHA-1" in text, text  # session created, auth offered
+                assert "sid=" in text, text  # session created
+                assert ("SCRAM-SHA-1" in text) is offered and ("<mechanisms" in text) is offered, (url, text)
+
+
+async def test_sasl_plain_over_plain_http_bosh_is_refused(server: ProsodyServer) -> None:
+    """The server itself refuses a password on plain-HTTP BOSH (consider_bosh_secure = false),
+    whatever the client does: <auth/> gets <encryption-required/>, never <success/>."""
+    http = f"http://{server.connect_host}:{server.ports.http}/http-bind"
+    ns = "xmlns='http://jabber.org/protocol/httpbind' xmlns:xmpp='urn:xmpp:xbosh'"
+    create = f"<body rid='100' to='{DOMAIN}' wait='5' hold='1' ver='1.6' xmpp:version='1.0' {ns}/>"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+        async with session.post(http, data=create) as response:
+            text = await response.text()
+        sid = text.split("sid='", 1)[1].split("'", 1)[0] if "sid='" in text else text.split('sid="', 1)[1].split('"', 1)[0]
+        plain = base64.b64encode(b"\0alice\0" + ALICE.password.encode()).decode()
+        auth = (f"<body rid='101' sid='{sid}' {ns}><auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' "
+                f"mechanism='PLAIN'>{plain}</auth></body>")
+        async with session.post(http, data=auth) as response:
+            answer = await response.text()
+    assert "encryption-required" in answer and "<success" not in answer, answer
 
 
 # --- failures and ports ------------------------------------------------------------------------
@@ -348,3 +367,13 @@ def test_port_helpers() -> None:
         squatter.bind(("127.0.0.1", port))
         squatter.listen(1)
         assert not port_is_free("127.0.0.1", port)
+
+
+def test_a_service_certificate_from_the_same_ca_names_its_address(tmp_path: Path) -> None:
+    server = ensure_certificates(tmp_path, DOMAIN)
+    relay = ensure_certificates(tmp_path, DOMAIN, cert_ips("10.99.0.1"), service="relay")
+    assert relay.ca == server.ca and relay.cert.name == "relay.pem" and relay.cert != server.cert
+    cert = x509.load_pem_x509_certificate(relay.cert.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "10.99.0.1"}
+    assert cert_ips("grid.example") == ["127.0.0.1"]

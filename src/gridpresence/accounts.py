@@ -80,6 +80,8 @@ def plan_accounts(fleet: Fleet, passwords: Secrets) -> list[AccountSpec]:
     # A manufacturer signs firmware offers that operators carry to devices; it sees the operators.
     for maker in fleet.manufacturers:
         accounts.append(AccountSpec(maker.name, passwords.password(maker.name), tuple(ops)))
+    for customer in fleet.customers:  # reads its meters' billing parts; sees no one's presence
+        accounts.append(AccountSpec(customer.name, passwords.password(customer.name), ()))
     accounts.append(AccountSpec(WATCHDOG, passwords.password(WATCHDOG), tuple([*devices, *ops])))
     accounts.append(AccountSpec(RELAY, passwords.password(RELAY), tuple([*devices, *ops])))
     accounts.append(AccountSpec(CONSOLE, passwords.password(CONSOLE), tuple([*devices, *ops, watchdog])))

@@ -31,6 +31,7 @@ from typing import Any
 
 from gridpresence.accounts import Secrets
 from gridpresence.agents.fleet import FleetBots
+from gridpresence.agents.reports import METERING_KINDS
 from gridpresence.agents.operator import GridOperator, UnknownDevice
 from gridpresence.agents.session import ConnectionInfo, SessionError
 from gridpresence.agents.tracker import DeviceChange, DeviceView
@@ -41,6 +42,7 @@ from gridpresence.relay import commands as relay_commands
 from gridpresence.rules.cli import add_rules_commands
 from gridpresence.rules.model import RuleSetError
 from gridpresence.security import cli as keys_commands
+from gridpresence.security.keys import KeyFileError
 from gridpresence.server import ServerError, ServerPorts
 from gridpresence.signals import stop_signal, unless_stopped
 
@@ -181,6 +183,39 @@ async def cmd_alarms(args: argparse.Namespace) -> int:
                 break
         return EXIT_OK
 
+    return await _with_operator(args, body)
+
+
+async def cmd_quality(args: argparse.Namespace) -> int:
+    """Ask meters / master IEDs for a billing report now and print the power-quality part, the
+    one an operator can decrypt ([0085]); the billing part is not ours to read."""
+    async def body(grid: GridOperator) -> int:
+        if grid.reports is None:
+            raise CliError("this operator has no OpenPGP key file in the connection file; cannot read reports")
+        for name in args.devices:  # unknown names and devices that meter nothing fail first
+            view = grid.device(name)
+            if view.kind not in METERING_KINDS:
+                raise CliError(f"{name} is a {view.kind.value if view.kind else 'device'}: "
+                               "only meters and master IEDs send billing reports")
+        for name in args.devices:
+            grid.request_report(name)
+        failed = 0
+        for name in args.devices:
+            try:
+                q = await grid.wait_quality(name, since=started, timeout=args.timeout)
+            except TimeoutError:
+                print(f"{name}: no billing report within {args.timeout:g} s", flush=True)
+                failed += 1
+                continue
+            if args.json:
+                print(q.model_dump_json(), flush=True)
+            else:
+                print(f"{name}: {q.voltage_v:.1f} V ({q.voltage_min_v:.1f}-{q.voltage_max_v:.1f}), "
+                      f"{q.frequency_hz:.3f} Hz, PF {q.power_factor:.3f}, THD {q.thd_pct:.1f} %, "
+                      f"load {q.load_pct:.1f} %, {q.sags} sags since {q.period_start:%H:%M:%S} UTC", flush=True)
+        return EXIT_FAILED_OUTCOME if failed else EXIT_OK
+
+    started = dt.datetime.now(dt.timezone.utc)
     return await _with_operator(args, body)
 
 
@@ -348,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     operator_opts(alarms)
     alarms.add_argument("--count", type=int, default=0, help="stop after this many alarms")
     alarms.set_defaults(run=cmd_alarms)
+    quality = sub.add_parser("quality", help="ask meters for a billing report and show its power-quality part")
+    operator_opts(quality)
+    quality.add_argument("devices", nargs="+", help="meters or master IEDs, by name")
+    quality.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each report")
+    quality.set_defaults(run=cmd_quality)
     for action in (*COMMAND_ACTIONS, "set-time"):
         p = sub.add_parser(action, help=f"{action} one or more devices and print the outcomes")
         operator_opts(p)
@@ -379,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.time = dt.datetime.now(dt.timezone.utc).isoformat()
     try:
         return asyncio.run(args.run(args))
-    except (CliError, FleetError, RuleSetError, ServerError, SessionError, UnknownDevice) as exc:
+    except (CliError, FleetError, KeyFileError, RuleSetError, ServerError, SessionError, UnknownDevice) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -74,6 +74,10 @@ def default_serial(name: str) -> str:
     return "SN-" + hashlib.sha256(name.encode()).hexdigest()[:12].upper()
 
 
+class CustomerSpec(_Spec):
+    """A customer of the utility: reads the billing part of its meters' reports ([0085]), nothing else."""
+
+
 class DeviceSpec(_Spec):
     kind: DeviceKind
     # The serial number bound into every signed command for this device ([0045]).
@@ -89,6 +93,10 @@ class DeviceSpec(_Spec):
     # Starting utilisation of a load/meter/breaker (0..1) or generator output share when on.
     utilisation: float = Field(default=0.6, ge=0, le=1.2, allow_inf_nan=False)
     initial_state: Annotated[str, Field(pattern="^(on|off)$")] | None = None
+    # Meter or master IED: seconds between encrypted billing reports ([0085]), and the customer
+    # (a [[customers]] name) who may read their billing part besides the billing party.
+    billing_report_s: float = Field(default=3600.0, ge=1.0, le=31 * 86400, allow_inf_nan=False)
+    customer: str | None = None
 
     @model_validator(mode="after")
     def _serial(self) -> DeviceSpec:
@@ -118,6 +126,7 @@ class Fleet(BaseModel):
     operators: tuple[OperatorSpec, ...] = Field(min_length=1)
     billing: tuple[BillingSpec, ...] = ()
     manufacturers: tuple[ManufacturerSpec, ...] = ()
+    customers: tuple[CustomerSpec, ...] = ()
     devices: tuple[DeviceSpec, ...] = Field(min_length=1)
     alarms: AlarmSettings = AlarmSettings()
     security: SecuritySettings = SecuritySettings()
@@ -126,12 +135,17 @@ class Fleet(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> Fleet:
         seen: set[str] = set()
-        for party in (*self.operators, *self.billing, *self.manufacturers, *self.devices):
+        for party in (*self.operators, *self.billing, *self.manufacturers, *self.customers, *self.devices):
             if party.name in seen:
                 raise ValueError(f"name '{party.name}' is used twice")
             seen.add(party.name)
         names = {d.name: d for d in self.devices}
+        customers = {c.name for c in self.customers}
         for i, dev in enumerate(self.devices):
+            if dev.customer is not None and dev.customer not in customers:
+                raise ValueError(f"devices[{i}].customer: no customer named '{dev.customer}'")
+            if dev.customer is not None and dev.kind not in (DeviceKind.METER, DeviceKind.MASTER):
+                raise ValueError(f"devices[{i}].customer: only a meter or a master IED has a customer")
             if dev.parent is None:
                 continue
             if dev.parent not in names:

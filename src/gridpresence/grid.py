@@ -62,7 +62,8 @@ class Grid:
     def relay_endpoint(self) -> RelayEndpoint | None:
         if self.relay is None:
             return None
-        return RelayEndpoint(jid=self.relay.jid, smtp_host=self.server.connect_host, smtp_port=self.relay.smtp_port)
+        return RelayEndpoint(jid=self.relay.jid, smtp_host=self.server.connect_host, smtp_port=self.relay.smtp_port,
+                             ca_file=self.relay.certs.ca)
 
     @property
     def connection_file(self) -> Path:
@@ -111,6 +112,7 @@ class Grid:
         queue_path, _ = relay_files(self.data_dir)
         port = relay_port(self.data_dir, self._bind)
         self.relay = RelayService(self.fleet, self.endpoint, self.secrets.password(RELAY), queue_path,
+                                  certs_dir=self.server.certs.ca.parent,
                                   smtp_host=self._bind, smtp_port=port, keys=PartyKeys.in_data_dir(self.data_dir, RELAY))
         await self.relay.start()
 

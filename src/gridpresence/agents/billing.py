@@ -1,6 +1,7 @@
 """The billing party ([00142], [0093]): sends its tariff, or a real-time price, to the
 utility's operators whenever they are present, and to the devices, which rank their faults by
-cost per day at that price.
+cost per day at that price. It reads the billing part of the meters' encrypted billing reports
+([0085]), never their power-quality part.
 
 Devices get it as a message to their bare JID, when billing comes online and at every change:
 the server holds it for a device that is offline (mod_offline) and hands it over when the device
@@ -9,14 +10,17 @@ presence traffic to billing just to learn when to send a rare price change."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable
 
 from slixmpp import JID, Message, Presence
 
 from gridpresence.agents.issuer import CommandIssuer
+from gridpresence.agents.reports import ReportInbox, ReportReader, request_report
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
 from gridpresence.config import BillingSpec
+from gridpresence.protocol.billing_report import BillingData, PartName
 from gridpresence.protocol.codec import PayloadError, tariff_from_xml, tariff_to_xml
 from gridpresence.protocol.models import Action, Command, Outcome, Tariff, TariffPeriod
 from gridpresence.protocol.models import utcnow
@@ -77,7 +81,7 @@ async def tariff_from_billing(msg: Message, is_billing: Callable[[str], bool], k
 
 class BillingAgent:
     def __init__(self, spec: BillingSpec, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str],
-                 devices: Iterable[str] = (), keys: PartyKeys | None = None) -> None:
+                 devices: Iterable[str] = (), keys: PartyKeys | None = None, relays: Iterable[str] = ()) -> None:
         self.spec = spec
         self.endpoint = endpoint
         self.operators = frozenset(JID(j).bare for j in operators)
@@ -90,10 +94,32 @@ class BillingAgent:
         self._present: set[str] = set()  # operators' full JIDs that have our current tariff
         self.client.add_event_handler("presence", self._on_presence)
         self.client.add_event_handler("session_start", self._on_session_start)
+        self._announcing: set[asyncio.Task[None]] = set()
+        # Billing reports ([0085]): only with our secret key can we read their billing part.
+        self.inbox: ReportInbox | None = None
+        if self.keyring.secret_key is not None:
+            reader = ReportReader(JID(jid).bare, self.keyring.secret_key, self.keyring, PartName.BILLING)
+            self.inbox = ReportInbox(self.client, reader, relays)
 
     def _on_session_start(self, _event: object) -> None:
         self.client.send_presence(pstatus="billing")
+        # Prices are signed: send them once our key is announced, or devices cannot check them.
+        task = asyncio.ensure_future(self._send_devices_when_announced())
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
+    async def _send_devices_when_announced(self) -> None:
+        await self.keyring.announced()
         self._send_devices()
+
+    @property
+    def reports(self) -> list[BillingData]:
+        """Billing parts read so far, oldest first."""
+        return [d for d in (self.inbox.received if self.inbox else []) if isinstance(d, BillingData)]
+
+    def request_report(self, meter: str) -> None:
+        """Ask a meter (bare JID) for its billing report now."""
+        request_report(self.client, meter)
 
     async def start(self, timeout: float = 20.0) -> None:
         """Log in and announce our key (XEP-0373) before anyone is told we are here."""

@@ -17,6 +17,7 @@ from gridpresence.accounts import CONSOLE, RELAY, WATCHDOG, Secrets
 from gridpresence.agents.billing import BillingAgent, tariff_from_spec
 from gridpresence.agents.branch import BranchAdvisor
 from gridpresence.agents.console import ConsoleAgent
+from gridpresence.agents.reports import METERING_KINDS, BillingReporter, ReportAudience, peak_hours
 from gridpresence.agents.device import DeviceAgent
 from gridpresence.agents.manufacturer import ManufacturerAgent
 from gridpresence.agents.session import Endpoint
@@ -44,8 +45,8 @@ class Bot(Protocol):
 
 class FleetBots:
     """The bots of a fleet. `only` limits them to some names (e.g. to run one device apart);
-    `data_dir` is where devices keep their threshold audit and replay guard, and where the
-    parties' keys are."""
+    `data_dir` is where devices keep their threshold audit and replay guard, and every party its
+    OpenPGP key."""
 
     def __init__(self, fleet: Fleet, endpoint: Endpoint, secrets: Secrets, only: Collection[str] | None = None,
                  tick_s: float = 1.0, with_services: bool = True, data_dir: Path | None = None) -> None:
@@ -63,6 +64,7 @@ class FleetBots:
         self.advisors: dict[str, BranchAdvisor] = {}  # master IEDs' branch watch, by name
         self.billing: dict[str, BillingAgent] = {}
         self.manufacturers: dict[str, ManufacturerAgent] = {}
+        self.reporters: dict[str, BillingReporter] = {}  # metering devices' billing reports, by name
         self.watchdog: WatchdogAgent | None = None
         self.console: ConsoleAgent | None = None
         # One rule set, loaded once, shared by every device.
@@ -73,11 +75,14 @@ class FleetBots:
                                                       self.replay, tick_s=tick_s, rules=self.rules, data_dir=data_dir)
                 if dev.kind is DeviceKind.MASTER:
                     self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
+                if dev.kind in METERING_KINDS and self.devices[dev.name].keyring.secret_key is not None:
+                    self.reporters[dev.name] = BillingReporter(self.devices[dev.name], ReportAudience.of(fleet, dev),
+                                                               peak_hours(fleet))
         for bill in fleet.billing:
             if wanted is None or bill.name in wanted:
                 self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),
                                                        endpoint, operators, [fleet.jid(d.name) for d in fleet.devices],
-                                                       keys=keys(bill.name))
+                                                       keys=keys(bill.name), relays=[fleet.jid(RELAY)])
         for maker in fleet.manufacturers:
             if wanted is None or maker.name in wanted:
                 self.manufacturers[maker.name] = ManufacturerAgent(maker, fleet.jid(maker.name),
@@ -117,6 +122,8 @@ class FleetBots:
         gc.freeze()
 
     async def stop(self) -> None:
+        for reporter in self.reporters.values():
+            reporter.stop()
         results = await asyncio.gather(*(b.stop() for b in self.bots), return_exceptions=True)
         for res in results:
             if isinstance(res, BaseException):

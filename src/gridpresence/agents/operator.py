@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ from slixmpp.xmlstream.matcher import StanzaPath
 from gridpresence import roles
 from gridpresence.agents.issuer import CommandIssuer
 from gridpresence.agents.billing import TariffRefused, tariff_from_billing
+from gridpresence.agents.reports import ReportInbox, ReportReader, request_report
 from gridpresence.agents.session import (
     ConnectionInfo,
     Endpoint,
@@ -44,8 +46,8 @@ from gridpresence.protocol.alarm import Alarm, alarm_from_xml
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.relay.route import FINAL_MARGIN_S, RelayRoute
-from gridpresence.relay.service import origin_of
-from gridpresence.security.pgp import pgpy
+from gridpresence.protocol.billing_report import PartData, PartName, QualityData
+from gridpresence.protocol.addressing import origin_of
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ class GridOperator:
         # Serial numbers by device JID from the connection file, for devices not seen yet.
         self.serials = dict(serials or {})
         # Commands for absent devices go to the store-and-forward relay, if there is one.
-        self.relay = RelayRoute(relay) if relay is not None else None
+        self.relay = RelayRoute(relay, self.keyring.secret_key) if relay is not None else None
         self._queued: dict[str, Command] = {}  # command id -> command the relay holds for us
         self._version = 0
         self._changed = asyncio.Event()
@@ -96,6 +98,11 @@ class GridOperator:
         self.client.register_handler(Callback("mailed data", StanzaPath("message/grid_device"), self._on_mailed_data))
         self.alarms: list[Alarm] = []  # alarms devices sent this operator, oldest first
         self.client.register_handler(Callback("grid alarm", StanzaPath("message/grid_alarm"), self._on_alarm))
+        # The power-quality part of meters' billing reports is for the utility ([0085]).
+        self.reports: ReportInbox | None = None
+        if self.keyring.secret_key is not None:
+            reader = ReportReader(JID(jid).bare, self.keyring.secret_key, self.keyring, PartName.POWER_QUALITY)
+            self.reports = ReportInbox(self.client, reader, [relay.jid] if relay else [])
 
     @classmethod
     def from_connection(cls, info: ConnectionInfo, operator: str | None = None, resource: str | None = None) -> GridOperator:
@@ -105,6 +112,28 @@ class GridOperator:
         return cls(acc.jid, acc.password, info.server, watchdog=info.watchdog, grace_s=info.presence_grace_s,
                    resource=resource, relay=info.relay, keys=PartyKeys.beside(acc.key_file, acc.name),
                    serials=info.serials)
+
+    @property
+    def quality(self) -> list[QualityData]:
+        """Power-quality parts of billing reports read so far, oldest first."""
+        return [d for d in (self.reports.received if self.reports else []) if isinstance(d, QualityData)]
+
+    def request_report(self, device: str) -> None:
+        """Ask a meter or master IED (by name) for its billing report now."""
+        request_report(self.client, self.device(device).jid)
+
+    async def wait_quality(self, device: str, since: dt.datetime | None = None, timeout: float = 10.0) -> QualityData:
+        """The power-quality part of `device`'s next report (one ending at or after `since`)."""
+        if self.reports is None:
+            raise RuntimeError("this operator has no OpenPGP key: it cannot read billing reports")
+        jid = self.device(device).jid
+
+        def wanted(data: PartData) -> bool:
+            return isinstance(data, QualityData) and data.device == jid and (since is None or data.period_end >= since)
+
+        found = await self.reports.wait(wanted, timeout)
+        assert isinstance(found, QualityData)
+        return found
 
     @property
     def jid(self) -> str:
@@ -236,7 +265,7 @@ class GridOperator:
         assert self.relay is not None
         cmd = self._bind_serial(cmd, device)
         self.issuer.expect(cmd.id)
-        outcome = await self.relay.queue(cmd, self.issuer.wire(cmd, device), device)
+        outcome = await self.relay.queue(cmd, device, self.issuer.wire(cmd, device))
         if outcome.status is OutcomeStatus.QUEUED:
             self._queued[cmd.id] = cmd
         else:
@@ -280,7 +309,7 @@ class GridOperator:
 
     def _on_mailed_data(self, msg: Message) -> None:
         """A device's data that reached the relay by mail ([00116]): update that device's view."""
-        device = origin_of(msg)
+        device = origin_of(msg.xml)
         if self.relay is None or msg["from"].bare != self.relay.jid or device is None:
             return
         try:

@@ -55,6 +55,8 @@ class RelayEndpoint(BaseModel):
     jid: str
     smtp_host: str = "127.0.0.1"
     smtp_port: int = Field(ge=1, le=65535)
+    # The CA the relay's STARTTLS certificate is checked against (the embedded server's CA).
+    ca_file: Path | None = None
 
 
 class ConnectionInfo(BaseModel):

@@ -8,6 +8,7 @@ import datetime as dt
 from typing import ClassVar
 
 from gridpresence.devices.base import Effect, SimDevice, walk
+from gridpresence.devices.metering import MeterRegisters
 from gridpresence.protocol.models import Action, DeviceKind, DeviceState, Telemetry
 
 
@@ -19,12 +20,12 @@ class Meter(SimDevice):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.state = DeviceState.ON
         self.utilisation = self.spec.utilisation
-        self.energy_kwh = 0.0
+        self.registers = MeterRegisters(self._last_tick, self.rng)
 
     def _apply(self, action: Action, args: dict[str, str], now: dt.datetime) -> Effect:
         assert action is Action.BILLING_RESET, "meters support only billing_reset beyond read and set_time"
         # [0085]: the billing energy register starts again from zero.
-        was, self.energy_kwh = self.energy_kwh, 0.0
+        was = self.registers.reset_register()
         return Effect.done(f"billing register reset (was {was:.3f} kWh)")
 
     @property
@@ -33,15 +34,18 @@ class Meter(SimDevice):
             return max(0.0, sum(self.branch_kw.values()))
         return self.spec.rated_kw * self.utilisation
 
+    @property
+    def load_pct(self) -> float:
+        return min(150.0, 100 * self.kw / self.spec.rated_kw)
+
     def _advance(self, dt_s: float, now: dt.datetime) -> None:
-        self.energy_kwh += self.kw * dt_s / 3600.0
+        self.registers.sample(self.kw, self.load_pct, dt_s, now + self.clock_offset)
         self.utilisation = walk(self.rng, self.utilisation, 0.01 * min(dt_s, 10), 0.05, 1.0)
 
     def telemetry(self) -> Telemetry:
-        kw = self.kw
         return Telemetry(
-            load_pct=round(min(150.0, 100 * kw / self.spec.rated_kw), 2),
-            kw=round(kw, 3),
+            load_pct=round(self.load_pct, 2),
+            kw=round(self.kw, 3),
             capacity_kw=self.spec.rated_kw,
-            energy_kwh=round(self.energy_kwh, 4),
+            energy_kwh=round(self.registers.register_kwh, 4),
         )

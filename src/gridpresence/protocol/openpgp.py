@@ -1,13 +1,15 @@
-"""XML of XEP-0373 §3 (OpenPGP for XMPP), the framing of signed grid payloads:
+"""XEP-0373 (OpenPGP for XMPP) framing, §3: the only place its XML is read or written (the
+public-key nodes of §4 are in :mod:`gridpresence.security.ox_xml`, whose names this shares).
 
-``<openpgp xmlns='urn:xmpp:openpgp:0'>BASE64</openpgp>`` in a message, BASE64 being an OpenPGP
-signed message whose literal data is the serialised
+``<openpgp xmlns='urn:xmpp:openpgp:0'>BASE64</openpgp>`` carries one binary OpenPGP message:
 
-``<sign xmlns='urn:xmpp:openpgp:0'><to jid='DEVICE'/><time stamp='…'/><payload>…</payload></sign>``.
-
-The signature covers those bytes exactly, so no XML canonicalisation is needed: the receiver
-verifies the bytes, then parses them. This module only reads and writes the XML;
-:mod:`gridpresence.security.signed` makes and checks the OpenPGP part.
+* signed and encrypted, its cleartext a ``<signcrypt/>`` element naming its recipients
+  (``<to jid/>``), when it was made (``<time stamp/>``), random padding (``<rpad/>``, hides the
+  payload's length) and the ``<payload/>`` (per-party parts: :mod:`gridpresence.security.parts`);
+* signed only, its literal data the serialised ``<sign/>`` element with ``<to/>``, ``<time/>``
+  and ``<payload/>`` (signed commands, tariffs, firmware offers:
+  :mod:`gridpresence.security.signed`). The signature covers those bytes exactly, so no XML
+  canonicalisation is needed: the receiver verifies the bytes, then parses them.
 """
 
 from __future__ import annotations
@@ -15,22 +17,99 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import secrets
 from dataclasses import dataclass
 from xml.etree import ElementTree as ET
 
 from slixmpp import Message
 from slixmpp.xmlstream import ElementBase, register_stanza_plugin
 
-from gridpresence.protocol.codec import PayloadError
+from gridpresence.protocol.codec import PayloadError, _text
+from gridpresence.security.ox_xml import NS_OX as OX_NS
+from gridpresence.security.ox_xml import ox
 
-OPENPGP_NS = "urn:xmpp:openpgp:0"
-# A signed command is a few hundred bytes, a signed firmware offer or tariff under 2 KiB; the
-# limit only keeps a hostile sender from making a device parse megabytes.
-MAX_SIGNED_BYTES = 64 * 1024
+__all__ = ["OPENPGP_NS", "OX_NS", "SignContent", "Signcrypt", "element_to_text", "openpgp_from_xml",
+           "openpgp_to_xml", "ox", "sign_from_bytes", "sign_to_bytes", "signcrypt_from_bytes", "signcrypt_to_bytes"]
+OPENPGP_NS = OX_NS
+# A sealed part or a signed command is a few hundred bytes, a signed firmware offer or tariff
+# under 2 KiB; this bounds what a receiver will even try to decode.
+MAX_OPENPGP_BYTES = 64 * 1024
+MAX_SIGNED_BYTES = MAX_OPENPGP_BYTES
 
 
-def _q(name: str) -> str:
-    return f"{{{OPENPGP_NS}}}{name}"
+def openpgp_to_xml(message: bytes) -> ET.Element:
+    el = ET.Element(ox("openpgp"))
+    el.text = base64.b64encode(message).decode("ascii")
+    return el
+
+
+def openpgp_from_xml(el: ET.Element | None) -> bytes:
+    """The binary OpenPGP message an ``<openpgp/>`` element holds; raises :class:`PayloadError`."""
+    if el is None or el.tag != ox("openpgp"):
+        raise PayloadError(f"expected <openpgp xmlns='{OX_NS}'>")
+    text = "".join((el.text or "").split())
+    if len(text) > MAX_OPENPGP_BYTES * 4 // 3 + 4:
+        raise PayloadError(f"OpenPGP message larger than {MAX_OPENPGP_BYTES} bytes")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise PayloadError("<openpgp/> is not valid base64") from None
+    if not data:
+        raise PayloadError("<openpgp/> is empty")
+    return data
+
+
+def _time(stamp: ET.Element | None, what: str) -> dt.datetime:
+    try:
+        when = dt.datetime.fromisoformat((stamp.get("stamp", "") if stamp is not None else "").replace("Z", "+00:00"))
+    except ValueError:
+        raise PayloadError(f"<{what}/> has no valid <time stamp='…'/> (ISO 8601)") from None
+    if when.tzinfo is None:
+        raise PayloadError(f"<{what}/> time stamp has no time zone")
+    return when
+
+
+# -- signed and encrypted: <signcrypt/> -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Signcrypt:
+    """The cleartext of a signed and encrypted OpenPGP message (XEP-0373 §3.1)."""
+
+    to: tuple[str, ...]
+    time: dt.datetime
+    payload: ET.Element
+
+
+def signcrypt_to_bytes(content: Signcrypt) -> bytes:
+    el = ET.Element(ox("signcrypt"))
+    for jid in content.to:
+        ET.SubElement(el, ox("to"), {"jid": jid})
+    ET.SubElement(el, ox("time"), {"stamp": _text(content.time)})
+    # 0-63 random characters: ciphertexts of the same kind of part do not all have one length.
+    ET.SubElement(el, ox("rpad")).text = secrets.token_urlsafe(48)[: secrets.randbelow(64)] or None
+    ET.SubElement(el, ox("payload")).append(content.payload)
+    return ET.tostring(el, encoding="utf-8")
+
+
+def signcrypt_from_bytes(data: bytes) -> Signcrypt:
+    try:
+        el = ET.fromstring(data)
+    except ET.ParseError as exc:
+        raise PayloadError(f"decrypted part is not well-formed XML: {exc}") from None
+    if el.tag != ox("signcrypt"):
+        raise PayloadError(f"decrypted part is <{el.tag}>, not <signcrypt xmlns='{OX_NS}'>")
+    to = tuple(t.get("jid", "") for t in el.findall(ox("to")))
+    stamp = el.find(ox("time"))
+    payload = el.find(ox("payload"))
+    if not to or not all(to):
+        raise PayloadError("<signcrypt/> names no recipient")
+    if stamp is None or payload is None or len(payload) != 1:
+        raise PayloadError("<signcrypt/> needs one <time/> and a <payload/> with one element")
+    return Signcrypt(to=to, time=_time(stamp, "signcrypt"), payload=payload[0])
+
+
+# -- signed only: <sign/> ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -42,35 +121,16 @@ class SignContent:
     payload: ET.Element
 
 
-def openpgp_to_xml(message: bytes) -> ET.Element:
-    el = ET.Element(_q("openpgp"))
-    el.text = base64.b64encode(message).decode("ascii")
-    return el
-
-
-def openpgp_from_xml(el: ET.Element | None) -> bytes:
-    """The OpenPGP message an ``<openpgp/>`` element carries; raises :class:`PayloadError`."""
-    if el is None or el.tag != _q("openpgp"):
-        raise PayloadError(f"expected <openpgp xmlns='{OPENPGP_NS}'>")
-    text = (el.text or "").strip()
-    if len(text) > MAX_SIGNED_BYTES * 4 // 3 + 4:
-        raise PayloadError(f"signed message larger than {MAX_SIGNED_BYTES} bytes")
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise PayloadError("<openpgp/> does not hold valid base64") from None
-
-
 def _stamp(when: dt.datetime) -> str:
     return when.astimezone(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def sign_to_bytes(to: str, time: dt.datetime, payload: ET.Element) -> bytes:
     """The ``<sign/>`` element for one recipient, serialised: the bytes that get signed."""
-    sign = ET.Element(_q("sign"))
-    ET.SubElement(sign, _q("to"), {"jid": to})
-    ET.SubElement(sign, _q("time"), {"stamp": _stamp(time)})
-    ET.SubElement(sign, _q("payload")).append(payload)
+    sign = ET.Element(ox("sign"))
+    ET.SubElement(sign, ox("to"), {"jid": to})
+    ET.SubElement(sign, ox("time"), {"stamp": _stamp(time)})
+    ET.SubElement(sign, ox("payload")).append(payload)
     return ET.tostring(sign, encoding="utf-8", xml_declaration=False)
 
 
@@ -82,22 +142,15 @@ def sign_from_bytes(data: bytes) -> SignContent:
         sign = ET.fromstring(data)
     except ET.ParseError as exc:
         raise PayloadError(f"signed content is not well-formed XML: {exc}") from None
-    if sign.tag != _q("sign"):
-        raise PayloadError(f"signed content is <{sign.tag}>, expected <sign xmlns='{OPENPGP_NS}'>")
-    to = tuple(t.get("jid", "") for t in sign.findall(_q("to")))
+    if sign.tag != ox("sign"):
+        raise PayloadError(f"signed content is <{sign.tag}>, expected <sign xmlns='{OX_NS}'>")
+    to = tuple(t.get("jid", "") for t in sign.findall(ox("to")))
     if not to or not all(to):
         raise PayloadError("<sign/> names no recipient (<to jid='…'/>)")
-    stamp = sign.find(_q("time"))
-    try:
-        time = dt.datetime.fromisoformat((stamp.get("stamp") if stamp is not None else "") or "")
-    except ValueError:
-        raise PayloadError("<sign/> has no valid <time stamp='…'/>") from None
-    if time.tzinfo is None:
-        raise PayloadError("<sign/> time stamp has no time zone")
-    payload = sign.find(_q("payload"))
+    payload = sign.find(ox("payload"))
     if payload is None or len(payload) != 1:
         raise PayloadError("<sign/> must hold exactly one element in <payload/>")
-    return SignContent(to=to, time=time, payload=payload[0])
+    return SignContent(to=to, time=_time(sign.find(ox("time")), "sign"), payload=payload[0])
 
 
 def element_to_text(el: ET.Element) -> str:
@@ -106,8 +159,10 @@ def element_to_text(el: ET.Element) -> str:
 
 
 class OpenPGPElement(ElementBase):
+    """``<openpgp/>`` in a message, for slixmpp handlers (``StanzaPath('message/openpgp')``)."""
+
     name = "openpgp"
-    namespace = OPENPGP_NS
+    namespace = OX_NS
     plugin_attrib = "openpgp"
 
 

@@ -1,13 +1,16 @@
 """Grid payloads as RFC 5322 mail, and back: the one place that knows the mail form.
 
-A grid mail has a short text part for people and the payload XML (the same element the
-XMPP stanza carries, see PROTOCOL.md) as a part of type :data:`CONTENT_TYPE`. Mail addresses
-are the parties' bare JIDs, so ``load-1@localhost`` is both the device's JID and its address.
+A grid mail has a short text part for people, the payload XML (the same element the XMPP
+stanza carries, see PROTOCOL.md) as a part of type :data:`CONTENT_TYPE`, and the sender's
+detached OpenPGP signature over that payload as a part of type :data:`SIGNATURE_TYPE`. Mail
+addresses are the parties' bare JIDs, so ``load-1@localhost`` is both the device's JID and its
+address. Mail goes over STARTTLS only, verified against the grid's CA.
 """
 
 from __future__ import annotations
 
 import smtplib
+import ssl
 import threading
 from dataclasses import dataclass
 from email import policy
@@ -15,6 +18,7 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import parseaddr
+from pathlib import Path
 from xml.etree import ElementTree as ET
 
 from gridpresence.protocol.codec import (
@@ -27,11 +31,16 @@ from gridpresence.protocol.codec import (
     report_from_xml,
     report_to_xml,
 )
+from gridpresence.agents.session import tls_context
+from gridpresence.protocol.billing_report import BillingReport, billing_report_from_xml, billing_report_to_xml
 from gridpresence.protocol.models import Command, Outcome, PresenceReport
 from gridpresence.protocol.openpgp import OPENPGP_NS, element_to_text
 from gridpresence.security.gate import Refusal, open_command
+from gridpresence.security.detached import sign_detached
+from gridpresence.security.pgp import pgpy
 
 CONTENT_TYPE = "application/vnd.gridpresence+xml"
+SIGNATURE_TYPE = "application/pgp-signature"
 _MAINTYPE, _SUBTYPE = CONTENT_TYPE.split("/")
 # compat32 parses ~10x faster than the modern policy, and we read only three headers and one part.
 _PARSER = BytesParser(policy=policy.compat32)
@@ -47,7 +56,7 @@ class SignedCommand:
     xml: str  # the <openpgp/> element exactly as the issuer signed it
 
 
-Payload = Command | SignedCommand | Outcome | PresenceReport
+Payload = Command | SignedCommand | Outcome | PresenceReport | BillingReport
 
 
 class MailError(ValueError):
@@ -61,6 +70,8 @@ class GridMail:
     sender: str
     message_id: str
     payload: Payload
+    payload_bytes: bytes  # exactly as mailed: what the signature is over
+    signature: bytes | None = None  # the sender's detached OpenPGP signature, if the mail had one
 
 
 def _xml(element: ET.Element) -> str:
@@ -74,6 +85,8 @@ def payload_xml(payload: Payload) -> str:
         return _xml(command_to_xml(payload))
     if isinstance(payload, Outcome):
         return _xml(outcome_to_xml(payload))
+    if isinstance(payload, BillingReport):
+        return _xml(billing_report_to_xml(payload))
     return _xml(report_to_xml(payload))
 
 
@@ -91,6 +104,8 @@ def payload_from_xml(text: str | bytes) -> Payload:
         return outcome_from_xml(element)
     if element.tag == q("device"):
         return report_from_xml(element)
+    if element.tag == q("billing-report"):
+        return billing_report_from_xml(element)
     raise PayloadError(f"unknown grid payload <{element.tag}>")
 
 
@@ -113,6 +128,8 @@ def _summary(payload: Payload, sender: str) -> tuple[str, str]:
     if isinstance(payload, Outcome):
         return (f"gridpresence outcome {payload.status.value} {payload.command_id}",
                 f"{payload.device}: {payload.summary()}\n")
+    if isinstance(payload, BillingReport):
+        return f"gridpresence {payload.summary()}", f"{payload.summary()}: readable by its audiences only.\n"
     return f"gridpresence data from {sender}", f"{sender}: {payload.status_text()}\n"
 
 
@@ -124,13 +141,16 @@ def message_id_for(payload: Payload, sender: str) -> str:
         key = f"command.{payload.id}"
     elif isinstance(payload, Outcome):
         key = f"outcome.{payload.command_id}"
+    elif isinstance(payload, BillingReport):
+        key = f"billing-report.{payload.id}"
     else:
         key = f"report.{payload.seq}.{payload.at.timestamp():.6f}"
     return f"<{key}.{sender.replace('@', '.')}@gridpresence>"
 
 
-def build_mail(payload: Payload, sender: str, recipients: list[str]) -> EmailMessage:
-    """The RFC 5322 message carrying `payload` from `sender` to `recipients` (bare JIDs)."""
+def build_mail(payload: Payload, sender: str, recipients: list[str], signer: pgpy.PGPKey | None = None) -> EmailMessage:
+    """The RFC 5322 message carrying `payload` from `sender` to `recipients` (bare JIDs), signed
+    with the sender's secret key `signer` when given."""
     subject, text = _summary(payload, sender)
     msg = EmailMessage(policy=policy.SMTP)
     msg["From"] = Address(addr_spec=sender)
@@ -138,8 +158,11 @@ def build_mail(payload: Payload, sender: str, recipients: list[str]) -> EmailMes
     msg["Subject"] = subject
     msg["Message-ID"] = message_id_for(payload, sender)
     msg.set_content(text)
-    msg.add_attachment(payload_xml(payload).encode(), maintype=_MAINTYPE, subtype=_SUBTYPE,
-                       filename="payload.xml")
+    data = payload_xml(payload).encode()
+    msg.add_attachment(data, maintype=_MAINTYPE, subtype=_SUBTYPE, filename="payload.xml")
+    if signer is not None:
+        msg.add_attachment(sign_detached(data, signer).encode("ascii"), maintype="application",
+                           subtype="pgp-signature", filename="payload.xml.sig")
     return msg
 
 
@@ -155,23 +178,56 @@ def parse_mail(raw: bytes) -> GridMail:
     parts = [p for p in msg.walk() if p.get_content_type() == CONTENT_TYPE]
     if len(parts) != 1:
         raise MailError(f"message must carry exactly one {CONTENT_TYPE} part, found {len(parts)}")
+    body = parts[0].get_payload(decode=True)
+    data = body if isinstance(body, bytes) else b""
     try:
-        body = parts[0].get_payload(decode=True)
-        payload = payload_from_xml(body if isinstance(body, bytes) else b"")
+        payload = payload_from_xml(data)
     except PayloadError as exc:
         raise MailError(str(exc)) from None
-    return GridMail(sender=sender, message_id=str(msg.get("Message-ID", "")).strip(), payload=payload)
+    signatures = [p for p in msg.walk() if p.get_content_type() == SIGNATURE_TYPE]
+    if len(signatures) > 1:
+        raise MailError(f"message carries {len(signatures)} {SIGNATURE_TYPE} parts; one signature, please")
+    signature = signatures[0].get_payload(decode=True) if signatures else None
+    return GridMail(sender=sender, message_id=str(msg.get("Message-ID", "")).strip(), payload=payload,
+                    payload_bytes=data, signature=signature if isinstance(signature, bytes) else None)
+
+
+class MailTLSError(OSError):
+    """STARTTLS with the relay failed: it did not offer it, or its certificate is not trusted."""
+
+
+def open_smtp(host: str, port: int, tls: ssl.SSLContext, timeout: float = 10.0) -> smtplib.SMTP:
+    """An SMTP session that has done STARTTLS; raises :class:`MailTLSError` saying why not."""
+    smtp = smtplib.SMTP(host, port, timeout=timeout)
+    try:
+        smtp.ehlo()
+        if not smtp.has_extn("starttls"):
+            raise MailTLSError(f"the relay at {host}:{port} does not offer STARTTLS; not sending in clear")
+        smtp.starttls(context=tls)
+        smtp.ehlo()
+    except ssl.SSLError as exc:
+        smtp.close()
+        why = (f"certificate verify failed: {exc.verify_message}" if isinstance(exc, ssl.SSLCertVerificationError)
+               else exc.reason or str(exc))
+        raise MailTLSError(f"TLS with the relay at {host}:{port} failed: {why} "
+                           "(does the client trust the grid's CA file?)") from None
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
 
 
 class MailSender:
-    """An SMTP client that keeps one connection open (reconnecting when it drops).
+    """An SMTP client that keeps one STARTTLS connection open (reconnecting when it drops),
+    verifying the relay against `ca_file`.
 
     Blocking (stdlib smtplib): call it through ``asyncio.to_thread``. A lock keeps one
     transaction at a time on the connection.
     """
 
-    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+    def __init__(self, host: str, port: int, ca_file: Path | None, timeout: float = 10.0) -> None:
         self.host, self.port, self.timeout = host, port, timeout
+        self._tls = tls_context(ca_file)  # the same trust as every XMPP session: the grid's CA
         self._smtp: smtplib.SMTP | None = None
         self._lock = threading.Lock()
 
@@ -180,7 +236,7 @@ class MailSender:
         with self._lock:
             for attempt in (1, 2):
                 if self._smtp is None:
-                    self._smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+                    self._smtp = open_smtp(self.host, self.port, self._tls, self.timeout)
                 try:
                     self._smtp.send_message(msg, from_addr=sender, to_addrs=recipients)
                     return

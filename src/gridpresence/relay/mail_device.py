@@ -1,27 +1,38 @@
 """A device that can reach only SMTP ([00116], [00117]): its firewall lets mail out and nothing
 else, so it pushes its data (a presence report) and outcomes by mail to the relay, which passes
-them to the operators over XMPP."""
+them to the operators over XMPP. Everything it mails is signed with its own key; a meter's
+billing report is sealed part by part for its readers before it leaves the device ([0085])."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
 
+from gridpresence.agents.reports import ReportAudience, close_period, reader_keys, seal_report
 from gridpresence.agents.session import RelayEndpoint
 from gridpresence.config import DeviceSpec
 from gridpresence.devices import SimDevice, make_device
+from gridpresence.devices.metering import MeterRegisters
+from gridpresence.protocol.billing_report import BillingReport
 from gridpresence.protocol.models import Outcome, PresenceReport, utcnow
 from gridpresence.relay.mail import MailSender, Payload, build_mail
+from gridpresence.security.keyring import KeyLookup
+from gridpresence.security.pgp import pgpy
 
 
 class MailDevice:
     """A simulated device of `spec` that reports by mail from `address` (its bare JID)."""
 
-    def __init__(self, spec: DeviceSpec, address: str, relay: RelayEndpoint) -> None:
+    def __init__(self, spec: DeviceSpec, address: str, relay: RelayEndpoint, *, secret: pgpy.PGPKey | None = None,
+                 keyring: KeyLookup | None = None, audience: ReportAudience | None = None) -> None:
         self.spec = spec
         self.address = address
         self.relay = relay
+        self.secret = secret  # signs every mail; without it the relay refuses the device's data
+        self.keyring = keyring  # the readers' public keys, for billing reports
+        self.audience = audience
         self.sim: SimDevice = make_device(spec, utcnow())
-        self._sender = MailSender(relay.smtp_host, relay.smtp_port)
+        self._sender = MailSender(relay.smtp_host, relay.smtp_port, relay.ca_file)
         self._seq = 0
 
     def report(self) -> PresenceReport:
@@ -31,10 +42,34 @@ class MailDevice:
                               telemetry=self.sim.telemetry(), restriction=self.sim.restriction,
                               refresh_s=self.spec.refresh_s, seq=self._seq)
 
-    async def push(self, payload: Payload) -> None:
-        """Mail one payload to the relay; raises smtplib.SMTPException with the relay's refusal."""
-        await asyncio.to_thread(self._sender.send, build_mail(payload, self.address, [self.relay.jid]),
-                                self.address, [self.relay.jid])
+    async def push(self, payload: Payload, to: list[str] | None = None) -> None:
+        """Mail one payload (to the relay unless `to` is given); raises smtplib.SMTPException with
+        the relay's refusal, or OSError (MailTLSError) when no verified STARTTLS session is possible."""
+        rcpts = to or [self.relay.jid]
+        await asyncio.to_thread(self._sender.send, build_mail(payload, self.address, rcpts, self.secret),
+                                self.address, rcpts)
+
+    async def push_billing_report(self) -> BillingReport:
+        """Close the metering period and mail its report, one mail to all its readers; the relay
+        passes it on sealed. Raises KeyUnavailable if no reader of a part has a key. If the relay
+        refuses or cannot be reached, the period stays open: its readings go in the next report."""
+        registers = getattr(self.sim, "registers", None)
+        if not isinstance(registers, MeterRegisters):
+            raise ValueError(f"a {self.spec.kind.value} keeps no billing registers")
+        if self.secret is None or self.keyring is None or self.audience is None:
+            raise ValueError("a billing report needs the device's key, the readers' keys and its audience")
+        keys = await reader_keys(self.audience, self.keyring)
+        self.sim.tick(utcnow())
+        unsent = copy.copy(registers)  # the open period as it is, kept in case the mail fails
+        billing, quality = close_period(registers, self.address, self.audience.customer,
+                                        getattr(self.sim, "load_pct", 0.0))
+        report = seal_report(billing, quality, self.secret, keys)
+        try:
+            await self.push(report, list(self.audience.everyone))
+        except BaseException:
+            setattr(self.sim, "registers", unsent)
+            raise
+        return report
 
     async def push_report(self) -> PresenceReport:
         report = self.report()

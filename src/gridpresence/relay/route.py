@@ -13,6 +13,7 @@ from gridpresence.protocol.codec import q
 from gridpresence.protocol.openpgp import element_to_text
 from gridpresence.relay.mail import MailSender, SignedCommand, build_mail
 from gridpresence.relay.service import ANSWER_MARGIN_S
+from gridpresence.security.pgp import pgpy
 
 # How long after a queued command's expiry the issuer waits for the relay's verdict.
 FINAL_MARGIN_S = ANSWER_MARGIN_S + 1.0
@@ -21,17 +22,19 @@ FINAL_MARGIN_S = ANSWER_MARGIN_S + 1.0
 class RelayRoute:
     """Mails commands to the relay over one kept-open SMTP connection."""
 
-    def __init__(self, relay: RelayEndpoint) -> None:
+    def __init__(self, relay: RelayEndpoint, signer: pgpy.PGPKey | None = None) -> None:
         self.relay = relay
         self.jid = relay.jid
-        self._sender = MailSender(relay.smtp_host, relay.smtp_port)
+        self.signer = signer  # the issuer's secret key: its mailed commands carry its signature
+        self._sender = MailSender(relay.smtp_host, relay.smtp_port, relay.ca_file)
 
-    async def queue(self, cmd: Command, wire: ET.Element, device: str) -> Outcome:
-        """Hand `cmd` for `device` (bare JID) to the relay as `wire` (its signed ``<openpgp/>``,
-        or the bare ``<command/>`` of an issuer without a key): "queued", or "undeliverable"
-        with the relay's refusal (its SMTP reply) or why it could not be reached."""
-        payload = cmd if wire.tag == q("command") else SignedCommand(cmd, element_to_text(wire))
-        mail = build_mail(payload, cmd.issuer, [device])
+    async def queue(self, cmd: Command, device: str, wire: ET.Element | None = None) -> Outcome:
+        """Hand `cmd` for `device` (bare JID) to the relay as `wire` — its signed ``<openpgp/>``,
+        carried verbatim — or, without one, as the bare ``<command/>`` (which devices refuse
+        unsigned): "queued", or "undeliverable" with the relay's refusal (its SMTP reply) or
+        why it could not be reached."""
+        payload = cmd if wire is None or wire.tag == q("command") else SignedCommand(cmd, element_to_text(wire))
+        mail = build_mail(payload, cmd.issuer, [device], self.signer)
         try:
             await asyncio.to_thread(self._sender.send, mail, cmd.issuer, [device])
         except smtplib.SMTPRecipientsRefused as exc:

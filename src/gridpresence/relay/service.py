@@ -7,7 +7,9 @@
   (re)sent whenever its device's presence (re)appears, and never after its expiry; when the
   expiry passes first, the issuer gets "expired". A sent command whose device leaves before
   answering is sent again on its return (the device answers a seen id from memory).
-* Data and outcomes a device can only push by mail go to the operators over XMPP.
+* Data and outcomes a device can only push by mail go to the operators over XMPP; a billing
+  report goes to its readers (billing party, the device's customer, operators), still sealed:
+  the relay checks the device's signature on the mail but holds no key that opens a part.
 
 How a device trusts a relayed command: the command is the issuer's signed ``<openpgp/>``,
 stored and sent verbatim; the device verifies the issuer's signature, role, serial and window
@@ -19,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
@@ -29,35 +31,30 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.accounts import RELAY
+from gridpresence.agents.reports import ReportAudience
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
 from gridpresence.agents.tracker import DeviceChange, PresenceTracker
 from gridpresence.config import Fleet
+from gridpresence.protocol.addressing import add_origin
 from gridpresence.protocol.codec import PayloadError, outcome_from_xml, outcome_to_xml
 from gridpresence.protocol.models import Outcome, OutcomeStatus, PresenceReport
 from gridpresence.relay.mail import payload_from_xml
 from gridpresence.relay.queue import CommandQueue, QueuedCommand, State
-from gridpresence.relay.smtp import Directory, RelayHandler, Stored, smtp_factory
+from gridpresence.protocol.billing_report import BillingReport
+from gridpresence.relay.smtp import Directory, RelayHandler, Stored, server_tls, smtp_factory
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
+from gridpresence.server.certs import cert_ips, ensure_certificates
 
 log = logging.getLogger(__name__)
 
 # How long after its expiry a command already sent to a device waits for the device's verdict.
 ANSWER_MARGIN_S = 2.0
-ADDRESS_NS = "http://jabber.org/protocol/address"  # XEP-0033: names the device a relayed stanza is from
-
-
-def origin_of(msg: Message) -> str | None:
-    """The device a relayed message speaks for (XEP-0033 ``ofrom``), or None."""
-    for address in msg.xml.iter(f"{{{ADDRESS_NS}}}address"):
-        if address.get("type") == "ofrom" and address.get("jid"):
-            return address.get("jid")
-    return None
 
 
 class RelayService:
     """One relay for a fleet: ``await start()``, then it runs in the current event loop."""
 
-    def __init__(self, fleet: Fleet, endpoint: Endpoint, password: str, queue_path: Path, *,
+    def __init__(self, fleet: Fleet, endpoint: Endpoint, password: str, queue_path: Path, *, certs_dir: Path,
                  smtp_host: str = "127.0.0.1", smtp_port: int = 0, durable: bool = False,
                  keys: PartyKeys | None = None) -> None:
         self.fleet = fleet
@@ -71,7 +68,14 @@ class RelayService:
         self.keyring = PepKeyring(self.client, keys)
         self.tracker = PresenceTracker(self.client, grace_s=fleet.presence_grace_s)
         self.tracker.listen(self._on_change)
-        self.handler = RelayHandler(Directory(self.operators, self.devices, self.jid), self.queue, self._on_stored)
+        readers = frozenset(fleet.jid(p.name) for p in (*fleet.billing, *fleet.customers))
+        # Signatures on mailed data are checked with the senders' keys found over PEP (a mail-only
+        # device announced its key when it was commissioned: relay/commissioning.py).
+        self.handler = RelayHandler(Directory(self.operators, self.devices, self.jid, readers), self.queue,
+                                    self._on_stored, self.keyring)
+        # STARTTLS with a certificate of the grid's CA for the address the relay listens on.
+        self.certs = ensure_certificates(certs_dir, fleet.domain, cert_ips(smtp_host), service=RELAY)
+        self.tls = server_tls(self.certs.cert, self.certs.key)
         self.client.register_handler(Callback("relay outcome", StanzaPath("message/grid_outcome"), self._on_outcome))
         self._server: asyncio.AbstractServer | None = None
         self._online = False
@@ -87,7 +91,7 @@ class RelayService:
         if requeued:
             log.info("relay: %d commands sent before a restart will be sent again", requeued)
         loop = asyncio.get_running_loop()
-        factory = smtp_factory(self.handler, hostname=self.fleet.domain)
+        factory = smtp_factory(self.handler, hostname=self.fleet.domain, tls_context=self.tls)
         self._server = await loop.create_server(factory, self.smtp_host, self.smtp_port, reuse_address=True)
         self.smtp_port = self._server.sockets[0].getsockname()[1]
         try:
@@ -258,6 +262,8 @@ class RelayService:
                     self._to_operators(item.sender, item.payload, payload.summary())
             elif isinstance(payload, PresenceReport):
                 self._to_operators(item.sender, item.payload, payload.status_text())
+            elif isinstance(payload, BillingReport):
+                self._to_readers(item.sender, item.payload, payload)
             done.append(item.seq)
         def confirmed() -> None:
             self.queue.forwarded(done)
@@ -266,11 +272,22 @@ class RelayService:
         self._after_server_has_it(confirmed)
 
     def _to_operators(self, device: str, payload: str, text: str) -> None:
-        for operator in sorted(self.operators):
-            msg = self.client.make_message(mto=operator, mtype="normal", mbody=f"{device} (by mail): {text}")
+        self._pass_on(sorted(self.operators), device, payload, text)
+
+    def _to_readers(self, device: str, payload: str, report: BillingReport) -> None:
+        """The sealed report, unchanged, to everyone who reads one of its parts."""
+        try:
+            spec = self.fleet.device(device.split("@", 1)[0])
+        except KeyError:
+            log.error("relay: billing report from %s, which is not in the fleet", device)
+            return
+        self._pass_on(ReportAudience.of(self.fleet, spec).everyone, device, payload, report.summary())
+
+    def _pass_on(self, readers: Iterable[str], device: str, payload: str, text: str) -> None:
+        for reader in readers:
+            msg = self.client.make_message(mto=reader, mtype="normal", mbody=f"{device} (by mail): {text}")
             msg.append(ET.fromstring(payload))
-            addresses = ET.SubElement(msg.xml, f"{{{ADDRESS_NS}}}addresses")
-            ET.SubElement(addresses, f"{{{ADDRESS_NS}}}address", {"type": "ofrom", "jid": device})
+            add_origin(msg.xml, device)
             msg.send()
 
 

@@ -4,7 +4,10 @@ Only the fleet's parties may send (operators send commands; devices send their d
 outcomes), only to the fleet's addresses. Every refusal is a proper SMTP reply and nothing
 refused is stored:
 
+* 530 any transaction before STARTTLS (nothing, not even an address, travels in clear),
 * 553 unknown sender, 550 unknown recipient or a sender/payload mismatch (not authorised),
+* 550 device data without the device's valid OpenPGP signature (the envelope is not proof),
+  451 when the device's key cannot be found just now (the device tries again later),
 * 552 too big (aiosmtpd enforces ``data_size_limit``, also for a ``SIZE=`` announced in MAIL),
 * 554 a message that is not a grid mail (no payload part, invalid XML or values).
 
@@ -18,12 +21,16 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from gridpresence.protocol.billing_report import BillingReport
 from gridpresence.protocol.models import Command, Outcome
 from gridpresence.relay.mail import GridMail, MailError, SignedCommand, parse_mail, payload_xml
 from gridpresence.relay.queue import CommandQueue
+from gridpresence.security.detached import SignatureRefused, verify_detached
+from gridpresence.security.keyring import KeyLookup, KeyUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +44,11 @@ class Directory:
     operators: frozenset[str]
     devices: frozenset[str]
     relay: str
+    readers: frozenset[str] = frozenset()  # billing parties and customers: billing reports only
 
     def known(self, address: str) -> bool:
-        return address in self.operators or address in self.devices or address == self.relay
+        return (address in self.operators or address in self.devices or address == self.relay
+                or address in self.readers)
 
 
 @dataclass(frozen=True)
@@ -57,15 +66,17 @@ class RelayHandler:
     `on_stored` is called after each commit so the XMPP side can deliver at once.
     """
 
-    def __init__(self, directory: Directory, queue: CommandQueue, on_stored: Callable[[Stored], None]) -> None:
+    def __init__(self, directory: Directory, queue: CommandQueue, on_stored: Callable[[Stored], None],
+                 keyring: KeyLookup) -> None:
         self.directory = directory
         self.queue = queue
         self.on_stored = on_stored
+        self.keyring = keyring  # the public keys that mailed signatures are checked with
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
         sender = address.lower()
-        if not self.directory.known(sender):
+        if not self.directory.known(sender) or sender in self.directory.readers:
             log.warning("refused mail from unknown sender %r (%s)", address, session.peer)
             return "553 5.7.1 sender not known to this grid"
         envelope.mail_from = sender
@@ -87,47 +98,79 @@ class RelayHandler:
             return f"554 5.6.0 not a grid mail: {exc}"[:500]
         if mail.sender != envelope.mail_from:
             return "550 5.7.1 header From does not match the envelope sender"
-        try:
-            stored = self._store(mail, envelope)
-        except _Refused as exc:
-            return str(exc)
-        self.on_stored(stored)
+        rcpts = list(dict.fromkeys(envelope.rcpt_tos))
+        # Who may send what to whom first (cheap and certain), then whether the sender signed it.
+        refused = self._role_refusal(mail, rcpts) or await self._signature_refusal(mail)
+        if refused is not None:
+            log.warning("refused mail from %s: %s", mail.sender, refused)
+            return refused[:500]
+        self.on_stored(self._store(mail, rcpts))
         return "250 2.0.0 stored"
 
-    def _store(self, mail: GridMail, envelope: Envelope) -> Stored:
+    def _role_refusal(self, mail: GridMail, rcpts: list[str]) -> str | None:
         payload, sender, d = mail.payload, mail.sender, self.directory
-        rcpts = list(dict.fromkeys(envelope.rcpt_tos))
         if isinstance(payload, (Command, SignedCommand)):
             cmd = payload.command if isinstance(payload, SignedCommand) else payload
             if sender not in d.operators or cmd.issuer != sender:
-                raise _Refused("550 5.7.1 only an operator may mail commands, as their own issuer")
+                return "550 5.7.1 only an operator may mail commands, as their own issuer"
             if any(r not in d.devices for r in rcpts):
-                raise _Refused("550 5.1.1 commands go to device addresses only")
+                return "550 5.1.1 commands go to device addresses only"
             if isinstance(payload, SignedCommand) and len(rcpts) != 1:
-                raise _Refused("550 5.1.1 a signed command goes to the one device it is signed for")
-            added = self.queue.add(cmd, rcpts, payload_xml(payload))
-            return Stored(command=cmd, devices=tuple(added))
+                return "550 5.1.1 a signed command goes to the one device it is signed for"
+            return None
         if sender not in d.devices:
-            raise _Refused("550 5.7.1 only a device may mail its data or outcomes")
+            return "550 5.7.1 only a device may mail its data or outcomes"
         if isinstance(payload, Outcome) and payload.device != sender:
-            raise _Refused("550 5.7.1 an outcome must come from its own device")
+            return "550 5.7.1 an outcome must come from its own device"
+        if isinstance(payload, BillingReport) and payload.device != sender:
+            return "550 5.7.1 a billing report must come from its own device"
         if any(r in d.devices for r in rcpts):
-            raise _Refused("550 5.1.1 device data goes to the operators or the relay")
-        key = mail.message_id or f"<{hashlib.sha256(payload_xml(payload).encode()).hexdigest()}.{sender}>"
-        return Stored(inbox=self.queue.add_inbox(key, sender, payload_xml(payload)))
+            return "550 5.1.1 device data goes to the operators or the relay"
+        if not isinstance(payload, BillingReport) and any(r in d.readers for r in rcpts):
+            return "550 5.1.1 only billing reports go to the billing party or customers"
+        return None
+
+    async def _signature_refusal(self, mail: GridMail) -> str | None:
+        """Devices must sign what they mail (the envelope proves nothing); an operator's
+        signature, when present, must be good too."""
+        if mail.sender not in self.directory.devices and mail.signature is None:
+            return None
+        try:
+            key = await self.keyring.key_for(mail.sender)
+        except KeyUnavailable as exc:
+            return f"451 4.7.1 cannot check the signature now: {exc}"
+        try:
+            verify_detached(mail.payload_bytes, mail.signature, mail.sender, key)
+        except SignatureRefused as exc:
+            return f"550 5.7.1 {exc}"
+        return None
+
+    def _store(self, mail: GridMail, rcpts: list[str]) -> Stored:
+        """Commit a screened mail: commands per device, anything else to the inbox (once per id)."""
+        payload = mail.payload
+        if isinstance(payload, (Command, SignedCommand)):
+            cmd = payload.command if isinstance(payload, SignedCommand) else payload
+            added = self.queue.add(cmd, rcpts, payload_xml(payload))  # a signed one verbatim
+            return Stored(command=cmd, devices=tuple(added))
+        key = mail.message_id or f"<{hashlib.sha256(payload_xml(payload).encode()).hexdigest()}.{mail.sender}>"
+        return Stored(inbox=self.queue.add_inbox(key, mail.sender, payload_xml(payload)))
 
 
-class _Refused(Exception):
-    """An SMTP reply refusing a mail after its data was read."""
+def server_tls(cert: Path, key: Path) -> ssl.SSLContext:
+    """The relay's side of STARTTLS: a certificate issued by the grid's CA."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
 
 
-def smtp_factory(handler: RelayHandler, *, hostname: str, tls_context: ssl.SSLContext | None = None,
+def smtp_factory(handler: RelayHandler, *, hostname: str, tls_context: ssl.SSLContext,
                  max_bytes: int = MAX_MAIL_BYTES) -> Callable[[], SMTP]:
     """The protocol factory for ``loop.create_server``: the relay shares its event loop with the
-    XMPP side. A `tls_context` offers STARTTLS (and is where requiring it will be configured)."""
+    XMPP side. STARTTLS is required: a transaction before it is answered 530."""
 
     def make() -> SMTP:
         return SMTP(handler, hostname=hostname, data_size_limit=max_bytes, tls_context=tls_context,
-                    ident="gridpresence relay")
+                    require_starttls=True, ident="gridpresence relay")
 
     return make

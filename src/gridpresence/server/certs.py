@@ -36,16 +36,19 @@ class CertPaths:
     key: Path
 
     @classmethod
-    def in_directory(cls, directory: Path) -> CertPaths:
+    def in_directory(cls, directory: Path, service: str = "server") -> CertPaths:
         """The fixed file names `ensure_certificates` uses inside `directory`."""
-        return cls(ca=directory / "ca.pem", cert=directory / "server.pem", key=directory / "server-key.pem")
+        return cls(ca=directory / "ca.pem", cert=directory / f"{service}.pem", key=directory / f"{service}-key.pem")
 
 
-def ensure_certificates(directory: Path, domain: str, ips: Sequence[str] = ("127.0.0.1",)) -> CertPaths:
-    """Create (or reuse, when still valid for `domain` and `ips`) a CA and a server certificate."""
+def ensure_certificates(directory: Path, domain: str, ips: Sequence[str] = ("127.0.0.1",),
+                        service: str = "server") -> CertPaths:
+    """Create (or reuse, when still valid for `domain` and `ips`) a CA and a certificate for one
+    service of the grid: the XMPP server (``server.pem``), or e.g. the relay's SMTP STARTTLS
+    (``service="relay"``: ``relay.pem``, issued by the same CA, for the address it listens on)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    paths = CertPaths.in_directory(directory)
+    paths = CertPaths.in_directory(directory, service)
     ca_key_path = directory / "ca-key.pem"
 
     ca = _load_ca(paths.ca, ca_key_path)
@@ -60,6 +63,17 @@ def ensure_certificates(directory: Path, domain: str, ips: Sequence[str] = ("127
         _write_key(paths.key, key)
         _write_cert(paths.cert, cert)
     return paths
+
+
+def cert_ips(host: str) -> list[str]:
+    """The IP addresses a service listening on `host` is reached at: loopback always, plus `host`
+    when it is one specific IP (a host name is covered by the DNS names)."""
+    ips = ["127.0.0.1"]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return ips
+    return list(dict.fromkeys([*ips, str(address)]))
 
 
 # --- building ---------------------------------------------------------------------------

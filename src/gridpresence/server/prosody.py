@@ -10,7 +10,6 @@ import asyncio
 import atexit
 import contextlib
 import fcntl
-import ipaddress
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from string import Template
 from types import TracebackType
 from xml.sax.saxutils import quoteattr
 
-from gridpresence.server.certs import CertPaths, ensure_certificates
+from gridpresence.server.certs import CertPaths, cert_ips, ensure_certificates
 from gridpresence.server.ports import free_ports, port_is_free
 from gridpresence.server.provision import lua_string
 
@@ -214,13 +213,7 @@ class ProsodyServer:
         }
 
     def _cert_ips(self) -> list[str]:
-        """Loopback always, plus the bind address when it is one specific IP."""
-        ips = ["127.0.0.1"]
-        try:
-            address = ipaddress.ip_address(self.connect_host)
-        except ValueError:
-            return ips  # a host name: covered by DNS SANs
-        return list(dict.fromkeys([*ips, str(address)]))
+        return cert_ips(self.connect_host)
 
     # --- ports ----------------------------------------------------------------------------
 

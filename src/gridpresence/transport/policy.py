@@ -94,6 +94,12 @@ class GridClient(ClientXMPP):
         if self._current_connection_attempt is None:  # cancelled meanwhile
             transport.abort()
             return False
+        if not transport.secure:
+            # The server offers no login over plain-HTTP BOSH either; say so now, not at a time-out.
+            transport.abort()
+            self.last_error = f"{url} is plain HTTP: credentials are only sent over HTTPS"
+            self.event("failed_all_auth")
+            return False
         log.info("%s: connected over BOSH (%s)", self.boundjid.bare, url)
         self.transport_name = "bosh"
         self.last_error = None
@@ -135,9 +141,7 @@ class GridClient(ClientXMPP):
         """BOSH over https:// is encrypted even though slixmpp sees no TLS socket of its own."""
         result: dict[str, Any] = self.plugin["feature_mechanisms"]._default_security(values)
         if "encrypted" in values and self.transport_name == "bosh" and self.bosh is not None:
-            result["encrypted"] = self.bosh.secure
-            if not self.bosh.secure:
-                self.last_error = f"{self.bosh.url} is plain HTTP: credentials are only sent over HTTPS"
+            result["encrypted"] = self.bosh.secure  # plain HTTP never gets this far (_attempt_bosh)
         return result
 
     async def _probe_tcp(self) -> None:
