@@ -31,7 +31,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 bench: setup
-	$(PY) bench/fanout.py
+	$(PY) bench/fanout.py --signatures both
+	$(PY) bench/signing.py
 	$(PY) bench/presence_latency.py
 	$(PY) bench/relay.py
 	$(PY) bench/bosh.py

@@ -31,7 +31,8 @@ from common import percentile, summary
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import netlab  # noqa: E402  (the firewall tests' namespace helpers)
 
-from gridpresence.agents.device import DeviceAgent  # noqa: E402
+from gridpresence.agents.fleet import device_agent  # noqa: E402
+from gridpresence.security.pep_keyring import PartyKeys  # noqa: E402
 from gridpresence.agents.operator import GridOperator  # noqa: E402
 from gridpresence.config import parse_fleet  # noqa: E402
 from gridpresence.grid import Grid  # noqa: E402
@@ -93,9 +94,9 @@ async def main() -> None:
         grid = Grid(fleet, data, bind=netlab.PUBLIC, ports=ports, bots=False)
         await grid.start()
         lab = netlab.Lab(names, grid, fleet, data)
-        ops = [grid.fleet.jid("bench-op")]
-        devices = {name: DeviceAgent(fleet.device(name), fleet.jid(name), grid.secrets.password(name), grid.endpoint,
-                                     ops, tick_s=300) for name in ("dev-tcp", "dev-bosh")}
+        devices = {name: device_agent(fleet, name, grid.endpoint, grid.secrets.password(name),
+                                        PartyKeys.in_data_dir(data, name), tick_s=300)
+                   for name in ("dev-tcp", "dev-bosh")}
         devices["dev-bosh"].client.policy = ConnectionPolicy(use_tcp=False)
         op = GridOperator.from_connection(grid.connection, resource="bench")
         try:

@@ -37,11 +37,14 @@ def summary(name: str, samples_s: Sequence[float]) -> dict[str, float]:
     return {"median_ms": med * 1000, "p99_ms": p99 * 1000, "n": len(samples_s)}
 
 
-def bench_fleet(loads: int, refresh_s: float = 300.0) -> Fleet:
+def bench_fleet(loads: int, refresh_s: float = 300.0, require_signatures: bool = True) -> Fleet:
     """N loads, one operator, and the baseline's echo pair (as billing parties: accounts whose
-    rosters hold only the operator, so they are not flooded by device presence)."""
+    rosters hold only the operator, so they are not flooded by device presence).
+    ``require_signatures=False`` lets the devices take unsigned commands too (the signature
+    benchmark's baseline, same devices)."""
     return parse_fleet({
         "domain": "localhost",
+        "security": {"require_signatures": require_signatures},
         "operators": [{"name": "bench-op"}],
         "billing": [{"name": "echo-a"}, {"name": "echo-b"}],
         "devices": [{"name": f"dev-{i:04d}", "kind": "load", "rated_kw": 10, "refresh_s": refresh_s}

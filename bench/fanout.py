@@ -7,10 +7,15 @@ Each round measures the baselines and the fan-outs back to back, so the machine'
 both; ratios are taken per round and their median is reported.
 Goal (issue 2): fan-out to 1000 devices <= 1.5 x the baseline's time for 1000 round trips.
 
+``--signatures both`` (issue 5) runs every fan-out twice per round, signed (the operator's key)
+and unsigned (a second session of the same operator without a key; the bench fleet lets the
+same devices take both), alternating which goes first, and reports signed/unsigned per round.
+Goal: a signed fan-out of 1000 <= 1.3 x the unsigned one.
+
 The device bots (all N in one process) and the echo responder run in a second process, as
 they would on other hardware; this process holds the operator and the watchdog service.
 
-    python bench/fanout.py [--sizes 100 1000] [--rounds 7]
+    python bench/fanout.py [--sizes 100 1000] [--rounds 7] [--signatures on|off|both]
 """
 
 from __future__ import annotations
@@ -41,16 +46,24 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--signatures", choices=("on", "off", "both"), default="on")
     args = parser.parse_args()
     largest = max(args.sizes)
     t0 = time.perf_counter()
-    bench = BenchGrid(bench_fleet(largest))
+    bench = BenchGrid(bench_fleet(largest, require_signatures=args.signatures == "on"))
     await bench.start()
     print(f"{largest} device bots logged in (in one process) in {time.perf_counter() - t0:.1f} s", flush=True)
     echo = EchoPair(bench.grid)
     await echo.start()
     op = GridOperator.from_connection(bench.grid.connection, resource="bench")
+    if args.signatures == "off":
+        op.issuer.key = None
     await op.connect(timeout=60, settle_s=30)
+    plain: GridOperator | None = None
+    if args.signatures == "both":
+        plain = GridOperator.from_connection(bench.grid.connection, resource="bench-unsigned")
+        plain.issuer.key = None  # the same operator, sending unsigned commands
+        await plain.connect(timeout=60, settle_s=30)
     present = sum(v.present for v in op.devices.values())
     if present != largest:
         raise SystemExit(f"only {present} of {largest} devices are present")
@@ -58,8 +71,15 @@ async def main() -> None:
     try:
         await echo.sequential(100)  # warm-up
         await echo.pipelined(200)
-        await fan_out(op, names[:100], Action.SHED)
-        await fan_out(op, names[:100], Action.RESTORE)
+        # First contact: every device looks the operator's key up over PEP (XEP-0373) once.
+        first = await fan_out(op, names, Action.SHED)
+        await fan_out(op, names, Action.RESTORE)
+        if op.issuer.key is not None:
+            print(f"first signed fan-out to {len(names)} devices, each fetching the operator's key over PEP: "
+                  f"{first * 1000:.0f} ms", flush=True)
+        if plain is not None:
+            await fan_out(plain, names, Action.SHED)
+            await fan_out(plain, names, Action.RESTORE)
 
         seq_rtts: list[float] = []
         seq_totals: list[float] = []
@@ -67,14 +87,24 @@ async def main() -> None:
         fan: dict[int, list[float]] = {n: [] for n in args.sizes}
         ratio_seq: dict[int, list[float]] = {n: [] for n in args.sizes}
         ratio_pipe: dict[int, list[float]] = {n: [] for n in args.sizes}
-        for _ in range(args.rounds):
+        unsigned: dict[int, list[float]] = {n: [] for n in args.sizes}
+        ratio_sig: dict[int, list[float]] = {n: [] for n in args.sizes}
+        for round_no in range(args.rounds):
             rtts = await echo.sequential(1000)
             seq_rtts += rtts
             seq_totals.append(sum(rtts))
             pipelined.append(await echo.pipelined(1000))
             for n in args.sizes:
+                if plain is not None and round_no % 2 == 0:  # alternate which goes first
+                    unsigned[n].append(await fan_out(plain, names[:n], Action.SHED))
+                    await fan_out(plain, names[:n], Action.RESTORE)
                 elapsed = await fan_out(op, names[:n], Action.SHED)
                 await fan_out(op, names[:n], Action.RESTORE)
+                if plain is not None and round_no % 2 == 1:
+                    unsigned[n].append(await fan_out(plain, names[:n], Action.SHED))
+                    await fan_out(plain, names[:n], Action.RESTORE)
+                if plain is not None:
+                    ratio_sig[n].append(elapsed / unsigned[n][-1])
                 fan[n].append(elapsed)
                 ratio_seq[n].append(elapsed / seq_totals[-1])
                 ratio_pipe[n].append(elapsed / pipelined[-1])
@@ -95,8 +125,17 @@ async def main() -> None:
                   f"{stats['ratio_to_1000_pipelined_median']:.2f}x;  {statistics.median(fan[n]) / n * 1e6:.0f} us"
                   " per command", flush=True)
             results[f"fanout_{n}"] = stats
+            if plain is not None:
+                base = summary(f"shed {n}, unsigned (same devices)", unsigned[n])
+                base["ratio_signed_to_unsigned_median"] = statistics.median(ratio_sig[n])
+                base["ratio_signed_to_unsigned_worst"] = max(ratio_sig[n])
+                print(f"  signed / unsigned: median {base['ratio_signed_to_unsigned_median']:.2f}x (worst round "
+                      f"{base['ratio_signed_to_unsigned_worst']:.2f}x; goal for 1000: <= 1.3x)", flush=True)
+                results[f"fanout_{n}_unsigned"] = base
         print(json.dumps(results))
     finally:
+        if plain is not None:
+            await plain.close()
         await op.close()
         await echo.stop()
         await bench.stop()

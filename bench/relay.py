@@ -36,13 +36,14 @@ from pathlib import Path
 
 from common import bench_fleet, summary
 
-from gridpresence.agents.device import DeviceAgent
+from gridpresence.agents.fleet import device_agent
+from gridpresence.protocol.openpgp import element_to_text
 from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.session import ConnectionInfo, tls_context
 from gridpresence.grid import Grid
 from gridpresence.protocol import Action, Command, DeviceKind, DeviceState, OutcomeStatus, PresenceReport, Telemetry
 from gridpresence.relay.commissioning import commission
-from gridpresence.relay.mail import build_mail, open_smtp
+from gridpresence.relay.mail import SignedCommand, build_mail, open_smtp
 from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.server.ports import free_port
 
@@ -68,9 +69,8 @@ class TimedDevice:
     """A device bot that notes when its presence goes out and when each command executes."""
 
     def __init__(self, grid: Grid, name: str) -> None:
-        fleet = grid.fleet
-        self.agent = DeviceAgent(fleet.device(name), fleet.jid(name), grid.secrets.password(name), grid.endpoint,
-                                 [fleet.jid(o.name) for o in fleet.operators], relays=[fleet.jid("relay")])
+        self.agent = device_agent(grid.fleet, name, grid.endpoint, grid.secrets.password(name),
+                                  PartyKeys.in_data_dir(grid.data_dir, name))
         self.present_at = 0.0
         self.executed_at: list[float] = []
         self.agent.client.add_event_handler("session_start", lambda _e: setattr(self, "present_at", time.perf_counter()))
@@ -209,7 +209,9 @@ async def main() -> None:
 
         print(f"3. mails ingested ({args.mails} command mails, 4 connections)")
         cmds = [Command.new(Action.READ, op.jid, ttl_s=3600) for _ in range(args.mails)]
-        mails = [build_mail(c, op.jid, ["dev-0003@localhost"]).as_bytes() for c in cmds]
+        # Signed, as the library mails them: the relay opens each to route it.
+        mails = [build_mail(SignedCommand(c, element_to_text(op.issuer.wire(c, "dev-0003@localhost"))), op.jid,
+                            ["dev-0003@localhost"]).as_bytes() for c in cmds]
         rate_base, lat_base = await asyncio.to_thread(ingest, noop_port, mails, op.jid, "dev-0003@localhost", certs.ca)
         rate, lat = await asyncio.to_thread(ingest, relay_port, mails, op.jid, "dev-0003@localhost", certs.ca)
         summary("relay: per mail (stored, 250)", lat)

@@ -27,6 +27,10 @@ TEST_FLEET = {
     "presence_grace_s": 2.0,
     "operators": [{"name": "alice"}, {"name": "bob"}],
     "billing": [{"name": "billing", "peak_price": 0.8, "off_peak_price": 0.6}],
+    # maker-offline never logs in, so it never announces its key: its signatures meet "unknown key".
+    "manufacturers": [{"name": "maker"}, {"name": "maker-offline"}],
+    # Lab setting: the chat, console and ad-hoc tests drive devices with plain (unsigned) lines.
+    "security": {"unsigned_chat_actions": ["shed", "restore", "start", "stop", "open", "close"]},
     "customers": [{"name": "acme"}],  # reads meter-1's billing part
     "devices": [
         {"name": "master", "kind": "master", "rated_kw": 1000},
@@ -73,6 +77,10 @@ TEST_FLEET = {
         {"name": "relay-crit", "kind": "load", "rated_kw": 150, "critical": True, "critical_hold_s": 60},
         # Run apart by the BOSH tests, over a transport of their choosing.
         {"name": "remote-1", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
+        # Signed-command targets: one on the shared grid, one run apart (restarts, its own keys).
+        {"name": "sig-load", "kind": "load", "rated_kw": 40, "serial": "ACME-0001"},
+        {"name": "sig-meter", "kind": "meter", "rated_kw": 40},
+        {"name": "sig-apart", "kind": "load", "rated_kw": 20},
         # Live rules (test_rules_live): ranked at billing's price; a branch whose children's faults
         # fold into its alarm (the base loads put it in fault, the small one faults on its own).
         {"name": "price-load", "kind": "load", "rated_kw": 100, "utilisation": 0.4},  # far from faults until driven
@@ -89,7 +97,7 @@ TEST_FLEET = {
     ],
 }
 APART = ("victim-1", "victim-2", "far-1", "far-2", "far-3", "far-4", "mailer-1", "remote-1", "rules-load",
-         "audit-load")
+         "audit-load", "sig-apart")
 
 
 @dataclass
@@ -110,7 +118,8 @@ def fleet() -> Fleet:
 @pytest_asyncio.fixture(scope="session")
 async def env(tmp_path_factory: pytest.TempPathFactory, fleet: Fleet) -> AsyncIterator[Env]:
     data = tmp_path_factory.mktemp("grid")
-    only = [d.name for d in fleet.devices if d.name not in APART] + [b.name for b in fleet.billing] + ["watchdog", "console"]
+    only = ([d.name for d in fleet.devices if d.name not in APART] + [b.name for b in fleet.billing]
+            + ["maker", "watchdog", "console"])
     grid = Grid(fleet, data, only=only)
     await grid.start()
     try:

@@ -12,7 +12,7 @@ from xml.etree import ElementTree as ET
 
 import pytest
 import pytest_asyncio
-from slixmpp import ClientXMPP, Message
+from slixmpp import JID, ClientXMPP, Message
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
@@ -21,21 +21,28 @@ from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.session import close_session, make_client, open_session
 from gridpresence.protocol import NS, Action, Command, DeviceState, OutcomeStatus, RejectReason
 from gridpresence.protocol.codec import command_to_xml, outcome_from_xml, q
+from gridpresence.security.pgp import pgpy
+from gridpresence.security.signed import sign_payload
 
 
 class RawPeer:
-    """A bare XMPP session that sends hand-made stanzas and collects what comes back."""
+    """A bare XMPP session that sends hand-made stanzas (signed with its party's key, as the
+    library would) and collects what comes back."""
 
-    def __init__(self, client: ClientXMPP) -> None:
+    def __init__(self, client: ClientXMPP, key: pgpy.PGPKey | None = None) -> None:
         self.client = client
+        self.key = key
         self.inbox: asyncio.Queue[Message] = asyncio.Queue()
         # slixmpp's "message" event only fires for bodies; grid payloads need their own match.
         client.register_handler(Callback("raw outcome", StanzaPath("message/grid_outcome"), self.inbox.put_nowait))
         client.add_event_handler("message_error", self.inbox.put_nowait)
 
-    def send(self, to: str, payload: ET.Element | str) -> None:
+    def send(self, to: str, payload: ET.Element | str, *, sign: bool = True) -> None:
         msg = self.client.make_message(mto=to, mtype="normal")
-        msg.append(payload if isinstance(payload, ET.Element) else ET.fromstring(payload))
+        el = payload if isinstance(payload, ET.Element) else ET.fromstring(payload)
+        if sign and self.key is not None:
+            el = sign_payload(el, JID(to).bare, self.key)
+        msg.append(el)
         msg.send()
 
     async def reply(self, timeout: float = 5.0) -> Message:
@@ -51,7 +58,7 @@ async def _peer(env: Env, name: str) -> RawPeer:
     client = make_client(f"{jid}/raw", env.grid.secrets.password(name), env.grid.endpoint)
     await open_session(client, env.grid.endpoint)
     client.send_presence()
-    return RawPeer(client)
+    return RawPeer(client, env.grid.keys.secret(name))
 
 
 @pytest_asyncio.fixture
@@ -84,7 +91,8 @@ async def _still_works(alice: GridOperator, name: str) -> None:
 
 
 async def test_unauthorised_sender_is_rejected_and_nothing_happens(alice: GridOperator, billing_peer: RawPeer) -> None:
-    cmd = Command.new(Action.SHED, "billing@localhost")
+    # The billing party, correctly signed: its role may not shed.
+    cmd = Command.new(Action.SHED, "billing@localhost", serial=alice.serial_of(alice.devices["load-d"]))
     billing_peer.send(_target(alice, "load-d"), command_to_xml(cmd))
     outcome = await billing_peer.outcome()
     assert outcome.command_id == cmd.id
@@ -120,7 +128,7 @@ async def test_malformed_command_is_invalid_arguments(alice: GridOperator, op_pe
 
 
 async def test_command_without_id_gets_a_stanza_error(alice: GridOperator, op_peer: RawPeer) -> None:
-    op_peer.send(_target(alice, "load-e"), f"<command xmlns='{NS}' action='shed'/>")
+    op_peer.send(_target(alice, "load-e"), f"<command xmlns='{NS}' action='shed'/>", sign=False)
     reply = await op_peer.reply()
     assert reply["type"] == "error" and reply["error"]["condition"] == "bad-request"
     assert "without an id" in reply["error"]["text"]

@@ -10,19 +10,19 @@ import aiohttp
 import pytest
 
 from gridpresence.agents.device import DeviceAgent
+from gridpresence.agents.fleet import device_agent
+from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.agents.operator import GridOperator
-from gridpresence.agents.session import SessionError, close_session, make_client, open_session
-from gridpresence.protocol.models import Action, DeviceState, OutcomeStatus
+from gridpresence.agents.session import Endpoint, SessionError, close_session, make_client, open_session
+from gridpresence.protocol.models import Action, DeviceState, OutcomeStatus, RejectReason
 from gridpresence.server import free_port
 from gridpresence.server.certs import ensure_certificates
 from gridpresence.transport.policy import ConnectionPolicy, discover_bosh_url
 from conftest import Env, run_cli
 
 
-def _device(env: Env, name: str, endpoint: object) -> DeviceAgent:
-    spec = env.fleet.device(name)
-    operators = [env.fleet.jid(o.name) for o in env.fleet.operators]
-    return DeviceAgent(spec, env.fleet.jid(name), env.grid.secrets.password(name), endpoint, operators)  # type: ignore[arg-type]
+def _device(env: Env, name: str, endpoint: Endpoint) -> DeviceAgent:
+    return device_agent(env.fleet, name, endpoint, env.grid.secrets.password(name), PartyKeys.in_data_dir(env.data, name))
 
 
 async def test_connection_file_gives_an_https_bosh_url(env: Env) -> None:
@@ -45,6 +45,13 @@ async def test_device_falls_back_to_bosh_and_obeys_an_unsolicited_shed(env: Env,
         assert outcome.status is OutcomeStatus.EXECUTED and outcome.report is not None
         assert outcome.report.state is DeviceState.OFF and outcome.report.transport == "bosh"
         await alice.wait_for(lambda d: d["remote-1"].state is DeviceState.OFF, timeout=5)
+        # The shed above was signed and verified over BOSH; the same account without its key is refused.
+        key, alice.issuer.key = alice.issuer.key, None
+        try:
+            refused = await alice.command("remote-1", Action.RESTORE)
+        finally:
+            alice.issuer.key = key
+        assert refused.reason is RejectReason.UNSIGNED and alice.devices["remote-1"].state is DeviceState.OFF
         code, out, err = await run_cli("status", "--connection", str(env.grid.connection_file))
         assert code == 0, err
         header, *rows = out.splitlines()

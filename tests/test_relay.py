@@ -20,7 +20,8 @@ import pytest_asyncio
 from conftest import Env, run_cli
 
 from gridpresence.agents.availability import command_group, wait_available
-from gridpresence.agents.device import DeviceAgent
+from gridpresence.agents.fleet import device_agent
+from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.session import ConnectionInfo, tls_context
 from gridpresence.protocol.models import Action, Command, DeviceState, Outcome, OutcomeStatus, RejectReason
@@ -127,9 +128,8 @@ class CountedDevice:
     """A device bot that counts how often each command id took effect."""
 
     def __init__(self, env: Env, name: str) -> None:
-        fleet = env.fleet
-        self.agent = DeviceAgent(fleet.device(name), fleet.jid(name), env.grid.secrets.password(name), env.grid.endpoint,
-                                 [fleet.jid(o.name) for o in fleet.operators], relays=[fleet.jid("relay")])
+        self.agent = device_agent(env.fleet, name, env.grid.endpoint, env.grid.secrets.password(name),
+                                  PartyKeys.in_data_dir(env.data, name))
         self.executions: Counter[str] = Counter()
         run = self.agent.execute
 
@@ -424,6 +424,38 @@ async def test_up_starts_the_relay(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+# -- signatures through the relay -------------------------------------------------------------------
+
+
+async def test_relay_carries_signed_commands_verbatim_and_cannot_change_them(env: Env, relay: RelayProcess,
+                                                                            op: GridOperator) -> None:
+    """The relay stores and delivers the issuer's signed <openpgp/> as it came; a command changed
+    in its queue (a compromised relay) fails the device's signature check and does nothing."""
+    import base64
+    import sqlite3
+
+    honest = await op.command("far-3", Action.READ, ttl_s=60)
+    altered = await op.command("far-3", Action.READ, ttl_s=60)
+    assert honest.status is OutcomeStatus.QUEUED and altered.status is OutcomeStatus.QUEUED
+    db = sqlite3.connect(relay.queue)
+    (stored,) = db.execute("SELECT payload FROM commands WHERE id = ?", (altered.command_id,)).fetchone()
+    assert stored.startswith("<ns0:openpgp") or "urn:xmpp:openpgp:0" in stored
+    el = ET.fromstring(stored)
+    blob = base64.b64decode(el.text or "")
+    assert b'action="read"' in blob
+    el.text = base64.b64encode(blob.replace(b'action="read"', b'action="shed"')).decode()
+    with db:
+        db.execute("UPDATE commands SET payload = ? WHERE id = ?", (ET.tostring(el, encoding="unicode"),
+                                                                   altered.command_id))
+    db.close()
+    async with CountedDevice(env, "far-3") as dev:
+        good, bad = await asyncio.wait_for(asyncio.gather(op.final_outcome(honest), op.final_outcome(altered)), 20)
+        assert good.ok, good.summary()
+        assert bad.status is OutcomeStatus.REJECTED and bad.reason is RejectReason.BAD_SIGNATURE, bad.summary()
+        assert dev.executions == Counter({honest.command_id: 1})
+        assert dev.agent.sim.state is DeviceState.ON
 
 
 # -- transport security and signed device data ------------------------------------------------

@@ -24,6 +24,7 @@ from gridpresence.protocol.alarm import Alarm, AlarmKind, AlarmLevel, AlarmStatu
 from gridpresence.protocol.codec import PayloadError, q, report_from_xml, report_to_xml, tariff_to_xml
 from gridpresence.protocol.models import DeviceKind, DeviceState, FaultRef, PresenceReport, Tariff, TariffPeriod
 from gridpresence.rules.audit_log import AuditJournal, audit_path
+from gridpresence.security.signed import sign_payload
 from gridpresence.rules.model import default_rules
 from gridpresence.rules.thresholds import ThresholdBook
 
@@ -45,6 +46,8 @@ operators = [{ name = "alice" }, { name = "bob" }]
 devices = [{ name = "rules-load", kind = "load", rated_kw = 100, initial_state = "off" }]
 [rules]
 file = "my-rules.toml"
+[security]
+unsigned_chat_actions = ["restore", "shed"]  # lab setting: the test drives the load by plain chat
 """
 
 
@@ -154,7 +157,8 @@ async def test_billing_price_flips_a_fault_between_batched_and_at_once(env: Env)
         alarm = alarm_of(await bob.alarm(jid, timeout=2.0))  # costly now: at once
         assert alarm.kind is AlarmKind.HIGH_LOADING and "batched" not in alarm.text
         # A device that was offline when the price changed gets it when it logs in (the server held it).
-        late = FleetBots(env.fleet, env.grid.endpoint, env.grid.secrets, only=["rules-load"], with_services=False)
+        late = FleetBots(env.fleet, env.grid.endpoint, env.grid.secrets, only=["rules-load"], with_services=False,
+                         data_dir=env.data)
         assert late.devices["rules-load"].prices.price() in (0.8, 0.6)  # the fleet file's tariff, before login
         await late.start()
         try:
@@ -175,7 +179,8 @@ async def test_billing_price_flips_a_fault_between_batched_and_at_once(env: Env)
         rogue.client.add_event_handler("message_error", rogue_errors.put_nowait)
         try:
             bad = rogue.client.make_message(mto=jid, mtype="normal")
-            bad.append(ET.Element(q("tariff"), {"supplier": "utility-supply", "currency": "dollars"}))
+            bad.append(sign_payload(ET.Element(q("tariff"), {"supplier": "utility-supply", "currency": "dollars"}), jid,
+                                    env.grid.keys.secret("billing")))  # signed: only the content is wrong
             bad.send()
             err = await asyncio.wait_for(rogue_errors.get(), 5)
             assert err["error"]["condition"] == "bad-request" and "currency" in err["error"]["text"]

@@ -64,6 +64,7 @@ def plan_accounts(fleet: Fleet, passwords: Secrets) -> list[AccountSpec]:
     """Every account the fleet needs, with its roster."""
     ops = [RosterEntry(jid=fleet.jid(o.name), name=o.label, groups=(roles.OPERATORS,)) for o in fleet.operators]
     billing = [RosterEntry(jid=fleet.jid(b.name), name=b.label, groups=(roles.BILLING,)) for b in fleet.billing]
+    makers = [RosterEntry(jid=fleet.jid(m.name), name=m.label, groups=(roles.MANUFACTURERS,)) for m in fleet.manufacturers]
     watchdog = RosterEntry(jid=fleet.jid(WATCHDOG), name="Presence watchdog", groups=(roles.SERVICES,))
     relay = RosterEntry(jid=fleet.jid(RELAY), name="Store-and-forward relay", groups=(roles.SERVICES,))
     devices = [_device_entry(fleet, d) for d in fleet.devices]
@@ -73,9 +74,12 @@ def plan_accounts(fleet: Fleet, passwords: Secrets) -> list[AccountSpec]:
     for op in fleet.operators:
         others = [e for e in ops if e.jid != fleet.jid(op.name)]
         accounts.append(AccountSpec(op.name, passwords.password(op.name),
-                                    tuple([*devices, *others, *billing, watchdog, relay, console])))
+                                    tuple([*devices, *others, *billing, *makers, watchdog, relay, console])))
     for bill in fleet.billing:
         accounts.append(AccountSpec(bill.name, passwords.password(bill.name), tuple(ops)))
+    # A manufacturer signs firmware offers that operators carry to devices; it sees the operators.
+    for maker in fleet.manufacturers:
+        accounts.append(AccountSpec(maker.name, passwords.password(maker.name), tuple(ops)))
     for customer in fleet.customers:  # reads its meters' billing parts; sees no one's presence
         accounts.append(AccountSpec(customer.name, passwords.password(customer.name), ()))
     accounts.append(AccountSpec(WATCHDOG, passwords.password(WATCHDOG), tuple([*devices, *ops])))

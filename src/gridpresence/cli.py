@@ -331,6 +331,7 @@ async def cmd_bots(args: argparse.Namespace) -> int:
         await stop.wait()
     finally:
         await bots.stop()
+        replay.close()
     return EXIT_OK
 
 

@@ -6,6 +6,7 @@ A fleet file is TOML, validated with pydantic; every error names the field, e.g.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tomllib
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.protocol.models import DeviceKind
+from gridpresence.security.policy import Role, SecuritySettings
 from gridpresence.rules.model import RuleSetError, load_rules
 
 # XMPP localparts we generate from names: keep them boring so every client can type them.
@@ -62,12 +64,24 @@ class BillingSpec(_Spec):
     peak_end_hour: int = Field(default=18, ge=1, le=24)
 
 
+class ManufacturerSpec(_Spec):
+    """A device manufacturer: signs firmware upgrade offers for the devices it made."""
+
+
+def default_serial(name: str) -> str:
+    """A device's serial number when the fleet file gives none: stable for a name, so a second
+    `up` and every party computing it agree (``SN-`` and 12 hex digits of the name's SHA-256)."""
+    return "SN-" + hashlib.sha256(name.encode()).hexdigest()[:12].upper()
+
+
 class CustomerSpec(_Spec):
     """A customer of the utility: reads the billing part of its meters' reports ([0085]), nothing else."""
 
 
 class DeviceSpec(_Spec):
     kind: DeviceKind
+    # The serial number bound into every signed command for this device ([0045]).
+    serial: str = Field(default="", pattern=r"^([A-Za-z0-9._:-]{1,64})?$")
     rated_kw: float = Field(gt=0, le=1e6, allow_inf_nan=False)
     critical: bool = False
     parent: str | None = None
@@ -83,6 +97,12 @@ class DeviceSpec(_Spec):
     # (a [[customers]] name) who may read their billing part besides the billing party.
     billing_report_s: float = Field(default=3600.0, ge=1.0, le=31 * 86400, allow_inf_nan=False)
     customer: str | None = None
+
+    @model_validator(mode="after")
+    def _serial(self) -> DeviceSpec:
+        if not self.serial:
+            object.__setattr__(self, "serial", default_serial(self.name))
+        return self
 
 
 class RulesSpec(BaseModel):
@@ -105,15 +125,17 @@ class Fleet(BaseModel):
     presence_grace_s: float = Field(default=15.0, gt=0, le=3600, allow_inf_nan=False)
     operators: tuple[OperatorSpec, ...] = Field(min_length=1)
     billing: tuple[BillingSpec, ...] = ()
+    manufacturers: tuple[ManufacturerSpec, ...] = ()
     customers: tuple[CustomerSpec, ...] = ()
     devices: tuple[DeviceSpec, ...] = Field(min_length=1)
     alarms: AlarmSettings = AlarmSettings()
+    security: SecuritySettings = SecuritySettings()
     rules: RulesSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Fleet:
         seen: set[str] = set()
-        for party in (*self.operators, *self.billing, *self.customers, *self.devices):
+        for party in (*self.operators, *self.billing, *self.manufacturers, *self.customers, *self.devices):
             if party.name in seen:
                 raise ValueError(f"name '{party.name}' is used twice")
             seen.add(party.name)
@@ -155,6 +177,13 @@ class Fleet(BaseModel):
 
     def jid(self, name: str) -> str:
         return f"{name}@{self.domain}"
+
+    def roles(self) -> dict[str, Role]:
+        """Bare JID -> the role its signed commands are judged by ([security] allow)."""
+        out = {self.jid(p.name): Role.MANUFACTURER for p in self.manufacturers}
+        out.update({self.jid(p.name): Role.BILLING for p in self.billing})
+        out.update({self.jid(p.name): Role.OPERATOR for p in self.operators})
+        return out
 
 
 def _where(loc: tuple[int | str, ...]) -> str:

@@ -10,13 +10,14 @@ from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
 
-from gridpresence.accounts import RELAY, WATCHDOG, Secrets, plan_accounts
+from gridpresence.accounts import CONSOLE, RELAY, WATCHDOG, Secrets, plan_accounts
 from gridpresence.agents.fleet import FleetBots
 from gridpresence.agents.session import Account, ConnectionInfo, Endpoint, RelayEndpoint
 from gridpresence.config import Fleet
 from gridpresence.relay.service import RelayService, relay_files, relay_port
-from gridpresence.security.keys import KEYS_DIR, KeyStore
+from gridpresence.security.keys import KEYS_DIR, KeyStore, fingerprint
 from gridpresence.security.pep_keyring import PartyKeys
+from gridpresence.security.pins import PinStore
 from gridpresence.server import ProsodyServer, ServerPorts, provision
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ class Grid:
                     for o in self.fleet.operators)
         return ConnectionInfo(server=self.endpoint, operators=ops, watchdog=self.fleet.jid(WATCHDOG),
                               billing=tuple(self.fleet.jid(b.name) for b in self.fleet.billing),
-                              presence_grace_s=self.fleet.presence_grace_s, relay=self.relay_endpoint)
+                              presence_grace_s=self.fleet.presence_grace_s, relay=self.relay_endpoint,
+                              serials={self.fleet.jid(d.name): d.serial for d in self.fleet.devices})
 
     @property
     def relay_endpoint(self) -> RelayEndpoint | None:
@@ -75,6 +77,7 @@ class Grid:
         self.secrets.save()
         for account in accounts:  # every party gets its OpenPGP key when it is provisioned
             self.keys.ensure(account.username, self.fleet.jid(account.username))
+        self._pin_issuers()
         (self.data_dir / FLEET_COPY).write_text(self.fleet.model_dump_json(indent=1, exclude_defaults=True))
         await self.server.start()
         try:
@@ -88,6 +91,21 @@ class Grid:
         except BaseException:
             await self.stop()
             raise
+
+    def _pin_issuers(self) -> None:
+        """Devices get the keys of every party that may command them pinned at provisioning,
+        not on first use: an operator account taken over with a key of the thief's is refused
+        even by a device that never heard from that operator before. Operators get the billing
+        parties' keys pinned likewise."""
+        f = self.fleet
+        issuers = [p.name for p in (*f.operators, *f.billing, *f.manufacturers)] + [CONSOLE]
+        pins = {f.jid(name): fingerprint(self.keys.secret(name)) for name in issuers}
+        for dev in self.fleet.devices:
+            PinStore(PartyKeys.in_data_dir(self.data_dir, dev.name).pins_file).provision(pins)
+        # Operators take prices only signed by billing: its key is pinned for them the same way.
+        billing = {f.jid(b.name): pins[f.jid(b.name)] for b in f.billing}
+        for op in f.operators:
+            PinStore(PartyKeys.beside(self.keys.secret_path(op.name), op.name).pins_file).provision(billing)
 
     async def _start_relay(self) -> None:
         """The store-and-forward relay, before the devices so it sees them arrive."""

@@ -12,6 +12,7 @@ from gridpresence.protocol.models import DeviceKind
 
 OPERATORS = "Operators"
 BILLING = "Billing"
+MANUFACTURERS = "Manufacturers"
 SERVICES = "Services"
 
 DEVICE_GROUPS: dict[DeviceKind, str] = {

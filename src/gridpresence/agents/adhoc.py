@@ -19,8 +19,8 @@ from slixmpp.exceptions import XMPPError
 from slixmpp.xmlstream import StanzaBase
 
 from gridpresence.agents.alarms import TITLES
-from gridpresence.agents.chat import REASONS, describe_outcome, describe_report
-from gridpresence.protocol.models import Action, Command, PresenceReport, utcnow
+from gridpresence.agents.chat import ACTION_WORDS, REASONS, describe_outcome, describe_report
+from gridpresence.protocol.models import Action, Command, PresenceReport, RejectReason, utcnow
 
 if TYPE_CHECKING:
     from gridpresence.agents.device import DeviceAgent
@@ -95,7 +95,7 @@ class AdhocCommands:
         return stanza
 
     def actions(self) -> list[Action]:
-        return sorted(a for a in self.agent.sim.actions if a not in (Action.READ, Action.SET_TIME))
+        return sorted(a for a in self.agent.sim.actions if a.value in ACTION_WORDS)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -162,6 +162,9 @@ class AdhocCommands:
         if wanted not in {a.value for a in self.actions()}:
             choices = ", ".join(a.value for a in self.actions())
             return self._finish(session, None, f"unknown action {wanted[:40]!r}; choose one of: {choices}", "error")
+        if Action(wanted) not in self.agent.security.unsigned_chat_actions:  # a form is never signed
+            return self._finish(session, None, f"Refused {wanted}: {REASONS[RejectReason.UNSIGNED]}; send a signed "
+                                               "command (gridpresence CLI or the operator library).", "error")
         sid = "".join(c for c in session["id"] if c.isalnum())[-40:]
         cmd = Command.new(wanted, who, ttl_s=ADHOC_TTL_S).model_copy(update={"id": f"adhoc-{sid}"})
         outcome = self.agent.accept(cmd, utcnow())

@@ -10,18 +10,26 @@ presence traffic to billing just to learn when to send a rare price change."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable
 
 from slixmpp import JID, Message, Presence
 
+from gridpresence.agents.issuer import CommandIssuer
 from gridpresence.agents.reports import ReportInbox, ReportReader, request_report
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
 from gridpresence.config import BillingSpec
 from gridpresence.protocol.billing_report import BillingData, PartName
 from gridpresence.protocol.codec import PayloadError, tariff_from_xml, tariff_to_xml
-from gridpresence.protocol.models import Tariff, TariffPeriod
+from gridpresence.protocol.models import Action, Command, Outcome, Tariff, TariffPeriod
+from gridpresence.protocol.models import utcnow
+from gridpresence.protocol.openpgp import OPENPGP_NS
+from gridpresence.security.keyring import KeyLookup
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
+from gridpresence.security.pgp import pgpy
+from gridpresence.security.policy import Role, SecuritySettings
+from gridpresence.security.signed import SignatureFailure, check_envelope, key_of, open_signed, sign_payload
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +50,33 @@ class TariffRefused(ValueError):
         self.condition = condition
 
 
-def tariff_from_billing(msg: Message, is_billing: Callable[[str], bool]) -> Tariff:
-    """The one gate for a price message, on every receiving side: a billing party's, and valid.
-    (A signature check belongs here too: it then covers operators and devices alike.)"""
-    sender = msg["from"].bare
+async def tariff_from_billing(msg: Message, is_billing: Callable[[str], bool], keys: KeyLookup,
+                              security: SecuritySettings | None = None) -> Tariff:
+    """The one gate for a price message, on every receiving side (devices and operators): a
+    billing party's, signed with its key for this recipient (XEP-0373 ``<sign/>``, not older
+    than ``max_ttl_s``: the server may have held it while the recipient was offline), allowed by
+    the policy, and valid. A bare ``<tariff/>`` is refused: anyone with billing's password could
+    send one."""
+    security = security or SecuritySettings()
+    sender, me = msg["from"].bare, msg["to"].bare
     if not is_billing(sender):
         raise TariffRefused("not-authorized", f"{sender} is not a billing party; only the billing party sets prices")
+    sealed_el = msg.xml.find(f"{{{OPENPGP_NS}}}openpgp")
+    if sealed_el is None:
+        raise TariffRefused("not-authorized", "unsigned: a tariff must be signed with the billing party's key")
     try:
-        return tariff_from_xml(msg["grid_tariff"].xml)
+        sealed = open_signed(sealed_el)
+        sealed.verify(await key_of(sender, keys), sender)
+        check_envelope(sealed.content, me, utcnow(), security.clock_skew_s, security.max_ttl_s)
+        tariff = tariff_from_xml(sealed.payload)
+    except SignatureFailure as exc:
+        raise TariffRefused("not-authorized", f"{exc.reason.value}: {exc.detail}") from None
     except PayloadError as exc:
         raise TariffRefused("bad-request", str(exc)) from None
+    action = Action.TARIFF if tariff.kind == "tariff" else Action.PRICE
+    if not security.allows(Role.BILLING, action):
+        raise TariffRefused("not-authorized", f"the policy does not let billing send a {action.value}")
+    return tariff
 
 
 class BillingAgent:
@@ -64,9 +89,12 @@ class BillingAgent:
         self.tariff = tariff_from_spec(spec)
         self.client = make_client(jid, password, endpoint)
         self.keyring = PepKeyring(self.client, keys)
+        # Commands to devices (billing reset) and prices are signed with the billing key.
+        self.issuer = CommandIssuer(self.client, self.keyring.secret_key)
         self._present: set[str] = set()  # operators' full JIDs that have our current tariff
         self.client.add_event_handler("presence", self._on_presence)
         self.client.add_event_handler("session_start", self._on_session_start)
+        self._announcing: set[asyncio.Task[None]] = set()
         # Billing reports ([0085]): only with our secret key can we read their billing part.
         self.inbox: ReportInbox | None = None
         if self.keyring.secret_key is not None:
@@ -75,6 +103,13 @@ class BillingAgent:
 
     def _on_session_start(self, _event: object) -> None:
         self.client.send_presence(pstatus="billing")
+        # Prices are signed: send them once our key is announced, or devices cannot check them.
+        task = asyncio.ensure_future(self._send_devices_when_announced())
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
+    async def _send_devices_when_announced(self) -> None:
+        await self.keyring.announced()
         self._send_devices()
 
     @property
@@ -113,7 +148,9 @@ class BillingAgent:
         msg = self.client.make_message(mto=to, mtype="normal",
                                        mbody=f"tariff from {self.tariff.supplier}: {self.tariff.price_at():.2f} "
                                              f"{self.tariff.currency}/kWh now")
-        msg.append(tariff_to_xml(self.tariff))
+        # Signed for this recipient: devices and operators refuse an unsigned price.
+        key = self.issuer.key
+        msg.append(sign_payload(tariff_to_xml(self.tariff), JID(to).bare, key) if key else tariff_to_xml(self.tariff))
         msg.send()
 
     def _send_devices(self) -> None:
@@ -133,3 +170,10 @@ class BillingAgent:
                         periods=(TariffPeriod(start_hour=0, end_hour=24, price_per_kwh=price_per_kwh),))
         self.publish(tariff)
         return tariff
+
+    async def command(self, device: str, serial: str, action: Action | str, *, args: dict[str, str] | None = None,
+                      ttl_s: float = 30.0) -> Outcome:
+        """A signed command to a device (bare JID; a device has one session) and its one outcome,
+        e.g. ``billing_reset`` to a meter ([0085]: accepted only with the billing party's signature)."""
+        cmd = Command.new(action, self.client.boundjid.bare, ttl_s=ttl_s, args=args, serial=serial)
+        return await self.issuer.send(cmd, device)

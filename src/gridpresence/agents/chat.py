@@ -20,9 +20,10 @@ from slixmpp import JID, Message
 
 from gridpresence import roles
 from gridpresence.agents.alarms import TITLES
+from gridpresence.security.policy import DEFAULT_ALLOW, Role
 from gridpresence.protocol.codec import q
+from gridpresence.protocol.openpgp import OPENPGP_NS
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, PresenceReport, RejectReason, utcnow
-from gridpresence.security.ox_xml import ox
 
 if TYPE_CHECKING:
     from gridpresence.agents.device import DeviceAgent
@@ -34,7 +35,9 @@ CHAT_TTL_S = 30.0
 # One "not authorised" per stranger per this many seconds: two bots must not talk forever.
 REFUSAL_INTERVAL_S = 60.0
 
-ACTION_WORDS: dict[str, Action] = {a.value: a for a in Action if a not in (Action.READ, Action.SET_TIME)}
+# Operators' actions only: billing and firmware commands come signed from their own parties.
+ACTION_WORDS: dict[str, Action] = {a.value: a for a in DEFAULT_ALLOW[Role.OPERATOR]
+                                   if a not in (Action.READ, Action.SET_TIME)}
 FIELDS: dict[str, tuple[str, str]] = {  # chat name -> (telemetry field, unit)
     "load": ("load_pct", "%"),
     "kw": ("kw", "kW"),
@@ -50,6 +53,14 @@ REASONS: dict[RejectReason, str] = {
     RejectReason.NOT_SUPPORTED: "not something this device can do",
     RejectReason.INVALID_ARGUMENTS: "the arguments are not valid",
     RejectReason.NOT_AUTHORISED: "not authorised",
+    RejectReason.UNSIGNED: "an unsigned chat line may not change the device's state",
+    RejectReason.BAD_SIGNATURE: "the signature does not check out",
+    RejectReason.UNKNOWN_KEY: "the issuer's key is unknown",
+    RejectReason.KEY_CHANGED: "the issuer's key changed",
+    RejectReason.REPLAYED: "the device had this command already",
+    RejectReason.STALE: "the command is outside its time window",
+    RejectReason.WRONG_SERIAL: "it was signed for another serial number",
+    RejectReason.WRONG_RECIPIENT: "it was signed for another device",
 }
 _CHAT_ID = re.compile(r"[^A-Za-z0-9._:-]")
 
@@ -122,10 +133,8 @@ class ChatDesk:
     def _on_message(self, msg: Message) -> None:
         if msg["type"] not in ("chat", "normal") or not msg["body"] or msg["from"].bare == self.agent.jid:
             return
-        if msg.xml.find(q("tariff")) is not None:
-            return  # a price (its body is a note for people): the device's PriceFeed takes it
-        if msg.xml.find(ox("openpgp")) is not None:
-            return  # OpenPGP for XMPP: its body is only a fallback; the OX desk answers it
+        if msg.xml.find(q("tariff")) is not None or msg.xml.find(f"{{{OPENPGP_NS}}}openpgp") is not None:
+            return  # a price or another signed payload (its body is a note for people): not chat
         try:
             answer = self.answer(msg["from"], msg["body"], msg["id"] or "")
         except Exception:  # nothing a person types may end the bot
@@ -137,9 +146,15 @@ class ChatDesk:
                 reply["thread"] = msg["thread"]
             reply.send()
 
-    def answer(self, sender: JID, text: str, stanza_id: str = "", signed: bool = False) -> str | None:
-        """The reply to one chat message (None: stay silent to a stranger already told).
-        ``signed``: the line came signed by the sender's pinned key (an OX message)."""
+    def handle(self, text: str, sender: JID, signed: bool, stanza_id: str = "") -> str | None:
+        """The reply to one chat line. ``signed``: the line came verified from the sender's key
+        (e.g. an XEP-0374 signcrypt message from an OX client); only then may it change the
+        device's state, unless the fleet allows that action unsigned ([security]
+        unsigned_chat_actions, a lab setting)."""
+        return self.answer(sender, text, stanza_id, signed=signed)
+
+    def answer(self, sender: JID, text: str, stanza_id: str = "", *, signed: bool = False) -> str | None:
+        """The reply to one chat message (None: stay silent to a stranger already told)."""
         who = sender.bare
         if who not in self.agent.operators:
             return self.refuse(who)
@@ -155,6 +170,9 @@ class ChatDesk:
         if verb in ("status", "state", "s"):
             return describe_report(self.name, self.agent.current_report())
         if verb in ACTION_WORDS and not rest:
+            if not signed and ACTION_WORDS[verb] not in self.agent.security.unsigned_chat_actions:
+                return (f"Refused {verb}: {REASONS[RejectReason.UNSIGNED]}; send a signed command "
+                        "(gridpresence CLI or the operator library) or an OpenPGP-signed chat message.")
             return self._act(who, ACTION_WORDS[verb], stanza_id)
         if verb == "read" and len(rest) <= 1:
             return self._read(who, rest[0].lower() if rest else None, stanza_id)

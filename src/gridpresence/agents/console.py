@@ -20,6 +20,7 @@ from gridpresence.agents.session import Endpoint
 from gridpresence.agents.tracker import DeviceView
 from gridpresence.protocol import Action, DeviceKind, DeviceState
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
+from gridpresence.security.policy import READ_ONLY_ACTIONS
 from gridpresence.shedding import net_load_kw, shed_to_target
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,14 @@ def fleet_summary(devices: Mapping[str, DeviceView]) -> str:
 
 class ConsoleAgent:
     def __init__(self, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str], *,
-                 watchdog: str | None = None, grace_s: float = 15.0, keys: PartyKeys | None = None) -> None:
+                 watchdog: str | None = None, grace_s: float = 15.0, keys: PartyKeys | None = None,
+                 serials: Mapping[str, str] | None = None, unsigned_actions: Iterable[Action] = ()) -> None:
         self.operators = frozenset(JID(j).bare for j in operators)
-        self.grid = GridOperator(jid, password, endpoint, watchdog=watchdog, grace_s=grace_s, keys=keys)
+        # The console signs with its own key, but an operator's chat line to it is unsigned: it
+        # acts only where the fleet allows unsigned chat actions ([security]); reads always.
+        self.unsigned_actions = frozenset(unsigned_actions) | READ_ONLY_ACTIONS
+        self.grid = GridOperator(jid, password, endpoint, watchdog=watchdog, grace_s=grace_s, keys=keys,
+                                 serials=serials)
         self.grid.client.add_event_handler("message", self._on_message)
         self._busy: set[asyncio.Task[None]] = set()
 
@@ -100,6 +106,9 @@ class ConsoleAgent:
             return self.fleet()
         if words[:2] == ["who", "is"] and len(words) == 3:
             return self.who_is(words[2])
+        if words[0] in ACTIONS and Action(words[0]) not in self.unsigned_actions:
+            return (f"Refused {words[0]}: an unsigned chat line may not change devices' state here; "
+                    "send a signed command (gridpresence CLI or the operator library).")
         if words[0] == "shed" and len(words) in (2, 3) and _KW.match("".join(words[1:])):
             return await self.shed_kw(float(_KW.match("".join(words[1:])).group(1)))  # type: ignore[union-attr]
         if words[0] in ACTIONS and len(words) >= 2:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -24,20 +23,22 @@ from gridpresence.agents.price_feed import PriceFeed
 from gridpresence.agents.verdicts import VerdictDesk
 from gridpresence.agents.chat import ChatDesk
 from gridpresence.agents.ox_chat import OxDesk
+from gridpresence.security.ox import is_encrypted
 from gridpresence.agents.firmware import FirmwareDesk
 from gridpresence.agents.folding import BranchFold
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
 from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.config import DeviceSpec
 from gridpresence.devices import SimDevice, make_device
+from gridpresence.devices.base import Effect
 from gridpresence.protocol.codec import (
     PayloadError,
-    command_from_xml,
     q,
     outcome_to_xml,
     report_from_xml,
     report_to_xml,
 )
+from gridpresence.protocol import openpgp  # noqa: F401  (registers <openpgp/> with slixmpp)
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.protocol.models import (
     Action,
@@ -53,6 +54,11 @@ from gridpresence.protocol.models import (
     Telemetry,
     utcnow,
 )
+from gridpresence.security.gate import CommandGate, Refusal, SignedCommand, open_sealed, parse_command
+from gridpresence.security.pgp import pgpy
+from gridpresence.security.policy import Role, SecuritySettings
+from gridpresence.security.replay import ReplayGuard, ReplayStore
+from gridpresence.security.signed import SignatureFailure, key_of
 from gridpresence.rules.model import RuleSet
 
 log = logging.getLogger(__name__)
@@ -74,9 +80,12 @@ def branch_contribution(child: PresenceReport) -> float:
 class DeviceAgent:
     """One device identity on the network.
 
-    ``operators`` are the bare JIDs allowed to command it; ``children`` the bare JIDs whose
-    load this device sums (a master IED or a branch meter); ``relays`` the store-and-forward
-    relays that may hand over an operator's command.
+    ``operators`` are the bare JIDs on alarm duty that may chat with it; ``children`` the bare
+    JIDs whose load this device sums (a master IED or a branch meter); ``relays`` the
+    store-and-forward relays that may hand over a signed command. Commands must be signed:
+    ``roles`` (bare JID -> role, default: operators and services as operators) and
+    ``security`` decide who may issue what, ``keys`` finds the issuers' public keys, and
+    ``replay`` (default: memory only) remembers the commands taken, across restarts.
     """
 
     def __init__(
@@ -97,6 +106,10 @@ class DeviceAgent:
         audit: Path | None = None,
         parent: str | None = None,
         keys: PartyKeys | None = None,
+        *,
+        security: SecuritySettings | None = None,
+        roles: Mapping[str, Role] | None = None,
+        replay: ReplayStore | None = None,
     ) -> None:
         self.spec = spec
         self.endpoint = endpoint
@@ -109,18 +122,25 @@ class DeviceAgent:
         self.tick_s = min(tick_s, spec.refresh_s)
         self.sim: SimDevice = make_device(spec, utcnow())
         self.client = make_client(jid, password, endpoint)
+        self.security = security or SecuritySettings()
+        self.gate = CommandGate(JID(jid).bare, spec.serial, self.security,
+                                dict(roles) if roles is not None else dict.fromkeys(self.operators, Role.OPERATOR),
+                                self.relays)
+        # Issuers' keys over PEP (XEP-0373), pinned; and this device's own key's announcement.
         self.keyring = PepKeyring(self.client, keys)
+        # Every command taken, with its outcome, until its expiry: a copy has no second effect.
+        self.replay = ReplayGuard(replay or ReplayStore(None), self.gate.device)
         self._seq = 0
         self._published: PresenceReport | None = None
         self._published_at = 0.0
-        # Outcomes by command id, kept until the command expires: a redelivery inside that
-        # window is answered from here (no second effect); after it, expiry rejects it anyway.
-        self._done: OrderedDict[str, tuple[dt.datetime, Outcome]] = OrderedDict()
         self._loop_task: asyncio.Task[None] | None = None
+        self._fetching: set[asyncio.Task[None]] = set()
         self._stopping = False
         self.client.register_handler(
             Callback("grid command", StanzaPath("message/grid_command"), self._on_command)
         )
+        self.client.register_handler(Callback("signed command", StanzaPath("message/openpgp"),
+                                              self._on_signed))  # type: ignore[arg-type]
         if self.children:
             self.client.add_event_handler("presence", self._on_child_presence)
         self.client.add_event_handler("disconnected", self._on_disconnected)
@@ -166,6 +186,8 @@ class DeviceAgent:
         self.alarms.close()
         if self._loop_task:
             self._loop_task.cancel()
+        for task in self._fetching:  # commands waiting for their issuer's key: never acted on
+            task.cancel()
         if self.client.is_connected():
             report = self._report(DeviceState.GONE)
             pres = self.client.make_presence(ptype="unavailable", pstatus="gone: shut down")
@@ -210,6 +232,7 @@ class DeviceAgent:
             refresh_s=self.spec.refresh_s,
             seq=self._seq,
             transport=self.client.transport_name,
+            serial=self.spec.serial,
             faults=self._faults() if state is None else (),
             under_fault=True if state is None and self.fold.parent_in_fault else None,
         )
@@ -268,53 +291,110 @@ class DeviceAgent:
     # -- commands ---------------------------------------------------------------------
 
     def _on_command(self, msg: Message) -> None:
+        """A bare ``<command/>``: refused as unsigned (unless the fleet turned signatures off)."""
+        sender = msg["from"]
         try:
-            self._handle_command(msg)
+            raw = msg["grid_command"].xml
+            if not self.gate.may_send(sender.bare):
+                raise Refusal(RejectReason.NOT_AUTHORISED, f"{sender.bare} may not command this device",
+                              raw.get("id") or "")
+            if self.security.require_signatures:
+                raise Refusal(RejectReason.UNSIGNED, "commands must be signed with the issuer's OpenPGP key "
+                                                     "(<openpgp xmlns='urn:xmpp:openpgp:0'/>)", raw.get("id") or "")
+            cmd = self.gate.check_unsigned(sender.bare, parse_command(raw))
+            self._send_outcome(sender, self.accept(cmd, utcnow(), signed=True))
+        except Refusal as refusal:
+            self._refused(sender, refusal)
         except Exception:  # never let one stanza end the bot
             log.exception("%s: command handling failed", self.spec.name)
-            self._stanza_error(msg["from"], "internal-server-error", "wait", "the device could not handle this command")
+            self._stanza_error(sender, "internal-server-error", "wait", "the device could not handle this command")
 
-    def _handle_command(self, msg: Message) -> None:
+    def _on_signed(self, msg: Message) -> None:
+        """A signed command: checked, then acted on once. Sync while the issuer's key is cached."""
         sender = msg["from"]
-        raw = msg["grid_command"].xml
-        cmd_id = raw.get("id") or ""
-        now = utcnow()
-        relayed = sender.bare in self.relays and (raw.get("issuer") or "") in self.operators
-        if sender.bare not in self.operators and not relayed:
-            log.warning("%s: command from %s refused: not authorised", self.spec.name, sender)
-            self._answer(sender, cmd_id, OutcomeStatus.REJECTED, RejectReason.NOT_AUTHORISED,
-                         f"{sender.bare} may not command this device")
-            return
+        if msg.xml.find(q("firmware")) is not None:
+            return  # a firmware image with its signed offer: the firmware desk's
+        if is_encrypted(msg["openpgp"].xml.text or ""):
+            return  # signed and encrypted (XEP-0374 chat from an OX client): the OX desk's
         try:
-            cmd = command_from_xml(raw)
-        except PayloadError as exc:
-            unknown_action = raw.get("action") not in {a.value for a in Action}
-            reason = RejectReason.NOT_SUPPORTED if unknown_action else RejectReason.INVALID_ARGUMENTS
-            detail = f"unknown command {raw.get('action')!r}" if unknown_action else str(exc)
-            log.warning("%s: bad command from %s: %s", self.spec.name, sender, detail)
-            self._answer(sender, cmd_id, OutcomeStatus.REJECTED, reason, detail)
-            return
-        self._send_outcome(sender, self.accept(cmd, now))
+            sealed = open_sealed(msg["openpgp"].xml)
+            if sealed.payload.tag == q("tariff"):
+                self.prices.on_tariff(msg)  # the billing party's signed price: its own gate
+                return
+            signed = SignedCommand(sealed, parse_command(sealed.payload))
+            if not self.gate.may_send(sender.bare):
+                raise Refusal(RejectReason.NOT_AUTHORISED, f"{sender.bare} may not command this device",
+                              signed.command.id)
+            self.gate.may_issue(signed)
+            key = self.keyring.cached(signed.command.issuer)
+            if key is None:  # first command from this issuer: fetch its key, then go on
+                task = asyncio.ensure_future(self._signed_after_fetch(sender, signed))
+                self._fetching.add(task)
+                task.add_done_callback(self._fetching.discard)
+                return
+            self._send_outcome(sender, self._take_signed(sender, signed, key))
+        except Refusal as refusal:
+            self._refused(sender, refusal)
+        except Exception:  # never let one stanza end the bot
+            log.exception("%s: signed command handling failed", self.spec.name)
+            self._stanza_error(sender, "internal-server-error", "wait", "the device could not handle this command")
 
-    def accept(self, cmd: Command, now: dt.datetime) -> Outcome:
-        """The one path for an authorised, valid command (stanza, chat or ad-hoc): a repeated id
-        gets the remembered outcome with no second effect, a late one is expired."""
-        self._forget_expired(now)
-        if cmd.id in self._done:
-            log.info("%s: command %s delivered again; answering from memory", self.spec.name, cmd.id)
-            return self._done[cmd.id][1]
+    async def _signed_after_fetch(self, sender: JID, signed: SignedCommand) -> None:
+        try:
+            key = await key_of(signed.command.issuer, self.keyring)
+            self._send_outcome(sender, self._take_signed(sender, signed, key))
+        except SignatureFailure as exc:
+            self._refused(sender, Refusal(exc.reason, exc.detail, signed.command.id))
+        except Refusal as refusal:
+            self._refused(sender, refusal)
+        except Exception:
+            log.exception("%s: signed command handling failed", self.spec.name)
+
+    def _take_signed(self, sender: JID, signed: SignedCommand, key: pgpy.PGPKey) -> Outcome:
+        now = utcnow()
+        cmd = self.gate.check(sender.bare, signed, key, now)
+        return self.accept(cmd, now, signed=True)
+
+    def _refused(self, sender: JID, refusal: Refusal) -> None:
+        log.warning("%s: command %s from %s refused (%s): %s", self.spec.name, refusal.command_id or "?", sender,
+                    refusal.reason.value, refusal.detail)
+        self._answer(sender, refusal.command_id, OutcomeStatus.REJECTED, refusal.reason, refusal.detail)
+
+    def accept(self, cmd: Command, now: dt.datetime, *, signed: bool = False) -> Outcome:
+        """The one path for an authorised, valid command (signed stanza, chat or ad-hoc).
+
+        A command taken before (same issuer and id, until its expiry) has no second effect: a
+        signed copy is rejected ``replayed`` with the first outcome attached; a chat or ad-hoc
+        redelivery gets the first outcome again. A late command is expired."""
+        seen = self.replay.seen(cmd.issuer, cmd.id)
+        if seen is not None:
+            first = seen.outcome
+            if not signed:
+                return first.model_copy(update={"report": self.current_report()})
+            log.warning("%s: command %s from %s seen before: refused as a replay", self.spec.name, cmd.id, cmd.issuer)
+            at = dt.datetime.fromtimestamp(seen.first_at, dt.timezone.utc)
+            return Outcome(command_id=cmd.id, device=self.jid, status=OutcomeStatus.REJECTED,
+                           reason=RejectReason.REPLAYED, first=first,
+                           detail=f"already had at {at:%H:%M:%S} UTC: {first.summary()}"[:500],
+                           report=self.current_report())
         if cmd.is_expired(now):
             late = (now - cmd.expires).total_seconds()
             return Outcome(command_id=cmd.id, device=self.jid, status=OutcomeStatus.EXPIRED,
                            detail=f"arrived {late:.1f} s after its expiry")
         outcome = self.execute(cmd, now)
-        self._done[cmd.id] = (cmd.expires, outcome)
+        forget_at = cmd.expires.timestamp() + self.security.clock_skew_s
+        self.replay.record(cmd.issuer, cmd.id, forget_at, outcome)
         return outcome
 
     def execute(self, cmd: Command, now: dt.datetime) -> Outcome:
         """Apply a valid, authorised, fresh command to the physics; publish the new state first
         so an issuer that sees the outcome already sees the matching presence."""
-        effect = self.sim.execute(cmd.action, cmd.args, now)
+        if cmd.action in (Action.TARIFF, Action.PRICE, Action.FIRMWARE_UPGRADE):
+            effect = Effect.refused(RejectReason.INVALID_ARGUMENTS, f"{cmd.action.value} is not a command on its own: "
+                                    "a tariff or price is the billing party's signed <tariff/>, a firmware offer "
+                                    "travels with its image")
+        else:
+            effect = self.sim.execute(cmd.action, cmd.args, now)
         report = self.publish(force=False)
         return Outcome(
             command_id=cmd.id,
@@ -324,13 +404,6 @@ class DeviceAgent:
             detail=effect.detail,
             report=report,
         )
-
-    def _forget_expired(self, now: dt.datetime) -> None:
-        while self._done:
-            first = next(iter(self._done))
-            if self._done[first][0] > now:
-                break
-            del self._done[first]
 
     def _answer(self, to: JID, cmd_id: str, status: OutcomeStatus, reason: RejectReason | None, detail: str) -> None:
         if not cmd_id:  # nothing to correlate with: a stanza-level error is all we can give

@@ -19,13 +19,16 @@ from gridpresence.agents.branch import BranchAdvisor
 from gridpresence.agents.console import ConsoleAgent
 from gridpresence.agents.reports import METERING_KINDS, BillingReporter, ReportAudience, peak_hours
 from gridpresence.agents.device import DeviceAgent
+from gridpresence.agents.manufacturer import ManufacturerAgent
 from gridpresence.agents.session import Endpoint
 from gridpresence.agents.watchdog import WatchdogAgent
 from gridpresence.config import Fleet
 from gridpresence.protocol.models import DeviceKind
 from gridpresence.rules.audit_log import audit_path
-from gridpresence.rules.model import rules_for
+from gridpresence.rules.model import RuleSet, rules_for
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
+from gridpresence.security.policy import Role
+from gridpresence.security.replay import REPLAY_FILE, ReplayStore
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,8 @@ class Bot(Protocol):
 
 class FleetBots:
     """The bots of a fleet. `only` limits them to some names (e.g. to run one device apart);
-    `data_dir` is where devices keep their threshold audit and every party its OpenPGP key."""
+    `data_dir` is where devices keep their threshold audit and replay guard, and every party its
+    OpenPGP key."""
 
     def __init__(self, fleet: Fleet, endpoint: Endpoint, secrets: Secrets, only: Collection[str] | None = None,
                  tick_s: float = 1.0, with_services: bool = True, data_dir: Path | None = None) -> None:
@@ -53,28 +57,22 @@ class FleetBots:
             return PartyKeys.in_data_dir(data_dir, name) if data_dir is not None else None
 
         operators = [fleet.jid(o.name) for o in fleet.operators]
+        # The devices' memory of commands taken, in the data directory so it outlives a restart.
+        self.replay = ReplayStore(Path(data_dir) / REPLAY_FILE if data_dir is not None else None)
         wanted = set(only) if only is not None else None
         self.devices: dict[str, DeviceAgent] = {}
         self.advisors: dict[str, BranchAdvisor] = {}  # master IEDs' branch watch, by name
         self.billing: dict[str, BillingAgent] = {}
+        self.manufacturers: dict[str, ManufacturerAgent] = {}
         self.reporters: dict[str, BillingReporter] = {}  # metering devices' billing reports, by name
         self.watchdog: WatchdogAgent | None = None
         self.console: ConsoleAgent | None = None
         # One rule set, loaded once, shared by every device.
         self.rules = rules_for(fleet.rules.path if fleet.rules else None, fleet.alarms)
-        # Devices rank faults at the billing party's price: its fleet-file tariff until it sends one.
-        billing = [fleet.jid(b.name) for b in fleet.billing]
-        tariff = tariff_from_spec(fleet.billing[0]) if fleet.billing else None
         for dev in fleet.devices:
             if wanted is None or dev.name in wanted:
-                children = [fleet.jid(c.name) for c in fleet.children(dev.name)]
-                self.devices[dev.name] = DeviceAgent(dev, fleet.jid(dev.name), secrets.password(dev.name), endpoint,
-                                                     operators, children, tick_s=tick_s, relays=[fleet.jid(RELAY)],
-                                                     alarms=fleet.alarms, services=[fleet.jid(CONSOLE)],
-                                                     rules=self.rules, billing=billing, tariff=tariff,
-                                                     audit=audit_path(data_dir, dev.name) if data_dir else None,
-                                                     parent=fleet.jid(dev.parent) if dev.parent else None,
-                                                     keys=keys(dev.name))
+                self.devices[dev.name] = device_agent(fleet, dev.name, endpoint, secrets.password(dev.name), keys(dev.name),
+                                                      self.replay, tick_s=tick_s, rules=self.rules, data_dir=data_dir)
                 if dev.kind is DeviceKind.MASTER:
                     self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
                 if dev.kind in METERING_KINDS and self.devices[dev.name].keyring.secret_key is not None:
@@ -85,6 +83,11 @@ class FleetBots:
                 self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),
                                                        endpoint, operators, [fleet.jid(d.name) for d in fleet.devices],
                                                        keys=keys(bill.name), relays=[fleet.jid(RELAY)])
+        for maker in fleet.manufacturers:
+            if wanted is None or maker.name in wanted:
+                self.manufacturers[maker.name] = ManufacturerAgent(maker, fleet.jid(maker.name),
+                                                                   secrets.password(maker.name), endpoint,
+                                                                   keys=keys(maker.name))
         if with_services and (wanted is None or WATCHDOG in wanted):
             self.watchdog = WatchdogAgent(fleet.jid(WATCHDOG), secrets.password(WATCHDOG), endpoint, operators,
                                           grace_s=fleet.presence_grace_s, keys=keys(WATCHDOG))
@@ -92,12 +95,14 @@ class FleetBots:
         if with_services and (wanted is None or CONSOLE in wanted):
             self.console = ConsoleAgent(fleet.jid(CONSOLE), secrets.password(CONSOLE), endpoint, operators,
                                         watchdog=fleet.jid(WATCHDOG), grace_s=fleet.presence_grace_s,
-                                        keys=keys(CONSOLE))
+                                        keys=keys(CONSOLE), serials={fleet.jid(d.name): d.serial for d in fleet.devices},
+                                        unsigned_actions=fleet.security.unsigned_chat_actions)
 
     @property
     def bots(self) -> list[Bot]:
         # The watchdog first, so it sees every device arrive.
-        return [*([self.watchdog] if self.watchdog else []), *self.billing.values(), *self.devices.values(),
+        return [*([self.watchdog] if self.watchdog else []), *self.billing.values(), *self.manufacturers.values(),
+                *self.devices.values(),
                 *([self.console] if self.console else [])]
 
     async def start(self, timeout: float = 60.0) -> None:
@@ -123,3 +128,26 @@ class FleetBots:
         for res in results:
             if isinstance(res, BaseException):
                 log.warning("a bot did not stop cleanly: %s", res)
+        self.replay.close()
+
+
+def device_agent(fleet: Fleet, name: str, endpoint: Endpoint, password: str, keys: PartyKeys | None,
+                 replay: ReplayStore | None = None, tick_s: float = 1.0, rules: RuleSet | None = None,
+                 data_dir: Path | None = None) -> DeviceAgent:
+    """The bot of the fleet's device `name`, with the fleet's parties, roles, policy and rules."""
+    spec = fleet.device(name)
+    # Devices rank faults at the billing party's price: its fleet-file tariff until it sends one.
+    tariff = tariff_from_spec(fleet.billing[0]) if fleet.billing else None
+    return DeviceAgent(spec, fleet.jid(name), password, endpoint, [fleet.jid(o.name) for o in fleet.operators],
+                       [fleet.jid(c.name) for c in fleet.children(name)], tick_s=tick_s, relays=[fleet.jid(RELAY)],
+                       alarms=fleet.alarms, services=[fleet.jid(CONSOLE)],
+                       rules=rules or rules_for(fleet.rules.path if fleet.rules else None, fleet.alarms),
+                       billing=[fleet.jid(b.name) for b in fleet.billing], tariff=tariff,
+                       audit=audit_path(data_dir, name) if data_dir else None,
+                       parent=fleet.jid(spec.parent) if spec.parent else None,
+                       security=fleet.security, roles=issuer_roles(fleet), keys=keys, replay=replay)
+
+
+def issuer_roles(fleet: Fleet) -> dict[str, Role]:
+    """Who signs as what: the fleet's parties, and the console acting for the operators."""
+    return {**fleet.roles(), fleet.jid(CONSOLE): Role.OPERATOR}

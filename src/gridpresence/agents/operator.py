@@ -15,6 +15,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from pathlib import Path
 from types import TracebackType
 
 from slixmpp import JID, Message
@@ -23,6 +24,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence import roles
+from gridpresence.agents.issuer import CommandIssuer
 from gridpresence.agents.billing import TariffRefused, tariff_from_billing
 from gridpresence.agents.reports import ReportInbox, ReportReader, request_report
 from gridpresence.agents.session import (
@@ -36,9 +38,7 @@ from gridpresence.agents.session import (
 from gridpresence.agents.tracker import DeviceChange, DeviceView, PresenceTracker
 from gridpresence.protocol.codec import (
     PayloadError,
-    command_to_xml,
     health_from_xml,
-    outcome_from_xml,
     q,
     report_from_xml,
 )
@@ -50,9 +50,6 @@ from gridpresence.protocol.billing_report import PartData, PartName, QualityData
 from gridpresence.protocol.addressing import origin_of
 
 log = logging.getLogger(__name__)
-
-# Extra time after a command's expiry for its "expired" outcome to travel back.
-OUTCOME_MARGIN_S = 1.0
 
 
 class UnknownDevice(KeyError):
@@ -74,6 +71,7 @@ class GridOperator:
         resource: str | None = None,
         relay: RelayEndpoint | None = None,
         keys: PartyKeys | None = None,
+        serials: Mapping[str, str] | None = None,
     ) -> None:
         full = f"{jid}/{resource}" if resource else jid
         self.endpoint = endpoint
@@ -82,18 +80,22 @@ class GridOperator:
         self.keyring = PepKeyring(self.client, keys)  # our key's announcement, others' pinned keys
         self.tracker = PresenceTracker(self.client, grace_s=grace_s)
         self.tariff: Tariff | None = None
-        self._pending: dict[str, asyncio.Future[Outcome]] = {}  # command id -> outcome
-        self._stanza_to_command: dict[str, str] = {}  # message id -> command id, for bounces
+        # Every command is signed with the operator's key; without one, devices refuse them.
+        self.issuer = CommandIssuer(self.client, self.keyring.secret_key, relay.jid if relay is not None else None)
+        self._busy: set[asyncio.Task[None]] = set()
+        self._pending = self.issuer.pending
+        # Serial numbers by device JID from the connection file, for devices not seen yet.
+        self.serials = dict(serials or {})
         # Commands for absent devices go to the store-and-forward relay, if there is one.
         self.relay = RelayRoute(relay, self.keyring.secret_key) if relay is not None else None
         self._queued: dict[str, Command] = {}  # command id -> command the relay holds for us
         self._version = 0
         self._changed = asyncio.Event()
         self.tracker.listen(lambda _change: self._bump())
-        self.client.register_handler(Callback("grid outcome", StanzaPath("message/grid_outcome"), self._on_outcome))
         self.client.register_handler(Callback("grid tariff", StanzaPath("message/grid_tariff"), self._on_tariff))
+        self.client.register_handler(Callback("signed tariff", StanzaPath("message/openpgp"),
+                                              self._on_tariff))  # type: ignore[arg-type]
         self.client.register_handler(Callback("mailed data", StanzaPath("message/grid_device"), self._on_mailed_data))
-        self.client.add_event_handler("message_error", self._on_bounce)
         self.alarms: list[Alarm] = []  # alarms devices sent this operator, oldest first
         self.client.register_handler(Callback("grid alarm", StanzaPath("message/grid_alarm"), self._on_alarm))
         # The power-quality part of meters' billing reports is for the utility ([0085]).
@@ -108,7 +110,8 @@ class GridOperator:
         if acc.key_file is None:
             log.warning("%s: the connection file names no OpenPGP key: read-only, cannot sign", acc.jid)
         return cls(acc.jid, acc.password, info.server, watchdog=info.watchdog, grace_s=info.presence_grace_s,
-                   resource=resource, relay=info.relay, keys=PartyKeys.beside(acc.key_file, acc.name))
+                   resource=resource, relay=info.relay, keys=PartyKeys.beside(acc.key_file, acc.name),
+                   serials=info.serials)
 
     @property
     def quality(self) -> list[QualityData]:
@@ -158,9 +161,7 @@ class GridOperator:
 
     async def close(self) -> None:
         self.tracker.stop_watchdog()
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.cancel()
+        self.issuer.cancel_all()
         if self.relay is not None:
             await asyncio.to_thread(self.relay.close)
         await close_session(self.client)
@@ -244,7 +245,7 @@ class GridOperator:
         gives the device's real outcome, or "expired" if it did not return in time.
         """
         view = self.device(name)
-        cmd = Command.new(action, self.jid, ttl_s=ttl_s, args=args)
+        cmd = Command.new(action, self.jid, ttl_s=ttl_s, args=args, serial=self.serial_of(view))
         if view.full_jid is None:
             if self.relay is None:
                 return Outcome(command_id=cmd.id, device=view.jid, status=OutcomeStatus.UNDELIVERABLE,
@@ -253,11 +254,18 @@ class GridOperator:
             return await self.final_outcome(queued) if wait_final else queued
         return await self.send_command(cmd, view.full_jid)
 
+    def serial_of(self, view: DeviceView) -> str | None:
+        """The device's serial number: from its presence, else from the connection file."""
+        if view.report is not None and view.report.serial:
+            return view.report.serial
+        return self.serials.get(view.jid)
+
     async def queue_command(self, cmd: Command, device: str) -> Outcome:
         """Mail `cmd` to the relay for `device` (bare JID); "queued" or "undeliverable"."""
         assert self.relay is not None
-        self._pending[cmd.id] = asyncio.get_running_loop().create_future()
-        outcome = await self.relay.queue(cmd, device)
+        cmd = self._bind_serial(cmd, device)
+        self.issuer.expect(cmd.id)
+        outcome = await self.relay.queue(cmd, device, self.issuer.wire(cmd, device))
         if outcome.status is OutcomeStatus.QUEUED:
             self._queued[cmd.id] = cmd
         else:
@@ -281,21 +289,15 @@ class GridOperator:
             self._queued.pop(cmd.id, None)
 
     async def send_command(self, cmd: Command, to: str) -> Outcome:
-        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._pending[cmd.id] = fut
-        msg = self.client.make_message(mto=to, mtype="normal")
-        msg.append(command_to_xml(cmd))
-        self._stanza_to_command[msg["id"]] = cmd.id
-        msg.send()
-        wait_s = max(0.0, (cmd.expires - utcnow()).total_seconds()) + OUTCOME_MARGIN_S
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), wait_s)
-        except asyncio.TimeoutError:
-            return Outcome(command_id=cmd.id, device=JID(to).bare, status=OutcomeStatus.EXPIRED,
-                           detail="no outcome before the command expired")
-        finally:
-            self._pending.pop(cmd.id, None)
-            self._stanza_to_command.pop(msg["id"], None)
+        """Sign and send ``cmd`` to a device's full JID (its serial bound in); its one outcome."""
+        return await self.issuer.send(self._bind_serial(cmd, to), to)
+
+    def _bind_serial(self, cmd: Command, to: str) -> Command:
+        if cmd.serial is not None:
+            return cmd
+        view = self.tracker.find(JID(to).bare)
+        serial = self.serial_of(view) if view is not None else self.serials.get(JID(to).bare)
+        return cmd.model_copy(update={"serial": serial}) if serial else cmd
 
     async def command_many(self, names: Iterable[str], action: Action | str, *, args: dict[str, str] | None = None,
                            ttl_s: float = 30.0, wait_final: bool = False) -> dict[str, Outcome]:
@@ -304,31 +306,6 @@ class GridOperator:
         outcomes = await asyncio.gather(*(self.command(n, action, args=args, ttl_s=ttl_s, wait_final=wait_final)
                                           for n in names))
         return dict(zip(names, outcomes))
-
-    def _on_outcome(self, msg: Message) -> None:
-        try:
-            outcome = outcome_from_xml(msg["grid_outcome"].xml)
-        except PayloadError as exc:
-            log.warning("dropped invalid outcome from %s: %s", msg["from"], exc)
-            return
-        fut = self._pending.get(outcome.command_id)
-        if fut is None or fut.done():
-            log.debug("outcome for unknown or answered command %s from %s", outcome.command_id, msg["from"])
-            return
-        relayed = self.relay is not None and msg["from"].bare == self.relay.jid
-        if JID(outcome.device).bare != msg["from"].bare and not relayed:
-            log.warning("outcome for %s claims device %s but came from %s", outcome.command_id, outcome.device, msg["from"])
-            return
-        fut.set_result(outcome)
-
-    def _on_bounce(self, msg: Message) -> None:
-        cmd_id = self._stanza_to_command.get(msg["id"])
-        fut = self._pending.get(cmd_id) if cmd_id else None
-        if fut is None or fut.done():
-            return
-        err = msg["error"]
-        fut.set_result(Outcome(command_id=cmd_id or "", device=msg["from"].bare, status=OutcomeStatus.UNDELIVERABLE,
-                               detail=f"{err['condition']}: {err['text']}".rstrip(": ")))
 
     def _on_mailed_data(self, msg: Message) -> None:
         """A device's data that reached the relay by mail ([00116]): update that device's view."""
@@ -385,8 +362,13 @@ class GridOperator:
     # -- tariffs ----------------------------------------------------------------------
 
     def _on_tariff(self, msg: Message) -> None:
+        task = asyncio.ensure_future(self._take_tariff(msg))  # the billing key may have to be fetched
+        self._busy.add(task)
+        task.add_done_callback(self._busy.discard)
+
+    async def _take_tariff(self, msg: Message) -> None:
         try:
-            self.tariff = tariff_from_billing(msg, self._is_billing)
+            self.tariff = await tariff_from_billing(msg, self._is_billing, self.keyring)
         except TariffRefused as exc:
             log.warning("tariff from %s ignored: %s", msg["from"], exc)
             return

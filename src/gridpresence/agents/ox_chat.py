@@ -17,7 +17,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.protocol.openpgp import FALLBACK_BODY
-from gridpresence.security.ox import OxRefused, open_chat, seal_chat
+from gridpresence.security.ox import OxRefused, is_encrypted, open_chat, seal_chat
 from gridpresence.security.pgp import pgpy
 
 if TYPE_CHECKING:
@@ -35,12 +35,14 @@ class OxDesk:
     def __init__(self, agent: DeviceAgent) -> None:
         self.agent = agent
         self._pending: set[asyncio.Task[None]] = set()
-        agent.client.register_handler(Callback("ox message", StanzaPath("message/ox_openpgp"),
+        agent.client.register_handler(Callback("ox message", StanzaPath("message/openpgp"),
                                                self._on_ox))  # type: ignore[arg-type]
 
     def _on_ox(self, msg: Message) -> None:
         if msg["type"] not in ("chat", "normal") or msg["from"].bare == self.agent.jid:
             return
+        if not is_encrypted(msg["openpgp"].xml.text or ""):
+            return  # signed only (<sign/>): a signed grid payload, the device's command gate takes it
         if len(self._pending) >= MAX_PENDING:
             self._reply_plain(msg, "The device is busy opening other encrypted messages; send it again shortly.")
             return
@@ -61,8 +63,8 @@ class OxDesk:
                 self._reply_plain(msg, f"{self.agent.spec.name} has no OpenPGP key of its own, so it cannot read "
                                        "encrypted messages; send plain chat or a signed command.")
                 return
-            opened = await open_chat(msg["ox_openpgp"].xml, sender.bare, self.agent.jid, secret, self.agent.keyring)
-            answer = self.agent.chat.answer(sender, opened.text, "ox-" + opened.digest[:32], signed=True)
+            opened = await open_chat(msg["openpgp"].xml, sender.bare, self.agent.jid, secret, self.agent.keyring)
+            answer = self.agent.chat.handle(opened.text, sender, signed=True, stanza_id="ox-" + opened.digest[:32])
             if answer:
                 self._reply_sealed(msg, answer, secret, opened.key)
         except OxRefused as exc:

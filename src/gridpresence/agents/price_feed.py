@@ -4,6 +4,7 @@ as a message, held by the server while the device is offline (agents/billing.py)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -27,6 +28,7 @@ class PriceFeed:
         self.billing = frozenset(JID(j).bare for j in billing)
         self.tariff = tariff  # the fleet file's tariff until the billing party sends its own
         self._from_billing = False
+        self._busy: set[asyncio.Task[None]] = set()
         agent.client.register_handler(Callback("grid tariff", StanzaPath("message/grid_tariff"),
                                                self.on_tariff))  # type: ignore[arg-type]  # slixmpp types it as StanzaBase
 
@@ -35,10 +37,17 @@ class PriceFeed:
         return self.tariff.price_at() if self.tariff is not None else 0.0
 
     def on_tariff(self, msg: Message) -> None:
-        """Take a tariff from a billing party; refuse anyone else's, drop an invalid one, both
-        with the reason to the sender. The one place a price enters a device."""
+        # Async: the billing party's key may have to be fetched first (prices are rare).
+        task = asyncio.ensure_future(self.take(msg))
+        self._busy.add(task)
+        task.add_done_callback(self._busy.discard)
+
+    async def take(self, msg: Message) -> None:
+        """Take a tariff from a billing party, signed with its key; refuse anyone else's or an
+        unsigned one, drop an invalid one, each with the reason to the sender. The one place a
+        price enters a device."""
         try:
-            tariff = tariff_from_billing(msg, self.billing.__contains__)
+            tariff = await tariff_from_billing(msg, self.billing.__contains__, self.agent.keyring, self.agent.security)
         except TariffRefused as exc:
             log.warning("%s: tariff from %s refused: %s", self.agent.spec.name, msg["from"], exc)
             self._refuse(msg, exc)

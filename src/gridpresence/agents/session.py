@@ -70,6 +70,8 @@ class ConnectionInfo(BaseModel):
     billing: tuple[str, ...] = ()
     presence_grace_s: float = Field(default=15.0, gt=0)
     relay: RelayEndpoint | None = None
+    # Device serial numbers by bare JID, bound into signed commands (presence confirms them).
+    serials: dict[str, str] = Field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> ConnectionInfo:

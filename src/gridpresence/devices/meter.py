@@ -14,7 +14,7 @@ from gridpresence.protocol.models import Action, DeviceKind, DeviceState, Teleme
 
 class Meter(SimDevice):
     kind = DeviceKind.METER
-    actions: ClassVar[frozenset[Action]] = frozenset()
+    actions: ClassVar[frozenset[Action]] = frozenset({Action.BILLING_RESET})
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -23,7 +23,10 @@ class Meter(SimDevice):
         self.registers = MeterRegisters(self._last_tick, self.rng)
 
     def _apply(self, action: Action, args: dict[str, str], now: dt.datetime) -> Effect:
-        raise AssertionError("meters support no actions beyond read and set_time")
+        assert action is Action.BILLING_RESET, "meters support only billing_reset beyond read and set_time"
+        # [0085]: the billing energy register starts again from zero.
+        was = self.registers.reset_register()
+        return Effect.done(f"billing register reset (was {was:.3f} kWh)")
 
     @property
     def kw(self) -> float:

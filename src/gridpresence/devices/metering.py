@@ -47,6 +47,14 @@ class MeterRegisters:
         self.v_sum = self.load_sum = 0.0
         self.samples = self.sags = 0
 
+    def reset_register(self) -> float:
+        """A billing reset ([0085]): the energy register starts again from zero; the open
+        period keeps what it counted so far. Returns the register's reading before."""
+        was = self.register_kwh
+        self.start_kwh -= was
+        self.register_kwh = 0.0
+        return was
+
     def sample(self, kw: float, load_pct: float, dt_s: float, now: dt.datetime) -> None:
         """Accumulate `dt_s` seconds at `kw`, and drift the quality readings with the load."""
         kwh = kw * dt_s / 3600.0

@@ -139,16 +139,23 @@ def outcome_to_xml(outcome: Outcome) -> ET.Element:
         ET.SubElement(el, q("detail")).text = outcome.detail
     if outcome.report is not None:
         el.append(report_to_xml(outcome.report))
+    if outcome.first is not None:
+        ET.SubElement(el, q("first")).append(outcome_to_xml(outcome.first))
     return el
 
 
-def outcome_from_xml(el: ET.Element | None) -> Outcome:
+def outcome_from_xml(el: ET.Element | None, *, nested: bool = False) -> Outcome:
     el = _expect(el, "outcome")
     data = _fields(Outcome, el.attrib)
     data["detail"] = el.findtext(q("detail"), default="")
     dev = el.find(q("device"))
     if dev is not None:
         data["report"] = report_from_xml(dev)
+    first = el.find(q("first"))
+    if first is not None:
+        if nested:  # one level only: a crafted outcome must not make the reader recurse
+            raise PayloadError("invalid outcome: a first outcome inside a first outcome")
+        data["first"] = outcome_from_xml(first.find(q("outcome")), nested=True)
     return _validate(Outcome, data, "outcome")
 
 

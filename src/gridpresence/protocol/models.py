@@ -56,6 +56,11 @@ class Action(StrEnum):
     CLOSE = "close"
     READ = "read"
     SET_TIME = "set_time"
+    # Issued by parties other than operators (see the [security] policy in the fleet file).
+    BILLING_RESET = "billing_reset"  # billing party: a meter zeroes its billing energy register
+    TARIFF = "tariff"  # billing party: the device stores its tariff
+    PRICE = "price"  # billing party: the device stores a real-time price
+    FIRMWARE_UPGRADE = "firmware_upgrade"  # manufacturer: a signed offer for one firmware image
 
 
 class OutcomeStatus(StrEnum):
@@ -71,7 +76,16 @@ class RejectReason(StrEnum):
     CRITICAL = "critical"
     NOT_SUPPORTED = "not-supported"
     INVALID_ARGUMENTS = "invalid-arguments"
-    NOT_AUTHORISED = "not-authorised"
+    NOT_AUTHORISED = "not-authorised"  # the sender or the signer's role may not issue this
+    # Signed commands (security/signed.py): why a command's signature or freshness was refused.
+    UNSIGNED = "unsigned"
+    BAD_SIGNATURE = "bad-signature"
+    UNKNOWN_KEY = "unknown-key"
+    KEY_CHANGED = "key-changed"
+    REPLAYED = "replayed"
+    STALE = "stale"
+    WRONG_SERIAL = "wrong-serial"
+    WRONG_RECIPIENT = "wrong-recipient"
 
 
 class _Model(BaseModel):
@@ -132,6 +146,8 @@ class PresenceReport(_Model):
     at: AwareDatetime = Field(default_factory=utcnow)
     # How the device reaches the server: the XMPP port, or BOSH through a web-only firewall.
     transport: Literal["tcp", "bosh"] | None = None
+    # The device's serial number: issuers bind it into every signed command ([0045]).
+    serial: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{1,64}$")
     # Faults active now (own first, then those folded into them); empty on a healthy device.
     faults: tuple[FaultRef, ...] = Field(default=(), max_length=MAX_FAULTS)
     # A branch above is in fault: faults here and below are folded into its alarm (None: not).
@@ -187,6 +203,8 @@ class Command(_Model):
     issued: AwareDatetime
     expires: AwareDatetime
     args: dict[str, Annotated[str, Field(max_length=200)]] = Field(default_factory=dict)
+    # The target device's serial number, bound into the signed content ([0045]).
+    serial: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{1,64}$")
 
     @field_validator("id")
     @classmethod
@@ -217,6 +235,7 @@ class Command(_Model):
         ttl_s: float = 30.0,
         args: dict[str, str] | None = None,
         now: dt.datetime | None = None,
+        serial: str | None = None,
     ) -> Command:
         issued = now or utcnow()
         return cls(
@@ -226,6 +245,7 @@ class Command(_Model):
             issued=issued,
             expires=issued + dt.timedelta(seconds=ttl_s),
             args=args or {},
+            serial=serial,
         )
 
     def is_expired(self, now: dt.datetime | None = None) -> bool:
@@ -241,11 +261,16 @@ class Outcome(_Model):
     reason: RejectReason | None = None
     detail: str = Field(default="", max_length=500)
     report: PresenceReport | None = None  # the device's state after the command
+    # With reason "replayed": the outcome the device gave when it first had this command, so
+    # the issuer of a legitimate redelivery (XEP-0198 resend, relay after a crash) learns it.
+    first: Outcome | None = None
 
     @model_validator(mode="after")
     def _reason_iff_rejected(self) -> Outcome:
         if (self.status is OutcomeStatus.REJECTED) != (self.reason is not None):
             raise ValueError("a reason is required exactly when status is 'rejected'")
+        if self.first is not None and (self.reason is not RejectReason.REPLAYED or self.first.first is not None):
+            raise ValueError("a first outcome goes only with reason 'replayed', one level deep")
         return self
 
     @property

@@ -1,10 +1,15 @@
 """XEP-0373 (OpenPGP for XMPP) framing, §3: the only place its XML is read or written (the
 public-key nodes of §4 are in :mod:`gridpresence.security.ox_xml`, whose names this shares).
 
-``<openpgp xmlns='urn:xmpp:openpgp:0'>BASE64</openpgp>`` carries one binary OpenPGP message;
-decrypted, that message is a ``<signcrypt/>`` element naming its recipients (``<to jid/>``),
-when it was made (``<time stamp/>``), random padding (``<rpad/>``, hides the payload's length)
-and the ``<payload/>``. The crypto itself is in :mod:`gridpresence.security.parts`.
+``<openpgp xmlns='urn:xmpp:openpgp:0'>BASE64</openpgp>`` carries one binary OpenPGP message:
+
+* signed and encrypted, its cleartext a ``<signcrypt/>`` element naming its recipients
+  (``<to jid/>``), when it was made (``<time stamp/>``), random padding (``<rpad/>``, hides the
+  payload's length) and the ``<payload/>`` (per-party parts: :mod:`gridpresence.security.parts`);
+* signed only, its literal data the serialised ``<sign/>`` element with ``<to/>``, ``<time/>``
+  and ``<payload/>`` (signed commands, tariffs, firmware offers:
+  :mod:`gridpresence.security.signed`). The signature covers those bytes exactly, so no XML
+  canonicalisation is needed: the receiver verifies the bytes, then parses them.
 """
 
 from __future__ import annotations
@@ -16,14 +21,21 @@ import secrets
 from dataclasses import dataclass
 from xml.etree import ElementTree as ET
 
+from slixmpp import Message
+from slixmpp.xmlstream import ElementBase, register_stanza_plugin
+
 from gridpresence.protocol.codec import PayloadError, _text
 from gridpresence.security.ox_xml import NS_OX as OX_NS
 from gridpresence.security.ox_xml import ox
 
-__all__ = ["OX_NS", "Signcrypt", "chat_body", "chat_payload", "openpgp_from_xml", "openpgp_to_xml", "ox",
-           "signcrypt_from_bytes", "signcrypt_to_bytes"]
-# A sealed part is a few hundred bytes; this bounds what a receiver will even try to decode.
+__all__ = ["OPENPGP_NS", "OX_NS", "SignContent", "Signcrypt", "chat_body", "chat_payload", "element_to_text",
+           "openpgp_from_xml", "openpgp_to_xml", "ox", "sign_from_bytes", "sign_to_bytes", "signcrypt_from_bytes",
+           "signcrypt_to_bytes"]
+OPENPGP_NS = OX_NS
+# A sealed part or a signed command is a few hundred bytes, a signed firmware offer or tariff
+# under 2 KiB; this bounds what a receiver will even try to decode.
 MAX_OPENPGP_BYTES = 64 * 1024
+MAX_SIGNED_BYTES = MAX_OPENPGP_BYTES
 
 
 def openpgp_to_xml(message: bytes) -> ET.Element:
@@ -46,6 +58,19 @@ def openpgp_from_xml(el: ET.Element | None) -> bytes:
     if not data:
         raise PayloadError("<openpgp/> is empty")
     return data
+
+
+def _time(stamp: ET.Element | None, what: str) -> dt.datetime:
+    try:
+        when = dt.datetime.fromisoformat((stamp.get("stamp", "") if stamp is not None else "").replace("Z", "+00:00"))
+    except ValueError:
+        raise PayloadError(f"<{what}/> has no valid <time stamp='…'/> (ISO 8601)") from None
+    if when.tzinfo is None:
+        raise PayloadError(f"<{what}/> time stamp has no time zone")
+    return when
+
+
+# -- signed and encrypted: <signcrypt/> -------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -85,13 +110,67 @@ def signcrypt_from_bytes(data: bytes) -> Signcrypt:
         raise PayloadError("<signcrypt/> names no recipient")
     if stamp is None or payload is None or len(payload) == 0:
         raise PayloadError("<signcrypt/> needs one <time/> and a <payload/> with an element")
+    return Signcrypt(to=to, time=_time(stamp, "signcrypt"), payload=payload[0], extra=tuple(payload[1:]))
+
+
+# -- signed only: <sign/> ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SignContent:
+    """The parsed ``<sign/>`` element: recipients, signing time and the one payload element."""
+
+    to: tuple[str, ...]
+    time: dt.datetime
+    payload: ET.Element
+
+
+def _stamp(when: dt.datetime) -> str:
+    return when.astimezone(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def sign_to_bytes(to: str, time: dt.datetime, payload: ET.Element) -> bytes:
+    """The ``<sign/>`` element for one recipient, serialised: the bytes that get signed."""
+    sign = ET.Element(ox("sign"))
+    ET.SubElement(sign, ox("to"), {"jid": to})
+    ET.SubElement(sign, ox("time"), {"stamp": _stamp(time)})
+    ET.SubElement(sign, ox("payload")).append(payload)
+    return ET.tostring(sign, encoding="utf-8", xml_declaration=False)
+
+
+def sign_from_bytes(data: bytes) -> SignContent:
+    """Parse signed ``<sign/>`` bytes; raises :class:`PayloadError` naming what is wrong."""
+    if len(data) > MAX_SIGNED_BYTES:
+        raise PayloadError(f"signed content larger than {MAX_SIGNED_BYTES} bytes")
     try:
-        when = dt.datetime.fromisoformat(stamp.get("stamp", "").replace("Z", "+00:00"))
-    except ValueError:
-        raise PayloadError("<time stamp/> is not an ISO 8601 time") from None
-    if when.tzinfo is None:
-        raise PayloadError("<time stamp/> has no time zone")
-    return Signcrypt(to=to, time=when, payload=payload[0], extra=tuple(payload[1:]))
+        sign = ET.fromstring(data)
+    except ET.ParseError as exc:
+        raise PayloadError(f"signed content is not well-formed XML: {exc}") from None
+    if sign.tag != ox("sign"):
+        raise PayloadError(f"signed content is <{sign.tag}>, expected <sign xmlns='{OX_NS}'>")
+    to = tuple(t.get("jid", "") for t in sign.findall(ox("to")))
+    if not to or not all(to):
+        raise PayloadError("<sign/> names no recipient (<to jid='…'/>)")
+    payload = sign.find(ox("payload"))
+    if payload is None or len(payload) != 1:
+        raise PayloadError("<sign/> must hold exactly one element in <payload/>")
+    return SignContent(to=to, time=_time(sign.find(ox("time")), "sign"), payload=payload[0])
+
+
+def element_to_text(el: ET.Element) -> str:
+    """An element as stored or mailed verbatim (the relay's queue, a grid mail)."""
+    return ET.tostring(el, encoding="unicode")
+
+
+class OpenPGPElement(ElementBase):
+    """``<openpgp/>`` in a message, for slixmpp handlers (``StanzaPath('message/openpgp')``)."""
+
+    name = "openpgp"
+    namespace = OX_NS
+    plugin_attrib = "openpgp"
+
+
+register_stanza_plugin(Message, OpenPGPElement)
 
 
 # -- XEP-0374 chat: the payload is a message's <body/> ---------------------------------------

@@ -8,7 +8,6 @@ from slixmpp import Iq, Message, Presence
 from slixmpp.xmlstream import ElementBase, register_stanza_plugin
 
 from gridpresence.protocol.models import NS
-from gridpresence.security.ox_xml import NS_OX
 
 
 class GridDevice(ElementBase):
@@ -43,14 +42,6 @@ class GridHealthQuery(ElementBase):
     plugin_attrib = "grid_fleet_health"
 
 
-class OxOpenPGP(ElementBase):
-    """XEP-0373 ``<openpgp/>``: an OpenPGP message (base64) in a message stanza."""
-
-    name = "openpgp"
-    namespace = NS_OX
-    plugin_attrib = "ox_openpgp"
-
-
 _registered = False
 
 
@@ -65,5 +56,4 @@ def register() -> None:
     register_stanza_plugin(Message, GridOutcome)
     register_stanza_plugin(Message, GridTariff)
     register_stanza_plugin(Iq, GridHealthQuery)
-    register_stanza_plugin(Message, OxOpenPGP)
     _registered = True

@@ -34,6 +34,8 @@ from gridpresence.protocol.codec import (
 from gridpresence.agents.session import tls_context
 from gridpresence.protocol.billing_report import BillingReport, billing_report_from_xml, billing_report_to_xml
 from gridpresence.protocol.models import Command, Outcome, PresenceReport
+from gridpresence.protocol.openpgp import OPENPGP_NS, element_to_text
+from gridpresence.security.gate import Refusal, open_command
 from gridpresence.security.detached import sign_detached
 from gridpresence.security.pgp import pgpy
 
@@ -43,7 +45,18 @@ _MAINTYPE, _SUBTYPE = CONTENT_TYPE.split("/")
 # compat32 parses ~10x faster than the modern policy, and we read only three headers and one part.
 _PARSER = BytesParser(policy=policy.compat32)
 
-Payload = Command | Outcome | PresenceReport | BillingReport
+
+
+@dataclass(frozen=True)
+class SignedCommand:
+    """A signed command (``<openpgp/>``), carried verbatim: the relay reads the command inside
+    to route it (device, expiry, issuer) but cannot change it; the device verifies it."""
+
+    command: Command  # as claimed; only the device checks the signature
+    xml: str  # the <openpgp/> element exactly as the issuer signed it
+
+
+Payload = Command | SignedCommand | Outcome | PresenceReport | BillingReport
 
 
 class MailError(ValueError):
@@ -66,6 +79,8 @@ def _xml(element: ET.Element) -> str:
 
 
 def payload_xml(payload: Payload) -> str:
+    if isinstance(payload, SignedCommand):
+        return payload.xml
     if isinstance(payload, Command):
         return _xml(command_to_xml(payload))
     if isinstance(payload, Outcome):
@@ -81,6 +96,8 @@ def payload_from_xml(text: str | bytes) -> Payload:
         element = ET.fromstring(text)
     except ET.ParseError as exc:
         raise PayloadError(f"payload is not well-formed XML: {exc}") from None
+    if element.tag == f"{{{OPENPGP_NS}}}openpgp":
+        return signed_command(element)
     if element.tag == q("command"):
         return command_from_xml(element)
     if element.tag == q("outcome"):
@@ -92,7 +109,18 @@ def payload_from_xml(text: str | bytes) -> Payload:
     raise PayloadError(f"unknown grid payload <{element.tag}>")
 
 
+def signed_command(element: ET.Element) -> SignedCommand:
+    """A signed command read for routing (the signature is the device's to check)."""
+    try:
+        return SignedCommand(open_command(element).command, element_to_text(element))
+    except Refusal as exc:
+        raise PayloadError(f"not a signed command: {exc.detail}") from None
+
+
 def _summary(payload: Payload, sender: str) -> tuple[str, str]:
+    if isinstance(payload, SignedCommand):
+        subject, text = _summary(payload.command, sender)
+        return subject, "Signed " + text
     if isinstance(payload, Command):
         return (f"gridpresence command {payload.action.value} {payload.id}",
                 f"{payload.action.value} issued by {payload.issuer} at {payload.issued:%Y-%m-%d %H:%M:%S} UTC, "
@@ -107,7 +135,9 @@ def _summary(payload: Payload, sender: str) -> tuple[str, str]:
 
 def message_id_for(payload: Payload, sender: str) -> str:
     """A Message-ID that names the payload, so the same payload mailed twice is recognisable."""
-    if isinstance(payload, Command):
+    if isinstance(payload, SignedCommand):
+        key = f"command.{payload.command.id}"
+    elif isinstance(payload, Command):
         key = f"command.{payload.id}"
     elif isinstance(payload, Outcome):
         key = f"outcome.{payload.command_id}"

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+from xml.etree import ElementTree as ET
 
 from gridpresence.agents.session import RelayEndpoint
 from gridpresence.protocol.models import Command, Outcome, OutcomeStatus
-from gridpresence.relay.mail import MailSender, build_mail
+from gridpresence.protocol.codec import q
+from gridpresence.protocol.openpgp import element_to_text
+from gridpresence.relay.mail import MailSender, SignedCommand, build_mail
 from gridpresence.relay.service import ANSWER_MARGIN_S
 from gridpresence.security.pgp import pgpy
 
@@ -25,10 +28,13 @@ class RelayRoute:
         self.signer = signer  # the issuer's secret key: its mailed commands carry its signature
         self._sender = MailSender(relay.smtp_host, relay.smtp_port, relay.ca_file)
 
-    async def queue(self, cmd: Command, device: str) -> Outcome:
-        """Hand `cmd` for `device` (bare JID) to the relay: "queued", or "undeliverable" with the
-        relay's refusal (its SMTP reply) or why it could not be reached."""
-        mail = build_mail(cmd, cmd.issuer, [device], self.signer)
+    async def queue(self, cmd: Command, device: str, wire: ET.Element | None = None) -> Outcome:
+        """Hand `cmd` for `device` (bare JID) to the relay as `wire` — its signed ``<openpgp/>``,
+        carried verbatim — or, without one, as the bare ``<command/>`` (which devices refuse
+        unsigned): "queued", or "undeliverable" with the relay's refusal (its SMTP reply) or
+        why it could not be reached."""
+        payload = cmd if wire is None or wire.tag == q("command") else SignedCommand(cmd, element_to_text(wire))
+        mail = build_mail(payload, cmd.issuer, [device], self.signer)
         try:
             await asyncio.to_thread(self._sender.send, mail, cmd.issuer, [device])
         except smtplib.SMTPRecipientsRefused as exc:

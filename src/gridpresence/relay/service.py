@@ -11,8 +11,9 @@
   report goes to its readers (billing party, the device's customer, operators), still sealed:
   the relay checks the device's signature on the mail but holds no key that opens a part.
 
-How a device trusts a relayed command: the relay is in every device's trust set as a relay,
-and the device still checks the command's issuer against the operators (agents/device.py).
+How a device trusts a relayed command: the command is the issuer's signed ``<openpgp/>``,
+stored and sent verbatim; the device verifies the issuer's signature, role, serial and window
+(security/gate.py), so the relay can route a command but not forge or change one.
 """
 
 from __future__ import annotations

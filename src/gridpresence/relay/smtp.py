@@ -27,7 +27,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gridpresence.protocol.billing_report import BillingReport
 from gridpresence.protocol.models import Command, Outcome
-from gridpresence.relay.mail import GridMail, MailError, parse_mail, payload_xml
+from gridpresence.relay.mail import GridMail, MailError, SignedCommand, parse_mail, payload_xml
 from gridpresence.relay.queue import CommandQueue
 from gridpresence.security.detached import SignatureRefused, verify_detached
 from gridpresence.security.keyring import KeyLookup, KeyUnavailable
@@ -109,11 +109,14 @@ class RelayHandler:
 
     def _role_refusal(self, mail: GridMail, rcpts: list[str]) -> str | None:
         payload, sender, d = mail.payload, mail.sender, self.directory
-        if isinstance(payload, Command):
-            if sender not in d.operators or payload.issuer != sender:
+        if isinstance(payload, (Command, SignedCommand)):
+            cmd = payload.command if isinstance(payload, SignedCommand) else payload
+            if sender not in d.operators or cmd.issuer != sender:
                 return "550 5.7.1 only an operator may mail commands, as their own issuer"
             if any(r not in d.devices for r in rcpts):
                 return "550 5.1.1 commands go to device addresses only"
+            if isinstance(payload, SignedCommand) and len(rcpts) != 1:
+                return "550 5.1.1 a signed command goes to the one device it is signed for"
             return None
         if sender not in d.devices:
             return "550 5.7.1 only a device may mail its data or outcomes"
@@ -145,9 +148,10 @@ class RelayHandler:
     def _store(self, mail: GridMail, rcpts: list[str]) -> Stored:
         """Commit a screened mail: commands per device, anything else to the inbox (once per id)."""
         payload = mail.payload
-        if isinstance(payload, Command):
-            added = self.queue.add(payload, rcpts, payload_xml(payload))
-            return Stored(command=payload, devices=tuple(added))
+        if isinstance(payload, (Command, SignedCommand)):
+            cmd = payload.command if isinstance(payload, SignedCommand) else payload
+            added = self.queue.add(cmd, rcpts, payload_xml(payload))  # a signed one verbatim
+            return Stored(command=cmd, devices=tuple(added))
         key = mail.message_id or f"<{hashlib.sha256(payload_xml(payload).encode()).hexdigest()}.{mail.sender}>"
         return Stored(inbox=self.queue.add_inbox(key, mail.sender, payload_xml(payload)))
 

@@ -49,7 +49,7 @@ def is_encrypted(message_b64: str) -> bool:
     rather than a signed-only one (``<sign/>``, a signed grid payload): an encrypted OpenPGP
     message starts with a session-key packet, tag 1 or 3 (RFC 4880 §4.2-4.3). Reads one byte."""
     try:
-        first = base64.b64decode(message_b64[:4], validate=True)[:1]
+        first = base64.b64decode(message_b64.lstrip()[:4], validate=True)[:1]
     except (binascii.Error, ValueError):
         return False
     if not first or not first[0] & 0x80:

@@ -80,6 +80,19 @@ class PinStore:
         self._changes.pop(jid, None)
         self._save()
 
+    def provision(self, fingerprints: dict[str, str]) -> None:
+        """Pin these keys as the provisioning says (one write): the grid that made a party's key
+        knows it, so the party is never trusted on first use — a stolen password whose thief
+        announces a key of their own meets a pin, not an empty slot."""
+        self._refresh()
+        wanted = {jid: fpr.upper() for jid, fpr in fingerprints.items()}
+        if all(self._pins.get(jid) == fpr for jid, fpr in wanted.items()):
+            return
+        self._pins.update(wanted)
+        for jid in wanted:
+            self._changes.pop(jid, None)
+        self._save()
+
     def _refresh(self) -> None:
         """Re-read the files if another process (or the CLI) wrote them since we last did."""
         if self.path is None:

@@ -1,0 +1,112 @@
+"""The issuing side of a command, shared by every party that issues them (operators, the fleet
+console, the billing party): sign, send, and wait for the one outcome.
+
+Each command is signed with the issuer's OpenPGP key for its device (XEP-0373 ``<sign/>``, the
+device's serial bound in). A party without a key sends it unsigned — and the device refuses it:
+a password alone does not command the grid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from xml.etree import ElementTree as ET
+
+from slixmpp import JID, ClientXMPP, Message
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import StanzaPath
+
+from gridpresence.protocol import openpgp  # noqa: F401  (registers <openpgp/> with slixmpp)
+from gridpresence.protocol.codec import PayloadError, command_to_xml, outcome_from_xml
+from gridpresence.protocol.models import Command, Outcome, OutcomeStatus, RejectReason, utcnow
+from gridpresence.security.pgp import pgpy
+from gridpresence.security.signed import sign_payload
+
+log = logging.getLogger(__name__)
+
+# Extra time after a command's expiry for its "expired" outcome to travel back.
+OUTCOME_MARGIN_S = 1.0
+
+
+class CommandIssuer:
+    """Signs commands with ``key`` and matches outcomes to them. ``relay``: a bare JID whose
+    outcomes are accepted on behalf of devices (the store-and-forward relay passes them on)."""
+
+    def __init__(self, client: ClientXMPP, key: pgpy.PGPKey | None, relay: str | None = None) -> None:
+        self.client = client
+        self.key = key
+        self.relay = relay
+        self.pending: dict[str, asyncio.Future[Outcome]] = {}  # command id -> outcome
+        self._stanza_to_command: dict[str, str] = {}  # message id -> command id, for bounces
+        client.register_handler(Callback("grid outcome", StanzaPath("message/grid_outcome"),
+                                         self._on_outcome))  # type: ignore[arg-type]
+        client.add_event_handler("message_error", self._on_bounce)
+
+    def wire(self, cmd: Command, device: str) -> ET.Element:
+        """What goes on the wire for ``cmd`` to ``device`` (bare JID): signed if we hold a key."""
+        el = command_to_xml(cmd)
+        return sign_payload(el, device, self.key, now=cmd.issued) if self.key is not None else el
+
+    def expect(self, cmd_id: str) -> asyncio.Future[Outcome]:
+        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.pending[cmd_id] = fut
+        return fut
+
+    async def send(self, cmd: Command, to: str) -> Outcome:
+        """Send ``cmd`` to a device's full JID; its one outcome, or "expired" if none came."""
+        fut = self.expect(cmd.id)
+        msg = self.client.make_message(mto=to, mtype="normal")
+        msg.append(self.wire(cmd, JID(to).bare))
+        self._stanza_to_command[msg["id"]] = cmd.id
+        msg.send()
+        wait_s = max(0.0, (cmd.expires - utcnow()).total_seconds()) + OUTCOME_MARGIN_S
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), wait_s)
+        except asyncio.TimeoutError:
+            return Outcome(command_id=cmd.id, device=JID(to).bare, status=OutcomeStatus.EXPIRED,
+                           detail="no outcome before the command expired")
+        finally:
+            self.pending.pop(cmd.id, None)
+            self._stanza_to_command.pop(msg["id"], None)
+
+    def cancel_all(self) -> None:
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.cancel()
+
+    def _on_outcome(self, msg: Message) -> None:
+        try:
+            outcome = outcome_from_xml(msg["grid_outcome"].xml)
+        except PayloadError as exc:
+            log.warning("dropped invalid outcome from %s: %s", msg["from"], exc)
+            return
+        fut = self.pending.get(outcome.command_id)
+        if fut is None or fut.done():
+            log.debug("outcome for unknown or answered command %s from %s", outcome.command_id, msg["from"])
+            return
+        relayed = self.relay is not None and msg["from"].bare == self.relay
+        if JID(outcome.device).bare != msg["from"].bare and not relayed:
+            log.warning("outcome for %s claims device %s but came from %s", outcome.command_id, outcome.device,
+                        msg["from"])
+            return
+        fut.set_result(first_outcome(outcome))
+
+    def _on_bounce(self, msg: Message) -> None:
+        cmd_id = self._stanza_to_command.get(msg["id"])
+        fut = self.pending.get(cmd_id) if cmd_id else None
+        if fut is None or fut.done():
+            return
+        err = msg["error"]
+        fut.set_result(Outcome(command_id=cmd_id or "", device=msg["from"].bare, status=OutcomeStatus.UNDELIVERABLE,
+                               detail=f"{err['condition']}: {err['text']}".rstrip(": ")))
+
+
+def first_outcome(outcome: Outcome) -> Outcome:
+    """For the issuer of a command it is waiting on, a ``replayed`` refusal means the device had
+    this very command already (an XEP-0198 resend, the relay's resend after a crash): what counts
+    is the first outcome, which the device attached, with the device's state now."""
+    if outcome.reason is not RejectReason.REPLAYED or outcome.first is None:
+        return outcome
+    first = outcome.first
+    note = "answered again: the device had this command already"
+    return first.model_copy(update={"report": outcome.report, "detail": f"{first.detail} ({note})"[:500]})

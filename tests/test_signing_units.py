@@ -1,0 +1,229 @@
+"""Signed payloads without a server: the XEP-0373 framing, the Ed25519 hot path against pgpy
+and GnuPG, the gate's rules, the replay guard across a restart, and the [security] settings."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import subprocess
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import pytest
+from pgpy.constants import CompressionAlgorithm, PubKeyAlgorithm
+
+from gridpresence.config import FleetError, parse_fleet
+from gridpresence.protocol.codec import PayloadError, command_to_xml, outcome_from_xml, outcome_to_xml, tariff_to_xml
+from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, RejectReason, Tariff, TariffPeriod
+from gridpresence.protocol.openpgp import openpgp_from_xml, openpgp_to_xml, sign_from_bytes, sign_to_bytes
+from gridpresence.security import fastsig
+from gridpresence.security.gate import CommandGate, Refusal, open_command
+from gridpresence.security.keyring import KeyChanged, KeyUnavailable, StaticKeys
+from gridpresence.security.keys import generate
+from gridpresence.security.pgp import pgpy
+from gridpresence.security.policy import Role, SecuritySettings
+from gridpresence.security.replay import ReplayGuard, ReplayStore
+from gridpresence.security.signed import (
+    SignatureFailure,
+    check_envelope,
+    open_signed,
+    sign_payload,
+    verify_payload,
+)
+
+ALICE, DEVICE, SERIAL = "alice@localhost", "load-1@localhost", "SN-1"
+KEY = generate(ALICE)
+NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def gate(**settings: object) -> CommandGate:
+    return CommandGate(DEVICE, SERIAL, SecuritySettings(**settings),  # type: ignore[arg-type]
+                       {ALICE: Role.OPERATOR, "billing@localhost": Role.BILLING}, frozenset({"relay@localhost"}))
+
+
+def signed(cmd: Command, key: pgpy.PGPKey = KEY, to: str = DEVICE, when: dt.datetime | None = None) -> ET.Element:
+    return sign_payload(command_to_xml(cmd), to, key, now=when or cmd.issued)
+
+
+def check(cmd: Command, el: ET.Element | None = None, sender: str = ALICE, now: dt.datetime = NOW,
+          **settings: object) -> Command:
+    return gate(**settings).check(sender, open_command(el if el is not None else signed(cmd)), KEY.pubkey, now)
+
+
+def test_any_payload_round_trips_and_names_signer_and_recipient() -> None:
+    tariff = Tariff(supplier="s", periods=(TariffPeriod(start_hour=0, end_hour=24, price_per_kwh=0.5),))
+    el = sign_payload(tariff_to_xml(tariff), DEVICE, KEY, now=NOW)
+    verified = asyncio.run(verify_payload(el, ALICE, StaticKeys({ALICE: KEY})))
+    assert verified.signer == ALICE and verified.to == (DEVICE,) and verified.time == NOW
+    assert verified.payload.tag == "{urn:gridpresence:0}tariff"
+    with pytest.raises(SignatureFailure) as unknown:
+        asyncio.run(verify_payload(el, "bob@localhost", StaticKeys({ALICE: KEY})))
+    assert unknown.value.reason is RejectReason.UNKNOWN_KEY
+
+
+def test_envelope_names_the_recipient_and_a_time_in_the_window() -> None:
+    content = open_signed(signed(Command.new(Action.READ, ALICE, now=NOW, serial=SERIAL))).content
+    check_envelope(content, DEVICE, NOW + dt.timedelta(hours=2), 30)  # a command's age is its expiry's business
+    for to, now, age, reason in ((("load-2@localhost", NOW, None, RejectReason.WRONG_RECIPIENT)),
+                                 (DEVICE, NOW - dt.timedelta(seconds=31), None, RejectReason.STALE),
+                                 (DEVICE, NOW + dt.timedelta(seconds=3631), 3600.0, RejectReason.STALE)):
+        with pytest.raises(SignatureFailure) as refused:
+            check_envelope(content, to, now, 30, age)
+        assert refused.value.reason is reason
+    check_envelope(content, DEVICE, NOW + dt.timedelta(seconds=3600), 30, 3600.0)
+
+
+def test_key_lookup_failures_become_reasons() -> None:
+    class Changed(StaticKeys):
+        async def key_for(self, jid: str, timeout: float = 5.0) -> pgpy.PGPKey:
+            raise KeyChanged(jid, "AAAA", "BBBB")
+
+    el = signed(Command.new(Action.READ, ALICE, now=NOW, serial=SERIAL))
+    with pytest.raises(SignatureFailure) as changed:
+        asyncio.run(verify_payload(el, ALICE, Changed({})))
+    assert changed.value.reason is RejectReason.KEY_CHANGED and "AAAA" in changed.value.detail
+    assert issubclass(KeyChanged, KeyUnavailable)
+
+
+def test_hot_path_messages_verify_with_pgpy_and_gnupg(tmp_path: Path) -> None:
+    data = sign_to_bytes(DEVICE, NOW, command_to_xml(Command.new(Action.SHED, ALICE, now=NOW, serial=SERIAL)))
+    blob = fastsig.sign(data, KEY, NOW)
+    assert blob is not None
+    message = pgpy.PGPMessage.from_blob(blob)
+    assert bool(KEY.pubkey.verify(message)) and bytes(message.message) == data
+    (tmp_path / "alice.asc").write_text(str(KEY.pubkey))
+    (tmp_path / "cmd.gpg").write_bytes(blob)
+    gpg = ["gpg", "--homedir", str(tmp_path), "--batch", "--no-autostart"]
+    subprocess.run([*gpg, "--import", str(tmp_path / "alice.asc")], check=True, capture_output=True)
+    ok = subprocess.run([*gpg, "--verify", str(tmp_path / "cmd.gpg")], capture_output=True, text=True)
+    assert ok.returncode == 0 and "Good signature" in ok.stderr
+    flipped = blob.replace(b'action="shed"', b'action="read"')
+    (tmp_path / "cmd.gpg").write_bytes(flipped)
+    assert subprocess.run([*gpg, "--verify", str(tmp_path / "cmd.gpg")], capture_output=True).returncode != 0
+
+
+def test_pgpy_made_messages_verify_on_the_hot_path_and_other_shapes_fall_back() -> None:
+    data = b"<sign xmlns='urn:xmpp:openpgp:0'/>"
+    message = pgpy.PGPMessage.new(data, format="b", compression=CompressionAlgorithm.Uncompressed)
+    message |= KEY.sign(message)
+    parsed = fastsig.parse(bytes(message))
+    assert parsed is not None and fastsig.verify(parsed, KEY.pubkey) is True
+    assert fastsig.verify(parsed, generate("bob@localhost").pubkey) is False
+    compressed = pgpy.PGPMessage.new(data, format="b", compression=CompressionAlgorithm.ZLIB)
+    compressed |= KEY.sign(compressed)
+    assert fastsig.parse(bytes(compressed)) is None  # not our shape: pgpy reads it
+
+
+@pytest.mark.timeout(60)
+def test_a_non_ed25519_key_signs_and_verifies_through_pgpy() -> None:
+    rsa = pgpy.PGPKey.new(PubKeyAlgorithm.RSAEncryptOrSign, 2048)
+    rsa.add_uid(pgpy.PGPUID.new("xmpp:carol@localhost"), usage={pgpy.constants.KeyFlags.Sign},
+                hashes=[pgpy.constants.HashAlgorithm.SHA256])
+    cmd = Command.new(Action.READ, "carol@localhost", now=NOW, serial=SERIAL)
+    sealed = open_signed(signed(cmd, key=rsa))
+    assert sealed.fast is None
+    assert sealed.verify(rsa.pubkey, "carol@localhost").signer == "carol@localhost"
+    with pytest.raises(SignatureFailure):
+        sealed.verify(KEY.pubkey, "carol@localhost")
+
+
+def test_gate_accepts_the_right_command_and_refuses_each_wrong_one() -> None:
+    cmd = Command.new(Action.SHED, ALICE, now=NOW, serial=SERIAL)
+    assert check(cmd) == cmd
+    assert check(cmd, sender="relay@localhost") == cmd  # a relay may carry it
+
+    def reason(**kw: object) -> RejectReason:
+        with pytest.raises(Refusal) as refused:
+            check(**kw)  # type: ignore[arg-type]
+        assert refused.value.command_id == kw["cmd"].id  # type: ignore[attr-defined]
+        return refused.value.reason
+
+    assert reason(cmd=cmd, el=signed(cmd, key=generate(ALICE))) is RejectReason.BAD_SIGNATURE
+    assert reason(cmd=cmd, el=signed(cmd, to="load-2@localhost")) is RejectReason.WRONG_RECIPIENT
+    assert reason(cmd=cmd, sender="bob@localhost") is RejectReason.NOT_AUTHORISED
+    other = Command.new(Action.SHED, ALICE, now=NOW, serial="SN-2")
+    assert reason(cmd=other) is RejectReason.WRONG_SERIAL
+    reset = Command.new(Action.BILLING_RESET, ALICE, now=NOW, serial=SERIAL)
+    assert reason(cmd=reset) is RejectReason.NOT_AUTHORISED
+    assert reason(cmd=cmd, now=NOW - dt.timedelta(seconds=31)) is RejectReason.STALE  # signed in the future
+    assert reason(cmd=cmd, el=signed(cmd, when=NOW + dt.timedelta(seconds=-60))) is RejectReason.STALE
+    long = Command.new(Action.SHED, ALICE, now=NOW, serial=SERIAL, ttl_s=7200)
+    assert reason(cmd=long, max_ttl_s=3600) is RejectReason.STALE
+    assert check(long) == long  # under the default one-day limit
+    allowed = Command.new(Action.BILLING_RESET, ALICE, now=NOW, serial=SERIAL)
+    assert check(allowed, allow={"operator": ["billing_reset"], "billing": [], "manufacturer": []}) == allowed
+    # ... the policy is configuration
+
+
+def test_broken_envelopes_are_refused_with_a_reason() -> None:
+    def opened(el: ET.Element) -> RejectReason:
+        with pytest.raises(Refusal) as refused:
+            open_command(el)
+        return refused.value.reason
+
+    assert opened(openpgp_to_xml(b"\x00 garbage")) is RejectReason.BAD_SIGNATURE
+    bad_b64 = ET.Element("{urn:xmpp:openpgp:0}openpgp")
+    bad_b64.text = "%%%"
+    assert opened(bad_b64) is RejectReason.BAD_SIGNATURE
+    literal = pgpy.PGPMessage.new(sign_to_bytes(DEVICE, NOW, ET.Element("x")), format="b")
+    assert opened(openpgp_to_xml(bytes(literal))) is RejectReason.UNSIGNED
+    weird = sign_payload(ET.fromstring("<command xmlns='urn:gridpresence:0' id='c1' action='explode'/>"), DEVICE, KEY)
+    with pytest.raises(Refusal) as unknown:
+        open_command(weird)
+    assert unknown.value.reason is RejectReason.NOT_SUPPORTED and unknown.value.command_id == "c1"
+    for text in (b"<sign xmlns='urn:xmpp:openpgp:0'/>", b"not xml", b"<other/>",
+                 b"<sign xmlns='urn:xmpp:openpgp:0'><to jid='a'/><time stamp='yesterday'/><payload/></sign>"):
+        with pytest.raises(PayloadError):
+            sign_from_bytes(text)
+    with pytest.raises(PayloadError):
+        openpgp_from_xml(ET.Element("openpgp"))
+
+
+def test_replay_guard_remembers_across_a_restart_and_forgets_after_expiry(tmp_path: Path) -> None:
+    import time
+
+    store = ReplayStore(tmp_path / "replay.sqlite3")
+    guard = ReplayGuard(store, DEVICE)
+    done = Outcome(command_id="c1", device=DEVICE, status=OutcomeStatus.EXECUTED, detail="load shed")
+    guard.record(ALICE, "c1", time.time() + 60, done)
+    guard.record(ALICE, "old", time.time() - 1, done)
+    assert guard.seen(ALICE, "c1") is not None and guard.seen("bob@localhost", "c1") is None
+    store.close()
+    again = ReplayGuard(ReplayStore(tmp_path / "replay.sqlite3"), DEVICE)
+    seen = again.seen(ALICE, "c1")
+    assert seen is not None and seen.outcome == done  # a restarted device still knows it, and what it did
+    assert again.seen(ALICE, "old") is None  # past its expiry: the window refuses it anyway
+    assert ReplayGuard(again.store, "load-2@localhost").seen(ALICE, "c1") is None  # per device
+
+
+def test_outcome_carries_the_first_outcome_one_level_deep() -> None:
+    first = Outcome(command_id="c1", device=DEVICE, status=OutcomeStatus.EXECUTED, detail="load shed")
+    replay = Outcome(command_id="c1", device=DEVICE, status=OutcomeStatus.REJECTED, reason=RejectReason.REPLAYED,
+                     detail="already had", first=first)
+    assert outcome_from_xml(outcome_to_xml(replay)) == replay
+    nested = outcome_to_xml(replay)
+    inner = nested.find("{urn:gridpresence:0}first/{urn:gridpresence:0}outcome")
+    assert inner is not None
+    inner.append(outcome_to_xml(replay).find("{urn:gridpresence:0}first"))  # type: ignore[arg-type]
+    with pytest.raises(PayloadError):
+        outcome_from_xml(nested)
+
+
+def test_security_settings_in_the_fleet_file() -> None:
+    base = {"operators": [{"name": "olga"}], "devices": [{"name": "pump", "kind": "load", "rated_kw": 3}]}
+    fleet = parse_fleet(base)
+    assert fleet.security.allows(Role.BILLING, Action.BILLING_RESET)
+    assert not fleet.security.allows(Role.OPERATOR, Action.BILLING_RESET)
+    assert not fleet.security.allows(Role.MANUFACTURER, Action.SHED)
+    assert fleet.security.unsigned_chat_actions == () and fleet.security.require_signatures
+    assert fleet.devices[0].serial.startswith("SN-") and parse_fleet(base).devices[0].serial == fleet.devices[0].serial
+    with pytest.raises(FleetError, match=r"security.allow.operator\[0\]"):
+        parse_fleet({**base, "security": {"allow": {"operator": ["fly"], "billing": [], "manufacturer": []}}})
+    with pytest.raises(FleetError, match="missing: manufacturer"):
+        parse_fleet({**base, "security": {"allow": {"operator": [], "billing": []}}})
+    with pytest.raises(FleetError, match="security.clock_skew_s"):
+        parse_fleet({**base, "security": {"clock_skew_s": -1}})
+    with pytest.raises(FleetError, match=r"devices\[0\].serial"):
+        parse_fleet({**base, "devices": [{"name": "pump", "kind": "load", "rated_kw": 3, "serial": "no spaces"}]})
+    made = parse_fleet({**base, "manufacturers": [{"name": "acme"}]})
+    assert made.roles()["acme@localhost"] is Role.MANUFACTURER
