@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PKGS := prosody nftables iproute2 profanity tmux
+APT_PKGS := prosody nftables iproute2 profanity tmux gnupg go-sendxmpp
 
 .PHONY: demo test setup system-deps bench clean
 
@@ -37,6 +37,7 @@ bench: setup
 	$(PY) bench/relay.py
 	$(PY) bench/bosh.py
 	$(PY) bench/chat.py
+	$(PY) bench/ox_chat.py
 	$(PY) bench/rules_eval.py
 
 clean:

@@ -35,11 +35,15 @@ class ChatPeer:
     async def ask(self, to: str, text: str, timeout: float = 5.0, stanza_id: str | None = None) -> str:
         """Send a chat line and return the reply from that device."""
         self.say(to, text, stanza_id)
+        return (await self.reply_from(to, timeout))["body"]
+
+    async def reply_from(self, device: str, timeout: float = 5.0) -> Message:
+        """The next chat message (not an alarm) from ``device``."""
         async with asyncio.timeout(timeout):
             while True:
                 msg = await self.replies.get()
-                if msg["from"].bare == to:
-                    return msg["body"]
+                if msg["from"].bare == device:
+                    return msg
 
     async def alarm(self, device: str, timeout: float, predicate=lambda m: True) -> Message:  # type: ignore[no-untyped-def]
         """The next alarm message from `device` that satisfies `predicate`."""

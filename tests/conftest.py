@@ -64,6 +64,10 @@ TEST_FLEET = {
         # Talked to from a third-party chat client.
         {"name": "desk-load", "kind": "load", "rated_kw": 120},
         {"name": "desk-gen", "kind": "generator", "rated_kw": 100, "startup_s": 0, "initial_state": "on"},
+        # Sent signed, encrypted chat (OpenPGP for XMPP): from Profanity, a script, go-sendxmpp.
+        {"name": "ox-load", "kind": "load", "rated_kw": 90},
+        {"name": "ox-wire", "kind": "load", "rated_kw": 70},
+        {"name": "ox-send", "kind": "load", "rated_kw": 60},
         # Run apart by tests that kill or freeze a device process.
         {"name": "victim-1", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
         {"name": "victim-2", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},

@@ -157,7 +157,7 @@ class ChatDesk:
         """The reply to one chat message (None: stay silent to a stranger already told)."""
         who = sender.bare
         if who not in self.agent.operators:
-            return self._refuse(who)
+            return self.refuse(who)
         problem = unreadable(text)
         if problem:
             return f"{problem} {self.help_text()}"
@@ -186,7 +186,8 @@ class ChatDesk:
         shown = text.strip()[:40]
         return f"I do not understand {shown!r}. {self.help_text()}"
 
-    def _refuse(self, who: str) -> str | None:
+    def refuse(self, who: str) -> str | None:
+        """"Not authorised" for a stranger, once a minute; silence for another bot."""
         groups = self.agent.client.client_roster[who]["groups"] if who in self.agent.client.client_roster else []
         if roles.device_kind(groups) is not None or roles.SERVICES in groups:
             return None  # another bot: answering could start an endless exchange

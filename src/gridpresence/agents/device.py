@@ -22,6 +22,8 @@ from gridpresence.agents.alarms import AlarmDesk
 from gridpresence.agents.price_feed import PriceFeed
 from gridpresence.agents.verdicts import VerdictDesk
 from gridpresence.agents.chat import ChatDesk
+from gridpresence.agents.ox_chat import OxDesk
+from gridpresence.security.ox import is_encrypted
 from gridpresence.agents.firmware import FirmwareDesk
 from gridpresence.agents.folding import BranchFold
 from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
@@ -152,6 +154,7 @@ class DeviceAgent:
         self.fold = BranchFold(self, parent)
         self.alarms.fold = self.fold
         self.chat = ChatDesk(self)
+        self.ox = OxDesk(self)  # the same chat, signed and encrypted (XEP-0374) by OX clients
         enable_standard_features(self)
         self.verdicts = VerdictDesk(self)
         self.firmware = FirmwareDesk(self)
@@ -311,6 +314,8 @@ class DeviceAgent:
         sender = msg["from"]
         if msg.xml.find(q("firmware")) is not None:
             return  # a firmware image with its signed offer: the firmware desk's
+        if is_encrypted(msg["openpgp"].xml.text or ""):
+            return  # signed and encrypted (XEP-0374 chat from an OX client): the OX desk's
         try:
             sealed = open_sealed(msg["openpgp"].xml)
             if sealed.payload.tag == q("tariff"):

@@ -28,8 +28,9 @@ from gridpresence.protocol.codec import PayloadError, _text
 from gridpresence.security.ox_xml import NS_OX as OX_NS
 from gridpresence.security.ox_xml import ox
 
-__all__ = ["OPENPGP_NS", "OX_NS", "SignContent", "Signcrypt", "element_to_text", "openpgp_from_xml",
-           "openpgp_to_xml", "ox", "sign_from_bytes", "sign_to_bytes", "signcrypt_from_bytes", "signcrypt_to_bytes"]
+__all__ = ["OPENPGP_NS", "OX_NS", "SignContent", "Signcrypt", "chat_body", "chat_payload", "element_to_text",
+           "openpgp_from_xml", "openpgp_to_xml", "ox", "sign_from_bytes", "sign_to_bytes", "signcrypt_from_bytes",
+           "signcrypt_to_bytes"]
 OPENPGP_NS = OX_NS
 # A sealed part or a signed command is a few hundred bytes, a signed firmware offer or tariff
 # under 2 KiB; this bounds what a receiver will even try to decode.
@@ -79,6 +80,9 @@ class Signcrypt:
     to: tuple[str, ...]
     time: dt.datetime
     payload: ET.Element
+    # Further payload elements: XEP-0374 chat clients put chat states or receipt requests
+    # beside the <body/> (Gajim does); a grid part has none.
+    extra: tuple[ET.Element, ...] = ()
 
 
 def signcrypt_to_bytes(content: Signcrypt) -> bytes:
@@ -104,9 +108,9 @@ def signcrypt_from_bytes(data: bytes) -> Signcrypt:
     payload = el.find(ox("payload"))
     if not to or not all(to):
         raise PayloadError("<signcrypt/> names no recipient")
-    if stamp is None or payload is None or len(payload) != 1:
-        raise PayloadError("<signcrypt/> needs one <time/> and a <payload/> with one element")
-    return Signcrypt(to=to, time=_time(stamp, "signcrypt"), payload=payload[0])
+    if stamp is None or payload is None or len(payload) == 0:
+        raise PayloadError("<signcrypt/> needs one <time/> and a <payload/> with an element")
+    return Signcrypt(to=to, time=_time(stamp, "signcrypt"), payload=payload[0], extra=tuple(payload[1:]))
 
 
 # -- signed only: <sign/> ---------------------------------------------------------------------
@@ -167,3 +171,24 @@ class OpenPGPElement(ElementBase):
 
 
 register_stanza_plugin(Message, OpenPGPElement)
+
+
+# -- XEP-0374 chat: the payload is a message's <body/> ---------------------------------------
+
+CLIENT_NS = "jabber:client"
+# The plain body a client that cannot read OX shows instead (XEP-0374 §2.1 suggests one).
+FALLBACK_BODY = "This message is encrypted (XEP-0373: OpenPGP for XMPP)."
+
+
+def chat_payload(text: str) -> ET.Element:
+    el = ET.Element(f"{{{CLIENT_NS}}}body")
+    el.text = text
+    return el
+
+
+def chat_body(content: Signcrypt) -> str:
+    """The text of the chat ``<body xmlns='jabber:client'/>`` among the payload elements."""
+    for el in (content.payload, *content.extra):
+        if el.tag == f"{{{CLIENT_NS}}}body":
+            return el.text or ""
+    raise PayloadError(f"the signed payload holds no chat <body xmlns='{CLIENT_NS}'/>")

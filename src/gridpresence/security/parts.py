@@ -77,8 +77,8 @@ def unseal(data: bytes, me: str, my_key: pgpy.PGPKey, sender: str, sender_key: p
     names `me` among its recipients and is fresh. Raises :class:`NotForYou` or :class:`BadPart`."""
     try:
         message = pgpy.PGPMessage.from_blob(data)
-    except (ValueError, PGPError, TypeError, IndexError) as exc:
-        raise BadPart(PartProblem.NOT_OPENPGP, f"not an OpenPGP message ({exc})") from None
+    except Exception as exc:  # pgpy raises many kinds for broken packets, even NotImplementedError
+        raise BadPart(PartProblem.NOT_OPENPGP, f"not an OpenPGP message ({type(exc).__name__}: {exc})") from None
     if not message.is_encrypted:
         raise BadPart(PartProblem.NOT_ENCRYPTED, "the part is not encrypted")
     try:
