@@ -83,6 +83,7 @@ class GridOperator:
         # Every command is signed with the operator's key; without one, devices refuse them.
         self.issuer = CommandIssuer(self.client, self.keyring.secret_key, relay.jid if relay is not None else None)
         self._busy: set[asyncio.Task[None]] = set()
+        self._closing = False
         self._pending = self.issuer.pending
         # Serial numbers by device JID from the connection file, for devices not seen yet.
         self.serials = dict(serials or {})
@@ -164,7 +165,10 @@ class GridOperator:
         self.issuer.cancel_all()
         if self.relay is not None:
             await asyncio.to_thread(self.relay.close)
+        self._closing = True
         await close_session(self.client)
+        for task in list(self._busy):  # a tariff still waiting for billing's key is of no use now
+            task.cancel()
 
     async def __aenter__(self) -> GridOperator:
         await self.connect()
@@ -362,6 +366,8 @@ class GridOperator:
     # -- tariffs ----------------------------------------------------------------------
 
     def _on_tariff(self, msg: Message) -> None:
+        if self._closing:  # arrived while leaving: the key lookup would only time out
+            return
         task = asyncio.ensure_future(self._take_tariff(msg))  # the billing key may have to be fetched
         self._busy.add(task)
         task.add_done_callback(self._busy.discard)
