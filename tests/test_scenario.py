@@ -184,7 +184,8 @@ async def test_device_goodbye_is_gone_not_error(env: Env, alice: GridOperator) -
     try:
         await alice.wait_for(lambda d: _fresh_and_on(d["victim-1"]), timeout=20)
         proc.send_signal(signal.SIGTERM)  # a clean stop says goodbye
-        await asyncio.wait_for(proc.wait(), 10)
+        _, err = await asyncio.wait_for(proc.communicate(), 10)
+        assert proc.returncode == 0 and b"Traceback" not in err, err.decode(errors="replace")
         await alice.wait_for(lambda d: d["victim-1"].health is HealthStatus.GONE, timeout=10)
         assert alice.devices["victim-1"].label == "gone"
     finally:

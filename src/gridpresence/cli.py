@@ -330,8 +330,7 @@ async def cmd_bots(args: argparse.Namespace) -> int:
         print(f"running {', '.join(sorted(bots.devices) + sorted(bots.billing))}", flush=True)
         await stop.wait()
     finally:
-        await bots.stop()
-        replay.close()
+        await bots.stop()  # closes the devices' replay guard too
     return EXIT_OK
 
 
