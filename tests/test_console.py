@@ -39,7 +39,7 @@ async def test_fleet_view_and_who_is_restricted(env: Env, bob_chat: ChatPeer, al
 async def test_shed_kw_and_group_actions(env: Env, bob_chat: ChatPeer, alice: GridOperator) -> None:
     before = net_load_kw(alice.devices)
     answer = await bob_chat.ask(CONSOLE, "shed 100kW", timeout=30)
-    assert answer.startswith(f"Shedding 100 kW: net load was ")
+    assert answer.startswith("Shedding 100 kW: net load was ")
     shed = re.findall(r"^shed (\S+): executed", answer, re.M)
     assert shed and answer.rstrip().endswith("target met.")
     try:

@@ -13,7 +13,6 @@ from gridpresence.accounts import RELAY, WATCHDOG
 from gridpresence.security import keys
 from gridpresence.security.pgp import pgpy
 from gridpresence.security.pins import PinStore, PinVerdict
-from gridpresence.server.provision import AccountSpec
 
 from conftest import Env
 

@@ -5,7 +5,6 @@ reply saying why, and the bot keeps answering."""
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 from collections.abc import AsyncIterator
 

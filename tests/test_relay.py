@@ -31,7 +31,6 @@ from gridpresence.protocol.billing_report import PartName, billing_report_from_x
 from gridpresence.relay.mail import MailTLSError, build_mail, open_smtp
 from gridpresence.relay.route import RelayRoute
 from gridpresence.relay.commissioning import commission, readers_keys
-from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.security.parts import NotForYou
 from gridpresence.server.certs import ensure_certificates
 from gridpresence.relay.mail_device import MailDevice

@@ -27,7 +27,6 @@ from gridpresence.protocol.models import utcnow
 from gridpresence.protocol.openpgp import OPENPGP_NS
 from gridpresence.security.keyring import KeyLookup
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
-from gridpresence.security.pgp import pgpy
 from gridpresence.security.policy import Role, SecuritySettings
 from gridpresence.security.signed import SignatureFailure, check_envelope, key_of, open_signed, sign_payload
 

@@ -15,7 +15,6 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from pathlib import Path
 from types import TracebackType
 
 from slixmpp import JID, Message

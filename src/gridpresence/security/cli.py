@@ -17,7 +17,7 @@ from gridpresence.agents.session import ConnectionInfo, SessionError, close_sess
 from gridpresence.security.keyring import KeyUnavailable
 from gridpresence.security.keys import KEYS_DIR, KeyFileError, fingerprint, jid_of, load_secret
 from gridpresence.security.pep_keyring import PINS_DIR, PartyKeys, PepKeyring
-from gridpresence.security.pins import PinStore, changes_path
+from gridpresence.security.pins import PinStore
 
 CONNECTION_FILE, SECRETS_FILE = "connection.json", "secrets.json"  # as written by `gridpresence up`
 EXIT_OK, EXIT_ERROR = 0, 2
