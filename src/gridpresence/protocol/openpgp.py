@@ -96,18 +96,25 @@ def signcrypt_to_bytes(content: Signcrypt) -> bytes:
     return ET.tostring(el, encoding="utf-8")
 
 
-def signcrypt_from_bytes(data: bytes) -> Signcrypt:
+def _envelope(data: bytes, name: str, what: str) -> tuple[ET.Element, tuple[str, ...]]:
+    """The ``<sign/>`` or ``<signcrypt/>`` element in ``data`` and the recipients it names;
+    :class:`PayloadError` saying which of the two steps failed."""
     try:
         el = ET.fromstring(data)
     except ET.ParseError as exc:
-        raise PayloadError(f"decrypted part is not well-formed XML: {exc}") from None
-    if el.tag != ox("signcrypt"):
-        raise PayloadError(f"decrypted part is <{el.tag}>, not <signcrypt xmlns='{OX_NS}'>")
+        raise PayloadError(f"{what} is not well-formed XML: {exc}") from None
+    if el.tag != ox(name):
+        raise PayloadError(f"{what} is <{el.tag}>, not <{name} xmlns='{OX_NS}'>")
     to = tuple(t.get("jid", "") for t in el.findall(ox("to")))
+    if not to or not all(to):
+        raise PayloadError(f"<{name}/> names no recipient (<to jid='…'/>)")
+    return el, to
+
+
+def signcrypt_from_bytes(data: bytes) -> Signcrypt:
+    el, to = _envelope(data, "signcrypt", "decrypted part")
     stamp = el.find(ox("time"))
     payload = el.find(ox("payload"))
-    if not to or not all(to):
-        raise PayloadError("<signcrypt/> names no recipient")
     if stamp is None or payload is None or len(payload) == 0:
         raise PayloadError("<signcrypt/> needs one <time/> and a <payload/> with an element")
     return Signcrypt(to=to, time=_time(stamp, "signcrypt"), payload=payload[0], extra=tuple(payload[1:]))
@@ -142,15 +149,7 @@ def sign_from_bytes(data: bytes) -> SignContent:
     """Parse signed ``<sign/>`` bytes; raises :class:`PayloadError` naming what is wrong."""
     if len(data) > MAX_SIGNED_BYTES:
         raise PayloadError(f"signed content larger than {MAX_SIGNED_BYTES} bytes")
-    try:
-        sign = ET.fromstring(data)
-    except ET.ParseError as exc:
-        raise PayloadError(f"signed content is not well-formed XML: {exc}") from None
-    if sign.tag != ox("sign"):
-        raise PayloadError(f"signed content is <{sign.tag}>, expected <sign xmlns='{OX_NS}'>")
-    to = tuple(t.get("jid", "") for t in sign.findall(ox("to")))
-    if not to or not all(to):
-        raise PayloadError("<sign/> names no recipient (<to jid='…'/>)")
+    sign, to = _envelope(data, "sign", "signed content")
     payload = sign.find(ox("payload"))
     if payload is None or len(payload) != 1:
         raise PayloadError("<sign/> must hold exactly one element in <payload/>")
