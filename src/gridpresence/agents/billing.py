@@ -18,7 +18,8 @@ from slixmpp import JID, Message, Presence
 
 from gridpresence.agents.issuer import CommandIssuer
 from gridpresence.agents.reports import ReportInbox, ReportReader, request_report
-from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
+from gridpresence.agents.party import PartySession
+from gridpresence.agents.session import Endpoint, make_client
 from gridpresence.config import BillingSpec
 from gridpresence.protocol.billing_report import BillingData, PartName
 from gridpresence.protocol.codec import PayloadError, tariff_from_xml, tariff_to_xml
@@ -78,7 +79,7 @@ async def tariff_from_billing(msg: Message, is_billing: Callable[[str], bool], k
     return tariff
 
 
-class BillingAgent:
+class BillingAgent(PartySession):
     def __init__(self, spec: BillingSpec, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str],
                  devices: Iterable[str] = (), keys: PartyKeys | None = None, relays: Iterable[str] = ()) -> None:
         self.spec = spec
@@ -119,18 +120,6 @@ class BillingAgent:
     def request_report(self, meter: str) -> None:
         """Ask a meter (bare JID) for its billing report now."""
         request_report(self.client, meter)
-
-    async def start(self, timeout: float = 20.0) -> None:
-        """Log in and announce our key (XEP-0373) before anyone is told we are here."""
-        await self.login(timeout)
-        await self.keyring.announced()
-
-    async def login(self, timeout: float = 20.0) -> None:
-        """Log in; the key is announced meanwhile (:meth:`start` waits for that too)."""
-        await open_session(self.client, self.endpoint, timeout)
-
-    async def stop(self) -> None:
-        await close_session(self.client)
 
     def _on_presence(self, pres: Presence) -> None:
         sender = pres["from"]

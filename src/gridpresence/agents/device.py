@@ -26,7 +26,8 @@ from gridpresence.agents.ox_chat import OxDesk
 from gridpresence.security.ox import is_encrypted
 from gridpresence.agents.firmware import FirmwareDesk
 from gridpresence.agents.folding import BranchFold
-from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
+from gridpresence.agents.party import PartySession
+from gridpresence.agents.session import Endpoint, close_session, make_client
 from gridpresence.alarm_settings import AlarmSettings
 from gridpresence.config import DeviceSpec
 from gridpresence.devices import SimDevice, make_device
@@ -77,7 +78,7 @@ def branch_contribution(child: PresenceReport) -> float:
     return 0.0 if child.kind is DeviceKind.BREAKER else kw
 
 
-class DeviceAgent:
+class DeviceAgent(PartySession):
     """One device identity on the network.
 
     ``operators`` are the bare JIDs on alarm duty that may chat with it; ``children`` the bare
@@ -159,20 +160,7 @@ class DeviceAgent:
         self.verdicts = VerdictDesk(self)
         self.firmware = FirmwareDesk(self)
 
-    @property
-    def jid(self) -> str:
-        return self.client.boundjid.bare
-
     # -- life cycle -------------------------------------------------------------------
-
-    async def start(self, timeout: float = 20.0) -> None:
-        """Log in and announce our key (XEP-0373) before anyone is told we are here."""
-        await self.login(timeout)
-        await self.keyring.announced()
-
-    async def login(self, timeout: float = 20.0) -> None:
-        """Log in; the key is announced meanwhile (:meth:`start` waits for that too)."""
-        await open_session(self.client, self.endpoint, timeout)
 
     def _on_session_start(self, _event: object) -> None:
         self._published = None  # a new session has told no one anything yet

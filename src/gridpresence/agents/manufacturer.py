@@ -8,7 +8,8 @@ import logging
 from xml.etree import ElementTree as ET
 
 from gridpresence.agents.firmware import sign_offer
-from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
+from gridpresence.agents.party import PartySession
+from gridpresence.agents.session import Endpoint, make_client
 from gridpresence.config import ManufacturerSpec
 from gridpresence.protocol.firmware import FirmwareImage
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
@@ -16,7 +17,7 @@ from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 log = logging.getLogger(__name__)
 
 
-class ManufacturerAgent:
+class ManufacturerAgent(PartySession):
     def __init__(self, spec: ManufacturerSpec, jid: str, password: str, endpoint: Endpoint,
                  keys: PartyKeys | None = None) -> None:
         self.spec = spec
@@ -24,21 +25,6 @@ class ManufacturerAgent:
         self.client = make_client(jid, password, endpoint)
         self.keyring = PepKeyring(self.client, keys)  # announces the key devices check offers with
         self.client.add_event_handler("session_start", lambda _e: self.client.send_presence(pstatus="manufacturer"))
-
-    @property
-    def jid(self) -> str:
-        return str(self.client.boundjid.bare)
-
-    async def start(self, timeout: float = 20.0) -> None:
-        """Log in and announce our key (XEP-0373)."""
-        await self.login(timeout)
-        await self.keyring.announced()
-
-    async def login(self, timeout: float = 20.0) -> None:
-        await open_session(self.client, self.endpoint, timeout)
-
-    async def stop(self) -> None:
-        await close_session(self.client)
 
     def offer(self, image: FirmwareImage, device: str, serial: str, ttl_s: float = 3600.0) -> ET.Element:
         """This manufacturer's signed offer of ``image`` to one device (bare JID and serial)."""

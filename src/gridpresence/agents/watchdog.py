@@ -10,7 +10,8 @@ from slixmpp import JID, Iq
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
-from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
+from gridpresence.agents.party import PartySession
+from gridpresence.agents.session import Endpoint, make_client
 from gridpresence.agents.tracker import PresenceTracker
 from gridpresence.protocol.codec import health_to_xml
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
@@ -18,7 +19,7 @@ from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 log = logging.getLogger(__name__)
 
 
-class WatchdogAgent:
+class WatchdogAgent(PartySession):
     def __init__(self, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str], grace_s: float = 15.0,
                  keys: PartyKeys | None = None) -> None:
         self.endpoint = endpoint
@@ -30,14 +31,8 @@ class WatchdogAgent:
             Callback("fleet health", StanzaPath("iq@type=get/grid_fleet_health"), self._on_query)
         )
 
-    async def start(self, timeout: float = 20.0) -> None:
-        """Log in and announce our key (XEP-0373) before anyone is told we are here."""
-        await self.login(timeout)
-        await self.keyring.announced()
-
     async def login(self, timeout: float = 20.0) -> None:
-        """Log in; the key is announced meanwhile (:meth:`start` waits for that too)."""
-        await open_session(self.client, self.endpoint, timeout)
+        await super().login(timeout)
         await self.client.get_roster()
         self.tracker.load_roster()
         self.client.send_presence(pstatus="presence watchdog")
@@ -45,7 +40,7 @@ class WatchdogAgent:
 
     async def stop(self) -> None:
         self.tracker.stop_watchdog()
-        await close_session(self.client)
+        await super().stop()
 
     def _on_query(self, iq: Iq) -> None:
         if iq["from"].bare not in self.operators:
