@@ -49,7 +49,8 @@ async def test_operator_in_profanity_sends_a_signed_encrypted_shed(env: Env, tmp
             await term.wait_for("Announce OpenPGP Key for OX")
             # The device's key, from the device's own PEP nodes.
             await term.type(f"/ox discover {device}")
-            await term.wait_for(rf"Discovering Public Key for {re.escape(device)}.*\n\S+ - {device_fpr}")
+            # Presence lines of other devices may land between the two lines Profanity prints.
+            await term.wait_for(rf"Discovering Public Key for {re.escape(device)}(?:.*\n)+?\S+ - {device_fpr}")
             await term.type(f"/ox request {device} {device_fpr}")
             await term.wait_for("Public Key imported")
             await gpg.run("--quick-lsign-key", device_fpr)  # she checked the fingerprint: valid now
