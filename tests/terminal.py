@@ -33,7 +33,7 @@ class Terminal:
         return out.decode()
 
     async def type(self, text: str) -> None:
-        await self.tmux("send-keys", "-t", "main", "-l", text)
+        await self.tmux("send-keys", "-t", "main", "-l", "--", text)  # "--": text may start with "-"
         await self.tmux("send-keys", "-t", "main", "Enter")
 
     async def screen(self) -> str:

@@ -85,6 +85,20 @@ def test_key_lookup_failures_become_reasons() -> None:
     assert issubclass(KeyChanged, KeyUnavailable)
 
 
+def test_signed_bytes_keep_every_name_and_namespace_exactly() -> None:
+    """The <sign/> envelope is written from a template: what it says must read back the same,
+    whatever the recipient's JID holds and whether the payload has a namespace or none."""
+    cmd = command_to_xml(Command.new(Action.SHED, ALICE, now=NOW, serial=SERIAL, args={"note": "a<b & 'c'"}))
+    odd = 'load-"1"&<2>@localhost'
+    content = sign_from_bytes(sign_to_bytes(odd, NOW, cmd))
+    assert content.to == (odd,) and content.time == NOW
+    assert ET.tostring(content.payload) == ET.tostring(cmd)
+    bare = sign_from_bytes(sign_to_bytes(DEVICE, NOW, ET.fromstring("<x a='1'><y/></x>"))).payload
+    assert bare.tag == "x" and bare[0].tag == "y" and bare.get("a") == "1"  # still in no namespace
+    other = sign_from_bytes(sign_to_bytes(DEVICE, NOW, ET.fromstring("<ns0:x xmlns:ns0='urn:other'/>"))).payload
+    assert other.tag == "{urn:other}x"
+
+
 def test_hot_path_messages_verify_with_pgpy_and_gnupg(tmp_path: Path) -> None:
     data = sign_to_bytes(DEVICE, NOW, command_to_xml(Command.new(Action.SHED, ALICE, now=NOW, serial=SERIAL)))
     blob = fastsig.sign(data, KEY, NOW)

@@ -140,8 +140,8 @@ class DeviceAgent(PartySession):
         self.client.register_handler(
             Callback("grid command", StanzaPath("message/grid_command"), self._on_command)
         )
-        self.client.register_handler(Callback("signed command", StanzaPath("message/openpgp"),
-                                              self._on_signed))  # type: ignore[arg-type]
+        self.client.register_handler(Callback("openpgp", StanzaPath("message/openpgp"),
+                                              self._on_openpgp))  # type: ignore[arg-type]
         if self.children:
             self.client.add_event_handler("presence", self._on_child_presence)
         self.client.add_event_handler("disconnected", self._on_disconnected)
@@ -297,13 +297,16 @@ class DeviceAgent(PartySession):
             log.exception("%s: command handling failed", self.spec.name)
             self._stanza_error(sender, "internal-server-error", "wait", "the device could not handle this command")
 
+    def _on_openpgp(self, msg: Message) -> None:
+        """Every ``<openpgp/>`` (XEP-0373) goes to one place, by what the message is."""
+        if is_encrypted(msg["openpgp"].xml.text or ""):
+            self.ox.take(msg)  # signed and encrypted (XEP-0374 chat from an OX client)
+        elif msg.xml.find(q("firmware")) is None:  # with an image: the firmware desk's signed offer
+            self._on_signed(msg)
+
     def _on_signed(self, msg: Message) -> None:
         """A signed command: checked, then acted on once. Sync while the issuer's key is cached."""
         sender = msg["from"]
-        if msg.xml.find(q("firmware")) is not None:
-            return  # a firmware image with its signed offer: the firmware desk's
-        if is_encrypted(msg["openpgp"].xml.text or ""):
-            return  # signed and encrypted (XEP-0374 chat from an OX client): the OX desk's
         try:
             sealed = open_sealed(msg["openpgp"].xml)
             if sealed.payload.tag == q("tariff"):

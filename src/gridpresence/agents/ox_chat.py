@@ -13,11 +13,9 @@ import logging
 from typing import TYPE_CHECKING
 
 from slixmpp import JID, Message
-from slixmpp.xmlstream.handler import Callback
-from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.protocol.openpgp import FALLBACK_BODY
-from gridpresence.security.ox import OxRefused, is_encrypted, open_chat, seal_chat
+from gridpresence.security.ox import OxRefused, open_chat, seal_chat
 from gridpresence.security.pgp import pgpy
 
 if TYPE_CHECKING:
@@ -35,14 +33,11 @@ class OxDesk:
     def __init__(self, agent: DeviceAgent) -> None:
         self.agent = agent
         self._pending: set[asyncio.Task[None]] = set()
-        agent.client.register_handler(Callback("ox message", StanzaPath("message/openpgp"),
-                                               self._on_ox))  # type: ignore[arg-type]
 
-    def _on_ox(self, msg: Message) -> None:
+    def take(self, msg: Message) -> None:
+        """An encrypted ``<openpgp/>`` message (the device routes them here)."""
         if msg["type"] not in ("chat", "normal") or msg["from"].bare == self.agent.jid:
             return
-        if not is_encrypted(msg["openpgp"].xml.text or ""):
-            return  # signed only (<sign/>): a signed grid payload, the device's command gate takes it
         if len(self._pending) >= MAX_PENDING:
             self._reply_plain(msg, "The device is busy opening other encrypted messages; send it again shortly.")
             return

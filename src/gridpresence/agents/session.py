@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 from slixmpp import ClientXMPP
 
-from gridpresence.agents import fast_scram  # noqa: F401  (registers the C-speed SCRAM with slixmpp)
+from gridpresence.agents import fast_escape, fast_scram  # noqa: F401  (C-speed escaping and SCRAM for slixmpp)
 from gridpresence.protocol import stanzas
 from gridpresence.transport.policy import ConnectionPolicy, GridClient
 

@@ -20,6 +20,7 @@ import datetime as dt
 import secrets
 from dataclasses import dataclass
 from xml.etree import ElementTree as ET
+from xml.sax.saxutils import quoteattr
 
 from slixmpp import Message
 from slixmpp.xmlstream import ElementBase, register_stanza_plugin
@@ -137,12 +138,14 @@ def _stamp(when: dt.datetime) -> str:
 
 
 def sign_to_bytes(to: str, time: dt.datetime, payload: ET.Element) -> bytes:
-    """The ``<sign/>`` element for one recipient, serialised: the bytes that get signed."""
-    sign = ET.Element(ox("sign"))
-    ET.SubElement(sign, ox("to"), {"jid": to})
-    ET.SubElement(sign, ox("time"), {"stamp": _stamp(time)})
-    ET.SubElement(sign, ox("payload")).append(payload)
-    return ET.tostring(sign, encoding="utf-8", xml_declaration=False)
+    """The ``<sign/>`` element for one recipient, serialised: the bytes that get signed.
+
+    The envelope is written from a template (ElementTree's serialiser takes ~30 µs for the
+    whole, a third of the cost of signing a command); only the payload goes through it. The
+    envelope's namespace has a prefix, so a payload element without a namespace keeps none."""
+    inner = ET.tostring(payload, encoding="unicode")
+    return (f'<ox:sign xmlns:ox="{OX_NS}"><ox:to jid={quoteattr(to)} /><ox:time stamp="{_stamp(time)}" />'
+            f"<ox:payload>{inner}</ox:payload></ox:sign>").encode("utf-8")
 
 
 def sign_from_bytes(data: bytes) -> SignContent:
