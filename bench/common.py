@@ -8,13 +8,14 @@ milliseconds do not).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import statistics
 import tempfile
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from slixmpp import ClientXMPP, Message
@@ -52,6 +53,36 @@ def bench_fleet(loads: int, refresh_s: float = 300.0, require_signatures: bool =
     })
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds each named process spends inside ``with meter.measure(kind):`` blocks, summed
+    per kind: where a fan-out's time goes when the machine, not the network, is the limit."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.spent: dict[str, dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def measure(self, kind: str) -> Iterator[None]:
+        before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        yield
+        spent = self.spent.setdefault(kind, dict.fromkeys(self.pids, 0.0))
+        for name, pid in self.pids.items():
+            spent[name] += cpu_seconds(pid) - before[name]
+
+    def report(self, kind: str, times: int, per: str) -> dict[str, float]:
+        """Milliseconds per block, by process, printed on one line."""
+        ms = {name: secs / times * 1000 for name, secs in self.spent[kind].items()}
+        print(f"  CPU per {per}, {kind}: " + ", ".join(f"{name} {v:.0f} ms" for name, v in ms.items())
+              + f" (total {sum(ms.values()):.0f} ms on {os.cpu_count()} cores)", flush=True)
+        return ms
+
+
 class BenchGrid:
     """A bench grid: server, accounts and watchdog here; device bots and the echo responder in a
     second process (as they would be on other hardware), so the two sides use both cores."""
@@ -70,6 +101,12 @@ class BenchGrid:
         line = await asyncio.wait_for(self.remote.stdout.readline(), 900)  # type: ignore[union-attr]
         if line.strip() != b"ready":
             raise SystemExit("the device process did not come up")
+
+    def pids(self) -> dict[str, int]:
+        """The three processes of a bench: this one, the device bots' and the XMPP server."""
+        assert self.remote is not None
+        return {"operator side": os.getpid(), "device bots": self.remote.pid,
+                "prosody": int(self.grid.server.pidfile_path.read_text().strip())}
 
     async def stop(self) -> None:
         if self.remote is not None:

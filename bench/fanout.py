@@ -4,7 +4,9 @@
 Baseline, same run, same server: raw slixmpp chat round trips between two plain clients,
 1000 of them one at a time (the chat round-trip time x 1000) and 1000 in flight at once.
 Each round measures the baselines and the fan-outs back to back, so the machine's drift hits
-both; ratios are taken per round and their median is reported.
+both; ratios are taken per round and their median is reported. For the largest size it also
+prints the CPU time each process (this one, the device bots', Prosody) spent per shed: on a
+small machine the three compete for the cores, so CPU added anywhere shows in the time.
 Goal (issue 2): fan-out to 1000 devices <= 1.5 x the baseline's time for 1000 round trips.
 
 ``--signatures both`` (issue 5) runs every fan-out twice per round, signed (the operator's key)
@@ -26,15 +28,20 @@ import json
 import statistics
 import time
 
-from common import BenchGrid, EchoPair, bench_fleet, percentile, summary
+from common import BenchGrid, CpuMeter, EchoPair, bench_fleet, percentile, summary
 
 from gridpresence.agents.operator import GridOperator
 from gridpresence.protocol import Action, OutcomeStatus
 
 
-async def fan_out(op: GridOperator, names: list[str], action: Action) -> float:
+async def fan_out(op: GridOperator, names: list[str], action: Action, meter: CpuMeter | None = None,
+                  kind: str = "") -> float:
     t0 = time.perf_counter()
-    outcomes = await op.command_many(names, action, ttl_s=60)
+    if meter is not None:
+        with meter.measure(kind):
+            outcomes = await op.command_many(names, action, ttl_s=60)
+    else:
+        outcomes = await op.command_many(names, action, ttl_s=60)
     elapsed = time.perf_counter() - t0
     bad = [o for o in outcomes.values() if o.status is not OutcomeStatus.EXECUTED]
     if bad:
@@ -89,19 +96,22 @@ async def main() -> None:
         ratio_pipe: dict[int, list[float]] = {n: [] for n in args.sizes}
         unsigned: dict[int, list[float]] = {n: [] for n in args.sizes}
         ratio_sig: dict[int, list[float]] = {n: [] for n in args.sizes}
+        meter = CpuMeter(bench.pids())  # for the largest size: where each shed's CPU goes
+        signed_kind = "signed" if op.issuer.key is not None else "unsigned"
         for round_no in range(args.rounds):
             rtts = await echo.sequential(1000)
             seq_rtts += rtts
             seq_totals.append(sum(rtts))
             pipelined.append(await echo.pipelined(1000))
             for n in args.sizes:
+                m = meter if n == largest else None
                 if plain is not None and round_no % 2 == 0:  # alternate which goes first
-                    unsigned[n].append(await fan_out(plain, names[:n], Action.SHED))
+                    unsigned[n].append(await fan_out(plain, names[:n], Action.SHED, m, "unsigned"))
                     await fan_out(plain, names[:n], Action.RESTORE)
-                elapsed = await fan_out(op, names[:n], Action.SHED)
+                elapsed = await fan_out(op, names[:n], Action.SHED, m, signed_kind)
                 await fan_out(op, names[:n], Action.RESTORE)
                 if plain is not None and round_no % 2 == 1:
-                    unsigned[n].append(await fan_out(plain, names[:n], Action.SHED))
+                    unsigned[n].append(await fan_out(plain, names[:n], Action.SHED, m, "unsigned"))
                     await fan_out(plain, names[:n], Action.RESTORE)
                 if plain is not None:
                     ratio_sig[n].append(elapsed / unsigned[n][-1])
@@ -132,6 +142,8 @@ async def main() -> None:
                 print(f"  signed / unsigned: median {base['ratio_signed_to_unsigned_median']:.2f}x (worst round "
                       f"{base['ratio_signed_to_unsigned_worst']:.2f}x; goal for 1000: <= 1.3x)", flush=True)
                 results[f"fanout_{n}_unsigned"] = base
+        for kind in meter.spent:
+            results[f"cpu_ms_per_shed_{largest}_{kind}"] = meter.report(kind, args.rounds, f"shed of {largest}")
         print(json.dumps(results))
     finally:
         if plain is not None:

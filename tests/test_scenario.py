@@ -9,9 +9,11 @@ import os
 import signal
 import sys
 
+import pytest
 from conftest import Env, run_cli
 from collections.abc import Mapping
 
+from gridpresence.agents import operator as operator_module
 from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.tracker import DeviceView
 from gridpresence.protocol import Action, DeviceState, HealthStatus, OutcomeStatus, RejectReason
@@ -35,6 +37,32 @@ async def test_shed_load_outcome_then_presence_off(alice: GridOperator) -> None:
     assert alice.devices["load-b"].report.telemetry.kw == 0.0  # type: ignore[union-attr]
     again = await alice.command("load-b", Action.RESTORE)
     assert again.ok and alice.devices["load-b"].state is DeviceState.ON
+
+
+async def test_fan_out_in_batches_answers_every_device_and_cancels_cleanly(alice: GridOperator,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """command_many sends its commands a batch at a time (the first go out while the rest are
+    being signed); every device still gets one and each outcome lands under its own name."""
+    monkeypatch.setattr(operator_module, "FAN_OUT_BATCH", 2)
+    names = sorted(n for n, view in alice.devices.items() if view.present)
+    assert len(names) > 4  # several batches
+    outcomes = await alice.command_many(names, Action.READ)
+    assert list(outcomes) == names
+    for name, outcome in outcomes.items():
+        assert outcome.status is OutcomeStatus.EXECUTED, (name, outcome)
+        assert outcome.device == alice.devices[name].jid
+    # Cancelled between two batches: the commands it had started are cancelled with it.
+    fan_out = asyncio.ensure_future(alice.command_many(names, Action.READ))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not fan_out.done()
+    fan_out.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await fan_out
+    started = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "GridOperator.command"]
+    assert started and all(t.done() or t.cancelling() for t in started)
+    await asyncio.gather(*started, return_exceptions=True)
+    assert alice.issuer.pending == {}
 
 
 async def test_other_operator_sees_the_change(env: Env, alice: GridOperator) -> None:

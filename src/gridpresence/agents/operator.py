@@ -50,6 +50,8 @@ from gridpresence.protocol.addressing import origin_of
 
 log = logging.getLogger(__name__)
 
+FAN_OUT_BATCH = 50  # commands of a fan-out prepared (signed) before the loop may send them
+
 
 class UnknownDevice(KeyError):
     def __str__(self) -> str:
@@ -306,8 +308,21 @@ class GridOperator:
                            ttl_s: float = 30.0, wait_final: bool = False) -> dict[str, Outcome]:
         """The same command to many devices at once; one outcome per device."""
         names = list(names)
-        outcomes = await asyncio.gather(*(self.command(n, action, args=args, ttl_s=ttl_s, wait_final=wait_final)
-                                          for n in names))
+        tasks: list[asyncio.Future[Outcome]] = []
+        try:
+            for start in range(0, len(names), FAN_OUT_BATCH):
+                if start:
+                    # Let the batch just prepared go on the wire before signing the next one: the
+                    # server and the devices start at once, not after the last command is made.
+                    await asyncio.sleep(0)
+                tasks += [asyncio.ensure_future(self.command(n, action, args=args, ttl_s=ttl_s,
+                                                             wait_final=wait_final))
+                          for n in names[start:start + FAN_OUT_BATCH]]
+            outcomes = await asyncio.gather(*tasks)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            raise
         return dict(zip(names, outcomes))
 
     def _on_mailed_data(self, msg: Message) -> None:
