@@ -122,7 +122,9 @@ def test_pgpy_made_messages_verify_on_the_hot_path_and_other_shapes_fall_back() 
     message |= KEY.sign(message)
     parsed = fastsig.parse(bytes(message))
     assert parsed is not None and fastsig.verify(parsed, KEY.pubkey) is True
+    assert fastsig.verify(parsed, KEY) is True  # a party's own secret key checks its signatures too
     assert fastsig.verify(parsed, generate("bob@localhost").pubkey) is False
+    assert fastsig.sign(data, KEY.pubkey, NOW) is None  # a public key cannot sign
     compressed = pgpy.PGPMessage.new(data, format="b", compression=CompressionAlgorithm.ZLIB)
     compressed |= KEY.sign(compressed)
     assert fastsig.parse(bytes(compressed)) is None  # not our shape: pgpy reads it

@@ -84,10 +84,9 @@ def _trailer(hashed: bytes) -> bytes:
 def sign(data: bytes, key: pgpy.PGPKey, when: dt.datetime) -> bytes | None:
     """A signed message of ``data`` made with the secret Ed25519 ``key``; None for other keys."""
     found = _ed25519(key)
-    if found is None or key.is_public:
-        return None
-    signer, fpr = found
-    assert isinstance(signer, SigningKey)
+    signer, fpr = found if found is not None else (None, b"")
+    if not isinstance(signer, SigningKey):
+        return None  # another key type, or a public key: nothing to sign with here
     created = struct.pack(">I", int(when.timestamp()))
     hashed = bytes((5, _SUB_CREATED)) + created + bytes((22, _SUB_ISSUER_FPR, 4)) + fpr
     unhashed = bytes((9, _SUB_ISSUER)) + fpr[-8:]
