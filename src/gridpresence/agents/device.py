@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from xml.etree import ElementTree as ET
 
 from pydantic import ValidationError
 from slixmpp import JID, Message, Presence
@@ -299,16 +300,17 @@ class DeviceAgent(PartySession):
 
     def _on_openpgp(self, msg: Message) -> None:
         """Every ``<openpgp/>`` (XEP-0373) goes to one place, by what the message is."""
-        if is_encrypted(msg["openpgp"].xml.text or ""):
+        envelope = msg["openpgp"].xml
+        if is_encrypted(envelope.text or ""):
             self.ox.take(msg)  # signed and encrypted (XEP-0374 chat from an OX client)
         elif msg.xml.find(q("firmware")) is None:  # with an image: the firmware desk's signed offer
-            self._on_signed(msg)
+            self._on_signed(msg, envelope)
 
-    def _on_signed(self, msg: Message) -> None:
+    def _on_signed(self, msg: Message, envelope: ET.Element) -> None:
         """A signed command: checked, then acted on once. Sync while the issuer's key is cached."""
         sender = msg["from"]
         try:
-            sealed = open_sealed(msg["openpgp"].xml)
+            sealed = open_sealed(envelope)
             if sealed.payload.tag == q("tariff"):
                 self.prices.on_tariff(msg)  # the billing party's signed price: its own gate
                 return
