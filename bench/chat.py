@@ -12,11 +12,9 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
-from common import EchoPair, EchoResponder, bench_fleet, summary
+from common import chat_bench, summary
 
 from gridpresence.agents.session import close_session, make_client, open_session
 from gridpresence.grid import Grid
@@ -41,15 +39,11 @@ class Operator:
 
 
 async def main(devices: int, rounds: int) -> None:
-    fleet = bench_fleet(devices)
-    data = Path(tempfile.mkdtemp(prefix="chatbench-"))
-    async with Grid(fleet, data, only=[d.name for d in fleet.devices]) as grid:
-        echo, pair, op = EchoResponder(grid.endpoint, grid.secrets), EchoPair(grid), Operator(grid)
-        for party in (echo, pair):
-            await party.start()
+    async with chat_bench(devices, "chatbench-") as (grid, pair):
+        op = Operator(grid)
         await open_session(op.client, op.endpoint)
         op.client.send_presence()
-        names = [d.name for d in fleet.devices]
+        names = [d.name for d in grid.fleet.devices]
         await pair.sequential(20)  # warm-up
         for i in range(20):
             await op.ask(f"{names[i % devices]}@localhost", "status")
@@ -71,8 +65,6 @@ async def main(devices: int, rounds: int) -> None:
             results[name]["ratio_to_baseline"] = ratio
         print(json.dumps(results))
         await close_session(op.client)
-        for party in (pair, echo):
-            await party.stop()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import statistics
 import tempfile
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 from slixmpp import ClientXMPP, Message
@@ -179,3 +179,23 @@ class EchoPair:
 
 def client_for(grid: Grid, name: str) -> ClientXMPP:
     return make_client(f"{name}@localhost/bench", grid.secrets.password(name), grid.endpoint)
+
+
+@contextlib.asynccontextmanager
+async def chat_bench(devices: int, prefix: str) -> AsyncIterator[tuple[Grid, EchoPair]]:
+    """A grid of ``devices`` device bots (in this process) with the raw slixmpp echo pair of the
+    chat baselines started; everything is stopped again on the way out."""
+    fleet = bench_fleet(devices)
+    data = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        async with Grid(fleet, data, only=[d.name for d in fleet.devices]) as grid:
+            echo, pair = EchoResponder(grid.endpoint, grid.secrets), EchoPair(grid)
+            for party in (echo, pair):
+                await party.start()
+            try:
+                yield grid, pair
+            finally:
+                for party in (pair, echo):
+                    await party.stop()
+    finally:
+        shutil.rmtree(data, ignore_errors=True)

@@ -13,11 +13,9 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
-from common import EchoPair, EchoResponder, bench_fleet, summary
+from common import chat_bench, summary
 from slixmpp import Message
 
 from gridpresence.agents.session import close_session, make_client, open_session
@@ -67,16 +65,12 @@ class Operator:
 
 
 async def main(devices: int, rounds: int) -> None:
-    fleet = bench_fleet(devices)
-    data = Path(tempfile.mkdtemp(prefix="oxbench-"))
-    async with Grid(fleet, data, only=[d.name for d in fleet.devices]) as grid:
-        echo, pair, op = EchoResponder(grid.endpoint, grid.secrets), EchoPair(grid), Operator(grid)
-        for party in (echo, pair):
-            await party.start()
+    async with chat_bench(devices, "oxbench-") as (grid, pair):
+        op = Operator(grid)
         await open_session(op.client, grid.endpoint)
         op.client.send_presence()
         await op.keyring.announced()
-        jids = [f"{d.name}@localhost" for d in fleet.devices]
+        jids = [f"{d.name}@localhost" for d in grid.fleet.devices]
         await pair.sequential(20)  # warm-up
         for i in range(20):
             await op.plain(jids[i % devices], "status")
@@ -101,8 +95,6 @@ async def main(devices: int, rounds: int) -> None:
         results["ox status"]["ratio_to_plain"] = ratio
         print(json.dumps(results))
         await close_session(op.client)
-        for party in (pair, echo):
-            await party.stop()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import base64
 import datetime as dt
 import os
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
@@ -285,37 +286,34 @@ async def test_password_without_the_key_cannot_command(env: Env, alice: GridOper
 # -- a device run apart: unknown keys, the default chat policy, replays after a restart -----------
 
 
-async def test_replay_after_restart_and_unknown_key(env: Env, alice: GridOperator, alice_wire: WirePeer,
-                                                    tmp_path: Path) -> None:
-    keys = PartyKeys.in_data_dir(env.data, "sig-apart")
-    path = env.grid.secrets.password("sig-apart")
-    store = ReplayStore(tmp_path / "replay.sqlite3")
-    device = device_agent(env.fleet, "sig-apart", env.grid.endpoint, path, keys, store)
+@asynccontextmanager
+async def device_apart(env: Env, alice: GridOperator, replay_file: Path) -> AsyncIterator[str]:
+    """The "sig-apart" device run by the test with its own replay file, as its own process would
+    (a second run opens the same file); yields its full JID once the operator sees it."""
+    store = ReplayStore(replay_file)
+    device = device_agent(env.fleet, "sig-apart", env.grid.endpoint, env.grid.secrets.password("sig-apart"),
+                          PartyKeys.in_data_dir(env.data, "sig-apart"), store)
     await device.start()
     try:
         await alice.wait_for(lambda d: d["sig-apart"].present, timeout=5)
-        to = alice.devices["sig-apart"].full_jid or ""
-        cmd = shed_for(alice, "sig-apart", ttl_s=120)
-        signed = sign_payload(command_to_xml(cmd), device.jid, key(env, "alice"), now=cmd.issued)
-        assert (await alice_wire.send(to, signed, cmd.id)).ok
-        assert (await alice.command("sig-apart", Action.RESTORE)).ok
-    finally:
-        await device.stop()
-    store.close()
-    # The device restarts (a new process would open the same file): the replay is still refused.
-    store = ReplayStore(tmp_path / "replay.sqlite3")
-    device = device_agent(env.fleet, "sig-apart", env.grid.endpoint, path, keys, store)
-    await device.start()
-    try:
-        await alice.wait_for(lambda d: d["sig-apart"].present, timeout=5)
-        to = alice.devices["sig-apart"].full_jid or ""
-        again = await alice_wire.send(to, signed, cmd.id)
-        assert again.reason is RejectReason.REPLAYED and again.first is not None and again.first.ok
-        await unchanged(alice, "sig-apart")
+        yield alice.devices["sig-apart"].full_jid or ""
     finally:
         await device.stop()
         store.close()
 
+
+async def test_replay_after_restart_and_unknown_key(env: Env, alice: GridOperator, alice_wire: WirePeer,
+                                                    tmp_path: Path) -> None:
+    async with device_apart(env, alice, tmp_path / "replay.sqlite3") as to:
+        cmd = shed_for(alice, "sig-apart", ttl_s=120)
+        signed = sign_payload(command_to_xml(cmd), env.fleet.jid("sig-apart"), key(env, "alice"), now=cmd.issued)
+        assert (await alice_wire.send(to, signed, cmd.id)).ok
+        assert (await alice.command("sig-apart", Action.RESTORE)).ok
+    # The device restarts (a new process would open the same file): the replay is still refused.
+    async with device_apart(env, alice, tmp_path / "replay.sqlite3") as to:
+        again = await alice_wire.send(to, signed, cmd.id)
+        assert again.reason is RejectReason.REPLAYED and again.first is not None and again.first.ok
+        await unchanged(alice, "sig-apart")
 
 
 async def test_a_key_nobody_announced_is_unknown(env: Env, alice: GridOperator) -> None:
