@@ -23,6 +23,7 @@ from gridpresence.protocol import NS, Action, Command, DeviceState, OutcomeStatu
 from gridpresence.protocol.codec import command_to_xml, outcome_from_xml, q
 from gridpresence.security.pgp import pgpy
 from gridpresence.security.signed import sign_payload
+from timebase import NOW
 
 
 class RawPeer:
@@ -111,10 +112,13 @@ async def test_unknown_action_is_not_supported(alice: GridOperator, op_peer: Raw
     await _still_works(alice, "load-d")
 
 
+_LATER, _LATER_STILL = ((NOW + dt.timedelta(days=d)).isoformat() for d in (30, 31))
+
+
 @pytest.mark.parametrize("attrs, field", [
-    ("action='shed' issuer='bob@localhost' expires='2030-01-01T00:00:00Z'", "issued"),
-    ("action='shed' issuer='bob@localhost' issued='yesterday' expires='2030-01-01T00:00:00Z'", "issued"),
-    ("action='shed' issuer='bob@localhost' issued='2030-01-02T00:00:00Z' expires='2030-01-01T00:00:00Z'",
+    (f"action='shed' issuer='bob@localhost' expires='{_LATER}'", "issued"),
+    (f"action='shed' issuer='bob@localhost' issued='yesterday' expires='{_LATER}'", "issued"),
+    (f"action='shed' issuer='bob@localhost' issued='{_LATER_STILL}' expires='{_LATER}'",
      "expires must be after issued"),
 ])
 async def test_malformed_command_is_invalid_arguments(alice: GridOperator, op_peer: RawPeer, attrs: str,

@@ -26,6 +26,7 @@ from gridpresence.protocol.billing_report import (
 )
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.security.parts import NotForYou
+from timebase import NOW
 
 
 async def test_billing_and_operator_each_read_their_part_only(env: Env, alice: GridOperator) -> None:
@@ -103,7 +104,7 @@ async def test_forged_report_is_refused_with_a_reason(env: Env) -> None:
         # Garbage in the envelope: refused with a reason too, and the agent keeps running.
         bad = bob.client.make_message(mto=billing.client.boundjid.bare, mtype="normal")
         bad.append(ET.fromstring("<billing-report xmlns='urn:gridpresence:0' id='x' device='bob@localhost' "
-                                 "issued='2026-11-21T12:00:00Z'><part name='billing'>"
+                                 f"issued='{NOW.isoformat()}'><part name='billing'>"
                                  "<openpgp xmlns='urn:xmpp:openpgp:0'>!!</openpgp></part></billing-report>"))
         bad.send()
         err = await asyncio.wait_for(errors.get(), 10)

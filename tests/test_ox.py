@@ -140,10 +140,11 @@ async def test_malformed_openpgp_content_is_refused(text: str, why: str) -> None
     (b"<crypt xmlns='urn:xmpp:openpgp:0'/>", "not <signcrypt"),
     (b"<signcrypt xmlns='urn:xmpp:openpgp:0'><to jid='ox-load@localhost'/><time stamp='yesterday'/>"
      b"<payload><body xmlns='jabber:client'>shed</body></payload></signcrypt>", "no valid <time stamp"),
-    (b"<signcrypt xmlns='urn:xmpp:openpgp:0'><to jid='ox-load@localhost'/><time stamp='2026-01-01T00:00:00Z'/>"
-     b"<payload/></signcrypt>", "a <payload/> with an element"),
-    (b"<signcrypt xmlns='urn:xmpp:openpgp:0'><time stamp='2026-01-01T00:00:00Z'/>"
-     b"<payload><body xmlns='jabber:client'>shed</body></payload></signcrypt>", "names no recipient"),
+    (b"<signcrypt xmlns='urn:xmpp:openpgp:0'><to jid='ox-load@localhost'/><time stamp='%s'/>"
+     b"<payload/></signcrypt>" % f"{utcnow():%Y-%m-%dT%H:%M:%SZ}".encode(), "a <payload/> with an element"),
+    (b"<signcrypt xmlns='urn:xmpp:openpgp:0'><time stamp='%s'/>"
+     b"<payload><body xmlns='jabber:client'>shed</body></payload></signcrypt>" % f"{utcnow():%Y-%m-%dT%H:%M:%SZ}".encode(),
+     "names no recipient"),
     (b"<signcrypt xmlns='urn:xmpp:openpgp:0'><to jid='ox-load@localhost'/><time stamp='%s'/>"
      b"<payload><command xmlns='urn:gridpresence:0'/></payload></signcrypt>" % f"{utcnow():%Y-%m-%dT%H:%M:%SZ}".encode(),
      "holds no chat <body"),

@@ -25,16 +25,16 @@ from gridpresence.protocol.codec import PayloadError
 from gridpresence.protocol.models import utcnow
 from gridpresence.protocol.openpgp import openpgp_from_xml
 from gridpresence.security.keyring import KeyUnavailable, StaticKeys
-from gridpresence.security.keys import generate
 from gridpresence.security.parts import BadPart, NotForYou, PartProblem, seal, unseal
 from gridpresence.security.pgp import pgpy
+from timebase import NOW, key_for
 
 METER, BILLING, CUSTOMER, ALICE, BOB, RELAY = (f"{n}@localhost" for n in
                                                ("meter-1", "billing", "acme", "alice", "bob", "relay"))
-KEYS = {jid: generate(jid) for jid in (METER, BILLING, CUSTOMER, ALICE, BOB, RELAY)}
+KEYS = {jid: key_for(jid) for jid in (METER, BILLING, CUSTOMER, ALICE, BOB, RELAY)}
 KEYRING = StaticKeys(KEYS)  # pure crypto: no server to fetch keys from
 AUDIENCE = ReportAudience(billing_parties=(BILLING,), quality=(ALICE, BOB), customer=CUSTOMER)
-T0 = dt.datetime(2026, 11, 21, 5, 0, tzinfo=dt.timezone.utc)
+T0 = (NOW - dt.timedelta(days=1)).replace(hour=5, minute=0, second=0)  # two hours across the 06:00 start of the peak window
 
 
 def reader(jid: str, part: PartName) -> ReportReader:
@@ -138,14 +138,14 @@ async def test_a_part_moved_into_another_report_is_refused() -> None:
 
 def test_envelope_errors_are_payload_errors() -> None:
     bad = ET.fromstring("<billing-report xmlns='urn:gridpresence:0' id='r1' device='meter-1@localhost' "
-                        "issued='2026-11-21T12:00:00Z'><part name='billing'>"
+                        f"issued='{NOW.isoformat()}'><part name='billing'>"
                         "<openpgp xmlns='urn:xmpp:openpgp:0'>not base64!</openpgp></part></billing-report>")
     with pytest.raises(PayloadError, match="base64"):
         billing_report_from_xml(bad)
     with pytest.raises(PayloadError, match="openpgp"):
         openpgp_from_xml(ET.fromstring("<openpgp/>"))
     empty = ET.fromstring("<billing-report xmlns='urn:gridpresence:0' id='r1' device='meter-1@localhost' "
-                          "issued='2026-11-21T12:00:00Z'/>")
+                          f"issued='{NOW.isoformat()}'/>")
     with pytest.raises(PayloadError, match="parts"):
         billing_report_from_xml(empty)
 

@@ -84,7 +84,7 @@ async def _publish_raw(client: GridClient, node: str, payload: ET.Element, item_
 
 
 async def _announce_raw(client: GridClient, data: ET.Element, fpr: str) -> None:
-    await _publish_raw(client, key_node(fpr), data, "2026-01-01T00:00:00Z")
+    await _publish_raw(client, key_node(fpr), data, f"{_created():%Y-%m-%dT%H:%M:%SZ}")
     import datetime as dt
 
     now = dt.datetime.now(dt.timezone.utc)
@@ -236,7 +236,7 @@ async def test_bad_announcements_leave_no_key_and_a_reason(
     else:
         await _publish_raw(client, PUBLIC_KEYS_NODE, ET.Element(ox("public-keys-list")))
         meta = ET.Element(ox("public-keys-list"))
-        ET.SubElement(meta, ox("pubkey-metadata"), {"v4-fingerprint": "XYZ", "date": "2026-01-01T00:00:00Z"})
+        ET.SubElement(meta, ox("pubkey-metadata"), {"v4-fingerprint": "XYZ", "date": f"{_created():%Y-%m-%dT%H:%M:%SZ}"})
         await _publish_raw(client, PUBLIC_KEYS_NODE, meta)
         expect = "not 40 hex digits"
     with pytest.raises(KeyUnavailable) as err:

@@ -40,8 +40,7 @@ from gridpresence.protocol.codec import (
     report_from_xml,
     report_to_xml,
 )
-
-NOW = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.timezone.utc)
+from timebase import NOW
 
 
 def _roundtrip(el: ET.Element) -> ET.Element:
@@ -57,7 +56,7 @@ def test_presence_report_roundtrip() -> None:
 
 
 def test_command_and_outcome_roundtrip() -> None:
-    cmd = Command.new(Action.SET_TIME, "alice@localhost", args={"time": "2030-01-01T00:00:00Z"}, now=NOW)
+    cmd = Command.new(Action.SET_TIME, "alice@localhost", args={"time": (NOW + dt.timedelta(days=400)).isoformat()}, now=NOW)
     assert command_from_xml(_roundtrip(command_to_xml(cmd))) == cmd
     out = Outcome(command_id=cmd.id, device="x@localhost", status=OutcomeStatus.REJECTED,
                   reason=RejectReason.CRITICAL, detail="no",
@@ -97,7 +96,7 @@ def test_state_maps_onto_show_and_status(state: DeviceState, show: str | None, s
 
 
 def test_restricted_maps_onto_dnd_with_the_note() -> None:
-    until = dt.datetime(2026, 1, 1, 13, 3, tzinfo=dt.timezone.utc)
+    until = NOW.replace(hour=13, minute=3, second=0)
     report = PresenceReport(kind=DeviceKind.LOAD, state=DeviceState.RESTRICTED,
                             restriction=Restriction(note="critical process online", until=until))
     assert report.show() == "dnd"

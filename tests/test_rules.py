@@ -284,7 +284,7 @@ def test_replay_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     (change,) = out["threshold_changes"]
     assert (change["device"], change["param"], change["old"], change["new"], change["by"]) == (
         "pump", "high_loading", 80.0, 87.0, "system")
-    assert change["at"] == "2026-01-01T00:04:00+00:00"
+    assert change["at"] == "2026-01-01T00:04:00+00:00"  # calendar: the recorded trace's own time
     # The rule set's own mode (hybrid) leaves a proposal instead, and the 86 % alarm is raised.
     assert main(["rules", "replay", str(trace), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -300,7 +300,8 @@ def test_replay_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.Captur
         "value.csv": (TRACE.replace("pump,on,75", "pump,on,lots"), r"value.csv:4: load_pct: "),
         "state.csv": (TRACE.replace("pump,on,75", "pump,melting,75"), r"state.csv:4: state: "),
         "verdict.csv": (TRACE.replace("not_fault\n2026-01-01T00:02", "maybe\n2026-01-01T00:02"), r"verdict.csv:3: verdict"),
-        "time.csv": (TRACE.replace("2026-01-01T00:02:00Z", "yesterday"), r"time.csv:4: timestamp"),
+        "time.csv": (TRACE.replace("2026-01-01T00:02:00Z", "yesterday"),  # calendar: the recorded trace's own time
+                 r"time.csv:4: timestamp"),
     }
     for name, (text, message) in cases.items():
         assert main(["rules", "replay", str(write(tmp_path, name, text))]) == 2

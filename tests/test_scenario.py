@@ -4,6 +4,7 @@ generator start-up, and a device that dies without a goodbye."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from gridpresence.agents import operator as operator_module
 from gridpresence.agents.operator import GridOperator
 from gridpresence.agents.tracker import DeviceView
 from gridpresence.protocol import Action, DeviceState, HealthStatus, OutcomeStatus, RejectReason
+from gridpresence.protocol.models import utcnow
 
 
 async def test_utility_sees_load_on_and_generator_off(alice: GridOperator) -> None:
@@ -113,7 +115,7 @@ async def test_breaker_open_close_and_unsupported(alice: GridOperator) -> None:
 
 
 async def test_set_time_and_read(alice: GridOperator) -> None:
-    ok = await alice.command("meter-1", Action.SET_TIME, args={"time": "2030-01-01T00:00:00Z"})
+    ok = await alice.command("meter-1", Action.SET_TIME, args={"time": (utcnow() + dt.timedelta(days=400)).isoformat()})
     assert ok.ok and "offset" in ok.detail
     bad = await alice.command("meter-1", Action.SET_TIME, args={"time": "tomorrow"})
     assert bad.reason is RejectReason.INVALID_ARGUMENTS

@@ -19,7 +19,6 @@ from gridpresence.protocol.openpgp import openpgp_from_xml, openpgp_to_xml, sign
 from gridpresence.security import fastsig
 from gridpresence.security.gate import CommandGate, Refusal, open_command
 from gridpresence.security.keyring import KeyChanged, KeyUnavailable, StaticKeys
-from gridpresence.security.keys import generate
 from gridpresence.security.pgp import pgpy
 from gridpresence.security.policy import Role, SecuritySettings
 from gridpresence.security.replay import ReplayGuard, ReplayStore
@@ -30,10 +29,10 @@ from gridpresence.security.signed import (
     sign_payload,
     verify_payload,
 )
+from timebase import NOW, key_for
 
 ALICE, DEVICE, SERIAL = "alice@localhost", "load-1@localhost", "SN-1"
-KEY = generate(ALICE)
-NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.timezone.utc)
+KEY = key_for(ALICE)
 
 
 def gate(**settings: object) -> CommandGate:
@@ -123,7 +122,7 @@ def test_pgpy_made_messages_verify_on_the_hot_path_and_other_shapes_fall_back() 
     parsed = fastsig.parse(bytes(message))
     assert parsed is not None and fastsig.verify(parsed, KEY.pubkey) is True
     assert fastsig.verify(parsed, KEY) is True  # a party's own secret key checks its signatures too
-    assert fastsig.verify(parsed, generate("bob@localhost").pubkey) is False
+    assert fastsig.verify(parsed, key_for("bob@localhost").pubkey) is False
     assert fastsig.sign(data, KEY.pubkey, NOW) is None  # a public key cannot sign
     compressed = pgpy.PGPMessage.new(data, format="b", compression=CompressionAlgorithm.ZLIB)
     compressed |= KEY.sign(compressed)
@@ -154,7 +153,7 @@ def test_gate_accepts_the_right_command_and_refuses_each_wrong_one() -> None:
         assert refused.value.command_id == kw["cmd"].id  # type: ignore[attr-defined]
         return refused.value.reason
 
-    assert reason(cmd=cmd, el=signed(cmd, key=generate(ALICE))) is RejectReason.BAD_SIGNATURE
+    assert reason(cmd=cmd, el=signed(cmd, key=key_for(ALICE))) is RejectReason.BAD_SIGNATURE
     assert reason(cmd=cmd, el=signed(cmd, to="load-2@localhost")) is RejectReason.WRONG_RECIPIENT
     assert reason(cmd=cmd, sender="bob@localhost") is RejectReason.NOT_AUTHORISED
     other = Command.new(Action.SHED, ALICE, now=NOW, serial="SN-2")

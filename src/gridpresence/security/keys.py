@@ -8,6 +8,7 @@ an account's password without it is not enough.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,18 +40,20 @@ def fingerprint(key: pgpy.PGPKey) -> str:
     return str(key.fingerprint).replace(" ", "").upper()
 
 
-def generate(jid: str) -> pgpy.PGPKey:
-    """A new secret key for ``jid`` (~2 ms)."""
-    key = pgpy.PGPKey.new(PubKeyAlgorithm.EdDSA, EllipticCurveOID.Ed25519)
+def generate(jid: str, created: dt.datetime | None = None) -> pgpy.PGPKey:
+    """A new secret key for ``jid`` (~2 ms), made now or at ``created`` (key, user id and subkey
+    binding alike: GnuPG refuses a signature older than the key that made it)."""
+    key = pgpy.PGPKey.new(PubKeyAlgorithm.EdDSA, EllipticCurveOID.Ed25519, created=created)
     key.add_uid(
         pgpy.PGPUID.new(xmpp_uid(jid)),
         usage={KeyFlags.Sign, KeyFlags.Certify},
         hashes=[HashAlgorithm.SHA256, HashAlgorithm.SHA512],
         ciphers=[SymmetricKeyAlgorithm.AES256, SymmetricKeyAlgorithm.AES128],
         compression=[CompressionAlgorithm.Uncompressed, CompressionAlgorithm.ZLIB],
+        created=created,
     )
-    sub = pgpy.PGPKey.new(PubKeyAlgorithm.ECDH, EllipticCurveOID.Curve25519)
-    key.add_subkey(sub, usage={KeyFlags.EncryptCommunications, KeyFlags.EncryptStorage})
+    sub = pgpy.PGPKey.new(PubKeyAlgorithm.ECDH, EllipticCurveOID.Curve25519, created=created)
+    key.add_subkey(sub, usage={KeyFlags.EncryptCommunications, KeyFlags.EncryptStorage}, created=created)
     return key
 
 
