@@ -31,11 +31,11 @@ from common import percentile, summary
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import netlab  # noqa: E402  (the firewall tests' namespace helpers)
 
-from gridpresence.agents.fleet import device_agent  # noqa: E402
+from gridpresence.host.fleet import device_agent  # noqa: E402
 from gridpresence.security.pep_keyring import PartyKeys  # noqa: E402
-from gridpresence.agents.operator import GridOperator  # noqa: E402
+from gridpresence.operator.library import GridOperator  # noqa: E402
 from gridpresence.config import parse_fleet  # noqa: E402
-from gridpresence.grid import Grid  # noqa: E402
+from gridpresence.host.grid import Grid  # noqa: E402
 from gridpresence.protocol import Action, OutcomeStatus  # noqa: E402
 from gridpresence.server import ServerPorts, free_port  # noqa: E402
 from gridpresence.transport.policy import ConnectionPolicy  # noqa: E402

@@ -16,8 +16,8 @@ import time
 
 from common import chat_bench, summary
 
-from gridpresence.agents.session import close_session, make_client, open_session
-from gridpresence.grid import Grid
+from gridpresence.xmpp.session import close_session, make_client, open_session
+from gridpresence.host.grid import Grid
 
 
 class Operator:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from slixmpp import ClientXMPP, Message
 
-from gridpresence.accounts import Secrets
-from gridpresence.agents.session import Endpoint, close_session, make_client, open_session
+from gridpresence.server.accounts import Secrets
+from gridpresence.xmpp.session import Endpoint, close_session, make_client, open_session
 from gridpresence.config import Fleet, parse_fleet
-from gridpresence.grid import Grid
+from gridpresence.host.grid import Grid
 
 
 def percentile(samples: Sequence[float], pct: float) -> float:

@@ -30,7 +30,7 @@ import time
 
 from common import BenchGrid, CpuMeter, EchoPair, bench_fleet, percentile, summary
 
-from gridpresence.agents.operator import GridOperator
+from gridpresence.operator.library import GridOperator
 from gridpresence.protocol import Action, OutcomeStatus
 
 

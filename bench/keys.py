@@ -24,11 +24,11 @@ from pathlib import Path
 
 from common import bench_fleet, percentile, summary
 
-from gridpresence.agents.device import DeviceAgent
-from gridpresence.agents.fleet import LOGIN_CONCURRENCY, FleetBots
-from gridpresence.agents.session import close_session, make_client, open_session
-from gridpresence.grid import Grid
-from gridpresence.security.ox_xml import PUBLIC_KEYS_NODE
+from gridpresence.device.agent import DeviceAgent
+from gridpresence.host.fleet import LOGIN_CONCURRENCY, FleetBots
+from gridpresence.xmpp.session import close_session, make_client, open_session
+from gridpresence.host.grid import Grid
+from gridpresence.protocol.ox_xml import PUBLIC_KEYS_NODE
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 
 

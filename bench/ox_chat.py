@@ -18,8 +18,8 @@ import time
 from common import chat_bench, summary
 from slixmpp import Message
 
-from gridpresence.agents.session import close_session, make_client, open_session
-from gridpresence.grid import Grid
+from gridpresence.xmpp.session import close_session, make_client, open_session
+from gridpresence.host.grid import Grid
 from gridpresence.protocol.openpgp import FALLBACK_BODY, ox
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.security.ox import open_chat, seal_chat

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from common import bench_fleet, summary
 
-from gridpresence.agents.operator import GridOperator
-from gridpresence.agents.session import close_session, make_client, open_session
-from gridpresence.agents.tracker import DeviceChange
-from gridpresence.grid import Grid
+from gridpresence.operator.library import GridOperator
+from gridpresence.xmpp.session import close_session, make_client, open_session
+from gridpresence.operator.tracker import DeviceChange
+from gridpresence.host.grid import Grid
 from gridpresence.protocol import Action
 from gridpresence.protocol.models import utcnow
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from common import EchoResponder
 
-from gridpresence.accounts import Secrets
-from gridpresence.agents.fleet import FleetBots
-from gridpresence.agents.session import ConnectionInfo
+from gridpresence.server.accounts import Secrets
+from gridpresence.host.fleet import FleetBots
+from gridpresence.xmpp.session import ConnectionInfo
 from gridpresence.config import load_fleet
-from gridpresence.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE
+from gridpresence.host.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE
 
 
 async def main(data: Path, tick_s: float) -> None:

@@ -19,9 +19,9 @@ import json
 import sys
 from pathlib import Path
 
-from gridpresence.agents.operator import GridOperator
-from gridpresence.agents.session import ConnectionInfo
-from gridpresence.shedding import shed_to_target
+from gridpresence.operator.library import GridOperator
+from gridpresence.xmpp.session import ConnectionInfo
+from gridpresence.operator.shedding import shed_to_target
 
 
 async def main() -> int:

@@ -8,7 +8,7 @@ import asyncio
 from slixmpp import ClientXMPP, Message
 
 from conftest import Env
-from gridpresence.agents.session import close_session, make_client, open_session
+from gridpresence.xmpp.session import close_session, make_client, open_session
 
 
 class ChatPeer:

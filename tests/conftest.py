@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from gridpresence.agents.operator import GridOperator
+from gridpresence.operator.library import GridOperator
 from gridpresence.config import Fleet, parse_fleet
-from gridpresence.grid import Grid
+from gridpresence.host.grid import Grid
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gridpresence.agents.operator import GridOperator
+from gridpresence.operator.library import GridOperator
 from gridpresence.config import Fleet
-from gridpresence.grid import Grid
+from gridpresence.host.grid import Grid
 
 ROOT = Path(__file__).resolve().parents[1]
 

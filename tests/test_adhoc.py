@@ -13,8 +13,8 @@ from slixmpp import ClientXMPP, Presence
 from slixmpp.exceptions import IqError
 
 from conftest import Env
-from gridpresence.agents.operator import GridOperator
-from gridpresence.agents.session import close_session, make_client, open_session
+from gridpresence.operator.library import GridOperator
+from gridpresence.xmpp.session import close_session, make_client, open_session
 from gridpresence.protocol import DeviceState
 from gridpresence.protocol.alarm import AlarmKind
 

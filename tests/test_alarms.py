@@ -11,10 +11,10 @@ import pytest
 
 from chatpeer import chat_peer
 from conftest import Env
-from gridpresence.agents.alarms import conditions
-from gridpresence.agents.device import DeviceAgent
-from gridpresence.agents.operator import GridOperator
-from gridpresence.alarm_settings import AlarmSettings
+from gridpresence.device.alarms import conditions
+from gridpresence.device.agent import DeviceAgent
+from gridpresence.operator.library import GridOperator
+from gridpresence.rules.settings import AlarmSettings
 from gridpresence.config import FleetError, parse_fleet
 from gridpresence.protocol import Breaker, DeviceKind, DeviceState, PresenceReport, Telemetry
 from gridpresence.protocol.alarm import AlarmKind, AlarmLevel, AlarmStatus, alarm_from_xml

@@ -17,8 +17,8 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from conftest import Env
-from gridpresence.agents.operator import GridOperator
-from gridpresence.agents.session import close_session, make_client, open_session
+from gridpresence.operator.library import GridOperator
+from gridpresence.xmpp.session import close_session, make_client, open_session
 from gridpresence.protocol import NS, Action, Command, DeviceState, OutcomeStatus, RejectReason
 from gridpresence.protocol.codec import command_to_xml, outcome_from_xml, q
 from gridpresence.security.pgp import pgpy

@@ -13,9 +13,9 @@ import pytest
 from conftest import Env, run_cli
 from slixmpp import Message
 
-from gridpresence.agents.operator import GridOperator
-from gridpresence.agents.reports import ReportInbox, ReportReader, request_report
-from gridpresence.agents.session import close_session, make_client, open_session
+from gridpresence.operator.library import GridOperator
+from gridpresence.device.reports import ReportInbox, ReportReader, request_report
+from gridpresence.xmpp.session import close_session, make_client, open_session
 from gridpresence.protocol.billing_report import (
     BillingData,
     BillingReport,

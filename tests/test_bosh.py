@@ -9,11 +9,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gridpresence.agents.device import DeviceAgent
-from gridpresence.agents.fleet import device_agent
+from gridpresence.device.agent import DeviceAgent
+from gridpresence.host.fleet import device_agent
 from gridpresence.security.pep_keyring import PartyKeys
-from gridpresence.agents.operator import GridOperator
-from gridpresence.agents.session import Endpoint, SessionError, close_session, make_client, open_session
+from gridpresence.operator.library import GridOperator
+from gridpresence.xmpp.session import Endpoint, SessionError, close_session, make_client, open_session
 from gridpresence.protocol.models import Action, DeviceState, OutcomeStatus, RejectReason
 from gridpresence.server import free_port
 from gridpresence.server.certs import ensure_certificates
@@ -120,7 +120,7 @@ async def test_stream_management_acks_over_bosh_and_survives_a_cut(env: Env, ali
 
 async def test_host_meta_announces_the_bosh_endpoint(env: Env) -> None:
     """XEP-0156: a client that knows only the server's web address finds BOSH there."""
-    from gridpresence.agents.session import tls_context
+    from gridpresence.xmpp.session import tls_context
 
     server = env.grid.server
     found = await discover_bosh_url(f"https://{server.connect_host}:{server.ports.https}",

@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from gridpresence.agents.session import Endpoint, SessionError, make_client, open_session
+from gridpresence.xmpp.session import Endpoint, SessionError, make_client, open_session
 from gridpresence.server import free_port
 from gridpresence.transport.bosh import MAX_ATTEMPTS, BoshTransport
 from gridpresence.transport.bosh_session import NS_HTTPBIND, BoshError

@@ -8,7 +8,7 @@ import re
 
 from chatpeer import chat_peer
 from conftest import Env
-from gridpresence.agents.operator import GridOperator
+from gridpresence.operator.library import GridOperator
 from gridpresence.protocol.alarm import AlarmKind, alarm_from_xml
 from gridpresence.protocol.branch import branches_from_xml
 from gridpresence.protocol.codec import q

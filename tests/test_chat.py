@@ -9,8 +9,8 @@ import pytest_asyncio
 
 from chatpeer import ChatPeer, chat_peer
 from conftest import Env
-from gridpresence.agents.chat import MAX_CHARS, describe_report
-from gridpresence.agents.operator import GridOperator
+from gridpresence.device.chat import MAX_CHARS, describe_report
+from gridpresence.operator.library import GridOperator
 from gridpresence.protocol import DeviceState
 
 

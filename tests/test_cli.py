@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, Env, run_cli, run_python
-from gridpresence.agents.billing import BillingAgent
-from gridpresence.agents.operator import GridOperator
+from gridpresence.services.billing import BillingAgent
+from gridpresence.operator.library import GridOperator
 from gridpresence.protocol import DeviceState
 
 SMALL_FLEET = """

@@ -10,9 +10,9 @@ import pytest_asyncio
 
 from chatpeer import ChatPeer, chat_peer
 from conftest import Env
-from gridpresence.agents.operator import GridOperator
+from gridpresence.operator.library import GridOperator
 from gridpresence.protocol import DeviceState
-from gridpresence.shedding import net_load_kw
+from gridpresence.operator.shedding import net_load_kw
 
 CONSOLE = "console@localhost"
 

@@ -1,4 +1,4 @@
-"""slixmpp's serialiser with the C-speed escaping of agents/fast_escape.py: the same bytes as
+"""slixmpp's serialiser with the C-speed escaping of xmpp/slixfix/escape.py: the same bytes as
 slixmpp's own character-by-character escaping, for every kind of text."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 
 from slixmpp import Message
 
-from gridpresence.agents import fast_escape
+from gridpresence.xmpp.slixfix import escape as fast_escape
 
 serialiser = importlib.import_module("slixmpp.xmlstream.tostring")
 

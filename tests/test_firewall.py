@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 
-from gridpresence.agents.operator import GridOperator
+from gridpresence.operator.library import GridOperator
 from gridpresence.config import parse_fleet
-from gridpresence.grid import Grid
+from gridpresence.host.grid import Grid
 from gridpresence.protocol.models import Action, DeviceState, HealthStatus, OutcomeStatus
 from gridpresence.server import ServerPorts, free_port
 import netlab

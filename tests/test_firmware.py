@@ -14,8 +14,8 @@ from slixmpp.xmlstream.matcher import StanzaPath
 
 from chatpeer import chat_peer
 from conftest import Env
-from gridpresence.agents.firmware import FirmwareCampaign, sign_offer, upgrade_firmware
-from gridpresence.agents.operator import GridOperator
+from gridpresence.device.firmware import FirmwareCampaign, sign_offer, upgrade_firmware
+from gridpresence.operator.library import GridOperator
 from gridpresence.protocol import DeviceState, RejectReason
 from gridpresence.protocol.codec import q
 from gridpresence.protocol.firmware import (

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gridpresence.accounts import RELAY, WATCHDOG
+from gridpresence.server.accounts import RELAY, WATCHDOG
 from gridpresence.security import keys
 from gridpresence.security.pgp import pgpy
 from gridpresence.security.pins import PinStore, PinVerdict

@@ -13,7 +13,7 @@ from slixmpp import Message
 
 from chatpeer import ChatPeer, chat_peer
 from conftest import Env
-from gridpresence.agents.operator import GridOperator
+from gridpresence.operator.library import GridOperator
 from gridpresence.protocol import DeviceState
 from gridpresence.protocol.models import utcnow
 from gridpresence.protocol.openpgp import FALLBACK_BODY, chat_payload, openpgp_to_xml, ox

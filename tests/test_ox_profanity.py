@@ -14,7 +14,7 @@ import pytest
 
 from conftest import Env
 from gpghome import HAVE_GPG, GnuPG
-from gridpresence.agents.operator import GridOperator
+from gridpresence.operator.library import GridOperator
 from gridpresence.protocol import DeviceState
 from gridpresence.security.keys import fingerprint
 from gridpresence.security.policy import SecuritySettings

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Env
-from gridpresence.agents.operator import GridOperator
+from gridpresence.operator.library import GridOperator
 from gridpresence.protocol import DeviceState
 
 pytestmark = pytest.mark.skipif(shutil.which("go-sendxmpp") is None,

@@ -8,9 +8,9 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from gridpresence.agents.reports import ReportAudience, ReportReader, reader_keys, seal_report
+from gridpresence.device.reports import ReportAudience, ReportReader, reader_keys, seal_report
 from gridpresence.config import FleetError, parse_fleet
-from gridpresence.devices.metering import MeterRegisters, PeakHours
+from gridpresence.physics.metering import MeterRegisters, PeakHours
 from gridpresence.protocol.billing_report import (
     BillingData,
     BillingReport,

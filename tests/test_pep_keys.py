@@ -17,12 +17,12 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from gridpresence.agents.device import DeviceAgent
-from gridpresence.agents.operator import GridOperator
-from gridpresence.agents.session import close_session, make_client, open_session
+from gridpresence.device.agent import DeviceAgent
+from gridpresence.operator.library import GridOperator
+from gridpresence.xmpp.session import close_session, make_client, open_session
 from gridpresence.security.keyring import KeyChanged, KeyUnavailable
 from gridpresence.security.keys import fingerprint, generate
-from gridpresence.security.ox_xml import (
+from gridpresence.protocol.ox_xml import (
     PUBLIC_KEYS_NODE,
     KeyAnnouncement,
     key_node,

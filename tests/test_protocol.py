@@ -13,11 +13,11 @@ import pytest
 from slixmpp import Presence
 
 from conftest import Env
-from gridpresence.agents.device import DeviceAgent
-from gridpresence.agents.operator import GridOperator
-from gridpresence.agents.session import close_session, make_client, open_session
+from gridpresence.device.agent import DeviceAgent
+from gridpresence.operator.library import GridOperator
+from gridpresence.xmpp.session import close_session, make_client, open_session
 from gridpresence.config import DeviceSpec
-from gridpresence.devices import make_device
+from gridpresence.physics import make_device
 from gridpresence.protocol import (
     NS,
     Action,
@@ -139,7 +139,7 @@ def test_physics_stays_in_range_over_a_long_run() -> None:
 
 
 def test_device_never_publishes_invalid_values(caplog: pytest.LogCaptureFixture) -> None:
-    from gridpresence.agents.session import Endpoint
+    from gridpresence.xmpp.session import Endpoint
 
     agent = DeviceAgent(DeviceSpec(name="l", kind="load", rated_kw=10), "l@localhost", "pw", Endpoint(), [])
     agent.sim.utilisation = math.nan  # type: ignore[attr-defined]  # a broken sensor model
@@ -200,7 +200,7 @@ def test_fast_scram_matches_slixmpp_scram() -> None:
     from slixmpp.util.sasl.client import MECHANISMS
     from slixmpp.util.sasl.mechanisms import SCRAM
 
-    from gridpresence.agents.fast_scram import FastSCRAM
+    from gridpresence.xmpp.slixfix.scram import FastSCRAM
 
     assert MECHANISMS["SCRAM-SHA-1"] is FastSCRAM
     for hash_fn, password in ((hashlib.sha1, "pässword"), (hashlib.sha256, "x" * 40)):
@@ -211,7 +211,7 @@ def test_fast_scram_matches_slixmpp_scram() -> None:
 
 async def test_client_trusting_another_ca_cannot_log_in(env: Env, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Every session verifies the server against the configured CA only."""
-    from gridpresence.agents.session import SessionError
+    from gridpresence.xmpp.session import SessionError
     from gridpresence.server import ensure_certificates
 
     stranger = ensure_certificates(tmp_path, "localhost")

@@ -19,22 +19,22 @@ import pytest
 import pytest_asyncio
 from conftest import Env, run_cli
 
-from gridpresence.agents.availability import command_group, wait_available
-from gridpresence.agents.fleet import device_agent
+from gridpresence.operator.availability import command_group, wait_available
+from gridpresence.host.fleet import device_agent
 from gridpresence.security.pep_keyring import PartyKeys
-from gridpresence.agents.operator import GridOperator
-from gridpresence.agents.session import ConnectionInfo, tls_context
+from gridpresence.operator.library import GridOperator
+from gridpresence.xmpp.session import ConnectionInfo, tls_context
 from gridpresence.protocol.models import Action, Command, DeviceState, Outcome, OutcomeStatus, RejectReason
 from gridpresence.protocol.codec import outcome_to_xml
-from gridpresence.agents.reports import ReportAudience, ReportReader
+from gridpresence.device.reports import ReportAudience, ReportReader
 from gridpresence.protocol.billing_report import PartName, billing_report_from_xml
-from gridpresence.relay.mail import MailTLSError, build_mail, open_smtp
-from gridpresence.relay.route import RelayRoute
-from gridpresence.relay.commissioning import commission, readers_keys
+from gridpresence.services.relay.mail import MailTLSError, build_mail, open_smtp
+from gridpresence.services.relay.route import RelayRoute
+from gridpresence.services.relay.commissioning import commission, readers_keys
 from gridpresence.security.parts import NotForYou
 from gridpresence.server.certs import ensure_certificates
-from gridpresence.relay.mail_device import MailDevice
-from gridpresence.relay.queue import CommandQueue
+from gridpresence.services.relay.mail_device import MailDevice
+from gridpresence.services.relay.queue import CommandQueue
 from gridpresence.server.ports import free_port
 
 COPIED = ("connection.json", "secrets.json", "fleet.json")

@@ -18,7 +18,7 @@ import pytest
 from conftest import Env
 from test_relay import RelayProcess, commission_once, operator
 
-from gridpresence.agents.session import ConnectionInfo
+from gridpresence.xmpp.session import ConnectionInfo
 from gridpresence.server.ports import free_port
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("ip"),

@@ -17,8 +17,8 @@ from gridpresence.protocol.models import (
     PresenceReport,
     Telemetry,
 )
-from gridpresence.relay.mail import MailError, build_mail, parse_mail
-from gridpresence.relay.queue import CommandQueue, State
+from gridpresence.services.relay.mail import MailError, build_mail, parse_mail
+from gridpresence.services.relay.queue import CommandQueue, State
 
 
 def test_each_payload_survives_the_mail_form() -> None:

@@ -15,10 +15,10 @@ from slixmpp import Message
 
 from chatpeer import ChatPeer, chat_peer
 from conftest import Env, run_cli
-from gridpresence.agents.billing import tariff_from_spec
-from gridpresence.agents.device import DeviceAgent
-from gridpresence.agents.fleet import FleetBots
-from gridpresence.agents.operator import GridOperator
+from gridpresence.services.billing import tariff_from_spec
+from gridpresence.device.agent import DeviceAgent
+from gridpresence.host.fleet import FleetBots
+from gridpresence.operator.library import GridOperator
 from gridpresence.config import load_fleet
 from gridpresence.protocol.alarm import Alarm, AlarmKind, AlarmLevel, AlarmStatus, alarm_from_xml
 from gridpresence.protocol.codec import PayloadError, q, report_from_xml, report_to_xml, tariff_to_xml

@@ -14,9 +14,9 @@ import pytest
 from conftest import Env, run_cli
 from collections.abc import Mapping
 
-from gridpresence.agents import operator as operator_module
-from gridpresence.agents.operator import GridOperator
-from gridpresence.agents.tracker import DeviceView
+from gridpresence.operator import library as operator_module
+from gridpresence.operator.library import GridOperator
+from gridpresence.operator.tracker import DeviceView
 from gridpresence.protocol import Action, DeviceState, HealthStatus, OutcomeStatus, RejectReason
 from gridpresence.protocol.models import utcnow
 
@@ -125,7 +125,7 @@ async def test_set_time_and_read(alice: GridOperator) -> None:
 
 async def test_master_sums_its_branches(alice: GridOperator) -> None:
     """A branch meter reports the sum of its loads' presence, to within the publish deadband."""
-    from gridpresence.agents.device import LOAD_DEADBAND_PCT
+    from gridpresence.device.agent import LOAD_DEADBAND_PCT
 
     def consistent(d: Mapping[str, DeviceView]) -> bool:
         branch = d["branch-a"].report

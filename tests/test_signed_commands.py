@@ -21,10 +21,10 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from conftest import Env
-from gridpresence.agents.billing import tariff_from_spec
-from gridpresence.agents.fleet import device_agent
-from gridpresence.agents.operator import GridOperator
-from gridpresence.agents.session import close_session, make_client, open_session
+from gridpresence.services.billing import tariff_from_spec
+from gridpresence.host.fleet import device_agent
+from gridpresence.operator.library import GridOperator
+from gridpresence.xmpp.session import close_session, make_client, open_session
 from gridpresence.protocol.codec import command_to_xml, outcome_from_xml, q, tariff_to_xml
 from gridpresence.protocol.models import (
     Action,

@@ -9,11 +9,11 @@ import asyncio
 
 from chatpeer import ChatPeer, chat_peer
 from conftest import Env
-from gridpresence.agents.device import DeviceAgent
+from gridpresence.device.agent import DeviceAgent
 from gridpresence.protocol.alarm import AlarmKind, AlarmStatus, alarm_from_xml
 from gridpresence.protocol.codec import q
 from test_adhoc import _gajim
-from gridpresence.agents.session import close_session
+from gridpresence.xmpp.session import close_session
 
 DEVICE = "hot-load2"
 

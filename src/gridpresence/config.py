@@ -15,7 +15,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gridpresence.alarm_settings import AlarmSettings
+from gridpresence.rules.settings import AlarmSettings
 from gridpresence.protocol.models import DeviceKind
 from gridpresence.security.policy import Role, SecuritySettings
 from gridpresence.rules.model import RuleSetError, load_rules

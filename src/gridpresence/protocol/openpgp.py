@@ -1,5 +1,5 @@
 """XEP-0373 (OpenPGP for XMPP) framing, §3: the only place its XML is read or written (the
-public-key nodes of §4 are in :mod:`gridpresence.security.ox_xml`, whose names this shares).
+public-key nodes of §4 are in :mod:`gridpresence.protocol.ox_xml`, whose names this shares).
 
 ``<openpgp xmlns='urn:xmpp:openpgp:0'>BASE64</openpgp>`` carries one binary OpenPGP message:
 
@@ -26,8 +26,8 @@ from slixmpp import Message
 from slixmpp.xmlstream import ElementBase, register_stanza_plugin
 
 from gridpresence.protocol.codec import PayloadError, _text
-from gridpresence.security.ox_xml import NS_OX as OX_NS
-from gridpresence.security.ox_xml import ox
+from gridpresence.protocol.ox_xml import NS_OX as OX_NS
+from gridpresence.protocol.ox_xml import ox
 
 __all__ = ["OPENPGP_NS", "OX_NS", "SignContent", "Signcrypt", "chat_body", "chat_payload", "element_to_text",
            "openpgp_from_xml", "openpgp_to_xml", "ox", "sign_from_bytes", "sign_to_bytes", "signcrypt_from_bytes",

@@ -15,7 +15,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
-from gridpresence.alarm_settings import AlarmSettings
+from gridpresence.rules.settings import AlarmSettings
 from gridpresence.protocol.alarm import AlarmKind
 from gridpresence.protocol.models import DeviceKind, DeviceState
 

@@ -1,6 +1,6 @@
 """A device's check of a signed command before it acts: signature, role, serial, freshness.
 
-The replay check and the effect itself stay with the device (agents/device.py); everything
+The replay check and the effect itself stay with the device (device/agent.py); everything
 here is pure and raises :class:`Refusal` with the reason that goes into the outcome.
 """
 

@@ -26,7 +26,7 @@ from slixmpp.exceptions import IqError, IqTimeout
 
 from gridpresence.security.keyring import KeyChanged, KeyUnavailable
 from gridpresence.security.keys import KEYS_DIR, KeyFileError, fingerprint, load_secret, parse_key, xmpp_uid
-from gridpresence.security.ox_xml import (
+from gridpresence.protocol.ox_xml import (
     PUBLIC_KEYS_NODE,
     PUBLIC_KEYS_NOTIFY,
     KeyAnnouncement,

@@ -1,0 +1,429 @@
+"""``gridpresence``: run the grid network on the embedded server and operate it.
+
+    gridpresence up [--fleet FILE] [--data DIR]       server + accounts + bots, until Ctrl-C
+    gridpresence demo [--once]                        up, then a narrated load-shed scenario
+    gridpresence status [--json]                      every device's state and telemetry
+    gridpresence watch [--json]                       presence changes, live
+    gridpresence shed|restore|start|stop|open|close|read DEVICE... [--json]
+    gridpresence set-time DEVICE... [--time ISO]
+    gridpresence bots --data DIR --only NAME...       run some bots apart (e.g. to kill one)
+    gridpresence relay --data DIR                     the email store-and-forward relay alone
+    gridpresence mail-device NAME --data DIR          a device that reaches the grid by SMTP only
+    gridpresence alert DEVICE [--timeout S]           wait until a device is available
+    gridpresence rules replay TRACE.csv [--json]      alarms and threshold changes of a rule set over a trace
+
+Operator commands read ``connection.json`` (written by ``up``) from --connection, or
+$GRIDPRESENCE_CONNECTION, or .gridpresence/connection.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from gridpresence.server.accounts import Secrets
+from gridpresence.host.fleet import FleetBots
+from gridpresence.device.reports import METERING_KINDS
+from gridpresence.operator.library import GridOperator, UnknownDevice
+from gridpresence.xmpp.session import ConnectionInfo, SessionError
+from gridpresence.operator.tracker import DeviceChange, DeviceView
+from gridpresence.config import FleetError, load_fleet
+from gridpresence.host.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE, Grid
+from gridpresence.protocol.models import Action, Outcome, OutcomeStatus
+from gridpresence.cli import relay as relay_commands
+from gridpresence.cli.rules import add_rules_commands
+from gridpresence.rules.model import RuleSetError
+from gridpresence.cli import keys as keys_commands
+from gridpresence.security.keys import KeyFileError
+from gridpresence.server import ServerError, ServerPorts
+from gridpresence.host.signals import stop_signal, unless_stopped
+
+DEFAULT_DATA = Path(".gridpresence")
+DEFAULT_FLEET = Path(__file__).resolve().parents[2] / "bots" / "demo-fleet.toml"
+COMMAND_ACTIONS = ("shed", "restore", "start", "stop", "open", "close", "read")
+
+EXIT_OK, EXIT_FAILED_OUTCOME, EXIT_ERROR = 0, 1, 2
+
+
+class CliError(Exception):
+    """An error for the person at the terminal: printed without a traceback, exit code 2."""
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    return "-" if value is None else f"{value:.1f}{unit}"
+
+
+def status_rows(devices: dict[str, DeviceView]) -> list[list[str]]:
+    rows = [["DEVICE", "KIND", "STATE", "TRANSPORT", "LOAD", "KW", "DETAIL"]]
+    for name in sorted(devices):
+        v = devices[name]
+        t = v.report.telemetry if v.report else None
+        detail = []
+        if v.health_reason and v.label in ("presence-error", "unknown", "gone"):
+            detail.append(v.health_reason)
+        elif v.report and v.report.restriction:
+            detail.append(v.report.status_text())
+        if t is not None:
+            if t.fuel_pct is not None:
+                detail.append(f"fuel {t.fuel_pct:.0f}%")
+            if t.temperature_c is not None:
+                detail.append(f"{t.temperature_c:.0f}°C")
+            if t.breaker is not None:
+                detail.append(f"breaker {t.breaker.value}")
+            if t.energy_kwh is not None:
+                detail.append(f"{t.energy_kwh:.2f} kWh")
+        if v.report and v.report.critical:
+            detail.append("critical")
+        rows.append([name, v.kind.value if v.kind else "?", v.label, v.transport or "-", _fmt(t.load_pct if t else None, "%"),
+                     _fmt(t.kw if t else None), ", ".join(detail)])
+    return rows
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def outcome_dict(name: str, outcome: Outcome) -> dict[str, Any]:
+    data = outcome.model_dump(mode="json", exclude_none=True)
+    data["name"] = name
+    return data
+
+
+def outcome_line(name: str, outcome: Outcome) -> str:
+    state = f" -> {outcome.report.status_text()}" if outcome.report and outcome.ok else ""
+    return f"{name}: {outcome.summary()}{state}"
+
+
+# -- operator commands ---------------------------------------------------------------------
+
+
+def _connection_path(args: argparse.Namespace) -> Path:
+    if args.connection:
+        return Path(args.connection)
+    if env := os.environ.get("GRIDPRESENCE_CONNECTION"):
+        return Path(env)
+    return DEFAULT_DATA / CONNECTION_FILE
+
+
+async def _with_operator(args: argparse.Namespace, body: Callable[[GridOperator], Awaitable[int]]) -> int:
+    info = ConnectionInfo.load(_connection_path(args))
+    grid = GridOperator.from_connection(info, operator=args.operator)
+    await grid.connect(settle_s=args.settle)
+    try:
+        return await body(grid)
+    finally:
+        await grid.close()
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    async def body(grid: GridOperator) -> int:
+        devices = dict(grid.devices)
+        if args.json:
+            price = grid.price_now()
+            print(json.dumps({"devices": [devices[n].as_dict() for n in sorted(devices)],
+                              "price_per_kwh": price}, indent=2))
+        else:
+            print(table(status_rows(devices)))
+            if grid.tariff:
+                print(f"\nprice now: {grid.price_now():.2f} {grid.tariff.currency}/kWh ({grid.tariff.supplier})")
+        return EXIT_OK
+
+    return await _with_operator(args, body)
+
+
+def _change_text(change: DeviceChange) -> str:
+    cur = change.current
+    detail = cur.health_reason if cur.label in ("presence-error", "gone") else (
+        cur.report.status_text() if cur.report else "")
+    return f"{dt.datetime.now():%H:%M:%S} {cur.name:<14} {cur.label:<15} {detail}"
+
+
+async def cmd_watch(args: argparse.Namespace) -> int:
+    async def body(grid: GridOperator) -> int:
+        if not args.json:
+            print(table(status_rows(dict(grid.devices))), flush=True)
+            print("-- watching; Ctrl-C to stop --", flush=True)
+        count = 0
+        async for change in grid.changes():
+            if args.json:
+                print(json.dumps({"cause": change.cause, **change.current.as_dict()}), flush=True)
+            else:
+                print(_change_text(change), flush=True)
+            count += 1
+            if args.count and count >= args.count:
+                break
+        return EXIT_OK
+
+    return await _with_operator(args, body)
+
+
+async def cmd_alarms(args: argparse.Namespace) -> int:
+    async def body(grid: GridOperator) -> int:
+        count = 0
+        async for alarm in grid.new_alarms():
+            if args.json:
+                print(alarm.model_dump_json(exclude_none=True), flush=True)
+            else:
+                print(f"{alarm.raised:%H:%M:%S} {alarm.level.value.upper():<7} {alarm.device} alarm {alarm.id} "
+                      f"{alarm.status.value}: {alarm.text}", flush=True)
+            count += 1
+            if args.count and count >= args.count:
+                break
+        return EXIT_OK
+
+    return await _with_operator(args, body)
+
+
+async def cmd_quality(args: argparse.Namespace) -> int:
+    """Ask meters / master IEDs for a billing report now and print the power-quality part, the
+    one an operator can decrypt ([0085]); the billing part is not ours to read."""
+    async def body(grid: GridOperator) -> int:
+        if grid.reports is None:
+            raise CliError("this operator has no OpenPGP key file in the connection file; cannot read reports")
+        for name in args.devices:  # unknown names and devices that meter nothing fail first
+            view = grid.device(name)
+            if view.kind not in METERING_KINDS:
+                raise CliError(f"{name} is a {view.kind.value if view.kind else 'device'}: "
+                               "only meters and master IEDs send billing reports")
+        for name in args.devices:
+            grid.request_report(name)
+        failed = 0
+        for name in args.devices:
+            try:
+                q = await grid.wait_quality(name, since=started, timeout=args.timeout)
+            except TimeoutError:
+                print(f"{name}: no billing report within {args.timeout:g} s", flush=True)
+                failed += 1
+                continue
+            if args.json:
+                print(q.model_dump_json(), flush=True)
+            else:
+                print(f"{name}: {q.voltage_v:.1f} V ({q.voltage_min_v:.1f}-{q.voltage_max_v:.1f}), "
+                      f"{q.frequency_hz:.3f} Hz, PF {q.power_factor:.3f}, THD {q.thd_pct:.1f} %, "
+                      f"load {q.load_pct:.1f} %, {q.sags} sags since {q.period_start:%H:%M:%S} UTC", flush=True)
+        return EXIT_FAILED_OUTCOME if failed else EXIT_OK
+
+    started = dt.datetime.now(dt.timezone.utc)
+    return await _with_operator(args, body)
+
+
+async def cmd_action(args: argparse.Namespace) -> int:
+    action = Action(args.action.replace("-", "_"))
+    extra = {"time": args.time} if action is Action.SET_TIME else None
+
+    async def body(grid: GridOperator) -> int:
+        for name in args.devices:
+            grid.device(name)  # unknown names fail before anything is sent
+        if args.until_available:
+            from gridpresence.operator.availability import command_group
+
+            outcomes = await command_group(grid, args.devices, action, args=extra, timeout_s=args.until_available)
+        else:
+            outcomes = await grid.command_many(args.devices, action, args=extra, ttl_s=args.ttl, wait_final=args.wait)
+        if args.json:
+            print(json.dumps([outcome_dict(n, o) for n, o in outcomes.items()], indent=2))
+        else:
+            for name, outcome in outcomes.items():
+                print(outcome_line(name, outcome))
+        # "queued" is not a failure: the relay holds the command (use --wait for the final outcome).
+        fine = (OutcomeStatus.EXECUTED, OutcomeStatus.QUEUED)
+        return EXIT_OK if all(o.status in fine for o in outcomes.values()) else EXIT_FAILED_OUTCOME
+
+    return await _with_operator(args, body)
+
+
+async def cmd_alert(args: argparse.Namespace) -> int:
+    from gridpresence.operator.availability import wait_available
+
+    async def body(grid: GridOperator) -> int:
+        try:
+            view = await wait_available(grid, args.device, timeout=args.timeout)
+        except TimeoutError:
+            print(f"{args.device}: not available within {args.timeout:g} s ({grid.device(args.device).label})")
+            return EXIT_FAILED_OUTCOME
+        print(f"{view.name}: available ({view.report.status_text() if view.report else view.label})", flush=True)
+        return EXIT_OK
+
+    return await _with_operator(args, body)
+
+
+# -- server commands -----------------------------------------------------------------------
+
+
+def _ports(args: argparse.Namespace) -> ServerPorts | None:
+    given = [args.c2s_port, args.http_port, args.https_port]
+    if not any(given):
+        return None
+    from gridpresence.server import free_port
+
+    return ServerPorts(c2s=args.c2s_port or free_port(args.bind), http=args.http_port or free_port(args.bind),
+                       https=args.https_port or free_port(args.bind), component=free_port(args.bind))
+
+
+def _print_welcome(grid: Grid) -> None:
+    info = grid.connection
+    print(f"grid is up: XMPP server {info.server.host}:{info.server.c2s_port} (domain {info.server.domain}, TLS, "
+          f"CA {info.server.ca_file})")
+    if info.server.bosh_url:
+        print(f"BOSH (for clients behind web-only firewalls): {info.server.bosh_url}")
+    print(f"connection file: {grid.connection_file}")
+    for acc in info.operators:
+        print(f"  operator login: {acc.jid}  password: {acc.password}")
+    bots = grid.bots
+    if bots:
+        print(f"  {len(bots.devices)} device bots, {len(bots.billing)} billing, watchdog {info.watchdog}")
+        if bots.console is not None:
+            print(f"  chat with the fleet console: {bots.console.grid.jid} (type help); devices answer chat too")
+    if info.relay is not None:
+        print(f"  store-and-forward relay {info.relay.jid}: SMTP {info.relay.smtp_host}:{info.relay.smtp_port}")
+    print("Ctrl-C stops everything.", flush=True)
+
+
+async def cmd_up(args: argparse.Namespace, scenario: Callable[[Grid], Awaitable[None]] | None = None) -> int:
+    fleet = load_fleet(Path(args.fleet))
+    grid = Grid(fleet, Path(args.data), bind=args.bind, ports=_ports(args), prosody_bin=args.prosody)
+    stop = stop_signal()
+    await grid.start()
+    try:
+        _print_welcome(grid)
+        if scenario is not None:
+            await unless_stopped(scenario(grid), stop)
+        if not getattr(args, "once", False):
+            await stop.wait()
+    finally:
+        print("stopping...", flush=True)
+        await grid.stop()
+    return EXIT_OK
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from gridpresence.host.demo import run_scenario
+
+    return await cmd_up(args, scenario=run_scenario)
+
+
+async def cmd_bots(args: argparse.Namespace) -> int:
+    data = Path(args.data)
+    info = ConnectionInfo.load(data / CONNECTION_FILE)
+    fleet = load_fleet(Path(args.fleet) if args.fleet else data / FLEET_COPY)
+    secrets_path = data / SECRETS_FILE
+    if not secrets_path.exists():
+        raise CliError(f"{secrets_path}: not found; run `gridpresence up --data {data}` first")
+    bots = FleetBots(fleet, info.server, Secrets(secrets_path), only=args.only, with_services=False, data_dir=data)
+    if not bots.bots:
+        raise CliError(f"no bot named {', '.join(args.only)} in the fleet")
+    stop = stop_signal()
+    try:
+        await unless_stopped(bots.start(), stop)
+        print(f"running {', '.join(sorted(bots.devices) + sorted(bots.billing))}", flush=True)
+        await stop.wait()
+    finally:
+        await bots.stop()  # closes the devices' replay guard too
+    return EXIT_OK
+
+
+# -- argument parsing ---------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gridpresence", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def server_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--fleet", default=str(DEFAULT_FLEET), help="fleet file (TOML)")
+        p.add_argument("--data", default=str(DEFAULT_DATA), help="data directory (config, accounts, logs)")
+        p.add_argument("--bind", default="127.0.0.1", help="address the server listens on")
+        p.add_argument("--c2s-port", type=int, help="XMPP client port (default: free or as last time)")
+        p.add_argument("--http-port", type=int, help="HTTP (BOSH) port")
+        p.add_argument("--https-port", type=int, help="HTTPS (BOSH) port")
+        p.add_argument("--prosody", default="prosody", help="Prosody executable")
+
+    up = sub.add_parser("up", help="start the embedded server and the fleet's bots")
+    server_opts(up)
+    up.set_defaults(run=cmd_up)
+    demo = sub.add_parser("demo", help="up, then play the load-shed scenario")
+    server_opts(demo)
+    demo.add_argument("--once", action="store_true", help="stop after the scenario")
+    demo.set_defaults(run=cmd_demo)
+
+    bots = sub.add_parser("bots", help="run some of a fleet's bots against a running grid")
+    bots.add_argument("--fleet", default=None, help="fleet file (default: the copy in --data)")
+    bots.add_argument("--data", default=str(DEFAULT_DATA))
+    bots.add_argument("--only", nargs="+", required=True, metavar="NAME")
+    bots.set_defaults(run=cmd_bots)
+
+    def operator_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--connection", help="connection.json written by `up`")
+        p.add_argument("--as", dest="operator", help="operator name (default: the first)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--settle", type=float, default=1.0, help="seconds to wait for presence on connect")
+
+    status = sub.add_parser("status", help="every device's state and telemetry")
+    operator_opts(status)
+    status.set_defaults(run=cmd_status)
+    watch = sub.add_parser("watch", help="show presence changes live")
+    operator_opts(watch)
+    watch.add_argument("--count", type=int, default=0, help="stop after this many changes")
+    watch.set_defaults(run=cmd_watch)
+    alarms = sub.add_parser("alarms", help="show alarms sent to this operator as they arrive (acknowledge: chat 'ack ID')")
+    operator_opts(alarms)
+    alarms.add_argument("--count", type=int, default=0, help="stop after this many alarms")
+    alarms.set_defaults(run=cmd_alarms)
+    quality = sub.add_parser("quality", help="ask meters for a billing report and show its power-quality part")
+    operator_opts(quality)
+    quality.add_argument("devices", nargs="+", help="meters or master IEDs, by name")
+    quality.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each report")
+    quality.set_defaults(run=cmd_quality)
+    for action in (*COMMAND_ACTIONS, "set-time"):
+        p = sub.add_parser(action, help=f"{action} one or more devices and print the outcomes")
+        operator_opts(p)
+        p.add_argument("devices", nargs="+", metavar="DEVICE")
+        p.add_argument("--ttl", type=float, default=30.0, help="seconds before the command expires")
+        p.add_argument("--wait", action="store_true",
+                       help="for a device without presence, wait for the relay's final outcome instead of 'queued'")
+        p.add_argument("--until-available", type=float, default=0.0, metavar="S",
+                       help="retry members that are absent or restricted until they are available, for up to S seconds")
+        if action == "set-time":
+            p.add_argument("--time", default=None, help="ISO 8601 time with zone (default: now)")
+        p.set_defaults(run=cmd_action, action=action)
+    alert = sub.add_parser("alert", help="wait until a device is available, then print it")
+    operator_opts(alert)
+    alert.add_argument("device", metavar="DEVICE")
+    alert.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (exit 1)")
+    alert.set_defaults(run=cmd_alert)
+    relay_commands.register(sub, operator_opts, str(DEFAULT_DATA))
+    add_rules_commands(sub, operator_opts, _with_operator, str(DEFAULT_DATA))
+    keys_commands.register(sub, str(DEFAULT_DATA))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "action", None) == "set-time" and not args.time:
+        args.time = dt.datetime.now(dt.timezone.utc).isoformat()
+    try:
+        return asyncio.run(args.run(args))
+    except (CliError, FleetError, KeyFileError, RuleSetError, ServerError, SessionError, UnknownDevice) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

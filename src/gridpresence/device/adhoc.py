@@ -1,0 +1,200 @@
+"""Standard XMPP for device bots: XEP-0050 ad-hoc commands with XEP-0004 forms (the menus of
+Gajim, Conversations and Dino), found through XEP-0030, plus XEP-0115 caps and XEP-0092 version.
+
+The forms offer what chat offers — status, an action, acknowledging an alarm — and run it
+through :meth:`DeviceAgent.accept`, the one command path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+from xml.etree import ElementTree as ET
+
+from slixmpp import JID, Iq, Presence
+from slixmpp.exceptions import XMPPError
+from slixmpp.xmlstream import StanzaBase
+
+from gridpresence.device.alarms import TITLES
+from gridpresence.device.chat import ACTION_WORDS, REASONS, describe_outcome, describe_report
+from gridpresence.protocol.models import Action, Command, PresenceReport, RejectReason, utcnow
+
+if TYPE_CHECKING:
+    from gridpresence.device.agent import DeviceAgent
+
+log = logging.getLogger(__name__)
+
+ADHOC_TTL_S = 30.0
+ALL_ALARMS = "all"
+STATUS, RUN, ACK = "status", "run", "ack-alarm"
+CAPS_NS = "http://jabber.org/protocol/caps"
+CAPS_NODE = "urn:gridpresence:caps"
+
+
+def _software_version() -> str:
+    try:
+        return version("gridpresence")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def enable_standard_features(agent: DeviceAgent) -> None:
+    """Register the standard plugins and the device's commands on its client."""
+    client = agent.client
+    client.register_plugin("xep_0004")
+    client.register_plugin("xep_0050")
+    client.register_plugin("xep_0092", {"software_name": "gridpresence device", "version": _software_version()})
+    client.register_plugin("xep_0115", {"caps_node": CAPS_NODE})
+    # Advertise our own caps, but do not query everyone else's: a thousand devices asking each
+    # new operator's client for its features would be a storm, and devices have no use for them.
+    client.remove_handler("Entity Capabilities")
+    # The plugin stamps presence from an async filter, which slixmpp runs as a task with a
+    # timeout for every outgoing stanza (a third more time per command); a sync filter does it.
+    client.del_filter("out", client.plugin["xep_0115"]._filter_add_caps)  # type: ignore[arg-type]
+    AdhocCommands(agent)
+
+
+class AdhocCommands:
+    def __init__(self, agent: DeviceAgent) -> None:
+        self.agent = agent
+        self.forms = agent.client.plugin["xep_0004"]
+        self.adhoc = agent.client.plugin["xep_0050"]
+        self._caps: ET.Element | None = None
+        # Commands are keyed by the full JID, which a new session may change: add them each time.
+        agent.client.add_event_handler("session_start", self._add_commands)
+
+    def _add_commands(self, _event: object) -> None:
+        jid = self.agent.client.boundjid
+        self.adhoc.add_command(jid, STATUS, "Status", self._status)
+        if self.actions():
+            self.adhoc.add_command(jid, RUN, "Run a command", self._run_form)
+        self.adhoc.add_command(jid, ACK, "Acknowledge an alarm", self._ack_form)
+        asyncio.ensure_future(self._announce_caps())
+
+    async def _announce_caps(self) -> None:
+        """Hash the features (commands included) into the caps version, then publish once more
+        so the presence everyone caches carries it."""
+        try:
+            client, jid = self.agent.client, self.agent.client.boundjid.full
+            await client.plugin["xep_0115"].update_caps(jid, broadcast=False)
+            ver = await client.plugin["xep_0115"].get_verstring(jid)
+            first = self._caps is None
+            self._caps = ET.Element(f"{{{CAPS_NS}}}c", {"hash": "sha-1", "node": CAPS_NODE, "ver": ver})
+            if first:
+                client.add_filter("out", self._stamp_caps)
+            self.agent.publish(force=True)
+        except Exception:  # caps are a courtesy to clients: never worth the device
+            log.exception("%s: could not compute entity caps", self.agent.spec.name)
+
+    def _stamp_caps(self, stanza: StanzaBase) -> StanzaBase:
+        if self._caps is not None and isinstance(stanza, Presence) and stanza["type"] != "unavailable":
+            stanza.xml.append(self._caps)  # one shared element: it is only ever serialised
+        return stanza
+
+    def actions(self) -> list[Action]:
+        return sorted(a for a in self.agent.sim.actions if a.value in ACTION_WORDS)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _authorise(self, sender: JID) -> str:
+        who = JID(sender).bare
+        if who not in self.agent.operators:
+            log.warning("%s: ad-hoc command from %s refused: not authorised", self.agent.spec.name, who)
+            raise XMPPError("forbidden", text=f"not authorised: only the utility's operators may use {self.agent.spec.name}")
+        # Finished sessions are never removed by the plugin when no "complete" step follows.
+        for sid in [s for s, sess in self.adhoc.sessions.items() if sess.get("next") is None]:
+            del self.adhoc.sessions[sid]
+        return who
+
+    def _report_form(self, report: PresenceReport | None, title: str) -> Any:
+        form = self.forms.make_form(ftype="result", title=title)
+        if report is None:
+            return form
+        form.add_field(var="state", ftype="text-single", label="State", value=report.state.value)
+        if report.restriction is not None:
+            form.add_field(var="restriction", ftype="text-single", label="Restriction", value=report.status_text())
+        for name, value in report.telemetry.model_dump(exclude_none=True, mode="json").items():
+            form.add_field(var=name.replace("_", "-"), ftype="text-single", label=name.replace("_", " "),
+                           value=str(value))
+        return form
+
+    @staticmethod
+    def _finish(session: dict[str, Any], payload: Any, note: str, kind: str = "info") -> dict[str, Any]:
+        session["payload"] = payload
+        session["notes"] = [(kind, note)]
+        session["next"] = None
+        session["has_next"] = False
+        return session
+
+    @staticmethod
+    def _submitted(payload: Any) -> dict[str, Any]:
+        forms = payload if isinstance(payload, list) else [payload]
+        for form in forms:
+            if getattr(form, "plugin_attrib", "") == "form":
+                return dict(form.get_values())
+        return {}
+
+    # -- status -------------------------------------------------------------------------
+
+    def _status(self, iq: Iq, session: dict[str, Any]) -> dict[str, Any]:
+        self._authorise(iq["from"])
+        report = self.agent.current_report()
+        return self._finish(session, self._report_form(report, f"{self.agent.spec.label}"),
+                            describe_report(self.agent.spec.name, report))
+
+    # -- run an action ------------------------------------------------------------------
+
+    def _run_form(self, iq: Iq, session: dict[str, Any]) -> dict[str, Any]:
+        self._authorise(iq["from"])
+        form = self.forms.make_form(ftype="form", title=f"Command {self.agent.spec.label}")
+        field = form.add_field(var="action", ftype="list-single", label="Action", required=True)
+        for action in self.actions():
+            field.add_option(label=action.value, value=action.value)
+        session.update(payload=form, next=self._run_submit, has_next=False, allow_complete=True)
+        return session
+
+    def _run_submit(self, payload: Any, session: dict[str, Any]) -> dict[str, Any]:
+        who = self._authorise(session["from"])
+        wanted = str(self._submitted(payload).get("action") or "")
+        if wanted not in {a.value for a in self.actions()}:
+            choices = ", ".join(a.value for a in self.actions())
+            return self._finish(session, None, f"unknown action {wanted[:40]!r}; choose one of: {choices}", "error")
+        if Action(wanted) not in self.agent.security.unsigned_chat_actions:  # a form is never signed
+            return self._finish(session, None, f"Refused {wanted}: {REASONS[RejectReason.UNSIGNED]}; send a signed "
+                                               "command (gridpresence CLI or the operator library).", "error")
+        sid = "".join(c for c in session["id"] if c.isalnum())[-40:]
+        cmd = Command.new(wanted, who, ttl_s=ADHOC_TTL_S).model_copy(update={"id": f"adhoc-{sid}"})
+        outcome = self.agent.accept(cmd, utcnow())
+        form = self._report_form(outcome.report, f"{self.agent.spec.label}: {wanted}")
+        form.add_field(var="outcome", ftype="text-single", label="Outcome", value=outcome.status.value)
+        if outcome.reason is not None:
+            form.add_field(var="reason", ftype="text-single", label="Reason", value=REASONS[outcome.reason])
+        text = describe_outcome(self.agent.spec.name, wanted, outcome)
+        return self._finish(session, form, text, "info" if outcome.ok else "warn")
+
+    # -- acknowledge an alarm -----------------------------------------------------------
+
+    def _ack_form(self, iq: Iq, session: dict[str, Any]) -> dict[str, Any]:
+        self._authorise(iq["from"])
+        open_alarms = [e.alarm for e in self.agent.alarms.open.values()]
+        if not open_alarms:
+            return self._finish(session, None, f"{self.agent.spec.name} has no open alarms.")
+        form = self.forms.make_form(ftype="form", title=f"Acknowledge an alarm of {self.agent.spec.label}")
+        field = form.add_field(var="alarm", ftype="list-single", label="Alarm", required=True)
+        for alarm in open_alarms:
+            field.add_option(label=f"{alarm.id}: {TITLES[alarm.kind]} ({alarm.level.value})", value=alarm.id)
+        field.add_option(label="all open alarms", value=ALL_ALARMS)
+        session.update(payload=form, next=self._ack_submit, has_next=False, allow_complete=True)
+        return session
+
+    def _ack_submit(self, payload: Any, session: dict[str, Any]) -> dict[str, Any]:
+        who = self._authorise(session["from"])
+        wanted = str(self._submitted(payload).get("alarm") or "")
+        if wanted != ALL_ALARMS and wanted not in self.agent.alarms.open:
+            return self._finish(session, None, f"no open alarm {wanted[:20]!r}", "error")
+        done = self.agent.alarms.acknowledge(None if wanted == ALL_ALARMS else wanted, who)
+        text = "Acknowledged: " + "; ".join(f"alarm {a.id} ({TITLES[a.kind]})" for a in done) + "."
+        return self._finish(session, None, text)

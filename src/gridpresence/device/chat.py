@@ -1,0 +1,239 @@
+"""Plain-text chat with a device bot, for operators in ordinary XMPP clients.
+
+``status``, ``shed``, ``read fuel``, ``ack 3``… typed in Gajim, Dino, Conversations or
+Profanity. Actions become the same :class:`Command` a script sends and go through
+:meth:`DeviceAgent.accept` — the same authorisation, expiry and once-only rule — so a
+redelivered chat message (same stanza id) has no second effect. Every message gets an
+answer written for a person; nothing a person types can end the bot.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import unicodedata
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from slixmpp import JID, Message
+
+from gridpresence.protocol import roster as roles
+from gridpresence.device.alarms import TITLES
+from gridpresence.security.policy import DEFAULT_ALLOW, Role
+from gridpresence.protocol.codec import q
+from gridpresence.protocol.openpgp import OPENPGP_NS
+from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, PresenceReport, RejectReason, utcnow
+
+if TYPE_CHECKING:
+    from gridpresence.device.agent import DeviceAgent
+
+log = logging.getLogger(__name__)
+
+MAX_CHARS = 500  # commands are short; anything longer is refused, not parsed
+CHAT_TTL_S = 30.0
+# One "not authorised" per stranger per this many seconds: two bots must not talk forever.
+REFUSAL_INTERVAL_S = 60.0
+
+# Operators' actions only: billing and firmware commands come signed from their own parties.
+ACTION_WORDS: dict[str, Action] = {a.value: a for a in DEFAULT_ALLOW[Role.OPERATOR]
+                                   if a not in (Action.READ, Action.SET_TIME)}
+FIELDS: dict[str, tuple[str, str]] = {  # chat name -> (telemetry field, unit)
+    "load": ("load_pct", "%"),
+    "kw": ("kw", "kW"),
+    "capacity": ("capacity_kw", "kW"),
+    "fuel": ("fuel_pct", "%"),
+    "temperature": ("temperature_c", "°C"),
+    "energy": ("energy_kwh", "kWh"),
+    "breaker": ("breaker", ""),
+}
+REASONS: dict[RejectReason, str] = {
+    RejectReason.RESTRICTED: "the device is restricted",
+    RejectReason.CRITICAL: "it is a critical load",
+    RejectReason.NOT_SUPPORTED: "not something this device can do",
+    RejectReason.INVALID_ARGUMENTS: "the arguments are not valid",
+    RejectReason.NOT_AUTHORISED: "not authorised",
+    RejectReason.UNSIGNED: "an unsigned chat line may not change the device's state",
+    RejectReason.BAD_SIGNATURE: "the signature does not check out",
+    RejectReason.UNKNOWN_KEY: "the issuer's key is unknown",
+    RejectReason.KEY_CHANGED: "the issuer's key changed",
+    RejectReason.REPLAYED: "the device had this command already",
+    RejectReason.STALE: "the command is outside its time window",
+    RejectReason.WRONG_SERIAL: "it was signed for another serial number",
+    RejectReason.WRONG_RECIPIENT: "it was signed for another device",
+}
+_CHAT_ID = re.compile(r"[^A-Za-z0-9._:-]")
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+
+
+def unreadable(text: str) -> str | None:
+    """Why a message cannot be a command (too long, binary), or None if it can be parsed."""
+    if len(text) > MAX_CHARS:
+        return f"That message is {len(text)} characters long; commands are at most {MAX_CHARS}."
+    if any(unicodedata.category(c) in ("Cc", "Cs", "Co", "Cn") and c not in "\t\r\n" or c == "\ufffd" for c in text):
+        return "That message holds control characters or binary data, not a command."
+    return None
+
+
+def describe_report(name: str, report: PresenceReport | None) -> str:
+    """A device's state in one line a person reads at a glance."""
+    if report is None:
+        return f"{name}: no valid readings right now"
+    t = report.telemetry
+    parts = [f"{name} ({report.kind.value}) is {report.state.value}"]
+    if report.restriction is not None:
+        parts[0] += f" — {report.status_text()}"
+    if t.kw is not None:
+        parts.append(f"{t.kw:.1f} kW" + (f" of {t.capacity_kw:g} kW" if t.capacity_kw else ""))
+    if t.load_pct is not None:
+        parts.append(f"load {t.load_pct:.0f}%")
+    if t.fuel_pct is not None:
+        parts.append(f"fuel {t.fuel_pct:.0f}%")
+    if t.temperature_c is not None:
+        parts.append(f"{t.temperature_c:.0f} °C")
+    if t.energy_kwh is not None:
+        parts.append(f"{t.energy_kwh:.1f} kWh")
+    if t.breaker is not None:
+        parts.append(f"breaker {t.breaker.value}")
+    if report.critical:
+        parts.append("critical load")
+    return ", ".join(parts)
+
+
+def describe_outcome(name: str, action: str, outcome: Outcome) -> str:
+    now = f" Now: {describe_report(name, outcome.report)}." if outcome.report else ""
+    if outcome.status is OutcomeStatus.EXECUTED:
+        return f"Done: {outcome.detail or action}.{now}"
+    if outcome.status is OutcomeStatus.REJECTED and outcome.reason is not None:
+        return f"Refused {action}: {REASONS[outcome.reason]} ({outcome.detail}).{now}"
+    return f"{action}: {outcome.summary()}."
+
+
+class ChatDesk:
+    """Answers chat messages to one device bot."""
+
+    def __init__(self, agent: DeviceAgent) -> None:
+        self.agent = agent
+        self._refused_at: dict[str, float] = {}
+        agent.client.add_event_handler("message", self._on_message)
+
+    @property
+    def name(self) -> str:
+        return self.agent.spec.name
+
+    def help_text(self) -> str:
+        actions = sorted(a.value for a in self.agent.sim.actions if a.value in ACTION_WORDS)
+        words = ["status", *actions, "read [" + "|".join(FIELDS) + "]", "alarms", "ack [ID]", *self.agent.verdicts.WORDS, "help"]
+        return f"{self.name} understands: " + ", ".join(words) + "."
+
+    def _on_message(self, msg: Message) -> None:
+        if msg["type"] not in ("chat", "normal") or not msg["body"] or msg["from"].bare == self.agent.jid:
+            return
+        if msg.xml.find(q("tariff")) is not None or msg.xml.find(f"{{{OPENPGP_NS}}}openpgp") is not None:
+            return  # a price or another signed payload (its body is a note for people): not chat
+        try:
+            answer = self.answer(msg["from"], msg["body"], msg["id"] or "")
+        except Exception:  # nothing a person types may end the bot
+            log.exception("%s: chat message from %s failed", self.name, msg["from"])
+            answer = "Sorry, that failed inside the device; it is logged. Type help."
+        if answer:
+            reply = self.agent.client.make_message(mto=msg["from"], mbody=answer, mtype="chat")
+            if msg["thread"]:
+                reply["thread"] = msg["thread"]
+            reply.send()
+
+    def handle(self, text: str, sender: JID, signed: bool, stanza_id: str = "") -> str | None:
+        """The reply to one chat line. ``signed``: the line came verified from the sender's key
+        (e.g. an XEP-0374 signcrypt message from an OX client); only then may it change the
+        device's state, unless the fleet allows that action unsigned ([security]
+        unsigned_chat_actions, a lab setting)."""
+        return self.answer(sender, text, stanza_id, signed=signed)
+
+    def answer(self, sender: JID, text: str, stanza_id: str = "", *, signed: bool = False) -> str | None:
+        """The reply to one chat message (None: stay silent to a stranger already told)."""
+        who = sender.bare
+        if who not in self.agent.operators:
+            return self.refuse(who)
+        problem = unreadable(text)
+        if problem:
+            return f"{problem} {self.help_text()}"
+        words = text.strip().rstrip(".!?").split()
+        if not words:
+            return self.help_text()
+        verb, rest = words[0].lower(), words[1:]
+        if verb in ("help", "?", "commands"):
+            return self.help_text()
+        if verb in ("status", "state", "s"):
+            return describe_report(self.name, self.agent.current_report())
+        if verb in ACTION_WORDS and not rest:
+            if not signed and ACTION_WORDS[verb] not in self.agent.security.unsigned_chat_actions:
+                return (f"Refused {verb}: {REASONS[RejectReason.UNSIGNED]}; send a signed command "
+                        "(gridpresence CLI or the operator library) or an OpenPGP-signed chat message.")
+            return self._act(who, ACTION_WORDS[verb], stanza_id)
+        if verb == "read" and len(rest) <= 1:
+            return self._read(who, rest[0].lower() if rest else None, stanza_id)
+        if verb == "alarms" and not rest:
+            return self._alarms()
+        if verb == "ack" and len(rest) <= 1:
+            return self._ack(who, rest[0] if rest else None)
+        verdict = self.agent.verdicts.answer(who, text)
+        if verdict is not None:
+            return verdict
+        shown = text.strip()[:40]
+        return f"I do not understand {shown!r}. {self.help_text()}"
+
+    def refuse(self, who: str) -> str | None:
+        """"Not authorised" for a stranger, once a minute; silence for another bot."""
+        groups = self.agent.client.client_roster[who]["groups"] if who in self.agent.client.client_roster else []
+        if roles.device_kind(groups) is not None or roles.SERVICES in groups:
+            return None  # another bot: answering could start an endless exchange
+        now = time.monotonic()
+        if now - self._refused_at.get(who, -REFUSAL_INTERVAL_S) < REFUSAL_INTERVAL_S:
+            return None
+        if len(self._refused_at) > 1000:
+            self._refused_at.clear()
+        self._refused_at[who] = now
+        log.warning("%s: chat from %s refused: not authorised", self.name, who)
+        return f"not authorised: only the utility's operators may use {self.name}."
+
+    def _run(self, who: str, action: Action, stanza_id: str) -> Outcome:
+        cmd = Command.new(action, who, ttl_s=CHAT_TTL_S)
+        if stanza_id:  # the chat message's own id: a redelivery is recognised as the same command
+            cmd = cmd.model_copy(update={"id": ("chat-" + _CHAT_ID.sub("_", stanza_id))[:64]})
+        return self.agent.accept(cmd, utcnow())
+
+    def _act(self, who: str, action: Action, stanza_id: str) -> str:
+        return describe_outcome(self.name, action.value, self._run(who, action, stanza_id))
+
+    def _read(self, who: str, field: str | None, stanza_id: str) -> str:
+        if field is not None and field not in FIELDS:
+            return f"There is no reading called {field[:40]!r}; try one of: {', '.join(FIELDS)}."
+        outcome = self._run(who, Action.READ, stanza_id)
+        if not outcome.ok or outcome.report is None:
+            return describe_outcome(self.name, "read", outcome)
+        if field is None:
+            return describe_report(self.name, outcome.report)
+        attr, unit = FIELDS[field]
+        value = getattr(outcome.report.telemetry, attr)
+        if value is None:
+            return f"{self.name} has no {field} reading (it is a {outcome.report.kind.value})."
+        shown = value.value if hasattr(value, "value") else f"{value:g}"
+        return f"{self.name} {field}: {shown}{(' ' + unit) if unit else ''}"
+
+    def _alarms(self) -> str:
+        entries = [e.alarm for e in self.agent.alarms.open.values()]
+        if not entries:
+            return f"{self.name} has no open alarms."
+        return "Open alarms: " + "; ".join(f"{a.id}: {TITLES[a.kind]} ({a.level.value})" for a in entries)
+
+    def _ack(self, who: str, alarm_id: str | None) -> str:
+        if alarm_id is not None and alarm_id not in self.agent.alarms.open:
+            return f"{self.name} has no open alarm {alarm_id[:20]!r}. {self._alarms()}"
+        done = self.agent.alarms.acknowledge(alarm_id, who)
+        if not done:
+            return f"{self.name} has no open alarms to acknowledge."
+        return "Acknowledged: " + "; ".join(f"alarm {a.id} ({TITLES[a.kind]})" for a in done) + "."

@@ -1,0 +1,60 @@
+"""The narrated demo played by ``gridpresence demo``: figure 16 of [00137] on the demo fleet."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from gridpresence.operator.library import GridOperator
+from gridpresence.cli import outcome_line, status_rows, table
+from gridpresence.host.grid import Grid
+from gridpresence.protocol.models import Action, DeviceState
+
+SCRIPT_TARGET_KW = 150.0
+LOAD_SHED_SCRIPT = Path(__file__).resolve().parents[2] / "bots" / "load_shed.py"
+
+
+def say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+async def run_scenario(grid: Grid) -> None:
+    async with GridOperator.from_connection(grid.connection, resource="demo") as op:
+        say("the utility sees every device's rich presence")
+        print(table(status_rows(dict(op.devices))), flush=True)
+        tariff = await op.wait_tariff(timeout=5)
+        say(f"billing sent its tariff: {op.price_now():.2f} {tariff.currency}/kWh now")
+
+        loads = [v.name for v in op.devices.values() if v.kind and v.kind.value == "load" and v.state is DeviceState.ON
+                 and v.report and not v.report.critical]
+        critical = [v.name for v in op.devices.values() if v.report and v.report.critical]
+        if loads:
+            say(f"shed {loads[0]}, a load that is on")
+            print(outcome_line(loads[0], await op.command(loads[0], Action.SHED)), flush=True)
+        if critical:
+            say(f"shed {critical[0]}, a critical load: it refuses and goes restricted")
+            print(outcome_line(critical[0], await op.command(critical[0], Action.SHED)), flush=True)
+        gens = [v.name for v in op.devices.values() if v.kind and v.kind.value == "generator" and v.state is DeviceState.OFF]
+        if gens:
+            gen = gens[0]
+            say(f"start {gen}: restricted while starting, refuses stop, then on")
+            print(outcome_line(gen, await op.command(gen, Action.START)), flush=True)
+            print(outcome_line(gen, await op.command(gen, Action.STOP)), flush=True)
+            startup = grid.fleet.device(gen).startup_s
+            await op.wait_for(lambda d: d[gen].state is DeviceState.ON, timeout=startup + 10)
+            report = op.devices[gen].report
+            print(f"{gen}: {report.status_text() if report else '?'}", flush=True)
+
+    say(f"the example load-shed script: shed to {SCRIPT_TARGET_KW:.0f} kW net, start a generator if that is not enough")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(LOAD_SHED_SCRIPT), "--target-kw", str(SCRIPT_TARGET_KW),
+        "--connection", str(grid.connection_file))
+    await proc.wait()
+
+    async with GridOperator.from_connection(grid.connection, resource="demo") as op:
+        say("after the script")
+        print(table(status_rows(dict(op.devices))), flush=True)
+    info = grid.connection
+    say(f"log in with any XMPP client as {info.operators[0].jid} on {info.server.host}:{info.server.c2s_port} "
+        f"(password in {grid.connection_file}) to watch the devices")

@@ -1,0 +1,160 @@
+"""Hosts a fleet's bots — devices, billing, watchdog — in one process and one event loop.
+
+A thousand device identities are a thousand light XMPP sessions here, not a thousand processes;
+they log in a few at a time so the server is not hit by one thundering herd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import Collection
+from pathlib import Path
+from typing import Protocol
+
+from gridpresence.server.accounts import CONSOLE, RELAY, WATCHDOG, Secrets
+from gridpresence.services.billing import BillingAgent, tariff_from_spec
+from gridpresence.device.branch import BranchAdvisor
+from gridpresence.services.console import ConsoleAgent
+from gridpresence.device.reports import METERING_KINDS, BillingReporter, ReportAudience, peak_hours
+from gridpresence.device.agent import DeviceAgent
+from gridpresence.services.manufacturer import ManufacturerAgent
+from gridpresence.xmpp.session import Endpoint
+from gridpresence.services.watchdog import WatchdogAgent
+from gridpresence.config import Fleet
+from gridpresence.protocol.models import DeviceKind
+from gridpresence.rules.audit_log import audit_path
+from gridpresence.rules.model import RuleSet, rules_for
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
+from gridpresence.security.policy import Role
+from gridpresence.security.replay import REPLAY_FILE, ReplayStore
+
+log = logging.getLogger(__name__)
+
+YOUNG_GC_THRESHOLD = 20_000  # allocations between collections of the youngest generation
+
+LOGIN_CONCURRENCY = 16
+
+
+class Bot(Protocol):
+    @property
+    def keyring(self) -> PepKeyring: ...
+    async def login(self, timeout: float = 20.0) -> None: ...
+    async def start(self, timeout: float = 20.0) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class FleetBots:
+    """The bots of a fleet. `only` limits them to some names (e.g. to run one device apart);
+    `data_dir` is where devices keep their threshold audit and replay guard, and every party its
+    OpenPGP key."""
+
+    def __init__(self, fleet: Fleet, endpoint: Endpoint, secrets: Secrets, only: Collection[str] | None = None,
+                 tick_s: float = 1.0, with_services: bool = True, data_dir: Path | None = None) -> None:
+        self.fleet = fleet
+
+        def keys(name: str) -> PartyKeys | None:
+            """Each bot's key and pins in the grid's data directory (none: no key to announce)."""
+            return PartyKeys.in_data_dir(data_dir, name) if data_dir is not None else None
+
+        operators = [fleet.jid(o.name) for o in fleet.operators]
+        # The devices' memory of commands taken, in the data directory so it outlives a restart.
+        self.replay = ReplayStore(Path(data_dir) / REPLAY_FILE if data_dir is not None else None)
+        wanted = set(only) if only is not None else None
+        self.devices: dict[str, DeviceAgent] = {}
+        self.advisors: dict[str, BranchAdvisor] = {}  # master IEDs' branch watch, by name
+        self.billing: dict[str, BillingAgent] = {}
+        self.manufacturers: dict[str, ManufacturerAgent] = {}
+        self.reporters: dict[str, BillingReporter] = {}  # metering devices' billing reports, by name
+        self.watchdog: WatchdogAgent | None = None
+        self.console: ConsoleAgent | None = None
+        # One rule set, loaded once, shared by every device.
+        self.rules = rules_for(fleet.rules.path if fleet.rules else None, fleet.alarms)
+        for dev in fleet.devices:
+            if wanted is None or dev.name in wanted:
+                self.devices[dev.name] = device_agent(fleet, dev.name, endpoint, secrets.password(dev.name), keys(dev.name),
+                                                      self.replay, tick_s=tick_s, rules=self.rules, data_dir=data_dir)
+                if dev.kind is DeviceKind.MASTER:
+                    self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
+                if dev.kind in METERING_KINDS and self.devices[dev.name].keyring.secret_key is not None:
+                    self.reporters[dev.name] = BillingReporter(self.devices[dev.name], ReportAudience.of(fleet, dev),
+                                                               peak_hours(fleet))
+        for bill in fleet.billing:
+            if wanted is None or bill.name in wanted:
+                self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),
+                                                       endpoint, operators, [fleet.jid(d.name) for d in fleet.devices],
+                                                       keys=keys(bill.name), relays=[fleet.jid(RELAY)])
+        for maker in fleet.manufacturers:
+            if wanted is None or maker.name in wanted:
+                self.manufacturers[maker.name] = ManufacturerAgent(maker, fleet.jid(maker.name),
+                                                                   secrets.password(maker.name), endpoint,
+                                                                   keys=keys(maker.name))
+        if with_services and (wanted is None or WATCHDOG in wanted):
+            self.watchdog = WatchdogAgent(fleet.jid(WATCHDOG), secrets.password(WATCHDOG), endpoint, operators,
+                                          grace_s=fleet.presence_grace_s, keys=keys(WATCHDOG))
+
+        if with_services and (wanted is None or CONSOLE in wanted):
+            self.console = ConsoleAgent(fleet.jid(CONSOLE), secrets.password(CONSOLE), endpoint, operators,
+                                        watchdog=fleet.jid(WATCHDOG), grace_s=fleet.presence_grace_s,
+                                        keys=keys(CONSOLE), serials={fleet.jid(d.name): d.serial for d in fleet.devices},
+                                        unsigned_actions=fleet.security.unsigned_chat_actions)
+
+    @property
+    def bots(self) -> list[Bot]:
+        # The watchdog first, so it sees every device arrive.
+        return [*([self.watchdog] if self.watchdog else []), *self.billing.values(), *self.manufacturers.values(),
+                *self.devices.values(),
+                *([self.console] if self.console else [])]
+
+    async def start(self, timeout: float = 60.0) -> None:
+        gate = asyncio.Semaphore(LOGIN_CONCURRENCY)
+
+        async def one(bot: Bot) -> None:
+            async with gate:
+                await bot.login()
+            # Outside the gate: the next login need not wait for this key announcement's round trip.
+            await bot.keyring.announced()
+
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(one(b) for b in self.bots))
+        # Thousands of long-lived session objects now exist; keep the cyclic GC from
+        # re-scanning them on every full collection (a third of a fan-out's time otherwise).
+        gc.collect()
+        gc.freeze()
+        # A fan-out puts thousands of stanzas in flight at once; at the default threshold (700
+        # allocations) each burst is promoted to the old generations and sets off full
+        # collections of 50-100 ms here. Collecting the young less often keeps them young
+        # (the device process of bench/fanout.py spent 4.5 s in GC over 50 fan-outs, now 1 s).
+        gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
+
+    async def stop(self) -> None:
+        for reporter in self.reporters.values():
+            reporter.stop()
+        results = await asyncio.gather(*(b.stop() for b in self.bots), return_exceptions=True)
+        for res in results:
+            if isinstance(res, BaseException):
+                log.warning("a bot did not stop cleanly: %s", res)
+        self.replay.close()
+
+
+def device_agent(fleet: Fleet, name: str, endpoint: Endpoint, password: str, keys: PartyKeys | None,
+                 replay: ReplayStore | None = None, tick_s: float = 1.0, rules: RuleSet | None = None,
+                 data_dir: Path | None = None) -> DeviceAgent:
+    """The bot of the fleet's device `name`, with the fleet's parties, roles, policy and rules."""
+    spec = fleet.device(name)
+    # Devices rank faults at the billing party's price: its fleet-file tariff until it sends one.
+    tariff = tariff_from_spec(fleet.billing[0]) if fleet.billing else None
+    return DeviceAgent(spec, fleet.jid(name), password, endpoint, [fleet.jid(o.name) for o in fleet.operators],
+                       [fleet.jid(c.name) for c in fleet.children(name)], tick_s=tick_s, relays=[fleet.jid(RELAY)],
+                       alarms=fleet.alarms, services=[fleet.jid(CONSOLE)],
+                       rules=rules or rules_for(fleet.rules.path if fleet.rules else None, fleet.alarms),
+                       billing=[fleet.jid(b.name) for b in fleet.billing], tariff=tariff,
+                       audit=audit_path(data_dir, name) if data_dir else None,
+                       parent=fleet.jid(spec.parent) if spec.parent else None,
+                       security=fleet.security, roles=issuer_roles(fleet), keys=keys, replay=replay)
+
+
+def issuer_roles(fleet: Fleet) -> dict[str, Role]:
+    """Who signs as what: the fleet's parties, and the console acting for the operators."""
+    return {**fleet.roles(), fleet.jid(CONSOLE): Role.OPERATOR}

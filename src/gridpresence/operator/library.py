@@ -1,0 +1,407 @@
+"""The utility operator's library: the one API behind load-shed scripts, the CLI and the console.
+
+Example::
+
+    async with GridOperator.from_connection(ConnectionInfo.load(path)) as grid:
+        for name, view in grid.devices.items():
+            print(name, view.label, view.report and view.report.telemetry.kw)
+        outcome = await grid.command("load-1", "shed")
+        await grid.wait_for(lambda devices: devices["load-1"].state is DeviceState.OFF, timeout=5)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from types import TracebackType
+
+from slixmpp import JID, Message
+from slixmpp.exceptions import IqError, IqTimeout
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import StanzaPath
+
+from gridpresence.protocol import roster as roles
+from gridpresence.operator.issuer import CommandIssuer
+from gridpresence.services.billing import TariffRefused, tariff_from_billing
+from gridpresence.device.reports import ReportInbox, ReportReader, request_report
+from gridpresence.xmpp.session import (
+    ConnectionInfo,
+    Endpoint,
+    RelayEndpoint,
+    close_session,
+    make_client,
+    open_session,
+)
+from gridpresence.operator.tracker import DeviceChange, DeviceView, PresenceTracker
+from gridpresence.protocol.codec import (
+    PayloadError,
+    health_from_xml,
+    q,
+    report_from_xml,
+)
+from gridpresence.protocol.alarm import Alarm, alarm_from_xml
+from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
+from gridpresence.services.relay.route import FINAL_MARGIN_S, RelayRoute
+from gridpresence.protocol.billing_report import PartData, PartName, QualityData
+from gridpresence.protocol.addressing import origin_of
+
+log = logging.getLogger(__name__)
+
+FAN_OUT_BATCH = 50  # commands of a fan-out prepared (signed) before the loop may send them
+
+
+class UnknownDevice(KeyError):
+    def __str__(self) -> str:
+        return f"no device named {self.args[0]!r} in this operator's roster"
+
+
+class GridOperator:
+    """A logged-in utility operator: sees every device's rich presence and commands devices."""
+
+    def __init__(
+        self,
+        jid: str,
+        password: str,
+        endpoint: Endpoint,
+        *,
+        watchdog: str | None = None,
+        grace_s: float = 15.0,
+        resource: str | None = None,
+        relay: RelayEndpoint | None = None,
+        keys: PartyKeys | None = None,
+        serials: Mapping[str, str] | None = None,
+    ) -> None:
+        full = f"{jid}/{resource}" if resource else jid
+        self.endpoint = endpoint
+        self.watchdog = watchdog
+        self.client = make_client(full, password, endpoint)
+        self.keyring = PepKeyring(self.client, keys)  # our key's announcement, others' pinned keys
+        self.tracker = PresenceTracker(self.client, grace_s=grace_s)
+        self.tariff: Tariff | None = None
+        # Every command is signed with the operator's key; without one, devices refuse them.
+        self.issuer = CommandIssuer(self.client, self.keyring.secret_key, relay.jid if relay is not None else None)
+        self._busy: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._pending = self.issuer.pending
+        # Serial numbers by device JID from the connection file, for devices not seen yet.
+        self.serials = dict(serials or {})
+        # Commands for absent devices go to the store-and-forward relay, if there is one.
+        self.relay = RelayRoute(relay, self.keyring.secret_key) if relay is not None else None
+        self._queued: dict[str, Command] = {}  # command id -> command the relay holds for us
+        self._version = 0
+        self._changed = asyncio.Event()
+        self.tracker.listen(lambda _change: self._bump())
+        self.client.register_handler(Callback("grid tariff", StanzaPath("message/grid_tariff"), self._on_tariff))
+        self.client.register_handler(Callback("signed tariff", StanzaPath("message/openpgp"),
+                                              self._on_tariff))  # type: ignore[arg-type]
+        self.client.register_handler(Callback("mailed data", StanzaPath("message/grid_device"), self._on_mailed_data))
+        self.alarms: list[Alarm] = []  # alarms devices sent this operator, oldest first
+        self.client.register_handler(Callback("grid alarm", StanzaPath("message/grid_alarm"), self._on_alarm))
+        # The power-quality part of meters' billing reports is for the utility ([0085]).
+        self.reports: ReportInbox | None = None
+        if self.keyring.secret_key is not None:
+            reader = ReportReader(JID(jid).bare, self.keyring.secret_key, self.keyring, PartName.POWER_QUALITY)
+            self.reports = ReportInbox(self.client, reader, [relay.jid] if relay else [])
+
+    @classmethod
+    def from_connection(cls, info: ConnectionInfo, operator: str | None = None, resource: str | None = None) -> GridOperator:
+        acc = info.operator(operator)
+        if acc.key_file is None:
+            log.warning("%s: the connection file names no OpenPGP key: read-only, cannot sign", acc.jid)
+        return cls(acc.jid, acc.password, info.server, watchdog=info.watchdog, grace_s=info.presence_grace_s,
+                   resource=resource, relay=info.relay, keys=PartyKeys.beside(acc.key_file, acc.name),
+                   serials=info.serials)
+
+    @property
+    def quality(self) -> list[QualityData]:
+        """Power-quality parts of billing reports read so far, oldest first."""
+        return [d for d in (self.reports.received if self.reports else []) if isinstance(d, QualityData)]
+
+    def request_report(self, device: str) -> None:
+        """Ask a meter or master IED (by name) for its billing report now."""
+        request_report(self.client, self.device(device).jid)
+
+    async def wait_quality(self, device: str, since: dt.datetime | None = None, timeout: float = 10.0) -> QualityData:
+        """The power-quality part of `device`'s next report (one ending at or after `since`)."""
+        if self.reports is None:
+            raise RuntimeError("this operator has no OpenPGP key: it cannot read billing reports")
+        jid = self.device(device).jid
+
+        def wanted(data: PartData) -> bool:
+            return isinstance(data, QualityData) and data.device == jid and (since is None or data.period_end >= since)
+
+        found = await self.reports.wait(wanted, timeout)
+        assert isinstance(found, QualityData)
+        return found
+
+    @property
+    def jid(self) -> str:
+        return self.client.boundjid.bare
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def connect(self, timeout: float = 20.0, settle_s: float = 0.5) -> None:
+        """Log in, learn the devices from the roster, go online and collect their presence.
+
+        `settle_s` waits for the initial presence burst; it ends early once every device
+        is known.
+        """
+        await open_session(self.client, self.endpoint, timeout)
+        await self.keyring.announced()
+        await self.client.get_roster()
+        self.tracker.load_roster()
+        self.client.send_presence(pshow="chat", pstatus="grid operator")
+        try:
+            await self.wait_for(lambda devs: all(v.present for v in devs.values()), timeout=settle_s)
+        except TimeoutError:
+            pass  # some devices are not present; the view says so
+        await self._adopt_watchdog_health()
+        self.tracker.start_watchdog()
+
+    async def close(self) -> None:
+        self.tracker.stop_watchdog()
+        self.issuer.cancel_all()
+        if self.relay is not None:
+            await asyncio.to_thread(self.relay.close)
+        self._closing = True
+        await close_session(self.client)
+        for task in list(self._busy):  # a tariff still waiting for billing's key is of no use now
+            task.cancel()
+
+    async def __aenter__(self) -> GridOperator:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+        await self.close()
+
+    async def _adopt_watchdog_health(self) -> None:
+        """Devices that vanished before we connected: ask the watchdog service what it saw."""
+        if not self.watchdog or all(v.present for v in self.tracker.views.values()):
+            return
+        resources = self.client.client_roster[self.watchdog].resources
+        for _ in range(20):  # its presence may still be on the way
+            if resources:
+                break
+            await asyncio.sleep(0.05)
+        if not resources:
+            log.info("watchdog %s is not present; using own view only", self.watchdog)
+            return
+        iq = self.client.make_iq_get(ito=f"{self.watchdog}/{next(iter(resources))}")
+        iq.enable("grid_fleet_health")
+        try:
+            result = await iq.send(timeout=3)
+        except (IqError, IqTimeout) as exc:
+            log.info("watchdog %s did not answer (%s); using own view only", self.watchdog, exc)
+            return
+        for el in result.xml.iter(q("health")):
+            try:
+                self.tracker.adopt(health_from_xml(el))
+            except PayloadError as exc:
+                log.warning("watchdog sent invalid health: %s", exc)
+
+    # -- views ------------------------------------------------------------------------
+
+    @property
+    def devices(self) -> Mapping[str, DeviceView]:
+        """Every device in the roster, by name: a live view (take `dict(...)` for a snapshot)."""
+        return self.tracker.by_name()
+
+    def device(self, name: str) -> DeviceView:
+        """A device by name or bare JID."""
+        view = self.tracker.find(name)
+        if view is None:
+            raise UnknownDevice(name)
+        return view
+
+    def _bump(self) -> None:
+        self._version += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for(self, predicate: Callable[[Mapping[str, DeviceView]], bool], timeout: float) -> Mapping[str, DeviceView]:
+        """Wait until `predicate(devices)` holds; raises TimeoutError."""
+        async with asyncio.timeout(timeout):
+            while not predicate(self.devices):
+                await self._changed.wait()
+        return self.devices
+
+    async def changes(self) -> AsyncIterator[DeviceChange]:
+        """Every presence or health change, as it happens."""
+        queue: asyncio.Queue[DeviceChange] = asyncio.Queue()
+        stop = self.tracker.listen(queue.put_nowait)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            stop()
+
+    # -- commands ---------------------------------------------------------------------
+
+    async def command(self, name: str, action: Action | str, *, args: dict[str, str] | None = None,
+                      ttl_s: float = 30.0, wait_final: bool = False) -> Outcome:
+        """Send one command and wait for its one outcome (executed, rejected, expired, undeliverable).
+
+        A device without presence gets the command through the relay (if the connection names
+        one): the outcome is then "queued", and :meth:`final_outcome` (or ``wait_final=True``)
+        gives the device's real outcome, or "expired" if it did not return in time.
+        """
+        view = self.device(name)
+        cmd = Command.new(action, self.jid, ttl_s=ttl_s, args=args, serial=self.serial_of(view))
+        if view.full_jid is None:
+            if self.relay is None:
+                return Outcome(command_id=cmd.id, device=view.jid, status=OutcomeStatus.UNDELIVERABLE,
+                               detail=f"{view.name} has no presence ({view.label})")
+            queued = await self.queue_command(cmd, view.jid)
+            return await self.final_outcome(queued) if wait_final else queued
+        return await self.send_command(cmd, view.full_jid)
+
+    def serial_of(self, view: DeviceView) -> str | None:
+        """The device's serial number: from its presence, else from the connection file."""
+        if view.report is not None and view.report.serial:
+            return view.report.serial
+        return self.serials.get(view.jid)
+
+    async def queue_command(self, cmd: Command, device: str) -> Outcome:
+        """Mail `cmd` to the relay for `device` (bare JID); "queued" or "undeliverable"."""
+        assert self.relay is not None
+        cmd = self._bind_serial(cmd, device)
+        self.issuer.expect(cmd.id)
+        outcome = await self.relay.queue(cmd, device, self.issuer.wire(cmd, device))
+        if outcome.status is OutcomeStatus.QUEUED:
+            self._queued[cmd.id] = cmd
+        else:
+            self._pending.pop(cmd.id, None)
+        return outcome
+
+    async def final_outcome(self, queued: Outcome) -> Outcome:
+        """The real outcome of a command the relay queued: the device's, or "expired"."""
+        cmd = self._queued.get(queued.command_id)
+        fut = self._pending.get(queued.command_id)
+        if cmd is None or fut is None:
+            return queued  # not one of ours in the relay: already final
+        wait_s = max(0.0, (cmd.expires - utcnow()).total_seconds()) + FINAL_MARGIN_S
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), wait_s)
+        except asyncio.TimeoutError:
+            return Outcome(command_id=cmd.id, device=queued.device, status=OutcomeStatus.EXPIRED,
+                           detail="the relay reported no outcome before the command expired")
+        finally:
+            self._pending.pop(cmd.id, None)
+            self._queued.pop(cmd.id, None)
+
+    async def send_command(self, cmd: Command, to: str) -> Outcome:
+        """Sign and send ``cmd`` to a device's full JID (its serial bound in); its one outcome."""
+        return await self.issuer.send(self._bind_serial(cmd, to), to)
+
+    def _bind_serial(self, cmd: Command, to: str) -> Command:
+        if cmd.serial is not None:
+            return cmd
+        view = self.tracker.find(JID(to).bare)
+        serial = self.serial_of(view) if view is not None else self.serials.get(JID(to).bare)
+        return cmd.model_copy(update={"serial": serial}) if serial else cmd
+
+    async def command_many(self, names: Iterable[str], action: Action | str, *, args: dict[str, str] | None = None,
+                           ttl_s: float = 30.0, wait_final: bool = False) -> dict[str, Outcome]:
+        """The same command to many devices at once; one outcome per device."""
+        names = list(names)
+        tasks: list[asyncio.Future[Outcome]] = []
+        try:
+            for start in range(0, len(names), FAN_OUT_BATCH):
+                if start:
+                    # Let the batch just prepared go on the wire before signing the next one: the
+                    # server and the devices start at once, not after the last command is made.
+                    await asyncio.sleep(0)
+                tasks += [asyncio.ensure_future(self.command(n, action, args=args, ttl_s=ttl_s,
+                                                             wait_final=wait_final))
+                          for n in names[start:start + FAN_OUT_BATCH]]
+            outcomes = await asyncio.gather(*tasks)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            raise
+        return dict(zip(names, outcomes))
+
+    def _on_mailed_data(self, msg: Message) -> None:
+        """A device's data that reached the relay by mail ([00116]): update that device's view."""
+        device = origin_of(msg.xml)
+        if self.relay is None or msg["from"].bare != self.relay.jid or device is None:
+            return
+        try:
+            report = report_from_xml(msg["grid_device"].xml)
+        except PayloadError as exc:
+            log.warning("dropped invalid mailed data for %s: %s", device, exc)
+            return
+        self.tracker.note_mailed(device, report)
+
+    def _on_alarm(self, msg: Message) -> None:
+        try:
+            alarm = alarm_from_xml(msg["grid_alarm"].xml)
+        except PayloadError as exc:
+            log.warning("dropped invalid alarm from %s: %s", msg["from"], exc)
+            return
+        if JID(alarm.device).bare != msg["from"].bare or self.tracker.find(alarm.device) is None:
+            log.warning("alarm from %s for %s ignored: not that device", msg["from"], alarm.device)
+            return
+        self.alarms.append(alarm)
+        self._bump()
+
+    async def new_alarms(self) -> AsyncIterator[Alarm]:
+        """Alarms sent to this operator from now on, as they arrive."""
+        seen = len(self.alarms)
+        while True:
+            while seen < len(self.alarms):
+                seen += 1
+                yield self.alarms[seen - 1]
+            await self._changed.wait()
+
+    # -- chat -------------------------------------------------------------------------
+
+    async def ask(self, name: str, text: str, timeout: float = 10.0) -> str:
+        """Say one chat line to a device (as a person would) and return its reply."""
+        jid = self.device(name).jid
+        reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def on_message(msg: Message) -> None:
+            if (msg["type"] == "chat" and msg["from"].bare == jid and msg["body"] and not reply.done()
+                    and msg.xml.find(q("alarm")) is None):
+                reply.set_result(msg["body"])
+
+        self.client.add_event_handler("message", on_message)
+        try:
+            self.client.make_message(mto=jid, mbody=text, mtype="chat").send()
+            return await asyncio.wait_for(reply, timeout)
+        finally:
+            self.client.del_event_handler("message", on_message)
+
+    # -- tariffs ----------------------------------------------------------------------
+
+    def _on_tariff(self, msg: Message) -> None:
+        if self._closing:  # arrived while leaving: the key lookup would only time out
+            return
+        task = asyncio.ensure_future(self._take_tariff(msg))  # the billing key may have to be fetched
+        self._busy.add(task)
+        task.add_done_callback(self._busy.discard)
+
+    async def _take_tariff(self, msg: Message) -> None:
+        try:
+            self.tariff = await tariff_from_billing(msg, self._is_billing, self.keyring)
+        except TariffRefused as exc:
+            log.warning("tariff from %s ignored: %s", msg["from"], exc)
+            return
+        self._bump()
+
+    def _is_billing(self, jid: str) -> bool:
+        return jid in self.client.client_roster and roles.BILLING in self.client.client_roster[jid]["groups"]
+
+    async def wait_tariff(self, timeout: float) -> Tariff:
+        async with asyncio.timeout(timeout):
+            while self.tariff is None:
+                await self._changed.wait()
+        return self.tariff
+
+    def price_now(self) -> float | None:
+        return self.tariff.price_at() if self.tariff else None

@@ -1,0 +1,268 @@
+"""What a party knows about the devices it watches: their last rich presence and their health.
+
+The same tracker serves the operator library and the watchdog service. It is the presence
+watchdog of [00135]/[00136]: a device whose presence is not refreshed within its interval
+plus a grace is pinged, and flagged "presence error" if the ping fails; a device that
+disappears without a goodbye is flagged, not dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from slixmpp import JID, ClientXMPP, Presence
+from slixmpp.exceptions import IqError, IqTimeout
+
+from gridpresence.protocol import roster as roles
+from gridpresence.protocol.codec import PayloadError, q, report_from_xml
+from gridpresence.protocol.models import DeviceKind, DeviceState, Health, HealthStatus, PresenceReport, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """One device as an operator sees it. Immutable: each change makes a new view."""
+
+    name: str
+    jid: str
+    kind: DeviceKind | None
+    report: PresenceReport | None = None
+    health: HealthStatus = HealthStatus.UNKNOWN
+    health_reason: str = ""
+    since: dt.datetime = field(default_factory=utcnow)
+    full_jid: str | None = None  # where commands go while the device is present
+
+    @property
+    def state(self) -> DeviceState | None:
+        return self.report.state if self.report else None
+
+    @property
+    def transport(self) -> str | None:
+        """"tcp" or "bosh": how the device reaches the server, as it last reported."""
+        return self.report.transport if self.report and self.present else None
+
+    @property
+    def present(self) -> bool:
+        return self.full_jid is not None
+
+    @property
+    def label(self) -> str:
+        """State as a person should read it: a presence error overrides the last state."""
+        if self.health is HealthStatus.PRESENCE_ERROR:
+            return "presence-error"
+        if self.health is HealthStatus.UNKNOWN:
+            return "unknown"
+        return self.state.value if self.state else "unknown"
+
+    def as_dict(self) -> dict[str, Any]:
+        t = self.report.telemetry if self.report else None
+        r = self.report.restriction if self.report else None
+        return {
+            "name": self.name,
+            "jid": self.jid,
+            "kind": self.kind.value if self.kind else None,
+            "state": self.label,
+            "health": self.health.value,
+            "health_reason": self.health_reason,
+            "restriction": r.model_dump(mode="json") if r else None,
+            "telemetry": t.model_dump(mode="json", exclude_none=True) if t else {},
+            "since": self.since.isoformat(),
+            "transport": self.transport,
+        }
+
+
+@dataclass(frozen=True)
+class DeviceChange:
+    previous: DeviceView
+    current: DeviceView
+    cause: str  # "presence", "goodbye", "offline", "watchdog", "recovered"
+
+
+class PresenceTracker:
+    """Keeps a :class:`DeviceView` per device in the client's roster and runs the watchdog."""
+
+    def __init__(self, client: ClientXMPP, grace_s: float = 15.0, ping_timeout_s: float = 5.0) -> None:
+        self.client = client
+        self.grace_s = grace_s
+        self.ping_timeout_s = ping_timeout_s
+        self.views: dict[str, DeviceView] = {}  # by bare JID
+        self.jid_by_name: dict[str, str] = {}
+        self._last_refresh: dict[str, float] = {}  # loop time of the last valid presence
+        self._pinging: set[str] = set()
+        self._listeners: list[Callable[[DeviceChange], None]] = []
+        self._watch_task: asyncio.Task[None] | None = None
+        self._started_at = 0.0
+        client.add_event_handler("presence", self._on_presence)
+
+    # -- set-up -----------------------------------------------------------------------
+
+    def load_roster(self) -> None:
+        """Learn the devices from the roster groups (call after get_roster)."""
+        roster = self.client.client_roster
+        for jid in roster:
+            kind = roles.device_kind(roster[jid]["groups"])
+            if kind is not None and jid not in self.views:
+                name = jid.split("@", 1)[0]
+                self.views[jid] = DeviceView(name=name, jid=jid, kind=kind)
+                self.jid_by_name[name] = jid
+
+    def start_watchdog(self) -> None:
+        self._started_at = asyncio.get_running_loop().time()
+        if self._watch_task is None or self._watch_task.done():
+            self._watch_task = asyncio.ensure_future(self._watch())
+
+    def stop_watchdog(self) -> None:
+        if self._watch_task:
+            self._watch_task.cancel()
+
+    def listen(self, callback: Callable[[DeviceChange], None]) -> Callable[[], None]:
+        """Call `callback` on every change; returns a function that stops it."""
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback)
+
+    def adopt(self, health: Health) -> None:
+        """Take another watcher's verdict (the watchdog service's) for a device we have not seen."""
+        view = self.views.get(health.device)
+        if view is None or view.health is not HealthStatus.UNKNOWN or health.status is HealthStatus.UNKNOWN:
+            return
+        self._set(view, replace(view, health=health.status, health_reason=health.reason, since=health.since), "watchdog")
+
+    # -- presence ---------------------------------------------------------------------
+
+    def _set(self, old: DeviceView, new: DeviceView, cause: str) -> None:
+        self.views[new.jid] = new
+        change = DeviceChange(old, new, cause)
+        for listener in list(self._listeners):
+            try:
+                listener(change)
+            except Exception:  # a faulty listener must not stop presence handling
+                log.exception("presence listener failed")
+
+    def _on_presence(self, pres: Presence) -> None:
+        sender = pres["from"]
+        view = self.views.get(sender.bare)
+        # The raw attribute, not pres["type"]: this runs for every device presence and
+        # slixmpp's computed type costs more than the rest of the handler.
+        ptype = pres.xml.get("type")
+        if view is None or ptype not in (None, "unavailable"):
+            return
+        element = pres.xml.find(q("device"))
+        report: PresenceReport | None = None
+        if element is not None:
+            try:
+                report = report_from_xml(element)
+            except PayloadError as exc:
+                log.warning("dropped invalid presence from %s: %s", sender, exc)
+                return
+        now = utcnow()
+        if ptype == "unavailable":
+            if view.full_jid is not None and sender.full != view.full_jid and sender.resource:
+                return  # another resource of the device left; the one we command is still here
+            self._last_refresh.pop(view.jid, None)
+            if view.full_jid is None and view.health is HealthStatus.UNKNOWN and report is None:
+                # The server's answer to our probe: offline, but we cannot tell how it left.
+                # The watchdog service (see adopt) or the start-up grace decides.
+                self._set(view, replace(view, health_reason="offline when the watch began", since=now), "offline")
+                return
+            if report is not None and report.state is DeviceState.GONE:
+                new = replace(view, report=report, health=HealthStatus.GONE, health_reason="said goodbye",
+                              since=now, full_jid=None)
+                self._set(view, new, "goodbye")
+            else:
+                why = pres["status"] or "connection lost"
+                new = replace(view, health=HealthStatus.PRESENCE_ERROR, full_jid=None, since=now,
+                              health_reason=f"offline without a goodbye ({why})")
+                self._set(view, new, "offline")
+            return
+        if report is None:
+            return  # a device's presence without the extension tells us nothing typed
+        self._last_refresh[view.jid] = asyncio.get_running_loop().time()
+        healthy = view.health is HealthStatus.OK
+        new = replace(view, report=report, health=HealthStatus.OK, health_reason="", full_jid=sender.full,
+                      since=view.since if healthy and view.state is report.state else now)
+        self._set(view, new, "presence" if healthy else "recovered")
+
+    def note_mailed(self, jid: str, report: PresenceReport) -> None:
+        """Data a device pushed by mail (through the relay): it has no presence, but it is alive."""
+        view = self.views.get(jid)
+        if view is None:
+            return
+        self._set(view, replace(view, report=report, health=HealthStatus.OK, since=utcnow(),
+                                health_reason="reported by mail through the relay"), "mail")
+
+    # -- watchdog ---------------------------------------------------------------------
+
+    def _deadline(self, view: DeviceView) -> float | None:
+        last = self._last_refresh.get(view.jid)
+        if last is None or view.report is None:
+            return None
+        return last + view.report.refresh_s + self.grace_s
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, self.grace_s / 4))
+            now = loop.time()
+            for view in list(self.views.values()):
+                deadline = self._deadline(view)
+                if deadline is not None and now > deadline and view.jid not in self._pinging:
+                    self._pinging.add(view.jid)
+                    asyncio.ensure_future(self._probe(view))
+                elif (view.health is HealthStatus.UNKNOWN and now - self._started_at > 2 * self.grace_s):
+                    self._set(view, replace(view, health=HealthStatus.PRESENCE_ERROR, since=utcnow(),
+                                            health_reason="no presence since the watch began"), "watchdog")
+
+    async def _probe(self, view: DeviceView) -> None:
+        """Refresh overdue: ping the device before flagging it ([00136])."""
+        try:
+            target = view.full_jid or view.jid
+            try:
+                await self.client.plugin["xep_0199"].send_ping(JID(target), timeout=self.ping_timeout_s)
+                log.info("%s missed its presence refresh but answered a ping", view.name)
+                self._last_refresh[view.jid] = asyncio.get_running_loop().time()
+                return
+            except (IqError, IqTimeout) as exc:
+                why = "ping timed out" if isinstance(exc, IqTimeout) else f"ping failed: {exc.condition}"
+            current = self.views[view.jid]
+            if self._deadline(current) is None or asyncio.get_running_loop().time() <= (self._deadline(current) or 0):
+                return  # presence came back while we were pinging
+            refresh = current.report.refresh_s if current.report else 0
+            self._set(current, replace(current, health=HealthStatus.PRESENCE_ERROR, since=utcnow(),
+                                       health_reason=f"no presence refresh within {refresh:g}+{self.grace_s:g} s; {why}"),
+                      "watchdog")
+            self._last_refresh.pop(view.jid, None)
+        finally:
+            self._pinging.discard(view.jid)
+
+    def health(self) -> list[Health]:
+        return [Health(device=v.jid, status=v.health, reason=v.health_reason, since=v.since)
+                for v in self.views.values()]
+
+    def by_name(self) -> Mapping[str, DeviceView]:
+        """A live, read-only view of the devices by name (no copy: `wait_for` predicates and
+        scripts read it after every presence change, and a fleet may hold thousands)."""
+        return _ViewsByName(self)
+
+    def find(self, name_or_jid: str) -> DeviceView | None:
+        jid = self.jid_by_name.get(name_or_jid, name_or_jid)
+        return self.views.get(jid)
+
+
+class _ViewsByName(Mapping[str, DeviceView]):
+    def __init__(self, tracker: PresenceTracker) -> None:
+        self._tracker = tracker
+
+    def __getitem__(self, name: str) -> DeviceView:
+        return self._tracker.views[self._tracker.jid_by_name[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tracker.jid_by_name)
+
+    def __len__(self) -> int:
+        return len(self._tracker.jid_by_name)

@@ -1,0 +1,38 @@
+"""A breaker/relay: reports its loading and can be opened or closed."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from gridpresence.physics.base import Effect, SimDevice, walk
+from gridpresence.protocol.models import Action, Breaker as Contacts, DeviceKind, DeviceState, Telemetry
+
+
+class Breaker(SimDevice):
+    kind = DeviceKind.BREAKER
+    actions = frozenset({Action.OPEN, Action.CLOSE})
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.contacts = Contacts.OPEN if self.state is DeviceState.OFF else Contacts.CLOSED
+        self.utilisation = self.spec.utilisation
+
+    def _apply(self, action: Action, args: dict[str, str], now: dt.datetime) -> Effect:
+        wanted = Contacts.OPEN if action is Action.OPEN else Contacts.CLOSED
+        if self.contacts is wanted:
+            return Effect.done(f"already {wanted.value}")
+        self.contacts = wanted
+        self.state = DeviceState.ON if wanted is Contacts.CLOSED else DeviceState.OFF
+        return Effect.done(f"breaker {wanted.value}")
+
+    def _advance(self, dt_s: float, now: dt.datetime) -> None:
+        self.utilisation = walk(self.rng, self.utilisation, 0.01 * min(dt_s, 10), 0.05, 1.0)
+
+    def telemetry(self) -> Telemetry:
+        kw = self.spec.rated_kw * self.utilisation if self.contacts is Contacts.CLOSED else 0.0
+        return Telemetry(
+            load_pct=round(100 * kw / self.spec.rated_kw, 2),
+            kw=round(kw, 3),
+            capacity_kw=self.spec.rated_kw,
+            breaker=self.contacts,
+        )

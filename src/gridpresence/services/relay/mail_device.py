@@ -1,0 +1,93 @@
+"""A device that can reach only SMTP ([00116], [00117]): its firewall lets mail out and nothing
+else, so it pushes its data (a presence report) and outcomes by mail to the relay, which passes
+them to the operators over XMPP. Everything it mails is signed with its own key; a meter's
+billing report is sealed part by part for its readers before it leaves the device ([0085])."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+from gridpresence.device.reports import ReportAudience, close_period, reader_keys, seal_report
+from gridpresence.xmpp.session import RelayEndpoint
+from gridpresence.config import DeviceSpec
+from gridpresence.physics import SimDevice, make_device
+from gridpresence.physics.metering import MeterRegisters
+from gridpresence.protocol.billing_report import BillingReport
+from gridpresence.protocol.models import Outcome, PresenceReport, utcnow
+from gridpresence.services.relay.mail import MailSender, Payload, build_mail
+from gridpresence.security.keyring import KeyLookup
+from gridpresence.security.pgp import pgpy
+
+
+class MailDevice:
+    """A simulated device of `spec` that reports by mail from `address` (its bare JID)."""
+
+    def __init__(self, spec: DeviceSpec, address: str, relay: RelayEndpoint, *, secret: pgpy.PGPKey | None = None,
+                 keyring: KeyLookup | None = None, audience: ReportAudience | None = None) -> None:
+        self.spec = spec
+        self.address = address
+        self.relay = relay
+        self.secret = secret  # signs every mail; without it the relay refuses the device's data
+        self.keyring = keyring  # the readers' public keys, for billing reports
+        self.audience = audience
+        self.sim: SimDevice = make_device(spec, utcnow())
+        self._sender = MailSender(relay.smtp_host, relay.smtp_port, relay.ca_file)
+        self._seq = 0
+
+    def report(self) -> PresenceReport:
+        self.sim.tick(utcnow())
+        self._seq += 1
+        return PresenceReport(kind=self.sim.kind, state=self.sim.state, critical=self.spec.critical,
+                              telemetry=self.sim.telemetry(), restriction=self.sim.restriction,
+                              refresh_s=self.spec.refresh_s, seq=self._seq)
+
+    async def push(self, payload: Payload, to: list[str] | None = None) -> None:
+        """Mail one payload (to the relay unless `to` is given); raises smtplib.SMTPException with
+        the relay's refusal, or OSError (MailTLSError) when no verified STARTTLS session is possible."""
+        rcpts = to or [self.relay.jid]
+        await asyncio.to_thread(self._sender.send, build_mail(payload, self.address, rcpts, self.secret),
+                                self.address, rcpts)
+
+    async def push_billing_report(self) -> BillingReport:
+        """Close the metering period and mail its report, one mail to all its readers; the relay
+        passes it on sealed. Raises KeyUnavailable if no reader of a part has a key. If the relay
+        refuses or cannot be reached, the period stays open: its readings go in the next report."""
+        registers = getattr(self.sim, "registers", None)
+        if not isinstance(registers, MeterRegisters):
+            raise ValueError(f"a {self.spec.kind.value} keeps no billing registers")
+        if self.secret is None or self.keyring is None or self.audience is None:
+            raise ValueError("a billing report needs the device's key, the readers' keys and its audience")
+        keys = await reader_keys(self.audience, self.keyring)
+        self.sim.tick(utcnow())
+        unsent = copy.copy(registers)  # the open period as it is, kept in case the mail fails
+        billing, quality = close_period(registers, self.address, self.audience.customer,
+                                        getattr(self.sim, "load_pct", 0.0))
+        report = seal_report(billing, quality, self.secret, keys)
+        try:
+            await self.push(report, list(self.audience.everyone))
+        except BaseException:
+            setattr(self.sim, "registers", unsent)
+            raise
+        return report
+
+    async def push_report(self) -> PresenceReport:
+        report = self.report()
+        await self.push(report)
+        return report
+
+    async def push_outcome(self, outcome: Outcome) -> None:
+        await self.push(outcome)
+
+    async def run(self, count: int = 0) -> None:
+        """Push a report now and every refresh interval (`count` reports, 0 = forever)."""
+        sent = 0
+        while True:
+            await self.push_report()
+            sent += 1
+            if count and sent >= count:
+                return
+            await asyncio.sleep(self.spec.refresh_s)
+
+    def close(self) -> None:
+        self._sender.close()

@@ -1,0 +1,182 @@
+"""One place that turns (endpoint, account) into a logged-in slixmpp client.
+
+Every party — device, operator, billing, watchdog — connects through :func:`open_session`,
+so TLS trust, plugin choice and login failures are handled the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import ssl
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from slixmpp import ClientXMPP
+
+from gridpresence.xmpp.slixfix import escape as fast_escape
+from gridpresence.xmpp.slixfix import scram as fast_scram  # noqa: F401  (C-speed escaping and SCRAM for slixmpp)
+from gridpresence.protocol import stanzas
+from gridpresence.transport.policy import ConnectionPolicy, GridClient
+
+log = logging.getLogger(__name__)
+
+
+class Endpoint(BaseModel):
+    """Where the XMPP server is and how to trust it."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    host: str = "127.0.0.1"
+    c2s_port: int = Field(default=5222, ge=1, le=65535)
+    domain: str = "localhost"
+    ca_file: Path | None = None
+    # BOSH (XEP-0206) endpoint used when the c2s port is unreachable, e.g. https://host:5281/http-bind
+    bosh_url: str | None = Field(default=None, pattern=r"^https?://")
+    # The server's web origin, where XEP-0156 host-meta announces BOSH when bosh_url is not given.
+    web_url: str | None = Field(default=None, pattern=r"^https?://")
+
+
+class Account(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    name: str
+    jid: str
+    password: str
+    key_file: str | None = None  # the party's OpenPGP secret key (security/keys.py)
+
+
+class RelayEndpoint(BaseModel):
+    """The store-and-forward relay: its XMPP account and the SMTP port that takes commands."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    jid: str
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = Field(ge=1, le=65535)
+    # The CA the relay's STARTTLS certificate is checked against (the embedded server's CA).
+    ca_file: Path | None = None
+
+
+class ConnectionInfo(BaseModel):
+    """The contents of ``DIR/connection.json`` written by ``gridpresence up``."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    server: Endpoint
+    operators: tuple[Account, ...]
+    watchdog: str | None = None
+    billing: tuple[str, ...] = ()
+    presence_grace_s: float = Field(default=15.0, gt=0)
+    relay: RelayEndpoint | None = None
+    # Device serial numbers by bare JID, bound into signed commands (presence confirms them).
+    serials: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> ConnectionInfo:
+        try:
+            return cls.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise SessionError(f"{path}: not found; start the grid with `gridpresence up` first") from None
+        except (ValueError, TypeError) as exc:
+            raise SessionError(f"{path}: not a valid connection file: {exc}") from None
+
+    def operator(self, name: str | None = None) -> Account:
+        if not self.operators:
+            raise SessionError("connection file lists no operator")
+        if name is None:
+            return self.operators[0]
+        for acc in self.operators:
+            if name in (acc.name, acc.jid):
+                return acc
+        raise SessionError(f"no operator named {name!r} in the connection file")
+
+
+class SessionError(RuntimeError):
+    """Could not log in: the message says why (server down, bad password, TLS)."""
+
+
+@functools.lru_cache(maxsize=8)
+def tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """One verifying TLS context per trust anchor, shared by every session in the process.
+
+    slixmpp builds two contexts per client from the system store by default (~70 ms each
+    time and megabytes of memory): a thousand device identities would spend a minute on that.
+    With a CA file given, only that CA is trusted: the embedded server's, nobody else's.
+    """
+    ctx = ssl.create_default_context(cafile=str(ca_file)) if ca_file else ssl.create_default_context()
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def make_client(jid: str, password: str, endpoint: Endpoint, plugins: tuple[str, ...] = (),
+                policy: ConnectionPolicy | None = None) -> GridClient:
+    """A slixmpp client that trusts only the configured CA and never sends a password in clear;
+    it reaches the server over the c2s port, or over BOSH when that port is blocked."""
+    stanzas.register()
+    client = GridClient(jid, password, ssl_context=tls_context(endpoint.ca_file), bosh_url=endpoint.bosh_url,
+                        web_url=endpoint.web_url, policy=policy)
+    client.enable_direct_tls = False  # the c2s port speaks STARTTLS; a direct-TLS try only costs a round trip
+    client.enable_plaintext = False
+    # Only provisioned contacts see a grid party's presence: refuse ad-hoc subscription requests.
+    client.roster.auto_authorize = False
+    client.roster.auto_subscribe = False
+    # The server echoes every presence we broadcast back to us; no grid party needs its own
+    # account's presence, and skipping it saves a tenth of a device's CPU under load.
+    client.client_roster.ignore_updates = True
+    for name in ("xep_0030", "xep_0199", *plugins):
+        client.register_plugin(name)
+    return client
+
+
+async def open_session(client: ClientXMPP, endpoint: Endpoint, timeout: float = 20.0) -> None:
+    """Connect and log in; raises :class:`SessionError` on a refused login or a timeout."""
+    loop = asyncio.get_running_loop()
+    started: asyncio.Future[None] = loop.create_future()
+
+    def _ok(_event: object) -> None:
+        if not started.done():
+            started.set_result(None)
+
+    def _fail(why: str) -> None:
+        if not started.done():
+            started.set_exception(SessionError(why))
+
+    handlers = {
+        "session_start": _ok,
+        "failed_all_auth": lambda _e: _fail(f"{client.boundjid.bare}: login refused ("
+                                            f"{getattr(client, 'last_error', None) or 'wrong password or no such account'})"),
+        "stream_error": lambda e: _fail(f"{client.boundjid.bare}: server closed the stream: {e['condition']}"),
+    }
+    for event, handler in handlers.items():
+        client.add_event_handler(event, handler)
+    try:
+        client.connect(endpoint.host, endpoint.c2s_port)
+        try:
+            await asyncio.wait_for(started, timeout)
+        except asyncio.TimeoutError:
+            client.cancel_connection_attempt()
+            client.abort()
+            why = getattr(client, "last_error", None)
+            raise SessionError(
+                f"{client.boundjid.bare}: no session with {endpoint.host}:{endpoint.c2s_port} within {timeout:.0f} s"
+                + (f" ({why})" if why else "")
+            ) from None
+        except SessionError:
+            client.cancel_connection_attempt()
+            client.abort()
+            raise
+    finally:
+        for event, handler in handlers.items():
+            client.del_event_handler(event, handler)
+
+
+async def close_session(client: ClientXMPP, wait: float = 2.0) -> None:
+    """Close the stream politely, waiting at most `wait` seconds."""
+    try:
+        await asyncio.wait_for(client.disconnect(wait=wait), wait + 1)
+    except (asyncio.TimeoutError, ConnectionError):
+        client.abort()
