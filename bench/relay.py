@@ -39,11 +39,12 @@ from common import bench_fleet, summary
 from gridpresence.host.fleet import device_agent
 from gridpresence.protocol.openpgp import element_to_text
 from gridpresence.operator.library import GridOperator
-from gridpresence.xmpp.session import ConnectionInfo, tls_context
+from gridpresence.xmpp.session import ConnectionInfo
+from gridpresence.transport.tls import tls_context
 from gridpresence.host.grid import Grid
 from gridpresence.protocol import Action, Command, DeviceKind, DeviceState, OutcomeStatus, PresenceReport, Telemetry
 from gridpresence.services.relay.commissioning import commission
-from gridpresence.services.relay.mail import SignedCommand, build_mail, open_smtp
+from gridpresence.transport.mail import SignedCommand, build_mail, open_smtp
 from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.server.ports import free_port
 

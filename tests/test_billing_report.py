@@ -14,7 +14,8 @@ from conftest import Env, run_cli
 from slixmpp import Message
 
 from gridpresence.operator.library import GridOperator
-from gridpresence.device.reports import ReportInbox, ReportReader, request_report
+from gridpresence.operator.reports import ReportInbox, request_report
+from gridpresence.security.reports import ReportReader
 from gridpresence.xmpp.session import close_session, make_client, open_session
 from gridpresence.protocol.billing_report import (
     BillingData,

@@ -120,7 +120,7 @@ async def test_stream_management_acks_over_bosh_and_survives_a_cut(env: Env, ali
 
 async def test_host_meta_announces_the_bosh_endpoint(env: Env) -> None:
     """XEP-0156: a client that knows only the server's web address finds BOSH there."""
-    from gridpresence.xmpp.session import tls_context
+    from gridpresence.transport.tls import tls_context
 
     server = env.grid.server
     found = await discover_bosh_url(f"https://{server.connect_host}:{server.ports.https}",

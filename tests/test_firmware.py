@@ -14,7 +14,8 @@ from slixmpp.xmlstream.matcher import StanzaPath
 
 from chatpeer import chat_peer
 from conftest import Env
-from gridpresence.device.firmware import FirmwareCampaign, sign_offer, upgrade_firmware
+from gridpresence.operator.firmware import FirmwareCampaign, upgrade_firmware
+from gridpresence.security.firmware import sign_offer
 from gridpresence.operator.library import GridOperator
 from gridpresence.protocol import DeviceState, RejectReason
 from gridpresence.protocol.codec import q

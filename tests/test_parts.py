@@ -8,7 +8,7 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from gridpresence.device.reports import ReportAudience, ReportReader, reader_keys, seal_report
+from gridpresence.security.reports import ReportAudience, ReportReader, reader_keys, seal_report
 from gridpresence.config import FleetError, parse_fleet
 from gridpresence.physics.metering import MeterRegisters, PeakHours
 from gridpresence.protocol.billing_report import (
@@ -153,7 +153,7 @@ def test_envelope_errors_are_payload_errors() -> None:
 def test_fleet_names_customers_of_metering_devices_only() -> None:
     base = {"operators": [{"name": "alice"}], "customers": [{"name": "acme"}]}
     fleet = parse_fleet({**base, "devices": [{"name": "m", "kind": "meter", "rated_kw": 5, "customer": "acme"}]})
-    assert ReportAudience.of(fleet, fleet.device("m")).billing == ("acme@localhost",)
+    assert fleet.report_audience(fleet.device("m")).billing == ("acme@localhost",)
     with pytest.raises(FleetError, match=r"devices\[0\].customer: no customer named 'acme2'"):
         parse_fleet({**base, "devices": [{"name": "m", "kind": "meter", "rated_kw": 5, "customer": "acme2"}]})
     with pytest.raises(FleetError, match="only a meter or a master IED has a customer"):

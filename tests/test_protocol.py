@@ -193,22 +193,6 @@ async def test_watchdog_answers_operators_only(env: Env) -> None:
         await close_session(client)
 
 
-def test_fast_scram_matches_slixmpp_scram() -> None:
-    """The C PBKDF2 we register for logins gives slixmpp's own Hi() result, byte for byte."""
-    import hashlib
-
-    from slixmpp.util.sasl.client import MECHANISMS
-    from slixmpp.util.sasl.mechanisms import SCRAM
-
-    from gridpresence.xmpp.slixfix.scram import FastSCRAM
-
-    assert MECHANISMS["SCRAM-SHA-1"] is FastSCRAM
-    for hash_fn, password in ((hashlib.sha1, "pässword"), (hashlib.sha256, "x" * 40)):
-        ours, theirs = FastSCRAM.__new__(FastSCRAM), SCRAM.__new__(SCRAM)
-        ours.hash = theirs.hash = hash_fn
-        assert ours.Hi(password, b"salt-1", 4096) == SCRAM.Hi(theirs, password, b"salt-1", 4096)
-
-
 async def test_client_trusting_another_ca_cannot_log_in(env: Env, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Every session verifies the server against the configured CA only."""
     from gridpresence.xmpp.session import SessionError

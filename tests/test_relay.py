@@ -23,13 +23,14 @@ from gridpresence.operator.availability import command_group, wait_available
 from gridpresence.host.fleet import device_agent
 from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.operator.library import GridOperator
-from gridpresence.xmpp.session import ConnectionInfo, tls_context
+from gridpresence.xmpp.session import ConnectionInfo
+from gridpresence.transport.tls import tls_context
 from gridpresence.protocol.models import Action, Command, DeviceState, Outcome, OutcomeStatus, RejectReason
 from gridpresence.protocol.codec import outcome_to_xml
-from gridpresence.device.reports import ReportAudience, ReportReader
+from gridpresence.security.reports import ReportReader
 from gridpresence.protocol.billing_report import PartName, billing_report_from_xml
-from gridpresence.services.relay.mail import MailTLSError, build_mail, open_smtp
-from gridpresence.services.relay.route import RelayRoute
+from gridpresence.transport.mail import MailTLSError, build_mail, open_smtp
+from gridpresence.operator.relay_route import RelayRoute
 from gridpresence.services.relay.commissioning import commission, readers_keys
 from gridpresence.security.parts import NotForYou
 from gridpresence.server.certs import ensure_certificates
@@ -80,7 +81,7 @@ async def commission_once(env: Env, name: str) -> None:
     async with env.operator("alice", resource=f"announce-{os.urandom(3).hex()}"):
         pass  # alice has announced her key over PEP: the device can seal the power-quality part to her
     found = await commission(name, env.fleet.jid(name), env.grid.secrets.password(name), env.grid.endpoint,
-                             PartyKeys.in_data_dir(env.data, name), ReportAudience.of(env.fleet, spec).everyone)
+                             PartyKeys.in_data_dir(env.data, name), env.fleet.report_audience(spec).everyone)
     assert {"billing@localhost", "alice@localhost"} <= set(found)
     _commissioned.add(name)
 
@@ -501,7 +502,7 @@ async def test_device_data_must_carry_the_devices_signature(env: Env, relay: Rel
     # A billing report the relay refuses leaves the period open: its readings go in the next one.
     forger = MailDevice(spec, "mailer-1@localhost", info.relay, secret=env.grid.keys.secret("alice"),
                         keyring=readers_keys(PartyKeys.in_data_dir(relay.data, "mailer-1"), "mailer-1"),
-                        audience=ReportAudience.of(env.fleet, spec))
+                        audience=env.fleet.report_audience(spec))
     opened = forger.sim.registers.period_start  # type: ignore[attr-defined]
     try:
         with pytest.raises(smtplib.SMTPDataError) as refused:

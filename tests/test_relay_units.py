@@ -17,7 +17,7 @@ from gridpresence.protocol.models import (
     PresenceReport,
     Telemetry,
 )
-from gridpresence.services.relay.mail import MailError, build_mail, parse_mail
+from gridpresence.transport.mail import MailError, build_mail, parse_mail
 from gridpresence.services.relay.queue import CommandQueue, State
 
 

@@ -15,7 +15,6 @@ from slixmpp import Message
 
 from chatpeer import ChatPeer, chat_peer
 from conftest import Env, run_cli
-from gridpresence.services.billing import tariff_from_spec
 from gridpresence.device.agent import DeviceAgent
 from gridpresence.host.fleet import FleetBots
 from gridpresence.operator.library import GridOperator
@@ -191,7 +190,7 @@ async def test_billing_price_flips_a_fault_between_batched_and_at_once(env: Env)
     finally:
         dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
         dev.alarms.settings = before
-        billing.publish(tariff_from_spec(billing.spec))  # back to the fleet's tariff for the other tests
+        billing.publish(billing.spec.tariff())  # back to the fleet's tariff for the other tests
         dev.alarms.acknowledge(None, "test-cleanup")
         await bob.close()
 

@@ -21,7 +21,6 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from conftest import Env
-from gridpresence.services.billing import tariff_from_spec
 from gridpresence.host.fleet import device_agent
 from gridpresence.operator.library import GridOperator
 from gridpresence.xmpp.session import close_session, make_client, open_session
@@ -251,7 +250,7 @@ async def test_prices_reach_devices_only_signed_by_billing(env: Env, alice: Grid
         for peer in peers.values():
             await close_session(peer.client)
     finally:
-        billing.publish(tariff_from_spec(billing.spec))  # back to the fleet's tariff for the other tests
+        billing.publish(billing.spec.tariff())  # back to the fleet's tariff for the other tests
 
 
 # -- a compromised operator account: the password without the key -------------------------------

@@ -16,8 +16,9 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gridpresence.rules.settings import AlarmSettings
-from gridpresence.protocol.models import DeviceKind
+from gridpresence.protocol.models import DeviceKind, Tariff, TariffPeriod
 from gridpresence.security.policy import Role, SecuritySettings
+from gridpresence.security.reports import ReportAudience
 from gridpresence.rules.model import RuleSetError, load_rules
 
 # XMPP localparts we generate from names: keep them boring so every client can type them.
@@ -62,6 +63,13 @@ class BillingSpec(_Spec):
     off_peak_price: float = Field(default=0.60, ge=0, allow_inf_nan=False)
     peak_start_hour: int = Field(default=6, ge=0, le=23)
     peak_end_hour: int = Field(default=18, ge=1, le=24)
+
+    def tariff(self) -> Tariff:
+        """Peak price between the peak hours, off-peak otherwise ([0093]: $0.80 6-18 h, $0.60)."""
+        peak = TariffPeriod(start_hour=self.peak_start_hour, end_hour=self.peak_end_hour, price_per_kwh=self.peak_price)
+        off = TariffPeriod(start_hour=self.peak_end_hour % 24, end_hour=self.peak_start_hour or 24,
+                           price_per_kwh=self.off_peak_price)
+        return Tariff(supplier=self.supplier, currency=self.currency, periods=(peak, off))
 
 
 class ManufacturerSpec(_Spec):
@@ -164,6 +172,13 @@ class Fleet(BaseModel):
             if dev.name == name:
                 return dev
         raise KeyError(name)
+
+    def report_audience(self, device: DeviceSpec) -> ReportAudience:
+        """Who reads which part of `device`'s billing reports: billing parties and its customer
+        the billing part, the operators the power-quality part ([0085])."""
+        return ReportAudience(billing_parties=tuple(self.jid(b.name) for b in self.billing),
+                              quality=tuple(self.jid(o.name) for o in self.operators),
+                              customer=self.jid(device.customer) if device.customer else None)
 
     def children(self, name: str) -> tuple[DeviceSpec, ...]:
         return tuple(d for d in self.devices if d.parent == name)

@@ -31,7 +31,7 @@ from typing import Any
 
 from gridpresence.server.accounts import Secrets
 from gridpresence.host.fleet import FleetBots
-from gridpresence.device.reports import METERING_KINDS
+from gridpresence.protocol.models import METERING_KINDS
 from gridpresence.operator.library import GridOperator, UnknownDevice
 from gridpresence.xmpp.session import ConnectionInfo, SessionError
 from gridpresence.operator.tracker import DeviceChange, DeviceView

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from gridpresence.server.accounts import RELAY, Secrets
-from gridpresence.device.reports import ReportAudience
 from gridpresence.xmpp.session import ConnectionInfo, RelayEndpoint, SessionError
 from gridpresence.config import FleetError, load_fleet
 from gridpresence.services.relay.mail_device import MailDevice
@@ -76,7 +75,7 @@ async def cmd_mail_device(args: argparse.Namespace) -> int:
         raise FleetError(f"no device named {args.name!r} in the fleet") from None
     data = Path(args.data)
     keys = PartyKeys.in_data_dir(data, spec.name)
-    audience = ReportAudience.of(fleet, spec)
+    audience = fleet.report_audience(spec)
     if args.commission:
         secrets = Secrets(data / SECRETS_FILE)
         if spec.name not in secrets.passwords:

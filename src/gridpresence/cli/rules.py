@@ -12,7 +12,6 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gridpresence.services.billing import tariff_from_spec
 from gridpresence.config import BillingSpec, FleetError, load_fleet
 from gridpresence.rules.model import AdjustMode, RuleSetError, default_rules, load_rules
 from gridpresence.rules.audit_log import read_audit
@@ -61,7 +60,7 @@ async def cmd_rules_replay(args: argparse.Namespace) -> int:
         priority = None
         if args.fleet:
             fleet = load_fleet(Path(args.fleet))
-            tariff = tariff_from_spec(fleet.billing[0] if fleet.billing else BillingSpec(name="billing"))
+            tariff = (fleet.billing[0] if fleet.billing else BillingSpec(name="billing")).tariff()
             priority = PriorityOptions(tariff, args.high_cost, {d.name: d.parent for d in fleet.devices},
                                        {d.name: d.rated_kw for d in fleet.devices})
         rules = load_rules(Path(args.rules)) if args.rules else default_rules(fleet.alarms if args.fleet else None)

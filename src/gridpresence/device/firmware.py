@@ -1,21 +1,17 @@
-"""Firmware upgrades by instant message ([00140], [00144]).
+"""Firmware upgrades by instant message ([00140], [00144]), the device's side.
 
-Device side, :class:`FirmwareDesk`: an operator carries the in-band image together with the
-manufacturer's signed offer for this device (:func:`sign_offer`: a ``firmware_upgrade`` command
-naming the image's id, version and sha256, the device's serial bound in). The device checks the
-offer like any signed command (signature, manufacturer role, serial, window, not used before),
-then the image against it (size, sha256), and applies it if the device is available; a
-restricted device answers ``rejected (restricted)``.
-Sender side, :class:`FirmwareCampaign`: sends one image to a group of devices, re-sends to a
-device that refused while restricted as soon as its presence says it is available again, and
-reports every device that has not applied it when the time-out comes as failed.
+An operator carries the in-band image together with the manufacturer's signed offer for this
+device (``security.firmware.sign_offer``: a ``firmware_upgrade`` command naming the image's id,
+version and sha256, the device's serial bound in). The device checks the offer like any signed
+command (signature, manufacturer role, serial, window, not used before), then the image against
+it (size, sha256), and applies it if the device is available; a restricted device answers
+``rejected (restricted)``. The sender's side is ``operator.firmware``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 from xml.etree import ElementTree as ET
 
@@ -23,20 +19,15 @@ from slixmpp import Message
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
-from gridpresence.operator.tracker import DeviceChange
-from gridpresence.protocol.codec import PayloadError, command_to_xml
+from gridpresence.protocol.codec import PayloadError
 from gridpresence.protocol.firmware import (
-    FirmwareImage,
     FirmwareReason,
     FirmwareResult,
     FirmwareStatus,
     firmware_from_xml,
-    firmware_to_xml,
-    result_from_xml,
     result_to_xml,
 )
 from gridpresence.protocol.models import (
-    Action,
     Command,
     DeviceState,
     Outcome,
@@ -46,12 +37,10 @@ from gridpresence.protocol.models import (
 )
 from gridpresence.protocol.openpgp import OPENPGP_NS
 from gridpresence.security.gate import Refusal, open_command
-from gridpresence.security.pgp import pgpy
-from gridpresence.security.signed import SignatureFailure, key_of, sign_payload
+from gridpresence.security.signed import SignatureFailure, key_of
 
 if TYPE_CHECKING:
     from gridpresence.device.agent import DeviceAgent
-    from gridpresence.operator.library import GridOperator
 
 log = logging.getLogger(__name__)
 
@@ -142,93 +131,3 @@ class FirmwareDesk:
         self.agent.client.plugin["xep_0092"].version = image.version  # what clients see in "version"
         log.info("%s: firmware %s -> %s (%d bytes)", self.agent.spec.name, old, image.version, image.size)
         return self._result(image.id, FirmwareStatus.APPLIED, None, done.detail)
-
-
-def sign_offer(image: FirmwareImage, device: str, serial: str, issuer: str, key: pgpy.PGPKey,
-               ttl_s: float = 3600.0) -> ET.Element:
-    """A manufacturer's signed offer of ``image`` to one device (bare JID, serial number)."""
-    cmd = Command.new(Action.FIRMWARE_UPGRADE, issuer, ttl_s=ttl_s, serial=serial,
-                      args={"firmware-id": image.id, "version": image.version, "sha256": image.sha256})
-    return sign_payload(command_to_xml(cmd), device, key, now=cmd.issued)
-
-
-class FirmwareCampaign:
-    """One image to many devices, with one result per device. ``history`` keeps every answer."""
-
-    def __init__(self, grid: GridOperator, names: Iterable[str], image: FirmwareImage,
-                 offers: Mapping[str, ET.Element]) -> None:
-        self.grid = grid
-        self.image = image
-        self.offers = dict(offers)  # device name -> the manufacturer's signed offer for it
-        self.names = list(dict.fromkeys(names))
-        self.by_jid = {grid.device(n).jid: n for n in self.names}  # unknown names fail here, before sending
-        self.results: dict[str, FirmwareResult] = {}
-        self.history: list[FirmwareResult] = []
-        self._waiting_for_answer: set[str] = set()
-        self._why: dict[str, str] = {n: "no answer" for n in self.names}
-        self._done = asyncio.Event()
-
-    async def run(self, timeout_s: float) -> dict[str, FirmwareResult]:
-        handler = f"firmware result {self.image.id}"
-        self.grid.client.register_handler(Callback(handler, StanzaPath("message/grid_firmware_result"), self._on_result))
-        stop = self.grid.tracker.listen(self._on_change)
-        try:
-            for name in self.names:
-                self._send(name)
-            try:
-                await asyncio.wait_for(self._done.wait(), timeout_s)
-            except asyncio.TimeoutError:
-                pass
-        finally:
-            stop()
-            self.grid.client.remove_handler(handler)
-        for name in self.names:
-            if name not in self.results:
-                self.results[name] = FirmwareResult(
-                    id=self.image.id, device=self.grid.device(name).jid, status=FirmwareStatus.FAILED,
-                    reason=FirmwareReason.TIMEOUT, detail=f"not applied within {timeout_s:g} s: {self._why[name]}"[:300])
-        return {n: self.results[n] for n in self.names}
-
-    def _send(self, name: str) -> None:
-        view = self.grid.device(name)
-        if view.full_jid is None:
-            self._why[name] = "the device has no presence"
-            return
-        msg = self.grid.client.make_message(mto=view.full_jid, mtype="normal")
-        msg.append(firmware_to_xml(self.image))
-        if name in self.offers:
-            msg.append(self.offers[name])
-        msg.send()
-        self._waiting_for_answer.add(name)
-
-    def _on_result(self, msg: Message) -> None:
-        try:
-            result = result_from_xml(msg["grid_firmware_result"].xml)
-        except PayloadError as exc:
-            log.warning("dropped invalid firmware result from %s: %s", msg["from"], exc)
-            return
-        name = self.by_jid.get(msg["from"].bare)
-        if result.id != self.image.id or name is None or name in self.results:
-            return
-        self.history.append(result)
-        self._waiting_for_answer.discard(name)
-        if result.reason is FirmwareReason.RESTRICTED:
-            self._why[name] = f"restricted ({result.detail})"  # sent again when its presence changes
-            return
-        self.results[name] = result
-        if len(self.results) == len(self.names):
-            self._done.set()
-
-    def _on_change(self, change: DeviceChange) -> None:
-        name = self.by_jid.get(change.current.jid)
-        if name is None or name in self.results or name in self._waiting_for_answer:
-            return
-        if change.current.present and change.current.state is not DeviceState.RESTRICTED:
-            self._send(name)
-
-
-async def upgrade_firmware(grid: GridOperator, names: Iterable[str], image: FirmwareImage,
-                           offers: Mapping[str, ET.Element], timeout_s: float = 60.0) -> dict[str, FirmwareResult]:
-    """Send `image` with each device's manufacturer-signed offer (:func:`sign_offer`); one result
-    per device (applied, rejected, failed)."""
-    return await FirmwareCampaign(grid, names, image, offers).run(timeout_s)

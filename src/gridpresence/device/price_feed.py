@@ -13,7 +13,7 @@ from slixmpp import JID, Message
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
-from gridpresence.services.billing import TariffRefused, tariff_from_billing
+from gridpresence.security.tariff import TariffRefused, tariff_from_billing
 from gridpresence.protocol.models import Tariff
 
 if TYPE_CHECKING:

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Protocol
 
 from gridpresence.server.accounts import CONSOLE, RELAY, WATCHDOG, Secrets
-from gridpresence.services.billing import BillingAgent, tariff_from_spec
+from gridpresence.services.billing import BillingAgent
 from gridpresence.device.branch import BranchAdvisor
 from gridpresence.services.console import ConsoleAgent
-from gridpresence.device.reports import METERING_KINDS, BillingReporter, ReportAudience, peak_hours
+from gridpresence.protocol.models import METERING_KINDS
+from gridpresence.device.reports import BillingReporter
+from gridpresence.physics.metering import peak_hours
 from gridpresence.device.agent import DeviceAgent
 from gridpresence.services.manufacturer import ManufacturerAgent
 from gridpresence.xmpp.session import Endpoint
@@ -78,7 +80,7 @@ class FleetBots:
                 if dev.kind is DeviceKind.MASTER:
                     self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
                 if dev.kind in METERING_KINDS and self.devices[dev.name].keyring.secret_key is not None:
-                    self.reporters[dev.name] = BillingReporter(self.devices[dev.name], ReportAudience.of(fleet, dev),
+                    self.reporters[dev.name] = BillingReporter(self.devices[dev.name], fleet.report_audience(dev),
                                                                peak_hours(fleet))
         for bill in fleet.billing:
             if wanted is None or bill.name in wanted:
@@ -144,7 +146,7 @@ def device_agent(fleet: Fleet, name: str, endpoint: Endpoint, password: str, key
     """The bot of the fleet's device `name`, with the fleet's parties, roles, policy and rules."""
     spec = fleet.device(name)
     # Devices rank faults at the billing party's price: its fleet-file tariff until it sends one.
-    tariff = tariff_from_spec(fleet.billing[0]) if fleet.billing else None
+    tariff = fleet.billing[0].tariff() if fleet.billing else None
     return DeviceAgent(spec, fleet.jid(name), password, endpoint, [fleet.jid(o.name) for o in fleet.operators],
                        [fleet.jid(c.name) for c in fleet.children(name)], tick_s=tick_s, relays=[fleet.jid(RELAY)],
                        alarms=fleet.alarms, services=[fleet.jid(CONSOLE)],

@@ -24,8 +24,9 @@ from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.protocol import roster as roles
 from gridpresence.operator.issuer import CommandIssuer
-from gridpresence.services.billing import TariffRefused, tariff_from_billing
-from gridpresence.device.reports import ReportInbox, ReportReader, request_report
+from gridpresence.security.tariff import TariffRefused, tariff_from_billing
+from gridpresence.operator.reports import ReportInbox, request_report
+from gridpresence.security.reports import ReportReader
 from gridpresence.xmpp.session import (
     ConnectionInfo,
     Endpoint,
@@ -44,7 +45,8 @@ from gridpresence.protocol.codec import (
 from gridpresence.protocol.alarm import Alarm, alarm_from_xml
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
-from gridpresence.services.relay.route import FINAL_MARGIN_S, RelayRoute
+from gridpresence.operator.relay_route import RelayRoute
+from gridpresence.protocol.relay import FINAL_MARGIN_S
 from gridpresence.protocol.billing_report import PartData, PartName, QualityData
 from gridpresence.protocol.addressing import origin_of
 

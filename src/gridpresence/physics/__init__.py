@@ -1,4 +1,5 @@
-"""Simulated physics of each device kind; pure Python, no I/O."""
+"""Simulated physics of each device kind; pure Python, no I/O. The device bot drives it; a
+field gateway replaces it with a real IED. May import: protocol, words, security, rules, config."""
 
 from __future__ import annotations
 

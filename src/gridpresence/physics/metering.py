@@ -8,6 +8,7 @@ import datetime as dt
 import random
 from dataclasses import dataclass
 
+from gridpresence.config import Fleet
 from gridpresence.physics.base import walk
 from gridpresence.protocol.billing_report import BillingData, QualityData
 
@@ -91,3 +92,11 @@ class MeterRegisters:
                               load_pct=round(min(150.0, self.load_sum / n if n else load_pct), 2), sags=self.sags)
         self._open(now)
         return billing, quality
+
+
+def peak_hours(fleet: Fleet) -> PeakHours:
+    """The peak window of the fleet's (first) billing party: the meters' tariff registers."""
+    if not fleet.billing:
+        return PeakHours()
+    spec = fleet.billing[0]
+    return PeakHours(spec.peak_start_hour, spec.peak_end_hour % 24)

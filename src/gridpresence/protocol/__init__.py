@@ -1,6 +1,9 @@
-"""The wire: typed payloads (pydantic) and their XMPP stanza form (slixmpp).
+"""The wire: typed payloads (pydantic) and their XMPP stanza form (slixmpp), the same on
+every side of it.
 
-Every grid payload lives under one namespace, :data:`NS`; see ``PROTOCOL.md``.
+Every grid payload lives under one namespace, :data:`NS`; see ``PROTOCOL.md``. ``models`` is the
+only place values are validated, ``codec`` the only place grid XML is written or read.
+May import: nothing else of gridpresence (it is the lowest layer).
 """
 
 from gridpresence.protocol.models import (

@@ -32,6 +32,10 @@ class DeviceKind(StrEnum):
     MASTER = "master"
 
 
+# Devices that keep energy registers and send billing reports ([0085]).
+METERING_KINDS = frozenset({DeviceKind.METER, DeviceKind.MASTER})
+
+
 class DeviceState(StrEnum):
     """The real-presence sub-states of [00129]/[00137]."""
 

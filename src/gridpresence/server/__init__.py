@@ -1,4 +1,6 @@
-"""Embedded XMPP server: a private Prosody with its own CA, ports and bulk-provisioned accounts."""
+"""Embedded XMPP server: a private Prosody with its own CA, ports and bulk-provisioned accounts
+(``accounts``: a fleet's parties, passwords and rosters). Runs in the hosting process, never in
+a bot. May import: protocol, words, security, rules, config, physics, transport, xmpp."""
 
 from gridpresence.server.certs import CertPaths, ensure_certificates
 from gridpresence.server.ports import free_port, free_ports, port_is_free

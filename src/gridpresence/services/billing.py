@@ -12,71 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
-from slixmpp import JID, Message, Presence
+from slixmpp import JID, Presence
 
 from gridpresence.operator.issuer import CommandIssuer
-from gridpresence.device.reports import ReportInbox, ReportReader, request_report
+from gridpresence.operator.reports import ReportInbox, request_report
+from gridpresence.security.reports import ReportReader
 from gridpresence.xmpp.party import PartySession
 from gridpresence.xmpp.session import Endpoint, make_client
 from gridpresence.config import BillingSpec
 from gridpresence.protocol.billing_report import BillingData, PartName
-from gridpresence.protocol.codec import PayloadError, tariff_from_xml, tariff_to_xml
+from gridpresence.protocol.codec import tariff_to_xml
 from gridpresence.protocol.models import Action, Command, Outcome, Tariff, TariffPeriod
-from gridpresence.protocol.models import utcnow
-from gridpresence.protocol.openpgp import OPENPGP_NS
-from gridpresence.security.keyring import KeyLookup
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
-from gridpresence.security.policy import Role, SecuritySettings
-from gridpresence.security.signed import SignatureFailure, check_envelope, key_of, open_signed, sign_payload
+from gridpresence.security.signed import sign_payload
 
 log = logging.getLogger(__name__)
-
-
-def tariff_from_spec(spec: BillingSpec) -> Tariff:
-    """Peak price between the peak hours, off-peak otherwise ([0093]: $0.80 6-18 h, $0.60)."""
-    peak = TariffPeriod(start_hour=spec.peak_start_hour, end_hour=spec.peak_end_hour, price_per_kwh=spec.peak_price)
-    off = TariffPeriod(start_hour=spec.peak_end_hour % 24, end_hour=spec.peak_start_hour or 24,
-                       price_per_kwh=spec.off_peak_price)
-    return Tariff(supplier=spec.supplier, currency=spec.currency, periods=(peak, off))
-
-
-class TariffRefused(ValueError):
-    """A ``<tariff>`` that is not taken; `condition` is the stanza error the sender gets."""
-
-    def __init__(self, condition: str, text: str) -> None:
-        super().__init__(text)
-        self.condition = condition
-
-
-async def tariff_from_billing(msg: Message, is_billing: Callable[[str], bool], keys: KeyLookup,
-                              security: SecuritySettings | None = None) -> Tariff:
-    """The one gate for a price message, on every receiving side (devices and operators): a
-    billing party's, signed with its key for this recipient (XEP-0373 ``<sign/>``, not older
-    than ``max_ttl_s``: the server may have held it while the recipient was offline), allowed by
-    the policy, and valid. A bare ``<tariff/>`` is refused: anyone with billing's password could
-    send one."""
-    security = security or SecuritySettings()
-    sender, me = msg["from"].bare, msg["to"].bare
-    if not is_billing(sender):
-        raise TariffRefused("not-authorized", f"{sender} is not a billing party; only the billing party sets prices")
-    sealed_el = msg.xml.find(f"{{{OPENPGP_NS}}}openpgp")
-    if sealed_el is None:
-        raise TariffRefused("not-authorized", "unsigned: a tariff must be signed with the billing party's key")
-    try:
-        sealed = open_signed(sealed_el)
-        sealed.verify(await key_of(sender, keys), sender)
-        check_envelope(sealed.content, me, utcnow(), security.clock_skew_s, security.max_ttl_s)
-        tariff = tariff_from_xml(sealed.payload)
-    except SignatureFailure as exc:
-        raise TariffRefused("not-authorized", f"{exc.reason.value}: {exc.detail}") from None
-    except PayloadError as exc:
-        raise TariffRefused("bad-request", str(exc)) from None
-    action = Action.TARIFF if tariff.kind == "tariff" else Action.PRICE
-    if not security.allows(Role.BILLING, action):
-        raise TariffRefused("not-authorized", f"the policy does not let billing send a {action.value}")
-    return tariff
 
 
 class BillingAgent(PartySession):
@@ -86,7 +38,7 @@ class BillingAgent(PartySession):
         self.endpoint = endpoint
         self.operators = frozenset(JID(j).bare for j in operators)
         self.devices = tuple(sorted({JID(j).bare for j in devices}))
-        self.tariff = tariff_from_spec(spec)
+        self.tariff = spec.tariff()
         self.client = make_client(jid, password, endpoint)
         self.keyring = PepKeyring(self.client, keys)
         # Commands to devices (billing reset) and prices are signed with the billing key.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from xml.etree import ElementTree as ET
 
-from gridpresence.device.firmware import sign_offer
+from gridpresence.security.firmware import sign_offer
 from gridpresence.xmpp.party import PartySession
 from gridpresence.xmpp.session import Endpoint, make_client
 from gridpresence.config import ManufacturerSpec

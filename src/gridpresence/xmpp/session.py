@@ -7,19 +7,17 @@ so TLS trust, plugin choice and login failures are handled the same way everywhe
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
-import ssl
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 from slixmpp import ClientXMPP
 
-from gridpresence.xmpp.slixfix import escape as fast_escape
-from gridpresence.xmpp.slixfix import scram as fast_scram  # noqa: F401  (C-speed escaping and SCRAM for slixmpp)
+from gridpresence.xmpp import slixfix  # noqa: F401  (our slixmpp patches: C-speed escaping and SCRAM)
 from gridpresence.protocol import stanzas
 from gridpresence.transport.policy import ConnectionPolicy, GridClient
+from gridpresence.transport.tls import tls_context
 
 log = logging.getLogger(__name__)
 
@@ -96,20 +94,6 @@ class ConnectionInfo(BaseModel):
 
 class SessionError(RuntimeError):
     """Could not log in: the message says why (server down, bad password, TLS)."""
-
-
-@functools.lru_cache(maxsize=8)
-def tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    """One verifying TLS context per trust anchor, shared by every session in the process.
-
-    slixmpp builds two contexts per client from the system store by default (~70 ms each
-    time and megabytes of memory): a thousand device identities would spend a minute on that.
-    With a CA file given, only that CA is trusted: the embedded server's, nobody else's.
-    """
-    ctx = ssl.create_default_context(cafile=str(ca_file)) if ca_file else ssl.create_default_context()
-    ctx.check_hostname = True
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
 
 
 def make_client(jid: str, password: str, endpoint: Endpoint, plugins: tuple[str, ...] = (),

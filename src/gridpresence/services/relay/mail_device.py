@@ -8,14 +8,15 @@ from __future__ import annotations
 import asyncio
 import copy
 
-from gridpresence.device.reports import ReportAudience, close_period, reader_keys, seal_report
+from gridpresence.security.reports import ReportAudience, reader_keys, seal_report
+from gridpresence.device.reports import close_period
 from gridpresence.xmpp.session import RelayEndpoint
 from gridpresence.config import DeviceSpec
 from gridpresence.physics import SimDevice, make_device
 from gridpresence.physics.metering import MeterRegisters
 from gridpresence.protocol.billing_report import BillingReport
 from gridpresence.protocol.models import Outcome, PresenceReport, utcnow
-from gridpresence.services.relay.mail import MailSender, Payload, build_mail
+from gridpresence.transport.mail import MailSender, Payload, build_mail
 from gridpresence.security.keyring import KeyLookup
 from gridpresence.security.pgp import pgpy
 

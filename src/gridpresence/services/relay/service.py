@@ -31,14 +31,14 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.server.accounts import RELAY
-from gridpresence.device.reports import ReportAudience
 from gridpresence.xmpp.session import Endpoint, close_session, make_client, open_session
 from gridpresence.operator.tracker import DeviceChange, PresenceTracker
 from gridpresence.config import Fleet
 from gridpresence.protocol.addressing import add_origin
 from gridpresence.protocol.codec import PayloadError, outcome_from_xml, outcome_to_xml
+from gridpresence.protocol.relay import ANSWER_MARGIN_S
 from gridpresence.protocol.models import Outcome, OutcomeStatus, PresenceReport
-from gridpresence.services.relay.mail import payload_from_xml
+from gridpresence.transport.mail import payload_from_xml
 from gridpresence.services.relay.queue import CommandQueue, QueuedCommand, State
 from gridpresence.protocol.billing_report import BillingReport
 from gridpresence.services.relay.smtp import Directory, RelayHandler, Stored, server_tls, smtp_factory
@@ -46,10 +46,6 @@ from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.server.certs import cert_ips, ensure_certificates
 
 log = logging.getLogger(__name__)
-
-# How long after its expiry a command already sent to a device waits for the device's verdict.
-ANSWER_MARGIN_S = 2.0
-
 
 class RelayService:
     """One relay for a fleet: ``await start()``, then it runs in the current event loop."""
@@ -281,7 +277,7 @@ class RelayService:
         except KeyError:
             log.error("relay: billing report from %s, which is not in the fleet", device)
             return
-        self._pass_on(ReportAudience.of(self.fleet, spec).everyone, device, payload, report.summary())
+        self._pass_on(self.fleet.report_audience(spec).everyone, device, payload, report.summary())
 
     def _pass_on(self, readers: Iterable[str], device: str, payload: str, text: str) -> None:
         for reader in readers:

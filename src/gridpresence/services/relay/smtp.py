@@ -27,7 +27,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gridpresence.protocol.billing_report import BillingReport
 from gridpresence.protocol.models import Command, Outcome
-from gridpresence.services.relay.mail import GridMail, MailError, SignedCommand, parse_mail, payload_xml
+from gridpresence.transport.mail import GridMail, MailError, SignedCommand, parse_mail, payload_xml
 from gridpresence.services.relay.queue import CommandQueue
 from gridpresence.security.detached import SignatureRefused, verify_detached
 from gridpresence.security.keyring import KeyLookup, KeyUnavailable

@@ -31,7 +31,7 @@ from gridpresence.protocol.codec import (
     report_from_xml,
     report_to_xml,
 )
-from gridpresence.xmpp.session import tls_context
+from gridpresence.transport.tls import tls_context
 from gridpresence.protocol.billing_report import BillingReport, billing_report_from_xml, billing_report_to_xml
 from gridpresence.protocol.models import Command, Outcome, PresenceReport
 from gridpresence.protocol.openpgp import OPENPGP_NS, element_to_text

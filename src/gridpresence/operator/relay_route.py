@@ -11,12 +11,8 @@ from gridpresence.xmpp.session import RelayEndpoint
 from gridpresence.protocol.models import Command, Outcome, OutcomeStatus
 from gridpresence.protocol.codec import q
 from gridpresence.protocol.openpgp import element_to_text
-from gridpresence.services.relay.mail import MailSender, SignedCommand, build_mail
-from gridpresence.services.relay.service import ANSWER_MARGIN_S
+from gridpresence.transport.mail import MailSender, SignedCommand, build_mail
 from gridpresence.security.pgp import pgpy
-
-# How long after a queued command's expiry the issuer waits for the relay's verdict.
-FINAL_MARGIN_S = ANSWER_MARGIN_S + 1.0
 
 
 class RelayRoute:
