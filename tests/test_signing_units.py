@@ -72,6 +72,18 @@ def test_envelope_names_the_recipient_and_a_time_in_the_window() -> None:
     check_envelope(content, DEVICE, NOW + dt.timedelta(seconds=3600), 30, 3600.0)
 
 
+def test_a_role_that_may_not_issue_the_action_is_refused_before_any_key_lookup() -> None:
+    """An operator's firmware offer, a stranger's shed: refused on the claim alone, so a device
+    fetches no key (and waits on no PEP lookup) for a command that could never be allowed."""
+    offer = open_command(signed(Command.new(Action.FIRMWARE_UPGRADE, ALICE, now=NOW, serial=SERIAL)))
+    with pytest.raises(Refusal, match="may not firmware_upgrade") as refused:
+        gate().may_issue(offer)
+    assert refused.value.reason is RejectReason.NOT_AUTHORISED
+    with pytest.raises(Refusal, match="no role"):
+        gate().may_issue(open_command(signed(Command.new(Action.SHED, "eve@localhost", now=NOW, serial=SERIAL))))
+    gate().may_issue(open_command(signed(Command.new(Action.SHED, ALICE, now=NOW, serial=SERIAL))))  # allowed: on to the key
+
+
 def test_key_lookup_failures_become_reasons() -> None:
     class Changed(StaticKeys):
         async def key_for(self, jid: str, timeout: float = 5.0) -> pgpy.PGPKey:

@@ -82,6 +82,7 @@ class CommandGate:
         cmd = signed.command
         if cmd.issuer not in self.roles:
             raise Refusal(RejectReason.NOT_AUTHORISED, f"{cmd.issuer} has no role that may issue commands", cmd.id)
+        self._role_allows(cmd)  # nor for a role that may not issue this action
 
     def check(self, sender: str, signed: SignedCommand, key: pgpy.PGPKey, now: dt.datetime, *,
               carriers: frozenset[str] = frozenset()) -> Command:
@@ -115,6 +116,9 @@ class CommandGate:
         if cmd.serial != self.serial:
             raise Refusal(RejectReason.WRONG_SERIAL,
                           f"signed for serial {cmd.serial or '(none)'}, this device is {self.serial}", cmd.id)
+        self._role_allows(cmd)
+
+    def _role_allows(self, cmd: Command) -> None:
         role = self.roles.get(cmd.issuer)
         if not self.security.allows(role, cmd.action):
             may = " or ".join(self.security.roles_for(cmd.action)) or "nobody"
