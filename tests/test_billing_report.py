@@ -27,6 +27,7 @@ from gridpresence.protocol.billing_report import (
 )
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.security.parts import NotForYou
+from gridpresence.device.reports import BillingReporter
 from timebase import NOW
 
 
@@ -89,8 +90,8 @@ async def test_forged_report_is_refused_with_a_reason(env: Env) -> None:
     assert billing.inbox is not None
     before = len(billing.reports)
     # bob takes a genuine report of meter-1 and sends it as his own: the sender is not the meter.
-    real = bots.reporters["meter-1"].sent[-1] if bots.reporters["meter-1"].sent else \
-        await bots.reporters["meter-1"].send_report()
+    reporter = bots.devices["meter-1"].desk(BillingReporter)
+    real = reporter.sent[-1] if reporter.sent else await reporter.send_report()
     bob = GridOperator.from_connection(env.grid.connection, operator="bob", resource=f"f-{os.urandom(3).hex()}")
     await bob.connect()
     errors: asyncio.Queue[Message] = asyncio.Queue()

@@ -13,6 +13,7 @@ from gridpresence.protocol.alarm import AlarmKind, alarm_from_xml
 from gridpresence.protocol.branch import branches_from_xml
 from gridpresence.protocol.codec import q
 from gridpresence.protocol.models import DeviceState
+from gridpresence.device.branch import BranchAdvisor
 
 
 async def test_master_publishes_branch_totals(env: Env, alice: GridOperator) -> None:
@@ -43,7 +44,7 @@ async def test_branch_near_limit_advice_names_loads_and_generator(env: Env, alic
         assert (await alice.command("gen-2", "stop")).ok
     peer = await chat_peer(env, "alice", "branch-advice")
     try:
-        advisor = env.grid.bots.advisors["master"]
+        advisor = env.grid.bots.devices["master"].desk(BranchAdvisor)
         for name in before:  # start well under the limit, so crossing it is news
             bots[name].sim.utilisation = 0.2  # type: ignore[attr-defined]
         async with asyncio.timeout(8):

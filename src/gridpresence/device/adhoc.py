@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from xml.etree import ElementTree as ET
 
@@ -18,12 +18,11 @@ from slixmpp import JID, Iq, Presence
 from slixmpp.exceptions import XMPPError
 from slixmpp.xmlstream import StanzaBase
 
-from gridpresence.device.alarms import TITLES
+from gridpresence.device.alarms import TITLES, AlarmDesk
 from gridpresence.device.chat import ACTION_WORDS, REASONS, describe_outcome, describe_report
 from gridpresence.protocol.models import Action, Command, PresenceReport, RejectReason, utcnow
+from gridpresence.device.host import DeviceHost
 
-if TYPE_CHECKING:
-    from gridpresence.device.agent import DeviceAgent
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ def _software_version() -> str:
         return "0+unknown"
 
 
-def enable_standard_features(agent: DeviceAgent) -> None:
+def enable_standard_features(agent: DeviceHost) -> None:
     """Register the standard plugins and the device's commands on its client."""
     client = agent.client
     client.register_plugin("xep_0004")
@@ -54,11 +53,10 @@ def enable_standard_features(agent: DeviceAgent) -> None:
     # The plugin stamps presence from an async filter, which slixmpp runs as a task with a
     # timeout for every outgoing stanza (a third more time per command); a sync filter does it.
     client.del_filter("out", client.plugin["xep_0115"]._filter_add_caps)  # type: ignore[arg-type]
-    AdhocCommands(agent)
 
 
 class AdhocCommands:
-    def __init__(self, agent: DeviceAgent) -> None:
+    def __init__(self, agent: DeviceHost) -> None:
         self.agent = agent
         self.forms = agent.client.plugin["xep_0004"]
         self.adhoc = agent.client.plugin["xep_0050"]
@@ -96,6 +94,10 @@ class AdhocCommands:
 
     def actions(self) -> list[Action]:
         return sorted(a for a in self.agent.sim.actions if a.value in ACTION_WORDS)
+
+
+    def close(self) -> None:
+        pass
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -179,7 +181,7 @@ class AdhocCommands:
 
     def _ack_form(self, iq: Iq, session: dict[str, Any]) -> dict[str, Any]:
         self._authorise(iq["from"])
-        open_alarms = [e.alarm for e in self.agent.alarms.open.values()]
+        open_alarms = [e.alarm for e in self.agent.desk(AlarmDesk).open.values()]
         if not open_alarms:
             return self._finish(session, None, f"{self.agent.spec.name} has no open alarms.")
         form = self.forms.make_form(ftype="form", title=f"Acknowledge an alarm of {self.agent.spec.label}")
@@ -193,8 +195,17 @@ class AdhocCommands:
     def _ack_submit(self, payload: Any, session: dict[str, Any]) -> dict[str, Any]:
         who = self._authorise(session["from"])
         wanted = str(self._submitted(payload).get("alarm") or "")
-        if wanted != ALL_ALARMS and wanted not in self.agent.alarms.open:
+        if wanted != ALL_ALARMS and wanted not in self.agent.desk(AlarmDesk).open:
             return self._finish(session, None, f"no open alarm {wanted[:20]!r}", "error")
-        done = self.agent.alarms.acknowledge(None if wanted == ALL_ALARMS else wanted, who)
+        done = self.agent.desk(AlarmDesk).acknowledge(None if wanted == ALL_ALARMS else wanted, who)
         text = "Acknowledged: " + "; ".join(f"alarm {a.id} ({TITLES[a.kind]})" for a in done) + "."
         return self._finish(session, None, text)
+
+
+class AdhocDesk(AdhocCommands):
+    """The device's standard features (forms, ad-hoc commands, version, caps) and its status,
+    run and acknowledge commands."""
+
+    def __init__(self, agent: DeviceHost) -> None:
+        enable_standard_features(agent)
+        super().__init__(agent)

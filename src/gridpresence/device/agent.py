@@ -10,7 +10,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Iterable, Mapping
-from pathlib import Path
+from dataclasses import replace
 from xml.etree import ElementTree as ET
 
 from pydantic import ValidationError
@@ -18,21 +18,20 @@ from slixmpp import JID, Message, Presence
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
-from gridpresence.device.adhoc import enable_standard_features
 from gridpresence.device.alarms import AlarmDesk
-from gridpresence.device.price_feed import PriceFeed
-from gridpresence.device.verdicts import VerdictDesk
 from gridpresence.device.chat import ChatDesk
-from gridpresence.device.ox_chat import OxDesk
-from gridpresence.security.ox import is_encrypted
+from gridpresence.device.desks import DESKS
 from gridpresence.device.firmware import FirmwareDesk
 from gridpresence.device.folding import BranchFold
+from gridpresence.device.host import D, Desk, DeviceSetup
+from gridpresence.device.ox_chat import OxDesk
+from gridpresence.device.price_feed import PriceFeed
+from gridpresence.security.ox import is_encrypted
 from gridpresence.xmpp.party import PartySession
 from gridpresence.xmpp.session import Endpoint, close_session, make_client
-from gridpresence.rules.settings import AlarmSettings
 from gridpresence.config import DeviceSpec
 from gridpresence.physics import SimDevice, make_device
-from gridpresence.physics.base import Effect
+from gridpresence.physics.base import Effect, branch_contribution
 from gridpresence.protocol.codec import (
     PayloadError,
     q,
@@ -45,14 +44,12 @@ from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.protocol.models import (
     Action,
     Command,
-    DeviceKind,
     DeviceState,
     FaultRef,
     Outcome,
     OutcomeStatus,
     PresenceReport,
     RejectReason,
-    Tariff,
     Telemetry,
     utcnow,
 )
@@ -61,22 +58,12 @@ from gridpresence.security.pgp import pgpy
 from gridpresence.security.policy import Role, SecuritySettings
 from gridpresence.security.replay import ReplayGuard, ReplayStore
 from gridpresence.security.signed import SignatureFailure, key_of
-from gridpresence.rules.model import RuleSet
 
 log = logging.getLogger(__name__)
 
 # Publish between refreshes only when a reading moves this much (percentage points of load):
 # every drift would flood the operators with presence.
 LOAD_DEADBAND_PCT = 5.0
-
-
-def branch_contribution(child: PresenceReport) -> float:
-    """Net load a child adds to its branch: consumers add, generators subtract, and a breaker
-    only carries what the others already count."""
-    kw = child.telemetry.kw or 0.0
-    if child.kind is DeviceKind.GENERATOR:
-        return -kw
-    return 0.0 if child.kind is DeviceKind.BREAKER else kw
 
 
 class DeviceAgent(PartySession):
@@ -100,15 +87,10 @@ class DeviceAgent(PartySession):
         children: Iterable[str] = (),
         tick_s: float = 1.0,
         relays: Iterable[str] = (),
-        alarms: AlarmSettings | None = None,
         services: Iterable[str] = (),
-        rules: RuleSet | None = None,
-        billing: Iterable[str] = (),
-        tariff: Tariff | None = None,
-        audit: Path | None = None,
-        parent: str | None = None,
         keys: PartyKeys | None = None,
         *,
+        setup: DeviceSetup | None = None,
         security: SecuritySettings | None = None,
         roles: Mapping[str, Role] | None = None,
         replay: ReplayStore | None = None,
@@ -116,6 +98,7 @@ class DeviceAgent(PartySession):
         self.spec = spec
         self.endpoint = endpoint
         duty = tuple(dict.fromkeys(JID(j).bare for j in operators))  # fleet order is duty order
+        self.setup = replace(setup or DeviceSetup(), duty=duty)
         # Service bots acting for operators (the fleet console) may command, but are never on duty.
         self.operators = frozenset(duty) | {JID(j).bare for j in services}
         self.children = frozenset(JID(j).bare for j in children)
@@ -147,19 +130,42 @@ class DeviceAgent(PartySession):
             self.client.add_event_handler("presence", self._on_child_presence)
         self.client.add_event_handler("disconnected", self._on_disconnected)
         self.client.add_event_handler("session_start", self._on_session_start)
-        self.alarms = AlarmDesk(self, duty, alarms or AlarmSettings(), rules, audit)
-        # Faults are ranked at the billing party's price, as it sends it ([00142]).
-        self.prices = PriceFeed(self, billing, tariff)
-        if self.prices.billing:  # no billing party: no price, nothing is ranked
-            self.alarms.price = self.prices.price
-        # Faults under a branch in fault go out in the branch's alarm (device/folding.py says why here).
-        self.fold = BranchFold(self, parent)
-        self.alarms.fold = self.fold
-        self.chat = ChatDesk(self)
-        self.ox = OxDesk(self)  # the same chat, signed and encrypted (XEP-0374) by OX clients
-        enable_standard_features(self)
-        self.verdicts = VerdictDesk(self)
-        self.firmware = FirmwareDesk(self)
+        # Every feature is a desk, built in the table's order for this kind (device/desks.py).
+        self._desks: dict[type[Desk], Desk] = {}
+        for kind in DESKS[spec.kind]:
+            self._desks[kind] = kind(self)
+
+    # -- desks (device/host.py: what they may use of the device) ----------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def desk(self, kind: type[D]) -> D:
+        return self._desks[kind]  # type: ignore[return-value]  # keyed by its own class
+
+    def has_desk(self, kind: type[Desk]) -> bool:
+        return kind in self._desks
+
+    @property
+    def alarms(self) -> AlarmDesk:
+        return self.desk(AlarmDesk)
+
+    @property
+    def chat(self) -> ChatDesk:
+        return self.desk(ChatDesk)
+
+    @property
+    def prices(self) -> PriceFeed:
+        return self.desk(PriceFeed)
+
+    @property
+    def fold(self) -> BranchFold:
+        return self.desk(BranchFold)
+
+    @property
+    def firmware(self) -> FirmwareDesk:
+        return self.desk(FirmwareDesk)
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -172,7 +178,8 @@ class DeviceAgent(PartySession):
     async def stop(self) -> None:
         """Say goodbye (state "gone") and leave."""
         self._stopping = True
-        self.alarms.close()
+        for desk in reversed(self._desks.values()):
+            desk.close()
         if self._loop_task:
             self._loop_task.cancel()
         for task in self._fetching:  # commands waiting for their issuer's key: never acted on
@@ -302,7 +309,7 @@ class DeviceAgent(PartySession):
         """Every ``<openpgp/>`` (XEP-0373) goes to one place, by what the message is."""
         envelope = msg["openpgp"].xml
         if is_encrypted(envelope.text or ""):
-            self.ox.take(msg)  # signed and encrypted (XEP-0374 chat from an OX client)
+            self.desk(OxDesk).take(msg)  # signed and encrypted (XEP-0374 chat from an OX client)
         elif msg.xml.find(q("firmware")) is None:  # with an image: the firmware desk's signed offer
             self._on_signed(msg, envelope)
 

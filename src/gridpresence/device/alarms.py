@@ -14,8 +14,6 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from slixmpp import JID
 
@@ -26,12 +24,11 @@ from gridpresence.rules.audit_log import AuditJournal
 from gridpresence.rules.engine import Engine, FaultEvent
 from gridpresence.rules.priority import Prioritiser
 from gridpresence.rules.live import report_sample
-from gridpresence.rules.model import RuleSet, default_rules
+from gridpresence.rules.model import default_rules
 from gridpresence.rules.thresholds import Adjuster, Change, Proposal, ThresholdBook
-
-if TYPE_CHECKING:
-    from gridpresence.device.agent import DeviceAgent
-    from gridpresence.device.folding import BranchFold
+from gridpresence.device.folding import BranchFold
+from gridpresence.device.host import DeviceHost
+from gridpresence.device.price_feed import PriceFeed
 
 log = logging.getLogger(__name__)
 
@@ -104,17 +101,17 @@ def describe(alarm: Alarm) -> str:
 class AlarmDesk:
     """One device's alarms: raising, routing by presence, escalation, acknowledgement."""
 
-    def __init__(self, agent: DeviceAgent, duty: tuple[str, ...], settings: AlarmSettings,
-                 rules: RuleSet | None = None, audit: Path | None = None) -> None:
+    def __init__(self, agent: DeviceHost) -> None:
         self.agent = agent
-        self.duty = duty
-        self.settings = settings
+        self.duty = agent.setup.duty
+        self.settings = agent.setup.alarms
+        rules, audit = agent.setup.rules, agent.setup.audit
         self.open: dict[str, _Open] = {}
         self._active: frozenset[AlarmKind] = frozenset()
         self._next_id = 1
         # The rules run here, on the device: only faults leave it. Thresholds adapt per device.
         # The fleet's own rule set (shared by its devices) replaces the built-in alarms.
-        rules = rules or default_rules(settings)
+        rules = rules or default_rules(self.settings)
         # The audit of threshold changes, on disk when the device has a data directory (survives restarts).
         self.thresholds = ThresholdBook(rules, AuditJournal(audit) if audit is not None else None)
         self.engine = Engine(rules, self.thresholds)
@@ -122,13 +119,15 @@ class AlarmDesk:
         self.rule_alarms: dict[str, tuple[str, float]] = {}  # alarm id -> (rule, when raised), for verdicts
         self.on_adjustment: Callable[[Change | Proposal], None] | None = None
         # The billing party's price now (the device's PriceFeed); with [alarms] batch_low_priority_s it ranks faults.
-        self.price: Callable[[], float] | None = None
+        # No billing party: no price, nothing is ranked.
+        feed = agent.desk(PriceFeed)
+        self.price: Callable[[], float] | None = feed.price if feed.billing else None
         self._prioritiser: Prioritiser | None = None
         self._flush_timer: asyncio.TimerHandle | None = None
         self._capacity_kw: float | None = None
         # Branch folding (device/folding.py): own faults held back while the parent is in fault,
         # and the own alarm that names the faults folded into this device from below.
-        self.fold: BranchFold | None = None
+        self.fold: BranchFold | None = agent.desk(BranchFold)
         self.held: dict[str, FaultEvent] = {}  # rule -> its raise, told on its own if the parent's fault clears first
         self.own_faults: list[str] = []  # alarm kinds of the rules holding now (not silently)
         self._branch_alarm: str | None = None
@@ -185,7 +184,7 @@ class AlarmDesk:
     def release_folded(self) -> None:
         """The parent's fault has cleared: own faults that still hold are told on their own."""
         held, self.held = self.held, {}
-        if self.agent._stopping:
+        if self.agent.stopping:
             return
         active = self.engine.active(self.agent.spec.name)
         ranker = self._ranker()
@@ -239,7 +238,7 @@ class AlarmDesk:
 
     def _flush(self) -> None:
         self._flush_timer = None
-        if self._prioritiser is None or self.agent._stopping:
+        if self._prioritiser is None or self.agent.stopping:
             return
         for ranked in self._prioritiser.flush():  # costliest first
             if self.fold is not None and self.fold.parent_in_fault:
@@ -300,7 +299,7 @@ class AlarmDesk:
 
     def _escalate(self, alarm_id: str) -> None:
         entry = self.open.get(alarm_id)
-        if entry is None or self.agent._stopping:
+        if entry is None or self.agent.stopping:
             return
         entry.alarm = entry.alarm.model_copy(update={"escalation": entry.alarm.escalation + 1})
         log.info("%s: alarm %s not acknowledged; escalating (%d)", self.agent.spec.name, alarm_id,

@@ -5,20 +5,18 @@ operators which loads can be shed and which generator can be started."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from slixmpp import Presence
 from slixmpp.xmlstream import StanzaBase
 
-from gridpresence.device.agent import branch_contribution
+from gridpresence.physics.base import branch_contribution
 from gridpresence.config import DeviceSpec, Fleet
 from gridpresence.protocol.alarm import AlarmKind
 from gridpresence.protocol.branch import BranchTotal, branches_to_xml
 from gridpresence.protocol.codec import PayloadError, q, report_from_xml
 from gridpresence.protocol.models import DeviceKind, DeviceState, PresenceReport, Telemetry
+from gridpresence.device.host import DeviceHost
 
-if TYPE_CHECKING:
-    from gridpresence.device.agent import DeviceAgent
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +27,10 @@ def tree_members(fleet: Fleet, master: str) -> tuple[DeviceSpec, ...]:
 
 
 class BranchAdvisor:
-    def __init__(self, agent: DeviceAgent, fleet: Fleet) -> None:
+    def __init__(self, agent: DeviceHost) -> None:
         self.agent = agent
+        # Without a fleet (a device run on its own) there is no tree to watch: nothing is advised.
+        fleet = agent.setup.fleet or Fleet(devices=[agent.spec])
         self.master = fleet.device(agent.spec.name)
         self.specs = {fleet.jid(d.name): d for d in tree_members(fleet, self.master.name)}
         self.children = [fleet.jid(d.name) for d in fleet.children(self.master.name)]
@@ -42,6 +42,9 @@ class BranchAdvisor:
         self.near: set[str] = set()  # branches already advised about, until they fall back
         agent.client.add_event_handler("presence", self._on_presence)
         agent.client.add_filter("out", self._add_totals)
+
+    def close(self) -> None:
+        pass
 
     # -- presence in and out --------------------------------------------------------------
 

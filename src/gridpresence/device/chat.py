@@ -14,19 +14,18 @@ import re
 import time
 import unicodedata
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from slixmpp import JID, Message
 
 from gridpresence.protocol import roster as roles
-from gridpresence.device.alarms import TITLES
+from gridpresence.device.alarms import TITLES, AlarmDesk
 from gridpresence.security.policy import DEFAULT_ALLOW, Role
 from gridpresence.protocol.codec import q
 from gridpresence.protocol.openpgp import OPENPGP_NS
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, PresenceReport, RejectReason, utcnow
+from gridpresence.device.host import DeviceHost
 
-if TYPE_CHECKING:
-    from gridpresence.device.agent import DeviceAgent
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +112,30 @@ def describe_outcome(name: str, action: str, outcome: Outcome) -> str:
     return f"{action}: {outcome.summary()}."
 
 
+class ChatVerbs(Protocol):
+    """Chat words another desk answers (the verdict desk: "not a fault 3", "accept 1")."""
+
+    WORDS: tuple[str, ...]
+
+    def answer(self, who: str, text: str) -> str | None:
+        """The reply, or None if the line is not one of these words."""
+
+
 class ChatDesk:
     """Answers chat messages to one device bot."""
 
-    def __init__(self, agent: DeviceAgent) -> None:
+    def __init__(self, agent: DeviceHost) -> None:
         self.agent = agent
         self._refused_at: dict[str, float] = {}
+        self._verbs: list[ChatVerbs] = []  # other desks' chat words (verdicts, thresholds)
         agent.client.add_event_handler("message", self._on_message)
+
+    def add_verbs(self, verbs: ChatVerbs) -> None:
+        """Another desk's words: tried, in order, on a line the chat desk does not know itself."""
+        self._verbs.append(verbs)
+
+    def close(self) -> None:
+        pass
 
     @property
     def name(self) -> str:
@@ -127,7 +143,7 @@ class ChatDesk:
 
     def help_text(self) -> str:
         actions = sorted(a.value for a in self.agent.sim.actions if a.value in ACTION_WORDS)
-        words = ["status", *actions, "read [" + "|".join(FIELDS) + "]", "alarms", "ack [ID]", *self.agent.verdicts.WORDS, "help"]
+        words = ["status", *actions, "read [" + "|".join(FIELDS) + "]", "alarms", "ack [ID]", *(w for v in self._verbs for w in v.WORDS), "help"]
         return f"{self.name} understands: " + ", ".join(words) + "."
 
     def _on_message(self, msg: Message) -> None:
@@ -180,9 +196,10 @@ class ChatDesk:
             return self._alarms()
         if verb == "ack" and len(rest) <= 1:
             return self._ack(who, rest[0] if rest else None)
-        verdict = self.agent.verdicts.answer(who, text)
-        if verdict is not None:
-            return verdict
+        for verbs in self._verbs:
+            answer = verbs.answer(who, text)
+            if answer is not None:
+                return answer
         shown = text.strip()[:40]
         return f"I do not understand {shown!r}. {self.help_text()}"
 
@@ -225,15 +242,15 @@ class ChatDesk:
         return f"{self.name} {field}: {shown}{(' ' + unit) if unit else ''}"
 
     def _alarms(self) -> str:
-        entries = [e.alarm for e in self.agent.alarms.open.values()]
+        entries = [e.alarm for e in self.agent.desk(AlarmDesk).open.values()]
         if not entries:
             return f"{self.name} has no open alarms."
         return "Open alarms: " + "; ".join(f"{a.id}: {TITLES[a.kind]} ({a.level.value})" for a in entries)
 
     def _ack(self, who: str, alarm_id: str | None) -> str:
-        if alarm_id is not None and alarm_id not in self.agent.alarms.open:
+        if alarm_id is not None and alarm_id not in self.agent.desk(AlarmDesk).open:
             return f"{self.name} has no open alarm {alarm_id[:20]!r}. {self._alarms()}"
-        done = self.agent.alarms.acknowledge(alarm_id, who)
+        done = self.agent.desk(AlarmDesk).acknowledge(alarm_id, who)
         if not done:
             return f"{self.name} has no open alarms to acknowledge."
         return "Acknowledged: " + "; ".join(f"alarm {a.id} ({TITLES[a.kind]})" for a in done) + "."

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 from xml.etree import ElementTree as ET
 
 from slixmpp import Message
@@ -38,9 +37,8 @@ from gridpresence.protocol.models import (
 from gridpresence.protocol.openpgp import OPENPGP_NS
 from gridpresence.security.gate import Refusal, open_command
 from gridpresence.security.signed import SignatureFailure, key_of
+from gridpresence.device.host import DeviceHost
 
-if TYPE_CHECKING:
-    from gridpresence.device.agent import DeviceAgent
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +48,17 @@ FACTORY_VERSION = "1.0.0"
 class FirmwareDesk:
     """A device's firmware: the running version and the upgrades it has applied."""
 
-    def __init__(self, agent: DeviceAgent) -> None:
+    def __init__(self, agent: DeviceHost) -> None:
         self.agent = agent
         self.version = FACTORY_VERSION
         self.applied: dict[str, str] = {}  # upgrade id -> version: a resent upgrade is not applied twice
         self._busy: set[asyncio.Task[None]] = set()
         agent.client.register_handler(Callback("grid firmware", StanzaPath("message/grid_firmware"), self._on_firmware))
+
+
+    def close(self) -> None:
+        for task in self._busy:
+            task.cancel()
 
     def _on_firmware(self, msg: Message) -> None:
         # Async: the offer's signer key may have to be fetched first (firmware is rare, never hot).

@@ -15,15 +15,13 @@ side folding could not stop the child's message reaching a plain chat client.)
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from slixmpp import JID, Presence
 
 from gridpresence.protocol.codec import PayloadError, q, report_from_xml
 from gridpresence.protocol.models import MAX_FAULTS, FaultRef, PresenceReport
+from gridpresence.device.host import DeviceHost
 
-if TYPE_CHECKING:
-    from gridpresence.device.agent import DeviceAgent
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +29,9 @@ log = logging.getLogger(__name__)
 class BranchFold:
     """One device's place in the folding: is its parent in fault, and what faults are below it."""
 
-    def __init__(self, agent: DeviceAgent, parent: str | None) -> None:
+    def __init__(self, agent: DeviceHost) -> None:
         self.agent = agent
+        parent = agent.setup.parent
         self.parent = JID(parent).bare if parent else None
         self.parent_in_fault = False  # the parent, or a branch above it, is in fault: fold
         self._below: dict[str, tuple[FaultRef, ...]] = {}  # child bare JID -> the faults its presence names
@@ -87,3 +86,6 @@ class BranchFold:
         in fault, those folded into them (else they are not folded: each device below tells its own)."""
         own = [FaultRef(kind=k) for k in own_kinds]
         return tuple([*own, *self.below()] if own or self.parent_in_fault else own)[:MAX_FAULTS]
+
+    def close(self) -> None:
+        pass

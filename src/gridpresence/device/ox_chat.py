@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 from slixmpp import JID, Message
 
 from gridpresence.protocol.openpgp import FALLBACK_BODY
 from gridpresence.security.ox import OxRefused, open_chat, seal_chat
 from gridpresence.security.pgp import pgpy
+from gridpresence.device.host import DeviceHost
 
-if TYPE_CHECKING:
-    from gridpresence.device.agent import DeviceAgent
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +28,14 @@ class OxDesk:
     """Answers OX chat messages to one device bot, with the device's own key and its keyring
     (the operators' keys looked up over PEP and pinned on first use)."""
 
-    def __init__(self, agent: DeviceAgent) -> None:
+    def __init__(self, agent: DeviceHost) -> None:
         self.agent = agent
         self._pending: set[asyncio.Task[None]] = set()
+
+
+    def close(self) -> None:
+        for task in self._pending:
+            task.cancel()
 
     def take(self, msg: Message) -> None:
         """An encrypted ``<openpgp/>`` message (the device routes them here)."""

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from slixmpp import JID, Message
 from slixmpp.xmlstream.handler import Callback
@@ -15,18 +13,17 @@ from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.security.tariff import TariffRefused, tariff_from_billing
 from gridpresence.protocol.models import Tariff
+from gridpresence.device.host import DeviceHost
 
-if TYPE_CHECKING:
-    from gridpresence.device.agent import DeviceAgent
 
 log = logging.getLogger(__name__)
 
 
 class PriceFeed:
-    def __init__(self, agent: DeviceAgent, billing: Iterable[str], tariff: Tariff | None) -> None:
+    def __init__(self, agent: DeviceHost) -> None:
         self.agent = agent
-        self.billing = frozenset(JID(j).bare for j in billing)
-        self.tariff = tariff  # the fleet file's tariff until the billing party sends its own
+        self.billing = frozenset(JID(j).bare for j in agent.setup.billing)
+        self.tariff: Tariff | None = agent.setup.tariff  # the fleet file's tariff until the billing party sends its own
         self._from_billing = False
         self._busy: set[asyncio.Task[None]] = set()
         agent.client.register_handler(Callback("grid tariff", StanzaPath("message/grid_tariff"),
@@ -68,3 +65,7 @@ class PriceFeed:
         err["error"]["condition"] = exc.condition
         err["error"]["text"] = str(exc)[:500]
         err.send()
+
+    def close(self) -> None:
+        for task in self._busy:
+            task.cancel()

@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import TYPE_CHECKING
 
 from slixmpp.xmlstream import StanzaBase
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
-from gridpresence.physics.metering import MeterRegisters, PeakHours
+from gridpresence.physics.metering import MeterRegisters
 from gridpresence.protocol.billing_report import (
     BillingData,
     BillingReport,
@@ -21,9 +20,8 @@ from gridpresence.protocol.billing_report import (
 )
 from gridpresence.protocol.models import utcnow
 from gridpresence.security.reports import ReportAudience, reader_keys, seal_report
+from gridpresence.device.host import DeviceHost
 
-if TYPE_CHECKING:
-    from gridpresence.device.agent import DeviceAgent
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +35,20 @@ class BillingReporter:
     """A metering device bot's reports: every ``billing_report_s`` and whenever a reader asks
     (``<billing-report-request/>``). The one report goes to every reader of either part."""
 
-    def __init__(self, agent: DeviceAgent, audience: ReportAudience, peak: PeakHours = PeakHours()) -> None:
-        secret = agent.keyring.secret_key
-        if secret is None:
-            raise ValueError(f"{agent.spec.name} has no OpenPGP secret key: it cannot sign billing reports")
+    def __init__(self, agent: DeviceHost) -> None:
         self.agent = agent
-        self.secret = secret
+        self.secret = agent.keyring.secret_key
         self.keyring = agent.keyring  # readers' keys over PEP (XEP-0373), pinned on first use
-        self.audience = audience
+        self.audience = agent.setup.audience or ReportAudience(billing_parties=(), quality=())
         self.registers: MeterRegisters = getattr(agent.sim, "registers")
-        self.registers.peak = peak
+        self.registers.peak = agent.setup.peak
         self.sent: list[BillingReport] = []
         self._task: asyncio.Task[None] | None = None
         self._busy = asyncio.Lock()
+        if self.secret is None or not self.audience.everyone:
+            # Unsigned billing data is worth nothing to its readers, and nobody would read it.
+            log.info("%s: no OpenPGP key or no readers: no billing reports", agent.spec.name)
+            return
         agent.client.register_handler(Callback("billing report request",
                                                StanzaPath("message/grid_billing_report_request"), self._on_request))
         agent.client.add_event_handler("session_start", self._start)
@@ -58,7 +57,7 @@ class BillingReporter:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._every())
 
-    def stop(self) -> None:
+    def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
 
@@ -72,6 +71,8 @@ class BillingReporter:
 
     async def send_report(self) -> BillingReport:
         """Close the period now and send its report to every reader."""
+        if self.secret is None:
+            raise ValueError(f"{self.agent.spec.name} has no OpenPGP secret key: it cannot sign billing reports")
         async with self._busy:  # one period closes at a time
             keys = await reader_keys(self.audience, self.keyring)
             sim = self.agent.sim

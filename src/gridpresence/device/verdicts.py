@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from slixmpp import Iq
 
 from gridpresence.device.adhoc import AdhocCommands
+from gridpresence.device.alarms import AlarmDesk
+from gridpresence.device.chat import ChatDesk
 from gridpresence.rules.model import AdjustMode
 from gridpresence.rules.thresholds import SYSTEM, AdjustError, Change, Proposal
+from gridpresence.device.host import DeviceHost
 
-if TYPE_CHECKING:
-    from gridpresence.device.agent import DeviceAgent
 
 log = logging.getLogger(__name__)
 
 JUDGE = "judge-alarm"
 NOT_FAULT = ("not a fault", "not fault", "not_fault", "no fault", "false alarm")
 FAULT = ("fault", "real fault", "a fault")
-WORDS = ["not a fault [ID]", "fault [ID]", "accept N", "set N VALUE", "reject N", "revert N", "thresholds"]
+WORDS = ("not a fault [ID]", "fault [ID]", "accept N", "set N VALUE", "reject N", "revert N", "thresholds")
 
 
 def describe_adjustment(device: str, outcome: Change | Proposal) -> str:
@@ -45,12 +46,16 @@ class VerdictDesk:
 
     WORDS = WORDS  # for the chat help
 
-    def __init__(self, agent: DeviceAgent) -> None:
+    def __init__(self, agent: DeviceHost) -> None:
         self.agent = agent
-        self.desk = agent.alarms
+        self.desk = agent.desk(AlarmDesk)
         self._judged_by: dict[str, str] = {}  # rule -> the operator who judged its last alarm
         self.desk.on_adjustment = self._tell
+        agent.desk(ChatDesk).add_verbs(self)
         JudgeCommand(agent, self)
+
+    def close(self) -> None:
+        pass
 
     @property
     def name(self) -> str:
@@ -138,7 +143,7 @@ def _number(text: str) -> int:
 class JudgeCommand(AdhocCommands):
     """The "Judge an alarm" ad-hoc command (XEP-0050), next to the device's others."""
 
-    def __init__(self, agent: DeviceAgent, verdicts: VerdictDesk) -> None:
+    def __init__(self, agent: DeviceHost, verdicts: VerdictDesk) -> None:
         self.verdicts = verdicts
         super().__init__(agent)
 

@@ -15,17 +15,15 @@ from typing import Protocol
 
 from gridpresence.server.accounts import CONSOLE, RELAY, WATCHDOG, Secrets
 from gridpresence.services.billing import BillingAgent
-from gridpresence.device.branch import BranchAdvisor
 from gridpresence.services.console import ConsoleAgent
 from gridpresence.protocol.models import METERING_KINDS
-from gridpresence.device.reports import BillingReporter
 from gridpresence.physics.metering import peak_hours
 from gridpresence.device.agent import DeviceAgent
+from gridpresence.device.host import DeviceSetup
 from gridpresence.services.manufacturer import ManufacturerAgent
 from gridpresence.xmpp.session import Endpoint
 from gridpresence.services.watchdog import WatchdogAgent
 from gridpresence.config import Fleet
-from gridpresence.protocol.models import DeviceKind
 from gridpresence.rules.audit_log import audit_path
 from gridpresence.rules.model import RuleSet, rules_for
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
@@ -65,10 +63,8 @@ class FleetBots:
         self.replay = ReplayStore(Path(data_dir) / REPLAY_FILE if data_dir is not None else None)
         wanted = set(only) if only is not None else None
         self.devices: dict[str, DeviceAgent] = {}
-        self.advisors: dict[str, BranchAdvisor] = {}  # master IEDs' branch watch, by name
         self.billing: dict[str, BillingAgent] = {}
         self.manufacturers: dict[str, ManufacturerAgent] = {}
-        self.reporters: dict[str, BillingReporter] = {}  # metering devices' billing reports, by name
         self.watchdog: WatchdogAgent | None = None
         self.console: ConsoleAgent | None = None
         # One rule set, loaded once, shared by every device.
@@ -77,11 +73,6 @@ class FleetBots:
             if wanted is None or dev.name in wanted:
                 self.devices[dev.name] = device_agent(fleet, dev.name, endpoint, secrets.password(dev.name), keys(dev.name),
                                                       self.replay, tick_s=tick_s, rules=self.rules, data_dir=data_dir)
-                if dev.kind is DeviceKind.MASTER:
-                    self.advisors[dev.name] = BranchAdvisor(self.devices[dev.name], fleet)
-                if dev.kind in METERING_KINDS and self.devices[dev.name].keyring.secret_key is not None:
-                    self.reporters[dev.name] = BillingReporter(self.devices[dev.name], fleet.report_audience(dev),
-                                                               peak_hours(fleet))
         for bill in fleet.billing:
             if wanted is None or bill.name in wanted:
                 self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),
@@ -131,8 +122,6 @@ class FleetBots:
         gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
 
     async def stop(self) -> None:
-        for reporter in self.reporters.values():
-            reporter.stop()
         results = await asyncio.gather(*(b.stop() for b in self.bots), return_exceptions=True)
         for res in results:
             if isinstance(res, BaseException):
@@ -145,16 +134,22 @@ def device_agent(fleet: Fleet, name: str, endpoint: Endpoint, password: str, key
                  data_dir: Path | None = None) -> DeviceAgent:
     """The bot of the fleet's device `name`, with the fleet's parties, roles, policy and rules."""
     spec = fleet.device(name)
-    # Devices rank faults at the billing party's price: its fleet-file tariff until it sends one.
-    tariff = fleet.billing[0].tariff() if fleet.billing else None
+    setup = DeviceSetup(
+        alarms=fleet.alarms,
+        rules=rules or rules_for(fleet.rules.path if fleet.rules else None, fleet.alarms),
+        audit=audit_path(data_dir, name) if data_dir else None,
+        billing=tuple(fleet.jid(b.name) for b in fleet.billing),
+        # Devices rank faults at the billing party's price: its fleet-file tariff until it sends one.
+        tariff=fleet.billing[0].tariff() if fleet.billing else None,
+        parent=fleet.jid(spec.parent) if spec.parent else None,
+        audience=fleet.report_audience(spec) if spec.kind in METERING_KINDS else None,
+        peak=peak_hours(fleet),
+        fleet=fleet,
+    )
     return DeviceAgent(spec, fleet.jid(name), password, endpoint, [fleet.jid(o.name) for o in fleet.operators],
                        [fleet.jid(c.name) for c in fleet.children(name)], tick_s=tick_s, relays=[fleet.jid(RELAY)],
-                       alarms=fleet.alarms, services=[fleet.jid(CONSOLE)],
-                       rules=rules or rules_for(fleet.rules.path if fleet.rules else None, fleet.alarms),
-                       billing=[fleet.jid(b.name) for b in fleet.billing], tariff=tariff,
-                       audit=audit_path(data_dir, name) if data_dir else None,
-                       parent=fleet.jid(spec.parent) if spec.parent else None,
-                       security=fleet.security, roles=issuer_roles(fleet), keys=keys, replay=replay)
+                       services=[fleet.jid(CONSOLE)], keys=keys, setup=setup,
+                       security=fleet.security, roles=issuer_roles(fleet), replay=replay)
 
 
 def issuer_roles(fleet: Fleet) -> dict[str, Role]:

@@ -15,6 +15,7 @@ from gridpresence.protocol.models import (
     DeviceKind,
     DeviceState,
     OutcomeStatus,
+    PresenceReport,
     RejectReason,
     Restriction,
     Telemetry,
@@ -110,3 +111,12 @@ class SimDevice(ABC):
     @abstractmethod
     def telemetry(self) -> Telemetry:
         """Current readings; built through the validating model."""
+
+
+def branch_contribution(child: PresenceReport) -> float:
+    """Net load a child adds to its branch: consumers add, generators subtract, and a breaker
+    only carries what the others already count."""
+    kw = child.telemetry.kw or 0.0
+    if child.kind is DeviceKind.GENERATOR:
+        return -kw
+    return 0.0 if child.kind is DeviceKind.BREAKER else kw
