@@ -171,3 +171,12 @@ def test_bad_register_values_are_errors_never_presence(bad, message) -> None:  #
     del missing["kw"]
     with pytest.raises(ReadingError, match="kw: point 'kw' was not read"):
         build_report(ied, pmap, missing)
+
+
+def test_the_readme_example_site_loads() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Real IEDs")[1].split("```toml\n")[1].split("```")[0]
+    site = parse_site(tomllib.loads(block), "README")
+    assert [i.link.protocol for i in site.ieds] == ["modbus-tcp", "dnp3-tcp", "modbus-rtu"]
