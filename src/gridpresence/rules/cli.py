@@ -122,9 +122,19 @@ async def cmd_rules_audit(args: argparse.Namespace) -> int:
 
 
 async def cmd_rules_revert(args: argparse.Namespace, with_operator: WithOperator) -> int:
-    """Ask the device itself (it is the audit's only writer), as its operator would over chat."""
+    """Ask the device itself (it is the audit's only writer), as its operator would over chat:
+    signed (OX), since a revert changes a threshold and unsigned chat may only look."""
+    from gridpresence.security.ox import OxRefused
+
     async def body(grid: GridOperator) -> int:
-        reply = await grid.ask(args.device, f"revert {args.change}")
+        try:
+            reply = await grid.ask_signed(args.device, f"revert {args.change}")
+        except OxRefused as exc:
+            print(f"error: cannot send a signed chat line to {args.device}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        except TimeoutError:
+            print(f"error: {args.device} did not answer", file=sys.stderr)
+            return EXIT_ERROR
         done = f"revert of change {args.change}" in reply
         print(json.dumps({"device": args.device, "change": args.change, "reverted": done, "reply": reply})
               if args.json else reply)
