@@ -76,6 +76,7 @@ TEST_FLEET = {
         # Absent at first: the store-and-forward relay's tests bring them up themselves.
         *({"name": f"far-{i}", "kind": "load", "rated_kw": 30} for i in range(1, 5)),
         {"name": "mailer-1", "kind": "meter", "rated_kw": 40},
+        {"name": "mailer-2", "kind": "meter", "rated_kw": 40},  # never commissioned: the README's order
         {"name": "relay-crit", "kind": "load", "rated_kw": 150, "critical": True, "critical_hold_s": 60},
         # Run apart by the BOSH tests, over a transport of their choosing.
         {"name": "remote-1", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
@@ -100,7 +101,7 @@ TEST_FLEET = {
         {"name": "guard-load", "kind": "load", "rated_kw": 100, "utilisation": 0.5},
     ],
 }
-APART = ("victim-1", "victim-2", "far-1", "far-2", "far-3", "far-4", "mailer-1", "remote-1", "rules-load",
+APART = ("victim-1", "victim-2", "far-1", "far-2", "far-3", "far-4", "mailer-1", "mailer-2", "remote-1", "rules-load",
          "audit-load", "sig-apart", "guard-load")
 
 

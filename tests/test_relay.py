@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import os
 import random
@@ -723,3 +724,52 @@ async def test_fuzzed_mail_gets_smtp_replies_and_the_relay_keeps_serving(env: En
     bad = [r for r in caplog.records if r.name.startswith(("gridpresence", "mail.log"))
            and (r.levelno >= logging.ERROR or r.exc_info)]
     assert not bad, [r.getMessage() for r in bad]
+
+
+async def test_every_mailed_report_updates_status(env: Env, relay: RelayProcess) -> None:
+    """Each mailed report reaches what operators see (`status`), not only the first."""
+    conn = ["--connection", str(relay.data / "connection.json"), "--json", "--settle", "1.5"]
+    seen = []
+    for _ in range(2):
+        code, out, err = await run_cli("mail-device", "mailer-1", "--data", str(relay.data), "--count", "1")
+        assert code == 0, err
+        code, out, err = await run_cli("status", *conn)
+        assert code == 0, err
+        (view,) = [d for d in json.loads(out)["devices"] if d["name"] == "mailer-1"]
+        assert view["health_reason"] == "reported by mail through the relay" and view["telemetry"], view
+        seen.append((view["since"], view["telemetry"]))
+    assert seen[0] != seen[1], seen  # the second report, not the first one again
+
+
+async def test_mail_device_in_the_readme_order_commissions_itself(env: Env, relay: RelayProcess) -> None:
+    """`mail-device NAME --count 1` first (as the README lists it), on a device never
+    commissioned: where XMPP is reachable it commissions itself, and its data is taken, not 451."""
+    readers = relay.data / "keys" / "mailer-2.readers.json"
+    assert not readers.exists()
+    async with operator(relay.data, "alice") as alice:
+        code, out, err = await run_cli("mail-device", "mailer-2", "--data", str(relay.data), "--count", "1")
+        assert code == 0, out + err
+        assert "mailer-2: commissioned (key announced over PEP" in out and "mailer-2: mailed" in out, out
+        assert readers.exists()
+        await alice.wait_for(lambda d: d["mailer-2"].report is not None, timeout=5)
+        code, out, err = await run_cli("mail-device", "mailer-2", "--data", str(relay.data), "--count", "1",
+                                       "--billing")  # commissioned: its billing report can be sealed too
+        assert code == 0 and "commissioned" not in out and "mailed billing report" in out, out + err
+
+
+async def test_a_second_relay_does_not_take_over_the_running_ones_entry(env: Env, relay: RelayProcess) -> None:
+    conn = relay.data / "connection.json"
+    before = conn.read_text()
+    code, out, err = await run_cli("relay", "--data", str(relay.data), "--smtp-port", str(free_port()))
+    assert code == 2 and "a relay is already running" in err and f":{relay.port}" in err, out + err
+    assert conn.read_text() == before
+    code, out, err = await run_cli("mail-device", "mailer-1", "--data", str(relay.data), "--count", "1")
+    assert code == 0 and "mailer-1: mailed" in out, out + err  # still routed to the running relay
+    # A relay that ran while none did gives the entry back as it found it when it stops.
+    await relay.stop()
+    assert ConnectionInfo.load(conn).relay is None  # the fixture's relay put back what it found
+    second = RelayProcess(relay.data, relay.queue, free_port())
+    await second.start()
+    assert ConnectionInfo.load(conn).relay.smtp_port == second.port  # type: ignore[union-attr]
+    await second.stop()
+    assert ConnectionInfo.load(conn).relay is None
