@@ -549,8 +549,14 @@ async def test_billing_report_by_mail_is_routed_sealed(env: Env, relay: RelayPro
     billing = bots.billing["billing"]
     readers = relay.data / "keys" / "mailer-1.readers.json"
     readers.unlink()
-    code, _, err = await run_cli("mail-device", "mailer-1", "--data", str(relay.data), "--count", "1", "--billing")
-    assert code == 2 and "mailer-1 was not commissioned" in err
+    # Behind its firewall (no XMPP server to reach) it cannot commission itself: a clear error.
+    offline = json.loads((relay.data / "connection.json").read_text())
+    offline["server"].update(c2s_port=free_port(), port=None, bosh_url=None, web_url=None)
+    cut_off = relay.data / "cut-off.json"
+    cut_off.write_text(json.dumps(offline))
+    code, _, err = await run_cli("mail-device", "mailer-1", "--data", str(relay.data), "--connection", str(cut_off),
+                                 "--count", "1", "--billing")
+    assert code == 2 and "XMPP server is not reachable" in err and "mailer-1 was not commissioned" in err, err
     # Commissioning, where XMPP is reachable: the key goes out over PEP, the readers' keys come back.
     code, out, err = await run_cli("mail-device", "mailer-1", "--data", str(relay.data), "--commission")
     assert code == 0 and "key announced over PEP" in out and "billing@localhost" in out, err

@@ -131,7 +131,8 @@ async def cmd_mail_device(args: argparse.Namespace) -> int:
                     print(f"{spec.name}: mailed {report.status_text()}", flush=True)
             except smtplib.SMTPResponseException as exc:
                 hint = (f" (the relay cannot find {spec.name}'s key over PEP: run `gridpresence mail-device "
-                        f"{spec.name} --commission` where the XMPP server is reachable)" if exc.smtp_code == 451 else "")
+                        f"{spec.name} --commission` where the XMPP server is reachable)"
+                        if exc.smtp_code == 451 and b"4.7.1" in exc.smtp_error else "")
                 print(f"{spec.name}: relay refused: {exc.smtp_code} {exc.smtp_error.decode(errors='replace')}{hint}",
                       flush=True)
                 return 1
