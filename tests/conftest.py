@@ -29,8 +29,10 @@ TEST_FLEET = {
     "billing": [{"name": "billing", "peak_price": 0.8, "off_peak_price": 0.6}],
     # maker-offline never logs in, so it never announces its key: its signatures meet "unknown key".
     "manufacturers": [{"name": "maker"}, {"name": "maker-offline"}],
-    # Lab setting: the chat, console and ad-hoc tests drive devices with plain (unsigned) lines.
-    "security": {"unsigned_chat_actions": ["shed", "restore", "start", "stop", "open", "close"]},
+    # Lab setting: the chat, console, ad-hoc and verdict tests drive devices with plain (unsigned)
+    # lines; guard-load runs apart without it (test_verdicts: unsigned lines may only look).
+    "security": {"unsigned_chat_actions": ["shed", "restore", "start", "stop", "open", "close",
+                                           "accept", "set", "reject", "revert", "judge"]},
     "customers": [{"name": "acme"}],  # reads meter-1's billing part
     "devices": [
         {"name": "master", "kind": "master", "rated_kw": 1000},
@@ -74,6 +76,7 @@ TEST_FLEET = {
         # Absent at first: the store-and-forward relay's tests bring them up themselves.
         *({"name": f"far-{i}", "kind": "load", "rated_kw": 30} for i in range(1, 5)),
         {"name": "mailer-1", "kind": "meter", "rated_kw": 40},
+        {"name": "mailer-2", "kind": "meter", "rated_kw": 40},  # never commissioned: the README's order
         {"name": "relay-crit", "kind": "load", "rated_kw": 150, "critical": True, "critical_hold_s": 60},
         # Run apart by the BOSH tests, over a transport of their choosing.
         {"name": "remote-1", "kind": "load", "rated_kw": 20, "refresh_s": 1.0},
@@ -94,10 +97,12 @@ TEST_FLEET = {
         # Run apart: with the fleet's own rule file, and restarted to show the threshold audit survives.
         {"name": "rules-load", "kind": "load", "rated_kw": 100, "initial_state": "off"},
         {"name": "audit-load", "kind": "load", "rated_kw": 100},
+        # Run apart with the default [security] (no unsigned actions): unsigned chat may only look.
+        {"name": "guard-load", "kind": "load", "rated_kw": 100, "utilisation": 0.5},
     ],
 }
-APART = ("victim-1", "victim-2", "far-1", "far-2", "far-3", "far-4", "mailer-1", "remote-1", "rules-load",
-         "audit-load", "sig-apart")
+APART = ("victim-1", "victim-2", "far-1", "far-2", "far-3", "far-4", "mailer-1", "mailer-2", "remote-1", "rules-load",
+         "audit-load", "sig-apart", "guard-load")
 
 
 @dataclass

@@ -3,13 +3,19 @@ for people, the same command path as stanza commands, and bad input answered, ne
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import random
 from collections.abc import AsyncIterator
 
+import pytest
 import pytest_asyncio
 
 from chatpeer import ChatPeer, chat_peer
 from conftest import Env
 from gridpresence.device.chat import MAX_CHARS, describe_report
+from gridpresence.host.fleet import FleetBots
+from gridpresence.security.policy import SecuritySettings
 from gridpresence.operator.library import GridOperator
 from gridpresence.protocol import DeviceState
 
@@ -94,3 +100,76 @@ async def test_unauthorised_sender_is_told_and_nothing_happens(env: Env, alice: 
 def test_describe_report_reads_like_a_sentence(alice: GridOperator) -> None:
     line = describe_report("gen-2", alice.devices["gen-2"].report)
     assert line.startswith("gen-2 (generator) is off, 0.0 kW of 300 kW") and "fuel" in line
+
+
+# -- fuzzing chat into a real device ---------------------------------------------------------------
+
+CHAT_FUZZ_SEED = 7041
+CHAT_FUZZ_LINES = 150
+VERBS = ["status", "shed", "restore", "start", "stop", "open", "close", "read", "read fuel", "alarms", "ack", "help",
+         "accept", "set", "reject", "revert", "thresholds", "not a fault", "fault", "no fault", "false alarm", "?"]
+ODD = ["\u00e9", "\u4e2d\u6587", "\U0001F50C", "\u202e", "\u0301", "\u200b", "\ufeff", "\u2028", "\x7f", "\x85",
+       "\t", "\r\n", "\u00a0", "\U0010fffd", "<x/>", "&amp;", "'", '"', "%s", "{0}", "\\", "NaN", "inf", "-0"]
+
+
+def fuzz_line(rng: random.Random) -> str:
+    """A chat line mixing verbs, numbers, unicode and control characters (only those XML can
+    carry: the server would end a stream holding others, before any device saw them)."""
+    words: list[str] = []
+    for _ in range(rng.randint(1, 5)):
+        pick = rng.random()
+        if pick < 0.45:
+            words.append(rng.choice(VERBS).upper() if rng.random() < 0.2 else rng.choice(VERBS))
+        elif pick < 0.75:
+            words.append(rng.choice([str(rng.randint(-5, 10)), str(rng.randint(0, 10 ** 12)), f"{rng.uniform(-1e6, 1e6):g}",
+                                     "1e309", "0x10", "99999999999999999999", "1.5.3"]))
+        else:
+            words.append("".join(rng.choice(ODD) for _ in range(rng.randint(1, 4))))
+    line = rng.choice([" ", "  ", "\t"]).join(words) + rng.choice(["", ".", "!", "?", " ", "\n"])
+    if rng.random() < 0.05:
+        line = line + rng.choice(["x", " shed", "\U0001F50C"]) * rng.randint(200, 3000)  # very long
+    return line if line.strip(" ") else "help"
+
+
+async def test_fuzzed_chat_gets_one_answer_each_and_unsigned_lines_change_nothing(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """Random lines into a real device with the default [security]: each gets exactly one answer,
+    nothing is logged as an error, and neither the device's state nor its thresholds change."""
+    name, device = "guard-load", jid(env, "guard-load")
+    fleet = env.fleet.model_copy(update={"security": SecuritySettings()})
+    bots = FleetBots(fleet, env.grid.endpoint, env.grid.secrets, only=[name], tick_s=0.2, with_services=False,
+                     data_dir=env.data)
+    caplog.set_level(logging.WARNING)
+    await bots.start()
+    peer = await chat_peer(env, "alice", "fuzz")
+    dev = bots.devices[name]
+    try:
+        dev.sim.utilisation = 0.85  # type: ignore[attr-defined]  # an alarm to judge: verdicts could teach
+        await peer.alarm(device, 8)
+        dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
+        assert dev.alarms.rule_alarms
+        before = (dev.sim.state, list(dev.alarms.thresholds.audit), dict(dev.alarms.adjuster.pending),
+                  {k: [a.verdict for a in h.alarms] for k, h in dev.alarms.adjuster._hist.items()})
+        rng = random.Random(CHAT_FUZZ_SEED)
+        lines = [fuzz_line(rng) for _ in range(CHAT_FUZZ_LINES)]
+        answers = []
+        async with asyncio.timeout(60):
+            for n, line in enumerate(lines):
+                answers.append(await peer.ask(device, line, timeout=10, stanza_id=f"fuzz-{n}"))
+            await asyncio.sleep(0.5)
+        assert peer.replies.empty(), "a line got more than one answer"
+        assert len(answers) == len(lines) and all(a.strip() for a in answers)
+        assert not [a for a in answers if a.startswith("Sorry, that failed inside the device")]
+        acted = [(ln, a) for ln, a in zip(lines, answers) if a.startswith("Done:")]
+        assert not acted, acted[:3]
+        assert sum(a.startswith("Refused ") for a in answers) >= 5  # the fuzz did reach the acting words
+        after = (dev.sim.state, list(dev.alarms.thresholds.audit), dict(dev.alarms.adjuster.pending),
+                 {k: [a.verdict for a in h.alarms] for k, h in dev.alarms.adjuster._hist.items()})
+        assert after == before
+        assert dev.sim.state is DeviceState.ON
+    finally:
+        dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
+        await peer.close()
+        await bots.stop()
+    bad = [r for r in caplog.records if r.name.startswith("gridpresence") and (r.levelno >= logging.ERROR or r.exc_info)]
+    assert not bad, [r.getMessage() for r in bad]

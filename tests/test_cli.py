@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -16,6 +17,7 @@ import pytest
 from conftest import ROOT, Env, run_cli, run_python
 from gridpresence.services.billing import BillingAgent
 from gridpresence.operator.library import GridOperator
+from gridpresence.cli import COMMAND_ACTIONS
 from gridpresence.protocol import DeviceState
 
 SMALL_FLEET = """
@@ -203,12 +205,12 @@ async def test_up_errors_are_clear(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(SMALL_FLEET.replace("rated_kw = 30", "rated_kw = -5"))
     code, _, err = await run_cli("up", "--data", str(tmp_path / "a"), "--fleet", str(fleet))
-    assert code == 2 and "devices[0].rated_kw" in err and "greater than 0" in err
+    assert code == 2 and "devices[0] (pump).rated_kw: Input should be greater than 0" in err
 
     fleet.write_text(SMALL_FLEET)
     code, _, err = await run_cli("up", "--data", str(tmp_path / "b"), "--fleet", str(fleet), "--prosody",
                                  "/nonexistent/prosody")
-    assert code == 2 and "apt-get install prosody" in err
+    assert code == 2 and "apt-get install prosody" in err and "--prosody /path/to/prosody" in err
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -220,8 +222,8 @@ async def test_up_errors_are_clear(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text, field", [
     ("[[operators]]\nname='x'\n", "devices"),
-    (SMALL_FLEET.replace('kind = "load"', 'kind = "toaster"'), "devices[0].kind"),
-    (SMALL_FLEET.replace('name = "pump"', 'name = "Pump!"'), "devices[0].name"),
+    (SMALL_FLEET.replace('kind = "load"', 'kind = "toaster"'), "devices[0] (pump).kind"),
+    (SMALL_FLEET.replace('name = "pump"', 'name = "Pump!"'), "devices[0] ('Pump!').name"),
     (SMALL_FLEET + '[[devices]]\nname = "x"\nkind = "load"\nrated_kw = 1\nparent = "nowhere"\n', "parent"),
     (SMALL_FLEET + '[[devices]]\nname = "pump"\nkind = "load"\nrated_kw = 1\n', "used twice"),
     (SMALL_FLEET + "colour = 'red'\n", "colour"),
@@ -232,7 +234,7 @@ async def test_fleet_file_errors_name_the_field(tmp_path: Path, text: str, field
 
     path = tmp_path / "f.toml"
     path.write_text(text)
-    with pytest.raises(FleetError, match=field.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(FleetError, match=re.escape(field)):
         load_fleet(path)
 
 
@@ -248,3 +250,121 @@ def test_demo_fleet_has_what_the_issue_asks() -> None:
     assert kinds.count(DeviceKind.LOAD) >= 6 and sum(d.critical for d in fleet.devices) >= 1
     assert kinds.count(DeviceKind.GENERATOR) >= 2 and kinds.count(DeviceKind.METER) >= 2
     assert kinds.count(DeviceKind.BREAKER) >= 1
+
+
+def _readme_device_names() -> set[str]:
+    """Device names the README's shell examples pass to gridpresence (actions, --without, --only)."""
+    device_commands = {*COMMAND_ACTIONS, "set-time", "alert", "quality", "mail-device"}
+    names: set[str] = set()
+    for block in re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        for line in block.splitlines():
+            words = line.split("#", 1)[0].split()
+            if len(words) < 2 or words[0] != "gridpresence":
+                continue
+            taking = words[1] in device_commands
+            for word in words[2:]:
+                if word.startswith("-"):
+                    taking = word in ("--without", "--only")
+                elif taking and re.fullmatch(r"[a-z][a-z0-9-]*", word):
+                    names.add(word)
+    return names
+
+
+def test_readme_examples_name_devices_of_the_demo_fleet() -> None:
+    from gridpresence.config import load_fleet
+
+    fleet = {d.name for d in load_fleet(ROOT / "bots" / "demo-fleet.toml").devices}
+    named = _readme_device_names()
+    assert {"far-1", "meter-9", "meter-1", "load-1"} <= named  # the parser finds the examples
+    assert named - fleet == set(), "README examples name devices the demo fleet lacks"
+
+
+def _digests(data: Path) -> dict[str, tuple[bytes, int]]:
+    return {name: ((data / name).read_bytes(), (data / name).stat().st_mtime_ns)
+            for name in ("ports.json", "prosody.cfg.lua", "connection.json", "secrets.json", "fleet.json")}
+
+
+async def test_up_twice_refuses_before_writing_anything(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(SMALL_FLEET)
+    data = tmp_path / "grid"
+    proc, _ = await _start_up(data, fleet)
+    try:
+        before = _digests(data)
+        code, out, err = await run_cli("up", "--data", str(data), "--fleet", str(fleet))
+        assert code == 2 and "already running" in err and "Traceback" not in err, err
+        assert _digests(data) == before, "the refused `up` rewrote files of the running grid"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    # A plain restart leaves the rendered config alone (same text: not written again).
+    proc, _ = await _start_up(data, fleet)
+    try:
+        assert _digests(data)["prosody.cfg.lua"] == before["prosody.cfg.lua"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+async def test_up_without_holds_bots_back_and_log_level_reaches_both_logs(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(SMALL_FLEET)
+    data = tmp_path / "grid"
+    code, _, err = await run_cli("up", "--data", str(data), "--fleet", str(fleet), "--without", "diesel", "boiler")
+    assert code == 2 and "'boiler'" in err and "no such device" in err and "Traceback" not in err, err
+    assert not (data / "prosody").exists(), "an unknown name must stop `up` before anything is made"
+    proc, banner = await _start_up(data, fleet, "--without", "diesel", "--log-level", "debug")
+    try:
+        assert "1 device bots" in banner
+        conn = ["--connection", str(data / "connection.json")]
+        code, out, err = await run_cli("status", "--json", *conn)
+        states = {d["name"]: d for d in json.loads(out)["devices"]}
+        assert states["pump"]["state"] == "on" and states["diesel"]["state"] != "off", states["diesel"]
+        assert 'levels = { min = "debug" }' in (data / "prosody.cfg.lua").read_text()
+        # The held-back device has its account: run apart, it comes online.
+        bots = await asyncio.create_subprocess_exec(str(Path(sys.executable).with_name("gridpresence")), "bots",
+                                                    "--data", str(data), "--only", "diesel",
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            async with asyncio.timeout(30):
+                assert b"running diesel" in await bots.stdout.readline()  # type: ignore[union-attr]
+            code, out, err = await run_cli("alert", "diesel", "--timeout", "10", *conn)
+            assert code == 0 and "diesel: available" in out, out + err
+        finally:
+            bots.send_signal(signal.SIGINT)
+            await asyncio.wait_for(bots.wait(), 20)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err_bytes = await asyncio.wait_for(proc.communicate(), 20)
+    assert " DEBUG " in err_bytes.decode(), "--log-level debug must reach our own logging"
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.4, 1.0, 2.0, 3.0, 4.5])
+async def test_ctrl_c_during_start_up_is_quiet_and_leaves_no_prosody(tmp_path: Path, delay: float) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(SMALL_FLEET)
+    data = tmp_path / "grid"
+    exe = Path(sys.executable).with_name("gridpresence")
+    proc = await asyncio.create_subprocess_exec(str(exe), "up", "--data", str(data), "--fleet", str(fleet),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    await asyncio.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert "Traceback" not in err.decode() and "KeyboardInterrupt" not in err.decode(), err.decode()
+    assert proc.returncode in (0, 2, 130)
+    assert not _prosody_running(data), "Ctrl-C during start-up left Prosody running"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "cannot read the fleet file: Is a directory"),
+    (lambda p: p.write_bytes(b"\xff\xfe"), "not a text file in UTF-8"),
+    (lambda p: p.write_text(SMALL_FLEET.replace('name = "pump"', 'name = "pump"\ndisplay_name = "a\\u0000b"')),
+     "devices[0] (pump).display_name: must not contain control characters"),
+    (lambda p: p.write_text(SMALL_FLEET.replace('domain = "localhost"', 'domain = "a..b"')), "domain: must be a host name"),
+])
+async def test_up_with_a_bad_fleet_file_exits_2_with_the_message(tmp_path: Path, make, message: str) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.toml"
+    make(bad)
+    code, out, err = await run_cli("up", "--data", str(tmp_path / "grid"), "--fleet", str(bad))
+    assert code == 2 and f"error: {bad}: " in err and message in err, err
+    assert "Traceback" not in err and not (tmp_path / "grid").exists()

@@ -5,13 +5,19 @@ commands and alerts, and durability across kill -9."""
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
+import logging
 import os
+import random
 import shutil
 import signal
 import smtplib
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from email.message import EmailMessage
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
@@ -23,19 +29,22 @@ from gridpresence.operator.availability import command_group, wait_available
 from gridpresence.host.fleet import device_agent
 from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.operator.library import GridOperator
-from gridpresence.xmpp.session import ConnectionInfo
+from gridpresence.xmpp.session import ConnectionInfo, RelayEndpoint
 from gridpresence.transport.tls import tls_context
 from gridpresence.protocol.models import Action, Command, DeviceState, Outcome, OutcomeStatus, RejectReason
-from gridpresence.protocol.codec import outcome_to_xml
+from gridpresence.protocol.codec import command_to_xml, outcome_to_xml
+from gridpresence.protocol.openpgp import element_to_text
 from gridpresence.security.reports import ReportReader
 from gridpresence.protocol.billing_report import PartName, billing_report_from_xml
-from gridpresence.transport.mail import MailTLSError, build_mail, open_smtp
+from gridpresence.transport.mail import MailTLSError, SignedCommand, build_mail, open_smtp
 from gridpresence.operator.relay_route import RelayRoute
 from gridpresence.services.relay.commissioning import commission, readers_keys
 from gridpresence.security.parts import NotForYou
 from gridpresence.server.certs import ensure_certificates
 from gridpresence.services.relay.mail_device import MailDevice
 from gridpresence.services.relay.queue import CommandQueue
+from gridpresence.services.relay.service import RelayService
+from gridpresence.security.signed import sign_payload
 from gridpresence.server.ports import free_port
 
 COPIED = ("connection.json", "secrets.json", "fleet.json")
@@ -541,8 +550,14 @@ async def test_billing_report_by_mail_is_routed_sealed(env: Env, relay: RelayPro
     billing = bots.billing["billing"]
     readers = relay.data / "keys" / "mailer-1.readers.json"
     readers.unlink()
-    code, _, err = await run_cli("mail-device", "mailer-1", "--data", str(relay.data), "--count", "1", "--billing")
-    assert code == 2 and "mailer-1 was not commissioned" in err
+    # Behind its firewall (no XMPP server to reach) it cannot commission itself: a clear error.
+    offline = json.loads((relay.data / "connection.json").read_text())
+    offline["server"].update(c2s_port=free_port(), port=None, bosh_url=None, web_url=None)
+    cut_off = relay.data / "cut-off.json"
+    cut_off.write_text(json.dumps(offline))
+    code, _, err = await run_cli("mail-device", "mailer-1", "--data", str(relay.data), "--connection", str(cut_off),
+                                 "--count", "1", "--billing")
+    assert code == 2 and "XMPP server is not reachable" in err and "mailer-1 was not commissioned" in err, err
     # Commissioning, where XMPP is reachable: the key goes out over PEP, the readers' keys come back.
     code, out, err = await run_cli("mail-device", "mailer-1", "--data", str(relay.data), "--commission")
     assert code == 0 and "key announced over PEP" in out and "billing@localhost" in out, err
@@ -566,3 +581,202 @@ async def test_billing_report_by_mail_is_routed_sealed(env: Env, relay: RelayPro
     for part in PartName:
         with pytest.raises(NotForYou):
             await ReportReader("relay@localhost", env.grid.keys.secret("relay"), alice.keyring, part).read(report)
+
+
+# -- fuzzing the SMTP side ------------------------------------------------------------------------
+
+FUZZ_SEED = 20260113
+FUZZ_MAILS = 160
+
+
+def _mutations(rng: random.Random, good: list[tuple[str, list[str], EmailMessage]]) -> list[tuple[str, list[str], bytes]]:
+    """Mails derived from valid ones: headers, MIME structure, base64 and signature bytes changed."""
+    junk_sigs = [bytes.fromhex("0a89ed7a7b53"), b"", b"\x88", b"\xc2\x05\x04\x00\x16\x08\x00", b"\x89" * 40,
+                 b"-----BEGIN PGP SIGNATURE-----\n\n=AAAA\n-----END PGP SIGNATURE-----\n"]
+    out = []
+    for _ in range(FUZZ_MAILS):
+        sender, rcpts, base = rng.choice(good)
+        msg = copy.deepcopy(base)
+        kind = rng.randrange(6)
+        parts = list(msg.iter_attachments())
+        if kind == 0 and parts:  # the signature part's bytes: junk, truncated or flipped
+            sig = parts[-1]
+            blob = bytearray(sig.get_content())
+            choice = rng.randrange(3)
+            if choice == 0:
+                blob = bytearray(rng.choice(junk_sigs))
+            elif choice == 1:
+                blob = blob[:rng.randrange(len(blob) + 1)]
+            else:
+                for _ in range(rng.randint(1, 8)):
+                    blob[rng.randrange(len(blob))] = rng.randrange(256)
+            sig.set_content(bytes(blob), "application", "pgp-signature", filename="payload.xml.sig")
+        elif kind == 1 and parts:  # the payload part's bytes
+            part = parts[0]
+            blob = bytearray(part.get_content())
+            for _ in range(rng.randint(1, 6)):
+                if blob:
+                    blob[rng.randrange(len(blob))] = rng.choice(b"<>&\"'\x00\xff =/" + bytes([rng.randrange(256)]))
+            part.set_content(bytes(blob), "application", "vnd.gridpresence+xml", filename="payload.xml")
+        elif kind == 2:  # headers: removed, doubled, garbled
+            name = rng.choice(["From", "To", "Content-Type", "Message-ID", "MIME-Version", "Subject"])
+            value = rng.choice(["", "\u00e9\u00e9\u00e9", "<<>>", "multipart/mixed; boundary=", "x" * 2000,
+                                "alice@localhost, mallory@example.com", "text/plain; charset=\"\\\""])
+            del msg[name]
+            if rng.random() < 0.7:
+                msg[name] = value
+        try:
+            raw = bytearray(msg.as_bytes())
+        except (AttributeError, TypeError, UnicodeError):  # a header the generator cannot write: mutate the bytes instead
+            raw, kind = bytearray(base.as_bytes()), 5
+        if kind == 3:  # base64 bodies: characters flipped, lines cut
+            for _ in range(rng.randint(1, 10)):
+                i = rng.randrange(len(raw))
+                raw[i] = rng.choice(b"ABCxyz019+/=!\r\n-")
+        elif kind == 4:  # MIME structure: boundaries cut, doubled or removed
+            text = bytes(raw)
+            boundary = text.split(b"boundary=\"", 1)[-1].split(b"\"", 1)[0]
+            if boundary and boundary != text:
+                op = rng.randrange(3)
+                if op == 0:
+                    text = text.replace(b"--" + boundary, b"--" + boundary[: len(boundary) // 2], rng.randint(1, 3))
+                elif op == 1:
+                    text = text.replace(b"--" + boundary + b"--", b"")
+                else:
+                    cut = text.rfind(b"--" + boundary)
+                    text = text[:cut] + text[text.find(b"--" + boundary):]
+            raw = bytearray(text)
+        elif kind == 5:  # raw bytes anywhere, or a truncated mail
+            if rng.random() < 0.5:
+                raw = raw[:rng.randrange(len(raw))]
+            else:
+                for _ in range(rng.randint(1, 20)):
+                    raw[rng.randrange(len(raw))] = rng.randrange(256)
+        out.append((sender, rcpts, bytes(raw)))
+    return out
+
+
+def _smtp_reply(smtp: smtplib.SMTP, sender: str, rcpts: list[str], raw: bytes) -> tuple[int, bytes]:
+    try:
+        smtp.sendmail(sender, rcpts, raw)
+        return 250, b"stored"
+    except smtplib.SMTPRecipientsRefused as exc:
+        return next(iter(exc.recipients.values()))
+    except smtplib.SMTPResponseException as exc:
+        return exc.smtp_code, exc.smtp_error
+    finally:
+        try:
+            smtp.rset()
+        except smtplib.SMTPServerDisconnected:
+            pass
+
+
+@pytest.mark.timeout(90)
+async def test_fuzzed_mail_gets_smtp_replies_and_the_relay_keeps_serving(env: Env, tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Random mutations of valid command and data mails, into the real relay's aiosmtpd server:
+    every reply is a proper SMTP code with text (never 500 with a traceback), nothing is logged
+    as an error, and a valid mail is stored afterwards. The 6 signature bytes a fuzzer once
+    found (`0a 89 ed 7a 7b 53`, no signature packet) get 550 with a reason."""
+    await commission_once(env, "mailer-1")
+    async with env.operator("alice", resource=f"fuzz-{os.urandom(3).hex()}"):
+        pass  # alice's key is on PEP: the relay checks her signature too
+    relay = RelayService(env.fleet, env.grid.endpoint, env.grid.secrets.password("relay"), tmp_path / "q.sqlite3",
+                         certs_dir=env.grid.server.certs.ca.parent, keys=PartyKeys.in_data_dir(env.data, "relay"))
+    caplog.set_level(logging.WARNING)
+    await relay.start()
+    try:
+        alice_key, meter_key = env.grid.keys.secret("alice"), env.grid.keys.secret("mailer-1")
+        cmd = Command.new(Action.READ, "alice@localhost", ttl_s=60)
+        signed = SignedCommand(cmd, element_to_text(sign_payload(command_to_xml(cmd), "far-1@localhost", alice_key)))
+        meter = MailDevice(env.fleet.device("mailer-1"), "mailer-1@localhost",
+                           RelayEndpoint(jid="relay@localhost", smtp_host="127.0.0.1", smtp_port=relay.smtp_port,
+                                         ca_file=env.grid.server.certs.ca))
+        good = [("alice@localhost", ["far-1@localhost"], build_mail(signed, "alice@localhost", ["far-1@localhost"],
+                                                                    alice_key)),
+                ("mailer-1@localhost", ["relay@localhost"], build_mail(meter.report(), "mailer-1@localhost",
+                                                                       ["relay@localhost"], meter_key))]
+        meter.close()
+        mails = _mutations(random.Random(FUZZ_SEED), good)
+        finding = copy.deepcopy(good[0][2])
+        list(finding.iter_attachments())[-1].set_content(bytes.fromhex("0a89ed7a7b53"), "application",
+                                                         "pgp-signature", filename="payload.xml.sig")
+
+        def run() -> list[tuple[int, bytes]]:
+            replies = []
+            with open_smtp("127.0.0.1", relay.smtp_port, tls_context(env.grid.server.certs.ca)) as smtp:
+                replies.append(_smtp_reply(smtp, "alice@localhost", ["far-1@localhost"], finding.as_bytes()))
+                for sender, rcpts, raw in mails:
+                    replies.append(_smtp_reply(smtp, sender, rcpts, raw))
+                after = Command.new(Action.READ, "alice@localhost", ttl_s=60)
+                replies.append(_smtp_reply(smtp, "alice@localhost", ["far-2@localhost"],
+                                           build_mail(after, "alice@localhost", ["far-2@localhost"]).as_bytes()))
+            return replies
+
+        started = time.monotonic()
+        replies = await asyncio.to_thread(run)
+        assert time.monotonic() - started < 60
+    finally:
+        await relay.stop()
+    code, text = replies[0]
+    assert code == 550 and b"no OpenPGP signature packet" in text, (code, text)
+    for code, text in replies:
+        assert code // 100 in (2, 4, 5) and text.strip(), (code, text)
+        # aiosmtpd's own 500 for a line over RFC 5321's limit is a protocol reply; any other 500
+        # is an exception escaping the handler ("Error: (AttributeError) ...").
+        assert code != 500 or text.startswith(b"Line too long"), (code, text)
+    assert replies[-1] == (250, b"stored")  # still serving valid mail
+    codes = Counter(code for code, _ in replies)
+    assert len(codes) >= 3, codes  # the mutations reached several screens, not one
+    bad = [r for r in caplog.records if r.name.startswith(("gridpresence", "mail.log"))
+           and (r.levelno >= logging.ERROR or r.exc_info)]
+    assert not bad, [r.getMessage() for r in bad]
+
+
+async def test_every_mailed_report_updates_status(env: Env, relay: RelayProcess) -> None:
+    """Each mailed report reaches what operators see (`status`), not only the first."""
+    conn = ["--connection", str(relay.data / "connection.json"), "--json", "--settle", "1.5"]
+    seen = []
+    for _ in range(2):
+        code, out, err = await run_cli("mail-device", "mailer-1", "--data", str(relay.data), "--count", "1")
+        assert code == 0, err
+        code, out, err = await run_cli("status", *conn)
+        assert code == 0, err
+        (view,) = [d for d in json.loads(out)["devices"] if d["name"] == "mailer-1"]
+        assert view["health_reason"] == "reported by mail through the relay" and view["telemetry"], view
+        seen.append((view["since"], view["telemetry"]))
+    assert seen[0] != seen[1], seen  # the second report, not the first one again
+
+
+async def test_mail_device_in_the_readme_order_commissions_itself(env: Env, relay: RelayProcess) -> None:
+    """`mail-device NAME --count 1` first (as the README lists it), on a device never
+    commissioned: where XMPP is reachable it commissions itself, and its data is taken, not 451."""
+    readers = relay.data / "keys" / "mailer-2.readers.json"
+    assert not readers.exists()
+    async with operator(relay.data, "alice") as alice:
+        code, out, err = await run_cli("mail-device", "mailer-2", "--data", str(relay.data), "--count", "1")
+        assert code == 0, out + err
+        assert "mailer-2: commissioned (key announced over PEP" in out and "mailer-2: mailed" in out, out
+        assert readers.exists()
+        await alice.wait_for(lambda d: d["mailer-2"].report is not None, timeout=5)
+        code, out, err = await run_cli("mail-device", "mailer-2", "--data", str(relay.data), "--count", "1",
+                                       "--billing")  # commissioned: its billing report can be sealed too
+        assert code == 0 and "commissioned" not in out and "mailed billing report" in out, out + err
+
+
+async def test_a_second_relay_does_not_take_over_the_running_ones_entry(env: Env, relay: RelayProcess) -> None:
+    conn = relay.data / "connection.json"
+    before = conn.read_text()
+    code, out, err = await run_cli("relay", "--data", str(relay.data), "--smtp-port", str(free_port()))
+    assert code == 2 and "a relay is already running" in err and f":{relay.port}" in err, out + err
+    assert conn.read_text() == before
+    code, out, err = await run_cli("mail-device", "mailer-1", "--data", str(relay.data), "--count", "1")
+    assert code == 0 and "mailer-1: mailed" in out, out + err  # still routed to the running relay
+    # A relay that ran while none did gives the entry back as it found it when it stops.
+    await relay.stop()
+    assert ConnectionInfo.load(conn).relay is None  # the fixture's relay put back what it found
+    second = RelayProcess(relay.data, relay.queue, free_port())
+    await second.start()
+    assert ConnectionInfo.load(conn).relay.smtp_port == second.port  # type: ignore[union-attr]
+    await second.stop()
+    assert ConnectionInfo.load(conn).relay is None

@@ -381,3 +381,55 @@ def test_replay_ranks_by_cost_per_day_at_the_tariff_and_folds_under_faulty_branc
     ]
     assert main(["rules", "replay", str(trace), "--fleet", str(tmp_path / "none.toml")]) == 2
     assert "none.toml" in capsys.readouterr().err
+
+
+def test_replay_prints_the_operator_of_the_comparison(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = write(tmp_path, "trace.csv", TRACE)
+    assert main(["rules", "replay", str(trace), "--adjust", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "pump: high_loading (warning) 84 >= 80 [not_fault]" in out, out
+    assert "brk: breaker_tripped (urgent) 0 <= 0 [fault]" in out and "><" not in out
+    assert main(["rules", "replay", str(trace), "--json"]) == 0
+    assert {a["op"] for a in json.loads(capsys.readouterr().out)["alarms"]} == {">=", "<="}
+
+
+def test_audit_of_a_missing_or_wrong_data_directory_is_an_error(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rules", "audit", "--data", str(tmp_path / "absent")]) == 2
+    assert "absent: not a grid data directory" in capsys.readouterr().err
+    (tmp_path / "notes").mkdir()
+    assert main(["rules", "audit", "--data", str(tmp_path / "notes")]) == 2
+    assert "not a grid data directory" in capsys.readouterr().err
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    (grid / "fleet.json").write_text(json.dumps({"operators": [{"name": "olga"}],
+                                                 "devices": [{"name": "pump", "kind": "load", "rated_kw": 30}]}))
+    assert main(["rules", "audit", "--data", str(grid)]) == 0  # a grid without changes: that is the answer
+    assert "no threshold changes recorded" in capsys.readouterr().out
+    assert main(["rules", "audit", "--data", str(grid), "--device", "pmup"]) == 2
+    assert "no device named 'pmup'" in capsys.readouterr().err
+
+
+def test_a_change_already_reverted_or_changing_nothing_is_refused(tmp_path: Path) -> None:
+    _rules, book, _engine, _adj = _valve(tmp_path)
+    first = book.set("valve", "valve_open", "open_pct", 95.0, "alice", "by hand")
+    back = book.revert(first.id, "alice")
+    with pytest.raises(AdjustError, match=f"change {first.id} was already reverted by change {back.id}; "
+                                          "valve_open.open_pct is 100"):
+        book.revert(first.id, "bob")
+    with pytest.raises(AdjustError, match="already 100; nothing changed"):
+        book.set("valve", "valve_open", "open_pct", 100.0, "bob", "again")
+    assert [c.id for c in book.audit] == [first.id, back.id]  # nothing recorded by the refusals
+    assert book.revert(back.id, "alice").new == 95.0  # the revert itself can be undone
+
+
+def test_readme_sample_trace_replays_as_written() -> None:
+    readme = (ROOT / "README.md").read_text()
+    (line,) = [ln for ln in readme.splitlines() if ln.startswith("gridpresence rules replay bots/")]
+    argv = line.split("#", 1)[0].split()
+    done = subprocess.run([str(Path(sys.executable).with_name("gridpresence")), *argv[1:]], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "load-2: high_loading (warning) 84 >= 80 [not_fault]" in done.stdout
+    assert "load-2 high_loading.high_loading 80 -> 87 by system" in done.stdout
+    assert "5 alarms, 1 threshold changes" in done.stdout

@@ -349,15 +349,45 @@ async def test_second_server_on_same_data_dir_refused(server: ProsodyServer) -> 
 
 
 def test_ports_persist_between_runs(tmp_path: Path) -> None:
-    first = ProsodyServer(tmp_path).ports
+    server = ProsodyServer(tmp_path)
+    first = server.ports
+    assert not (tmp_path / "ports.json").exists(), "ports are remembered when the config is rendered, not before"
+    server.render()
     assert ProsodyServer(tmp_path).ports == first
-    assert (tmp_path / "ports.json").exists()
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", first.http))
         squatter.listen(1)
-        moved = ProsodyServer(tmp_path).ports
-    assert moved != first and len(set(vars(moved).values())) == 4
-    assert ProsodyServer(tmp_path).ports == moved  # the new choice is what gets remembered
+        moved = ProsodyServer(tmp_path)
+        moved.render()
+    assert moved.ports != first and len(set(vars(moved.ports).values())) == 4
+    assert ProsodyServer(tmp_path).ports == moved.ports  # the new choice is what gets remembered
+
+
+def test_config_is_written_only_when_the_rendering_changes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = ProsodyServer(tmp_path).render()
+    written = config.stat().st_mtime_ns, config.read_text()
+    time.sleep(0.01)
+    ProsodyServer(tmp_path).render()
+    assert (config.stat().st_mtime_ns, config.read_text()) == written, "an unchanged rendering rewrote the file"
+    # Another log level changes the rendering: written again, nothing else to keep.
+    ProsodyServer(tmp_path, log_level="debug").render()
+    assert 'min = "debug"' in config.read_text() and not config.with_name("prosody.cfg.lua.edited").exists()
+    # A hand edit is kept aside, with a warning, before the config is rendered again.
+    edited = config.read_text() + "\n-- my own setting\nc2s_timeout = 60\n"
+    config.write_text(edited)
+    ProsodyServer(tmp_path, log_level="debug").render()
+    assert config.with_name("prosody.cfg.lua.edited").read_text() == edited
+    assert "my own setting" not in config.read_text() and "edited by hand" in caplog.text
+
+
+async def test_second_server_on_same_data_dir_writes_nothing(server: ProsodyServer) -> None:
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (server.config_path, server.data_dir / "ports.json")}
+    twin = ProsodyServer(server.data_dir, domain=DOMAIN, log_level="debug")  # its rendering would differ
+    with pytest.raises(ServerError, match="already running"):
+        twin.render()
+    with pytest.raises(ServerError, match="already running"):
+        await twin.start()
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
 
 
 def test_port_helpers() -> None:

@@ -6,9 +6,13 @@ The "Judge an alarm" ad-hoc command records a verdict the same way."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 from chatpeer import ChatPeer, chat_peer
-from conftest import Env
+from conftest import Env, run_cli
+from gridpresence.host.fleet import FleetBots
+from gridpresence.rules.audit_log import audit_path
+from gridpresence.security.policy import SecuritySettings
 from gridpresence.device.agent import DeviceAgent
 from gridpresence.protocol.alarm import AlarmKind, AlarmStatus, alarm_from_xml
 from gridpresence.protocol.codec import q
@@ -171,3 +175,71 @@ async def test_low_priority_warning_batched_costly_one_at_once(env: Env) -> None
         dev.alarms.settings = before
         dev.alarms.acknowledge(None, "test-cleanup")
         await bob.close()
+
+
+# -- unsigned chat may look, not act: thresholds too -------------------------------------------------
+
+GUARD = "guard-load"
+
+
+def _guard_bots(env: Env) -> FleetBots:
+    """guard-load with the default [security]: no lab setting, so unsigned lines may only look."""
+    fleet = env.fleet.model_copy(update={"security": SecuritySettings()})
+    return FleetBots(fleet, env.grid.endpoint, env.grid.secrets, only=[GUARD], tick_s=0.2, with_services=False,
+                     data_dir=env.data)
+
+
+async def test_unsigned_threshold_verbs_are_refused_signed_ones_act(env: Env) -> None:
+    """A leaked password alone must not silence alarms: `accept`, `set`, `reject`, `revert` and a
+    verdict (chat or the judge-alarm form) are refused unsigned, with the reason and no change; the
+    same lines OX-signed act, and `gridpresence rules revert` signs its line."""
+    jid = env.fleet.jid(GUARD)
+    journal = audit_path(env.data, GUARD)
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    journal.write_text(json.dumps({"id": 1, "device": GUARD, "rule": "high_loading", "param": "high_loading",
+                                   "old": 80.0, "new": 90.0, "by": "alice@localhost", "why": "by hand",
+                                   "at": "2026-01-01T00:00:00+00:00"}) + "\n")
+    bots = _guard_bots(env)
+    await bots.start()
+    dev = bots.devices[GUARD]
+    alice = await chat_peer(env, "alice", "guard")
+    gajim = await _gajim(env, "bob")
+    grid = env.operator("alice", resource="guard-signed")
+    await grid.connect()
+    try:
+        book = dev.alarms.thresholds
+        assert book.current(GUARD, "high_loading", "high_loading") == 90.0
+        dev.sim.utilisation = 0.925  # type: ignore[attr-defined]
+        aid = await high_loading_alarm(alice, jid, AlarmStatus.RAISED, timeout=8)
+        dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
+        hist = dev.alarms.adjuster._hist[(GUARD, "high_loading")]
+        for line in ("revert 1", "accept 1", "set 1 99", "reject 1", f"not a fault {aid}", "fault", "Not a fault."):
+            answer = await alice.ask(jid, line)
+            assert answer.startswith("Refused "), (line, answer)
+            assert "unsigned chat line may not change" in answer and "OpenPGP-signed" in answer, answer
+        first = await gajim.execute(dev.client.boundjid.full, "judge-alarm")
+        form = await gajim.submit(dev.client.boundjid.full, first, {"alarm": aid, "verdict": "not_fault"})
+        assert form["command"]["notes"][0][1].startswith("Refused judge-alarm: ")
+        assert [c.id for c in book.audit] == [1] and book.current(GUARD, "high_loading", "high_loading") == 90.0
+        assert all(a.verdict is None for a in hist.alarms)  # nothing learnt from unsigned verdicts
+        assert (await alice.ask(jid, "thresholds")).startswith(f"{GUARD}: threshold high_loading")  # looking is fine
+        # Signed (OX), the same words act.
+        judged = await grid.ask_signed(GUARD, f"not a fault {aid}")
+        assert judged.startswith(f"Recorded: alarm {aid} (high_loading) is not a fault."), judged
+        assert hist.alarms[-1].verdict is False
+        reverted = await grid.ask_signed(GUARD, "revert 1")
+        assert "changed 90 -> 80 by alice@localhost (change 2): revert of change 1" in reverted, reverted
+        # The CLI signs its revert: it works where unsigned chat is refused, and a repeat is refused.
+        conn = ["--connection", str(env.grid.connection_file), "--as", "bob"]
+        code, out, err = await run_cli("rules", "revert", GUARD, "2", *conn)
+        assert code == 0 and "changed 80 -> 90 by bob@localhost (change 3): revert of change 2" in out, out + err
+        code, out, _ = await run_cli("rules", "revert", GUARD, "2", *conn)
+        assert code == 1 and "change 2 was already reverted by change 3" in out, out
+        assert [c.id for c in book.audit] == [1, 2, 3]
+    finally:
+        dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
+        await grid.close()
+        await close_session(gajim.client)
+        await alice.close()
+        await bots.stop()
+        journal.unlink()

@@ -19,7 +19,8 @@ device, operator           the device bot and its desks; the operator library sc
 gateway, services          IEDs behind a field gateway; the other bots (billing, watchdog,
                            manufacturer, console, the e-mail relay)
 host                       the process that hosts many bots, the grid's life cycle, the demo
-cli                        the ``gridpresence`` command; nothing imports it
+cli                        the ``gridpresence`` command; nothing but ``__main__`` imports it
+__main__                   the program's entry (``python -m gridpresence``, the console script)
 =========================  ==========================================================================
 """
 
@@ -40,4 +41,5 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("gateway", "services"),
     ("host",),
     ("cli",),
+    ("__main__",),
 )

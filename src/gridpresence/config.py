@@ -1,7 +1,7 @@
 """The fleet file: who is on the grid network (operators, billing, devices) and how they relate.
 
-A fleet file is TOML, validated with pydantic; every error names the field, e.g.
-``devices[3].rated_kw: Input should be greater than 0``.
+A fleet file is TOML, validated with pydantic; every error names the field, and the party by
+name, e.g. ``devices[3] (load-4).rated_kw: Input should be greater than 0``.
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import hashlib
 import json
 import re
 import tomllib
+import unicodedata
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gridpresence.rules.settings import AlarmSettings
 from gridpresence.protocol.models import DeviceKind, Tariff, TariffPeriod
@@ -24,6 +25,31 @@ from gridpresence.rules.model import RuleSetError, load_rules
 # XMPP localparts we generate from names: keep them boring so every client can type them.
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,47}$")
 RESERVED = frozenset({"watchdog", "relay", "console"})
+# One DNS label of the domain: letters, digits, '-' inside (RFC 1123), lowercase like our names.
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# Code points XML 1.0 cannot carry (besides controls and surrogates): Prosody would refuse the
+# roster or stanza holding them, and the client waiting for it would hang.
+_NOT_XML = frozenset("\ufffe\uffff")
+
+
+def _printable(value: str) -> str:
+    """Free text that reaches the server (roster names, tariffs): no control characters."""
+    for char in value:
+        if unicodedata.category(char) in ("Cc", "Cs") or char in _NOT_XML:
+            raise ValueError(f"must not contain control characters (found U+{ord(char):04X})")
+    return value
+
+
+def _hostname(value: str) -> str:
+    """The XMPP domain: a host name (RFC 1123 labels; RFC 7622 domainpart), lowercase."""
+    if len(value) > 253 or not all(_DNS_LABEL.match(label) for label in value.split(".")):
+        raise ValueError("must be a host name: labels of lowercase letters, digits and '-' (not first or last), "
+                         "1 to 63 characters each, separated by single dots")
+    return value
+
+
+# Free text a person reads in a client: printable, short enough for a roster line.
+Text = Annotated[str, Field(max_length=200), AfterValidator(_printable)]
 
 
 class FleetError(ValueError):
@@ -34,7 +60,7 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    display_name: str = ""
+    display_name: Text = ""
 
     @field_validator("name")
     @classmethod
@@ -57,7 +83,7 @@ class OperatorSpec(_Spec):
 class BillingSpec(_Spec):
     """The billing party: sends tariffs and real-time prices to the utility ([00142])."""
 
-    supplier: str = "utility-supply"
+    supplier: Text = "utility-supply"
     currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
     peak_price: float = Field(default=0.80, ge=0, allow_inf_nan=False)
     off_peak_price: float = Field(default=0.60, ge=0, allow_inf_nan=False)
@@ -119,7 +145,7 @@ class RulesSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    file: str = Field(min_length=1, max_length=4096)
+    file: Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_printable)]
 
     @property
     def path(self) -> Path:
@@ -129,7 +155,7 @@ class RulesSpec(BaseModel):
 class Fleet(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    domain: str = Field(default="localhost", pattern=r"^[a-z0-9.-]{1,253}$")
+    domain: Annotated[str, AfterValidator(_hostname)] = "localhost"
     presence_grace_s: float = Field(default=15.0, gt=0, le=3600, allow_inf_nan=False)
     operators: tuple[OperatorSpec, ...] = Field(min_length=1)
     billing: tuple[BillingSpec, ...] = ()
@@ -142,36 +168,58 @@ class Fleet(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Fleet:
-        seen: set[str] = set()
-        for party in (*self.operators, *self.billing, *self.manufacturers, *self.customers, *self.devices):
-            if party.name in seen:
-                raise ValueError(f"name '{party.name}' is used twice")
-            seen.add(party.name)
-        names = {d.name: d for d in self.devices}
+        seen: dict[str, str] = {}
+        groups = {"operators": self.operators, "billing": self.billing, "manufacturers": self.manufacturers,
+                  "customers": self.customers, "devices": self.devices}
+        for group, parties in groups.items():
+            for i, party in enumerate(parties):
+                where = f"{group}[{i}] ({party.name})"
+                if party.name in seen:
+                    raise ValueError(f"{where}.name: name '{party.name}' is used twice (also {seen[party.name]})")
+                seen[party.name] = where
+        serials: dict[str, str] = {}
+        names = self._by_name()
         customers = {c.name for c in self.customers}
         for i, dev in enumerate(self.devices):
+            where = f"devices[{i}] ({dev.name})"
+            if dev.serial in serials:
+                raise ValueError(f"{where}.serial: serial '{dev.serial}' is used twice (also {serials[dev.serial]})")
+            serials[dev.serial] = where
             if dev.customer is not None and dev.customer not in customers:
-                raise ValueError(f"devices[{i}].customer: no customer named '{dev.customer}'")
+                raise ValueError(f"{where}.customer: no customer named '{dev.customer}'")
             if dev.customer is not None and dev.kind not in (DeviceKind.METER, DeviceKind.MASTER):
-                raise ValueError(f"devices[{i}].customer: only a meter or a master IED has a customer")
-            if dev.parent is None:
-                continue
-            if dev.parent not in names:
-                raise ValueError(f"devices[{i}].parent: no device named '{dev.parent}'")
-            # Walk up the tree: a cycle would make branch sums loop forever.
-            hops, node = 0, dev
-            while node.parent is not None:
-                node = names[node.parent]
-                hops += 1
-                if hops > len(names):
-                    raise ValueError(f"devices[{i}].parent: '{dev.name}' is in a parent cycle")
+                raise ValueError(f"{where}.customer: only a meter or a master IED has a customer")
+            if dev.parent is not None and dev.parent not in names:
+                raise ValueError(f"{where}.parent: no device named '{dev.parent}'")
+        # Walk up the tree, iteratively (a chain may be thousands deep): a cycle would make branch
+        # sums loop forever. Each device is walked once: a walk stops at a device already cleared.
+        cleared: set[str] = set()
+        for i, dev in enumerate(self.devices):
+            path: list[str] = []
+            node: DeviceSpec | None = dev
+            while node is not None and node.name not in cleared:
+                if node.name in path:
+                    ring = [*path[path.index(node.name):], node.name]
+                    shown = ring if len(ring) <= 8 else [*ring[:3], "...", *ring[-2:]]
+                    cycle = " -> ".join(shown) + (f" ({len(ring) - 1} devices)" if len(ring) > 8 else "")
+                    raise ValueError(f"devices[{i}] ({dev.name}).parent: parent cycle {cycle}")
+                path.append(node.name)
+                node = names[node.parent] if node.parent is not None else None
+            cleared.update(path)
         return self
 
+    def _by_name(self) -> dict[str, DeviceSpec]:
+        """Devices by name, built once per devices tuple (a model_copy with other devices rebuilds
+        it). Kept in the instance dict, not a pydantic private attribute: those cost ~10 µs a read,
+        and walking a deep tree reads it a million times."""
+        cached = self.__dict__.get("_device_index")
+        if cached is None or cached[0] is not self.devices:
+            cached = (self.devices, {d.name: d for d in self.devices})
+            self.__dict__["_device_index"] = cached
+        return cached[1]
+
     def device(self, name: str) -> DeviceSpec:
-        for dev in self.devices:
-            if dev.name == name:
-                return dev
-        raise KeyError(name)
+        return self._by_name()[name]
 
     def report_audience(self, device: DeviceSpec) -> ReportAudience:
         """Who reads which part of `device`'s billing reports: billing parties and its customer
@@ -184,10 +232,17 @@ class Fleet(BaseModel):
         return tuple(d for d in self.devices if d.parent == name)
 
     def descendants(self, name: str) -> tuple[DeviceSpec, ...]:
+        """Every device below `name`, depth first, without recursion (chains may be deep)."""
+        kids: dict[str, list[DeviceSpec]] = {}
+        for dev in self.devices:
+            if dev.parent is not None:
+                kids.setdefault(dev.parent, []).append(dev)
         out: list[DeviceSpec] = []
-        for child in self.children(name):
-            out.append(child)
-            out.extend(self.descendants(child.name))
+        stack = list(reversed(kids.get(name, [])))
+        while stack:
+            dev = stack.pop()
+            out.append(dev)
+            stack.extend(reversed(kids.get(dev.name, [])))
         return tuple(out)
 
     def jid(self, name: str) -> str:
@@ -201,11 +256,25 @@ class Fleet(BaseModel):
         return out
 
 
-def _where(loc: tuple[int | str, ...]) -> str:
-    out = ""
+def _where(loc: tuple[int | str, ...], data: object) -> str:
+    """``devices[4] (load-5).rated_kw``: the field's path, each list item named when it has a name."""
+    out, node = "", data
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+            node = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
+            name = node.get("name") if isinstance(node, dict) else None
+            if isinstance(name, str) and name:
+                out += f" ({name!r})" if not _NAME.match(name) else f" ({name})"
+        else:
+            out += f".{part}" if out else str(part)
+            node = node.get(part) if isinstance(node, dict) else None
     return out or "fleet"
+
+
+def _message(error: Any) -> str:
+    # pydantic prefixes what our validators raise; the field is already named before it.
+    return str(error["msg"]).removeprefix("Value error, ")
 
 
 def parse_fleet(data: dict[str, object], source: str = "fleet", base: Path | None = None) -> Fleet:
@@ -213,7 +282,8 @@ def parse_fleet(data: dict[str, object], source: str = "fleet", base: Path | Non
     try:
         fleet = Fleet.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{source}: {_where(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        # Cross-field checks (no loc) name their field themselves.
+        lines = [f"{source}: {_where(e['loc'], data) + ': ' if e['loc'] else ''}{_message(e)}" for e in exc.errors()]
         raise FleetError("\n".join(lines)) from None
     return _with_rules(fleet, source, base)
 
@@ -238,11 +308,17 @@ def load_fleet(path: Path) -> Fleet:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except FileNotFoundError:
         raise FleetError(f"{path}: no such fleet file") from None
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FleetError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise FleetError(f"{path}: not a text file in UTF-8: {exc}") from None
+    except OSError as exc:  # a directory, no permission, an I/O error: whatever the OS says
+        raise FleetError(f"{path}: cannot read the fleet file: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, RecursionError) as exc:  # decode errors; over-long integers; nesting too deep
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise FleetError(f"{path}: not valid {kind}: {exc}") from None
     if not isinstance(data, dict):
         raise FleetError(f"{path}: a fleet file holds a table of settings")
     return parse_fleet(data, str(path), path.parent)

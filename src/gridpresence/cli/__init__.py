@@ -1,6 +1,7 @@
 """``gridpresence``: run the grid network on the embedded server and operate it.
 
-    gridpresence up [--fleet FILE] [--data DIR]       server + accounts + bots, until Ctrl-C
+    gridpresence up [--fleet FILE] [--data DIR] [--without NAME...] [--log-level L]
+                                                      server + accounts + bots, until Ctrl-C
     gridpresence demo [--once]                        up, then a narrated load-shed scenario
     gridpresence status [--json]                      every device's state and telemetry
     gridpresence watch [--json]                       presence changes, live
@@ -291,20 +292,28 @@ def _print_welcome(grid: Grid) -> None:
     print("Ctrl-C stops everything.", flush=True)
 
 
+# --log-level: Prosody's level names, and the Python logging level each stands for.
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+
+
 async def cmd_up(args: argparse.Namespace, scenario: Callable[[Grid], Awaitable[None]] | None = None) -> int:
+    stop = stop_signal()  # first: from here on Ctrl-C is an orderly stop, never a traceback or an orphan Prosody
+    if args.log_level:
+        logging.getLogger().setLevel(LOG_LEVELS[args.log_level])
     fleet = load_fleet(Path(args.fleet))
-    grid = Grid(fleet, Path(args.data), bind=args.bind, ports=_ports(args), prosody_bin=args.prosody)
-    stop = stop_signal()
-    await grid.start()
+    grid = Grid(fleet, Path(args.data), bind=args.bind, ports=_ports(args), prosody_bin=args.prosody,
+                without=args.without, log_level=args.log_level or "info")
     try:
-        _print_welcome(grid)
-        if scenario is not None:
-            await unless_stopped(scenario(grid), stop)
-        if not getattr(args, "once", False):
-            await stop.wait()
-    finally:
+        await unless_stopped(grid.start(), stop)
+        if not stop.is_set():
+            _print_welcome(grid)
+            if scenario is not None:
+                await unless_stopped(scenario(grid), stop)
+            if not getattr(args, "once", False):
+                await stop.wait()
         print("stopping...", flush=True)
-        await grid.stop()
+    finally:
+        await grid.stop()  # also after a failed or interrupted start: whatever came up goes down
     return EXIT_OK
 
 
@@ -315,6 +324,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
 
 async def cmd_bots(args: argparse.Namespace) -> int:
+    stop = stop_signal()  # first, as in `up`
     data = Path(args.data)
     info = ConnectionInfo.load(data / CONNECTION_FILE)
     fleet = load_fleet(Path(args.fleet) if args.fleet else data / FLEET_COPY)
@@ -324,7 +334,6 @@ async def cmd_bots(args: argparse.Namespace) -> int:
     bots = FleetBots(fleet, info.server, Secrets(secrets_path), only=args.only, with_services=False, data_dir=data)
     if not bots.bots:
         raise CliError(f"no bot named {', '.join(args.only)} in the fleet")
-    stop = stop_signal()
     try:
         await unless_stopped(bots.start(), stop)
         print(f"running {', '.join(sorted(bots.devices) + sorted(bots.billing))}", flush=True)
@@ -350,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--http-port", type=int, help="HTTP (BOSH) port")
         p.add_argument("--https-port", type=int, help="HTTPS (BOSH) port")
         p.add_argument("--prosody", default="prosody", help="Prosody executable")
+        p.add_argument("--without", nargs="+", default=[], metavar="NAME",
+                       help="devices whose accounts are made but whose bots are held back (run them apart "
+                            "with `gridpresence bots --only NAME`)")
+        p.add_argument("--log-level", choices=list(LOG_LEVELS),
+                       help="log level of gridpresence and of Prosody (DATA/prosody.log); default: "
+                            "-v for ours, info for Prosody's")
 
     up = sub.add_parser("up", help="start the embedded server and the fleet's bots")
     server_opts(up)

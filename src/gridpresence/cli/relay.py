@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import smtplib
+import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,19 +18,27 @@ from gridpresence.xmpp.session import ConnectionInfo, RelayEndpoint, SessionErro
 from gridpresence.config import FleetError, load_fleet
 from gridpresence.services.relay.mail_device import MailDevice
 from gridpresence.services.relay.service import RelayService, relay_files, relay_port
-from gridpresence.services.relay.commissioning import commission, readers_keys
+from gridpresence.services.relay.commissioning import commission, readers_keys, readers_path
 from gridpresence.security.keyring import KeyUnavailable
 from gridpresence.security.keys import load_secret
 from gridpresence.security.pep_keyring import PartyKeys
+from gridpresence.security.reports import ReportAudience
 from gridpresence.host.signals import stop_signal
 
 CONNECTION_FILE, SECRETS_FILE, FLEET_COPY = "connection.json", "secrets.json", "fleet.json"
 
 
-def publish_relay(connection_file: Path, relay: RelayEndpoint) -> None:
-    """Add the relay to a grid's connection file, so operators route through it."""
+def publish_relay(connection_file: Path, relay: RelayEndpoint | None, *,
+                  only_if: RelayEndpoint | None = None) -> None:
+    """Name `relay` in a grid's connection file (None: no relay), so operators route through it;
+    with `only_if`, only while the file still names that one (another may have taken over)."""
     data = json.loads(connection_file.read_text(encoding="utf-8"))
-    data["relay"] = relay.model_dump(mode="json")
+    if only_if is not None and data.get("relay") != only_if.model_dump(mode="json"):
+        return
+    if relay is None:
+        data.pop("relay", None)
+    else:
+        data["relay"] = relay.model_dump(mode="json")
     tmp = connection_file.with_suffix(".relay.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds passwords
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -36,9 +46,23 @@ def publish_relay(connection_file: Path, relay: RelayEndpoint) -> None:
     os.replace(tmp, connection_file)
 
 
+def answering(relay: RelayEndpoint, timeout: float = 1.0) -> bool:
+    """Whether something accepts connections on the relay's SMTP port (the relay is running)."""
+    try:
+        with socket.create_connection((relay.smtp_host, relay.smtp_port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 async def cmd_relay(args: argparse.Namespace) -> int:
     data = Path(args.data)
     info = ConnectionInfo.load(data / CONNECTION_FILE)
+    # One relay per grid: a second one would take over the connection file's entry, and when it
+    # stopped, operators and mail-only devices would be sent to a port nobody listens on.
+    if info.relay is not None and answering(info.relay):
+        raise SessionError(f"a relay is already running for {data} (SMTP {info.relay.smtp_host}:{info.relay.smtp_port}, "
+                           "started by `gridpresence up` or another `gridpresence relay`); stop it first")
     fleet = load_fleet(data / FLEET_COPY)
     secrets = Secrets(data / SECRETS_FILE)
     if RELAY not in secrets.passwords:
@@ -52,15 +76,16 @@ async def cmd_relay(args: argparse.Namespace) -> int:
                          keys=PartyKeys.in_data_dir(data, RELAY))
     stop = stop_signal()  # before start: a SIGTERM during start-up still stops cleanly
     await relay.start()
+    mine = RelayEndpoint(jid=relay.jid, smtp_host=args.bind, smtp_port=relay.smtp_port, ca_file=relay.certs.ca)
     try:
-        publish_relay(data / CONNECTION_FILE, RelayEndpoint(jid=relay.jid, smtp_host=args.bind, smtp_port=relay.smtp_port,
-                                                            ca_file=relay.certs.ca))
+        publish_relay(data / CONNECTION_FILE, mine)
         counts = relay.queue.counts()
         print(f"relay up: SMTP {args.bind}:{relay.smtp_port}, XMPP {relay.jid}, queue {queue_path} "
               f"({counts.get('queued', 0)} queued)", flush=True)
         await stop.wait()
     finally:
         await relay.stop()
+        publish_relay(data / CONNECTION_FILE, info.relay, only_if=mine)  # the entry as it was before us
     return 0
 
 
@@ -77,14 +102,21 @@ async def cmd_mail_device(args: argparse.Namespace) -> int:
     keys = PartyKeys.in_data_dir(data, spec.name)
     audience = fleet.report_audience(spec)
     if args.commission:
-        secrets = Secrets(data / SECRETS_FILE)
-        if spec.name not in secrets.passwords:
-            raise SessionError(f"{data}: no account for {spec.name}; run `gridpresence up --data {data}` first")
-        found = await commission(spec.name, fleet.jid(spec.name), secrets.password(spec.name), info.server, keys,
-                                 audience.everyone)
+        found = await _commission(data, spec.name, fleet.jid(spec.name), info, keys, audience)
         print(f"{spec.name}: key announced over PEP; readers' keys kept: {', '.join(sorted(found)) or 'none'}",
               flush=True)
         return 0
+    if not readers_path(keys, spec.name).exists():
+        # Not commissioned yet: the relay could not check its signatures (451). Where the XMPP
+        # server is reachable (as when following the README), do it now, once.
+        try:
+            found = await _commission(data, spec.name, fleet.jid(spec.name), info, keys, audience, timeout=10.0)
+            print(f"{spec.name}: commissioned (key announced over PEP; readers' keys kept: "
+                  f"{', '.join(sorted(found)) or 'none'})", flush=True)
+        except (SessionError, KeyUnavailable, OSError, TimeoutError) as exc:
+            print(f"{spec.name}: not commissioned, and the XMPP server is not reachable to do it now ({exc}); "
+                  f"if the relay answers 451, run `gridpresence mail-device {spec.name} --commission` where it is",
+                  file=sys.stderr, flush=True)
     assert keys.secret_file is not None
     device = MailDevice(spec, fleet.jid(spec.name), info.relay, secret=load_secret(keys.secret_file),
                         keyring=readers_keys(keys, spec.name) if args.billing else None, audience=audience)
@@ -97,6 +129,13 @@ async def cmd_mail_device(args: argparse.Namespace) -> int:
                 else:
                     report = await device.push_report()
                     print(f"{spec.name}: mailed {report.status_text()}", flush=True)
+            except smtplib.SMTPResponseException as exc:
+                hint = (f" (the relay cannot find {spec.name}'s key over PEP: run `gridpresence mail-device "
+                        f"{spec.name} --commission` where the XMPP server is reachable)"
+                        if exc.smtp_code == 451 and b"4.7.1" in exc.smtp_error else "")
+                print(f"{spec.name}: relay refused: {exc.smtp_code} {exc.smtp_error.decode(errors='replace')}{hint}",
+                      flush=True)
+                return 1
             except (smtplib.SMTPException, OSError, KeyUnavailable) as exc:
                 print(f"{spec.name}: relay refused or unreachable: {exc}", flush=True)
                 return 1
@@ -105,6 +144,14 @@ async def cmd_mail_device(args: argparse.Namespace) -> int:
     finally:
         device.close()
     return 0
+
+
+async def _commission(data: Path, name: str, jid: str, info: ConnectionInfo, keys: PartyKeys,
+                      audience: ReportAudience, timeout: float = 20.0) -> dict[str, str]:
+    secrets = Secrets(data / SECRETS_FILE)
+    if name not in secrets.passwords:
+        raise SessionError(f"{data}: no account for {name}; run `gridpresence up --data {data}` first")
+    return await commission(name, jid, secrets.password(name), info.server, keys, audience.everyone, timeout)
 
 
 def register(sub: Any, operator_opts: Callable[[argparse.ArgumentParser], None], default_data: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gridpresence.config import BillingSpec, FleetError, load_fleet
-from gridpresence.rules.model import AdjustMode, RuleSetError, default_rules, load_rules
+from gridpresence.rules.model import AdjustMode, RuleSetError, comparison_text, default_rules, load_rules
 from gridpresence.rules.audit_log import read_audit
 from gridpresence.rules.replay import PriorityOptions, TraceError, read_trace, replay
 from gridpresence.rules.thresholds import Change
@@ -78,7 +78,7 @@ async def cmd_rules_replay(args: argparse.Namespace) -> int:
         if "cost_per_day" in a:
             folded = f", folded into {a['folded_into']}" if a["folded_into"] else ""
             ranked = f"  cost/day {a['cost_per_day']:.2f}, {a['sent']}{folded}"
-        print(f"{a['at']}  {a['device']}: {a['rule']} ({a['level']}) {a['value']} >< {a['threshold']}{verdict}{ranked}")
+        print(f"{a['at']}  {a['device']}: {a['rule']} ({a['level']}) {comparison_text(a['value'], a['op'], a['threshold'])}{verdict}{ranked}")
     for c in result.changes:
         print(change_line(c))
     for p in result.proposals:
@@ -93,7 +93,24 @@ def change_line(c: Change) -> str:
 
 
 async def cmd_rules_audit(args: argparse.Namespace) -> int:
-    changes = read_audit(Path(args.data), args.device)
+    from gridpresence.host.grid import FLEET_COPY
+
+    # "No changes" is an answer only about a grid: a mistyped --data or --device must not read as one.
+    data = Path(args.data)
+    if not (data / FLEET_COPY).is_file():
+        print(f"error: {data}: not a grid data directory (no {FLEET_COPY}); give the --data DIR of "
+              "`gridpresence up`", file=sys.stderr)
+        return EXIT_ERROR
+    if args.device is not None:
+        try:
+            load_fleet(data / FLEET_COPY).device(args.device)
+        except FleetError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        except KeyError:
+            print(f"error: no device named {args.device!r} in the fleet of {data}", file=sys.stderr)
+            return EXIT_ERROR
+    changes = read_audit(data, args.device)
     if args.json:
         print(json.dumps([c.as_dict() for c in changes], indent=2))
     elif not changes:
@@ -104,9 +121,19 @@ async def cmd_rules_audit(args: argparse.Namespace) -> int:
 
 
 async def cmd_rules_revert(args: argparse.Namespace, with_operator: WithOperator) -> int:
-    """Ask the device itself (it is the audit's only writer), as its operator would over chat."""
+    """Ask the device itself (it is the audit's only writer), as its operator would over chat:
+    signed (OX), since a revert changes a threshold and unsigned chat may only look."""
+    from gridpresence.security.ox import OxRefused
+
     async def body(grid: GridOperator) -> int:
-        reply = await grid.ask(args.device, f"revert {args.change}")
+        try:
+            reply = await grid.ask_signed(args.device, f"revert {args.change}")
+        except OxRefused as exc:
+            print(f"error: cannot send a signed chat line to {args.device}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        except TimeoutError:
+            print(f"error: {args.device} did not answer", file=sys.stderr)
+            return EXIT_ERROR
         done = f"revert of change {args.change}" in reply
         print(json.dumps({"device": args.device, "change": args.change, "reverted": done, "reply": reply})
               if args.json else reply)

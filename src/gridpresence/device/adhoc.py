@@ -19,8 +19,8 @@ from slixmpp.exceptions import XMPPError
 from slixmpp.xmlstream import StanzaBase
 
 from gridpresence.device.alarms import TITLES, AlarmDesk
-from gridpresence.device.chat import ACTION_WORDS, REASONS, describe_outcome, describe_report
-from gridpresence.protocol.models import Action, Command, PresenceReport, RejectReason, utcnow
+from gridpresence.device.chat import ACTION_WORDS, REASONS, describe_outcome, describe_report, unsigned_refusal
+from gridpresence.protocol.models import Action, Command, PresenceReport, utcnow
 from gridpresence.device.host import DeviceHost
 
 
@@ -164,9 +164,8 @@ class AdhocCommands:
         if wanted not in {a.value for a in self.actions()}:
             choices = ", ".join(a.value for a in self.actions())
             return self._finish(session, None, f"unknown action {wanted[:40]!r}; choose one of: {choices}", "error")
-        if Action(wanted) not in self.agent.security.unsigned_chat_actions:  # a form is never signed
-            return self._finish(session, None, f"Refused {wanted}: {REASONS[RejectReason.UNSIGNED]}; send a signed "
-                                               "command (gridpresence CLI or the operator library).", "error")
+        if not self.agent.security.may_act(Action(wanted), signed=False):  # a form is never signed
+            return self._finish(session, None, unsigned_refusal(wanted, form=True), "error")
         sid = "".join(c for c in session["id"] if c.isalnum())[-40:]
         cmd = Command.new(wanted, who, ttl_s=ADHOC_TTL_S).model_copy(update={"id": f"adhoc-{sid}"})
         outcome = self.agent.accept(cmd, utcnow())

@@ -52,7 +52,7 @@ REASONS: dict[RejectReason, str] = {
     RejectReason.NOT_SUPPORTED: "not something this device can do",
     RejectReason.INVALID_ARGUMENTS: "the arguments are not valid",
     RejectReason.NOT_AUTHORISED: "not authorised",
-    RejectReason.UNSIGNED: "an unsigned chat line may not change the device's state",
+    RejectReason.UNSIGNED: "an unsigned chat line may not change the device's state or its alarm thresholds",
     RejectReason.BAD_SIGNATURE: "the signature does not check out",
     RejectReason.UNKNOWN_KEY: "the issuer's key is unknown",
     RejectReason.KEY_CHANGED: "the issuer's key changed",
@@ -67,6 +67,13 @@ _CHAT_ID = re.compile(r"[^A-Za-z0-9._:-]")
 @dataclass(frozen=True)
 class Reply:
     text: str
+
+
+def unsigned_refusal(verb: str, form: bool = False) -> str:
+    """The answer to an unsigned chat line or ad-hoc form that would act (SecuritySettings.may_act)."""
+    never = "an ad-hoc form is never signed; " if form else ""
+    return (f"Refused {verb}: {REASONS[RejectReason.UNSIGNED]}; {never}send it signed: an OpenPGP-signed chat "
+            "message (OX), the gridpresence CLI or the operator library.")
 
 
 def unreadable(text: str) -> str | None:
@@ -117,8 +124,8 @@ class ChatVerbs(Protocol):
 
     WORDS: tuple[str, ...]
 
-    def answer(self, who: str, text: str) -> str | None:
-        """The reply, or None if the line is not one of these words."""
+    def answer(self, who: str, text: str, *, signed: bool) -> str | None:
+        """The reply, or None if the line is not one of these words (`signed`: may it act)."""
 
 
 class ChatDesk:
@@ -186,9 +193,8 @@ class ChatDesk:
         if verb in ("status", "state", "s"):
             return describe_report(self.name, self.agent.current_report())
         if verb in ACTION_WORDS and not rest:
-            if not signed and ACTION_WORDS[verb] not in self.agent.security.unsigned_chat_actions:
-                return (f"Refused {verb}: {REASONS[RejectReason.UNSIGNED]}; send a signed command "
-                        "(gridpresence CLI or the operator library) or an OpenPGP-signed chat message.")
+            if not self.agent.security.may_act(ACTION_WORDS[verb], signed):
+                return unsigned_refusal(verb)
             return self._act(who, ACTION_WORDS[verb], stanza_id)
         if verb == "read" and len(rest) <= 1:
             return self._read(who, rest[0].lower() if rest else None, stanza_id)
@@ -197,7 +203,7 @@ class ChatDesk:
         if verb == "ack" and len(rest) <= 1:
             return self._ack(who, rest[0] if rest else None)
         for verbs in self._verbs:
-            answer = verbs.answer(who, text)
+            answer = verbs.answer(who, text, signed=signed)
             if answer is not None:
                 return answer
         shown = text.strip()[:40]

@@ -17,10 +17,11 @@ from slixmpp import Iq
 
 from gridpresence.device.adhoc import AdhocCommands
 from gridpresence.device.alarms import AlarmDesk
-from gridpresence.device.chat import ChatDesk
+from gridpresence.device.chat import ChatDesk, unsigned_refusal
+from gridpresence.device.host import DeviceHost
 from gridpresence.rules.model import AdjustMode
 from gridpresence.rules.thresholds import SYSTEM, AdjustError, Change, Proposal
-from gridpresence.device.host import DeviceHost
+from gridpresence.security.policy import ThresholdAct
 
 
 log = logging.getLogger(__name__)
@@ -63,19 +64,25 @@ class VerdictDesk:
 
     # -- chat ---------------------------------------------------------------------------
 
-    def answer(self, who: str, text: str) -> str | None:
-        """The reply to a verdict or threshold command; None if the text is neither."""
+    def answer(self, who: str, text: str, *, signed: bool = False) -> str | None:
+        """The reply to a verdict or threshold command; None if the text is neither. Each one
+        acts on thresholds, so unsigned it is refused unless the lab setting allows it."""
         line = " ".join(text.strip().rstrip(".!?").lower().split())
         for phrases, fault in ((NOT_FAULT, False), (FAULT, True)):
             for phrase in phrases:
                 if line == phrase or line.startswith(phrase + " "):
                     rest = line[len(phrase):].split()
                     if len(rest) <= 1:
+                        if not self.agent.security.may_act(ThresholdAct.JUDGE, signed):
+                            return unsigned_refusal(phrase)
                         return self.judge(who, rest[0] if rest else None, fault)
         words = line.split()
         if not words:
             return None
         verb, rest = words[0], words[1:]
+        if (verb in ("accept", "reject", "revert") and len(rest) == 1) or (verb == "set" and len(rest) == 2):
+            if not self.agent.security.may_act(ThresholdAct(verb), signed):
+                return unsigned_refusal(verb)
         try:
             if verb == "thresholds" and not rest:
                 return self._list()
@@ -173,4 +180,6 @@ class JudgeCommand(AdhocCommands):
             return self._finish(session, None, f"no alarm {wanted[:20]!r}", "error")
         if verdict not in ("fault", "not_fault"):
             return self._finish(session, None, f"verdict must be fault or not_fault, not {verdict[:20]!r}", "error")
+        if not self.agent.security.may_act(ThresholdAct.JUDGE, signed=False):  # a form is never signed
+            return self._finish(session, None, unsigned_refusal("judge-alarm", form=True), "error")
         return self._finish(session, None, self.verdicts.judge(who, wanted, verdict == "fault"))

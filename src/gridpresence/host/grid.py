@@ -13,7 +13,7 @@ from types import TracebackType
 from gridpresence.server.accounts import CONSOLE, RELAY, WATCHDOG, Secrets, plan_accounts
 from gridpresence.host.fleet import FleetBots
 from gridpresence.xmpp.session import Account, ConnectionInfo, Endpoint, RelayEndpoint
-from gridpresence.config import Fleet
+from gridpresence.config import Fleet, FleetError
 from gridpresence.services.relay.service import RelayService, relay_files, relay_port
 from gridpresence.security.keys import KEYS_DIR, KeyStore, fingerprint
 from gridpresence.security.pep_keyring import PartyKeys
@@ -28,12 +28,23 @@ FLEET_COPY = "fleet.json"  # the fleet this directory runs, for `gridpresence bo
 
 
 class Grid:
+    """`only` limits the bots to those names; `without` holds back some devices' bots (their
+    accounts are provisioned all the same: they can be run apart later, or stay absent)."""
+
     def __init__(self, fleet: Fleet, data_dir: Path, *, bind: str = "127.0.0.1", ports: ServerPorts | None = None,
-                 bots: bool = True, only: Collection[str] | None = None, tick_s: float = 1.0,
-                 prosody_bin: str = "prosody") -> None:
+                 bots: bool = True, only: Collection[str] | None = None, without: Collection[str] = (),
+                 tick_s: float = 1.0, prosody_bin: str = "prosody", log_level: str = "info") -> None:
         self.fleet = fleet
         self.data_dir = Path(data_dir)
-        self.server = ProsodyServer(self.data_dir, domain=fleet.domain, bind=bind, ports=ports, prosody_bin=prosody_bin)
+        unknown = sorted(set(without) - {d.name for d in fleet.devices})
+        if unknown:
+            raise FleetError(f"cannot hold back {', '.join(repr(n) for n in unknown)}: no such device in the fleet")
+        if without:
+            everyone = [*(p.name for p in (*fleet.devices, *fleet.billing, *fleet.manufacturers)), WATCHDOG, RELAY,
+                        CONSOLE]
+            only = [n for n in (everyone if only is None else only) if n not in set(without)]
+        self.server = ProsodyServer(self.data_dir, domain=fleet.domain, bind=bind, ports=ports, prosody_bin=prosody_bin,
+                                    log_level=log_level)
         self.secrets = Secrets(self.data_dir / SECRETS_FILE)
         self.keys = KeyStore(self.data_dir / KEYS_DIR)
         self._want_bots = bots
@@ -70,6 +81,8 @@ class Grid:
         return self.data_dir / CONNECTION_FILE
 
     async def start(self) -> None:
+        # A second `up` on a directory in use must change nothing there (ports, config, accounts).
+        self.server.refuse_if_running_elsewhere()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.server.render()
         accounts = plan_accounts(self.fleet, self.secrets)

@@ -44,6 +44,9 @@ from gridpresence.protocol.codec import (
 )
 from gridpresence.protocol.alarm import Alarm, alarm_from_xml
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
+from gridpresence.protocol.openpgp import FALLBACK_BODY, ox
+from gridpresence.security.keyring import KeyUnavailable
+from gridpresence.security.ox import OxRefused, open_chat, seal_chat
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.operator.relay_route import RelayRoute
 from gridpresence.protocol.relay import FINAL_MARGIN_S
@@ -378,6 +381,38 @@ class GridOperator:
             return await asyncio.wait_for(reply, timeout)
         finally:
             self.client.del_event_handler("message", on_message)
+
+    async def ask_signed(self, name: str, text: str, timeout: float = 10.0) -> str:
+        """Say one chat line signed and encrypted to the device (OX, XEP-0374), as an OX client
+        does, so the device may act on it; returns its answer, opened (or its plain-text refusal).
+        Raises :class:`OxRefused` if this operator has no key or the device's key is unusable."""
+        view = self.device(name)
+        own = self.keyring.secret_key
+        if own is None:
+            raise OxRefused(f"{self.jid} has no OpenPGP key file; a signed chat line needs one")
+        try:
+            device_key = await self.keyring.key_for(view.jid)
+        except KeyUnavailable as exc:
+            raise OxRefused(f"{name}'s key: {exc}") from None
+        answer: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+
+        def on_message(msg: Message) -> None:
+            if (msg["type"] == "chat" and msg["from"].bare == view.jid and not answer.done()
+                    and msg.xml.find(q("alarm")) is None):
+                answer.set_result(msg)
+
+        msg = self.client.make_message(mto=view.jid, mbody=FALLBACK_BODY, mtype="chat")
+        msg.append(seal_chat(text, own, view.jid, device_key))
+        self.client.add_event_handler("message", on_message)
+        try:
+            msg.send()
+            reply = await asyncio.wait_for(answer, timeout)
+        finally:
+            self.client.del_event_handler("message", on_message)
+        sealed = reply.xml.find(ox("openpgp"))
+        if sealed is None:
+            return str(reply["body"])  # the device would not open ours; it says why in plain text
+        return (await open_chat(sealed, view.jid, self.jid, own, self.keyring)).text
 
     # -- tariffs ----------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ class FaultEvent:
     value: float | None
     threshold: float | None
     since_change_s: float
+    op: str | None = None  # how value is compared with threshold (the rule's first comparison with a param)
 
 
 @dataclass
@@ -147,5 +148,7 @@ class Engine:
 
     def _event(self, s: Sample, rule: Rule, values: Mapping[str, Value], since: float, raised: bool) -> FaultEvent:
         value, threshold = self.reading(s.device, rule, values)
+        first = first_param_compare(rule.content)
         return FaultEvent(device=s.device, rule=rule.name, alarm=rule.alarm, urgent=rule.urgent, raised=raised,
-                          ts=s.ts, value=value, threshold=threshold, since_change_s=since)
+                          ts=s.ts, value=value, threshold=threshold, since_change_s=since,
+                          op=first.op if first is not None else None)

@@ -46,6 +46,14 @@ class Compare(_Strict):
         return self
 
 
+def comparison_text(value: float | str | None, op: str | None, threshold: float | str | None) -> str:
+    """A comparison as a person reads it (``80.8 >= 80``): the one place one is rendered as text."""
+    def shown(v: float | str | None) -> str:
+        return "?" if v is None else f"{v:g}" if isinstance(v, float | int) else str(v)
+
+    return f"{shown(value)} {op or '?'} {shown(threshold)}"
+
+
 class All(_Strict):
     all: list[Condition] = Field(min_length=1)
 

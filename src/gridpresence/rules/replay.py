@@ -178,5 +178,5 @@ def _record(out: ReplayResult, outcome: Change | Proposal | None) -> None:
 
 def _alarm(ev: FaultEvent, at: datetime, verdict: str | None) -> dict[str, object]:
     return {"at": at.isoformat(), "device": ev.device, "rule": ev.rule, "alarm": ev.alarm,
-            "level": "urgent" if ev.urgent else "warning", "value": ev.value, "threshold": ev.threshold,
-            "verdict": verdict}
+            "level": "urgent" if ev.urgent else "warning", "value": ev.value, "op": ev.op,
+            "threshold": ev.threshold, "verdict": verdict}

@@ -101,6 +101,8 @@ class ThresholdBook:
         if not math.isfinite(new):
             raise AdjustError(f"{new} is not a usable threshold")
         old = self.current(device, rule, param)
+        if new == old:  # a change that changes nothing would only clutter the audit (and read as one)
+            raise AdjustError(f"{rule}.{param} of {device} is already {old:g}; nothing changed")
         change = Change(id=max((c.id for c in self.audit), default=0) + 1, device=device, rule=rule, param=param,
                         old=old, new=new, by=by, at=at or datetime.now(UTC), why=why, reverts=reverts)
         if self.journal is not None:
@@ -118,6 +120,10 @@ class ThresholdBook:
         c = next((c for c in self.audit if c.id == change_id), None)
         if c is None:
             raise AdjustError(f"no threshold change {change_id}")
+        undone = next((u for u in self.audit if u.reverts == c.id), None)
+        if undone is not None:
+            raise AdjustError(f"change {c.id} was already reverted by change {undone.id}; "
+                              f"{c.rule}.{c.param} is {self.current(c.device, c.rule, c.param):g}")
         return self.set(c.device, c.rule, c.param, c.old, by, f"revert of change {c.id}", at, reverts=c.id)
 
 
@@ -231,9 +237,9 @@ class Adjuster:
         new = p.proposed if value is None else value
         if adjust is not None and not _within(adjust, new):
             raise AdjustError(f"{new:g} is outside the bounds of {p.rule}.{p.param} ({_bounds(adjust)})")
-        del self.pending[proposal_id]
         why = p.why + ("" if value is None else f"; operator entered {value:g} instead of {p.proposed:g}")
-        change = self.book.set(p.device, p.rule, p.param, new, by, why, at)
+        change = self.book.set(p.device, p.rule, p.param, new, by, why, at)  # may refuse: the proposal stays
+        del self.pending[proposal_id]
         self._reset(p.device, p.rule)
         return change
 

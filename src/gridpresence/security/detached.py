@@ -5,9 +5,6 @@ from __future__ import annotations
 
 from gridpresence.security.pgp import pgpy
 
-PGPError = pgpy.errors.PGPError
-
-
 class SignatureRefused(Exception):
     """No signature, not a signature, someone else's, or the data changed; the text says which."""
 
@@ -23,13 +20,18 @@ def verify_detached(data: bytes, signature: str | bytes | None, signer: str, key
         raise SignatureRefused(f"not signed: data from {signer} must carry {signer}'s OpenPGP signature")
     try:
         sig = pgpy.PGPSignature.from_blob(signature)
-    except (ValueError, PGPError, TypeError, IndexError) as exc:
-        raise SignatureRefused(f"the signature part is not an OpenPGP signature ({exc})") from None
-    if sig.signer != key.fingerprint.keyid:
-        raise SignatureRefused(f"signed by key {sig.signer}, not by {signer}'s key")
+        # A blob of partial or unknown packets parses to an object with no signature packet,
+        # whose every attribute then fails: check for the packet, not for an exception.
+        issuer = sig.signer if sig._signature is not None else None
+    except Exception as exc:  # pgpy raises many kinds on broken packets, even NotImplementedError
+        raise SignatureRefused(f"the signature part is not an OpenPGP signature ({exc or type(exc).__name__})") from None
+    if issuer is None:
+        raise SignatureRefused("the signature part holds no OpenPGP signature packet")
+    if issuer != key.fingerprint.keyid:
+        raise SignatureRefused(f"signed by key {issuer}, not by {signer}'s key")
     try:
         good = bool(key.verify(data, sig))
-    except PGPError as exc:
-        raise SignatureRefused(f"{signer}'s signature cannot be checked ({exc})") from None
+    except Exception as exc:  # as above: a well-formed header over broken signature values
+        raise SignatureRefused(f"{signer}'s signature cannot be checked ({exc or type(exc).__name__})") from None
     if not good:
         raise SignatureRefused(f"{signer}'s signature does not match the data (changed on the way?)")

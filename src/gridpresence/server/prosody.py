@@ -10,7 +10,9 @@ import asyncio
 import atexit
 import contextlib
 import fcntl
+import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -29,6 +31,12 @@ from gridpresence.server.provision import lua_string
 TEMPLATE_PATH = Path(__file__).resolve().parents[3] / "server_config" / "prosody.cfg.lua.tmpl"
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_TAIL_LINES = 30
+# First line of every config we render, with the SHA-256 of the rest: a file whose rest no
+# longer matches was edited by hand, and is kept aside before a new rendering replaces it.
+RENDERED_MARK = "-- rendered by gridpresence from server_config/prosody.cfg.lua.tmpl; sha256 "
+EDITED_SUFFIX = ".edited"
+
+log = logging.getLogger(__name__)
 
 
 class ServerError(RuntimeError):
@@ -71,6 +79,11 @@ class ServerPorts:
         return list(asdict(self).items())
 
 
+def _rendered_by_us(text: str) -> bool:
+    first, _, rest = text.partition("\n")
+    return first == RENDERED_MARK + hashlib.sha256(rest.encode()).hexdigest()
+
+
 # Process groups of servers still running; killed if the interpreter exits without stop().
 _live_groups: set[int] = set()
 
@@ -91,8 +104,9 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 class ProsodyServer:
     """A Prosody child process configured from server_config/prosody.cfg.lua.tmpl.
 
-    With ``ports=None`` ports are chosen once and remembered in ``data_dir/ports.json``; if one
-    of them is busy when `start` runs, a fresh set is chosen, so read `ports` after `start`.
+    With ``ports=None`` ports are chosen once and remembered in ``data_dir/ports.json`` when the
+    config is rendered; if one of them is busy when `start` runs, a fresh set is chosen, so read
+    `ports` after `start`. Nothing is written while another Prosody runs from `data_dir`.
     Explicitly given ports are never changed: a busy one raises `PortInUse`.
     `template_path` exists for tests and experiments; normally the repository's template is used.
     """
@@ -176,10 +190,28 @@ class ProsodyServer:
     # --- configuration --------------------------------------------------------------------
 
     def render(self) -> Path:
-        """Write data_dir/prosody.cfg.lua (and certificates if needed); return the config path."""
+        """Write data_dir/prosody.cfg.lua (and certificates if needed) and remember the ports;
+        return the config path. The config is rewritten only when the rendering changes it; a
+        hand-edited one is first kept as ``prosody.cfg.lua.edited``. Refuses (ServerError) while
+        another Prosody runs from data_dir, before writing anything."""
+        self.refuse_if_running_elsewhere()
         self.storage_path.mkdir(mode=0o750, parents=True, exist_ok=True)
         ensure_certificates(self.certs.ca.parent, self.domain, self._cert_ips())
-        text = Template(self.template_path.read_text()).substitute(self._template_values())
+        if self._auto_ports:
+            self._remember_ports()
+        body = Template(self.template_path.read_text()).substitute(self._template_values())
+        text = f"{RENDERED_MARK}{hashlib.sha256(body.encode()).hexdigest()}\n{body}"
+        try:
+            current = self.config_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            current = None
+        if current == text:
+            return self.config_path
+        if current is not None and not _rendered_by_us(current):
+            kept = self.config_path.with_name(self.config_path.name + EDITED_SUFFIX)
+            shutil.copyfile(self.config_path, kept)
+            log.warning("%s was edited by hand; the edits are kept in %s and the config is rendered again from %s "
+                        "(make lasting changes there)", self.config_path, kept, self.template_path)
         tmp = self.config_path.with_name(self.config_path.name + ".tmp")
         tmp.write_text(text)
         tmp.replace(self.config_path)
@@ -232,10 +264,15 @@ class ProsodyServer:
         return self._new_ports()
 
     def _new_ports(self) -> ServerPorts:
-        ports = ServerPorts.choose(self.bind)
+        return ServerPorts.choose(self.bind)
+
+    def _remember_ports(self) -> None:
+        text = json.dumps(asdict(self.ports), indent=2) + "\n"
+        with contextlib.suppress(OSError):
+            if self._ports_file.read_text() == text:
+                return
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._ports_file.write_text(json.dumps(asdict(ports), indent=2) + "\n")
-        return ports
+        self._ports_file.write_text(text)
 
     def _busy_port(self, ports: ServerPorts) -> tuple[str, int] | None:
         """The first (setting, port) that cannot be bound, or None."""
@@ -261,7 +298,8 @@ class ProsodyServer:
         if found is None:
             raise ProsodyMissing(
                 f"the Prosody XMPP server ({self.prosody_bin!r}) was not found; "
-                "install it with `apt-get install prosody` or pass prosody_bin=/path/to/prosody"
+                "install it with `apt-get install prosody` or name the executable with "
+                "`gridpresence up --prosody /path/to/prosody`"
             )
         return found
 
@@ -271,17 +309,17 @@ class ProsodyServer:
             return
         await self.stop()  # reap a previous child that died on its own
         binary = self._find_binary()
-        self._refuse_if_running_elsewhere()
+        self.refuse_if_running_elsewhere()
         self._claim_ports()
         self.render()
-        await self._spawn(binary)
         try:
+            await self._spawn(binary)
             await self._wait_ready(timeout)
         except BaseException:
             await self.stop()
             raise
 
-    def _refuse_if_running_elsewhere(self) -> None:
+    def refuse_if_running_elsewhere(self) -> None:
         """Fail fast when another Prosody already runs from this data_dir.
 
         Prosody 0.12 notices the locked pidfile itself but then cannot shut down that early
@@ -306,13 +344,23 @@ class ProsodyServer:
         # Prosody's file log sink and its stdout/stderr (early errors, Lua tracebacks) share one
         # append-only file, so one place explains any failure.
         with open(self.log_path, "ab") as log:
-            self._process = await asyncio.create_subprocess_exec(
+            spawn = asyncio.ensure_future(asyncio.create_subprocess_exec(
                 binary, "--config", str(self.config_path), "-F",
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
                 cwd=self.data_dir,
                 start_new_session=True,  # own process group: stop() reaches any child it spawns
-            )
-        _live_groups.add(self._process.pid)
+            ))
+            try:
+                self._process = await asyncio.shield(spawn)
+            except asyncio.CancelledError:
+                # Cancelled (Ctrl-C) mid-spawn: the child may exist already; keep hold of it so
+                # stop() ends it instead of leaving an orphan Prosody.
+                with contextlib.suppress(Exception):
+                    self._process = await spawn
+                raise
+            finally:
+                if self._process is not None:
+                    _live_groups.add(self._process.pid)
 
     async def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -9,7 +9,8 @@ refused is stored:
 * 550 device data without the device's valid OpenPGP signature (the envelope is not proof),
   451 when the device's key cannot be found just now (the device tries again later),
 * 552 too big (aiosmtpd enforces ``data_size_limit``, also for a ``SIZE=`` announced in MAIL),
-* 554 a message that is not a grid mail (no payload part, invalid XML or values).
+* 554 a message that is not a grid mail (no payload part, invalid XML or values),
+* 451 an internal error (logged; never aiosmtpd's "500 Error: ..." with the exception).
 
 A mail is answered 250 only once its payload is committed to the queue.
 """
@@ -106,6 +107,12 @@ class RelayHandler:
             return refused[:500]
         self.on_stored(self._store(mail, rcpts))
         return "250 2.0.0 stored"
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A bug met by some mail: log it, and answer a proper temporary failure instead of
+        aiosmtpd's default "500 Error: (Type) text" (the sender keeps the mail and tries later)."""
+        log.error("relay: a mail could not be screened", exc_info=error)
+        return "451 4.3.0 internal error in the relay; try again later"
 
     def _role_refusal(self, mail: GridMail, rcpts: list[str]) -> str | None:
         payload, sender, d = mail.payload, mail.sender, self.directory
