@@ -128,6 +128,7 @@ class AlarmDesk:
         # Branch folding (device/folding.py): own faults held back while the parent is in fault,
         # and the own alarm that names the faults folded into this device from below.
         self.fold: BranchFold | None = agent.desk(BranchFold)
+        self.fold.on_release.append(self.release_folded)
         self.held: dict[str, FaultEvent] = {}  # rule -> its raise, told on its own if the parent's fault clears first
         self.own_faults: list[str] = []  # alarm kinds of the rules holding now (not silently)
         self._branch_alarm: str | None = None

@@ -16,6 +16,7 @@ from gridpresence.protocol.branch import BranchTotal, branches_to_xml
 from gridpresence.protocol.codec import PayloadError, q, report_from_xml
 from gridpresence.protocol.models import DeviceKind, DeviceState, PresenceReport, Telemetry
 from gridpresence.device.host import DeviceHost
+from gridpresence.device.alarms import AlarmDesk
 
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class BranchAdvisor:
         return report.telemetry if report else None
 
     def evaluate(self) -> None:
-        settings = self.agent.alarms.settings
+        settings = self.agent.desk(AlarmDesk).settings
         for head in self.branches:
             t = self._branch_telemetry(head)
             if t is None or t.load_pct is None:
@@ -98,7 +99,7 @@ class BranchAdvisor:
                 self.near.discard(head)
             elif t.load_pct >= settings.high_loading_pct and head not in self.near:
                 self.near.add(head)
-                self.agent.alarms.raise_alarm(AlarmKind.BRANCH_NEAR_LIMIT, t.load_pct, settings.high_loading_pct,
+                self.agent.desk(AlarmDesk).raise_alarm(AlarmKind.BRANCH_NEAR_LIMIT, t.load_pct, settings.high_loading_pct,
                                               self.advice(head, t, settings.high_loading_pct))
 
     def advice(self, head: str, t: Telemetry, limit_pct: float) -> str:

@@ -14,6 +14,7 @@ side folding could not stop the child's message reaching a plain chat client.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import logging
 
 from slixmpp import JID, Presence
@@ -35,6 +36,8 @@ class BranchFold:
         self.parent = JID(parent).bare if parent else None
         self.parent_in_fault = False  # the parent, or a branch above it, is in fault: fold
         self._below: dict[str, tuple[FaultRef, ...]] = {}  # child bare JID -> the faults its presence names
+        # Called when the parent's fault clears (the alarm desk sends what it held back).
+        self.on_release: list[Callable[[], None]] = []
         if self.parent is not None:
             agent.client.add_event_handler("presence", self._on_parent_presence)
 
@@ -57,7 +60,8 @@ class BranchFold:
                  if in_fault else "out of fault: my alarms go out on their own again")
         try:
             if not in_fault:
-                self.agent.alarms.release_folded()
+                for release in self.on_release:
+                    release()
             self.agent.publish(force=False)  # the devices below learn whether they fold
         except Exception:  # folding is a help; a failure must not end the device
             log.exception("%s: folding change failed", self.agent.spec.name)
