@@ -4,7 +4,8 @@
 It acts on presence, as [00137] describes: sheds loads that are on, largest first, skipping
 critical and restricted ones, until the net load falls below a target; if shedding is not
 enough it starts a generator that is off. With --price-limit it reads the billing party's
-price and, above the limit, sheds every load it may ([0093]).
+price and, above the limit, aims at a net load of 0 kW ([0093]): it sheds until the grid
+supplies nothing at that price, not past that point.
 
     python bots/load_shed.py --target-kw 400 [--price-limit 0.70] [--connection FILE] [--json]
 

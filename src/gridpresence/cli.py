@@ -14,8 +14,9 @@
     gridpresence judge DEVICE ID fault|not-a-fault    a verdict on an alarm (thresholds learn from it)
     gridpresence rules replay TRACE.csv [--json]      alarms and threshold changes of a rule set over a trace
 
-Operator commands read ``connection.json`` (written by ``up``) from --connection, or
-$GRIDPRESENCE_CONNECTION, or .gridpresence/connection.json.
+Every command finds ``connection.json`` (written by ``up``) the same way
+(:func:`gridpresence.agents.session.connection_path`): --connection, else DATA/connection.json
+for a command given --data, else $GRIDPRESENCE_CONNECTION, else .gridpresence/connection.json.
 """
 
 from __future__ import annotations
