@@ -4,7 +4,8 @@
 It acts on presence, as [00137] describes: sheds loads that are on, largest first, skipping
 critical and restricted ones, until the net load falls below a target; if shedding is not
 enough it starts a generator that is off. With --price-limit it reads the billing party's
-price and, above the limit, sheds every load it may ([0093]).
+price and, above the limit, aims at a net load of 0 kW ([0093]): it sheds until the grid
+supplies nothing at that price, not past that point.
 
     python bots/load_shed.py --target-kw 400 [--price-limit 0.70] [--connection FILE] [--json]
 
@@ -17,22 +18,15 @@ import argparse
 import asyncio
 import json
 import sys
-from pathlib import Path
 
-from gridpresence.operator.library import GridOperator
-from gridpresence.xmpp.session import ConnectionInfo
+from gridpresence.cli import argtypes
+from gridpresence.operator.library import GridOperator, UnknownDevice
+from gridpresence.xmpp.session import ConnectionInfo, SessionError, connection_path
 from gridpresence.operator.shedding import shed_to_target
 
 
-async def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target-kw", type=float, required=True)
-    parser.add_argument("--price-limit", type=float, default=None, help="$/kWh above which all loads are shed")
-    parser.add_argument("--connection", default=".gridpresence/connection.json")
-    parser.add_argument("--as", dest="operator", default=None)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    info = ConnectionInfo.load(Path(args.connection))
+async def run(args: argparse.Namespace) -> int:
+    info = ConnectionInfo.load(connection_path(args.connection))
     async with GridOperator.from_connection(info, operator=args.operator, resource="load-shed") as grid:
         report = await shed_to_target(grid, args.target_kw, args.price_limit)
     if args.json:
@@ -48,5 +42,24 @@ async def main() -> int:
     return 0 if report["met"] else 1
 
 
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target-kw", type=argtypes.non_negative, required=True)
+    parser.add_argument("--price-limit", type=argtypes.non_negative, default=None,
+                        help="price per kWh above which all loads are shed")
+    parser.add_argument("--connection", default=None, help="connection.json written by `gridpresence up` (default: "
+                                                           "$GRIDPRESENCE_CONNECTION, else .gridpresence/connection.json)")
+    parser.add_argument("--as", dest="operator", default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    try:
+        return asyncio.run(run(args))
+    except (SessionError, UnknownDevice) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(main())

@@ -1,7 +1,8 @@
 """OpenPGP for XMPP from go-sendxmpp (`--ox`), a command-line client this project did not write:
 it imports the operator's grid key, publishes it on PEP, fetches the device's key from the
-device's PEP nodes, and sends `shed` signed and encrypted. The device acts on it. (go-sendxmpp
-disconnects right after sending, so it never sees the device's answer: see README.)"""
+device's PEP nodes, and sends `shed` signed and encrypted. The device acts on it. (go-sendxmpp's
+send mode discards the device's answer, and a listening session gets no copy without carbons:
+see README.)"""
 
 from __future__ import annotations
 

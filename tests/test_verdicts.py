@@ -224,10 +224,10 @@ async def test_unsigned_threshold_verbs_are_refused_signed_ones_act(env: Env) ->
         assert all(a.verdict is None for a in hist.alarms)  # nothing learnt from unsigned verdicts
         assert (await alice.ask(jid, "thresholds")).startswith(f"{GUARD}: threshold high_loading")  # looking is fine
         # Signed (OX), the same words act.
-        judged = await grid.ask_signed(GUARD, f"not a fault {aid}")
+        judged = await grid.ask(GUARD, f"not a fault {aid}", signed=True)
         assert judged.startswith(f"Recorded: alarm {aid} (high_loading) is not a fault."), judged
         assert hist.alarms[-1].verdict is False
-        reverted = await grid.ask_signed(GUARD, "revert 1")
+        reverted = await grid.ask(GUARD, "revert 1", signed=True)
         assert "changed 90 -> 80 by alice@localhost (change 2): revert of change 1" in reverted, reverted
         # The CLI signs its revert: it works where unsigned chat is refused, and a repeat is refused.
         conn = ["--connection", str(env.grid.connection_file), "--as", "bob"]

@@ -11,10 +11,13 @@
     gridpresence relay --data DIR                     the email store-and-forward relay alone
     gridpresence mail-device NAME --data DIR          a device that reaches the grid by SMTP only
     gridpresence alert DEVICE [--timeout S]           wait until a device is available
+    gridpresence ack DEVICE [ID]                      acknowledge an alarm (all open ones without ID)
+    gridpresence judge DEVICE ID fault|not-a-fault    a verdict on an alarm (thresholds learn from it)
     gridpresence rules replay TRACE.csv [--json]      alarms and threshold changes of a rule set over a trace
 
-Operator commands read ``connection.json`` (written by ``up``) from --connection, or
-$GRIDPRESENCE_CONNECTION, or .gridpresence/connection.json.
+Every command finds ``connection.json`` (written by ``up``) the same way
+(:func:`gridpresence.xmpp.session.connection_path`): --connection, else DATA/connection.json
+for a command given --data, else $GRIDPRESENCE_CONNECTION, else .gridpresence/connection.json.
 """
 
 from __future__ import annotations
@@ -26,23 +29,26 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gridpresence.cli import argtypes
 from gridpresence.server.accounts import Secrets
 from gridpresence.host.fleet import FleetBots
 from gridpresence.protocol.models import METERING_KINDS
 from gridpresence.operator.library import GridOperator, UnknownDevice
-from gridpresence.xmpp.session import ConnectionInfo, SessionError
+from gridpresence.xmpp.session import ConnectionInfo, SessionError, connection_path
 from gridpresence.operator.tracker import DeviceChange, DeviceView
 from gridpresence.config import FleetError, load_fleet
 from gridpresence.host.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE, Grid
-from gridpresence.protocol.models import Action, Outcome, OutcomeStatus
+from gridpresence.protocol.models import Action, Outcome, OutcomeStatus, PresenceReport
 from gridpresence.cli import relay as relay_commands
 from gridpresence.cli.rules import add_rules_commands
 from gridpresence.rules.model import RuleSetError
 from gridpresence.cli import keys as keys_commands
+from gridpresence.security.keyring import KeyUnavailable
+from gridpresence.security.ox import OxRefused
 from gridpresence.security.keys import KeyFileError
 from gridpresence.server import ServerError, ServerPorts
 from gridpresence.host.signals import stop_signal, unless_stopped
@@ -65,29 +71,33 @@ def _fmt(value: float | None, unit: str = "") -> str:
     return "-" if value is None else f"{value:.1f}{unit}"
 
 
-def status_rows(devices: dict[str, DeviceView]) -> list[list[str]]:
+def status_rows(devices: Mapping[str, DeviceView]) -> list[list[str]]:
+    return status_rows_of([v.as_dict() for v in devices.values()])
+
+
+def status_rows_of(devices: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """The status table, from the devices' JSON form (`DeviceView.as_dict`) alone: the JSON
+    output then carries everything the table shows."""
     rows = [["DEVICE", "KIND", "STATE", "TRANSPORT", "LOAD", "KW", "DETAIL"]]
-    for name in sorted(devices):
-        v = devices[name]
-        t = v.report.telemetry if v.report else None
+    for d in sorted(devices, key=lambda d: d["name"]):
+        t = d["telemetry"]
         detail = []
-        if v.health_reason and v.label in ("presence-error", "unknown", "gone"):
-            detail.append(v.health_reason)
-        elif v.report and v.report.restriction:
-            detail.append(v.report.status_text())
-        if t is not None:
-            if t.fuel_pct is not None:
-                detail.append(f"fuel {t.fuel_pct:.0f}%")
-            if t.temperature_c is not None:
-                detail.append(f"{t.temperature_c:.0f}°C")
-            if t.breaker is not None:
-                detail.append(f"breaker {t.breaker.value}")
-            if t.energy_kwh is not None:
-                detail.append(f"{t.energy_kwh:.2f} kWh")
-        if v.report and v.report.critical:
+        if d["health_reason"] and d["state"] in ("presence-error", "unknown", "gone"):
+            detail.append(d["health_reason"])
+        elif d["restriction"]:
+            detail.append(d["restriction"]["text"])
+        if "fuel_pct" in t:
+            detail.append(f"fuel {t['fuel_pct']:.0f}%")
+        if "temperature_c" in t:
+            detail.append(f"{t['temperature_c']:.0f}°C")
+        if "breaker" in t:
+            detail.append(f"breaker {t['breaker']}")
+        if "energy_kwh" in t:
+            detail.append(f"{t['energy_kwh']:.2f} kWh")
+        if d["critical"]:
             detail.append("critical")
-        rows.append([name, v.kind.value if v.kind else "?", v.label, v.transport or "-", _fmt(t.load_pct if t else None, "%"),
-                     _fmt(t.kw if t else None), ", ".join(detail)])
+        rows.append([d["name"], d["kind"] or "?", d["state"], d["transport"] or "-", _fmt(t.get("load_pct"), "%"),
+                     _fmt(t.get("kw")), ", ".join(detail)])
     return rows
 
 
@@ -102,24 +112,40 @@ def outcome_dict(name: str, outcome: Outcome) -> dict[str, Any]:
     return data
 
 
-def outcome_line(name: str, outcome: Outcome) -> str:
-    state = f" -> {outcome.report.status_text()}" if outcome.report and outcome.ok else ""
+# Telemetry as a person reads it: field -> (label, unit, decimals); a field not named here
+# still shows, under its own name.
+READINGS: dict[str, tuple[str, str, int]] = {
+    "load_pct": ("load", "%", 1), "kw": ("", " kW", 1), "capacity_kw": ("capacity", " kW", 1),
+    "fuel_pct": ("fuel", "%", 0), "temperature_c": ("", " °C", 1), "energy_kwh": ("", " kWh", 2),
+    "breaker": ("breaker", "", 0),
+}
+
+
+def readings_text(report: PresenceReport) -> str:
+    """Every value of a report, e.g. "on, load 70.9%, 85.1 kW, capacity 120.0 kW, critical"."""
+    parts = [report.status_text() if report.restriction else report.state.value]
+    for field, value in report.telemetry.model_dump(mode="json", exclude_none=True).items():
+        label, unit, decimals = READINGS.get(field, (field, "", 2))
+        shown = f"{value:.{decimals}f}" if isinstance(value, float) else str(value)
+        parts.append(f"{label} {shown}{unit}".strip())
+    if report.critical:
+        parts.append("critical")
+    return ", ".join(parts)
+
+
+def outcome_line(name: str, outcome: Outcome, readings: bool = False) -> str:
+    """One outcome for a person; `readings`: show every value the device sent (for `read`)."""
+    state = ""
+    if outcome.report and outcome.ok:
+        state = f" -> {readings_text(outcome.report) if readings else outcome.report.status_text()}"
     return f"{name}: {outcome.summary()}{state}"
 
 
 # -- operator commands ---------------------------------------------------------------------
 
 
-def _connection_path(args: argparse.Namespace) -> Path:
-    if args.connection:
-        return Path(args.connection)
-    if env := os.environ.get("GRIDPRESENCE_CONNECTION"):
-        return Path(env)
-    return DEFAULT_DATA / CONNECTION_FILE
-
-
 async def _with_operator(args: argparse.Namespace, body: Callable[[GridOperator], Awaitable[int]]) -> int:
-    info = ConnectionInfo.load(_connection_path(args))
+    info = ConnectionInfo.load(connection_path(args.connection))
     grid = GridOperator.from_connection(info, operator=args.operator)
     await grid.connect(settle_s=args.settle)
     try:
@@ -132,9 +158,11 @@ async def cmd_status(args: argparse.Namespace) -> int:
     async def body(grid: GridOperator) -> int:
         devices = dict(grid.devices)
         if args.json:
-            price = grid.price_now()
+            tariff = grid.tariff
             print(json.dumps({"devices": [devices[n].as_dict() for n in sorted(devices)],
-                              "price_per_kwh": price}, indent=2))
+                              "price_per_kwh": grid.price_now(),
+                              "currency": tariff.currency if tariff else None,
+                              "supplier": tariff.supplier if tariff else None}, indent=2))
         else:
             print(table(status_rows(devices)))
             if grid.tariff:
@@ -237,7 +265,7 @@ async def cmd_action(args: argparse.Namespace) -> int:
             print(json.dumps([outcome_dict(n, o) for n, o in outcomes.items()], indent=2))
         else:
             for name, outcome in outcomes.items():
-                print(outcome_line(name, outcome))
+                print(outcome_line(name, outcome, readings=action is Action.READ))
         # "queued" is not a failure: the relay holds the command (use --wait for the final outcome).
         fine = (OutcomeStatus.EXECUTED, OutcomeStatus.QUEUED)
         return EXIT_OK if all(o.status in fine for o in outcomes.values()) else EXIT_FAILED_OUTCOME
@@ -258,6 +286,29 @@ async def cmd_alert(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return await _with_operator(args, body)
+
+
+async def cmd_alarm_reply(args: argparse.Namespace) -> int:
+    """`ack` and `judge`: the chat lines an operator answers an alarm with (`ack ID`,
+    `not a fault ID`, `fault ID`), sent signed (OX chat) when this operator has a key, so they
+    pass wherever a device asks a signature for them."""
+    if args.command == "ack":
+        line, done_prefix = f"ack {args.alarm}" if args.alarm else "ack", "Acknowledged:"
+    else:
+        line, done_prefix = f"{'fault' if args.verdict == 'fault' else 'not a fault'} {args.alarm}", "Recorded:"
+
+    async def body(grid: GridOperator) -> int:
+        grid.device(args.device)  # an unknown name fails before anything is sent
+        reply = await grid.ask(args.device, line, timeout=args.timeout, signed=grid.keyring.secret_key is not None)
+        done = reply.startswith(done_prefix)
+        print(json.dumps({"device": args.device, "alarm": args.alarm, "done": done, "reply": reply})
+              if args.json else f"{args.device}: {reply}", flush=True)
+        return EXIT_OK if done else EXIT_FAILED_OUTCOME
+
+    try:
+        return await _with_operator(args, body)
+    except TimeoutError:
+        raise CliError(f"{args.device} did not answer within {args.timeout:g} s") from None
 
 
 # -- server commands -----------------------------------------------------------------------
@@ -384,32 +435,45 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--connection", help="connection.json written by `up`")
         p.add_argument("--as", dest="operator", help="operator name (default: the first)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
-        p.add_argument("--settle", type=float, default=1.0, help="seconds to wait for presence on connect")
+        p.add_argument("--settle", type=argtypes.non_negative, default=1.0, help="seconds to wait for presence on connect")
 
     status = sub.add_parser("status", help="every device's state and telemetry")
     operator_opts(status)
     status.set_defaults(run=cmd_status)
     watch = sub.add_parser("watch", help="show presence changes live")
     operator_opts(watch)
-    watch.add_argument("--count", type=int, default=0, help="stop after this many changes")
-    watch.set_defaults(run=cmd_watch)
-    alarms = sub.add_parser("alarms", help="show alarms sent to this operator as they arrive (acknowledge: chat 'ack ID')")
+    watch.add_argument("--count", type=argtypes.count, default=0, help="stop after this many changes")
+    watch.set_defaults(run=cmd_watch, until_stopped=True)
+    alarms = sub.add_parser("alarms", help="show alarms sent to this operator as they arrive (acknowledge: `ack`)")
     operator_opts(alarms)
-    alarms.add_argument("--count", type=int, default=0, help="stop after this many alarms")
-    alarms.set_defaults(run=cmd_alarms)
+    alarms.add_argument("--count", type=argtypes.count, default=0, help="stop after this many alarms")
+    alarms.set_defaults(run=cmd_alarms, until_stopped=True)
+    ack = sub.add_parser("ack", help="acknowledge a device's alarm (all its open alarms without an ID)")
+    operator_opts(ack)
+    ack.add_argument("device", metavar="DEVICE")
+    ack.add_argument("alarm", nargs="?", default=None, metavar="ID", help="the alarm's id (as `alarms` shows it)")
+    ack.add_argument("--timeout", type=argtypes.positive, default=10.0, help="seconds to wait for the device's answer")
+    ack.set_defaults(run=cmd_alarm_reply)
+    judge = sub.add_parser("judge", help="judge a device's alarm a fault or not a fault (its thresholds learn)")
+    operator_opts(judge)
+    judge.add_argument("device", metavar="DEVICE")
+    judge.add_argument("alarm", metavar="ID", help="the alarm's id (as `alarms` shows it)")
+    judge.add_argument("verdict", choices=("fault", "not-a-fault"))
+    judge.add_argument("--timeout", type=argtypes.positive, default=10.0, help="seconds to wait for the device's answer")
+    judge.set_defaults(run=cmd_alarm_reply)
     quality = sub.add_parser("quality", help="ask meters for a billing report and show its power-quality part")
     operator_opts(quality)
     quality.add_argument("devices", nargs="+", help="meters or master IEDs, by name")
-    quality.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each report")
+    quality.add_argument("--timeout", type=argtypes.positive, default=10.0, help="seconds to wait for each report")
     quality.set_defaults(run=cmd_quality)
     for action in (*COMMAND_ACTIONS, "set-time"):
         p = sub.add_parser(action, help=f"{action} one or more devices and print the outcomes")
         operator_opts(p)
         p.add_argument("devices", nargs="+", metavar="DEVICE")
-        p.add_argument("--ttl", type=float, default=30.0, help="seconds before the command expires")
+        p.add_argument("--ttl", type=argtypes.positive, default=30.0, help="seconds before the command expires")
         p.add_argument("--wait", action="store_true",
                        help="for a device without presence, wait for the relay's final outcome instead of 'queued'")
-        p.add_argument("--until-available", type=float, default=0.0, metavar="S",
+        p.add_argument("--until-available", type=argtypes.non_negative, default=0.0, metavar="S",
                        help="retry members that are absent or restricted until they are available, for up to S seconds")
         if action == "set-time":
             p.add_argument("--time", default=None, help="ISO 8601 time with zone (default: now)")
@@ -417,11 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     alert = sub.add_parser("alert", help="wait until a device is available, then print it")
     operator_opts(alert)
     alert.add_argument("device", metavar="DEVICE")
-    alert.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (exit 1)")
+    alert.add_argument("--timeout", type=argtypes.positive, default=3600.0, help="give up after this many seconds (exit 1)")
     alert.set_defaults(run=cmd_alert)
     relay_commands.register(sub, operator_opts, str(DEFAULT_DATA))
-    add_rules_commands(sub, operator_opts, _with_operator, str(DEFAULT_DATA))
-    keys_commands.register(sub, str(DEFAULT_DATA))
+    add_rules_commands(sub, operator_opts, _with_operator)
+    keys_commands.register(sub)
     return parser
 
 
@@ -433,11 +497,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.time = dt.datetime.now(dt.timezone.utc).isoformat()
     try:
         return asyncio.run(args.run(args))
-    except (CliError, FleetError, KeyFileError, RuleSetError, ServerError, SessionError, UnknownDevice) as exc:
+    except (CliError, FleetError, KeyFileError, KeyUnavailable, OxRefused, RuleSetError, ServerError, SessionError,
+            UnknownDevice) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return EXIT_ERROR
+        # Ending a command that runs until stopped (watch, alarms) is what Ctrl-C is for.
+        return EXIT_OK if getattr(args, "until_stopped", False) else EXIT_ERROR
+    except BrokenPipeError:
+        # The reader went away (`status | head`): as the Python docs advise for SIGPIPE, point
+        # stdout at devnull so the flush at exit cannot fail again, and leave quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED_OUTCOME
 
 
 if __name__ == "__main__":

@@ -13,13 +13,22 @@ from slixmpp import JID
 from slixmpp.jid import InvalidJID
 
 from gridpresence.server.accounts import Secrets
-from gridpresence.xmpp.session import ConnectionInfo, SessionError, close_session, make_client, open_session
+from gridpresence.xmpp.session import (
+    ConnectionInfo,
+    SessionError,
+    close_session,
+    connection_path,
+    data_dir,
+    ensure_running,
+    make_client,
+    open_session,
+)
 from gridpresence.security.keyring import KeyUnavailable
 from gridpresence.security.keys import KEYS_DIR, KeyFileError, fingerprint, jid_of, load_secret
 from gridpresence.security.pep_keyring import PINS_DIR, PartyKeys, PepKeyring
 from gridpresence.security.pins import PinStore
 
-CONNECTION_FILE, SECRETS_FILE = "connection.json", "secrets.json"  # as written by `gridpresence up`
+SECRETS_FILE = "secrets.json"  # as written by `gridpresence up`
 EXIT_OK, EXIT_ERROR = 0, 2
 
 
@@ -27,14 +36,17 @@ class KeysError(Exception):
     """Bad input for a keys command: printed as one line, no traceback."""
 
 
-def register(sub: Any, default_data: str) -> None:  # argparse's subparsers action has no public type
+def register(sub: Any) -> None:  # argparse's subparsers action has no public type
     keys = sub.add_parser("keys", help="every party's OpenPGP key, who pinned what, and changed keys")
-    keys.add_argument("--data", default=default_data, help="the grid's data directory")
+    keys.add_argument("--data", default=None,
+                      help="the grid's data directory (default: the one holding the connection file)")
+    keys.add_argument("--connection", default=None, help="connection.json written by `up` (finds the data directory)")
     keys.add_argument("--json", action="store_true", help="machine-readable output")
     keys.set_defaults(run=cmd_keys)
     actions = keys.add_subparsers(dest="keys_action", metavar="ACTION")
     repin = actions.add_parser("repin", help="accept the key a party announces now (a deliberate key rotation)")
     repin.add_argument("--data", dest="repin_data", default=None, help="the grid's data directory")
+    repin.add_argument("--connection", dest="repin_connection", default=None, help="connection.json written by `up`")
     repin.add_argument("--as", dest="party", required=True, metavar="NAME", help="whose pin to change")
     repin.add_argument("jid", metavar="JID", help="the party whose new key to accept")
     repin.set_defaults(run=cmd_repin)
@@ -82,7 +94,7 @@ def _table(rows: list[list[str]]) -> str:
 
 async def cmd_keys(args: argparse.Namespace) -> int:
     try:
-        report = key_report(Path(args.data))
+        report = key_report(data_dir(args.data, args.connection))
     except KeysError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -106,7 +118,7 @@ async def cmd_keys(args: argparse.Namespace) -> int:
 
 def _party(data: Path, name: str) -> tuple[str, str, PartyKeys, ConnectionInfo]:
     """(jid, password, key and pins files, connection) of a party of the grid in ``data``."""
-    info = ConnectionInfo.load(data / CONNECTION_FILE)
+    info = ConnectionInfo.load(connection_path(data=data))
     for acc in info.operators:
         if name in (acc.name, acc.jid):
             return acc.jid, acc.password, PartyKeys.beside(acc.key_file, acc.name), info
@@ -117,7 +129,7 @@ def _party(data: Path, name: str) -> tuple[str, str, PartyKeys, ConnectionInfo]:
 
 
 async def cmd_repin(args: argparse.Namespace) -> int:
-    data = Path(args.repin_data or args.data)
+    data = data_dir(args.repin_data or args.data, args.repin_connection or args.connection)
     try:
         try:
             target = JID(args.jid).bare
@@ -128,6 +140,7 @@ async def cmd_repin(args: argparse.Namespace) -> int:
         jid, password, keys, info = _party(data, args.party)
         client = make_client(f"{jid}/keys-{os.urandom(3).hex()}", password, info.server)
         ring = PepKeyring(client, keys)
+        await ensure_running(info.server)
         await open_session(client, info.server)
         try:
             new = await ring.fetch_announced(target)

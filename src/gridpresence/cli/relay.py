@@ -13,8 +13,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gridpresence.cli import argtypes
 from gridpresence.server.accounts import RELAY, Secrets
-from gridpresence.xmpp.session import ConnectionInfo, RelayEndpoint, SessionError
+from gridpresence.security.reports import ReportAudience
+from gridpresence.xmpp.session import (
+    ConnectionInfo,
+    RelayEndpoint,
+    SessionError,
+    connection_path,
+    data_dir,
+    ensure_running,
+)
 from gridpresence.config import FleetError, load_fleet
 from gridpresence.services.relay.mail_device import MailDevice
 from gridpresence.services.relay.service import RelayService, relay_files, relay_port
@@ -22,7 +31,6 @@ from gridpresence.services.relay.commissioning import commission, readers_keys, 
 from gridpresence.security.keyring import KeyUnavailable
 from gridpresence.security.keys import load_secret
 from gridpresence.security.pep_keyring import PartyKeys
-from gridpresence.security.reports import ReportAudience
 from gridpresence.host.signals import stop_signal
 
 CONNECTION_FILE, SECRETS_FILE, FLEET_COPY = "connection.json", "secrets.json", "fleet.json"
@@ -90,18 +98,19 @@ async def cmd_relay(args: argparse.Namespace) -> int:
 
 
 async def cmd_mail_device(args: argparse.Namespace) -> int:
-    info = ConnectionInfo.load(Path(args.connection) if args.connection else Path(args.data) / CONNECTION_FILE)
+    info = ConnectionInfo.load(connection_path(args.connection, args.data))
     if info.relay is None:
         raise SessionError("the connection file names no relay; start one with `gridpresence relay`")
-    fleet = load_fleet(Path(args.fleet) if args.fleet else Path(args.data) / FLEET_COPY)
+    data = data_dir(args.data, args.connection)
+    fleet = load_fleet(Path(args.fleet) if args.fleet else data / FLEET_COPY)
     try:
         spec = fleet.device(args.name)
     except KeyError:
         raise FleetError(f"no device named {args.name!r} in the fleet") from None
-    data = Path(args.data)
     keys = PartyKeys.in_data_dir(data, spec.name)
     audience = fleet.report_audience(spec)
     if args.commission:
+        await ensure_running(info.server)
         found = await _commission(data, spec.name, fleet.jid(spec.name), info, keys, audience)
         print(f"{spec.name}: key announced over PEP; readers' keys kept: {', '.join(sorted(found)) or 'none'}",
               flush=True)
@@ -158,7 +167,7 @@ def register(sub: Any, operator_opts: Callable[[argparse.ArgumentParser], None],
     relay = sub.add_parser("relay", help="run the email store-and-forward relay for a running grid")
     relay.add_argument("--data", default=default_data, help="the grid's data directory (written by `up`)")
     relay.add_argument("--bind", default="127.0.0.1", help="address the SMTP server listens on")
-    relay.add_argument("--smtp-port", type=int, help="SMTP port (default: as last time, or a free one)")
+    relay.add_argument("--smtp-port", type=argtypes.port, help="SMTP port (default: as last time, or a free one)")
     relay.add_argument("--queue", help="queue database (default DATA/relay/queue.sqlite3)")
     relay.add_argument("--durable", action="store_true", help="fsync every stored mail (survives power loss)")
     relay.add_argument("--certs", help="the grid's CA directory, where the relay's STARTTLS certificate is issued "
@@ -167,14 +176,16 @@ def register(sub: Any, operator_opts: Callable[[argparse.ArgumentParser], None],
 
     mail = sub.add_parser("mail-device", help="run a device that reaches the grid by SMTP only")
     mail.add_argument("name", help="the device's name in the fleet")
-    mail.add_argument("--data", default=default_data)
-    mail.add_argument("--connection", help="connection.json (default DATA/connection.json)")
+    mail.add_argument("--data", default=None,
+                      help="the grid's data directory (default: the one holding the connection file)")
+    mail.add_argument("--connection", help="connection.json (default DATA/connection.json, else "
+                                           "$GRIDPRESENCE_CONNECTION, else .gridpresence/connection.json)")
     mail.add_argument("--fleet", help="fleet file (default: the copy in DATA)")
-    mail.add_argument("--count", type=int, default=0, help="reports to send (0 = until stopped)")
-    mail.add_argument("--every", type=float, default=0.0, help="seconds between reports (default: refresh_s)")
+    mail.add_argument("--count", type=argtypes.count, default=0, help="reports to send (0 = until stopped)")
+    mail.add_argument("--every", type=argtypes.non_negative, default=0.0, help="seconds between reports (default: refresh_s)")
     mail.add_argument("--commission", action="store_true",
                       help="once, where XMPP is reachable: announce the device's key over PEP and keep its "
                            "readers' keys for billing reports")
     mail.add_argument("--billing", action="store_true",
                       help="mail encrypted billing reports (meters, master IEDs) instead of presence data")
-    mail.set_defaults(run=cmd_mail_device)
+    mail.set_defaults(run=cmd_mail_device, until_stopped=True)  # with --count 0

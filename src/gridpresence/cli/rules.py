@@ -12,6 +12,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gridpresence.cli import argtypes
+from gridpresence.xmpp.session import data_dir
 from gridpresence.config import BillingSpec, FleetError, load_fleet
 from gridpresence.rules.model import AdjustMode, RuleSetError, comparison_text, default_rules, load_rules
 from gridpresence.rules.audit_log import read_audit
@@ -27,7 +29,7 @@ EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
 
 def add_rules_commands(sub: Any, operator_opts: Callable[[argparse.ArgumentParser], None],  # argparse's
-                       with_operator: WithOperator, default_data: str) -> None:  # subparsers have no public type
+                       with_operator: WithOperator) -> None:  # subparsers have no public type
     rules = sub.add_parser("rules", help="rule-based fault detection: replay a trace, audit and revert thresholds")
     rsub = rules.add_subparsers(dest="rules_command", required=True, metavar="RULES_COMMAND")
     rp = rsub.add_parser("replay", help="the alarms a rule set raises over a recorded trace, and its threshold changes")
@@ -39,19 +41,21 @@ def add_rules_commands(sub: Any, operator_opts: Callable[[argparse.ArgumentParse
                          "confirm/hybrid leave proposals for an operator)")
     rp.add_argument("--fleet", default=None, help="fleet file: rank alarms by cost per day at its billing party's "
                                                    "tariff, fold faults under a faulty branch (its parents)")
-    rp.add_argument("--high-cost", type=float, default=50.0,
+    rp.add_argument("--high-cost", type=argtypes.non_negative, default=50.0,
                     help="cost per day from which an alarm is sent at once rather than batched (default 50)")
     rp.add_argument("--json", action="store_true", help="machine-readable output")
     rp.set_defaults(run=cmd_rules_replay)
     au = rsub.add_parser("audit", help="the threshold changes devices recorded: who, when, old, new, why")
-    au.add_argument("--data", default=default_data, help="the grid's data directory (written by `up`)")
+    au.add_argument("--data", default=None,
+                    help="the grid's data directory (default: the one holding the connection file)")
+    au.add_argument("--connection", default=None, help="connection.json written by `up` (finds the data directory)")
     au.add_argument("--device", default=None, help="one device's changes only")
     au.add_argument("--json", action="store_true", help="machine-readable output")
     au.set_defaults(run=cmd_rules_audit)
     rv = rsub.add_parser("revert", help="undo a threshold change on a running device (the revert is audited)")
     operator_opts(rv)
     rv.add_argument("device", metavar="DEVICE")
-    rv.add_argument("change", type=int, metavar="CHANGE", help="the change's number (rules audit)")
+    rv.add_argument("change", type=argtypes.index, metavar="CHANGE", help="the change's number (rules audit)")
     rv.set_defaults(run=partial(cmd_rules_revert, with_operator=with_operator))
 
 
@@ -96,7 +100,7 @@ async def cmd_rules_audit(args: argparse.Namespace) -> int:
     from gridpresence.host.grid import FLEET_COPY
 
     # "No changes" is an answer only about a grid: a mistyped --data or --device must not read as one.
-    data = Path(args.data)
+    data = data_dir(args.data, args.connection)
     if not (data / FLEET_COPY).is_file():
         print(f"error: {data}: not a grid data directory (no {FLEET_COPY}); give the --data DIR of "
               "`gridpresence up`", file=sys.stderr)
@@ -127,7 +131,7 @@ async def cmd_rules_revert(args: argparse.Namespace, with_operator: WithOperator
 
     async def body(grid: GridOperator) -> int:
         try:
-            reply = await grid.ask_signed(args.device, f"revert {args.change}")
+            reply = await grid.ask(args.device, f"revert {args.change}", signed=True)
         except OxRefused as exc:
             print(f"error: cannot send a signed chat line to {args.device}: {exc}", file=sys.stderr)
             return EXIT_ERROR

@@ -17,7 +17,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
 
-from slixmpp import JID, Message
+from slixmpp import JID, Message, Presence
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
@@ -32,6 +32,7 @@ from gridpresence.xmpp.session import (
     Endpoint,
     RelayEndpoint,
     close_session,
+    ensure_running,
     make_client,
     open_session,
 )
@@ -44,9 +45,9 @@ from gridpresence.protocol.codec import (
 )
 from gridpresence.protocol.alarm import Alarm, alarm_from_xml
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
-from gridpresence.protocol.openpgp import FALLBACK_BODY, ox
+from gridpresence.protocol.openpgp import FALLBACK_BODY, OPENPGP_NS
 from gridpresence.security.keyring import KeyUnavailable
-from gridpresence.security.ox import OxRefused, open_chat, seal_chat
+from gridpresence.security.ox import OxRefused, is_encrypted, open_chat, seal_chat
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.operator.relay_route import RelayRoute
 from gridpresence.protocol.relay import FINAL_MARGIN_S
@@ -56,6 +57,8 @@ from gridpresence.protocol.addressing import origin_of
 log = logging.getLogger(__name__)
 
 FAN_OUT_BATCH = 50  # commands of a fan-out prepared (signed) before the loop may send them
+# How long `connect` waits for the tariff of a billing party that is online.
+TARIFF_WAIT_S = 5.0
 
 
 class UnknownDevice(KeyError):
@@ -148,21 +151,48 @@ class GridOperator:
 
     # -- life cycle -------------------------------------------------------------------
 
-    async def connect(self, timeout: float = 20.0, settle_s: float = 0.5) -> None:
+    async def connect(self, timeout: float = 20.0, settle_s: float = 0.5, tariff_s: float = TARIFF_WAIT_S) -> None:
         """Log in, learn the devices from the roster, go online and collect their presence.
 
         `settle_s` waits for the initial presence burst; it ends early once every device
-        is known.
+        is known and, if the roster has a billing party, its tariff has come (or the party is
+        known to be offline). A billing party seen online is waited for up to `tariff_s` in
+        all: it sends the tariff when it sees our presence, a few signatures later.
         """
+        await ensure_running(self.endpoint)  # a stopped grid is said at once, not after `timeout`
         await open_session(self.client, self.endpoint, timeout)
         await self.keyring.announced()
         await self.client.get_roster()
         self.tracker.load_roster()
-        self.client.send_presence(pshow="chat", pstatus="grid operator")
+        billing = {jid for jid in self.client.client_roster if self._is_billing(jid)}
+        offline: set[str] = set()  # billing parties the server said are offline (its probe answer)
+
+        def on_presence(pres: Presence) -> None:
+            if pres["from"].bare in billing:
+                (offline.add if pres["type"] == "unavailable" else offline.discard)(pres["from"].bare)
+                self._bump()
+
+        self.client.add_event_handler("presence", on_presence)  # only while settling: presence is hot
+        started = asyncio.get_running_loop().time()
         try:
-            await self.wait_for(lambda devs: all(v.present for v in devs.values()), timeout=settle_s)
-        except TimeoutError:
-            pass  # some devices are not present; the view says so
+            self.client.send_presence(pshow="chat", pstatus="grid operator")
+
+            def settled(devs: Mapping[str, DeviceView]) -> bool:
+                return all(v.present for v in devs.values()) and (self.tariff is not None or billing <= offline)
+
+            try:
+                await self.wait_for(settled, timeout=settle_s)
+            except TimeoutError:
+                pass  # some devices are not present; the view says so
+            online = {jid for jid in billing - offline if self.client.client_roster[jid].resources}
+            left = tariff_s - (asyncio.get_running_loop().time() - started)
+            if self.tariff is None and online and left > 0:
+                try:
+                    await self.wait_tariff(left)
+                except TimeoutError:
+                    log.info("no tariff from %s within %g s", ", ".join(sorted(online)), tariff_s)
+        finally:
+            self.client.del_event_handler("presence", on_presence)
         await self._adopt_watchdog_health()
         self.tracker.start_watchdog()
 
@@ -365,60 +395,57 @@ class GridOperator:
 
     # -- chat -------------------------------------------------------------------------
 
-    async def ask(self, name: str, text: str, timeout: float = 10.0) -> str:
-        """Say one chat line to a device (as a person would) and return its reply."""
+    async def ask(self, name: str, text: str, timeout: float = 10.0, *, signed: bool = False) -> str:
+        """Say one chat line to a device (as a person would) and return its reply.
+
+        ``signed``: send it as OpenPGP for XMPP chat (XEP-0374), signed with our key and
+        encrypted to the device's, as an OX client would: the device treats it as a signed line
+        (the chat words that act need that) and seals its answer, which is opened here. Raises
+        :class:`OxRefused` if this operator has no key or the device's key is unusable.
+        """
         jid = self.device(name).jid
-        reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        sealed = None
+        if signed:
+            secret = self.keyring.secret_key
+            if secret is None:
+                raise OxRefused(f"{self.jid} has no OpenPGP key file; a signed chat line needs one")
+            try:
+                device_key = await self.keyring.key_for(jid)
+            except KeyUnavailable as exc:
+                raise OxRefused(f"{name}'s key: {exc}") from None
+            sealed = seal_chat(text, secret, jid, device_key)
+        reply: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
 
         def on_message(msg: Message) -> None:
             if (msg["type"] == "chat" and msg["from"].bare == jid and msg["body"] and not reply.done()
                     and msg.xml.find(q("alarm")) is None):
-                reply.set_result(msg["body"])
+                reply.set_result(msg)
 
         self.client.add_event_handler("message", on_message)
         try:
-            self.client.make_message(mto=jid, mbody=text, mtype="chat").send()
-            return await asyncio.wait_for(reply, timeout)
-        finally:
-            self.client.del_event_handler("message", on_message)
-
-    async def ask_signed(self, name: str, text: str, timeout: float = 10.0) -> str:
-        """Say one chat line signed and encrypted to the device (OX, XEP-0374), as an OX client
-        does, so the device may act on it; returns its answer, opened (or its plain-text refusal).
-        Raises :class:`OxRefused` if this operator has no key or the device's key is unusable."""
-        view = self.device(name)
-        own = self.keyring.secret_key
-        if own is None:
-            raise OxRefused(f"{self.jid} has no OpenPGP key file; a signed chat line needs one")
-        try:
-            device_key = await self.keyring.key_for(view.jid)
-        except KeyUnavailable as exc:
-            raise OxRefused(f"{name}'s key: {exc}") from None
-        answer: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-
-        def on_message(msg: Message) -> None:
-            if (msg["type"] == "chat" and msg["from"].bare == view.jid and not answer.done()
-                    and msg.xml.find(q("alarm")) is None):
-                answer.set_result(msg)
-
-        msg = self.client.make_message(mto=view.jid, mbody=FALLBACK_BODY, mtype="chat")
-        msg.append(seal_chat(text, own, view.jid, device_key))
-        self.client.add_event_handler("message", on_message)
-        try:
+            msg = self.client.make_message(mto=jid, mbody=FALLBACK_BODY if sealed is not None else text, mtype="chat")
+            if sealed is not None:
+                msg.append(sealed)
             msg.send()
-            reply = await asyncio.wait_for(answer, timeout)
+            answer = await asyncio.wait_for(reply, timeout)
         finally:
             self.client.del_event_handler("message", on_message)
-        sealed = reply.xml.find(ox("openpgp"))
-        if sealed is None:
-            return str(reply["body"])  # the device would not open ours; it says why in plain text
-        return (await open_chat(sealed, view.jid, self.jid, own, self.keyring)).text
+        envelope = answer.xml.find(f"{{{OPENPGP_NS}}}openpgp")
+        if envelope is None or self.keyring.secret_key is None:
+            return str(answer["body"])  # plain text (also what a device says when it refuses an OX line)
+        try:
+            opened = await open_chat(envelope, jid, self.jid, self.keyring.secret_key, self.keyring)
+        except OxRefused as exc:
+            raise OxRefused(f"{name}'s sealed answer could not be opened: {exc}") from None
+        return opened.text
 
     # -- tariffs ----------------------------------------------------------------------
 
     def _on_tariff(self, msg: Message) -> None:
         if self._closing:  # arrived while leaving: the key lookup would only time out
             return
+        if msg["type"] == "chat" and is_encrypted(msg["openpgp"].xml.text or ""):
+            return  # a device's sealed chat answer (see `ask`), not a signed price
         task = asyncio.ensure_future(self._take_tariff(msg))  # the billing key may have to be fetched
         self._busy.add(task)
         task.add_done_callback(self._busy.discard)

@@ -61,6 +61,8 @@ class DeviceView:
         return self.state.value if self.state else "unknown"
 
     def as_dict(self) -> dict[str, Any]:
+        """Everything an operator is shown about the device (`gridpresence status` renders its
+        table from this alone, so its JSON carries all the table shows)."""
         t = self.report.telemetry if self.report else None
         r = self.report.restriction if self.report else None
         return {
@@ -70,7 +72,8 @@ class DeviceView:
             "state": self.label,
             "health": self.health.value,
             "health_reason": self.health_reason,
-            "restriction": r.model_dump(mode="json") if r else None,
+            "restriction": {**r.model_dump(mode="json"), "text": self.report.status_text()} if r and self.report else None,
+            "critical": self.report.critical if self.report else None,
             "telemetry": t.model_dump(mode="json", exclude_none=True) if t else {},
             "since": self.since.isoformat(),
             "transport": self.transport,

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 from slixmpp import ClientXMPP
@@ -94,6 +96,55 @@ class ConnectionInfo(BaseModel):
 
 class SessionError(RuntimeError):
     """Could not log in: the message says why (server down, bad password, TLS)."""
+
+
+CONNECTION_ENV = "GRIDPRESENCE_CONNECTION"
+CONNECTION_FILE = "connection.json"  # as `gridpresence up` writes it into its data directory
+DEFAULT_DATA = Path(".gridpresence")
+
+
+def connection_path(connection: str | Path | None = None, data: str | Path | None = None) -> Path:
+    """Where every command finds the grid: ``--connection FILE``, else ``DATA/connection.json``
+    for a command given ``--data DATA``, else ``$GRIDPRESENCE_CONNECTION``, else
+    ``.gridpresence/connection.json``."""
+    if connection:
+        return Path(connection)
+    if data:
+        return Path(data) / CONNECTION_FILE
+    if env := os.environ.get(CONNECTION_ENV):
+        return Path(env)
+    return DEFAULT_DATA / CONNECTION_FILE
+
+
+def data_dir(data: str | Path | None = None, connection: str | Path | None = None) -> Path:
+    """The grid's data directory: ``--data DATA``, else the one holding its connection file."""
+    return Path(data) if data else connection_path(connection).parent
+
+
+async def ensure_running(endpoint: Endpoint, timeout: float = 2.0) -> None:
+    """Fail at once, with :class:`SessionError`, when nothing listens where the grid should be
+    (a stopped grid), instead of a login that waits its whole time-out. The XMPP port is tried
+    first, then the BOSH/web port (a client behind a web-only firewall reaches the grid there)."""
+    targets = [(endpoint.host, endpoint.c2s_port)]
+    for url in (endpoint.bosh_url, endpoint.web_url):
+        if url:
+            parts = urlsplit(url)
+            if parts.hostname:
+                targets.append((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)))
+    why = ""
+    for host, port in dict.fromkeys(targets):
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except TimeoutError:  # (an OSError too: test it first)
+            why = why or f"no answer within {timeout:g} s"
+            continue
+        except OSError as exc:
+            why = why or (os.strerror(exc.errno) if exc.errno else str(exc))
+            continue
+        writer.close()
+        return
+    raise SessionError(f"the grid at {endpoint.host}:{endpoint.c2s_port} is not running ({why.lower()}); "
+                       "start it with `gridpresence up`")
 
 
 def make_client(jid: str, password: str, endpoint: Endpoint, plugins: tuple[str, ...] = (),
