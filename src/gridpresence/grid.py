@@ -33,7 +33,8 @@ class Grid:
                  prosody_bin: str = "prosody") -> None:
         self.fleet = fleet
         self.data_dir = Path(data_dir)
-        self.server = ProsodyServer(self.data_dir, domain=fleet.domain, bind=bind, ports=ports, prosody_bin=prosody_bin)
+        self.server = ProsodyServer(self.data_dir, domain=fleet.domain, bind=bind, ports=ports, prosody_bin=prosody_bin,
+                                    adhoc_accounts=[d.name for d in fleet.devices])
         self.secrets = Secrets(self.data_dir / SECRETS_FILE)
         self.keys = KeyStore(self.data_dir / KEYS_DIR)
         self._want_bots = bots
