@@ -148,3 +148,56 @@ async def test_acknowledge_alarm_through_form(env: Env, gajim: Gajim, alice: Gri
     assert alarm.id not in device.alarms.open
     empty = await gajim.execute(to, "ack-alarm")
     assert empty["command"]["status"] == "completed" and "no open alarms" in empty["command"]["notes"][0][1]
+
+
+# -- the device's BARE JID, as Gajim and poezio address it (XEP-0050 §2.2) ------------------
+# Both send exactly these stanzas, with a resource-less `to`, and take only an answer whose
+# `from` is that bare JID (slixmpp's iq.send matches the sender the same way).
+
+
+async def _bare_items(gajim: Gajim, bare: str) -> Any:
+    iq = gajim.client.make_iq_get(ito=bare, queryxmlns="http://jabber.org/protocol/disco#items")
+    iq["disco_items"]["node"] = COMMANDS
+    return await iq.send(timeout=5)
+
+
+async def test_command_list_and_multi_step_form_at_the_bare_jid(gajim: Gajim, alice: GridOperator) -> None:
+    bare = "load-i@localhost"
+    items = await _bare_items(gajim, bare)
+    assert items["from"].full == bare  # the answer of the JID the client asked, not of a resource
+    nodes = {node for _jid, node, _name in items["disco_items"]["items"]}
+    assert {"status", "run", "ack-alarm", "judge-alarm"} <= nodes
+    info = await gajim.client.plugin["xep_0030"].get_info(jid=bare, node=COMMANDS, timeout=5)
+    assert info["from"].full == bare
+
+    status = await gajim.execute(bare, "status")
+    assert status["from"].full == bare and status["command"]["status"] == "completed"
+    assert status["command"]["form"].get_values()["state"] == "on"
+
+    form = await gajim.execute(bare, "run")  # step one: the form
+    assert form["from"].full == bare and form["command"]["status"] == "executing"
+    done = await gajim.submit(bare, form, {"action": "shed"})  # step two, same session, via the bare JID
+    assert done["from"].full == bare and done["command"]["form"].get_values()["outcome"] == "executed"
+    await alice.wait_for(lambda d: d["load-i"].state is DeviceState.OFF, timeout=5)
+    back = await gajim.submit(bare, await gajim.execute(bare, "run"), {"action": "restore"})
+    assert back["command"]["form"].get_values()["outcome"] == "executed"
+    await alice.wait_for(lambda d: d["load-i"].state is DeviceState.ON, timeout=5)
+
+
+async def test_bare_jid_commands_keep_authorisation_and_errors(env: Env, gajim: Gajim) -> None:
+    with pytest.raises(IqError) as missing:
+        await gajim.execute("gen-2@localhost", "nonexistent")
+    assert missing.value.condition == "item-not-found" and missing.value.iq["from"].full == "gen-2@localhost"
+    stranger = await _gajim(env, "billing")  # the device still sees who asks: not an operator
+    try:
+        with pytest.raises(IqError) as refused:
+            await stranger.execute("load-crit3@localhost", "run")
+        assert refused.value.condition == "forbidden" and "not authorised" in refused.value.text
+    finally:
+        await close_session(stranger.client)
+    with pytest.raises(IqError) as offline:  # a device account with no resource online
+        await _bare_items(gajim, "victim-2@localhost")
+    assert offline.value.condition == "service-unavailable"
+    with pytest.raises(IqError) as offline_exec:
+        await gajim.execute("victim-2@localhost", "status")
+    assert offline_exec.value.condition == "service-unavailable"

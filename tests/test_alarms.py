@@ -202,3 +202,36 @@ async def test_cli_shows_alarms_as_they_arrive(env: Env, fast_acks: None) -> Non
         agent(env, "hot-load2").sim.utilisation = 0.5
         proc.kill()
         await proc.wait()
+
+
+async def test_operator_logging_in_gets_one_message_per_open_alarm_with_its_latest_state(env: Env) -> None:
+    """Alarms raised, escalated and changed while every operator was logged out: at login each
+    open alarm arrives once, as it stands now, not once per re-send stored while away."""
+    desk = agent(env, "hot-breaker").alarms
+    device = env.fleet.jid("hot-breaker")
+    before = desk.settings
+    desk.settings = AlarmSettings(ack_timeout_s=0.5)  # several re-sends while nobody is there
+    roster = agent(env, "hot-breaker").client.client_roster
+    assert not any(roster[op].resources for op in desk.duty), "an operator is still logged in"
+    try:
+        urgent = desk.raise_alarm(AlarmKind.BREAKER_TRIPPED, 0.0, 0.0)
+        warning = desk.raise_alarm(AlarmKind.BRANCH_NEAR_LIMIT, 91.0, 80.0, "shed load-x")  # a warning the readings do not clear
+        passed = desk.raise_alarm(AlarmKind.TRIP_IMMINENT, 96.0, 95.0)
+        await asyncio.sleep(1.8)  # each has been sent again a few times by now
+        desk.acknowledge(passed.id, "test")  # closed while away: nothing to tell about it
+        desk.settings = AlarmSettings(ack_timeout_s=3.0)  # no further re-send while we count
+        assert desk.open[urgent.id].alarm.escalation >= 2 and desk.open[warning.id].alarm.escalation >= 2
+        bob = await chat_peer(env, "bob", "back")
+        try:
+            await asyncio.sleep(1.5)
+            got = [alarm_from_xml(m.xml.find(q("alarm"))) for m in bob.alarms._queue  # type: ignore[attr-defined]
+                   if m["from"].bare == device]
+            latest = {aid: desk.open[aid].alarm for aid in (urgent.id, warning.id)}
+            assert sorted(a.id for a in got) == sorted(latest), got  # one message per open alarm, no copies
+            for a in got:
+                assert a == latest[a.id]  # its newest state (escalation count included)
+        finally:
+            await bob.close()
+    finally:
+        desk.settings = before
+        desk.acknowledge(None, "test-cleanup")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import xml.etree.ElementTree as ET
+from collections import Counter
 
 import pytest
 
@@ -195,3 +197,107 @@ def test_retransmission_gives_up_after_attempts_or_inactivity() -> None:
         assert s2.broken(req2.rid, now=attempt, max_attempts=3).attempts == attempt
     with pytest.raises(BoshError, match="failed 3 times"):
         s2.broken(req2.rid, now=3, max_attempts=3)
+
+
+# -- fuzzing: whatever the server sends, only typed BOSH errors come out ------------------
+
+FUZZ_SEED = 20261121
+NUMERIC = ("wait", "hold", "requests", "polling", "inactivity", "maxpause", "ack")
+NASTY_VALUES = ("nan", "NaN", "inf", "-inf", "1e400", "1e3", "²", "٣", "１", "-1", "0", "1", "30", "3.5", "0x10",
+                "1_000", " 5", "5 ", "", "+5", "99999999999999999999999", "9" * 400, "&#178;", "&#x661;", "\u00a0")
+
+
+def _attr(value: str) -> str:
+    """A quoted attribute value; character references ("&#178;") are left for the parser."""
+    return "'" + (value if "&#" in value else value.replace("&", "&amp;").replace("'", "&apos;").replace("<", "&lt;"))
+
+def _random_attrs(rng: random.Random, create: bool) -> str:
+    attrs = {"sid": "s1"} if create or rng.random() < 0.8 else {}
+    for _ in range(rng.randint(1, 4)):
+        name = rng.choice(NUMERIC + ("type", "condition", "from", "rid", "ver", "x-" + str(rng.randint(0, 9))))
+        attrs[name] = rng.choice(NASTY_VALUES) if rng.random() < 0.8 else str(rng.randint(0, 10**rng.randint(1, 20)))
+    return " ".join(f"{k}={_attr(v)}'" for k, v in attrs.items())
+
+
+def _mutate(rng: random.Random, data: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 3)):
+        pos = rng.randrange(len(out) + 1)
+        op = rng.randrange(5)
+        if op == 0 and out:
+            del out[pos:pos + rng.randint(1, 8)]
+        elif op == 1:
+            out[pos:pos] = rng.choice([b"<", b">", b"&", b"'", b'"', b"/", b"=", b"\x00", b"\xff", b"]]>", b"<!--",
+                                       b"<?xml version='1.0' encoding='bogus'?>", b"&lt;", b"\xc3"])
+        elif op == 2 and out:
+            start = rng.randrange(len(out))
+            out[pos:pos] = out[start:start + rng.randint(1, 20)]
+        elif op == 3:
+            del out[pos:]
+        else:
+            out[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 4)))
+    return bytes(out)
+
+
+def _fuzz_case(rng: random.Random) -> tuple[BoshSession, int, bytes]:
+    """A session waiting on one request, and a random answer for it."""
+    create = rng.random() < 0.4
+    if create:
+        s = BoshSession(to="grid.test", wait=30, hold=1, rid=1000)
+        req = s.next_request(0.0)
+    else:
+        s, _ = created()
+        s.queue(b"<message to='x@grid.test'><body>hi</body></message>")
+        req = s.next_request(1.0)
+    assert req is not None
+    answer = body(_random_attrs(rng, create), rng.choice(["", "<message><body>hi</body></message>"]))
+    if rng.random() < 0.4:
+        answer = _mutate(rng, answer)
+    return s, req.rid, answer
+
+
+def test_fuzzed_bodies_give_only_typed_errors_and_recoverable_ones_leave_the_session_usable() -> None:
+    rng = random.Random(FUZZ_SEED)
+    outcomes: Counter[str] = Counter()
+    for _ in range(1500):
+        s, rid, answer = _fuzz_case(rng)
+        try:
+            events = s.receive(rid, 200, answer)
+        except BoshError as exc:  # anything else (ValueError, OverflowError, …) fails the test
+            assert str(exc)
+            outcomes["retryable" if exc.retryable else "fatal"] += 1
+            if exc.retryable:  # the same request, answered properly this time, carries on
+                good = body("sid='s1' wait='30' hold='1' requests='2' inactivity='60'" if not s.created else "sid='s1'",
+                            "<message><body>again</body></message>")
+                assert any(isinstance(e, Payload) and b"again" in e.xml for e in s.receive(rid, 200, good))
+                s.queue(b"<presence/>")
+                after = s.next_request(2.0)
+                assert after is not None and after.rid == rid + 1 and b"<presence" in after.body
+            continue
+        outcomes["accepted"] += 1
+        assert all(isinstance(e, (StreamStart, Payload, Terminated)) for e in events)
+        g = s.granted
+        assert all(isinstance(v, int) and 0 <= v for v in (g.wait, g.hold, g.requests, g.polling, g.inactivity))
+        if not s.closed and s.created:
+            s.next_request(2.0)
+    assert min(outcomes.values()) >= 50, outcomes  # every path was exercised
+
+
+@pytest.mark.parametrize("attr", ["hold='nan'", "hold='1e400'", "requests='inf'", "wait='²'", "polling='-1'",
+                                  "inactivity='3.5'", "wait='99999999'", "maxpause='٣'"])
+def test_non_integer_or_unbounded_session_attributes_are_protocol_errors(attr: str) -> None:
+    s = BoshSession(to="grid.test")
+    req = s.next_request(0.0)
+    assert req is not None
+    with pytest.raises(BoshProtocolError, match=attr.split("=")[0]):
+        s.receive(req.rid, 200, body(f"sid='s1' {attr}"))
+    assert not s.created
+
+
+def test_a_bad_ack_is_a_protocol_error_and_consumes_nothing() -> None:
+    s, _ = created()
+    req = s.next_request(1.0)
+    assert req is not None
+    with pytest.raises(BoshProtocolError, match="ack"):
+        s.receive(req.rid, 200, body("sid='s1' ack='²'"))
+    assert s.outstanding == 1  # the request is still the one outstanding

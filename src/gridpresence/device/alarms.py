@@ -5,6 +5,7 @@ available operator; an urgent alarm goes to the first *available* operator in du
 (the fleet's operator order): one who is offline, away or dnd is skipped. An alarm stays
 open until an operator acknowledges it (chat ``ack ID`` or the ad-hoc command); if nobody
 does within ``ack_timeout_s`` it is sent again, to the next available operator on duty.
+An operator who is logged out gets, at login, one message per alarm owed, in its newest state.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from slixmpp import JID
+from slixmpp import JID, Presence
 
 from gridpresence.rules.settings import AlarmSettings
 from gridpresence.protocol.alarm import URGENT_KINDS, Alarm, AlarmKind, AlarmLevel, AlarmStatus, alarm_to_xml
@@ -132,6 +133,10 @@ class AlarmDesk:
         self.held: dict[str, FaultEvent] = {}  # rule -> its raise, told on its own if the parent's fault clears first
         self.own_faults: list[str] = []  # alarm kinds of the rules holding now (not silently)
         self._branch_alarm: str | None = None
+        # What an operator who is offline has not been told: alarm id -> its newest state, sent once
+        # when the operator logs in (the server's offline storage would replay every copy).
+        self._owed: dict[str, dict[str, Alarm]] = {}
+        agent.client.add_event_handler("presence_available", self._on_operator_presence)
 
     # -- presence of the operators ------------------------------------------------------
 
@@ -139,6 +144,23 @@ class AlarmDesk:
         """Online and not away, xa or dnd, on at least one resource."""
         resources = self.agent.client.client_roster[operator].resources
         return any((r.get("show") or "") in AVAILABLE_SHOWS for r in resources.values())
+
+    def online(self, operator: str) -> bool:
+        """Logged in on at least one resource, whatever its show."""
+        return bool(self.agent.client.client_roster[operator].resources)
+
+    def _on_operator_presence(self, pres: Presence) -> None:
+        """An operator logged in: one message per alarm owed to them, with its newest state."""
+        who = pres["from"].bare
+        owed = self._owed.pop(who, None)  # taken at once: a second presence finds nothing to send
+        if not owed or self.agent._stopping:
+            return
+        for aid, alarm in owed.items():
+            entry = self.open.get(aid)
+            if entry is not None:
+                alarm = entry.alarm
+                self._restart_timer(entry)  # just heard: the acknowledgement time starts now
+            self._transmit(who, alarm)
 
     def _next_on_duty(self, after: int) -> int | None:
         n = len(self.duty)
@@ -295,8 +317,14 @@ class AlarmDesk:
         for op in targets:
             self._send(op, alarm)
         entry.notified.update(targets)
+        self._restart_timer(entry)
+
+    def _restart_timer(self, entry: _Open) -> None:
+        """One escalation timer per alarm: a second one would send the same state twice."""
+        if entry.timer is not None:
+            entry.timer.cancel()
         loop = asyncio.get_running_loop()
-        entry.timer = loop.call_later(self.settings.ack_timeout_s, self._escalate, alarm.id)
+        entry.timer = loop.call_later(self.settings.ack_timeout_s, self._escalate, entry.alarm.id)
 
     def _escalate(self, alarm_id: str) -> None:
         entry = self.open.get(alarm_id)
@@ -311,8 +339,21 @@ class AlarmDesk:
             log.exception("%s: escalating alarm %s failed", self.agent.spec.name, alarm_id)
 
     def _send(self, to: str, alarm: Alarm) -> None:
+        """Tell an operator now, or, while they are offline, keep only the newest state for
+        their login. A closing state of an alarm they were never told is not worth telling."""
         if not self.agent.client.is_connected():
             return
+        if self.online(to):
+            self._transmit(to, alarm)
+            return
+        owed = self._owed.setdefault(to, {})
+        never_told = alarm.id in owed and owed[alarm.id].status is AlarmStatus.RAISED
+        if alarm.status is not AlarmStatus.RAISED and never_told:
+            del owed[alarm.id]
+        else:
+            owed[alarm.id] = alarm
+
+    def _transmit(self, to: str, alarm: Alarm) -> None:
         name = self.agent.spec.label
         if alarm.status is AlarmStatus.ACKNOWLEDGED:
             body = f"{name}: alarm {alarm.id} ({TITLES[alarm.kind]}) acknowledged by {alarm.acked_by}"

@@ -44,7 +44,7 @@ class Grid:
                         CONSOLE]
             only = [n for n in (everyone if only is None else only) if n not in set(without)]
         self.server = ProsodyServer(self.data_dir, domain=fleet.domain, bind=bind, ports=ports, prosody_bin=prosody_bin,
-                                    log_level=log_level)
+                                    log_level=log_level, adhoc_accounts=[d.name for d in fleet.devices])
         self.secrets = Secrets(self.data_dir / SECRETS_FILE)
         self.keys = KeyStore(self.data_dir / KEYS_DIR)
         self._want_bots = bots

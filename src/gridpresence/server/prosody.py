@@ -109,6 +109,8 @@ class ProsodyServer:
     `ports` after `start`. Nothing is written while another Prosody runs from `data_dir`.
     Explicitly given ports are never changed: a busy one raises `PortInUse`.
     `template_path` exists for tests and experiments; normally the repository's template is used.
+    `adhoc_accounts` (usernames, the fleet's devices) get their XEP-0050 commands answered at their
+    bare JID by their connected resource (server_config/mod_gridpresence_adhoc.lua).
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class ProsodyServer:
         extra_modules: Sequence[str] = (),
         component_secret: str | None = None,
         template_path: Path = TEMPLATE_PATH,
+        adhoc_accounts: Sequence[str] = (),
     ) -> None:
         if log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, not {log_level!r}")
@@ -133,6 +136,7 @@ class ProsodyServer:
         self.extra_modules = tuple(extra_modules)
         self.component_secret = component_secret
         self.template_path = Path(template_path)
+        self.adhoc_accounts = tuple(adhoc_accounts)
         self.certs = CertPaths.in_directory(self.data_dir / "certs")
         self._auto_ports = ports is None
         self.ports = ports if ports is not None else self._remembered_or_new_ports()
@@ -241,6 +245,7 @@ class ProsodyServer:
             "extra_modules": modules,
             "plugin_dir": lua_string(str(self.template_path.parent)),
             "bosh_url": lua_string(self.bosh_url),
+            "adhoc_accounts": "; ".join(lua_string(name) for name in self.adhoc_accounts),
             "component": component,
         }
 

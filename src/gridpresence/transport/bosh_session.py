@@ -30,6 +30,11 @@ NS_XBOSH = "urn:xmpp:xbosh"
 NS_CLIENT = "jabber:client"
 BOSH_VERSION = "1.11"
 MAX_RID = 2**53 - 1  # XEP-0124 §14: rids must stay below 2^53
+# Sane upper bounds for what a connection manager may grant (seconds, or counts).
+MAX_WAIT_S = 3600
+MAX_HOLD = 100
+MAX_REQUESTS = 100
+MAX_SECONDS = 86400
 
 # The opening tag of one serialized stanza: its name, and whether it declares a namespace.
 _FIRST_TAG = re.compile(rb"^\s*<([A-Za-z_][\w.:-]*)([^>]*)>", re.S)
@@ -119,12 +124,12 @@ class Negotiated:
     """What the connection manager granted in its session creation response."""
 
     sid: str = ""
-    wait: float = 60.0
+    wait: int = 60
     hold: int = 1
     requests: int = 2
-    polling: float = 0.0
-    inactivity: float = 60.0
-    maxpause: float = 0.0
+    polling: int = 0
+    inactivity: int = 60
+    maxpause: int = 0
     acks: bool = False
 
 
@@ -295,6 +300,7 @@ class BoshSession:
             self._negotiate(attrs)
         elif attrs.get("sid", self.granted.sid) != self.granted.sid:
             raise BoshProtocolError(f"BOSH response for session {attrs.get('sid')!r}, expected {self.granted.sid!r}")
+        ack = _int(attrs, "ack", -1, MAX_RID) if req.kind is not Kind.CREATE else -1
         del self._pending[rid]
         events: list[Event] = []
         if req.kind is Kind.CREATE:
@@ -303,8 +309,8 @@ class BoshSession:
             events.append(Payload(root.inner))
         elif req.empty and req.kind is Kind.PAYLOAD and now - req.sent_at < self.granted.polling:
             self._poll_not_before = req.sent_at + self.granted.polling  # not held: we are polling
-        if "ack" in attrs and req.kind is not Kind.CREATE:
-            self.server_ack = int(attrs["ack"]) if attrs["ack"].isdigit() else None
+        if ack >= 0:
+            self.server_ack = ack
         if attrs.get("type") == "terminate":
             condition = attrs.get("condition")
             if condition and req.kind is not Kind.TERMINATE:
@@ -332,13 +338,13 @@ class BoshSession:
             raise BoshProtocolError("BOSH session creation response has no sid")
         g = self.granted
         g.sid = sid
-        g.wait = _num(attrs, "wait", self.wait)
-        g.hold = int(_num(attrs, "hold", self.hold))
+        g.wait = _int(attrs, "wait", self.wait, MAX_WAIT_S)
+        g.hold = _int(attrs, "hold", self.hold, MAX_HOLD)
         # A server that omits 'requests' allows hold + 1 (§7.1).
-        g.requests = max(1, int(_num(attrs, "requests", g.hold + 1)))
-        g.polling = _num(attrs, "polling", 0.0)
-        g.inactivity = _num(attrs, "inactivity", 60.0)
-        g.maxpause = _num(attrs, "maxpause", 0.0)
+        g.requests = max(1, _int(attrs, "requests", g.hold + 1, MAX_REQUESTS))
+        g.polling = _int(attrs, "polling", 0, MAX_SECONDS)
+        g.inactivity = _int(attrs, "inactivity", 60, MAX_SECONDS)
+        g.maxpause = _int(attrs, "maxpause", 0, MAX_SECONDS)
         g.acks = "ack" in attrs
         self.created = True
 
@@ -411,11 +417,18 @@ def _parse(body: bytes) -> _Body:
     return _Body(dict(root.attrib), b"".join(ET.tostring(child) for child in root), body)
 
 
-def _num(attrs: dict[str, str], name: str, default: float) -> float:
-    try:
-        value = float(attrs.get(name, default))
-    except ValueError:
-        raise BoshProtocolError(f"BOSH attribute {name}={attrs[name]!r} is not a number") from None
-    if value < 0:
-        raise BoshProtocolError(f"BOSH attribute {name}={value} is negative")
+_DIGITS = re.compile(r"[0-9]{1,16}")
+
+
+def _int(attrs: dict[str, str], name: str, default: int, maximum: int) -> int:
+    """A numeric body attribute (XEP-0124 defines them all as non-negative integers): ASCII
+    digits only, 0..`maximum`; anything else ('nan', '1e400', '²', '-1') is a protocol error."""
+    raw = attrs.get(name)
+    if raw is None:
+        return default
+    if _DIGITS.fullmatch(raw) is None:
+        raise BoshProtocolError(f"BOSH attribute {name}={raw[:40]!r} is not a non-negative integer")
+    value = int(raw)
+    if value > maximum:
+        raise BoshProtocolError(f"BOSH attribute {name}={value} is out of range (at most {maximum})")
     return value
