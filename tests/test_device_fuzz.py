@@ -16,8 +16,8 @@ import pytest
 from slixmpp.exceptions import IqError, IqTimeout
 
 from conftest import Env
-from gridpresence.agents.operator import GridOperator
-from gridpresence.agents.session import close_session
+from gridpresence.operator.library import GridOperator
+from gridpresence.xmpp.session import close_session
 from gridpresence.protocol import NS, Action, Command, DeviceState
 from gridpresence.protocol.codec import command_to_xml
 from test_bad_input import RawPeer, _peer, _target
