@@ -13,7 +13,7 @@ import pytest_asyncio
 
 from chatpeer import ChatPeer, chat_peer
 from conftest import Env
-from gridpresence.device.chat import MAX_CHARS, describe_report
+from gridpresence.words import MAX_CHARS, describe_report
 from gridpresence.host.fleet import FleetBots
 from gridpresence.security.policy import SecuritySettings
 from gridpresence.operator.library import GridOperator

@@ -22,7 +22,7 @@ import pytest_asyncio
 
 from conftest import ROOT, Env, run_cli
 from gridpresence.operator.library import GridOperator
-from gridpresence.cli import status_rows_of
+from gridpresence.words import status_rows_of
 from gridpresence.config import parse_fleet
 from gridpresence.host.grid import Grid
 from gridpresence.protocol import DeviceState

@@ -27,9 +27,10 @@ from gridpresence.security.keyring import KeyUnavailable
 from gridpresence.security.keys import KEYS_DIR, KeyFileError, fingerprint, jid_of, load_secret
 from gridpresence.security.pep_keyring import PINS_DIR, PartyKeys, PepKeyring
 from gridpresence.security.pins import PinStore
+from gridpresence.cli.common import EXIT_ERROR, EXIT_OK
+from gridpresence.words import table
 
 SECRETS_FILE = "secrets.json"  # as written by `gridpresence up`
-EXIT_OK, EXIT_ERROR = 0, 2
 
 
 class KeysError(Exception):
@@ -87,11 +88,6 @@ def key_report(data: Path) -> dict[str, Any]:
     return {"parties": _parties(data), "pins": pins, "changes": changes}
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
 async def cmd_keys(args: argparse.Namespace) -> int:
     try:
         report = key_report(data_dir(args.data, args.connection))
@@ -103,7 +99,7 @@ async def cmd_keys(args: argparse.Namespace) -> int:
         return EXIT_OK
     rows = [["PARTY", "JID", "FINGERPRINT"]]
     rows += [[n, p["jid"] or "-", p["fingerprint"] or f"unreadable: {p.get('error')}"] for n, p in report["parties"].items()]
-    print(_table(rows))
+    print(table(rows))
     pinned = [["PINNED BY", "JID", "FINGERPRINT", "STATUS"]]
     for name, pins in report["pins"].items():
         for jid, fpr in sorted(pins.items()):
@@ -112,7 +108,7 @@ async def cmd_keys(args: argparse.Namespace) -> int:
                       f"(accept: gridpresence keys repin --as {name} {jid})") if offered else "ok"
             pinned.append([name, jid, fpr, status])
     print()
-    print(_table(pinned) if len(pinned) > 1 else "no pins yet")
+    print(table(pinned) if len(pinned) > 1 else "no pins yet")
     return EXIT_OK
 
 

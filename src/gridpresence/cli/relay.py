@@ -9,11 +9,11 @@ import os
 import smtplib
 import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gridpresence.cli import argtypes
+from gridpresence.cli.common import DEFAULT_DATA
 from gridpresence.server.accounts import RELAY, Secrets
 from gridpresence.security.reports import ReportAudience
 from gridpresence.xmpp.session import (
@@ -163,9 +163,9 @@ async def _commission(data: Path, name: str, jid: str, info: ConnectionInfo, key
     return await commission(name, jid, secrets.password(name), info.server, keys, audience.everyone, timeout)
 
 
-def register(sub: Any, operator_opts: Callable[[argparse.ArgumentParser], None], default_data: str) -> None:
+def register(sub: Any) -> None:  # argparse's subparsers action has no public type
     relay = sub.add_parser("relay", help="run the email store-and-forward relay for a running grid")
-    relay.add_argument("--data", default=default_data, help="the grid's data directory (written by `up`)")
+    relay.add_argument("--data", default=str(DEFAULT_DATA), help="the grid's data directory (written by `up`)")
     relay.add_argument("--bind", default="127.0.0.1", help="address the SMTP server listens on")
     relay.add_argument("--smtp-port", type=argtypes.port, help="SMTP port (default: as last time, or a free one)")
     relay.add_argument("--queue", help="queue database (default DATA/relay/queue.sqlite3)")

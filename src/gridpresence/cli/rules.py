@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Awaitable, Callable
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gridpresence.cli import argtypes
+from gridpresence.cli.common import EXIT_ERROR, EXIT_FAILED_OUTCOME, EXIT_OK, operator_opts, with_operator
+from gridpresence.operator.library import GridOperator
 from gridpresence.xmpp.session import data_dir
 from gridpresence.config import BillingSpec, FleetError, load_fleet
 from gridpresence.rules.model import AdjustMode, RuleSetError, comparison_text, default_rules, load_rules
@@ -20,16 +20,10 @@ from gridpresence.rules.audit_log import read_audit
 from gridpresence.rules.replay import PriorityOptions, TraceError, read_trace, replay
 from gridpresence.rules.thresholds import Change
 
-if TYPE_CHECKING:
-    from gridpresence.operator.library import GridOperator
-
-WithOperator = Callable[[argparse.Namespace, Callable[["GridOperator"], Awaitable[int]]], Awaitable[int]]
-
-EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
 
-def add_rules_commands(sub: Any, operator_opts: Callable[[argparse.ArgumentParser], None],  # argparse's
-                       with_operator: WithOperator) -> None:  # subparsers have no public type
+
+def register(sub: Any) -> None:  # argparse's subparsers action has no public type
     rules = sub.add_parser("rules", help="rule-based fault detection: replay a trace, audit and revert thresholds")
     rsub = rules.add_subparsers(dest="rules_command", required=True, metavar="RULES_COMMAND")
     rp = rsub.add_parser("replay", help="the alarms a rule set raises over a recorded trace, and its threshold changes")
@@ -56,7 +50,7 @@ def add_rules_commands(sub: Any, operator_opts: Callable[[argparse.ArgumentParse
     operator_opts(rv)
     rv.add_argument("device", metavar="DEVICE")
     rv.add_argument("change", type=argtypes.index, metavar="CHANGE", help="the change's number (rules audit)")
-    rv.set_defaults(run=partial(cmd_rules_revert, with_operator=with_operator))
+    rv.set_defaults(run=cmd_rules_revert)
 
 
 async def cmd_rules_replay(args: argparse.Namespace) -> int:
@@ -124,7 +118,7 @@ async def cmd_rules_audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def cmd_rules_revert(args: argparse.Namespace, with_operator: WithOperator) -> int:
+async def cmd_rules_revert(args: argparse.Namespace) -> int:
     """Ask the device itself (it is the audit's only writer), as its operator would over chat:
     signed (OX), since a revert changes a threshold and unsigned chat may only look."""
     from gridpresence.security.ox import OxRefused
@@ -141,6 +135,6 @@ async def cmd_rules_revert(args: argparse.Namespace, with_operator: WithOperator
         done = f"revert of change {args.change}" in reply
         print(json.dumps({"device": args.device, "change": args.change, "reverted": done, "reply": reply})
               if args.json else reply)
-        return EXIT_OK if done else EXIT_FAILED
+        return EXIT_OK if done else EXIT_FAILED_OUTCOME
 
     return await with_operator(args, body)

@@ -18,8 +18,10 @@ from slixmpp import JID, Iq, Presence
 from slixmpp.exceptions import XMPPError
 from slixmpp.xmlstream import StanzaBase
 
-from gridpresence.device.alarms import TITLES, AlarmDesk
-from gridpresence.device.chat import ACTION_WORDS, REASONS, describe_outcome, describe_report, unsigned_refusal
+from gridpresence.device.alarms import AlarmDesk
+from gridpresence.words import TITLES
+from gridpresence.device.chat import ACTION_WORDS, unsigned_refusal
+from gridpresence.words import REASONS, describe_outcome, describe_report
 from gridpresence.protocol.models import Action, Command, PresenceReport, utcnow
 from gridpresence.device.host import DeviceHost
 

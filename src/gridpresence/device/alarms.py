@@ -30,21 +30,13 @@ from gridpresence.rules.thresholds import Adjuster, Change, Proposal, ThresholdB
 from gridpresence.device.folding import BranchFold
 from gridpresence.device.host import DeviceHost
 from gridpresence.device.price_feed import PriceFeed
+from gridpresence.words import TITLES, describe
 
 log = logging.getLogger(__name__)
 
 # Presence <show> values that mean "can respond now"; away, xa and dnd do not.
 AVAILABLE_SHOWS = frozenset({"", "chat"})
 
-TITLES: dict[AlarmKind, str] = {
-    AlarmKind.HIGH_LOADING: "high loading",
-    AlarmKind.TRIP_IMMINENT: "trip point imminent",
-    AlarmKind.BREAKER_TRIPPED: "breaker tripped",
-    AlarmKind.LOW_FUEL: "generating with low fuel",
-    AlarmKind.TEMPERATURE_EXCEEDED: "generator temperature exceeded",
-    AlarmKind.SERVICE_REQUIRED: "service required",
-    AlarmKind.BRANCH_NEAR_LIMIT: "branch near its limit",
-}
 
 
 KINDS = frozenset(k.value for k in AlarmKind)
@@ -90,13 +82,7 @@ def _title(kind: str) -> str:
     return TITLES[AlarmKind(kind)] if kind in KINDS else kind
 
 
-def describe(alarm: Alarm) -> str:
-    """The alarm as a line for a person."""
-    units = {AlarmKind.TEMPERATURE_EXCEEDED: " °C", AlarmKind.SERVICE_REQUIRED: " running hours"}.get(alarm.kind, " %")
-    reading = ""
-    if alarm.value is not None and alarm.threshold is not None:
-        reading = f" ({alarm.value:.1f}{units}, limit {alarm.threshold:g}{units})"
-    return f"{TITLES[alarm.kind]}{reading}"
+
 
 
 class AlarmDesk:

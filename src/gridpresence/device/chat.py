@@ -12,24 +12,24 @@ from __future__ import annotations
 import logging
 import re
 import time
-import unicodedata
 from dataclasses import dataclass
 from typing import Protocol
 
 from slixmpp import JID, Message
 
 from gridpresence.protocol import roster as roles
-from gridpresence.device.alarms import TITLES, AlarmDesk
+from gridpresence.device.alarms import AlarmDesk
+from gridpresence.words import TITLES
 from gridpresence.security.policy import DEFAULT_ALLOW, Role
 from gridpresence.protocol.codec import q
 from gridpresence.protocol.openpgp import OPENPGP_NS
-from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, PresenceReport, RejectReason, utcnow
+from gridpresence.protocol.models import Action, Command, Outcome, RejectReason, utcnow
 from gridpresence.device.host import DeviceHost
+from gridpresence.words import REASONS, describe_outcome, describe_report, unreadable
 
 
 log = logging.getLogger(__name__)
 
-MAX_CHARS = 500  # commands are short; anything longer is refused, not parsed
 CHAT_TTL_S = 30.0
 # One "not authorised" per stranger per this many seconds: two bots must not talk forever.
 REFUSAL_INTERVAL_S = 60.0
@@ -46,21 +46,6 @@ FIELDS: dict[str, tuple[str, str]] = {  # chat name -> (telemetry field, unit)
     "energy": ("energy_kwh", "kWh"),
     "breaker": ("breaker", ""),
 }
-REASONS: dict[RejectReason, str] = {
-    RejectReason.RESTRICTED: "the device is restricted",
-    RejectReason.CRITICAL: "it is a critical load",
-    RejectReason.NOT_SUPPORTED: "not something this device can do",
-    RejectReason.INVALID_ARGUMENTS: "the arguments are not valid",
-    RejectReason.NOT_AUTHORISED: "not authorised",
-    RejectReason.UNSIGNED: "an unsigned chat line may not change the device's state or its alarm thresholds",
-    RejectReason.BAD_SIGNATURE: "the signature does not check out",
-    RejectReason.UNKNOWN_KEY: "the issuer's key is unknown",
-    RejectReason.KEY_CHANGED: "the issuer's key changed",
-    RejectReason.REPLAYED: "the device had this command already",
-    RejectReason.STALE: "the command is outside its time window",
-    RejectReason.WRONG_SERIAL: "it was signed for another serial number",
-    RejectReason.WRONG_RECIPIENT: "it was signed for another device",
-}
 _CHAT_ID = re.compile(r"[^A-Za-z0-9._:-]")
 
 
@@ -74,49 +59,6 @@ def unsigned_refusal(verb: str, form: bool = False) -> str:
     never = "an ad-hoc form is never signed; " if form else ""
     return (f"Refused {verb}: {REASONS[RejectReason.UNSIGNED]}; {never}send it signed: an OpenPGP-signed chat "
             "message (OX), the gridpresence CLI or the operator library.")
-
-
-def unreadable(text: str) -> str | None:
-    """Why a message cannot be a command (too long, binary), or None if it can be parsed."""
-    if len(text) > MAX_CHARS:
-        return f"That message is {len(text)} characters long; commands are at most {MAX_CHARS}."
-    if any(unicodedata.category(c) in ("Cc", "Cs", "Co", "Cn") and c not in "\t\r\n" or c == "\ufffd" for c in text):
-        return "That message holds control characters or binary data, not a command."
-    return None
-
-
-def describe_report(name: str, report: PresenceReport | None) -> str:
-    """A device's state in one line a person reads at a glance."""
-    if report is None:
-        return f"{name}: no valid readings right now"
-    t = report.telemetry
-    parts = [f"{name} ({report.kind.value}) is {report.state.value}"]
-    if report.restriction is not None:
-        parts[0] += f" — {report.status_text()}"
-    if t.kw is not None:
-        parts.append(f"{t.kw:.1f} kW" + (f" of {t.capacity_kw:g} kW" if t.capacity_kw else ""))
-    if t.load_pct is not None:
-        parts.append(f"load {t.load_pct:.0f}%")
-    if t.fuel_pct is not None:
-        parts.append(f"fuel {t.fuel_pct:.0f}%")
-    if t.temperature_c is not None:
-        parts.append(f"{t.temperature_c:.0f} °C")
-    if t.energy_kwh is not None:
-        parts.append(f"{t.energy_kwh:.1f} kWh")
-    if t.breaker is not None:
-        parts.append(f"breaker {t.breaker.value}")
-    if report.critical:
-        parts.append("critical load")
-    return ", ".join(parts)
-
-
-def describe_outcome(name: str, action: str, outcome: Outcome) -> str:
-    now = f" Now: {describe_report(name, outcome.report)}." if outcome.report else ""
-    if outcome.status is OutcomeStatus.EXECUTED:
-        return f"Done: {outcome.detail or action}.{now}"
-    if outcome.status is OutcomeStatus.REJECTED and outcome.reason is not None:
-        return f"Refused {action}: {REASONS[outcome.reason]} ({outcome.detail}).{now}"
-    return f"{action}: {outcome.summary()}."
 
 
 class ChatVerbs(Protocol):

@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 from gridpresence.operator.library import GridOperator
-from gridpresence.cli import outcome_line, status_rows, table
+from gridpresence.words import outcome_line, status_rows, table
 from gridpresence.host.grid import Grid
 from gridpresence.protocol.models import Action, DeviceState
 
 SCRIPT_TARGET_KW = 150.0
-LOAD_SHED_SCRIPT = Path(__file__).resolve().parents[2] / "bots" / "load_shed.py"
+LOAD_SHED_SCRIPT = Path(__file__).resolve().parents[3] / "bots" / "load_shed.py"  # the checkout's bots/
 
 
 def say(text: str) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 
 from slixmpp import JID, Message
 
-from gridpresence.device.chat import unreadable
+from gridpresence.words import outcome_line, status_rows, table, unreadable
 from gridpresence.operator.library import GridOperator
 from gridpresence.xmpp.session import Endpoint
 from gridpresence.operator.tracker import DeviceView
@@ -118,8 +118,6 @@ class ConsoleAgent:
     # -- views ----------------------------------------------------------------------------
 
     def fleet(self) -> str:
-        from gridpresence.cli import status_rows, table  # the CLI's own table: one format
-
         devices = dict(self.grid.devices)
         rows = status_rows(devices)
         more = len(rows) - 1 - MAX_ROWS
@@ -150,8 +148,6 @@ class ConsoleAgent:
                           f"Net load now {report['net_kw_after']} kW{started}: {verdict}."])
 
     async def group_action(self, action: str, targets: list[str]) -> str:
-        from gridpresence.cli import outcome_line  # the CLI's own wording of an outcome
-
         if len(targets) == 2 and targets[0] == "all":
             kind = KIND_WORDS.get(targets[1])
             if kind is None:

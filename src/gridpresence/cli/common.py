@@ -1,0 +1,47 @@
+"""What every sub-command shares: defaults, exit codes, the error type printed without a traceback,
+the operator options, and logging in as an operator for one command."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from gridpresence.cli import argtypes
+from gridpresence.operator.library import GridOperator
+from gridpresence.protocol.models import Outcome
+from gridpresence.xmpp.session import ConnectionInfo, connection_path
+
+DEFAULT_DATA = Path(".gridpresence")
+DEFAULT_FLEET = Path(__file__).resolve().parents[3] / "bots" / "demo-fleet.toml"  # the checkout's bots/
+COMMAND_ACTIONS = ("shed", "restore", "start", "stop", "open", "close", "read")
+
+EXIT_OK, EXIT_FAILED_OUTCOME, EXIT_ERROR = 0, 1, 2
+
+
+class CliError(Exception):
+    """An error for the person at the terminal: printed without a traceback, exit code 2."""
+
+
+def outcome_dict(name: str, outcome: Outcome) -> dict[str, Any]:
+    data = outcome.model_dump(mode="json", exclude_none=True)
+    data["name"] = name
+    return data
+
+
+def operator_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--connection", help="connection.json written by `up`")
+    p.add_argument("--as", dest="operator", help="operator name (default: the first)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--settle", type=argtypes.non_negative, default=1.0, help="seconds to wait for presence on connect")
+
+
+async def with_operator(args: argparse.Namespace, body: Callable[[GridOperator], Awaitable[int]]) -> int:
+    info = ConnectionInfo.load(connection_path(args.connection))
+    grid = GridOperator.from_connection(info, operator=args.operator)
+    await grid.connect(settle_s=args.settle)
+    try:
+        return await body(grid)
+    finally:
+        await grid.close()

@@ -1,0 +1,230 @@
+"""The operator's sub-commands: status, watch, alarms, ack, judge, quality, the device actions
+(shed, restore, start, stop, open, close, read, set-time) and alert."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+from typing import Any
+
+from gridpresence.cli import argtypes
+from gridpresence.cli.common import (
+    COMMAND_ACTIONS,
+    EXIT_FAILED_OUTCOME,
+    EXIT_OK,
+    CliError,
+    operator_opts,
+    outcome_dict,
+    with_operator,
+)
+from gridpresence.operator.library import GridOperator
+from gridpresence.operator.tracker import DeviceChange
+from gridpresence.protocol.models import METERING_KINDS, Action, OutcomeStatus
+from gridpresence.words import outcome_line, status_rows, table
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    async def body(grid: GridOperator) -> int:
+        devices = dict(grid.devices)
+        if args.json:
+            tariff = grid.tariff
+            print(json.dumps({"devices": [devices[n].as_dict() for n in sorted(devices)],
+                              "price_per_kwh": grid.price_now(),
+                              "currency": tariff.currency if tariff else None,
+                              "supplier": tariff.supplier if tariff else None}, indent=2))
+        else:
+            print(table(status_rows(devices)))
+            if grid.tariff:
+                print(f"\nprice now: {grid.price_now():.2f} {grid.tariff.currency}/kWh ({grid.tariff.supplier})")
+        return EXIT_OK
+
+    return await with_operator(args, body)
+
+
+def _change_text(change: DeviceChange) -> str:
+    cur = change.current
+    detail = cur.health_reason if cur.label in ("presence-error", "gone") else (
+        cur.report.status_text() if cur.report else "")
+    return f"{dt.datetime.now():%H:%M:%S} {cur.name:<14} {cur.label:<15} {detail}"
+
+
+async def cmd_watch(args: argparse.Namespace) -> int:
+    async def body(grid: GridOperator) -> int:
+        if not args.json:
+            print(table(status_rows(dict(grid.devices))), flush=True)
+            print("-- watching; Ctrl-C to stop --", flush=True)
+        count = 0
+        async for change in grid.changes():
+            if args.json:
+                print(json.dumps({"cause": change.cause, **change.current.as_dict()}), flush=True)
+            else:
+                print(_change_text(change), flush=True)
+            count += 1
+            if args.count and count >= args.count:
+                break
+        return EXIT_OK
+
+    return await with_operator(args, body)
+
+
+async def cmd_alarms(args: argparse.Namespace) -> int:
+    async def body(grid: GridOperator) -> int:
+        count = 0
+        async for alarm in grid.new_alarms():
+            if args.json:
+                print(alarm.model_dump_json(exclude_none=True), flush=True)
+            else:
+                print(f"{alarm.raised:%H:%M:%S} {alarm.level.value.upper():<7} {alarm.device} alarm {alarm.id} "
+                      f"{alarm.status.value}: {alarm.text}", flush=True)
+            count += 1
+            if args.count and count >= args.count:
+                break
+        return EXIT_OK
+
+    return await with_operator(args, body)
+
+
+async def cmd_quality(args: argparse.Namespace) -> int:
+    """Ask meters / master IEDs for a billing report now and print the power-quality part, the
+    one an operator can decrypt ([0085]); the billing part is not ours to read."""
+    async def body(grid: GridOperator) -> int:
+        if grid.reports is None:
+            raise CliError("this operator has no OpenPGP key file in the connection file; cannot read reports")
+        for name in args.devices:  # unknown names and devices that meter nothing fail first
+            view = grid.device(name)
+            if view.kind not in METERING_KINDS:
+                raise CliError(f"{name} is a {view.kind.value if view.kind else 'device'}: "
+                               "only meters and master IEDs send billing reports")
+        for name in args.devices:
+            grid.request_report(name)
+        failed = 0
+        for name in args.devices:
+            try:
+                q = await grid.wait_quality(name, since=started, timeout=args.timeout)
+            except TimeoutError:
+                print(f"{name}: no billing report within {args.timeout:g} s", flush=True)
+                failed += 1
+                continue
+            if args.json:
+                print(q.model_dump_json(), flush=True)
+            else:
+                print(f"{name}: {q.voltage_v:.1f} V ({q.voltage_min_v:.1f}-{q.voltage_max_v:.1f}), "
+                      f"{q.frequency_hz:.3f} Hz, PF {q.power_factor:.3f}, THD {q.thd_pct:.1f} %, "
+                      f"load {q.load_pct:.1f} %, {q.sags} sags since {q.period_start:%H:%M:%S} UTC", flush=True)
+        return EXIT_FAILED_OUTCOME if failed else EXIT_OK
+
+    started = dt.datetime.now(dt.timezone.utc)
+    return await with_operator(args, body)
+
+
+async def cmd_action(args: argparse.Namespace) -> int:
+    action = Action(args.action.replace("-", "_"))
+    extra = {"time": args.time} if action is Action.SET_TIME else None
+
+    async def body(grid: GridOperator) -> int:
+        for name in args.devices:
+            grid.device(name)  # unknown names fail before anything is sent
+        if args.until_available:
+            from gridpresence.operator.availability import command_group
+
+            outcomes = await command_group(grid, args.devices, action, args=extra, timeout_s=args.until_available)
+        else:
+            outcomes = await grid.command_many(args.devices, action, args=extra, ttl_s=args.ttl, wait_final=args.wait)
+        if args.json:
+            print(json.dumps([outcome_dict(n, o) for n, o in outcomes.items()], indent=2))
+        else:
+            for name, outcome in outcomes.items():
+                print(outcome_line(name, outcome, readings=action is Action.READ))
+        # "queued" is not a failure: the relay holds the command (use --wait for the final outcome).
+        fine = (OutcomeStatus.EXECUTED, OutcomeStatus.QUEUED)
+        return EXIT_OK if all(o.status in fine for o in outcomes.values()) else EXIT_FAILED_OUTCOME
+
+    return await with_operator(args, body)
+
+
+async def cmd_alert(args: argparse.Namespace) -> int:
+    from gridpresence.operator.availability import wait_available
+
+    async def body(grid: GridOperator) -> int:
+        try:
+            view = await wait_available(grid, args.device, timeout=args.timeout)
+        except TimeoutError:
+            print(f"{args.device}: not available within {args.timeout:g} s ({grid.device(args.device).label})")
+            return EXIT_FAILED_OUTCOME
+        print(f"{view.name}: available ({view.report.status_text() if view.report else view.label})", flush=True)
+        return EXIT_OK
+
+    return await with_operator(args, body)
+
+
+async def cmd_alarm_reply(args: argparse.Namespace) -> int:
+    """`ack` and `judge`: the chat lines an operator answers an alarm with (`ack ID`,
+    `not a fault ID`, `fault ID`), sent signed (OX chat) when this operator has a key, so they
+    pass wherever a device asks a signature for them."""
+    if args.command == "ack":
+        line, done_prefix = f"ack {args.alarm}" if args.alarm else "ack", "Acknowledged:"
+    else:
+        line, done_prefix = f"{'fault' if args.verdict == 'fault' else 'not a fault'} {args.alarm}", "Recorded:"
+
+    async def body(grid: GridOperator) -> int:
+        grid.device(args.device)  # an unknown name fails before anything is sent
+        reply = await grid.ask(args.device, line, timeout=args.timeout, signed=grid.keyring.secret_key is not None)
+        done = reply.startswith(done_prefix)
+        print(json.dumps({"device": args.device, "alarm": args.alarm, "done": done, "reply": reply})
+              if args.json else f"{args.device}: {reply}", flush=True)
+        return EXIT_OK if done else EXIT_FAILED_OUTCOME
+
+    try:
+        return await with_operator(args, body)
+    except TimeoutError:
+        raise CliError(f"{args.device} did not answer within {args.timeout:g} s") from None
+
+
+def register(sub: Any) -> None:  # argparse's subparsers action has no public type
+    status = sub.add_parser("status", help="every device's state and telemetry")
+    operator_opts(status)
+    status.set_defaults(run=cmd_status)
+    watch = sub.add_parser("watch", help="show presence changes live")
+    operator_opts(watch)
+    watch.add_argument("--count", type=argtypes.count, default=0, help="stop after this many changes")
+    watch.set_defaults(run=cmd_watch, until_stopped=True)
+    alarms = sub.add_parser("alarms", help="show alarms sent to this operator as they arrive (acknowledge: `ack`)")
+    operator_opts(alarms)
+    alarms.add_argument("--count", type=argtypes.count, default=0, help="stop after this many alarms")
+    alarms.set_defaults(run=cmd_alarms, until_stopped=True)
+    ack = sub.add_parser("ack", help="acknowledge a device's alarm (all its open alarms without an ID)")
+    operator_opts(ack)
+    ack.add_argument("device", metavar="DEVICE")
+    ack.add_argument("alarm", nargs="?", default=None, metavar="ID", help="the alarm's id (as `alarms` shows it)")
+    ack.add_argument("--timeout", type=argtypes.positive, default=10.0, help="seconds to wait for the device's answer")
+    ack.set_defaults(run=cmd_alarm_reply)
+    judge = sub.add_parser("judge", help="judge a device's alarm a fault or not a fault (its thresholds learn)")
+    operator_opts(judge)
+    judge.add_argument("device", metavar="DEVICE")
+    judge.add_argument("alarm", metavar="ID", help="the alarm's id (as `alarms` shows it)")
+    judge.add_argument("verdict", choices=("fault", "not-a-fault"))
+    judge.add_argument("--timeout", type=argtypes.positive, default=10.0, help="seconds to wait for the device's answer")
+    judge.set_defaults(run=cmd_alarm_reply)
+    quality = sub.add_parser("quality", help="ask meters for a billing report and show its power-quality part")
+    operator_opts(quality)
+    quality.add_argument("devices", nargs="+", help="meters or master IEDs, by name")
+    quality.add_argument("--timeout", type=argtypes.positive, default=10.0, help="seconds to wait for each report")
+    quality.set_defaults(run=cmd_quality)
+    for action in (*COMMAND_ACTIONS, "set-time"):
+        p = sub.add_parser(action, help=f"{action} one or more devices and print the outcomes")
+        operator_opts(p)
+        p.add_argument("devices", nargs="+", metavar="DEVICE")
+        p.add_argument("--ttl", type=argtypes.positive, default=30.0, help="seconds before the command expires")
+        p.add_argument("--wait", action="store_true",
+                       help="for a device without presence, wait for the relay's final outcome instead of 'queued'")
+        p.add_argument("--until-available", type=argtypes.non_negative, default=0.0, metavar="S",
+                       help="retry members that are absent or restricted until they are available, for up to S seconds")
+        if action == "set-time":
+            p.add_argument("--time", default=None, help="ISO 8601 time with zone (default: now)")
+        p.set_defaults(run=cmd_action, action=action)
+    alert = sub.add_parser("alert", help="wait until a device is available, then print it")
+    operator_opts(alert)
+    alert.add_argument("device", metavar="DEVICE")
+    alert.add_argument("--timeout", type=argtypes.positive, default=3600.0, help="give up after this many seconds (exit 1)")
+    alert.set_defaults(run=cmd_alert)

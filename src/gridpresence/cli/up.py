@@ -1,0 +1,130 @@
+"""The sub-commands that run the grid: up, demo and bots (some of a fleet's bots apart)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from gridpresence.cli.common import DEFAULT_DATA, DEFAULT_FLEET, EXIT_OK, CliError
+from gridpresence.config import load_fleet
+from gridpresence.host.fleet import FleetBots
+from gridpresence.host.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE, Grid
+from gridpresence.host.signals import stop_signal, unless_stopped
+from gridpresence.server import ServerPorts
+from gridpresence.server.accounts import Secrets
+from gridpresence.xmpp.session import ConnectionInfo
+
+
+def _ports(args: argparse.Namespace) -> ServerPorts | None:
+    given = [args.c2s_port, args.http_port, args.https_port]
+    if not any(given):
+        return None
+    from gridpresence.server import free_port
+
+    return ServerPorts(c2s=args.c2s_port or free_port(args.bind), http=args.http_port or free_port(args.bind),
+                       https=args.https_port or free_port(args.bind), component=free_port(args.bind))
+
+
+def _print_welcome(grid: Grid) -> None:
+    info = grid.connection
+    print(f"grid is up: XMPP server {info.server.host}:{info.server.c2s_port} (domain {info.server.domain}, TLS, "
+          f"CA {info.server.ca_file})")
+    if info.server.bosh_url:
+        print(f"BOSH (for clients behind web-only firewalls): {info.server.bosh_url}")
+    print(f"connection file: {grid.connection_file}")
+    for acc in info.operators:
+        print(f"  operator login: {acc.jid}  password: {acc.password}")
+    bots = grid.bots
+    if bots:
+        print(f"  {len(bots.devices)} device bots, {len(bots.billing)} billing, watchdog {info.watchdog}")
+        if bots.console is not None:
+            print(f"  chat with the fleet console: {bots.console.grid.jid} (type help); devices answer chat too")
+    if info.relay is not None:
+        print(f"  store-and-forward relay {info.relay.jid}: SMTP {info.relay.smtp_host}:{info.relay.smtp_port}")
+    print("Ctrl-C stops everything.", flush=True)
+
+
+# --log-level: Prosody's level names, and the Python logging level each stands for.
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+
+
+async def cmd_up(args: argparse.Namespace, scenario: Callable[[Grid], Awaitable[None]] | None = None) -> int:
+    stop = stop_signal()  # first: from here on Ctrl-C is an orderly stop, never a traceback or an orphan Prosody
+    if args.log_level:
+        logging.getLogger().setLevel(LOG_LEVELS[args.log_level])
+    fleet = load_fleet(Path(args.fleet))
+    grid = Grid(fleet, Path(args.data), bind=args.bind, ports=_ports(args), prosody_bin=args.prosody,
+                without=args.without, log_level=args.log_level or "info")
+    try:
+        await unless_stopped(grid.start(), stop)
+        if not stop.is_set():
+            _print_welcome(grid)
+            if scenario is not None:
+                await unless_stopped(scenario(grid), stop)
+            if not getattr(args, "once", False):
+                await stop.wait()
+        print("stopping...", flush=True)
+    finally:
+        await grid.stop()  # also after a failed or interrupted start: whatever came up goes down
+    return EXIT_OK
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from gridpresence.host.demo import run_scenario
+
+    return await cmd_up(args, scenario=run_scenario)
+
+
+async def cmd_bots(args: argparse.Namespace) -> int:
+    stop = stop_signal()  # first, as in `up`
+    data = Path(args.data)
+    info = ConnectionInfo.load(data / CONNECTION_FILE)
+    fleet = load_fleet(Path(args.fleet) if args.fleet else data / FLEET_COPY)
+    secrets_path = data / SECRETS_FILE
+    if not secrets_path.exists():
+        raise CliError(f"{secrets_path}: not found; run `gridpresence up --data {data}` first")
+    bots = FleetBots(fleet, info.server, Secrets(secrets_path), only=args.only, with_services=False, data_dir=data)
+    if not bots.bots:
+        raise CliError(f"no bot named {', '.join(args.only)} in the fleet")
+    try:
+        await unless_stopped(bots.start(), stop)
+        print(f"running {', '.join(sorted(bots.devices) + sorted(bots.billing))}", flush=True)
+        await stop.wait()
+    finally:
+        await bots.stop()  # closes the devices' replay guard too
+    return EXIT_OK
+
+
+def server_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fleet", default=str(DEFAULT_FLEET), help="fleet file (TOML)")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="data directory (config, accounts, logs)")
+    p.add_argument("--bind", default="127.0.0.1", help="address the server listens on")
+    p.add_argument("--c2s-port", type=int, help="XMPP client port (default: free or as last time)")
+    p.add_argument("--http-port", type=int, help="HTTP (BOSH) port")
+    p.add_argument("--https-port", type=int, help="HTTPS (BOSH) port")
+    p.add_argument("--prosody", default="prosody", help="Prosody executable")
+    p.add_argument("--without", nargs="+", default=[], metavar="NAME",
+                   help="devices whose accounts are made but whose bots are held back (run them apart "
+                        "with `gridpresence bots --only NAME`)")
+    p.add_argument("--log-level", choices=list(LOG_LEVELS),
+                   help="log level of gridpresence and of Prosody (DATA/prosody.log); default: "
+                        "-v for ours, info for Prosody's")
+
+
+def register(sub: Any) -> None:  # argparse's subparsers action has no public type
+    up = sub.add_parser("up", help="start the embedded server and the fleet's bots")
+    server_opts(up)
+    up.set_defaults(run=cmd_up)
+    demo = sub.add_parser("demo", help="up, then play the load-shed scenario")
+    server_opts(demo)
+    demo.add_argument("--once", action="store_true", help="stop after the scenario")
+    demo.set_defaults(run=cmd_demo)
+
+    bots = sub.add_parser("bots", help="run some of a fleet's bots against a running grid")
+    bots.add_argument("--fleet", default=None, help="fleet file (default: the copy in --data)")
+    bots.add_argument("--data", default=str(DEFAULT_DATA))
+    bots.add_argument("--only", nargs="+", required=True, metavar="NAME")
+    bots.set_defaults(run=cmd_bots)
