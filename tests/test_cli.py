@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, Env, run_cli, run_python
 from gridpresence.services.billing import BillingAgent
 from gridpresence.operator.library import GridOperator
-from gridpresence.cli import COMMAND_ACTIONS
+from gridpresence.cli.common import COMMAND_ACTIONS
 from gridpresence.protocol import DeviceState
 
 SMALL_FLEET = """
