@@ -139,7 +139,7 @@ class AlarmDesk:
         """An operator logged in: one message per alarm owed to them, with its newest state."""
         who = pres["from"].bare
         owed = self._owed.pop(who, None)  # taken at once: a second presence finds nothing to send
-        if not owed or self.agent._stopping:
+        if not owed or self.agent.stopping:
             return
         for aid, alarm in owed.items():
             entry = self.open.get(aid)

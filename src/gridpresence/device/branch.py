@@ -30,14 +30,17 @@ def tree_members(fleet: Fleet, master: str) -> tuple[DeviceSpec, ...]:
 class BranchAdvisor:
     def __init__(self, agent: DeviceHost) -> None:
         self.agent = agent
-        # Without a fleet (a device run on its own) there is no tree to watch: nothing is advised.
-        fleet = agent.setup.fleet or Fleet(devices=[agent.spec])
-        self.master = fleet.device(agent.spec.name)
-        self.specs = {fleet.jid(d.name): d for d in tree_members(fleet, self.master.name)}
-        self.children = [fleet.jid(d.name) for d in fleet.children(self.master.name)]
-        # Each branch (the master and every device with devices below it) and the loads under it.
-        heads = [self.master, *(d for d in self.specs.values() if fleet.children(d.name))]
-        self.branches = {fleet.jid(h.name): [fleet.jid(d.name) for d in fleet.descendants(h.name)] for h in heads}
+        self.master = agent.spec
+        self.specs: dict[str, DeviceSpec] = {}
+        self.children: list[str] = []
+        self.branches: dict[str, list[str]] = {}  # each branch head -> the devices under it
+        fleet = agent.setup.fleet
+        if fleet is not None:  # without one (a device run on its own) there is no tree to watch
+            self.specs = {fleet.jid(d.name): d for d in tree_members(fleet, self.master.name)}
+            self.children = [fleet.jid(d.name) for d in fleet.children(self.master.name)]
+            # Each branch (the master and every device with devices below it) and the loads under it.
+            heads = [self.master, *(d for d in self.specs.values() if fleet.children(d.name))]
+            self.branches = {fleet.jid(h.name): [fleet.jid(d.name) for d in fleet.descendants(h.name)] for h in heads}
         self.generators = [j for j, d in self.specs.items() if d.kind is DeviceKind.GENERATOR]
         self.reports: dict[str, PresenceReport] = {}
         self.near: set[str] = set()  # branches already advised about, until they fall back

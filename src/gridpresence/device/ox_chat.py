@@ -17,6 +17,7 @@ from gridpresence.protocol.openpgp import FALLBACK_BODY
 from gridpresence.security.ox import OxRefused, open_chat, seal_chat
 from gridpresence.security.pgp import pgpy
 from gridpresence.device.host import DeviceHost
+from gridpresence.device.chat import ChatDesk
 
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class OxDesk:
         sender: JID = msg["from"]
         try:
             if sender.bare not in self.agent.operators:
-                refusal = self.agent.chat.refuse(sender.bare)  # no crypto work for strangers
+                refusal = self.agent.desk(ChatDesk).refuse(sender.bare)  # no crypto work for strangers
                 if refusal:
                     self._reply_plain(msg, refusal)
                 return
@@ -62,7 +63,7 @@ class OxDesk:
                                        "encrypted messages; send plain chat or a signed command.")
                 return
             opened = await open_chat(msg["openpgp"].xml, sender.bare, self.agent.jid, secret, self.agent.keyring)
-            answer = self.agent.chat.handle(opened.text, sender, signed=True, stanza_id="ox-" + opened.digest[:32])
+            answer = self.agent.desk(ChatDesk).handle(opened.text, sender, signed=True, stanza_id="ox-" + opened.digest[:32])
             if answer:
                 self._reply_sealed(msg, answer, secret, opened.key)
         except OxRefused as exc:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 JUDGE = "judge-alarm"
 NOT_FAULT = ("not a fault", "not fault", "not_fault", "no fault", "false alarm")
 FAULT = ("fault", "real fault", "a fault")
-WORDS = ("not a fault [ID]", "fault [ID]", "accept N", "set N VALUE", "reject N", "revert N", "thresholds")
+WORDS: tuple[str, ...] = ("not a fault [ID]", "fault [ID]", "accept N", "set N VALUE", "reject N", "revert N", "thresholds")
 
 
 def describe_adjustment(device: str, outcome: Change | Proposal) -> str:
@@ -45,7 +45,7 @@ def describe_adjustment(device: str, outcome: Change | Proposal) -> str:
 class VerdictDesk:
     """One device's verdicts, proposals and threshold changes, over chat and ad-hoc commands."""
 
-    WORDS = WORDS  # for the chat help
+    WORDS: tuple[str, ...] = WORDS  # for the chat help
 
     def __init__(self, agent: DeviceHost) -> None:
         self.agent = agent

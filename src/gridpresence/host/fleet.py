@@ -91,7 +91,7 @@ class FleetBots:
             self.console = ConsoleAgent(fleet.jid(CONSOLE), secrets.password(CONSOLE), endpoint, operators,
                                         watchdog=fleet.jid(WATCHDOG), grace_s=fleet.presence_grace_s,
                                         keys=keys(CONSOLE), serials={fleet.jid(d.name): d.serial for d in fleet.devices},
-                                        unsigned_actions=fleet.security.unsigned_chat_actions)
+                                        security=fleet.security)
 
     @property
     def bots(self) -> list[Bot]:

@@ -20,7 +20,7 @@ from gridpresence.xmpp.session import Endpoint
 from gridpresence.operator.tracker import DeviceView
 from gridpresence.protocol import Action, DeviceKind, DeviceState
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
-from gridpresence.security.policy import READ_ONLY_ACTIONS
+from gridpresence.security.policy import SecuritySettings
 from gridpresence.operator.shedding import net_load_kw, shed_to_target
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,11 @@ def fleet_summary(devices: Mapping[str, DeviceView]) -> str:
 class ConsoleAgent:
     def __init__(self, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str], *,
                  watchdog: str | None = None, grace_s: float = 15.0, keys: PartyKeys | None = None,
-                 serials: Mapping[str, str] | None = None, unsigned_actions: Iterable[Action] = ()) -> None:
+                 serials: Mapping[str, str] | None = None, security: SecuritySettings | None = None) -> None:
         self.operators = frozenset(JID(j).bare for j in operators)
         # The console signs with its own key, but an operator's chat line to it is unsigned: it
         # acts only where the fleet allows unsigned chat actions ([security]); reads always.
-        self.unsigned_actions = frozenset(unsigned_actions) | READ_ONLY_ACTIONS
+        self.security = security or SecuritySettings()  # its may_act is the one rule for chat
         self.grid = GridOperator(jid, password, endpoint, watchdog=watchdog, grace_s=grace_s, keys=keys,
                                  serials=serials)
         self.grid.client.add_event_handler("message", self._on_message)
@@ -106,7 +106,7 @@ class ConsoleAgent:
             return self.fleet()
         if words[:2] == ["who", "is"] and len(words) == 3:
             return self.who_is(words[2])
-        if words[0] in ACTIONS and Action(words[0]) not in self.unsigned_actions:
+        if words[0] in ACTIONS and not self.security.may_act(Action(words[0]), signed=False):
             return (f"Refused {words[0]}: an unsigned chat line may not change devices' state here; "
                     "send a signed command (gridpresence CLI or the operator library).")
         if words[0] == "shed" and len(words) in (2, 3) and _KW.match("".join(words[1:])):
