@@ -82,7 +82,13 @@ async def test_watch_shows_changes_live(env: Env, alice: GridOperator) -> None:
     proc = await asyncio.create_subprocess_exec(str(exe), "watch", "--json", *_conn(env),
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        await asyncio.sleep(2.5)  # let it log in and settle
+        async with asyncio.timeout(30):  # the watch is live once it has printed every device's snapshot
+            snapshot = {}
+            while len(snapshot) < len(alice.devices):
+                line = json.loads(await proc.stdout.readline())  # type: ignore[union-attr]
+                assert line["cause"] == "snapshot", line
+                snapshot[line["name"]] = line
+        assert snapshot["load-j"]["state"] == "on"
         assert (await alice.command("load-j", "shed")).ok
         async with asyncio.timeout(15):
             while True:  # other devices refresh meanwhile; wait for ours

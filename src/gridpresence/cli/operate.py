@@ -51,7 +51,12 @@ def _change_text(change: DeviceChange) -> str:
 
 async def cmd_watch(args: argparse.Namespace) -> int:
     async def body(grid: GridOperator) -> int:
-        if not args.json:
+        # What is true now comes first, then each change: the table, or one JSON line per
+        # device with "cause": "snapshot" (a script knows the watch is live once it has them).
+        if args.json:
+            for view in sorted(grid.devices.values(), key=lambda v: v.name):
+                print(json.dumps({"cause": "snapshot", **view.as_dict()}), flush=True)
+        else:
             print(table(status_rows(dict(grid.devices))), flush=True)
             print("-- watching; Ctrl-C to stop --", flush=True)
         count = 0
