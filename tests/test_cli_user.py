@@ -28,6 +28,7 @@ from gridpresence.host.grid import Grid
 from gridpresence.protocol import DeviceState
 from gridpresence.rules.audit_log import AuditJournal, audit_path
 from gridpresence.rules.thresholds import Change
+from timebase import NOW
 
 # Every device of this grid is present quickly: `connect` must not stop before billing's price.
 SMALL = {
@@ -221,7 +222,7 @@ async def test_every_command_says_at_once_that_the_grid_is_not_running(stopped: 
 
 
 async def test_grid_found_through_the_environment_by_keys_and_rules_audit(stopped: Path) -> None:
-    at = dt.datetime(2020, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    at = NOW - dt.timedelta(days=3)
     AuditJournal(audit_path(stopped, "load-a")).append(
         Change(id=1, device="load-a", rule="high_loading", param="high_loading", old=80, new=88, by="alice", at=at,
                why="test entry"))
@@ -271,12 +272,9 @@ async def test_ctrl_c_ends_a_watch_with_exit_0(env: Env, command: str) -> None:
     proc = await asyncio.create_subprocess_exec(str(exe), command, "--connection", str(env.grid.connection_file),
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        if command == "watch":
-            async with asyncio.timeout(30):
-                while b"watching" not in await proc.stdout.readline():  # type: ignore[union-attr]
-                    pass
-        else:
-            await asyncio.sleep(4)  # logged in by then
+        async with asyncio.timeout(30):  # both say when they are live ("-- watching", "-- alarms to")
+            while b"Ctrl-C to stop" not in await proc.stdout.readline():  # type: ignore[union-attr]
+                pass
         proc.send_signal(signal.SIGINT)
         out, err = await asyncio.wait_for(proc.communicate(), 20)
     finally:

@@ -154,7 +154,7 @@ def test_fleet_names_customers_of_metering_devices_only() -> None:
     base = {"operators": [{"name": "alice"}], "customers": [{"name": "acme"}]}
     fleet = parse_fleet({**base, "devices": [{"name": "m", "kind": "meter", "rated_kw": 5, "customer": "acme"}]})
     assert fleet.report_audience(fleet.device("m")).billing == ("acme@localhost",)
-    with pytest.raises(FleetError, match=r"devices\[0\].customer: no customer named 'acme2'"):
+    with pytest.raises(FleetError, match=r"devices\[0\] \(m\)\.customer: no customer named 'acme2'"):
         parse_fleet({**base, "devices": [{"name": "m", "kind": "meter", "rated_kw": 5, "customer": "acme2"}]})
     with pytest.raises(FleetError, match="only a meter or a master IED has a customer"):
         parse_fleet({**base, "devices": [{"name": "l", "kind": "load", "rated_kw": 5, "customer": "acme"}]})

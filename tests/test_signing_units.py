@@ -250,7 +250,7 @@ def test_security_settings_in_the_fleet_file() -> None:
         parse_fleet({**base, "security": {"allow": {"operator": [], "billing": []}}})
     with pytest.raises(FleetError, match="security.clock_skew_s"):
         parse_fleet({**base, "security": {"clock_skew_s": -1}})
-    with pytest.raises(FleetError, match=r"devices\[0\].serial"):
+    with pytest.raises(FleetError, match=r"devices\[0\] \(pump\)\.serial"):
         parse_fleet({**base, "devices": [{"name": "pump", "kind": "load", "rated_kw": 3, "serial": "no spaces"}]})
     made = parse_fleet({**base, "manufacturers": [{"name": "acme"}]})
     assert made.roles()["acme@localhost"] is Role.MANUFACTURER

@@ -6,6 +6,7 @@ The "Judge an alarm" ad-hoc command records a verdict the same way."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 
 from chatpeer import ChatPeer, chat_peer
@@ -18,6 +19,7 @@ from gridpresence.protocol.alarm import AlarmKind, AlarmStatus, alarm_from_xml
 from gridpresence.protocol.codec import q
 from test_adhoc import _gajim
 from gridpresence.xmpp.session import close_session
+from timebase import NOW
 
 DEVICE = "hot-load2"
 
@@ -198,7 +200,7 @@ async def test_unsigned_threshold_verbs_are_refused_signed_ones_act(env: Env) ->
     journal.parent.mkdir(parents=True, exist_ok=True)
     journal.write_text(json.dumps({"id": 1, "device": GUARD, "rule": "high_loading", "param": "high_loading",
                                    "old": 80.0, "new": 90.0, "by": "alice@localhost", "why": "by hand",
-                                   "at": "2026-01-01T00:00:00+00:00"}) + "\n")
+                                   "at": (NOW - dt.timedelta(days=1)).isoformat()}) + "\n")
     bots = _guard_bots(env)
     await bots.start()
     dev = bots.devices[GUARD]

@@ -75,6 +75,8 @@ async def cmd_watch(args: argparse.Namespace) -> int:
 
 async def cmd_alarms(args: argparse.Namespace) -> int:
     async def body(grid: GridOperator) -> int:
+        if not args.json:
+            print(f"-- alarms to {grid.jid} as they arrive; Ctrl-C to stop --", flush=True)
         count = 0
         async for alarm in grid.new_alarms():
             if args.json:
