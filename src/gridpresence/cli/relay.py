@@ -25,7 +25,7 @@ from gridpresence.xmpp.session import (
     ensure_running,
 )
 from gridpresence.config import FleetError, load_fleet
-from gridpresence.services.relay.mail_device import MailDevice
+from gridpresence.services.relay.mail_device import MAIL_DEVICES_DIR, MailDevice
 from gridpresence.services.relay.service import RelayService, relay_files, relay_port
 from gridpresence.services.relay.commissioning import commission, readers_keys, readers_path
 from gridpresence.security.keyring import KeyUnavailable
@@ -128,7 +128,8 @@ async def cmd_mail_device(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
     assert keys.secret_file is not None
     device = MailDevice(spec, fleet.jid(spec.name), info.relay, secret=load_secret(keys.secret_file),
-                        keyring=readers_keys(keys, spec.name) if args.billing else None, audience=audience)
+                        keyring=readers_keys(keys, spec.name) if args.billing else None, audience=audience,
+                        state_file=data / MAIL_DEVICES_DIR / f"{spec.name}.json")
     try:
         for _ in range(args.count) if args.count else iter(int, 1):
             try:

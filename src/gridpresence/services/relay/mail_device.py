@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import datetime as dt
+import json
+import logging
+import os
+from pathlib import Path
 
 from gridpresence.security.reports import ReportAudience, reader_keys, seal_report
 from gridpresence.device.reports import close_period
@@ -20,21 +25,60 @@ from gridpresence.transport.mail import MailSender, Payload, build_mail
 from gridpresence.security.keyring import KeyLookup
 from gridpresence.security.pgp import pgpy
 
+log = logging.getLogger(__name__)
+
+MAIL_DEVICES_DIR = "mail-devices"  # in the grid's data dir: each mail-only device's kept state
+
 
 class MailDevice:
     """A simulated device of `spec` that reports by mail from `address` (its bare JID)."""
 
     def __init__(self, spec: DeviceSpec, address: str, relay: RelayEndpoint, *, secret: pgpy.PGPKey | None = None,
-                 keyring: KeyLookup | None = None, audience: ReportAudience | None = None) -> None:
+                 keyring: KeyLookup | None = None, audience: ReportAudience | None = None,
+                 state_file: Path | None = None) -> None:
         self.spec = spec
         self.address = address
         self.relay = relay
         self.secret = secret  # signs every mail; without it the relay refuses the device's data
         self.keyring = keyring  # the readers' public keys, for billing reports
         self.audience = audience
-        self.sim: SimDevice = make_device(spec, utcnow())
+        # What the IED itself keeps between two runs of its uplink (a meter keeps metering, its
+        # register keeps counting): report sequence, energy register, when it last reported.
+        self.state_file = state_file
+        kept = self._load()
+        now = utcnow()
+        try:  # the physics runs on from the last report (never from a time ahead of the clock)
+            since = min(dt.datetime.fromisoformat(str(kept["at"])), now) if "at" in kept else now
+        except (TypeError, ValueError):
+            since = now
+        self.sim: SimDevice = make_device(spec, since)
+        registers = getattr(self.sim, "registers", None)
+        if isinstance(registers, MeterRegisters) and isinstance(kept.get("register_kwh"), (int, float)):
+            registers.register_kwh = registers.start_kwh = float(kept["register_kwh"])
         self._sender = MailSender(relay.smtp_host, relay.smtp_port, relay.ca_file)
-        self._seq = 0
+        self._seq = int(kept.get("seq", 0)) if isinstance(kept.get("seq", 0), int) else 0
+
+    def _load(self) -> dict[str, object]:
+        if self.state_file is None or not self.state_file.exists():
+            return {}
+        try:
+            kept = json.loads(self.state_file.read_text())
+            return kept if isinstance(kept, dict) else {}
+        except (OSError, ValueError) as exc:  # a damaged file costs the history, not the device
+            log.warning("%s: kept state unreadable (%s): starting afresh", self.spec.name, exc)
+            return {}
+
+    def _keep(self) -> None:
+        """Written after each mail that left, atomically: a crash never leaves half a file."""
+        if self.state_file is None:
+            return
+        registers = getattr(self.sim, "registers", None)
+        kept = {"seq": self._seq, "at": utcnow().isoformat(),
+                "register_kwh": registers.register_kwh if isinstance(registers, MeterRegisters) else None}
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(kept))
+        os.replace(tmp, self.state_file)
 
     def report(self) -> PresenceReport:
         self.sim.tick(utcnow())
@@ -70,11 +114,13 @@ class MailDevice:
         except BaseException:
             setattr(self.sim, "registers", unsent)
             raise
+        self._keep()
         return report
 
     async def push_report(self) -> PresenceReport:
         report = self.report()
         await self.push(report)
+        self._keep()
         return report
 
     async def push_outcome(self, outcome: Outcome) -> None:
