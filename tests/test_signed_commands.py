@@ -316,10 +316,12 @@ async def test_replay_after_restart_and_unknown_key(env: Env, alice: GridOperato
 
 
 async def test_a_key_nobody_announced_is_unknown(env: Env, alice: GridOperator) -> None:
-    """A manufacturer that never logged in has announced no key: its signature cannot be checked."""
+    """A manufacturer that never logged in has announced no key: its signature cannot be checked.
+    (An action its role may issue: one it may not is refused on the claim, before any lookup.)"""
     offline = await wire_peer(env, "maker-offline")  # a plain session: it announces nothing
     try:
-        cmd = Command.new(Action.READ, env.fleet.jid("maker-offline"), serial="ACME-0001")
+        cmd = Command.new(Action.FIRMWARE_UPGRADE, env.fleet.jid("maker-offline"), serial="ACME-0001",
+                          args={"firmware-id": "f1", "version": "2.0.0", "sha256": "0" * 64})
         el = sign_payload(command_to_xml(cmd), alice.devices["sig-load"].jid, key(env, "maker-offline"))
         outcome = await offline.send(alice.devices["sig-load"].full_jid or "", el, cmd.id, timeout=10)
         assert outcome.reason is RejectReason.UNKNOWN_KEY and "maker-offline@localhost" in outcome.detail
