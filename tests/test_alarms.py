@@ -57,8 +57,10 @@ def test_thresholds_from_the_fleet_file() -> None:
         AlarmKind.HIGH_LOADING, AlarmKind.TRIP_IMMINENT}
     assert kinds(conditions(report(DeviceKind.BREAKER, load_pct=0, breaker=Breaker.CLOSED), s, 0)) == {
         AlarmKind.BREAKER_TRIPPED}
-    assert kinds(conditions(report(DeviceKind.BREAKER, state=DeviceState.OFF, load_pct=0, breaker=Breaker.OPEN),
-                            s, 0)) == set()  # opened on purpose is not tripped
+    opened = report(DeviceKind.BREAKER, state=DeviceState.OFF, load_pct=0, breaker=Breaker.OPEN)
+    assert kinds(conditions(opened, s, 0, commanded="open")) == set()  # opened on purpose is not tripped
+    assert kinds(conditions(opened, s, 0)) == {AlarmKind.BREAKER_TRIPPED}  # open, no command opened it: a trip
+    assert kinds(conditions(opened, s, 0, commanded="closed")) == {AlarmKind.BREAKER_TRIPPED}
     gen = report(DeviceKind.GENERATOR, load_pct=50, fuel_pct=5, temperature_c=120)
     assert kinds(conditions(gen, s, 600)) == {AlarmKind.LOW_FUEL, AlarmKind.TEMPERATURE_EXCEEDED,
                                               AlarmKind.SERVICE_REQUIRED}

@@ -19,6 +19,7 @@ class Breaker(SimDevice):
 
     def _apply(self, action: Action, args: dict[str, str], now: dt.datetime) -> Effect:
         wanted = Contacts.OPEN if action is Action.OPEN else Contacts.CLOSED
+        self.commanded = wanted.value
         if self.contacts is wanted:
             return Effect.done(f"already {wanted.value}")
         self.contacts = wanted
