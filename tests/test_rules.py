@@ -314,15 +314,24 @@ def test_replay_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.Captur
     assert "r.toml: rule 'X': rules.0.name" in capsys.readouterr().err
 
 
-def test_rules_eval_bench_meets_its_goals() -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "rules_eval.py"), "--json"], capture_output=True, text=True, timeout=120, check=True,
+def test_rules_eval_holds_out_every_family_and_misses_nothing() -> None:
+    """A small run of the held-out evaluation (the full one: `python bench/rules_eval.py`)."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "rules_eval.py"), "--devices", "2", "--hours", "2",
+                          "--json"], capture_output=True, text=True, timeout=120, check=True,
                          env={"PYTHONPATH": f"{ROOT / 'src'}:{ROOT / 'bench'}", "PATH": "/usr/bin:/bin"})
     figures = json.loads(out.stdout.strip().splitlines()[-1])
-    fixed, adaptive = figures["fixed"], figures["adaptive"]
-    assert fixed["missed"] == 0 and adaptive["missed"] == 0
-    assert adaptive["false_alarms"] <= 0.2 * fixed["false_alarms"] and fixed["false_alarms"] > 50
-    assert adaptive["delay_median_samples"] <= 1
-    assert "ratio to fixed: false alarms" in out.stdout
+    families = {"biased", "noisy", "drifting", "stuck", "inrush", "daily", "breakers", "generators", "gaps", "lengths"}
+    summary = figures["summary"]
+    assert summary["fixed"]["false_alarms"] > 50
+    for mode in ("hybrid", "auto"):
+        assert families <= set(figures[mode]) and figures[mode]["worst_family"] in families
+        assert all(figures[mode][f]["missed"] == 0 for f in families), figures[mode]
+        assert summary[mode]["missed"] == 0 and summary[mode]["delay_median_samples"] <= 1
+        # Learning costs a few false alarms per device; even on this short run they are far fewer.
+        assert summary[mode]["false_alarms"] <= 0.6 * summary["fixed"]["false_alarms"]
+    # Commanded opens alarm only in the baseline; trips alarm in both.
+    assert figures["auto"]["breakers"]["false_alarms"] == 0 < figures["auto"]["breakers"]["fixed_false_alarms"]
+    assert "worst family:" in out.stdout and "fewer than fixed" in out.stdout
 
 
 FLEET = """
