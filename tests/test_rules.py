@@ -470,9 +470,14 @@ def test_kinds_from_the_fleet_the_kind_column_or_the_devices_own_rows(
         "pump": "load", "fan": "load", "main-breaker": "breaker", "gen": "generator"}
     assert [(a["device"], a["rule"]) for a in out["alarms"]] == [("main-breaker", "breaker_tripped")]
     # Where only one device reports breaker values, it is the breaker, whatever its name.
-    lone = _csv(["0,pump,on,60,,,,", "0,feeder-7,on,0,,,,tripped"])
+    lone = _csv(["0,pump,on,60,,,,", "0,feeder-7,on,0,,,,open"])
     assert main(["rules", "replay", str(write(tmp_path, "l.csv", lone)), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kinds"]["feeder-7"]["kind"] == "breaker"
+    # Every device reports breaker values, but one reported tripped: that one is a breaker.
+    tripped = _csv(["0,pump,on,60,,,,closed", "0,feeder-7,on,40,,,,closed", "1,feeder-7,off,0,,,,tripped"])
+    assert main(["rules", "replay", str(write(tmp_path, "t2.csv", tripped)), "--json"]) == 0
+    kinds = json.loads(capsys.readouterr().out)["kinds"]
+    assert (kinds["pump"]["kind"], kinds["feeder-7"]["kind"]) == ("load", "breaker")
     # A kind column wins over inference; a fleet file wins over both; the text output says which.
     col = _csv(["0,pump,on,60,,,,closed,breaker", "1,pump,off,0,,,,closed,breaker"], ",kind")
     assert main(["rules", "replay", str(write(tmp_path, "c.csv", col))]) == 0
@@ -593,3 +598,28 @@ def test_hybrid_replay_says_proposals_wait_and_auto_reaches_every_rule(
     out = json.loads(capsys.readouterr().out)
     assert len(out["alarms"]) == 2 and out["note"] is None  # the trip rule learned its settling time
     assert [(c["rule"], c["param"]) for c in out["threshold_changes"]] == [("trip_imminent", "settle_s")]
+
+
+def test_replay_fuzz_malformed_traces_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Seeded, bounded: mutated traces (cells, columns, commands, kinds) end in a result or a clear error."""
+    import random
+
+    rng = random.Random(17)
+    base = _csv(["0,cb-1,on,40,,,,closed,,", "1,cb-1,off,0,,,,open,open,breaker", "2,pump,on,96,,,,,,",
+                 "3,gen,on,50,,10,110,,,"], ",command,kind").splitlines()
+    junk = ["", "x", "-1", "1e999", "nan", "open", "close", "tripped", "breaker", "on", "\x00", "é" * 400, ",", '"']
+    for _ in range(150):
+        lines = list(base)
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(lines))
+            cells = lines[i].split(",")
+            cells[rng.randrange(len(cells))] = rng.choice(junk)
+            lines[i] = ",".join(cells)
+        trace = write(tmp_path, "f.csv", "\n".join(lines) + "\n")
+        code = main(["rules", "replay", str(trace), "--json"])
+        captured = capsys.readouterr()
+        assert code in (0, 2), captured
+        if code == 2:
+            assert captured.err.startswith("error: ") and "Traceback" not in captured.err
+        else:
+            json.loads(captured.out)

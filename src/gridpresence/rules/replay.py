@@ -6,9 +6,9 @@ a command given to the device on that row; an open breaker no command opened has
 verdict (fault | not_fault), the operator's judgement used when an alarm fires on that row.
 
 A device's kind comes from the fleet file if one is given, else from its ``kind`` column, else
-from its own rows: fuel or temperature readings make a generator; breaker values make a breaker
-only when they set it apart (not every device in the trace reports them) or its name says so
-(breaker, relay, cb); otherwise a load. The replay says which kind it took each device for.
+from its own rows: fuel or temperature readings make a generator; reporting ``tripped`` makes a
+breaker, and so do breaker values when they set it apart (not every device in the trace reports
+them) or its name says so (breaker, relay, cb); otherwise a load. The replay says which kind it took each device for.
 """
 
 from __future__ import annotations
@@ -104,6 +104,8 @@ def device_kinds(rows: list[TraceRow], fleet: Mapping[str, DeviceKind] | None = 
             out[device] = (column, "kind column")
         elif any(r.fuel_pct is not None or r.temperature_c is not None for r in rs):
             out[device] = (DeviceKind.GENERATOR, "inferred: fuel or temperature readings")
+        elif any(r.breaker is Breaker.TRIPPED for r in rs):
+            out[device] = (DeviceKind.BREAKER, "inferred: it reported tripped")
         elif any(r.breaker is not None for r in rs) and (not everyone_breaker or _BREAKER_NAME.search(device)):
             out[device] = (DeviceKind.BREAKER, "inferred: breaker values" +
                            ("" if not everyone_breaker else " and its name"))
