@@ -63,7 +63,8 @@ def _tuned(error_margin: float, min_false: int, settle_margin: float, settle_min
 # The settings tuning may choose from: the threshold's margin and the "not a fault" verdicts it
 # needs; the settling time's margin and the start-up transients it needs.
 CANDIDATES: dict[str, tuple[float, int, float, int]] = {
-    "shipped 2/2 .25/2": (2.0, 2, 0.25, 2),
+    "shipped 2/2 .5/1": (2.0, 2, 0.5, 1),
+    "2/2 .25/2": (2.0, 2, 0.25, 2),
     "tight 1/2 .1/2": (1.0, 2, 0.1, 2),
     "wide 4/2 .5/2": (4.0, 2, 0.5, 2),
     "wide 4/2 .5/1": (4.0, 2, 0.5, 1),

@@ -410,7 +410,7 @@ async def test_live_device_raises_the_alarms_the_replay_does(env: Env, tmp_path:
                      verdict="fault" if i == last else "not_fault") for i, (ts, st, load) in enumerate(trace)]
     expected = replay(rows, default_rules(), None, operator=lambda _p: True)
     want = [(a["at"], a["rule"]) for a in expected.alarms]
-    assert len(want) == 3 and expected.changes and expected.changes[0].param == "settle_s"  # learned in the replay
+    assert len(want) == 2 and expected.changes and expected.changes[0].param == "settle_s"  # learned in the replay
 
     (tmp_path / "fleet.toml").write_text(EQUIV_FLEET)
     bots = FleetBots(load_fleet(tmp_path / "fleet.toml"), env.grid.endpoint, env.grid.secrets, only=["rules-load"],

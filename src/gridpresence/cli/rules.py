@@ -19,6 +19,7 @@ from gridpresence.rules.model import AdjustMode, RuleSetError, comparison_text, 
 from gridpresence.rules.audit_log import read_audit
 from gridpresence.rules.replay import PriorityOptions, TraceError, read_trace, replay
 from gridpresence.rules.thresholds import Change
+from gridpresence.words import replay_kind_line
 
 
 
@@ -72,7 +73,7 @@ async def cmd_rules_replay(args: argparse.Namespace) -> int:
         print(json.dumps(result.as_dict(), indent=2))
         return EXIT_OK
     for device, (kind, how) in result.kinds.items():
-        print(f"{device}: taken for a {kind.value} ({how})")
+        print(replay_kind_line(device, kind.value, how))
     for a in result.alarms:
         verdict = f" [{a['verdict']}]" if a["verdict"] else ""
         ranked = ""

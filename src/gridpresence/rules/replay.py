@@ -28,6 +28,7 @@ from gridpresence.rules.engine import Engine, FaultEvent, Sample
 from gridpresence.rules.model import NO_COMMAND, AdjustMode, RuleSet
 from gridpresence.rules.priority import cost_per_day, excess_kw, faulty_ancestor
 from gridpresence.rules.thresholds import Adjuster, Change, Proposal, ThresholdBook
+from gridpresence.words import replay_unanswered
 
 REQUIRED = ("timestamp", "device", "state", "load_pct", "output_kw", "fuel_pct", "temperature_c", "breaker")
 
@@ -171,10 +172,7 @@ def unanswered_note(pending: int, mode: AdjustMode | None) -> str | None:
     if not pending:
         return None
     how = f"--adjust {mode.value}" if mode is not None else "the rule set's own modes: hybrid by default"
-    return (f"{pending} threshold proposal(s) wait for an operator ({how}): in a replay nobody answers them, "
-            "so those thresholds and settling times stayed as they were and later alarms were raised as before. "
-            "Use --adjust auto to apply each proposal when it is made (as an operator accepting it would), "
-            "or --adjust off to replay the rules as written.")
+    return replay_unanswered(pending, how)
 
 
 @dataclass(frozen=True)
