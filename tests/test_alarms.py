@@ -17,7 +17,7 @@ from gridpresence.operator.library import GridOperator
 from gridpresence.rules.settings import AlarmSettings
 from gridpresence.config import FleetError, parse_fleet
 from gridpresence.protocol import Breaker, DeviceKind, DeviceState, PresenceReport, Telemetry
-from gridpresence.protocol.alarm import AlarmKind, AlarmLevel, AlarmStatus, alarm_from_xml
+from gridpresence.protocol.alarm import Alarm, AlarmKind, AlarmLevel, AlarmStatus, alarm_from_xml
 from gridpresence.protocol.codec import q
 
 FAST = AlarmSettings(ack_timeout_s=1.5)
@@ -57,8 +57,10 @@ def test_thresholds_from_the_fleet_file() -> None:
         AlarmKind.HIGH_LOADING, AlarmKind.TRIP_IMMINENT}
     assert kinds(conditions(report(DeviceKind.BREAKER, load_pct=0, breaker=Breaker.CLOSED), s, 0)) == {
         AlarmKind.BREAKER_TRIPPED}
-    assert kinds(conditions(report(DeviceKind.BREAKER, state=DeviceState.OFF, load_pct=0, breaker=Breaker.OPEN),
-                            s, 0)) == set()  # opened on purpose is not tripped
+    opened = report(DeviceKind.BREAKER, state=DeviceState.OFF, load_pct=0, breaker=Breaker.OPEN)
+    assert kinds(conditions(opened, s, 0, commanded="open")) == set()  # opened on purpose is not tripped
+    assert kinds(conditions(opened, s, 0)) == {AlarmKind.BREAKER_TRIPPED}  # open, no command opened it: a trip
+    assert kinds(conditions(opened, s, 0, commanded="closed")) == {AlarmKind.BREAKER_TRIPPED}
     gen = report(DeviceKind.GENERATOR, load_pct=50, fuel_pct=5, temperature_c=120)
     assert kinds(conditions(gen, s, 600)) == {AlarmKind.LOW_FUEL, AlarmKind.TEMPERATURE_EXCEEDED,
                                               AlarmKind.SERVICE_REQUIRED}
@@ -156,6 +158,31 @@ async def test_generator_and_breaker_alarms_reach_operator_library(env: Env, ali
         gen.sim.fuel_pct = 100.0  # type: ignore[attr-defined]
         gen.sim.temperature_c = 80.0  # type: ignore[attr-defined]
         brk.sim.contacts = Breaker.CLOSED  # type: ignore[attr-defined]
+
+
+async def test_breaker_opened_by_command_is_quiet_opened_by_itself_is_tripped(env: Env, alice: GridOperator,
+                                                                            fast_acks: None) -> None:
+    """Real IEDs report open/closed: an open no command asked for is a trip; a commanded one is not."""
+    brk = agent(env, "hot-breaker")
+
+    def trips() -> list[Alarm]:
+        return [a for a in alice.alarms if a.device == brk.jid and a.kind is AlarmKind.BREAKER_TRIPPED]
+
+    before = len(trips())
+    try:
+        outcome = await alice.command("hot-breaker", "open")
+        assert outcome.status.value == "executed", outcome
+        await asyncio.sleep(2.5)  # several ticks of the device: no alarm for an open it was told to do
+        assert len(trips()) == before and brk.sim.commanded == "open"
+        assert (await alice.command("hot-breaker", "close")).status.value == "executed"
+        brk.sim.contacts = Breaker.OPEN  # type: ignore[attr-defined]  # opens by itself, closed as commanded
+        brk.sim.state = DeviceState.OFF
+        await alice.wait_for(lambda _d: len(trips()) > before, timeout=6)
+        assert trips()[-1].level is AlarmLevel.URGENT
+    finally:
+        brk.sim.contacts = Breaker.CLOSED  # type: ignore[attr-defined]
+        brk.sim.state = DeviceState.ON
+        brk.alarms.acknowledge(None, "test-cleanup")
 
 
 async def test_warning_goes_to_every_available_operator_and_clears(env: Env, fast_acks: None) -> None:

@@ -205,7 +205,7 @@ def test_real_faults_keep_the_threshold_and_settle_method_uses_start_transients(
         t += 3600
     (change,) = changes
     assert isinstance(change, Change) and change.param == "settle_s" and change.old == 0.0
-    assert change.new == pytest.approx(180 * 1.25)  # cleared 180 s after the start, plus a quarter
+    assert change.new == pytest.approx(180 * 1.5)  # cleared 180 s after the start, plus a half
     # Next start: the transient is not evaluated; a real overheat at steady state is raised at once.
     run(t, DeviceState.OFF, 30.0)
     for k, temp in enumerate((110.0, 108.0, 106.0, 95.0, 90.0)):
@@ -314,15 +314,24 @@ def test_replay_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.Captur
     assert "r.toml: rule 'X': rules.0.name" in capsys.readouterr().err
 
 
-def test_rules_eval_bench_meets_its_goals() -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "rules_eval.py"), "--json"], capture_output=True, text=True, timeout=120, check=True,
+def test_rules_eval_holds_out_every_family_and_misses_nothing() -> None:
+    """A small run of the held-out evaluation (the full one: `python bench/rules_eval.py`)."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "rules_eval.py"), "--devices", "2", "--hours", "2",
+                          "--json"], capture_output=True, text=True, timeout=120, check=True,
                          env={"PYTHONPATH": f"{ROOT / 'src'}:{ROOT / 'bench'}", "PATH": "/usr/bin:/bin"})
     figures = json.loads(out.stdout.strip().splitlines()[-1])
-    fixed, adaptive = figures["fixed"], figures["adaptive"]
-    assert fixed["missed"] == 0 and adaptive["missed"] == 0
-    assert adaptive["false_alarms"] <= 0.2 * fixed["false_alarms"] and fixed["false_alarms"] > 50
-    assert adaptive["delay_median_samples"] <= 1
-    assert "ratio to fixed: false alarms" in out.stdout
+    families = {"biased", "noisy", "drifting", "stuck", "inrush", "daily", "breakers", "generators", "gaps", "lengths"}
+    summary = figures["summary"]
+    assert summary["fixed"]["false_alarms"] > 50
+    for mode in ("hybrid", "auto"):
+        assert families <= set(figures[mode]) and figures[mode]["worst_family"] in families
+        assert all(figures[mode][f]["missed"] == 0 for f in families), figures[mode]
+        assert summary[mode]["missed"] == 0 and summary[mode]["delay_median_samples"] <= 1
+        # Learning costs a few false alarms per device; even on this short run they are far fewer.
+        assert summary[mode]["false_alarms"] <= 0.6 * summary["fixed"]["false_alarms"]
+    # Commanded opens alarm only in the baseline; trips alarm in both.
+    assert figures["auto"]["breakers"]["false_alarms"] == 0 < figures["auto"]["breakers"]["fixed_false_alarms"]
+    assert "worst family:" in out.stdout and "fewer than fixed" in out.stdout
 
 
 FLEET = """
@@ -433,3 +442,184 @@ def test_readme_sample_trace_replays_as_written() -> None:
     assert "load-2: high_loading (warning) 84 >= 80 [not_fault]" in done.stdout
     assert "load-2 high_loading.high_loading 80 -> 87 by system" in done.stdout
     assert "5 alarms, 1 threshold changes" in done.stdout
+
+
+# -- issue 17: kinds, breaker trips, start-up transients, replay modes ------------------------
+
+def _csv(rows: list[str], extra: str = "") -> str:
+    head = "timestamp,device,state,load_pct,output_kw,fuel_pct,temperature_c,breaker" + extra
+    return "\n".join([head, *rows]) + "\n"
+
+
+
+
+def test_kinds_from_the_fleet_the_kind_column_or_the_devices_own_rows(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Every row has a breaker value (loads report their contactor): that tells no breaker apart.
+    rows = []
+    for i in range(6):
+        off = i in (2, 3)
+        rows += [f"{i},pump,{'off' if off else 'on'},{0 if off else 60},,,,closed",
+                 f"{i},fan,{'off' if off else 'on'},{0 if off else 50},,,,closed",
+                 f"{i},main-breaker,on,{0 if i == 4 else 40},,,,{'tripped' if i == 4 else 'closed'}",
+                 f"{i},gen,on,50,,80,90,closed"]
+    trace = write(tmp_path, "t.csv", _csv(rows))
+    assert main(["rules", "replay", str(trace), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {d: k["kind"] for d, k in out["kinds"].items()} == {
+        "pump": "load", "fan": "load", "main-breaker": "breaker", "gen": "generator"}
+    assert [(a["device"], a["rule"]) for a in out["alarms"]] == [("main-breaker", "breaker_tripped")]
+    # Where only one device reports breaker values, it is the breaker, whatever its name.
+    lone = _csv(["0,pump,on,60,,,,", "0,feeder-7,on,0,,,,open"])
+    assert main(["rules", "replay", str(write(tmp_path, "l.csv", lone)), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kinds"]["feeder-7"]["kind"] == "breaker"
+    # Every device reports breaker values, but one reported tripped: that one is a breaker.
+    tripped = _csv(["0,pump,on,60,,,,closed", "0,feeder-7,on,40,,,,closed", "1,feeder-7,off,0,,,,tripped"])
+    assert main(["rules", "replay", str(write(tmp_path, "t2.csv", tripped)), "--json"]) == 0
+    kinds = json.loads(capsys.readouterr().out)["kinds"]
+    assert (kinds["pump"]["kind"], kinds["feeder-7"]["kind"]) == ("load", "breaker")
+    # A kind column wins over inference; a fleet file wins over both; the text output says which.
+    col = _csv(["0,pump,on,60,,,,closed,breaker", "1,pump,off,0,,,,closed,breaker"], ",kind")
+    assert main(["rules", "replay", str(write(tmp_path, "c.csv", col))]) == 0
+    text = capsys.readouterr().out
+    assert "pump: taken for a breaker (kind column)" in text and "breaker_tripped" in text
+    fleet = write(tmp_path, "fleet.toml", '[[operators]]\nname = "a"\n[[devices]]\nname = "pump"\n'
+                                          'kind = "load"\nrated_kw = 10\n')
+    assert main(["rules", "replay", str(write(tmp_path, "c.csv", col)), "--fleet", str(fleet)]) == 0
+    text = capsys.readouterr().out
+    assert "pump: taken for a load (fleet file)" in text and "breaker_tripped" not in text
+
+
+def test_a_breaker_that_opened_by_itself_is_a_trip_a_commanded_open_is_not(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = ["0,cb-1,on,40,,,,closed,", "1,cb-1,off,0,,,,open,",  # opened, nobody commanded it: a trip
+            "2,cb-1,on,40,,,,closed,close", "3,cb-1,off,0,,,,open,open",  # commanded open: no alarm
+            "4,cb-1,off,0,,,,open,", "5,cb-1,on,40,,,,closed,Closed", "6,cb-1,off,0,,,,open,"]  # a trip again
+    trace = write(tmp_path, "t.csv", _csv(rows, ",command"))
+    assert main(["rules", "replay", str(trace), "--json", "--adjust", "off"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(a["at"][-14:-6], a["rule"]) for a in out["alarms"]] == [
+        ("00:00:01", "breaker_tripped"), ("00:00:06", "breaker_tripped")]
+    # The column may also be called `commanded`; a bad value is a clear error naming it.
+    assert main(["rules", "replay", str(write(tmp_path, "c.csv", _csv(rows, ",commanded"))), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["alarms"]) == 2
+    assert main(["rules", "replay", str(write(tmp_path, "b.csv", _csv(["0,cb,on,1,,,,closed,shut"], ",command")))]) == 2
+    assert "command" in capsys.readouterr().err
+
+
+def _restart(ts: float, device: str, inrush: tuple[float, ...] = (104.0, 99.0)) -> list[Sample]:
+    """Off for a minute, then on: the first samples read over the trip point, then it settles."""
+    out = [sample(device, ts, DeviceState.OFF, load_pct=0.0)]
+    out += [sample(device, ts + 10 * (k + 1), load_pct=v) for k, v in enumerate(inrush)]
+    out += [sample(device, ts + 10 * (len(inrush) + 1 + k), load_pct=60.0) for k in range(3)]
+    return out
+
+
+def _drive(engine: Engine, adj: Adjuster, samples: list[Sample], verdict: bool | None,
+           answer: bool = False) -> list[FaultEvent]:
+    raised = []
+    for s in samples:
+        for ev in engine.feed(s):
+            o = adj.event(ev)
+            if ev.raised:
+                raised.append(ev)
+                if verdict is not None:
+                    o = adj.verdict(ev.device, ev.rule, verdict) or o
+            if answer and isinstance(o, Proposal):
+                adj.confirm(o.id, "alice")
+        adj.observe(s)
+    return raised
+
+
+def test_any_rule_learns_a_settling_time_from_start_up_transients_per_device() -> None:
+    rules = default_rules()
+    for mode, answer in ((AdjustMode.AUTO, False), (None, True)):  # auto, and hybrid with an operator accepting
+        book = ThresholdBook(rules)
+        engine, adj = Engine(rules, book), Adjuster(rules, book, mode=mode)
+        for device in ("pump", "fan"):
+            _drive(engine, adj, [sample(device, 0.0, load_pct=60.0)], None)
+        t = 100.0
+        # A restart whose inrush the operator judges "not a fault" (one is enough: Settle.min_false).
+        assert [e.rule for e in _drive(engine, adj, _restart(t, "pump"), False, answer)] == ["trip_imminent"]
+        t += 100
+        learned = book("pump", "trip_imminent", "settle_s")
+        assert learned == pytest.approx(20 * 1.5)  # cleared 20 s after the start, plus a half
+        assert book("pump", "trip_imminent", "trip_imminent") is None  # transients do not move the threshold
+        assert book("fan", "trip_imminent", "settle_s") is None  # its neighbour learned nothing
+        # Next restart: no alarm; the neighbour's inrush still alarms; a real overload at steady state at once.
+        assert _drive(engine, adj, _restart(t, "pump"), None) == []
+        assert [e.rule for e in _drive(engine, adj, _restart(t, "fan"), None)] == ["trip_imminent"]
+        (ev,) = _drive(engine, adj, [sample("pump", t + 200, load_pct=101.0)], None)
+        assert ev.rule == "trip_imminent"
+
+
+def test_settling_time_never_hides_a_fault_confirmed_after_a_start() -> None:
+    rules = default_rules()
+    book = ThresholdBook(rules)
+    engine, adj = Engine(rules, book), Adjuster(rules, book, mode=AdjustMode.AUTO)
+    _drive(engine, adj, [sample("pump", 0.0, load_pct=60.0)], None)
+    # A real fault 20 s after a start, confirmed by the operator, then long transients judged not a fault.
+    _drive(engine, adj, _restart(100.0, "pump", (60.0, 100.0, 60.0)), True)
+    for t in (200.0, 300.0):
+        _drive(engine, adj, _restart(t, "pump", (104.0, 104.0, 104.0, 104.0)), False)
+    assert book("pump", "trip_imminent", "settle_s") == 10.0  # not 30 x 1.25: the fault confirmed 10 s in stays seen
+    assert [e.rule for e in _drive(engine, adj, _restart(400.0, "pump", (60.0, 100.0, 60.0)), None)] == [
+        "trip_imminent"]
+
+
+def test_threshold_learning_is_per_device_and_never_passes_a_confirmed_fault() -> None:
+    rules = default_rules()
+    book = ThresholdBook(rules)
+    engine, adj = Engine(rules, book), Adjuster(rules, book, mode=AdjustMode.AUTO)
+    t = 0.0
+    _drive(engine, adj, [sample("fan", t, load_pct=60.0)], None)
+    _drive(engine, adj, [sample("biased", t, load_pct=89.0), sample("biased", t + 10, load_pct=70.0)], True)
+    for v in (90.0, 91.0, 92.0):  # a biased sensor: judged not a fault each time
+        t += 100
+        _drive(engine, adj, [sample("biased", t, load_pct=v), sample("biased", t + 10, load_pct=70.0)], False)
+    new = book("biased", "high_loading", "high_loading")
+    assert new == 89.0  # the sensor's error says 80 + 11 + 2 = 93, but 89 % was a confirmed fault
+    assert book("fan", "high_loading", "high_loading") is None  # the neighbour's threshold did not move
+    assert [e.rule for e in _drive(engine, adj, [sample("fan", t + 200, load_pct=85.0)], None)] == ["high_loading"]
+
+
+def test_hybrid_replay_says_proposals_wait_and_auto_reaches_every_rule(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = ["0,pump,on,60,,,,,"]
+    t = 10
+    for _ in range(4):  # restarts with inrush judged not a fault
+        rows += [f"{t},pump,off,0,,,,,", f"{t + 10},pump,on,104,,,,,not_fault", f"{t + 20},pump,on,60,,,,,"]
+        t += 100
+    trace = write(tmp_path, "t.csv", _csv(rows, ",verdict"))
+    assert main(["rules", "replay", str(trace)]) == 0
+    text = capsys.readouterr().out
+    assert "4 alarms" in text and "note: " in text and "nobody answers" in text and "--adjust auto" in text
+    assert main(["rules", "replay", str(trace), "--adjust", "auto", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["alarms"]) == 1 and out["note"] is None  # the trip rule learned its settling time
+    assert [(c["rule"], c["param"]) for c in out["threshold_changes"]] == [("trip_imminent", "settle_s")]
+
+
+def test_replay_fuzz_malformed_traces_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Seeded, bounded: mutated traces (cells, columns, commands, kinds) end in a result or a clear error."""
+    import random
+
+    rng = random.Random(17)
+    base = _csv(["0,cb-1,on,40,,,,closed,,", "1,cb-1,off,0,,,,open,open,breaker", "2,pump,on,96,,,,,,",
+                 "3,gen,on,50,,10,110,,,"], ",command,kind").splitlines()
+    junk = ["", "x", "-1", "1e999", "nan", "open", "close", "tripped", "breaker", "on", "\x00", "é" * 400, ",", '"']
+    for _ in range(150):
+        lines = list(base)
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(lines))
+            cells = lines[i].split(",")
+            cells[rng.randrange(len(cells))] = rng.choice(junk)
+            lines[i] = ",".join(cells)
+        trace = write(tmp_path, "f.csv", "\n".join(lines) + "\n")
+        code = main(["rules", "replay", str(trace), "--json"])
+        captured = capsys.readouterr()
+        assert code in (0, 2), captured
+        if code == 2:
+            assert captured.err.startswith("error: ") and "Traceback" not in captured.err
+        else:
+            json.loads(captured.out)

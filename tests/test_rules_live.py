@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
@@ -371,3 +373,82 @@ def test_faults_in_presence_round_trip_and_bad_ones_are_refused() -> None:
     el.find(q("faults")).find(q("fault")).set("kind", "<script>")  # type: ignore[union-attr]
     with pytest.raises(PayloadError, match="fault.*kind"):
         report_from_xml(el)
+
+
+# -- live grid against replay: the same trace, the same alarms ----------------------------
+
+EQUIV_FLEET = """
+domain = "localhost"
+operators = [{ name = "alice" }]
+devices = [{ name = "rules-load", kind = "load", rated_kw = 100, initial_state = "off", refresh_s = 3600 }]
+[security]
+unsigned_chat_actions = ["judge", "accept"]  # lab setting: the operator judges and accepts by plain chat
+"""
+
+
+def _restarts_trace(step: float) -> list[tuple[float, str, float]]:
+    """(ts, state, load %): four restarts, each with two samples of inrush over the trip point."""
+    rows: list[tuple[float, str, float]] = [(0.0, "off", 0.0), (step, "on", 60.0), (2 * step, "on", 61.0)]
+    for _ in range(4):
+        for state, load in (("off", 0.0), ("on", 104.0), ("on", 100.0), ("on", 60.0), ("on", 61.0), ("on", 60.0)):
+            rows.append((rows[-1][0] + step, state, load))
+    rows.append((rows[-1][0] + step, "on", 101.0))  # a real overload at steady state: still raised
+    return rows
+
+
+async def test_live_device_raises_the_alarms_the_replay_does(env: Env, tmp_path: Path) -> None:
+    """A trace fed to a live device on the real server, the operator answering "not a fault"
+    and accepting proposals over chat; the alarms the operator saw are the replay's with a
+    simulated operator doing the same (the default mode, hybrid)."""
+    from gridpresence.protocol.models import Telemetry
+    from gridpresence.rules.replay import TraceRow, replay
+
+    step = 0.5
+    trace = _restarts_trace(step)
+    last = len(trace) - 1
+    rows = [TraceRow(timestamp=ts, device="rules-load", state=st, load_pct=load,  # type: ignore[arg-type]
+                     verdict="fault" if i == last else "not_fault") for i, (ts, st, load) in enumerate(trace)]
+    expected = replay(rows, default_rules(), None, operator=lambda _p: True)
+    want = [(a["at"], a["rule"]) for a in expected.alarms]
+    assert len(want) == 2 and expected.changes and expected.changes[0].param == "settle_s"  # learned in the replay
+
+    (tmp_path / "fleet.toml").write_text(EQUIV_FLEET)
+    bots = FleetBots(load_fleet(tmp_path / "fleet.toml"), env.grid.endpoint, env.grid.secrets, only=["rules-load"],
+                     tick_s=3600, with_services=False)
+    await bots.start()
+    alice = await chat_peer(env, "alice", "equivalence")
+    load, jid = bots.devices["rules-load"], env.fleet.jid("rules-load")
+    seen: list[tuple[int, str]] = []
+    rule_of = {r.alarm.value: r.name for r in default_rules().rules}
+
+    async def answer_proposals(text: str) -> None:
+        for pid in re.findall(r"threshold proposal (\d+)", text):
+            assert "changed" in await alice.ask(jid, f"accept {pid}")
+
+    try:
+        await asyncio.sleep(0.3)
+        for i, (ts, st, pct) in enumerate(trace):
+            load.sim.state = DeviceState(st)
+            load.sim.telemetry = lambda pct=pct: Telemetry(load_pct=pct, kw=pct, capacity_kw=100.0)  # type: ignore[method-assign]
+            load.alarms.check(load.publish(force=True))
+            await asyncio.sleep(step * 0.6)
+            while not alice.alarms.empty():  # what the operator was told, judged as the trace's verdict says
+                msg = alice.alarms.get_nowait()
+                a = alarm_of(msg)
+                if msg["from"].bare == jid and a.status is AlarmStatus.RAISED:
+                    seen.append((i, rule_of[a.kind.value]))
+                    reply = await alice.ask(jid, f"{'fault' if i == last else 'not a fault'} {a.id}")
+                    assert reply.startswith(f"Recorded: alarm {a.id}"), reply
+                    await answer_proposals(reply)
+            while not alice.replies.empty():  # a proposal made as an alarm cleared
+                msg = alice.replies.get_nowait()
+                if msg["from"].bare == jid:
+                    await answer_proposals(msg["body"])
+            await asyncio.sleep(max(0.0, trace[i + 1][0] - ts - step * 0.6) if i < last else 0.0)
+        index = {f"{datetime.fromtimestamp(ts, UTC).isoformat()}": i for i, (ts, _, _) in enumerate(trace)}
+        assert seen == [(index[at], rule) for at, rule in want], (seen, want)
+        assert [c.param for c in load.alarms.thresholds.audit] == [c.param for c in expected.changes]
+    finally:
+        load.alarms.acknowledge(None, "test-cleanup")
+        await alice.close()
+        await bots.stop()

@@ -177,3 +177,18 @@ def describe(alarm: Alarm) -> str:
     if alarm.value is not None and alarm.threshold is not None:
         reading = f" ({alarm.value:.1f}{units}, limit {alarm.threshold:g}{units})"
     return f"{TITLES[alarm.kind]}{reading}"
+
+
+# -- rules replay ------------------------------------------------------------------------------
+
+
+def replay_unanswered(pending: int, how: str) -> str:
+    """Why a replay in confirm/hybrid mode changed nothing, and how to choose otherwise."""
+    return (f"{pending} threshold proposal(s) wait for an operator ({how}): in a replay nobody answers them, "
+            "so those thresholds and settling times stayed as they were and later alarms were raised as before. "
+            "Use --adjust auto to apply each proposal when it is made (as an operator accepting it would), "
+            "or --adjust off to replay the rules as written.")
+
+
+def replay_kind_line(device: str, kind: str, how: str) -> str:
+    return f"{device}: taken for a {kind} ({how})"

@@ -19,6 +19,7 @@ from gridpresence.rules.model import AdjustMode, RuleSetError, comparison_text, 
 from gridpresence.rules.audit_log import read_audit
 from gridpresence.rules.replay import PriorityOptions, TraceError, read_trace, replay
 from gridpresence.rules.thresholds import Change
+from gridpresence.words import replay_kind_line
 
 
 
@@ -28,11 +29,11 @@ def register(sub: Any) -> None:  # argparse's subparsers action has no public ty
     rsub = rules.add_subparsers(dest="rules_command", required=True, metavar="RULES_COMMAND")
     rp = rsub.add_parser("replay", help="the alarms a rule set raises over a recorded trace, and its threshold changes")
     rp.add_argument("trace", help="CSV: timestamp, device, state, load_pct, output_kw, fuel_pct, temperature_c, "
-                                  "breaker[, verdict]")
+                                  "breaker[, kind, mode, command, verdict]")
     rp.add_argument("--rules", default=None, help="rule set (TOML; default: the built-in alarm rules)")
     rp.add_argument("--adjust", choices=[m.value for m in AdjustMode], default=None,
-                    help="threshold adjustment mode for every adjustable rule (default: each rule's own; "
-                         "confirm/hybrid leave proposals for an operator)")
+                    help="threshold and settling-time adjustment for every rule (default: each rule's own, "
+                         "hybrid: proposals for an operator, who never answers in a replay; auto applies them)")
     rp.add_argument("--fleet", default=None, help="fleet file: rank alarms by cost per day at its billing party's "
                                                    "tariff, fold faults under a faulty branch (its parents)")
     rp.add_argument("--high-cost", type=argtypes.non_negative, default=50.0,
@@ -55,21 +56,24 @@ def register(sub: Any) -> None:  # argparse's subparsers action has no public ty
 
 async def cmd_rules_replay(args: argparse.Namespace) -> int:
     try:
-        priority = None
+        priority, kinds = None, None
         if args.fleet:
             fleet = load_fleet(Path(args.fleet))
             tariff = (fleet.billing[0] if fleet.billing else BillingSpec(name="billing")).tariff()
             priority = PriorityOptions(tariff, args.high_cost, {d.name: d.parent for d in fleet.devices},
                                        {d.name: d.rated_kw for d in fleet.devices})
+            kinds = {d.name: d.kind for d in fleet.devices}
         rules = load_rules(Path(args.rules)) if args.rules else default_rules(fleet.alarms if args.fleet else None)
         result = replay(read_trace(Path(args.trace)), rules, AdjustMode(args.adjust) if args.adjust else None,
-                        priority)
+                        priority, kinds)
     except (RuleSetError, TraceError, FleetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return EXIT_OK
+    for device, (kind, how) in result.kinds.items():
+        print(replay_kind_line(device, kind.value, how))
     for a in result.alarms:
         verdict = f" [{a['verdict']}]" if a["verdict"] else ""
         ranked = ""
@@ -83,6 +87,8 @@ async def cmd_rules_replay(args: argparse.Namespace) -> int:
         print(f"proposal {p.id}: {p.device} {p.rule}.{p.param} {p.current:g} -> {p.proposed:g} ({p.mode.value}): {p.why}")
     print(f"{result.samples} samples, {len(result.alarms)} alarms, {len(result.changes)} threshold changes, "
           f"{len(result.proposals)} proposals pending")
+    if result.note:
+        print(f"note: {result.note}")
     return EXIT_OK
 
 

@@ -58,12 +58,13 @@ class _Open:
 
 
 def conditions(report: PresenceReport, settings: AlarmSettings, run_h: float,
-               active: frozenset[AlarmKind] = frozenset()) -> dict[AlarmKind, tuple[float, float]]:
+               active: frozenset[AlarmKind] = frozenset(),
+               commanded: str | None = None) -> dict[AlarmKind, tuple[float, float]]:
     """Alarm conditions that hold for a report: kind -> (value, threshold), by the default rule
     set. A condition that is already active holds until the reading is `hysteresis_pct` back on
-    the safe side."""
+    the safe side. `commanded`: the contacts position the last command asked for."""
     engine = Engine(default_rules(settings))
-    sample = report_sample("", report, 0.0)
+    sample = report_sample("", report, 0.0, commanded)
     values = {**sample.values, "run_h": run_h}
     active_rules = {r.name for r in engine.rules.rules if AlarmKind(r.alarm) in active}
     out: dict[AlarmKind, tuple[float, float]] = {}
@@ -162,7 +163,8 @@ class AlarmDesk:
         """Run the rules over the latest readings; raise what newly holds."""
         if report is None:
             return
-        sample = report_sample(self.agent.spec.name, report, asyncio.get_running_loop().time())
+        sample = report_sample(self.agent.spec.name, report, asyncio.get_running_loop().time(),
+                               self.agent.sim.commanded)
         self._capacity_kw = report.telemetry.capacity_kw
         ranker = self._ranker()
         for ev in self.engine.feed(sample):

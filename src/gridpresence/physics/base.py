@@ -56,6 +56,9 @@ class SimDevice(ABC):
         self.clock_offset = dt.timedelta(0)
         # Load of the devices below this one, from their presence (branch meter, master IED).
         self.branch_kw: dict[str, float] = {}
+        # The contacts position the last command asked for ("open"/"closed"; None: never commanded):
+        # the alarm rules tell a trip (opened by itself) from a commanded open by it.
+        self.commanded: str | None = None
         self._last_tick = now
 
     # -- commands ---------------------------------------------------------------------

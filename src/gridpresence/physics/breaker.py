@@ -15,10 +15,13 @@ class Breaker(SimDevice):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.contacts = Contacts.OPEN if self.state is DeviceState.OFF else Contacts.CLOSED
+        # Open from the start because the fleet file says so: that is an order, not a trip.
+        self.commanded = self.contacts.value
         self.utilisation = self.spec.utilisation
 
     def _apply(self, action: Action, args: dict[str, str], now: dt.datetime) -> Effect:
         wanted = Contacts.OPEN if action is Action.OPEN else Contacts.CLOSED
+        self.commanded = wanted.value
         if self.contacts is wanted:
             return Effect.done(f"already {wanted.value}")
         self.contacts = wanted

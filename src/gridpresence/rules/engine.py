@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from gridpresence.protocol.models import DeviceKind, DeviceState
-from gridpresence.rules.model import All, AnyOf, Compare, Condition, Rule, RuleSet, first_param_compare
+from gridpresence.rules.model import SETTLE_PARAM, All, AnyOf, Compare, Condition, Rule, RuleSet, first_param_compare
 
 Value = float | str | None
 # (device, rule, param) -> an adjusted value, or None for the rule's own.
@@ -40,12 +40,14 @@ class FaultEvent:
     threshold: float | None
     since_change_s: float
     op: str | None = None  # how value is compared with threshold (the rule's first comparison with a param)
+    changed: bool = False  # the device has been seen changing state (since_change_s counts from a real change)
 
 
 @dataclass
 class _DeviceTrack:
     state: DeviceState | None = None
     changed_ts: float = 0.0
+    changed: bool = False  # a state change was seen (the first sample is not one)
     last_ts: float | None = None
     run_s: float = 0.0
     active: dict[str, bool] = field(default_factory=dict)  # rule -> silent
@@ -74,7 +76,7 @@ class Engine:
         if track.last_ts is not None and track.state is DeviceState.ON and s.kind is DeviceKind.GENERATOR:
             track.run_s += max(0.0, s.ts - track.last_ts)
         if s.state is not track.state:
-            track.state, track.changed_ts = s.state, s.ts
+            track.state, track.changed_ts, track.changed = s.state, s.ts, True
         track.last_ts = s.ts
         since = s.ts - track.changed_ts
         values = {**s.values, "run_h": track.run_s / 3600}
@@ -115,6 +117,14 @@ class Engine:
     def _triggered(self, s: Sample, rule: Rule, since: float) -> bool:
         t = rule.trigger
         delay = self.param(s.device, rule, t.since_change_s) if isinstance(t.since_change_s, str) else t.since_change_s
+        if self.overrides is not None:
+            # The settling time learned for this device and rule (thresholds.Adjuster), or for a rule
+            # it defers to: a transient judged under the urgent alarm was the same reading (the
+            # deferring rule's alarm was held silently, so nobody could judge it).
+            for name in (rule.name, *rule.suppressed_by):
+                learned = self.overrides(s.device, name, SETTLE_PARAM)
+                if learned is not None:
+                    delay = max(delay, learned)
         return s.state in t.states and since >= delay and (t.mode is None or s.mode == t.mode)
 
     def _holds(self, device: str, rule: Rule, cond: Condition, values: Mapping[str, Value], active: bool) -> bool:
@@ -151,4 +161,5 @@ class Engine:
         first = first_param_compare(rule.content)
         return FaultEvent(device=s.device, rule=rule.name, alarm=rule.alarm, urgent=rule.urgent, raised=raised,
                           ts=s.ts, value=value, threshold=threshold, since_change_s=since,
-                          op=first.op if first is not None else None)
+                          op=first.op if first is not None else None,
+                          changed=self._devices[s.device].changed)

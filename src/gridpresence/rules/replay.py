@@ -1,27 +1,34 @@
 """Replay a recorded trace through a rule set: the alarms it raises, the thresholds it changes.
 
 Columns: timestamp (ISO 8601, or seconds), device, state, load_pct, output_kw, fuel_pct,
-temperature_c, breaker; optional: kind (else inferred: a breaker column means a breaker, fuel or
-temperature a generator, otherwise a load), mode, and verdict (fault | not_fault), the
-operator's judgement used when an alarm fires on that row.
+temperature_c, breaker (open | closed | tripped); optional: kind, mode, command (open | close:
+a command given to the device on that row; an open breaker no command opened has tripped), and
+verdict (fault | not_fault), the operator's judgement used when an alarm fires on that row.
+
+A device's kind comes from the fleet file if one is given, else from its ``kind`` column, else
+from its own rows: fuel or temperature readings make a generator; reporting ``tripped`` makes a
+breaker, and so do breaker values when they set it apart (not every device in the trace reports
+them) or its name says so (breaker, relay, cb); otherwise a load. The replay says which kind it took each device for.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Iterator, Mapping
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from gridpresence.protocol.models import Breaker, DeviceKind, DeviceState, Tariff
 from gridpresence.rules.engine import Engine, FaultEvent, Sample
-from gridpresence.rules.model import AdjustMode, RuleSet
+from gridpresence.rules.model import NO_COMMAND, AdjustMode, RuleSet
 from gridpresence.rules.priority import cost_per_day, excess_kw, faulty_ancestor
 from gridpresence.rules.thresholds import Adjuster, Change, Proposal, ThresholdBook
+from gridpresence.words import replay_unanswered
 
 REQUIRED = ("timestamp", "device", "state", "load_pct", "output_kw", "fuel_pct", "temperature_c", "breaker")
 
@@ -40,6 +47,14 @@ def _timestamp(v: object) -> object:
     return v
 
 
+def _command(v: object) -> object:
+    """A command as logs spell it: open/opened, close/closed, any case."""
+    if isinstance(v, str):
+        w = v.strip().lower()
+        return {"opened": "open", "closed": "close"}.get(w, w)
+    return v
+
+
 class TraceRow(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -53,6 +68,7 @@ class TraceRow(BaseModel):
     breaker: Breaker | None = None
     kind: DeviceKind | None = None
     mode: str | None = None
+    command: Annotated[Literal["open", "close"], BeforeValidator(_command)] | None = Field(default=None, validation_alias=AliasChoices("command", "commanded"))
     verdict: Literal["fault", "not_fault"] | None = None
 
     @model_validator(mode="before")
@@ -63,13 +79,40 @@ class TraceRow(BaseModel):
             return {k: _blank_is_none(v) for k, v in data.items() if k is not None}
         return data
 
-    def sample(self) -> Sample:
-        kind = self.kind or (DeviceKind.BREAKER if self.breaker is not None else
-                             DeviceKind.GENERATOR if self.fuel_pct is not None or self.temperature_c is not None
-                             else DeviceKind.LOAD)
+    def sample(self, kind: DeviceKind, commanded: str = NO_COMMAND) -> Sample:
         values = {"load_pct": self.load_pct, "output_kw": self.output_kw, "fuel_pct": self.fuel_pct,
-                  "temperature_c": self.temperature_c, "breaker": self.breaker.value if self.breaker else None}
+                  "temperature_c": self.temperature_c, "breaker": self.breaker.value if self.breaker else None,
+                  "commanded": commanded}
         return Sample(self.device, self.timestamp, self.state, values, kind, self.mode)
+
+
+_BREAKER_NAME = re.compile(r"breaker|relay|(^|[-_.])cb([-_.\d]|$)", re.IGNORECASE)
+
+
+def device_kinds(rows: list[TraceRow], fleet: Mapping[str, DeviceKind] | None = None) -> dict[str, tuple[DeviceKind, str]]:
+    """Each device's kind and where it came from: the fleet, the kind column, or its own rows."""
+    seen: dict[str, list[TraceRow]] = {}
+    for r in rows:
+        seen.setdefault(r.device, []).append(r)
+    # A breaker column every device fills (loads reporting their own contactor) tells no breaker apart.
+    everyone_breaker = all(any(r.breaker is not None for r in rs) for rs in seen.values())
+    out: dict[str, tuple[DeviceKind, str]] = {}
+    for device, rs in seen.items():
+        column = next((r.kind for r in rs if r.kind is not None), None)
+        if fleet is not None and device in fleet:
+            out[device] = (fleet[device], "fleet file")
+        elif column is not None:
+            out[device] = (column, "kind column")
+        elif any(r.fuel_pct is not None or r.temperature_c is not None for r in rs):
+            out[device] = (DeviceKind.GENERATOR, "inferred: fuel or temperature readings")
+        elif any(r.breaker is Breaker.TRIPPED for r in rs):
+            out[device] = (DeviceKind.BREAKER, "inferred: it reported tripped")
+        elif any(r.breaker is not None for r in rs) and (not everyone_breaker or _BREAKER_NAME.search(device)):
+            out[device] = (DeviceKind.BREAKER, "inferred: breaker values" +
+                           ("" if not everyone_breaker else " and its name"))
+        else:
+            out[device] = (DeviceKind.LOAD, "inferred: no generator or breaker readings")
+    return out
 
 
 class TraceError(ValueError):
@@ -111,11 +154,25 @@ class ReplayResult:
     changes: list[Change] = field(default_factory=list)
     proposals: list[Proposal] = field(default_factory=list)
     samples: int = 0
+    kinds: dict[str, tuple[DeviceKind, str]] = field(default_factory=dict)
+    note: str | None = None  # what a person must know to read the result (proposals nobody answered)
 
     def as_dict(self) -> dict[str, object]:
         return {"samples": self.samples, "alarms": self.alarms, "cleared": self.cleared,
+                "kinds": {d: {"kind": k.value, "from": how} for d, (k, how) in self.kinds.items()},
                 "threshold_changes": [c.as_dict() for c in self.changes],
-                "proposals": [p.as_dict() for p in self.proposals]}
+                "proposals": [p.as_dict() for p in self.proposals], "note": self.note}
+
+
+# A simulated operator: answers a proposal with True (accept) or False (reject); None leaves it.
+Operator = Callable[[Proposal], bool | None]
+
+
+def unanswered_note(pending: int, mode: AdjustMode | None) -> str | None:
+    if not pending:
+        return None
+    how = f"--adjust {mode.value}" if mode is not None else "the rule set's own modes: hybrid by default"
+    return replay_unanswered(pending, how)
 
 
 @dataclass(frozen=True)
@@ -129,21 +186,38 @@ class PriorityOptions:
 
 
 def replay(rows: Iterable[TraceRow], rules: RuleSet, mode: AdjustMode | None = None,
-           priority: PriorityOptions | None = None) -> ReplayResult:
-    """Run the rules over the rows in order; verdicts feed the threshold adjustment. With
-    `priority`, each alarm gets its cost per day at the tariff's price of its time, is marked
-    sent at once or batched, and is folded into a branch above it that is itself in fault."""
+           priority: PriorityOptions | None = None, kinds: Mapping[str, DeviceKind] | None = None,
+           operator: Operator | None = None) -> ReplayResult:
+    """Run the rules over the rows in order; verdicts feed the threshold adjustment. Kinds come
+    from `kinds` (the fleet), else the rows (device_kinds). `operator` answers proposals as they
+    are made (a simulated operator; without one they stay pending). With `priority`, each alarm
+    gets its cost per day at the tariff's price of its time, is marked sent at once or batched,
+    and is folded into a branch above it that is itself in fault."""
+    rows = list(rows)
     book = ThresholdBook(rules)
     engine = Engine(rules, book)
     adjuster = Adjuster(rules, book, mode=mode)
-    out = ReplayResult()
+    out = ReplayResult(kinds=device_kinds(rows, kinds))
     in_fault: dict[str, set[str]] = {}
+    commanded: dict[str, str] = {}  # device -> the contacts position its last command asked for
+
+    def outcome(o: Change | Proposal | None, at: datetime) -> None:
+        if isinstance(o, Proposal) and operator is not None:
+            answer = operator(o)
+            if answer is True:
+                o = adjuster.confirm(o.id, "operator", at=at)
+            elif answer is False:
+                adjuster.reject(o.id)
+        _record(out, o)
+
     for row in rows:
-        s = row.sample()
+        if row.command is not None:
+            commanded[row.device] = "open" if row.command == "open" else "closed"
+        s = row.sample(out.kinds[row.device][0], commanded.get(row.device, NO_COMMAND))
         out.samples += 1
         at = datetime.fromtimestamp(s.ts, UTC)
         for ev in engine.feed(s):
-            _record(out, adjuster.event(ev, at))
+            outcome(adjuster.event(ev, at), at)
             faults = in_fault.setdefault(ev.device, set())
             if not ev.raised:
                 faults.discard(ev.rule)
@@ -155,9 +229,10 @@ def replay(rows: Iterable[TraceRow], rules: RuleSet, mode: AdjustMode | None = N
                 alarm.update(_rank(ev, at, row, priority, {d for d, f in in_fault.items() if f}))
             out.alarms.append(alarm)
             if row.verdict is not None:
-                _record(out, adjuster.verdict(ev.device, ev.rule, row.verdict == "fault", at))
+                outcome(adjuster.verdict(ev.device, ev.rule, row.verdict == "fault", at), at)
         adjuster.observe(s)  # after the events: readings of an open fault stay out of the indices
     out.proposals = list(adjuster.pending.values())
+    out.note = unanswered_note(len(out.proposals), mode)
     return out
 
 

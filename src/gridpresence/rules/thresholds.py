@@ -16,7 +16,8 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from gridpresence.rules.engine import FaultEvent, Sample
-from gridpresence.rules.model import Adjust, AdjustMethod, AdjustMode, Rule, RuleSet, compare_of, first_param_compare
+from gridpresence.rules.model import (SETTLE_PARAM, Adjust, AdjustMethod, AdjustMode, Rule, RuleSet, compare_of,
+                                      first_param_compare)
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +89,15 @@ class ThresholdBook:
         return self._values.get((device, rule, param))
 
     def _known(self, rule: str, param: str) -> bool:
-        return any(r.name == rule and param in r.params for r in self.rules.rules)
+        # Every rule has a learnable settling time, named in its params or not.
+        return any(r.name == rule and (param in r.params or param == SETTLE_PARAM) for r in self.rules.rules)
 
     def current(self, device: str, rule: str, param: str) -> float:
         v = self(device, rule, param)
-        return self.rules.get(rule).params[param] if v is None else v
+        if v is not None:
+            return v
+        r = self.rules.get(rule)
+        return r.params[param] if param in r.params else r.static_settle()
 
     def set(self, device: str, rule: str, param: str, new: float, by: str, why: str,
             at: datetime | None = None, reverts: int | None = None) -> Change:
@@ -155,12 +160,8 @@ class _Alarm:
 @dataclass
 class _History:
     lam: float
-    false_share: _Ewma = field(init=False)
     raised: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
     alarms: deque[_Alarm] = field(default_factory=lambda: deque(maxlen=200))  # a bounded history
-
-    def __post_init__(self) -> None:
-        self.false_share = _Ewma(self.lam, 0.0)
 
 
 class Adjuster:
@@ -175,11 +176,16 @@ class Adjuster:
         self._hist: dict[tuple[str, str], _History] = {}
         self._indices: dict[tuple[str, str], _Ewma] = {}
         self._open: dict[tuple[str, str], _Alarm] = {}
+        # Alarms operators confirmed as faults, kept across adjustments: no new value may pass them.
+        self._confirmed: dict[tuple[str, str], list[_Alarm]] = {}
 
     def mode(self, rule: Rule) -> AdjustMode:
         if rule.adjust is None:
             return AdjustMode.OFF
         return self.mode_override or rule.adjust.mode
+
+    def settle_mode(self, rule: Rule) -> AdjustMode:
+        return self.mode_override or rule.settle.mode
 
     def _history(self, device: str, rule: str) -> _History:
         return self._hist.setdefault((device, rule), _History(self.lam))
@@ -222,7 +228,8 @@ class Adjuster:
             raise AdjustError(f"{device} has had no {rule} alarm to judge since its threshold last changed")
         judged = next((a for a in reversed(hist.alarms) if a.event.ts == raised_ts), hist.alarms[-1])
         judged.verdict = fault
-        hist.false_share.add(0.0 if fault else 1.0)
+        if fault:
+            self._confirmed.setdefault((device, rule), []).append(judged)
         return self._consider(device, rule, at)
 
     # -- the operator's answers ---------------------------------------------------------
@@ -233,10 +240,10 @@ class Adjuster:
             raise AdjustError(f"no threshold proposal {proposal_id} is pending")
         if value is not None and p.mode is not AdjustMode.HYBRID:
             raise AdjustError(f"proposal {proposal_id} can only be confirmed as proposed ({p.proposed:g})")
-        adjust = self.rules.get(p.rule).adjust
+        bounds = self._bounds(self.rules.get(p.rule), p.param)
         new = p.proposed if value is None else value
-        if adjust is not None and not _within(adjust, new):
-            raise AdjustError(f"{new:g} is outside the bounds of {p.rule}.{p.param} ({_bounds(adjust)})")
+        if bounds is not None and not _within(bounds, new):
+            raise AdjustError(f"{new:g} is outside the bounds of {p.rule}.{p.param} ({_bounds(bounds)})")
         why = p.why + ("" if value is None else f"; operator entered {value:g} instead of {p.proposed:g}")
         change = self.book.set(p.device, p.rule, p.param, new, by, why, at)  # may refuse: the proposal stays
         del self.pending[proposal_id]
@@ -252,8 +259,24 @@ class Adjuster:
 
     # -- need and new value ------------------------------------------------------------
 
+    def _bounds(self, rule: Rule, param: str) -> Adjust | None:
+        if rule.adjust is not None and rule.adjust.param == param:
+            return rule.adjust
+        if param == SETTLE_PARAM:
+            return Adjust(param=param, lo=0.0, hi=rule.settle.hi)
+        return None
+
+    def _transient(self, rule: Rule, a: _Alarm) -> bool:
+        """A start-up transient: raised soon after a real state change, gone on its own within the window."""
+        w = rule.settle.window_s
+        return (self.settle_mode(rule) is not AdjustMode.OFF and a.event.changed and a.event.since_change_s <= w
+                and a.cleared is not None and a.cleared.since_change_s <= w)
+
     def _consider(self, device: str, rule_name: str, at: datetime | None) -> Change | Proposal | None:
         rule = self.rules.get(rule_name)
+        settled = self._consider_settle(device, rule, at)
+        if settled is not None:
+            return settled
         mode = self.mode(rule)
         if mode is AdjustMode.OFF or rule.adjust is None:
             return None
@@ -264,27 +287,64 @@ class Adjuster:
         current = self.book.current(device, rule.name, rule.adjust.param)
         if proposed is None or proposed == current:
             return None
-        why = f"{need}; new value from {rule.adjust.method.value}"
+        return self._offer(device, rule, rule.adjust.param, current, proposed,
+                           f"{need}; new value from {rule.adjust.method.value}", mode, at)
+
+    def _consider_settle(self, device: str, rule: Rule, at: datetime | None) -> Change | Proposal | None:
+        """False alarms that cluster right after state changes: wait longer after each change."""
+        mode = self.settle_mode(rule)
+        if mode is AdjustMode.OFF:
+            return None
+        hist = self._history(device, rule.name)
+        transients = [a for a in hist.alarms if a.verdict is False and self._transient(rule, a)]
+        if len(transients) < rule.settle.min_false:
+            return None
+        longest = max(a.cleared.since_change_s for a in transients if a.cleared is not None)
+        new = min(rule.settle.hi, longest * (1 + rule.settle.margin))
+        # Never so long that a fault an operator confirmed right after a change would go unseen.
+        confirmed = [a.event.since_change_s for a in self._confirmed.get((device, rule.name), []) if a.event.changed]
+        if confirmed:
+            new = min(new, min(confirmed))
+        new = round(new, 3)
+        current = self.book.current(device, rule.name, SETTLE_PARAM)
+        if new <= current:
+            return None
+        why = (f"{len(transients)} alarms within {longest:g} s of a state change judged not a fault; "
+               f"new settling time from the time to steady state")
+        return self._offer(device, rule, SETTLE_PARAM, current, new, why, mode, at)
+
+    def _offer(self, device: str, rule: Rule, param: str, current: float, proposed: float, why: str,
+               mode: AdjustMode, at: datetime | None) -> Change | Proposal | None:
         if mode is AdjustMode.AUTO:
-            change = self.book.set(device, rule.name, rule.adjust.param, proposed, SYSTEM, why, at)
+            change = self.book.set(device, rule.name, param, proposed, SYSTEM, why, at)
             self._reset(device, rule.name)
             return change
         for pid, p in list(self.pending.items()):  # one open proposal per threshold: the newest evidence wins
-            if (p.device, p.rule, p.param) == (device, rule.name, rule.adjust.param):
+            if (p.device, p.rule, p.param) == (device, rule.name, param):
                 if p.proposed == proposed:
                     return None  # already with the operator
                 del self.pending[pid]
-        p = Proposal(self._next_proposal, device, rule.name, rule.adjust.param, current, proposed, why, mode)
+        p = Proposal(self._next_proposal, device, rule.name, param, current, proposed, why, mode)
         self._next_proposal += 1
         self.pending[p.id] = p
         return p
 
+    def _false(self, device: str, rule: Rule) -> list[_Alarm]:
+        """False alarms that speak for moving the threshold: cleared, and not start-up transients."""
+        hist = self._history(device, rule.name)
+        return [a for a in hist.alarms if a.verdict is False and a.cleared is not None and not self._transient(rule, a)]
+
     def _need(self, device: str, rule: Rule, adjust: Adjust) -> str | None:
         hist = self._history(device, rule.name)
-        false = [a for a in hist.alarms if a.verdict is False and a.cleared is not None]
-        if len(false) >= adjust.min_false and (hist.false_share.mean or 0.0) >= adjust.false_ratio:
-            return (f"{len(false)} alarms judged not a fault (EWMA false-alarm share "
-                    f"{hist.false_share.mean:.2f})")
+        false = self._false(device, rule)
+        # The EWMA false-alarm share over judged alarms, start-up transients left out (they are
+        # the settling time's evidence; known only once an alarm has cleared, so taken here).
+        share = _Ewma(self.lam, 0.0)
+        for a in hist.alarms:
+            if a.verdict is not None and not (a.verdict is False and self._transient(rule, a)):
+                share.add(0.0 if a.verdict else 1.0)
+        if len(false) >= adjust.min_false and (share.mean or 0.0) >= adjust.false_ratio:
+            return f"{len(false)} alarms judged not a fault (EWMA false-alarm share {share.mean:.2f})"
         if adjust.max_per_day and hist.raised:
             last = hist.raised[-1]
             n = sum(1 for t in hist.raised if t > last - DAY_S)
@@ -296,6 +356,7 @@ class Adjuster:
         hist = self._history(device, rule.name)
         false = [a for a in hist.alarms if a.verdict is False and a.cleared is not None]
         current = self.book.current(device, rule.name, adjust.param)
+        confirmed = [a.event.value for a in self._confirmed.get((device, rule.name), []) if a.event.value is not None]
         new: float | None = None
         if adjust.method is AdjustMethod.SETTLE:
             # Alarms near a state change that went away on their own: wait until that has passed.
@@ -310,7 +371,7 @@ class Adjuster:
             upward = cmp.op in (">=", ">")
             if adjust.method is AdjustMethod.ERROR:
                 # The sensor's error: how far past the threshold it read when nothing was wrong.
-                peaks = [a.peak for a in false if a.peak is not None]
+                peaks = [a.peak for a in self._false(device, rule) if a.peak is not None]
                 if peaks:
                     error = max(abs(p - current) for p in peaks)
                     new = current + error + adjust.margin if upward else current - error - adjust.margin
@@ -321,6 +382,10 @@ class Adjuster:
                     new = idx.mean + spread if upward else idx.mean - spread
         if new is None:
             return None
+        cmp = compare_of(rule.content, adjust.param)
+        if confirmed and cmp is not None and adjust.method is not AdjustMethod.SETTLE:
+            # Never past a reading an operator confirmed as a fault: that fault would go unseen.
+            new = min(new, min(confirmed)) if cmp.op in (">=", ">") else max(new, max(confirmed))
         return round(_clamp(adjust, new), 3)
 
     def _reset(self, device: str, rule: str) -> None:
