@@ -356,6 +356,22 @@ async def test_a_register_change_reaches_the_operator(field: Field) -> None:
     await until(alice, "gw-load-2", lambda v: v.state is DeviceState.ON and v.report.telemetry.load_pct == 50.0)
 
 
+async def test_alarm_rules_run_on_the_ieds_readings(field: Field) -> None:
+    alice = field.alice
+    alarms = alice.new_alarms()
+    field.loads.set(2, "h", 2, [970])  # 97 %: past the trip point
+    try:
+        async with asyncio.timeout(10):
+            async for alarm in alarms:
+                if alarm.device.startswith("gw-load-2@") and alarm.kind.value == "trip-point-imminent":
+                    break
+        assert alarm.value == 97.0 and alarm.level.value == "urgent", alarm
+    finally:
+        await alarms.aclose()
+        field.loads.set(2, "h", 2, [500])
+    await until(alice, "gw-load-2", lambda v: v.report.telemetry.load_pct == 50.0)
+
+
 async def test_shed_and_restore_reach_the_coil_and_read_back(field: Field) -> None:
     alice = field.alice
     shed = await alice.command("gw-load-1", "shed")
