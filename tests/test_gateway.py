@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import signal
 import struct
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -261,6 +263,17 @@ commands.restore = {{ writes = [{{ point = "shed", value = false }}], confirm = 
 """
 
 
+# A second site, run by the `gridpresence gateway` command.
+CLI_SITE = """
+[[ieds]]
+name = "gw-cli-load"
+kind = "load"
+map = "modbus-load-controller"
+poll_s = 0.3
+link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {loads}, unit = 4, timeout_s = 0.5 }}
+"""
+
+
 @dataclass
 class Field:
     ieds: IedThread
@@ -280,10 +293,11 @@ class Field:
 async def field(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Field]:
     tmp = tmp_path_factory.mktemp("gateway")
     ieds = IedThread()
-    loads, meter = ModbusIeds((1, 2, 3)), ModbusIeds((1,))
+    loads, meter = ModbusIeds((1, 2, 3, 4)), ModbusIeds((1,))
     loads.load(1, kw=40, capacity=100, load_pct=40)
     loads.load(2, kw=50, capacity=100, load_pct=50)
     loads.load(3, kw=30, capacity=100, load_pct=30)
+    loads.load(4, kw=20, capacity=100, load_pct=20)
     meter.meter(1, kw=12.5, load_pct=25, energy_kwh=1000.0)
     ports = {k: free_port() for k in ("loads", "meter", "brk1", "brk2")}
     loads_server = await ieds.run(serve(loads, ports["loads"]))
@@ -293,10 +307,11 @@ async def field(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Field
     await ieds.run(brk2.start())
     site_file = tmp / "site.toml"
     site_file.write_text(SITE.format(**ports))
+    (tmp / "cli-site.toml").write_text(CLI_SITE.format(**ports))
     fleet = parse_fleet({"operators": [{"name": "alice"}], "presence_grace_s": 2.0,
                          "devices": [{"name": "sim-load", "kind": "load", "rated_kw": 10}],
                          "security": {"unsigned_chat_actions": ["shed", "restore"]},
-                         "sites": [{"file": "site.toml"}]}, "fleet", tmp)
+                         "sites": [{"file": "site.toml"}, {"file": "cli-site.toml"}]}, "fleet", tmp)
     grid = Grid(fleet, tmp / "grid")
     await grid.start()
     gateway = Gateway(load_site(site_file), grid.fleet, grid.endpoint, Secrets(grid.data_dir / SECRETS_FILE),
@@ -532,3 +547,36 @@ async def test_a_gateway_without_accounts_or_with_a_bad_site_says_why(field: Fie
     code, out, err = await run_cli("gateway", str(bad), "--connection", str(field.grid.connection_file))
     assert code == 2 and "ieds[0] (gw-load-1).poll_s" in err, (out, err)
 
+
+
+async def test_the_gateway_command_hosts_a_site_until_stopped(field: Field) -> None:
+    exe = Path(sys.executable).with_name("gridpresence")
+    proc = await asyncio.create_subprocess_exec(str(exe), "gateway", str(field.site_file.with_name("cli-site.toml")),
+                                                "--connection", str(field.grid.connection_file),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        await until(field.alice, "gw-cli-load", lambda v: v.present and v.state is DeviceState.ON, timeout=30)
+        shed = await field.alice.command("gw-cli-load", "shed")
+        assert shed.status is OutcomeStatus.EXECUTED and field.loads.values[(4, "c", 0)] is True, shed
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 0, err.decode()
+        assert "gw-cli-load@localhost: modbus-tcp (modbus-load-controller), answering" in out.decode()
+        await until(field.alice, "gw-cli-load", lambda v: not v.present)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_malformed_command_arguments_are_rejected_and_nothing_is_written(field: Field) -> None:
+    await until(field.alice, "gw-meter", lambda v: v.state is DeviceState.ON)
+    before = field.meter.values.get((1, "h", 100))
+    rng = random.Random(1515)
+    for _ in range(5):
+        junk = "".join(chr(rng.randrange(32, 127)) for _ in range(rng.randrange(1, 30)))
+        out = await field.alice.command("gw-meter", "set_time", args={"time": junk})
+        assert out.status is OutcomeStatus.REJECTED and out.reason is RejectReason.INVALID_ARGUMENTS, (junk, out)
+    naive = await field.alice.command("gw-meter", "set_time", args={"time": "2030-01-01T00:00:00"})
+    assert naive.reason is RejectReason.INVALID_ARGUMENTS and "time zone" in naive.detail
+    assert field.meter.values.get((1, "h", 100)) == before

@@ -129,6 +129,9 @@ class FieldIed:
         self.on_poll: Callable[[], None] | None = None
         self.polls = 0
         self._seq = 0
+        self._polling = asyncio.Lock()
+        # The last readings that made a valid report, with it: the same readings, the same presence.
+        self._last_good: tuple[dict[str, Reading], PresenceReport, dict[str, float]] | None = None
         bound = [*pmap.telemetry.values(), *pmap.readings.values(), pmap.state.on, pmap.state.restricted]
         if pmap.breaker is not None:
             bound += [pmap.breaker.closed, pmap.breaker.tripped]
@@ -141,7 +144,12 @@ class FieldIed:
         return max(3 * self.ied.poll_s, self.ied.poll_s + self.ied.link.timeout_s + 1.0)
 
     async def poll(self) -> FieldStatus:
-        """One poll of every bound point; never raises for the field's reasons."""
+        """One poll of every bound point; never raises for the field's reasons. One at a time:
+        a poll begun before a command's writes must not land after the command's own."""
+        async with self._polling:
+            return await self._poll()
+
+    async def _poll(self) -> FieldStatus:
         now = utcnow()
         old = self.status
         try:
@@ -153,16 +161,26 @@ class FieldIed:
         except DriverError as exc:
             self.status = FieldStatus(answered_at=now, problem=f"the IED's answer is unusable: {exc}")
         else:
+            last = self._last_good
+            if last is not None and readings == last[0]:
+                # Unchanged readings are the same presence: validated once, not at every poll.
+                self.status = FieldStatus(report=last[1], extra=last[2], answered_at=now, problem=None)
+                return self._polled()
             self._seq += 1
             try:
                 report = build_report(self.ied, self.pmap, readings, seq=self._seq, at=now)
             except ReadingError as exc:
-                if old.report is not None or old.problem != str(exc):
-                    log.warning("%s: not published: %s", self.ied.name, exc)
-                self.status = FieldStatus(answered_at=now, problem=f"readings not valid: {'; '.join(exc.problems)}")
+                problem = f"readings not valid: {'; '.join(exc.problems)}"
+                if old.problem != problem:  # once per new problem, not at every poll
+                    log.warning("%s: not published: %s", self.ied.name, problem)
+                self.status = FieldStatus(answered_at=now, problem=problem)
             else:
-                self.status = FieldStatus(report=report, extra=extra_readings(self.pmap, readings), answered_at=now,
-                                          problem=None)
+                extra = extra_readings(self.pmap, readings)
+                self._last_good = (readings, report, extra)
+                self.status = FieldStatus(report=report, extra=extra, answered_at=now, problem=None)
+        return self._polled()
+
+    def _polled(self) -> FieldStatus:
         self.polls += 1
         if self.on_poll is not None:
             self.on_poll()
