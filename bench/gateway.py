@@ -97,8 +97,10 @@ async def raw_cycles(n: int, port: int, cycles: int) -> tuple[list[float], float
     return times, cpu
 
 
-async def gateway_cycles(site_path: Path, cycles: int) -> tuple[list[float], float, int]:
-    """The gateway's polls of the same IEDs, on its field-I/O thread."""
+async def gateway_cycles(site_path: Path, cycles: int, fresh: bool = False) -> tuple[list[float], float, int]:
+    """The gateway's polls of the same IEDs, on its field-I/O thread. The bench's registers do
+    not change, so a poll reuses its validated presence; ``fresh`` forgets it before each cycle
+    (the cost when every reading changes at every poll)."""
     site = load_site(site_path)
     loop = FieldLoop()
     loop.start()
@@ -112,6 +114,9 @@ async def gateway_cycles(site_path: Path, cycles: int) -> tuple[list[float], flo
     times = []
     cpu0 = time.process_time()
     for _ in range(cycles):
+        if fresh:
+            for f in fields:
+                f._last_good = None  # noqa: SLF001  (what a changed reading does)
         t0 = time.perf_counter()
         await asyncio.wrap_future(loop.submit(cycle()))
         times.append(time.perf_counter() - t0)
@@ -192,7 +197,7 @@ async def main() -> None:
             print(f"{args.ieds} Modbus IEDs on one pymodbus server (pid {server.pid}), {args.cycles} poll cycles",
                   flush=True)
             # Alternate so drift on the machine hits both alike.
-            raw_t, raw_cpu, gw_t, gw_cpu = [], 0.0, [], 0.0
+            raw_t, raw_cpu, gw_t, gw_cpu, new_t, new_cpu = [], 0.0, [], 0.0, [], 0.0
             requests = 0
             for _ in range(2):
                 t, c = await raw_cycles(args.ieds, port, args.cycles // 2)
@@ -201,13 +206,19 @@ async def main() -> None:
                 t, c, requests = await gateway_cycles(site_path, args.cycles // 2)
                 gw_t += t
                 gw_cpu += c
+                t, c, _ = await gateway_cycles(site_path, args.cycles // 2, fresh=True)
+                new_t += t
+                new_cpu += c
             raw = summary("raw pymodbus read loop: cycle", raw_t)
             gw = summary("gateway polls (FieldIed.poll): cycle", gw_t)
+            new = summary("gateway polls, every reading new: cycle", new_t)
             polls = args.ieds * len(raw_t)
             print(f"  requests per IED per poll: gateway {requests / args.ieds:.1f}, raw 2.0")
-            print(f"  CPU per IED per poll: raw {raw_cpu / polls * 1e6:8.1f} us   gateway {gw_cpu / polls * 1e6:8.1f} us"
-                  f"   ratio {gw_cpu / raw_cpu:.2f}x (goal <= 1.5x)")
-            print(f"  cycle time ratio (median): {gw['median_ms'] / raw['median_ms']:.2f}x (goal <= 1.5x)")
+            for label, cpu in (("gateway", gw_cpu), ("every reading new", new_cpu)):
+                print(f"  CPU per IED per poll: raw {raw_cpu / polls * 1e6:8.1f} us   {label} {cpu / polls * 1e6:8.1f} us"
+                      f"   ratio {cpu / raw_cpu:.2f}x (goal <= 1.5x)")
+            print(f"  cycle time ratio (median): {gw['median_ms'] / raw['median_ms']:.2f}x, every reading new "
+                  f"{new['median_ms'] / raw['median_ms']:.2f}x (goal <= 1.5x)")
             samples, kib = await latency(site_path, args.ieds, port, args.changes, args.poll)
             lat = summary("register change -> operator presence", samples)
             print(f"  memory per IED (field link + bot + XMPP session): {kib:.0f} KiB")

@@ -30,7 +30,7 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from conftest import run_cli
-from gridpresence.config import parse_fleet
+from gridpresence.config import FleetError, parse_fleet
 from gridpresence.gateway.field_device import FieldIed
 from gridpresence.gateway.site import load_site, parse_site
 from gridpresence.host.gateway import Gateway, GatewayError
@@ -580,3 +580,21 @@ async def test_malformed_command_arguments_are_rejected_and_nothing_is_written(f
     naive = await field.alice.command("gw-meter", "set_time", args={"time": "2030-01-01T00:00:00"})
     assert naive.reason is RejectReason.INVALID_ARGUMENTS and "time zone" in naive.detail
     assert field.meter.values.get((1, "h", 100)) == before
+
+
+def test_a_fleet_naming_a_bad_site_or_a_clashing_ied_stops_before_anything_starts(tmp_path: Path) -> None:
+    base = {"operators": [{"name": "alice"}], "devices": [{"name": "feeder", "kind": "load", "rated_kw": 10}]}
+    (tmp_path / "bad.toml").write_text('[[ieds]]\nname = "m"\nkind = "meter"\nmap = "no-such-map"\n'
+                                       'link = { protocol = "modbus-tcp", host = "10.0.0.1" }\n')
+    fleet = parse_fleet({**base, "sites": [{"file": "bad.toml"}]}, "fleet", tmp_path)
+    with pytest.raises(FleetError, match=r"sites\[0\]\.file: .*bad\.toml: ieds\[0\] \(m\)\.map: no map named 'no-such-map'"):
+        Grid(fleet, tmp_path / "grid")
+    (tmp_path / "clash.toml").write_text('[[ieds]]\nname = "feeder"\nkind = "meter"\nmap = "generic-modbus-meter"\n'
+                                         'link = { protocol = "modbus-tcp", host = "10.0.0.1" }\n')
+    fleet = parse_fleet({**base, "sites": [{"file": "clash.toml"}]}, "fleet", tmp_path)
+    with pytest.raises(FleetError, match=r"ieds\[0\] \(feeder\)\.name: the fleet has another device of that name"):
+        Grid(fleet, tmp_path / "grid")
+    (tmp_path / "ok.toml").write_text(SITE.format(loads=1502, meter=1503, brk1=20001, brk2=20002))
+    grid = Grid(parse_fleet({**base, "sites": [{"file": "ok.toml"}]}, "fleet", tmp_path), tmp_path / "grid")
+    assert grid.gateway_ieds == ("gw-load-1", "gw-load-2", "gw-load-3", "gw-meter", "gw-brk-1", "gw-brk-2")
+    assert grid.fleet.device("gw-brk-1").kind.value == "breaker" and grid.fleet.sites[0].path.is_absolute()
