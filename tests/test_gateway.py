@@ -598,3 +598,21 @@ def test_a_fleet_naming_a_bad_site_or_a_clashing_ied_stops_before_anything_start
     grid = Grid(parse_fleet({**base, "sites": [{"file": "ok.toml"}]}, "fleet", tmp_path), tmp_path / "grid")
     assert grid.gateway_ieds == ("gw-load-1", "gw-load-2", "gw-load-3", "gw-meter", "gw-brk-1", "gw-brk-2")
     assert grid.fleet.device("gw-brk-1").kind.value == "breaker" and grid.fleet.sites[0].path.is_absolute()
+
+
+def test_a_field_meters_billing_registers_follow_its_energy_register() -> None:
+    from gridpresence.gateway.field_device import FieldRegisters
+    from gridpresence.physics.metering import PeakHours
+    from timebase import NOW
+
+    regs = FieldRegisters(NOW, random.Random(1), PeakHours(0, 24))  # all hours peak
+    regs.observe(1000.0, 10.0, 20.0, NOW)
+    regs.observe(1000.5, 12.0, 24.0, NOW)
+    regs.observe(1001.25, 11.0, 22.0, NOW)
+    regs.observe(None, None, None, NOW)  # a poll without a good energy reading changes nothing
+    billing, quality = regs.close("r1", "gw-meter@localhost", None, NOW, 22.0)
+    assert billing.register_kwh == 1001.25 and billing.period_kwh == 1.25 and billing.peak_kwh == 1.25
+    assert billing.max_demand_kw == 12.0 and quality.load_pct == 22.0
+    regs.observe(3.0, 5.0, 10.0, NOW)  # reset at the meter: the register starts again, no negative energy
+    billing, _ = regs.close("r2", "gw-meter@localhost", None, NOW, 10.0)
+    assert billing.register_kwh == 3.0 and billing.period_kwh == 3.0 and billing.peak_kwh == 3.0

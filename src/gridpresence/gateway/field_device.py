@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import datetime as dt
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -32,7 +33,7 @@ from gridpresence.gateway.points import Point
 from gridpresence.gateway.report import ReadingError, build_report, extra_readings
 from gridpresence.gateway.site import CommandSpec, Confirm, IedSpec, ModbusRtuLink, ModbusTcpLink, PointMap
 from gridpresence.physics.base import Effect, SimDevice
-from gridpresence.physics.metering import MeterRegisters
+from gridpresence.physics.metering import MeterRegisters, PeakHours
 from gridpresence.protocol.models import (
     MAX_NOTE,
     METERING_KINDS,
@@ -266,13 +267,20 @@ class FieldRegisters(MeterRegisters):
     """A meter's billing registers from its own energy register: each poll adds the energy the
     IED counted since the last (a register that went backwards was reset at the meter)."""
 
+    def __init__(self, now: dt.datetime, rng: random.Random, peak: PeakHours = PeakHours()) -> None:
+        super().__init__(now, rng, peak)
+        self._seen = False  # until the first reading, the register's value is unknown
+
     def observe(self, energy_kwh: float | None, kw: float | None, load_pct: float | None, now: dt.datetime) -> None:
         if energy_kwh is None:
             return
-        delta = energy_kwh - self.register_kwh if self.samples else 0.0
-        if not self.samples:
-            self.start_kwh = self.register_kwh = energy_kwh
-        delta = max(delta, 0.0)
+        if not self._seen:
+            self.start_kwh = self.register_kwh = energy_kwh  # the first reading: the period starts here
+            self._seen = True
+        delta = energy_kwh - self.register_kwh
+        if delta < 0:  # reset at the meter: it counted from zero since (as reset_register does)
+            self.start_kwh -= self.register_kwh
+            delta = energy_kwh
         self.register_kwh = energy_kwh
         if self.peak.contains(now):
             self.peak_kwh += delta
