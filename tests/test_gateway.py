@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
 import signal
 import struct
@@ -616,3 +617,40 @@ def test_a_field_meters_billing_registers_follow_its_energy_register() -> None:
     regs.observe(3.0, 5.0, 10.0, NOW)  # reset at the meter: the register starts again, no negative energy
     billing, _ = regs.close("r2", "gw-meter@localhost", None, NOW, 10.0)
     assert billing.register_kwh == 3.0 and billing.period_kwh == 3.0 and billing.peak_kwh == 3.0
+
+
+async def test_a_modbus_rtu_ied_over_a_pseudo_terminal_is_polled_and_commanded() -> None:
+    """The serial path of the gateway's field side (no grid): pymodbus's RTU server on one end
+    of a pseudo-terminal "null modem", a FieldIed on the other, both on this loop."""
+    from test_gateway_drivers import bridge, pty_pair
+
+    from pymodbus.server import ModbusSerialServer
+
+    from gridpresence.protocol.models import Action
+
+    (m1, s1), (m2, s2) = pty_pair()
+    bridge(m1, m2)
+    sim = ModbusIeds((5,))
+    sim.load(5, kw=12, capacity=40, load_pct=30)
+    server = ModbusSerialServer(sim.devices, port=os.ttyname(s1), baudrate=115200)
+    await server.serve_forever(background=True)
+    site = parse_site({"ieds": [{"name": "rtu-load", "kind": "load", "map": "modbus-load-controller",
+                                 "link": {"protocol": "modbus-rtu", "device": os.ttyname(s2), "baudrate": 115200,
+                                          "unit": 5}}]})
+    field_ied = FieldIed(site.ieds[0], site.map_for(site.ieds[0]))
+    try:
+        status = await field_ied.poll()
+        assert status.report is not None and status.report.telemetry.kw == 12.0, status
+        assert status.extra == {"run_hours": 1234.0}
+        assert status.report.state is DeviceState.ON
+        effect = await field_ied.command(site.map_for(site.ieds[0]).commands[Action.SHED], {})
+        assert effect.status is OutcomeStatus.EXECUTED and "running read back False" in effect.detail, effect
+        assert sim.values[(5, "c", 0)] is True and field_ied.status.report.state is DeviceState.OFF  # type: ignore[union-attr]
+    finally:
+        await field_ied.driver.close()
+        await server.shutdown()
+        loop = asyncio.get_running_loop()
+        for fd in (m1, m2):
+            loop.remove_reader(fd)
+        for fd in (m1, s1, m2, s2):
+            os.close(fd)
