@@ -654,3 +654,18 @@ async def test_a_modbus_rtu_ied_over_a_pseudo_terminal_is_polled_and_commanded()
             loop.remove_reader(fd)
         for fd in (m1, s1, m2, s2):
             os.close(fd)
+
+
+def test_the_readme_gateway_example_provisions_its_ieds(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Running a gateway")[1]
+    blocks = [b.split("```")[0] for b in section.split("```toml\n")[1:3]]
+    files = {b.splitlines()[0].removeprefix("# "): b for b in blocks}
+    assert set(files) == {"fleet.toml", "site.toml"}
+    for name, body in files.items():
+        (tmp_path / name).write_text(body)
+    from gridpresence.config import load_fleet
+
+    grid = Grid(load_fleet(tmp_path / "fleet.toml"), tmp_path / "grid")
+    assert grid.gateway_ieds == ("feeder-4-load", "recloser-7")
+    assert {d.name for d in grid.fleet.devices} == {"sim-load", "feeder-4-load", "recloser-7"}
