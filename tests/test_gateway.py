@@ -669,3 +669,27 @@ def test_the_readme_gateway_example_provisions_its_ieds(tmp_path: Path) -> None:
     grid = Grid(load_fleet(tmp_path / "fleet.toml"), tmp_path / "grid")
     assert grid.gateway_ieds == ("feeder-4-load", "recloser-7")
     assert {d.name for d in grid.fleet.devices} == {"sim-load", "feeder-4-load", "recloser-7"}
+
+
+async def test_a_dnp3_reading_flagged_bad_is_not_shown_as_good(field: Field) -> None:
+    from dnp3.core.flags import AnalogQuality
+
+    alice, db = field.alice, field.brk1.db
+    assert db is not None
+
+    async def update(quality: AnalogQuality) -> None:
+        db.update_analog_input(0, value=500, quality=quality)
+
+    await until(alice, "gw-brk-1", lambda v: v.state is DeviceState.ON)
+    await field.ieds.run(update(AnalogQuality.ONLINE | AnalogQuality.COMM_LOST))
+    await until(alice, "gw-brk-1", lambda v: v.state is DeviceState.RESTRICTED)
+    report = alice.device("gw-brk-1").report
+    assert report is not None and report.restriction is not None
+    assert report.restriction.note == "readings not valid: kw: point 'kw' is comm-lost", report.restriction
+    assert report.telemetry.kw is None and report.telemetry.breaker is None
+    assert field.brk1.relay is not None
+    controls = len(field.brk1.relay.log)
+    refused = await alice.command("gw-brk-1", "open")
+    assert refused.reason is RejectReason.RESTRICTED and len(field.brk1.relay.log) == controls  # nothing operated
+    await field.ieds.run(update(AnalogQuality.ONLINE))
+    await until(alice, "gw-brk-1", lambda v: v.state is DeviceState.ON and v.report.telemetry.kw == 50.0)
