@@ -37,6 +37,7 @@ bench: setup
 	$(PY) bench/relay.py
 	$(PY) bench/bosh.py
 	$(PY) bench/chat.py
+	$(PY) bench/gateway.py
 	$(PY) bench/ox_chat.py
 	$(PY) bench/rules_eval.py
 

@@ -152,6 +152,20 @@ class RulesSpec(BaseModel):
         return Path(self.file)
 
 
+class SiteRef(BaseModel):
+    """``[[sites]]``: a field gateway's site file (gateway/site.py), whose IEDs get accounts and
+    roster entries like devices; their bots are the gateway's, not ``up``'s. A relative ``file``
+    is relative to the fleet file; the loaded fleet holds it resolved."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_printable)]
+
+    @property
+    def path(self) -> Path:
+        return Path(self.file)
+
+
 class Fleet(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -165,6 +179,7 @@ class Fleet(BaseModel):
     alarms: AlarmSettings = AlarmSettings()
     security: SecuritySettings = SecuritySettings()
     rules: RulesSpec | None = None
+    sites: tuple[SiteRef, ...] = Field(default=(), max_length=100)
 
     @model_validator(mode="after")
     def _consistent(self) -> Fleet:
@@ -285,7 +300,12 @@ def parse_fleet(data: dict[str, object], source: str = "fleet", base: Path | Non
         # Cross-field checks (no loc) name their field themselves.
         lines = [f"{source}: {_where(e['loc'], data) + ': ' if e['loc'] else ''}{_message(e)}" for e in exc.errors()]
         raise FleetError("\n".join(lines)) from None
-    return _with_rules(fleet, source, base)
+    fleet = _with_rules(fleet, source, base)
+    if base is not None and fleet.sites:
+        sites = tuple(SiteRef(file=str(s.path if s.path.is_absolute() else (base / s.path).resolve()))
+                      for s in fleet.sites)
+        fleet = fleet.model_copy(update={"sites": sites})
+    return fleet
 
 
 def _with_rules(fleet: Fleet, source: str, base: Path | None) -> Fleet:

@@ -111,6 +111,9 @@ REASONS: dict[RejectReason, str] = {
     RejectReason.STALE: "the command is outside its time window",
     RejectReason.WRONG_SERIAL: "it was signed for another serial number",
     RejectReason.WRONG_RECIPIENT: "it was signed for another device",
+    RejectReason.NO_ANSWER: "the IED did not answer",
+    RejectReason.DEVICE_REFUSED: "the IED refused it",
+    RejectReason.NOT_CONFIRMED: "the IED's read-back does not confirm it",
 }
 
 

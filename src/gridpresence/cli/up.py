@@ -42,6 +42,9 @@ def _print_welcome(grid: Grid) -> None:
         print(f"  {len(bots.devices)} device bots, {len(bots.billing)} billing, watchdog {info.watchdog}")
         if bots.console is not None:
             print(f"  chat with the fleet console: {bots.console.grid.jid} (type help); devices answer chat too")
+    if grid.gateway_ieds:
+        print(f"  {len(grid.gateway_ieds)} IEDs of the fleet's sites have accounts: run `gridpresence gateway SITE.toml "
+              f"--data {grid.data_dir}` to bring them online")
     if info.relay is not None:
         print(f"  store-and-forward relay {info.relay.jid}: SMTP {info.relay.smtp_host}:{info.relay.smtp_port}")
     print("Ctrl-C stops everything.", flush=True)

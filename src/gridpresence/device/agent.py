@@ -74,7 +74,8 @@ class DeviceAgent(PartySession):
     store-and-forward relays that may hand over a signed command. Commands must be signed:
     ``roles`` (bare JID -> role, default: operators and services as operators) and
     ``security`` decide who may issue what, ``keys`` finds the issuers' public keys, and
-    ``replay`` (default: memory only) remembers the commands taken, across restarts.
+    ``replay`` (default: memory only) remembers the commands taken, across restarts. ``sim`` is
+    the device behind the identity (default: the simulated physics of ``spec.kind``).
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class DeviceAgent(PartySession):
         security: SecuritySettings | None = None,
         roles: Mapping[str, Role] | None = None,
         replay: ReplayStore | None = None,
+        sim: SimDevice | None = None,
     ) -> None:
         self.spec = spec
         self.endpoint = endpoint
@@ -105,7 +107,8 @@ class DeviceAgent(PartySession):
         # Store-and-forward relays may hand over commands, but only ones an operator issued.
         self.relays = frozenset(JID(j).bare for j in relays)
         self.tick_s = min(tick_s, spec.refresh_s)
-        self.sim: SimDevice = make_device(spec, utcnow())
+        # The physics, or what stands for it: a field gateway passes its real IED (gateway/field_device.py).
+        self.sim: SimDevice = sim if sim is not None else make_device(spec, utcnow())
         self.client = make_client(jid, password, endpoint)
         self.security = security or SecuritySettings()
         self.gate = CommandGate(JID(jid).bare, spec.serial, self.security,
@@ -260,7 +263,10 @@ class DeviceAgent(PartySession):
         report = self.current_report()
         if report is None or not self.client.is_connected() or not (force or self._changed(report)):
             return report
-        pres = self.client.make_presence(pshow=report.show(), pstatus=report.status_text())
+        if report.state is DeviceState.GONE:  # a field IED that stopped answering: unavailable, with why
+            pres = self.client.make_presence(ptype="unavailable", pstatus=f"gone: {self.sim.status_note or 'gone'}")
+        else:
+            pres = self.client.make_presence(pshow=report.show(), pstatus=report.status_text())
         pres.append(report_to_xml(report))
         pres.send()
         self._published = report

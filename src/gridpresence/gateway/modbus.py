@@ -104,6 +104,7 @@ class ModbusDriver:
         self._tracker = LinkTracker(name)
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
         self._lock = asyncio.Lock()  # one request at a time: RTU is half duplex, TCP ids match
+        self._plans: dict[tuple[int, ...], tuple[tuple[Point, ...], list[Span]]] = {}
 
     # -- the Driver interface -------------------------------------------------------------
 
@@ -125,12 +126,24 @@ class ModbusDriver:
     async def read(self, points: Sequence[Point]) -> dict[str, Reading]:
         out: dict[str, Reading] = {}
         async with self._lock:
-            for span in plan_reads(points, self.unit, self.max_gap):
+            for span in self._plan(points):
                 values = await self._read_span(span)
                 for point in span.points:
                     offset = point.address - span.start
                     out[point.name] = _reading(point, values[offset : offset + point.width])
         return out
+
+    def _plan(self, points: Sequence[Point]) -> list[Span]:
+        """plan_reads, once per list of points: a gateway polls the same points every time."""
+        key = tuple(map(id, points))
+        cached = self._plans.get(key)
+        if cached is not None and all(a is b for a, b in zip(cached[0], points)):
+            return cached[1]
+        if len(self._plans) >= 32:
+            self._plans.clear()
+        spans = plan_reads(points, self.unit, self.max_gap)
+        self._plans[key] = (tuple(points), spans)  # the points are kept: their ids stay theirs
+        return spans
 
     async def write(self, point: Point, value: Value) -> None:
         if not point.writable:

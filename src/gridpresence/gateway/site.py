@@ -172,6 +172,9 @@ class IedSpec(_Spec):
     refresh_s: float = Field(default=60.0, ge=0.2, le=86400, allow_inf_nan=False)
     critical: bool = False
     serial: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{1,64}$")
+    rated_kw: float = Field(default=100.0, gt=0, le=1e6, allow_inf_nan=False)  # the fleet's rating of it
+    # Loss of the field link: restricted ("no answer from the IED since 12:03") at once, gone after this.
+    gone_after_s: float = Field(default=300.0, gt=0, le=86400, allow_inf_nan=False)
 
     @property
     def family(self) -> str:

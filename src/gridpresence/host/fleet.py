@@ -17,6 +17,7 @@ from gridpresence.server.accounts import CONSOLE, RELAY, WATCHDOG, Secrets
 from gridpresence.services.billing import BillingAgent
 from gridpresence.services.console import ConsoleAgent
 from gridpresence.protocol.models import METERING_KINDS
+from gridpresence.physics import SimDevice
 from gridpresence.physics.metering import peak_hours
 from gridpresence.device.agent import DeviceAgent
 from gridpresence.device.host import DeviceSetup
@@ -131,8 +132,9 @@ class FleetBots:
 
 def device_agent(fleet: Fleet, name: str, endpoint: Endpoint, password: str, keys: PartyKeys | None,
                  replay: ReplayStore | None = None, tick_s: float = 1.0, rules: RuleSet | None = None,
-                 data_dir: Path | None = None) -> DeviceAgent:
-    """The bot of the fleet's device `name`, with the fleet's parties, roles, policy and rules."""
+                 data_dir: Path | None = None, sim: SimDevice | None = None) -> DeviceAgent:
+    """The bot of the fleet's device `name`, with the fleet's parties, roles, policy and rules;
+    `sim` is the device behind it (default: its simulated physics; a gateway's: the real IED)."""
     spec = fleet.device(name)
     setup = DeviceSetup(
         alarms=fleet.alarms,
@@ -149,7 +151,7 @@ def device_agent(fleet: Fleet, name: str, endpoint: Endpoint, password: str, key
     return DeviceAgent(spec, fleet.jid(name), password, endpoint, [fleet.jid(o.name) for o in fleet.operators],
                        [fleet.jid(c.name) for c in fleet.children(name)], tick_s=tick_s, relays=[fleet.jid(RELAY)],
                        services=[fleet.jid(CONSOLE)], keys=keys, setup=setup,
-                       security=fleet.security, roles=issuer_roles(fleet), replay=replay)
+                       security=fleet.security, roles=issuer_roles(fleet), replay=replay, sim=sim)
 
 
 def issuer_roles(fleet: Fleet) -> dict[str, Role]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import TracebackType
 
 from gridpresence.server.accounts import CONSOLE, RELAY, WATCHDOG, Secrets, plan_accounts
+from gridpresence.gateway.fleet import with_sites
 from gridpresence.host.fleet import FleetBots
 from gridpresence.xmpp.session import Account, ConnectionInfo, Endpoint, RelayEndpoint
 from gridpresence.config import Fleet, FleetError
@@ -29,11 +30,15 @@ FLEET_COPY = "fleet.json"  # the fleet this directory runs, for `gridpresence bo
 
 class Grid:
     """`only` limits the bots to those names; `without` holds back some devices' bots (their
-    accounts are provisioned all the same: they can be run apart later, or stay absent)."""
+    accounts are provisioned all the same: they can be run apart later, or stay absent). The IEDs
+    of the fleet's ``[[sites]]`` are devices too, always held back: `gridpresence gateway` runs them."""
 
     def __init__(self, fleet: Fleet, data_dir: Path, *, bind: str = "127.0.0.1", ports: ServerPorts | None = None,
                  bots: bool = True, only: Collection[str] | None = None, without: Collection[str] = (),
                  tick_s: float = 1.0, prosody_bin: str = "prosody", log_level: str = "info") -> None:
+        # IEDs of the fleet's sites get accounts here; their bots are a field gateway's.
+        fleet, self.gateway_ieds = with_sites(fleet)
+        without = (*without, *self.gateway_ieds)
         self.fleet = fleet
         self.data_dir = Path(data_dir)
         unknown = sorted(set(without) - {d.name for d in fleet.devices})

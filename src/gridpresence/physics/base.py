@@ -53,6 +53,7 @@ class SimDevice(ABC):
         self.rng = rng or random.Random(spec.name)
         self.state = DeviceState.ON if spec.initial_state != "off" else DeviceState.OFF
         self.restriction: Restriction | None = None
+        self.status_note: str | None = None  # why the device is gone, when it goes without saying goodbye
         self.clock_offset = dt.timedelta(0)
         # Load of the devices below this one, from their presence (branch meter, master IED).
         self.branch_kw: dict[str, float] = {}

@@ -90,6 +90,10 @@ class RejectReason(StrEnum):
     STALE = "stale"
     WRONG_SERIAL = "wrong-serial"
     WRONG_RECIPIENT = "wrong-recipient"
+    # An IED behind a field gateway (gateway/): why the mapped writes did not carry a command out.
+    NO_ANSWER = "no-answer"  # the IED did not answer (in time)
+    DEVICE_REFUSED = "device-refused"  # the IED answered with a refusal (exception, control status)
+    NOT_CONFIRMED = "not-confirmed"  # the writes were taken but the read-back disagrees
 
 
 class _Model(BaseModel):

@@ -1,0 +1,58 @@
+"""``gridpresence gateway SITE.toml``: a site's Modbus and DNP3 IEDs as device identities on the grid."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from gridpresence.cli.common import EXIT_OK, CliError
+from gridpresence.config import load_fleet
+from gridpresence.gateway.site import SiteError, load_site
+from gridpresence.host.gateway import Gateway, GatewayError
+from gridpresence.host.grid import FLEET_COPY, SECRETS_FILE
+from gridpresence.host.signals import stop_signal, unless_stopped
+from gridpresence.server.accounts import Secrets
+from gridpresence.xmpp.session import ConnectionInfo, connection_path, data_dir
+
+
+async def cmd_gateway(args: argparse.Namespace) -> int:
+    stop = stop_signal()  # first, as in `up`: Ctrl-C during start-up is an orderly stop too
+    try:
+        site = load_site(Path(args.site))
+    except SiteError as exc:
+        raise CliError(str(exc)) from None
+    data = data_dir(args.data, args.connection)
+    info = ConnectionInfo.load(connection_path(args.connection, args.data))
+    secrets_path = data / SECRETS_FILE
+    if not secrets_path.exists():
+        raise CliError(f"{secrets_path}: not found; the gateway logs in with the accounts `gridpresence up` made there")
+    fleet = load_fleet(Path(args.fleet) if args.fleet else data / FLEET_COPY)
+    try:
+        gateway = Gateway(site, fleet, info.server, Secrets(secrets_path), data_dir=data)
+    except GatewayError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        await unless_stopped(gateway.start(), stop)
+        if not stop.is_set():
+            for name, field in gateway.ieds.items():
+                status = field.status
+                shown = "answering" if status.report is not None else status.problem
+                print(f"  {name}@{fleet.domain}: {field.ied.link.protocol} ({field.ied.map}), {shown}")
+            print(f"gateway up: {len(gateway.devices)} IEDs of {args.site}. Ctrl-C stops it.", flush=True)
+            args.until_stopped = True
+            await stop.wait()
+        print("stopping...", flush=True)
+    finally:
+        await gateway.stop()  # goodbyes ("gone"), then the field links close
+    return EXIT_OK
+
+
+def register(sub: Any) -> None:  # argparse's subparsers action has no public type
+    p = sub.add_parser("gateway", help="host a site's Modbus/DNP3 IEDs as device identities (see README)")
+    p.add_argument("site", help="site file (TOML): the IEDs, their links and point maps")
+    p.add_argument("--data", default=None, help="the grid's data directory (accounts, keys; default: the "
+                                                "connection file's directory)")
+    p.add_argument("--connection", help="connection.json written by `up`")
+    p.add_argument("--fleet", default=None, help="fleet file (default: the copy in the data directory)")
+    p.set_defaults(run=cmd_gateway)

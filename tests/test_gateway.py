@@ -1,0 +1,695 @@
+"""The field gateway end to end: pymodbus's own Modbus server and dnp3py's outstation hold the
+IEDs' points, a real grid (Prosody, accounts from the fleet's ``[[sites]]``) carries their
+presence, and operators command them by the library, the CLI and chat.
+
+The IEDs run on a thread and loop of their own: the gateway's command path waits synchronously
+for the IED's answer, and an IED on the test's loop could not give it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import signal
+import struct
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import pytest_asyncio
+from dnp3.database import AnalogInputConfig, BinaryInputConfig, BinaryOutputConfig, CounterConfig, Database
+from dnp3.outstation import CommandResult, DefaultCommandHandler, Outstation, OutstationConfig, OutstationTcpRunner
+from pymodbus.constants import ExcCodes
+from pymodbus.server import ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+from conftest import run_cli
+from gridpresence.config import FleetError, parse_fleet
+from gridpresence.gateway.field_device import FieldIed
+from gridpresence.gateway.site import load_site, parse_site
+from gridpresence.host.gateway import Gateway, GatewayError
+from gridpresence.host.grid import SECRETS_FILE, Grid
+from gridpresence.operator.library import GridOperator
+from gridpresence.protocol.models import Breaker, DeviceState, OutcomeStatus, RejectReason
+from gridpresence.server.accounts import Secrets
+from gridpresence.server.ports import free_port
+
+pytestmark = pytest.mark.timeout(60)
+T = TypeVar("T")
+
+_TABLE = {1: "c", 5: "c", 15: "c", 2: "d", 3: "h", 6: "h", 16: "h", 4: "i"}
+
+
+class ModbusIeds:
+    """Units of one pymodbus server. ``values`` is each point's truth, which the server's access
+    hook shows in every read; a load controller's logic follows its shed coil (``follow``)."""
+
+    def __init__(self, units: tuple[int, ...]) -> None:
+        self.values: dict[tuple[int, str, int], int | bool] = {}
+        self.refuse: set[tuple[int, int]] = set()  # (unit, address): writes answered DEVICE_FAILURE
+        self.follow = dict.fromkeys(units, True)
+        self.devices = [SimDevice(u, simdata=([SimData(0, count=64, values=False, datatype=DataType.BITS)],
+                                              [SimData(0, count=64, values=False, datatype=DataType.BITS)],
+                                              [SimData(0, count=300, values=0, datatype=DataType.REGISTERS)],
+                                              [SimData(0, count=300, values=0, datatype=DataType.REGISTERS)]),
+                                  action=self._hook(u)) for u in units]
+
+    def _hook(self, unit: int) -> Any:
+        async def action(fc, start, address, count, registers, values):  # noqa: ANN001, ANN202
+            table = _TABLE[fc]
+            if values is not None:
+                if (unit, address) in self.refuse:
+                    return ExcCodes.DEVICE_FAILURE
+                for i, v in enumerate(values):
+                    self.values[(unit, table, address + i)] = v
+                if table == "c" and address == 0 and self.follow[unit]:
+                    self.values[(unit, "d", 0)] = not bool(values[0])  # shed -> not running
+                return None
+            # For bits the hook is given the count of 16-bit words the read spans: fill them all.
+            for i in range(count * 16 if table in "cd" else count):
+                key = (unit, table, address + i)
+                if table in "cd":  # the simulator's bit layout for a read starting at `address`
+                    bit = address % 16 + i
+                    r, mask = address - start + bit // 16, 1 << (bit % 16)
+                    registers[r] = registers[r] | mask if self.values.get(key) else registers[r] & ~mask
+                elif key in self.values:
+                    registers[address - start + i] = int(self.values[key])
+            return None
+
+        return action
+
+    def set(self, unit: int, table: str, address: int, words: list[int] | bool) -> None:
+        if isinstance(words, bool):
+            self.values[(unit, table, address)] = words
+            return
+        for i, w in enumerate(words):
+            self.values[(unit, table, address + i)] = w
+
+    def load(self, unit: int, *, kw: float, capacity: float, load_pct: float, running: bool = True,
+             local: bool = False) -> None:
+        self.set(unit, "h", 0, [round(kw * 10), round(capacity * 10), round(load_pct * 10)])
+        self.set(unit, "h", 4, [0, 1234])
+        self.set(unit, "c", 0, not running)
+        self.set(unit, "d", 0, running)
+        self.set(unit, "d", 1, local)
+
+    def meter(self, unit: int, *, kw: float, load_pct: float, energy_kwh: float) -> None:
+        self.set(unit, "i", 0, [*f32(kw), *f32(load_pct)])
+        self.set(unit, "i", 4, [215])
+        raw = round(energy_kwh * 10)
+        self.set(unit, "i", 10, [raw >> 16, raw & 0xFFFF])
+
+
+def f32(value: float) -> list[int]:
+    data = struct.pack(">f", value)
+    return [int.from_bytes(data[0:2], "big"), int.from_bytes(data[2:4], "big")]
+
+
+class Recloser(DefaultCommandHandler):
+    """A DNP3 breaker: trip (output 0) opens it, close (output 1) closes it; ``blocked`` refuses."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.blocked = False
+        self.log: list[tuple[str, int]] = []
+
+    def _act(self, step: str, index: int) -> CommandResult:
+        self.log.append((step, index))
+        if self.blocked:
+            return CommandResult.blocked()
+        if step != "select":
+            self.db.update_binary_input(0, value=index == 1)
+        return CommandResult.success()
+
+    def select_binary_output(self, index, code, count, on_time, off_time):  # noqa: ANN001, ANN201
+        return self._act("select", index)
+
+    def operate_binary_output(self, index, code, count, on_time, off_time, select_sequence):  # noqa: ANN001, ANN201
+        return self._act("operate", index)
+
+    def direct_operate_binary_output(self, index, code, count, on_time, off_time):  # noqa: ANN001, ANN201
+        return self._act("direct", index)
+
+
+@dataclass
+class Outstation3:
+    port: int
+    db: Database | None = None
+    relay: Recloser | None = None
+    runner: OutstationTcpRunner | None = None
+    task: asyncio.Task[None] | None = None
+
+    async def start(self, kw: float = 50.0, closed: bool = True) -> None:
+        db = Database()
+        for i in range(3):
+            db.add_binary_input(i, BinaryInputConfig())
+        for i in range(2):
+            db.add_analog_input(i, AnalogInputConfig())
+            db.add_binary_output(i, BinaryOutputConfig())
+        db.add_counter(0, CounterConfig())
+        db.update_binary_input(0, value=closed)
+        db.update_binary_input(1, value=False)
+        db.update_binary_input(2, value=False)
+        db.update_analog_input(0, value=round(kw * 10))
+        db.update_analog_input(1, value=400)
+        db.update_counter(0, value=7)
+        self.db, self.relay = db, Recloser(db)
+        self.runner = OutstationTcpRunner(outstation=Outstation(database=db, config=OutstationConfig(address=10),
+                                                                handler=self.relay), host="127.0.0.1", port=self.port)
+        self.task = asyncio.create_task(self.runner.run())
+        for _ in range(100):
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", self.port)
+                w.close()
+                return
+            except OSError:
+                await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.stop()
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        self.runner = self.task = None
+
+
+class IedThread:
+    """The field side on its own thread and event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-ieds")
+        self.thread.start()
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+async def serve(ieds: ModbusIeds, port: int) -> ModbusTcpServer:
+    server = ModbusTcpServer(ieds.devices, address=("127.0.0.1", port))
+    await server.serve_forever(background=True)
+    return server
+
+
+SITE = """
+[[ieds]]
+name = "gw-load-1"
+kind = "load"
+map = "modbus-load-controller"
+poll_s = 0.3
+link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {loads}, unit = 1, timeout_s = 0.5 }}
+
+[[ieds]]
+name = "gw-load-2"
+kind = "load"
+map = "modbus-load-controller"
+poll_s = 0.3
+link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {loads}, unit = 2, timeout_s = 0.5 }}
+
+[[ieds]]
+name = "gw-load-3"
+kind = "load"
+map = "quick-load"
+poll_s = 0.3
+link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {loads}, unit = 3, timeout_s = 0.5 }}
+
+[[ieds]]
+name = "gw-meter"
+kind = "meter"
+map = "generic-modbus-meter"
+poll_s = 0.3
+gone_after_s = 60
+link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {meter}, unit = 1, timeout_s = 0.5 }}
+
+[[ieds]]
+name = "gw-brk-1"
+kind = "breaker"
+map = "dnp3-breaker"
+poll_s = 0.3
+link = {{ protocol = "dnp3-tcp", host = "127.0.0.1", port = {brk1}, outstation = 10, timeout_s = 1.0 }}
+
+[[ieds]]
+name = "gw-brk-2"
+kind = "breaker"
+map = "dnp3-breaker"
+poll_s = 0.3
+gone_after_s = 4
+link = {{ protocol = "dnp3-tcp", host = "127.0.0.1", port = {brk2}, outstation = 10, timeout_s = 1.0 }}
+
+# The shipped load controller with a short confirmation time (a stubborn IED is found out fast).
+[maps.quick-load]
+protocol = "modbus"
+points.shed = {{ table = "coil", address = 0 }}
+points.running = {{ table = "discrete_input", address = 0 }}
+points.local = {{ table = "discrete_input", address = 1 }}
+points.kw = {{ table = "holding", address = 0, scale = 0.1 }}
+points.capacity_kw = {{ table = "holding", address = 1, scale = 0.1 }}
+points.load_pct = {{ table = "holding", address = 2, scale = 0.1 }}
+telemetry = {{ kw = "kw", capacity_kw = "capacity_kw", load_pct = "load_pct" }}
+state = {{ on = "running", restricted = "local", note = "in local control at the controller" }}
+commands.shed = {{ writes = [{{ point = "shed", value = true }}], confirm = {{ point = "running", equals = false }}, timeout_s = 1 }}
+commands.restore = {{ writes = [{{ point = "shed", value = false }}], confirm = {{ point = "running", equals = true }}, timeout_s = 1 }}
+"""
+
+
+# A second site, run by the `gridpresence gateway` command.
+CLI_SITE = """
+[[ieds]]
+name = "gw-cli-load"
+kind = "load"
+map = "modbus-load-controller"
+poll_s = 0.3
+link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {loads}, unit = 4, timeout_s = 0.5 }}
+"""
+
+
+@dataclass
+class Field:
+    ieds: IedThread
+    loads: ModbusIeds
+    meter: ModbusIeds
+    meter_port: int
+    meter_server: ModbusTcpServer | None
+    brk1: Outstation3
+    brk2: Outstation3
+    grid: Grid
+    gateway: Gateway
+    alice: GridOperator
+    site_file: Path
+
+
+@pytest_asyncio.fixture(scope="module")
+async def field(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Field]:
+    tmp = tmp_path_factory.mktemp("gateway")
+    ieds = IedThread()
+    loads, meter = ModbusIeds((1, 2, 3, 4)), ModbusIeds((1,))
+    loads.load(1, kw=40, capacity=100, load_pct=40)
+    loads.load(2, kw=50, capacity=100, load_pct=50)
+    loads.load(3, kw=30, capacity=100, load_pct=30)
+    loads.load(4, kw=20, capacity=100, load_pct=20)
+    meter.meter(1, kw=12.5, load_pct=25, energy_kwh=1000.0)
+    ports = {k: free_port() for k in ("loads", "meter", "brk1", "brk2")}
+    loads_server = await ieds.run(serve(loads, ports["loads"]))
+    meter_server = await ieds.run(serve(meter, ports["meter"]))
+    brk1, brk2 = Outstation3(ports["brk1"]), Outstation3(ports["brk2"])
+    await ieds.run(brk1.start())
+    await ieds.run(brk2.start())
+    site_file = tmp / "site.toml"
+    site_file.write_text(SITE.format(**ports))
+    (tmp / "cli-site.toml").write_text(CLI_SITE.format(**ports))
+    fleet = parse_fleet({"operators": [{"name": "alice"}], "presence_grace_s": 2.0,
+                         "devices": [{"name": "sim-load", "kind": "load", "rated_kw": 10}],
+                         "security": {"unsigned_chat_actions": ["shed", "restore"]},
+                         "sites": [{"file": "site.toml"}, {"file": "cli-site.toml"}]}, "fleet", tmp)
+    grid = Grid(fleet, tmp / "grid")
+    await grid.start()
+    gateway = Gateway(load_site(site_file), grid.fleet, grid.endpoint, Secrets(grid.data_dir / SECRETS_FILE),
+                      data_dir=grid.data_dir)
+    alice = GridOperator.from_connection(grid.connection, operator="alice", resource="gw-test")
+    try:
+        await gateway.start()
+        await alice.connect()
+        yield Field(ieds, loads, meter, ports["meter"], meter_server, brk1, brk2, grid, gateway, alice, site_file)
+    finally:
+        await alice.close()
+        await gateway.stop()
+        await grid.stop()
+        await ieds.run(loads_server.shutdown())
+        if meter_server is not None:
+            await ieds.run(meter_server.shutdown())
+        await ieds.run(brk1.stop())
+        await ieds.run(brk2.stop())
+        ieds.stop()
+
+
+async def until(alice: GridOperator, name: str, check: Any, timeout: float = 5.0) -> None:
+    await alice.wait_for(lambda devs: name in devs and check(devs[name]), timeout)
+
+
+async def test_the_site_comes_online_with_its_presence(field: Field) -> None:
+    alice = field.alice
+    await until(alice, "gw-brk-2", lambda v: v.present and v.state is DeviceState.ON)
+    for name in ("gw-load-1", "gw-load-2", "gw-load-3", "gw-meter", "gw-brk-1", "gw-brk-2"):
+        view = alice.device(name)
+        assert view.present and view.state is DeviceState.ON, (name, view)
+        assert view.report is not None and view.report.serial == field.grid.fleet.device(name).serial
+    t = alice.device("gw-load-2").report.telemetry  # type: ignore[union-attr]
+    assert (t.kw, t.capacity_kw, t.load_pct) == (50.0, 100.0, 50.0)
+    m = alice.device("gw-meter").report.telemetry  # type: ignore[union-attr]
+    assert m.kw == 12.5 and m.load_pct == 25.0 and m.temperature_c == 21.5 and m.energy_kwh == 1000.0
+    b = alice.device("gw-brk-1").report
+    assert b is not None and b.kind.value == "breaker" and b.telemetry.breaker is Breaker.CLOSED and b.telemetry.kw == 50
+    assert alice.device("sim-load").present  # the simulated bot beside them, from `up`
+
+
+async def test_a_register_change_reaches_the_operator(field: Field) -> None:
+    alice = field.alice
+    started = time.monotonic()
+    field.loads.set(2, "h", 2, [800])  # load 80 %
+    await until(alice, "gw-load-2", lambda v: v.report and v.report.telemetry.load_pct == 80.0, timeout=3)
+    latency = time.monotonic() - started
+    assert latency < 0.3 + 1.0  # one poll, and the way to the operator
+    field.loads.set(2, "d", 1, True)  # switched to local at the controller
+    await until(alice, "gw-load-2", lambda v: v.state is DeviceState.RESTRICTED)
+    assert alice.device("gw-load-2").report.restriction.note == "in local control at the controller"  # type: ignore[union-attr]
+    outcome = await alice.command("gw-load-2", "shed")
+    assert outcome.status is OutcomeStatus.REJECTED and outcome.reason is RejectReason.RESTRICTED
+    assert field.loads.values[(2, "c", 0)] is False  # nothing written
+    field.loads.set(2, "d", 1, False)
+    field.loads.set(2, "h", 2, [500])
+    await until(alice, "gw-load-2", lambda v: v.state is DeviceState.ON and v.report.telemetry.load_pct == 50.0)
+
+
+async def test_alarm_rules_run_on_the_ieds_readings(field: Field) -> None:
+    alice = field.alice
+    alarms = alice.new_alarms()
+    field.loads.set(2, "h", 2, [970])  # 97 %: past the trip point
+    try:
+        async with asyncio.timeout(10):
+            async for alarm in alarms:
+                if alarm.device.startswith("gw-load-2@") and alarm.kind.value == "trip-point-imminent":
+                    break
+        assert alarm.value == 97.0 and alarm.level.value == "urgent", alarm
+    finally:
+        await alarms.aclose()
+        field.loads.set(2, "h", 2, [500])
+    await until(alice, "gw-load-2", lambda v: v.report.telemetry.load_pct == 50.0)
+
+
+async def test_shed_and_restore_reach_the_coil_and_read_back(field: Field) -> None:
+    alice = field.alice
+    shed = await alice.command("gw-load-1", "shed")
+    assert shed.status is OutcomeStatus.EXECUTED, shed
+    assert field.loads.values[(1, "c", 0)] is True  # the coil, on the IED
+    assert shed.report is not None and shed.report.state is DeviceState.OFF  # read back, in the outcome
+    assert "running read back False" in shed.detail
+    await until(alice, "gw-load-1", lambda v: v.state is DeviceState.OFF)
+    again = await alice.command("gw-load-1", "restore")
+    assert again.status is OutcomeStatus.EXECUTED and again.report.state is DeviceState.ON  # type: ignore[union-attr]
+    assert field.loads.values[(1, "c", 0)] is False
+    nothing = await alice.command("gw-load-1", "start")
+    assert nothing.status is OutcomeStatus.REJECTED and nothing.reason is RejectReason.NOT_SUPPORTED
+
+
+async def test_shed_and_restore_by_chat(field: Field) -> None:
+    alice = field.alice
+    reply = await alice.ask("gw-load-1", "shed")
+    assert "is off" in reply and field.loads.values[(1, "c", 0)] is True, reply
+    await until(alice, "gw-load-1", lambda v: v.state is DeviceState.OFF)
+    reply = await alice.ask("gw-load-1", "restore")
+    assert field.loads.values[(1, "c", 0)] is False, reply
+    await until(alice, "gw-load-1", lambda v: v.state is DeviceState.ON)
+
+
+async def test_open_and_close_a_dnp3_breaker_by_the_cli(field: Field) -> None:
+    conn = str(field.grid.connection_file)
+    code, out, err = await run_cli("open", "gw-brk-1", "--connection", conn)
+    assert code == 0, (out, err)
+    assert field.brk1.relay is not None and field.brk1.relay.log[-2:] == [("select", 0), ("operate", 0)]
+    await until(field.alice, "gw-brk-1", lambda v: v.report.telemetry.breaker is Breaker.OPEN)
+    code, out, err = await run_cli("close", "gw-brk-1", "--connection", conn)
+    assert code == 0, (out, err)
+    assert field.brk1.relay.log[-1] == ("operate", 1)
+    await until(field.alice, "gw-brk-1", lambda v: v.report.telemetry.breaker is Breaker.CLOSED)
+
+
+async def test_an_ied_that_refuses_or_does_not_follow_is_rejected_with_the_reason(field: Field) -> None:
+    alice = field.alice
+    field.loads.refuse.add((3, 0))
+    try:
+        refused = await alice.command("gw-load-3", "shed")
+    finally:
+        field.loads.refuse.clear()
+    assert refused.status is OutcomeStatus.REJECTED and refused.reason is RejectReason.DEVICE_REFUSED
+    assert "DEVICE_FAILURE" in refused.detail and refused.report.state is DeviceState.ON  # type: ignore[union-attr]
+    field.loads.follow[3] = False  # the coil is taken, the load keeps running
+    try:
+        stubborn = await alice.command("gw-load-3", "shed")
+    finally:
+        field.loads.follow[3] = True
+        field.loads.set(3, "c", 0, False)
+    assert stubborn.status is OutcomeStatus.REJECTED and stubborn.reason is RejectReason.NOT_CONFIRMED
+    assert "running reads True, not False" in stubborn.detail
+    assert field.brk1.relay is not None
+    field.brk1.relay.blocked = True
+    try:
+        blocked = await alice.command("gw-brk-1", "open")
+    finally:
+        field.brk1.relay.blocked = False
+    assert blocked.status is OutcomeStatus.REJECTED and blocked.reason is RejectReason.DEVICE_REFUSED
+    assert "BLOCKED" in blocked.detail
+
+
+async def test_an_unplugged_ied_shows_it_refuses_commands_and_comes_back(field: Field) -> None:
+    alice = field.alice
+    assert field.meter_server is not None
+    await field.ieds.run(field.meter_server.shutdown())
+    field.meter_server = None
+    await field.ieds.run(field.brk2.stop())
+    await until(alice, "gw-meter", lambda v: v.state is DeviceState.RESTRICTED)
+    view = alice.device("gw-meter")
+    assert view.present and view.report.restriction.note.startswith("no answer from the IED since ")  # type: ignore[union-attr]
+    assert view.report.telemetry.kw is None  # type: ignore[union-attr]  # the old readings are not shown as good
+    refused = await alice.command("gw-meter", "set_time", args={"time": "2030-01-01T00:00:00+00:00"})
+    assert refused.status is OutcomeStatus.REJECTED and refused.reason is RejectReason.NO_ANSWER
+    assert refused.detail.startswith("no answer from the IED since")
+    # gw-brk-2 goes on to be gone (gone_after_s = 4), unavailable with why.
+    await until(alice, "gw-brk-2", lambda v: not v.present, timeout=8)
+    field.meter_server = await field.ieds.run(serve(field.meter, field.meter_port))
+    await field.ieds.run(field.brk2.start())
+    await until(alice, "gw-meter", lambda v: v.state is DeviceState.ON and v.report.telemetry.kw == 12.5)
+    await until(alice, "gw-brk-2", lambda v: v.present and v.state is DeviceState.ON, timeout=8)
+    done = await alice.command("gw-meter", "set_time", args={"time": "2030-01-01T00:00:00+00:00"})
+    assert done.status is OutcomeStatus.EXECUTED, done
+    assert field.meter.values[(1, "h", 100)] == 1893456000 >> 16 and field.meter.values[(1, "h", 101)] == 1893456000 & 0xFFFF
+
+
+async def test_bad_register_values_are_never_published(field: Field) -> None:
+    alice = field.alice
+    seen: list[float | None] = []
+    stop = alice.tracker.listen(lambda change: seen.append(change.current.report.telemetry.kw  # type: ignore[union-attr]
+                                                            if change.current.name == "gw-meter" and change.current.report
+                                                            else None))
+    try:
+        field.meter.set(1, "i", 0, f32(math.nan))
+        await until(alice, "gw-meter", lambda v: v.state is DeviceState.RESTRICTED)
+        note = alice.device("gw-meter").report.restriction.note  # type: ignore[union-attr]
+        assert note.startswith("readings not valid: kw:"), note
+        field.meter.set(1, "i", 0, f32(12.5))
+        field.meter.set(1, "i", 2, f32(1e9))  # load far beyond what the presence model allows
+        await until(alice, "gw-meter", lambda v: v.report and v.report.restriction
+                    and v.report.restriction.note.startswith("readings not valid: load_pct:"))
+    finally:
+        stop()
+        field.meter.meter(1, kw=12.5, load_pct=25, energy_kwh=1000.0)
+    await until(alice, "gw-meter", lambda v: v.state is DeviceState.ON)
+    assert all(kw is None or math.isfinite(kw) for kw in seen)
+
+
+async def test_register_fuzz_never_publishes_invalid_presence(field: Field) -> None:
+    """Seeded random register words into a meter and a load: every poll is presence that
+    validates, or a reason; nothing raises."""
+    rng = random.Random(15)
+    site = load_site(field.site_file)
+    meter = FieldIed(site.ieds[3], site.map_for(site.ieds[3]))
+    load = FieldIed(site.ieds[2], site.map_for(site.ieds[2]))
+    fuzz = ModbusIeds((1, 3))
+    port = free_port()
+    server = await field.ieds.run(serve(fuzz, port))
+    meter.driver.link = type(meter.driver.link)("127.0.0.1", port)  # type: ignore[attr-defined]
+    load.driver.link = type(load.driver.link)("127.0.0.1", port)  # type: ignore[attr-defined]
+    outcomes = {"valid": 0, "refused": 0}
+    try:
+        for _ in range(60):
+            wild = rng.random() < 0.5  # half the polls: any words at all; else plausible values
+            words = [rng.getrandbits(16) for _ in range(7)] if wild else [
+                *f32(rng.uniform(0, 500)), *f32(rng.uniform(0, 100)), rng.randrange(-400, 1000), 0, rng.getrandbits(16)]
+            for a, w in zip((0, 1, 2, 3, 4, 10, 11), words):
+                fuzz.set(1, "i", a, [w & 0xFFFF])
+            for a in (0, 1, 2):
+                fuzz.set(3, "h", a, [rng.getrandbits(16) if wild else rng.randrange(0, 1000)])
+            fuzz.set(3, "d", 0, rng.random() < 0.5)
+            for ied in (meter, load):
+                status = await field.ieds.run(ied.poll())
+                assert (status.report is None) != (status.problem is None)
+                if status.report is not None:
+                    t = status.report.telemetry
+                    assert all(v is None or math.isfinite(v) for v in (t.kw, t.load_pct, t.energy_kwh, t.temperature_c))
+                    outcomes["valid"] += 1
+                else:
+                    assert status.problem and not status.link_down
+                    outcomes["refused"] += 1
+        assert outcomes["valid"] > 0 and outcomes["refused"] > 0, outcomes
+    finally:
+        await field.ieds.run(meter.driver.close())
+        await field.ieds.run(load.driver.close())
+        await field.ieds.run(server.shutdown())
+
+
+async def test_a_gateway_without_accounts_or_with_a_bad_site_says_why(field: Field, tmp_path: Path) -> None:
+    site = parse_site({"ieds": [{"name": "nowhere", "kind": "meter", "map": "generic-modbus-meter",
+                                 "link": {"protocol": "modbus-tcp", "host": "127.0.0.1"}}]})
+    with pytest.raises(GatewayError, match="no account on the grid for nowhere"):
+        Gateway(site, field.grid.fleet, field.grid.endpoint, Secrets(field.grid.data_dir / SECRETS_FILE))
+    bad = tmp_path / "bad.toml"
+    bad.write_text(field.site_file.read_text().replace("poll_s = 0.3", "poll_s = -1", 1))
+    code, out, err = await run_cli("gateway", str(bad), "--connection", str(field.grid.connection_file))
+    assert code == 2 and "ieds[0] (gw-load-1).poll_s" in err, (out, err)
+
+
+
+async def test_the_gateway_command_hosts_a_site_until_stopped(field: Field) -> None:
+    exe = Path(sys.executable).with_name("gridpresence")
+    proc = await asyncio.create_subprocess_exec(str(exe), "gateway", str(field.site_file.with_name("cli-site.toml")),
+                                                "--connection", str(field.grid.connection_file),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        await until(field.alice, "gw-cli-load", lambda v: v.present and v.state is DeviceState.ON, timeout=30)
+        shed = await field.alice.command("gw-cli-load", "shed")
+        assert shed.status is OutcomeStatus.EXECUTED and field.loads.values[(4, "c", 0)] is True, shed
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 0, err.decode()
+        assert "gw-cli-load@localhost: modbus-tcp (modbus-load-controller), answering" in out.decode()
+        await until(field.alice, "gw-cli-load", lambda v: not v.present)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_malformed_command_arguments_are_rejected_and_nothing_is_written(field: Field) -> None:
+    await until(field.alice, "gw-meter", lambda v: v.state is DeviceState.ON)
+    before = field.meter.values.get((1, "h", 100))
+    rng = random.Random(1515)
+    for _ in range(5):
+        junk = "".join(chr(rng.randrange(32, 127)) for _ in range(rng.randrange(1, 30)))
+        out = await field.alice.command("gw-meter", "set_time", args={"time": junk})
+        assert out.status is OutcomeStatus.REJECTED and out.reason is RejectReason.INVALID_ARGUMENTS, (junk, out)
+    naive = await field.alice.command("gw-meter", "set_time", args={"time": "2030-01-01T00:00:00"})
+    assert naive.reason is RejectReason.INVALID_ARGUMENTS and "time zone" in naive.detail
+    assert field.meter.values.get((1, "h", 100)) == before
+
+
+def test_a_fleet_naming_a_bad_site_or_a_clashing_ied_stops_before_anything_starts(tmp_path: Path) -> None:
+    base = {"operators": [{"name": "alice"}], "devices": [{"name": "feeder", "kind": "load", "rated_kw": 10}]}
+    (tmp_path / "bad.toml").write_text('[[ieds]]\nname = "m"\nkind = "meter"\nmap = "no-such-map"\n'
+                                       'link = { protocol = "modbus-tcp", host = "10.0.0.1" }\n')
+    fleet = parse_fleet({**base, "sites": [{"file": "bad.toml"}]}, "fleet", tmp_path)
+    with pytest.raises(FleetError, match=r"sites\[0\]\.file: .*bad\.toml: ieds\[0\] \(m\)\.map: no map named 'no-such-map'"):
+        Grid(fleet, tmp_path / "grid")
+    (tmp_path / "clash.toml").write_text('[[ieds]]\nname = "feeder"\nkind = "meter"\nmap = "generic-modbus-meter"\n'
+                                         'link = { protocol = "modbus-tcp", host = "10.0.0.1" }\n')
+    fleet = parse_fleet({**base, "sites": [{"file": "clash.toml"}]}, "fleet", tmp_path)
+    with pytest.raises(FleetError, match=r"ieds\[0\] \(feeder\)\.name: the fleet has another device of that name"):
+        Grid(fleet, tmp_path / "grid")
+    (tmp_path / "ok.toml").write_text(SITE.format(loads=1502, meter=1503, brk1=20001, brk2=20002))
+    grid = Grid(parse_fleet({**base, "sites": [{"file": "ok.toml"}]}, "fleet", tmp_path), tmp_path / "grid")
+    assert grid.gateway_ieds == ("gw-load-1", "gw-load-2", "gw-load-3", "gw-meter", "gw-brk-1", "gw-brk-2")
+    assert grid.fleet.device("gw-brk-1").kind.value == "breaker" and grid.fleet.sites[0].path.is_absolute()
+
+
+def test_a_field_meters_billing_registers_follow_its_energy_register() -> None:
+    from gridpresence.gateway.field_device import FieldRegisters
+    from gridpresence.physics.metering import PeakHours
+    from timebase import NOW
+
+    regs = FieldRegisters(NOW, random.Random(1), PeakHours(0, 24))  # all hours peak
+    regs.observe(1000.0, 10.0, 20.0, NOW)
+    regs.observe(1000.5, 12.0, 24.0, NOW)
+    regs.observe(1001.25, 11.0, 22.0, NOW)
+    regs.observe(None, None, None, NOW)  # a poll without a good energy reading changes nothing
+    billing, quality = regs.close("r1", "gw-meter@localhost", None, NOW, 22.0)
+    assert billing.register_kwh == 1001.25 and billing.period_kwh == 1.25 and billing.peak_kwh == 1.25
+    assert billing.max_demand_kw == 12.0 and quality.load_pct == 22.0
+    regs.observe(3.0, 5.0, 10.0, NOW)  # reset at the meter: the register starts again, no negative energy
+    billing, _ = regs.close("r2", "gw-meter@localhost", None, NOW, 10.0)
+    assert billing.register_kwh == 3.0 and billing.period_kwh == 3.0 and billing.peak_kwh == 3.0
+
+
+async def test_a_modbus_rtu_ied_over_a_pseudo_terminal_is_polled_and_commanded() -> None:
+    """The serial path of the gateway's field side (no grid): pymodbus's RTU server on one end
+    of a pseudo-terminal "null modem", a FieldIed on the other, both on this loop."""
+    from test_gateway_drivers import bridge, pty_pair
+
+    from pymodbus.server import ModbusSerialServer
+
+    from gridpresence.protocol.models import Action
+
+    (m1, s1), (m2, s2) = pty_pair()
+    bridge(m1, m2)
+    sim = ModbusIeds((5,))
+    sim.load(5, kw=12, capacity=40, load_pct=30)
+    server = ModbusSerialServer(sim.devices, port=os.ttyname(s1), baudrate=115200)
+    await server.serve_forever(background=True)
+    site = parse_site({"ieds": [{"name": "rtu-load", "kind": "load", "map": "modbus-load-controller",
+                                 "link": {"protocol": "modbus-rtu", "device": os.ttyname(s2), "baudrate": 115200,
+                                          "unit": 5}}]})
+    field_ied = FieldIed(site.ieds[0], site.map_for(site.ieds[0]))
+    try:
+        status = await field_ied.poll()
+        assert status.report is not None and status.report.telemetry.kw == 12.0, status
+        assert status.extra == {"run_hours": 1234.0}
+        assert status.report.state is DeviceState.ON
+        effect = await field_ied.command(site.map_for(site.ieds[0]).commands[Action.SHED], {})
+        assert effect.status is OutcomeStatus.EXECUTED and "running read back False" in effect.detail, effect
+        assert sim.values[(5, "c", 0)] is True and field_ied.status.report.state is DeviceState.OFF  # type: ignore[union-attr]
+    finally:
+        await field_ied.driver.close()
+        await server.shutdown()
+        loop = asyncio.get_running_loop()
+        for fd in (m1, m2):
+            loop.remove_reader(fd)
+        for fd in (m1, s1, m2, s2):
+            os.close(fd)
+
+
+def test_the_readme_gateway_example_provisions_its_ieds(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Running a gateway")[1]
+    blocks = [b.split("```")[0] for b in section.split("```toml\n")[1:3]]
+    files = {b.splitlines()[0].removeprefix("# "): b for b in blocks}
+    assert set(files) == {"fleet.toml", "site.toml"}
+    for name, body in files.items():
+        (tmp_path / name).write_text(body)
+    from gridpresence.config import load_fleet
+
+    grid = Grid(load_fleet(tmp_path / "fleet.toml"), tmp_path / "grid")
+    assert grid.gateway_ieds == ("feeder-4-load", "recloser-7")
+    assert {d.name for d in grid.fleet.devices} == {"sim-load", "feeder-4-load", "recloser-7"}
+
+
+async def test_a_dnp3_reading_flagged_bad_is_not_shown_as_good(field: Field) -> None:
+    from dnp3.core.flags import AnalogQuality
+
+    alice, db = field.alice, field.brk1.db
+    assert db is not None
+
+    async def update(quality: AnalogQuality) -> None:
+        db.update_analog_input(0, value=500, quality=quality)
+
+    await until(alice, "gw-brk-1", lambda v: v.state is DeviceState.ON)
+    await field.ieds.run(update(AnalogQuality.ONLINE | AnalogQuality.COMM_LOST))
+    await until(alice, "gw-brk-1", lambda v: v.state is DeviceState.RESTRICTED)
+    report = alice.device("gw-brk-1").report
+    assert report is not None and report.restriction is not None
+    assert report.restriction.note == "readings not valid: kw: point 'kw' is comm-lost", report.restriction
+    assert report.telemetry.kw is None and report.telemetry.breaker is None
+    assert field.brk1.relay is not None
+    controls = len(field.brk1.relay.log)
+    refused = await alice.command("gw-brk-1", "open")
+    assert refused.reason is RejectReason.RESTRICTED and len(field.brk1.relay.log) == controls  # nothing operated
+    await field.ieds.run(update(AnalogQuality.ONLINE))
+    await until(alice, "gw-brk-1", lambda v: v.state is DeviceState.ON and v.report.telemetry.kw == 50.0)
