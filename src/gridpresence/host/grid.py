@@ -3,9 +3,11 @@ tests start. Server, accounts, connection file and bots come up and go down toge
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
@@ -19,6 +21,8 @@ from gridpresence.security.keys import KEYS_DIR, KeyStore, fingerprint
 from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.security.pins import PinStore
 from gridpresence.server import ProsodyServer, ServerPorts, provision
+from gridpresence.server.prosody import ServerError
+from gridpresence.xmpp.reconnect import backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,8 @@ class Grid:
         self.bots: FleetBots | None = None
         self.relay: RelayService | None = None
         self._bind = bind
+        self._supervisor: asyncio.Task[None] | None = None
+        self.server_restarts: list[float] = []  # seconds each supervised restart took
 
     @property
     def endpoint(self) -> Endpoint:
@@ -93,6 +99,7 @@ class Grid:
         self._pin_issuers()
         (self.data_dir / FLEET_COPY).write_text(self.fleet.model_dump_json(indent=1, exclude_defaults=True))
         await self.server.start()
+        self._supervisor = asyncio.ensure_future(self._supervise())
         try:
             if self._want_bots and (self._only is None or RELAY in self._only):
                 await self._start_relay()
@@ -138,7 +145,34 @@ class Grid:
             json.dump(data, fh, indent=2)
         os.replace(tmp, self.connection_file)
 
+    async def _supervise(self) -> None:
+        """Prosody is restarted at once, on the same config and ports, whenever it dies; every
+        party reconnects by itself (xmpp/reconnect.py)."""
+        while True:
+            status = await self.server.wait_exit()
+            if status is None:
+                return  # stopped on purpose
+            died = time.monotonic()
+            log.error("Prosody exited (status %s); restarting it with the same config. End of %s:\n%s",
+                      status, self.server.log_path, self.server.log_tail(5))
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    await self.server.start(keep_ports=True)
+                    break
+                except ServerError as exc:
+                    delay = backoff_delay(attempt)
+                    log.error("Prosody restart %d failed (%s); again in %.1f s", attempt, exc, delay)
+                    await asyncio.sleep(delay)
+            took = time.monotonic() - died
+            self.server_restarts.append(took)
+            log.warning("Prosody is back after %.2f s (restart %d)", took, len(self.server_restarts))
+
     async def stop(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            self._supervisor = None
         if self.bots is not None:
             await self.bots.stop()
             self.bots = None

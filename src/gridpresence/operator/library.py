@@ -37,6 +37,7 @@ from gridpresence.xmpp.session import (
     open_session,
 )
 from gridpresence.operator.tracker import DeviceChange, DeviceView, PresenceTracker
+from gridpresence.xmpp.reconnect import Reconnector, SessionChange, reconnector_of
 from gridpresence.protocol.codec import (
     PayloadError,
     health_from_xml,
@@ -86,6 +87,10 @@ class GridOperator:
         self.endpoint = endpoint
         self.watchdog = watchdog
         self.client = make_client(full, password, endpoint)
+        # A lost session comes back by itself (xmpp/reconnect.py); see `session_changes`.
+        self.session: Reconnector = reconnector_of(self.client)
+        self.session.on_resume(self._come_back)
+        self.presence_status = "grid operator"  # what our presence says (the console says more)
         self.keyring = PepKeyring(self.client, keys)  # our key's announcement, others' pinned keys
         self.tracker = PresenceTracker(self.client, grace_s=grace_s)
         self.tariff: Tariff | None = None
@@ -175,7 +180,7 @@ class GridOperator:
         self.client.add_event_handler("presence", on_presence)  # only while settling: presence is hot
         started = asyncio.get_running_loop().time()
         try:
-            self.client.send_presence(pshow="chat", pstatus="grid operator")
+            self.client.send_presence(pshow="chat", pstatus=self.presence_status)
 
             def settled(devs: Mapping[str, DeviceView]) -> bool:
                 return all(v.present for v in devs.values()) and (self.tariff is not None or billing <= offline)
@@ -195,6 +200,29 @@ class GridOperator:
             self.client.del_event_handler("presence", on_presence)
         await self._adopt_watchdog_health()
         self.tracker.start_watchdog()
+
+    async def _come_back(self) -> None:
+        """After a reconnect: the roster and our presence again (the devices' presence follows),
+        then every command still waiting for its outcome is sent again on the new session."""
+        await self.client.get_roster()
+        self.tracker.load_roster()
+        self.client.send_presence(pshow="chat", pstatus=self.presence_status)
+        self.issuer.resend_pending()
+
+    @property
+    def reconnects(self) -> int:
+        """How many times this operator's session was lost and re-established."""
+        return self.session.reconnects
+
+    async def session_changes(self) -> AsyncIterator[SessionChange]:
+        """Every loss and return of this operator's own session, as it happens."""
+        queue: asyncio.Queue[SessionChange] = asyncio.Queue()
+        stop = self.session.listen(queue.put_nowait)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            stop()
 
     async def close(self) -> None:
         self.tracker.stop_watchdog()
