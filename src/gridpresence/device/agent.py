@@ -398,6 +398,9 @@ class DeviceAgent(PartySession):
         outcome = self.execute(cmd, now)
         forget_at = cmd.expires.timestamp() + self.security.clock_skew_s
         self.replay.record(cmd.issuer, cmd.id, forget_at, outcome)
+        # The device's own event log: what it did, when, with which command (the chaos test reads it).
+        log.info("%s: command %s from %s %s %s at %s (expires %s)", self.spec.name, cmd.id, cmd.issuer,
+                 cmd.action.value, outcome.status.value, now.isoformat(), cmd.expires.isoformat())
         return outcome
 
     def execute(self, cmd: Command, now: dt.datetime) -> Outcome:
