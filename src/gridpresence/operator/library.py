@@ -36,7 +36,7 @@ from gridpresence.xmpp.session import (
     make_client,
     open_session,
 )
-from gridpresence.operator.tracker import DeviceChange, DeviceView, PresenceTracker
+from gridpresence.operator.tracker import OWN_OUTAGE, DeviceChange, DeviceView, PresenceTracker
 from gridpresence.xmpp.reconnect import Reconnector, SessionChange, reconnector_of
 from gridpresence.protocol.codec import (
     PayloadError,
@@ -314,6 +314,12 @@ class GridOperator:
         """
         view = self.device(name)
         cmd = Command.new(action, self.jid, ttl_s=ttl_s, args=args, serial=self.serial_of(view))
+        if view.full_jid is None and self.session.armed:
+            view = await self._after_own_outage(view, cmd)
+            if view is None:
+                return Outcome(command_id=cmd.id, device=self.device(name).jid, status=OutcomeStatus.EXPIRED,
+                               detail="this operator's own session to the server did not return before "
+                                      "the command expired; it was never sent")
         if view.full_jid is None:
             if self.relay is None:
                 return Outcome(command_id=cmd.id, device=view.jid, status=OutcomeStatus.UNDELIVERABLE,
@@ -321,6 +327,26 @@ class GridOperator:
             queued = await self.queue_command(cmd, view.jid)
             return await self.final_outcome(queued) if wait_final else queued
         return await self.send_command(cmd, view.full_jid)
+
+    async def _after_own_outage(self, view: DeviceView, cmd: Command) -> DeviceView | None:
+        """A device that looks absent because *our* session is down, or was until just now, is
+        not known to be absent: wait (within the command's life) for our session, then at most
+        a presence grace for the device's presence on it, before routing by relay. None: the
+        command expired meanwhile."""
+        left = (cmd.expires - utcnow()).total_seconds()
+        if not self.session.online.is_set():
+            try:
+                await asyncio.wait_for(self.session.online.wait(), max(0.0, left))
+            except TimeoutError:
+                return None
+        elif view.health_reason != OWN_OUTAGE:
+            return view  # absent for reasons of its own
+        left = (cmd.expires - utcnow()).total_seconds()
+        try:
+            await self.wait_for(lambda d: d[view.name].present, timeout=max(0.0, min(left, self.tracker.grace_s)))
+        except TimeoutError:
+            pass  # absent on the new session too: the relay, as for any absent device
+        return self.device(view.name)
 
     def serial_of(self, view: DeviceView) -> str | None:
         """The device's serial number: from its presence, else from the connection file."""

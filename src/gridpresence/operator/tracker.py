@@ -25,6 +25,8 @@ from gridpresence.xmpp.reconnect import SessionChange, SessionEvent, reconnector
 
 log = logging.getLogger(__name__)
 
+OWN_OUTAGE = "our own connection to the server was lost"  # why every view is unknown after a loss
+
 
 @dataclass(frozen=True)
 class DeviceView:
@@ -149,7 +151,7 @@ class PresenceTracker:
             self._last_refresh.pop(view.jid, None)
             if view.present or view.health is not HealthStatus.UNKNOWN:
                 self._set(view, replace(view, full_jid=None, health=HealthStatus.UNKNOWN, since=now,
-                                        health_reason="our own connection to the server was lost"), "own-connection")
+                                        health_reason=OWN_OUTAGE), "own-connection")
 
     # -- presence ---------------------------------------------------------------------
 
