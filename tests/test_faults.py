@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -27,6 +28,8 @@ from gridpresence.physics.base import Operated
 from gridpresence.protocol.models import Action, Command, DeviceState, OutcomeStatus
 from gridpresence.server import ProsodyServer
 from gridpresence.xmpp.reconnect import MAX_DELAY_S, SessionEvent, backoff_delay, reconnector_of
+from gridpresence.xmpp.session import ConnectionInfo
+from slixmpp import Message
 
 FAULT_FLEET = {
     "domain": "localhost",
@@ -339,3 +342,68 @@ def test_resend_keeps_nothing_for_commands_answered(tmp_path: Path) -> None:
     assert issuer.resend_pending() == 0
     cmd = Command.new(Action.SHED, "a@localhost", ttl_s=5)
     assert cmd.id and issuer._sent == {}
+
+
+# -- `up --processes` ---------------------------------------------------------------------------
+
+async def _start_up_processes(data: Path, fleet: Path) -> tuple[asyncio.subprocess.Process, dict[str, int]]:
+    exe = Path(sys.executable).with_name("gridpresence")
+    proc = await asyncio.create_subprocess_exec(str(exe), "up", "--processes", "--data", str(data), "--fleet",
+                                                str(fleet), stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    seen = ""
+    async with asyncio.timeout(90):
+        while "Ctrl-C" not in seen:
+            line = await proc.stdout.readline()  # type: ignore[union-attr]
+            assert line, seen
+            seen += line.decode()
+    pids = {m[0]: int(m[1]) for m in re.findall(r"(\w+): process (\d+), supervised", seen)}
+    return proc, pids
+
+
+async def test_up_processes_one_hung_or_crashed_process_does_not_stop_the_others(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(SMALL_FLEET)
+    data = tmp_path / "grid"
+    conn = ["--connection", str(data / "connection.json")]
+    proc, pids = await _start_up_processes(data, fleet)
+    try:
+        assert set(pids) == {"relay", "devices", "services"}, pids
+        code, out, err = await run_cli("shed", "pump", *conn)
+        assert code == 0 and "executed" in out, (out, err)
+        op = GridOperator.from_connection(ConnectionInfo.load(data / "connection.json"), resource="hung")
+        await op.connect(settle_s=2.0)
+        try:
+            # The devices' process hangs: the console (services process) still answers.
+            os.kill(pids["devices"], signal.SIGSTOP)
+            reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+            def on_message(msg: Message) -> None:
+                if msg["from"].bare == "console@localhost" and msg["body"] and not reply.done():
+                    reply.set_result(str(msg["body"]))
+
+            op.client.add_event_handler("message", on_message)
+            op.client.send_message(mto="console@localhost", mbody="help", mtype="chat")
+            answer = await asyncio.wait_for(reply, 10)
+            assert answer
+            os.kill(pids["devices"], signal.SIGCONT)
+            # The devices' process crashes: it is started again, and what was operated stays.
+            os.kill(pids["devices"], signal.SIGKILL)
+            started = time.monotonic()
+            await op.wait_for(lambda d: not d["pump"].present, timeout=10)
+            await op.wait_for(lambda d: all(v.present for v in d.values()), timeout=30)
+            print(f"\ndevices process restarted, all devices present {time.monotonic() - started:.2f} s after kill -9")
+            assert op.devices["pump"].state is DeviceState.OFF
+        finally:
+            await op.close()
+        prosody = int((data / "prosody.pid").read_text())
+        children = list(pids.values())
+        proc.kill()  # `up` killed -9: its server and its processes go with it
+        await proc.wait()
+        async with asyncio.timeout(5):
+            while not all(_gone(pid) for pid in (prosody, *children)):
+                await asyncio.sleep(0.05)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            await asyncio.wait_for(proc.wait(), 30)

@@ -99,7 +99,7 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 SUPERVISOR_SUFFIX = ".supervisor"  # beside the pidfile: the pid of the process that started Prosody
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
+def die_with_parent(parent: int) -> Callable[[], None]:
     """A preexec step: the kernel SIGKILLs Prosody when the process that started it dies, even
     by kill -9 (no atexit runs then), so a crashed `up` never leaves an orphan server."""
     def preexec() -> None:
@@ -419,7 +419,7 @@ class ProsodyServer:
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
                 cwd=self.data_dir,
                 start_new_session=True,  # own process group: stop() reaches any child it spawns
-                preexec_fn=_die_with_parent(os.getpid()),
+                preexec_fn=die_with_parent(os.getpid()),
             ))
             try:
                 self._process = await asyncio.shield(spawn)
