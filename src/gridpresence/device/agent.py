@@ -191,6 +191,8 @@ class DeviceAgent(PartySession):
             self._loop_task.cancel()
         for task in self._fetching:  # commands waiting for their issuer's key: never acted on
             task.cancel()
+        reconnector_of(self.client).close()  # also when the session is down: no more tries
+        self.client.cancel_connection_attempt()
         if self.client.is_connected():
             report = self._report(DeviceState.GONE)
             pres = self.client.make_presence(ptype="unavailable", pstatus="gone: shut down")

@@ -134,6 +134,8 @@ class RelayService:
         self._commit_answers()
         if self._confirming:
             await asyncio.wait(self._confirming, timeout=5)
+        self.session.close()  # also when the session is down: no more tries
+        self.client.cancel_connection_attempt()
         if self.client.is_connected():
             await close_session(self.client)
         self.queue.close()
