@@ -25,7 +25,7 @@ from gridpresence.host.fleet import FleetBots
 from gridpresence.host.grid import Grid
 from gridpresence.operator.library import GridOperator
 from gridpresence.physics.base import Operated
-from gridpresence.protocol.models import Action, Command, DeviceState, OutcomeStatus
+from gridpresence.protocol.models import DeviceState, OutcomeStatus
 from gridpresence.server import ProsodyServer
 from gridpresence.xmpp.reconnect import MAX_DELAY_S, SessionEvent, backoff_delay, reconnector_of
 from gridpresence.xmpp.session import ConnectionInfo
@@ -330,18 +330,6 @@ def test_kept_state_survives_bad_files(tmp_path: Path, caplog: pytest.LogCapture
         loaded = store.load()
         assert loaded is None or isinstance(loaded, Operated)
     assert any("kept device state unreadable" in r.getMessage() for r in caplog.records)
-
-
-def test_resend_keeps_nothing_for_commands_answered(tmp_path: Path) -> None:
-    """Nothing answered is sent again (only what still waits)."""
-    from slixmpp import ClientXMPP
-
-    from gridpresence.operator.issuer import CommandIssuer
-
-    issuer = CommandIssuer(ClientXMPP("a@localhost", "x"), None)
-    assert issuer.resend_pending() == 0
-    cmd = Command.new(Action.SHED, "a@localhost", ttl_s=5)
-    assert cmd.id and issuer._sent == {}
 
 
 # -- `up --processes` ---------------------------------------------------------------------------
