@@ -45,6 +45,8 @@ def _print_welcome(grid: Grid) -> None:
     if grid.gateway_ieds:
         print(f"  {len(grid.gateway_ieds)} IEDs of the fleet's sites have accounts: run `gridpresence gateway SITE.toml "
               f"--data {grid.data_dir}` to bring them online")
+    for child in grid.children:
+        print(f"  {child.name}: process {child.pid}, supervised")
     if info.relay is not None:
         print(f"  store-and-forward relay {info.relay.jid}: SMTP {info.relay.smtp_host}:{info.relay.smtp_port}")
     print("Ctrl-C stops everything.", flush=True)
@@ -60,7 +62,7 @@ async def cmd_up(args: argparse.Namespace, scenario: Callable[[Grid], Awaitable[
         logging.getLogger().setLevel(LOG_LEVELS[args.log_level])
     fleet = load_fleet(Path(args.fleet))
     grid = Grid(fleet, Path(args.data), bind=args.bind, ports=_ports(args), prosody_bin=args.prosody,
-                without=args.without, log_level=args.log_level or "info")
+                without=args.without, log_level=args.log_level or "info", processes=args.processes)
     try:
         await unless_stopped(grid.start(), stop)
         if not stop.is_set():
@@ -89,12 +91,14 @@ async def cmd_bots(args: argparse.Namespace) -> int:
     secrets_path = data / SECRETS_FILE
     if not secrets_path.exists():
         raise CliError(f"{secrets_path}: not found; run `gridpresence up --data {data}` first")
-    bots = FleetBots(fleet, info.server, Secrets(secrets_path), only=args.only, with_services=False, data_dir=data)
+    bots = FleetBots(fleet, info.server, Secrets(secrets_path), only=args.only, with_services=args.services,
+                     data_dir=data)
     if not bots.bots:
         raise CliError(f"no bot named {', '.join(args.only)} in the fleet")
     try:
         await unless_stopped(bots.start(), stop)
-        print(f"running {', '.join(sorted(bots.devices) + sorted(bots.billing))}", flush=True)
+        services = ([bots.watchdog.jid] if bots.watchdog else []) + ([bots.console.grid.jid] if bots.console else [])
+        print(f"running {', '.join(sorted(bots.devices) + sorted(bots.billing) + services)}", flush=True)
         await stop.wait()
     finally:
         await bots.stop()  # closes the devices' replay guard too
@@ -112,6 +116,9 @@ def server_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--without", nargs="+", default=[], metavar="NAME",
                    help="devices whose accounts are made but whose bots are held back (run them apart "
                         "with `gridpresence bots --only NAME`)")
+    p.add_argument("--processes", action="store_true",
+                   help="run the devices, the services and the relay as separate supervised processes "
+                        "(one hung or crashed process does not stop the others)")
     p.add_argument("--log-level", choices=list(LOG_LEVELS),
                    help="log level of gridpresence and of Prosody (DATA/prosody.log); default: "
                         "-v for ours, info for Prosody's")
@@ -130,4 +137,6 @@ def register(sub: Any) -> None:  # argparse's subparsers action has no public ty
     bots.add_argument("--fleet", default=None, help="fleet file (default: the copy in --data)")
     bots.add_argument("--data", default=str(DEFAULT_DATA))
     bots.add_argument("--only", nargs="+", required=True, metavar="NAME")
+    bots.add_argument("--services", action="store_true",
+                      help="also the watchdog and the console, if named in --only (as `up --processes` runs them)")
     bots.set_defaults(run=cmd_bots)

@@ -24,10 +24,12 @@ from gridpresence.device.desks import DESKS
 from gridpresence.device.firmware import FirmwareDesk
 from gridpresence.device.folding import BranchFold
 from gridpresence.device.host import D, Desk, DeviceSetup
+from gridpresence.device.operated import OperatedStore
 from gridpresence.device.ox_chat import OxDesk
 from gridpresence.device.price_feed import PriceFeed
 from gridpresence.security.ox import is_encrypted
 from gridpresence.xmpp.party import PartySession
+from gridpresence.xmpp.reconnect import reconnector_of
 from gridpresence.xmpp.session import Endpoint, close_session, make_client
 from gridpresence.config import DeviceSpec
 from gridpresence.physics import SimDevice, make_device
@@ -109,6 +111,13 @@ class DeviceAgent(PartySession):
         self.tick_s = min(tick_s, spec.refresh_s)
         # The physics, or what stands for it: a field gateway passes its real IED (gateway/field_device.py).
         self.sim: SimDevice = sim if sim is not None else make_device(spec, utcnow())
+        # What operators set survives a restart of the host (kill -9 too): shed stays shed. A real
+        # IED behind a gateway keeps its own state: the gateway reads it, never restores it.
+        self.operated = OperatedStore(self.setup.operated)
+        kept = self.operated.load() if sim is None else None
+        if kept is not None:
+            self.sim.restore(kept, utcnow())
+            log.info("%s: state kept from the last run restored: %s", spec.name, kept.state.value)
         self.client = make_client(jid, password, endpoint)
         self.security = security or SecuritySettings()
         self.gate = CommandGate(JID(jid).bare, spec.serial, self.security,
@@ -131,7 +140,6 @@ class DeviceAgent(PartySession):
                                               self._on_openpgp))  # type: ignore[arg-type]
         if self.children:
             self.client.add_event_handler("presence", self._on_child_presence)
-        self.client.add_event_handler("disconnected", self._on_disconnected)
         self.client.add_event_handler("session_start", self._on_session_start)
         # Every feature is a desk, built in the table's order for this kind (device/desks.py).
         self._desks: dict[type[Desk], Desk] = {}
@@ -187,23 +195,14 @@ class DeviceAgent(PartySession):
             self._loop_task.cancel()
         for task in self._fetching:  # commands waiting for their issuer's key: never acted on
             task.cancel()
+        reconnector_of(self.client).close()  # also when the session is down: no more tries
+        self.client.cancel_connection_attempt()
         if self.client.is_connected():
             report = self._report(DeviceState.GONE)
             pres = self.client.make_presence(ptype="unavailable", pstatus="gone: shut down")
             pres.append(report_to_xml(report))
             pres.send()
             await close_session(self.client)
-
-    def _on_disconnected(self, _event: object) -> None:
-        if not self._stopping:
-            # Keep trying: a device's job is to be present. The server-side watchdog flags
-            # the gap as a presence error meanwhile.
-            log.info("%s: connection lost, reconnecting", self.spec.name)
-            asyncio.get_running_loop().call_later(1.0, self._reconnect)
-
-    def _reconnect(self) -> None:
-        if not self._stopping and not self.client.is_connected():
-            self.client.connect(self.endpoint.host, self.endpoint.c2s_port)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -347,7 +346,7 @@ class DeviceAgent(PartySession):
 
     async def _signed_after_fetch(self, sender: JID, signed: SignedCommand) -> None:
         try:
-            key = await key_of(signed.command.issuer, self.keyring)
+            key = await self._fetch_key(signed)
             self._send_outcome(sender, self._take_signed(sender, signed, key))
         except SignatureFailure as exc:
             self._refused(sender, Refusal(exc.reason, exc.detail, signed.command.id))
@@ -355,6 +354,24 @@ class DeviceAgent(PartySession):
             self._refused(sender, refusal)
         except Exception:
             log.exception("%s: signed command handling failed", self.spec.name)
+
+    async def _fetch_key(self, signed: SignedCommand) -> pgpy.PGPKey:
+        """The issuer's key; a lookup cut short by our own lost session is tried again once the
+        session is back (until the command expires): a reconnect is not the issuer's fault."""
+        session = reconnector_of(self.client)
+        while True:
+            before = session.reconnects
+            try:
+                return await key_of(signed.command.issuer, self.keyring)
+            except SignatureFailure as exc:
+                cut = session.reconnects != before or not session.online.is_set()
+                left = (signed.command.expires - utcnow()).total_seconds()
+                if exc.reason is not RejectReason.UNKNOWN_KEY or not cut or left <= 0 or self._stopping:
+                    raise
+                log.info("%s: key lookup for %s cut by a reconnect; trying again", self.spec.name,
+                         signed.command.issuer)
+                async with asyncio.timeout(left):
+                    await session.online.wait()
 
     def _take_signed(self, sender: JID, signed: SignedCommand, key: pgpy.PGPKey) -> Outcome:
         now = utcnow()
@@ -390,6 +407,9 @@ class DeviceAgent(PartySession):
         outcome = self.execute(cmd, now)
         forget_at = cmd.expires.timestamp() + self.security.clock_skew_s
         self.replay.record(cmd.issuer, cmd.id, forget_at, outcome)
+        # The device's own event log: what it did, when, with which command (the chaos test reads it).
+        log.info("%s: command %s from %s %s %s at %s (expires %s)", self.spec.name, cmd.id, cmd.issuer,
+                 cmd.action.value, outcome.status.value, now.isoformat(), cmd.expires.isoformat())
         return outcome
 
     def execute(self, cmd: Command, now: dt.datetime) -> Outcome:
@@ -401,6 +421,7 @@ class DeviceAgent(PartySession):
                                     "travels with its image")
         else:
             effect = self.sim.execute(cmd.action, cmd.args, now)
+            self.operated.save(self.sim.operated())  # on disk before anyone is told the outcome
         report = self.publish(force=False)
         return Outcome(
             command_id=cmd.id,

@@ -47,6 +47,7 @@ class DeviceSetup:
     alarms: AlarmSettings = field(default_factory=AlarmSettings)
     rules: RuleSet | None = None  # the fleet's rule set (None: the built-in one for ``alarms``)
     audit: Path | None = None  # where threshold changes are journalled (None: memory only)
+    operated: Path | None = None  # where what operators set is kept over restarts (None: memory only)
     billing: tuple[str, ...] = ()  # billing parties' bare JIDs: the only senders of prices
     tariff: Tariff | None = None  # the fleet file's tariff, until billing sends its own
     parent: str | None = None  # the branch above, whose faults fold this device's

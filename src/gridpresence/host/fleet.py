@@ -21,6 +21,7 @@ from gridpresence.physics import SimDevice
 from gridpresence.physics.metering import peak_hours
 from gridpresence.device.agent import DeviceAgent
 from gridpresence.device.host import DeviceSetup
+from gridpresence.device.operated import state_path
 from gridpresence.services.manufacturer import ManufacturerAgent
 from gridpresence.xmpp.session import Endpoint
 from gridpresence.services.watchdog import WatchdogAgent
@@ -140,6 +141,7 @@ def device_agent(fleet: Fleet, name: str, endpoint: Endpoint, password: str, key
         alarms=fleet.alarms,
         rules=rules or rules_for(fleet.rules.path if fleet.rules else None, fleet.alarms),
         audit=audit_path(data_dir, name) if data_dir else None,
+        operated=state_path(data_dir, name) if data_dir else None,
         billing=tuple(fleet.jid(b.name) for b in fleet.billing),
         # Devices rank faults at the billing party's price: its fleet-file tariff until it sends one.
         tariff=fleet.billing[0].tariff() if fleet.billing else None,

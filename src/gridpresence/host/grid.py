@@ -3,9 +3,11 @@ tests start. Server, accounts, connection file and bots come up and go down toge
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
@@ -13,13 +15,16 @@ from types import TracebackType
 from gridpresence.server.accounts import CONSOLE, RELAY, WATCHDOG, Secrets, plan_accounts
 from gridpresence.gateway.fleet import with_sites
 from gridpresence.host.fleet import FleetBots
-from gridpresence.xmpp.session import Account, ConnectionInfo, Endpoint, RelayEndpoint
+from gridpresence.host.processes import SupervisedChild, gridpresence_argv
+from gridpresence.xmpp.session import Account, ConnectionInfo, Endpoint, RelayEndpoint, SessionError
 from gridpresence.config import Fleet, FleetError
 from gridpresence.services.relay.service import RelayService, relay_files, relay_port
 from gridpresence.security.keys import KEYS_DIR, KeyStore, fingerprint
 from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.security.pins import PinStore
 from gridpresence.server import ProsodyServer, ServerPorts, provision
+from gridpresence.server.prosody import ServerError
+from gridpresence.xmpp.reconnect import backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +40,8 @@ class Grid:
 
     def __init__(self, fleet: Fleet, data_dir: Path, *, bind: str = "127.0.0.1", ports: ServerPorts | None = None,
                  bots: bool = True, only: Collection[str] | None = None, without: Collection[str] = (),
-                 tick_s: float = 1.0, prosody_bin: str = "prosody", log_level: str = "info") -> None:
+                 tick_s: float = 1.0, prosody_bin: str = "prosody", log_level: str = "info",
+                 processes: bool = False) -> None:
         # IEDs of the fleet's sites get accounts here; their bots are a field gateway's.
         fleet, self.gateway_ieds = with_sites(fleet)
         without = (*without, *self.gateway_ieds)
@@ -58,6 +64,11 @@ class Grid:
         self.bots: FleetBots | None = None
         self.relay: RelayService | None = None
         self._bind = bind
+        self._supervisor: asyncio.Task[None] | None = None
+        # `processes`: devices, services and the relay each in a supervised process of their own.
+        self._processes = processes
+        self.children: list[SupervisedChild] = []
+        self.server_restarts: list[float] = []  # seconds each supervised restart took
 
     @property
     def endpoint(self) -> Endpoint:
@@ -76,6 +87,11 @@ class Grid:
 
     @property
     def relay_endpoint(self) -> RelayEndpoint | None:
+        if self._processes and self.connection_file.exists():
+            try:  # the relay process publishes itself there (cli/relay.py)
+                return ConnectionInfo.load(self.connection_file).relay
+            except SessionError:
+                return None
         if self.relay is None:
             return None
         return RelayEndpoint(jid=self.relay.jid, smtp_host=self.server.connect_host, smtp_port=self.relay.smtp_port,
@@ -98,7 +114,13 @@ class Grid:
         self._pin_issuers()
         (self.data_dir / FLEET_COPY).write_text(self.fleet.model_dump_json(indent=1, exclude_defaults=True))
         await self.server.start()
+        self._supervisor = asyncio.ensure_future(self._supervise())
         try:
+            if self._processes:
+                self._write_connection()
+                if self._want_bots:
+                    await self._start_children()
+                return
             if self._want_bots and (self._only is None or RELAY in self._only):
                 await self._start_relay()
             self._write_connection()
@@ -109,6 +131,32 @@ class Grid:
         except BaseException:
             await self.stop()
             raise
+
+    async def _start_children(self) -> None:
+        """The relay first (it publishes itself in the connection file), then the devices, then
+        the services; each a `gridpresence` process of its own, supervised."""
+        f, data = self.fleet, str(self.data_dir)
+        wanted = set(self._only) if self._only is not None else None
+
+        def chosen(names: list[str]) -> list[str]:
+            return [n for n in names if wanted is None or n in wanted]
+
+        verbose = ["-v"] if log.isEnabledFor(logging.INFO) else []
+        devices = chosen([d.name for d in f.devices])
+        services = chosen([WATCHDOG, CONSOLE, *(p.name for p in (*f.billing, *f.manufacturers))])
+        plan = []
+        if chosen([RELAY]):
+            plan.append(SupervisedChild("relay", gridpresence_argv(*verbose, "relay", "--data", data,
+                                                                   "--bind", self._bind), ready="relay up"))
+        if devices:
+            plan.append(SupervisedChild("devices", gridpresence_argv(*verbose, "bots", "--data", data, "--only",
+                                                                     *devices), ready="running"))
+        if services:
+            plan.append(SupervisedChild("services", gridpresence_argv(*verbose, "bots", "--data", data, "--services",
+                                                                      "--only", *services), ready="running"))
+        for child in plan:
+            self.children.append(child)
+            await child.start()
 
     def _pin_issuers(self) -> None:
         """Devices get the keys of every party that may command them pinned at provisioning,
@@ -143,7 +191,37 @@ class Grid:
             json.dump(data, fh, indent=2)
         os.replace(tmp, self.connection_file)
 
+    async def _supervise(self) -> None:
+        """Prosody is restarted at once, on the same config and ports, whenever it dies; every
+        party reconnects by itself (xmpp/reconnect.py)."""
+        while True:
+            status = await self.server.wait_exit()
+            if status is None:
+                return  # stopped on purpose
+            died = time.monotonic()
+            log.error("Prosody exited (status %s); restarting it with the same config. End of %s:\n%s",
+                      status, self.server.log_path, self.server.log_tail(5))
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    await self.server.start(keep_ports=True)
+                    break
+                except ServerError as exc:
+                    delay = backoff_delay(attempt)
+                    log.error("Prosody restart %d failed (%s); again in %.1f s", attempt, exc, delay)
+                    await asyncio.sleep(delay)
+            took = time.monotonic() - died
+            self.server_restarts.append(took)
+            log.warning("Prosody is back after %.2f s (restart %d)", took, len(self.server_restarts))
+
     async def stop(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            self._supervisor = None
+        for child in reversed(self.children):
+            await child.stop()
+        self.children = []
         if self.bots is not None:
             await self.bots.stop()
             self.bots = None

@@ -38,6 +38,9 @@ class CommandIssuer:
         self.relay = relay
         self.pending: dict[str, asyncio.Future[Outcome]] = {}  # command id -> outcome
         self._stanza_to_command: dict[str, str] = {}  # message id -> command id, for bounces
+        # What was sent for each command still waiting, and to which device (bare JID): sent again
+        # after a reconnect, as the first copy may have died with the old session.
+        self._sent: dict[str, tuple[ET.Element, str]] = {}
         client.register_handler(Callback("grid outcome", StanzaPath("message/grid_outcome"),
                                          self._on_outcome))  # type: ignore[arg-type]
         client.add_event_handler("message_error", self._on_bounce)
@@ -56,8 +59,10 @@ class CommandIssuer:
         """Send ``cmd`` to a device's full JID; its one outcome, or "expired" if none came."""
         fut = self.expect(cmd.id)
         msg = self.client.make_message(mto=to, mtype="normal")
-        msg.append(self.wire(cmd, JID(to).bare))
+        wire = self.wire(cmd, JID(to).bare)
+        msg.append(wire)
         self._stanza_to_command[msg["id"]] = cmd.id
+        self._sent[cmd.id] = (wire, JID(to).bare)
         msg.send()
         wait_s = max(0.0, (cmd.expires - utcnow()).total_seconds()) + OUTCOME_MARGIN_S
         try:
@@ -67,7 +72,27 @@ class CommandIssuer:
                            detail="no outcome before the command expired")
         finally:
             self.pending.pop(cmd.id, None)
+            self._sent.pop(cmd.id, None)
             self._stanza_to_command.pop(msg["id"], None)
+
+    def resend_pending(self) -> int:
+        """After a reconnect: send every command still waiting once more, to its device's bare
+        JID (its resource may have changed too). A device that had it answers from its replay
+        memory with the first outcome (see first_outcome), so nothing runs twice; a copy that
+        arrives late is answered "expired" by the device. A bounce of a copy is not an outcome:
+        the first copy may have been executed."""
+        count = 0
+        for cmd_id, (wire, device) in list(self._sent.items()):
+            fut = self.pending.get(cmd_id)
+            if fut is None or fut.done():
+                continue
+            msg = self.client.make_message(mto=device, mtype="normal")
+            msg.append(wire)
+            msg.send()
+            count += 1
+        if count:
+            log.info("%s: sent %d unanswered commands again after a reconnect", self.client.boundjid.bare, count)
+        return count
 
     def cancel_all(self) -> None:
         for fut in self.pending.values():

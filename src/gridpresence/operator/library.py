@@ -36,7 +36,8 @@ from gridpresence.xmpp.session import (
     make_client,
     open_session,
 )
-from gridpresence.operator.tracker import DeviceChange, DeviceView, PresenceTracker
+from gridpresence.operator.tracker import OWN_OUTAGE, DeviceChange, DeviceView, PresenceTracker
+from gridpresence.xmpp.reconnect import Reconnector, SessionChange, reconnector_of
 from gridpresence.protocol.codec import (
     PayloadError,
     health_from_xml,
@@ -86,6 +87,10 @@ class GridOperator:
         self.endpoint = endpoint
         self.watchdog = watchdog
         self.client = make_client(full, password, endpoint)
+        # A lost session comes back by itself (xmpp/reconnect.py); see `session_changes`.
+        self.session: Reconnector = reconnector_of(self.client)
+        self.session.on_resume(self._come_back)
+        self.presence_status = "grid operator"  # what our presence says (the console says more)
         self.keyring = PepKeyring(self.client, keys)  # our key's announcement, others' pinned keys
         self.tracker = PresenceTracker(self.client, grace_s=grace_s)
         self.tariff: Tariff | None = None
@@ -175,7 +180,7 @@ class GridOperator:
         self.client.add_event_handler("presence", on_presence)  # only while settling: presence is hot
         started = asyncio.get_running_loop().time()
         try:
-            self.client.send_presence(pshow="chat", pstatus="grid operator")
+            self.client.send_presence(pshow="chat", pstatus=self.presence_status)
 
             def settled(devs: Mapping[str, DeviceView]) -> bool:
                 return all(v.present for v in devs.values()) and (self.tariff is not None or billing <= offline)
@@ -195,6 +200,29 @@ class GridOperator:
             self.client.del_event_handler("presence", on_presence)
         await self._adopt_watchdog_health()
         self.tracker.start_watchdog()
+
+    async def _come_back(self) -> None:
+        """After a reconnect: the roster and our presence again (the devices' presence follows),
+        then every command still waiting for its outcome is sent again on the new session."""
+        await self.client.get_roster()
+        self.tracker.load_roster()
+        self.client.send_presence(pshow="chat", pstatus=self.presence_status)
+        self.issuer.resend_pending()
+
+    @property
+    def reconnects(self) -> int:
+        """How many times this operator's session was lost and re-established."""
+        return self.session.reconnects
+
+    async def session_changes(self) -> AsyncIterator[SessionChange]:
+        """Every loss and return of this operator's own session, as it happens."""
+        queue: asyncio.Queue[SessionChange] = asyncio.Queue()
+        stop = self.session.listen(queue.put_nowait)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            stop()
 
     async def close(self) -> None:
         self.tracker.stop_watchdog()
@@ -286,6 +314,12 @@ class GridOperator:
         """
         view = self.device(name)
         cmd = Command.new(action, self.jid, ttl_s=ttl_s, args=args, serial=self.serial_of(view))
+        if view.full_jid is None and self.session.armed:
+            view = await self._after_own_outage(view, cmd)
+            if view is None:
+                return Outcome(command_id=cmd.id, device=self.device(name).jid, status=OutcomeStatus.EXPIRED,
+                               detail="this operator's own session to the server did not return before "
+                                      "the command expired; it was never sent")
         if view.full_jid is None:
             if self.relay is None:
                 return Outcome(command_id=cmd.id, device=view.jid, status=OutcomeStatus.UNDELIVERABLE,
@@ -293,6 +327,26 @@ class GridOperator:
             queued = await self.queue_command(cmd, view.jid)
             return await self.final_outcome(queued) if wait_final else queued
         return await self.send_command(cmd, view.full_jid)
+
+    async def _after_own_outage(self, view: DeviceView, cmd: Command) -> DeviceView | None:
+        """A device that looks absent because *our* session is down, or was until just now, is
+        not known to be absent: wait (within the command's life) for our session, then at most
+        a presence grace for the device's presence on it, before routing by relay. None: the
+        command expired meanwhile."""
+        left = (cmd.expires - utcnow()).total_seconds()
+        if not self.session.online.is_set():
+            try:
+                await asyncio.wait_for(self.session.online.wait(), max(0.0, left))
+            except TimeoutError:
+                return None
+        elif view.health_reason != OWN_OUTAGE:
+            return view  # absent for reasons of its own
+        left = (cmd.expires - utcnow()).total_seconds()
+        try:
+            await self.wait_for(lambda d: d[view.name].present, timeout=max(0.0, min(left, self.tracker.grace_s)))
+        except TimeoutError:
+            pass  # absent on the new session too: the relay, as for any absent device
+        return self.device(view.name)
 
     def serial_of(self, view: DeviceView) -> str | None:
         """The device's serial number: from its presence, else from the connection file."""

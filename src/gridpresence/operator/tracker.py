@@ -21,8 +21,11 @@ from slixmpp.exceptions import IqError, IqTimeout
 from gridpresence.protocol import roster as roles
 from gridpresence.protocol.codec import PayloadError, q, report_from_xml
 from gridpresence.protocol.models import DeviceKind, DeviceState, Health, HealthStatus, PresenceReport, utcnow
+from gridpresence.xmpp.reconnect import SessionChange, SessionEvent, reconnector_of
 
 log = logging.getLogger(__name__)
+
+OWN_OUTAGE = "our own connection to the server was lost"  # why every view is unknown after a loss
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ class DeviceView:
 class DeviceChange:
     previous: DeviceView
     current: DeviceView
-    cause: str  # "presence", "goodbye", "offline", "watchdog", "recovered"
+    cause: str  # "presence", "goodbye", "offline", "watchdog", "recovered", "own-connection"
 
 
 class PresenceTracker:
@@ -102,6 +105,7 @@ class PresenceTracker:
         self._watch_task: asyncio.Task[None] | None = None
         self._started_at = 0.0
         client.add_event_handler("presence", self._on_presence)
+        reconnector_of(client).listen(self._on_session)
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -135,6 +139,19 @@ class PresenceTracker:
         if view is None or view.health is not HealthStatus.UNKNOWN or health.status is HealthStatus.UNKNOWN:
             return
         self._set(view, replace(view, health=health.status, health_reason=health.reason, since=health.since), "watchdog")
+
+    def _on_session(self, change: SessionChange) -> None:
+        """Our own session was lost: what we saw is stale (no one will tell us who left meanwhile).
+        Every device is unknown until its presence reaches the new session."""
+        if change.event is SessionEvent.BACK:
+            self._started_at = asyncio.get_running_loop().time()  # the start-up grace again
+            return
+        now = utcnow()
+        for view in list(self.views.values()):
+            self._last_refresh.pop(view.jid, None)
+            if view.present or view.health is not HealthStatus.UNKNOWN:
+                self._set(view, replace(view, full_jid=None, health=HealthStatus.UNKNOWN, since=now,
+                                        health_reason=OWN_OUTAGE), "own-connection")
 
     # -- presence ---------------------------------------------------------------------
 

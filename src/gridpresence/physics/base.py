@@ -10,8 +10,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from gridpresence.config import DeviceSpec
+from pydantic import BaseModel, ConfigDict
+
 from gridpresence.protocol.models import (
     Action,
+    Breaker as Contacts,
     DeviceKind,
     DeviceState,
     OutcomeStatus,
@@ -20,6 +23,18 @@ from gridpresence.protocol.models import (
     Restriction,
     Telemetry,
 )
+
+
+class Operated(BaseModel):
+    """What an operator's commands set on a device, kept over a restart as a real IED keeps it
+    over a controller restart: on/off/restricted, the restriction with its until-time, and a
+    breaker's contacts. Readings (load, temperature) are physics, not settings: not kept."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    state: DeviceState
+    restriction: Restriction | None = None
+    contacts: Contacts | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,15 @@ class SimDevice(ABC):
             return Effect.refused(RejectReason.INVALID_ARGUMENTS, "set_time needs a time zone")
         self.clock_offset = wanted - now
         return Effect.done(f"clock set, offset {self.clock_offset.total_seconds():+.3f} s")
+
+    def operated(self) -> Operated:
+        return Operated(state=self.state, restriction=self.restriction)
+
+    def restore(self, kept: Operated, now: dt.datetime) -> None:
+        """Take back what was operated before a restart; a restriction whose time ran out
+        meanwhile ends at once (as the tick would have ended it)."""
+        self.state, self.restriction = kept.state, kept.restriction
+        self.tick(now)
 
     @abstractmethod
     def _apply(self, action: Action, args: dict[str, str], now: dt.datetime) -> Effect:

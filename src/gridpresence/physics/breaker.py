@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from gridpresence.physics.base import Effect, SimDevice, walk
+from gridpresence.physics.base import Effect, Operated, SimDevice, walk
 from gridpresence.protocol.models import Action, Breaker as Contacts, DeviceKind, DeviceState, Telemetry
 
 
@@ -27,6 +27,14 @@ class Breaker(SimDevice):
         self.contacts = wanted
         self.state = DeviceState.ON if wanted is Contacts.CLOSED else DeviceState.OFF
         return Effect.done(f"breaker {wanted.value}")
+
+    def operated(self) -> Operated:
+        return super().operated().model_copy(update={"contacts": self.contacts})
+
+    def restore(self, kept: Operated, now: dt.datetime) -> None:
+        super().restore(kept, now)
+        if kept.contacts is not None:
+            self.contacts = kept.contacts
 
     def _advance(self, dt_s: float, now: dt.datetime) -> None:
         self.utilisation = walk(self.rng, self.utilisation, 0.01 * min(dt_s, 10), 0.05, 1.0)

@@ -115,6 +115,9 @@ class PepKeyring:
         return str(self.client.boundjid.bare)
 
     def _on_session_start(self, _event: object) -> None:
+        # A fetch begun on a lost session waits for answers that will never come: callers from
+        # now on start their own on this session (the old one's waiters time out as before).
+        self._fetching.clear()
         # Subscriptions to others' metadata need no renewal: PEP keeps bare-JID subscribers.
         if self.secret_key is not None:
             self._announcing = asyncio.ensure_future(self._announce_logged(self.secret_key))
@@ -204,7 +207,8 @@ class PepKeyring:
             raise KeyUnavailable(bare, f"no answer within {timeout:.1f} s") from None
 
     def _fetch_done(self, bare: str, task: asyncio.Task[pgpy.PGPKey]) -> None:
-        self._fetching.pop(bare, None)
+        if self._fetching.get(bare) is task:  # not a newer fetch, begun on a later session
+            del self._fetching[bare]
         if not task.cancelled():
             task.exception()  # retrieved here too: every waiter may have timed out already
 

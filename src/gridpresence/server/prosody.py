@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -17,7 +18,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from string import Template
@@ -92,6 +93,31 @@ _live_groups: set[int] = set()
 def _kill_leftovers() -> None:
     for pgid in list(_live_groups):
         _signal_group(pgid, signal.SIGKILL)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+SUPERVISOR_SUFFIX = ".supervisor"  # beside the pidfile: the pid of the process that started Prosody
+
+
+def die_with_parent(parent: int) -> Callable[[], None]:
+    """A preexec step: the kernel SIGKILLs Prosody when the process that started it dies, even
+    by kill -9 (no atexit runs then), so a crashed `up` never leaves an orphan server."""
+    def preexec() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    return preexec
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -288,11 +314,11 @@ class ProsodyServer:
             seen.add(port)
         return None
 
-    def _claim_ports(self) -> None:
+    def _claim_ports(self, keep: bool = False) -> None:
         busy = self._busy_port(self.ports)
         if busy is None:
             return
-        if not self._auto_ports:
+        if not self._auto_ports or keep:
             raise PortInUse(busy[0], self.bind, busy[1])
         self.ports = self._new_ports()
 
@@ -308,14 +334,15 @@ class ProsodyServer:
             )
         return found
 
-    async def start(self, timeout: float = 15.0) -> None:
-        """Spawn Prosody and return once it serves XMPP on the c2s port."""
+    async def start(self, timeout: float = 15.0, keep_ports: bool = False) -> None:
+        """Spawn Prosody and return once it serves XMPP on the c2s port. `keep_ports`: a restart
+        under supervision, where clients know the ports already: a busy one raises PortInUse."""
         if self.running:
             return
         await self.stop()  # reap a previous child that died on its own
         binary = self._find_binary()
         self.refuse_if_running_elsewhere()
-        self._claim_ports()
+        self._claim_ports(keep_ports)
         self.render()
         try:
             await self._spawn(binary)
@@ -324,25 +351,63 @@ class ProsodyServer:
             await self.stop()
             raise
 
-    def refuse_if_running_elsewhere(self) -> None:
-        """Fail fast when another Prosody already runs from this data_dir.
+    @property
+    def supervisor_path(self) -> Path:
+        return self.pidfile_path.with_name(self.pidfile_path.name + SUPERVISOR_SUFFIX)
 
-        Prosody 0.12 notices the locked pidfile itself but then cannot shut down that early
-        in start-up: it lingers half-started (no c2s port) instead of exiting.
-        """
+    def _running_pid(self) -> str | None:
+        """The pid in the pidfile while a Prosody holds its lock, else None."""
         try:
             handle = open(self.pidfile_path, "r+")
         except FileNotFoundError:
-            return
+            return None
         with handle:  # closing drops our probe lock again
             try:
                 fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                pid = handle.read().strip() or "unknown"
-                raise ServerError(
-                    f"another Prosody (pid {pid}) is already running from {self.data_dir}; "
-                    "stop it or use another data_dir"
-                ) from None
+                return handle.read().strip() or "unknown"
+        return None
+
+    def _stale(self, pid: str) -> bool:
+        """A Prosody of ours (it runs our config) whose supervising process is gone: left over
+        from a crashed run (one started before Prosody died with its parent, or one stopped)."""
+        try:
+            cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes().split(b"\0")
+            supervisor = int(self.supervisor_path.read_text().strip())
+        except (OSError, ValueError):
+            return False  # not ours to judge, or no record of who runs it: refuse, as before
+        return str(self.config_path).encode() in cmdline and not _alive(supervisor)
+
+    def refuse_if_running_elsewhere(self) -> None:
+        """Fail fast when another Prosody already runs from this data_dir; stop one left over
+        from a crashed run (its supervisor is dead) instead of leaving it to a person.
+
+        Prosody 0.12 notices the locked pidfile itself but then cannot shut down that early
+        in start-up: it lingers half-started (no c2s port) instead of exiting.
+        """
+        pid = self._running_pid()
+        if pid is None:
+            return
+        if self._stale(pid):
+            log.warning("a Prosody (pid %s) left over from a crashed run on %s: stopping it", pid, self.data_dir)
+            self._stop_stale(int(pid))
+            pid = self._running_pid()
+            if pid is None:
+                return
+        raise ServerError(
+            f"another Prosody (pid {pid}) is already running from {self.data_dir}; "
+            "stop it or use another data_dir"
+        )
+
+    def _stop_stale(self, pid: int, timeout: float = 5.0) -> None:
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, timeout)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if not _alive(pid) or self._running_pid() is None:
+                    return
+                time.sleep(0.05)
 
     async def _spawn(self, binary: str) -> None:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -354,6 +419,7 @@ class ProsodyServer:
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
                 cwd=self.data_dir,
                 start_new_session=True,  # own process group: stop() reaches any child it spawns
+                preexec_fn=die_with_parent(os.getpid()),
             ))
             try:
                 self._process = await asyncio.shield(spawn)
@@ -366,6 +432,7 @@ class ProsodyServer:
             finally:
                 if self._process is not None:
                     _live_groups.add(self._process.pid)
+                    self.supervisor_path.write_text(f"{os.getpid()}\n")
 
     async def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -431,6 +498,13 @@ class ProsodyServer:
         finally:
             _live_groups.discard(process.pid)
             self._process = None
+
+    async def wait_exit(self) -> int | None:
+        """Wait until the running Prosody exits; its status (None if none was running)."""
+        process = self._process
+        if process is None:
+            return None
+        return await process.wait()
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """The last `lines` lines Prosody logged since the latest start."""

@@ -20,6 +20,7 @@ from gridpresence.operator.issuer import CommandIssuer
 from gridpresence.operator.reports import ReportInbox, request_report
 from gridpresence.security.reports import ReportReader
 from gridpresence.xmpp.party import PartySession
+from gridpresence.xmpp.reconnect import reconnector_of
 from gridpresence.xmpp.session import Endpoint, make_client
 from gridpresence.config import BillingSpec
 from gridpresence.protocol.billing_report import BillingData, PartName
@@ -43,6 +44,7 @@ class BillingAgent(PartySession):
         self.keyring = PepKeyring(self.client, keys)
         # Commands to devices (billing reset) and prices are signed with the billing key.
         self.issuer = CommandIssuer(self.client, self.keyring.secret_key)
+        reconnector_of(self.client).on_resume(self._resend)  # presence and prices: _on_session_start
         self._present: set[str] = set()  # operators' full JIDs that have our current tariff
         self.client.add_event_handler("presence", self._on_presence)
         self.client.add_event_handler("session_start", self._on_session_start)
@@ -59,6 +61,9 @@ class BillingAgent(PartySession):
         task = asyncio.ensure_future(self._send_devices_when_announced())
         self._announcing.add(task)
         task.add_done_callback(self._announcing.discard)
+
+    async def _resend(self) -> None:
+        self.issuer.resend_pending()
 
     async def _send_devices_when_announced(self) -> None:
         await self.keyring.announced()

@@ -47,6 +47,9 @@ def fleet_summary(devices: Mapping[str, DeviceView]) -> str:
     return f"{len(devices)} devices: {states}; net load {net_load_kw(devices):.1f} kW"
 
 
+CONSOLE_STATUS = "fleet console: type help"
+
+
 class ConsoleAgent:
     def __init__(self, jid: str, password: str, endpoint: Endpoint, operators: Iterable[str], *,
                  watchdog: str | None = None, grace_s: float = 15.0, keys: PartyKeys | None = None,
@@ -57,6 +60,7 @@ class ConsoleAgent:
         self.security = security or SecuritySettings()  # its may_act is the one rule for chat
         self.grid = GridOperator(jid, password, endpoint, watchdog=watchdog, grace_s=grace_s, keys=keys,
                                  serials=serials)
+        self.grid.presence_status = CONSOLE_STATUS  # also after a reconnect
         self.grid.client.add_event_handler("message", self._on_message)
         self._busy: set[asyncio.Task[None]] = set()
 
@@ -66,7 +70,6 @@ class ConsoleAgent:
 
     async def start(self, timeout: float = 20.0) -> None:
         await self.grid.connect(timeout=timeout, settle_s=0.2)
-        self.grid.client.send_presence(pstatus="fleet console: type help")
 
     login = start  # one console: no login herd to spread
 

@@ -11,6 +11,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.xmpp.party import PartySession
+from gridpresence.xmpp.reconnect import reconnector_of
 from gridpresence.xmpp.session import Endpoint, make_client
 from gridpresence.operator.tracker import PresenceTracker
 from gridpresence.protocol.codec import health_to_xml
@@ -30,13 +31,18 @@ class WatchdogAgent(PartySession):
         self.client.register_handler(
             Callback("fleet health", StanzaPath("iq@type=get/grid_fleet_health"), self._on_query)
         )
+        reconnector_of(self.client).on_resume(self._arrive)
 
     async def login(self, timeout: float = 20.0) -> None:
         await super().login(timeout)
+        await self._arrive()
+        self.tracker.start_watchdog()
+
+    async def _arrive(self) -> None:
+        """At login and after every reconnect: the roster, then our presence (which brings theirs)."""
         await self.client.get_roster()
         self.tracker.load_roster()
         self.client.send_presence(pstatus="presence watchdog")
-        self.tracker.start_watchdog()
 
     async def stop(self) -> None:
         self.tracker.stop_watchdog()

@@ -40,7 +40,7 @@ class ConnectionPolicy:
     bosh_timeout_s: float = 10.0
     bosh_wait_s: int = 20
     use_tcp: bool = True
-    max_backoff_s: float = 10.0  # slixmpp backs off up to 300 s; a device should be back sooner
+    max_backoff_s: float = 2.0  # slixmpp backs off up to 300 s; a party should be back seconds after the server
 
 
 class GridClient(ClientXMPP):

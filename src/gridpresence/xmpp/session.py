@@ -18,6 +18,7 @@ from slixmpp import ClientXMPP
 
 from gridpresence.xmpp import slixfix  # noqa: F401  (our slixmpp patches: C-speed escaping and SCRAM)
 from gridpresence.protocol import stanzas
+from gridpresence.xmpp.reconnect import reconnector_of
 from gridpresence.transport.policy import ConnectionPolicy, GridClient
 from gridpresence.transport.tls import tls_context
 
@@ -164,6 +165,7 @@ def make_client(jid: str, password: str, endpoint: Endpoint, plugins: tuple[str,
     client.client_roster.ignore_updates = True
     for name in ("xep_0030", "xep_0199", *plugins):
         client.register_plugin(name)
+    reconnector_of(client)  # every party comes back by itself after a lost session (xmpp/reconnect.py)
     return client
 
 
@@ -210,7 +212,9 @@ async def open_session(client: ClientXMPP, endpoint: Endpoint, timeout: float = 
 
 
 async def close_session(client: ClientXMPP, wait: float = 2.0) -> None:
-    """Close the stream politely, waiting at most `wait` seconds."""
+    """Close the stream politely, waiting at most `wait` seconds; no reconnect after it."""
+    reconnector_of(client).close()
+    client.cancel_connection_attempt()
     try:
         await asyncio.wait_for(client.disconnect(wait=wait), wait + 1)
     except (asyncio.TimeoutError, ConnectionError):

@@ -31,6 +31,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.server.accounts import RELAY
+from gridpresence.xmpp.reconnect import SessionChange, SessionEvent, reconnector_of
 from gridpresence.xmpp.session import Endpoint, close_session, make_client, open_session
 from gridpresence.operator.tracker import DeviceChange, PresenceTracker
 from gridpresence.config import Fleet
@@ -79,6 +80,10 @@ class RelayService:
         self._answers: list[tuple[str, str, str]] = []  # outcomes waiting for the next batched commit
         self._confirming: set[asyncio.Task[None]] = set()
         self._forwarding: set[int] = set()  # inbox rows sent, not yet confirmed
+        # Every loss of the XMPP session takes the relay offline until it is back (issue 14).
+        self.session = reconnector_of(self.client)
+        self.session.listen(self._on_session)
+        self.session.on_resume(self._come_online)
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -93,17 +98,31 @@ class RelayService:
         try:
             await open_session(self.client, self.endpoint, timeout)
             await self.keyring.announced()
-            await self.client.get_roster()
-            self.tracker.load_roster()
-            self._online = True
-            self.client.send_presence(pstatus="store-and-forward relay")
-            for row in self.queue.answered():  # stored before a crash, maybe never told
-                self._tell_issuer(row)
-            self._forward_inbox()
-            self._expire_due()
+            await self._come_online()
         except BaseException:
             await self.stop()
             raise
+
+    async def _come_online(self) -> None:
+        """At start and after every reconnect: roster, presence (the devices' presence follows and
+        flushes their queues), then whatever is owed: outcomes, mailed data, expiries."""
+        await self.client.get_roster()
+        self.tracker.load_roster()
+        self._online = True
+        self.client.send_presence(pstatus="store-and-forward relay")
+        for row in self.queue.answered():  # stored while offline or before a crash, maybe never told
+            self._tell_issuer(row)
+        self._forwarding.clear()  # unconfirmed forwards died with the old session: send again
+        self._forward_inbox()
+        self._expire_due()
+        for device, view in self.tracker.views.items():
+            if view.present:
+                self.flush(device)
+
+    def _on_session(self, change: SessionChange) -> None:
+        if change.event is SessionEvent.LOST:
+            self._online = False
+            log.warning("relay: offline (XMPP session lost); storing until it is back")
 
     async def stop(self) -> None:
         self._online = False
@@ -115,6 +134,8 @@ class RelayService:
         self._commit_answers()
         if self._confirming:
             await asyncio.wait(self._confirming, timeout=5)
+        self.session.close()  # also when the session is down: no more tries
+        self.client.cancel_connection_attempt()
         if self.client.is_connected():
             await close_session(self.client)
         self.queue.close()

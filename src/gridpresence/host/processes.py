@@ -1,0 +1,120 @@
+"""`up --processes`: the grid's parties as separate, supervised processes (issue 14), so one
+hung or crashed process — a frozen device host, a relay that died — does not take the others
+with it. Each child is a `gridpresence` sub-command (`bots`, `relay`) on the grid's data
+directory; it dies with `up` (PR_SET_PDEATHSIG), and one that exits is started again with
+back-off and said in the log. Its parties reconnect by themselves (xmpp/reconnect.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from gridpresence.server.prosody import die_with_parent
+from gridpresence.xmpp.reconnect import backoff_delay
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+
+
+def gridpresence_argv(*args: str) -> list[str]:
+    """This very program (same interpreter, same install) with `args`."""
+    return [sys.executable, "-m", "gridpresence", *args]
+
+
+class SupervisedChild:
+    """One child process: started, waited for (`ready`: a line of its stdout saying so),
+    restarted whenever it exits until :meth:`stop`."""
+
+    def __init__(self, name: str, argv: Sequence[str], ready: str) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.ready = ready
+        self.restarts = 0
+        self.process: asyncio.subprocess.Process | None = None
+        self._stopping = False
+        self._watch: asyncio.Task[None] | None = None
+        self._readers: set[asyncio.Task[None]] = set()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._watch = asyncio.ensure_future(self._supervise())
+
+    async def _spawn(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            preexec_fn=die_with_parent(os.getpid()))  # stderr (its log) is ours
+        assert self.process.stdout is not None
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # also when no one waits any more
+        reader = asyncio.ensure_future(self._read(self.process.stdout, ready))
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
+        try:
+            await asyncio.wait_for(asyncio.shield(ready), READY_TIMEOUT_S)
+        except TimeoutError:
+            raise RuntimeError(f"{self.name}: not ready within {READY_TIMEOUT_S:g} s") from None
+
+    async def _read(self, stream: asyncio.StreamReader, ready: asyncio.Future[None]) -> None:
+        while line := await stream.readline():
+            text = line.decode(errors="replace").rstrip()
+            log.info("%s: %s", self.name, text)
+            if self.ready in text and not ready.done():
+                ready.set_result(None)
+        if not ready.done():
+            ready.set_exception(RuntimeError(f"{self.name} ended before it was ready"))
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            assert self.process is not None
+            status = await self.process.wait()
+            if self._stopping:
+                return
+            died = time.monotonic()
+            log.error("%s (pid %s) exited with status %s; starting it again", self.name, self.process.pid, status)
+            attempt = 0
+            while not self._stopping:
+                attempt += 1
+                try:
+                    await self._spawn()
+                    break
+                except (RuntimeError, OSError) as exc:
+                    delay = backoff_delay(attempt)
+                    log.error("%s: restart %d failed (%s); again in %.1f s", self.name, attempt, exc, delay)
+                    if self.process is not None and self.process.returncode is None:
+                        self.process.kill()
+                        await self.process.wait()
+                    await asyncio.sleep(delay)
+            self.restarts += 1
+            log.warning("%s is back after %.2f s (restart %d)", self.name, time.monotonic() - died, self.restarts)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGCONT)  # a frozen child must be able to take its SIGTERM
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+        for reader in list(self._readers):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(reader, 2)
