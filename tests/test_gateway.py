@@ -9,6 +9,7 @@ for the IED's answer, and an IED on the test's loop could not give it.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import math
 import os
 import random
@@ -40,11 +41,14 @@ from gridpresence.operator.library import GridOperator
 from gridpresence.protocol.models import Breaker, DeviceState, OutcomeStatus, RejectReason
 from gridpresence.server.accounts import Secrets
 from gridpresence.server.ports import free_port
+from timebase import NOW
 
 pytestmark = pytest.mark.timeout(60)
 T = TypeVar("T")
 
 _TABLE = {1: "c", 5: "c", 15: "c", 2: "d", 3: "h", 6: "h", 16: "h", 4: "i"}
+
+LATER = (NOW + dt.timedelta(days=400)).replace(microsecond=0)  # a clock to set the meter to
 
 
 class ModbusIeds:
@@ -462,7 +466,7 @@ async def test_an_unplugged_ied_shows_it_refuses_commands_and_comes_back(field: 
     view = alice.device("gw-meter")
     assert view.present and view.report.restriction.note.startswith("no answer from the IED since ")  # type: ignore[union-attr]
     assert view.report.telemetry.kw is None  # type: ignore[union-attr]  # the old readings are not shown as good
-    refused = await alice.command("gw-meter", "set_time", args={"time": "2030-01-01T00:00:00+00:00"})
+    refused = await alice.command("gw-meter", "set_time", args={"time": LATER.isoformat()})
     assert refused.status is OutcomeStatus.REJECTED and refused.reason is RejectReason.NO_ANSWER
     assert refused.detail.startswith("no answer from the IED since")
     # gw-brk-2 goes on to be gone (gone_after_s = 4), unavailable with why.
@@ -471,9 +475,10 @@ async def test_an_unplugged_ied_shows_it_refuses_commands_and_comes_back(field: 
     await field.ieds.run(field.brk2.start())
     await until(alice, "gw-meter", lambda v: v.state is DeviceState.ON and v.report.telemetry.kw == 12.5)
     await until(alice, "gw-brk-2", lambda v: v.present and v.state is DeviceState.ON, timeout=8)
-    done = await alice.command("gw-meter", "set_time", args={"time": "2030-01-01T00:00:00+00:00"})
+    done = await alice.command("gw-meter", "set_time", args={"time": LATER.isoformat()})
     assert done.status is OutcomeStatus.EXECUTED, done
-    assert field.meter.values[(1, "h", 100)] == 1893456000 >> 16 and field.meter.values[(1, "h", 101)] == 1893456000 & 0xFFFF
+    stamp = int(LATER.timestamp())  # the meter's clock register: UNIX seconds in two words
+    assert field.meter.values[(1, "h", 100)] == stamp >> 16 and field.meter.values[(1, "h", 101)] == stamp & 0xFFFF
 
 
 async def test_bad_register_values_are_never_published(field: Field) -> None:
@@ -578,7 +583,7 @@ async def test_malformed_command_arguments_are_rejected_and_nothing_is_written(f
         junk = "".join(chr(rng.randrange(32, 127)) for _ in range(rng.randrange(1, 30)))
         out = await field.alice.command("gw-meter", "set_time", args={"time": junk})
         assert out.status is OutcomeStatus.REJECTED and out.reason is RejectReason.INVALID_ARGUMENTS, (junk, out)
-    naive = await field.alice.command("gw-meter", "set_time", args={"time": "2030-01-01T00:00:00"})
+    naive = await field.alice.command("gw-meter", "set_time", args={"time": LATER.replace(tzinfo=None).isoformat()})
     assert naive.reason is RejectReason.INVALID_ARGUMENTS and "time zone" in naive.detail
     assert field.meter.values.get((1, "h", 100)) == before
 
