@@ -14,6 +14,7 @@ from gridpresence.server.accounts import CONSOLE, RELAY, WATCHDOG, Secrets, plan
 from gridpresence.host.fleet import FleetBots
 from gridpresence.xmpp.session import Account, ConnectionInfo, Endpoint, RelayEndpoint
 from gridpresence.config import Fleet, FleetError
+from gridpresence.services.historian import HISTORY_FILE
 from gridpresence.services.relay.service import RelayService, relay_files, relay_port
 from gridpresence.security.keys import KEYS_DIR, KeyStore, fingerprint
 from gridpresence.security.pep_keyring import PartyKeys
@@ -33,7 +34,8 @@ class Grid:
 
     def __init__(self, fleet: Fleet, data_dir: Path, *, bind: str = "127.0.0.1", ports: ServerPorts | None = None,
                  bots: bool = True, only: Collection[str] | None = None, without: Collection[str] = (),
-                 tick_s: float = 1.0, prosody_bin: str = "prosody", log_level: str = "info") -> None:
+                 tick_s: float = 1.0, prosody_bin: str = "prosody", log_level: str = "info",
+                 history: str | None = None) -> None:
         self.fleet = fleet
         self.data_dir = Path(data_dir)
         unknown = sorted(set(without) - {d.name for d in fleet.devices})
@@ -50,6 +52,7 @@ class Grid:
         self._want_bots = bots
         self._only = only
         self._tick_s = tick_s
+        self._history = history  # the historian's store (None: DATA/history.sqlite)
         self.bots: FleetBots | None = None
         self.relay: RelayService | None = None
         self._bind = bind
@@ -67,7 +70,13 @@ class Grid:
         return ConnectionInfo(server=self.endpoint, operators=ops, watchdog=self.fleet.jid(WATCHDOG),
                               billing=tuple(self.fleet.jid(b.name) for b in self.fleet.billing),
                               presence_grace_s=self.fleet.presence_grace_s, relay=self.relay_endpoint,
-                              serials={self.fleet.jid(d.name): d.serial for d in self.fleet.devices})
+                              serials={self.fleet.jid(d.name): d.serial for d in self.fleet.devices},
+                              history=self.history_url)
+
+    @property
+    def history_url(self) -> str:
+        """Where the historian records (`gridpresence history` reads it from connection.json)."""
+        return self._history or str((self.data_dir / HISTORY_FILE).resolve())
 
     @property
     def relay_endpoint(self) -> RelayEndpoint | None:
@@ -99,7 +108,7 @@ class Grid:
             self._write_connection()
             if self._want_bots:
                 self.bots = FleetBots(self.fleet, self.endpoint, self.secrets, only=self._only, tick_s=self._tick_s,
-                                      data_dir=self.data_dir)
+                                      data_dir=self.data_dir, history=self._history)
                 await self.bots.start()
         except BaseException:
             await self.stop()
