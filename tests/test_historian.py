@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import datetime as dt
+import io
 import json
 import os
+import random
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import openpyxl
 import pytest
+import pytest_asyncio
 
 from gridpresence.services.historian import Event, Historian, HistoryStore, Retention, Sample, open_store
 from gridpresence.services.historian.store import SqliteStore, StoreError
+from conftest import run_cli
+from gridpresence.cli import main
+from gridpresence.config import parse_fleet
+from gridpresence.host.grid import Grid
+from gridpresence.operator import ConnectionInfo, GridOperator
 from pgserver import PgServer, pg_bindir
 
 # Instants: a whole hour of the clock at the time the suite runs (15-minute buckets line up with it).
@@ -181,3 +193,130 @@ def test_kill_9_mid_write_loses_at_most_the_batch_and_never_corrupts(tmp_path: P
 
 
 # -- the recorder on a real grid ------------------------------------------------------------
+
+LIVE = {
+    "domain": "localhost",
+    "operators": [{"name": "olga"}],
+    "devices": [
+        {"name": "pump", "kind": "load", "rated_kw": 30, "utilisation": 0.92},  # high loading: an alarm
+        {"name": "fan", "kind": "load", "rated_kw": 20},
+        {"name": "diesel", "kind": "generator", "rated_kw": 60, "startup_s": 1},
+    ],
+}
+
+
+@pytest_asyncio.fixture(scope="module")
+async def live(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Grid]:
+    grid = Grid(parse_fleet(LIVE), tmp_path_factory.mktemp("history-grid"))
+    await grid.start()
+    try:
+        yield grid
+    finally:
+        await grid.stop()
+
+
+async def until(check: Callable[[], Any], timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the historian")
+        await asyncio.sleep(0.2)
+
+
+def stored_events(grid: Grid, device: str, kind: str) -> list[Event]:
+    reader = open_store(grid.history_url)
+    try:
+        return reader.events(device, 0, time.time() + 60, kinds=[kind])
+    finally:
+        reader.close()
+
+
+async def test_the_grid_records_telemetry_state_alarms_and_outcomes(live: Grid) -> None:
+    info = ConnectionInfo.load(live.connection_file)
+    assert info.history == str((live.data_dir / "history.sqlite").resolve())
+
+    def pump_kw() -> list[Any]:
+        reader = open_store(live.history_url)
+        try:
+            return reader.series("pump", "kw", 0, time.time() + 60)
+        finally:
+            reader.close()
+
+    before = await until(pump_kw)
+    assert all(p.mean > 20 for p in before), before  # 92 % of 30 kW
+    alarms = await until(lambda: stored_events(live, "pump", "alarm"))
+    assert alarms[0].detail["kind"] == "high-loading" and alarms[0].detail["status"] == "raised"
+
+    async with GridOperator.from_connection(info) as olga:
+        outcome = await olga.command("pump", "shed")
+        assert outcome.ok, outcome
+    states = await until(lambda: [e for e in stored_events(live, "pump", "state") if e.detail["state"] == "off"])
+    assert states[-1].detail["was"] == "on"
+
+    assert live.bots is not None and live.bots.console is not None
+    answer = await live.bots.console.answer(live.fleet.jid("olga"), "read diesel")
+    assert answer and "1 of 1 executed" in answer, answer
+    outcomes = await until(lambda: stored_events(live, "diesel", "outcome"))
+    assert outcomes[-1].detail["action"] == "read" and outcomes[-1].detail["status"] == "executed"
+    health = stored_events(live, "fan", "health")
+    assert health and health[0].detail["health"] == "ok"
+
+
+async def test_history_exports_read_back(live: Grid, tmp_path: Path) -> None:
+    await until(lambda: stored_events(live, "pump", "state"))
+    conn = ["--connection", str(live.connection_file), "--from=-1h", "--to", "now"]
+    code, out, err = await run_cli("history", "pump", "fan", "--every", "raw", "--csv", *conn)
+    assert code == 0, err
+    rows = list(csv.reader(io.StringIO(out)))
+    assert rows[0][:3] == ["device", "time (UTC, ISO 8601)", "kw (kW)"] and "load_pct (%)" in rows[0]
+    assert {r[0] for r in rows[1:]} == {"pump", "fan"}
+    kw = rows[0].index("kw (kW)")
+    pump = [r for r in rows[1:] if r[0] == "pump"]
+    assert float(pump[0][kw]) > 20 and dt.datetime.fromisoformat(pump[0][1]).tzinfo is not None
+
+    book_path = tmp_path / "h.xlsx"
+    code, out, err = await run_cli("history", "pump", "fan", "diesel", "--every", "1m", "--xlsx", "--out",
+                                   str(book_path), *conn)
+    assert code == 0, err
+    book = openpyxl.load_workbook(book_path)
+    assert book.sheetnames == ["pump", "fan", "diesel"]
+    sheet = book["pump"]
+    assert sheet["A1"].value == "time (UTC)" and sheet["B1"].value == "kw (kW)"
+    assert isinstance(sheet["A2"].value, dt.datetime) and sheet["B2"].value > 0
+    assert len(sheet._charts) == 1  # the load profile
+
+    code, out, err = await run_cli("history", "pump", "--json", "--every", "1m", *conn)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["units"]["kw"] == "kW" and data["every_s"] == 60
+    pump_json = data["devices"]["pump"]
+    assert pump_json["columns"][:2] == ["time", "kw"] and pump_json["rows"]
+    assert {"state", "alarm"} <= {e["event"] for e in pump_json["events"]}
+    assert any(e["detail"].get("kind") == "high-loading" for e in pump_json["events"])
+
+
+BAD_ARGS = [["--from", "yesterday"], ["--every", "0m"], ["--every", "1y"], ["--from", "2026-05-01T12:00"],
+            ["--from", "now", "--to=-1h"], ["--xlsx"], ["nosuch-device"], ["--history", "/nonexistent/h.sqlite"]]
+
+
+def test_history_refuses_bad_input_clearly(live: Grid, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = random.Random(18)
+    cases = [*BAD_ARGS]
+    for _ in range(40):  # seeded junk values in every option
+        opt = rng.choice(["--from", "--to", "--every"])
+        cases.append([f"{opt}=" + "".join(rng.choice("0123456789-:TZmhdx+ ") for _ in range(rng.randint(1, 12)))])
+    for extra in cases:
+        devices = [] if "nosuch-device" in extra else ["pump"]
+        capsys.readouterr()
+        try:
+            code = main(["history", *devices, *extra, "--connection", str(live.connection_file)])
+        except SystemExit as exc:  # argparse's own errors
+            code = exc.code  # type: ignore[assignment]
+        out, err = capsys.readouterr()
+        if code == 0:  # a junk value that happens to be valid ("-3m", "12h"): still a good answer
+            assert out.startswith("device,"), (extra, out)
+            continue
+        assert code == 2 and "Traceback" not in err and "error:" in err, (extra, err)

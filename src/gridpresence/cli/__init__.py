@@ -14,13 +14,15 @@
     gridpresence ack DEVICE [ID]                      acknowledge an alarm (all open ones without ID)
     gridpresence judge DEVICE ID fault|not-a-fault    a verdict on an alarm (thresholds learn from it)
     gridpresence rules replay TRACE.csv [--json]      alarms and threshold changes of a rule set over a trace
+    gridpresence history DEVICE... [--from T] [--to T] [--every 1m] --csv|--xlsx|--json [--out FILE]
+                                                      the historian's data, self-describing
 
 Every command finds ``connection.json`` (written by ``up``) the same way
 (:func:`gridpresence.xmpp.session.connection_path`): --connection, else DATA/connection.json
 for a command given --data, else $GRIDPRESENCE_CONNECTION, else .gridpresence/connection.json.
 
 A package of sub-commands: ``up`` (up, demo, bots), ``operate`` (the operator's commands),
-``relay`` (relay, mail-device), ``rules``, ``keys``; ``common`` is what they share. May import:
+``relay`` (relay, mail-device), ``rules``, ``keys``, ``history``; ``common`` is what they share. May import:
 every layer below; nothing but ``gridpresence.__main__`` imports it.
 """
 
@@ -34,7 +36,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from gridpresence.cli import keys, operate, relay, rules, up
+from gridpresence.cli import history, keys, operate, relay, rules, up
 from gridpresence.cli.common import EXIT_ERROR, EXIT_FAILED_OUTCOME, EXIT_OK, CliError
 from gridpresence.config import FleetError
 from gridpresence.operator.library import UnknownDevice
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     relay.register(sub)
     rules.register(sub)
     keys.register(sub)
+    history.register(sub)
     return parser
 
 
