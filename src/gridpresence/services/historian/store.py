@@ -296,8 +296,15 @@ class PostgresStore(HistoryStore):
                                        detail JSONB NOT NULL);
     CREATE INDEX IF NOT EXISTS events_by_device ON events (device, ts);
     """
-    UPSERT = """
-    INSERT INTO aggregates AS a VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+    # A batch's aggregate rows are copied into a temporary table and merged in one statement:
+    # one round trip, where an INSERT per row costs one each.
+    STAGE = """
+    CREATE TEMP TABLE IF NOT EXISTS aggregates_in (res INTEGER, device TEXT, metric TEXT, bucket BIGINT, n BIGINT,
+        total DOUBLE PRECISION, low DOUBLE PRECISION, high DOUBLE PRECISION, last DOUBLE PRECISION,
+        last_ts DOUBLE PRECISION) ON COMMIT DELETE ROWS
+    """
+    MERGE = """
+    INSERT INTO aggregates AS a SELECT * FROM aggregates_in
     ON CONFLICT (res, device, metric, bucket) DO UPDATE SET
         n = a.n + excluded.n, total = a.total + excluded.total, low = LEAST(a.low, excluded.low),
         high = GREATEST(a.high, excluded.high),
@@ -340,10 +347,13 @@ class PostgresStore(HistoryStore):
                 with cur.copy("COPY samples (device, ts, metric, value) FROM STDIN") as copy:
                     for s in samples:
                         copy.write_row((s.device, s.ts, s.metric, s.value))
-            for res in RESOLUTIONS:
-                rows = _buckets(samples, res)
-                if rows:
-                    cur.executemany(self.UPSERT, rows)
+            if samples:
+                cur.execute(self.STAGE)
+                with cur.copy("COPY aggregates_in FROM STDIN") as copy:
+                    for res in RESOLUTIONS:
+                        for row in _buckets(samples, res):
+                            copy.write_row(row)
+                cur.execute(self.MERGE)
             if events:
                 cur.executemany("INSERT INTO events VALUES (%s, %s, %s, %s)",
                                 [(e.device, e.ts, e.kind, Jsonb(e.detail)) for e in events])
