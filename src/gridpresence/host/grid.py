@@ -14,7 +14,9 @@ from gridpresence.server.accounts import CONSOLE, RELAY, WATCHDOG, Secrets, plan
 from gridpresence.host.fleet import FleetBots
 from gridpresence.xmpp.session import Account, ConnectionInfo, Endpoint, RelayEndpoint
 from gridpresence.config import Fleet, FleetError
+from gridpresence.services.dashboard import Dashboard
 from gridpresence.services.historian import HISTORY_FILE
+from gridpresence.server.certs import cert_ips, ensure_certificates
 from gridpresence.services.relay.service import RelayService, relay_files, relay_port
 from gridpresence.security.keys import KEYS_DIR, KeyStore, fingerprint
 from gridpresence.security.pep_keyring import PartyKeys
@@ -35,7 +37,7 @@ class Grid:
     def __init__(self, fleet: Fleet, data_dir: Path, *, bind: str = "127.0.0.1", ports: ServerPorts | None = None,
                  bots: bool = True, only: Collection[str] | None = None, without: Collection[str] = (),
                  tick_s: float = 1.0, prosody_bin: str = "prosody", log_level: str = "info",
-                 history: str | None = None) -> None:
+                 history: str | None = None, dashboard: bool = True, dashboard_port: int = 0) -> None:
         self.fleet = fleet
         self.data_dir = Path(data_dir)
         unknown = sorted(set(without) - {d.name for d in fleet.devices})
@@ -53,6 +55,9 @@ class Grid:
         self._only = only
         self._tick_s = tick_s
         self._history = history  # the historian's store (None: DATA/history.sqlite)
+        self._want_dashboard = dashboard and bots
+        self._dashboard_port = dashboard_port
+        self.dashboard: Dashboard | None = None
         self.bots: FleetBots | None = None
         self.relay: RelayService | None = None
         self._bind = bind
@@ -71,7 +76,8 @@ class Grid:
                               billing=tuple(self.fleet.jid(b.name) for b in self.fleet.billing),
                               presence_grace_s=self.fleet.presence_grace_s, relay=self.relay_endpoint,
                               serials={self.fleet.jid(d.name): d.serial for d in self.fleet.devices},
-                              history=self.history_url)
+                              history=self.history_url,
+                              dashboard=self.dashboard.url if self.dashboard is not None else None)
 
     @property
     def history_url(self) -> str:
@@ -105,6 +111,8 @@ class Grid:
         try:
             if self._want_bots and (self._only is None or RELAY in self._only):
                 await self._start_relay()
+            if self._want_dashboard:
+                await self._start_dashboard()
             self._write_connection()
             if self._want_bots:
                 self.bots = FleetBots(self.fleet, self.endpoint, self.secrets, only=self._only, tick_s=self._tick_s,
@@ -138,6 +146,15 @@ class Grid:
                                   smtp_host=self._bind, smtp_port=port, keys=PartyKeys.in_data_dir(self.data_dir, RELAY))
         await self.relay.start()
 
+    async def _start_dashboard(self) -> None:
+        """The operators' web page, on HTTPS with a certificate from the grid's own CA."""
+        cert = ensure_certificates(self.server.certs.ca.parent, self.fleet.domain, cert_ips(self._bind),
+                                   service="dashboard")
+        passwords = {o.name: self.secrets.password(o.name) for o in self.fleet.operators}
+        self.dashboard = Dashboard(self.fleet, lambda: self.connection, passwords, self.history_url,
+                                   (str(cert.cert), str(cert.key)), bind=self._bind, port=self._dashboard_port)
+        await self.dashboard.start()
+
     def _write_connection(self) -> None:
         data = self.connection.model_dump(mode="json")
         data["server"]["port"] = self.server.ports.c2s  # the name a person looks for
@@ -148,6 +165,9 @@ class Grid:
         os.replace(tmp, self.connection_file)
 
     async def stop(self) -> None:
+        if self.dashboard is not None:
+            await self.dashboard.stop()
+            self.dashboard = None
         if self.bots is not None:
             await self.bots.stop()
             self.bots = None
