@@ -14,6 +14,7 @@ from gridpresence.server.accounts import CONSOLE, RELAY, WATCHDOG, Secrets, plan
 from gridpresence.host.fleet import FleetBots
 from gridpresence.xmpp.session import Account, ConnectionInfo, Endpoint, RelayEndpoint
 from gridpresence.config import Fleet, FleetError
+from gridpresence.protocol.models import Outcome
 from gridpresence.services.dashboard import Dashboard
 from gridpresence.services.historian import HISTORY_FILE
 from gridpresence.server.certs import cert_ips, ensure_certificates
@@ -152,8 +153,13 @@ class Grid:
                                    service="dashboard")
         passwords = {o.name: self.secrets.password(o.name) for o in self.fleet.operators}
         self.dashboard = Dashboard(self.fleet, lambda: self.connection, passwords, self.history_url,
-                                   (str(cert.cert), str(cert.key)), bind=self._bind, port=self._dashboard_port)
+                                   (str(cert.cert), str(cert.key)), bind=self._bind, port=self._dashboard_port,
+                                   record_outcome=self._record_outcome)
         await self.dashboard.start()
+
+    def _record_outcome(self, name: str, action: str, outcome: Outcome) -> None:
+        if self.bots is not None and self.bots.historian is not None:
+            self.bots.historian.on_outcome(name, action, outcome)
 
     def _write_connection(self) -> None:
         data = self.connection.model_dump(mode="json")

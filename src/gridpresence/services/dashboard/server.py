@@ -27,8 +27,9 @@ from aiohttp import web
 
 from gridpresence.config import Fleet
 from gridpresence.operator.library import GridOperator, UnknownDevice
+from gridpresence.operator.shedding import net_load_kw
 from gridpresence.protocol.alarm import Alarm, AlarmLevel, AlarmStatus
-from gridpresence.protocol.models import Action
+from gridpresence.protocol.models import Action, Outcome
 from gridpresence.security.ox import OxRefused
 from gridpresence.services.historian import HistoryStore, open_store
 from gridpresence.xmpp.session import ConnectionInfo, SessionError
@@ -52,7 +53,8 @@ class _Session:
 
 class Dashboard:
     def __init__(self, fleet: Fleet, connection: Callable[[], ConnectionInfo], passwords: Mapping[str, str],
-                 history: str | None, cert: tuple[str, str], bind: str = "127.0.0.1", port: int = 0) -> None:
+                 history: str | None, cert: tuple[str, str], bind: str = "127.0.0.1", port: int = 0,
+                 record_outcome: Callable[[str, str, Outcome], None] | None = None) -> None:
         self.fleet = fleet
         self._connection = connection
         self._passwords = passwords  # operator name -> grid password (the secrets file)
@@ -60,6 +62,7 @@ class Dashboard:
         self._cert = cert
         self.bind, self.port = bind, port
         self._sessions: dict[str, _Session] = {}
+        self._record_outcome = record_outcome  # the historian keeps what the page's commands did
         self._runner: web.AppRunner | None = None
         self._store: HistoryStore | None = None
 
@@ -129,6 +132,8 @@ class Dashboard:
             return web.Response(status=503, content_type="text/html", text=_page("login", error=f"Grid unreachable: {exc}"))
         session = _Session(operator, grid)
         grid.listen_alarms(lambda a: session.alarms.__setitem__((a.device, a.id), a))
+        if self._record_outcome is not None:
+            grid.listen_outcomes(self._record_outcome)
         self._sessions[token] = session
         log.info("dashboard: %s logged in", operator)
         resp = web.HTTPSeeOther("/")
@@ -167,7 +172,8 @@ class Dashboard:
         # the most urgent first, then the newest
         open_alarms.sort(key=lambda a: (a.level is not AlarmLevel.URGENT, -a.raised.timestamp()))
         alarms = [{**a.model_dump(mode="json"), "name": a.device.split("@", 1)[0]} for a in open_alarms]
-        return {"operator": session.operator, "devices": devices, "alarms": alarms}
+        return {"operator": session.operator, "devices": devices, "alarms": alarms,
+                "net_kw": round(net_load_kw(session.grid.devices), 1)}
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         session = self._session(request)
