@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PKGS := prosody nftables iproute2 profanity tmux gnupg go-sendxmpp postgresql
+APT_PKGS := prosody nftables iproute2 profanity tmux gnupg go-sendxmpp postgresql chromium
 
 .PHONY: demo test setup system-deps bench clean
 
@@ -16,7 +16,8 @@ setup: system-deps $(VENV)/.installed
 
 # Debian packages: Prosody is the XMPP server the project starts as its own child process;
 # profanity (driven through tmux) is the third-party chat client the tests log in with;
-# postgresql is the server the historian's PostgreSQL backend is tested against (started by the test).
+# postgresql is the server the historian's PostgreSQL backend is tested against (started by the test);
+# chromium is the browser the dashboard test drives (Playwright with executable_path, never its own download).
 system-deps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
