@@ -42,6 +42,7 @@ bench: setup
 	$(PY) bench/ox_chat.py
 	$(PY) bench/rules_eval.py
 	$(PY) bench/historian.py
+	$(PY) bench/dashboard.py
 
 clean:
 	rm -rf $(VENV) .gridpresence .pytest_cache

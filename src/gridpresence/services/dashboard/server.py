@@ -181,15 +181,18 @@ class Dashboard:
         await resp.prepare(request)
         changed = asyncio.Event()
         stops = [session.grid.tracker.listen(lambda _c: changed.set()), session.grid.listen_alarms(lambda _a: changed.set())]
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 await resp.write(f"data: {json.dumps(self.snapshot(session))}\n\n".encode())
+                sent = loop.time()
                 changed.clear()
                 try:
                     await asyncio.wait_for(changed.wait(), 15.0)
                 except asyncio.TimeoutError:
                     pass  # a keep-alive snapshot: proxies drop silent streams
-                await asyncio.sleep(PUSH_EVERY_S)
+                # A change after a quiet spell goes out at once; a burst is folded into one snapshot.
+                await asyncio.sleep(max(0.0, PUSH_EVERY_S - (loop.time() - sent)))
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
