@@ -152,3 +152,37 @@ async def test_browser_login_shed_alarm_and_new_device(demo: Grid) -> None:
                 await late.stop()
         finally:
             await browser.close()
+
+
+async def next_alarm(stream: aiohttp.ClientResponse, device: str, timeout: float = 20.0) -> dict[str, object]:
+    """The first open alarm of `device` in the page's pushed snapshots."""
+    async with asyncio.timeout(timeout):
+        while True:
+            line = await stream.content.readline()
+            if line.startswith(b"data: "):
+                for alarm in json.loads(line[6:])["alarms"]:
+                    if alarm["name"] == device:
+                        return alarm  # type: ignore[no-any-return]
+
+
+async def test_not_a_fault_button_says_the_signed_verdict(demo: Grid) -> None:
+    """The page's "not a fault" is the chat verb `not a fault ID`, signed by the operator: the device records it."""
+    url = ConnectionInfo.load(demo.connection_file).dashboard
+    assert url
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        async with http.post(url + "login", ssl=tls(demo), data={"operator": "bob", "password": password(demo, "bob")}) as r:
+            assert r.status == 200
+        async with http.get(url + "events", ssl=tls(demo)) as stream:
+            assert demo.bots is not None
+            heaters = demo.bots.devices["load-2"]
+            heaters.sim.utilisation = 0.9  # past the fleet's 80 %: the device's rules raise a warning
+            try:
+                alarm = await next_alarm(stream, "load-2")
+            finally:
+                heaters.sim.utilisation = 0.6
+        assert alarm["kind"] == "high-loading" and alarm["level"] == "warning"
+        async with http.post(url + "api/alarm", ssl=tls(demo),
+                             json={"device": alarm["name"], "id": alarm["id"], "verb": "not-a-fault"}) as r:
+            answer = await r.json()
+        assert r.status == 200 and answer["done"], answer
+        assert answer["reply"].startswith("Recorded:")

@@ -30,9 +30,10 @@ from gridpresence.config import parse_fleet
 from gridpresence.host.grid import Grid
 from gridpresence.operator import ConnectionInfo, GridOperator
 from pgserver import PgServer, pg_bindir
+from timebase import NOW
 
-# Instants: a whole hour of the clock at the time the suite runs (15-minute buckets line up with it).
-T0 = float(int(time.time()) // 3600 * 3600 - 2 * 86400)
+# Instants: a whole hour two days before the suite's NOW (15-minute buckets line up with it).
+T0 = float(int(NOW.timestamp()) // 3600 * 3600 - 2 * 86400)
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +299,7 @@ async def test_history_exports_read_back(live: Grid, tmp_path: Path) -> None:
     assert any(e["detail"].get("kind") == "high-loading" for e in pump_json["events"])
 
 
-BAD_ARGS = [["--from", "yesterday"], ["--every", "0m"], ["--every", "1y"], ["--from", "2026-05-01T12:00"],
+BAD_ARGS = [["--from", "yesterday"], ["--every", "0m"], ["--every", "1y"], ["--from", NOW.replace(tzinfo=None).isoformat()],
             ["--from", "now", "--to=-1h"], ["--xlsx"], ["nosuch-device"], ["--history", "/nonexistent/h.sqlite"]]
 
 
