@@ -187,6 +187,9 @@ class SqliteStore(HistoryStore):
             # NORMAL in WAL: a power cut may lose the last commits, never consistency; kill -9 loses nothing committed.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
+            # 64 MiB of page cache (the default is 2 MiB): the series indexes of a thousand devices
+            # are written all over at every batch, and page misses made a batch 30x a bare insert.
+            self._db.execute("PRAGMA cache_size=-65536")
             self._db.executescript(self.SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: not a usable history store: {exc}") from None
