@@ -186,3 +186,22 @@ async def test_not_a_fault_button_says_the_signed_verdict(demo: Grid) -> None:
             answer = await r.json()
         assert r.status == 200 and answer["done"], answer
         assert answer["reply"].startswith("Recorded:")
+
+
+async def test_a_session_without_an_open_page_is_logged_out(demo: Grid, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A closed page must not leave its operator available to the devices (alarms would go nowhere)."""
+    from gridpresence.services.dashboard import server
+
+    monkeypatch.setattr(server, "IDLE_S", 0.5)
+    url = ConnectionInfo.load(demo.connection_file).dashboard
+    assert url and demo.dashboard is not None
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        async with http.post(url + "login", ssl=tls(demo), data={"operator": "bob", "password": password(demo, "bob")}) as r:
+            assert r.status == 200
+        async with http.get(url + "events", ssl=tls(demo)) as stream:
+            await stream.content.readline()
+            await asyncio.sleep(1.0)  # longer than IDLE_S, but the page is open: still logged in
+            assert any(s.operator == "bob" and s.pages == 1 for s in demo.dashboard._sessions.values())
+        await asyncio.sleep(1.5)
+        async with http.get(url + "api/history?device=load-1", ssl=tls(demo)) as r:
+            assert r.status == 401  # the page closed, the session went with it

@@ -42,6 +42,9 @@ ACTIONS_BY_KIND = {"load": ("shed", "restore"), "generator": ("start", "stop"), 
                    "meter": ("read",), "master": ("read",)}
 VERDICTS = {"ack": "ack {id}", "not-a-fault": "not a fault {id}", "fault": "fault {id}"}
 MAX_BODY = 4096
+# A page that is closed must not leave its operator "available" to the devices (alarms would go to
+# a session nobody reads): a session without an open page for this long is logged out.
+IDLE_S = 60.0
 
 
 @dataclass
@@ -49,6 +52,8 @@ class _Session:
     operator: str
     grid: GridOperator
     alarms: dict[tuple[str, str], Alarm] = field(default_factory=dict)  # newest state by (device, id)
+    pages: int = 0  # open event streams
+    idle: asyncio.TimerHandle | None = None
 
 
 class Dashboard:
@@ -135,6 +140,7 @@ class Dashboard:
         if self._record_outcome is not None:
             grid.listen_outcomes(self._record_outcome)
         self._sessions[token] = session
+        self._idle(token, session)
         log.info("dashboard: %s logged in", operator)
         resp = web.HTTPSeeOther("/")
         resp.set_cookie(COOKIE, token, secure=True, httponly=True, samesite="Strict")
@@ -147,9 +153,19 @@ class Dashboard:
         resp.del_cookie(COOKIE)
         raise resp
 
+    def _idle(self, token: str, session: _Session) -> None:
+        """Log the session out after IDLE_S unless a page opens its stream meanwhile."""
+        if session.idle is not None:
+            session.idle.cancel()
+        session.idle = asyncio.get_running_loop().call_later(
+            IDLE_S, lambda: asyncio.ensure_future(self._end(token)) if session.pages == 0 else None)
+
     async def _end(self, token: str) -> None:
         session = self._sessions.pop(token, None)
         if session is not None:
+            if session.idle is not None:
+                session.idle.cancel()
+            log.info("dashboard: %s logged out", session.operator)
             await session.grid.close()
 
     # -- pages and data ---------------------------------------------------------------------
@@ -177,20 +193,27 @@ class Dashboard:
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         session = self._session(request)
+        token = request.cookies[COOKIE]
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
         await resp.prepare(request)
         changed = asyncio.Event()
         stops = [session.grid.tracker.listen(lambda _c: changed.set()), session.grid.listen_alarms(lambda _a: changed.set())]
         loop = asyncio.get_running_loop()
+        session.pages += 1
         try:
             while True:
                 await resp.write(f"data: {json.dumps(self.snapshot(session))}\n\n".encode())
                 sent = loop.time()
                 changed.clear()
-                try:
-                    await asyncio.wait_for(changed.wait(), 15.0)
-                except asyncio.TimeoutError:
-                    pass  # a keep-alive snapshot: proxies drop silent streams
+                # Wake each second to see whether the page went away (aiohttp does not cancel a
+                # handler when its client disconnects); a snapshot at least every 15 s keeps proxies open.
+                while not changed.is_set() and loop.time() - sent < 15.0:
+                    if request.transport is None or request.transport.is_closing():
+                        return resp
+                    try:
+                        await asyncio.wait_for(changed.wait(), 1.0)
+                    except asyncio.TimeoutError:
+                        pass
                 # A change after a quiet spell goes out at once; a burst is folded into one snapshot.
                 await asyncio.sleep(max(0.0, PUSH_EVERY_S - (loop.time() - sent)))
         except (ConnectionResetError, asyncio.CancelledError):
@@ -198,6 +221,9 @@ class Dashboard:
         finally:
             for stop in stops:
                 stop()
+            session.pages -= 1
+            if session.pages == 0 and token in self._sessions:
+                self._idle(token, session)
         return resp
 
     async def _history(self, request: web.Request) -> web.StreamResponse:

@@ -229,6 +229,9 @@ class SqliteStore(HistoryStore):
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+            # Refresh the planner's statistics now and then, as SQLite advises (PostgreSQL's
+            # autovacuum does the same there): without them a series query may not use its index.
+            db.execute("PRAGMA optimize")
         return removed
 
     def series(self, device: str, metric: str, start: float, end: float, every_s: int = 0) -> list[Point]:
