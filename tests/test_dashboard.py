@@ -170,7 +170,8 @@ async def test_not_a_fault_button_says_the_signed_verdict(demo: Grid) -> None:
     url = ConnectionInfo.load(demo.connection_file).dashboard
     assert url
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
-        async with http.post(url + "login", ssl=tls(demo), data={"operator": "bob", "password": password(demo, "bob")}) as r:
+        async with http.post(url + "login", ssl=tls(demo), data={"operator": "bob@localhost",  # as `up` prints it
+                                                                 "password": password(demo, "bob")}) as r:
             assert r.status == 200
         async with http.get(url + "events", ssl=tls(demo)) as stream:
             assert demo.bots is not None

@@ -124,7 +124,9 @@ class Dashboard:
 
     async def _login(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
-        operator, password = str(form.get("operator", ""))[:100], str(form.get("password", ""))[:200]
+        operator, password = str(form.get("operator", "")).strip()[:300], str(form.get("password", ""))[:200]
+        if operator.endswith(f"@{self.fleet.domain}"):  # the JID `up` prints, or the bare name
+            operator = operator.rsplit("@", 1)[0]
         if not self.check_password(operator, password):
             log.warning("dashboard: refused a login as %r", operator)
             return web.Response(status=403, content_type="text/html", text=_page("login", error="Wrong operator or password."))
