@@ -31,7 +31,7 @@ from gridpresence.operator.shedding import net_load_kw
 from gridpresence.protocol.alarm import Alarm, AlarmLevel, AlarmStatus
 from gridpresence.protocol.models import Action, Outcome
 from gridpresence.security.ox import OxRefused
-from gridpresence.services.historian import HistoryStore, open_store
+from gridpresence.services.historian import HistoryStore, StoreError, open_store
 from gridpresence.xmpp.session import ConnectionInfo, SessionError
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,10 @@ class Dashboard:
         if self._history_url is None:
             return web.json_response({"points": [], "events": []})
         if self._store is None:
-            self._store = await asyncio.to_thread(open_store, self._history_url)
+            try:
+                self._store = await asyncio.to_thread(open_store, self._history_url)
+            except StoreError as exc:
+                return web.json_response({"error": str(exc)}, status=503)
         end = time.time() + 1
         start = end - 60 * minutes
         store = self._store
