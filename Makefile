@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PKGS := prosody nftables iproute2 profanity tmux gnupg go-sendxmpp
+APT_PKGS := prosody nftables iproute2 profanity tmux gnupg go-sendxmpp postgresql chromium
 
 .PHONY: demo test setup system-deps bench clean
 
@@ -15,7 +15,9 @@ test: setup
 setup: system-deps $(VENV)/.installed
 
 # Debian packages: Prosody is the XMPP server the project starts as its own child process;
-# profanity (driven through tmux) is the third-party chat client the tests log in with.
+# profanity (driven through tmux) is the third-party chat client the tests log in with;
+# postgresql is the server the historian's PostgreSQL backend is tested against (started by the test);
+# chromium is the browser the dashboard test drives (Playwright with executable_path, never its own download).
 system-deps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
@@ -40,6 +42,8 @@ bench: setup
 	$(PY) bench/gateway.py
 	$(PY) bench/ox_chat.py
 	$(PY) bench/rules_eval.py
+	$(PY) bench/historian.py
+	$(PY) bench/dashboard.py
 
 clean:
 	rm -rf $(VENV) .gridpresence .pytest_cache

@@ -15,13 +15,15 @@
     gridpresence judge DEVICE ID fault|not-a-fault    a verdict on an alarm (thresholds learn from it)
     gridpresence rules replay TRACE.csv [--json]      alarms and threshold changes of a rule set over a trace
     gridpresence gateway SITE.toml [--data DIR]       a site's Modbus/DNP3 IEDs as device identities
+    gridpresence history DEVICE... [--from T] [--to T] [--every 1m] --csv|--xlsx|--json [--out FILE]
+                                                      the historian's data, self-describing
 
 Every command finds ``connection.json`` (written by ``up``) the same way
 (:func:`gridpresence.xmpp.session.connection_path`): --connection, else DATA/connection.json
 for a command given --data, else $GRIDPRESENCE_CONNECTION, else .gridpresence/connection.json.
 
 A package of sub-commands: ``up`` (up, demo, bots), ``operate`` (the operator's commands),
-``relay`` (relay, mail-device), ``rules``, ``keys``, ``gateway``; ``common`` is what they share. May import:
+``relay`` (relay, mail-device), ``rules``, ``keys``, ``gateway``, ``history``; ``common`` is what they share. May import:
 every layer below; nothing but ``gridpresence.__main__`` imports it.
 """
 
@@ -35,7 +37,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from gridpresence.cli import gateway, keys, operate, relay, rules, up
+from gridpresence.cli import gateway, history, keys, operate, relay, rules, up
 from gridpresence.cli.common import EXIT_ERROR, EXIT_FAILED_OUTCOME, EXIT_OK, CliError
 from gridpresence.config import FleetError
 from gridpresence.operator.library import UnknownDevice
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     rules.register(sub)
     keys.register(sub)
     gateway.register(sub)
+    history.register(sub)
     return parser
 
 

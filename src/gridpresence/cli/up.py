@@ -49,6 +49,10 @@ def _print_welcome(grid: Grid) -> None:
         print(f"  {child.name}: process {child.pid}, supervised")
     if info.relay is not None:
         print(f"  store-and-forward relay {info.relay.jid}: SMTP {info.relay.smtp_host}:{info.relay.smtp_port}")
+    if info.dashboard:
+        print(f"  dashboard: {info.dashboard} (log in as an operator above; the browser must trust CA {info.server.ca_file})")
+    if bots is not None and bots.historian is not None:
+        print(f"  historian recording to {info.history} (export: gridpresence history DEVICE --csv)")
     print("Ctrl-C stops everything.", flush=True)
 
 
@@ -62,7 +66,8 @@ async def cmd_up(args: argparse.Namespace, scenario: Callable[[Grid], Awaitable[
         logging.getLogger().setLevel(LOG_LEVELS[args.log_level])
     fleet = load_fleet(Path(args.fleet))
     grid = Grid(fleet, Path(args.data), bind=args.bind, ports=_ports(args), prosody_bin=args.prosody,
-                without=args.without, log_level=args.log_level or "info", processes=args.processes)
+                without=args.without, log_level=args.log_level or "info", processes=args.processes,
+                history=args.history, dashboard_port=args.dashboard_port or 0)
     try:
         await unless_stopped(grid.start(), stop)
         if not stop.is_set():
@@ -119,6 +124,9 @@ def server_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", action="store_true",
                    help="run the devices, the services and the relay as separate supervised processes "
                         "(one hung or crashed process does not stop the others)")
+    p.add_argument("--dashboard-port", type=int, help="HTTPS port of the operators' dashboard (default: a free one)")
+    p.add_argument("--history", metavar="URL",
+                   help="the historian's store: postgresql://… or a SQLite file (default: DATA/history.sqlite)")
     p.add_argument("--log-level", choices=list(LOG_LEVELS),
                    help="log level of gridpresence and of Prosody (DATA/prosody.log); default: "
                         "-v for ours, info for Prosody's")

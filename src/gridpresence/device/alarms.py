@@ -215,6 +215,7 @@ class AlarmDesk:
         log.info("%s: alarm %s now: %s", self.agent.spec.name, entry.alarm.id, text)
         for op in entry.notified:  # the same alarm (same id), told again with what it folds
             self._send(op, entry.alarm)
+        self._record(entry.alarm)
 
     def _with_folded(self, text: str) -> str:
         below = self.fold.below() if self.fold is not None else ()
@@ -272,6 +273,7 @@ class AlarmDesk:
                 cleared = alarm.model_copy(update={"status": AlarmStatus.CLEARED})
                 for op in entry.notified:
                     self._send(op, cleared)
+                self._record(cleared)
 
     def raise_alarm(self, kind: AlarmKind, value: float | None = None, threshold: float | None = None,
                     detail: str = "", urgent: bool | None = None, folds: bool = False) -> Alarm:
@@ -304,6 +306,7 @@ class AlarmDesk:
             targets = [op for op in self.duty if self.available(op)] or list(self.duty)
         for op in targets:
             self._send(op, alarm)
+        self._record(alarm)
         entry.notified.update(targets)
         self._restart_timer(entry)
 
@@ -341,6 +344,16 @@ class AlarmDesk:
         else:
             owed[alarm.id] = alarm
 
+    def _record(self, alarm: Alarm) -> None:
+        """Every state of every alarm, as data only (no body: nobody's chat), to the recorders
+        (the historian). Not delivery: a recorder is never on duty and never escalated to."""
+        if not self.agent.client.is_connected():
+            return
+        for to in self.agent.setup.recorders:
+            msg = self.agent.client.make_message(mto=to, mtype="normal")
+            msg.append(alarm_to_xml(alarm))
+            msg.send()
+
     def _transmit(self, to: str, alarm: Alarm) -> None:
         name = self.agent.spec.label
         if alarm.status is AlarmStatus.ACKNOWLEDGED:
@@ -371,6 +384,7 @@ class AlarmDesk:
             alarm = entry.alarm.model_copy(update={"status": AlarmStatus.ACKNOWLEDGED, "acked_by": by})
             for op in entry.notified - {by}:
                 self._send(op, alarm)
+            self._record(alarm)
             log.info("%s: alarm %s acknowledged by %s", self.agent.spec.name, aid, by)
             done.append(alarm)
         return done

@@ -22,6 +22,7 @@ from gridpresence.physics.metering import peak_hours
 from gridpresence.device.agent import DeviceAgent
 from gridpresence.device.host import DeviceSetup
 from gridpresence.device.operated import state_path
+from gridpresence.services.historian import HISTORY_FILE, Historian, open_store
 from gridpresence.services.manufacturer import ManufacturerAgent
 from gridpresence.xmpp.session import Endpoint
 from gridpresence.services.watchdog import WatchdogAgent
@@ -53,7 +54,8 @@ class FleetBots:
     OpenPGP key."""
 
     def __init__(self, fleet: Fleet, endpoint: Endpoint, secrets: Secrets, only: Collection[str] | None = None,
-                 tick_s: float = 1.0, with_services: bool = True, data_dir: Path | None = None) -> None:
+                 tick_s: float = 1.0, with_services: bool = True, data_dir: Path | None = None,
+                 history: str | None = None) -> None:
         self.fleet = fleet
 
         def keys(name: str) -> PartyKeys | None:
@@ -94,6 +96,13 @@ class FleetBots:
                                         watchdog=fleet.jid(WATCHDOG), grace_s=fleet.presence_grace_s,
                                         keys=keys(CONSOLE), serials={fleet.jid(d.name): d.serial for d in fleet.devices},
                                         security=fleet.security)
+        # The historian rides on the console's session: it already sees every device, gets the
+        # alarms sent to services and the outcomes of the commands it issues. Its store: `history`
+        # (a PostgreSQL URL or a file), else DATA/history.sqlite.
+        self.historian: Historian | None = None
+        if self.console is not None and (history is not None or data_dir is not None):
+            self.historian = Historian(open_store(history or Path(data_dir) / HISTORY_FILE))  # type: ignore[arg-type]
+            self.historian.attach(self.console.grid)
 
     @property
     def bots(self) -> list[Bot]:
@@ -111,6 +120,8 @@ class FleetBots:
             # Outside the gate: the next login need not wait for this key announcement's round trip.
             await bot.keyring.announced()
 
+        if self.historian is not None:
+            self.historian.start()  # before the logins, so it records the fleet arriving
         async with asyncio.timeout(timeout):
             await asyncio.gather(*(one(b) for b in self.bots))
         # Thousands of long-lived session objects now exist; keep the cyclic GC from
@@ -128,6 +139,11 @@ class FleetBots:
         for res in results:
             if isinstance(res, BaseException):
                 log.warning("a bot did not stop cleanly: %s", res)
+        if self.historian is not None:
+            try:
+                await self.historian.stop()  # after the bots: their goodbyes are recorded too
+            except Exception as exc:
+                log.warning("the historian did not write its last batch: %s", exc)
         self.replay.close()
 
 
@@ -149,6 +165,7 @@ def device_agent(fleet: Fleet, name: str, endpoint: Endpoint, password: str, key
         audience=fleet.report_audience(spec) if spec.kind in METERING_KINDS else None,
         peak=peak_hours(fleet),
         fleet=fleet,
+        recorders=(fleet.jid(CONSOLE),),  # the historian rides on the console's session
     )
     return DeviceAgent(spec, fleet.jid(name), password, endpoint, [fleet.jid(o.name) for o in fleet.operators],
                        [fleet.jid(c.name) for c in fleet.children(name)], tick_s=tick_s, relays=[fleet.jid(RELAY)],

@@ -18,6 +18,10 @@ from gridpresence.host.fleet import FleetBots
 from gridpresence.host.processes import SupervisedChild, gridpresence_argv
 from gridpresence.xmpp.session import Account, ConnectionInfo, Endpoint, RelayEndpoint, SessionError
 from gridpresence.config import Fleet, FleetError
+from gridpresence.protocol.models import Outcome
+from gridpresence.services.dashboard import Dashboard
+from gridpresence.services.historian import HISTORY_FILE
+from gridpresence.server.certs import cert_ips, ensure_certificates
 from gridpresence.services.relay.service import RelayService, relay_files, relay_port
 from gridpresence.security.keys import KEYS_DIR, KeyStore, fingerprint
 from gridpresence.security.pep_keyring import PartyKeys
@@ -41,7 +45,8 @@ class Grid:
     def __init__(self, fleet: Fleet, data_dir: Path, *, bind: str = "127.0.0.1", ports: ServerPorts | None = None,
                  bots: bool = True, only: Collection[str] | None = None, without: Collection[str] = (),
                  tick_s: float = 1.0, prosody_bin: str = "prosody", log_level: str = "info",
-                 processes: bool = False) -> None:
+                 processes: bool = False, history: str | None = None, dashboard: bool = True,
+                 dashboard_port: int = 0) -> None:
         # IEDs of the fleet's sites get accounts here; their bots are a field gateway's.
         fleet, self.gateway_ieds = with_sites(fleet)
         without = (*without, *self.gateway_ieds)
@@ -61,6 +66,10 @@ class Grid:
         self._want_bots = bots
         self._only = only
         self._tick_s = tick_s
+        self._history = history  # the historian's store (None: DATA/history.sqlite)
+        self._want_dashboard = dashboard and bots
+        self._dashboard_port = dashboard_port
+        self.dashboard: Dashboard | None = None
         self.bots: FleetBots | None = None
         self.relay: RelayService | None = None
         self._bind = bind
@@ -83,7 +92,14 @@ class Grid:
         return ConnectionInfo(server=self.endpoint, operators=ops, watchdog=self.fleet.jid(WATCHDOG),
                               billing=tuple(self.fleet.jid(b.name) for b in self.fleet.billing),
                               presence_grace_s=self.fleet.presence_grace_s, relay=self.relay_endpoint,
-                              serials={self.fleet.jid(d.name): d.serial for d in self.fleet.devices})
+                              serials={self.fleet.jid(d.name): d.serial for d in self.fleet.devices},
+                              history=self.history_url,
+                              dashboard=self.dashboard.url if self.dashboard is not None else None)
+
+    @property
+    def history_url(self) -> str:
+        """Where the historian records (`gridpresence history` reads it from connection.json)."""
+        return self._history or str((self.data_dir / HISTORY_FILE).resolve())
 
     @property
     def relay_endpoint(self) -> RelayEndpoint | None:
@@ -116,6 +132,8 @@ class Grid:
         await self.server.start()
         self._supervisor = asyncio.ensure_future(self._supervise())
         try:
+            if self._want_dashboard:  # in this process in both modes: it reads the historian's store
+                await self._start_dashboard()
             if self._processes:
                 self._write_connection()
                 if self._want_bots:
@@ -126,7 +144,7 @@ class Grid:
             self._write_connection()
             if self._want_bots:
                 self.bots = FleetBots(self.fleet, self.endpoint, self.secrets, only=self._only, tick_s=self._tick_s,
-                                      data_dir=self.data_dir)
+                                      data_dir=self.data_dir, history=self._history)
                 await self.bots.start()
         except BaseException:
             await self.stop()
@@ -182,6 +200,20 @@ class Grid:
                                   smtp_host=self._bind, smtp_port=port, keys=PartyKeys.in_data_dir(self.data_dir, RELAY))
         await self.relay.start()
 
+    async def _start_dashboard(self) -> None:
+        """The operators' web page, on HTTPS with a certificate from the grid's own CA."""
+        cert = ensure_certificates(self.server.certs.ca.parent, self.fleet.domain, cert_ips(self._bind),
+                                   service="dashboard")
+        passwords = {o.name: self.secrets.password(o.name) for o in self.fleet.operators}
+        self.dashboard = Dashboard(self.fleet, lambda: self.connection, passwords, self.history_url,
+                                   (str(cert.cert), str(cert.key)), bind=self._bind, port=self._dashboard_port,
+                                   record_outcome=self._record_outcome)
+        await self.dashboard.start()
+
+    def _record_outcome(self, name: str, action: str, outcome: Outcome) -> None:
+        if self.bots is not None and self.bots.historian is not None:
+            self.bots.historian.on_outcome(name, action, outcome)
+
     def _write_connection(self) -> None:
         data = self.connection.model_dump(mode="json")
         data["server"]["port"] = self.server.ports.c2s  # the name a person looks for
@@ -222,6 +254,9 @@ class Grid:
         for child in reversed(self.children):
             await child.stop()
         self.children = []
+        if self.dashboard is not None:
+            await self.dashboard.stop()
+            self.dashboard = None
         if self.bots is not None:
             await self.bots.stop()
             self.bots = None

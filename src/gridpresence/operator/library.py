@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
+from typing import Any
 
 from slixmpp import JID, Message, Presence
 from slixmpp.exceptions import IqError, IqTimeout
@@ -112,6 +113,9 @@ class GridOperator:
                                               self._on_tariff))  # type: ignore[arg-type]
         self.client.register_handler(Callback("mailed data", StanzaPath("message/grid_device"), self._on_mailed_data))
         self.alarms: list[Alarm] = []  # alarms devices sent this operator, oldest first
+        # Who else wants each alarm and each command's outcome as it comes (the historian).
+        self._alarm_listeners: list[Callable[[Alarm], None]] = []
+        self._outcome_listeners: list[Callable[[str, str, Outcome], None]] = []
         self.client.register_handler(Callback("grid alarm", StanzaPath("message/grid_alarm"), self._on_alarm))
         # The power-quality part of meters' billing reports is for the utility ([0085]).
         self.reports: ReportInbox | None = None
@@ -322,11 +326,33 @@ class GridOperator:
                                       "the command expired; it was never sent")
         if view.full_jid is None:
             if self.relay is None:
-                return Outcome(command_id=cmd.id, device=view.jid, status=OutcomeStatus.UNDELIVERABLE,
-                               detail=f"{view.name} has no presence ({view.label})")
-            queued = await self.queue_command(cmd, view.jid)
-            return await self.final_outcome(queued) if wait_final else queued
-        return await self.send_command(cmd, view.full_jid)
+                outcome = Outcome(command_id=cmd.id, device=view.jid, status=OutcomeStatus.UNDELIVERABLE,
+                                  detail=f"{view.name} has no presence ({view.label})")
+            else:
+                queued = await self.queue_command(cmd, view.jid)
+                outcome = await self.final_outcome(queued) if wait_final else queued
+        else:
+            outcome = await self.send_command(cmd, view.full_jid)
+        self._tell(self._outcome_listeners, view.name, cmd.action.value, outcome)
+        return outcome
+
+    def listen_outcomes(self, callback: Callable[[str, str, Outcome], None]) -> Callable[[], None]:
+        """Call `callback(device name, action, outcome)` for each command's outcome; returns its stop."""
+        self._outcome_listeners.append(callback)
+        return lambda: self._outcome_listeners.remove(callback)
+
+    def listen_alarms(self, callback: Callable[[Alarm], None]) -> Callable[[], None]:
+        """Call `callback(alarm)` for each alarm (and each of its updates) sent to this operator."""
+        self._alarm_listeners.append(callback)
+        return lambda: self._alarm_listeners.remove(callback)
+
+    @staticmethod
+    def _tell(listeners: list[Callable[..., None]], *args: Any) -> None:
+        for listener in list(listeners):
+            try:
+                listener(*args)
+            except Exception:  # a faulty listener must not lose the operator an outcome or an alarm
+                log.exception("listener failed")
 
     async def _after_own_outage(self, view: DeviceView, cmd: Command) -> DeviceView | None:
         """A device that looks absent because *our* session is down, or was until just now, is
@@ -436,6 +462,7 @@ class GridOperator:
             log.warning("alarm from %s for %s ignored: not that device", msg["from"], alarm.device)
             return
         self.alarms.append(alarm)
+        self._tell(self._alarm_listeners, alarm)
         self._bump()
 
     async def new_alarms(self) -> AsyncIterator[Alarm]:

@@ -74,6 +74,10 @@ class ConnectionInfo(BaseModel):
     relay: RelayEndpoint | None = None
     # Device serial numbers by bare JID, bound into signed commands (presence confirms them).
     serials: dict[str, str] = Field(default_factory=dict)
+    # The historian's store: a SQLite file or a PostgreSQL URL (`gridpresence history` reads it).
+    history: str | None = None
+    # The operators' dashboard (HTTPS, the grid's CA): open it in a browser, log in as an operator.
+    dashboard: str | None = None
 
     @classmethod
     def load(cls, path: Path) -> ConnectionInfo:
