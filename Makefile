@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PKGS := prosody nftables iproute2 profanity tmux gnupg go-sendxmpp
+APT_PKGS := prosody nftables iproute2 profanity tmux gnupg go-sendxmpp docker.io docker-compose debootstrap
 
 .PHONY: demo test setup system-deps bench clean
 
@@ -15,7 +15,8 @@ test: setup
 setup: system-deps $(VENV)/.installed
 
 # Debian packages: Prosody is the XMPP server the project starts as its own child process;
-# profanity (driven through tmux) is the third-party chat client the tests log in with.
+# profanity (driven through tmux) is the third-party chat client the tests log in with;
+# docker.io, docker-compose and debootstrap run the compose demo for real (tests/test_compose.py).
 system-deps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from string import Template
 from types import TracebackType
-from xml.sax.saxutils import quoteattr
 
 from gridpresence.server.certs import CertPaths, cert_ips, ensure_certificates
 from gridpresence.server.ports import free_ports, port_is_free
