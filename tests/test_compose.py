@@ -146,6 +146,10 @@ def test_every_party_healthy_and_the_server_reachable_from_the_host(stack: Stack
     # Parties inside dial the server by its service name; the init step wrote it so.
     inside = json.loads(stack.file("/data/connection.json"))
     assert inside["server"]["host"] == "xmpp" and inside["relay"]["smtp_host"] == "relay"
+    # A party inside checks the relay's STARTTLS certificate against the grid's CA and its name.
+    starttls = ("import smtplib, ssl; s = smtplib.SMTP('relay', 2525, timeout=20); "
+                "s.starttls(context=ssl.create_default_context(cafile='/data/certs/ca.pem')); print('relay tls ok')")
+    assert "relay tls ok" in stack.compose("exec", "-T", "billing", "/opt/venv/bin/python", "-c", starttls).stdout
     # Non-root everywhere: Prosody and the bots (and the init process above them) run as `grid`.
     for service in ("xmpp", "devices"):
         uids = stack.compose("exec", "-T", service, "sh", "-c", "grep -h ^Uid: /proc/[0-9]*/status").stdout.split()

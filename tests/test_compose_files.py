@@ -99,6 +99,11 @@ def test_provision_only_makes_everything_once_and_keeps_it(tmp_path: Path) -> No
     assert "interfaces = { \"0.0.0.0\" }" in (data / "prosody.cfg.lua").read_text()
     assert (data / "certs" / "ca.pem").exists() and (data / "fleet.json").exists()
     assert not (data / "prosody.pid").exists(), "provisioning starts no server"
+    # Parties dial `xmpp`: the server's certificate names it (BOSH at https://xmpp:5281 verifies).
+    from cryptography import x509
+    cert = x509.load_pem_x509_certificate((data / "certs" / "server.pem").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "xmpp" in sans.get_values_for_type(x509.DNSName) and "localhost" in sans.get_values_for_type(x509.DNSName)
     second = _cli(*args)
     assert second.returncode == 0, second.stderr
     assert json.loads((data / "connection.json").read_text())["operators"] == info["operators"]

@@ -81,7 +81,7 @@ async def cmd_relay(args: argparse.Namespace) -> int:
     certs_dir = Path(args.certs) if args.certs else (info.server.ca_file.parent if info.server.ca_file else data / "certs")
     relay = RelayService(fleet, info.server, secrets.password(RELAY), queue_path, certs_dir=certs_dir,
                          smtp_host=args.bind, smtp_port=port, durable=args.durable,
-                         keys=PartyKeys.in_data_dir(data, RELAY))
+                         keys=PartyKeys.in_data_dir(data, RELAY), advertise=args.advertise)
     stop = stop_signal()  # before start: a SIGTERM during start-up still stops cleanly
     await relay.start()
     mine = RelayEndpoint(jid=relay.jid, smtp_host=args.advertise or args.bind, smtp_port=relay.smtp_port,

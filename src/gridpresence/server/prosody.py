@@ -207,7 +207,7 @@ class ProsodyServer:
         another Prosody runs from data_dir, before writing anything."""
         self.refuse_if_running_elsewhere()
         self.storage_path.mkdir(mode=0o750, parents=True, exist_ok=True)
-        ensure_certificates(self.certs.ca.parent, self.domain, self._cert_ips())
+        ensure_certificates(self.certs.ca.parent, self.domain, self._cert_ips(), hosts=self._cert_hosts())
         if self._auto_ports:
             self._remember_ports()
         body = Template(self.template_path.read_text()).substitute(self._template_values())
@@ -258,6 +258,10 @@ class ProsodyServer:
 
     def _cert_ips(self) -> list[str]:
         return cert_ips(self.connect_host)
+
+    def _cert_hosts(self) -> list[str]:
+        """The advertised name when it is a host name (an IP is among `_cert_ips`)."""
+        return [self.advertise] if self.advertise and not cert_ips(self.advertise)[1:] else []
 
     # --- ports ----------------------------------------------------------------------------
 
