@@ -12,12 +12,15 @@ Run alone: ``.venv/bin/python -m pytest -q -p no:cacheprovider tests/test_compos
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import socket
+import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +28,7 @@ import pytest
 
 import dockerlab
 from gridpresence.operator.library import GridOperator
+from gridpresence.operator.tracker import DeviceView
 from gridpresence.protocol.models import HealthStatus
 from gridpresence.transport.probe import serves_xmpp
 from gridpresence.xmpp.session import ConnectionInfo
@@ -50,7 +54,7 @@ class Stack:
     xmpp_port: int
     figures: dict[str, str] = field(default_factory=dict)
 
-    def compose(self, *args: str, check: bool = True, timeout: float = 300) -> "dockerlab.subprocess.CompletedProcess[str]":
+    def compose(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Compose v1 (`docker-compose`, Debian bookworm's) or v2 (`docker compose`), whichever is here."""
         v2 = self.engine.run(dockerlab.DOCKER, "compose", "version", check=False).returncode == 0
         cmd = [dockerlab.DOCKER, "compose"] if v2 else ["docker-compose"]
@@ -136,8 +140,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def test_every_party_healthy_and_the_server_reachable_from_the_host(stack: Stack) -> None:
-    import asyncio
-
     for service in LONG_RUNNING:
         assert stack.health(service) == "healthy", service
     # One process per party: each service is a container of its own.
@@ -156,7 +158,8 @@ def test_every_party_healthy_and_the_server_reachable_from_the_host(stack: Stack
         assert uids and "0" not in uids, (service, uids)
 
 
-async def _operator_sees(info: ConnectionInfo, predicate, timeout: float) -> dict:  # type: ignore[no-untyped-def]
+async def _operator_sees(info: ConnectionInfo, predicate: Callable[[Mapping[str, DeviceView]], bool],
+                         timeout: float) -> dict[str, dict[str, Any]]:
     async with GridOperator.from_connection(info, resource="compose-test") as op:
         await op.wait_for(predicate, timeout=timeout)
         return {n: v.as_dict() for n, v in op.devices.items()}
@@ -173,13 +176,11 @@ def test_scenario_container_plays_the_demo(stack: Stack) -> None:
 
 
 def test_killed_device_container_is_a_presence_error_and_recovers(stack: Stack, tmp_path: Path) -> None:
-    import asyncio
-
     info = stack.host_connection(tmp_path)  # a person on the host, over TLS with the grid's CA
     seen = asyncio.run(_operator_sees(info, lambda d: LONE_DEVICE in d and d[LONE_DEVICE].present, 30))
     assert len(seen) >= 13 and seen[LONE_DEVICE]["health"] == HealthStatus.OK.value
 
-    async def kill_then_restart() -> tuple[dict, dict]:
+    async def kill_then_restart() -> tuple[dict[str, Any], dict[str, Any]]:
         async with GridOperator.from_connection(info, resource="compose-kill") as op:
             await op.wait_for(lambda d: LONE_DEVICE in d and d[LONE_DEVICE].present, timeout=30)
             # far-1 and meter-9 are held back in the demo fleet (never started): not our concern.
