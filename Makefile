@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PKGS := prosody nftables iproute2 profanity tmux gnupg go-sendxmpp postgresql chromium
+APT_PKGS := prosody nftables iproute2 profanity tmux gnupg go-sendxmpp postgresql chromium docker.io docker-compose debootstrap
 
 .PHONY: demo test setup system-deps bench clean
 
@@ -18,6 +18,7 @@ setup: system-deps $(VENV)/.installed
 # profanity (driven through tmux) is the third-party chat client the tests log in with;
 # postgresql is the server the historian's PostgreSQL backend is tested against (started by the test);
 # chromium is the browser the dashboard test drives (Playwright with executable_path, never its own download).
+# docker.io, docker-compose and debootstrap run the compose demo for real (tests/test_compose.py).
 system-deps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \

@@ -81,10 +81,11 @@ async def cmd_relay(args: argparse.Namespace) -> int:
     certs_dir = Path(args.certs) if args.certs else (info.server.ca_file.parent if info.server.ca_file else data / "certs")
     relay = RelayService(fleet, info.server, secrets.password(RELAY), queue_path, certs_dir=certs_dir,
                          smtp_host=args.bind, smtp_port=port, durable=args.durable,
-                         keys=PartyKeys.in_data_dir(data, RELAY))
+                         keys=PartyKeys.in_data_dir(data, RELAY), advertise=args.advertise)
     stop = stop_signal()  # before start: a SIGTERM during start-up still stops cleanly
     await relay.start()
-    mine = RelayEndpoint(jid=relay.jid, smtp_host=args.bind, smtp_port=relay.smtp_port, ca_file=relay.certs.ca)
+    mine = RelayEndpoint(jid=relay.jid, smtp_host=args.advertise or args.bind, smtp_port=relay.smtp_port,
+                         ca_file=relay.certs.ca)
     try:
         publish_relay(data / CONNECTION_FILE, mine)
         counts = relay.queue.counts()
@@ -168,6 +169,8 @@ def register(sub: Any) -> None:  # argparse's subparsers action has no public ty
     relay = sub.add_parser("relay", help="run the email store-and-forward relay for a running grid")
     relay.add_argument("--data", default=str(DEFAULT_DATA), help="the grid's data directory (written by `up`)")
     relay.add_argument("--bind", default="127.0.0.1", help="address the SMTP server listens on")
+    relay.add_argument("--advertise", help="the name other machines reach the relay at, written into the connection "
+                                           "file (default: --bind; a container's service name)")
     relay.add_argument("--smtp-port", type=argtypes.port, help="SMTP port (default: as last time, or a free one)")
     relay.add_argument("--queue", help="queue database (default DATA/relay/queue.sqlite3)")
     relay.add_argument("--durable", action="store_true", help="fsync every stored mail (survives power loss)")

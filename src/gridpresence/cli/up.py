@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,9 +15,9 @@ from gridpresence.config import load_fleet
 from gridpresence.host.fleet import FleetBots
 from gridpresence.host.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE, Grid
 from gridpresence.host.signals import stop_signal, unless_stopped
-from gridpresence.server import ServerPorts
+from gridpresence.server import ServerError, ServerPorts
 from gridpresence.server.accounts import Secrets
-from gridpresence.xmpp.session import ConnectionInfo
+from gridpresence.xmpp.session import ConnectionInfo, ensure_running
 
 
 def _ports(args: argparse.Namespace) -> ServerPorts | None:
@@ -67,7 +69,18 @@ async def cmd_up(args: argparse.Namespace, scenario: Callable[[Grid], Awaitable[
     fleet = load_fleet(Path(args.fleet))
     grid = Grid(fleet, Path(args.data), bind=args.bind, ports=_ports(args), prosody_bin=args.prosody,
                 without=args.without, log_level=args.log_level or "info", processes=args.processes,
-                history=args.history, dashboard_port=args.dashboard_port or 0)
+                history=args.history, dashboard_port=args.dashboard_port or 0,
+                advertise=args.advertise)
+    if getattr(args, "provision_only", False):
+        try:
+            grid.server.refuse_if_running_elsewhere()
+        except ServerError as exc:  # a second `up` of a deployment already running: leave it be
+            print(f"{exc}; nothing changed", flush=True)
+            return EXIT_OK
+        grid.provision()
+        print(f"provisioned {grid.data_dir}: config {grid.server.config_path}, connection file {grid.connection_file}; "
+              f"run the server with `gridpresence server --data {grid.data_dir}`", flush=True)
+        return EXIT_OK
     try:
         await unless_stopped(grid.start(), stop)
         if not stop.is_set():
@@ -85,24 +98,50 @@ async def cmd_up(args: argparse.Namespace, scenario: Callable[[Grid], Awaitable[
 async def cmd_demo(args: argparse.Namespace) -> int:
     from gridpresence.host.demo import run_scenario
 
-    return await cmd_up(args, scenario=run_scenario)
+    return await cmd_up(args, scenario=lambda grid: run_scenario(grid.connection, grid.fleet, grid.connection_file))
+
+
+async def cmd_scenario(args: argparse.Namespace) -> int:
+    """The demo's scenario against a grid already running (its server and bots elsewhere)."""
+    from gridpresence.host.demo import run_scenario
+
+    data = Path(args.data)
+    info = ConnectionInfo.load(data / CONNECTION_FILE)
+    await ensure_running(info.server)
+    await run_scenario(info, load_fleet(data / FLEET_COPY), data / CONNECTION_FILE)
+    return EXIT_OK
+
+
+async def cmd_server(args: argparse.Namespace) -> int:
+    """Prosody alone, from the config `up --provision-only` rendered: exec'd, so it is the
+    process a supervisor (a container's init) signals. Its health check: gridpresence.host.health."""
+    config = Path(args.data) / "prosody.cfg.lua"
+    if not config.exists():
+        raise CliError(f"{config}: not found; provision first with `gridpresence up --provision-only --data {args.data}`")
+    binary = shutil.which(args.prosody)
+    if binary is None:
+        raise CliError(f"the Prosody XMPP server ({args.prosody!r}) was not found; install it with "
+                       "`apt-get install prosody`")
+    os.execv(binary, [binary, "--config", str(config), "-F"])
 
 
 async def cmd_bots(args: argparse.Namespace) -> int:
-    stop = stop_signal()  # first, as in `up`
     data = Path(args.data)
     info = ConnectionInfo.load(data / CONNECTION_FILE)
+    if not args.only:
+        raise CliError("name the bots to run: --only NAME...")
+    stop = stop_signal()  # before the bots start, as in `up`
     fleet = load_fleet(Path(args.fleet) if args.fleet else data / FLEET_COPY)
     secrets_path = data / SECRETS_FILE
     if not secrets_path.exists():
         raise CliError(f"{secrets_path}: not found; run `gridpresence up --data {data}` first")
-    bots = FleetBots(fleet, info.server, Secrets(secrets_path), only=args.only, with_services=args.services,
-                     data_dir=data)
+    # Names decide: devices and billing, or the watchdog and console services run apart too.
+    bots = FleetBots(fleet, info.server, Secrets(secrets_path), only=args.only, data_dir=data)
     if not bots.bots:
         raise CliError(f"no bot named {', '.join(args.only)} in the fleet")
     try:
         await unless_stopped(bots.start(), stop)
-        services = ([bots.watchdog.jid] if bots.watchdog else []) + ([bots.console.grid.jid] if bots.console else [])
+        services = [b for b in ("watchdog", "console") if getattr(bots, b) is not None]
         print(f"running {', '.join(sorted(bots.devices) + sorted(bots.billing) + services)}", flush=True)
         await stop.wait()
     finally:
@@ -118,6 +157,8 @@ def server_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, help="HTTP (BOSH) port")
     p.add_argument("--https-port", type=int, help="HTTPS (BOSH) port")
     p.add_argument("--prosody", default="prosody", help="Prosody executable")
+    p.add_argument("--advertise", help="the name other machines reach the server at, when not --bind (a "
+                                       "container's service name): written into the connection file")
     p.add_argument("--without", nargs="+", default=[], metavar="NAME",
                    help="devices whose accounts are made but whose bots are held back (run them apart "
                         "with `gridpresence bots --only NAME`)")
@@ -135,6 +176,9 @@ def server_opts(p: argparse.ArgumentParser) -> None:
 def register(sub: Any) -> None:  # argparse's subparsers action has no public type
     up = sub.add_parser("up", help="start the embedded server and the fleet's bots")
     server_opts(up)
+    up.add_argument("--provision-only", action="store_true",
+                    help="render the server's config, make accounts, keys and the connection file, then exit "
+                         "(the server and bots run apart: `gridpresence server`, `bots`, `relay`)")
     up.set_defaults(run=cmd_up)
     demo = sub.add_parser("demo", help="up, then play the load-shed scenario")
     server_opts(demo)
@@ -144,7 +188,14 @@ def register(sub: Any) -> None:  # argparse's subparsers action has no public ty
     bots = sub.add_parser("bots", help="run some of a fleet's bots against a running grid")
     bots.add_argument("--fleet", default=None, help="fleet file (default: the copy in --data)")
     bots.add_argument("--data", default=str(DEFAULT_DATA))
-    bots.add_argument("--only", nargs="+", required=True, metavar="NAME")
-    bots.add_argument("--services", action="store_true",
-                      help="also the watchdog and the console, if named in --only (as `up --processes` runs them)")
+    bots.add_argument("--only", nargs="+", metavar="NAME", help="devices, billing parties, watchdog, console")
     bots.set_defaults(run=cmd_bots)
+
+    server = sub.add_parser("server", help="run the XMPP server alone from the config `up --provision-only` rendered")
+    server.add_argument("--data", default=str(DEFAULT_DATA))
+    server.add_argument("--prosody", default="prosody", help="Prosody executable")
+    server.set_defaults(run=cmd_server)
+
+    scenario = sub.add_parser("scenario", help="play the demo's scenario against a running grid")
+    scenario.add_argument("--data", default=str(DEFAULT_DATA))
+    scenario.set_defaults(run=cmd_scenario)

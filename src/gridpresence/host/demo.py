@@ -8,7 +8,8 @@ from pathlib import Path
 
 from gridpresence.operator.library import GridOperator
 from gridpresence.words import outcome_line, status_rows, table
-from gridpresence.host.grid import Grid
+from gridpresence.config import Fleet
+from gridpresence.xmpp.session import ConnectionInfo
 from gridpresence.protocol.models import Action, DeviceState
 
 SCRIPT_TARGET_KW = 150.0
@@ -19,8 +20,9 @@ def say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-async def run_scenario(grid: Grid) -> None:
-    async with GridOperator.from_connection(grid.connection, resource="demo") as op:
+async def run_scenario(info: ConnectionInfo, fleet: Fleet, connection_file: Path) -> None:
+    """Played on a grid this process hosts (`demo`) or on one running elsewhere (`scenario`)."""
+    async with GridOperator.from_connection(info, resource="demo") as op:
         say("the utility sees every device's rich presence")
         print(table(status_rows(dict(op.devices))), flush=True)
         tariff = await op.wait_tariff(timeout=5)
@@ -41,7 +43,7 @@ async def run_scenario(grid: Grid) -> None:
             say(f"start {gen}: restricted while starting, refuses stop, then on")
             print(outcome_line(gen, await op.command(gen, Action.START)), flush=True)
             print(outcome_line(gen, await op.command(gen, Action.STOP)), flush=True)
-            startup = grid.fleet.device(gen).startup_s
+            startup = fleet.device(gen).startup_s
             await op.wait_for(lambda d: d[gen].state is DeviceState.ON, timeout=startup + 10)
             report = op.devices[gen].report
             print(f"{gen}: {report.status_text() if report else '?'}", flush=True)
@@ -49,12 +51,11 @@ async def run_scenario(grid: Grid) -> None:
     say(f"the example load-shed script: shed to {SCRIPT_TARGET_KW:.0f} kW net, start a generator if that is not enough")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(LOAD_SHED_SCRIPT), "--target-kw", str(SCRIPT_TARGET_KW),
-        "--connection", str(grid.connection_file))
+        "--connection", str(connection_file))
     await proc.wait()
 
-    async with GridOperator.from_connection(grid.connection, resource="demo") as op:
+    async with GridOperator.from_connection(info, resource="demo") as op:
         say("after the script")
         print(table(status_rows(dict(op.devices))), flush=True)
-    info = grid.connection
     say(f"log in with any XMPP client as {info.operators[0].jid} on {info.server.host}:{info.server.c2s_port} "
-        f"(password in {grid.connection_file}) to watch the devices")
+        f"(password in {connection_file}) to watch the devices")

@@ -46,7 +46,7 @@ class Grid:
                  bots: bool = True, only: Collection[str] | None = None, without: Collection[str] = (),
                  tick_s: float = 1.0, prosody_bin: str = "prosody", log_level: str = "info",
                  processes: bool = False, history: str | None = None, dashboard: bool = True,
-                 dashboard_port: int = 0) -> None:
+                 dashboard_port: int = 0, advertise: str | None = None) -> None:
         # IEDs of the fleet's sites get accounts here; their bots are a field gateway's.
         fleet, self.gateway_ieds = with_sites(fleet)
         without = (*without, *self.gateway_ieds)
@@ -60,7 +60,8 @@ class Grid:
                         CONSOLE]
             only = [n for n in (everyone if only is None else only) if n not in set(without)]
         self.server = ProsodyServer(self.data_dir, domain=fleet.domain, bind=bind, ports=ports, prosody_bin=prosody_bin,
-                                    log_level=log_level, adhoc_accounts=[d.name for d in fleet.devices])
+                                    log_level=log_level, adhoc_accounts=[d.name for d in fleet.devices],
+                                    advertise=advertise)
         self.secrets = Secrets(self.data_dir / SECRETS_FILE)
         self.keys = KeyStore(self.data_dir / KEYS_DIR)
         self._want_bots = bots
@@ -117,7 +118,10 @@ class Grid:
     def connection_file(self) -> Path:
         return self.data_dir / CONNECTION_FILE
 
-    async def start(self) -> None:
+    def provision(self) -> None:
+        """Everything but running: the server's config and certificates, accounts, keys, pins,
+        the fleet copy and the connection file. `gridpresence up --provision-only` stops here (a
+        deployment whose server and bots run as processes, or containers, of their own)."""
         # A second `up` on a directory in use must change nothing there (ports, config, accounts).
         self.server.refuse_if_running_elsewhere()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +133,10 @@ class Grid:
             self.keys.ensure(account.username, self.fleet.jid(account.username))
         self._pin_issuers()
         (self.data_dir / FLEET_COPY).write_text(self.fleet.model_dump_json(indent=1, exclude_defaults=True))
+        self._write_connection()
+
+    async def start(self) -> None:
+        self.provision()
         await self.server.start()
         self._supervisor = asyncio.ensure_future(self._supervise())
         try:
@@ -170,7 +178,7 @@ class Grid:
             plan.append(SupervisedChild("devices", gridpresence_argv(*verbose, "bots", "--data", data, "--only",
                                                                      *devices), ready="running"))
         if services:
-            plan.append(SupervisedChild("services", gridpresence_argv(*verbose, "bots", "--data", data, "--services",
+            plan.append(SupervisedChild("services", gridpresence_argv(*verbose, "bots", "--data", data,
                                                                       "--only", *services), ready="running"))
         for child in plan:
             self.children.append(child)

@@ -42,10 +42,11 @@ class CertPaths:
 
 
 def ensure_certificates(directory: Path, domain: str, ips: Sequence[str] = ("127.0.0.1",),
-                        service: str = "server") -> CertPaths:
+                        service: str = "server", hosts: Sequence[str] = ()) -> CertPaths:
     """Create (or reuse, when still valid for `domain` and `ips`) a CA and a certificate for one
     service of the grid: the XMPP server (``server.pem``), or e.g. the relay's SMTP STARTTLS
-    (``service="relay"``: ``relay.pem``, issued by the same CA, for the address it listens on)."""
+    (``service="relay"``: ``relay.pem``, issued by the same CA, for the address it listens on).
+    `hosts` are further DNS names the service is dialled by (a container's service name)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = CertPaths.in_directory(directory, service)
@@ -58,8 +59,8 @@ def ensure_certificates(directory: Path, domain: str, ips: Sequence[str] = ("127
         _write_cert(paths.ca, ca[0])
     ca_cert, ca_key = ca
 
-    if not _server_cert_ok(paths, ca_cert, domain, ips):
-        cert, key = _new_server_cert(ca_cert, ca_key, domain, ips)
+    if not _server_cert_ok(paths, ca_cert, domain, ips, hosts):
+        cert, key = _new_server_cert(ca_cert, ca_key, domain, ips, hosts)
         _write_key(paths.key, key)
         _write_cert(paths.cert, cert)
     return paths
@@ -106,7 +107,8 @@ def _new_ca(domain: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
 
 
 def _new_server_cert(
-    ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, domain: str, ips: Sequence[str]
+    ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, domain: str, ips: Sequence[str],
+    hosts: Sequence[str] = (),
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _new_key()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)])
@@ -119,7 +121,7 @@ def _new_server_cert(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
-        .add_extension(x509.SubjectAlternativeName(_wanted_names(domain, ips)), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_wanted_names(domain, ips, hosts)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
         .sign(ca_key, hashes.SHA256())
@@ -156,8 +158,9 @@ def _key_usage(cert_sign: bool) -> x509.KeyUsage:
     )
 
 
-def _wanted_names(domain: str, ips: Sequence[str]) -> list[x509.GeneralName]:
-    """SANs: the domain, its subdomains (components), localhost, and each IP address."""
+def _wanted_names(domain: str, ips: Sequence[str], hosts: Sequence[str] = ()) -> list[x509.GeneralName]:
+    """SANs: the domain, its subdomains (components), localhost, each further host name and
+    each IP address."""
     names: list[x509.GeneralName] = []
     addresses = [ipaddress.ip_address(ip) for ip in ips]
     try:
@@ -166,6 +169,7 @@ def _wanted_names(domain: str, ips: Sequence[str]) -> list[x509.GeneralName]:
         names += [x509.DNSName(domain), x509.DNSName(f"*.{domain}")]
     if domain.lower() != "localhost":
         names.append(x509.DNSName("localhost"))
+    names += [x509.DNSName(h) for h in dict.fromkeys(hosts) if h.lower() not in (domain.lower(), "localhost")]
     names += [x509.IPAddress(a) for a in dict.fromkeys(addresses)]
     return names
 
@@ -187,7 +191,8 @@ def _load_ca(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, ec.Elli
     return cert, key
 
 
-def _server_cert_ok(paths: CertPaths, ca_cert: x509.Certificate, domain: str, ips: Sequence[str]) -> bool:
+def _server_cert_ok(paths: CertPaths, ca_cert: x509.Certificate, domain: str, ips: Sequence[str],
+                    hosts: Sequence[str] = ()) -> bool:
     try:
         cert = x509.load_pem_x509_certificate(paths.cert.read_bytes())
         key = serialization.load_pem_private_key(paths.key.read_bytes(), password=None)
@@ -198,7 +203,7 @@ def _server_cert_ok(paths: CertPaths, ca_cert: x509.Certificate, domain: str, ip
     return (
         key.public_key() == cert.public_key()
         and _fresh(cert)
-        and set(_wanted_names(domain, ips)) <= set(sans)
+        and set(_wanted_names(domain, ips, hosts)) <= set(sans)
     )
 
 

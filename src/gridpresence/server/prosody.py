@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from string import Template
 from types import TracebackType
-from xml.sax.saxutils import quoteattr
 
 from gridpresence.server.certs import CertPaths, cert_ips, ensure_certificates
 from gridpresence.server.ports import free_ports, port_is_free
 from gridpresence.server.provision import lua_string
+from gridpresence.transport.probe import serves_xmpp
 
 TEMPLATE_PATH = Path(__file__).resolve().parents[3] / "server_config" / "prosody.cfg.lua.tmpl"
 LOG_LEVELS = ("debug", "info", "warn", "error")
@@ -137,6 +137,8 @@ class ProsodyServer:
     `template_path` exists for tests and experiments; normally the repository's template is used.
     `adhoc_accounts` (usernames, the fleet's devices) get their XEP-0050 commands answered at their
     bare JID by their connected resource (server_config/mod_gridpresence_adhoc.lua).
+    `advertise` is the name other machines dial when it is not `bind` (a container's service
+    name, where the server binds every interface): clients and the certificate use it.
     """
 
     def __init__(
@@ -151,6 +153,7 @@ class ProsodyServer:
         component_secret: str | None = None,
         template_path: Path = TEMPLATE_PATH,
         adhoc_accounts: Sequence[str] = (),
+        advertise: str | None = None,
     ) -> None:
         if log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, not {log_level!r}")
@@ -163,6 +166,7 @@ class ProsodyServer:
         self.component_secret = component_secret
         self.template_path = Path(template_path)
         self.adhoc_accounts = tuple(adhoc_accounts)
+        self.advertise = advertise
         self.certs = CertPaths.in_directory(self.data_dir / "certs")
         self._auto_ports = ports is None
         self.ports = ports if ports is not None else self._remembered_or_new_ports()
@@ -190,7 +194,10 @@ class ProsodyServer:
 
     @property
     def connect_host(self) -> str:
-        """Address clients should dial: `bind`, or loopback when bound to every interface."""
+        """Address clients should dial: `advertise`, else `bind`, or loopback when bound to every
+        interface."""
+        if self.advertise:
+            return self.advertise
         if self.bind == "0.0.0.0":
             return "127.0.0.1"
         if self.bind == "::":
@@ -226,7 +233,7 @@ class ProsodyServer:
         another Prosody runs from data_dir, before writing anything."""
         self.refuse_if_running_elsewhere()
         self.storage_path.mkdir(mode=0o750, parents=True, exist_ok=True)
-        ensure_certificates(self.certs.ca.parent, self.domain, self._cert_ips())
+        ensure_certificates(self.certs.ca.parent, self.domain, self._cert_ips(), hosts=self._cert_hosts())
         if self._auto_ports:
             self._remember_ports()
         body = Template(self.template_path.read_text()).substitute(self._template_values())
@@ -277,6 +284,10 @@ class ProsodyServer:
 
     def _cert_ips(self) -> list[str]:
         return cert_ips(self.connect_host)
+
+    def _cert_hosts(self) -> list[str]:
+        """The advertised name when it is a host name (an IP is among `_cert_ips`)."""
+        return [self.advertise] if self.advertise and not cert_ips(self.advertise)[1:] else []
 
     # --- ports ----------------------------------------------------------------------------
 
@@ -452,35 +463,7 @@ class ProsodyServer:
         )
 
     async def _serves_xmpp(self) -> bool:
-        """True once the c2s port accepts TCP and offers STARTTLS for our domain.
-
-        The kernel accepts TCP as soon as Prosody binds, before its event loop and the
-        VirtualHost are up; asking for stream features proves the host really serves.
-        """
-        header = (
-            "<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
-            f"xmlns:stream='http://etherx.jabber.org/streams' to={quoteattr(self.domain)} version='1.0'>"
-        )
-        try:
-            reader, writer = await asyncio.open_connection(self.connect_host, self.ports.c2s)
-        except OSError:
-            return False
-        try:
-            writer.write(header.encode())
-            received = b""
-            async with asyncio.timeout(2.0):
-                while b"</stream:features>" not in received and b"stream:error" not in received:
-                    chunk = await reader.read(4096)
-                    if not chunk:
-                        break
-                    received += chunk
-            return b"starttls" in received
-        except (OSError, TimeoutError):
-            return False
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()  # leave no half-open probe for Prosody to wait on
+        return await serves_xmpp(self.connect_host, self.ports.c2s, self.domain)
 
     async def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM Prosody's process group, SIGKILL it after `timeout`; safe to call repeatedly."""
@@ -524,3 +507,4 @@ class ProsodyServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+

@@ -53,7 +53,7 @@ class RelayService:
 
     def __init__(self, fleet: Fleet, endpoint: Endpoint, password: str, queue_path: Path, *, certs_dir: Path,
                  smtp_host: str = "127.0.0.1", smtp_port: int = 0, durable: bool = False,
-                 keys: PartyKeys | None = None) -> None:
+                 keys: PartyKeys | None = None, advertise: str | None = None) -> None:
         self.fleet = fleet
         self.endpoint = endpoint
         self.jid = fleet.jid(RELAY)
@@ -71,7 +71,9 @@ class RelayService:
         self.handler = RelayHandler(Directory(self.operators, self.devices, self.jid, readers), self.queue,
                                     self._on_stored, self.keyring)
         # STARTTLS with a certificate of the grid's CA for the address the relay listens on.
-        self.certs = ensure_certificates(certs_dir, fleet.domain, cert_ips(smtp_host), service=RELAY)
+        # `advertise`: the name it is dialled by when not its address (a container's service name).
+        self.certs = ensure_certificates(certs_dir, fleet.domain, cert_ips(advertise or smtp_host), service=RELAY,
+                                         hosts=[advertise] if advertise else [])
         self.tls = server_tls(self.certs.cert, self.certs.key)
         self.client.register_handler(Callback("relay outcome", StanzaPath("message/grid_outcome"), self._on_outcome))
         self._server: asyncio.AbstractServer | None = None

@@ -1,0 +1,57 @@
+"""Is a party up? Probes cheap enough for a container's health check: standard library only
+(importing the rest of the package would take seconds on a loaded machine)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+
+async def serves_xmpp(host: str, port: int, domain: str, timeout: float = 2.0) -> bool:
+    """True once `host:port` accepts TCP and offers STARTTLS for `domain`.
+
+    The kernel accepts TCP as soon as Prosody binds, before its event loop and the
+    VirtualHost are up; asking for stream features proves the host really serves.
+    """
+    header = (
+        "<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
+        f"xmlns:stream='http://etherx.jabber.org/streams' to={quoteattr(domain)} version='1.0'>"
+    )
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return False
+    try:
+        writer.write(header.encode())
+        received = b""
+        async with asyncio.timeout(timeout):
+            while b"</stream:features>" not in received and b"stream:error" not in received:
+                chunk = await reader.read(4096)
+                if not chunk:
+                    break
+                received += chunk
+        return b"starttls" in received
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()  # leave no half-open probe for Prosody to wait on
+
+
+def established_to(port: int, tables: tuple[Path, ...] = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))) -> int:
+    """How many TCP connections of this network namespace (a container) are established to a
+    remote `port`: a bot container holds its bots' XMPP sessions to the c2s port."""
+    count = 0
+    for table in tables:
+        try:
+            lines = table.read_text().splitlines()[1:]
+        except OSError:
+            continue  # no IPv6, or not Linux
+        for line in lines:
+            fields = line.split()  # sl local remote state ...; addresses as HEXIP:HEXPORT
+            if len(fields) > 3 and fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                count += 1  # state 01: ESTABLISHED
+    return count

@@ -1,0 +1,134 @@
+"""The compose demo's parts that need no Docker engine (tests/test_compose.py runs the stack):
+the compose file against the demo fleet and the CLI, the containers' health checks on bad
+input, and the provisioning step `init` runs, twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gridpresence.config import load_fleet
+from gridpresence.host import health
+from gridpresence.transport.probe import established_to
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+FLEET = load_fleet(ROOT / "bots" / "demo-fleet.toml")
+HELD_BACK = {"far-1", "meter-9"}  # the demo fleet's devices started apart (README: relay examples)
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gridpresence", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_device_runs_in_exactly_one_container() -> None:
+    named: list[str] = []
+    for svc in SERVICES.values():
+        cmd = svc.get("command", [])
+        if cmd[:2] == ["gridpresence", "bots"]:
+            named += cmd[cmd.index("--only") + 1:]
+    devices = {d.name for d in FLEET.devices}
+    parties = {"billing", "watchdog", "console"}
+    assert sorted(named) == sorted(set(named)), "a bot in two containers would log in twice"
+    assert set(named) == (devices - HELD_BACK) | parties
+
+
+def test_services_share_one_volume_and_the_server_is_published() -> None:
+    for name, svc in SERVICES.items():
+        assert "grid-data:/data" in svc["volumes"], name
+        assert svc.get("healthcheck", {}).get("disable") or svc["healthcheck"]["test"][:4] == [
+            "CMD", "/opt/venv/bin/python", "-m", "gridpresence.host.health"], name
+    assert any(p.endswith(":5222") for p in SERVICES["xmpp"]["ports"])
+    assert SERVICES["xmpp"]["depends_on"]["init"]["condition"] == "service_completed_successfully"
+    assert "scenario" in SERVICES["scenario"]["profiles"]  # one-shot: `up` leaves it out
+    assert set(COMPOSE["volumes"]) == {"grid-data"}
+
+
+def test_health_checks_fail_clearly_on_a_missing_or_broken_connection_file(tmp_path: Path) -> None:
+    ok, why = health.check("server", tmp_path)
+    assert not ok and "not readable" in why and "provisioned" in why
+    (tmp_path / "connection.json").write_text('{"server": {"c2s_port": "x"}}')
+    assert health.check("bots", tmp_path)[0] is False
+    (tmp_path / "connection.json").write_text('{"server": {"c2s_port": 1, "domain": "localhost"}}')
+    assert health.check("server", tmp_path) == (False, "no XMPP server answers on port 1")
+    assert health.main(["bots", "--data", str(tmp_path)]) == 1
+
+
+def test_established_to_counts_only_established_connections_to_the_port(tmp_path: Path) -> None:
+    table = tmp_path / "tcp"
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    table.write_text(header
+                     + "   0: 0B00007F:AA5B 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1\n"
+                     + "   1: 040011AC:8040 020011AC:1466 01 00000000:00000000 00:00000000 00000000 1 0 2\n"
+                     + "   2: 040011AC:8041 020011AC:1466 06 00000000:00000000 00:00000000 00000000 1 0 3\n")
+    assert established_to(5222, (table,)) == 1  # 0x1466; LISTEN (0A) and TIME_WAIT (06) do not count
+    assert established_to(5223, (table, tmp_path / "absent")) == 0
+
+
+def test_established_to_survives_garbage_tables(tmp_path: Path) -> None:
+    """Seeded, bounded fuzz: a table the kernel never writes is a count, not a crash."""
+    rng = random.Random(19)
+    alphabet = "0123456789ABCDEF: \n\t01x-"
+    table = tmp_path / "tcp"
+    for _ in range(300):
+        text = "header\n" + "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 200)))
+        table.write_text(text)
+        try:
+            assert established_to(5222, (table,)) >= 0
+        except ValueError:
+            pytest.fail(f"established_to raised on {text!r}")
+
+
+def test_provision_only_makes_everything_once_and_keeps_it(tmp_path: Path) -> None:
+    data = tmp_path / "grid"
+    args = ["up", "--provision-only", "--data", str(data), "--fleet", str(ROOT / "bots" / "demo-fleet.toml"),
+            "--bind", "0.0.0.0", "--advertise", "xmpp", "--c2s-port", "5222", "--http-port", "5280",
+            "--https-port", "5281"]
+    first = _cli(*args)
+    assert first.returncode == 0, first.stderr
+    info = json.loads((data / "connection.json").read_text())
+    assert info["server"]["host"] == "xmpp" and info["server"]["c2s_port"] == 5222
+    assert "interfaces = { \"0.0.0.0\" }" in (data / "prosody.cfg.lua").read_text()
+    assert (data / "certs" / "ca.pem").exists() and (data / "fleet.json").exists()
+    assert not (data / "prosody.pid").exists(), "provisioning starts no server"
+    # Parties dial `xmpp`: the server's certificate names it (BOSH at https://xmpp:5281 verifies).
+    from cryptography import x509
+    cert = x509.load_pem_x509_certificate((data / "certs" / "server.pem").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "xmpp" in sans.get_values_for_type(x509.DNSName) and "localhost" in sans.get_values_for_type(x509.DNSName)
+    second = _cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert json.loads((data / "connection.json").read_text())["operators"] == info["operators"]
+
+
+def test_server_and_scenario_say_what_is_missing(tmp_path: Path) -> None:
+    server = _cli("server", "--data", str(tmp_path))
+    assert server.returncode == 2 and "provision first" in server.stderr
+    scenario = _cli("scenario", "--data", str(tmp_path))
+    assert scenario.returncode == 2 and "not found" in scenario.stderr
+    bots = _cli("bots", "--data", str(tmp_path))
+    assert bots.returncode == 2 and "not found" in bots.stderr
+
+
+async def test_server_probe_says_no_where_nothing_speaks_xmpp() -> None:
+    """The xmpp container's probe (its success is every start of the embedded server)."""
+    from gridpresence.transport.probe import serves_xmpp
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 not xmpp\r\n" * 100)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        assert await serves_xmpp("127.0.0.1", port, "localhost", timeout=1.0) is False
+    assert await serves_xmpp("127.0.0.1", port, "localhost", timeout=0.5) is False  # closed now
