@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -51,6 +52,9 @@ TEST_FLEET = {
         # Driven past their alarm thresholds by the alarm tests.
         {"name": "hot-load", "kind": "load", "rated_kw": 100},
         {"name": "hot-load2", "kind": "load", "rated_kw": 100},
+        # The verdict test's load: critical, so no other test's shedding changes its state (a real
+        # state change would make its alarms start-up transients, and teach a settling time instead).
+        {"name": "verdict-load", "kind": "load", "rated_kw": 100, "critical": True},
         {"name": "hot-gen", "kind": "generator", "rated_kw": 100, "startup_s": 0, "initial_state": "on"},
         {"name": "hot-breaker", "kind": "breaker", "rated_kw": 100},
         # A small branch the branch-hierarchy test drives near its limit.
@@ -158,3 +162,29 @@ async def run_python(*args: str, timeout: float = 60.0) -> tuple[int, str, str]:
         sys.executable, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT)
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def until(check: Callable[[], Any], timeout: float = 10.0, what: str = "the condition") -> Any:
+    """Poll `check` until it gives something true (returned), or fail after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (got := check()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.05)
+    return got
+
+
+async def start_up(data: Path, fleet: Path, *extra: str) -> tuple[asyncio.subprocess.Process, str]:
+    """`gridpresence up` as a person runs it, until it says it is up (its Ctrl-C line); returns the
+    process and what it printed."""
+    exe = Path(sys.executable).with_name("gridpresence")
+    proc = await asyncio.create_subprocess_exec(str(exe), "up", "--data", str(data), "--fleet", str(fleet), *extra,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    seen = ""
+    async with asyncio.timeout(40):
+        while "Ctrl-C" not in seen:
+            line = await proc.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                raise AssertionError(f"up ended early: {seen}{(await proc.stderr.read()).decode()}")  # type: ignore[union-attr]
+            seen += line.decode()
+    return proc, seen

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from conftest import run_cli
+from conftest import run_cli, start_up
 from gridpresence.config import Fleet, parse_fleet
 from gridpresence.device.operated import OperatedStore, state_path
 from gridpresence.host.fleet import FleetBots
@@ -219,20 +219,6 @@ rated_kw = 100
 """
 
 
-async def _start_up(data: Path, fleet: Path) -> asyncio.subprocess.Process:
-    exe = Path(sys.executable).with_name("gridpresence")
-    proc = await asyncio.create_subprocess_exec(str(exe), "up", "--data", str(data), "--fleet", str(fleet),
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    seen = ""
-    async with asyncio.timeout(40):
-        while "Ctrl-C" not in seen:
-            line = await proc.stdout.readline()  # type: ignore[union-attr]
-            if not line:
-                raise AssertionError(f"up ended early: {seen}{(await proc.stderr.read()).decode()}")  # type: ignore[union-attr]
-            seen += line.decode()
-    return proc
-
-
 def _gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -252,7 +238,7 @@ async def test_up_killed_leaves_no_prosody_and_operated_state_survives(tmp_path:
     fleet.write_text(SMALL_FLEET)
     data = tmp_path / "grid"
     conn = ["--connection", str(data / "connection.json")]
-    proc = await _start_up(data, fleet)
+    proc, _ = await start_up(data, fleet)
     try:
         for action, device in (("shed", "pump"), ("start", "diesel"), ("open", "feeder")):
             code, out, err = await run_cli(action, device, *conn)
@@ -270,7 +256,7 @@ async def test_up_killed_leaves_no_prosody_and_operated_state_survives(tmp_path:
             proc.kill()
             await proc.wait()
     started = time.monotonic()
-    proc = await _start_up(data, fleet)  # no "another Prosody is already running"
+    proc, _ = await start_up(data, fleet)  # no "another Prosody is already running"
     try:
         states = await _status(data)
         took = time.monotonic() - started

@@ -748,7 +748,7 @@ async def test_every_mailed_report_updates_status(env: Env, relay: RelayProcess)
     assert seen[0] != seen[1], seen  # the second report, not the first one again
     # The meter keeps its register between two runs of its uplink, as a real one does: the
     # second report counts on from the first, over the time between them.
-    assert seen[1][1]["energy_kwh"] > seen[0][1]["energy_kwh"] > 0, seen
+    assert seen[1][1]["energy_kwh"] > seen[0][1]["energy_kwh"], seen
     kept = json.loads((relay.data / "mail-devices" / "mailer-1.json").read_text())
     assert kept["register_kwh"] == pytest.approx(seen[1][1]["energy_kwh"], abs=1e-3) and kept["seq"] >= 2
 

@@ -21,7 +21,7 @@ from test_adhoc import _gajim
 from gridpresence.xmpp.session import close_session
 from timebase import NOW
 
-DEVICE = "hot-load2"
+DEVICE = "verdict-load"
 
 
 def agent(env: Env) -> DeviceAgent:

@@ -18,7 +18,7 @@ from gridpresence.config import Fleet
 from gridpresence.device.agent import DeviceAgent
 from gridpresence.gateway.field_device import FieldDevice, FieldIed, FieldLoop
 from gridpresence.gateway.site import Site
-from gridpresence.host.fleet import LOGIN_CONCURRENCY, device_agent
+from gridpresence.host.fleet import device_agent, log_in_all
 from gridpresence.protocol.models import utcnow
 from gridpresence.rules.model import rules_for
 from gridpresence.security.pep_keyring import PartyKeys
@@ -84,15 +84,7 @@ class Gateway:
         for name, field in self.ieds.items():
             field.on_poll = lambda n=name: main.call_soon_threadsafe(self._polled, n)  # type: ignore[misc]
             self.field_loop.submit(field.run())
-        gate = asyncio.Semaphore(LOGIN_CONCURRENCY)
-
-        async def one(agent: DeviceAgent) -> None:
-            async with gate:
-                await agent.login()
-            await agent.keyring.announced()
-
-        async with asyncio.timeout(timeout):
-            await asyncio.gather(*(one(a) for a in self.devices.values()))
+        await log_in_all(self.devices.values(), timeout)
 
     async def stop(self) -> None:
         """Goodbyes first (state "gone"), then the field links close."""
