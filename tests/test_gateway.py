@@ -213,21 +213,21 @@ name = "gw-load-1"
 kind = "load"
 map = "modbus-load-controller"
 poll_s = 0.3
-link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {loads}, unit = 1, timeout_s = 0.5 }}
+link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {loads}, unit = 1, timeout_s = 2.0 }}
 
 [[ieds]]
 name = "gw-load-2"
 kind = "load"
 map = "modbus-load-controller"
 poll_s = 0.3
-link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {loads}, unit = 2, timeout_s = 0.5 }}
+link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {loads}, unit = 2, timeout_s = 2.0 }}
 
 [[ieds]]
 name = "gw-load-3"
 kind = "load"
 map = "quick-load"
 poll_s = 0.3
-link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {loads}, unit = 3, timeout_s = 0.5 }}
+link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {loads}, unit = 3, timeout_s = 2.0 }}
 
 [[ieds]]
 name = "gw-meter"
@@ -253,6 +253,8 @@ gone_after_s = 4
 link = {{ protocol = "dnp3-tcp", host = "127.0.0.1", port = {brk2}, outstation = 10, timeout_s = 1.0 }}
 
 # The shipped load controller with a short confirmation time (a stubborn IED is found out fast).
+# The loads' link time-outs (2 s) are long enough that a loaded 2-core machine is not an IED
+# that does not answer; the meter's and breakers' stay short for the unplugging tests.
 [maps.quick-load]
 protocol = "modbus"
 points.shed = {{ table = "coil", address = 0 }}
@@ -263,8 +265,8 @@ points.capacity_kw = {{ table = "holding", address = 1, scale = 0.1 }}
 points.load_pct = {{ table = "holding", address = 2, scale = 0.1 }}
 telemetry = {{ kw = "kw", capacity_kw = "capacity_kw", load_pct = "load_pct" }}
 state = {{ on = "running", restricted = "local", note = "in local control at the controller" }}
-commands.shed = {{ writes = [{{ point = "shed", value = true }}], confirm = {{ point = "running", equals = false }}, timeout_s = 1 }}
-commands.restore = {{ writes = [{{ point = "shed", value = false }}], confirm = {{ point = "running", equals = true }}, timeout_s = 1 }}
+commands.shed = {{ writes = [{{ point = "shed", value = true }}], confirm = {{ point = "running", equals = false }}, timeout_s = 2 }}
+commands.restore = {{ writes = [{{ point = "shed", value = false }}], confirm = {{ point = "running", equals = true }}, timeout_s = 2 }}
 """
 
 
@@ -275,7 +277,7 @@ name = "gw-cli-load"
 kind = "load"
 map = "modbus-load-controller"
 poll_s = 0.3
-link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {loads}, unit = 4, timeout_s = 0.5 }}
+link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {loads}, unit = 4, timeout_s = 2.0 }}
 """
 
 
@@ -429,8 +431,18 @@ async def test_open_and_close_a_dnp3_breaker_by_the_cli(field: Field) -> None:
     await until(field.alice, "gw-brk-1", lambda v: v.report.telemetry.breaker is Breaker.CLOSED)
 
 
+# Timing: "not confirmed" needs every read-back of the 2 s window to be answered; on a loaded
+# 2-core machine one read can miss its time-out and the outcome is then a true "no-answer". Seen
+# once in ten runs under a full suite: one rerun, so a real regression still fails twice.
+@pytest.mark.flaky(reruns=1)
 async def test_an_ied_that_refuses_or_does_not_follow_is_rejected_with_the_reason(field: Field) -> None:
     alice = field.alice
+
+    async def on_and_read() -> None:  # a fresh, good reading first: the test is about the command
+        await until(alice, "gw-load-3", lambda v: v.state is DeviceState.ON and v.report is not None
+                    and v.report.telemetry.kw is not None, timeout=10)
+
+    await on_and_read()
     field.loads.refuse.add((3, 0))
     try:
         refused = await alice.command("gw-load-3", "shed")
@@ -438,6 +450,7 @@ async def test_an_ied_that_refuses_or_does_not_follow_is_rejected_with_the_reaso
         field.loads.refuse.clear()
     assert refused.status is OutcomeStatus.REJECTED and refused.reason is RejectReason.DEVICE_REFUSED
     assert "DEVICE_FAILURE" in refused.detail and refused.report.state is DeviceState.ON  # type: ignore[union-attr]
+    await on_and_read()
     field.loads.follow[3] = False  # the coil is taken, the load keeps running
     try:
         stubborn = await alice.command("gw-load-3", "shed")
