@@ -43,6 +43,7 @@ from gridpresence.protocol.codec import (
     PayloadError,
     health_from_xml,
     q,
+    record_from_xml,
     report_from_xml,
 )
 from gridpresence.protocol.alarm import Alarm, alarm_from_xml
@@ -109,6 +110,9 @@ class GridOperator:
         self._changed = asyncio.Event()
         self.tracker.listen(lambda _change: self._bump())
         self.client.register_handler(Callback("grid tariff", StanzaPath("message/grid_tariff"), self._on_tariff))
+        # A device's copy of a command someone else issued (this session is a recorder's).
+        self.client.register_handler(Callback("outcome record", StanzaPath("message/grid_outcome_record"),
+                                              self._on_record))
         self.client.register_handler(Callback("signed tariff", StanzaPath("message/openpgp"),
                                               self._on_tariff))  # type: ignore[arg-type]
         self.client.register_handler(Callback("mailed data", StanzaPath("message/grid_device"), self._on_mailed_data))
@@ -464,6 +468,18 @@ class GridOperator:
         self.alarms.append(alarm)
         self._tell(self._alarm_listeners, alarm)
         self._bump()
+
+    def _on_record(self, msg: Message) -> None:
+        try:
+            record = record_from_xml(msg["grid_outcome_record"].xml)
+        except PayloadError as exc:
+            log.warning("dropped invalid outcome record from %s: %s", msg["from"], exc)
+            return
+        view = self.tracker.find(record.outcome.device)
+        if view is None or JID(record.outcome.device).bare != msg["from"].bare:
+            log.warning("outcome record from %s for %s ignored: not that device", msg["from"], record.outcome.device)
+            return
+        self._tell(self._outcome_listeners, view.name, record.action.value, record.outcome)
 
     async def new_alarms(self) -> AsyncIterator[Alarm]:
         """Alarms sent to this operator from now on, as they arrive."""
