@@ -64,6 +64,9 @@ FAN_OUT_BATCH = 50  # commands of a fan-out prepared (signed) before the loop ma
 TARIFF_WAIT_S = 5.0
 
 
+KEPT_ALARMS = 1000  # alarms kept in GridOperator.alarms
+
+
 class UnknownDevice(KeyError):
     def __str__(self) -> str:
         return f"no device named {self.args[0]!r} in this operator's roster"
@@ -116,7 +119,8 @@ class GridOperator:
         self.client.register_handler(Callback("signed tariff", StanzaPath("message/openpgp"),
                                               self._on_tariff))  # type: ignore[arg-type]
         self.client.register_handler(Callback("mailed data", StanzaPath("message/grid_device"), self._on_mailed_data))
-        self.alarms: list[Alarm] = []  # alarms devices sent this operator, oldest first
+        self.alarms: list[Alarm] = []  # alarms devices sent this operator, oldest first (the newest KEPT_ALARMS)
+        self._alarms_total = 0  # every alarm ever received: new_alarms() counts on this, not on the kept list
         # Who else wants each alarm and each command's outcome as it comes (the historian).
         self._alarm_listeners: list[Callable[[Alarm], None]] = []
         self._outcome_listeners: list[Callable[[str, str, Outcome], None]] = []
@@ -466,6 +470,8 @@ class GridOperator:
             log.warning("alarm from %s for %s ignored: not that device", msg["from"], alarm.device)
             return
         self.alarms.append(alarm)
+        self._alarms_total += 1
+        del self.alarms[:-KEPT_ALARMS]  # a recorder's session gets every alarm state of the grid
         self._tell(self._alarm_listeners, alarm)
         self._bump()
 
@@ -483,11 +489,13 @@ class GridOperator:
 
     async def new_alarms(self) -> AsyncIterator[Alarm]:
         """Alarms sent to this operator from now on, as they arrive."""
-        seen = len(self.alarms)
+        seen = self._alarms_total
         while True:
-            while seen < len(self.alarms):
+            while seen < self._alarms_total:
+                back = self._alarms_total - seen  # how far from the newest this one is
                 seen += 1
-                yield self.alarms[seen - 1]
+                if back <= len(self.alarms):  # not yet trimmed (a reader KEPT_ALARMS behind loses the oldest)
+                    yield self.alarms[-back]
             await self._changed.wait()
 
     # -- chat -------------------------------------------------------------------------
