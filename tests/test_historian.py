@@ -256,6 +256,10 @@ async def test_the_grid_records_telemetry_state_alarms_and_outcomes(live: Grid) 
         assert outcome.ok, outcome
     states = await until(lambda: [e for e in stored_events(live, "pump", "state") if e.detail["state"] == "off"])
     assert states[-1].detail["was"] == "on"
+    # An operator's own session (as the CLI's) issued it: the device sends the recorder a copy.
+    issued = await until(lambda: [e for e in stored_events(live, "pump", "outcome")
+                                  if e.detail.get("command_id") == outcome.command_id])
+    assert issued[-1].detail["action"] == "shed" and issued[-1].detail["status"] == "executed", issued
 
     assert live.bots is not None and live.bots.console is not None
     answer = await live.bots.console.answer(live.fleet.jid("olga"), "read diesel")

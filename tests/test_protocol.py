@@ -203,3 +203,20 @@ async def test_client_trusting_another_ca_cannot_log_in(env: Env, tmp_path) -> N
     client = make_client("bob@localhost/wrong-ca", env.grid.secrets.password("bob"), endpoint)
     with pytest.raises(SessionError, match="no session"):
         await open_session(client, endpoint, timeout=4)
+
+
+def test_outcome_record_round_trips_and_refuses_a_broken_one() -> None:
+    """A device's copy of an outcome for the recorders: its action and issuer travel with it."""
+    from gridpresence.protocol.codec import record_from_xml, record_to_xml
+    from gridpresence.protocol.models import OutcomeRecord
+
+    out = Outcome(command_id="c1", device="x@localhost", status=OutcomeStatus.EXECUTED, detail="done")
+    record = OutcomeRecord(action=Action.SHED, issuer="alice@localhost", outcome=out)
+    assert record_from_xml(_roundtrip(record_to_xml(record))) == record
+    for bad in (f"<outcome-record xmlns='{NS}' action='shed' issuer='a@b'/>",  # no outcome
+                f"<outcome-record xmlns='{NS}' action='explode' issuer='a@b'><outcome command-id='c' "
+                f"device='x@localhost' status='executed'/></outcome-record>",
+                f"<outcome-record xmlns='{NS}' action='shed'><outcome command-id='c' device='x@localhost' "
+                f"status='executed'/></outcome-record>"):
+        with pytest.raises(PayloadError):
+            record_from_xml(ET.fromstring(bad))

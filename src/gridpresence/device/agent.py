@@ -38,6 +38,7 @@ from gridpresence.protocol.codec import (
     PayloadError,
     q,
     outcome_to_xml,
+    record_to_xml,
     report_from_xml,
     report_to_xml,
 )
@@ -49,6 +50,7 @@ from gridpresence.protocol.models import (
     DeviceState,
     FaultRef,
     Outcome,
+    OutcomeRecord,
     OutcomeStatus,
     PresenceReport,
     RejectReason,
@@ -402,15 +404,30 @@ class DeviceAgent(PartySession):
                            report=self.current_report())
         if cmd.is_expired(now):
             late = (now - cmd.expires).total_seconds()
-            return Outcome(command_id=cmd.id, device=self.jid, status=OutcomeStatus.EXPIRED,
-                           detail=f"arrived {late:.1f} s after its expiry")
+            expired = Outcome(command_id=cmd.id, device=self.jid, status=OutcomeStatus.EXPIRED,
+                              detail=f"arrived {late:.1f} s after its expiry")
+            self._record(cmd, expired)
+            return expired
         outcome = self.execute(cmd, now)
         forget_at = cmd.expires.timestamp() + self.security.clock_skew_s
         self.replay.record(cmd.issuer, cmd.id, forget_at, outcome)
         # The device's own event log: what it did, when, with which command (the chaos test reads it).
         log.info("%s: command %s from %s %s %s at %s (expires %s)", self.spec.name, cmd.id, cmd.issuer,
                  cmd.action.value, outcome.status.value, now.isoformat(), cmd.expires.isoformat())
+        self._record(cmd, outcome)
         return outcome
+
+    def _record(self, cmd: Command, outcome: Outcome) -> None:
+        """A copy of each command taken, by whatever path it came (signed stanza, relay, chat,
+        ad-hoc), to the recorders (the historian) — but to its own issuer, which has the outcome."""
+        if not self.client.is_connected():
+            return
+        for to in self.setup.recorders:
+            if to == JID(cmd.issuer).bare:
+                continue
+            msg = self.client.make_message(mto=to, mtype="normal")
+            msg.append(record_to_xml(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome)))
+            msg.send()
 
     def execute(self, cmd: Command, now: dt.datetime) -> Outcome:
         """Apply a valid, authorised, fresh command to the physics; publish the new state first

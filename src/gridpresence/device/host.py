@@ -44,7 +44,7 @@ class DeviceSetup:
     """The device's place in the fleet, as its desks need it (``host.fleet.device_agent`` fills it)."""
 
     duty: tuple[str, ...] = ()  # operators on alarm duty, in the fleet's order
-    recorders: tuple[str, ...] = ()  # bare JIDs sent a copy of every alarm state (the historian's session)
+    recorders: tuple[str, ...] = ()  # bare JIDs sent a copy of every alarm state and command outcome (the historian)
     alarms: AlarmSettings = field(default_factory=AlarmSettings)
     rules: RuleSet | None = None  # the fleet's rule set (None: the built-in one for ``alarms``)
     audit: Path | None = None  # where threshold changes are journalled (None: memory only)

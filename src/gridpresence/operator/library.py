@@ -43,6 +43,7 @@ from gridpresence.protocol.codec import (
     PayloadError,
     health_from_xml,
     q,
+    record_from_xml,
     report_from_xml,
 )
 from gridpresence.protocol.alarm import Alarm, alarm_from_xml
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 FAN_OUT_BATCH = 50  # commands of a fan-out prepared (signed) before the loop may send them
 # How long `connect` waits for the tariff of a billing party that is online.
 TARIFF_WAIT_S = 5.0
+
+
+KEPT_ALARMS = 1000  # alarms kept in GridOperator.alarms
 
 
 class UnknownDevice(KeyError):
@@ -109,10 +113,14 @@ class GridOperator:
         self._changed = asyncio.Event()
         self.tracker.listen(lambda _change: self._bump())
         self.client.register_handler(Callback("grid tariff", StanzaPath("message/grid_tariff"), self._on_tariff))
+        # A device's copy of a command someone else issued (this session is a recorder's).
+        self.client.register_handler(Callback("outcome record", StanzaPath("message/grid_outcome_record"),
+                                              self._on_record))
         self.client.register_handler(Callback("signed tariff", StanzaPath("message/openpgp"),
                                               self._on_tariff))  # type: ignore[arg-type]
         self.client.register_handler(Callback("mailed data", StanzaPath("message/grid_device"), self._on_mailed_data))
-        self.alarms: list[Alarm] = []  # alarms devices sent this operator, oldest first
+        self.alarms: list[Alarm] = []  # alarms devices sent this operator, oldest first (the newest KEPT_ALARMS)
+        self._alarms_total = 0  # every alarm ever received: new_alarms() counts on this, not on the kept list
         # Who else wants each alarm and each command's outcome as it comes (the historian).
         self._alarm_listeners: list[Callable[[Alarm], None]] = []
         self._outcome_listeners: list[Callable[[str, str, Outcome], None]] = []
@@ -462,16 +470,32 @@ class GridOperator:
             log.warning("alarm from %s for %s ignored: not that device", msg["from"], alarm.device)
             return
         self.alarms.append(alarm)
+        self._alarms_total += 1
+        del self.alarms[:-KEPT_ALARMS]  # a recorder's session gets every alarm state of the grid
         self._tell(self._alarm_listeners, alarm)
         self._bump()
 
+    def _on_record(self, msg: Message) -> None:
+        try:
+            record = record_from_xml(msg["grid_outcome_record"].xml)
+        except PayloadError as exc:
+            log.warning("dropped invalid outcome record from %s: %s", msg["from"], exc)
+            return
+        view = self.tracker.find(record.outcome.device)
+        if view is None or JID(record.outcome.device).bare != msg["from"].bare:
+            log.warning("outcome record from %s for %s ignored: not that device", msg["from"], record.outcome.device)
+            return
+        self._tell(self._outcome_listeners, view.name, record.action.value, record.outcome)
+
     async def new_alarms(self) -> AsyncIterator[Alarm]:
         """Alarms sent to this operator from now on, as they arrive."""
-        seen = len(self.alarms)
+        seen = self._alarms_total
         while True:
-            while seen < len(self.alarms):
+            while seen < self._alarms_total:
+                back = self._alarms_total - seen  # how far from the newest this one is
                 seen += 1
-                yield self.alarms[seen - 1]
+                if back <= len(self.alarms):  # not yet trimmed (a reader KEPT_ALARMS behind loses the oldest)
+                    yield self.alarms[-back]
             await self._changed.wait()
 
     # -- chat -------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from gridpresence.protocol.models import (
     FaultRef,
     Health,
     Outcome,
+    OutcomeRecord,
     PresenceReport,
     Restriction,
     Tariff,
@@ -157,6 +158,18 @@ def outcome_from_xml(el: ET.Element | None, *, nested: bool = False) -> Outcome:
             raise PayloadError("invalid outcome: a first outcome inside a first outcome")
         data["first"] = outcome_from_xml(first.find(q("outcome")), nested=True)
     return _validate(Outcome, data, "outcome")
+
+
+def record_to_xml(record: OutcomeRecord) -> ET.Element:
+    el = ET.Element(q("outcome-record"), {"action": record.action.value, "issuer": record.issuer})
+    el.append(outcome_to_xml(record.outcome))
+    return el
+
+
+def record_from_xml(el: ET.Element | None) -> OutcomeRecord:
+    el = _expect(el, "outcome-record")
+    data = {**_fields(OutcomeRecord, el.attrib), "outcome": outcome_from_xml(el.find(q("outcome")))}
+    return _validate(OutcomeRecord, data, "outcome-record")
 
 
 # -- tariffs and health ------------------------------------------------------------------

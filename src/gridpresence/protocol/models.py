@@ -294,6 +294,15 @@ class Outcome(_Model):
         return text
 
 
+class OutcomeRecord(_Model):
+    """A copy of a command's outcome for the grid's recorders (the historian): which command
+    (its action and issuer) ended how. Data only: nobody waits on it."""
+
+    action: Action
+    issuer: str = Field(min_length=1, max_length=3071)
+    outcome: Outcome
+
+
 class TariffPeriod(_Model):
     """A price that applies from start_hour (inclusive) to end_hour (exclusive), UTC."""
 

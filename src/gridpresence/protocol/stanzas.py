@@ -28,6 +28,12 @@ class GridOutcome(ElementBase):
     plugin_attrib = "grid_outcome"
 
 
+class GridOutcomeRecord(ElementBase):
+    name = "outcome-record"
+    namespace = NS
+    plugin_attrib = "grid_outcome_record"
+
+
 class GridTariff(ElementBase):
     name = "tariff"
     namespace = NS
@@ -54,6 +60,7 @@ def register() -> None:
     register_stanza_plugin(Message, GridDevice)
     register_stanza_plugin(Message, GridCommand)
     register_stanza_plugin(Message, GridOutcome)
+    register_stanza_plugin(Message, GridOutcomeRecord)
     register_stanza_plugin(Message, GridTariff)
     register_stanza_plugin(Iq, GridHealthQuery)
     _registered = True
