@@ -22,6 +22,7 @@ import openpyxl
 import pytest
 import pytest_asyncio
 
+from gridpresence.protocol.models import Outcome, OutcomeStatus
 from gridpresence.services.historian import Event, Historian, HistoryStore, Retention, Sample, open_store
 from gridpresence.services.historian.store import SqliteStore, StoreError
 from conftest import run_cli
@@ -137,6 +138,19 @@ def test_a_failed_batch_is_kept_and_written_with_the_next(tmp_path: Path) -> Non
 
     asyncio.run(go())
     assert [p.mean for p in store.series("load-1", "kw", T0, T0 + 10)] == [1.0, 2.0]
+    store.close()
+
+
+def test_an_outcome_reaching_the_recorder_twice_is_kept_once(tmp_path: Path) -> None:
+    """The dashboard's own command and the device's copy to the recorders are one outcome."""
+    store = open_store(tmp_path / "h.sqlite")
+    rec = Historian(store, clock=lambda: T0)
+    done = Outcome(command_id="c-1", device="load-1@localhost", status=OutcomeStatus.EXECUTED)
+    rec.on_outcome("load-1", "shed", done)
+    rec.on_outcome("load-1", "shed", done)
+    rec.on_outcome("load-1", "restore", done.model_copy(update={"command_id": "c-2"}))
+    asyncio.run(rec.flush())
+    assert [e.detail["command_id"] for e in store.events("load-1", T0 - 1, T0 + 1)] == ["c-1", "c-2"]
     store.close()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,8 @@ from gridpresence.protocol.models import Outcome
 from gridpresence.services.historian.store import METRIC_UNITS, Event, HistoryStore, Retention, Sample
 
 log = logging.getLogger(__name__)
+
+OUTCOMES_REMEMBERED = 10_000  # command ids, to record each outcome once
 
 
 def samples_of(view: DeviceView, ts: float) -> list[Sample]:
@@ -51,6 +54,9 @@ class Historian:
         self._full = asyncio.Event()
         self._detach: list[Callable[[], None]] = []
         self.written = 0  # rows stored so far (samples and events)
+        # One outcome may reach the recorder twice (the dashboard's own command, and the device's
+        # copy to the recorders): each command id is kept once.
+        self._outcomes_seen: OrderedDict[str, None] = OrderedDict()
 
     # -- what is recorded -------------------------------------------------------------
 
@@ -76,6 +82,11 @@ class Historian:
         self.event(name, self.clock(), "alarm", alarm.model_dump(mode="json", exclude_none=True))
 
     def on_outcome(self, name: str, action: str, outcome: Outcome) -> None:
+        if outcome.command_id in self._outcomes_seen:
+            return
+        self._outcomes_seen[outcome.command_id] = None
+        while len(self._outcomes_seen) > OUTCOMES_REMEMBERED:
+            self._outcomes_seen.popitem(last=False)
         self.event(name, self.clock(), "outcome", {"action": action, **outcome.model_dump(mode="json", exclude_none=True)})
 
     def event(self, device: str, ts: float, kind: str, detail: dict[str, Any]) -> None:
