@@ -22,6 +22,7 @@ import openpyxl
 import pytest
 import pytest_asyncio
 
+from conftest import until as shared_until
 from gridpresence.protocol.models import Outcome, OutcomeStatus
 from gridpresence.services.historian import Event, Historian, HistoryStore, Retention, Sample, open_store
 from gridpresence.services.historian.store import SqliteStore, StoreError
@@ -231,14 +232,8 @@ async def live(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Grid]:
 
 
 async def until(check: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for the historian")
-        await asyncio.sleep(0.2)
+    """conftest's until, with the historian's batching (a batch a second) allowed for."""
+    return await shared_until(check, timeout, what="the historian")
 
 
 def stored_events(grid: Grid, device: str, kind: str) -> list[Event]:
