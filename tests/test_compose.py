@@ -36,8 +36,10 @@ from gridpresence.xmpp.session import ConnectionInfo
 pytestmark = pytest.mark.timeout(900)  # a cold run builds the base image and the grid's image
 
 # The services `up` starts and keeps running (init and scenario are one-shot).
-LONG_RUNNING = ("xmpp", "relay", "billing", "watchdog", "console", "devices", "device-load-2")
+LONG_RUNNING = ("xmpp", "relay", "billing", "watchdog", "console", "devices", "device-load-2", "dashboard",
+                "web-gate", "device-far-1")
 LONE_DEVICE = "load-2"  # runs in the device-load-2 container
+FIELD_DEVICE = "far-1"  # runs in device-far-1, on the `field` network: out only through the web gate
 HEALTHY_WITHIN_S = 180.0  # a loaded CI machine of 2 cores starts 8 Python processes
 
 
@@ -52,16 +54,20 @@ class Stack:
     engine: dockerlab.Engine
     project: str
     xmpp_port: int
+    dashboard_port: int = field(default_factory=_free_port)
     figures: dict[str, str] = field(default_factory=dict)
 
     def compose(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Compose v1 (`docker-compose`, Debian bookworm's) or v2 (`docker compose`), whichever is here."""
+        return self.engine.run(*self.command(*args), check=check, timeout=timeout)
+
+    def command(self, *args: str) -> list[str]:
+        """The compose command line (setting this stack's published ports in the engine's env)."""
         v2 = self.engine.run(dockerlab.DOCKER, "compose", "version", check=False).returncode == 0
         cmd = [dockerlab.DOCKER, "compose"] if v2 else ["docker-compose"]
-        env_port = {"GRIDPRESENCE_XMPP_PORT": str(self.xmpp_port)}
-        self.engine.env.update(env_port)
-        return self.engine.run(*cmd, "-p", self.project, "-f", str(dockerlab.REPO / "docker-compose.yml"), *args,
-                               check=check, timeout=timeout)
+        self.engine.env.update(GRIDPRESENCE_XMPP_PORT=str(self.xmpp_port),
+                               GRIDPRESENCE_DASHBOARD_PORT=str(self.dashboard_port))
+        return [*cmd, "-p", self.project, "-f", str(dockerlab.REPO / "docker-compose.yml"), *args]
 
     def container(self, service: str) -> str:
         return self.compose("ps", "-q", service).stdout.strip()
@@ -220,4 +226,133 @@ def test_port_conflict_is_a_clear_error(stack: Stack) -> None:
     finally:
         other.compose("down", "-v", check=False)
         stack.engine.env["GRIDPRESENCE_XMPP_PORT"] = str(stack.xmpp_port)
+    assert other.leftovers() == []
+
+
+def test_dashboard_answers_from_the_host_with_the_grids_devices(stack: Stack, tmp_path: Path) -> None:
+    """The published dashboard port, as a person's browser on the host uses it: HTTPS checked
+    against the grid's CA, an operator's login, then the live snapshot the page shows."""
+    import aiohttp
+    import ssl
+
+    info = stack.host_connection(tmp_path)
+    assert info.server.ca_file is not None
+    tls = ssl.create_default_context(cafile=str(info.server.ca_file))
+    url = f"https://localhost:{stack.dashboard_port}/"  # the certificate names the grid's domain, localhost
+    operator = info.operators[0]
+
+    async def visit() -> tuple[int, str, dict[str, Any]]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            async with http.post(url + "login", ssl=tls, data={"operator": operator.name, "password": operator.password},
+                                 allow_redirects=False) as r:
+                assert r.status == 303, await r.text()
+            async with http.get(url, ssl=tls) as r:
+                status, page = r.status, await r.text()
+            async with http.get(url + "events", ssl=tls) as stream:
+                async for line in stream.content:
+                    if line.startswith(b"data: "):
+                        snap: dict[str, Any] = json.loads(line[6:])
+                        if sum(d["present"] for d in snap["devices"]) >= 12:  # the sessions' presence has arrived
+                            return status, page, snap
+            raise AssertionError("the event stream ended")
+
+    status, page, snap = asyncio.run(asyncio.wait_for(visit(), 90))
+    assert status == 200 and "<html" in page.lower()
+    names = {d["name"] for d in snap["devices"]}
+    assert {"load-1", LONE_DEVICE, FIELD_DEVICE, "gen-1", "main-breaker"} <= names
+    assert snap["operator"] == operator.name
+    assert next(d for d in snap["devices"] if d["name"] == LONE_DEVICE)["present"]
+
+
+def test_relay_queues_for_a_stopped_device_container_and_delivers_when_it_starts(stack: Stack) -> None:
+    """The scenario's relay step, played from the scenario container: `docker stop` the device's
+    container, the command is queued at the relay (by SMTP inside the compose network), the
+    container starts again, the relay delivers, and the device's outcome reaches the issuer."""
+    import queue
+    import threading
+
+    stack.compose("stop", "device-load-2", timeout=60)
+    proc = subprocess.Popen(stack.command("run", "--rm", "-T", "scenario", "gridpresence", "scenario", "--data", "/data",
+                                          "--queue-for", LONE_DEVICE, "--ttl", "240", "--timeout", "60"),
+                            env=stack.engine.env, cwd=dockerlab.REPO, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    out: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not any("is queued at the relay" in line for line in out):
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            assert line is not None, "the relay step ended before queueing:\n" + "".join(out)
+            out.append(line)
+        assert any(f"{LONE_DEVICE}: queued" in line for line in out), "".join(out)
+        stack.compose("start", "device-load-2", timeout=60)
+        assert proc.wait(timeout=150) == 0, "".join(out)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    while (line := lines.get(timeout=10)) is not None:
+        out.append(line)
+    text = "".join(out)
+    after = text.split("is queued at the relay", 1)[1]
+    assert f"{LONE_DEVICE}: executed" in after, text
+    assert "Traceback" not in text
+    stack.wait_healthy(("device-load-2",), timeout=60)
+
+
+def test_field_device_behind_the_web_gate_gets_unsolicited_commands_over_bosh(stack: Stack, tmp_path: Path) -> None:
+    """far-1's network has no route to the grid: the XMPP port is closed to it (on `field`,
+    `xmpp` is the gate, which passes only the HTTPS/BOSH port) and the server's own address is
+    unreachable; it is on the grid all the same, over BOSH, and obeys a command it did not ask for."""
+    probe = ("import socket, sys\n"
+             "def reach(host, port):\n"
+             "    try:\n"
+             "        socket.create_connection((host, port), timeout=3).close(); return 'open'\n"
+             "    except OSError as exc:\n"
+             "        return type(exc).__name__\n"
+             "print(' '.join(reach(h, int(p)) for h, p in (a.split(':') for a in sys.argv[1:])))\n")
+    server_ip = stack.engine.docker(
+        "inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+        stack.container("xmpp")).stdout.split()[0]
+    seen = stack.compose("exec", "-T", "device-far-1", "/opt/venv/bin/python", "-c", probe,
+                         "xmpp:5222", "xmpp:5281", f"{server_ip}:5222", f"{server_ip}:5281").stdout.split()
+    assert seen[0] != "open" and seen[1] == "open", seen  # the gate: web port only
+    assert seen[2] != "open" and seen[3] != "open", seen  # no route to the server itself
+
+    info = stack.host_connection(tmp_path)
+
+    async def command_it() -> tuple[str | None, Any]:
+        from gridpresence.protocol.models import Action, DeviceState
+
+        async with GridOperator.from_connection(info, resource="compose-field") as op:
+            await op.wait_for(lambda d: FIELD_DEVICE in d and d[FIELD_DEVICE].present, timeout=60)
+            transport = op.devices[FIELD_DEVICE].transport
+            action = Action.RESTORE if op.devices[FIELD_DEVICE].state is DeviceState.OFF else Action.SHED
+            return transport, await op.command(FIELD_DEVICE, action)
+
+    transport, outcome = asyncio.run(command_it())
+    assert transport == "bosh"
+    assert outcome.ok and outcome.report is not None and outcome.report.transport == "bosh", outcome
+
+
+def test_missing_volume_is_a_clear_error(stack: Stack) -> None:
+    """A party started on a volume no `init` has filled (a fresh project, or one `down -v`
+    emptied): it says what is missing and how to make it, no traceback."""
+    other = Stack(stack.engine, project=f"{stack.project}v", xmpp_port=_free_port())
+    try:
+        run = other.compose("run", "--rm", "--no-deps", "-T", "scenario", check=False, timeout=120)
+        text = run.stdout + run.stderr
+        assert run.returncode != 0
+        assert "/data/connection.json: not found" in text and "docker compose up" in text, text[-2000:]
+        assert "Traceback" not in text
+    finally:
+        other.compose("down", "-v", check=False)
     assert other.leftovers() == []

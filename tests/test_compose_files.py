@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 FLEET = load_fleet(ROOT / "bots" / "demo-fleet.toml")
-HELD_BACK = {"far-1", "meter-9"}  # the demo fleet's devices started apart (README: relay examples)
+HELD_BACK = {"meter-9"}  # the demo fleet's mail-only meter (README: relay examples) runs in no container
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -47,9 +47,21 @@ def test_services_share_one_volume_and_the_server_is_published() -> None:
         assert svc.get("healthcheck", {}).get("disable") or svc["healthcheck"]["test"][:4] == [
             "CMD", "/opt/venv/bin/python", "-m", "gridpresence.host.health"], name
     assert any(p.endswith(":5222") for p in SERVICES["xmpp"]["ports"])
+    assert any(p.endswith(":8443") for p in SERVICES["dashboard"]["ports"])
     assert SERVICES["xmpp"]["depends_on"]["init"]["condition"] == "service_completed_successfully"
     assert "scenario" in SERVICES["scenario"]["profiles"]  # one-shot: `up` leaves it out
     assert set(COMPOSE["volumes"]) == {"grid-data"}
+
+
+def test_the_field_device_has_no_way_out_but_the_web_gate() -> None:
+    assert COMPOSE["networks"]["field"]["internal"] is True
+    assert SERVICES["device-far-1"]["networks"] == ["field"]
+    gate = SERVICES["web-gate"]
+    assert gate["networks"]["field"]["aliases"] == ["xmpp"]  # on `field`, the name parties dial is the gate
+    assert gate["command"][-2:] == ["--to", "xmpp-server:5281"]  # which passes the HTTPS (BOSH) port only
+    assert "xmpp-server" in SERVICES["xmpp"]["networks"]["grid"]["aliases"]
+    on_field = [n for n, svc in SERVICES.items() if "field" in svc.get("networks", [])]
+    assert sorted(on_field) == ["device-far-1", "web-gate"]
 
 
 def test_health_checks_fail_clearly_on_a_missing_or_broken_connection_file(tmp_path: Path) -> None:
@@ -60,6 +72,10 @@ def test_health_checks_fail_clearly_on_a_missing_or_broken_connection_file(tmp_p
     (tmp_path / "connection.json").write_text('{"server": {"c2s_port": 1, "domain": "localhost"}}')
     assert health.check("server", tmp_path) == (False, "no XMPP server answers on port 1")
     assert health.main(["bots", "--data", str(tmp_path)]) == 1
+    ok, why = health.check("dashboard", tmp_path, port=1)
+    assert not ok and "https://127.0.0.1:1/" in why
+    ok, why = health.check("gate", tmp_path, port=1)
+    assert not ok and "port 1: no TLS to localhost" in why
 
 
 def test_established_to_counts_only_established_connections_to_the_port(tmp_path: Path) -> None:
@@ -132,3 +148,91 @@ async def test_server_probe_says_no_where_nothing_speaks_xmpp() -> None:
     async with server:
         assert await serves_xmpp("127.0.0.1", port, "localhost", timeout=1.0) is False
     assert await serves_xmpp("127.0.0.1", port, "localhost", timeout=0.5) is False  # closed now
+
+
+def test_dashboard_alone_serves_its_page_and_passes_its_health_check(tmp_path: Path) -> None:
+    """`gridpresence dashboard` (the dashboard container's command) on a provisioned volume:
+    HTTPS from the grid's CA, its login page answers before any grid session is needed."""
+    import socket
+    import time
+
+    data = tmp_path / "grid"
+    made = _cli("up", "--provision-only", "--data", str(data), "--fleet", str(ROOT / "bots" / "demo-fleet.toml"))
+    assert made.returncode == 0, made.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "gridpresence", "dashboard", "--data", str(data), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (got := health.check("dashboard", data, port))[0]:
+            assert proc.poll() is None and time.monotonic() < deadline, (got, proc.stderr.read() if proc.stderr else "")
+            time.sleep(0.3)
+        assert got == (True, f"https://127.0.0.1:{port}/: HTTP 200")
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and f"dashboard up: https://127.0.0.1:{port}/" in out, err
+    assert (data / "certs" / "dashboard.pem").exists()
+
+
+def test_dashboard_and_relay_step_say_what_is_missing(tmp_path: Path) -> None:
+    dash = _cli("dashboard", "--data", str(tmp_path))
+    assert dash.returncode == 2 and "not found" in dash.stderr and "Traceback" not in dash.stderr
+    port = _cli("dashboard", "--data", str(tmp_path), "--port", "70000")
+    assert port.returncode == 2 and "--port" in port.stderr
+    step = _cli("scenario", "--data", str(tmp_path), "--queue-for", "load-2", "--ttl", "0")
+    assert step.returncode == 2 and "--ttl" in step.stderr
+
+
+async def test_web_gate_passes_its_one_port_both_ways() -> None:
+    from gridpresence.transport import forward
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(1024):
+            writer.write(data.upper())
+            await writer.drain()
+        writer.close()
+
+    upstream = await asyncio.start_server(echo, "127.0.0.1", 0)
+    up_port = upstream.sockets[0].getsockname()[1]
+    gate = await forward.serve(("127.0.0.1", 0), ("127.0.0.1", up_port))
+    gate_port = gate.sockets[0].getsockname()[1]
+    async with upstream, gate:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gate_port)
+        writer.write(b"x" * 200_000)
+        await writer.drain()
+        got = await asyncio.wait_for(reader.readexactly(200_000), 10)
+        assert got == b"X" * 200_000
+        writer.close()
+    # Upstream gone: the gate closes the connection instead of hanging or dying.
+    gate = await forward.serve(("127.0.0.1", 0), ("127.0.0.1", up_port))
+    async with gate:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gate.sockets[0].getsockname()[1])
+        assert await asyncio.wait_for(reader.read(10), 15) == b""
+        writer.close()
+
+
+def test_web_gate_addresses_are_checked_clearly() -> None:
+    """Seeded, bounded fuzz of the gate's one input: HOST:PORT or an argparse error, never a crash."""
+    import argparse
+
+    from gridpresence.transport.forward import address
+
+    assert address("xmpp-server:5281") == ("xmpp-server", 5281) and address("[::1]:80") == ("[::1]", 80)
+    rng = random.Random(1919)
+    alphabet = "ab:1-9 0[]x\n\t.%65536"
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 16)))
+        try:
+            host, port = address(text)
+        except argparse.ArgumentTypeError as exc:
+            assert repr(text) in str(exc)
+        else:
+            assert host and 1 <= port <= 65535
+    bad = _cli("-v", "dashboard", "--help")  # a sanity check that the command is registered
+    assert bad.returncode == 0 and "--advertise" in bad.stdout
+    gate = subprocess.run([sys.executable, "-m", "gridpresence.transport.forward", "--listen", "nope", "--to", "x:1"],
+                          capture_output=True, text=True, timeout=30)
+    assert gate.returncode == 2 and "must be HOST:PORT" in gate.stderr

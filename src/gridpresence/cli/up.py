@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from gridpresence.cli.common import DEFAULT_DATA, DEFAULT_FLEET, EXIT_OK, CliError
+from gridpresence.cli import argtypes
+from gridpresence.cli.common import DEFAULT_DATA, DEFAULT_FLEET, EXIT_FAILED_OUTCOME, EXIT_OK, CliError
 from gridpresence.config import load_fleet
 from gridpresence.host.fleet import FleetBots
 from gridpresence.host.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE, Grid
@@ -108,7 +109,18 @@ async def cmd_scenario(args: argparse.Namespace) -> int:
     data = Path(args.data)
     info = ConnectionInfo.load(data / CONNECTION_FILE)
     await ensure_running(info.server)
-    await run_scenario(info, load_fleet(data / FLEET_COPY), data / CONNECTION_FILE)
+    fleet = load_fleet(data / FLEET_COPY)
+    if args.queue_for:
+        from gridpresence.host.demo import run_relay_step
+
+        if args.queue_for not in {d.name for d in fleet.devices}:
+            raise CliError(f"no device named {args.queue_for!r} in the fleet")
+        try:
+            done = await run_relay_step(info, args.queue_for, ttl_s=args.ttl, away_timeout_s=args.timeout)
+        except TimeoutError:
+            raise CliError(f"{args.queue_for} still has presence after {args.timeout:g} s: stop it first") from None
+        return EXIT_OK if done else EXIT_FAILED_OUTCOME
+    await run_scenario(info, fleet, data / CONNECTION_FILE)
     return EXIT_OK
 
 
@@ -123,6 +135,38 @@ async def cmd_server(args: argparse.Namespace) -> int:
         raise CliError(f"the Prosody XMPP server ({args.prosody!r}) was not found; install it with "
                        "`apt-get install prosody`")
     os.execv(binary, [binary, "--config", str(config), "-F"])
+
+
+async def cmd_dashboard(args: argparse.Namespace) -> int:
+    """The operators' dashboard alone (a container of its own), against a grid running elsewhere:
+    HTTPS with a certificate from the grid's CA, the historian's store the connection file names."""
+    from gridpresence.server.certs import cert_ips, ensure_certificates
+    from gridpresence.services.dashboard import Dashboard
+
+    data = Path(args.data)
+    connection_file = data / CONNECTION_FILE
+    info = ConnectionInfo.load(connection_file)
+    secrets_path = data / SECRETS_FILE
+    if not secrets_path.exists():
+        raise CliError(f"{secrets_path}: not found; provision first with `gridpresence up --provision-only --data {data}`")
+    fleet = load_fleet(data / FLEET_COPY)
+    secrets = Secrets(secrets_path)
+    stop = stop_signal()
+    certs_dir = info.server.ca_file.parent if info.server.ca_file else data / "certs"
+    cert = ensure_certificates(certs_dir, fleet.domain, cert_ips(args.bind), service="dashboard",
+                               hosts=[args.advertise] if args.advertise else [])
+    passwords = {o.name: secrets.password(o.name) for o in fleet.operators}
+    # Each login reads the connection file afresh: a relay started (or moved) later is used.
+    dashboard = Dashboard(fleet, lambda: ConnectionInfo.load(connection_file), passwords, info.history,
+                          (str(cert.cert), str(cert.key)), bind=args.bind, port=args.port)
+    await dashboard.start()
+    try:
+        print(f"dashboard up: https://{args.advertise or args.bind}:{dashboard.port}/ (log in as an operator; "
+              f"the browser must trust CA {cert.ca})", flush=True)
+        await stop.wait()
+    finally:
+        await dashboard.stop()
+    return EXIT_OK
 
 
 async def cmd_bots(args: argparse.Namespace) -> int:
@@ -196,6 +240,19 @@ def register(sub: Any) -> None:  # argparse's subparsers action has no public ty
     server.add_argument("--prosody", default="prosody", help="Prosody executable")
     server.set_defaults(run=cmd_server)
 
+    dash = sub.add_parser("dashboard", help="run the operators' web dashboard alone against a running grid")
+    dash.add_argument("--data", default=str(DEFAULT_DATA))
+    dash.add_argument("--bind", default="127.0.0.1", help="address the dashboard listens on")
+    dash.add_argument("--port", type=argtypes.port, default=8443, help="its HTTPS port")
+    dash.add_argument("--advertise", help="a further name the dashboard is reached at (its certificate names it)")
+    dash.set_defaults(run=cmd_dashboard)
+
     scenario = sub.add_parser("scenario", help="play the demo's scenario against a running grid")
     scenario.add_argument("--data", default=str(DEFAULT_DATA))
+    scenario.add_argument("--queue-for", metavar="DEVICE",
+                          help="play only the relay step: once DEVICE has no presence (its container stopped), "
+                               "queue a command at the relay and wait for the device's outcome when it is back")
+    scenario.add_argument("--ttl", type=argtypes.positive, default=300.0, help="that command's expiry, in seconds")
+    scenario.add_argument("--timeout", type=argtypes.positive, default=120.0,
+                          help="seconds to wait for DEVICE to go away")
     scenario.set_defaults(run=cmd_scenario)

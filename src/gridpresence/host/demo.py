@@ -9,8 +9,8 @@ from pathlib import Path
 from gridpresence.operator.library import GridOperator
 from gridpresence.words import outcome_line, status_rows, table
 from gridpresence.config import Fleet
-from gridpresence.xmpp.session import ConnectionInfo
-from gridpresence.protocol.models import Action, DeviceState
+from gridpresence.xmpp.session import ConnectionInfo, SessionError
+from gridpresence.protocol.models import Action, DeviceState, OutcomeStatus
 
 SCRIPT_TARGET_KW = 150.0
 LOAD_SHED_SCRIPT = Path(__file__).resolve().parents[3] / "bots" / "load_shed.py"  # the checkout's bots/
@@ -59,3 +59,24 @@ async def run_scenario(info: ConnectionInfo, fleet: Fleet, connection_file: Path
         print(table(status_rows(dict(op.devices))), flush=True)
     say(f"log in with any XMPP client as {info.operators[0].jid} on {info.server.host}:{info.server.c2s_port} "
         f"(password in {connection_file}) to watch the devices")
+
+
+async def run_relay_step(info: ConnectionInfo, device: str, ttl_s: float, away_timeout_s: float = 120.0) -> bool:
+    """The demo's store-and-forward step, for a device whose process (container) is stopped: a
+    command is queued at the relay, delivered when the device comes back, and the device's own
+    outcome reaches this issuer. True when the command was executed."""
+    if info.relay is None:
+        raise SessionError("the connection file names no relay: start one (`gridpresence relay`) first")
+    async with GridOperator.from_connection(info, resource="demo-relay") as op:
+        say(f"relay: waiting for {device} to have no presence (stop its container or process)")
+        await op.wait_for(lambda d: device in d and not d[device].present, timeout=away_timeout_s)
+        # Whatever it was last seen doing, the opposite: an action the device will execute.
+        action = Action.RESTORE if op.devices[device].state is DeviceState.OFF else Action.SHED
+        queued = await op.command(device, action, ttl_s=ttl_s)
+        print(outcome_line(device, queued), flush=True)
+        if queued.status is not OutcomeStatus.QUEUED:
+            return queued.ok
+        say(f"{action.value} {device} is queued at the relay: start {device} again to have it delivered")
+        final = await op.final_outcome(queued)
+        print(outcome_line(device, final), flush=True)
+        return final.status is OutcomeStatus.EXECUTED

@@ -84,7 +84,7 @@ class ConnectionInfo(BaseModel):
         try:
             return cls.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
         except FileNotFoundError:
-            raise SessionError(f"{path}: not found; start the grid with `gridpresence up` first") from None
+            raise SessionError(f"{path}: not found; start the grid with `gridpresence up` first (in Docker: `docker compose up`, whose init step fills the volume)") from None
         except (ValueError, TypeError) as exc:
             raise SessionError(f"{path}: not a valid connection file: {exc}") from None
 
