@@ -82,7 +82,8 @@ def _answers(env: dict[str, str]) -> bool:
 
 def start_engine(timeout: float = 60) -> Engine:
     """An engine to talk to: $DOCKER_HOST's if it answers, else one started here."""
-    env = {**os.environ}
+    # BuildKit for every build (the Dockerfile's secret mount needs it), whoever runs the engine.
+    env = {**os.environ, "DOCKER_BUILDKIT": "1", "COMPOSE_DOCKER_CLI_BUILD": "1"}
     if shutil.which(DOCKER) is None:
         raise EngineUnavailable("no docker client (apt-get install docker.io)")
     if os.environ.get("DOCKER_HOST") and _answers(env):
@@ -92,8 +93,6 @@ def start_engine(timeout: float = 60) -> Engine:
     if os.geteuid() != 0:
         raise EngineUnavailable("dockerd must be started as root here (no systemd, no rootless setup)")
     env["DOCKER_HOST"] = f"unix://{SOCKET}"
-    env["DOCKER_BUILDKIT"] = "1"
-    env["COMPOSE_DOCKER_CLI_BUILD"] = "1"
     if _answers(env):  # left by an earlier run that was killed: reuse it, stop it at the end
         pid = int((RUN / "dockerd.pid").read_text())
         return Engine(env, pid)

@@ -280,6 +280,9 @@ class ProsodyServer:
             "bosh_url": lua_string(self.bosh_url),
             "adhoc_accounts": "; ".join(lua_string(name) for name in self.adhoc_accounts),
             "component": component,
+            # HTTPS picks its certificate by SNI, strictly: a client dialling BOSH by the advertised
+            # name (https://xmpp:5281 in the compose demo) must find that name among the host's.
+            "http_host": "".join(f"\thttp_host = {lua_string(h)}\n" for h in self._cert_hosts()),
         }
 
     def _cert_ips(self) -> list[str]:
