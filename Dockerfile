@@ -13,14 +13,15 @@ RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml /app/pyproject.toml
-# Dependencies only (from pyproject.toml), so editing the source does not reinstall them.
+# Dependencies only (from pyproject.toml), so editing the source does not reinstall them. The
+# bytecode pip compiles stays: the runtime user cannot write /opt/venv, and without it every
+# container start would compile slixmpp, pydantic, aiohttp... again (seconds of CPU each).
 RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/app/pyproject.toml', 'rb'))['project']['dependencies']))" \
       > /app/requirements.txt \
  && python3 -m venv /opt/venv
 RUN --mount=type=secret,id=ca_bundle \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi; \
     /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -q -r /app/requirements.txt \
- && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \
  && rm -rf /opt/venv/lib/python3.11/site-packages/pip /opt/venv/lib/python3.11/site-packages/setuptools
 
 # --- runtime: Python, Prosody, the virtualenv and the source ------------------------------

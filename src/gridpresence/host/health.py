@@ -13,16 +13,15 @@ handshake through it meets the server's certificate for the BOSH URL's host name
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import socket
-import ssl
 import sys
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
-from gridpresence.transport.probe import established_to, serves_xmpp
+from gridpresence.transport.probe import established_to
+
+# asyncio, ssl and urllib.request are imported by the checks that need them: the bots' check runs
+# in every container every few seconds, and those imports would be most of its CPU time.
 
 
 DASHBOARD_PORT = 8443  # `gridpresence dashboard`'s default
@@ -38,6 +37,10 @@ def check(what: str, data: Path, port: int = DASHBOARD_PORT) -> tuple[bool, str]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return False, f"{data / 'connection.json'}: not readable ({exc}); has the grid been provisioned?"
     if what == "server":
+        import asyncio
+
+        from gridpresence.transport.probe import serves_xmpp
+
         ok = asyncio.run(serves_xmpp("127.0.0.1", c2s, domain))
         return ok, "XMPP server answers" if ok else f"no XMPP server answers on port {c2s}"
     if what == "dashboard":
@@ -52,6 +55,9 @@ def check(what: str, data: Path, port: int = DASHBOARD_PORT) -> tuple[bool, str]
 
 
 def _gate(port: int, ca: str, host: str) -> tuple[bool, str]:
+    import socket
+    import ssl
+
     try:
         ctx = ssl.create_default_context(cafile=ca)
         with socket.create_connection(("127.0.0.1", port), timeout=4) as raw, ctx.wrap_socket(raw, server_hostname=host):
@@ -61,6 +67,9 @@ def _gate(port: int, ca: str, host: str) -> tuple[bool, str]:
 
 
 def _dashboard(port: int, ca: str) -> tuple[bool, str]:
+    import ssl
+    import urllib.request
+
     url = f"https://127.0.0.1:{port}/"
     try:
         ctx = ssl.create_default_context(cafile=ca)  # its certificate names 127.0.0.1

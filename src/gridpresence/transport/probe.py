@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from pathlib import Path
-from xml.sax.saxutils import quoteattr
 
 
 async def serves_xmpp(host: str, port: int, domain: str, timeout: float = 2.0) -> bool:
@@ -15,6 +13,11 @@ async def serves_xmpp(host: str, port: int, domain: str, timeout: float = 2.0) -
     The kernel accepts TCP as soon as Prosody binds, before its event loop and the
     VirtualHost are up; asking for stream features proves the host really serves.
     """
+    # Here, not above: the bots' check (established_to), run every few seconds, needs none of it
+    # (xml.sax.saxutils alone pulls in urllib.request and http.client).
+    import asyncio
+    from xml.sax.saxutils import quoteattr
+
     header = (
         "<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
         f"xmlns:stream='http://etherx.jabber.org/streams' to={quoteattr(domain)} version='1.0'>"
