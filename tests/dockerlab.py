@@ -117,7 +117,8 @@ def start_engine(timeout: float = 60) -> Engine:
 
 
 def stop_engine(engine: Engine, timeout: float = 30) -> None:
-    """Stop the engine we started (by its PID) and its containerd with it."""
+    """Stop the engine we started (by its PID) and its containerd with it, then undo the mounts
+    it leaves behind under its exec root (the bind mount of its default network namespace)."""
     if engine.pid is None:
         return
     with contextlib.suppress(ProcessLookupError):
@@ -127,12 +128,36 @@ def stop_engine(engine: Engine, timeout: float = 30) -> None:
         try:
             os.kill(engine.pid, 0)
         except ProcessLookupError:
-            return
+            break
         with contextlib.suppress(ChildProcessError):
             os.waitpid(engine.pid, os.WNOHANG)
         time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(engine.pid, signal.SIGKILL)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(engine.pid, signal.SIGKILL)
+    for point in sorted(mounts_left(), reverse=True):  # the deepest first
+        subprocess.run(["umount", point], capture_output=True, timeout=30)
+
+
+def mounts_left() -> list[str]:
+    """Mount points under the engine's run directory (none once it is stopped and cleaned up)."""
+    points = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 1 and fields[1].startswith(f"{RUN}/"):
+                points.append(fields[1])
+    return points
+
+
+def host_network_state() -> dict[str, str]:
+    """What the engine must leave as it found it: forwarding, and no firewall table of Docker's
+    in this (the host's) network namespace."""
+    state = {"ip_forward": Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()}
+    if shutil.which("nft"):
+        tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, timeout=30).stdout
+        state["docker nft tables"] = " ".join(sorted(t for t in tables.split() if "docker" in t.lower()))
+    return state
 
 
 def ensure_base_image(engine: Engine) -> str:
