@@ -9,6 +9,9 @@
     gridpresence set-time DEVICE... [--time ISO]
     gridpresence bots --data DIR --only NAME...       run some bots apart (e.g. to kill one)
     gridpresence relay --data DIR                     the email store-and-forward relay alone
+    gridpresence dashboard --data DIR [--port 8443]   the operators' web dashboard alone
+    gridpresence scenario --data DIR [--queue-for DEVICE]
+                                                      the demo against a running grid (or its relay step)
     gridpresence mail-device NAME --data DIR          a device that reaches the grid by SMTP only
     gridpresence alert DEVICE [--timeout S]           wait until a device is available
     gridpresence ack DEVICE [ID]                      acknowledge an alarm (all open ones without ID)
