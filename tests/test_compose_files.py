@@ -112,7 +112,10 @@ def test_provision_only_makes_everything_once_and_keeps_it(tmp_path: Path) -> No
     assert first.returncode == 0, first.stderr
     info = json.loads((data / "connection.json").read_text())
     assert info["server"]["host"] == "xmpp" and info["server"]["c2s_port"] == 5222
-    assert "interfaces = { \"0.0.0.0\" }" in (data / "prosody.cfg.lua").read_text()
+    config = (data / "prosody.cfg.lua").read_text()
+    assert "interfaces = { \"0.0.0.0\" }" in config
+    # HTTPS picks certificates by SNI, strictly: BOSH dialled as https://xmpp:5281 needs the name.
+    assert '\thttp_host = "xmpp"' in config and 'gridpresence_bosh_url = "https://xmpp:5281/http-bind"' in config
     assert (data / "certs" / "ca.pem").exists() and (data / "fleet.json").exists()
     assert not (data / "prosody.pid").exists(), "provisioning starts no server"
     # Parties dial `xmpp`: the server's certificate names it (BOSH at https://xmpp:5281 verifies).
@@ -175,6 +178,8 @@ def test_dashboard_alone_serves_its_page_and_passes_its_health_check(tmp_path: P
         out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0 and f"dashboard up: https://127.0.0.1:{port}/" in out, err
     assert (data / "certs" / "dashboard.pem").exists()
+    unknown = _cli("scenario", "--data", str(data), "--queue-for", "no-such-device")
+    assert unknown.returncode == 2 and "no device named 'no-such-device'" in unknown.stderr
 
 
 def test_dashboard_and_relay_step_say_what_is_missing(tmp_path: Path) -> None:

@@ -108,13 +108,13 @@ async def cmd_scenario(args: argparse.Namespace) -> int:
 
     data = Path(args.data)
     info = ConnectionInfo.load(data / CONNECTION_FILE)
-    await ensure_running(info.server)
     fleet = load_fleet(data / FLEET_COPY)
+    if args.queue_for and args.queue_for not in {d.name for d in fleet.devices}:
+        raise CliError(f"no device named {args.queue_for!r} in the fleet")
+    await ensure_running(info.server)
     if args.queue_for:
         from gridpresence.host.demo import run_relay_step
 
-        if args.queue_for not in {d.name for d in fleet.devices}:
-            raise CliError(f"no device named {args.queue_for!r} in the fleet")
         try:
             done = await run_relay_step(info, args.queue_for, ttl_s=args.ttl, away_timeout_s=args.timeout)
         except TimeoutError:
