@@ -1,5 +1,5 @@
 # One image for every party of the grid (server, device bots, relay, billing, watchdog, console,
-# scenario player); docker-compose.yml runs each as a container of its own.
+# dashboard, the field's web gate, scenario player); docker-compose.yml runs each as a container of its own.
 #
 # Behind a TLS-intercepting proxy, give the build the proxy's CA as a BuildKit secret; it is
 # mounted only while pip runs in the build stage and never lands in an image:

@@ -278,6 +278,10 @@ def test_dashboard_answers_from_the_host_with_the_grids_devices(stack: Stack, tm
                 assert r.status == 303, await r.text()
             async with http.get(url, ssl=tls) as r:
                 status, page = r.status, await r.text()
+            # Trends come from the store the console container's historian writes in the volume.
+            async with http.get(url + "api/history?device=load-1&minutes=10", ssl=tls) as r:
+                trend = await r.json()
+                assert r.status == 200 and isinstance(trend["points"], list) and trend["device"] == "load-1", trend
             async with http.get(url + "events", ssl=tls) as stream:
                 async for line in stream.content:
                     if line.startswith(b"data: "):
