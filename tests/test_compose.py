@@ -246,16 +246,21 @@ def test_second_up_reuses_the_volume(stack: Stack) -> None:
     assert stack.file("/data/certs/ca.pem").startswith("-----BEGIN CERTIFICATE-----")
 
 
-def test_port_conflict_is_a_clear_error(stack: Stack) -> None:
-    other = Stack(stack.engine, project=f"{stack.project}x", xmpp_port=stack.xmpp_port)  # the port is taken
+@pytest.mark.parametrize("service", ["xmpp", "dashboard"])
+def test_port_conflict_is_a_clear_error(stack: Stack, service: str) -> None:
+    """A second grid whose published port (XMPP or dashboard) is the running one's."""
+    other = Stack(stack.engine, project=f"{stack.project}x", xmpp_port=_free_port())
+    if service == "xmpp":
+        other.xmpp_port = stack.xmpp_port
+    else:
+        other.dashboard_port = stack.dashboard_port
     try:
-        run = other.compose("up", "-d", "--no-build", "--no-deps", "xmpp", check=False, timeout=120)
+        run = other.compose("up", "-d", "--no-build", "--no-deps", service, check=False, timeout=120)
         text = (run.stdout + run.stderr).lower()
         assert run.returncode != 0
         assert "already" in text and ("allocated" in text or "in use" in text), text[-2000:]
     finally:
         other.compose("down", "-v", check=False)
-        stack.engine.env["GRIDPRESENCE_XMPP_PORT"] = str(stack.xmpp_port)
     assert other.leftovers() == []
 
 
