@@ -76,6 +76,20 @@ def test_health_checks_fail_clearly_on_a_missing_or_broken_connection_file(tmp_p
     assert not ok and "https://127.0.0.1:1/" in why
     ok, why = health.check("gate", tmp_path, port=1)
     assert not ok and "port 1: no TLS to localhost" in why
+    (tmp_path / "connection.json").write_text('{"server": {"c2s_port": 1e999, "domain": "localhost"}}')
+    assert health.check("bots", tmp_path)[0] is False  # an infinite port: unreadable, not a crash
+
+
+def test_health_checks_survive_garbage_connection_files(tmp_path: Path) -> None:
+    """Seeded, bounded fuzz of what every check reads first: a clear "unhealthy", never a crash."""
+    rng = random.Random(2619)
+    pieces = ['{', '}', '"server"', ':', '"c2s_port"', '"domain"', '"bosh_url"', '"https://x:99999/"', '"ca_file"',
+              '1', '"x"', 'null', '[', ']', ',', '"https://[::1/"', '-5', '1e999']
+    for _ in range(300):
+        (tmp_path / "connection.json").write_text("".join(rng.choice(pieces) for _ in range(rng.randrange(0, 14))))
+        for what in ("bots", "dashboard", "gate"):
+            ok, why = health.check(what, tmp_path, port=1)
+            assert ok is False and why
 
 
 def test_established_to_counts_only_established_connections_to_the_port(tmp_path: Path) -> None:

@@ -69,7 +69,10 @@ async def run_relay_step(info: ConnectionInfo, device: str, ttl_s: float, away_t
         raise SessionError("the connection file names no relay: start one (`gridpresence relay`) first")
     async with GridOperator.from_connection(info, resource="demo-relay") as op:
         say(f"relay: waiting for {device} to have no presence (stop its container or process)")
-        await op.wait_for(lambda d: device in d and not d[device].present, timeout=away_timeout_s)
+        try:
+            await op.wait_for(lambda d: device in d and not d[device].present, timeout=away_timeout_s)
+        except TimeoutError:
+            raise SessionError(f"{device} still has presence after {away_timeout_s:g} s: stop it first") from None
         # Whatever it was last seen doing, the opposite: an action the device will execute.
         action = Action.RESTORE if op.devices[device].state is DeviceState.OFF else Action.SHED
         queued = await op.command(device, action, ttl_s=ttl_s)

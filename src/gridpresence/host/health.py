@@ -34,7 +34,7 @@ def check(what: str, data: Path, port: int = DASHBOARD_PORT) -> tuple[bool, str]
         bosh_url = urllib.parse.urlsplit(str(server.get("bosh_url") or ""))
         bosh, bosh_host = bosh_url.port, bosh_url.hostname
         ca = str(server.get("ca_file") or data / "certs" / "ca.pem")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         return False, f"{data / 'connection.json'}: not readable ({exc}); has the grid been provisioned?"
     if what == "server":
         import asyncio
