@@ -2,8 +2,8 @@
 IEDs' points, a real grid (Prosody, accounts from the fleet's ``[[sites]]``) carries their
 presence, and operators command them by the library, the CLI and chat.
 
-The IEDs run on a thread and loop of their own: the gateway's command path waits synchronously
-for the IED's answer, and an IED on the test's loop could not give it.
+The IEDs run on a thread and loop of their own, as they would in a box of their own: a slow
+IED (``ModbusIeds.delay``) must not slow the test's loop, only the gateway's view of that IED.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from dnp3.outstation import CommandResult, DefaultCommandHandler, Outstation, Ou
 from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import StanzaPath
 
 from conftest import run_cli
 from gridpresence.config import FleetError, parse_fleet
@@ -38,7 +40,8 @@ from gridpresence.gateway.site import load_site, parse_site
 from gridpresence.host.gateway import Gateway, GatewayError
 from gridpresence.host.grid import SECRETS_FILE, Grid
 from gridpresence.operator.library import GridOperator
-from gridpresence.protocol.models import Breaker, DeviceState, OutcomeStatus, RejectReason
+from gridpresence.protocol.codec import outcome_from_xml
+from gridpresence.protocol.models import Breaker, DeviceState, Outcome, OutcomeStatus, RejectReason
 from gridpresence.server.accounts import Secrets
 from gridpresence.server.ports import free_port
 from timebase import NOW
@@ -59,6 +62,7 @@ class ModbusIeds:
         self.values: dict[tuple[int, str, int], int | bool] = {}
         self.refuse: set[tuple[int, int]] = set()  # (unit, address): writes answered DEVICE_FAILURE
         self.follow = dict.fromkeys(units, True)
+        self.delay = dict.fromkeys(units, 0.0)  # seconds each request to the unit waits for its answer
         self.devices = [SimDevice(u, simdata=([SimData(0, count=64, values=False, datatype=DataType.BITS)],
                                               [SimData(0, count=64, values=False, datatype=DataType.BITS)],
                                               [SimData(0, count=300, values=0, datatype=DataType.REGISTERS)],
@@ -67,6 +71,8 @@ class ModbusIeds:
 
     def _hook(self, unit: int) -> Any:
         async def action(fc, start, address, count, registers, values):  # noqa: ANN001, ANN202
+            if self.delay[unit]:  # a slow IED: its connection waits, the server's others do not
+                await asyncio.sleep(self.delay[unit])
             table = _TABLE[fc]
             if values is not None:
                 if (unit, address) in self.refuse:
@@ -407,6 +413,51 @@ async def test_shed_and_restore_reach_the_coil_and_read_back(field: Field) -> No
     assert field.loads.values[(1, "c", 0)] is False
     nothing = await alice.command("gw-load-1", "start")
     assert nothing.status is OutcomeStatus.REJECTED and nothing.reason is RejectReason.NOT_SUPPORTED
+
+
+async def test_a_slow_ied_does_not_hold_up_the_other_identities(field: Field) -> None:
+    """While gw-load-1 takes seconds to answer a command, gw-load-2's presence and commands go
+    on (the command path is awaited, not run on the XMPP loop); a second command to the slow
+    IED waits its turn and, expired by then, writes nothing; each command has one outcome."""
+    alice = field.alice
+    await until(alice, "gw-load-1", lambda v: v.state is DeviceState.ON)
+    await until(alice, "gw-load-2", lambda v: v.state is DeviceState.ON)
+    sent: list[Outcome] = []  # every outcome stanza the devices send alice
+
+    def count(msg: Any) -> None:
+        sent.append(outcome_from_xml(msg["grid_outcome"].xml))
+
+    alice.client.register_handler(Callback("count outcomes", StanzaPath("message/grid_outcome"), count))
+    field.loads.delay[1] = 0.8  # every request: the write, each read-back, the poll after
+    try:
+        started = time.monotonic()
+        slow = asyncio.create_task(alice.command("gw-load-1", "shed"))
+        await asyncio.sleep(0.3)  # the shed is at the IED
+        late = asyncio.create_task(alice.command("gw-load-1", "restore", ttl_s=1.0))  # behind it, expires first
+        field.loads.set(2, "h", 2, [700])
+        await until(alice, "gw-load-2", lambda v: v.report.telemetry.load_pct == 70.0, timeout=3)
+        other = await alice.command("gw-load-2", "shed")
+        assert other.status is OutcomeStatus.EXECUTED, other
+        assert not slow.done(), "the other IED's presence and outcome came after the slow IED's outcome"
+        shed = await slow
+        assert time.monotonic() - started >= 1.6  # the slow IED really was slow: write + read-back
+        assert shed.status is OutcomeStatus.EXECUTED and shed.report.state is DeviceState.OFF, shed  # type: ignore[union-attr]
+        expired = await late  # alice's own "no outcome before it expired": the IED was busy till then
+        assert expired.status is OutcomeStatus.EXPIRED, expired
+        await asyncio.sleep(1.5)  # the device's own outcome for it, and any second outcome, come by now
+        assert field.loads.values[(1, "c", 0)] is True  # the expired restore wrote nothing
+        ids = [o.command_id for o in sent]
+        assert sorted(ids) == sorted([shed.command_id, expired.command_id, other.command_id]), sent
+        (own,) = [o for o in sent if o.command_id == expired.command_id]
+        assert own.status is OutcomeStatus.EXPIRED and "before the IED was free" in own.detail, own
+    finally:
+        alice.client.remove_handler("count outcomes")
+        field.loads.delay[1] = 0.0
+    for name in ("gw-load-1", "gw-load-2"):
+        back = await alice.command(name, "restore")
+        assert back.status is OutcomeStatus.EXECUTED, back
+    field.loads.set(2, "h", 2, [500])
+    await until(alice, "gw-load-2", lambda v: v.state is DeviceState.ON and v.report.telemetry.load_pct == 50.0)
 
 
 async def test_shed_and_restore_by_chat(field: Field) -> None:
