@@ -28,7 +28,7 @@ import pytest_asyncio
 from dnp3.database import AnalogInputConfig, BinaryInputConfig, BinaryOutputConfig, CounterConfig, Database
 from dnp3.outstation import CommandResult, DefaultCommandHandler, Outstation, OutstationConfig, OutstationTcpRunner
 from pymodbus.constants import ExcCodes
-from pymodbus.server import ModbusTcpServer
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
@@ -258,6 +258,14 @@ poll_s = 0.3
 gone_after_s = 4
 link = {{ protocol = "dnp3-tcp", host = "127.0.0.1", port = {brk2}, outstation = 10, timeout_s = 1.0 }}
 
+# Modbus RTU: pymodbus's serial server on the far end of a pseudo-terminal "null modem".
+[[ieds]]
+name = "gw-rtu-load"
+kind = "load"
+map = "modbus-load-controller"
+poll_s = 0.3
+link = {{ protocol = "modbus-rtu", device = "{rtu}", baudrate = 115200, unit = 5, timeout_s = 2.0 }}
+
 # The shipped load controller with a short confirmation time (a stubborn IED is found out fast).
 # The loads' link time-outs (2 s) are long enough that a loaded 2-core machine is not an IED
 # that does not answer; the meter's and breakers' stay short for the unplugging tests.
@@ -291,6 +299,7 @@ link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {loads}, unit = 4,
 class Field:
     ieds: IedThread
     loads: ModbusIeds
+    rtu: ModbusIeds
     meter: ModbusIeds
     meter_port: int
     meter_server: ModbusTcpServer | None
@@ -306,7 +315,8 @@ class Field:
 async def field(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Field]:
     tmp = tmp_path_factory.mktemp("gateway")
     ieds = IedThread()
-    loads, meter = ModbusIeds((1, 2, 3, 4)), ModbusIeds((1,))
+    loads, meter, rtu = ModbusIeds((1, 2, 3, 4)), ModbusIeds((1,)), ModbusIeds((5,))
+    rtu.load(5, kw=12, capacity=40, load_pct=30)
     loads.load(1, kw=40, capacity=100, load_pct=40)
     loads.load(2, kw=50, capacity=100, load_pct=50)
     loads.load(3, kw=30, capacity=100, load_pct=30)
@@ -318,8 +328,19 @@ async def field(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Field
     brk1, brk2 = Outstation3(ports["brk1"]), Outstation3(ports["brk2"])
     await ieds.run(brk1.start())
     await ieds.run(brk2.start())
+    from test_gateway_drivers import bridge, pty_pair
+
+    (m1, s1), (m2, s2) = pty_pair()
+
+    async def serve_rtu() -> ModbusSerialServer:
+        bridge(m1, m2)  # on the IEDs' loop: the cable is the field's
+        server = ModbusSerialServer(rtu.devices, port=os.ttyname(s1), baudrate=115200)
+        await server.serve_forever(background=True)
+        return server
+
+    rtu_server = await ieds.run(serve_rtu())
     site_file = tmp / "site.toml"
-    site_file.write_text(SITE.format(**ports))
+    site_file.write_text(SITE.format(**ports, rtu=os.ttyname(s2)))
     (tmp / "cli-site.toml").write_text(CLI_SITE.format(**ports))
     fleet = parse_fleet({"operators": [{"name": "alice"}], "presence_grace_s": 2.0,
                          "devices": [{"name": "sim-load", "kind": "load", "rated_kw": 10}],
@@ -333,7 +354,7 @@ async def field(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Field
     try:
         await gateway.start()
         await alice.connect()
-        yield Field(ieds, loads, meter, ports["meter"], meter_server, brk1, brk2, grid, gateway, alice, site_file)
+        yield Field(ieds, loads, rtu, meter, ports["meter"], meter_server, brk1, brk2, grid, gateway, alice, site_file)
     finally:
         await alice.close()
         await gateway.stop()
@@ -343,7 +364,17 @@ async def field(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Field
             await ieds.run(meter_server.shutdown())
         await ieds.run(brk1.stop())
         await ieds.run(brk2.stop())
+
+        async def unplug_rtu() -> None:
+            await rtu_server.shutdown()
+            loop = asyncio.get_running_loop()
+            for fd in (m1, m2):
+                loop.remove_reader(fd)
+
+        await ieds.run(unplug_rtu())
         ieds.stop()
+        for fd in (m1, s1, m2, s2):
+            os.close(fd)
 
 
 async def until(alice: GridOperator, name: str, check: Any, timeout: float = 5.0) -> None:
@@ -353,7 +384,7 @@ async def until(alice: GridOperator, name: str, check: Any, timeout: float = 5.0
 async def test_the_site_comes_online_with_its_presence(field: Field) -> None:
     alice = field.alice
     await until(alice, "gw-brk-2", lambda v: v.present and v.state is DeviceState.ON)
-    for name in ("gw-load-1", "gw-load-2", "gw-load-3", "gw-meter", "gw-brk-1", "gw-brk-2"):
+    for name in ("gw-load-1", "gw-load-2", "gw-load-3", "gw-meter", "gw-brk-1", "gw-brk-2", "gw-rtu-load"):
         view = alice.device(name)
         assert view.present and view.state is DeviceState.ON, (name, view)
         assert view.report is not None and view.report.serial == field.grid.fleet.device(name).serial
@@ -664,9 +695,10 @@ def test_a_fleet_naming_a_bad_site_or_a_clashing_ied_stops_before_anything_start
     fleet = parse_fleet({**base, "sites": [{"file": "clash.toml"}]}, "fleet", tmp_path)
     with pytest.raises(FleetError, match=r"ieds\[0\] \(feeder\)\.name: the fleet has another device of that name"):
         Grid(fleet, tmp_path / "grid")
-    (tmp_path / "ok.toml").write_text(SITE.format(loads=1502, meter=1503, brk1=20001, brk2=20002))
+    (tmp_path / "ok.toml").write_text(SITE.format(loads=1502, meter=1503, brk1=20001, brk2=20002, rtu="/dev/ttyS9"))
     grid = Grid(parse_fleet({**base, "sites": [{"file": "ok.toml"}]}, "fleet", tmp_path), tmp_path / "grid")
-    assert grid.gateway_ieds == ("gw-load-1", "gw-load-2", "gw-load-3", "gw-meter", "gw-brk-1", "gw-brk-2")
+    assert grid.gateway_ieds == ("gw-load-1", "gw-load-2", "gw-load-3", "gw-meter", "gw-brk-1", "gw-brk-2",
+                                 "gw-rtu-load")
     assert grid.fleet.device("gw-brk-1").kind.value == "breaker" and grid.fleet.sites[0].path.is_absolute()
 
 
@@ -686,6 +718,23 @@ def test_a_field_meters_billing_registers_follow_its_energy_register() -> None:
     regs.observe(3.0, 5.0, 10.0, NOW)  # reset at the meter: the register starts again, no negative energy
     billing, _ = regs.close("r2", "gw-meter@localhost", None, NOW, 10.0)
     assert billing.register_kwh == 3.0 and billing.period_kwh == 3.0 and billing.peak_kwh == 3.0
+
+
+async def test_a_modbus_rtu_ied_is_online_and_commanded_through_xmpp(field: Field) -> None:
+    """The serial IED of the site, end to end: its presence, a register change, and a shed and
+    restore by the operator reaching its coil over RTU and reading back."""
+    alice = field.alice
+    await until(alice, "gw-rtu-load", lambda v: v.present and v.state is DeviceState.ON, timeout=10)
+    t = alice.device("gw-rtu-load").report.telemetry  # type: ignore[union-attr]
+    assert (t.kw, t.capacity_kw, t.load_pct) == (12.0, 40.0, 30.0)
+    field.rtu.set(5, "h", 2, [650])
+    await until(alice, "gw-rtu-load", lambda v: v.report.telemetry.load_pct == 65.0)
+    shed = await alice.command("gw-rtu-load", "shed")
+    assert shed.status is OutcomeStatus.EXECUTED and "running read back False" in shed.detail, shed
+    assert field.rtu.values[(5, "c", 0)] is True and shed.report.state is DeviceState.OFF  # type: ignore[union-attr]
+    back = await alice.command("gw-rtu-load", "restore")
+    assert back.status is OutcomeStatus.EXECUTED and field.rtu.values[(5, "c", 0)] is False, back
+    await until(alice, "gw-rtu-load", lambda v: v.state is DeviceState.ON)
 
 
 async def test_a_modbus_rtu_ied_over_a_pseudo_terminal_is_polled_and_commanded() -> None:
