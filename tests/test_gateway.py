@@ -811,3 +811,43 @@ async def test_a_dnp3_reading_flagged_bad_is_not_shown_as_good(field: Field) -> 
     assert refused.reason is RejectReason.RESTRICTED and len(field.brk1.relay.log) == controls  # nothing operated
     await field.ieds.run(update(AnalogQuality.ONLINE))
     await until(alice, "gw-brk-1", lambda v: v.state is DeviceState.ON and v.report.telemetry.kw == 50.0)
+
+
+async def test_a_simulated_site_is_played_and_hosted_by_the_grid(tmp_path: Path) -> None:
+    """``[[sites]] simulate = true`` (the demo's): `up`'s grid serves the site's IED from a real
+    pymodbus server and hosts its gateway; the operator commands it like any device."""
+    port = free_port()
+    (tmp_path / "site.toml").write_text(
+        '[[ieds]]\nname = "sim-pump"\nkind = "load"\nmap = "modbus-load-controller"\nrated_kw = 45\npoll_s = 0.3\n'
+        f'link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {port}, unit = 1, timeout_s = 2.0 }}\n')
+    fleet = parse_fleet({"operators": [{"name": "alice"}], "devices": [{"name": "bot-load", "kind": "load",
+                                                                         "rated_kw": 10}],
+                         "sites": [{"file": "site.toml", "simulate": True}]}, "fleet", tmp_path)
+    grid = Grid(fleet, tmp_path / "grid")
+    await grid.start()
+    alice = GridOperator.from_connection(grid.connection, operator="alice", resource="sim-site")
+    try:
+        assert grid.simulated_ieds == ("sim-pump",)
+        await alice.connect()
+        await until(alice, "sim-pump", lambda v: v.present and v.state is DeviceState.ON, timeout=10)
+        assert alice.device("sim-pump").report.telemetry.capacity_kw == 45.0  # type: ignore[union-attr]
+        assert alice.device("bot-load").present  # the bot beside it
+        code, out, err = await run_cli("shed", "sim-pump", "--connection", str(grid.connection_file))
+        assert code == 0 and "running read back False" in out, (out, err)
+        sim, _ = grid.sites[0]
+        assert sim is not None and sim.ieds["sim-pump"].words[("coil", 0)] is True  # the server's own coil
+        await until(alice, "sim-pump", lambda v: v.state is DeviceState.OFF and v.report.telemetry.kw == 0.0)
+    finally:
+        await alice.close()
+        await grid.stop()
+    assert grid.sites == []
+
+
+def test_the_demo_fleet_has_a_simulated_field_site(tmp_path: Path) -> None:
+    from gridpresence.config import load_fleet
+
+    fleet = load_fleet(Path(__file__).resolve().parents[1] / "bots" / "demo-fleet.toml")
+    assert [s.simulate for s in fleet.sites] == [True]
+    grid = Grid(fleet, tmp_path / "grid")
+    assert grid.gateway_ieds == ("field-pump-1",) and grid.fleet.device("field-pump-1").kind.value == "load"
+

@@ -117,6 +117,8 @@ class FieldSimulator:
                 continue
             link = ied.link
             if not isinstance(link, ModbusTcpLink | ModbusRtuLink):
+                if wanted is None:
+                    continue  # not asked for by name: the site's other IEDs are real, or elsewhere
                 raise SimulatorError(f"{ied.name}: the field simulator plays Modbus IEDs, not {link.protocol}")
             sim = SimulatedIed(ied, site.map_for(ied), random.Random(rng.random()))
             key: tuple[str, str | int] = (link.host, link.port) if isinstance(link, ModbusTcpLink) else ("rtu", link.device)
