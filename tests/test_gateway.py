@@ -774,19 +774,35 @@ async def test_a_modbus_rtu_ied_over_a_pseudo_terminal_is_polled_and_commanded()
             os.close(fd)
 
 
-def test_the_readme_gateway_example_provisions_its_ieds(tmp_path: Path) -> None:
+def _readme_files(heading: str, tmp_path: Path) -> set[str]:
+    """The first two TOML blocks after a README heading, written as the files they name."""
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = text.split("### Running a gateway")[1]
+    section = text.split(heading)[1]
     blocks = [b.split("```")[0] for b in section.split("```toml\n")[1:3]]
     files = {b.splitlines()[0].removeprefix("# "): b for b in blocks}
-    assert set(files) == {"fleet.toml", "site.toml"}
     for name, body in files.items():
         (tmp_path / name).write_text(body)
+    return set(files)
+
+
+def test_the_readme_gateway_example_provisions_its_ieds(tmp_path: Path) -> None:
+    assert _readme_files("### Running a gateway", tmp_path) == {"fleet.toml", "site.toml"}
     from gridpresence.config import load_fleet
 
     grid = Grid(load_fleet(tmp_path / "fleet.toml"), tmp_path / "grid")
     assert grid.gateway_ieds == ("feeder-4-load", "recloser-7")
     assert {d.name for d in grid.fleet.devices} == {"sim-load", "feeder-4-load", "recloser-7"}
+
+
+def test_the_readme_field_simulator_example_is_a_simulated_site(tmp_path: Path) -> None:
+    from gridpresence.config import load_fleet
+    from gridpresence.gateway.simulator import FieldSimulator
+
+    assert _readme_files("### A field simulator", tmp_path) == {"fleet.toml", "pump-site.toml"}
+    fleet = load_fleet(tmp_path / "fleet.toml")
+    assert [s.simulate for s in fleet.sites] == [True]
+    assert Grid(fleet, tmp_path / "grid").gateway_ieds == ("field-pump-2",)
+    assert set(FieldSimulator(load_site(tmp_path / "pump-site.toml")).ieds) == {"field-pump-2"}
 
 
 async def test_a_dnp3_reading_flagged_bad_is_not_shown_as_good(field: Field) -> None:
