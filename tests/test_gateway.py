@@ -58,15 +58,15 @@ class ModbusIeds:
     """Units of one pymodbus server. ``values`` is each point's truth, which the server's access
     hook shows in every read; a load controller's logic follows its shed coil (``follow``)."""
 
-    def __init__(self, units: tuple[int, ...]) -> None:
+    def __init__(self, units: tuple[int, ...], size: int = 300) -> None:
         self.values: dict[tuple[int, str, int], int | bool] = {}
         self.refuse: set[tuple[int, int]] = set()  # (unit, address): writes answered DEVICE_FAILURE
         self.follow = dict.fromkeys(units, True)
         self.delay = dict.fromkeys(units, 0.0)  # seconds each request to the unit waits for its answer
         self.devices = [SimDevice(u, simdata=([SimData(0, count=64, values=False, datatype=DataType.BITS)],
                                               [SimData(0, count=64, values=False, datatype=DataType.BITS)],
-                                              [SimData(0, count=300, values=0, datatype=DataType.REGISTERS)],
-                                              [SimData(0, count=300, values=0, datatype=DataType.REGISTERS)]),
+                                              [SimData(0, count=size, values=0, datatype=DataType.REGISTERS)],
+                                              [SimData(0, count=size, values=0, datatype=DataType.REGISTERS)]),
                                   action=self._hook(u)) for u in units]
 
     def _hook(self, unit: int) -> Any:
@@ -866,4 +866,84 @@ def test_the_demo_fleet_has_a_simulated_field_site(tmp_path: Path) -> None:
     assert [s.simulate for s in fleet.sites] == [True]
     grid = Grid(fleet, tmp_path / "grid")
     assert grid.gateway_ieds == ("field-pump-1",) and grid.fleet.device("field-pump-1").kind.value == "load"
+
+
+def sunspec_meter(ieds: ModbusIeds, unit: int, *, model: int = 203, w: int, w_sf: int, wh: int, wh_sf: int) -> None:
+    """A SunSpec meter's registers as the standard lays them out: 'SunS' at 40000, the common
+    model (1, length 66: maker, model, options, version, serial as strings) at 40002, the meter
+    model at 40070 (length 105) and the end marker after it."""
+    def text(value: str, words: int) -> list[int]:
+        data = value.encode().ljust(2 * words, b"\0")
+        return [int.from_bytes(data[i:i + 2], "big") for i in range(0, 2 * words, 2)]
+
+    ieds.set(unit, "h", 40000, [0x5375, 0x6E53])
+    ieds.set(unit, "h", 40002, [1, 66, *text("Acme", 16), *text("M-3000", 16), *text("", 8), *text("1.2", 8),
+                                *text("SN4711", 16), 1, 0x8000])
+    body = [0] * 105
+    body[0:5] = [153, 51, 51, 51, 0xFFFF]  # A, AphA-C; A_SF -1
+    body[5], body[13] = 2301, 0xFFFF  # PhV 230.1 V (V_SF -1)
+    body[14], body[15] = 5000, 0xFFFE  # Hz 50.00 (Hz_SF -2)
+    body[16], body[20] = w & 0xFFFF, w_sf & 0xFFFF  # W, W_SF
+    body[44:46] = [wh >> 16, wh & 0xFFFF]  # TotWhImp (acc32)
+    body[52] = wh_sf & 0xFFFF  # TotWh_SF
+    ieds.set(unit, "h", 40070, [model, 105, *body])
+    ieds.set(unit, "h", 40177, [0xFFFF, 0])  # end of the models
+
+
+async def test_a_sunspec_meter_is_read_by_the_shipped_map() -> None:
+    """The shipped sunspec-meter map against pymodbus's server laid out as SunSpec: scale
+    factors applied, a single-phase model (201) too, and a device that is not laid out so (no
+    'SunS', another model) or whose scale factor is nonsense is never shown as good."""
+    meters = ModbusIeds((1, 2), size=40200)
+    sunspec_meter(meters, 1, w=12345, w_sf=-1, wh=5_000_123, wh_sf=0)  # 1234.5 W, 5000.123 kWh
+    sunspec_meter(meters, 2, model=201, w=250, w_sf=1, wh=42, wh_sf=3)  # 2500 W, 42 000 Wh
+    port = free_port()
+    server = ModbusTcpServer(meters.devices, address=("127.0.0.1", port))
+    await server.serve_forever(background=True)
+    site = parse_site({"ieds": [{"name": f"sunspec-{u}", "kind": "meter", "map": "sunspec-meter",
+                                 "link": {"protocol": "modbus-tcp", "host": "127.0.0.1", "port": port, "unit": u}}
+                                for u in (1, 2)]})
+    three, single = (FieldIed(ied, site.map_for(ied)) for ied in site.ieds)
+    try:
+        status = await three.poll()
+        assert status.report is not None, status.problem
+        assert status.report.telemetry.kw == pytest.approx(1.2345) and status.report.telemetry.energy_kwh == pytest.approx(5000.123)
+        assert status.extra == pytest.approx({"amps": 15.3, "volts": 230.1, "hz": 50.0})
+        assert three.driver.requests == 2  # type: ignore[attr-defined]  # the marker's span and the model's
+        status = await single.poll()
+        assert status.report is not None and status.report.telemetry.kw == pytest.approx(2.5), status.problem
+        assert status.report.telemetry.energy_kwh == pytest.approx(42.0)
+        meters.set(1, "h", 40070, [120])  # an inverter model where the meter should be
+        status = await three.poll()
+        assert status.report is None and "expect.meter_id: reads 120, not 201 or 202 or 203 or 204" in (status.problem or "")
+        meters.set(1, "h", 40070, [203])
+        meters.set(1, "h", 40000, [0, 0])  # no 'SunS'
+        status = await three.poll()
+        assert status.report is None and "expect.marker: reads 0" in (status.problem or ""), status.problem
+        meters.set(1, "h", 40000, [0x5375, 0x6E53])
+        meters.set(1, "h", 40092, [0x8000])  # W_SF "not implemented"
+        status = await three.poll()
+        assert status.report is None and "scale factor 'w_sf' reads -32768" in (status.problem or ""), status.problem
+        meters.set(1, "h", 40092, [0xFFFF])
+        assert (await three.poll()).report is not None
+    finally:
+        await three.driver.close()
+        await single.driver.close()
+        await server.shutdown()
+
+
+async def test_the_field_simulator_plays_a_sunspec_meter() -> None:
+    """The simulator lays a map's expected identity out too: the gateway takes it for a SunSpec meter."""
+    from gridpresence.gateway.simulator import FieldSimulator
+
+    port = free_port()
+    site = parse_site({"ieds": [{"name": "sim-sunspec", "kind": "meter", "map": "sunspec-meter", "rated_kw": 20,
+                                 "link": {"protocol": "modbus-tcp", "host": "127.0.0.1", "port": port, "unit": 3}}]})
+    field_ied = FieldIed(site.ieds[0], site.map_for(site.ieds[0]))
+    async with FieldSimulator(site):
+        try:
+            status = await field_ied.poll()
+            assert status.report is not None and 0 < (status.report.telemetry.kw or 0) <= 20, status.problem
+        finally:
+            await field_ied.driver.close()
 

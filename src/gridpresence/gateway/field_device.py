@@ -143,11 +143,7 @@ class FieldIed:
         self._commanding = asyncio.Lock()  # one command at a time: two commands' writes never interleave
         # The last readings that made a valid report, with it: the same readings, the same presence.
         self._last_good: tuple[dict[str, Reading], PresenceReport, dict[str, float]] | None = None
-        bound = [*pmap.telemetry.values(), *pmap.readings.values(), pmap.state.on, pmap.state.restricted]
-        if pmap.breaker is not None:
-            bound += [pmap.breaker.closed, pmap.breaker.tripped]
-        # Only what presence needs is polled: outputs are read back when a command confirms them.
-        self.points: list[Point] = [pmap.points[n] for n in dict.fromkeys(n for n in bound if n is not None)]
+        self.points: list[Point] = [pmap.points[n] for n in pmap.polled()]
 
     @property
     def stale_after_s(self) -> float:

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 # Function code -> table, as the server's access hook is told.
 _TABLES = {1: "coil", 5: "coil", 15: "coil", 2: "discrete_input", 3: "holding", 6: "holding", 16: "holding",
            4: "input"}
-_SIZE = 4096  # addresses per table each unit serves (a map's points must lie below)
 STEP_S = 1.0  # how often the readings drift
 
 
@@ -52,10 +51,18 @@ class SimulatedIed:
     shed: bool = False  # the last command switched it off (shed, stop, open)
 
     def __post_init__(self) -> None:
-        for name, point in self.pmap.points.items():
-            if point.address + point.width > _SIZE:
-                raise SimulatorError(f"{self.ied.name}: point {name} lies past address {_SIZE - 1}")
+        for name, wanted in self.pmap.expect.items():  # what identifies it (a SunSpec marker, model ids)
+            self.set(self.pmap.points[name], wanted[0] if isinstance(wanted, tuple) else wanted)
         self.step(0.0)
+
+    def span(self, table: str) -> tuple[int, int]:
+        """The addresses of a table the unit serves: from its map's first point there to its
+        last (at least one address; a read outside is an exception, as on a real IED)."""
+        points = [p for p in self.pmap.points.values() if p.table == table]
+        if not points:
+            return 0, 1
+        start = min(p.address for p in points)
+        return start, max(p.address + p.width for p in points) - start
 
     def set(self, point: Point, value: float | bool) -> None:
         if point.is_bit:
@@ -153,11 +160,14 @@ class FieldSimulator:
                     registers[address - start + i] = int(sim.words.get((table, address + i), 0))
 
         unit = sim.ied.link.unit  # type: ignore[union-attr]  # Modbus links only (checked above)
-        return SimDevice(unit, simdata=([SimData(0, count=_SIZE, values=False, datatype=DataType.BITS)],
-                                        [SimData(0, count=_SIZE, values=False, datatype=DataType.BITS)],
-                                        [SimData(0, count=_SIZE, values=0, datatype=DataType.REGISTERS)],
-                                        [SimData(0, count=_SIZE, values=0, datatype=DataType.REGISTERS)]),
-                         action=access)
+        def block(table: str) -> list[SimData]:
+            start, count = sim.span(table)
+            bits = table in ("coil", "discrete_input")
+            return [SimData(address=start, count=count, values=False if bits else 0,
+                            datatype=DataType.BITS if bits else DataType.REGISTERS)]
+
+        blocks = tuple(block(table) for table in ("coil", "discrete_input", "holding", "input"))
+        return SimDevice(unit, simdata=blocks, action=access)  # type: ignore[arg-type]
 
     async def start(self) -> None:
         for key, sims in self._servers.items():
