@@ -647,6 +647,10 @@ async def test_a_gateway_without_accounts_or_with_a_bad_site_says_why(field: Fie
     bad.write_text(field.site_file.read_text().replace("poll_s = 0.3", "poll_s = -1", 1))
     code, out, err = await run_cli("gateway", str(bad), "--connection", str(field.grid.connection_file))
     assert code == 2 and "ieds[0] (gw-load-1).poll_s" in err, (out, err)
+    code, out, err = await run_cli("field-sim", str(bad))
+    assert code == 2 and "ieds[0] (gw-load-1).poll_s" in err, (out, err)
+    code, out, err = await run_cli("field-sim", str(field.site_file), "--ied", "gw-brk-1")
+    assert code == 2 and "gw-brk-1: the field simulator plays Modbus IEDs, not dnp3-tcp" in err, (out, err)
 
 
 
@@ -947,3 +951,60 @@ async def test_the_field_simulator_plays_a_sunspec_meter() -> None:
         finally:
             await field_ied.driver.close()
 
+
+
+async def test_the_field_simulator_takes_any_modbus_request_and_keeps_serving() -> None:
+    """Seeded random requests (any table, address, count and value, in and out of the maps'
+    ranges) each get an answer, normal or an exception response; the simulated IEDs then still
+    read as valid presence."""
+    from pymodbus.client import AsyncModbusTcpClient
+
+    from gridpresence.gateway.simulator import FieldSimulator
+
+    port = free_port()
+    site = parse_site({"ieds": [
+        {"name": "fz-load", "kind": "load", "map": "modbus-load-controller", "rated_kw": 50,
+         "link": {"protocol": "modbus-tcp", "host": "127.0.0.1", "port": port, "unit": 1}},
+        {"name": "fz-sunspec", "kind": "meter", "map": "sunspec-meter", "rated_kw": 20,
+         "link": {"protocol": "modbus-tcp", "host": "127.0.0.1", "port": port, "unit": 2}}]})
+    rng = random.Random(1515)
+    client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2.0, retries=0)
+    answers = {"normal": 0, "exception": 0}
+    async with FieldSimulator(site) as sim:
+        assert await client.connect()
+        try:
+            for _ in range(150):
+                unit = rng.choice((1, 2, 3))  # 3: no such unit on this line
+                address = rng.choice((0, 1, 2, 5, 40000, 40070, 40124, rng.randrange(0, 65000)))
+                op = rng.randrange(5)
+                if op == 0:
+                    r = await client.read_coils(address, count=rng.randrange(1, 40), device_id=unit)
+                elif op == 1:
+                    r = await client.read_holding_registers(address, count=rng.randrange(1, 60), device_id=unit)
+                elif op == 2:
+                    r = await client.write_coil(address, rng.random() < 0.5, device_id=unit)
+                elif op == 3:
+                    r = await client.write_register(address, rng.getrandbits(16), device_id=unit)
+                else:
+                    r = await client.write_registers(address, [rng.getrandbits(16) for _ in range(rng.randrange(1, 5))],
+                                                     device_id=unit)
+                answers["exception" if r.isError() else "normal"] += 1
+        finally:
+            client.close()
+        assert sum(answers.values()) == 150 and answers["normal"] > 0 and answers["exception"] > 0, answers
+        for name in ("fz-load", "fz-sunspec"):  # what the fuzz wrote is put right, as a field engineer would
+            played = sim.ieds[name]
+            for wanted_name, wanted in played.pmap.expect.items():
+                played.set(played.pmap.points[wanted_name], wanted[0] if isinstance(wanted, tuple) else wanted)
+            for point in played.pmap.points.values():
+                if point.scale_factor is not None:
+                    played.set(played.pmap.points[point.scale_factor], 0)
+            played.shed = False
+            played.step(0.0)
+        for ied in site.ieds:
+            field_ied = FieldIed(ied, site.map_for(ied))
+            try:
+                status = await field_ied.poll()
+                assert status.report is not None, (ied.name, status.problem)
+            finally:
+                await field_ied.driver.close()
