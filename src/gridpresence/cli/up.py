@@ -45,8 +45,8 @@ def _print_welcome(grid: Grid) -> None:
         if bots.console is not None:
             print(f"  chat with the fleet console: {bots.console.grid.jid} (type help); devices answer chat too")
     for sim, gateway in grid.sites:
-        played = f"played by the field simulator (pymodbus, {len(sim.ieds)} IEDs)" if sim is not None else \
-            "field simulator NOT running (see the log)"
+        played = ("played by the field simulator (pymodbus's own Modbus server)" if sim is not None
+                  else "its field simulator did NOT start (see the log): the IEDs show no answer")
         print(f"  field gateway: {', '.join(gateway.devices)}, {played}")
     apart = [n for n in grid.gateway_ieds if n not in grid.simulated_ieds]
     if apart:
