@@ -534,13 +534,19 @@ async def test_an_ied_that_refuses_or_does_not_follow_is_rejected_with_the_reaso
     assert "DEVICE_FAILURE" in refused.detail and refused.report.state is DeviceState.ON  # type: ignore[union-attr]
     await on_and_read()
     field.loads.follow[3] = False  # the coil is taken, the load keeps running
+    sent: list[str] = []
+    alice.client.register_handler(Callback("count not-confirmed", StanzaPath("message/grid_outcome"),
+                                            lambda msg: sent.append(outcome_from_xml(msg["grid_outcome"].xml).command_id)))
     try:
         stubborn = await alice.command("gw-load-3", "shed")
+        await asyncio.sleep(1.0)  # a second outcome (the backstop's "no-answer") would come by now
     finally:
+        alice.client.remove_handler("count not-confirmed")
         field.loads.follow[3] = True
         field.loads.set(3, "c", 0, False)
     assert stubborn.status is OutcomeStatus.REJECTED and stubborn.reason is RejectReason.NOT_CONFIRMED
     assert "running reads True, not False" in stubborn.detail
+    assert sent.count(stubborn.command_id) == 1, sent  # ended "not confirmed", once
     assert field.brk1.relay is not None
     field.brk1.relay.blocked = True
     try:
@@ -861,6 +867,38 @@ async def test_a_simulated_site_is_played_and_hosted_by_the_grid(tmp_path: Path)
         await alice.close()
         await grid.stop()
     assert grid.sites == []
+
+
+async def test_a_simulated_site_whose_port_is_taken_still_comes_up_saying_why(tmp_path: Path) -> None:
+    """The demo's simulator cannot serve (another program holds its port): the grid comes up all
+    the same, logs it, and the IED's identity shows that it gets no answer."""
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()  # takes connections, never answers Modbus
+    port = holder.getsockname()[1]
+    (tmp_path / "site.toml").write_text(
+        '[[ieds]]\nname = "sim-taken"\nkind = "load"\nmap = "modbus-load-controller"\npoll_s = 0.3\n'
+        f'link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {port}, unit = 1, timeout_s = 0.5 }}\n')
+    fleet = parse_fleet({"operators": [{"name": "alice"}], "devices": [{"name": "bot-load", "kind": "load",
+                                                                         "rated_kw": 10}],
+                         "sites": [{"file": "site.toml", "simulate": True}]}, "fleet", tmp_path)
+    grid = Grid(fleet, tmp_path / "grid")
+    alice: GridOperator | None = None
+    try:
+        await grid.start()
+        assert grid.sites[0][0] is None and grid.simulated_ieds == ("sim-taken",)
+        alice = GridOperator.from_connection(grid.connection, operator="alice", resource="taken")
+        await alice.connect()
+        await until(alice, "sim-taken", lambda v: v.present and v.state is DeviceState.RESTRICTED, timeout=10)
+        note = alice.device("sim-taken").report.restriction.note  # type: ignore[union-attr]
+        assert note.startswith("no answer from the IED"), note
+    finally:
+        holder.close()
+        if alice is not None:
+            await alice.close()
+        await grid.stop()
 
 
 def test_the_demo_fleet_has_a_simulated_field_site(tmp_path: Path) -> None:

@@ -182,10 +182,11 @@ class FieldSimulator:
                                             parity=link.parity, stopbits=link.stopbits)
             try:
                 await server.serve_forever(background=True)
-            except OSError as exc:
+            except (OSError, RuntimeError) as exc:  # pymodbus: "Could not start listen" (a port in use)
                 await self.stop()
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 raise SimulatorError(f"{', '.join(s.ied.name for s in sims)}: cannot serve {key[0]}:{key[1]}: "
-                                     f"{exc.strerror or exc}") from None
+                                     f"{why}") from None
             self._running.append(server)
             log.info("field simulator: %s on %s %s", ", ".join(s.ied.name for s in sims), *key)
         self._drift = asyncio.ensure_future(self._run())
