@@ -11,11 +11,14 @@ loop of the same registers measured in the same run.
   logged in (field link, FieldDevice, device bot and its XMPP session), over N.
 - Presence latency: a register written by a separate Modbus client (load 20 % <-> 60 %) until
   the operator sees the IED's presence change, with every IED polled every --poll seconds.
+  Meanwhile one slow IED (bench-1: every request answered --slow-ms late) is commanded shed /
+  restore back to back (--slow-ms 0: not at all), and the changes are on the other IEDs: a slow
+  IED's commands must not delay the others' presence (issue 15: the command path is awaited).
 
 Goals (issue 15): gateway poll cost <= 1.5x the raw loop; register -> operator p99 <= one poll
 interval + 50 ms.
 
-    python bench/gateway.py [--ieds 200] [--cycles 20] [--poll 1.0] [--changes 30]
+    python bench/gateway.py [--ieds 200] [--cycles 20] [--poll 1.0] [--changes 30] [--slow-ms 300]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from common import summary
 
@@ -47,17 +51,25 @@ from gridpresence.server.ports import free_port
 UNITS_PER_SERVER = 200  # unit ids 1..247 per Modbus connection target; one server holds them
 
 
-def serve(port: int, units: int, ready: multiprocessing.synchronize.Event) -> None:  # type: ignore[name-defined]
-    """The IEDs: one pymodbus server, ``units`` unit ids with the load controller's tables."""
+def serve(port: int, units: int, ready: multiprocessing.synchronize.Event,  # type: ignore[name-defined]
+          slow_s: Any) -> None:
+    """The IEDs: one pymodbus server, ``units`` unit ids with the load controller's tables;
+    unit 1 answers every request ``slow_s.value`` seconds late (its connection waits, the
+    others do not; the poll-cycle runs keep it at 0)."""
     from pymodbus.server import ModbusTcpServer
     from pymodbus.simulator import DataType, SimData, SimDevice
+
+    async def slow(*_args: object) -> None:
+        if slow_s.value:
+            await asyncio.sleep(slow_s.value)
 
     def device(unit: int) -> SimDevice:
         return SimDevice(unit, simdata=([SimData(0, count=16, values=False, datatype=DataType.BITS)],
                                         [SimData(0, count=16, values=False, datatype=DataType.BITS)],
                                         [SimData(0, count=16, values=[200, 1000, 200, 0, 0, 1234] + [0] * 10,
                                                  datatype=DataType.REGISTERS)],
-                                        [SimData(0, count=16, values=0, datatype=DataType.REGISTERS)]))
+                                        [SimData(0, count=16, values=0, datatype=DataType.REGISTERS)]),
+                         action=slow if unit == 1 else None)
 
     async def main() -> None:
         server = ModbusTcpServer([device(u) for u in range(1, units + 1)], address=("127.0.0.1", port))
@@ -68,11 +80,29 @@ def serve(port: int, units: int, ready: multiprocessing.synchronize.Event) -> No
     asyncio.run(main())
 
 
-def site_text(n: int, port: int, poll_s: float) -> str:
+# The slow IED's map: the load controller's, with the shed coil itself read back (the bench's
+# simulator has no logic linking it to "running").
+SLOW_MAP = """
+[maps.slow-load]
+protocol = "modbus"
+points.shed = { table = "coil", address = 0 }
+points.running = { table = "discrete_input", address = 0 }
+points.kw = { table = "holding", address = 0, scale = 0.1 }
+points.capacity_kw = { table = "holding", address = 1, scale = 0.1 }
+points.load_pct = { table = "holding", address = 2, scale = 0.1 }
+telemetry = { kw = "kw", capacity_kw = "capacity_kw", load_pct = "load_pct" }
+state = { on = "running" }
+commands.shed = { writes = [{ point = "shed", value = true }], confirm = { point = "shed", equals = true }, timeout_s = 5 }
+commands.restore = { writes = [{ point = "shed", value = false }], confirm = { point = "shed", equals = false }, timeout_s = 5 }
+"""
+
+
+def site_text(n: int, port: int, poll_s: float, slow: bool = False) -> str:
     return "".join(
-        f'[[ieds]]\nname = "bench-{i}"\nkind = "load"\nmap = "modbus-load-controller"\npoll_s = {poll_s}\n'
+        f'[[ieds]]\nname = "bench-{i}"\nkind = "load"\n'
+        f'map = "{"slow-load" if slow and i == 1 else "modbus-load-controller"}"\npoll_s = {poll_s}\n'
         f'link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {port}, unit = {i}, timeout_s = 2.0 }}\n\n'
-        for i in range(1, n + 1))
+        for i in range(1, n + 1)) + (SLOW_MAP if slow else "")
 
 
 async def raw_cycles(n: int, port: int, cycles: int) -> tuple[list[float], float]:
@@ -133,7 +163,20 @@ def rss_kib() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() // 1024
 
 
-async def latency(site_path: Path, n: int, port: int, changes: int, poll_s: float) -> tuple[list[float], float]:
+async def command_slow_ied(alice: GridOperator, times: list[float]) -> None:
+    """bench-1, the slow IED: shed, restore, shed... back to back, until cancelled."""
+    action = "shed"
+    while True:
+        t0 = time.perf_counter()
+        outcome = await alice.command("bench-1", action, ttl_s=60)
+        times.append(time.perf_counter() - t0)
+        if not outcome.ok:
+            print(f"  slow IED: {action} {outcome.status.value}: {outcome.detail}", flush=True)
+        action = "restore" if action == "shed" else "shed"
+
+
+async def latency(site_path: Path, n: int, port: int, changes: int, poll_s: float,
+                  slow: bool) -> tuple[list[float], float, list[float]]:
     with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
         fleet = parse_fleet({"operators": [{"name": "alice"}], "devices": [{"name": "sim", "kind": "load",
                                                                              "rated_kw": 10}],
@@ -151,11 +194,13 @@ async def latency(site_path: Path, n: int, port: int, changes: int, poll_s: floa
             writer = AsyncModbusTcpClient("127.0.0.1", port=port)
             await writer.connect()
             rng = random.Random(15)
-            samples = []
+            samples: list[float] = []
+            slow_times: list[float] = []
+            commanding = asyncio.create_task(command_slow_ied(alice, slow_times)) if slow else None
             try:
                 await asyncio.sleep(2 * poll_s)
                 for i in range(changes):
-                    unit = rng.randrange(1, n + 1)
+                    unit = rng.randrange(2 if slow else 1, n + 1)
                     name = f"bench-{unit}"
                     now = alice.device(name).report.telemetry.load_pct  # type: ignore[union-attr]
                     target = 60.0 if now != 60.0 else 20.0
@@ -166,12 +211,15 @@ async def latency(site_path: Path, n: int, port: int, changes: int, poll_s: floa
                                          and d[nm].report.telemetry.load_pct == t, timeout=10)
                     samples.append(time.perf_counter() - t0)
             finally:
+                if commanding is not None:
+                    commanding.cancel()
+                    await asyncio.gather(commanding, return_exceptions=True)
                 writer.close()
                 await alice.close()
                 await gateway.stop()
         finally:
             await grid.stop()
-    return samples, per_ied_kib
+    return samples, per_ied_kib, slow_times
 
 
 async def main() -> None:
@@ -180,13 +228,17 @@ async def main() -> None:
     ap.add_argument("--cycles", type=int, default=20)
     ap.add_argument("--poll", type=float, default=1.0)
     ap.add_argument("--changes", type=int, default=30)
+    ap.add_argument("--slow-ms", type=float, default=300.0, help="bench-1's answer delay while it is commanded "
+                    "during the latency run (0: no slow IED)")
     args = ap.parse_args()
     if not 1 <= args.ieds <= UNITS_PER_SERVER:
         raise SystemExit(f"--ieds: 1..{UNITS_PER_SERVER}")
     port = free_port()
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
-    server = ctx.Process(target=serve, args=(port, args.ieds, ready), daemon=True)
+    slow = args.slow_ms > 0 and args.ieds > 1
+    slow_s = ctx.Value("d", 0.0)
+    server = ctx.Process(target=serve, args=(port, args.ieds, ready, slow_s), daemon=True)
     server.start()
     try:
         if not ready.wait(60):
@@ -194,6 +246,8 @@ async def main() -> None:
         with tempfile.TemporaryDirectory(prefix="gw-site-") as tmp:
             site_path = Path(tmp) / "site.toml"
             site_path.write_text(site_text(args.ieds, port, args.poll))
+            latency_site = Path(tmp) / "latency-site.toml"
+            latency_site.write_text(site_text(args.ieds, port, args.poll, slow))
             print(f"{args.ieds} Modbus IEDs on one pymodbus server (pid {server.pid}), {args.cycles} poll cycles",
                   flush=True)
             # Alternate so drift on the machine hits both alike.
@@ -219,7 +273,11 @@ async def main() -> None:
                       f"   ratio {cpu / raw_cpu:.2f}x (goal <= 1.5x)")
             print(f"  cycle time ratio (median): {gw['median_ms'] / raw['median_ms']:.2f}x, every reading new "
                   f"{new['median_ms'] / raw['median_ms']:.2f}x (goal <= 1.5x)")
-            samples, kib = await latency(site_path, args.ieds, port, args.changes, args.poll)
+            slow_s.value = args.slow_ms / 1000 if slow else 0.0
+            samples, kib, slow_times = await latency(latency_site, args.ieds, port, args.changes, args.poll, slow)
+            if slow:
+                print(f"  while bench-1 answers {args.slow_ms:g} ms late and is commanded back to back:")
+                summary("slow IED's command -> outcome", slow_times)
             lat = summary("register change -> operator presence", samples)
             print(f"  memory per IED (field link + bot + XMPP session): {kib:.0f} KiB")
             goal = args.poll * 1000 + 50

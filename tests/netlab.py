@@ -6,7 +6,8 @@ Topology (addresses exist only inside these namespaces and their veth pairs)::
     [secure-2 ns] 10.213.77.6 --veth-- 10.213.77.5 --(local delivery)--^
 
 Prosody listens on 10.213.77.1. A secure namespace's web-only rules allow outbound HTTP(S)
-only: unsolicited inbound traffic and the XMPP port are dropped.
+only: unsolicited inbound traffic and the XMPP port are dropped. A test file that may run beside
+another one passes :func:`namespaces` its own prefix and addresses (test_gateway_firewall.py).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Lab:
     grid: Grid
     fleet: Fleet
     data: Path
+    public: str = PUBLIC  # the server's address, as the namespaces reach it
 
     def firewall(self, role: str, rules: str | None) -> None:
         """Replace a namespace's rules (None: no firewall at all)."""
@@ -104,7 +106,7 @@ class Lab:
         return proc.returncode or 0, out.decode(), err.decode()
 
     async def can_reach(self, role: str, port: int) -> bool:
-        code = (f"import socket,sys\ntry: socket.create_connection(({PUBLIC!r},{port}),2)\n"
+        code = (f"import socket,sys\ntry: socket.create_connection(({self.public!r},{port}),2)\n"
                 "except OSError: sys.exit(1)")
         proc = await asyncio.create_subprocess_exec("ip", "netns", "exec", self.names[role], sys.executable, "-c", code)
         return await proc.wait() == 0
@@ -124,16 +126,19 @@ async def stop_bot(proc: asyncio.subprocess.Process, graceful: bool = False) -> 
 
 
 @contextlib.contextmanager
-def namespaces() -> Iterator[dict[str, str]]:
-    """Create the secure namespaces (role -> namespace name); always removes them again."""
+def namespaces(prefix: str = "gp", secure: dict[str, tuple[str, str]] | None = None) -> Iterator[dict[str, str]]:
+    """Create the secure namespaces (role -> namespace name; ``secure``: role -> (outer, inner)
+    address, default :data:`SECURE`); always removes them again. ``prefix`` starts every
+    namespace and veth name, so two test files' labs never meet."""
+    secure = SECURE if secure is None else secure
     if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("nft") is None:
         raise NetlabUnavailable("needs root with `ip` and `nft` (apt-get install iproute2 nftables)")
     tag = f"{os.getpid() % 100000}"
-    names = {role: f"gp{role}-{tag}" for role in SECURE}
+    names = {role: f"{prefix}{role}-{tag}" for role in secure}
     created: list[str] = []
     try:
-        for i, (role, (outer, inner)) in enumerate(SECURE.items()):
-            ns, host_if, ns_if = names[role], f"gpv{i}h{tag}", f"gpv{i}n{tag}"
+        for i, (role, (outer, inner)) in enumerate(secure.items()):
+            ns, host_if, ns_if = names[role], f"{prefix}v{i}h{tag}", f"{prefix}v{i}n{tag}"
             try:
                 _run("ip", "netns", "add", ns)
             except RuntimeError as exc:

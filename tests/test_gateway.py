@@ -2,8 +2,8 @@
 IEDs' points, a real grid (Prosody, accounts from the fleet's ``[[sites]]``) carries their
 presence, and operators command them by the library, the CLI and chat.
 
-The IEDs run on a thread and loop of their own: the gateway's command path waits synchronously
-for the IED's answer, and an IED on the test's loop could not give it.
+The IEDs run on a thread and loop of their own, as they would in a box of their own: a slow
+IED (``ModbusIeds.delay``) must not slow the test's loop, only the gateway's view of that IED.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ import pytest_asyncio
 from dnp3.database import AnalogInputConfig, BinaryInputConfig, BinaryOutputConfig, CounterConfig, Database
 from dnp3.outstation import CommandResult, DefaultCommandHandler, Outstation, OutstationConfig, OutstationTcpRunner
 from pymodbus.constants import ExcCodes
-from pymodbus.server import ModbusTcpServer
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import StanzaPath
 
 from conftest import run_cli
 from gridpresence.config import FleetError, parse_fleet
@@ -38,7 +40,8 @@ from gridpresence.gateway.site import load_site, parse_site
 from gridpresence.host.gateway import Gateway, GatewayError
 from gridpresence.host.grid import SECRETS_FILE, Grid
 from gridpresence.operator.library import GridOperator
-from gridpresence.protocol.models import Breaker, DeviceState, OutcomeStatus, RejectReason
+from gridpresence.protocol.codec import outcome_from_xml
+from gridpresence.protocol.models import Breaker, DeviceState, Outcome, OutcomeStatus, RejectReason
 from gridpresence.server.accounts import Secrets
 from gridpresence.server.ports import free_port
 from timebase import NOW
@@ -55,18 +58,21 @@ class ModbusIeds:
     """Units of one pymodbus server. ``values`` is each point's truth, which the server's access
     hook shows in every read; a load controller's logic follows its shed coil (``follow``)."""
 
-    def __init__(self, units: tuple[int, ...]) -> None:
+    def __init__(self, units: tuple[int, ...], size: int = 300) -> None:
         self.values: dict[tuple[int, str, int], int | bool] = {}
         self.refuse: set[tuple[int, int]] = set()  # (unit, address): writes answered DEVICE_FAILURE
         self.follow = dict.fromkeys(units, True)
+        self.delay = dict.fromkeys(units, 0.0)  # seconds each request to the unit waits for its answer
         self.devices = [SimDevice(u, simdata=([SimData(0, count=64, values=False, datatype=DataType.BITS)],
                                               [SimData(0, count=64, values=False, datatype=DataType.BITS)],
-                                              [SimData(0, count=300, values=0, datatype=DataType.REGISTERS)],
-                                              [SimData(0, count=300, values=0, datatype=DataType.REGISTERS)]),
+                                              [SimData(0, count=size, values=0, datatype=DataType.REGISTERS)],
+                                              [SimData(0, count=size, values=0, datatype=DataType.REGISTERS)]),
                                   action=self._hook(u)) for u in units]
 
     def _hook(self, unit: int) -> Any:
         async def action(fc, start, address, count, registers, values):  # noqa: ANN001, ANN202
+            if self.delay[unit]:  # a slow IED: its connection waits, the server's others do not
+                await asyncio.sleep(self.delay[unit])
             table = _TABLE[fc]
             if values is not None:
                 if (unit, address) in self.refuse:
@@ -252,6 +258,14 @@ poll_s = 0.3
 gone_after_s = 4
 link = {{ protocol = "dnp3-tcp", host = "127.0.0.1", port = {brk2}, outstation = 10, timeout_s = 1.0 }}
 
+# Modbus RTU: pymodbus's serial server on the far end of a pseudo-terminal "null modem".
+[[ieds]]
+name = "gw-rtu-load"
+kind = "load"
+map = "modbus-load-controller"
+poll_s = 0.3
+link = {{ protocol = "modbus-rtu", device = "{rtu}", baudrate = 115200, unit = 5, timeout_s = 2.0 }}
+
 # The shipped load controller with a short confirmation time (a stubborn IED is found out fast).
 # The loads' link time-outs (2 s) are long enough that a loaded 2-core machine is not an IED
 # that does not answer; the meter's and breakers' stay short for the unplugging tests.
@@ -285,6 +299,7 @@ link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {loads}, unit = 4,
 class Field:
     ieds: IedThread
     loads: ModbusIeds
+    rtu: ModbusIeds
     meter: ModbusIeds
     meter_port: int
     meter_server: ModbusTcpServer | None
@@ -300,7 +315,8 @@ class Field:
 async def field(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Field]:
     tmp = tmp_path_factory.mktemp("gateway")
     ieds = IedThread()
-    loads, meter = ModbusIeds((1, 2, 3, 4)), ModbusIeds((1,))
+    loads, meter, rtu = ModbusIeds((1, 2, 3, 4)), ModbusIeds((1,)), ModbusIeds((5,))
+    rtu.load(5, kw=12, capacity=40, load_pct=30)
     loads.load(1, kw=40, capacity=100, load_pct=40)
     loads.load(2, kw=50, capacity=100, load_pct=50)
     loads.load(3, kw=30, capacity=100, load_pct=30)
@@ -312,8 +328,19 @@ async def field(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Field
     brk1, brk2 = Outstation3(ports["brk1"]), Outstation3(ports["brk2"])
     await ieds.run(brk1.start())
     await ieds.run(brk2.start())
+    from test_gateway_drivers import bridge, pty_pair
+
+    (m1, s1), (m2, s2) = pty_pair()
+
+    async def serve_rtu() -> ModbusSerialServer:
+        bridge(m1, m2)  # on the IEDs' loop: the cable is the field's
+        server = ModbusSerialServer(rtu.devices, port=os.ttyname(s1), baudrate=115200)
+        await server.serve_forever(background=True)
+        return server
+
+    rtu_server = await ieds.run(serve_rtu())
     site_file = tmp / "site.toml"
-    site_file.write_text(SITE.format(**ports))
+    site_file.write_text(SITE.format(**ports, rtu=os.ttyname(s2)))
     (tmp / "cli-site.toml").write_text(CLI_SITE.format(**ports))
     fleet = parse_fleet({"operators": [{"name": "alice"}], "presence_grace_s": 2.0,
                          "devices": [{"name": "sim-load", "kind": "load", "rated_kw": 10}],
@@ -327,7 +354,7 @@ async def field(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Field
     try:
         await gateway.start()
         await alice.connect()
-        yield Field(ieds, loads, meter, ports["meter"], meter_server, brk1, brk2, grid, gateway, alice, site_file)
+        yield Field(ieds, loads, rtu, meter, ports["meter"], meter_server, brk1, brk2, grid, gateway, alice, site_file)
     finally:
         await alice.close()
         await gateway.stop()
@@ -337,7 +364,17 @@ async def field(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Field
             await ieds.run(meter_server.shutdown())
         await ieds.run(brk1.stop())
         await ieds.run(brk2.stop())
+
+        async def unplug_rtu() -> None:
+            await rtu_server.shutdown()
+            loop = asyncio.get_running_loop()
+            for fd in (m1, m2):
+                loop.remove_reader(fd)
+
+        await ieds.run(unplug_rtu())
         ieds.stop()
+        for fd in (m1, s1, m2, s2):
+            os.close(fd)
 
 
 async def until(alice: GridOperator, name: str, check: Any, timeout: float = 5.0) -> None:
@@ -347,7 +384,7 @@ async def until(alice: GridOperator, name: str, check: Any, timeout: float = 5.0
 async def test_the_site_comes_online_with_its_presence(field: Field) -> None:
     alice = field.alice
     await until(alice, "gw-brk-2", lambda v: v.present and v.state is DeviceState.ON)
-    for name in ("gw-load-1", "gw-load-2", "gw-load-3", "gw-meter", "gw-brk-1", "gw-brk-2"):
+    for name in ("gw-load-1", "gw-load-2", "gw-load-3", "gw-meter", "gw-brk-1", "gw-brk-2", "gw-rtu-load"):
         view = alice.device(name)
         assert view.present and view.state is DeviceState.ON, (name, view)
         assert view.report is not None and view.report.serial == field.grid.fleet.device(name).serial
@@ -409,6 +446,51 @@ async def test_shed_and_restore_reach_the_coil_and_read_back(field: Field) -> No
     assert nothing.status is OutcomeStatus.REJECTED and nothing.reason is RejectReason.NOT_SUPPORTED
 
 
+async def test_a_slow_ied_does_not_hold_up_the_other_identities(field: Field) -> None:
+    """While gw-load-1 takes seconds to answer a command, gw-load-2's presence and commands go
+    on (the command path is awaited, not run on the XMPP loop); a second command to the slow
+    IED waits its turn and, expired by then, writes nothing; each command has one outcome."""
+    alice = field.alice
+    await until(alice, "gw-load-1", lambda v: v.state is DeviceState.ON)
+    await until(alice, "gw-load-2", lambda v: v.state is DeviceState.ON)
+    sent: list[Outcome] = []  # every outcome stanza the devices send alice
+
+    def count(msg: Any) -> None:
+        sent.append(outcome_from_xml(msg["grid_outcome"].xml))
+
+    alice.client.register_handler(Callback("count outcomes", StanzaPath("message/grid_outcome"), count))
+    field.loads.delay[1] = 0.8  # every request: the write, each read-back, the poll after
+    try:
+        started = time.monotonic()
+        slow = asyncio.create_task(alice.command("gw-load-1", "shed"))
+        await asyncio.sleep(0.3)  # the shed is at the IED
+        late = asyncio.create_task(alice.command("gw-load-1", "restore", ttl_s=1.0))  # behind it, expires first
+        field.loads.set(2, "h", 2, [700])
+        await until(alice, "gw-load-2", lambda v: v.report.telemetry.load_pct == 70.0, timeout=3)
+        other = await alice.command("gw-load-2", "shed")
+        assert other.status is OutcomeStatus.EXECUTED, other
+        assert not slow.done(), "the other IED's presence and outcome came after the slow IED's outcome"
+        shed = await slow
+        assert time.monotonic() - started >= 1.6  # the slow IED really was slow: write + read-back
+        assert shed.status is OutcomeStatus.EXECUTED and shed.report.state is DeviceState.OFF, shed  # type: ignore[union-attr]
+        expired = await late  # alice's own "no outcome before it expired": the IED was busy till then
+        assert expired.status is OutcomeStatus.EXPIRED, expired
+        await asyncio.sleep(1.5)  # the device's own outcome for it, and any second outcome, come by now
+        assert field.loads.values[(1, "c", 0)] is True  # the expired restore wrote nothing
+        ids = [o.command_id for o in sent]
+        assert sorted(ids) == sorted([shed.command_id, expired.command_id, other.command_id]), sent
+        (own,) = [o for o in sent if o.command_id == expired.command_id]
+        assert own.status is OutcomeStatus.EXPIRED and "before the IED was free" in own.detail, own
+    finally:
+        alice.client.remove_handler("count outcomes")
+        field.loads.delay[1] = 0.0
+    for name in ("gw-load-1", "gw-load-2"):
+        back = await alice.command(name, "restore")
+        assert back.status is OutcomeStatus.EXECUTED, back
+    field.loads.set(2, "h", 2, [500])
+    await until(alice, "gw-load-2", lambda v: v.state is DeviceState.ON and v.report.telemetry.load_pct == 50.0)
+
+
 async def test_shed_and_restore_by_chat(field: Field) -> None:
     alice = field.alice
     reply = await alice.ask("gw-load-1", "shed")
@@ -452,13 +534,19 @@ async def test_an_ied_that_refuses_or_does_not_follow_is_rejected_with_the_reaso
     assert "DEVICE_FAILURE" in refused.detail and refused.report.state is DeviceState.ON  # type: ignore[union-attr]
     await on_and_read()
     field.loads.follow[3] = False  # the coil is taken, the load keeps running
+    sent: list[str] = []
+    alice.client.register_handler(Callback("count not-confirmed", StanzaPath("message/grid_outcome"),
+                                            lambda msg: sent.append(outcome_from_xml(msg["grid_outcome"].xml).command_id)))
     try:
         stubborn = await alice.command("gw-load-3", "shed")
+        await asyncio.sleep(1.0)  # a second outcome (the backstop's "no-answer") would come by now
     finally:
+        alice.client.remove_handler("count not-confirmed")
         field.loads.follow[3] = True
         field.loads.set(3, "c", 0, False)
     assert stubborn.status is OutcomeStatus.REJECTED and stubborn.reason is RejectReason.NOT_CONFIRMED
     assert "running reads True, not False" in stubborn.detail
+    assert sent.count(stubborn.command_id) == 1, sent  # ended "not confirmed", once
     assert field.brk1.relay is not None
     field.brk1.relay.blocked = True
     try:
@@ -565,6 +653,10 @@ async def test_a_gateway_without_accounts_or_with_a_bad_site_says_why(field: Fie
     bad.write_text(field.site_file.read_text().replace("poll_s = 0.3", "poll_s = -1", 1))
     code, out, err = await run_cli("gateway", str(bad), "--connection", str(field.grid.connection_file))
     assert code == 2 and "ieds[0] (gw-load-1).poll_s" in err, (out, err)
+    code, out, err = await run_cli("field-sim", str(bad))
+    assert code == 2 and "ieds[0] (gw-load-1).poll_s" in err, (out, err)
+    code, out, err = await run_cli("field-sim", str(field.site_file), "--ied", "gw-brk-1")
+    assert code == 2 and "gw-brk-1: the field simulator plays Modbus IEDs, not dnp3-tcp" in err, (out, err)
 
 
 
@@ -613,9 +705,10 @@ def test_a_fleet_naming_a_bad_site_or_a_clashing_ied_stops_before_anything_start
     fleet = parse_fleet({**base, "sites": [{"file": "clash.toml"}]}, "fleet", tmp_path)
     with pytest.raises(FleetError, match=r"ieds\[0\] \(feeder\)\.name: the fleet has another device of that name"):
         Grid(fleet, tmp_path / "grid")
-    (tmp_path / "ok.toml").write_text(SITE.format(loads=1502, meter=1503, brk1=20001, brk2=20002))
+    (tmp_path / "ok.toml").write_text(SITE.format(loads=1502, meter=1503, brk1=20001, brk2=20002, rtu="/dev/ttyS9"))
     grid = Grid(parse_fleet({**base, "sites": [{"file": "ok.toml"}]}, "fleet", tmp_path), tmp_path / "grid")
-    assert grid.gateway_ieds == ("gw-load-1", "gw-load-2", "gw-load-3", "gw-meter", "gw-brk-1", "gw-brk-2")
+    assert grid.gateway_ieds == ("gw-load-1", "gw-load-2", "gw-load-3", "gw-meter", "gw-brk-1", "gw-brk-2",
+                                 "gw-rtu-load")
     assert grid.fleet.device("gw-brk-1").kind.value == "breaker" and grid.fleet.sites[0].path.is_absolute()
 
 
@@ -635,6 +728,23 @@ def test_a_field_meters_billing_registers_follow_its_energy_register() -> None:
     regs.observe(3.0, 5.0, 10.0, NOW)  # reset at the meter: the register starts again, no negative energy
     billing, _ = regs.close("r2", "gw-meter@localhost", None, NOW, 10.0)
     assert billing.register_kwh == 3.0 and billing.period_kwh == 3.0 and billing.peak_kwh == 3.0
+
+
+async def test_a_modbus_rtu_ied_is_online_and_commanded_through_xmpp(field: Field) -> None:
+    """The serial IED of the site, end to end: its presence, a register change, and a shed and
+    restore by the operator reaching its coil over RTU and reading back."""
+    alice = field.alice
+    await until(alice, "gw-rtu-load", lambda v: v.present and v.state is DeviceState.ON, timeout=10)
+    t = alice.device("gw-rtu-load").report.telemetry  # type: ignore[union-attr]
+    assert (t.kw, t.capacity_kw, t.load_pct) == (12.0, 40.0, 30.0)
+    field.rtu.set(5, "h", 2, [650])
+    await until(alice, "gw-rtu-load", lambda v: v.report.telemetry.load_pct == 65.0)
+    shed = await alice.command("gw-rtu-load", "shed")
+    assert shed.status is OutcomeStatus.EXECUTED and "running read back False" in shed.detail, shed
+    assert field.rtu.values[(5, "c", 0)] is True and shed.report.state is DeviceState.OFF  # type: ignore[union-attr]
+    back = await alice.command("gw-rtu-load", "restore")
+    assert back.status is OutcomeStatus.EXECUTED and field.rtu.values[(5, "c", 0)] is False, back
+    await until(alice, "gw-rtu-load", lambda v: v.state is DeviceState.ON)
 
 
 async def test_a_modbus_rtu_ied_over_a_pseudo_terminal_is_polled_and_commanded() -> None:
@@ -674,19 +784,35 @@ async def test_a_modbus_rtu_ied_over_a_pseudo_terminal_is_polled_and_commanded()
             os.close(fd)
 
 
-def test_the_readme_gateway_example_provisions_its_ieds(tmp_path: Path) -> None:
+def _readme_files(heading: str, tmp_path: Path) -> set[str]:
+    """The first two TOML blocks after a README heading, written as the files they name."""
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = text.split("### Running a gateway")[1]
+    section = text.split(heading)[1]
     blocks = [b.split("```")[0] for b in section.split("```toml\n")[1:3]]
     files = {b.splitlines()[0].removeprefix("# "): b for b in blocks}
-    assert set(files) == {"fleet.toml", "site.toml"}
     for name, body in files.items():
         (tmp_path / name).write_text(body)
+    return set(files)
+
+
+def test_the_readme_gateway_example_provisions_its_ieds(tmp_path: Path) -> None:
+    assert _readme_files("### Running a gateway", tmp_path) == {"fleet.toml", "site.toml"}
     from gridpresence.config import load_fleet
 
     grid = Grid(load_fleet(tmp_path / "fleet.toml"), tmp_path / "grid")
     assert grid.gateway_ieds == ("feeder-4-load", "recloser-7")
     assert {d.name for d in grid.fleet.devices} == {"sim-load", "feeder-4-load", "recloser-7"}
+
+
+def test_the_readme_field_simulator_example_is_a_simulated_site(tmp_path: Path) -> None:
+    from gridpresence.config import load_fleet
+    from gridpresence.gateway.simulator import FieldSimulator
+
+    assert _readme_files("### A field simulator", tmp_path) == {"fleet.toml", "pump-site.toml"}
+    fleet = load_fleet(tmp_path / "fleet.toml")
+    assert [s.simulate for s in fleet.sites] == [True]
+    assert Grid(fleet, tmp_path / "grid").gateway_ieds == ("field-pump-2",)
+    assert set(FieldSimulator(load_site(tmp_path / "pump-site.toml")).ieds) == {"field-pump-2"}
 
 
 async def test_a_dnp3_reading_flagged_bad_is_not_shown_as_good(field: Field) -> None:
@@ -711,3 +837,212 @@ async def test_a_dnp3_reading_flagged_bad_is_not_shown_as_good(field: Field) -> 
     assert refused.reason is RejectReason.RESTRICTED and len(field.brk1.relay.log) == controls  # nothing operated
     await field.ieds.run(update(AnalogQuality.ONLINE))
     await until(alice, "gw-brk-1", lambda v: v.state is DeviceState.ON and v.report.telemetry.kw == 50.0)
+
+
+async def test_a_simulated_site_is_played_and_hosted_by_the_grid(tmp_path: Path) -> None:
+    """``[[sites]] simulate = true`` (the demo's): `up`'s grid serves the site's IED from a real
+    pymodbus server and hosts its gateway; the operator commands it like any device."""
+    port = free_port()
+    (tmp_path / "site.toml").write_text(
+        '[[ieds]]\nname = "sim-pump"\nkind = "load"\nmap = "modbus-load-controller"\nrated_kw = 45\npoll_s = 0.3\n'
+        f'link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {port}, unit = 1, timeout_s = 2.0 }}\n')
+    fleet = parse_fleet({"operators": [{"name": "alice"}], "devices": [{"name": "bot-load", "kind": "load",
+                                                                         "rated_kw": 10}],
+                         "sites": [{"file": "site.toml", "simulate": True}]}, "fleet", tmp_path)
+    grid = Grid(fleet, tmp_path / "grid")
+    await grid.start()
+    alice = GridOperator.from_connection(grid.connection, operator="alice", resource="sim-site")
+    try:
+        assert grid.simulated_ieds == ("sim-pump",)
+        await alice.connect()
+        await until(alice, "sim-pump", lambda v: v.present and v.state is DeviceState.ON, timeout=10)
+        assert alice.device("sim-pump").report.telemetry.capacity_kw == 45.0  # type: ignore[union-attr]
+        assert alice.device("bot-load").present  # the bot beside it
+        code, out, err = await run_cli("shed", "sim-pump", "--connection", str(grid.connection_file))
+        assert code == 0 and "running read back False" in out, (out, err)
+        sim, _ = grid.sites[0]
+        assert sim is not None and sim.ieds["sim-pump"].words[("coil", 0)] is True  # the server's own coil
+        await until(alice, "sim-pump", lambda v: v.state is DeviceState.OFF and v.report.telemetry.kw == 0.0)
+    finally:
+        await alice.close()
+        await grid.stop()
+    assert grid.sites == []
+
+
+async def test_a_simulated_site_whose_port_is_taken_still_comes_up_saying_why(tmp_path: Path) -> None:
+    """The demo's simulator cannot serve (another program holds its port): the grid comes up all
+    the same, logs it, and the IED's identity shows that it gets no answer."""
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()  # takes connections, never answers Modbus
+    port = holder.getsockname()[1]
+    (tmp_path / "site.toml").write_text(
+        '[[ieds]]\nname = "sim-taken"\nkind = "load"\nmap = "modbus-load-controller"\npoll_s = 0.3\n'
+        f'link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {port}, unit = 1, timeout_s = 0.5 }}\n')
+    fleet = parse_fleet({"operators": [{"name": "alice"}], "devices": [{"name": "bot-load", "kind": "load",
+                                                                         "rated_kw": 10}],
+                         "sites": [{"file": "site.toml", "simulate": True}]}, "fleet", tmp_path)
+    grid = Grid(fleet, tmp_path / "grid")
+    alice: GridOperator | None = None
+    try:
+        await grid.start()
+        assert grid.sites[0][0] is None and grid.simulated_ieds == ("sim-taken",)
+        alice = GridOperator.from_connection(grid.connection, operator="alice", resource="taken")
+        await alice.connect()
+        await until(alice, "sim-taken", lambda v: v.present and v.state is DeviceState.RESTRICTED, timeout=10)
+        note = alice.device("sim-taken").report.restriction.note  # type: ignore[union-attr]
+        assert note.startswith("no answer from the IED"), note
+    finally:
+        holder.close()
+        if alice is not None:
+            await alice.close()
+        await grid.stop()
+
+
+def test_the_demo_fleet_has_a_simulated_field_site(tmp_path: Path) -> None:
+    from gridpresence.config import load_fleet
+
+    fleet = load_fleet(Path(__file__).resolve().parents[1] / "bots" / "demo-fleet.toml")
+    assert [s.simulate for s in fleet.sites] == [True]
+    grid = Grid(fleet, tmp_path / "grid")
+    assert grid.gateway_ieds == ("field-pump-1",) and grid.fleet.device("field-pump-1").kind.value == "load"
+
+
+def sunspec_meter(ieds: ModbusIeds, unit: int, *, model: int = 203, w: int, w_sf: int, wh: int, wh_sf: int) -> None:
+    """A SunSpec meter's registers as the standard lays them out: 'SunS' at 40000, the common
+    model (1, length 66: maker, model, options, version, serial as strings) at 40002, the meter
+    model at 40070 (length 105) and the end marker after it."""
+    def text(value: str, words: int) -> list[int]:
+        data = value.encode().ljust(2 * words, b"\0")
+        return [int.from_bytes(data[i:i + 2], "big") for i in range(0, 2 * words, 2)]
+
+    ieds.set(unit, "h", 40000, [0x5375, 0x6E53])
+    ieds.set(unit, "h", 40002, [1, 66, *text("Acme", 16), *text("M-3000", 16), *text("", 8), *text("1.2", 8),
+                                *text("SN4711", 16), 1, 0x8000])
+    body = [0] * 105
+    body[0:5] = [153, 51, 51, 51, 0xFFFF]  # A, AphA-C; A_SF -1
+    body[5], body[13] = 2301, 0xFFFF  # PhV 230.1 V (V_SF -1)
+    body[14], body[15] = 5000, 0xFFFE  # Hz 50.00 (Hz_SF -2)
+    body[16], body[20] = w & 0xFFFF, w_sf & 0xFFFF  # W, W_SF
+    body[44:46] = [wh >> 16, wh & 0xFFFF]  # TotWhImp (acc32)
+    body[52] = wh_sf & 0xFFFF  # TotWh_SF
+    ieds.set(unit, "h", 40070, [model, 105, *body])
+    ieds.set(unit, "h", 40177, [0xFFFF, 0])  # end of the models
+
+
+async def test_a_sunspec_meter_is_read_by_the_shipped_map() -> None:
+    """The shipped sunspec-meter map against pymodbus's server laid out as SunSpec: scale
+    factors applied, a single-phase model (201) too, and a device that is not laid out so (no
+    'SunS', another model) or whose scale factor is nonsense is never shown as good."""
+    meters = ModbusIeds((1, 2), size=40200)
+    sunspec_meter(meters, 1, w=12345, w_sf=-1, wh=5_000_123, wh_sf=0)  # 1234.5 W, 5000.123 kWh
+    sunspec_meter(meters, 2, model=201, w=250, w_sf=1, wh=42, wh_sf=3)  # 2500 W, 42 000 Wh
+    port = free_port()
+    server = ModbusTcpServer(meters.devices, address=("127.0.0.1", port))
+    await server.serve_forever(background=True)
+    site = parse_site({"ieds": [{"name": f"sunspec-{u}", "kind": "meter", "map": "sunspec-meter",
+                                 "link": {"protocol": "modbus-tcp", "host": "127.0.0.1", "port": port, "unit": u}}
+                                for u in (1, 2)]})
+    three, single = (FieldIed(ied, site.map_for(ied)) for ied in site.ieds)
+    try:
+        status = await three.poll()
+        assert status.report is not None, status.problem
+        assert status.report.telemetry.kw == pytest.approx(1.2345) and status.report.telemetry.energy_kwh == pytest.approx(5000.123)
+        assert status.extra == pytest.approx({"amps": 15.3, "volts": 230.1, "hz": 50.0})
+        assert three.driver.requests == 2  # type: ignore[attr-defined]  # the marker's span and the model's
+        status = await single.poll()
+        assert status.report is not None and status.report.telemetry.kw == pytest.approx(2.5), status.problem
+        assert status.report.telemetry.energy_kwh == pytest.approx(42.0)
+        meters.set(1, "h", 40070, [120])  # an inverter model where the meter should be
+        status = await three.poll()
+        assert status.report is None and "expect.meter_id: reads 120, not 201 or 202 or 203 or 204" in (status.problem or "")
+        meters.set(1, "h", 40070, [203])
+        meters.set(1, "h", 40000, [0, 0])  # no 'SunS'
+        status = await three.poll()
+        assert status.report is None and "expect.marker: reads 0" in (status.problem or ""), status.problem
+        meters.set(1, "h", 40000, [0x5375, 0x6E53])
+        meters.set(1, "h", 40092, [0x8000])  # W_SF "not implemented"
+        status = await three.poll()
+        assert status.report is None and "scale factor 'w_sf' reads -32768" in (status.problem or ""), status.problem
+        meters.set(1, "h", 40092, [0xFFFF])
+        assert (await three.poll()).report is not None
+    finally:
+        await three.driver.close()
+        await single.driver.close()
+        await server.shutdown()
+
+
+async def test_the_field_simulator_plays_a_sunspec_meter() -> None:
+    """The simulator lays a map's expected identity out too: the gateway takes it for a SunSpec meter."""
+    from gridpresence.gateway.simulator import FieldSimulator
+
+    port = free_port()
+    site = parse_site({"ieds": [{"name": "sim-sunspec", "kind": "meter", "map": "sunspec-meter", "rated_kw": 20,
+                                 "link": {"protocol": "modbus-tcp", "host": "127.0.0.1", "port": port, "unit": 3}}]})
+    field_ied = FieldIed(site.ieds[0], site.map_for(site.ieds[0]))
+    async with FieldSimulator(site):
+        try:
+            status = await field_ied.poll()
+            assert status.report is not None and 0 < (status.report.telemetry.kw or 0) <= 20, status.problem
+        finally:
+            await field_ied.driver.close()
+
+
+
+async def test_the_field_simulator_takes_any_modbus_request_and_keeps_serving() -> None:
+    """Seeded random requests (any table, address, count and value, in and out of the maps'
+    ranges) each get an answer, normal or an exception response; the simulated IEDs then still
+    read as valid presence."""
+    from pymodbus.client import AsyncModbusTcpClient
+
+    from gridpresence.gateway.simulator import FieldSimulator
+
+    port = free_port()
+    site = parse_site({"ieds": [
+        {"name": "fz-load", "kind": "load", "map": "modbus-load-controller", "rated_kw": 50,
+         "link": {"protocol": "modbus-tcp", "host": "127.0.0.1", "port": port, "unit": 1}},
+        {"name": "fz-sunspec", "kind": "meter", "map": "sunspec-meter", "rated_kw": 20,
+         "link": {"protocol": "modbus-tcp", "host": "127.0.0.1", "port": port, "unit": 2}}]})
+    rng = random.Random(1515)
+    client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2.0, retries=0)
+    answers = {"normal": 0, "exception": 0}
+    async with FieldSimulator(site) as sim:
+        assert await client.connect()
+        try:
+            for _ in range(150):
+                unit = rng.choice((1, 2, 3))  # 3: no such unit on this line
+                address = rng.choice((0, 1, 2, 5, 40000, 40070, 40124, rng.randrange(0, 65000)))
+                op = rng.randrange(5)
+                if op == 0:
+                    r = await client.read_coils(address, count=rng.randrange(1, 40), device_id=unit)
+                elif op == 1:
+                    r = await client.read_holding_registers(address, count=rng.randrange(1, 60), device_id=unit)
+                elif op == 2:
+                    r = await client.write_coil(address, rng.random() < 0.5, device_id=unit)
+                elif op == 3:
+                    r = await client.write_register(address, rng.getrandbits(16), device_id=unit)
+                else:
+                    r = await client.write_registers(address, [rng.getrandbits(16) for _ in range(rng.randrange(1, 5))],
+                                                     device_id=unit)
+                answers["exception" if r.isError() else "normal"] += 1
+        finally:
+            client.close()
+        assert sum(answers.values()) == 150 and answers["normal"] > 0 and answers["exception"] > 0, answers
+        for name in ("fz-load", "fz-sunspec"):  # what the fuzz wrote is put right, as a field engineer would
+            played = sim.ieds[name]
+            for wanted_name, wanted in played.pmap.expect.items():
+                played.set(played.pmap.points[wanted_name], wanted[0] if isinstance(wanted, tuple) else wanted)
+            for point in played.pmap.points.values():
+                if point.scale_factor is not None:
+                    played.set(played.pmap.points[point.scale_factor], 0)
+            played.shed = False
+            played.step(0.0)
+        for ied in site.ieds:
+            field_ied = FieldIed(ied, site.map_for(ied))
+            try:
+                status = await field_ied.poll()
+                assert status.report is not None, (ied.name, status.problem)
+            finally:
+                await field_ied.driver.close()

@@ -336,10 +336,10 @@ async def test_unsigned_chat_changes_nothing_by_default(env: Env) -> None:
         update={"unsigned_chat_actions": ()})})
     device = device_agent(fleet, "sig-apart", env.grid.endpoint, env.grid.secrets.password("sig-apart"), None)
     alice = JID("alice@localhost/chat")
-    refused = device.chat.handle("shed", alice, signed=False)
+    refused = await device.chat.handle("shed", alice, signed=False)
     assert refused is not None and refused.startswith("Refused shed") and device.sim.state is DeviceState.ON
-    assert (device.chat.handle("status", alice, signed=False) or "").startswith("sig-apart (load) is on")
-    done = device.chat.handle("shed", alice, signed=True)
+    assert (await device.chat.handle("status", alice, signed=False) or "").startswith("sig-apart (load) is on")
+    done = await device.chat.handle("shed", alice, signed=True)
     assert done is not None and done.startswith("Done") and device.sim.state is DeviceState.OFF
 
 

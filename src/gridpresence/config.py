@@ -160,6 +160,9 @@ class SiteRef(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     file: Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_printable)]
+    # The demo's site: `up` plays its Modbus IEDs with the field simulator (real pymodbus
+    # servers on their links) and hosts its gateway itself, beside the bots.
+    simulate: bool = False
 
     @property
     def path(self) -> Path:
@@ -302,7 +305,7 @@ def parse_fleet(data: dict[str, object], source: str = "fleet", base: Path | Non
         raise FleetError("\n".join(lines)) from None
     fleet = _with_rules(fleet, source, base)
     if base is not None and fleet.sites:
-        sites = tuple(SiteRef(file=str(s.path if s.path.is_absolute() else (base / s.path).resolve()))
+        sites = tuple(s.model_copy(update={"file": str(s.path if s.path.is_absolute() else (base / s.path).resolve())})
                       for s in fleet.sites)
         fleet = fleet.model_copy(update={"sites": sites})
     return fleet

@@ -1,4 +1,5 @@
-"""``gridpresence gateway SITE.toml``: a site's Modbus and DNP3 IEDs as device identities on the grid."""
+"""``gridpresence gateway SITE.toml``: a site's Modbus and DNP3 IEDs as device identities on the grid;
+``gridpresence field-sim SITE.toml``: the site's Modbus IEDs played by a real Modbus server."""
 
 from __future__ import annotations
 
@@ -48,6 +49,28 @@ async def cmd_gateway(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_field_sim(args: argparse.Namespace) -> int:
+    from gridpresence.gateway.simulator import FieldSimulator, SimulatorError
+
+    stop = stop_signal()
+    try:
+        sim = FieldSimulator(load_site(Path(args.site)), ieds=args.ied or None)
+        await sim.start()
+    except (SiteError, SimulatorError) as exc:
+        raise CliError(str(exc)) from None
+    try:
+        for name, ied in sim.ieds.items():
+            link = ied.ied.link
+            where = f"{link.host}:{link.port}" if hasattr(link, "host") else getattr(link, "device", "?")
+            print(f"  {name}: {link.protocol} {where} unit {getattr(link, 'unit', '?')} ({ied.ied.map})")
+        print(f"field simulator up: {len(sim.ieds)} IEDs of {args.site}. Ctrl-C stops it.", flush=True)
+        await stop.wait()
+        print("stopping...", flush=True)
+    finally:
+        await sim.stop()
+    return EXIT_OK
+
+
 def register(sub: Any) -> None:  # argparse's subparsers action has no public type
     p = sub.add_parser("gateway", help="host a site's Modbus/DNP3 IEDs as device identities (see README)")
     p.add_argument("site", help="site file (TOML): the IEDs, their links and point maps")
@@ -56,3 +79,7 @@ def register(sub: Any) -> None:  # argparse's subparsers action has no public ty
     p.add_argument("--connection", help="connection.json written by `up`")
     p.add_argument("--fleet", default=None, help="fleet file (default: the copy in the data directory)")
     p.set_defaults(run=cmd_gateway)
+    sim = sub.add_parser("field-sim", help="play a site's Modbus IEDs with a real Modbus server (demo, tests)")
+    sim.add_argument("site", help="site file (TOML): each Modbus IED is served on its link, laid out by its map")
+    sim.add_argument("--ied", action="append", help="only this IED (repeatable; default: every Modbus IED)")
+    sim.set_defaults(run=cmd_field_sim)

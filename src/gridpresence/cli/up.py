@@ -45,8 +45,13 @@ def _print_welcome(grid: Grid) -> None:
         print(f"  {len(bots.devices)} device bots, {len(bots.billing)} billing, watchdog {info.watchdog}")
         if bots.console is not None:
             print(f"  chat with the fleet console: {bots.console.grid.jid} (type help); devices answer chat too")
-    if grid.gateway_ieds:
-        print(f"  {len(grid.gateway_ieds)} IEDs of the fleet's sites have accounts: run `gridpresence gateway SITE.toml "
+    for sim, gateway in grid.sites:
+        played = ("played by the field simulator (pymodbus's own Modbus server)" if sim is not None
+                  else "its field simulator did NOT start (see the log): the IEDs show no answer")
+        print(f"  field gateway: {', '.join(gateway.devices)}, {played}")
+    apart = [n for n in grid.gateway_ieds if n not in grid.simulated_ieds]
+    if apart:
+        print(f"  {len(apart)} IEDs of the fleet's sites have accounts: run `gridpresence gateway SITE.toml "
               f"--data {grid.data_dir}` to bring them online")
     for child in grid.children:
         print(f"  {child.name}: process {child.pid}, supervised")

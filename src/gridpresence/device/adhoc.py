@@ -160,7 +160,7 @@ class AdhocCommands:
         session.update(payload=form, next=self._run_submit, has_next=False, allow_complete=True)
         return session
 
-    def _run_submit(self, payload: Any, session: dict[str, Any]) -> dict[str, Any]:
+    async def _run_submit(self, payload: Any, session: dict[str, Any]) -> dict[str, Any]:
         who = self._authorise(session["from"])
         wanted = str(self._submitted(payload).get("action") or "")
         if wanted not in {a.value for a in self.actions()}:
@@ -170,7 +170,7 @@ class AdhocCommands:
             return self._finish(session, None, unsigned_refusal(wanted, form=True), "error")
         sid = "".join(c for c in session["id"] if c.isalnum())[-40:]
         cmd = Command.new(wanted, who, ttl_s=ADHOC_TTL_S).model_copy(update={"id": f"adhoc-{sid}"})
-        outcome = self.agent.accept(cmd, utcnow())
+        outcome = await self.agent.accept(cmd, utcnow())  # slixmpp awaits a coroutine handler
         form = self._report_form(outcome.report, f"{self.agent.spec.label}: {wanted}")
         form.add_field(var="outcome", ftype="text-single", label="Outcome", value=outcome.status.value)
         if outcome.reason is not None:

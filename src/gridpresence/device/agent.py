@@ -2,6 +2,10 @@
 
 It publishes rich presence on every change and every refresh interval, executes commands
 from the utility's operators, and answers each command with exactly one outcome.
+
+A command is carried out as a task of its own (:meth:`DeviceAgent.accept` is awaited): a real
+IED behind a field gateway answers when its read-back confirms, and while it does, the
+session's loop goes on publishing and answering for every other identity it hosts.
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ log = logging.getLogger(__name__)
 # every drift would flood the operators with presence.
 LOAD_DEADBAND_PCT = 5.0
 
+# On stop, commands under way get this long to send their outcome before the goodbye.
+STOP_GRACE_S = 5.0
+
 
 class DeviceAgent(PartySession):
     """One device identity on the network.
@@ -133,7 +140,10 @@ class DeviceAgent(PartySession):
         self._published: PresenceReport | None = None
         self._published_at = 0.0
         self._loop_task: asyncio.Task[None] | None = None
-        self._fetching: set[asyncio.Task[None]] = set()
+        self._fetching: set[asyncio.Task[None]] = set()  # commands waiting for their issuer's key
+        self._commands: set[asyncio.Task[None]] = set()  # commands being carried out
+        # (issuer, id) of each command being carried out: a copy waits for it, then is a replay.
+        self._in_flight: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._stopping = False
         self.client.register_handler(
             Callback("grid command", StanzaPath("message/grid_command"), self._on_command)
@@ -197,6 +207,10 @@ class DeviceAgent(PartySession):
             self._loop_task.cancel()
         for task in self._fetching:  # commands waiting for their issuer's key: never acted on
             task.cancel()
+        if self._commands:  # commands under way: their outcomes still go out, if they come in time
+            _, late = await asyncio.wait(self._commands, timeout=STOP_GRACE_S)
+            for task in late:
+                task.cancel()
         reconnector_of(self.client).close()  # also when the session is down: no more tries
         self.client.cancel_connection_attempt()
         if self.client.is_connected():
@@ -305,7 +319,7 @@ class DeviceAgent(PartySession):
                 raise Refusal(RejectReason.UNSIGNED, "commands must be signed with the issuer's OpenPGP key "
                                                      "(<openpgp xmlns='urn:xmpp:openpgp:0'/>)", raw.get("id") or "")
             cmd = self.gate.check_unsigned(sender.bare, parse_command(raw))
-            self._send_outcome(sender, self.accept(cmd, utcnow(), signed=True))
+            self._carry_out(sender, cmd)
         except Refusal as refusal:
             self._refused(sender, refusal)
         except Exception:  # never let one stanza end the bot
@@ -339,17 +353,32 @@ class DeviceAgent(PartySession):
                 self._fetching.add(task)
                 task.add_done_callback(self._fetching.discard)
                 return
-            self._send_outcome(sender, self._take_signed(sender, signed, key))
+            self._carry_out(sender, self.gate.check(sender.bare, signed, key, utcnow()))
         except Refusal as refusal:
             self._refused(sender, refusal)
         except Exception:  # never let one stanza end the bot
             log.exception("%s: signed command handling failed", self.spec.name)
             self._stanza_error(sender, "internal-server-error", "wait", "the device could not handle this command")
 
+    def _carry_out(self, sender: JID, cmd: Command) -> None:
+        """An authorised signed (or, by the fleet's leave, unsigned) command: its outcome is sent
+        when the device has carried it out; meanwhile the handler returns to the loop."""
+        task = asyncio.ensure_future(self._accept_and_answer(sender, cmd))
+        self._commands.add(task)
+        task.add_done_callback(self._commands.discard)
+
+    async def _accept_and_answer(self, sender: JID, cmd: Command) -> None:
+        try:
+            self._send_outcome(sender, await self.accept(cmd, utcnow(), signed=True))
+        except Exception:  # never let one command end the bot
+            log.exception("%s: command %s failed", self.spec.name, cmd.id)
+            self._stanza_error(sender, "internal-server-error", "wait", "the device could not handle this command")
+
     async def _signed_after_fetch(self, sender: JID, signed: SignedCommand) -> None:
         try:
             key = await self._fetch_key(signed)
-            self._send_outcome(sender, self._take_signed(sender, signed, key))
+            cmd = self.gate.check(sender.bare, signed, key, utcnow())
+            self._send_outcome(sender, await self.accept(cmd, utcnow(), signed=True))
         except SignatureFailure as exc:
             self._refused(sender, Refusal(exc.reason, exc.detail, signed.command.id))
         except Refusal as refusal:
@@ -375,22 +404,22 @@ class DeviceAgent(PartySession):
                 async with asyncio.timeout(left):
                     await session.online.wait()
 
-    def _take_signed(self, sender: JID, signed: SignedCommand, key: pgpy.PGPKey) -> Outcome:
-        now = utcnow()
-        cmd = self.gate.check(sender.bare, signed, key, now)
-        return self.accept(cmd, now, signed=True)
-
     def _refused(self, sender: JID, refusal: Refusal) -> None:
         log.warning("%s: command %s from %s refused (%s): %s", self.spec.name, refusal.command_id or "?", sender,
                     refusal.reason.value, refusal.detail)
         self._answer(sender, refusal.command_id, OutcomeStatus.REJECTED, refusal.reason, refusal.detail)
 
-    def accept(self, cmd: Command, now: dt.datetime, *, signed: bool = False) -> Outcome:
+    async def accept(self, cmd: Command, now: dt.datetime, *, signed: bool = False) -> Outcome:
         """The one path for an authorised, valid command (signed stanza, chat or ad-hoc).
 
         A command taken before (same issuer and id, until its expiry) has no second effect: a
         signed copy is rejected ``replayed`` with the first outcome attached; a chat or ad-hoc
-        redelivery gets the first outcome again. A late command is expired."""
+        redelivery gets the first outcome again. A copy that arrives while the first is still
+        being carried out waits for it, then is such a copy. A late command is expired."""
+        running = self._in_flight.get((cmd.issuer, cmd.id))
+        if running is not None:
+            await asyncio.shield(running)
+            now = utcnow()
         seen = self.replay.seen(cmd.issuer, cmd.id)
         if seen is not None:
             first = seen.outcome
@@ -408,9 +437,15 @@ class DeviceAgent(PartySession):
                               detail=f"arrived {late:.1f} s after its expiry")
             self._record(cmd, expired)
             return expired
-        outcome = self.execute(cmd, now)
-        forget_at = cmd.expires.timestamp() + self.security.clock_skew_s
-        self.replay.record(cmd.issuer, cmd.id, forget_at, outcome)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._in_flight[(cmd.issuer, cmd.id)] = done
+        try:
+            outcome = await self.execute(cmd, now)
+            forget_at = cmd.expires.timestamp() + self.security.clock_skew_s
+            self.replay.record(cmd.issuer, cmd.id, forget_at, outcome)
+        finally:
+            del self._in_flight[(cmd.issuer, cmd.id)]
+            done.set_result(None)
         # The device's own event log: what it did, when, with which command (the chaos test reads it).
         log.info("%s: command %s from %s %s %s at %s (expires %s)", self.spec.name, cmd.id, cmd.issuer,
                  cmd.action.value, outcome.status.value, now.isoformat(), cmd.expires.isoformat())
@@ -429,15 +464,16 @@ class DeviceAgent(PartySession):
             msg.append(record_to_xml(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome)))
             msg.send()
 
-    def execute(self, cmd: Command, now: dt.datetime) -> Outcome:
-        """Apply a valid, authorised, fresh command to the physics; publish the new state first
-        so an issuer that sees the outcome already sees the matching presence."""
+    async def execute(self, cmd: Command, now: dt.datetime) -> Outcome:
+        """Apply a valid, authorised, fresh command to the physics (awaited: a real IED answers
+        in its own time); publish the new state first so an issuer that sees the outcome already
+        sees the matching presence."""
         if cmd.action in (Action.TARIFF, Action.PRICE, Action.FIRMWARE_UPGRADE):
             effect = Effect.refused(RejectReason.INVALID_ARGUMENTS, f"{cmd.action.value} is not a command on its own: "
                                     "a tariff or price is the billing party's signed <tariff/>, a firmware offer "
                                     "travels with its image")
         else:
-            effect = self.sim.execute(cmd.action, cmd.args, now)
+            effect = await self.sim.carry_out(cmd.action, cmd.args, now, cmd.expires)
             self.operated.save(self.sim.operated())  # on disk before anyone is told the outcome
         report = self.publish(force=False)
         return Outcome(

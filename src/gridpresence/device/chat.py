@@ -9,6 +9,7 @@ answer written for a person; nothing a person types can end the bot.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -77,6 +78,7 @@ class ChatDesk:
         self.agent = agent
         self._refused_at: dict[str, float] = {}
         self._verbs: list[ChatVerbs] = []  # other desks' chat words (verdicts, thresholds)
+        self._replying: set[asyncio.Task[None]] = set()
         agent.client.add_event_handler("message", self._on_message)
 
     def add_verbs(self, verbs: ChatVerbs) -> None:
@@ -84,7 +86,8 @@ class ChatDesk:
         self._verbs.append(verbs)
 
     def close(self) -> None:
-        pass
+        for task in self._replying:
+            task.cancel()
 
     @property
     def name(self) -> str:
@@ -100,8 +103,14 @@ class ChatDesk:
             return
         if msg.xml.find(q("tariff")) is not None or msg.xml.find(f"{{{OPENPGP_NS}}}openpgp") is not None:
             return  # a price or another signed payload (its body is a note for people): not chat
+        # Answered as a task: a command to a real IED waits for its read-back, the loop does not.
+        task = asyncio.ensure_future(self._reply(msg))
+        self._replying.add(task)
+        task.add_done_callback(self._replying.discard)
+
+    async def _reply(self, msg: Message) -> None:
         try:
-            answer = self.answer(msg["from"], msg["body"], msg["id"] or "")
+            answer = await self.answer(msg["from"], msg["body"], msg["id"] or "")
         except Exception:  # nothing a person types may end the bot
             log.exception("%s: chat message from %s failed", self.name, msg["from"])
             answer = "Sorry, that failed inside the device; it is logged. Type help."
@@ -111,14 +120,14 @@ class ChatDesk:
                 reply["thread"] = msg["thread"]
             reply.send()
 
-    def handle(self, text: str, sender: JID, signed: bool, stanza_id: str = "") -> str | None:
+    async def handle(self, text: str, sender: JID, signed: bool, stanza_id: str = "") -> str | None:
         """The reply to one chat line. ``signed``: the line came verified from the sender's key
         (e.g. an XEP-0374 signcrypt message from an OX client); only then may it change the
         device's state, unless the fleet allows that action unsigned ([security]
         unsigned_chat_actions, a lab setting)."""
-        return self.answer(sender, text, stanza_id, signed=signed)
+        return await self.answer(sender, text, stanza_id, signed=signed)
 
-    def answer(self, sender: JID, text: str, stanza_id: str = "", *, signed: bool = False) -> str | None:
+    async def answer(self, sender: JID, text: str, stanza_id: str = "", *, signed: bool = False) -> str | None:
         """The reply to one chat message (None: stay silent to a stranger already told)."""
         who = sender.bare
         if who not in self.agent.operators:
@@ -137,9 +146,9 @@ class ChatDesk:
         if verb in ACTION_WORDS and not rest:
             if not self.agent.security.may_act(ACTION_WORDS[verb], signed):
                 return unsigned_refusal(verb)
-            return self._act(who, ACTION_WORDS[verb], stanza_id)
+            return await self._act(who, ACTION_WORDS[verb], stanza_id)
         if verb == "read" and len(rest) <= 1:
-            return self._read(who, rest[0].lower() if rest else None, stanza_id)
+            return await self._read(who, rest[0].lower() if rest else None, stanza_id)
         if verb == "alarms" and not rest:
             return self._alarms()
         if verb == "ack" and len(rest) <= 1:
@@ -165,19 +174,19 @@ class ChatDesk:
         log.warning("%s: chat from %s refused: not authorised", self.name, who)
         return f"not authorised: only the utility's operators may use {self.name}."
 
-    def _run(self, who: str, action: Action, stanza_id: str) -> Outcome:
+    async def _run(self, who: str, action: Action, stanza_id: str) -> Outcome:
         cmd = Command.new(action, who, ttl_s=CHAT_TTL_S)
         if stanza_id:  # the chat message's own id: a redelivery is recognised as the same command
             cmd = cmd.model_copy(update={"id": ("chat-" + _CHAT_ID.sub("_", stanza_id))[:64]})
-        return self.agent.accept(cmd, utcnow())
+        return await self.agent.accept(cmd, utcnow())
 
-    def _act(self, who: str, action: Action, stanza_id: str) -> str:
-        return describe_outcome(self.name, action.value, self._run(who, action, stanza_id))
+    async def _act(self, who: str, action: Action, stanza_id: str) -> str:
+        return describe_outcome(self.name, action.value, await self._run(who, action, stanza_id))
 
-    def _read(self, who: str, field: str | None, stanza_id: str) -> str:
+    async def _read(self, who: str, field: str | None, stanza_id: str) -> str:
         if field is not None and field not in FIELDS:
             return f"There is no reading called {field[:40]!r}; try one of: {', '.join(FIELDS)}."
-        outcome = self._run(who, Action.READ, stanza_id)
+        outcome = await self._run(who, Action.READ, stanza_id)
         if not outcome.ok or outcome.report is None:
             return describe_outcome(self.name, "read", outcome)
         if field is None:

@@ -82,8 +82,9 @@ class DeviceHost(Protocol):
 
     def has_desk(self, kind: type[Desk]) -> bool: ...
 
-    def accept(self, cmd: Command, now: dt.datetime, *, signed: bool = False) -> Outcome:
-        """The one path for an authorised command: replay guard, expiry, then the physics."""
+    async def accept(self, cmd: Command, now: dt.datetime, *, signed: bool = False) -> Outcome:
+        """The one path for an authorised command: replay guard, expiry, then the physics
+        (awaited: a real IED behind a gateway answers when its read-back confirms)."""
 
     def publish(self, force: bool = True) -> PresenceReport | None: ...
 

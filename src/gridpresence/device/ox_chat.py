@@ -63,7 +63,7 @@ class OxDesk:
                                        "encrypted messages; send plain chat or a signed command.")
                 return
             opened = await open_chat(msg["openpgp"].xml, sender.bare, self.agent.jid, secret, self.agent.keyring)
-            answer = self.agent.desk(ChatDesk).handle(opened.text, sender, signed=True, stanza_id="ox-" + opened.digest[:32])
+            answer = await self.agent.desk(ChatDesk).handle(opened.text, sender, signed=True, stanza_id="ox-" + opened.digest[:32])
             if answer:
                 self._reply_sealed(msg, answer, secret, opened.key)
         except OxRefused as exc:

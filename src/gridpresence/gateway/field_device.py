@@ -7,9 +7,12 @@ is none: the link is down, the readings are bad. :class:`FieldDevice` is the
 last poll's, and a command is the map's writes, confirmed by reading back. So signatures, roles,
 serial binding, replay guard, expiry, chat, ad-hoc commands, alarms and rules are the bot's own.
 
-The bot's command path is synchronous (one outcome per command, computed on the spot), the
-drivers are asyncio: all field I/O of a gateway runs on one :class:`FieldLoop` thread, and a
-command waits there for its writes and read-back, at most its map's ``timeout_s``.
+All field I/O of a gateway runs on one :class:`FieldLoop` thread, apart from the bots' XMPP
+loop. A command is awaited end to end: the bot's accept path awaits :meth:`FieldDevice.carry_out`,
+which awaits the IED's writes and read-back on the field loop (at most its map's ``timeout_s``),
+so while one IED is slow every other identity of the site goes on publishing and answering.
+Commands to one IED take turns; a command's expiry is checked when its turn comes, before
+anything is written.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from gridpresence.protocol.models import (
     METERING_KINDS,
     Action,
     DeviceState,
+    OutcomeStatus,
     PresenceReport,
     RejectReason,
     Restriction,
@@ -49,7 +53,8 @@ from gridpresence.protocol.models import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# A command waits this long beyond its map's timeout for the field thread to hand back its result.
+# A command waits this long beyond its turn, its map's timeout and its last poll for the field
+# thread to hand back its result (the field loop's own bounds end it first; this is the backstop).
 HANDOVER_S = 2.0
 
 
@@ -135,13 +140,10 @@ class FieldIed:
         self.polls = 0
         self._seq = 0
         self._polling = asyncio.Lock()
+        self._commanding = asyncio.Lock()  # one command at a time: two commands' writes never interleave
         # The last readings that made a valid report, with it: the same readings, the same presence.
         self._last_good: tuple[dict[str, Reading], PresenceReport, dict[str, float]] | None = None
-        bound = [*pmap.telemetry.values(), *pmap.readings.values(), pmap.state.on, pmap.state.restricted]
-        if pmap.breaker is not None:
-            bound += [pmap.breaker.closed, pmap.breaker.tripped]
-        # Only what presence needs is polled: outputs are read back when a command confirms them.
-        self.points: list[Point] = [pmap.points[n] for n in dict.fromkeys(n for n in bound if n is not None)]
+        self.points: list[Point] = [pmap.points[n] for n in pmap.polled()]
 
     @property
     def stale_after_s(self) -> float:
@@ -209,11 +211,17 @@ class FieldIed:
             except (TimeoutError, DriverError) as exc:
                 log.warning("%s: link not closed cleanly: %s", self.ied.name, exc)
 
-    async def command(self, spec: CommandSpec, args: dict[str, str]) -> Effect:
-        """The command's writes, then its read-back until it confirms or ``timeout_s`` is up;
-        then one poll, so the outcome carries the state read back."""
-        effect = await self._carry_out(spec, args)
-        await self.poll()
+    async def command(self, spec: CommandSpec, args: dict[str, str], expires: dt.datetime | None = None) -> Effect:
+        """When this IED's last command is done: the command's expiry (nothing is written for a
+        command that expired waiting), its writes, then its read-back until it confirms or
+        ``timeout_s`` is up; then one poll, so the outcome carries the state read back."""
+        async with self._commanding:
+            now = utcnow()
+            if expires is not None and now >= expires:
+                late = (now - expires).total_seconds()
+                return Effect(OutcomeStatus.EXPIRED, None, f"expired {late:.1f} s before the IED was free to take it")
+            effect = await self._carry_out(spec, args)
+            await self.poll()
         return effect
 
     async def _carry_out(self, spec: CommandSpec, args: dict[str, str]) -> Effect:
@@ -352,6 +360,11 @@ class FieldDevice(SimDevice):
         return self._telemetry.load_pct or 0.0
 
     def execute(self, action: Action, args: dict[str, str], now: dt.datetime) -> Effect:
+        raise TypeError("a field device's commands are awaited: carry_out()")
+
+    async def carry_out(self, action: Action, args: dict[str, str], now: dt.datetime,
+                        expires: dt.datetime) -> Effect:
+        """The map's command, carried out on the field loop while the bot's loop goes on."""
         self.tick(now)
         if action is Action.READ:
             return Effect.done("telemetry attached")
@@ -362,11 +375,13 @@ class FieldDevice(SimDevice):
             return Effect.refused(RejectReason.NO_ANSWER, self.status_note)
         if self.state is DeviceState.RESTRICTED and self.restriction is not None:
             return Effect.refused(RejectReason.RESTRICTED, self.restriction.note)
-        future = self.loop.submit(self.field.command(command, args))
-        try:
-            effect = future.result(command.timeout_s + HANDOVER_S)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
+        # Bounded by the command's turn (until its expiry), its own time-out and the poll after.
+        bound = (max(0.0, (expires - utcnow()).total_seconds()) + command.timeout_s + self.field.ied.link.timeout_s
+                 + HANDOVER_S)
+        try:  # a time-out cancels the field side too (run_coroutine_threadsafe passes it on)
+            effect = await asyncio.wait_for(asyncio.wrap_future(self.loop.submit(self.field.command(
+                command, args, expires))), bound)
+        except TimeoutError:
             effect = Effect.refused(RejectReason.NO_ANSWER, f"the IED did not answer within {command.timeout_s:g} s")
         self.tick(utcnow())
         return effect

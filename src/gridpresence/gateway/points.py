@@ -42,6 +42,9 @@ class Point(BaseModel):
     scale: float = Field(default=1.0, allow_inf_nan=False)
     offset: float = Field(default=0.0, allow_inf_nan=False)
     unit: int | None = Field(default=None, ge=0, le=255)  # Modbus: overrides the IED's unit id
+    # Modbus: another point of the map holding a power of ten the value is multiplied by (after
+    # scale and offset), read with it: SunSpec's scale factors (W_SF...), -10..10.
+    scale_factor: str | None = Field(default=None, max_length=64)
     # DNP3 binary output: latch on/off, or a pulse; select-before-operate instead of direct.
     control: Literal["latch", "pulse"] = "latch"
     pulse_ms: int = Field(default=1000, ge=1, le=3_600_000)
@@ -53,7 +56,7 @@ class Point(BaseModel):
         if self.table in DNP3_TABLES:
             if self.type is not None:
                 raise ValueError("a DNP3 point has no type (the object variation carries it)")
-            for name in ("word_order", "byte_order", "unit"):
+            for name in ("word_order", "byte_order", "unit", "scale_factor"):
                 if name in self.model_fields_set:
                     raise ValueError(f"'{name}' applies to Modbus points only")
         else:
@@ -66,8 +69,8 @@ class Point(BaseModel):
                 raise ValueError("a register is not a bool: use u16 and a scale, or a coil")
             if self.address + self.width - 1 > 65535:
                 raise ValueError("the value runs past register 65535")
-        if bits and ("scale" in self.model_fields_set or "offset" in self.model_fields_set):
-            raise ValueError("a bit has no scale or offset")
+        if bits and ({"scale", "offset", "scale_factor"} & self.model_fields_set):
+            raise ValueError("a bit has no scale, offset or scale factor")
         if self.scale == 0:
             raise ValueError("scale must not be 0")
         return self

@@ -37,6 +37,33 @@ def _good(readings: Mapping[str, Reading], point: str, field: str, problems: lis
     return None
 
 
+def _scaled(pmap: PointMap, readings: Mapping[str, Reading], point: str, field: str,
+            problems: list[str]) -> Reading | None:
+    """A good reading of ``point`` times its scale factor's power of ten, if it has one."""
+    reading = _good(readings, point, field, problems)
+    factor = pmap.points[point].scale_factor if point in pmap.points else None
+    if reading is None or factor is None:
+        return reading
+    sf = _good(readings, factor, field, problems)
+    if sf is None:
+        return None
+    if not (-10 <= float(sf.value) <= 10) or float(sf.value) != int(sf.value):  # type: ignore[arg-type]
+        problems.append(f"{field}: scale factor '{factor}' reads {sf.value!r}, not a power of ten from -10 to 10")
+        return None
+    return Reading(float(reading.value) * 10.0 ** int(sf.value))  # type: ignore[arg-type]
+
+
+def _identified(pmap: PointMap, readings: Mapping[str, Reading], problems: list[str]) -> None:
+    """The map's ``expect`` points read what identifies the IED (a SunSpec 'SunS', a model id)."""
+    for point, wanted in pmap.expect.items():
+        reading = _good(readings, point, f"expect.{point}", problems)
+        allowed = wanted if isinstance(wanted, tuple) else (wanted,)
+        if reading is not None and float(reading.value) not in allowed:  # type: ignore[arg-type]
+            shown = " or ".join(f"{v:g}" for v in allowed)
+            problems.append(f"expect.{point}: reads {float(reading.value):g}, not {shown}: "  # type: ignore[arg-type]
+                            "the IED is not laid out as its map says")
+
+
 def build_report(
     ied: IedSpec,
     pmap: PointMap,
@@ -47,9 +74,10 @@ def build_report(
 ) -> PresenceReport:
     """The validated presence of ``ied`` for one poll; raises :class:`ReadingError`."""
     problems: list[str] = []
+    _identified(pmap, readings, problems)
     values: dict[str, object] = {}
     for field, point in pmap.telemetry.items():
-        if (r := _good(readings, point, field, problems)) is not None:
+        if (r := _scaled(pmap, readings, point, field, problems)) is not None:
             values[field] = float(r.value)  # type: ignore[arg-type]
     if pmap.breaker is not None:
         closed = _good(readings, pmap.breaker.closed, "breaker", problems)
@@ -96,7 +124,7 @@ def extra_readings(pmap: PointMap, readings: Mapping[str, Reading]) -> dict[str,
     """The map's ``[readings]`` (run hours, operation counts...) that were read good."""
     out: dict[str, float] = {}
     for key, point in pmap.readings.items():
-        r = readings.get(point)
-        if r is not None and r.good:
+        r = _scaled(pmap, readings, point, key, [])
+        if r is not None:
             out[key] = float(r.value)  # type: ignore[arg-type]
     return out

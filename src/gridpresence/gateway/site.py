@@ -83,6 +83,20 @@ class PointMap(_Model):
     state: StateSpec = StateSpec()
     breaker: BreakerSpec | None = None
     commands: dict[Action, CommandSpec] = {}
+    # Points that identify the IED (a SunSpec marker, a model id): a poll reading another value
+    # is not this map's IED, and is not published.
+    expect: dict[str, Annotated[float, Field(allow_inf_nan=False)] | tuple[Annotated[float, Field(
+        allow_inf_nan=False)], ...]] = Field(default={}, max_length=64)
+
+    def polled(self) -> list[str]:
+        """The points a poll reads: everything presence is made of, its scale factors, and the
+        identifying points (outputs are read back only when a command confirms them)."""
+        bound = [*self.telemetry.values(), *self.readings.values(), self.state.on, self.state.restricted]
+        if self.breaker is not None:
+            bound += [self.breaker.closed, self.breaker.tripped]
+        names = [n for n in bound if n is not None]
+        names += [sf for n in names if (sf := self.points[n].scale_factor) is not None]
+        return list(dict.fromkeys([*names, *self.expect]))
 
     @model_validator(mode="after")
     def _named_points(self) -> PointMap:
@@ -100,6 +114,12 @@ class PointMap(_Model):
                 out.append(f"points.{key}: a point name is lowercase letters, digits and '_'")
             if point.table not in tables:
                 out.append(f"points.{key}.table: '{point.table}' is not a {self.protocol} table")
+            if point.scale_factor is not None:
+                factor = self.points.get(point.scale_factor)
+                if factor is None:
+                    out.append(f"points.{key}.scale_factor: no point named '{point.scale_factor}'")
+                elif factor.is_bit or factor.scale_factor is not None:
+                    out.append(f"points.{key}.scale_factor: point '{point.scale_factor}' is not a plain register")
 
         def need(where: str, name: str | None, *, bit: bool = False, write: bool = False) -> None:
             if name is None:
@@ -123,6 +143,8 @@ class PointMap(_Model):
         if self.breaker is not None:
             need("breaker.closed", self.breaker.closed, bit=True)
             need("breaker.tripped", self.breaker.tripped, bit=True)
+        for name in self.expect:
+            need(f"expect.{name}", name)
         for action, command in self.commands.items():
             for i, write in enumerate(command.writes):
                 need(f"commands.{action.value}.writes[{i}].point", write.point, write=True)

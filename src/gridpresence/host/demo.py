@@ -6,6 +6,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from gridpresence.gateway.fleet import with_sites
 from gridpresence.operator.library import GridOperator
 from gridpresence.words import outcome_line, status_rows, table
 from gridpresence.config import Fleet
@@ -47,6 +48,11 @@ async def run_scenario(info: ConnectionInfo, fleet: Fleet, connection_file: Path
             await op.wait_for(lambda d: d[gen].state is DeviceState.ON, timeout=startup + 10)
             report = op.devices[gen].report
             print(f"{gen}: {report.status_text() if report else '?'}", flush=True)
+        field = [n for n in with_sites(fleet)[1] if n in op.devices and op.devices[n].present]
+        if field:  # a real protocol stack under the same commands: the coil written, then read back
+            say(f"shed and restore {field[0]}, a Modbus IED behind the field gateway")
+            print(outcome_line(field[0], await op.command(field[0], Action.SHED)), flush=True)
+            print(outcome_line(field[0], await op.command(field[0], Action.RESTORE)), flush=True)
 
     say(f"the example load-shed script: shed to {SCRIPT_TARGET_KW:.0f} kW net, start a generator if that is not enough")
     proc = await asyncio.create_subprocess_exec(

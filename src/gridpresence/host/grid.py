@@ -14,6 +14,9 @@ from types import TracebackType
 
 from gridpresence.server.accounts import CONSOLE, RELAY, WATCHDOG, Secrets, plan_accounts
 from gridpresence.gateway.fleet import with_sites
+from gridpresence.gateway.simulator import FieldSimulator, SimulatorError
+from gridpresence.gateway.site import load_site
+from gridpresence.host.gateway import Gateway
 from gridpresence.host.fleet import FleetBots
 from gridpresence.host.processes import SupervisedChild, gridpresence_argv
 from gridpresence.xmpp.session import Account, ConnectionInfo, Endpoint, RelayEndpoint, SessionError
@@ -40,7 +43,9 @@ FLEET_COPY = "fleet.json"  # the fleet this directory runs, for `gridpresence bo
 class Grid:
     """`only` limits the bots to those names; `without` holds back some devices' bots (their
     accounts are provisioned all the same: they can be run apart later, or stay absent). The IEDs
-    of the fleet's ``[[sites]]`` are devices too, always held back: `gridpresence gateway` runs them."""
+    of the fleet's ``[[sites]]`` are devices too, always held back: `gridpresence gateway` runs them,
+    but for a site marked ``simulate`` (the demo's), whose field simulator and gateway the grid
+    runs itself."""
 
     def __init__(self, fleet: Fleet, data_dir: Path, *, bind: str = "127.0.0.1", ports: ServerPorts | None = None,
                  bots: bool = True, only: Collection[str] | None = None, without: Collection[str] = (),
@@ -79,6 +84,8 @@ class Grid:
         self._processes = processes
         self.children: list[SupervisedChild] = []
         self.server_restarts: list[float] = []  # seconds each supervised restart took
+        # The simulated sites' field simulators (None: it could not start) and gateways.
+        self.sites: list[tuple[FieldSimulator | None, Gateway]] = []
 
     @property
     def endpoint(self) -> Endpoint:
@@ -146,6 +153,7 @@ class Grid:
                 self._write_connection()
                 if self._want_bots:
                     await self._start_children()
+                    await self._start_simulated_sites()
                 return
             if self._want_bots and (self._only is None or RELAY in self._only):
                 await self._start_relay()
@@ -154,6 +162,7 @@ class Grid:
                 self.bots = FleetBots(self.fleet, self.endpoint, self.secrets, only=self._only, tick_s=self._tick_s,
                                       data_dir=self.data_dir, history=self._history)
                 await self.bots.start()
+                await self._start_simulated_sites()
         except BaseException:
             await self.stop()
             raise
@@ -183,6 +192,28 @@ class Grid:
         for child in plan:
             self.children.append(child)
             await child.start()
+
+    @property
+    def simulated_ieds(self) -> tuple[str, ...]:
+        """The IEDs of the sites the grid plays and hosts itself (``[[sites]] simulate = true``)."""
+        return tuple(name for _, gateway in self.sites for name in gateway.devices)
+
+    async def _start_simulated_sites(self) -> None:
+        """Each ``simulate`` site: its Modbus IEDs as real Modbus servers, then its gateway. A
+        simulator that cannot serve (its port taken) is logged; its IEDs then show "no answer"."""
+        for ref in self.fleet.sites:
+            if not ref.simulate:
+                continue
+            site = load_site(ref.path)
+            sim: FieldSimulator | None = FieldSimulator(site)
+            try:
+                await sim.start()  # type: ignore[union-attr]
+            except SimulatorError as exc:
+                log.error("%s: the field simulator did not start: %s", ref.path, exc)
+                sim = None
+            gateway = Gateway(site, self.fleet, self.endpoint, self.secrets, data_dir=self.data_dir)
+            self.sites.append((sim, gateway))
+            await gateway.start()
 
     def _pin_issuers(self) -> None:
         """Devices get the keys of every party that may command them pinned at provisioning,
@@ -262,6 +293,11 @@ class Grid:
         for child in reversed(self.children):
             await child.stop()
         self.children = []
+        for sim, gateway in reversed(self.sites):  # goodbyes first, then the IEDs go
+            await gateway.stop()
+            if sim is not None:
+                await sim.stop()
+        self.sites = []
         if self.dashboard is not None:
             await self.dashboard.stop()
             self.dashboard = None

@@ -91,6 +91,13 @@ class SimDevice(ABC):
             return Effect.refused(RejectReason.RESTRICTED, self.restriction.note)
         return self._apply(action, args, now)
 
+    async def carry_out(self, action: Action, args: dict[str, str], now: dt.datetime,
+                        expires: dt.datetime) -> Effect:
+        """The command as the device bot awaits it. A simulation answers at once; a real IED
+        behind a gateway (gateway/field_device.py) answers when its read-back confirms, and
+        checks ``expires`` (the command's) again right before it writes anything."""
+        return self.execute(action, args, now)
+
     def _set_time(self, args: dict[str, str], now: dt.datetime) -> Effect:
         raw = args.get("time", "")
         try:
