@@ -37,7 +37,8 @@ pytestmark = pytest.mark.timeout(900)  # a cold run builds the base image and th
 
 # The services `up` starts and keeps running (init and scenario are one-shot).
 LONG_RUNNING = ("xmpp", "relay", "billing", "watchdog", "console", "devices", "device-load-2", "dashboard",
-                "web-gate", "device-far-1")
+                "web-gate", "device-far-1", "field-site", "gateway")
+FIELD_IED = "field-pump-1"  # bots/demo-site.toml's Modbus controller: the field-site container, the gateway's identity
 LONE_DEVICE = "load-2"  # runs in the device-load-2 container
 FIELD_DEVICE = "far-1"  # runs in device-far-1, on the `field` network: out only through the web gate
 HEALTHY_WITHIN_S = 240.0  # a loaded CI machine of 2 cores starts 10 Python processes
@@ -380,6 +381,29 @@ def test_field_device_behind_the_web_gate_gets_unsolicited_commands_over_bosh(st
     transport, outcome = asyncio.run(command_it())
     assert transport == "bosh"
     assert outcome.ok and outcome.report is not None and outcome.report.transport == "bosh", outcome
+
+
+def test_field_ied_behind_the_gateway_container_is_online_and_obeys_commands(stack: Stack, tmp_path: Path) -> None:
+    """The field site's pump controller speaks Modbus only; the gateway container reads it and is
+    its identity: present with its readings, and a shed and a restore reach its coil and are read
+    back (the outcome carries the state the IED reports)."""
+    info = stack.host_connection(tmp_path)
+
+    async def shed_and_restore() -> tuple[Any, Any, Any]:
+        from gridpresence.protocol.models import Action, DeviceState
+
+        async with GridOperator.from_connection(info, resource="compose-gateway") as op:
+            await op.wait_for(lambda d: FIELD_IED in d and d[FIELD_IED].present
+                              and d[FIELD_IED].state is DeviceState.ON, timeout=90)
+            view = op.devices[FIELD_IED].as_dict()
+            shed = await op.command(FIELD_IED, Action.SHED)
+            restore = await op.command(FIELD_IED, Action.RESTORE)
+            return view, shed, restore
+
+    view, shed, restore = asyncio.run(shed_and_restore())
+    assert view["health"] == HealthStatus.OK.value and view["telemetry"], view
+    assert shed.ok and shed.report is not None and shed.report.state.value == "off", shed
+    assert restore.ok and restore.report is not None and restore.report.state.value == "on", restore
 
 
 def test_missing_volume_is_a_clear_error(stack: Stack) -> None:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from gridpresence.config import load_fleet
+from gridpresence.gateway.site import load_site
 from gridpresence.host import health
 from gridpresence.transport.probe import established_to
 
@@ -35,7 +36,9 @@ def test_every_device_runs_in_exactly_one_container() -> None:
         cmd = svc.get("command", [])
         if cmd[:2] == ["gridpresence", "bots"]:
             named += cmd[cmd.index("--only") + 1:]
-    devices = {d.name for d in FLEET.devices}
+        if cmd[:2] == ["gridpresence", "gateway"]:  # a field site's IEDs, each its own identity
+            named += [ied.name for ied in load_site(ROOT / cmd[2].removeprefix("/app/")).ieds]
+    devices = {d.name for d in FLEET.devices} | {ied.name for ref in FLEET.sites for ied in load_site(ref.path).ieds}
     parties = {"billing", "watchdog", "console"}
     assert sorted(named) == sorted(set(named)), "a bot in two containers would log in twice"
     assert set(named) == (devices - HELD_BACK) | parties
@@ -51,6 +54,16 @@ def test_services_share_one_volume_and_the_server_is_published() -> None:
     assert SERVICES["xmpp"]["depends_on"]["init"]["condition"] == "service_completed_successfully"
     assert "scenario" in SERVICES["scenario"]["profiles"]  # one-shot: `up` leaves it out
     assert set(COMPOSE["volumes"]) == {"grid-data"}
+
+
+def test_the_field_sites_gateway_shares_the_sites_network_and_dials_its_ied_there() -> None:
+    gateway, field = SERVICES["gateway"], SERVICES["field-site"]
+    assert gateway["network_mode"] == "service:field-site" and "networks" not in gateway
+    assert field["command"][:3] == ["gridpresence", "field-sim", gateway["command"][2]]  # one site file
+    port = field["healthcheck"]["test"][-1]
+    links = [ied.link for ied in load_site(ROOT / gateway["command"][2].removeprefix("/app/")).ieds]
+    assert [(link.host, str(link.port)) for link in links] == [("127.0.0.1", port)]
+    assert gateway["depends_on"]["field-site"]["condition"] == "service_healthy"
 
 
 def test_the_field_device_has_no_way_out_but_the_web_gate() -> None:

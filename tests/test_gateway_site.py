@@ -9,6 +9,7 @@ import tomllib
 import pytest
 
 from gridpresence.gateway.driver import Quality, Reading
+from gridpresence.gateway.points import Point
 from gridpresence.gateway.report import ReadingError, build_report, extra_readings
 from gridpresence.gateway.site import SiteError, load_site, parse_site, shipped_maps
 from gridpresence.protocol import Breaker, DeviceState
@@ -180,3 +181,14 @@ def test_the_readme_example_site_loads() -> None:
     block = text.split("## Real IEDs")[1].split("```toml\n")[1].split("```")[0]
     site = parse_site(tomllib.loads(block), "README")
     assert [i.link.protocol for i in site.ieds] == ["modbus-tcp", "dnp3-tcp", "modbus-rtu"]
+
+
+@pytest.mark.parametrize(("raw", "scale", "offset", "shown"), [
+    (388, 0.1, 0.0, 38.8), (7, 0.01, 0.0, 0.07), (1234, 0.1, -40.0, 83.4), (3, 1.0, 0.5, 3.5),
+])
+def test_a_scaled_register_is_the_decimal_it_stands_for(raw: int, scale: float, offset: float, shown: float) -> None:
+    """A u16 of 388 at scale 0.1 is 38.8 on the wire, not 38.800000000000004."""
+    point = Point(table="holding", address=0, type="u16", scale=scale, offset=offset)
+    value = point.to_engineering(raw)
+    assert value == shown and repr(value) == repr(shown)
+    assert round(point.to_raw(value)) == raw

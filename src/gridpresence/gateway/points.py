@@ -29,6 +29,12 @@ _LAYOUT: dict[str, tuple[int, str]] = {
 }
 
 
+def decimal_tidy(value: float) -> float:
+    """A register scaled by a decimal factor, as the decimal it stands for: 388 x 0.1 is
+    38.800000000000004 in binary, shown as 38.8. Fifteen significant digits are what a float
+    holds exactly, so nothing a register carries is lost."""
+    return float(f"{value:.15g}")
+
 class Point(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -95,7 +101,7 @@ class Point(BaseModel):
     # -- engineering units ----------------------------------------------------------------
 
     def to_engineering(self, raw: float) -> float:
-        return raw * self.scale + self.offset
+        return decimal_tidy(raw * self.scale + self.offset)
 
     def to_raw(self, value: float) -> float:
         return (value - self.offset) / self.scale

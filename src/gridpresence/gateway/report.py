@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from gridpresence.gateway.driver import Reading
 from gridpresence.gateway.site import IedSpec, PointMap
+from gridpresence.gateway.points import decimal_tidy
 from gridpresence.protocol.models import Breaker, DeviceState, PresenceReport, Restriction, Telemetry
 
 
@@ -50,7 +51,7 @@ def _scaled(pmap: PointMap, readings: Mapping[str, Reading], point: str, field: 
     if not (-10 <= float(sf.value) <= 10) or float(sf.value) != int(sf.value):  # type: ignore[arg-type]
         problems.append(f"{field}: scale factor '{factor}' reads {sf.value!r}, not a power of ten from -10 to 10")
         return None
-    return Reading(float(reading.value) * 10.0 ** int(sf.value))  # type: ignore[arg-type]
+    return Reading(decimal_tidy(float(reading.value) * 10.0 ** int(sf.value)))  # type: ignore[arg-type]
 
 
 def _identified(pmap: PointMap, readings: Mapping[str, Reading], problems: list[str]) -> None:

@@ -7,7 +7,8 @@ port, or on its BOSH port for a party behind a web-only firewall),
 ``dashboard`` when the dashboard on this machine (``--port``) serves its page over HTTPS with a
 certificate from the grid's CA,
 ``gate`` when the web gate on this machine (``--port``) leads to the server's BOSH port: a TLS
-handshake through it meets the server's certificate for the BOSH URL's host name.
+handshake through it meets the server's certificate for the BOSH URL's host name,
+``field`` when a field IED (the field simulator's Modbus server) accepts connections on ``--port``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def check(what: str, data: Path, port: int = DASHBOARD_PORT) -> tuple[bool, str]
         return _dashboard(port, ca)
     if what == "gate":
         return _gate(port, ca, bosh_host or domain)
+    if what == "field":
+        return _field(port)
     n = established_to(c2s)
     if n > 0:
         return True, f"{n} XMPP session(s) to port {c2s}"
@@ -66,6 +69,16 @@ def _gate(port: int, ca: str, host: str) -> tuple[bool, str]:
         return False, f"port {port}: no TLS to {host} through it ({exc})"
 
 
+def _field(port: int) -> tuple[bool, str]:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=4):
+            return True, f"a field IED answers on port {port}"
+    except OSError as exc:
+        return False, f"no field IED answers on port {port} ({exc})"
+
+
 def _dashboard(port: int, ca: str) -> tuple[bool, str]:
     import ssl
     import urllib.request
@@ -81,9 +94,9 @@ def _dashboard(port: int, ca: str) -> tuple[bool, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gridpresence.host.health", description=__doc__)
-    parser.add_argument("what", choices=["server", "bots", "dashboard", "gate"])
+    parser.add_argument("what", choices=["server", "bots", "dashboard", "gate", "field"])
     parser.add_argument("--data", type=Path, default=Path("/data"))
-    parser.add_argument("--port", type=int, default=DASHBOARD_PORT, help="the dashboard's or the gate's port")
+    parser.add_argument("--port", type=int, default=DASHBOARD_PORT, help="the dashboard's, the gate's or the field IED's port")
     args = parser.parse_args(argv)
     ok, why = check(args.what, args.data, args.port)
     print(why, flush=True)
