@@ -17,25 +17,18 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from slixmpp import ClientXMPP
 
+from gridpresence.transport.policy import FIRST_DELAY_S, JITTER, MAX_DELAY_S, backoff_delay
+
+__all__ = ["FIRST_DELAY_S", "JITTER", "MAX_DELAY_S", "Reconnector", "SessionChange", "SessionEvent",
+           "backoff_delay", "reconnector_of"]
+
 log = logging.getLogger(__name__)
-
-FIRST_DELAY_S = 0.2  # a server restart takes about a second: try soon
-MAX_DELAY_S = 2.0  # all parties back within a few seconds of the server (issue 14: <= 5 s)
-JITTER = 0.5  # +-50 %: a fleet that lost the server at once does not return at once
-
-
-def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
-    """Seconds to wait before try number `attempt` (1, 2, ...): doubling from FIRST_DELAY_S up
-    to MAX_DELAY_S, each spread by JITTER."""
-    base = min(MAX_DELAY_S, FIRST_DELAY_S * 2 ** max(0, attempt - 1))
-    return base * (1 + (rng or random).uniform(-JITTER, JITTER))
 
 
 class SessionEvent(enum.Enum):

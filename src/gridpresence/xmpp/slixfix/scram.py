@@ -9,6 +9,7 @@ bit-for-bit the same (RFC 5802: Hi is PBKDF2 with HMAC of the mechanism's hash).
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 
 from slixmpp.util import bytes as to_bytes
 from slixmpp.util.sasl.client import sasl_mech
@@ -18,4 +19,12 @@ from slixmpp.util.sasl.mechanisms import SCRAM
 @sasl_mech(SCRAM.score)
 class FastSCRAM(SCRAM):
     def Hi(self, text: str, salt: bytes, iterations: int) -> bytes:  # noqa: N802 (slixmpp's name)
-        return hashlib.pbkdf2_hmac(self.hash().name, to_bytes(text), salt, iterations)
+        return _salted(self.hash().name, to_bytes(text), salt, iterations)
+
+
+@lru_cache(maxsize=4096)
+def _salted(hash_name: str, password: bytes, salt: bytes, iterations: int) -> bytes:
+    """An account's salt and count stay the same from login to login (the server stores them):
+    a reconnect, or a fleet of them after a server restart, reuses the result (RFC 5802 §5.1
+    lets a client cache SaltedPassword)."""
+    return hashlib.pbkdf2_hmac(hash_name, password, salt, iterations)
