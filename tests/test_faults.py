@@ -22,6 +22,7 @@ from conftest import run_cli, start_up
 from gridpresence.config import Fleet, parse_fleet
 from gridpresence.device.operated import OperatedStore, state_path
 from gridpresence.host.fleet import FleetBots
+from gridpresence.host import grid as grid_module
 from gridpresence.host.grid import Grid
 from gridpresence.operator.library import GridOperator
 from gridpresence.physics.base import Operated
@@ -139,6 +140,62 @@ async def test_prosody_killed_is_restarted_and_every_party_comes_back(grid: Grid
     assert any("Prosody exited" in r.getMessage() for r in caplog.records)
     # The library object still works: a signed command over the new session.
     outcome = await alice.command("load-1", "shed", ttl_s=10)
+    assert outcome.status is OutcomeStatus.EXECUTED, outcome
+
+
+async def test_a_hung_server_is_noticed_by_every_party(grid: Grid, alice: GridOperator,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prosody SIGSTOPped keeps its sockets open: only the parties' pings (XEP-0199) can tell.
+    Every party drops its connection within keepalive + ping time-out, and is back once the
+    server runs again. (`up`'s own hung check is held off here: the next test has it.)"""
+    monkeypatch.setattr(grid_module, "HUNG_PROBES", 10**6)
+    parties = _parties(grid, alice)
+    policy = reconnector_of(alice.client).policy  # type: ignore[arg-type]
+    bound = policy.keepalive_s + policy.keepalive_timeout_s + 3.0
+    pid = _prosody_pid(grid.server)
+    os.kill(pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        async with asyncio.timeout(bound):
+            while any(reconnector_of(c).online.is_set() for c in parties.values()):  # type: ignore[arg-type]
+                await asyncio.sleep(0.05)
+        noticed = time.monotonic() - stopped
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    resumed = time.monotonic()
+    drops = {n: reconnector_of(c).dead_server_drops for n, c in parties.items()}  # type: ignore[arg-type]
+    assert all(drops.values()), f"parties that did not notice by their own ping: {drops}"
+    async with asyncio.timeout(RECOVERY_S + 10):
+        await _all_back(grid, alice)
+    print(f"\nhung Prosody noticed by every party within {noticed:.2f} s; all back {time.monotonic() - resumed:.2f} s "
+          f"after it ran again")
+    assert grid.hung_kills == 0 and not grid.server_restarts
+    outcome = await alice.command("load-1", "shed", ttl_s=10)
+    assert outcome.status is OutcomeStatus.EXECUTED, outcome
+
+
+async def test_up_kills_and_restarts_a_hung_prosody(grid: Grid, alice: GridOperator,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(grid_module, "HUNG_PROBE_S", 0.5)
+    monkeypatch.setattr(grid_module, "HUNG_PROBES", 3)
+    await asyncio.sleep(1.0)  # the watch loop takes the short period
+    old = _prosody_pid(grid.server)
+    port = grid.server.ports.c2s
+    os.kill(old, signal.SIGSTOP)
+    stopped = time.monotonic()
+    async with asyncio.timeout(10):
+        while not grid.server_restarts:
+            await asyncio.sleep(0.05)
+    killed_after = time.monotonic() - stopped
+    assert grid.hung_kills == 1 and _prosody_pid(grid.server) != old and grid.server.ports.c2s == port
+    assert not os.path.exists(f"/proc/{old}"), "the hung Prosody must be gone, not left stopped"
+    assert any("hung" in r.getMessage() for r in caplog.records)
+    async with asyncio.timeout(RECOVERY_S + 10):
+        await _all_back(grid, alice)
+    print(f"\nhung Prosody killed and restarted {killed_after:.2f} s after SIGSTOP")
+    outcome = await alice.command("load-2", "shed", ttl_s=10)
     assert outcome.status is OutcomeStatus.EXECUTED, outcome
 
 

@@ -59,6 +59,13 @@ class ConnectionPolicy:
     # firewall (a firewall's drop is a time-out): BOSH, served by the same server, would only be
     # a slower way back. Only after this long of refusals is BOSH tried.
     refused_grace_s: float = 5.0
+    # Liveness (xmpp/reconnect.py): a session that heard nothing for `keepalive_s` pings the
+    # server (XEP-0199); no answer within `keepalive_timeout_s` and the connection is dropped
+    # and made again. A hung server (SIGSTOP, a frozen VM) is noticed within their sum. A
+    # connection that has not become a session within `login_timeout_s` is dropped likewise.
+    keepalive_s: float = 5.0
+    keepalive_timeout_s: float = 5.0
+    login_timeout_s: float = 15.0
 
 
 class GridClient(ClientXMPP):
@@ -77,6 +84,7 @@ class GridClient(ClientXMPP):
         self._failed_tries = 0  # connection tries failed in a row (the back-off's step)
         self._tcp_served = False  # the c2s port gave this client a connection once
         self._refused_since: float | None = None  # monotonic start of the current run of refusals
+        self.last_heard = time.monotonic()  # when the server last sent us anything (liveness)
         self.plugin["feature_mechanisms"].security_callback = self._security
         self.add_event_handler("disconnected", self._on_disconnected)
         self.add_event_handler("connection_failed", self._on_connection_failed)
@@ -139,6 +147,10 @@ class GridClient(ClientXMPP):
         if self.policy.use_tcp and self.policy.tcp_retry_s > 0 and self.custom_address:
             self._probe = asyncio.ensure_future(self._probe_tcp())
         return True
+
+    def data_received(self, data: bytes | str) -> None:
+        self.last_heard = time.monotonic()  # any byte proves the server alive: no ping needed
+        super().data_received(data)
 
     def _on_connection_failed(self, error: object) -> None:
         if isinstance(error, ConnectionRefusedError):
