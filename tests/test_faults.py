@@ -377,10 +377,10 @@ def test_kept_state_survives_bad_files(tmp_path: Path, caplog: pytest.LogCapture
 
 # -- `up --processes` ---------------------------------------------------------------------------
 
-async def _start_up_processes(data: Path, fleet: Path) -> tuple[asyncio.subprocess.Process, dict[str, int]]:
+async def _start_up_processes(data: Path, fleet: Path, *more: str) -> tuple[asyncio.subprocess.Process, dict[str, int]]:
     exe = Path(sys.executable).with_name("gridpresence")
     proc = await asyncio.create_subprocess_exec(str(exe), "up", "--processes", "--data", str(data), "--fleet",
-                                                str(fleet), stdout=asyncio.subprocess.PIPE,
+                                                str(fleet), *more, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.DEVNULL)
     seen = ""
     async with asyncio.timeout(90):
@@ -434,6 +434,40 @@ async def test_up_processes_one_hung_or_crashed_process_does_not_stop_the_others
         async with asyncio.timeout(5):
             while not all(_gone(pid) for pid in (prosody, *children)):
                 await asyncio.sleep(0.05)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            await asyncio.wait_for(proc.wait(), 30)
+
+
+async def test_up_processes_a_hung_process_is_killed_and_started_again(tmp_path: Path) -> None:
+    """A child that hangs (SIGSTOP) stops its heartbeat: `up` kills it and starts it again, and
+    its devices come back with what was operated; the other processes never stopped."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(SMALL_FLEET)
+    data = tmp_path / "grid"
+    hung_after = 2.0
+    proc, pids = await _start_up_processes(data, fleet, "--hung-after", str(hung_after))
+    try:
+        op = GridOperator.from_connection(ConnectionInfo.load(data / "connection.json"), resource="hung2")
+        await op.connect(settle_s=2.0)
+        try:
+            assert (await op.command("pump", "shed", ttl_s=10)).status is OutcomeStatus.EXECUTED
+            os.kill(pids["devices"], signal.SIGSTOP)
+            stopped = time.monotonic()
+            async with asyncio.timeout(hung_after + 10):
+                while not _gone(pids["devices"]):
+                    await asyncio.sleep(0.05)
+            killed = time.monotonic() - stopped
+            await op.wait_for(lambda d: all(v.present for v in d.values()), timeout=30)
+            print(f"\nhung devices process killed {killed:.2f} s after SIGSTOP; devices back "
+                  f"{time.monotonic() - stopped:.2f} s after it")
+            assert killed >= hung_after - 0.5, "killed before its heartbeat could have been missed"
+            assert op.devices["pump"].state is DeviceState.OFF
+            assert (await op.command("pump", "restore", ttl_s=10)).status is OutcomeStatus.EXECUTED
+            assert not _gone(pids["relay"]) and not _gone(pids["services"]), "the others must run on"
+        finally:
+            await op.close()
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGINT)

@@ -15,7 +15,7 @@ from types import TracebackType
 from gridpresence.server.accounts import CONSOLE, RELAY, WATCHDOG, Secrets, plan_accounts
 from gridpresence.gateway.fleet import with_sites
 from gridpresence.host.fleet import FleetBots
-from gridpresence.host.processes import SupervisedChild, gridpresence_argv
+from gridpresence.host.processes import HUNG_AFTER_S, SupervisedChild, gridpresence_argv
 from gridpresence.xmpp.session import Account, ConnectionInfo, Endpoint, RelayEndpoint, SessionError
 from gridpresence.config import Fleet, FleetError
 from gridpresence.protocol.models import Outcome
@@ -51,7 +51,7 @@ class Grid:
                  bots: bool = True, only: Collection[str] | None = None, without: Collection[str] = (),
                  tick_s: float = 1.0, prosody_bin: str = "prosody", log_level: str = "info",
                  processes: bool = False, history: str | None = None, dashboard: bool = True,
-                 dashboard_port: int = 0, advertise: str | None = None) -> None:
+                 dashboard_port: int = 0, advertise: str | None = None, hung_after_s: float = HUNG_AFTER_S) -> None:
         # IEDs of the fleet's sites get accounts here; their bots are a field gateway's.
         fleet, self.gateway_ieds = with_sites(fleet)
         without = (*without, *self.gateway_ieds)
@@ -82,6 +82,7 @@ class Grid:
         self._supervisor: asyncio.Task[None] | None = None
         # `processes`: devices, services and the relay each in a supervised process of their own.
         self._processes = processes
+        self._hung_after_s = hung_after_s  # a child process without a heartbeat this long is restarted
         self.children: list[SupervisedChild] = []
         self.server_restarts: list[float] = []  # seconds each supervised restart took
         self.hung_kills = 0  # times Prosody was found hung and killed to restart it
@@ -182,13 +183,16 @@ class Grid:
         plan = []
         if chosen([RELAY]):
             plan.append(SupervisedChild("relay", gridpresence_argv(*verbose, "relay", "--data", data,
-                                                                   "--bind", self._bind), ready="relay up"))
+                                                                   "--bind", self._bind), ready="relay up",
+                                        hung_after_s=self._hung_after_s))
         if devices:
             plan.append(SupervisedChild("devices", gridpresence_argv(*verbose, "bots", "--data", data, "--only",
-                                                                     *devices), ready="running"))
+                                                                     *devices), ready="running",
+                                        hung_after_s=self._hung_after_s))
         if services:
             plan.append(SupervisedChild("services", gridpresence_argv(*verbose, "bots", "--data", data,
-                                                                      "--only", *services), ready="running"))
+                                                                      "--only", *services), ready="running",
+                                        hung_after_s=self._hung_after_s))
         for child in plan:
             self.children.append(child)
             await child.start()
