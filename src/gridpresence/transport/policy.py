@@ -29,15 +29,18 @@ log = logging.getLogger(__name__)
 TransportName = Literal["tcp", "bosh"]
 
 FIRST_DELAY_S = 0.2  # a server restart takes about a second: try soon
+FLAT_TRIES = 3  # so many tries FIRST_DELAY_S apart before doubling: a refused try costs nothing,
+#                 a party still waiting seconds after its server is back costs the whole recovery
 MAX_DELAY_S = 2.0  # all parties back within a few seconds of the server (issue 14: <= 5 s)
 JITTER = 0.5  # +-50 %: a fleet that lost the server at once does not return at once
 
 
 def backoff_delay(attempt: int, rng: random.Random | None = None, cap: float = MAX_DELAY_S) -> float:
-    """Seconds to wait before try number `attempt` (1, 2, ...): doubling from FIRST_DELAY_S up
-    to `cap`, each spread by JITTER. The one back-off of every party (xmpp/reconnect.py paces
-    the first try after a loss, GridClient the TCP/BOSH tries that fail after it)."""
-    base = min(cap, FIRST_DELAY_S * 2 ** max(0, attempt - 1))
+    """Seconds to wait before try number `attempt` (1, 2, ...): FIRST_DELAY_S for the first
+    FLAT_TRIES, then doubling up to `cap`, each spread by JITTER. The one back-off of every
+    party (xmpp/reconnect.py paces the first try after a loss, GridClient the TCP/BOSH tries
+    that fail after it)."""
+    base = min(cap, FIRST_DELAY_S * 2 ** max(0, attempt - FLAT_TRIES))
     return base * (1 + (rng or random).uniform(-JITTER, JITTER))
 XRD_NS = "http://docs.oasis-open.org/ns/xri/xrd-1.0"
 BOSH_REL = "urn:xmpp:alt-connections:xbosh"
