@@ -345,6 +345,68 @@ async def test_a_prosody_left_by_a_crashed_run_is_stopped_not_left_to_a_person(t
         await old.stop()
 
 
+async def test_a_command_whose_cli_died_waiting_is_reported_by_the_next_one(grid: Grid) -> None:
+    """`gridpresence shed` killed -9 while its device is frozen: the command is kept in the
+    operator's data dir; the device runs it when it thaws and answers a full JID that is gone;
+    the next `gridpresence pending` of the same operator reports the true outcome."""
+    conn = ["--connection", str(grid.connection_file)]
+    pending_dir = grid.keys.secret_path("alice").with_name("alice.pending")
+    proc = await _bots_apart(grid, "apart")
+    exe = Path(sys.executable).with_name("gridpresence")
+    try:
+        code, out, err = await run_cli("status", *conn)
+        assert code == 0 and re.search(r"apart\s+load\s+on", out), (out, err)
+        proc.send_signal(signal.SIGSTOP)
+        cli = await asyncio.create_subprocess_exec(str(exe), "shed", "apart", "--ttl", "30", *conn,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(30):
+            while not list(pending_dir.glob("*.json")):
+                await asyncio.sleep(0.1)
+        cli.kill()  # -9 while it waits: no clean-up runs
+        await cli.communicate()
+        [kept] = list(pending_dir.glob("*.json"))
+        assert json.loads(kept.read_text())["action"] == "shed"
+        proc.send_signal(signal.SIGCONT)
+        code, out, err = await run_cli("pending", *conn)
+        assert code == 0, (out, err)
+        assert re.search(r"shed apart: executed", out), (out, err)
+        assert not list(pending_dir.glob("*.json")), "reported, so no longer pending"
+        code, out, err = await run_cli("pending", *conn)
+        assert code == 0 and "no command of yours is waiting" in out, (out, err)
+        kept_state = OperatedStore(state_path(grid.data_dir, "apart")).load()
+        assert kept_state is not None and kept_state.state is DeviceState.OFF
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+            await proc.wait()
+
+
+def test_pending_store_survives_bad_files(tmp_path: Path) -> None:
+    """Torn or tampered pending-command files are set aside, never an error. Seeded, bounded fuzz."""
+    from gridpresence.operator.pending import PendingStore
+    from gridpresence.protocol.models import Action, Command
+
+    store = PendingStore(tmp_path / "alice.pending")
+    cmd = Command.new(Action.SHED, "alice@localhost", ttl_s=30)
+    store.add(cmd, "load-1@localhost", "<command xmlns='x'/>", "direct")
+    [good] = store.entries()
+    assert good.command_id == cmd.id and good.pid == os.getpid() and not store.orphans()
+    raw = next((tmp_path / "alice.pending").glob("*.json")).read_bytes()
+    rng = random.Random(1415)
+    for i in range(200):
+        blob = bytearray(raw)
+        for _ in range(rng.randint(1, 6)):
+            blob[rng.randrange(len(blob))] = rng.randrange(256)
+        (tmp_path / "alice.pending" / f"fuzz-{i}.json").write_bytes(bytes(blob[: rng.randint(0, len(blob))]))
+        entries = store.entries()
+        assert all(e.command_id for e in entries)
+    store.remove(cmd.id)
+    assert all(e.command_id != cmd.id for e in store.entries())
+    assert PendingStore.beside(None).entries() == [] and PendingStore.beside(
+        tmp_path / "keys" / "bob.sec.asc").directory == tmp_path / "keys" / "bob.pending"
+
+
 # -- units ------------------------------------------------------------------------------------
 
 def test_backoff_grows_is_capped_and_jittered() -> None:
