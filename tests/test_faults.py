@@ -414,7 +414,44 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
     delays = [backoff_delay(n, rng) for n in range(1, 40)]
     assert all(0 < d <= MAX_DELAY_S * 1.5 for d in delays)
     assert delays[0] < 0.5 and max(delays) > MAX_DELAY_S * 0.5
+    assert all(0.1 <= d <= 0.3 for d in delays[:3]), "the first tries come soon: a restart takes a second"
+    assert all(d >= 1.0 for d in delays[6:]), "then it backs off"
     assert len({round(d, 6) for d in delays}) == len(delays), "no jitter: a fleet would return as one herd"
+
+
+def test_a_refusing_port_that_served_us_is_a_restarting_server_not_a_firewall() -> None:
+    """Refusals (RST) from the c2s port that gave us a session are waited out before BOSH is
+    tried; silence or EPERM (a firewall) is not; after refused_grace_s, BOSH is tried anyway."""
+    from gridpresence.transport.policy import ConnectionPolicy, GridClient
+    from gridpresence.transport.tls import tls_context
+
+    client = GridClient("a@localhost", "pw", ssl_context=tls_context(None), bosh_url="https://127.0.0.1:1/http-bind",
+                        policy=ConnectionPolicy(refused_grace_s=0.3))
+    client._on_connection_failed(ConnectionRefusedError())
+    assert not client._restarting_server(), "never served us: a refusal may be a firewall's reset"
+    client._tcp_served = True
+    assert client._restarting_server()
+    client._on_connection_failed(PermissionError(1, "Operation not permitted"))  # nftables' drop on output
+    assert not client._restarting_server()
+    client._on_connection_failed(ConnectionRefusedError())
+    time.sleep(0.35)
+    assert not client._restarting_server(), "refused for longer than the grace: try BOSH"
+
+
+def test_billing_does_not_resign_a_tariff_every_device_has(fleet: Fleet) -> None:
+    from gridpresence.services.billing import IN_FLIGHT_S, BillingAgent
+    from gridpresence.xmpp.session import Endpoint
+
+    agent = BillingAgent(fleet.billing[0], "billing@localhost", "pw", Endpoint(), ["alice@localhost"],
+                         ["load-1@localhost"])
+    assert not agent._devices_are_current(), "first session: send"
+    now = time.monotonic()
+    agent._devices_have, agent._lost_at = (agent.tariff, now - IN_FLIGHT_S - 5), now
+    assert agent._devices_are_current()
+    agent._devices_have = (agent.tariff, now - 1)
+    assert not agent._devices_are_current(), "sent just before the loss: maybe in flight, send again"
+    agent._devices_have = (agent.tariff.model_copy(update={"supplier": "older"}), now - IN_FLIGHT_S - 5)
+    assert not agent._devices_are_current(), "changed since: send"
 
 
 def test_kept_state_survives_bad_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
