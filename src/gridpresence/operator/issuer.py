@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 # Extra time after a command's expiry for its "expired" outcome to travel back.
 OUTCOME_MARGIN_S = 1.0
+KEEP_AFTER_S = 0.5  # a command still unanswered this long is kept on disk (operator/pending.py)
 
 
 class CommandIssuer:
@@ -71,7 +72,14 @@ class CommandIssuer:
         msg.append(wire)
         self._stanza_to_command[msg["id"]] = cmd.id
         self._sent[cmd.id] = (wire, JID(to).bare)
-        self.store.add(cmd, JID(to).bare, ET.tostring(wire, encoding="unicode"), "direct")
+
+        def keep() -> None:
+            self.store.add(cmd, JID(to).bare, ET.tostring(wire, encoding="unicode"), "direct")
+
+        # Kept on disk only once it is slow to answer: most outcomes come within milliseconds,
+        # and a file per command would cost a fan-out ~1 ms each (only a kill -9 this soon
+        # after sending goes unkept; a cancelled wait keeps it at once, below).
+        keeping = asyncio.get_running_loop().call_later(KEEP_AFTER_S, keep) if self.store.directory else None
         msg.send()
         wait_s = max(0.0, (cmd.expires - utcnow()).total_seconds()) + OUTCOME_MARGIN_S
         given_up = False
@@ -82,8 +90,12 @@ class CommandIssuer:
                            detail="no outcome before the command expired")
         except asyncio.CancelledError:
             given_up = True  # the caller stopped waiting (Ctrl-C, shutdown), not the command: keep it
+            if keeping is not None and not keeping.cancelled() and not self.store.holds(cmd.id):
+                keep()
             raise
         finally:
+            if keeping is not None:
+                keeping.cancel()
             if not given_up:
                 self.store.remove(cmd.id)
             self.pending.pop(cmd.id, None)
@@ -173,7 +185,7 @@ class CommandIssuer:
         if entry is None or JID(entry.device).bare != JID(outcome.device).bare:
             log.debug("outcome for unknown or answered command %s from %s", outcome.command_id, outcome.device)
             return
-        self.store.remove(entry.command_id)
+        self.store.remove(entry.command_id, found=True)
         if self.on_orphan_outcome is not None:
             self.on_orphan_outcome(entry, first_outcome(outcome))
 

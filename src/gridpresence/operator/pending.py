@@ -64,6 +64,8 @@ class PendingStore:
 
     def __init__(self, directory: Path | None) -> None:
         self.directory = directory
+        self._made = False  # the directory exists (made once, not per command)
+        self._kept: set[str] = set()  # ids this process wrote (only those need unlinking)
 
     @classmethod
     def beside(cls, key_file: str | Path | None) -> PendingStore:
@@ -88,16 +90,29 @@ class PendingStore:
     def _write(self, entry: PendingCommand) -> None:
         assert self.directory is not None
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self._made:
+                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._made = True
             path = self._path(entry.command_id)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(entry.model_dump_json(), encoding="utf-8")
-            tmp.replace(path)
+            tmp = f"{path}.{os.getpid()}.tmp"  # renamed into place: a reader never sees half a file
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, entry.model_dump_json().encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            self._kept.add(entry.command_id)
         except OSError as exc:  # the command still goes out: only a later process would miss it
             log.warning("could not keep pending command %s in %s: %s", entry.command_id, self.directory, exc)
 
-    def remove(self, command_id: str) -> None:
-        if self.directory is not None:
+    def holds(self, command_id: str) -> bool:
+        """This process has `command_id` on disk."""
+        return command_id in self._kept
+
+    def remove(self, command_id: str, found: bool = False) -> None:
+        """Forget `command_id`; `found`: an entry another process wrote (an orphan's)."""
+        if self.directory is not None and (found or command_id in self._kept):
+            self._kept.discard(command_id)
             with contextlib.suppress(OSError):
                 self._path(command_id).unlink()
 
@@ -121,7 +136,7 @@ class PendingStore:
         return [e for e in self.entries() if e.pid != os.getpid() and (not _alive(e.pid) or e.expires < stale)]
 
     def adopt(self, entry: PendingCommand) -> PendingCommand:
-        """This process waits for `entry` from now on."""
+        """This process waits for `entry` from now on (its file is then this process's own)."""
         mine = entry.model_copy(update={"pid": os.getpid()})
         self._write(mine)
         return mine
