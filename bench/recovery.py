@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -53,7 +54,37 @@ async def whole(grid: Grid, op: GridOperator) -> None:
         await asyncio.sleep(0.02)
 
 
-async def main(loads: int, rounds: int) -> None:
+class Phases:
+    """When each party's connection and session came back in a round, for `--phases`: what the
+    recovery waits on (first TCP connect, login, last device seen by the last watcher)."""
+
+    def __init__(self, grid: Grid, op: GridOperator) -> None:
+        assert grid.bots is not None and grid.relay is not None
+        self.clients = [b.client for b in grid.bots.devices.values()]
+        self.clients += [grid.relay.client, op.client, *(b.client for b in grid.bots.billing.values())]
+        self.connected: dict[int, float] = {}
+        self.started: dict[int, float] = {}
+        self.tries: dict[int, int] = {}
+        for i, c in enumerate(self.clients):
+            c.add_event_handler("connected", lambda _e, i=i: self.connected.setdefault(i, time.monotonic()))
+            c.add_event_handler("session_start", lambda _e, i=i: self.started.setdefault(i, time.monotonic()))
+            c.add_event_handler("connection_failed", lambda _e, i=i: self.tries.__setitem__(i, self.tries.get(i, 0) + 1))
+
+    def reset(self) -> None:
+        self.connected.clear(), self.started.clear(), self.tries.clear()
+
+    def report(self, up_at: float, whole_at: float) -> None:
+        def q(xs: list[float]) -> str:
+            xs = sorted(xs)
+            return f"median {statistics.median(xs):5.2f} max {xs[-1]:5.2f}" if xs else "none"
+        print(f"    phases (s after Prosody back): TCP connected {q([t - up_at for t in self.connected.values()])}; "
+              f"session {q([t - up_at for t in self.started.values()])}; "
+              f"login {q([self.started[i] - self.connected[i] for i in self.started if i in self.connected])}; "
+              f"refused tries {sum(self.tries.values())}; "
+              f"over BOSH {sum(c.transport_name == 'bosh' for c in self.clients)}; whole {whole_at - up_at:.2f}", flush=True)
+
+
+async def main(loads: int, rounds: int, phases: bool = False) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
         cold = time.monotonic()
         grid = Grid(fleet(loads), Path(tmp) / "grid")
@@ -64,7 +95,10 @@ async def main(loads: int, rounds: int) -> None:
             await asyncio.wait_for(whole(grid, op), 60)
             baseline = time.monotonic() - cold
             restart, back = [], []
+            watch = Phases(grid, op) if phases else None
             for _ in range(rounds):
+                if watch:
+                    watch.reset()
                 before = len(grid.server_restarts)
                 os.kill(int(grid.server.pidfile_path.read_text()), signal.SIGKILL)
                 died = time.monotonic()
@@ -75,6 +109,8 @@ async def main(loads: int, rounds: int) -> None:
                 await asyncio.wait_for(whole(grid, op), 60)
                 restart.append(grid.server_restarts[-1])
                 back.append(time.monotonic() - up_at)
+                if watch:
+                    watch.report(up_at, time.monotonic())
                 await asyncio.sleep(2.0)
         finally:
             await op.close()
@@ -92,5 +128,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--loads", type=int, default=125)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--phases", action="store_true", help="per round: when connections and sessions came back")
     a = p.parse_args()
-    asyncio.run(main(a.loads, a.rounds))
+    asyncio.run(main(a.loads, a.rounds, a.phases))

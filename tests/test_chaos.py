@@ -1,6 +1,7 @@
 """Issue 14's chaos run, bounded and seeded: signed shed/restore commands flow from an operator
 while faults strike in turn — Prosody killed -9, a bot process frozen (SIGSTOP), `up` killed -9
-and restarted. Per command: executed at most once, never after its expiry, the issuer's outcome
+and restarted, the c2s port dropped by an nftables rule (root only; a table of this test's own,
+``gp14_chaos_PID``, always deleted again). Per command: executed at most once, never after its expiry, the issuer's outcome
 is what the device did, and a command no fault touched is executed. Recovery times are printed.
 
 The devices' own event log (one INFO line per command they took, device/agent.py) is the truth
@@ -15,7 +16,9 @@ import os
 import random
 import re
 import signal
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,6 +33,8 @@ TTL_S = 8.0
 RATE_HZ = 4.0
 CALM_S = 4.0  # between faults
 FREEZE_S = 3.0
+DROP_S = 8.0  # the c2s port dropped (issue 14's run: 10 s); the pings (5 + 5 s) notice it about then
+NFT_TABLE = f"gp14_chaos_{os.getpid()}"  # ours alone: never another test's or docker's tables
 DEVICES = [f"load-{i}" for i in range(1, 7)]
 APART = "frozen"  # run in a `gridpresence bots` process of its own: the one SIGSTOP freezes
 FLEET = "\n".join(['domain = "localhost"', "presence_grace_s = 2.0", '[[operators]]', 'name = "olga"']
@@ -80,6 +85,22 @@ class Proc:
         await self.kill()
 
 
+def can_drop_ports() -> bool:
+    return os.geteuid() == 0 and shutil.which("nft") is not None
+
+
+def drop_port(port: int) -> None:
+    """Drop every packet to or from `port` (both ways: established sessions stall, new ones get
+    no answer), as a cut firewall path does; its own table, whatever else nftables holds."""
+    rules = (f"table inet {NFT_TABLE} {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n"
+             f"  tcp dport {port} drop\n  tcp sport {port} drop\n }}\n}}\n")
+    subprocess.run(["nft", "-f", "-"], input=rules, text=True, capture_output=True, timeout=10, check=True)
+
+
+def undrop_port() -> None:
+    subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True, timeout=10)
+
+
 @dataclass
 class Sent:
     device: str
@@ -120,10 +141,26 @@ async def test_chaos_commands_stay_true_through_faults(tmp_path: Path) -> None:
     async def all_present() -> None:
         await op.wait_for(lambda d: all(d[n].present for n in (*DEVICES, APART)), timeout=30)
 
+    async def all_answer() -> None:
+        """Every device answers a ping through the server: after a cut, "present" is only what
+        the operator last heard; the path works again when an answer comes back."""
+        ping = op.client.plugin["xep_0199"]
+        async with asyncio.timeout(40):
+            for name in (*DEVICES, APART):
+                while True:
+                    target = op.devices[name].full_jid
+                    try:
+                        if target:
+                            await ping.send_ping(target, timeout=2)
+                            break
+                    except Exception:  # no answer yet, or an error while the session is rebuilt
+                        pass
+                    await asyncio.sleep(0.2)
+
     flowing_task = asyncio.ensure_future(flow())
     try:
         await asyncio.sleep(CALM_S)
-        order = ["prosody", "freeze", "up"]
+        order = ["prosody", "freeze", "up", *(["c2s"] if can_drop_ports() else [])]
         rng.shuffle(order)
         for fault in order:
             start = time.time()
@@ -134,6 +171,13 @@ async def test_chaos_commands_stay_true_through_faults(tmp_path: Path) -> None:
                 bots.proc.send_signal(signal.SIGSTOP)
                 await asyncio.sleep(FREEZE_S)
                 bots.proc.send_signal(signal.SIGCONT)
+            elif fault == "c2s":
+                drop_port(ConnectionInfo.load(data / "connection.json").server.c2s_port)
+                try:
+                    await asyncio.sleep(DROP_S)
+                finally:
+                    undrop_port()
+                await all_answer()
             else:
                 await runs[-1].kill()
                 runs.append(await Proc.start(*up_args, ready="Ctrl-C"))
@@ -145,6 +189,7 @@ async def test_chaos_commands_stay_true_through_faults(tmp_path: Path) -> None:
         await asyncio.wait_for(flowing_task, TTL_S + 15)
     finally:
         flowing = False
+        undrop_port()
         await op.close()
         await bots.stop()
         for run in runs:
@@ -186,4 +231,6 @@ async def test_chaos_commands_stay_true_through_faults(tmp_path: Path) -> None:
     # presence) <= 5 s too. `up`'s own start (Python imports, key loading) is the machine's speed:
     # ~3 s idle, 10-25 s on this shared 2-core box at load 10, so only bounded loosely here.
     assert recovery["prosody"] <= 6.0, recovery
+    if "c2s" in recovery:  # the cut plus the pings' bound (5 + 5 s) plus a reconnect
+        assert recovery["c2s"] <= DROP_S + 15.0, recovery
     assert recovery["up"] - up_serving <= 5.0 and recovery["up"] <= 45.0, (recovery, up_serving)

@@ -22,7 +22,9 @@ from conftest import run_cli, start_up
 from gridpresence.config import Fleet, parse_fleet
 from gridpresence.device.operated import OperatedStore, state_path
 from gridpresence.host.fleet import FleetBots
+from gridpresence.host import grid as grid_module
 from gridpresence.host.grid import Grid
+from gridpresence.host.processes import HEARTBEAT_S
 from gridpresence.operator.library import GridOperator
 from gridpresence.physics.base import Operated
 from gridpresence.protocol.models import DeviceState, OutcomeStatus
@@ -139,6 +141,62 @@ async def test_prosody_killed_is_restarted_and_every_party_comes_back(grid: Grid
     assert any("Prosody exited" in r.getMessage() for r in caplog.records)
     # The library object still works: a signed command over the new session.
     outcome = await alice.command("load-1", "shed", ttl_s=10)
+    assert outcome.status is OutcomeStatus.EXECUTED, outcome
+
+
+async def test_a_hung_server_is_noticed_by_every_party(grid: Grid, alice: GridOperator,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prosody SIGSTOPped keeps its sockets open: only the parties' pings (XEP-0199) can tell.
+    Every party drops its connection within keepalive + ping time-out, and is back once the
+    server runs again. (`up`'s own hung check is held off here: the next test has it.)"""
+    monkeypatch.setattr(grid_module, "HUNG_PROBES", 10**6)
+    parties = _parties(grid, alice)
+    policy = reconnector_of(alice.client).policy  # type: ignore[arg-type]
+    bound = policy.keepalive_s + policy.keepalive_timeout_s + 3.0
+    pid = _prosody_pid(grid.server)
+    os.kill(pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        async with asyncio.timeout(bound):
+            while any(reconnector_of(c).online.is_set() for c in parties.values()):  # type: ignore[arg-type]
+                await asyncio.sleep(0.05)
+        noticed = time.monotonic() - stopped
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    resumed = time.monotonic()
+    drops = {n: reconnector_of(c).dead_server_drops for n, c in parties.items()}  # type: ignore[arg-type]
+    assert all(drops.values()), f"parties that did not notice by their own ping: {drops}"
+    async with asyncio.timeout(RECOVERY_S + 10):
+        await _all_back(grid, alice)
+    print(f"\nhung Prosody noticed by every party within {noticed:.2f} s; all back {time.monotonic() - resumed:.2f} s "
+          f"after it ran again")
+    assert grid.hung_kills == 0 and not grid.server_restarts
+    outcome = await alice.command("load-1", "shed", ttl_s=10)
+    assert outcome.status is OutcomeStatus.EXECUTED, outcome
+
+
+async def test_up_kills_and_restarts_a_hung_prosody(grid: Grid, alice: GridOperator,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(grid_module, "HUNG_PROBE_S", 0.5)
+    monkeypatch.setattr(grid_module, "HUNG_PROBES", 3)
+    await asyncio.sleep(1.0)  # the watch loop takes the short period
+    old = _prosody_pid(grid.server)
+    port = grid.server.ports.c2s
+    os.kill(old, signal.SIGSTOP)
+    stopped = time.monotonic()
+    async with asyncio.timeout(10):
+        while not grid.server_restarts:
+            await asyncio.sleep(0.05)
+    killed_after = time.monotonic() - stopped
+    assert grid.hung_kills == 1 and _prosody_pid(grid.server) != old and grid.server.ports.c2s == port
+    assert not os.path.exists(f"/proc/{old}"), "the hung Prosody must be gone, not left stopped"
+    assert any("hung" in r.getMessage() for r in caplog.records)
+    async with asyncio.timeout(RECOVERY_S + 10):
+        await _all_back(grid, alice)
+    print(f"\nhung Prosody killed and restarted {killed_after:.2f} s after SIGSTOP")
+    outcome = await alice.command("load-2", "shed", ttl_s=10)
     assert outcome.status is OutcomeStatus.EXECUTED, outcome
 
 
@@ -288,6 +346,68 @@ async def test_a_prosody_left_by_a_crashed_run_is_stopped_not_left_to_a_person(t
         await old.stop()
 
 
+async def test_a_command_whose_cli_died_waiting_is_reported_by_the_next_one(grid: Grid) -> None:
+    """`gridpresence shed` killed -9 while its device is frozen: the command is kept in the
+    operator's data dir; the device runs it when it thaws and answers a full JID that is gone;
+    the next `gridpresence pending` of the same operator reports the true outcome."""
+    conn = ["--connection", str(grid.connection_file)]
+    pending_dir = grid.keys.secret_path("alice").with_name("alice.pending")
+    proc = await _bots_apart(grid, "apart")
+    exe = Path(sys.executable).with_name("gridpresence")
+    try:
+        code, out, err = await run_cli("status", *conn)
+        assert code == 0 and re.search(r"apart\s+load\s+on", out), (out, err)
+        proc.send_signal(signal.SIGSTOP)
+        cli = await asyncio.create_subprocess_exec(str(exe), "shed", "apart", "--ttl", "30", *conn,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(30):
+            while not list(pending_dir.glob("*.json")):
+                await asyncio.sleep(0.1)
+        cli.kill()  # -9 while it waits: no clean-up runs
+        await cli.communicate()
+        [kept] = list(pending_dir.glob("*.json"))
+        assert json.loads(kept.read_text())["action"] == "shed"
+        proc.send_signal(signal.SIGCONT)
+        code, out, err = await run_cli("pending", *conn)
+        assert code == 0, (out, err)
+        assert re.search(r"shed apart: executed", out), (out, err)
+        assert not list(pending_dir.glob("*.json")), "reported, so no longer pending"
+        code, out, err = await run_cli("pending", *conn)
+        assert code == 0 and "no command of yours is waiting" in out, (out, err)
+        kept_state = OperatedStore(state_path(grid.data_dir, "apart")).load()
+        assert kept_state is not None and kept_state.state is DeviceState.OFF
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+            await proc.wait()
+
+
+def test_pending_store_survives_bad_files(tmp_path: Path) -> None:
+    """Torn or tampered pending-command files are set aside, never an error. Seeded, bounded fuzz."""
+    from gridpresence.operator.pending import PendingStore
+    from gridpresence.protocol.models import Action, Command
+
+    store = PendingStore(tmp_path / "alice.pending")
+    cmd = Command.new(Action.SHED, "alice@localhost", ttl_s=30)
+    store.add(cmd, "load-1@localhost", "<command xmlns='x'/>", "direct")
+    [good] = store.entries()
+    assert good.command_id == cmd.id and good.pid == os.getpid() and not store.orphans()
+    raw = next((tmp_path / "alice.pending").glob("*.json")).read_bytes()
+    rng = random.Random(1415)
+    for i in range(200):
+        blob = bytearray(raw)
+        for _ in range(rng.randint(1, 6)):
+            blob[rng.randrange(len(blob))] = rng.randrange(256)
+        (tmp_path / "alice.pending" / f"fuzz-{i}.json").write_bytes(bytes(blob[: rng.randint(0, len(blob))]))
+        entries = store.entries()
+        assert all(e.command_id for e in entries)
+    store.remove(cmd.id)
+    assert all(e.command_id != cmd.id for e in store.entries())
+    assert PendingStore.beside(None).entries() == [] and PendingStore.beside(
+        tmp_path / "keys" / "bob.sec.asc").directory == tmp_path / "keys" / "bob.pending"
+
+
 # -- units ------------------------------------------------------------------------------------
 
 def test_backoff_grows_is_capped_and_jittered() -> None:
@@ -295,7 +415,44 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
     delays = [backoff_delay(n, rng) for n in range(1, 40)]
     assert all(0 < d <= MAX_DELAY_S * 1.5 for d in delays)
     assert delays[0] < 0.5 and max(delays) > MAX_DELAY_S * 0.5
+    assert all(0.1 <= d <= 0.3 for d in delays[:3]), "the first tries come soon: a restart takes a second"
+    assert all(d >= 1.0 for d in delays[6:]), "then it backs off"
     assert len({round(d, 6) for d in delays}) == len(delays), "no jitter: a fleet would return as one herd"
+
+
+def test_a_refusing_port_that_served_us_is_a_restarting_server_not_a_firewall() -> None:
+    """Refusals (RST) from the c2s port that gave us a session are waited out before BOSH is
+    tried; silence or EPERM (a firewall) is not; after refused_grace_s, BOSH is tried anyway."""
+    from gridpresence.transport.policy import ConnectionPolicy, GridClient
+    from gridpresence.transport.tls import tls_context
+
+    client = GridClient("a@localhost", "pw", ssl_context=tls_context(None), bosh_url="https://127.0.0.1:1/http-bind",
+                        policy=ConnectionPolicy(refused_grace_s=0.3))
+    client._on_connection_failed(ConnectionRefusedError())
+    assert not client._restarting_server(), "never served us: a refusal may be a firewall's reset"
+    client._tcp_served = True
+    assert client._restarting_server()
+    client._on_connection_failed(PermissionError(1, "Operation not permitted"))  # nftables' drop on output
+    assert not client._restarting_server()
+    client._on_connection_failed(ConnectionRefusedError())
+    time.sleep(0.35)
+    assert not client._restarting_server(), "refused for longer than the grace: try BOSH"
+
+
+def test_billing_does_not_resign_a_tariff_every_device_has(fleet: Fleet) -> None:
+    from gridpresence.services.billing import IN_FLIGHT_S, BillingAgent
+    from gridpresence.xmpp.session import Endpoint
+
+    agent = BillingAgent(fleet.billing[0], "billing@localhost", "pw", Endpoint(), ["alice@localhost"],
+                         ["load-1@localhost"])
+    assert not agent._devices_are_current(), "first session: send"
+    now = time.monotonic()
+    agent._devices_have, agent._lost_at = (agent.tariff, now - IN_FLIGHT_S - 5), now
+    assert agent._devices_are_current()
+    agent._devices_have = (agent.tariff, now - 1)
+    assert not agent._devices_are_current(), "sent just before the loss: maybe in flight, send again"
+    agent._devices_have = (agent.tariff.model_copy(update={"supplier": "older"}), now - IN_FLIGHT_S - 5)
+    assert not agent._devices_are_current(), "changed since: send"
 
 
 def test_kept_state_survives_bad_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -320,10 +477,10 @@ def test_kept_state_survives_bad_files(tmp_path: Path, caplog: pytest.LogCapture
 
 # -- `up --processes` ---------------------------------------------------------------------------
 
-async def _start_up_processes(data: Path, fleet: Path) -> tuple[asyncio.subprocess.Process, dict[str, int]]:
+async def _start_up_processes(data: Path, fleet: Path, *more: str) -> tuple[asyncio.subprocess.Process, dict[str, int]]:
     exe = Path(sys.executable).with_name("gridpresence")
     proc = await asyncio.create_subprocess_exec(str(exe), "up", "--processes", "--data", str(data), "--fleet",
-                                                str(fleet), stdout=asyncio.subprocess.PIPE,
+                                                str(fleet), *more, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.DEVNULL)
     seen = ""
     async with asyncio.timeout(90):
@@ -377,6 +534,41 @@ async def test_up_processes_one_hung_or_crashed_process_does_not_stop_the_others
         async with asyncio.timeout(5):
             while not all(_gone(pid) for pid in (prosody, *children)):
                 await asyncio.sleep(0.05)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            await asyncio.wait_for(proc.wait(), 30)
+
+
+async def test_up_processes_a_hung_process_is_killed_and_started_again(tmp_path: Path) -> None:
+    """A child that hangs (SIGSTOP) stops its heartbeat: `up` kills it and starts it again, and
+    its devices come back with what was operated; the other processes never stopped."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(SMALL_FLEET)
+    data = tmp_path / "grid"
+    hung_after = 2.0
+    proc, pids = await _start_up_processes(data, fleet, "--hung-after", str(hung_after))
+    try:
+        op = GridOperator.from_connection(ConnectionInfo.load(data / "connection.json"), resource="hung2")
+        await op.connect(settle_s=2.0)
+        try:
+            assert (await op.command("pump", "shed", ttl_s=10)).status is OutcomeStatus.EXECUTED
+            os.kill(pids["devices"], signal.SIGSTOP)
+            stopped = time.monotonic()
+            async with asyncio.timeout(hung_after + 10):
+                while not _gone(pids["devices"]):
+                    await asyncio.sleep(0.05)
+            killed = time.monotonic() - stopped
+            await op.wait_for(lambda d: all(v.present for v in d.values()), timeout=30)
+            print(f"\nhung devices process killed {killed:.2f} s after SIGSTOP; devices back "
+                  f"{time.monotonic() - stopped:.2f} s after it")
+            # Silence counts from its last heartbeat, up to HEARTBEAT_S before the SIGSTOP.
+            assert killed >= hung_after - HEARTBEAT_S - 0.2, "killed before its heartbeats could have been missed"
+            assert op.devices["pump"].state is DeviceState.OFF
+            assert (await op.command("pump", "restore", ttl_s=10)).status is OutcomeStatus.EXECUTED
+            assert not _gone(pids["relay"]) and not _gone(pids["services"]), "the others must run on"
+        finally:
+            await op.close()
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGINT)

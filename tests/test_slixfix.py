@@ -48,3 +48,37 @@ def test_fast_scram_matches_slixmpp_scram() -> None:
         ours, theirs = FastSCRAM.__new__(FastSCRAM), SCRAM.__new__(SCRAM)
         ours.hash = theirs.hash = hash_fn
         assert ours.Hi(password, b"salt-1", 4096) == SCRAM.Hi(theirs, password, b"salt-1", 4096)
+
+
+def test_fast_stanza_path_matches_as_slixmpp_does() -> None:
+    """The early reject gives slixmpp's own answer for every handler path on every kind of
+    stanza (ours and slixmpp's registered paths, with attributes and plugins)."""
+    from slixmpp import Iq, Presence
+    from slixmpp.plugins.xep_0199 import Ping
+    from slixmpp.xmlstream import register_stanza_plugin
+    from slixmpp.xmlstream.matcher.stanzapath import StanzaPath
+
+    from gridpresence.protocol import stanzas
+    from gridpresence.xmpp.slixfix import matcher
+
+    stanzas.register()
+    register_stanza_plugin(Iq, Ping)
+    assert StanzaPath.match is matcher.match
+    paths = ["message/grid_command", "message/openpgp", "message/grid_tariff", "presence", "iq@type=get/ping",
+             "iq@type=set/command", "message@type=error", "presence@type=unavailable", "message/body",
+             "iq/disco_info", "message/pubsub_event/items", "{jabber:client}message", "iq@type=result"]
+    msg = Message()
+    msg["body"] = "x"
+    err = Message()
+    err["type"] = "error"
+    ping = Iq()
+    ping["type"] = "get"
+    ping.enable("ping")
+    gone = Presence()
+    gone["type"] = "unavailable"
+    samples = [msg, err, ping, gone, Presence(), Iq()]
+    for path in paths:
+        ours = StanzaPath(path)
+        for stanza in samples:
+            assert ours.match(stanza) == matcher._slixmpp_match(ours, stanza), (path, stanza)
+    assert StanzaPath("presence").match(gone) and not StanzaPath("message/body").match(gone)

@@ -188,6 +188,30 @@ async def cmd_alarm_reply(args: argparse.Namespace) -> int:
         raise CliError(f"{args.device} did not answer within {args.timeout:g} s") from None
 
 
+async def cmd_pending(args: argparse.Namespace) -> int:
+    """The commands this operator sent from a process that ended before their outcome came:
+    their outcomes now (waited for until each expires), and those another live process of the
+    same operator still waits for."""
+
+    async def body(grid: GridOperator) -> int:
+        others = [e for e in grid.issuer.store.entries() if e.command_id not in grid.inherited]
+        done = await grid.inherited_outcomes()
+        if args.json:
+            print(json.dumps({"outcomes": [{**outcome_dict(name, o), "action": e.action} for name, e, o in done],
+                              "awaited_elsewhere": [{"command_id": e.command_id, "device": e.device,
+                                                     "action": e.action, "pid": e.pid} for e in others]}, indent=2))
+            return EXIT_OK
+        if not done and not others:
+            print("no command of yours is waiting for an outcome")
+        for name, entry, outcome in done:
+            print(f"{entry.action} {outcome_line(name, outcome)}")
+        for entry in others:
+            print(f"{entry.command_id} {entry.action} {entry.device}: still awaited by process {entry.pid}")
+        return EXIT_OK
+
+    return await with_operator(args, body)
+
+
 def register(sub: Any) -> None:  # argparse's subparsers action has no public type
     status = sub.add_parser("status", help="every device's state and telemetry")
     operator_opts(status)
@@ -230,6 +254,10 @@ def register(sub: Any) -> None:  # argparse's subparsers action has no public ty
         if action == "set-time":
             p.add_argument("--time", default=None, help="ISO 8601 time with zone (default: now)")
         p.set_defaults(run=cmd_action, action=action)
+    pending = sub.add_parser("pending", help="the outcomes of commands an earlier, ended process of yours sent "
+                                             "(waits until each expires)")
+    operator_opts(pending)
+    pending.set_defaults(run=cmd_pending)
     alert = sub.add_parser("alert", help="wait until a device is available, then print it")
     operator_opts(alert)
     alert.add_argument("device", metavar="DEVICE")

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gridpresence.host.processes import heartbeat
 from gridpresence.cli import argtypes
 from gridpresence.cli.common import DEFAULT_DATA
 from gridpresence.server.accounts import RELAY, Secrets
@@ -91,7 +92,10 @@ async def cmd_relay(args: argparse.Namespace) -> int:
         counts = relay.queue.counts()
         print(f"relay up: SMTP {args.bind}:{relay.smtp_port}, XMPP {relay.jid}, queue {queue_path} "
               f"({counts.get('queued', 0)} queued)", flush=True)
+        beating = heartbeat()  # under `up --processes`: tells the supervisor this loop still runs
         await stop.wait()
+        if beating is not None:
+            beating.cancel()
     finally:
         await relay.stop()
         publish_relay(data / CONNECTION_FILE, info.relay, only_if=mine)  # the entry as it was before us

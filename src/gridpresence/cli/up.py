@@ -15,6 +15,7 @@ from gridpresence.cli.common import DEFAULT_DATA, DEFAULT_FLEET, EXIT_FAILED_OUT
 from gridpresence.config import load_fleet
 from gridpresence.host.fleet import FleetBots
 from gridpresence.host.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE, Grid
+from gridpresence.host.processes import HUNG_AFTER_S, heartbeat
 from gridpresence.host.signals import stop_signal, unless_stopped
 from gridpresence.server import ServerError, ServerPorts
 from gridpresence.server.accounts import Secrets
@@ -76,7 +77,7 @@ async def cmd_up(args: argparse.Namespace, scenario: Callable[[Grid], Awaitable[
     grid = Grid(fleet, Path(args.data), bind=args.bind, ports=_ports(args), prosody_bin=args.prosody,
                 without=args.without, log_level=args.log_level or "info", processes=args.processes,
                 history=args.history, dashboard_port=args.dashboard_port or 0,
-                advertise=args.advertise)
+                advertise=args.advertise, hung_after_s=getattr(args, "hung_after", None) or HUNG_AFTER_S)
     if getattr(args, "provision_only", False):
         try:
             grid.server.refuse_if_running_elsewhere()
@@ -189,7 +190,10 @@ async def cmd_bots(args: argparse.Namespace) -> int:
         await unless_stopped(bots.start(), stop)
         services = [b for b in ("watchdog", "console") if getattr(bots, b) is not None]
         print(f"running {', '.join(sorted(bots.devices) + sorted(bots.billing) + services)}", flush=True)
+        beating = heartbeat()  # under `up --processes`: tells the supervisor this loop still runs
         await stop.wait()
+        if beating is not None:
+            beating.cancel()
     finally:
         await bots.stop()  # closes the devices' replay guard too
     return EXIT_OK
@@ -211,6 +215,9 @@ def server_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", action="store_true",
                    help="run the devices, the services and the relay as separate supervised processes "
                         "(one hung or crashed process does not stop the others)")
+    p.add_argument("--hung-after", type=argtypes.positive, metavar="SECONDS",
+                   help=f"with --processes: a process whose heartbeat stopped this long is hung, and is "
+                        f"killed and started again (default {HUNG_AFTER_S:g})")
     p.add_argument("--dashboard-port", type=int, help="HTTPS port of the operators' dashboard (default: a free one)")
     p.add_argument("--history", metavar="URL",
                    help="the historian's store: postgresql://… or a SQLite file (default: DATA/history.sqlite)")

@@ -82,6 +82,8 @@ class AdhocCommands:
             await client.plugin["xep_0115"].update_caps(jid, broadcast=False)
             ver = await client.plugin["xep_0115"].get_verstring(jid)
             first = self._caps is None
+            if self._caps is not None and self._caps.get("ver") == ver:
+                return  # a reconnect: the session's first presence already carried these caps
             self._caps = ET.Element(f"{{{CAPS_NS}}}c", {"hash": "sha-1", "node": CAPS_NODE, "ver": ver})
             if first:
                 client.add_filter("out", self._stamp_caps)

@@ -18,7 +18,7 @@ from gridpresence.gateway.simulator import FieldSimulator, SimulatorError
 from gridpresence.gateway.site import load_site
 from gridpresence.host.gateway import Gateway
 from gridpresence.host.fleet import FleetBots
-from gridpresence.host.processes import SupervisedChild, gridpresence_argv
+from gridpresence.host.processes import HUNG_AFTER_S, SupervisedChild, gridpresence_argv
 from gridpresence.xmpp.session import Account, ConnectionInfo, Endpoint, RelayEndpoint, SessionError
 from gridpresence.config import Fleet, FleetError
 from gridpresence.protocol.models import Outcome
@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 CONNECTION_FILE = "connection.json"
 SECRETS_FILE = "secrets.json"
 FLEET_COPY = "fleet.json"  # the fleet this directory runs, for `gridpresence bots`
+# A Prosody that is running but silent (SIGSTOP, a deadlock) is as good as dead: probed every
+# HUNG_PROBE_S (a stream header, answered with features), it is killed and restarted after
+# HUNG_PROBES probes in a row went unanswered (busy is slow, not silent for that long).
+HUNG_PROBE_S = 3.0
+HUNG_PROBES = 3
 
 
 class Grid:
@@ -51,7 +56,7 @@ class Grid:
                  bots: bool = True, only: Collection[str] | None = None, without: Collection[str] = (),
                  tick_s: float = 1.0, prosody_bin: str = "prosody", log_level: str = "info",
                  processes: bool = False, history: str | None = None, dashboard: bool = True,
-                 dashboard_port: int = 0, advertise: str | None = None) -> None:
+                 dashboard_port: int = 0, advertise: str | None = None, hung_after_s: float = HUNG_AFTER_S) -> None:
         # IEDs of the fleet's sites get accounts here; their bots are a field gateway's.
         fleet, self.gateway_ieds = with_sites(fleet)
         without = (*without, *self.gateway_ieds)
@@ -82,10 +87,14 @@ class Grid:
         self._supervisor: asyncio.Task[None] | None = None
         # `processes`: devices, services and the relay each in a supervised process of their own.
         self._processes = processes
+        self._hung_after_s = hung_after_s  # a child process without a heartbeat this long is restarted
         self.children: list[SupervisedChild] = []
         self.server_restarts: list[float] = []  # seconds each supervised restart took
         # The simulated sites' field simulators (None: it could not start) and gateways.
         self.sites: list[tuple[FieldSimulator | None, Gateway]] = []
+        self.hung_kills = 0  # times Prosody was found hung and killed to restart it
+        self._restarting = False
+        self._hung_watch: asyncio.Task[None] | None = None
 
     @property
     def endpoint(self) -> Endpoint:
@@ -146,6 +155,7 @@ class Grid:
         self.provision()
         await self.server.start()
         self._supervisor = asyncio.ensure_future(self._supervise())
+        self._hung_watch = asyncio.ensure_future(self._watch_hung())
         try:
             if self._want_dashboard:  # in this process in both modes: it reads the historian's store
                 await self._start_dashboard()
@@ -182,13 +192,16 @@ class Grid:
         plan = []
         if chosen([RELAY]):
             plan.append(SupervisedChild("relay", gridpresence_argv(*verbose, "relay", "--data", data,
-                                                                   "--bind", self._bind), ready="relay up"))
+                                                                   "--bind", self._bind), ready="relay up",
+                                        hung_after_s=self._hung_after_s))
         if devices:
             plan.append(SupervisedChild("devices", gridpresence_argv(*verbose, "bots", "--data", data, "--only",
-                                                                     *devices), ready="running"))
+                                                                     *devices), ready="running",
+                                        hung_after_s=self._hung_after_s))
         if services:
             plan.append(SupervisedChild("services", gridpresence_argv(*verbose, "bots", "--data", data,
-                                                                      "--only", *services), ready="running"))
+                                                                      "--only", *services), ready="running",
+                                        hung_after_s=self._hung_after_s))
         for child in plan:
             self.children.append(child)
             await child.start()
@@ -273,20 +286,47 @@ class Grid:
             log.error("Prosody exited (status %s); restarting it with the same config. End of %s:\n%s",
                       status, self.server.log_path, self.server.log_tail(5))
             attempt = 0
-            while True:
-                attempt += 1
-                try:
-                    await self.server.start(keep_ports=True)
-                    break
-                except ServerError as exc:
-                    delay = backoff_delay(attempt)
-                    log.error("Prosody restart %d failed (%s); again in %.1f s", attempt, exc, delay)
-                    await asyncio.sleep(delay)
+            self._restarting = True
+            try:
+                while True:
+                    attempt += 1
+                    try:
+                        await self.server.start(keep_ports=True)
+                        break
+                    except ServerError as exc:
+                        delay = backoff_delay(attempt)
+                        log.error("Prosody restart %d failed (%s); again in %.1f s", attempt, exc, delay)
+                        await asyncio.sleep(delay)
+            finally:
+                self._restarting = False
             took = time.monotonic() - died
             self.server_restarts.append(took)
             log.warning("Prosody is back after %.2f s (restart %d)", took, len(self.server_restarts))
 
+    async def _watch_hung(self) -> None:
+        """Kill a Prosody that runs but no longer answers; `_supervise` then restarts it."""
+        missed = 0
+        while True:
+            every_s, probes = HUNG_PROBE_S, HUNG_PROBES  # read each time: tests shorten them
+            await asyncio.sleep(every_s)
+            if self._restarting or not self.server.running:
+                missed = 0
+                continue
+            if await self.server.answers(timeout=every_s):
+                missed = 0
+                continue
+            missed += 1
+            log.warning("Prosody did not answer a probe within %.0f s (%d of %d)", every_s, missed, probes)
+            if missed >= probes and not self._restarting:
+                self.hung_kills += 1
+                log.error("Prosody is running but hung (no answer for %d probes); killing it to restart it", missed)
+                self.server.kill()
+                missed = 0
+
     async def stop(self) -> None:
+        if self._hung_watch is not None:
+            self._hung_watch.cancel()
+            self._hung_watch = None
         if self._supervisor is not None:
             self._supervisor.cancel()
             self._supervisor = None

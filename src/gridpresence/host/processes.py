@@ -3,6 +3,10 @@ hung or crashed process — a frozen device host, a relay that died — does not
 with it. Each child is a `gridpresence` sub-command (`bots`, `relay`) on the grid's data
 directory; it dies with `up` (PR_SET_PDEATHSIG), and one that exits is started again with
 back-off and said in the log. Its parties reconnect by themselves (xmpp/reconnect.py).
+
+A child that hangs (SIGSTOP, a frozen event loop) does not exit, so each child writes a
+heartbeat line to its stdout from its event loop (:func:`heartbeat`, once ready); one that has
+been silent for ``hung_after_s`` is killed and so started again like one that crashed.
 """
 
 from __future__ import annotations
@@ -23,6 +27,29 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
+HEARTBEAT_ENV = "GRIDPRESENCE_HEARTBEAT_S"  # set for a supervised child: how often to beat
+HEARTBEAT_LINE = "heartbeat"
+HEARTBEAT_S = 1.0
+HUNG_AFTER_S = 10.0  # a child silent this long is hung: killed and started again
+
+
+def heartbeat() -> asyncio.Task[None] | None:
+    """In a supervised child (its environment says so), once it is ready: a line on stdout
+    every period, written by the event loop itself, so a frozen loop or a stopped process
+    falls silent. Elsewhere (run by hand), nothing."""
+    try:
+        period = float(os.environ.get(HEARTBEAT_ENV, ""))
+    except ValueError:
+        return None
+    if not period > 0:
+        return None
+
+    async def beat() -> None:
+        while True:
+            print(HEARTBEAT_LINE, flush=True)
+            await asyncio.sleep(period)
+
+    return asyncio.ensure_future(beat())
 
 
 def gridpresence_argv(*args: str) -> list[str]:
@@ -34,11 +61,15 @@ class SupervisedChild:
     """One child process: started, waited for (`ready`: a line of its stdout saying so),
     restarted whenever it exits until :meth:`stop`."""
 
-    def __init__(self, name: str, argv: Sequence[str], ready: str) -> None:
+    def __init__(self, name: str, argv: Sequence[str], ready: str, hung_after_s: float = HUNG_AFTER_S) -> None:
         self.name = name
         self.argv = list(argv)
         self.ready = ready
+        self.hung_after_s = hung_after_s
         self.restarts = 0
+        self.hung_kills = 0
+        self._heard: float | None = None  # monotonic time of the latest line, once ready
+        self._beats: asyncio.Task[None] | None = None
         self.process: asyncio.subprocess.Process | None = None
         self._stopping = False
         self._watch: asyncio.Task[None] | None = None
@@ -51,10 +82,14 @@ class SupervisedChild:
     async def start(self) -> None:
         await self._spawn()
         self._watch = asyncio.ensure_future(self._supervise())
+        if self.hung_after_s > 0:
+            self._beats = asyncio.ensure_future(self._watch_heartbeats())
 
     async def _spawn(self) -> None:
+        self._heard = None
+        env = {**os.environ, HEARTBEAT_ENV: f"{HEARTBEAT_S:g}"} if self.hung_after_s > 0 else None
         self.process = await asyncio.create_subprocess_exec(
-            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, env=env,
             preexec_fn=die_with_parent(os.getpid()))  # stderr (its log) is ours
         assert self.process.stdout is not None
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -70,9 +105,14 @@ class SupervisedChild:
     async def _read(self, stream: asyncio.StreamReader, ready: asyncio.Future[None]) -> None:
         while line := await stream.readline():
             text = line.decode(errors="replace").rstrip()
+            if ready.done():
+                self._heard = time.monotonic()
+            if text == HEARTBEAT_LINE:
+                continue
             log.info("%s: %s", self.name, text)
             if self.ready in text and not ready.done():
                 ready.set_result(None)
+                self._heard = time.monotonic()
         if not ready.done():
             ready.set_exception(RuntimeError(f"{self.name} ended before it was ready"))
 
@@ -100,10 +140,28 @@ class SupervisedChild:
             self.restarts += 1
             log.warning("%s is back after %.2f s (restart %d)", self.name, time.monotonic() - died, self.restarts)
 
+    async def _watch_heartbeats(self) -> None:
+        """Kill a child that fell silent; `_supervise` starts it again."""
+        while not self._stopping:
+            await asyncio.sleep(min(1.0, self.hung_after_s / 4))
+            process, heard = self.process, self._heard
+            if process is None or process.returncode is not None or heard is None:
+                continue  # starting, or exited (the supervisor has it)
+            silent = time.monotonic() - heard
+            if silent >= self.hung_after_s:
+                self.hung_kills += 1
+                log.error("%s (pid %s) is hung: no heartbeat for %.1f s; killing it to start it again",
+                          self.name, process.pid, silent)
+                self._heard = None
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+
     async def stop(self) -> None:
         self._stopping = True
         if self._watch is not None:
             self._watch.cancel()
+        if self._beats is not None:
+            self._beats.cancel()
         process = self.process
         if process is None or process.returncode is not None:
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from xml.etree import ElementTree as ET
 
 from slixmpp import JID, ClientXMPP, Message
@@ -18,6 +19,7 @@ from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.protocol import openpgp  # noqa: F401  (registers <openpgp/> with slixmpp)
 from gridpresence.protocol.codec import PayloadError, command_to_xml, outcome_from_xml
+from gridpresence.operator.pending import PendingCommand, PendingStore
 from gridpresence.protocol.models import Command, Outcome, OutcomeStatus, RejectReason, utcnow
 from gridpresence.security.pgp import pgpy
 from gridpresence.security.signed import sign_payload
@@ -26,16 +28,23 @@ log = logging.getLogger(__name__)
 
 # Extra time after a command's expiry for its "expired" outcome to travel back.
 OUTCOME_MARGIN_S = 1.0
+KEEP_AFTER_S = 0.5  # a command still unanswered this long is kept on disk (operator/pending.py)
 
 
 class CommandIssuer:
     """Signs commands with ``key`` and matches outcomes to them. ``relay``: a bare JID whose
     outcomes are accepted on behalf of devices (the store-and-forward relay passes them on)."""
 
-    def __init__(self, client: ClientXMPP, key: pgpy.PGPKey | None, relay: str | None = None) -> None:
+    def __init__(self, client: ClientXMPP, key: pgpy.PGPKey | None, relay: str | None = None,
+                 store: PendingStore | None = None) -> None:
         self.client = client
         self.key = key
         self.relay = relay
+        # Commands without an outcome yet, on disk: a later process of this issuer learns how
+        # they ended if this one dies waiting (operator/pending.py).
+        self.store = store or PendingStore(None)
+        # Told the outcome of an earlier process's command that arrives here unasked.
+        self.on_orphan_outcome: Callable[[PendingCommand, Outcome], None] | None = None
         self.pending: dict[str, asyncio.Future[Outcome]] = {}  # command id -> outcome
         self._stanza_to_command: dict[str, str] = {}  # message id -> command id, for bounces
         # What was sent for each command still waiting, and to which device (bare JID): sent again
@@ -63,14 +72,32 @@ class CommandIssuer:
         msg.append(wire)
         self._stanza_to_command[msg["id"]] = cmd.id
         self._sent[cmd.id] = (wire, JID(to).bare)
+
+        def keep() -> None:
+            self.store.add(cmd, JID(to).bare, ET.tostring(wire, encoding="unicode"), "direct")
+
+        # Kept on disk only once it is slow to answer: most outcomes come within milliseconds,
+        # and a file per command would cost a fan-out ~1 ms each (only a kill -9 this soon
+        # after sending goes unkept; a cancelled wait keeps it at once, below).
+        keeping = asyncio.get_running_loop().call_later(KEEP_AFTER_S, keep) if self.store.directory else None
         msg.send()
         wait_s = max(0.0, (cmd.expires - utcnow()).total_seconds()) + OUTCOME_MARGIN_S
+        given_up = False
         try:
             return await asyncio.wait_for(asyncio.shield(fut), wait_s)
         except asyncio.TimeoutError:
             return Outcome(command_id=cmd.id, device=JID(to).bare, status=OutcomeStatus.EXPIRED,
                            detail="no outcome before the command expired")
+        except asyncio.CancelledError:
+            given_up = True  # the caller stopped waiting (Ctrl-C, shutdown), not the command: keep it
+            if keeping is not None and not keeping.cancelled() and not self.store.holds(cmd.id):
+                keep()
+            raise
         finally:
+            if keeping is not None:
+                keeping.cancel()
+            if not given_up:
+                self.store.remove(cmd.id)
             self.pending.pop(cmd.id, None)
             self._sent.pop(cmd.id, None)
             self._stanza_to_command.pop(msg["id"], None)
@@ -94,6 +121,39 @@ class CommandIssuer:
             log.info("%s: sent %d unanswered commands again after a reconnect", self.client.boundjid.bare, count)
         return count
 
+    async def adopt(self, entry: PendingCommand) -> Outcome:
+        """Wait for the outcome of a command an earlier process of this issuer sent and never
+        heard back about (operator/pending.py). Sent straight to the device, it is sent again,
+        unchanged, while it is valid (the device answers a copy from its replay memory); one the
+        relay holds is answered by the relay. Expired already: "expired", with why."""
+        entry = self.store.adopt(entry)
+        if entry.expires <= utcnow():
+            self.store.remove(entry.command_id)
+            return Outcome(command_id=entry.command_id, device=entry.device, status=OutcomeStatus.EXPIRED,
+                           detail="expired before any outcome reached its issuer (the process that sent it "
+                                  "ended first); what the device did is in its history")
+        fut = self.expect(entry.command_id)
+        if entry.route == "direct":
+            try:
+                wire = ET.fromstring(entry.wire)
+            except ET.ParseError:
+                wire = None
+            if wire is not None:
+                self._sent[entry.command_id] = (wire, entry.device)
+                msg = self.client.make_message(mto=entry.device, mtype="normal")
+                msg.append(wire)
+                msg.send()
+        wait_s = max(0.0, (entry.expires - utcnow()).total_seconds()) + OUTCOME_MARGIN_S
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), wait_s)
+        except asyncio.TimeoutError:
+            return Outcome(command_id=entry.command_id, device=entry.device, status=OutcomeStatus.EXPIRED,
+                           detail="no outcome before the command expired (sent by an earlier process)")
+        finally:
+            self.store.remove(entry.command_id)
+            self.pending.pop(entry.command_id, None)
+            self._sent.pop(entry.command_id, None)
+
     def cancel_all(self) -> None:
         for fut in self.pending.values():
             if not fut.done():
@@ -105,16 +165,29 @@ class CommandIssuer:
         except PayloadError as exc:
             log.warning("dropped invalid outcome from %s: %s", msg["from"], exc)
             return
-        fut = self.pending.get(outcome.command_id)
-        if fut is None or fut.done():
-            log.debug("outcome for unknown or answered command %s from %s", outcome.command_id, msg["from"])
-            return
         relayed = self.relay is not None and msg["from"].bare == self.relay
         if JID(outcome.device).bare != msg["from"].bare and not relayed:
             log.warning("outcome for %s claims device %s but came from %s", outcome.command_id, outcome.device,
                         msg["from"])
             return
+        fut = self.pending.get(outcome.command_id)
+        if fut is None or fut.done():
+            self._maybe_orphans(outcome)
+            return
         fut.set_result(first_outcome(outcome))
+        self.store.remove(outcome.command_id)  # answered: no later process need wait for it
+
+    def _maybe_orphans(self, outcome: Outcome) -> None:
+        """An outcome for no command of this process: an earlier process of ours may have sent
+        it and died waiting (the device answered the full JID it no longer has, or the relay
+        our bare JID). Taken for it, and told, instead of being dropped."""
+        entry = next((e for e in self.store.orphans() if e.command_id == outcome.command_id), None)
+        if entry is None or JID(entry.device).bare != JID(outcome.device).bare:
+            log.debug("outcome for unknown or answered command %s from %s", outcome.command_id, outcome.device)
+            return
+        self.store.remove(entry.command_id, found=True)
+        if self.on_orphan_outcome is not None:
+            self.on_orphan_outcome(entry, first_outcome(outcome))
 
     def _on_bounce(self, msg: Message) -> None:
         cmd_id = self._stanza_to_command.get(msg["id"])
@@ -124,6 +197,7 @@ class CommandIssuer:
         err = msg["error"]
         fut.set_result(Outcome(command_id=cmd_id or "", device=msg["from"].bare, status=OutcomeStatus.UNDELIVERABLE,
                                detail=f"{err['condition']}: {err['text']}".rstrip(": ")))
+        self.store.remove(cmd_id or "")
 
 
 def first_outcome(outcome: Outcome) -> Outcome:

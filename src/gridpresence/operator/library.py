@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from xml.etree import ElementTree as ET
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
@@ -25,6 +26,7 @@ from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.protocol import roster as roles
 from gridpresence.operator.issuer import CommandIssuer
+from gridpresence.operator.pending import PendingCommand, PendingStore
 from gridpresence.security.tariff import TariffRefused, tariff_from_billing
 from gridpresence.operator.reports import ReportInbox, request_report
 from gridpresence.security.reports import ReportReader
@@ -100,7 +102,11 @@ class GridOperator:
         self.tracker = PresenceTracker(self.client, grace_s=grace_s)
         self.tariff: Tariff | None = None
         # Every command is signed with the operator's key; without one, devices refuse them.
-        self.issuer = CommandIssuer(self.client, self.keyring.secret_key, relay.jid if relay is not None else None)
+        self.issuer = CommandIssuer(self.client, self.keyring.secret_key, relay.jid if relay is not None else None,
+                                    store=PendingStore.beside(keys.secret_file if keys else None))
+        # Outcomes of commands an earlier process of ours sent and died waiting for (see `inherited`).
+        self.inherited: dict[str, tuple[PendingCommand, asyncio.Future[Outcome]]] = {}
+        self.issuer.on_orphan_outcome = self._late_inherited
         self._busy: set[asyncio.Task[None]] = set()
         self._closing = False
         self._pending = self.issuer.pending
@@ -212,6 +218,57 @@ class GridOperator:
             self.client.del_event_handler("presence", on_presence)
         await self._adopt_watchdog_health()
         self.tracker.start_watchdog()
+        self._adopt_orphans()
+
+    def _adopt_orphans(self) -> None:
+        """Commands an earlier process of this operator sent and died waiting for: their
+        outcomes are awaited here (`inherited`), told to the outcome listeners and logged."""
+        for entry in self.issuer.store.orphans():
+            if entry.command_id in self.inherited:
+                continue
+            task = asyncio.ensure_future(self.issuer.adopt(entry))
+            self.inherited[entry.command_id] = (entry, task)
+            task.add_done_callback(lambda t, e=entry: self._inherited_done(e, t))
+        if self.inherited:
+            log.warning("%s: %d commands sent by an earlier process had no outcome yet; waiting for them here",
+                        self.jid, len(self.inherited))
+
+    def _late_inherited(self, entry: PendingCommand, outcome: Outcome) -> None:
+        """An earlier process's command answered here before (or without) being adopted."""
+        known = self.inherited.get(entry.command_id)
+        if known is not None and not known[1].done():
+            known[1].cancel()  # its adoption's wait: the outcome is here
+        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        fut.set_result(outcome)
+        self.inherited[entry.command_id] = (entry, fut)
+        self._inherited_done(entry, fut)
+
+    def _name_of(self, device: str) -> str:
+        view = self.tracker.views.get(device)
+        return view.name if view is not None else JID(device).user
+
+    def _inherited_done(self, entry: PendingCommand, task: asyncio.Future[Outcome]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        outcome = task.result()
+        log.warning("%s: command %s (%s %s) from an earlier process: %s %s", self.jid, entry.command_id, entry.action,
+                    self._name_of(entry.device), outcome.status.value, outcome.detail)
+        self._tell(self._outcome_listeners, self._name_of(entry.device), entry.action, outcome)
+
+    async def inherited_outcomes(self) -> list[tuple[str, PendingCommand, Outcome]]:
+        """(device name, command, outcome) for every command adopted from an earlier process of
+        this operator, once each has ended (at the latest when it expires)."""
+        done = []
+        for cmd_id in list(self.inherited):
+            while True:  # an adoption's wait may be replaced by the outcome arriving unasked
+                entry, fut = self.inherited[cmd_id]
+                try:
+                    done.append((self._name_of(entry.device), entry, await asyncio.shield(fut)))
+                    break
+                except asyncio.CancelledError:
+                    if self.inherited[cmd_id][1] is fut:
+                        raise
+        return done
 
     async def _come_back(self) -> None:
         """After a reconnect: the roster and our presence again (the devices' presence follows),
@@ -393,9 +450,11 @@ class GridOperator:
         assert self.relay is not None
         cmd = self._bind_serial(cmd, device)
         self.issuer.expect(cmd.id)
-        outcome = await self.relay.queue(cmd, device, self.issuer.wire(cmd, device))
+        wire = self.issuer.wire(cmd, device)
+        outcome = await self.relay.queue(cmd, device, wire)
         if outcome.status is OutcomeStatus.QUEUED:
             self._queued[cmd.id] = cmd
+            self.issuer.store.add(cmd, device, ET.tostring(wire, encoding="unicode"), "relay")
         else:
             self._pending.pop(cmd.id, None)
         return outcome
@@ -407,12 +466,18 @@ class GridOperator:
         if cmd is None or fut is None:
             return queued  # not one of ours in the relay: already final
         wait_s = max(0.0, (cmd.expires - utcnow()).total_seconds()) + FINAL_MARGIN_S
+        given_up = False
         try:
             return await asyncio.wait_for(asyncio.shield(fut), wait_s)
         except asyncio.TimeoutError:
             return Outcome(command_id=cmd.id, device=queued.device, status=OutcomeStatus.EXPIRED,
                            detail="the relay reported no outcome before the command expired")
+        except asyncio.CancelledError:
+            given_up = True  # kept on disk: a later process of ours learns the outcome
+            raise
         finally:
+            if not given_up:
+                self.issuer.store.remove(cmd.id)
             self._pending.pop(cmd.id, None)
             self._queued.pop(cmd.id, None)
 

@@ -88,6 +88,7 @@ class PepKeyring:
         self._watched: set[str] = set()  # metadata nodes we subscribed to
         self._secret: pgpy.PGPKey | None = None
         self._announcing: asyncio.Task[bool] | None = None
+        self._public_of: tuple[pgpy.PGPKey, pgpy.PGPKey] | None = None  # (secret key, its public half)
         for name in ("xep_0004", "xep_0060"):
             if name not in client.plugin:
                 client.register_plugin(name)
@@ -144,7 +145,12 @@ class PepKeyring:
 
     async def publish(self, secret_key: pgpy.PGPKey, timeout: float = 10.0) -> bool:
         """Announce our public key as XEP-0373 §4.1-4.2 says; False when already announced."""
-        public = secret_key.pubkey if not secret_key.is_public else secret_key
+        # pgpy derives the public half afresh on each .pubkey (~5 ms): once per key, not per
+        # session (a fleet reconnecting after a server restart announces all at once).
+        cached = self._public_of
+        if cached is None or cached[0] is not secret_key:
+            cached = self._public_of = (secret_key, secret_key.pubkey if not secret_key.is_public else secret_key)
+        public = cached[1]
         fpr = fingerprint(public)
         created = public.created
         try:

@@ -465,8 +465,19 @@ class ProsodyServer:
             f"end of {self.log_path}:\n{self.log_tail()}"
         )
 
-    async def _serves_xmpp(self) -> bool:
-        return await serves_xmpp(self.connect_host, self.ports.c2s, self.domain)
+    async def _serves_xmpp(self, timeout: float = 2.0) -> bool:
+        return await serves_xmpp(self.connect_host, self.ports.c2s, self.domain, timeout)
+
+    async def answers(self, timeout: float = 3.0) -> bool:
+        """Does the running Prosody still answer a stream header with its features? A hung
+        one (SIGSTOP, a deadlock) keeps its process and its listening socket, and says nothing."""
+        return self.running and await self._serves_xmpp(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the running Prosody's process group (a hung one cannot take a SIGTERM);
+        `wait_exit` returns its status."""
+        if self._process is not None and self._process.returncode is None:
+            _signal_group(self._process.pid, signal.SIGKILL)
 
     async def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM Prosody's process group, SIGKILL it after `timeout`; safe to call repeatedly."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 
 from slixmpp import JID, Presence
@@ -20,7 +21,7 @@ from gridpresence.operator.issuer import CommandIssuer
 from gridpresence.operator.reports import ReportInbox, request_report
 from gridpresence.security.reports import ReportReader
 from gridpresence.xmpp.party import PartySession
-from gridpresence.xmpp.reconnect import reconnector_of
+from gridpresence.xmpp.reconnect import SessionChange, SessionEvent, reconnector_of
 from gridpresence.xmpp.session import Endpoint, make_client
 from gridpresence.config import BillingSpec
 from gridpresence.protocol.billing_report import BillingData, PartName
@@ -30,6 +31,8 @@ from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.security.signed import sign_payload
 
 log = logging.getLogger(__name__)
+
+IN_FLIGHT_S = 10.0  # a tariff sent this shortly before a lost session may never have left: send again
 
 
 class BillingAgent(PartySession):
@@ -45,6 +48,10 @@ class BillingAgent(PartySession):
         # Commands to devices (billing reset) and prices are signed with the billing key.
         self.issuer = CommandIssuer(self.client, self.keyring.secret_key)
         reconnector_of(self.client).on_resume(self._resend)  # presence and prices: _on_session_start
+        reconnector_of(self.client).listen(self._on_session_change)
+        # (tariff, monotonic time) of the last sending to every device, and when the session was lost.
+        self._devices_have: tuple[Tariff, float] | None = None
+        self._lost_at: float | None = None
         self._present: set[str] = set()  # operators' full JIDs that have our current tariff
         self.client.add_event_handler("presence", self._on_presence)
         self.client.add_event_handler("session_start", self._on_session_start)
@@ -55,8 +62,24 @@ class BillingAgent(PartySession):
             reader = ReportReader(JID(jid).bare, self.keyring.secret_key, self.keyring, PartName.BILLING)
             self.inbox = ReportInbox(self.client, reader, relays)
 
+    def _on_session_change(self, change: SessionChange) -> None:
+        if change.event is SessionEvent.LOST:
+            self._lost_at = time.monotonic()
+
+    def _devices_are_current(self) -> bool:
+        """After a reconnect: every device has this tariff already (taken, or held for it by the
+        server on disk) unless it changed or went out just before the loss (maybe in flight).
+        Re-signing it for a whole fleet that just came back only slows the fleet's return."""
+        if self._devices_have is None or self._lost_at is None:
+            return False
+        tariff, sent_at = self._devices_have
+        return tariff == self.tariff and self._lost_at - sent_at >= IN_FLIGHT_S
+
     def _on_session_start(self, _event: object) -> None:
         self.client.send_presence(pstatus="billing")
+        if self._devices_are_current():
+            log.info("%s: session back; the devices have the current tariff already", self.spec.name)
+            return
         # Prices are signed: send them once our key is announced, or devices cannot check them.
         task = asyncio.ensure_future(self._send_devices_when_announced())
         self._announcing.add(task)
@@ -101,6 +124,7 @@ class BillingAgent(PartySession):
     def _send_devices(self) -> None:
         for bare in self.devices:  # held by the server for a device that is offline
             self._send(bare)
+        self._devices_have = (self.tariff, time.monotonic())
 
     def publish(self, tariff: Tariff) -> None:
         """Replace the tariff and send it to every operator present now and to every device."""

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,6 +27,21 @@ from gridpresence.transport.bosh_session import BoshError
 log = logging.getLogger(__name__)
 
 TransportName = Literal["tcp", "bosh"]
+
+FIRST_DELAY_S = 0.2  # a server restart takes about a second: try soon
+FLAT_TRIES = 3  # so many tries FIRST_DELAY_S apart before doubling: a refused try costs nothing,
+#                 a party still waiting seconds after its server is back costs the whole recovery
+MAX_DELAY_S = 2.0  # all parties back within a few seconds of the server (issue 14: <= 5 s)
+JITTER = 0.5  # +-50 %: a fleet that lost the server at once does not return at once
+
+
+def backoff_delay(attempt: int, rng: random.Random | None = None, cap: float = MAX_DELAY_S) -> float:
+    """Seconds to wait before try number `attempt` (1, 2, ...): FIRST_DELAY_S for the first
+    FLAT_TRIES, then doubling up to `cap`, each spread by JITTER. The one back-off of every
+    party (xmpp/reconnect.py paces the first try after a loss, GridClient the TCP/BOSH tries
+    that fail after it)."""
+    base = min(cap, FIRST_DELAY_S * 2 ** max(0, attempt - FLAT_TRIES))
+    return base * (1 + (rng or random).uniform(-JITTER, JITTER))
 XRD_NS = "http://docs.oasis-open.org/ns/xri/xrd-1.0"
 BOSH_REL = "urn:xmpp:alt-connections:xbosh"
 
@@ -40,7 +57,18 @@ class ConnectionPolicy:
     bosh_timeout_s: float = 10.0
     bosh_wait_s: int = 20
     use_tcp: bool = True
-    max_backoff_s: float = 2.0  # slixmpp backs off up to 300 s; a party should be back seconds after the server
+    max_backoff_s: float = MAX_DELAY_S  # slixmpp backs off up to 300 s; a party should be back seconds after the server
+    # A c2s port that served this client and now refuses (RST) is a restarting server, not a
+    # firewall (a firewall's drop is a time-out): BOSH, served by the same server, would only be
+    # a slower way back. Only after this long of refusals is BOSH tried.
+    refused_grace_s: float = 5.0
+    # Liveness (xmpp/reconnect.py): a session that heard nothing for `keepalive_s` pings the
+    # server (XEP-0199); no answer within `keepalive_timeout_s` and the connection is dropped
+    # and made again. A hung server (SIGSTOP, a frozen VM) is noticed within their sum. A
+    # connection that has not become a session within `login_timeout_s` is dropped likewise.
+    keepalive_s: float = 5.0
+    keepalive_timeout_s: float = 5.0
+    login_timeout_s: float = 15.0
 
 
 class GridClient(ClientXMPP):
@@ -56,8 +84,13 @@ class GridClient(ClientXMPP):
         self.last_error: str | None = None  # why the latest connection attempt failed
         self.bosh: BoshTransport | None = None
         self._probe: asyncio.Task[None] | None = None
+        self._failed_tries = 0  # connection tries failed in a row (the back-off's step)
+        self._tcp_served = False  # the c2s port gave this client a connection once
+        self._refused_since: float | None = None  # monotonic start of the current run of refusals
+        self.last_heard = time.monotonic()  # when the server last sent us anything (liveness)
         self.plugin["feature_mechanisms"].security_callback = self._security
         self.add_event_handler("disconnected", self._on_disconnected)
+        self.add_event_handler("connection_failed", self._on_connection_failed)
 
     async def _attempt_connection(self, host: str, port: int, tls: bool, server_hostname: str | None) -> bool:
         if self.policy.use_tcp:
@@ -73,7 +106,10 @@ class GridClient(ClientXMPP):
             if ok:
                 self.transport_name = "tcp"
                 self.last_error = None
+                self._tcp_served, self._refused_since, self._failed_tries = True, None, 0
                 return True
+            if self._restarting_server():
+                return False
         if self.bosh_url is None and self.web_url is not None:
             self.bosh_url = await discover_bosh_url(self.web_url, self.ssl_context)
         if not self.bosh_url or self._current_connection_attempt is None:
@@ -105,6 +141,7 @@ class GridClient(ClientXMPP):
         self.last_error = None
         self.bosh = transport
         self._connect_loop_wait = 0
+        self._failed_tries = 0
         self.event_when_connected = "connected"
         # BOSH is secured by HTTPS or not at all: STARTTLS inside it cannot work (XEP-0206 §4).
         self.enable_starttls = False
@@ -114,9 +151,29 @@ class GridClient(ClientXMPP):
             self._probe = asyncio.ensure_future(self._probe_tcp())
         return True
 
+    def data_received(self, data: bytes | str) -> None:
+        self.last_heard = time.monotonic()  # any byte proves the server alive: no ping needed
+        super().data_received(data)
+
+    def _on_connection_failed(self, error: object) -> None:
+        if isinstance(error, ConnectionRefusedError):
+            if self._refused_since is None:
+                self._refused_since = time.monotonic()
+        else:
+            self._refused_since = None
+
+    def _restarting_server(self) -> bool:
+        """The c2s port that served us refuses, not for long yet: wait for it, not for BOSH."""
+        return (self._tcp_served and self._refused_since is not None
+                and time.monotonic() - self._refused_since < self.policy.refused_grace_s)
+
     def reschedule_connection_attempt(self) -> asyncio.Future[Any] | None:
+        # slixmpp's own wait doubles without jitter (1, 3, 7 ... s): a fleet refused together
+        # would retry together. Ours is jittered and starts where the reconnector's first try
+        # left off.
         attempt = super().reschedule_connection_attempt()
-        self._connect_loop_wait = min(self._connect_loop_wait, self.policy.max_backoff_s)  # read when it runs
+        self._failed_tries += 1
+        self._connect_loop_wait = backoff_delay(self._failed_tries + 1, cap=self.policy.max_backoff_s)  # read when it runs
         return attempt
 
     def _no_resume_onto_bosh(self) -> None:

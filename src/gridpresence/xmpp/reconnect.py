@@ -9,7 +9,13 @@ still an error for the caller, not a loop. After each return the party's *resume
 :class:`SessionChange`: for a library user a reconnect is an event, not a dead object.
 
 The back-off only paces our own tries after a loss; slixmpp's connect loop paces the TCP tries
-that fail in between (capped by ``ConnectionPolicy.max_backoff_s``).
+that fail in between (the same jittered back-off, capped by ``ConnectionPolicy.max_backoff_s``).
+
+A server that dies closes our sockets; one that hangs (SIGSTOP, a frozen machine, a cut that
+drops packets) does not. So a session that has heard nothing for ``keepalive_s`` pings the
+server (XEP-0199) and drops the connection when no answer comes within ``keepalive_timeout_s``,
+and a connection that does not become a session within ``login_timeout_s`` is dropped too;
+either loss is then handled as any other.
 """
 
 from __future__ import annotations
@@ -17,25 +23,19 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from slixmpp import ClientXMPP
+from slixmpp.exceptions import IqError, IqTimeout
+
+from gridpresence.transport.policy import FIRST_DELAY_S, JITTER, MAX_DELAY_S, ConnectionPolicy, backoff_delay
+
+__all__ = ["FIRST_DELAY_S", "JITTER", "MAX_DELAY_S", "Reconnector", "SessionChange", "SessionEvent",
+           "backoff_delay", "reconnector_of"]
 
 log = logging.getLogger(__name__)
-
-FIRST_DELAY_S = 0.2  # a server restart takes about a second: try soon
-MAX_DELAY_S = 2.0  # all parties back within a few seconds of the server (issue 14: <= 5 s)
-JITTER = 0.5  # +-50 %: a fleet that lost the server at once does not return at once
-
-
-def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
-    """Seconds to wait before try number `attempt` (1, 2, ...): doubling from FIRST_DELAY_S up
-    to MAX_DELAY_S, each spread by JITTER."""
-    base = min(MAX_DELAY_S, FIRST_DELAY_S * 2 ** max(0, attempt - 1))
-    return base * (1 + (rng or random).uniform(-JITTER, JITTER))
 
 
 class SessionEvent(enum.Enum):
@@ -68,8 +68,13 @@ class Reconnector:
         self._listeners: list[Callable[[SessionChange], None]] = []
         self._resuming: asyncio.Task[None] | None = None
         self.online = asyncio.Event()
+        self.policy: ConnectionPolicy = getattr(client, "policy", None) or ConnectionPolicy()
+        self.dead_server_drops = 0  # connections dropped because the server stopped answering
+        self._alive: asyncio.Task[None] | None = None
+        self._login_timer: asyncio.TimerHandle | None = None
         client.add_event_handler("session_start", self._on_session_start)
         client.add_event_handler("disconnected", self._on_disconnected)
+        client.add_event_handler("connected", self._on_connected)
 
     @property
     def party(self) -> str:
@@ -87,6 +92,7 @@ class Reconnector:
         """The party leaves: no more tries."""
         self.closing = True
         self.online.clear()
+        self._stop_liveness()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -100,8 +106,58 @@ class Reconnector:
             except Exception:  # a listener's fault must not stop the reconnect
                 log.exception("%s: session listener failed", self.party)
 
+    # -- liveness: a hung server is a lost one --------------------------------------------
+
+    def _stop_liveness(self) -> None:
+        if self._alive is not None and self._alive is not asyncio.current_task():
+            self._alive.cancel()
+        self._alive = None
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+
+    def _on_connected(self, _event: object) -> None:
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+        if self.armed and self.policy.login_timeout_s > 0:  # a first login has open_session's own time-out
+            self._login_timer = asyncio.get_running_loop().call_later(self.policy.login_timeout_s, self._login_stalled)
+
+    def _login_stalled(self) -> None:
+        self._login_timer = None
+        if self.closing or self.online.is_set() or not self.client.is_connected():
+            return
+        self._drop(f"no session within {self.policy.login_timeout_s:g} s of connecting")
+
+    def _drop(self, why: str) -> None:
+        self.dead_server_drops += 1
+        log.warning("%s: the server does not answer (%s); dropping the connection", self.party, why)
+        self.client.disconnect_reason = why
+        self.client.abort()
+
+    async def _keep_alive(self) -> None:
+        """While the session lasts: ping the server whenever it has been silent for keepalive_s."""
+        interval, timeout = self.policy.keepalive_s, self.policy.keepalive_timeout_s
+        ping = self.client.plugin["xep_0199"]
+        while self.online.is_set() and not self.closing:
+            heard = getattr(self.client, "last_heard", None)
+            silent = time.monotonic() - heard if heard is not None else interval
+            if silent < interval:
+                await asyncio.sleep(interval - silent)
+                continue
+            try:
+                await ping.send_ping(self.client.boundjid.domain, timeout=timeout)
+            except IqTimeout:
+                if self.online.is_set() and not self.closing:
+                    self._drop(f"no answer to a ping within {timeout:g} s")
+                return
+            except IqError:
+                pass  # an error reply is an answer too: the server is alive
+            if heard is None:
+                await asyncio.sleep(interval)
+
     def _on_disconnected(self, reason: object) -> None:
         self.online.clear()
+        self._stop_liveness()
         if self.closing or not self.armed:
             return
         if self.lost_at is None:
@@ -135,6 +191,13 @@ class Reconnector:
         first = not self.armed
         self.armed = True
         self.online.set()
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+        if self.policy.keepalive_s > 0 and "xep_0199" in self.client.plugin:
+            if self._alive is not None:
+                self._alive.cancel()
+            self._alive = asyncio.ensure_future(self._keep_alive())
         if first or self.lost_at is None:
             return
         down = time.monotonic() - self.lost_at
