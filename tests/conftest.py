@@ -174,14 +174,14 @@ async def until(check: Callable[[], Any], timeout: float = 10.0, what: str = "th
     return got
 
 
-async def start_up(data: Path, fleet: Path, *extra: str) -> tuple[asyncio.subprocess.Process, str]:
-    """`gridpresence up` as a person runs it, until it says it is up (its Ctrl-C line); returns the
-    process and what it printed."""
+async def start_up(data: Path, fleet: Path, *extra: str, timeout: float = 40) -> tuple[asyncio.subprocess.Process, str]:
+    """`gridpresence up` as a person runs it, until it says it is up (its Ctrl-C line, within
+    `timeout` seconds); returns the process and what it printed."""
     exe = Path(sys.executable).with_name("gridpresence")
     proc = await asyncio.create_subprocess_exec(str(exe), "up", "--data", str(data), "--fleet", str(fleet), *extra,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     seen = ""
-    async with asyncio.timeout(40):
+    async with asyncio.timeout(timeout):
         while "Ctrl-C" not in seen:
             line = await proc.stdout.readline()  # type: ignore[union-attr]
             if not line:

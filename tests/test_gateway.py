@@ -33,7 +33,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
-from conftest import run_cli
+from conftest import run_cli, start_up
 from gridpresence.config import FleetError, parse_fleet
 from gridpresence.gateway.field_device import FieldIed
 from gridpresence.gateway.site import load_site, parse_site
@@ -44,6 +44,7 @@ from gridpresence.protocol.codec import outcome_from_xml
 from gridpresence.protocol.models import Breaker, DeviceState, Outcome, OutcomeStatus, RejectReason
 from gridpresence.server.accounts import Secrets
 from gridpresence.server.ports import free_port
+from gridpresence.xmpp.session import ConnectionInfo
 from timebase import NOW
 
 pytestmark = pytest.mark.timeout(60)
@@ -867,6 +868,45 @@ async def test_a_simulated_site_is_played_and_hosted_by_the_grid(tmp_path: Path)
         await alice.close()
         await grid.stop()
     assert grid.sites == []
+
+
+async def test_under_processes_a_simulated_site_is_a_process_of_its_own_and_restarted(tmp_path: Path) -> None:
+    """`up --processes`: the simulated site (its Modbus server and its gateway) runs as a
+    supervised process of its own; killed, it is started again and the IED is back, while the
+    devices process never stopped."""
+    import re
+
+    port = free_port()
+    (tmp_path / "site.toml").write_text(
+        '[[ieds]]\nname = "proc-pump"\nkind = "load"\nmap = "modbus-load-controller"\nrated_kw = 45\npoll_s = 0.3\n'
+        f'link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {port}, unit = 1, timeout_s = 2.0 }}\n')
+    (tmp_path / "fleet.toml").write_text(
+        'domain = "localhost"\n[[operators]]\nname = "alice"\n[[devices]]\nname = "bot-load"\nkind = "load"\n'
+        'rated_kw = 10\n[[sites]]\nfile = "site.toml"\nsimulate = true\n')
+    data = tmp_path / "grid"
+    proc, seen = await start_up(data, tmp_path / "fleet.toml", "--processes", timeout=90)
+    try:
+        pids = {m[0]: int(m[1]) for m in re.findall(r"([\w-]+): process (\d+), supervised", seen)}
+        assert set(pids) >= {"devices", "gateway-site"}, seen
+        assert "run `gridpresence gateway" not in seen, "the grid plays this site: nothing for a person to run"
+        alice = GridOperator.from_connection(ConnectionInfo.load(data / "connection.json"), operator="alice",
+                                           resource="proc-site")
+        await alice.connect()
+        try:
+            await until(alice, "proc-pump", lambda v: v.present and v.state is DeviceState.ON, timeout=30)
+            assert (await alice.command("proc-pump", "shed", ttl_s=10)).status is OutcomeStatus.EXECUTED
+            os.kill(pids["gateway-site"], signal.SIGKILL)
+            await until(alice, "proc-pump", lambda v: not v.present, timeout=30)
+            # Back by itself; the simulator starts afresh (its coil off), which the gateway reads.
+            await until(alice, "proc-pump", lambda v: v.present and v.report is not None, timeout=60)
+            assert (await alice.command("proc-pump", "shed", ttl_s=10)).status is OutcomeStatus.EXECUTED
+            os.kill(pids["devices"], 0)  # still the same process
+            assert alice.device("bot-load").present
+        finally:
+            await alice.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 30)
 
 
 async def test_a_simulated_site_whose_port_is_taken_still_comes_up_saying_why(tmp_path: Path) -> None:

@@ -10,8 +10,9 @@ from typing import Any
 from gridpresence.cli.common import EXIT_OK, CliError
 from gridpresence.config import load_fleet
 from gridpresence.gateway.site import SiteError, load_site
-from gridpresence.host.gateway import Gateway, GatewayError
+from gridpresence.host.gateway import Gateway, GatewayError, play_site
 from gridpresence.host.grid import FLEET_COPY, SECRETS_FILE
+from gridpresence.host.processes import heartbeat
 from gridpresence.host.signals import stop_signal, unless_stopped
 from gridpresence.server.accounts import Secrets
 from gridpresence.xmpp.session import ConnectionInfo, connection_path, data_dir
@@ -33,6 +34,8 @@ async def cmd_gateway(args: argparse.Namespace) -> int:
         gateway = Gateway(site, fleet, info.server, Secrets(secrets_path), data_dir=data)
     except GatewayError as exc:
         raise CliError(str(exc)) from None
+    # --simulate: the grid plays the site's IEDs itself, as `up` does for [[sites]] simulate = true.
+    sim = await play_site(site) if args.simulate else None
     try:
         await unless_stopped(gateway.start(), stop)
         if not stop.is_set():
@@ -42,10 +45,15 @@ async def cmd_gateway(args: argparse.Namespace) -> int:
                 print(f"  {name}@{fleet.domain}: {field.ied.link.protocol} ({field.ied.map}), {shown}")
             print(f"gateway up: {len(gateway.devices)} IEDs of {args.site}. Ctrl-C stops it.", flush=True)
             args.until_stopped = True
+            beating = heartbeat()  # under `up --processes`: tells the supervisor this loop still runs
             await stop.wait()
+            if beating is not None:
+                beating.cancel()
         print("stopping...", flush=True)
     finally:
         await gateway.stop()  # goodbyes ("gone"), then the field links close
+        if sim is not None:
+            await sim.stop()
     return EXIT_OK
 
 
@@ -78,6 +86,8 @@ def register(sub: Any) -> None:  # argparse's subparsers action has no public ty
                                                 "connection file's directory)")
     p.add_argument("--connection", help="connection.json written by `up`")
     p.add_argument("--fleet", default=None, help="fleet file (default: the copy in the data directory)")
+    p.add_argument("--simulate", action="store_true", help="also play the site's Modbus IEDs with the field "
+                                                           "simulator (as `up` does for [[sites]] simulate = true)")
     p.set_defaults(run=cmd_gateway)
     sim = sub.add_parser("field-sim", help="play a site's Modbus IEDs with a real Modbus server (demo, tests)")
     sim.add_argument("site", help="site file (TOML): each Modbus IED is served on its link, laid out by its map")

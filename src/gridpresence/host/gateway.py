@@ -17,6 +17,7 @@ from pathlib import Path
 from gridpresence.config import Fleet
 from gridpresence.device.agent import DeviceAgent
 from gridpresence.gateway.field_device import FieldDevice, FieldIed, FieldLoop
+from gridpresence.gateway.simulator import FieldSimulator, SimulatorError
 from gridpresence.gateway.site import Site
 from gridpresence.host.fleet import device_agent, log_in_all
 from gridpresence.protocol.models import utcnow
@@ -103,3 +104,17 @@ class Gateway:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+
+async def play_site(site: Site) -> FieldSimulator | None:
+    """A site the grid plays itself (``[[sites]] simulate = true``): its Modbus IEDs served by
+    the field simulator, real Modbus servers its gateway then reads. One that cannot serve (its
+    port taken) is logged, and the site comes up all the same: its IEDs show "no answer"."""
+    sim = FieldSimulator(site)
+    try:
+        await sim.start()
+    except SimulatorError as exc:
+        log.error("the field simulator of %s did not start: %s", ", ".join(i.name for i in site.ieds), exc)
+        return None
+    return sim

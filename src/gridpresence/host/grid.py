@@ -14,9 +14,9 @@ from types import TracebackType
 
 from gridpresence.server.accounts import CONSOLE, RELAY, WATCHDOG, Secrets, plan_accounts
 from gridpresence.gateway.fleet import with_sites
-from gridpresence.gateway.simulator import FieldSimulator, SimulatorError
+from gridpresence.gateway.simulator import FieldSimulator
 from gridpresence.gateway.site import load_site
-from gridpresence.host.gateway import Gateway
+from gridpresence.host.gateway import Gateway, play_site
 from gridpresence.host.fleet import FleetBots
 from gridpresence.host.processes import HUNG_AFTER_S, SupervisedChild, gridpresence_argv
 from gridpresence.xmpp.session import Account, ConnectionInfo, Endpoint, RelayEndpoint, SessionError
@@ -163,7 +163,6 @@ class Grid:
                 self._write_connection()
                 if self._want_bots:
                     await self._start_children()
-                    await self._start_simulated_sites()
                 return
             if self._want_bots and (self._only is None or RELAY in self._only):
                 await self._start_relay()
@@ -172,7 +171,7 @@ class Grid:
                 self.bots = FleetBots(self.fleet, self.endpoint, self.secrets, only=self._only, tick_s=self._tick_s,
                                       data_dir=self.data_dir, history=self._history)
                 await self.bots.start()
-                await self._start_simulated_sites()
+                await self._play_sites()
         except BaseException:
             await self.stop()
             raise
@@ -202,31 +201,33 @@ class Grid:
             plan.append(SupervisedChild("services", gridpresence_argv(*verbose, "bots", "--data", data,
                                                                       "--only", *services), ready="running",
                                         hung_after_s=self._hung_after_s))
+        for ref in f.sites:  # a simulated site's IEDs and their gateway: one process per site, as in-process
+            if ref.simulate:
+                plan.append(SupervisedChild(f"gateway-{ref.path.stem}", gridpresence_argv(
+                    *verbose, "gateway", str(ref.path), "--data", data, "--simulate"), ready="gateway up",
+                    hung_after_s=self._hung_after_s))
         for child in plan:
             self.children.append(child)
             await child.start()
 
     @property
     def simulated_ieds(self) -> tuple[str, ...]:
-        """The IEDs of the sites the grid plays and hosts itself (``[[sites]] simulate = true``)."""
-        return tuple(name for _, gateway in self.sites for name in gateway.devices)
+        """The IEDs of the sites the grid plays and hosts itself (``[[sites]] simulate = true``), in
+        this process or, under ``--processes``, in a child of their own."""
+        if not self._want_bots:
+            return ()
+        return tuple(ied.name for ref in self.fleet.sites if ref.simulate for ied in load_site(ref.path).ieds)
 
-    async def _start_simulated_sites(self) -> None:
-        """Each ``simulate`` site: its Modbus IEDs as real Modbus servers, then its gateway. A
-        simulator that cannot serve (its port taken) is logged; its IEDs then show "no answer"."""
+    async def _play_sites(self) -> None:
+        """Each ``simulate`` site in this process: its Modbus IEDs as real Modbus servers, then
+        its gateway (under ``--processes`` each is a child of its own: :meth:`_start_children`)."""
         for ref in self.fleet.sites:
-            if not ref.simulate:
-                continue
-            site = load_site(ref.path)
-            sim: FieldSimulator | None = FieldSimulator(site)
-            try:
-                await sim.start()  # type: ignore[union-attr]
-            except SimulatorError as exc:
-                log.error("%s: the field simulator did not start: %s", ref.path, exc)
-                sim = None
-            gateway = Gateway(site, self.fleet, self.endpoint, self.secrets, data_dir=self.data_dir)
-            self.sites.append((sim, gateway))
-            await gateway.start()
+            if ref.simulate:
+                site = load_site(ref.path)
+                sim = await play_site(site)
+                gateway = Gateway(site, self.fleet, self.endpoint, self.secrets, data_dir=self.data_dir)
+                self.sites.append((sim, gateway))  # stop() stops both, whatever happens next
+                await gateway.start()
 
     def _pin_issuers(self) -> None:
         """Devices get the keys of every party that may command them pinned at provisioning,
