@@ -130,7 +130,8 @@ class DeviceAgent(PartySession):
         # Every command taken, with its outcome, until its expiry: a copy has no second effect.
         self.replay = ReplayGuard(replay or ReplayStore(None), self.gate.device)
         self._seq = 0
-        self._published: PresenceReport | None = None
+        self._published: PresenceReport | None = None  # the last report told to anyone
+        self._broadcast: PresenceReport | None = None  # the last told to every subscriber
         self._published_at = 0.0
         self._loop_task: asyncio.Task[None] | None = None
         self._fetching: set[asyncio.Task[None]] = set()
@@ -143,6 +144,8 @@ class DeviceAgent(PartySession):
         if self.children:
             self.client.add_event_handler("presence", self._on_child_presence)
         self.client.add_event_handler("session_start", self._on_session_start)
+        self._operator_sessions: set[str] = set()  # operators' full JIDs seen online
+        self.client.add_event_handler("presence", self._on_operator_presence)
         # Every feature is a desk, built in the table's order for this kind (device/desks.py).
         self._desks: dict[type[Desk], Desk] = {}
         for kind in DESKS[spec.kind]:
@@ -183,7 +186,8 @@ class DeviceAgent(PartySession):
     # -- life cycle -------------------------------------------------------------------
 
     def _on_session_start(self, _event: object) -> None:
-        self._published = None  # a new session has told no one anything yet
+        self._published = self._broadcast = None  # a new session has told no one anything yet
+        self._operator_sessions.clear()
         self.publish()
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.ensure_future(self._run())
@@ -248,31 +252,77 @@ class DeviceAgent(PartySession):
             log.error("%s: refusing to publish invalid values: %s", self.spec.name, exc)
             return None
 
-    def _changed(self, report: PresenceReport) -> bool:
+    def _health_changed(self, report: PresenceReport) -> bool:
+        """Something every subscriber needs (the watchdog and the relay too): state, restriction,
+        faults, the breaker's position. A first publish counts."""
+        old = self._broadcast
+        return (old is None or old.state != report.state or old.restriction != report.restriction
+                or old.faults != report.faults or old.under_fault != report.under_fault
+                or old.telemetry.breaker != report.telemetry.breaker)
+
+    def _telemetry_changed(self, report: PresenceReport) -> bool:
         old = self._published
-        if (old is None or old.state != report.state or old.restriction != report.restriction
-                or old.faults != report.faults or old.under_fault != report.under_fault):
-            return True
-        a, b = old.telemetry, report.telemetry
-        if a.breaker != b.breaker:
-            return True
-        return abs((a.load_pct or 0.0) - (b.load_pct or 0.0)) >= LOAD_DEADBAND_PCT
+        return old is None or abs((old.telemetry.load_pct or 0.0) - (report.telemetry.load_pct or 0.0)) >= LOAD_DEADBAND_PCT
+
+    @property
+    def telemetry_audience(self) -> frozenset[str]:
+        """Who is told of a reading that moved but changed no state (PROTOCOL.md, "Who gets which
+        presence"): the operators, the services acting for them (the console, whose session the
+        historian rides on) and the parent, which sums this device's load. Not the watchdog or
+        the relay, which need health only, nor the devices below, which follow faults only."""
+        return self.operators | ({self.setup.parent} if self.setup.parent else set())
 
     def publish(self, force: bool = True) -> PresenceReport | None:
-        """Broadcast presence if forced (refresh) or if something worth telling changed;
-        returns the current report (None if the physics produced invalid values)."""
+        """Broadcast presence if forced (refresh) or if health changed (every subscriber
+        needs it); a reading that moved past the deadband alone goes as directed presence to
+        the telemetry audience only. Returns the current report (None if the physics produced
+        invalid values)."""
         report = self.current_report()
-        if report is None or not self.client.is_connected() or not (force or self._changed(report)):
+        if report is None or not self.client.is_connected():
+            return report
+        broadcast = force or self._health_changed(report)
+        if not broadcast and not self._telemetry_changed(report):
             return report
         if report.state is DeviceState.GONE:  # a field IED that stopped answering: unavailable, with why
             pres = self.client.make_presence(ptype="unavailable", pstatus=f"gone: {self.sim.status_note or 'gone'}")
         else:
             pres = self.client.make_presence(pshow=report.show(), pstatus=report.status_text())
         pres.append(report_to_xml(report))
-        pres.send()
         self._published = report
-        self._published_at = asyncio.get_running_loop().time()
+        if broadcast:
+            pres.send()
+            self._broadcast = report
+            # The refresh is counted from the last broadcast: the watchdog sees only those.
+            self._published_at = asyncio.get_running_loop().time()
+        else:
+            self._send_directed(pres, self.telemetry_audience)
         return report
+
+    def _send_directed(self, pres: Presence, to: Iterable[str]) -> None:
+        for jid in sorted(to):
+            copy = pres.__copy__()
+            copy["to"] = jid
+            copy.send()
+
+    def _on_operator_presence(self, pres: Presence) -> None:
+        """An operator's session came online: the server answered its probe with our last
+        broadcast; if a reading has moved since (told only as directed presence), tell it now."""
+        sender = pres["from"]
+        if sender.bare not in self.operators:
+            return
+        ptype = pres.xml.get("type")
+        if ptype == "unavailable":
+            self._operator_sessions.discard(sender.full)
+            return
+        if ptype is not None or sender.full in self._operator_sessions:
+            return
+        self._operator_sessions.add(sender.full)
+        report = self._published
+        if report is not None and report is not self._broadcast and self.client.is_connected():
+            out = self.client.make_presence(pshow=report.show(), pstatus=report.status_text())
+            out.append(report_to_xml(report))
+            out["to"] = sender.full
+            out.send()
 
     def _on_child_presence(self, pres: Presence) -> None:
         sender = pres["from"].bare
