@@ -47,6 +47,7 @@ from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.protocol.models import (
     Action,
     Command,
+    DeviceKind,
     DeviceState,
     FaultRef,
     Outcome,
@@ -145,6 +146,7 @@ class DeviceAgent(PartySession):
             self.client.add_event_handler("presence", self._on_child_presence)
         self.client.add_event_handler("session_start", self._on_session_start)
         self._operator_sessions: set[str] = set()  # operators' full JIDs seen online
+        self.telemetry_audience = self._telemetry_audience()
         self.client.add_event_handler("presence", self._on_operator_presence)
         # Every feature is a desk, built in the table's order for this kind (device/desks.py).
         self._desks: dict[type[Desk], Desk] = {}
@@ -264,13 +266,21 @@ class DeviceAgent(PartySession):
         old = self._published
         return old is None or abs((old.telemetry.load_pct or 0.0) - (report.telemetry.load_pct or 0.0)) >= LOAD_DEADBAND_PCT
 
-    @property
-    def telemetry_audience(self) -> frozenset[str]:
+    def _telemetry_audience(self) -> frozenset[str]:
         """Who is told of a reading that moved but changed no state (PROTOCOL.md, "Who gets which
         presence"): the operators, the services acting for them (the console, whose session the
-        historian rides on) and the parent, which sums this device's load. Not the watchdog or
-        the relay, which need health only, nor the devices below, which follow faults only."""
-        return self.operators | ({self.setup.parent} if self.setup.parent else set())
+        historian rides on), the parent, which sums this device's load, and every master IED
+        above, whose branch advice reads its whole tree's loads. Not the watchdog or the relay,
+        which need health only, nor the devices below, which follow faults only."""
+        above = {self.setup.parent} if self.setup.parent else set()
+        fleet = self.setup.fleet
+        if fleet is not None:
+            node = self.spec
+            while node.parent is not None:
+                node = fleet.device(node.parent)
+                if node.kind is DeviceKind.MASTER:
+                    above.add(fleet.jid(node.name))
+        return self.operators | above
 
     def publish(self, force: bool = True) -> PresenceReport | None:
         """Broadcast presence if forced (refresh) or if health changed (every subscriber
@@ -299,7 +309,7 @@ class DeviceAgent(PartySession):
         return report
 
     def _send_directed(self, pres: Presence, to: Iterable[str]) -> None:
-        for jid in sorted(to):
+        for jid in to:
             copy = pres.__copy__()
             copy["to"] = jid
             copy.send()
