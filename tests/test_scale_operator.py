@@ -63,6 +63,7 @@ async def test_operator_login_sees_every_device_with_state(op: GridOperator, gri
     assert len(op.devices) == DEVICES
     missing = [v.name for v in op.devices.values() if not v.present or v.state is None]
     assert not missing, f"not seen with state after login: {missing[:5]}"
+    assert op.tracker.present_count == DEVICES  # what connect's settling counts on, kept per change
 
 
 async def test_status_summary_filter_and_streamed_json(grid: Grid) -> None:

@@ -194,8 +194,9 @@ class GridOperator:
         try:
             self.client.send_presence(pshow="chat", pstatus=self.presence_status)
 
-            def settled(devs: Mapping[str, DeviceView]) -> bool:
-                return all(v.present for v in devs.values()) and (self.tariff is not None or billing <= offline)
+            def settled(devs: Mapping[str, DeviceView]) -> bool:  # O(1): it runs at every presence of the burst
+                return (self.tracker.present_count >= len(self.tracker.views)
+                        and (self.tariff is not None or billing <= offline))
 
             try:
                 await self.wait_for(settled, timeout=settle_s)
