@@ -238,3 +238,18 @@ def test_summary_counts_a_known_fleet() -> None:
     assert kinds == {"load": 820, "generator": 80, "meter": 60, "master": 20, "breaker": 20}
     assert FleetSummary.of([]).as_dict() == {"devices": 0, "present": 0, "by_kind": {}, "by_state": {}}
     assert isinstance(build_parser().parse_args(["up", "--devices", "10"]), argparse.Namespace)
+
+
+async def test_up_devices_provisions_a_synthetic_fleet(tmp_path: Path) -> None:
+    from gridpresence.config import load_fleet
+    from gridpresence.host.grid import FLEET_COPY
+
+    code, out, err = await run_cli("up", "--devices", "30", "--seed", "3", "--provision-only", "--data", str(tmp_path))
+    assert code == 0, err
+    fleet = load_fleet(tmp_path / FLEET_COPY)
+    assert fleet == synthetic_fleet(30, seed=3)
+    assert [d.name for d in fleet.devices][:3] == ["s001-master", "s001-breaker", "s001-branch-01"]
+    code, _, err = await run_cli("up", "--devices", "30", "--fleet", "x.toml", "--provision-only", "--data", str(tmp_path))
+    assert code == 2 and "give --fleet FILE or --devices N, not both" in err
+    code, out, err = await run_cli("fleet", "generate", "12", "--out", str(tmp_path / "f.toml"))
+    assert code == 0 and parse_fleet(__import__("tomllib").loads((tmp_path / "f.toml").read_text())) == synthetic_fleet(12)

@@ -138,6 +138,9 @@ async def cmd_up(args: argparse.Namespace, scenario: Callable[[Grid], Awaitable[
 async def cmd_demo(args: argparse.Namespace) -> int:
     from gridpresence.host.demo import run_scenario
 
+    if args.devices:
+        raise CliError("the demo's scenario is written for its own fleet's devices; run a synthetic fleet with "
+                       "`gridpresence up --devices N`")
     return await cmd_up(args, scenario=lambda grid: run_scenario(grid.connection, grid.fleet, grid.connection_file))
 
 
