@@ -7,9 +7,10 @@
 2. Presence fan-out: what a reading that moves past the deadband costs. The device bots run in
    this process with an operator, the watchdog and the console online; each round moves every
    load's reading once (no state change), in steps of 1 % of the loads, once told the old way
-   (a broadcast to every subscriber) and once the new way (directed to the telemetry audience
-   only), alternating which goes first. Reported: stanzas delivered per change (counted at every
-   subscriber in this process), Prosody's CPU per change, and the ratio new/old.
+   (every reading a broadcast to every subscriber, by the loads and by the meters and masters
+   whose sums move with them) and once the new way (directed to the telemetry audience online),
+   alternating which goes first. Reported: presence stanzas the operator, watchdog and console
+   receive per change, CPU per change of Prosody and of this process, and the ratios new/old.
 3. Status at size: the filter and summary over the operator's N views (ms per pass).
 
     python bench/operator_scale.py [--devices 1000] [--rounds 5]
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -73,27 +75,34 @@ async def raw_login(grid: Grid, devices: set[str], i: int) -> float:
     return elapsed
 
 
-async def readings_round(grid: Grid, bots: FleetBots, directed: bool, counts: dict[str, int]) -> tuple[int, float]:
+async def readings_round(grid: Grid, bots: FleetBots, directed: bool,
+                         counts: dict[str, int]) -> tuple[int, float, float]:
     """Every load's reading moves past the deadband once (no state change), told the old way
-    (broadcast) or the new (directed); (changes, Prosody CPU seconds). Paced in steps of 1 % of
+    (every reading broadcast, by every device: the loads, and the meters and masters whose sums
+    move with them) or the new (directed to the telemetry audience); (changes, Prosody CPU s,
+    this process's CPU s: the devices, watchdog, console and operator). Paced in steps of 1 % of
     the loads, so the server's queue, not the burst, is measured."""
     agents = [a for a in bots.devices.values() if a.spec.kind is DeviceKind.LOAD]
+    for agent in bots.devices.values():
+        agent.directed_readings = directed
     step = max(1, len(agents) // 100)
     prosody = int(grid.server.pidfile_path.read_text().strip())
-    cpu0, changes = cpu_seconds(prosody), 0
+    cpu0, own0, changes = cpu_seconds(prosody), cpu_seconds(os.getpid()), 0
     want = counts["operator"] + len(agents)
     for i, agent in enumerate(agents):
         sim = agent.sim
         sim.utilisation = 0.3 if sim.utilisation > 0.6 else 0.9  # type: ignore[attr-defined]
-        if agent.publish(force=not directed) is not None:  # the old way: every change a broadcast
+        if agent.publish(force=False) is not None:
             changes += 1
         if i % step == 0:
             await asyncio.sleep(0.005)
-    async with asyncio.timeout(30):
+    async with asyncio.timeout(60):
         while counts["operator"] < want:
             await asyncio.sleep(0.05)
-    await asyncio.sleep(0.5)  # the parents' own directed readings, and the server's last work
-    return changes, cpu_seconds(prosody) - cpu0
+    await asyncio.sleep(1.0)  # the parents' own readings, and the server's last work
+    for agent in bots.devices.values():
+        agent.directed_readings = True
+    return changes, cpu_seconds(prosody) - cpu0, cpu_seconds(os.getpid()) - own0
 
 
 async def main() -> None:
@@ -139,11 +148,13 @@ async def main() -> None:
             client.add_event_handler("presence", on)
         per: dict[str, list[float]] = {"broadcast": [], "directed": []}
         cpu: dict[str, list[float]] = {"broadcast": [], "directed": []}
+        own: dict[str, list[float]] = {"broadcast": [], "directed": []}
         got: dict[str, dict[str, int]] = {"broadcast": dict.fromkeys(counts, 0), "directed": dict.fromkeys(counts, 0)}
         for i in range(args.rounds):
             for way in (("broadcast", "directed") if i % 2 == 0 else ("directed", "broadcast")):
                 before = dict(counts)
-                n, spent = await readings_round(grid, bots, way == "directed", counts)
+                n, spent, mine = await readings_round(grid, bots, way == "directed", counts)
+                own[way].append(mine / n)
                 delivered = sum(counts.values()) - sum(before.values())
                 for who in counts:
                     got[way][who] += counts[who] - before[who]
@@ -154,12 +165,16 @@ async def main() -> None:
         for way in per:
             print(f"  {way:<9}: {statistics.median(per[way]):.2f} stanzas to the subscribers here per change "
                   f"({', '.join(f'{w} {c}' for w, c in got[way].items())}); Prosody "
-                  f"{statistics.median(cpu[way]) * 1e6:.0f} us CPU per change (p99 {percentile(cpu[way], 99) * 1e6:.0f})")
+                  f"{statistics.median(cpu[way]) * 1e6:.0f} us CPU per change (p99 {percentile(cpu[way], 99) * 1e6:.0f}), "
+                  f"bots' process {statistics.median(own[way]) * 1e6:.0f} us")
         ratio = statistics.median(cpu["directed"]) / statistics.median(cpu["broadcast"])
-        print(f"  Prosody CPU per change, directed / broadcast: {ratio:.2f}x", flush=True)
+        total = ((statistics.median(cpu["directed"]) + statistics.median(own["directed"]))
+                 / (statistics.median(cpu["broadcast"]) + statistics.median(own["broadcast"])))
+        print(f"  CPU per change, directed / broadcast: Prosody {ratio:.2f}x, Prosody + bots {total:.2f}x", flush=True)
         results["fanout"] = {"stanzas_per_change": {w: statistics.median(v) for w, v in per.items()},
                              "prosody_us_per_change": {w: statistics.median(v) * 1e6 for w, v in cpu.items()},
-                             "received": got, "ratio_cpu": ratio}
+                             "bots_us_per_change": {w: statistics.median(v) * 1e6 for w, v in own.items()},
+                             "received": got, "ratio_cpu_prosody": ratio, "ratio_cpu_total": total}
 
         # Status at size: filter + summary over the N views.
         op = GridOperator.from_connection(grid.connection, resource="status")

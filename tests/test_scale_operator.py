@@ -186,7 +186,7 @@ async def test_health_only_services_get_no_telemetry_only_presence(grid: Grid, o
     await op.wait_for(lambda d: d[name].state is DeviceState.ON, timeout=5)
     agent.sim.utilisation = 0.95 if (agent.sim.utilisation < 0.6) else 0.2
     fresh = agent.publish(force=False)
-    assert fresh is not None and agent._broadcast is not fresh  # told as directed presence only
+    assert fresh is not None and agent._published is fresh and agent._broadcast is not fresh  # directed only
     late = GridOperator.from_connection(grid.connection, resource="late")
     await late.connect(settle_s=20)
     try:

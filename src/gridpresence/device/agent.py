@@ -74,6 +74,10 @@ LOAD_DEADBAND_PCT = 5.0
 class DeviceAgent(PartySession):
     """One device identity on the network.
 
+    ``directed_readings`` (default on): a reading that moved without a change of health goes to
+    the telemetry audience only; off, it is broadcast to every subscriber, the way before
+    (bench/operator_scale.py compares the two).
+
     ``operators`` are the bare JIDs on alarm duty that may chat with it; ``children`` the bare
     JIDs whose load this device sums (a master IED or a branch meter); ``relays`` the
     store-and-forward relays that may hand over a signed command. Commands must be signed:
@@ -82,6 +86,8 @@ class DeviceAgent(PartySession):
     ``replay`` (default: memory only) remembers the commands taken, across restarts. ``sim`` is
     the device behind the identity (default: the simulated physics of ``spec.kind``).
     """
+
+    directed_readings = True
 
     def __init__(
         self,
@@ -145,9 +151,9 @@ class DeviceAgent(PartySession):
         if self.children:
             self.client.add_event_handler("presence", self._on_child_presence)
         self.client.add_event_handler("session_start", self._on_session_start)
-        self._operator_sessions: set[str] = set()  # operators' full JIDs seen online
         self.telemetry_audience = self._telemetry_audience()
-        self.client.add_event_handler("presence", self._on_operator_presence)
+        self._online: dict[str, set[str]] = {}  # the telemetry audience's sessions online, by bare JID
+        self.client.add_event_handler("presence", self._on_audience_presence)
         # Every feature is a desk, built in the table's order for this kind (device/desks.py).
         self._desks: dict[type[Desk], Desk] = {}
         for kind in DESKS[spec.kind]:
@@ -189,7 +195,7 @@ class DeviceAgent(PartySession):
 
     def _on_session_start(self, _event: object) -> None:
         self._published = self._broadcast = None  # a new session has told no one anything yet
-        self._operator_sessions.clear()
+        self._online.clear()  # the new session's probes tell us again
         self.publish()
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.ensure_future(self._run())
@@ -290,7 +296,7 @@ class DeviceAgent(PartySession):
         report = self.current_report()
         if report is None or not self.client.is_connected():
             return report
-        broadcast = force or self._health_changed(report)
+        broadcast = force or not self.directed_readings or self._health_changed(report)
         if not broadcast and not self._telemetry_changed(report):
             return report
         if report.state is DeviceState.GONE:  # a field IED that stopped answering: unavailable, with why
@@ -305,28 +311,33 @@ class DeviceAgent(PartySession):
             # The refresh is counted from the last broadcast: the watchdog sees only those.
             self._published_at = asyncio.get_running_loop().time()
         else:
-            self._send_directed(pres, self.telemetry_audience)
+            self._send_directed(pres)
         return report
 
-    def _send_directed(self, pres: Presence, to: Iterable[str]) -> None:
-        for jid in to:
-            copy = pres.__copy__()
-            copy["to"] = jid
-            copy.send()
+    def _send_directed(self, pres: Presence) -> None:
+        """One copy to each member of the telemetry audience that is online (the server fans a
+        bare JID out to its sessions); none to those offline, which the server would drop."""
+        for jid in self.telemetry_audience:
+            if self._online.get(jid):
+                copy = pres.__copy__()
+                copy["to"] = jid
+                copy.send()
 
-    def _on_operator_presence(self, pres: Presence) -> None:
-        """An operator's session came online: the server answered its probe with our last
-        broadcast; if a reading has moved since (told only as directed presence), tell it now."""
+    def _on_audience_presence(self, pres: Presence) -> None:
+        """Who of the telemetry audience is online, by session. A session that comes online had
+        its probe answered by the server with our last broadcast; if a reading has moved since
+        (told by directed presence only), it is told now."""
         sender = pres["from"]
-        if sender.bare not in self.operators:
+        if sender.bare not in self.telemetry_audience:
             return
         ptype = pres.xml.get("type")
+        sessions = self._online.setdefault(sender.bare, set())
         if ptype == "unavailable":
-            self._operator_sessions.discard(sender.full)
+            sessions.discard(sender.full)
             return
-        if ptype is not None or sender.full in self._operator_sessions:
+        if ptype is not None or sender.full in sessions:
             return
-        self._operator_sessions.add(sender.full)
+        sessions.add(sender.full)
         report = self._published
         if report is not None and report is not self._broadcast and self.client.is_connected():
             out = self.client.make_presence(pshow=report.show(), pstatus=report.status_text())
