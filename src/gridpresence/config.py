@@ -247,7 +247,17 @@ class Fleet(BaseModel):
                               customer=self.jid(device.customer) if device.customer else None)
 
     def children(self, name: str) -> tuple[DeviceSpec, ...]:
-        return tuple(d for d in self.devices if d.parent == name)
+        # Indexed once per devices tuple, as _by_name: accounts ask it for every device of a
+        # synthetic fleet of thousands (a scan each would make that quadratic).
+        cached = self.__dict__.get("_children_index")
+        if cached is None or cached[0] is not self.devices:
+            kids: dict[str, list[DeviceSpec]] = {}
+            for dev in self.devices:
+                if dev.parent is not None:
+                    kids.setdefault(dev.parent, []).append(dev)
+            cached = (self.devices, {k: tuple(v) for k, v in kids.items()})
+            self.__dict__["_children_index"] = cached
+        return cached[1].get(name, ())
 
     def descendants(self, name: str) -> tuple[DeviceSpec, ...]:
         """Every device below `name`, depth first, without recursion (chains may be deep)."""
@@ -345,3 +355,90 @@ def load_fleet(path: Path) -> Fleet:
     if not isinstance(data, dict):
         raise FleetError(f"{path}: a fleet file holds a table of settings")
     return parse_fleet(data, str(path), path.parent)
+
+
+# -- synthetic fleets (`gridpresence up --devices N`, `gridpresence fleet generate N`) ----------
+
+MAX_SYNTHETIC_DEVICES = 100_000
+SUBSTATION_SIZE = 50  # devices under one master IED in a synthetic fleet
+LOADS_PER_BRANCH = 12
+CRITICAL_EVERY = 20  # one load in this many is critical (refuses a shed)
+_LOAD_NAMES = ("HVAC", "water heaters", "EV chargers", "pumps", "street lighting", "cold store", "workshop",
+               "irrigation", "offices", "data room")
+
+
+def synthetic_fleet_data(devices: int, *, seed: int = 0, refresh_s: float = 60.0) -> dict[str, Any]:
+    """A fleet of `devices` devices as the fleet file's data: substations of up to
+    SUBSTATION_SIZE devices, each a master IED with a main breaker, branch meters, loads under
+    the meters (one in CRITICAL_EVERY critical) and a generator per ten loads. Names say where a
+    device sits (``s003-load-017``); the same `devices` and `seed` give the same fleet."""
+    import random
+
+    if not 1 <= devices <= MAX_SYNTHETIC_DEVICES:
+        raise FleetError(f"a synthetic fleet has 1 to {MAX_SYNTHETIC_DEVICES} devices, not {devices}")
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    stations = -(-devices // SUBSTATION_SIZE)
+    for s in range(1, stations + 1):
+        size = min(SUBSTATION_SIZE, devices - len(out))
+        p = f"s{s:03d}" if stations < 1000 else f"s{s:05d}"
+        master = f"{p}-master"
+        out.append({"name": master, "display_name": f"Master IED, substation {s}", "kind": "master",
+                    "rated_kw": 1200.0, "refresh_s": refresh_s})
+        rest = size - 1
+        if rest >= 1:
+            out.append({"name": f"{p}-breaker", "display_name": f"Main breaker, substation {s}", "kind": "breaker",
+                        "rated_kw": 1200.0, "parent": master, "utilisation": 0.45, "refresh_s": refresh_s})
+            rest -= 1
+        branches = max(1, rest // (LOADS_PER_BRANCH + 1)) if rest >= 2 else 0
+        gens = rest // 10 if rest >= 10 else 0
+        loads = rest - branches - gens
+        for b in range(branches):
+            out.append({"name": f"{p}-branch-{b + 1:02d}", "display_name": f"Branch {b + 1} meter, substation {s}",
+                        "kind": "meter", "rated_kw": 500.0, "parent": master, "refresh_s": refresh_s})
+        for i in range(loads):
+            what = _LOAD_NAMES[rng.randrange(len(_LOAD_NAMES))]
+            load: dict[str, Any] = {
+                "name": f"{p}-load-{i + 1:03d}", "display_name": f"{what.capitalize()}, substation {s}",
+                "kind": "load", "rated_kw": float(rng.choice((20, 40, 80, 120, 150))),
+                "utilisation": round(rng.uniform(0.3, 0.9), 2), "refresh_s": refresh_s}
+            if branches:
+                load["parent"] = f"{p}-branch-{i % branches + 1:02d}"
+            if (i + 1) % CRITICAL_EVERY == 0:
+                load["critical"] = True
+            out.append(load)
+        for g in range(gens):
+            out.append({"name": f"{p}-gen-{g + 1}", "display_name": f"Generator {g + 1}, substation {s}",
+                        "kind": "generator", "rated_kw": float(rng.choice((250, 400))), "parent": master,
+                        "startup_s": 10.0, "refresh_s": refresh_s})
+    return {
+        "domain": "localhost",
+        "presence_grace_s": 15.0,
+        "operators": [{"name": "alice", "display_name": "Alice (control room)"},
+                      {"name": "bob", "display_name": "Bob (field operator)"}],
+        "billing": [{"name": "billing", "display_name": "Billing company", "supplier": "northern-supply",
+                     "peak_price": 0.80, "off_peak_price": 0.60}],
+        "devices": out,
+    }
+
+
+def synthetic_fleet(devices: int, *, seed: int = 0, refresh_s: float = 60.0) -> Fleet:
+    """:func:`synthetic_fleet_data`, validated."""
+    return parse_fleet(synthetic_fleet_data(devices, seed=seed, refresh_s=refresh_s), f"synthetic fleet of {devices}")
+
+
+def fleet_toml(data: dict[str, Any]) -> str:
+    """Fleet data (strings, numbers, booleans and lists of tables, as the fleet file has) as TOML."""
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, list)]
+    for key, items in data.items():
+        if isinstance(items, list):
+            for item in items:
+                lines += ["", f"[[{key}]]", *(f"{k} = {value(v)}" for k, v in item.items())]
+    return "\n".join(lines) + "\n"

@@ -61,6 +61,13 @@ def status_rows_of(devices: Sequence[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def summary_line(total: int, present: int, by_kind: Mapping[str, int], by_state: Mapping[str, int]) -> str:
+    """`status`'s last line: ``1000 devices (998 present): 820 load, 80 generator; 950 on, 30 off``."""
+    kinds = ", ".join(f"{n} {k}" for k, n in by_kind.items()) or "none"
+    states = ", ".join(f"{n} {s}" for s, n in by_state.items()) or "none"
+    return f"{total} device{'' if total == 1 else 's'} ({present} present): {kinds}; {states}"
+
+
 def table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

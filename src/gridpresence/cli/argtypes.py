@@ -37,3 +37,15 @@ non_negative = Number(ge=0)  # 0 has a meaning (off, "until stopped", no wait) o
 count = Number(ge=0, integer=True)  # --count: 0 means until stopped
 index = Number(ge=1, integer=True)  # numbers devices hand out (threshold changes) start at 1
 port = Number(ge=1, le=65535, integer=True)
+
+
+def filter_term(text: str) -> str:
+    """An argparse ``type=`` for one ``--filter`` term (``kind=load``): checked here, so a bad
+    term is a usage error naming the option, the term and what it may be."""
+    from gridpresence.operator.selection import FilterError, parse_term
+
+    try:
+        parse_term(text)
+    except FilterError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text

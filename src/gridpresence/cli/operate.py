@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 from typing import Any
 
 from gridpresence.cli import argtypes
@@ -19,24 +20,44 @@ from gridpresence.cli.common import (
     with_operator,
 )
 from gridpresence.operator.library import GridOperator
+from gridpresence.operator.selection import DeviceFilter, FleetSummary
 from gridpresence.operator.tracker import DeviceChange
 from gridpresence.protocol.models import METERING_KINDS, Action, OutcomeStatus
-from gridpresence.words import outcome_line, status_rows, table
+from gridpresence.words import outcome_line, status_rows, summary_line, table
+
+
+PROGRESS_FROM = 50  # fan-outs to this many devices or more show their progress on stderr
+
+
+def _filter(args: argparse.Namespace) -> DeviceFilter:
+    return DeviceFilter.parse(getattr(args, "filter", None) or ())
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
     async def body(grid: GridOperator) -> int:
-        devices = dict(grid.devices)
+        chosen = _filter(args)
+        views = sorted(chosen.select(grid.devices.values()), key=lambda v: v.name)
+        summary = FleetSummary.of(views)
+        tariff = grid.tariff
         if args.json:
-            tariff = grid.tariff
-            print(json.dumps({"devices": [devices[n].as_dict() for n in sorted(devices)],
-                              "price_per_kwh": grid.price_now(),
-                              "currency": tariff.currency if tariff else None,
-                              "supplier": tariff.supplier if tariff else None}, indent=2))
+            # Streamed: one device a line as it is rendered (a reader may go line by line), and
+            # the whole output still one JSON document (json.load of it works as before).
+            out = sys.stdout
+            out.write('{"devices": [')
+            for i, view in enumerate(views):
+                out.write(("\n" if not i else ",\n") + json.dumps(view.as_dict()))
+            tail = {"summary": summary.as_dict(), "filter": str(chosen) or None, "price_per_kwh": grid.price_now(),
+                    "currency": tariff.currency if tariff else None, "supplier": tariff.supplier if tariff else None}
+            out.write("\n], " + json.dumps(tail)[1:] + "\n")
+            out.flush()
         else:
-            print(table(status_rows(devices)))
-            if grid.tariff:
-                print(f"\nprice now: {grid.price_now():.2f} {grid.tariff.currency}/kWh ({grid.tariff.supplier})")
+            if not args.summary:
+                print(table(status_rows({v.name: v for v in views})))
+                print()
+            print(summary_line(summary.total, summary.present, summary.by_kind, summary.by_state)
+                  + (f" (filter: {chosen})" if chosen else ""))
+            if tariff:
+                print(f"price now: {grid.price_now():.2f} {tariff.currency}/kWh ({tariff.supplier})")
         return EXIT_OK
 
     return await with_operator(args, body)
@@ -51,16 +72,22 @@ def _change_text(change: DeviceChange) -> str:
 
 async def cmd_watch(args: argparse.Namespace) -> int:
     async def body(grid: GridOperator) -> int:
+        chosen = _filter(args)
         # What is true now comes first, then each change: the table, or one JSON line per
         # device with "cause": "snapshot" (a script knows the watch is live once it has them).
+        now = sorted(chosen.select(grid.devices.values()), key=lambda v: v.name)
         if args.json:
-            for view in sorted(grid.devices.values(), key=lambda v: v.name):
-                print(json.dumps({"cause": "snapshot", **view.as_dict()}), flush=True)
+            for view in now:
+                print(json.dumps({"cause": "snapshot", **view.as_dict()}))
+            sys.stdout.flush()
         else:
-            print(table(status_rows(dict(grid.devices))), flush=True)
+            print(table(status_rows({v.name: v for v in now})), flush=True)
             print("-- watching; Ctrl-C to stop --", flush=True)
         count = 0
         async for change in grid.changes():
+            # A device leaving the filter (load on -> off with state=on) is a change to show too.
+            if chosen and not (chosen.matches(change.current) or chosen.matches(change.previous)):
+                continue
             if args.json:
                 print(json.dumps({"cause": change.cause, **change.current.as_dict()}), flush=True)
             else:
@@ -125,19 +152,49 @@ async def cmd_quality(args: argparse.Namespace) -> int:
     return await with_operator(args, body)
 
 
+class _Progress:
+    """`ACTION: 500/1000 outcomes back` on stderr for a long fan-out (stdout stays the outcomes,
+    --json or not): at each tenth, and at the end."""
+
+    def __init__(self, action: str, total: int) -> None:
+        self.action, self.total = action, total
+        self.step = max(1, total // 10)
+
+    def __call__(self, done: int, total: int) -> None:
+        if done % self.step == 0 or done == total:
+            print(f"{self.action}: {done}/{total} outcomes back", file=sys.stderr, flush=True)
+
+
+def _targets(args: argparse.Namespace, grid: GridOperator) -> list[str]:
+    """The named devices, then those the filter selects (each once, names first)."""
+    names = list(dict.fromkeys(args.devices))
+    for name in names:
+        grid.device(name)  # unknown names fail before anything is sent
+    chosen = _filter(args)
+    if chosen:
+        named = set(names)
+        names += sorted(v.name for v in chosen.select(grid.devices.values()) if v.name not in named)
+    if not names:
+        raise CliError(f"no device matches the filter {chosen}" if chosen else "name the devices, or give --filter")
+    return names
+
+
 async def cmd_action(args: argparse.Namespace) -> int:
     action = Action(args.action.replace("-", "_"))
     extra = {"time": args.time} if action is Action.SET_TIME else None
+    if not args.devices and not args.filter:
+        raise CliError(f"name the devices to {args.action}, or select them with --filter KEY=VALUE")
 
     async def body(grid: GridOperator) -> int:
-        for name in args.devices:
-            grid.device(name)  # unknown names fail before anything is sent
+        names = _targets(args, grid)
+        progress = _Progress(args.action, len(names)) if len(names) >= PROGRESS_FROM else None
         if args.until_available:
             from gridpresence.operator.availability import command_group
 
-            outcomes = await command_group(grid, args.devices, action, args=extra, timeout_s=args.until_available)
+            outcomes = await command_group(grid, names, action, args=extra, timeout_s=args.until_available)
         else:
-            outcomes = await grid.command_many(args.devices, action, args=extra, ttl_s=args.ttl, wait_final=args.wait)
+            outcomes = await grid.command_many(names, action, args=extra, ttl_s=args.ttl, wait_final=args.wait,
+                                               progress=progress)
         if args.json:
             print(json.dumps([outcome_dict(n, o) for n, o in outcomes.items()], indent=2))
         else:
@@ -212,12 +269,22 @@ async def cmd_pending(args: argparse.Namespace) -> int:
     return await with_operator(args, body)
 
 
+def filter_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--filter", nargs="+", type=argtypes.filter_term, default=[], metavar="KEY=VALUE",
+                   help="only devices matching every key (values of a key, comma-separated, are alternatives): "
+                        "name=GLOB kind=load,generator state=on,off,restricted,gone,presence-error,unknown "
+                        "health=... transport=tcp,bosh,none critical=yes|no present=yes|no")
+
+
 def register(sub: Any) -> None:  # argparse's subparsers action has no public type
-    status = sub.add_parser("status", help="every device's state and telemetry")
+    status = sub.add_parser("status", help="every device's state and telemetry, and a summary line")
     operator_opts(status)
+    filter_opt(status)
+    status.add_argument("--summary", action="store_true", help="only the summary line (counts by kind and state)")
     status.set_defaults(run=cmd_status)
     watch = sub.add_parser("watch", help="show presence changes live")
     operator_opts(watch)
+    filter_opt(watch)
     watch.add_argument("--count", type=argtypes.count, default=0, help="stop after this many changes")
     watch.set_defaults(run=cmd_watch, until_stopped=True)
     alarms = sub.add_parser("alarms", help="show alarms sent to this operator as they arrive (acknowledge: `ack`)")
@@ -245,7 +312,8 @@ def register(sub: Any) -> None:  # argparse's subparsers action has no public ty
     for action in (*COMMAND_ACTIONS, "set-time"):
         p = sub.add_parser(action, help=f"{action} one or more devices and print the outcomes")
         operator_opts(p)
-        p.add_argument("devices", nargs="+", metavar="DEVICE")
+        p.add_argument("devices", nargs="*", metavar="DEVICE")
+        filter_opt(p)
         p.add_argument("--ttl", type=argtypes.positive, default=30.0, help="seconds before the command expires")
         p.add_argument("--wait", action="store_true",
                        help="for a device without presence, wait for the relay's final outcome instead of 'queued'")

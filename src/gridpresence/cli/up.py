@@ -12,7 +12,7 @@ from typing import Any
 
 from gridpresence.cli import argtypes
 from gridpresence.cli.common import DEFAULT_DATA, DEFAULT_FLEET, EXIT_FAILED_OUTCOME, EXIT_OK, CliError
-from gridpresence.config import load_fleet
+from gridpresence.config import MAX_SYNTHETIC_DEVICES, Fleet, fleet_toml, load_fleet, synthetic_fleet, synthetic_fleet_data
 from gridpresence.host.fleet import FleetBots
 from gridpresence.host.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE, Grid
 from gridpresence.host.processes import HUNG_AFTER_S, heartbeat
@@ -69,11 +69,50 @@ def _print_welcome(grid: Grid) -> None:
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 
 
+def _fleet_of(args: argparse.Namespace) -> Fleet:
+    """The fleet file, or a synthetic fleet of --devices N (not both: which would win?)."""
+    if args.devices:
+        if args.fleet is not None:
+            raise CliError("give --fleet FILE or --devices N, not both")
+        return synthetic_fleet(args.devices, seed=args.seed, refresh_s=args.refresh)
+    return load_fleet(Path(args.fleet or DEFAULT_FLEET))
+
+
+async def cmd_fleet_generate(args: argparse.Namespace) -> int:
+    """`fleet generate N`: the synthetic fleet `up --devices N` runs, as a fleet file to edit."""
+    text = fleet_toml(synthetic_fleet_data(args.devices, seed=args.seed, refresh_s=args.refresh))
+    if args.out is None:
+        print(text, end="")
+    else:
+        try:
+            Path(args.out).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise CliError(f"{args.out}: cannot write the fleet file: {exc.strerror or exc}") from None
+        print(f"wrote {args.devices} devices to {args.out}", flush=True)
+    return EXIT_OK
+
+
+def synthetic_opts(p: argparse.ArgumentParser, *, optional: bool) -> None:
+    how = dict(type=device_count, metavar="N")
+    if optional:
+        p.add_argument("--devices", default=0, help="instead of --fleet: a synthetic fleet of N devices "
+                       "(substations of masters, breakers, branch meters, loads, generators)", **how)
+    else:
+        p.add_argument("devices", help="how many devices", **how)
+    p.add_argument("--seed", type=argtypes.Number(ge=0, integer=True), default=0,
+                   help="the synthetic fleet's seed (ratings, utilisation; the same N and seed, the same fleet)")
+    p.add_argument("--refresh", type=argtypes.Number(ge=0.2, le=86400), default=60.0, metavar="S",
+                   help="the synthetic devices' presence refresh interval (s)")
+
+
+device_count = argtypes.Number(ge=1, le=MAX_SYNTHETIC_DEVICES, integer=True)
+
+
 async def cmd_up(args: argparse.Namespace, scenario: Callable[[Grid], Awaitable[None]] | None = None) -> int:
     stop = stop_signal()  # first: from here on Ctrl-C is an orderly stop, never a traceback or an orphan Prosody
     if args.log_level:
         logging.getLogger().setLevel(LOG_LEVELS[args.log_level])
-    fleet = load_fleet(Path(args.fleet))
+    fleet = _fleet_of(args)
     grid = Grid(fleet, Path(args.data), bind=args.bind, ports=_ports(args), prosody_bin=args.prosody,
                 without=args.without, log_level=args.log_level or "info", processes=args.processes,
                 history=args.history, dashboard_port=args.dashboard_port or 0,
@@ -105,6 +144,9 @@ async def cmd_up(args: argparse.Namespace, scenario: Callable[[Grid], Awaitable[
 async def cmd_demo(args: argparse.Namespace) -> int:
     from gridpresence.host.demo import run_scenario
 
+    if args.devices:
+        raise CliError("the demo's scenario is written for its own fleet's devices; run a synthetic fleet with "
+                       "`gridpresence up --devices N`")
     return await cmd_up(args, scenario=lambda grid: run_scenario(grid.connection, grid.fleet, grid.connection_file))
 
 
@@ -200,7 +242,8 @@ async def cmd_bots(args: argparse.Namespace) -> int:
 
 
 def server_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fleet", default=str(DEFAULT_FLEET), help="fleet file (TOML)")
+    p.add_argument("--fleet", default=None, help=f"fleet file (TOML; default {DEFAULT_FLEET.name})")
+    synthetic_opts(p, optional=True)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="data directory (config, accounts, logs)")
     p.add_argument("--bind", default="127.0.0.1", help="address the server listens on")
     p.add_argument("--c2s-port", type=int, help="XMPP client port (default: free or as last time)")
@@ -243,6 +286,13 @@ def register(sub: Any) -> None:  # argparse's subparsers action has no public ty
     bots.add_argument("--data", default=str(DEFAULT_DATA))
     bots.add_argument("--only", nargs="+", metavar="NAME", help="devices, billing parties, watchdog, console")
     bots.set_defaults(run=cmd_bots)
+
+    fleet = sub.add_parser("fleet", help="fleet files: `fleet generate N` writes a synthetic fleet")
+    fleet_sub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="WHAT")
+    generate = fleet_sub.add_parser("generate", help="a synthetic fleet of N devices as a fleet file (TOML)")
+    synthetic_opts(generate, optional=False)
+    generate.add_argument("--out", help="file to write (default: standard output)")
+    generate.set_defaults(run=cmd_fleet_generate)
 
     server = sub.add_parser("server", help="run the XMPP server alone from the config `up --provision-only` rendered")
     server.add_argument("--data", default=str(DEFAULT_DATA))

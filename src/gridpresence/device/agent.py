@@ -51,6 +51,7 @@ from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.protocol.models import (
     Action,
     Command,
+    DeviceKind,
     DeviceState,
     FaultRef,
     Outcome,
@@ -80,6 +81,10 @@ STOP_GRACE_S = 5.0
 class DeviceAgent(PartySession):
     """One device identity on the network.
 
+    ``directed_readings`` (default on): a reading that moved without a change of health goes to
+    the telemetry audience only; off, it is broadcast to every subscriber, the way before
+    (bench/operator_scale.py compares the two).
+
     ``operators`` are the bare JIDs on alarm duty that may chat with it; ``children`` the bare
     JIDs whose load this device sums (a master IED or a branch meter); ``relays`` the
     store-and-forward relays that may hand over a signed command. Commands must be signed:
@@ -88,6 +93,8 @@ class DeviceAgent(PartySession):
     ``replay`` (default: memory only) remembers the commands taken, across restarts. ``sim`` is
     the device behind the identity (default: the simulated physics of ``spec.kind``).
     """
+
+    directed_readings = True
 
     def __init__(
         self,
@@ -137,7 +144,8 @@ class DeviceAgent(PartySession):
         # Every command taken, with its outcome, until its expiry: a copy has no second effect.
         self.replay = ReplayGuard(replay or ReplayStore(None), self.gate.device)
         self._seq = 0
-        self._published: PresenceReport | None = None
+        self._published: PresenceReport | None = None  # the last report told to anyone
+        self._broadcast: PresenceReport | None = None  # the last told to every subscriber
         self._published_at = 0.0
         self._loop_task: asyncio.Task[None] | None = None
         self._fetching: set[asyncio.Task[None]] = set()  # commands waiting for their issuer's key
@@ -153,6 +161,9 @@ class DeviceAgent(PartySession):
         if self.children:
             self.client.add_event_handler("presence", self._on_child_presence)
         self.client.add_event_handler("session_start", self._on_session_start)
+        self.telemetry_audience = self._telemetry_audience()
+        self._online: dict[str, set[str]] = {}  # the telemetry audience's sessions online, by bare JID
+        self.client.add_event_handler("presence", self._on_audience_presence)
         # Every feature is a desk, built in the table's order for this kind (device/desks.py).
         self._desks: dict[type[Desk], Desk] = {}
         for kind in DESKS[spec.kind]:
@@ -193,7 +204,8 @@ class DeviceAgent(PartySession):
     # -- life cycle -------------------------------------------------------------------
 
     def _on_session_start(self, _event: object) -> None:
-        self._published = None  # a new session has told no one anything yet
+        self._published = self._broadcast = None  # a new session has told no one anything yet
+        self._online.clear()  # the new session's probes tell us again
         self.publish()
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.ensure_future(self._run())
@@ -262,31 +274,90 @@ class DeviceAgent(PartySession):
             log.error("%s: refusing to publish invalid values: %s", self.spec.name, exc)
             return None
 
-    def _changed(self, report: PresenceReport) -> bool:
+    def _health_changed(self, report: PresenceReport) -> bool:
+        """Something every subscriber needs (the watchdog and the relay too): state, restriction,
+        faults, the breaker's position. A first publish counts."""
+        old = self._broadcast
+        return (old is None or old.state != report.state or old.restriction != report.restriction
+                or old.faults != report.faults or old.under_fault != report.under_fault
+                or old.telemetry.breaker != report.telemetry.breaker)
+
+    def _telemetry_changed(self, report: PresenceReport) -> bool:
         old = self._published
-        if (old is None or old.state != report.state or old.restriction != report.restriction
-                or old.faults != report.faults or old.under_fault != report.under_fault):
-            return True
-        a, b = old.telemetry, report.telemetry
-        if a.breaker != b.breaker:
-            return True
-        return abs((a.load_pct or 0.0) - (b.load_pct or 0.0)) >= LOAD_DEADBAND_PCT
+        return old is None or abs((old.telemetry.load_pct or 0.0) - (report.telemetry.load_pct or 0.0)) >= LOAD_DEADBAND_PCT
+
+    def _telemetry_audience(self) -> frozenset[str]:
+        """Who is told of a reading that moved but changed no state (PROTOCOL.md, "Who gets which
+        presence"): the operators, the services acting for them (the console, whose session the
+        historian rides on), the parent, which sums this device's load, and every master IED
+        above, whose branch advice reads its whole tree's loads. Not the watchdog or the relay,
+        which need health only, nor the devices below, which follow faults only."""
+        above = {self.setup.parent} if self.setup.parent else set()
+        fleet = self.setup.fleet
+        if fleet is not None:
+            node = self.spec
+            while node.parent is not None:
+                node = fleet.device(node.parent)
+                if node.kind is DeviceKind.MASTER:
+                    above.add(fleet.jid(node.name))
+        return self.operators | above
 
     def publish(self, force: bool = True) -> PresenceReport | None:
-        """Broadcast presence if forced (refresh) or if something worth telling changed;
-        returns the current report (None if the physics produced invalid values)."""
+        """Broadcast presence if forced (refresh) or if health changed (every subscriber
+        needs it); a reading that moved past the deadband alone goes as directed presence to
+        the telemetry audience only. Returns the current report (None if the physics produced
+        invalid values)."""
         report = self.current_report()
-        if report is None or not self.client.is_connected() or not (force or self._changed(report)):
+        if report is None or not self.client.is_connected():
+            return report
+        broadcast = force or not self.directed_readings or self._health_changed(report)
+        if not broadcast and not self._telemetry_changed(report):
             return report
         if report.state is DeviceState.GONE:  # a field IED that stopped answering: unavailable, with why
             pres = self.client.make_presence(ptype="unavailable", pstatus=f"gone: {self.sim.status_note or 'gone'}")
         else:
             pres = self.client.make_presence(pshow=report.show(), pstatus=report.status_text())
         pres.append(report_to_xml(report))
-        pres.send()
         self._published = report
-        self._published_at = asyncio.get_running_loop().time()
+        if broadcast:
+            pres.send()
+            self._broadcast = report
+            # The refresh is counted from the last broadcast: the watchdog sees only those.
+            self._published_at = asyncio.get_running_loop().time()
+        else:
+            self._send_directed(pres)
         return report
+
+    def _send_directed(self, pres: Presence) -> None:
+        """One copy to each member of the telemetry audience that is online (the server fans a
+        bare JID out to its sessions); none to those offline, which the server would drop."""
+        for jid in self.telemetry_audience:
+            if self._online.get(jid):
+                copy = pres.__copy__()
+                copy["to"] = jid
+                copy.send()
+
+    def _on_audience_presence(self, pres: Presence) -> None:
+        """Who of the telemetry audience is online, by session. A session that comes online had
+        its probe answered by the server with our last broadcast; if a reading has moved since
+        (told by directed presence only), it is told now."""
+        sender = pres["from"]
+        if sender.bare not in self.telemetry_audience:
+            return
+        ptype = pres.xml.get("type")
+        sessions = self._online.setdefault(sender.bare, set())
+        if ptype == "unavailable":
+            sessions.discard(sender.full)
+            return
+        if ptype is not None or sender.full in sessions:
+            return
+        sessions.add(sender.full)
+        report = self._published
+        if report is not None and report is not self._broadcast and self.client.is_connected():
+            out = self.client.make_presence(pshow=report.show(), pstatus=report.status_text())
+            out.append(report_to_xml(report))
+            out["to"] = sender.full
+            out.send()
 
     def _on_child_presence(self, pres: Presence) -> None:
         sender = pres["from"].bare

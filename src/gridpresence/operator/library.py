@@ -200,8 +200,9 @@ class GridOperator:
         try:
             self.client.send_presence(pshow="chat", pstatus=self.presence_status)
 
-            def settled(devs: Mapping[str, DeviceView]) -> bool:
-                return all(v.present for v in devs.values()) and (self.tariff is not None or billing <= offline)
+            def settled(devs: Mapping[str, DeviceView]) -> bool:  # O(1): it runs at every presence of the burst
+                return (self.tracker.present_count >= len(self.tracker.views)
+                        and (self.tariff is not None or billing <= offline))
 
             try:
                 await self.wait_for(settled, timeout=settle_s)
@@ -493,10 +494,23 @@ class GridOperator:
         return cmd.model_copy(update={"serial": serial}) if serial else cmd
 
     async def command_many(self, names: Iterable[str], action: Action | str, *, args: dict[str, str] | None = None,
-                           ttl_s: float = 30.0, wait_final: bool = False) -> dict[str, Outcome]:
-        """The same command to many devices at once; one outcome per device."""
+                           ttl_s: float = 30.0, wait_final: bool = False,
+                           progress: Callable[[int, int], None] | None = None) -> dict[str, Outcome]:
+        """The same command to many devices at once; one outcome per device. `progress(done,
+        total)` is called as each outcome comes back (a CLI shows long fan-outs with it)."""
         names = list(names)
         tasks: list[asyncio.Future[Outcome]] = []
+        done = 0
+
+        def one_more(_task: asyncio.Future[Outcome]) -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                try:
+                    progress(done, len(names))
+                except Exception:  # a faulty display must not lose the fan-out
+                    log.exception("progress callback failed")
+
         try:
             for start in range(0, len(names), FAN_OUT_BATCH):
                 if start:
@@ -506,6 +520,8 @@ class GridOperator:
                 tasks += [asyncio.ensure_future(self.command(n, action, args=args, ttl_s=ttl_s,
                                                              wait_final=wait_final))
                           for n in names[start:start + FAN_OUT_BATCH]]
+                for task in tasks[start:]:
+                    task.add_done_callback(one_more)
             outcomes = await asyncio.gather(*tasks)
         except asyncio.CancelledError:
             for task in tasks:

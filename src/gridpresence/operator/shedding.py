@@ -4,7 +4,7 @@ until the net load is under a target; starts an off generator if shedding is not
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from gridpresence.operator.library import GridOperator
 from gridpresence.operator.tracker import DeviceView
@@ -37,7 +37,10 @@ def _kw(view: DeviceView) -> float:
     return (view.report.telemetry.kw or 0.0) if view.report else 0.0
 
 
-async def shed_to_target(grid: GridOperator, target_kw: float, price_limit: float | None) -> dict[str, object]:
+async def shed_to_target(grid: GridOperator, target_kw: float, price_limit: float | None,
+                         progress: Callable[[int, int], None] | None = None) -> dict[str, object]:
+    """Shed to `target_kw` (everything sheddable above `price_limit`); `progress(done, total)`
+    follows each round's fan-out."""
     log: list[dict[str, object]] = []
     price = None
     if price_limit is not None:
@@ -52,13 +55,24 @@ async def shed_to_target(grid: GridOperator, target_kw: float, price_limit: floa
     skipped = sorted(v.name for v in devices.values() if v.kind is DeviceKind.LOAD and v.report is not None
                      and (v.report.critical or v.report.state is DeviceState.RESTRICTED))
     net = net_load_kw(devices)
-    for view in sheddable(devices):
-        if net <= target_kw:
-            break
-        outcome = await grid.command(view.name, Action.SHED)
-        log.append({"device": view.name, "action": "shed", "outcome": outcome.summary()})
-        if outcome.ok:
-            net -= _kw(view)
+    # Planned in rounds, each round's sheds sent at once (command_many): the fewest loads, largest
+    # first, that would meet the target if all obey; loads that refuse are replaced by the next
+    # ones in a further round. Ten thousand loads take a few rounds, not ten thousand round trips.
+    candidates = sheddable(devices)
+    nxt = 0
+    while net > target_kw and nxt < len(candidates):
+        plan: list[DeviceView] = []
+        planned = net
+        while nxt < len(candidates) and planned > target_kw:
+            plan.append(candidates[nxt])
+            planned -= _kw(candidates[nxt])
+            nxt += 1
+        outcomes = await grid.command_many([v.name for v in plan], Action.SHED, progress=progress)
+        for view in plan:
+            outcome = outcomes[view.name]
+            log.append({"device": view.name, "action": "shed", "outcome": outcome.summary()})
+            if outcome.ok:
+                net -= _kw(view)
     started = None
     if net > target_kw:
         generators = sorted((v for v in grid.devices.values() if v.kind is DeviceKind.GENERATOR and v.present

@@ -99,6 +99,9 @@ class PresenceTracker:
         self.ping_timeout_s = ping_timeout_s
         self.views: dict[str, DeviceView] = {}  # by bare JID
         self.jid_by_name: dict[str, str] = {}
+        # Kept with every change, so "are all present?" costs nothing per presence (a login's
+        # burst of N presences would otherwise make N checks over N views).
+        self.present_count = 0
         self._last_refresh: dict[str, float] = {}  # loop time of the last valid presence
         self._pinging: set[str] = set()
         self._listeners: list[Callable[[DeviceChange], None]] = []
@@ -157,6 +160,7 @@ class PresenceTracker:
 
     def _set(self, old: DeviceView, new: DeviceView, cause: str) -> None:
         self.views[new.jid] = new
+        self.present_count += new.present - old.present
         change = DeviceChange(old, new, cause)
         for listener in list(self._listeners):
             try:
