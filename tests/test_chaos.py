@@ -16,15 +16,14 @@ import os
 import random
 import re
 import signal
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gridpresence.operator.library import GridOperator
+from portcut import can_drop_ports, drop_port, undrop_port
 from gridpresence.protocol.models import Outcome
 from gridpresence.xmpp.session import ConnectionInfo
 
@@ -83,22 +82,6 @@ class Proc:
             except TimeoutError:
                 pass
         await self.kill()
-
-
-def can_drop_ports() -> bool:
-    return os.geteuid() == 0 and shutil.which("nft") is not None
-
-
-def drop_port(port: int) -> None:
-    """Drop every packet to or from `port` (both ways: established sessions stall, new ones get
-    no answer), as a cut firewall path does; its own table, whatever else nftables holds."""
-    rules = (f"table inet {NFT_TABLE} {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n"
-             f"  tcp dport {port} drop\n  tcp sport {port} drop\n }}\n}}\n")
-    subprocess.run(["nft", "-f", "-"], input=rules, text=True, capture_output=True, timeout=10, check=True)
-
-
-def undrop_port() -> None:
-    subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True, timeout=10)
 
 
 @dataclass
@@ -172,11 +155,11 @@ async def test_chaos_commands_stay_true_through_faults(tmp_path: Path) -> None:
                 await asyncio.sleep(FREEZE_S)
                 bots.proc.send_signal(signal.SIGCONT)
             elif fault == "c2s":
-                drop_port(ConnectionInfo.load(data / "connection.json").server.c2s_port)
+                drop_port(NFT_TABLE, ConnectionInfo.load(data / "connection.json").server.c2s_port)
                 try:
                     await asyncio.sleep(DROP_S)
                 finally:
-                    undrop_port()
+                    undrop_port(NFT_TABLE)
                 await all_answer()
             else:
                 await runs[-1].kill()
@@ -189,7 +172,7 @@ async def test_chaos_commands_stay_true_through_faults(tmp_path: Path) -> None:
         await asyncio.wait_for(flowing_task, TTL_S + 15)
     finally:
         flowing = False
-        undrop_port()
+        undrop_port(NFT_TABLE)
         await op.close()
         await bots.stop()
         for run in runs:

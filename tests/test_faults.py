@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 
 from conftest import run_cli, start_up
+from portcut import can_drop_ports, drop_port, undrop_port
 from gridpresence.config import Fleet, parse_fleet
 from gridpresence.device.operated import OperatedStore, state_path
 from gridpresence.host.fleet import FleetBots
@@ -30,6 +31,7 @@ from gridpresence.physics.base import Operated
 from gridpresence.protocol.models import DeviceState, OutcomeStatus
 from gridpresence.server import ProsodyServer
 from gridpresence.xmpp.reconnect import MAX_DELAY_S, SessionEvent, backoff_delay, reconnector_of
+from gridpresence.transport.probe import serves_xmpp
 from gridpresence.xmpp.session import ConnectionInfo
 from slixmpp import Message
 
@@ -186,7 +188,7 @@ async def test_up_kills_and_restarts_a_hung_prosody(grid: Grid, alice: GridOpera
     port = grid.server.ports.c2s
     os.kill(old, signal.SIGSTOP)
     stopped = time.monotonic()
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(20):  # 3 probes of 0.5 s, each on the XMPP and then the HTTP port
         while not grid.server_restarts:
             await asyncio.sleep(0.05)
     killed_after = time.monotonic() - stopped
@@ -198,6 +200,29 @@ async def test_up_kills_and_restarts_a_hung_prosody(grid: Grid, alice: GridOpera
     print(f"\nhung Prosody killed and restarted {killed_after:.2f} s after SIGSTOP")
     outcome = await alice.command("load-2", "shed", ttl_s=10)
     assert outcome.status is OutcomeStatus.EXECUTED, outcome
+
+
+@pytest.mark.skipif(not can_drop_ports(), reason="cutting a port takes root and nft")
+async def test_up_keeps_a_prosody_whose_xmpp_port_is_cut(grid: Grid, alice: GridOperator,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A firewall rule that cuts the XMPP port is a network fault, not a hung server: `up`'s
+    probes go unanswered there, but the server's HTTP port answers from the same event loop, so
+    it is left running (a restart would cure nothing and drop every BOSH session)."""
+    monkeypatch.setattr(grid_module, "HUNG_PROBE_S", 0.5)
+    monkeypatch.setattr(grid_module, "HUNG_PROBES", 3)
+    await asyncio.sleep(1.0)  # the watch loop takes the short period
+    pid = _prosody_pid(grid.server)
+    table = f"gp14_cut_{os.getpid()}"
+    drop_port(table, grid.server.ports.c2s)
+    try:
+        assert not await serves_xmpp(grid.server.connect_host, grid.server.ports.c2s, grid.fleet.domain, 1.0)
+        await asyncio.sleep(0.5 * 3 * 3)  # three times what a hung server is given
+        assert grid.hung_kills == 0 and not grid.server_restarts and _prosody_pid(grid.server) == pid
+    finally:
+        undrop_port(table)
+    async with asyncio.timeout(RECOVERY_S + 10):
+        await _all_back(grid, alice)
+    assert (await alice.command("load-2", "shed", ttl_s=10)).status is OutcomeStatus.EXECUTED
 
 
 async def test_relay_delivers_what_it_stored_after_a_server_restart(grid: Grid, alice: GridOperator,

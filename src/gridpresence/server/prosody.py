@@ -27,7 +27,7 @@ from types import TracebackType
 from gridpresence.server.certs import CertPaths, cert_ips, ensure_certificates
 from gridpresence.server.ports import free_ports, port_is_free
 from gridpresence.server.provision import lua_string
-from gridpresence.transport.probe import serves_xmpp
+from gridpresence.transport.probe import serves_http, serves_xmpp
 
 TEMPLATE_PATH = Path(__file__).resolve().parents[3] / "server_config" / "prosody.cfg.lua.tmpl"
 LOG_LEVELS = ("debug", "info", "warn", "error")
@@ -469,9 +469,14 @@ class ProsodyServer:
         return await serves_xmpp(self.connect_host, self.ports.c2s, self.domain, timeout)
 
     async def answers(self, timeout: float = 3.0) -> bool:
-        """Does the running Prosody still answer a stream header with its features? A hung
-        one (SIGSTOP, a deadlock) keeps its process and its listening socket, and says nothing."""
-        return self.running and await self._serves_xmpp(timeout)
+        """Does the running Prosody still answer a stream header with its features, or else a
+        request on its HTTP port? A hung one (SIGSTOP, a deadlock) keeps its process and its
+        listening sockets, and says nothing on either. One whose XMPP port a firewall rule cut
+        still answers HTTP from the same event loop: it is not hung, and restarting it would cure
+        nothing."""
+        if not self.running:
+            return False
+        return await self._serves_xmpp(timeout) or await serves_http(self.connect_host, self.ports.http, timeout)
 
     def kill(self) -> None:
         """SIGKILL the running Prosody's process group (a hung one cannot take a SIGTERM);

@@ -22,9 +22,9 @@ async def serves_xmpp(host: str, port: int, domain: str, timeout: float = 2.0) -
         "<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
         f"xmlns:stream='http://etherx.jabber.org/streams' to={quoteattr(domain)} version='1.0'>"
     )
-    try:
-        reader, writer = await asyncio.open_connection(host, port)
-    except OSError:
+    try:  # the connect too is bounded: a firewall that drops the SYN would hold it for minutes
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
         return False
     try:
         writer.write(header.encode())
@@ -42,6 +42,26 @@ async def serves_xmpp(host: str, port: int, domain: str, timeout: float = 2.0) -
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()  # leave no half-open probe for Prosody to wait on
+
+
+async def serves_http(host: str, port: int, timeout: float = 2.0) -> bool:
+    """True when `host:port` answers an HTTP request with a status line, whatever the status."""
+    import asyncio
+
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(f"HEAD / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        async with asyncio.timeout(timeout):
+            return (await reader.readline()).startswith(b"HTTP/")
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 def established_to(port: int, tables: tuple[Path, ...] = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))) -> int:
