@@ -139,8 +139,7 @@ class Grid:
         if hosted:  # the component keeps hosted devices' subscriptions, as the server keeps accounts' rosters
             store = HostedStore(self.data_dir / HOSTING_FILE)
             try:
-                for owner, contacts in hosted.items():
-                    store.seed(owner, ((c.jid, c.name, c.groups) for c in contacts))
+                store.seed({owner: [(c.jid, c.name, c.groups) for c in contacts] for owner, contacts in hosted.items()})
             finally:
                 store.close()
         names = [*(a.username for a in accounts), *(d.name for d in self.fleet.devices if self.fleet.hosted(d.name))]
