@@ -38,6 +38,7 @@ from gridpresence.protocol.models import Action, Command, DeviceState, Outcome, 
 from gridpresence.security.signed import sign_payload
 from gridpresence.security.keys import fingerprint
 from gridpresence.security.pep_keyring import PepKeyring
+from gridpresence.xmpp.component import HostedStore
 from gridpresence.xmpp.session import close_session, make_client, open_session
 
 pytestmark = pytest.mark.timeout(180)
@@ -127,6 +128,24 @@ async def hosting(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Hos
     finally:
         await host.stop()
         await grid.stop()
+
+
+def test_hosted_store_keeps_subscriptions_over_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "hosting.sqlite"
+    store = HostedStore(path)
+    store.seed({"h-1@devices.x": [("alice@x", "Alice", ("Operators",))]})
+    store.save("h-1@devices.x", "bob@x", {"name": "", "groups": [], "from": True, "to": False, "pending_in": False,
+                                           "pending_out": False, "whitelisted": False})
+    store.subscribe("h-1@devices.x", "urn:xmpp:openpgp:0:public-keys", "alice@x")
+    store.close()
+    again = HostedStore(path)
+    assert sorted(again.entries("h-1@devices.x/any")) == ["alice@x", "bob@x"]
+    alice = again.load("h-1@devices.x", "alice@x")
+    assert alice is not None and alice["from"] and alice["to"] and alice["groups"] == ["Operators"]
+    assert again.subscribers("h-1@devices.x", "urn:xmpp:openpgp:0:public-keys") == {"alice@x"}
+    again.save("h-1@devices.x", "bob@x", {"removed": True})
+    again.close()
+    assert HostedStore(path).entries("h-1@devices.x") == ["alice@x"]
 
 
 def all_on(devs: object) -> bool:
@@ -309,3 +328,15 @@ async def test_watchdog_flags_hosted_identities_when_their_host_hangs(hosting: H
     finally:
         hosting.host.proc.send_signal(signal.SIGCONT)
     await until(lambda: views[jid].health is HealthStatus.OK, 20, "h-120 healthy again")
+
+
+async def test_hosted_identities_come_back_after_the_server_is_killed(hosting: Hosting) -> None:
+    async with hosting.operator("alice") as alice:
+        await alice.wait_for(all_on, timeout=20)
+        restarts = len(hosting.grid.server_restarts)
+        os.kill(int(hosting.grid.server.pidfile_path.read_text()), signal.SIGKILL)
+        await until(lambda: len(hosting.grid.server_restarts) > restarts, 20, "Prosody restarted")
+        # The component connection reconnects by the grid's policy and every identity with it;
+        # their presence reaches the operator's new session (probes or their own broadcast).
+        await alice.wait_for(lambda d: all_on(d) and all(v.health is HealthStatus.OK for v in d.values()), timeout=30)
+    assert any("session re-established" in line and "devices.localhost" in line for line in hosting.host.lines)

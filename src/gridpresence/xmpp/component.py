@@ -309,7 +309,7 @@ class HostedClient(ComponentXMPP):
         self.auto_subscribe = False
         for name in ("xep_0030", "xep_0199"):
             self.register_plugin(name)
-        reconnector_of(self)  # type: ignore[arg-type]  (its sessions follow the link's)
+        reconnector_of(self).quiet = True  # type: ignore[arg-type]  (its sessions follow the link's)
         self.add_filter("out_sync", self._route)
         self.add_event_handler("session_start", self._probe_contacts)
         self.pep = HostedPep(self)
