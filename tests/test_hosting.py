@@ -46,13 +46,17 @@ pytestmark = pytest.mark.timeout(180)
 N = 200
 HOSTED = [f"h-{i:03d}" for i in range(N)]
 C2S = "c2s-load"  # a device with its own session, beside the hosted ones
+BRANCH = "h-branch"
 FLEET = {
     "domain": "localhost",
     "presence_grace_s": 2.0,
     "hosting": "component",
     "operators": [{"name": "alice"}, {"name": "bob"}],
     "security": {"unsigned_chat_actions": ["shed", "restore"]},
-    "devices": [*({"name": n, "kind": "load", "rated_kw": 10, "refresh_s": 3.0} for n in HOSTED),
+    "devices": [*({"name": n, "kind": "load", "rated_kw": 10, "refresh_s": 3.0,
+                   **({"parent": BRANCH} if n in ("h-000", "h-001") else {})} for n in HOSTED),
+                # A branch meter hosted with its two loads: their presence reaches it inside the host.
+                {"name": BRANCH, "kind": "meter", "rated_kw": 100, "refresh_s": 3.0},
                 {"name": C2S, "kind": "load", "rated_kw": 10, "refresh_s": 3.0, "hosting": "c2s"}],
 }
 EXE = Path(sys.executable).with_name("gridpresence")
@@ -70,7 +74,7 @@ class Host:
     async def start(self) -> None:
         self.lines = []
         self.proc = await asyncio.create_subprocess_exec(
-            str(EXE), "bots", "--data", str(self.data), "--only", *HOSTED, C2S,
+            str(EXE), "bots", "--data", str(self.data), "--only", *HOSTED, BRANCH, C2S,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         asyncio.ensure_future(self._read(self.proc))
         async with asyncio.timeout(60):
@@ -150,7 +154,7 @@ def test_hosted_store_keeps_subscriptions_over_a_reopen(tmp_path: Path) -> None:
 
 def all_on(devs: object) -> bool:
     views = devs.values()  # type: ignore[attr-defined]
-    return len(views) == N + 1 and all(v.present and v.report is not None for v in views)
+    return len(views) == N + 2 and all(v.present and v.report is not None for v in views)
 
 
 async def test_hosted_identities_are_ordinary_jids_in_operators_rosters(hosting: Hosting) -> None:
@@ -167,6 +171,15 @@ async def test_hosted_identities_are_ordinary_jids_in_operators_rosters(hosting:
         await until(lambda: all(roster[hosting.fleet.jid(n)].resources for n in HOSTED), 15, "every hosted presence")
     finally:
         await close_session(bob)
+
+
+async def test_a_hosted_branch_sums_its_hosted_loads(hosting: Hosting) -> None:
+    async with hosting.operator("alice") as alice:
+        def summed(d: object) -> bool:
+            kw = {n: d[n].report.telemetry.kw for n in (BRANCH, "h-000", "h-001")  # type: ignore[index]
+                  if d[n].report is not None}  # type: ignore[index]
+            return len(kw) == 3 and kw[BRANCH] > 0 and abs(kw[BRANCH] - kw["h-000"] - kw["h-001"]) < 0.5
+        await alice.wait_for(summed, timeout=15)
 
 
 async def test_chat_and_adhoc_at_a_hosted_bare_jid(hosting: Hosting) -> None:
