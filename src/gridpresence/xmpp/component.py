@@ -55,6 +55,7 @@ STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 HOSTING_FILE = "hosting.sqlite"  # in the grid's data directory
 COMPONENT_SECRET = "devices-component"  # its name in the grid's secrets.json
 
+BRING_UP_BATCH = 20  # identities whose session starts between two turns of the event loop
 _ROSTER_KEYS = ("name", "groups", "from", "to", "pending_in", "pending_out", "whitelisted")
 
 
@@ -171,6 +172,7 @@ class ComponentLink(ComponentXMPP):
         self.store = store
         self.clients: dict[str, HostedClient] = {}
         self.online = False
+        self._bringing_up: asyncio.Task[None] | None = None
         self.register_plugin("xep_0030")
         self.register_plugin("xep_0199")
         self.add_event_handler("session_start", self._on_session_start)
@@ -225,9 +227,19 @@ class ComponentLink(ComponentXMPP):
 
     def _on_session_start(self, _e: object) -> None:
         self.online = True
-        for hosted in list(self.clients.values()):
+        if self._bringing_up is None or self._bringing_up.done():
+            self._bringing_up = asyncio.ensure_future(self._bring_up())
+
+    async def _bring_up(self) -> None:
+        """After a reconnect, every identity's session again: a few at a time, so thousands of
+        session starts do not hold the event loop (and the link's own traffic) for seconds."""
+        for i, hosted in enumerate(list(self.clients.values())):
+            if not self.online:
+                return
             if hosted.wants_session:
                 hosted._session_up()
+            if i % BRING_UP_BATCH == BRING_UP_BATCH - 1:
+                await asyncio.sleep(0)
 
     def _on_disconnected(self, reason: object) -> None:
         self.online = False
@@ -397,6 +409,8 @@ class HostedClient(ComponentXMPP):
             return None
         if xml.get("to"):
             self._send_one(xml)
+        else:  # for "the server" of a hosted JID: there is none (and the component's domain is not it)
+            log.debug("%s: stanza without a recipient not sent: %s", self.boundjid.bare, stanza)
         return None
 
     def _send_one(self, xml: ET.Element) -> None:
