@@ -25,7 +25,8 @@ def with_site(fleet: Fleet, site: Site, source: str = "site") -> Fleet:
     for i, ied in enumerate(site.ieds):
         spec = device_spec(ied)
         if ied.name in have:
-            if have[ied.name] != spec:
+            # (a fleet copy from before `hosting` existed names none: the same device all the same)
+            if have[ied.name].model_copy(update={"hosting": spec.hosting}) != spec:
                 raise FleetError(f"{source}: ieds[{i}] ({ied.name}).name: the fleet has another device of that name")
             continue
         added.append(spec)
