@@ -77,7 +77,7 @@ class Host:
             str(EXE), "bots", "--data", str(self.data), "--only", *HOSTED, BRANCH, C2S,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         asyncio.ensure_future(self._read(self.proc))
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(120):  # ~15 s on a quiet machine; this one is shared
             while not any(line.startswith("running") for line in self.lines):
                 if self.proc.returncode is not None:
                     raise AssertionError("".join(self.lines[-40:]))

@@ -50,14 +50,19 @@ class Bot(Protocol):
     async def stop(self) -> None: ...
 
 
-async def log_in_all(bots: Iterable[Bot], timeout: float = 60.0) -> None:
+async def log_in_all(bots: Iterable[Bot], timeout: float = 60.0, paced: Collection[Bot] = ()) -> None:
     """Log bots in a few at a time (the server is not hit by one thundering herd), each
-    announcing its key; fails if they are not all in within `timeout`."""
+    announcing its key; fails if they are not all in within `timeout`. A `paced` bot (a hosted
+    identity) holds its place until its key is announced too: its login and announcement are
+    work of this process alone, and thousands begun at once would starve each other's answers
+    past their time-outs."""
     gate = asyncio.Semaphore(LOGIN_CONCURRENCY)
 
     async def one(bot: Bot) -> None:
         async with gate:
             await bot.login()
+            if bot in paced:
+                await bot.keyring.announced()
         # Outside the gate: the next login need not wait for this key announcement's round trip.
         await bot.keyring.announced()
 
@@ -150,7 +155,8 @@ class FleetBots:
             self.historian.start()  # before the logins, so it records the fleet arriving
         if self.link is not None:  # hosted devices' sessions start when the link is up
             await self.link.start()
-        await log_in_all(self.bots, timeout)
+        hosted = {d for name, d in self.devices.items() if self.fleet.hosted(name)}
+        await log_in_all(self.bots, timeout, paced=hosted)
         # Thousands of long-lived session objects now exist; keep the cyclic GC from
         # re-scanning them on every full collection (a third of a fan-out's time otherwise).
         gc.collect()
