@@ -351,5 +351,5 @@ async def test_hosted_identities_come_back_after_the_server_is_killed(hosting: H
         await until(lambda: len(hosting.grid.server_restarts) > restarts, 20, "Prosody restarted")
         # The component connection reconnects by the grid's policy and every identity with it;
         # their presence reaches the operator's new session (probes or their own broadcast).
-        await alice.wait_for(lambda d: all_on(d) and all(v.health is HealthStatus.OK for v in d.values()), timeout=30)
+        await alice.wait_for(lambda d: all_on(d) and all(v.health is HealthStatus.OK for v in d.values()), timeout=60)
     assert any("session re-established" in line and "devices.localhost" in line for line in hosting.host.lines)
