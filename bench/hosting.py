@@ -37,6 +37,9 @@ from gridpresence.server.accounts import Secrets
 from gridpresence.xmpp.session import ConnectionInfo
 
 
+REFRESH_S = 600.0
+
+
 def rss_kib(pid: int | str = "self") -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -45,7 +48,7 @@ def rss_kib(pid: int | str = "self") -> int:
 
 
 def fleet_of(n: int, c2s: int) -> dict[str, object]:
-    loads = [{"name": f"{side}-{i:05d}", "kind": "load", "rated_kw": 10, "refresh_s": 600.0, "hosting": hosting}
+    loads = [{"name": f"{side}-{i:05d}", "kind": "load", "rated_kw": 10, "refresh_s": REFRESH_S, "hosting": hosting}
              for side, hosting, count in (("h", "component", n), ("c", "c2s", c2s)) for i in range(count)]
     return {"domain": "localhost", "operators": [{"name": "bench-op"}], "devices": loads}
 
@@ -57,7 +60,10 @@ async def child(data: Path, side: str) -> None:
     names = [d.name for d in fleet.devices if d.name.startswith(f"{side}-")]
     gc.collect()
     before = rss_kib()
-    bots = FleetBots(fleet, info.server, Secrets(data / SECRETS_FILE), only=names, with_services=False, data_dir=data)
+    # Physics ticks at the refresh only (as bench/common.py's device process): a 1 s tick of
+    # thousands of simulated devices would be measured instead of their logins.
+    bots = FleetBots(fleet, info.server, Secrets(data / SECRETS_FILE), only=names, with_services=False, data_dir=data,
+                     tick_s=REFRESH_S)
     done: list[float] = []
     t0 = time.perf_counter()
     for agent in bots.devices.values():
