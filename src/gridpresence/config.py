@@ -255,7 +255,16 @@ class Fleet(BaseModel):
                               customer=self.jid(device.customer) if device.customer else None)
 
     def children(self, name: str) -> tuple[DeviceSpec, ...]:
-        return tuple(d for d in self.devices if d.parent == name)
+        """Built once per devices tuple, like ``_by_name``: a host asks it of each of 10,000 devices."""
+        cached = self.__dict__.get("_children_index")
+        if cached is None or cached[0] is not self.devices:
+            kids: dict[str, list[DeviceSpec]] = {}
+            for dev in self.devices:
+                if dev.parent is not None:
+                    kids.setdefault(dev.parent, []).append(dev)
+            cached = (self.devices, {parent: tuple(devs) for parent, devs in kids.items()})
+            self.__dict__["_children_index"] = cached
+        return cached[1].get(name, ())
 
     def descendants(self, name: str) -> tuple[DeviceSpec, ...]:
         """Every device below `name`, depth first, without recursion (chains may be deep)."""
