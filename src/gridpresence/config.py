@@ -12,7 +12,7 @@ import re
 import tomllib
 import unicodedata
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -112,6 +112,10 @@ class CustomerSpec(_Spec):
     """A customer of the utility: reads the billing part of its meters' reports ([0085]), nothing else."""
 
 
+Hosting = Literal["c2s", "component"]
+COMPONENT_LABEL = "devices"  # hosted devices' JIDs are NAME@devices.DOMAIN
+
+
 class DeviceSpec(_Spec):
     kind: DeviceKind
     # The serial number bound into every signed command for this device ([0045]).
@@ -131,6 +135,10 @@ class DeviceSpec(_Spec):
     # (a [[customers]] name) who may read their billing part besides the billing party.
     billing_report_s: float = Field(default=3600.0, ge=1.0, le=31 * 86400, allow_inf_nan=False)
     customer: str | None = None
+    # How the device's identity reaches the server: hosted on the fleet's component (many
+    # identities over one connection, NAME@devices.DOMAIN) or a c2s/BOSH session of its own
+    # (a device that must cross a firewall). None: the fleet's `hosting`.
+    hosting: Hosting | None = None
 
     @model_validator(mode="after")
     def _serial(self) -> DeviceSpec:
@@ -183,6 +191,9 @@ class Fleet(BaseModel):
     security: SecuritySettings = SecuritySettings()
     rules: RulesSpec | None = None
     sites: tuple[SiteRef, ...] = Field(default=(), max_length=100)
+    # Devices' default way to the server (each device's own `hosting` wins): "component" hosts
+    # them over one XEP-0114 connection as NAME@devices.DOMAIN; "c2s" gives each its own session.
+    hosting: Hosting = "c2s"
 
     @model_validator(mode="after")
     def _consistent(self) -> Fleet:
@@ -274,7 +285,27 @@ class Fleet(BaseModel):
         return tuple(out)
 
     def jid(self, name: str) -> str:
+        if name in self._hosted_names():
+            return f"{name}@{self.component_domain}"
         return f"{name}@{self.domain}"
+
+    @property
+    def component_domain(self) -> str:
+        """The domain of hosted devices' JIDs (the server's ``Component`` for them)."""
+        return f"{COMPONENT_LABEL}.{self.domain}"
+
+    def hosted(self, name: str) -> bool:
+        """True when device `name` is hosted on the component (no account of its own)."""
+        return name in self._hosted_names()
+
+    def _hosted_names(self) -> frozenset[str]:
+        """Built once per devices tuple, like ``_by_name`` (jid() is called in every loop)."""
+        cached = self.__dict__.get("_hosted_index")
+        if cached is None or cached[0] is not self.devices or cached[1] != self.hosting:
+            names = frozenset(d.name for d in self.devices if (d.hosting or self.hosting) == "component")
+            cached = (self.devices, self.hosting, names)
+            self.__dict__["_hosted_index"] = cached
+        return cached[2]
 
     def roles(self) -> dict[str, Role]:
         """Bare JID -> the role its signed commands are judged by ([security] allow)."""

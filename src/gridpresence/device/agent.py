@@ -35,6 +35,7 @@ from gridpresence.security.ox import is_encrypted
 from gridpresence.xmpp.party import PartySession
 from gridpresence.xmpp.reconnect import reconnector_of
 from gridpresence.xmpp.session import Endpoint, close_session, make_client
+from gridpresence.transport.policy import GridClient
 from gridpresence.config import DeviceSpec
 from gridpresence.physics import SimDevice, make_device
 from gridpresence.physics.base import Effect, branch_contribution
@@ -91,7 +92,9 @@ class DeviceAgent(PartySession):
     ``roles`` (bare JID -> role, default: operators and services as operators) and
     ``security`` decide who may issue what, ``keys`` finds the issuers' public keys, and
     ``replay`` (default: memory only) remembers the commands taken, across restarts. ``sim`` is
-    the device behind the identity (default: the simulated physics of ``spec.kind``).
+    the device behind the identity (default: the simulated physics of ``spec.kind``); ``client``
+    its session (default: a c2s/BOSH client of its own; host/fleet.py gives hosted devices one
+    on the component, xmpp/component.py).
     """
 
     directed_readings = True
@@ -114,6 +117,7 @@ class DeviceAgent(PartySession):
         roles: Mapping[str, Role] | None = None,
         replay: ReplayStore | None = None,
         sim: SimDevice | None = None,
+        client: GridClient | None = None,
     ) -> None:
         self.spec = spec
         self.endpoint = endpoint
@@ -134,7 +138,8 @@ class DeviceAgent(PartySession):
         if kept is not None:
             self.sim.restore(kept, utcnow())
             log.info("%s: state kept from the last run restored: %s", spec.name, kept.state.value)
-        self.client = make_client(jid, password, endpoint)
+        # Its own c2s/BOSH session, or the one given: a hosted identity on the fleet's component.
+        self.client = client if client is not None else make_client(jid, password, endpoint)
         self.security = security or SecuritySettings()
         self.gate = CommandGate(JID(jid).bare, spec.serial, self.security,
                                 dict(roles) if roles is not None else dict.fromkeys(self.operators, Role.OPERATOR),

@@ -10,7 +10,8 @@ from gridpresence.gateway.site import IedSpec, Site, SiteError, load_site
 def device_spec(ied: IedSpec) -> DeviceSpec:
     """The fleet's view of an IED: the same name, kind, serial and refresh as a device bot."""
     fields = dict(name=ied.name, display_name=ied.display_name, kind=ied.kind, rated_kw=ied.rated_kw,
-                  critical=ied.critical, refresh_s=ied.refresh_s)
+                  critical=ied.critical, refresh_s=ied.refresh_s,
+                  hosting="c2s")  # the gateway logs its IEDs in over c2s/BOSH, whatever the fleet hosts
     if ied.serial is not None:
         fields["serial"] = ied.serial
     return DeviceSpec.model_validate(fields)
@@ -24,7 +25,8 @@ def with_site(fleet: Fleet, site: Site, source: str = "site") -> Fleet:
     for i, ied in enumerate(site.ieds):
         spec = device_spec(ied)
         if ied.name in have:
-            if have[ied.name] != spec:
+            # (a fleet copy from before `hosting` existed names none: the same device all the same)
+            if have[ied.name].model_copy(update={"hosting": spec.hosting}) != spec:
                 raise FleetError(f"{source}: ieds[{i}] ({ied.name}).name: the fleet has another device of that name")
             continue
         added.append(spec)

@@ -11,7 +11,7 @@ import gc
 import logging
 from collections.abc import Collection, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from gridpresence.server.accounts import CONSOLE, RELAY, WATCHDOG, Secrets
 from gridpresence.services.billing import BillingAgent
@@ -24,7 +24,9 @@ from gridpresence.device.host import DeviceSetup
 from gridpresence.device.operated import state_path
 from gridpresence.services.historian import HISTORY_FILE, Historian, open_store
 from gridpresence.services.manufacturer import ManufacturerAgent
-from gridpresence.xmpp.session import Endpoint
+from gridpresence.xmpp.component import COMPONENT_SECRET, HOSTING_FILE, ComponentLink, HostedStore
+from gridpresence.xmpp.session import Endpoint, SessionError
+from gridpresence.transport.policy import GridClient
 from gridpresence.services.watchdog import WatchdogAgent
 from gridpresence.config import Fleet
 from gridpresence.rules.audit_log import audit_path
@@ -48,14 +50,19 @@ class Bot(Protocol):
     async def stop(self) -> None: ...
 
 
-async def log_in_all(bots: Iterable[Bot], timeout: float = 60.0) -> None:
+async def log_in_all(bots: Iterable[Bot], timeout: float = 60.0, paced: Collection[Bot] = ()) -> None:
     """Log bots in a few at a time (the server is not hit by one thundering herd), each
-    announcing its key; fails if they are not all in within `timeout`."""
+    announcing its key; fails if they are not all in within `timeout`. A `paced` bot (a hosted
+    identity) holds its place until its key is announced too: its login and announcement are
+    work of this process alone, and thousands begun at once would starve each other's answers
+    past their time-outs."""
     gate = asyncio.Semaphore(LOGIN_CONCURRENCY)
 
     async def one(bot: Bot) -> None:
         async with gate:
             await bot.login()
+            if bot in paced:
+                await bot.keyring.announced()
         # Outside the gate: the next login need not wait for this key announcement's round trip.
         await bot.keyring.announced()
 
@@ -88,10 +95,17 @@ class FleetBots:
         self.console: ConsoleAgent | None = None
         # One rule set, loaded once, shared by every device.
         self.rules = rules_for(fleet.rules.path if fleet.rules else None, fleet.alarms)
+        # Hosted devices share one component connection (xmpp/component.py); the others log in
+        # over c2s/BOSH, each with its own session (those that must cross a firewall).
+        self.link: ComponentLink | None = None
         for dev in fleet.devices:
             if wanted is None or dev.name in wanted:
+                client = None
+                if fleet.hosted(dev.name):
+                    client = cast(GridClient, self._link(fleet, endpoint, secrets, data_dir).client(fleet.jid(dev.name)))
                 self.devices[dev.name] = device_agent(fleet, dev.name, endpoint, secrets.password(dev.name), keys(dev.name),
-                                                      self.replay, tick_s=tick_s, rules=self.rules, data_dir=data_dir)
+                                                      self.replay, tick_s=tick_s, rules=self.rules, data_dir=data_dir,
+                                                      client=client)
         for bill in fleet.billing:
             if wanted is None or bill.name in wanted:
                 self.billing[bill.name] = BillingAgent(bill, fleet.jid(bill.name), secrets.password(bill.name),
@@ -119,6 +133,16 @@ class FleetBots:
             self.historian = Historian(open_store(history or Path(data_dir) / HISTORY_FILE))  # type: ignore[arg-type]
             self.historian.attach(self.console.grid)
 
+    def _link(self, fleet: Fleet, endpoint: Endpoint, secrets: Secrets, data_dir: Path | None) -> ComponentLink:
+        if self.link is None:
+            if endpoint.component_port is None:
+                raise SessionError(f"the fleet hosts devices on {fleet.component_domain}, but the server has no "
+                                   "component port (re-run `gridpresence up` to provision it)")
+            store = HostedStore(Path(data_dir) / HOSTING_FILE if data_dir is not None else None)
+            self.link = ComponentLink(fleet.component_domain, secrets.password(COMPONENT_SECRET), endpoint.host,
+                                      endpoint.component_port, store)
+        return self.link
+
     @property
     def bots(self) -> list[Bot]:
         # The watchdog first, so it sees every device arrive.
@@ -129,7 +153,10 @@ class FleetBots:
     async def start(self, timeout: float = 60.0) -> None:
         if self.historian is not None:
             self.historian.start()  # before the logins, so it records the fleet arriving
-        await log_in_all(self.bots, timeout)
+        if self.link is not None:  # hosted devices' sessions start when the link is up
+            await self.link.start()
+        hosted = {d for name, d in self.devices.items() if self.fleet.hosted(name)}
+        await log_in_all(self.bots, timeout, paced=hosted)
         # Thousands of long-lived session objects now exist; keep the cyclic GC from
         # re-scanning them on every full collection (a third of a fan-out's time otherwise).
         gc.collect()
@@ -145,6 +172,8 @@ class FleetBots:
         for res in results:
             if isinstance(res, BaseException):
                 log.warning("a bot did not stop cleanly: %s", res)
+        if self.link is not None:  # after the goodbyes the hosted devices sent over it
+            await self.link.stop()
         if self.historian is not None:
             try:
                 await self.historian.stop()  # after the bots: their goodbyes are recorded too
@@ -155,7 +184,8 @@ class FleetBots:
 
 def device_agent(fleet: Fleet, name: str, endpoint: Endpoint, password: str, keys: PartyKeys | None,
                  replay: ReplayStore | None = None, tick_s: float = 1.0, rules: RuleSet | None = None,
-                 data_dir: Path | None = None, sim: SimDevice | None = None) -> DeviceAgent:
+                 data_dir: Path | None = None, sim: SimDevice | None = None,
+                 client: GridClient | None = None) -> DeviceAgent:
     """The bot of the fleet's device `name`, with the fleet's parties, roles, policy and rules;
     `sim` is the device behind it (default: its simulated physics; a gateway's: the real IED)."""
     spec = fleet.device(name)
@@ -176,7 +206,8 @@ def device_agent(fleet: Fleet, name: str, endpoint: Endpoint, password: str, key
     return DeviceAgent(spec, fleet.jid(name), password, endpoint, [fleet.jid(o.name) for o in fleet.operators],
                        [fleet.jid(c.name) for c in fleet.children(name)], tick_s=tick_s, relays=[fleet.jid(RELAY)],
                        services=[fleet.jid(CONSOLE)], keys=keys, setup=setup,
-                       security=fleet.security, roles=issuer_roles(fleet), replay=replay, sim=sim)
+                       security=fleet.security, roles=issuer_roles(fleet), replay=replay, sim=sim,
+                       client=client)
 
 
 def issuer_roles(fleet: Fleet) -> dict[str, Role]:

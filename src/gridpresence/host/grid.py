@@ -12,7 +12,7 @@ from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
 
-from gridpresence.server.accounts import CONSOLE, RELAY, WATCHDOG, Secrets, plan_accounts
+from gridpresence.server.accounts import CONSOLE, RELAY, WATCHDOG, Secrets, plan_accounts, plan_hosted
 from gridpresence.gateway.fleet import with_sites
 from gridpresence.gateway.simulator import FieldSimulator
 from gridpresence.gateway.site import load_site
@@ -31,6 +31,7 @@ from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.security.pins import PinStore
 from gridpresence.server import ProsodyServer, ServerPorts, provision
 from gridpresence.server.prosody import ServerError
+from gridpresence.xmpp.component import COMPONENT_SECRET, HOSTING_FILE, HostedStore
 from gridpresence.xmpp.reconnect import backoff_delay
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,14 @@ class Grid:
             everyone = [*(p.name for p in (*fleet.devices, *fleet.billing, *fleet.manufacturers)), WATCHDOG, RELAY,
                         CONSOLE]
             only = [n for n in (everyone if only is None else only) if n not in set(without)]
-        self.server = ProsodyServer(self.data_dir, domain=fleet.domain, bind=bind, ports=ports, prosody_bin=prosody_bin,
-                                    log_level=log_level, adhoc_accounts=[d.name for d in fleet.devices],
-                                    advertise=advertise)
         self.secrets = Secrets(self.data_dir / SECRETS_FILE)
+        # Hosted devices (fleet `hosting`) come over the server's component; c2s ones have accounts.
+        hosted = any(fleet.hosted(d.name) for d in fleet.devices)
+        self.server = ProsodyServer(self.data_dir, domain=fleet.domain, bind=bind, ports=ports, prosody_bin=prosody_bin,
+                                    log_level=log_level,
+                                    adhoc_accounts=[d.name for d in fleet.devices if not fleet.hosted(d.name)],
+                                    advertise=advertise,
+                                    component_secret=self.secrets.password(COMPONENT_SECRET) if hosted else None)
         self.keys = KeyStore(self.data_dir / KEYS_DIR)
         self._want_bots = bots
         self._only = only
@@ -99,7 +104,8 @@ class Grid:
     @property
     def endpoint(self) -> Endpoint:
         return Endpoint(host=self.server.connect_host, c2s_port=self.server.ports.c2s, domain=self.fleet.domain,
-                        ca_file=self.server.certs.ca, bosh_url=self.server.bosh_url, web_url=self.server.web_url)
+                        ca_file=self.server.certs.ca, bosh_url=self.server.bosh_url, web_url=self.server.web_url,
+                        component_port=self.server.ports.component if self.server.component_domain else None)
 
     @property
     def connection(self) -> ConnectionInfo:
@@ -145,8 +151,16 @@ class Grid:
         accounts = plan_accounts(self.fleet, self.secrets)
         provision(self.server.storage_path, self.fleet.domain, accounts)
         self.secrets.save()
-        for account in accounts:  # every party gets its OpenPGP key when it is provisioned
-            self.keys.ensure(account.username, self.fleet.jid(account.username))
+        hosted = plan_hosted(self.fleet)
+        if hosted:  # the component keeps hosted devices' subscriptions, as the server keeps accounts' rosters
+            store = HostedStore(self.data_dir / HOSTING_FILE)
+            try:
+                store.seed({owner: [(c.jid, c.name, c.groups) for c in contacts] for owner, contacts in hosted.items()})
+            finally:
+                store.close()
+        names = [*(a.username for a in accounts), *(d.name for d in self.fleet.devices if self.fleet.hosted(d.name))]
+        for name in names:  # every party gets its OpenPGP key when it is provisioned
+            self.keys.ensure(name, self.fleet.jid(name))
         self._pin_issuers()
         (self.data_dir / FLEET_COPY).write_text(self.fleet.model_dump_json(indent=1, exclude_defaults=True))
         self._write_connection()

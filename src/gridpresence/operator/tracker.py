@@ -47,7 +47,7 @@ class DeviceView:
 
     @property
     def transport(self) -> str | None:
-        """"tcp" or "bosh": how the device reaches the server, as it last reported."""
+        """"tcp", "bosh" or "component" (hosted): how the device reaches the server, as it last reported."""
         return self.report.transport if self.report and self.present else None
 
     @property

@@ -153,7 +153,7 @@ class PresenceReport(_Model):
     seq: int = Field(default=0, ge=0)
     at: AwareDatetime = Field(default_factory=utcnow)
     # How the device reaches the server: the XMPP port, or BOSH through a web-only firewall.
-    transport: Literal["tcp", "bosh"] | None = None
+    transport: Literal["tcp", "bosh", "component"] | None = None  # component: hosted (xmpp/component.py)
     # The device's serial number: issuers bind it into every signed command ([0045]).
     serial: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{1,64}$")
     # Faults active now (own first, then those folded into them); empty on a healthy device.

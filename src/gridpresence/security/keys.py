@@ -8,7 +8,9 @@ an account's password without it is not enough.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +77,53 @@ def jid_of(key: pgpy.PGPKey) -> str | None:
 
 
 @dataclass(frozen=True)
+class PublicPart:
+    """What announcing a key needs of it (XEP-0373 §4.1): no secret material, no pgpy objects."""
+
+    fingerprint: str
+    created: dt.datetime
+    data: bytes  # the public key, binary OpenPGP
+
+    @classmethod
+    def of(cls, key: pgpy.PGPKey) -> PublicPart:
+        public = key.pubkey if not key.is_public else key
+        return cls(fingerprint(public), public.created, bytes(public))
+
+
+def public_part(secret_file: Path) -> PublicPart:
+    """The public part of the key in ``secret_file``, from the note beside it (``….pub.json``)
+    when the note is of this very file (size and modification time); else the key is parsed
+    and the note written. Parsing a key with pgpy costs ~11 ms: a host logging thousands of
+    identities in announces them all from their notes."""
+    note = secret_file.with_name(secret_file.name + ".pub.json")
+    try:
+        stat = secret_file.stat()
+        data = json.loads(note.read_text(encoding="ascii"))
+        if data["key_size"] == stat.st_size and data["key_mtime_ns"] == stat.st_mtime_ns:
+            return PublicPart(data["fingerprint"], dt.datetime.fromisoformat(data["created"]),
+                              base64.b64decode(data["public"], validate=True))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no note, an old one, or an unreadable one: the key itself decides
+    part = PublicPart.of(load_secret(secret_file))
+    write_public_note(secret_file, part)
+    return part
+
+
+def write_public_note(secret_file: Path, part: PublicPart) -> None:
+    """Best effort: a key directory we may not write to only costs the parse next time."""
+    note = secret_file.with_name(secret_file.name + ".pub.json")
+    try:
+        stat = secret_file.stat()
+        tmp = note.with_name(f".{note.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"fingerprint": part.fingerprint, "created": part.created.isoformat(),
+                                   "public": base64.b64encode(part.data).decode(), "key_size": stat.st_size,
+                                   "key_mtime_ns": stat.st_mtime_ns}), encoding="ascii")
+        os.replace(tmp, note)
+    except OSError:
+        pass
+
+
+@dataclass(frozen=True)
 class KeyStore:
     """Secret keys of the parties this process provisions or runs, one file each."""
 
@@ -88,7 +137,9 @@ class KeyStore:
         path = self.secret_path(name)
         if not path.exists():
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            write_secret(path, generate(jid))
+            key = generate(jid)
+            write_secret(path, key)
+            write_public_note(path, PublicPart.of(key))  # its first announcement needs no parse
         return path
 
     def secret(self, name: str) -> pgpy.PGPKey:

@@ -25,7 +25,16 @@ from slixmpp import JID, ClientXMPP, Message
 from slixmpp.exceptions import IqError, IqTimeout
 
 from gridpresence.security.keyring import KeyChanged, KeyUnavailable
-from gridpresence.security.keys import KEYS_DIR, KeyFileError, fingerprint, load_secret, parse_key, xmpp_uid
+from gridpresence.security.keys import (
+    KEYS_DIR,
+    KeyFileError,
+    PublicPart,
+    fingerprint,
+    load_secret,
+    parse_key,
+    public_part,
+    xmpp_uid,
+)
 from gridpresence.protocol.ox_xml import (
     PUBLIC_KEYS_NODE,
     PUBLIC_KEYS_NOTIFY,
@@ -88,7 +97,6 @@ class PepKeyring:
         self._watched: set[str] = set()  # metadata nodes we subscribed to
         self._secret: pgpy.PGPKey | None = None
         self._announcing: asyncio.Task[bool] | None = None
-        self._public_of: tuple[pgpy.PGPKey, pgpy.PGPKey] | None = None  # (secret key, its public half)
         for name in ("xep_0004", "xep_0060"):
             if name not in client.plugin:
                 client.register_plugin(name)
@@ -120,8 +128,8 @@ class PepKeyring:
         # now on start their own on this session (the old one's waiters time out as before).
         self._fetching.clear()
         # Subscriptions to others' metadata need no renewal: PEP keeps bare-JID subscribers.
-        if self.secret_key is not None:
-            self._announcing = asyncio.ensure_future(self._announce_logged(self.secret_key))
+        if self._secret is not None or self.secret_file is not None:
+            self._announcing = asyncio.ensure_future(self._announce_logged())
 
     async def announced(self, timeout: float = 10.0) -> bool:
         """Wait for this session's announcement of our key; False if there is none or it failed."""
@@ -132,9 +140,20 @@ class PepKeyring:
         except TimeoutError:
             return False
 
-    async def _announce_logged(self, secret: pgpy.PGPKey) -> bool:
+    async def _announce_logged(self) -> bool:
         try:
-            await self.publish(secret)
+            # The secret key itself is parsed only when first used to sign or decrypt.
+            if self._secret is not None:
+                part = PublicPart.of(self._secret)
+            else:
+                assert self.secret_file is not None
+                part = public_part(self.secret_file)
+        except KeyFileError as exc:
+            log.warning("%s: no OpenPGP secret key (%s): read-only, cannot sign", self.jid, exc)
+            self.secret_file = None
+            return False
+        try:
+            await self.publish_part(part)
             return True
         except (IqError, IqTimeout) as exc:
             log.warning("%s: could not announce its OpenPGP key: %s", self.jid, _why(exc))
@@ -145,14 +164,11 @@ class PepKeyring:
 
     async def publish(self, secret_key: pgpy.PGPKey, timeout: float = 10.0) -> bool:
         """Announce our public key as XEP-0373 §4.1-4.2 says; False when already announced."""
-        # pgpy derives the public half afresh on each .pubkey (~5 ms): once per key, not per
-        # session (a fleet reconnecting after a server restart announces all at once).
-        cached = self._public_of
-        if cached is None or cached[0] is not secret_key:
-            cached = self._public_of = (secret_key, secret_key.pubkey if not secret_key.is_public else secret_key)
-        public = cached[1]
-        fpr = fingerprint(public)
-        created = public.created
+        return await self.publish_part(PublicPart.of(secret_key), timeout)
+
+    async def publish_part(self, part: PublicPart, timeout: float = 10.0) -> bool:
+        """:meth:`publish` for a key's public part (security/keys.py: no parse of the key)."""
+        fpr, created = part.fingerprint, part.created
         try:
             current = await self._metadata(self.jid, timeout)
         except KeyUnavailable:
@@ -160,7 +176,7 @@ class PepKeyring:
         if any(a.fingerprint == fpr for a in current):
             return False
         # The key first: the metadata may only name keys one can fetch (§4.2).
-        await self._publish_open(key_node(fpr), xep82(created), pubkey_to_xml(bytes(public), created), timeout)
+        await self._publish_open(key_node(fpr), xep82(created), pubkey_to_xml(part.data, created), timeout)
         await self._publish_open(PUBLIC_KEYS_NODE, None, metadata_to_xml([KeyAnnouncement(fpr, created)]), timeout)
         log.info("%s: announced OpenPGP key %s over PEP", self.jid, fpr)
         return True

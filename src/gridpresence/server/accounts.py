@@ -86,9 +86,25 @@ def plan_accounts(fleet: Fleet, passwords: Secrets) -> list[AccountSpec]:
     accounts.append(AccountSpec(RELAY, passwords.password(RELAY), tuple([*devices, *ops])))
     accounts.append(AccountSpec(CONSOLE, passwords.password(CONSOLE), tuple([*devices, *ops, watchdog])))
     for dev in fleet.devices:
-        kin = [fleet.device(dev.parent)] if dev.parent else []
-        kin += list(fleet.children(dev.name))
-        kin += [d for d in _master_kin(fleet, dev) if d not in kin]
-        accounts.append(AccountSpec(dev.name, passwords.password(dev.name),
-                                    tuple([*ops, watchdog, relay, console, *(_device_entry(fleet, k) for k in kin)])))
+        if not fleet.hosted(dev.name):  # a hosted device's contacts are the component's (plan_hosted)
+            accounts.append(AccountSpec(dev.name, passwords.password(dev.name),
+                                        _device_contacts(fleet, dev, [*ops, watchdog, relay, console])))
     return accounts
+
+
+def plan_hosted(fleet: Fleet) -> dict[str, tuple[RosterEntry, ...]]:
+    """Hosted devices (no server account): bare JID -> the contacts the component keeps for
+    it, the same a c2s device's server roster holds."""
+    parties = [*(RosterEntry(jid=fleet.jid(o.name), name=o.label, groups=(roles.OPERATORS,)) for o in fleet.operators),
+               RosterEntry(jid=fleet.jid(WATCHDOG), name="Presence watchdog", groups=(roles.SERVICES,)),
+               RosterEntry(jid=fleet.jid(RELAY), name="Store-and-forward relay", groups=(roles.SERVICES,)),
+               RosterEntry(jid=fleet.jid(CONSOLE), name="Fleet console", groups=(roles.SERVICES,))]
+    return {fleet.jid(d.name): _device_contacts(fleet, d, parties) for d in fleet.devices if fleet.hosted(d.name)}
+
+
+def _device_contacts(fleet: Fleet, dev: DeviceSpec, parties: list[RosterEntry]) -> tuple[RosterEntry, ...]:
+    """A device sees the operators and services, its parent, its children and its masters."""
+    kin = [fleet.device(dev.parent)] if dev.parent else []
+    kin += list(fleet.children(dev.name))
+    kin += [d for d in _master_kin(fleet, dev) if d not in kin]
+    return tuple([*parties, *(_device_entry(fleet, k) for k in kin)])

@@ -72,6 +72,8 @@ class Reconnector:
         self.dead_server_drops = 0  # connections dropped because the server stopped answering
         self._alive: asyncio.Task[None] | None = None
         self._login_timer: asyncio.TimerHandle | None = None
+        # A hosted identity's session follows its component link's: the link says it, not each.
+        self.quiet = False
         client.add_event_handler("session_start", self._on_session_start)
         client.add_event_handler("disconnected", self._on_disconnected)
         client.add_event_handler("connected", self._on_connected)
@@ -163,7 +165,8 @@ class Reconnector:
         if self.lost_at is None:
             self.lost_at = time.monotonic()
             self._attempt = 0
-            log.warning("%s: connection to the server lost (%s); reconnecting", self.party, reason or "closed")
+            log.log(logging.INFO if self.quiet else logging.WARNING, "%s: connection to the server lost (%s); "
+                    "reconnecting", self.party, reason or "closed")
             self._tell(SessionChange(SessionEvent.LOST, self.party, time.time(), reason=str(reason or "")))
         self._schedule()
 
@@ -203,7 +206,8 @@ class Reconnector:
         down = time.monotonic() - self.lost_at
         self.lost_at = None
         self.reconnects += 1
-        log.warning("%s: session re-established after %.1f s (reconnect %d)", self.party, down, self.reconnects)
+        log.log(logging.INFO if self.quiet else logging.WARNING, "%s: session re-established after %.1f s "
+                "(reconnect %d)", self.party, down, self.reconnects)
         self._resuming = asyncio.ensure_future(self._resume(down))
 
     async def _resume(self, down: float) -> None:

@@ -38,6 +38,8 @@ class Endpoint(BaseModel):
     bosh_url: str | None = Field(default=None, pattern=r"^https?://")
     # The server's web origin, where XEP-0156 host-meta announces BOSH when bosh_url is not given.
     web_url: str | None = Field(default=None, pattern=r"^https?://")
+    # The server's XEP-0114 component port (loopback only) where hosted devices come in; None: none.
+    component_port: int | None = Field(default=None, ge=1, le=65535)
 
 
 class Account(BaseModel):

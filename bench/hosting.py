@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Hosted device identities (one XEP-0114 component connection, xmpp/component.py) against c2s
+device bots (a session each), same run, same server: login time and memory per identity.
+
+For each size N the grid provisions N hosted loads (NAME@devices.localhost) and N c2s loads;
+each round logs one side in, in a process of its own (as `gridpresence bots` does), then the
+other, alternating which goes first. Per side it reports the time from the first login to each
+identity's session (median, p99, all of them) and the resident memory each identity adds to its
+process and to Prosody; the ratio is hosted / c2s, per round, median over rounds.
+
+    python bench/hosting.py [--sizes 100 1000] [--rounds 3] [--c2s-max 1000]
+
+Above ``--c2s-max`` the c2s side stays at that size: compare the per-identity rows (logins per
+second, memory per identity), not the totals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import percentile
+
+from gridpresence.config import parse_fleet
+from gridpresence.host.fleet import FleetBots
+from gridpresence.host.grid import FLEET_COPY, SECRETS_FILE, Grid
+from gridpresence.server.accounts import Secrets
+from gridpresence.xmpp.session import ConnectionInfo
+
+
+REFRESH_S = 600.0
+
+
+def rss_kib(pid: int | str = "self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def fleet_of(n: int, c2s: int) -> dict[str, object]:
+    loads = [{"name": f"{side}-{i:05d}", "kind": "load", "rated_kw": 10, "refresh_s": REFRESH_S, "hosting": hosting}
+             for side, hosting, count in (("h", "component", n), ("c", "c2s", c2s)) for i in range(count)]
+    return {"domain": "localhost", "operators": [{"name": "bench-op"}], "devices": loads}
+
+
+async def child(data: Path, side: str) -> None:
+    """One side's bots in this process: print the login times and memory, stay until stdin closes."""
+    fleet = parse_fleet(json.loads((data / FLEET_COPY).read_text()))
+    info = ConnectionInfo.load(data / "connection.json")
+    names = [d.name for d in fleet.devices if d.name.startswith(f"{side}-")]
+    gc.collect()
+    before = rss_kib()
+    # Physics ticks at the refresh only (as bench/common.py's device process): a 1 s tick of
+    # thousands of simulated devices would be measured instead of their logins.
+    bots = FleetBots(fleet, info.server, Secrets(data / SECRETS_FILE), only=names, with_services=False, data_dir=data,
+                     tick_s=REFRESH_S)
+    done: list[float] = []
+    t0 = time.perf_counter()
+    for agent in bots.devices.values():
+        login = agent.login
+
+        async def timed(timeout: float = 20.0, _login=login) -> None:  # type: ignore[no-untyped-def]
+            await _login(timeout)
+            done.append(time.perf_counter() - t0)
+
+        agent.login = timed  # type: ignore[method-assign]
+    await bots.start(timeout=1800)
+    total = time.perf_counter() - t0
+    gc.collect()
+    print(json.dumps({"n": len(done), "median_s": statistics.median(done), "p99_s": percentile(done, 99),
+                      "total_s": total, "rss_kib": rss_kib() - before}), flush=True)  # one short line
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await bots.stop()
+
+
+async def one_side(data: Path, side: str, prosody_pid: int) -> dict[str, float]:
+    prosody_before = rss_kib(prosody_pid)
+    proc = await asyncio.create_subprocess_exec(sys.executable, __file__, "--child", side, str(data),
+                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    line = await asyncio.wait_for(proc.stdout.readline(), 1800)  # type: ignore[union-attr]
+    if not line:
+        raise SystemExit(f"the {side} process ended early")
+    got = json.loads(line)
+    await asyncio.sleep(1.0)  # the server settles the sessions' presence
+    prosody_added = rss_kib(prosody_pid) - prosody_before
+    proc.stdin.close()  # type: ignore[union-attr]
+    await asyncio.wait_for(proc.wait(), 300)
+    n = got["n"]
+    return {"total_s": got["total_s"], "per_s": n / got["total_s"], "median_s": got["median_s"], "p99_s": got["p99_s"],
+            "rss_kib_per_identity": got["rss_kib"] / n, "prosody_kib_per_identity": prosody_added / n}
+
+
+async def main(sizes: list[int], rounds: int, c2s_max: int) -> None:
+    for n in sizes:
+        data = Path(tempfile.mkdtemp(prefix="gridbench-hosting-"))
+        c2s = min(n, c2s_max)
+        grid = Grid(parse_fleet(fleet_of(n, c2s)), data, bots=False, dashboard=False)
+        t = time.perf_counter()
+        await grid.start()
+        print(f"N = {n}: grid provisioned and up in {time.perf_counter() - t:.1f} s", flush=True)
+        prosody = int(grid.server.pidfile_path.read_text().strip())
+        results: dict[str, list[dict[str, float]]] = {"hosted": [], "c2s": []}
+        try:
+            for r in range(rounds):
+                order = [("h", "hosted"), ("c", "c2s")] if r % 2 == 0 else [("c", "c2s"), ("h", "hosted")]
+                for side, label in order:
+                    results[label].append(await one_side(data, side, prosody))
+        finally:
+            await grid.stop()
+            shutil.rmtree(data, ignore_errors=True)
+        print(f"  {'metric':<36}{f'hosted {n}':>12}{f'c2s {c2s}':>12}{'ratio':>8}  (median of {rounds} rounds)")
+        for key, unit, scale in (("total_s", "s", 1), ("per_s", "1/s", 1), ("median_s", "ms", 1000), ("p99_s", "ms", 1000),
+                                 ("rss_kib_per_identity", "KiB", 1), ("prosody_kib_per_identity", "KiB", 1)):
+            hosted = statistics.median(x[key] for x in results["hosted"]) * scale
+            c2s = statistics.median(x[key] for x in results["c2s"]) * scale
+            ratios = [h[key] / c[key] for h, c in zip(results["hosted"], results["c2s"]) if c[key]]
+            ratio = f"{statistics.median(ratios):8.2f}" if ratios else "       -"
+            label = {"total_s": "all logged in", "per_s": "identities logged in per second", "median_s": "login, median", "p99_s": "login, p99",
+                     "rss_kib_per_identity": "bot process RSS / identity",
+                     "prosody_kib_per_identity": "Prosody RSS / identity"}[key]
+            print(f"  {label + f' ({unit})':<36}{hosted:12.1f}{c2s:12.1f}{ratio}", flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        asyncio.run(child(Path(sys.argv[3]), sys.argv[2]))
+        sys.exit(0)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--c2s-max", type=int, default=1000,
+                        help="the c2s baseline's size above it (thousands of c2s logins take many minutes here): "
+                             "compare the per-identity rows then")
+    args = parser.parse_args()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    asyncio.run(main(args.sizes, args.rounds, args.c2s_max))

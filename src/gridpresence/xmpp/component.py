@@ -1,0 +1,562 @@
+"""Many device identities over one XEP-0114 external component connection.
+
+Prosody routes every stanza for ``*@devices.DOMAIN`` to one component connection and accepts
+any ``from`` in that domain, but does for those JIDs none of what it does for user accounts.
+:class:`ComponentLink` is that connection; each hosted identity is a :class:`HostedClient`: a
+slixmpp stream of its own (its own handlers, plugins, roster, boundjid) without a socket of its
+own. What it sends goes out on the link with its own ``from``; what the link receives for its
+JID is handed to it. So a device bot and its desks run on it unchanged, and the identity does
+itself what the server does for a c2s account (PROTOCOL.md, "Hosted devices"):
+
+* presence fan-out: a broadcast presence is sent to every contact subscribed to it;
+* probes: answered with the last broadcast presence, for subscribed contacts only; a probe from
+  a JID with no record is ignored (never ``unsubscribed``, which would silently remove an
+  operator's subscription after a lost store);
+* subscriptions: kept in :class:`HostedStore` (SQLite in the data directory), so they survive a
+  restart of the host; at each session the identity probes the contacts it is subscribed to;
+* PEP (XEP-0163) for its own JID, enough for XEP-0373 keys (:class:`HostedPep`);
+* disco and ad-hoc: slixmpp's xep_0030/xep_0050 in component mode, at the bare JID.
+
+Stanzas between two identities on the same link never leave the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import json
+import logging
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
+
+from slixmpp import JID, ComponentXMPP, Iq
+from slixmpp.basexmpp import BaseXMPP
+from slixmpp.jid import InvalidJID
+from slixmpp.xmlstream import StanzaBase, tostring
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import MatchXPath
+
+from gridpresence.xmpp import slixfix  # noqa: F401  (our slixmpp patches)
+from gridpresence.protocol import stanzas
+from gridpresence.xmpp.reconnect import reconnector_of
+
+log = logging.getLogger(__name__)
+
+NS = "jabber:component:accept"
+PUBSUB = "http://jabber.org/protocol/pubsub"
+PUBSUB_OWNER = "http://jabber.org/protocol/pubsub#owner"
+PUBSUB_EVENT = "http://jabber.org/protocol/pubsub#event"
+STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+HOSTING_FILE = "hosting.sqlite"  # in the grid's data directory
+COMPONENT_SECRET = "devices-component"  # its name in the grid's secrets.json
+
+BRING_UP_BATCH = 20  # identities whose session starts between two turns of the event loop
+_ROSTER_KEYS = ("name", "groups", "from", "to", "pending_in", "pending_out", "whitelisted")
+
+
+class HostedStore:
+    """Who is subscribed to whom, and to which PEP node, for every hosted JID; kept over
+    restarts of the host. It is slixmpp's roster back end (``entries``/``load``/``save``).
+    Everything is read once into memory; every change is written at once."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path) if path is not None else ":memory:", check_same_thread=False)
+        # WAL, no fsync per change: a change lost to a power cut is re-made by the next `up`'s
+        # provisioning; one fsync per subscription change would cost 20 ms on this disk.
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        with self._db:
+            self._db.execute("CREATE TABLE IF NOT EXISTS roster (owner TEXT, jid TEXT, state TEXT, "
+                             "PRIMARY KEY (owner, jid))")
+            self._db.execute("CREATE TABLE IF NOT EXISTS pep (owner TEXT, node TEXT, jid TEXT, "
+                             "PRIMARY KEY (owner, node, jid))")
+        self._roster: dict[str, dict[str, dict[str, Any]]] = {}
+        for owner, jid, state in self._db.execute("SELECT owner, jid, state FROM roster"):
+            self._roster.setdefault(owner, {})[jid] = json.loads(state)
+        self._pep: dict[tuple[str, str], set[str]] = {}
+        for owner, node, jid in self._db.execute("SELECT owner, node, jid FROM pep"):
+            self._pep.setdefault((owner, node), set()).add(jid)
+
+    # -- slixmpp roster back end --------------------------------------------------------
+
+    def entries(self, owner: Any, db_state: Any = None) -> list[str]:
+        return list(self._roster.get(str(JID(owner).bare), {}))
+
+    def load(self, owner: Any, jid: Any, db_state: Any = None) -> dict[str, Any] | None:
+        return self._roster.get(str(JID(owner).bare), {}).get(str(JID(jid).bare))
+
+    def save(self, owner: Any, jid: Any, state: Any, db_state: Any = None) -> None:
+        owner, jid = str(JID(owner).bare), str(JID(jid).bare)
+        with self._lock, self._db:
+            if state.get("removed"):
+                self._roster.get(owner, {}).pop(jid, None)
+                self._db.execute("DELETE FROM roster WHERE owner = ? AND jid = ?", (owner, jid))
+                return
+            kept = {k: state[k] for k in _ROSTER_KEYS if k in state}
+            kept["groups"] = list(kept.get("groups") or [])
+            if self._roster.get(owner, {}).get(jid) == kept:
+                return
+            self._roster.setdefault(owner, {})[jid] = kept
+            self._db.execute("INSERT OR REPLACE INTO roster VALUES (?, ?, ?)", (owner, jid, json.dumps(kept)))
+
+    # -- provisioning -------------------------------------------------------------------
+
+    def seed(self, rosters: Mapping[str, Iterable[tuple[str, str, tuple[str, ...]]]]) -> None:
+        """Provisioning: each owner and each of its (jid, name, groups) are subscribed both ways
+        (as the server's roster of a c2s device is written); contacts not listed are left alone."""
+        rows = []
+        for owner, contacts in rosters.items():
+            owner = JID(owner).bare
+            for jid, name, groups in contacts:
+                state = {"name": name, "groups": list(groups), "from": True, "to": True, "pending_in": False,
+                         "pending_out": False, "whitelisted": False}
+                self._roster.setdefault(owner, {})[JID(jid).bare] = state
+                rows.append((owner, JID(jid).bare, json.dumps(state)))
+        with self._lock, self._db:
+            self._db.executemany("INSERT OR REPLACE INTO roster VALUES (?, ?, ?)", rows)
+
+    # -- PEP subscriptions --------------------------------------------------------------
+
+    def subscribers(self, owner: str, node: str) -> frozenset[str]:
+        return frozenset(self._pep.get((owner, node), ()))
+
+    def subscribe(self, owner: str, node: str, jid: str, on: bool = True) -> None:
+        subs = self._pep.setdefault((owner, node), set())
+        if (jid in subs) == on:
+            return
+        with self._lock, self._db:
+            if on:
+                subs.add(jid)
+                self._db.execute("INSERT OR REPLACE INTO pep VALUES (?, ?, ?)", (owner, node, jid))
+            else:
+                subs.discard(jid)
+                self._db.execute("DELETE FROM pep WHERE owner = ? AND node = ? AND jid = ?", (owner, node, jid))
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class _LinkTransport:
+    """What a hosted identity's stream writes to: the link's socket, whichever it is now."""
+
+    def __init__(self, link: ComponentLink) -> None:
+        self.link = link
+
+    def write(self, data: bytes) -> None:
+        if self.link.transport is not None:
+            self.link.transport.write(data)
+
+    def close(self) -> None:  # the identity leaves; the link stays
+        pass
+
+    abort = close
+
+    def get_extra_info(self, _name: str, default: Any = None) -> Any:
+        return default
+
+
+class ComponentLink(ComponentXMPP):
+    """The one connection of ``devices.DOMAIN`` to the server, and the identities it hosts.
+    It reconnects by the grid's policy (xmpp/reconnect.py); the identities come and go with it."""
+
+    def __init__(self, domain: str, secret: str, host: str, port: int, store: HostedStore) -> None:
+        super().__init__(domain, secret, host, port)
+        stanzas.register()
+        self.store = store
+        self.clients: dict[str, HostedClient] = {}
+        self.online = False
+        self._bringing_up: asyncio.Task[None] | None = None
+        self.register_plugin("xep_0030")
+        self.register_plugin("xep_0199")
+        self.add_event_handler("session_start", self._on_session_start)
+        self.add_event_handler("disconnected", self._on_disconnected)
+        reconnector_of(self)  # type: ignore[arg-type]  (a component session comes back like any party's)
+
+    @property
+    def domain(self) -> str:
+        return str(self.boundjid.bare)
+
+    def client(self, jid: str) -> HostedClient:
+        """A new identity on this link (log it in with its ``connect``, as any client)."""
+        bare = JID(jid).bare
+        if JID(bare).domain != self.domain:
+            raise ValueError(f"{jid} is not in the component's domain {self.domain}")
+        if bare in self.clients:
+            raise ValueError(f"{bare} is hosted twice")
+        hosted = HostedClient(self, bare)
+        self.clients[bare] = hosted
+        return hosted
+
+    async def start(self, timeout: float = 20.0) -> None:
+        """Connect and authenticate (XEP-0114 handshake)."""
+        started = asyncio.get_running_loop().create_future()
+
+        def ok(_e: object) -> None:
+            if not started.done():
+                started.set_result(None)
+
+        def refused(err: Any) -> None:
+            if not started.done():
+                started.set_exception(ConnectionError(f"component {self.domain} refused: {err['condition']}"))
+
+        self.add_event_handler("session_start", ok, disposable=True)
+        self.add_event_handler("stream_error", refused, disposable=True)
+        self.connect()
+        try:
+            await asyncio.wait_for(started, timeout)
+        except (TimeoutError, ConnectionError):
+            self.cancel_connection_attempt()
+            self.abort()
+            raise
+
+    async def stop(self) -> None:
+        reconnector_of(self).close()  # type: ignore[arg-type]
+        self.cancel_connection_attempt()
+        try:
+            await asyncio.wait_for(self.disconnect(wait=2.0), 3.0)
+        except (TimeoutError, ConnectionError):
+            self.abort()
+        self.store.close()
+
+    def _on_session_start(self, _e: object) -> None:
+        self.online = True
+        if self._bringing_up is None or self._bringing_up.done():
+            self._bringing_up = asyncio.ensure_future(self._bring_up())
+
+    async def _bring_up(self) -> None:
+        """After a reconnect, every identity's session again: a few at a time, so thousands of
+        session starts do not hold the event loop (and the link's own traffic) for seconds."""
+        for i, hosted in enumerate(list(self.clients.values())):
+            if not self.online:
+                return
+            if hosted.wants_session:
+                hosted._session_up()
+            if i % BRING_UP_BATCH == BRING_UP_BATCH - 1:
+                await asyncio.sleep(0)
+
+    def _on_disconnected(self, reason: object) -> None:
+        self.online = False
+        for hosted in list(self.clients.values()):
+            hosted._session_down(reason)
+
+    # -- routing ------------------------------------------------------------------------
+
+    def _spawn_event(self, xml: ET.Element) -> None:
+        """Each stanza to its identity, by bare ``to``; the domain's own to the link itself."""
+        try:
+            to = JID(xml.get("to") or "")
+        except InvalidJID:
+            self._bounce(xml, "jid-malformed")
+            return
+        if not to.user:  # the handshake, stream errors, and stanzas for devices.DOMAIN itself
+            super()._spawn_event(xml)
+            return
+        hosted = self.clients.get(to.bare) if to.domain == self.domain else None
+        if hosted is None or not hosted.is_connected():
+            self._bounce(xml, "service-unavailable")
+            return
+        xml.set("to", to.bare)  # identities answer at their bare JID, whatever resource was asked
+        hosted.deliver(xml)
+
+    def deliver_local(self, xml: ET.Element) -> bool:
+        """A stanza from one identity to another on this link: handed over in the process."""
+        to = xml.get("to") or ""
+        bare = to.split("/", 1)[0]
+        hosted = self.clients.get(bare)
+        if hosted is None or not hosted.is_connected():
+            return False
+        piece = copy.deepcopy(xml)
+        piece.set("to", bare)
+        asyncio.get_running_loop().call_soon(hosted.deliver, piece)
+        return True
+
+    def _bounce(self, xml: ET.Element, condition: str) -> None:
+        """An error back to the sender, as a server does for an unknown account (never for an
+        error or a presence: no loops, and presence to no one is dropped)."""
+        kind, typ = xml.tag.rpartition("}")[2], xml.get("type")
+        if kind not in ("message", "iq") or typ in ("error", "result") or not xml.get("from"):
+            return
+        reply = ET.Element(f"{{{NS}}}{kind}", {"type": "error", "from": xml.get("to") or self.domain,
+                                               "to": xml.get("from") or ""})
+        if xml.get("id"):
+            reply.set("id", xml.get("id") or "")
+        err = ET.SubElement(reply, f"{{{NS}}}error", {"type": "cancel"})
+        ET.SubElement(err, f"{{{STANZAS}}}{condition}")
+        if self.transport is not None:
+            self.send_raw(tostring(reply, xmlns=NS, stream=self, top_level=True))
+
+
+class HostedClient(ComponentXMPP):
+    """One hosted identity: the members of a GridClient that a party uses (connect, handlers,
+    plugins, make_*/send, roster, boundjid, is_connected), over the link."""
+
+    def __init__(self, link: ComponentLink, jid: str) -> None:
+        # ComponentXMPP's own set-up, but with the link's TLS context: slixmpp would build one per
+        # stream from the system's CA store (0.13 s each), for a port that has no TLS anyway.
+        BaseXMPP.__init__(self, jid, NS, ssl_context=link.ssl_context)
+        self.enable_starttls = False
+        self.enable_plaintext = True
+        self.is_component = True
+        self.sessionstarted = False
+        self.server_host, self.server_port, self.secret = link.server_host, link.server_port, ""
+        self.plugin_config, self.plugin_whitelist = {}, []
+        self.add_event_handler("presence_probe", self._handle_probe)
+        self.link = link
+        self.transport_name: str | None = None
+        self.last_error: str | None = None
+        self.wants_session = False
+        self.whitespace_keepalive = False  # the link keeps the connection alive
+        self._last_broadcast: ET.Element | None = None
+        self.roster.set_backend(link.store)  # type: ignore[arg-type]
+        self.client_roster = self.roster[self.boundjid]
+        # As make_client's: only provisioned contacts see the identity (ad-hoc requests refused).
+        self.auto_authorize = False
+        self.auto_subscribe = False
+        for name in ("xep_0030", "xep_0199"):
+            self.register_plugin(name)
+        follower = reconnector_of(self)  # type: ignore[arg-type]
+        follower.quiet = True  # its sessions follow the link's: the link says it, and the link pings
+        # the server (10,000 identities each pinging a silent server would be a storm of their own).
+        follower.policy = dataclasses.replace(follower.policy, keepalive_s=0.0, login_timeout_s=0.0)
+        self.add_filter("out_sync", self._route)
+        self.add_event_handler("session_start", self._probe_contacts)
+        self.pep = HostedPep(self)
+
+    # -- a session over the link ----------------------------------------------------------
+
+    def connect(self, host: str | None = None, port: int | None = None) -> asyncio.Future[Any]:
+        """Log in: with the link online, the session starts at once; else when it is back."""
+        self.wants_session = True
+        self.init_plugins()
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        if self.link.online and not self.is_connected():
+            asyncio.get_running_loop().call_soon(self._session_up)
+        return done
+
+    def _session_up(self) -> None:
+        if not self.wants_session or self.is_connected() or not self.link.online:
+            return
+        self.transport = _LinkTransport(self.link)  # type: ignore[assignment]
+        self.transport_name = "component"
+        if self._run_out_filters is None or self._run_out_filters.done():
+            self._run_out_filters = asyncio.ensure_future(self.run_filters())
+        self.session_bind_event.set()
+        self.sessionstarted = True
+        self.event("session_bind", self.boundjid)
+        self.event("session_start")
+
+    def _session_down(self, reason: object) -> None:
+        if self.transport is None:
+            return
+        self.transport = None
+        self.transport_name = None
+        self.sessionstarted = False
+        self._reset_sendq()
+        self.event("session_end")
+        self._set_disconnected_future()
+        self.event("disconnected", reason)
+
+    def disconnect(self, wait: float | int = 2.0, reason: str | None = None,
+                   ignore_send_queue: bool = False) -> asyncio.Future[Any]:
+        """Leave: what is queued (the goodbye presence) goes out first."""
+        self.wants_session = False
+
+        async def leave() -> None:
+            if not ignore_send_queue and self.transport is not None:
+                try:
+                    await asyncio.wait_for(self.waiting_queue.join(), wait)
+                except TimeoutError:
+                    pass
+            self._session_down(reason)
+            if self._run_out_filters is not None:
+                self._run_out_filters.cancel()
+
+        return asyncio.ensure_future(leave())
+
+    def abort(self) -> None:
+        self.wants_session = False
+        self._session_down("aborted")
+
+    def deliver(self, xml: ET.Element) -> None:
+        """A stanza for this identity (from the link, or from another identity)."""
+        if self.transport is None:
+            return
+        try:
+            self._spawn_event(xml)
+        except Exception:  # one bad stanza must not reach the link's reader
+            log.exception("%s: stanza dropped", self.boundjid.bare)
+
+    # -- what the server does for a c2s account -------------------------------------------
+
+    def _route(self, stanza: StanzaBase) -> StanzaBase | None:
+        """Last outgoing step: our ``from`` on everything; a broadcast presence fanned out to
+        the subscribers; a stanza for an identity on this link handed over in the process."""
+        if not stanza["from"]:
+            stanza["from"] = self.boundjid
+        xml = stanza.xml
+        if xml.tag == f"{{{NS}}}presence" and not stanza["to"] and stanza["type"] in (
+                "available", "unavailable", *stanza.showtypes):  # type: ignore[attr-defined]
+            self._last_broadcast = copy.deepcopy(xml)
+            for contact in self.subscribers():
+                xml.set("to", contact)
+                self._send_one(xml)
+            del xml.attrib["to"]
+            return None
+        if xml.get("to"):
+            self._send_one(xml)
+        else:  # for "the server" of a hosted JID: there is none (and the component's domain is not it)
+            log.debug("%s: stanza without a recipient not sent: %s", self.boundjid.bare, stanza)
+        return None
+
+    def _send_one(self, xml: ET.Element) -> None:
+        if JID(xml.get("to") or "").domain == self.link.domain and self.link.deliver_local(xml):
+            return
+        if self.transport is not None:
+            self.send_raw(tostring(xml, xmlns=NS, stream=self, top_level=True))
+
+    def subscribers(self) -> list[str]:
+        """Contacts that see this identity's presence (subscription from or both)."""
+        return [jid for jid in self.client_roster if self.client_roster[jid]["from"]]
+
+    def _handle_probe(self, pres: Any) -> None:
+        """Answer a probe with the last broadcast presence, for a subscribed contact only."""
+        asker = pres["from"].bare
+        if asker not in self.client_roster or not self.client_roster[asker]["from"]:
+            log.info("%s: probe from %s, which has no subscription on record: not answered", self.boundjid.bare,
+                     asker)
+            return
+        last = self._last_broadcast
+        if last is None:
+            reply = self.make_presence(ptype="unavailable", pto=pres["from"])
+            reply.send()
+            return
+        answer = copy.deepcopy(last)
+        answer.set("to", str(pres["from"]))
+        self._send_one(answer)
+
+    def _probe_contacts(self, _e: object) -> None:
+        """Ask the server for the presence of the contacts we are subscribed to, as a server
+        does for a c2s account at its login."""
+        for jid in list(self.client_roster):
+            if self.client_roster[jid]["to"]:
+                self.make_presence(ptype="probe", pto=jid).send()
+
+
+class HostedPep:
+    """The PEP service (XEP-0163) of one hosted JID, as much of XEP-0060 as XEP-0373 uses:
+    items (newest kept per node), publish by the owner (open access), subscribe/unsubscribe
+    (kept in the store), owner configure (accepted), and event notifications to subscribers."""
+
+    def __init__(self, client: HostedClient) -> None:
+        self.client = client
+        self.owner = str(client.boundjid.bare)
+        self.nodes: dict[str, tuple[str, ET.Element | None]] = {}  # node -> (item id, payload)
+        client.register_handler(Callback("hosted pep", MatchXPath(f"{{{NS}}}iq/{{{PUBSUB}}}pubsub"), self._on_iq))
+        client.register_handler(Callback("hosted pep owner", MatchXPath(f"{{{NS}}}iq/{{{PUBSUB_OWNER}}}pubsub"),
+                                         self._on_owner))
+        client.add_event_handler("session_bind", self._identity)
+
+    def _identity(self, _e: object) -> None:
+        disco = self.client.plugin["xep_0030"] if "xep_0030" in self.client.plugin else None
+        if disco is not None:
+            disco.add_identity(category="pubsub", itype="pep", jid=self.client.boundjid)
+
+    def _on_owner(self, iq: Iq) -> None:
+        if iq["type"] not in ("get", "set"):
+            return
+        if iq["from"].bare != self.owner:
+            self._error(iq, "forbidden", "auth")
+            return
+        iq.reply(clear=True).send()  # node configuration: every node here is open already
+
+    def _on_iq(self, iq: Iq) -> None:
+        if iq["type"] not in ("get", "set"):
+            return  # the answers to our own requests go to their waiters
+        ps = iq.xml.find(f"{{{PUBSUB}}}pubsub")
+        assert ps is not None
+        try:
+            if iq["type"] == "get" and (items := ps.find(f"{{{PUBSUB}}}items")) is not None:
+                self._items(iq, items)
+            elif iq["type"] == "set" and (pub := ps.find(f"{{{PUBSUB}}}publish")) is not None:
+                self._publish(iq, pub)
+            elif iq["type"] == "set" and (sub := ps.find(f"{{{PUBSUB}}}subscribe")) is not None:
+                self._subscribe(iq, sub, True)
+            elif iq["type"] == "set" and (sub := ps.find(f"{{{PUBSUB}}}unsubscribe")) is not None:
+                self._subscribe(iq, sub, False)
+            else:
+                self._error(iq, "feature-not-implemented")
+        except ValueError as exc:
+            self._error(iq, "bad-request", "modify", str(exc))
+
+    def _items(self, iq: Iq, items: ET.Element) -> None:
+        node = items.get("node") or ""
+        if node not in self.nodes:
+            self._error(iq, "item-not-found")
+            return
+        item_id, payload = self.nodes[node]
+        reply = iq.reply(clear=True)
+        out = ET.SubElement(ET.SubElement(reply.xml, f"{{{PUBSUB}}}pubsub"), f"{{{PUBSUB}}}items", {"node": node})
+        item = ET.SubElement(out, f"{{{PUBSUB}}}item", {"id": item_id})
+        if payload is not None:
+            item.append(copy.deepcopy(payload))
+        reply.send()
+
+    def _publish(self, iq: Iq, pub: ET.Element) -> None:
+        if iq["from"].bare != self.owner:
+            self._error(iq, "forbidden", "auth")
+            return
+        node = pub.get("node") or ""
+        if not node:
+            raise ValueError("publish without a node")
+        item = pub.find(f"{{{PUBSUB}}}item")
+        item_id = (item.get("id") if item is not None else None) or uuid.uuid4().hex
+        payload = next(iter(item), None) if item is not None else None
+        self.nodes[node] = (item_id, copy.deepcopy(payload) if payload is not None else None)
+        reply = iq.reply(clear=True)
+        out = ET.SubElement(ET.SubElement(reply.xml, f"{{{PUBSUB}}}pubsub"), f"{{{PUBSUB}}}publish", {"node": node})
+        ET.SubElement(out, f"{{{PUBSUB}}}item", {"id": item_id})
+        reply.send()
+        for jid in self.client.link.store.subscribers(self.owner, node):
+            msg = self.client.make_message(mto=jid, mtype="headline")
+            items = ET.SubElement(ET.SubElement(msg.xml, f"{{{PUBSUB_EVENT}}}event"), f"{{{PUBSUB_EVENT}}}items",
+                                  {"node": node})
+            event_item = ET.SubElement(items, f"{{{PUBSUB_EVENT}}}item", {"id": item_id})
+            if payload is not None:
+                event_item.append(copy.deepcopy(payload))
+            msg.send()
+
+    def _subscribe(self, iq: Iq, sub: ET.Element, on: bool) -> None:
+        node, jid = sub.get("node") or "", sub.get("jid") or ""
+        try:
+            wanted = JID(jid).bare
+        except InvalidJID:
+            raise ValueError(f"invalid jid {jid!r}") from None
+        if not node:
+            raise ValueError("subscription without a node")
+        if wanted != iq["from"].bare:
+            self._error(iq, "bad-request", "modify", "one may only subscribe oneself")
+            return
+        self.client.link.store.subscribe(self.owner, node, wanted, on)
+        reply = iq.reply(clear=True)
+        if on:
+            ps = ET.SubElement(reply.xml, f"{{{PUBSUB}}}pubsub")
+            ET.SubElement(ps, f"{{{PUBSUB}}}subscription", {"node": node, "jid": wanted, "subscription": "subscribed"})
+        reply.send()
+
+    def _error(self, iq: Iq, condition: str, etype: str = "cancel", text: str = "") -> None:
+        err = iq.reply(clear=True)
+        err["type"] = "error"
+        err["error"]["condition"] = condition
+        err["error"]["type"] = etype
+        if text:
+            err["error"]["text"] = text[:200]
+        err.send()
