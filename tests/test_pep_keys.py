@@ -421,3 +421,66 @@ async def test_key_change_announced_without_payload_is_noticed(
     finally:
         await close_session(attacker_client)
     assert seen and all(seen)  # the notifications really came without the list
+
+
+# -- keys handed over at provisioning ------------------------------------------------------
+
+
+def _pubsub_requests(sent: list[str]) -> list[str]:
+    return [s for s in sent if "http://jabber.org/protocol/pubsub" in s and "<items" in s]
+
+
+async def test_a_device_verifies_a_vouched_issuer_without_asking_its_pep_node(env: Env, tmp_path: Path) -> None:
+    """`up` hands every device the issuers' public keys with their pins (pins/vouched/): a
+    device commanded for the first time has the key at once, even from an operator who is not
+    online to answer; no items request goes out (only the subscription that follows the
+    issuer's announcements)."""
+    alice = env.fleet.jid("alice")
+    keys = PartyKeys.in_data_dir(env.data, "gen-1")
+    assert keys.vouched_dir is not None and (keys.vouched_dir / f"{alice}.pub").is_file()
+    # A device's pins (a copy) and the grid's vouched keys, on bob's account: the device's own
+    # account would put a second resource beside the running bot.
+    assert keys.pins_file is not None
+    (tmp_path / "pins.json").write_bytes(keys.pins_file.read_bytes())
+    client, ring = await _login(env, "bob", "vouched", PartyKeys(None, tmp_path / "pins.json", keys.vouched_dir))
+    try:
+        sent: list[str] = []
+        client.add_filter("out", lambda stanza: sent.append(str(stanza)) or stanza)
+        key = await ring.key_for(alice)
+        assert fingerprint(key) == _fpr(env, "alice")
+        assert ring.cached(alice) is key
+        await asyncio.sleep(0.3)
+        assert _pubsub_requests(sent) == [], sent
+    finally:
+        await close_session(client)
+
+
+@pytest.mark.parametrize("vouched", ["another key", "garbage"])
+async def test_a_vouched_key_that_is_not_the_pinned_one_is_not_used(env: Env, tmp_path: Path,
+                                                                     vouched: str,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A vouched file that holds another key than the pin (or no key at all) is passed over:
+    the key comes from the party's PEP node and is checked against the pin as always."""
+    from gridpresence.security.pep_keyring import vouch
+    from gridpresence.security.pins import PinStore
+    from timebase import key_for
+
+    issuer = env.fleet.jid("billing")  # online: its key is announced
+    PinStore(tmp_path / "pins.json").provision({issuer: _fpr(env, "billing")})
+    if vouched == "another key":
+        vouch(tmp_path / "vouched", issuer, key_for(issuer))
+    else:
+        (tmp_path / "vouched").mkdir()
+        (tmp_path / "vouched" / f"{issuer}.pub").write_bytes(b"\x99 not a key")
+    client, ring = await _login(env, "bob", f"vouched-{vouched[0]}", PartyKeys(None, tmp_path / "pins.json",
+                                                                               tmp_path / "vouched"))
+    try:
+        sent: list[str] = []
+        client.add_filter("out", lambda stanza: sent.append(str(stanza)) or stanza)
+        key = await ring.key_for(issuer)
+        assert fingerprint(key) == _fpr(env, "billing")
+        assert _pubsub_requests(sent), "fetched from the PEP node instead"
+        if vouched == "garbage":
+            assert any("unusable" in r.getMessage() and "vouched key" in r.getMessage() for r in caplog.records)
+    finally:
+        await close_session(client)

@@ -27,7 +27,7 @@ from gridpresence.services.historian import HISTORY_FILE
 from gridpresence.server.certs import cert_ips, ensure_certificates
 from gridpresence.services.relay.service import RelayService, relay_files, relay_port
 from gridpresence.security.keys import KEYS_DIR, KeyStore, fingerprint
-from gridpresence.security.pep_keyring import PartyKeys
+from gridpresence.security.pep_keyring import PartyKeys, vouch
 from gridpresence.security.pins import PinStore
 from gridpresence.server import ProsodyServer, ServerPorts, provision
 from gridpresence.server.prosody import ServerError
@@ -250,9 +250,15 @@ class Grid:
         parties' keys pinned likewise."""
         f = self.fleet
         issuers = [p.name for p in (*f.operators, *f.billing, *f.manufacturers)] + [CONSOLE]
-        pins = {f.jid(name): fingerprint(self.keys.secret(name)) for name in issuers}
+        issuer_keys = {f.jid(name): self.keys.secret(name) for name in issuers}
+        pins = {jid: fingerprint(key) for jid, key in issuer_keys.items()}
         for dev in self.fleet.devices:
             PinStore(PartyKeys.in_data_dir(self.data_dir, dev.name).pins_file).provision(pins)
+        # ...and their public keys handed over with the pins, so no device asks for them.
+        vouched = PartyKeys.in_data_dir(self.data_dir, CONSOLE).vouched_dir
+        assert vouched is not None
+        for jid, key in issuer_keys.items():
+            vouch(vouched, jid, key)
         # Operators take prices only signed by billing: its key is pinned for them the same way.
         billing = {f.jid(b.name): pins[f.jid(b.name)] for b in f.billing}
         for op in f.operators:
