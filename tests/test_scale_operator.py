@@ -253,3 +253,41 @@ async def test_up_devices_provisions_a_synthetic_fleet(tmp_path: Path) -> None:
     assert code == 2 and "give --fleet FILE or --devices N, not both" in err
     code, out, err = await run_cli("fleet", "generate", "12", "--out", str(tmp_path / "f.toml"))
     assert code == 0 and parse_fleet(__import__("tomllib").loads((tmp_path / "f.toml").read_text())) == synthetic_fleet(12)
+
+
+async def test_up_devices_hosted_on_the_component_are_seen_by_an_operator(tmp_path: Path) -> None:
+    """`up --devices N --hosting component`: the synthetic fleet's devices are hosted on the
+    server's component (NAME@devices.localhost, no account of their own) and an operator logging
+    in sees every one of them present, over the component, and commands one."""
+    import signal
+    import sys
+
+    from gridpresence.config import load_fleet
+    from gridpresence.host.grid import FLEET_COPY
+    from gridpresence.xmpp.session import ConnectionInfo
+
+    n, data = 40, tmp_path / "grid"
+    exe = Path(sys.executable).with_name("gridpresence")
+    proc = await asyncio.create_subprocess_exec(str(exe), "up", "--devices", str(n), "--hosting", "component",
+                                                "--data", str(data), stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    try:
+        seen = ""
+        async with asyncio.timeout(120):
+            while "Ctrl-C" not in seen:
+                line = await proc.stdout.readline()  # type: ignore[union-attr]
+                assert line, seen
+                seen += line.decode()
+        fleet = load_fleet(data / FLEET_COPY)
+        assert fleet.hosting == "component" and fleet.jid("s001-load-001") == "s001-load-001@devices.localhost"
+        async with GridOperator.from_connection(ConnectionInfo.load(data / "connection.json"),
+                                                resource="hosted-synthetic") as op:
+            await op.wait_for(lambda d: len(d) == n and all(v.present for v in d.values()), timeout=60)
+            assert {v.transport for v in op.devices.values()} == {"component"}
+            load = next(v for name, v in op.devices.items()
+                        if "-load-" in name and v.report is not None and not v.report.critical)
+            outcome = await op.command(load.name, Action.SHED, ttl_s=15)
+            assert outcome.status is OutcomeStatus.EXECUTED, outcome
+    finally:
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 30)

@@ -398,11 +398,13 @@ _LOAD_NAMES = ("HVAC", "water heaters", "EV chargers", "pumps", "street lighting
                "irrigation", "offices", "data room")
 
 
-def synthetic_fleet_data(devices: int, *, seed: int = 0, refresh_s: float = 60.0) -> dict[str, Any]:
+def synthetic_fleet_data(devices: int, *, seed: int = 0, refresh_s: float = 60.0,
+                         hosting: Hosting = "c2s") -> dict[str, Any]:
     """A fleet of `devices` devices as the fleet file's data: substations of up to
     SUBSTATION_SIZE devices, each a master IED with a main breaker, branch meters, loads under
     the meters (one in CRITICAL_EVERY critical) and a generator per ten loads. Names say where a
-    device sits (``s003-load-017``); the same `devices` and `seed` give the same fleet."""
+    device sits (``s003-load-017``); the same `devices` and `seed` give the same fleet.
+    ``hosting``: the devices' way to the server (``"component"``: all in one hosting process)."""
     import random
 
     if not 1 <= devices <= MAX_SYNTHETIC_DEVICES:
@@ -444,6 +446,7 @@ def synthetic_fleet_data(devices: int, *, seed: int = 0, refresh_s: float = 60.0
                         "startup_s": 10.0, "refresh_s": refresh_s})
     return {
         "domain": "localhost",
+        "hosting": hosting,
         "presence_grace_s": 15.0,
         "operators": [{"name": "alice", "display_name": "Alice (control room)"},
                       {"name": "bob", "display_name": "Bob (field operator)"}],
@@ -453,9 +456,10 @@ def synthetic_fleet_data(devices: int, *, seed: int = 0, refresh_s: float = 60.0
     }
 
 
-def synthetic_fleet(devices: int, *, seed: int = 0, refresh_s: float = 60.0) -> Fleet:
+def synthetic_fleet(devices: int, *, seed: int = 0, refresh_s: float = 60.0, hosting: Hosting = "c2s") -> Fleet:
     """:func:`synthetic_fleet_data`, validated."""
-    return parse_fleet(synthetic_fleet_data(devices, seed=seed, refresh_s=refresh_s), f"synthetic fleet of {devices}")
+    return parse_fleet(synthetic_fleet_data(devices, seed=seed, refresh_s=refresh_s, hosting=hosting),
+                       f"synthetic fleet of {devices}")
 
 
 def fleet_toml(data: dict[str, Any]) -> str:

@@ -74,13 +74,13 @@ def _fleet_of(args: argparse.Namespace) -> Fleet:
     if args.devices:
         if args.fleet is not None:
             raise CliError("give --fleet FILE or --devices N, not both")
-        return synthetic_fleet(args.devices, seed=args.seed, refresh_s=args.refresh)
+        return synthetic_fleet(args.devices, seed=args.seed, refresh_s=args.refresh, hosting=args.hosting)
     return load_fleet(Path(args.fleet or DEFAULT_FLEET))
 
 
 async def cmd_fleet_generate(args: argparse.Namespace) -> int:
     """`fleet generate N`: the synthetic fleet `up --devices N` runs, as a fleet file to edit."""
-    text = fleet_toml(synthetic_fleet_data(args.devices, seed=args.seed, refresh_s=args.refresh))
+    text = fleet_toml(synthetic_fleet_data(args.devices, seed=args.seed, refresh_s=args.refresh, hosting=args.hosting))
     if args.out is None:
         print(text, end="")
     else:
@@ -103,6 +103,9 @@ def synthetic_opts(p: argparse.ArgumentParser, *, optional: bool) -> None:
                    help="the synthetic fleet's seed (ratings, utilisation; the same N and seed, the same fleet)")
     p.add_argument("--refresh", type=argtypes.Number(ge=0.2, le=86400), default=60.0, metavar="S",
                    help="the synthetic devices' presence refresh interval (s)")
+    p.add_argument("--hosting", choices=["c2s", "component"], default="c2s",
+                   help="the synthetic devices' way to the server: c2s (an account and connection each) or "
+                        "component (all hosted over the server's XEP-0114 component: thousands in one process)")
 
 
 device_count = argtypes.Number(ge=1, le=MAX_SYNTHETIC_DEVICES, integer=True)
