@@ -157,13 +157,9 @@ def all_on(devs: object) -> bool:
     return len(views) == N + 2 and all(v.present and v.report is not None for v in views)
 
 
-async def test_hosted_identities_are_ordinary_jids_in_operators_rosters(hosting: Hosting) -> None:
-    assert hosting.fleet.jid("h-000") == "h-000@devices.localhost" and hosting.fleet.jid(C2S) == "c2s-load@localhost"
-    async with hosting.operator("alice") as alice:
-        await alice.wait_for(all_on, timeout=20)
-        assert alice.devices["h-007"].transport == "component" and alice.devices[C2S].transport == "tcp"
-    # A plain client: the server's roster lists every hosted JID, subscribed both ways, and the
-    # probes the server sent at login were answered by the component for each of them.
+async def _plain_client_sees_every_hosted_presence(hosting: Hosting) -> None:
+    """bob as a plain client: the server's roster lists every hosted JID subscribed both ways,
+    and each hosted identity's presence arrives (the component answered the server's probes)."""
     bob = await hosting.plain_client("bob")
     try:
         roster = bob.client_roster
@@ -171,6 +167,16 @@ async def test_hosted_identities_are_ordinary_jids_in_operators_rosters(hosting:
         await until(lambda: all(roster[hosting.fleet.jid(n)].resources for n in HOSTED), 15, "every hosted presence")
     finally:
         await close_session(bob)
+
+
+async def test_hosted_identities_are_ordinary_jids_in_operators_rosters(hosting: Hosting) -> None:
+    assert hosting.fleet.jid("h-000") == "h-000@devices.localhost" and hosting.fleet.jid(C2S) == "c2s-load@localhost"
+    async with hosting.operator("alice") as alice:
+        await alice.wait_for(all_on, timeout=20)
+        assert alice.devices["h-007"].transport == "component" and alice.devices[C2S].transport == "tcp"
+    # A plain client: the server's roster lists every hosted JID, subscribed both ways, and the
+    # probes the server sent at login were answered by the component for each of them.
+    await _plain_client_sees_every_hosted_presence(hosting)
 
 
 async def test_a_hosted_branch_sums_its_hosted_loads(hosting: Hosting) -> None:
@@ -317,13 +323,7 @@ async def test_host_restart_keeps_subscriptions_and_probes_are_answered_and_rela
         assert (await alice.command("h-100", Action.RESTORE)).ok
     # An operator logging in after the restart learns every hosted presence only from the
     # component's answers to its server's probes; no subscription was lost on the way.
-    bob = await hosting.plain_client("bob")
-    try:
-        roster = bob.client_roster
-        assert all(roster[hosting.fleet.jid(n)]["subscription"] == "both" for n in HOSTED)
-        await until(lambda: all(roster[hosting.fleet.jid(n)].resources for n in HOSTED), 15, "every hosted presence")
-    finally:
-        await close_session(bob)
+    await _plain_client_sees_every_hosted_presence(hosting)
 
 
 async def test_watchdog_flags_hosted_identities_when_their_host_hangs(hosting: Hosting) -> None:

@@ -24,6 +24,7 @@ from typing import Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
 from gridpresence.protocol.models import Command, utcnow
+from gridpresence.server.pids import process_alive
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +45,6 @@ class PendingCommand(BaseModel):
     route: Literal["direct", "relay"]
     wire: str  # the signed command element as sent, to send again unchanged
     pid: int  # the process waiting for its outcome
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is a dead process whose parent has not reaped it yet
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class PendingStore:
@@ -133,7 +121,7 @@ class PendingStore:
     def orphans(self) -> list[PendingCommand]:
         """Entries whose waiting process is gone."""
         stale = utcnow() - STALE_AFTER
-        return [e for e in self.entries() if e.pid != os.getpid() and (not _alive(e.pid) or e.expires < stale)]
+        return [e for e in self.entries() if e.pid != os.getpid() and (not process_alive(e.pid) or e.expires < stale)]
 
     def adopt(self, entry: PendingCommand) -> PendingCommand:
         """This process waits for `entry` from now on (its file is then this process's own)."""

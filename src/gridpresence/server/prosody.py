@@ -25,6 +25,7 @@ from string import Template
 from types import TracebackType
 
 from gridpresence.server.certs import CertPaths, cert_ips, ensure_certificates
+from gridpresence.server.pids import process_alive
 from gridpresence.server.ports import free_ports, port_is_free
 from gridpresence.server.provision import lua_string
 from gridpresence.transport.probe import serves_http, serves_xmpp
@@ -108,16 +109,6 @@ def die_with_parent(parent: int) -> Callable[[], None]:
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
     return preexec
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -390,7 +381,7 @@ class ProsodyServer:
             supervisor = int(self.supervisor_path.read_text().strip())
         except (OSError, ValueError):
             return False  # not ours to judge, or no record of who runs it: refuse, as before
-        return str(self.config_path).encode() in cmdline and not _alive(supervisor)
+        return str(self.config_path).encode() in cmdline and not process_alive(supervisor)
 
     def refuse_if_running_elsewhere(self) -> None:
         """Fail fast when another Prosody already runs from this data_dir; stop one left over
@@ -419,7 +410,7 @@ class ProsodyServer:
                 os.kill(pid, sig)
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
-                if not _alive(pid) or self._running_pid() is None:
+                if not process_alive(pid) or self._running_pid() is None:
                     return
                 time.sleep(0.05)
 
