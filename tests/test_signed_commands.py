@@ -315,19 +315,40 @@ async def test_replay_after_restart_and_unknown_key(env: Env, alice: GridOperato
         await unchanged(alice, "sig-apart")
 
 
-async def test_a_key_nobody_announced_is_unknown(env: Env, alice: GridOperator) -> None:
-    """A manufacturer that never logged in has announced no key: its signature cannot be checked.
-    (An action its role may issue: one it may not is refused on the claim, before any lookup.)"""
+async def test_a_key_nobody_announced_nor_vouched_is_unknown(env: Env, alice: GridOperator) -> None:
+    """A manufacturer that never logged in has announced no key, and here its key was not handed
+    over at provisioning either: its signature cannot be checked. (An action its role may issue:
+    one it may not is refused on the claim, before any lookup.)"""
+    vouched_dir = PartyKeys.in_data_dir(env.data, "sig-load").vouched_dir
+    assert vouched_dir is not None
+    vouched = vouched_dir / f"{env.fleet.jid('maker-offline')}.pub"
+    vouched.rename(vouched.with_name(vouched.name + ".aside"))
+    try:
+        outcome = await _firmware_from_maker_offline(env, alice)
+        assert outcome.reason is RejectReason.UNKNOWN_KEY and "maker-offline@localhost" in outcome.detail
+    finally:
+        vouched.with_name(vouched.name + ".aside").rename(vouched)
+    await unchanged(alice, "sig-load")
+
+
+async def test_a_vouched_key_is_known_without_its_announcement(env: Env, alice: GridOperator) -> None:
+    """The same manufacturer, never logged in, whose key `up` handed to the devices with its pin:
+    the signature is checked against that key and the command goes on to the firmware desk,
+    which refuses it for what it asks (no such image offered), not for its key."""
+    outcome = await _firmware_from_maker_offline(env, alice)
+    assert outcome.status is OutcomeStatus.REJECTED and outcome.reason is RejectReason.INVALID_ARGUMENTS, outcome
+    await unchanged(alice, "sig-load")
+
+
+async def _firmware_from_maker_offline(env: Env, alice: GridOperator) -> Outcome:
     offline = await wire_peer(env, "maker-offline")  # a plain session: it announces nothing
     try:
         cmd = Command.new(Action.FIRMWARE_UPGRADE, env.fleet.jid("maker-offline"), serial="ACME-0001",
                           args={"firmware-id": "f1", "version": "2.0.0", "sha256": "0" * 64})
         el = sign_payload(command_to_xml(cmd), alice.devices["sig-load"].jid, key(env, "maker-offline"))
-        outcome = await offline.send(alice.devices["sig-load"].full_jid or "", el, cmd.id, timeout=10)
-        assert outcome.reason is RejectReason.UNKNOWN_KEY and "maker-offline@localhost" in outcome.detail
+        return await offline.send(alice.devices["sig-load"].full_jid or "", el, cmd.id, timeout=10)
     finally:
         await close_session(offline.client)
-    await unchanged(alice, "sig-load")
 
 
 async def test_unsigned_chat_changes_nothing_by_default(env: Env) -> None:
