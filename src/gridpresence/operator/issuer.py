@@ -47,9 +47,10 @@ class CommandIssuer:
         self.on_orphan_outcome: Callable[[PendingCommand, Outcome], None] | None = None
         self.pending: dict[str, asyncio.Future[Outcome]] = {}  # command id -> outcome
         self._stanza_to_command: dict[str, str] = {}  # message id -> command id, for bounces
-        # What was sent for each command still waiting, and to which device (bare JID): sent again
-        # after a reconnect, as the first copy may have died with the old session.
-        self._sent: dict[str, tuple[ET.Element, str]] = {}
+        # What was sent for each command still waiting, to which device (bare JID) and to which of
+        # its sessions (full JID): sent again after a reconnect of ours or of the device's, as the
+        # first copy, or its outcome, may have died with the old session.
+        self._sent: dict[str, tuple[ET.Element, str, str]] = {}
         client.register_handler(Callback("grid outcome", StanzaPath("message/grid_outcome"),
                                          self._on_outcome))  # type: ignore[arg-type]
         client.add_event_handler("message_error", self._on_bounce)
@@ -71,7 +72,7 @@ class CommandIssuer:
         wire = self.wire(cmd, JID(to).bare)
         msg.append(wire)
         self._stanza_to_command[msg["id"]] = cmd.id
-        self._sent[cmd.id] = (wire, JID(to).bare)
+        self._sent[cmd.id] = (wire, JID(to).bare, str(to))
 
         def keep() -> None:
             self.store.add(cmd, JID(to).bare, ET.tostring(wire, encoding="unicode"), "direct")
@@ -108,17 +109,35 @@ class CommandIssuer:
         memory with the first outcome (see first_outcome), so nothing runs twice; a copy that
         arrives late is answered "expired" by the device. A bounce of a copy is not an outcome:
         the first copy may have been executed."""
-        count = 0
-        for cmd_id, (wire, device) in list(self._sent.items()):
-            fut = self.pending.get(cmd_id)
-            if fut is None or fut.done():
-                continue
-            msg = self.client.make_message(mto=device, mtype="normal")
-            msg.append(wire)
-            msg.send()
-            count += 1
+        count = self._resend(lambda device, _to: device)
         if count:
             log.info("%s: sent %d unanswered commands again after a reconnect", self.client.boundjid.bare, count)
+        return count
+
+    def resend_to_new_session(self, device: str, full_jid: str) -> int:
+        """The device came back on a new session (``full_jid``): every command still waiting that
+        went to an earlier session of it goes once more to this one. The old session may have
+        taken the command, or sent its outcome, and died before either got through (a cut
+        network that the device's liveness ping ended); the device answers a copy of one it ran
+        from its replay memory, so nothing runs twice."""
+        count = self._resend(lambda dev, to: full_jid if dev == device and to != full_jid else None)
+        if count:
+            log.info("%s: sent %d unanswered commands again to %s, back on a new session",
+                     self.client.boundjid.bare, count, full_jid)
+        return count
+
+    def _resend(self, target: Callable[[str, str], str | None]) -> int:
+        count = 0
+        for cmd_id, (wire, device, to) in list(self._sent.items()):
+            fut = self.pending.get(cmd_id)
+            where = target(device, to)
+            if fut is None or fut.done() or where is None:
+                continue
+            msg = self.client.make_message(mto=where, mtype="normal")
+            msg.append(wire)
+            msg.send()
+            self._sent[cmd_id] = (wire, device, where)
+            count += 1
         return count
 
     async def adopt(self, entry: PendingCommand) -> Outcome:
@@ -139,7 +158,7 @@ class CommandIssuer:
             except ET.ParseError:
                 wire = None
             if wire is not None:
-                self._sent[entry.command_id] = (wire, entry.device)
+                self._sent[entry.command_id] = (wire, entry.device, entry.device)
                 msg = self.client.make_message(mto=entry.device, mtype="normal")
                 msg.append(wire)
                 msg.send()

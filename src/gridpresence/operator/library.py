@@ -118,6 +118,7 @@ class GridOperator:
         self._version = 0
         self._changed = asyncio.Event()
         self.tracker.listen(lambda _change: self._bump())
+        self.tracker.listen(self._on_device_session)
         self.client.register_handler(Callback("grid tariff", StanzaPath("message/grid_tariff"), self._on_tariff))
         # A device's copy of a command someone else issued (this session is a recorder's).
         self.client.register_handler(Callback("outcome record", StanzaPath("message/grid_outcome_record"),
@@ -270,6 +271,12 @@ class GridOperator:
                     if self.inherited[cmd_id][1] is fut:
                         raise
         return done
+
+    def _on_device_session(self, change: DeviceChange) -> None:
+        """A device back on a new session gets the commands still waiting for it again."""
+        full = change.current.full_jid
+        if full is not None and full != change.previous.full_jid:
+            self.issuer.resend_to_new_session(change.current.jid, full)
 
     async def _come_back(self) -> None:
         """After a reconnect: the roster and our presence again (the devices' presence follows),
