@@ -213,6 +213,7 @@ async def test_chat_and_adhoc_at_a_hosted_bare_jid(hosting: Hosting) -> None:
 
 
 @pytest.mark.skipif(not HAVE_PROFANITY, reason="profanity or tmux is not installed")
+@pytest.mark.flaky(reruns=1)  # Profanity through tmux on a loaded machine: its shed reply missed 10 s once in a full run
 async def test_profanity_chats_with_a_hosted_device(hosting: Hosting, tmp_path: Path) -> None:
     endpoint = hosting.grid.endpoint
     async with run_profanity(tmp_path) as term:
