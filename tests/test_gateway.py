@@ -840,13 +840,20 @@ async def test_a_dnp3_reading_flagged_bad_is_not_shown_as_good(field: Field) -> 
     await until(alice, "gw-brk-1", lambda v: v.state is DeviceState.ON and v.report.telemetry.kw == 50.0)
 
 
+def _pump_site(directory: Path, name: str, port: int, *, rated_kw: float | None = 45,
+               timeout_s: float = 2.0) -> None:
+    """``directory/site.toml``: one Modbus TCP load controller (the shipped map) on ``port``."""
+    rating = f"rated_kw = {rated_kw:g}\n" if rated_kw is not None else ""
+    (directory / "site.toml").write_text(
+        f'[[ieds]]\nname = "{name}"\nkind = "load"\nmap = "modbus-load-controller"\n{rating}poll_s = 0.3\n'
+        f'link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {port}, unit = 1, timeout_s = {timeout_s:g} }}\n')
+
+
 async def test_a_simulated_site_is_played_and_hosted_by_the_grid(tmp_path: Path) -> None:
     """``[[sites]] simulate = true`` (the demo's): `up`'s grid serves the site's IED from a real
     pymodbus server and hosts its gateway; the operator commands it like any device."""
     port = free_port()
-    (tmp_path / "site.toml").write_text(
-        '[[ieds]]\nname = "sim-pump"\nkind = "load"\nmap = "modbus-load-controller"\nrated_kw = 45\npoll_s = 0.3\n'
-        f'link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {port}, unit = 1, timeout_s = 2.0 }}\n')
+    _pump_site(tmp_path, "sim-pump", port)
     fleet = parse_fleet({"operators": [{"name": "alice"}], "devices": [{"name": "bot-load", "kind": "load",
                                                                          "rated_kw": 10}],
                          "sites": [{"file": "site.toml", "simulate": True}]}, "fleet", tmp_path)
@@ -877,9 +884,7 @@ async def test_under_processes_a_simulated_site_is_a_process_of_its_own_and_rest
     import re
 
     port = free_port()
-    (tmp_path / "site.toml").write_text(
-        '[[ieds]]\nname = "proc-pump"\nkind = "load"\nmap = "modbus-load-controller"\nrated_kw = 45\npoll_s = 0.3\n'
-        f'link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {port}, unit = 1, timeout_s = 2.0 }}\n')
+    _pump_site(tmp_path, "proc-pump", port)
     (tmp_path / "fleet.toml").write_text(
         'domain = "localhost"\n[[operators]]\nname = "alice"\n[[devices]]\nname = "bot-load"\nkind = "load"\n'
         'rated_kw = 10\n[[sites]]\nfile = "site.toml"\nsimulate = true\n')
@@ -918,9 +923,7 @@ async def test_a_simulated_site_whose_port_is_taken_still_comes_up_saying_why(tm
     holder.bind(("127.0.0.1", 0))
     holder.listen()  # takes connections, never answers Modbus
     port = holder.getsockname()[1]
-    (tmp_path / "site.toml").write_text(
-        '[[ieds]]\nname = "sim-taken"\nkind = "load"\nmap = "modbus-load-controller"\npoll_s = 0.3\n'
-        f'link = {{ protocol = "modbus-tcp", host = "127.0.0.1", port = {port}, unit = 1, timeout_s = 0.5 }}\n')
+    _pump_site(tmp_path, "sim-taken", port, rated_kw=None, timeout_s=0.5)
     fleet = parse_fleet({"operators": [{"name": "alice"}], "devices": [{"name": "bot-load", "kind": "load",
                                                                          "rated_kw": 10}],
                          "sites": [{"file": "site.toml", "simulate": True}]}, "fleet", tmp_path)

@@ -106,7 +106,6 @@ class Gateway:
         await self.stop()
 
 
-
 async def play_site(site: Site) -> FieldSimulator | None:
     """A site the grid plays itself (``[[sites]] simulate = true``): its Modbus IEDs served by
     the field simulator, real Modbus servers its gateway then reads. One that cannot serve (its
