@@ -7,7 +7,7 @@ import asyncio
 
 from slixmpp import ClientXMPP, Message
 
-from conftest import Env
+from conftest import GridUnderTest
 from gridpresence.xmpp.session import close_session, make_client, open_session
 
 
@@ -57,7 +57,7 @@ class ChatPeer:
         await close_session(self.client)
 
 
-async def chat_peer(env: Env, name: str, resource: str, show: str | None = None) -> ChatPeer:
+async def chat_peer(env: GridUnderTest, name: str, resource: str, show: str | None = None) -> ChatPeer:
     client = make_client(f"{env.fleet.jid(name)}/{resource}", env.grid.secrets.password(name), env.grid.endpoint)
     peer = ChatPeer(client)
     await open_session(client, env.grid.endpoint)

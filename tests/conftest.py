@@ -12,7 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import pytest_asyncio
@@ -117,6 +117,16 @@ class Env:
 
     def operator(self, name: str = "alice", resource: str | None = None) -> GridOperator:
         return GridOperator.from_connection(self.grid.connection, operator=name, resource=resource)
+
+
+class GridUnderTest(Protocol):
+    """What helpers shared by test modules need of a module's grid: Env here, the hosting
+    tests' own (test_hosting.py, test_hosting_parity.py)."""
+
+    @property
+    def grid(self) -> Grid: ...
+    @property
+    def fleet(self) -> Fleet: ...
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from conftest import Env
+from conftest import GridUnderTest
 
 HAVE_PROFANITY = shutil.which("profanity") is not None and shutil.which("tmux") is not None
 NO_PROFANITY = "profanity or tmux is not installed (Debian packages `profanity`, `tmux`; `make test` installs them)"
@@ -54,8 +54,10 @@ class Terminal:
 
 
 @asynccontextmanager
-async def run_profanity(tmp_path: Path, extra_env: Mapping[str, str] | None = None) -> AsyncIterator[Terminal]:
-    """Profanity with a fresh home under ``tmp_path``, on a 240x60 terminal."""
+async def run_profanity(tmp_path: Path, extra_env: Mapping[str, str] | None = None,
+                        rows: int = 60) -> AsyncIterator[Terminal]:
+    """Profanity with a fresh home under ``tmp_path``, on a terminal 240 columns wide and `rows`
+    high (a tall one shows a long roster whole)."""
     home = tmp_path / "home"
     home.mkdir()
     term = Terminal(tmp_path / "tmux.sock")
@@ -63,7 +65,7 @@ async def run_profanity(tmp_path: Path, extra_env: Mapping[str, str] | None = No
            "TERM": "xterm-256color", **(extra_env or {})}
     command = "env " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " profanity"
     # remain-on-exit: should profanity die, its last screen and exit status stay readable.
-    await term.tmux("new-session", "-d", "-s", "main", "-x", "240", "-y", "60", command,
+    await term.tmux("new-session", "-d", "-s", "main", "-x", "240", "-y", str(rows), command,
                     ";", "set-option", "-t", "main", "remain-on-exit", "on")
     try:
         await term.wait_for("Type '/help'", timeout=10)
@@ -76,8 +78,9 @@ async def run_profanity(tmp_path: Path, extra_env: Mapping[str, str] | None = No
             await term.tmux("kill-server", check=False)  # gone already if profanity quit
 
 
-async def log_in(term: Terminal, env: Env, name: str) -> None:
-    """Connect as operator ``name`` over TLS, trusting the grid's private CA when asked."""
+async def log_in(term: Terminal, env: GridUnderTest, name: str) -> None:
+    """Connect as operator ``name`` over TLS, trusting the grid's private CA when asked (the one
+    place the tests type Profanity's login)."""
     endpoint = env.grid.endpoint
     await term.type(f"/connect {env.fleet.jid(name)} server {endpoint.host} port {endpoint.c2s_port} tls force")
     await term.wait_for("Enter password:")

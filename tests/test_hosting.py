@@ -28,7 +28,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from conftest import until
-from terminal import HAVE_PROFANITY, run_profanity
+from terminal import HAVE_PROFANITY, log_in, run_profanity
 from gridpresence.config import Fleet, parse_fleet
 from gridpresence.host.grid import Grid
 from gridpresence.operator.library import GridOperator
@@ -215,14 +215,8 @@ async def test_chat_and_adhoc_at_a_hosted_bare_jid(hosting: Hosting) -> None:
 @pytest.mark.skipif(not HAVE_PROFANITY, reason="profanity or tmux is not installed")
 @pytest.mark.flaky(reruns=1)  # Profanity through tmux on a loaded machine: its shed reply missed 10 s once in a full run
 async def test_profanity_chats_with_a_hosted_device(hosting: Hosting, tmp_path: Path) -> None:
-    endpoint = hosting.grid.endpoint
     async with run_profanity(tmp_path) as term:
-        await term.type(f"/connect alice@localhost server {endpoint.host} port {endpoint.c2s_port} tls force")
-        await term.wait_for("Enter password:")
-        await term.type(hosting.grid.secrets.password("alice"))
-        await term.wait_for("/tls allow")
-        await term.type("/tls allow")
-        await term.wait_for(r"alice@localhost/\S+ logged in successfully")
+        await log_in(term, hosting, "alice")
         await term.type("/msg h-020@devices.localhost status")
         await term.wait_for(r"h-020 \(load\) is on, [\d.]+ kW of 10 kW")
         await term.type("shed")

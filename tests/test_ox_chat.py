@@ -12,7 +12,7 @@ import pytest_asyncio
 from slixmpp import Message
 
 from chatpeer import ChatPeer, chat_peer
-from conftest import Env
+from conftest import Env, GridUnderTest
 from gridpresence.operator.library import GridOperator
 from gridpresence.protocol import DeviceState
 from gridpresence.protocol.models import utcnow
@@ -42,19 +42,21 @@ def send_ox(peer: ChatPeer, to: str, blob: bytes | str) -> None:
     msg.send()
 
 
-def sealed(env: Env, text: str, signer: str = "alice", when: dt.datetime | None = None, to: str = "") -> bytes:
-    device = env.fleet.jid(DEVICE)
-    recipient = env.grid.keys.secret(to).pubkey if to else env.grid.keys.secret(DEVICE).pubkey
+def sealed(env: GridUnderTest, text: str, signer: str = "alice", when: dt.datetime | None = None, to: str = "",
+           name: str = DEVICE) -> bytes:
+    """``text`` as an OX chat payload, signed by ``signer``, encrypted to device ``name``."""
+    device = env.fleet.jid(name)
+    recipient = env.grid.keys.secret(to).pubkey if to else env.grid.keys.secret(name).pubkey
     return seal(chat_payload(text), env.grid.keys.secret(signer), {device: recipient}, now=when or utcnow())
 
 
-async def opened_reply(env: Env, msg: Message) -> str:
-    """Alice opens the device's answer: encrypted to her, signed by the device's key."""
+async def opened_reply(env: GridUnderTest, msg: Message, name: str = DEVICE) -> str:
+    """Alice opens device ``name``'s answer: encrypted to her, signed by the device's key."""
     el = msg.xml.find(ox("openpgp"))
     assert el is not None, f"expected an OX answer, got plain text: {msg['body']!r}"
     assert msg["body"] == FALLBACK_BODY
-    device = env.fleet.jid(DEVICE)
-    pinned = StaticKeys({device: env.grid.keys.secret(DEVICE)})
+    device = env.fleet.jid(name)
+    pinned = StaticKeys({device: env.grid.keys.secret(name)})
     return (await open_chat(el, device, env.fleet.jid("alice"), env.grid.keys.secret("alice"), pinned)).text
 
 
