@@ -1,0 +1,473 @@
+"""Hosted identities (NAME@devices.localhost, xmpp/component.py) do what today's c2s bots do,
+checked the way the c2s tests check it: alarms routed by the operators' presence, escalated,
+acknowledged (chat, the CLI, the library), judged (thresholds adapt), named in presence and
+owed to a logged-out operator once; a stock client's roster (Profanity) with their presence
+and its changes; OpenPGP for XMPP chat answered sealed; a hosted meter's billing report.
+
+The hosted devices run in this process over the component link (tests/test_hosting.py runs
+them in a child process to stop and freeze it), so a test drives their physics directly, as
+tests/test_alarms.py does for c2s bots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from slixmpp import Message
+
+from chatpeer import ChatPeer, chat_peer
+from conftest import run_cli, until
+from gridpresence.config import Fleet, parse_fleet
+from gridpresence.device.agent import DeviceAgent
+from gridpresence.host.grid import Grid
+from gridpresence.operator.firmware import FirmwareCampaign
+from gridpresence.operator.library import GridOperator
+from gridpresence.operator.reports import ReportInbox
+from gridpresence.protocol.alarm import Alarm, AlarmKind, AlarmLevel, AlarmStatus, alarm_from_xml
+from gridpresence.protocol.billing_report import (BillingData, BillingReport, PartName, QualityData,
+                                                  billing_report_from_xml)
+from gridpresence.protocol.codec import q
+from gridpresence.protocol.firmware import FirmwareImage, FirmwareReason, FirmwareStatus
+from gridpresence.protocol.models import DeviceState, RejectReason
+from gridpresence.protocol.openpgp import ox
+from gridpresence.rules.settings import AlarmSettings
+from gridpresence.security.parts import NotForYou
+from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
+from gridpresence.security.reports import ReportReader
+from gridpresence.words import TITLES
+from gridpresence.xmpp.session import close_session, make_client, open_session
+from terminal import HAVE_PROFANITY, NO_PROFANITY, Terminal, log_in, run_profanity
+from test_ox_chat import opened_reply, sealed, send_ox
+
+pytestmark = pytest.mark.timeout(120)
+
+N = 100  # hosted loads besides the ones the tests drive
+BACKGROUND = [f"p-{i:03d}" for i in range(N)]
+FAST = AlarmSettings(ack_timeout_s=1.5)
+FLEET = {
+    "domain": "localhost",
+    "presence_grace_s": 2.0,
+    "hosting": "component",
+    "operators": [{"name": "alice"}, {"name": "bob"}],
+    "billing": [{"name": "billing", "peak_price": 0.8, "off_peak_price": 0.6}],
+    "customers": [{"name": "acme"}],
+    "manufacturers": [{"name": "maker"}],
+    # Lab setting, as conftest's fleet: plain chat lines may act and judge.
+    "security": {"unsigned_chat_actions": ["shed", "restore", "accept", "set", "reject", "revert", "judge"]},
+    "devices": [
+        *({"name": n, "kind": "load", "rated_kw": 10, "refresh_s": 5.0} for n in BACKGROUND),
+        {"name": "hp-alarm", "kind": "load", "rated_kw": 100, "utilisation": 0.5},
+        # Critical (no test sheds it): its alarms are never start-up transients of a state change.
+        {"name": "hp-verdict", "kind": "load", "rated_kw": 100, "critical": True, "utilisation": 0.5},
+        {"name": "hp-owed", "kind": "breaker", "rated_kw": 100},
+        {"name": "hp-desk", "kind": "load", "rated_kw": 40},
+        {"name": "hp-crit", "kind": "load", "rated_kw": 30, "critical": True, "critical_hold_s": 60},
+        {"name": "hp-ox", "kind": "load", "rated_kw": 70},
+        {"name": "hp-meter", "kind": "meter", "rated_kw": 80, "customer": "acme"},
+        # Firmware targets; the critical one turns restricted (for 3 s) when shed.
+        {"name": "hp-fw", "kind": "load", "rated_kw": 10},
+        {"name": "hp-fw-crit", "kind": "load", "rated_kw": 10, "critical": True, "critical_hold_s": 3},
+    ],
+}
+DRIVEN = ("hp-alarm", "hp-verdict", "hp-owed")
+
+
+@dataclass
+class Parity:
+    grid: Grid
+    fleet: Fleet
+    data: Path
+
+    def agent(self, name: str) -> DeviceAgent:
+        assert self.grid.bots is not None
+        return self.grid.bots.devices[name]
+
+    def operator(self, name: str) -> GridOperator:
+        return GridOperator.from_connection(self.grid.connection, operator=name, resource=f"p-{os.urandom(3).hex()}")
+
+
+@pytest_asyncio.fixture(scope="module")
+async def parity(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Parity]:
+    fleet = parse_fleet(FLEET)
+    data = tmp_path_factory.mktemp("parity")
+    grid = Grid(fleet, data, only=[*(d.name for d in fleet.devices), "billing", "maker", "watchdog", "console",
+                                  "relay"],
+                dashboard=False)
+    await grid.start()
+    try:
+        yield Parity(grid, fleet, data)
+    finally:
+        await grid.stop()
+
+
+def test_the_driven_devices_are_hosted(parity: Parity) -> None:
+    for name in (*DRIVEN, "hp-desk", "hp-ox", "hp-meter", "hp-fw"):
+        assert parity.fleet.jid(name) == f"{name}@devices.localhost"
+        assert parity.agent(name).client.transport_name == "component"
+
+
+@pytest.fixture
+def fast_acks(parity: Parity) -> Iterator[DeviceAgent]:
+    """hp-alarm with a short acknowledgement time-out; its reading and alarms reset after."""
+    agent = parity.agent("hp-alarm")
+    before = agent.alarms.settings
+    agent.alarms.settings = FAST
+    yield agent
+    agent.alarms.settings = before
+    agent.sim.utilisation = 0.5  # type: ignore[attr-defined]
+    agent.alarms.acknowledge(None, "test-cleanup")
+
+
+def urgent(msg: Message) -> bool:
+    return "URGENT" in msg["body"]
+
+
+def queued(peer: ChatPeer, device: str, predicate: Callable[[Message], bool] = urgent) -> list[Message]:
+    """Alarm messages from `device` that arrived and were not taken yet."""
+    return [m for m in peer.alarms._queue if m["from"].bare == device and predicate(m)]  # type: ignore[attr-defined]
+
+
+def alarm_of(msg: Message) -> Alarm:
+    return alarm_from_xml(msg.xml.find(q("alarm")))
+
+
+async def test_hosted_urgent_alarm_skips_a_dnd_operator_escalates_and_is_acked_from_the_cli(
+        parity: Parity, fast_acks: DeviceAgent) -> None:
+    dev = fast_acks
+    device, alice_jid, bob_jid = dev.jid, parity.fleet.jid("alice"), parity.fleet.jid("bob")
+    # Alice is first on duty but busy (dnd); Bob is available.
+    alice = await chat_peer(parity, "alice", "desk", show="dnd")
+    bob = await chat_peer(parity, "bob", "desk")
+    try:
+        # The hosted identity learns both presences from the server, over the component.
+        await until(lambda: dev.alarms.online(alice_jid) and not dev.alarms.available(alice_jid)
+                    and dev.alarms.available(bob_jid), 5, "both operators' presence at the hosted device")
+        dev.sim.utilisation = 0.99  # type: ignore[attr-defined]  # the physics crosses the trip point
+        first = await bob.alarm(device, timeout=5, predicate=urgent)
+        alarm = alarm_of(first)
+        assert alarm.kind is AlarmKind.TRIP_IMMINENT and alarm.level is AlarmLevel.URGENT and alarm.escalation == 0
+        assert alarm.device == device and f"ack {alarm.id}" in first["body"] and "trip point imminent" in first["body"]
+        assert not queued(alice, device)
+        # Nobody acknowledges: sent again; Alice is still dnd, so to Bob again.
+        again = await bob.alarm(device, timeout=4, predicate=urgent)
+        assert "not acknowledged, sent again (1)" in again["body"]
+        # Alice becomes available: the next escalation goes round the duty order to her.
+        alice.client.send_presence()
+        escalated = alarm_of(await alice.alarm(device, timeout=6, predicate=urgent))
+        assert escalated.id == alarm.id and escalated.escalation >= 2
+        # `gridpresence ack`, as an operator runs it (its line is signed with her key).
+        code, out, err = await run_cli("ack", "hp-alarm", alarm.id, "--as", "alice",
+                                       "--connection", str(parity.grid.connection_file))
+        assert code == 0 and out.strip() == f"hp-alarm: Acknowledged: alarm {alarm.id} (trip point imminent).", out + err
+        told = alarm_of(await bob.alarm(device, timeout=3, predicate=lambda m: "acknowledged by" in m["body"]))
+        assert told.status is AlarmStatus.ACKNOWLEDGED and told.acked_by == alice_jid
+        # Acknowledged: no more escalation (what was sent while the CLI logged in is drained first).
+        assert alarm.id not in dev.alarms.open
+        for peer in (alice, bob):
+            while not peer.alarms.empty():
+                peer.alarms.get_nowait()
+        await asyncio.sleep(2 * FAST.ack_timeout_s + 0.5)
+        assert queued(alice, device) == [] and queued(bob, device) == []
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+async def test_hosted_warning_reaches_the_library_is_named_in_presence_and_acked(parity: Parity,
+                                                                                 fast_acks: DeviceAgent) -> None:
+    dev = fast_acks
+
+    def in_fault(d: object) -> bool:
+        report = d["hp-alarm"].report  # type: ignore[index]
+        return report is not None and any(f.kind == AlarmKind.HIGH_LOADING and f.device is None for f in report.faults)
+
+    def healthy(d: object) -> bool:
+        report = d["hp-alarm"].report  # type: ignore[index]
+        return report is not None and not report.faults
+
+    async with parity.operator("alice") as alice:
+        # No fault at all held (a test before may have left one clearing): a new one is raised afresh.
+        await alice.wait_for(healthy, timeout=10)
+        dev.sim.utilisation = 0.86  # type: ignore[attr-defined]  # high loading, short of the trip point
+        found = await until(lambda: next((a for a in alice.alarms if a.device == dev.jid
+                                          and a.kind is AlarmKind.HIGH_LOADING and a.status is AlarmStatus.RAISED),
+                                         None), 6, "the warning at the library")
+        assert found.level is AlarmLevel.WARNING and found.threshold == 80.0 and found.value is not None
+        assert found.value >= 80
+        # The fault is in the hosted device's presence, as every subscriber sees it.
+        await alice.wait_for(in_fault, timeout=6)
+        reply = await alice.ask("hp-alarm", f"ack {found.id}", signed=True)
+        assert reply == f"Acknowledged: alarm {found.id} ({TITLES[AlarmKind.HIGH_LOADING]})."
+        assert found.id not in dev.alarms.open
+        dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
+        await alice.wait_for(healthy, timeout=8)  # the presence says so too
+
+
+async def high_loading(peer: ChatPeer, device: str, status: AlarmStatus, timeout: float = 6.0) -> str:
+    """The id of the next high-loading alarm message in this status."""
+    msg = await peer.alarm(device, timeout, lambda m: alarm_of(m).kind is AlarmKind.HIGH_LOADING
+                           and alarm_of(m).status is status)
+    return alarm_of(msg).id
+
+
+async def test_verdicts_on_a_hosted_devices_alarms_adapt_its_threshold(parity: Parity) -> None:
+    """As tests/test_verdicts.py for a c2s bot: two alarms judged not a fault (chat, then the
+    library's signed line) propose a higher limit; the operator sets one; the device raises by it."""
+    dev = parity.agent("hp-verdict")
+    device, name = dev.jid, "hp-verdict"
+    alice = await chat_peer(parity, "alice", "verdicts")
+    sim = dev.sim
+    try:
+        async with parity.operator("bob") as bob:
+            await until(lambda: dev.alarms.available(parity.fleet.jid("alice")), 5, "alice at the device")
+            readings: list[float] = []
+            for n in range(2):
+                sim.utilisation = 0.85  # type: ignore[attr-defined]
+                aid = await high_loading(alice, device, AlarmStatus.RAISED)
+                readings.append(dev.current_report().telemetry.load_pct or 0.0)  # type: ignore[union-attr]
+                sim.utilisation = 0.5  # type: ignore[attr-defined]
+                assert await high_loading(alice, device, AlarmStatus.CLEARED) == aid
+                answer = (await alice.ask(device, f"not a fault {aid}") if n == 0
+                          else await bob.ask(name, f"not a fault {aid}", signed=True))
+                assert answer.startswith(f"Recorded: alarm {aid} (high_loading) is not a fault."), answer
+            assert "threshold proposal" in answer and "high_loading.high_loading 80 ->" in answer
+            (pid, proposal), = dev.alarms.adjuster.pending.items()
+            assert max(readings) < proposal.proposed <= 94
+            changed = await alice.ask(device, f"set {pid} 90")
+            assert "changed 80 -> 90 by " + parity.fleet.jid("alice") in changed, changed
+            assert dev.alarms.thresholds.current(name, "high_loading", "high_loading") == 90.0
+            # The device raises by the new limit: 86 % is quiet, 92 % is an alarm.
+            sim.utilisation = 0.86  # type: ignore[attr-defined]
+            await asyncio.sleep(2.5)
+            assert queued(alice, device, lambda m: True) == []
+            sim.utilisation = 0.92  # type: ignore[attr-defined]
+            aid = await high_loading(alice, device, AlarmStatus.RAISED)
+            assert "limit 90" in dev.alarms.open[aid].alarm.text
+            sim.utilisation = 0.5  # type: ignore[attr-defined]
+            assert await high_loading(alice, device, AlarmStatus.CLEARED) == aid
+            change = dev.alarms.thresholds.audit[-1]
+            assert "changed 90 -> 80" in await alice.ask(device, f"revert {change.id}")
+    finally:
+        sim.utilisation = 0.5  # type: ignore[attr-defined]
+        dev.alarms.acknowledge(None, "test-cleanup")
+        await alice.close()
+
+
+async def test_alarms_owed_to_a_logged_out_operator_arrive_at_login_once(parity: Parity) -> None:
+    """As tests/test_alarms.py's: raised, escalated and changed while every operator was away; at
+    login each open alarm arrives once, in its newest state."""
+    dev = parity.agent("hp-owed")
+    desk, device = dev.alarms, dev.jid
+    before = desk.settings
+    desk.settings = AlarmSettings(ack_timeout_s=0.5)  # several re-sends while nobody is there
+    roster = dev.client.client_roster
+    await until(lambda: not any(roster[op].resources for op in desk.duty), 10, "every operator logged out")
+    try:
+        first = desk.raise_alarm(AlarmKind.BREAKER_TRIPPED, 0.0, 0.0)
+        warning = desk.raise_alarm(AlarmKind.BRANCH_NEAR_LIMIT, 91.0, 80.0, "shed p-001")
+        passed = desk.raise_alarm(AlarmKind.TRIP_IMMINENT, 96.0, 95.0)
+        await asyncio.sleep(1.8)  # each has been sent again a few times by now
+        desk.acknowledge(passed.id, "test")  # closed while away: nothing to tell about it
+        desk.settings = AlarmSettings(ack_timeout_s=3.0)  # no further re-send while we count
+        assert desk.open[first.id].alarm.escalation >= 2 and desk.open[warning.id].alarm.escalation >= 2
+        bob = await chat_peer(parity, "bob", "back")
+        try:
+            await asyncio.sleep(1.5)
+            got = [alarm_of(m) for m in queued(bob, device, lambda m: True)]
+            latest = {aid: desk.open[aid].alarm for aid in (first.id, warning.id)}
+            assert sorted(a.id for a in got) == sorted(latest), got  # one message per open alarm, no copies
+            for a in got:
+                assert a == latest[a.id]  # its newest state (escalation count included)
+        finally:
+            await bob.close()
+    finally:
+        desk.settings = before
+        desk.acknowledge(None, "test-cleanup")
+
+
+async def test_ox_chat_to_a_hosted_identity_is_answered_sealed(parity: Parity) -> None:
+    """As tests/test_ox_chat.py: a signed, encrypted `shed` acts and its answer comes back
+    encrypted to the operator, signed by the hosted identity's key; a replayed copy acts not
+    again; a line signed by someone else is refused in plain text."""
+    name = "hp-ox"
+    device = parity.fleet.jid(name)
+    async with parity.operator("alice") as alice:  # her key announced on PEP, as an OX client's is
+        peer = await chat_peer(parity, "alice", "ox-script")
+        try:
+            shed = sealed(parity, "shed", name=name)
+            send_ox(peer, device, shed)
+            answer = await opened_reply(parity, await peer.reply_from(device), name=name)
+            assert answer.startswith(f"Done: load shed. Now: {name} (load) is off"), answer
+            await alice.wait_for(lambda d: d[name].state is DeviceState.OFF, timeout=5)
+            send_ox(peer, device, sealed(parity, "restore", name=name))
+            assert (await opened_reply(parity, await peer.reply_from(device), name=name)).startswith(
+                "Done: load restored.")
+            await alice.wait_for(lambda d: d[name].state is DeviceState.ON, timeout=5)
+            send_ox(peer, device, shed)  # the first one again: answered from memory, no second shed
+            assert (await opened_reply(parity, await peer.reply_from(device), name=name)).startswith(
+                "Done: load shed.")
+            assert (await peer.ask(device, "status")).startswith(f"{name} (load) is on")
+            send_ox(peer, device, sealed(parity, "shed", signer="bob", name=name))
+            refused = await peer.reply_from(device)
+            assert refused.xml.find(ox("openpgp")) is None
+            assert refused["body"].startswith("Your encrypted message was not accepted: ")
+            assert "not alice@localhost's" in refused["body"], refused["body"]
+            assert alice.devices[name].state is DeviceState.ON
+        finally:
+            await peer.close()
+
+
+async def test_a_hosted_meter_reports_to_billing_its_customer_and_operators(parity: Parity) -> None:
+    """As tests/test_billing_report.py: one report, two encrypted parts, each read by its parties only."""
+    bots = parity.grid.bots
+    assert bots is not None
+    billing = bots.billing["billing"]
+    assert billing.inbox is not None
+    acme_jid = parity.fleet.jid("acme")
+    acme = make_client(f"{acme_jid}/t", parity.grid.secrets.password("acme"), parity.grid.endpoint,
+                       plugins=("xep_0060",))
+    keyring = PepKeyring(acme, PartyKeys.in_data_dir(parity.data, "acme"))
+    acme_inbox = ReportInbox(acme, ReportReader(acme_jid, parity.grid.keys.secret("acme"), keyring, PartName.BILLING))
+    wire: list[BillingReport] = []
+    acme.add_event_handler("message", lambda m: m.xml.find(q("billing-report")) is not None
+                           and wire.append(billing_report_from_xml(m["grid_billing_report"].xml)))
+    await open_session(acme, parity.grid.endpoint)
+    assert await keyring.announced()
+    acme.send_presence()
+    try:
+        async with parity.operator("alice") as alice:
+            assert alice.reports is not None
+            meter = parity.fleet.jid("hp-meter")
+            await alice.wait_for(lambda d: d["hp-meter"].present, timeout=10)
+            alice.request_report("hp-meter")
+            bill = await billing.inbox.wait(lambda d: d.device == meter, timeout=10)
+            quality = await alice.reports.wait(lambda d: d.device == meter, timeout=10)
+            mine = await acme_inbox.wait(lambda d: d.device == meter, timeout=10)
+            assert isinstance(bill, BillingData) and isinstance(quality, QualityData)
+            assert mine == bill and bill.customer == acme_jid and bill.report == quality.report
+            assert bill.register_kwh > 0 and 200 < quality.voltage_v < 240
+            report = wire[-1]
+            assert report.device == meter and {p.name for p in report.parts} == set(PartName)
+            with pytest.raises(NotForYou):
+                await ReportReader(alice.jid, parity.grid.keys.secret("alice"), keyring, PartName.BILLING).read(report)
+            with pytest.raises(NotForYou):
+                await ReportReader(acme_jid, parity.grid.keys.secret("acme"), keyring,
+                                   PartName.POWER_QUALITY).read(report)
+    finally:
+        await close_session(acme)
+
+
+async def test_firmware_campaign_upgrades_hosted_devices(parity: Parity) -> None:
+    """As tests/test_firmware.py: a manufacturer's signed offer, carried by the operator; a
+    restricted hosted device refuses and gets it once its presence says it is available."""
+    assert parity.grid.bots is not None
+    maker = parity.grid.bots.manufacturers["maker"]
+    names = ["hp-fw", "hp-fw-crit"]
+    async with parity.operator("alice") as alice:
+        await alice.wait_for(lambda d: all(d[n].present for n in names), timeout=10)
+        refused = await alice.command("hp-fw-crit", "shed")
+        assert refused.reason is RejectReason.CRITICAL and alice.devices["hp-fw-crit"].state is DeviceState.RESTRICTED
+        image = FirmwareImage.new(os.urandom(20_000), "2.0.0")
+        offers = {n: maker.offer(image, alice.devices[n].jid, alice.serial_of(alice.devices[n]) or "") for n in names}
+        campaign = FirmwareCampaign(alice, names, image, offers)
+        results = await campaign.run(timeout_s=15)
+        assert {n: r.status for n, r in results.items()} == dict.fromkeys(names, FirmwareStatus.APPLIED)
+        assert results["hp-fw"].detail == "firmware 1.0.0 -> 2.0.0"
+        first = [r for r in campaign.history if r.device == parity.fleet.jid("hp-fw-crit")]
+        assert first[0].status is FirmwareStatus.REJECTED and first[0].reason is FirmwareReason.RESTRICTED
+        asker = await chat_peer(parity, "bob", "fw-version")
+        try:
+            asker.client.register_plugin("xep_0092")
+            version = await asker.client.plugin["xep_0092"].get_version(parity.fleet.jid("hp-fw"), timeout=5)
+            assert version["software_version"]["version"] == "2.0.0"  # what any client's "version" shows
+        finally:
+            await asker.close()
+    assert parity.agent("hp-fw-crit").firmware.version == "2.0.0"
+
+
+# -- a stock client's roster ----------------------------------------------------------------
+
+ROWS = 2 * (len(FLEET["devices"]) + 12) + 10  # type: ignore[arg-type]  # the roster whole: a name and a status line each
+
+
+def roster_panel(screen: str) -> dict[str, tuple[str, str]]:
+    """Profanity's roster panel (right of the console, grouped by presence, with `/roster show
+    status`): contact -> (its presence group, its status text); empty while another window shows."""
+    lines = screen.splitlines()
+    col = next((line.find("Available for chat") for line in lines if "Available for chat" in line), -1)
+    if col <= 0:
+        return {}
+    out: dict[str, tuple[str, str]] = {}
+    group, last = "", ""
+    for line in lines:
+        seg = line[col:].rstrip()
+        if not seg.strip():
+            continue
+        if not seg.startswith(" "):
+            group = re.sub(r" \(\d+\)$", "", seg)
+        elif seg.strip().startswith('"'):
+            out[last] = (group, seg.strip().strip('"'))
+        else:
+            last = seg.strip()
+            out[last] = (group, "")
+    return out
+
+
+async def roster_until(term: Terminal, check: Callable[[dict[str, tuple[str, str]]], bool],
+                       timeout: float = 10.0) -> dict[str, tuple[str, str]]:
+    """Read the roster panel until `check` holds; fail with the last screen."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        screen = await term.screen()
+        panel = roster_panel(screen)
+        if check(panel):
+            return panel
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"the roster never showed it; it shows {panel}\n{screen}")
+        await asyncio.sleep(0.3)
+
+
+LOAD_STATUS = re.compile(r"^on, load \d+%, [\d.]+ kW$")
+
+
+@pytest.mark.skipif(not HAVE_PROFANITY, reason=NO_PROFANITY)
+@pytest.mark.flaky(reruns=1)  # Profanity through tmux on a loaded machine (as test_hosting's)
+async def test_profanity_roster_shows_hosted_identities_and_their_state_changes(parity: Parity,
+                                                                                tmp_path: Path) -> None:
+    hosted = [d.name for d in parity.fleet.devices]
+    async with run_profanity(tmp_path, rows=ROWS) as term:
+        await log_in(term, parity, "alice")
+        await term.type("/roster show status")
+        await term.wait_for("Roster status enabled")
+        # Every hosted identity (named as provisioned) is online, its status text the device's state.
+        panel = await roster_until(term, lambda p: all(p.get(n, ("", ""))[0] == "Online" for n in hosted))
+        assert all(LOAD_STATUS.match(panel[n][1]) for n in BACKGROUND), {n: panel[n] for n in BACKGROUND[:5]}
+        assert re.match(r"^on, load \d+%, [\d.]+ kW, breaker closed$", panel["hp-owed"][1]), panel["hp-owed"]
+        # A shed load turns away, with its new status; a critical one refuses and turns dnd.
+        await term.type("/msg hp-desk@devices.localhost shed")
+        await term.wait_for(r"Done: load shed\. Now: hp-desk \(load\) is off")
+        await term.type("/msg hp-crit@devices.localhost shed")
+        await term.wait_for(r"critical load: shed refused")
+        await term.type("/win 1")
+        panel = await roster_until(term, lambda p: p.get("hp-desk", ("",))[0] == "Away"
+                                   and p.get("hp-crit", ("",))[0] == "Do not disturb")
+        assert panel["hp-desk"][1] == "off, load 0%, 0.0 kW"
+        # The panel cuts a status at its width; /status get below shows it whole.
+        assert panel["hp-crit"][1].startswith("critical process running, cannot be shed (until ")
+        await term.type("/status get hp-desk@devices.localhost")
+        await term.wait_for(r'hp-desk is away, "off, load 0%, 0\.0 kW"')
+        await term.type("/status get hp-crit@devices.localhost")
+        await term.wait_for(r'hp-crit is dnd, "critical process running, cannot be shed \(until \d\d:\d\d:\d\d UTC\)"')
+        # Restored: back online in the roster.
+        await term.type("/msg hp-desk@devices.localhost restore")
+        await term.wait_for(r"Done: load restored\.")
+        await term.type("/win 1")
+        panel = await roster_until(term, lambda p: p.get("hp-desk", ("",))[0] == "Online")
+        assert LOAD_STATUS.match(panel["hp-desk"][1]), panel["hp-desk"]
