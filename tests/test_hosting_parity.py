@@ -17,6 +17,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from xml.etree import ElementTree as ET
 
 import pytest
 import pytest_asyncio
@@ -44,7 +45,10 @@ from gridpresence.security.reports import ReportReader
 from gridpresence.words import TITLES
 from gridpresence.xmpp.session import close_session, make_client, open_session
 from terminal import HAVE_PROFANITY, NO_PROFANITY, Terminal, log_in, run_profanity
+from test_adhoc import COMMANDS, _gajim
 from test_ox_chat import opened_reply, sealed, send_ox
+
+CAPS = "http://jabber.org/protocol/caps"
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -362,6 +366,49 @@ async def test_a_hosted_meter_reports_to_billing_its_customer_and_operators(pari
                                    PartName.POWER_QUALITY).read(report)
     finally:
         await close_session(acme)
+
+
+async def test_disco_caps_version_ping_and_alarm_forms_at_a_hosted_jid(parity: Parity) -> None:
+    """As tests/test_adhoc.py, the way Gajim drives a device: features, commands, version, ping,
+    caps in presence that check out against the features they hash, and an alarm acknowledged
+    through its form."""
+    dev = parity.agent("hp-owed")
+    to = dev.jid  # a hosted identity answers at its bare JID
+    gajim = await _gajim(parity, "bob")
+    try:
+        disco = gajim.client.plugin["xep_0030"]
+        info = await disco.get_info(jid=to, timeout=5)
+        features = set(info["disco_info"]["features"])
+        assert {COMMANDS, "jabber:iq:version", "urn:xmpp:ping", CAPS} <= features
+        items = await disco.get_items(jid=to, node=COMMANDS, timeout=5)
+        assert {node for _jid, node, _name in items["disco_items"]["items"]} == {"status", "run", "ack-alarm",
+                                                                                "judge-alarm"}
+        version = await gajim.client.plugin["xep_0092"].get_version(to, timeout=5)
+        assert version["software_version"]["name"] == "gridpresence device"
+        assert await gajim.client.plugin["xep_0199"].ping(to, timeout=5) >= 0
+        await until(lambda: to in gajim.caps, 5, "the hosted identity's caps in its presence")
+        assert gajim.caps[to] == "urn:gridpresence:caps"
+        # What a client does with caps it has not cached: ask node#ver, check the hash.
+        seen: list[ET.Element] = []
+        gajim.client.add_event_handler("presence_available", lambda p: p["from"].bare == to and seen.extend(
+            p.xml.findall(f"{{{CAPS}}}c")))
+        dev.publish(force=True)
+        await until(lambda: seen, 5, "a fresh presence with caps")
+        caps = seen[-1]
+        node, ver = caps.get("node"), caps.get("ver")
+        answer = await disco.get_info(jid=to, node=f"{node}#{ver}", timeout=5)
+        gajim.client.register_plugin("xep_0115")
+        assert gajim.client.plugin["xep_0115"].generate_verstring(answer["disco_info"], caps.get("hash")) == ver
+
+        alarm = dev.alarms.raise_alarm(AlarmKind.BREAKER_TRIPPED, 0.0, 0.0)
+        form = await gajim.execute(to, "ack-alarm")
+        assert alarm.id in {o["value"] for o in form["command"]["form"].get_fields()["alarm"]["options"]}
+        done = await gajim.submit(to, form, {"alarm": alarm.id})
+        assert done["command"]["notes"][0][1] == f"Acknowledged: alarm {alarm.id} (breaker tripped)."
+        assert alarm.id not in dev.alarms.open
+    finally:
+        dev.alarms.acknowledge(None, "test-cleanup")
+        await close_session(gajim.client)
 
 
 async def test_firmware_campaign_upgrades_hosted_devices(parity: Parity) -> None:
