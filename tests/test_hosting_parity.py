@@ -44,6 +44,9 @@ from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.security.reports import ReportReader
 from gridpresence.words import TITLES
 from gridpresence.xmpp.session import close_session, make_client, open_session
+from gpghome import HAVE_GPG, GnuPG
+from gridpresence.security.keys import fingerprint
+from gridpresence.security.policy import SecuritySettings
 from terminal import HAVE_PROFANITY, NO_PROFANITY, Terminal, log_in, run_profanity
 from test_adhoc import COMMANDS, _gajim
 from test_ox_chat import opened_reply, sealed, send_ox
@@ -74,6 +77,7 @@ FLEET = {
         {"name": "hp-desk", "kind": "load", "rated_kw": 40},
         {"name": "hp-crit", "kind": "load", "rated_kw": 30, "critical": True, "critical_hold_s": 60},
         {"name": "hp-ox", "kind": "load", "rated_kw": 70},
+        {"name": "hp-oxp", "kind": "load", "rated_kw": 90},  # OX from Profanity
         {"name": "hp-meter", "kind": "meter", "rated_kw": 80, "customer": "acme"},
         # Firmware targets; the critical one turns restricted (for 3 s) when shed.
         {"name": "hp-fw", "kind": "load", "rated_kw": 10},
@@ -112,7 +116,7 @@ async def parity(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pari
 
 
 def test_the_driven_devices_are_hosted(parity: Parity) -> None:
-    for name in (*DRIVEN, "hp-desk", "hp-ox", "hp-meter", "hp-fw"):
+    for name in (*DRIVEN, "hp-desk", "hp-ox", "hp-oxp", "hp-meter", "hp-fw"):
         assert parity.fleet.jid(name) == f"{name}@devices.localhost"
         assert parity.agent(name).client.transport_name == "component"
 
@@ -212,6 +216,41 @@ async def test_hosted_warning_reaches_the_library_is_named_in_presence_and_acked
         assert found.id not in dev.alarms.open
         dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
         await alice.wait_for(healthy, timeout=8)  # the presence says so too
+
+
+async def test_after_its_link_returns_a_hosted_device_knows_who_is_on_duty(
+        parity: Parity, fast_acks: DeviceAgent, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Presence that changed while the component link was down is learnt from the probes each
+    identity sends at its new session (a c2s bot's server sends them at its login): an operator
+    who logged out meanwhile is not on duty, one who became available is, and the urgent alarm
+    goes to her."""
+    dev, link = fast_acks, parity.grid.bots.link  # type: ignore[union-attr]
+    assert link is not None
+    device, alice_jid, bob_jid = dev.jid, parity.fleet.jid("alice"), parity.fleet.jid("bob")
+    alice = await chat_peer(parity, "alice", "duty", show="dnd")
+    bob = await chat_peer(parity, "bob", "duty")
+    try:
+        await until(lambda: dev.alarms.online(alice_jid) and not dev.alarms.available(alice_jid)
+                    and dev.alarms.available(bob_jid), 5, "both operators' presence at the hosted device")
+        # The link drops and stays down long enough for both changes to happen meanwhile.
+        monkeypatch.setattr("gridpresence.xmpp.reconnect.backoff_delay", lambda *_a, **_k: 2.5)
+        link.abort()
+        await until(lambda: not dev.client.is_connected(), 5, "the hosted session down with its link")
+        await bob.close()
+        alice.client.send_presence()  # available now
+        await asyncio.sleep(0.3)  # on its way to the component, which is not there
+        assert not dev.client.is_connected()
+        await until(lambda: dev.client.is_connected(), 10, "the hosted session back with its link")
+        await until(lambda: dev.alarms.available(alice_jid) and not dev.alarms.online(bob_jid), 5,
+                    "the operators' presence as it is now")
+        dev.sim.utilisation = 0.99  # type: ignore[attr-defined]
+        got = alarm_of(await alice.alarm(device, timeout=5, predicate=urgent))
+        assert got.kind is AlarmKind.TRIP_IMMINENT and got.escalation == 0
+    finally:
+        await alice.close()
+        await bob.close()
+    await until(lambda: all(d.client.is_connected() for d in parity.grid.bots.devices.values()),  # type: ignore[union-attr]
+                10, "every hosted identity back")
 
 
 async def high_loading(peer: ChatPeer, device: str, status: AlarmStatus, timeout: float = 6.0) -> str:
@@ -518,3 +557,47 @@ async def test_profanity_roster_shows_hosted_identities_and_their_state_changes(
         await term.type("/win 1")
         panel = await roster_until(term, lambda p: p.get("hp-desk", ("",))[0] == "Online")
         assert LOAD_STATUS.match(panel["hp-desk"][1]), panel["hp-desk"]
+
+
+@pytest.mark.skipif(not HAVE_PROFANITY, reason=NO_PROFANITY)
+@pytest.mark.skipif(not HAVE_GPG, reason="gpg is not installed (Debian package `gnupg`)")
+@pytest.mark.flaky(reruns=1)  # Profanity through tmux on a loaded machine
+async def test_profanity_discovers_a_hosted_key_and_sends_it_a_signed_encrypted_shed(
+        parity: Parity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As tests/test_ox_profanity.py: Profanity's /ox (GnuPG) finds the hosted identity's key on
+    its own PEP nodes (XEP-0373, served by the component), and the device acts on the signed
+    command and answers sealed; the same word in plain chat is refused (production policy)."""
+    name = "hp-oxp"
+    monkeypatch.setattr(parity.agent(name), "security", SecuritySettings())
+    device = parity.fleet.jid(name)
+    device_fpr = fingerprint(parity.grid.keys.secret(name))
+    async with GnuPG(trust_all=False) as gpg, parity.operator("bob") as watcher:
+        await gpg.import_key(parity.grid.keys.secret_path("alice").read_text())
+        await gpg.trust_own_key(fingerprint(parity.grid.keys.secret("alice")))
+        public, _ = await gpg.run("--export", "--export-options", "export-minimal", "xmpp:alice@localhost")
+        (tmp_path / "alice.pub").write_bytes(public)
+        async with run_profanity(tmp_path, {"GNUPGHOME": str(gpg.home)}) as term:
+            await log_in(term, parity, "alice")
+            await term.type(f"/ox announce {tmp_path / 'alice.pub'}")
+            await term.wait_for("Announce OpenPGP Key for OX")
+            await term.type(f"/ox discover {device}")
+            await term.wait_for(rf"Discovering Public Key for {re.escape(device)}(?:.*\n)+?\S+ - {device_fpr}")
+            await term.type(f"/ox request {device} {device_fpr}")
+            await term.wait_for("Public Key imported")
+            await gpg.run("--quick-lsign-key", device_fpr)
+            await term.type(f"/ox start {device}")
+            await term.wait_for(rf"{name} \[\w+\] \[OX\]")
+            await term.type("shed")
+            await term.wait_for(rf"Done: load shed\. Now: {name} \(load\) is off, 0\.0 kW of 90 kW")
+            await watcher.wait_for(lambda d: d[name].state is DeviceState.OFF, timeout=5)
+            await term.type("/ox end")
+            await term.wait_for("OX encryption disabled.")
+            await term.type("restore")
+            await term.wait_for(r"Refused restore: an unsigned chat line may not change the device's state")
+            await asyncio.sleep(0.5)
+            assert watcher.devices[name].state is DeviceState.OFF
+            await term.type("/ox start")
+            await term.wait_for(rf"{name} \[\w+\] \[OX\]")
+            await term.type("restore")
+            await term.wait_for(r"Done: load restored\.")
+            await watcher.wait_for(lambda d: d[name].state is DeviceState.ON, timeout=5)
