@@ -25,6 +25,7 @@ from slixmpp import Message
 
 from chatpeer import ChatPeer, chat_peer
 from conftest import run_cli, until
+from gpghome import HAVE_GPG, GnuPG
 from gridpresence.config import Fleet, parse_fleet
 from gridpresence.device.agent import DeviceAgent
 from gridpresence.host.grid import Grid
@@ -39,21 +40,21 @@ from gridpresence.protocol.firmware import FirmwareImage, FirmwareReason, Firmwa
 from gridpresence.protocol.models import DeviceState, RejectReason
 from gridpresence.protocol.openpgp import ox
 from gridpresence.rules.settings import AlarmSettings
+from gridpresence.security.keys import fingerprint
 from gridpresence.security.parts import NotForYou
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
+from gridpresence.security.policy import SecuritySettings
 from gridpresence.security.reports import ReportReader
 from gridpresence.words import TITLES
 from gridpresence.xmpp.session import close_session, make_client, open_session
-from gpghome import HAVE_GPG, GnuPG
-from gridpresence.security.keys import fingerprint
-from gridpresence.security.policy import SecuritySettings
 from terminal import HAVE_PROFANITY, NO_PROFANITY, Terminal, log_in, run_profanity
 from test_adhoc import COMMANDS, _gajim
+from test_adhoc_profanity import _list_commands
 from test_ox_chat import opened_reply, sealed, send_ox
 
-CAPS = "http://jabber.org/protocol/caps"
-
 pytestmark = pytest.mark.timeout(120)
+
+CAPS = "http://jabber.org/protocol/caps"
 
 N = 100  # hosted loads besides the ones the tests drive
 BACKGROUND = [f"p-{i:03d}" for i in range(N)]
@@ -75,6 +76,7 @@ FLEET = {
         {"name": "hp-verdict", "kind": "load", "rated_kw": 100, "critical": True, "utilisation": 0.5},
         {"name": "hp-owed", "kind": "breaker", "rated_kw": 100},
         {"name": "hp-desk", "kind": "load", "rated_kw": 40},
+        {"name": "hp-cmd", "kind": "load", "rated_kw": 20},  # Profanity's /cmd
         {"name": "hp-crit", "kind": "load", "rated_kw": 30, "critical": True, "critical_hold_s": 60},
         {"name": "hp-ox", "kind": "load", "rated_kw": 70},
         {"name": "hp-oxp", "kind": "load", "rated_kw": 90},  # OX from Profanity
@@ -601,3 +603,31 @@ async def test_profanity_discovers_a_hosted_key_and_sends_it_a_signed_encrypted_
             await term.type("restore")
             await term.wait_for(r"Done: load restored\.")
             await watcher.wait_for(lambda d: d[name].state is DeviceState.ON, timeout=5)
+
+
+@pytest.mark.skipif(not HAVE_PROFANITY, reason=NO_PROFANITY)
+@pytest.mark.flaky(reruns=1)  # Profanity through tmux on a loaded machine
+async def test_profanity_lists_and_runs_a_hosted_devices_commands(parity: Parity, tmp_path: Path) -> None:
+    """As tests/test_adhoc_profanity.py: /cmd at the hosted identity's bare JID, a two-step form."""
+    name = "hp-cmd"
+    bare = parity.fleet.jid(name)
+    dev = parity.agent(name)
+    async with run_profanity(tmp_path) as term:
+        await log_in(term, parity, "bob")
+        listed = await _list_commands(term, bare)
+        assert {"status", "run", "ack-alarm", "judge-alarm"} <= set(re.findall(r"!   (\S+)", listed))
+        await term.type(f"/cmd exec status {bare}")
+        await term.wait_for(rf"Form title: {name}(?:.*\n)+?.*\[field1\] State: on")
+        await term.type(f"/cmd exec run {bare}")
+        await term.wait_for(rf"Form title: Command {name}(?:.*\n)+?.*\[field1\] Action \(required\)")
+        await term.type("/field1 shed")
+        await term.type("/form submit")
+        await term.wait_for(rf"Form title: {name}: shed(?:.*\n)+?.*State: off(?:.*\n)+?.*Outcome: executed")
+        assert dev.sim.state is DeviceState.OFF
+        await term.type("/form cancel")
+        await term.type(f"/cmd exec run {bare}")
+        await term.wait_for(rf"Form title: Command {name}")
+        await term.type("/field1 restore")
+        await term.type("/form submit")
+        await term.wait_for(rf"Form title: {name}: restore(?:.*\n)+?.*Outcome: executed")
+        assert dev.sim.state is DeviceState.ON
