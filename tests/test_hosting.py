@@ -309,6 +309,11 @@ async def test_host_restart_keeps_subscriptions_and_probes_are_answered_and_rela
         await alice.wait_for(all_on, timeout=15)
         await hosting.host.stop()  # every hosted identity says goodbye
         await alice.wait_for(lambda d: not d["h-100"].present and not d[C2S].present, timeout=10)
+        # Gone by their goodbyes; the server's notice of a dropped component (for a crash) is not
+        # sent for identities that said goodbye (mod_gridpresence_hosted_gone.lua).
+        await asyncio.sleep(0.5)
+        assert all(alice.devices[n].health is HealthStatus.GONE for n in HOSTED), \
+            {n: alice.devices[n].health_reason for n in HOSTED if alice.devices[n].health is not HealthStatus.GONE}
         queued = await alice.command("h-100", Action.SHED, ttl_s=60)
         assert queued.status is OutcomeStatus.QUEUED, queued.summary()
         await hosting.host.start()

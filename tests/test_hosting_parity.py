@@ -255,6 +255,30 @@ async def test_after_its_link_returns_a_hosted_device_knows_who_is_on_duty(
                 10, "every hosted identity back")
 
 
+async def test_a_stock_client_sees_hosted_identities_go_when_their_link_drops(
+        parity: Parity, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A c2s bot whose connection drops is shown unavailable by its server at once. Hosted
+    identities have no session there: when the component's connection drops without their
+    goodbyes (a crash), the server's mod_gridpresence_hosted_gone.lua tells each subscribed
+    session the same; when the link is back, so are they."""
+    link = parity.grid.bots.link  # type: ignore[union-attr]
+    assert link is not None
+    jids = [parity.fleet.jid(d.name) for d in parity.fleet.devices]
+    bob = await chat_peer(parity, "bob", "gone")
+    roster = bob.client.client_roster
+    said: dict[str, str] = {}
+    bob.client.add_event_handler("presence_unavailable", lambda p: said.__setitem__(p["from"].bare, p["status"]))
+    try:
+        await until(lambda: all(roster[j].resources for j in jids), 10, "every hosted identity online at bob's")
+        monkeypatch.setattr("gridpresence.xmpp.reconnect.backoff_delay", lambda *_a, **_k: 3.0)
+        link.abort()  # as a crash: the socket closes, no identity says goodbye
+        await until(lambda: not any(roster[j].resources for j in jids), 2, "every hosted identity offline at bob's")
+        assert set(said) >= set(jids) and all(said[j].startswith("Disconnected: ") for j in jids), said
+        await until(lambda: all(roster[j].resources for j in jids), 15, "every hosted identity back at bob's")
+    finally:
+        await bob.close()
+
+
 async def high_loading(peer: ChatPeer, device: str, status: AlarmStatus, timeout: float = 6.0) -> str:
     """The id of the next high-loading alarm message in this status."""
     msg = await peer.alarm(device, timeout, lambda m: alarm_of(m).kind is AlarmKind.HIGH_LOADING

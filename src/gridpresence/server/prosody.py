@@ -247,10 +247,10 @@ class ProsodyServer:
 
     def _template_values(self) -> dict[str, str]:
         modules = "".join(f"\t{lua_string(name)};\n" for name in self.extra_modules)
-        component = ""
+        component, component_host = "", self.component_domain or ""
         if self.component_secret is not None:
             component = (
-                f"Component {lua_string(f'devices.{self.domain}')}\n"
+                f"Component {lua_string(component_host)}\n"
                 f"\tcomponent_secret = {lua_string(self.component_secret)}\n"
             )
         return {
@@ -271,6 +271,7 @@ class ProsodyServer:
             "bosh_url": lua_string(self.bosh_url),
             "adhoc_accounts": "; ".join(lua_string(name) for name in self.adhoc_accounts),
             "component": component,
+            "component_host": lua_string(component_host),
             # HTTPS picks its certificate by SNI, strictly: a client dialling BOSH by the advertised
             # name (https://xmpp:5281 in the compose demo) must find that name among the host's.
             "http_host": "".join(f"\thttp_host = {lua_string(h)}\n" for h in self._cert_hosts()),
