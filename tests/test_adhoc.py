@@ -27,11 +27,13 @@ class Gajim:
     def __init__(self, client: ClientXMPP) -> None:
         self.client = client
         self.caps: dict[str, str] = {}
+        self.vers: dict[str, list[str]] = {}  # bare JID -> the caps versions its presence carried, in order
         client.add_event_handler("presence_available", self._on_presence)
 
     def _on_presence(self, pres: Presence) -> None:
         if pres.xml.find("{http://jabber.org/protocol/caps}c") is not None:
             self.caps[pres["from"].bare] = pres["caps"]["node"]
+            self.vers.setdefault(pres["from"].bare, []).append(pres["caps"]["ver"])
 
     async def execute(self, to: str, node: str) -> Any:
         iq = self.client.make_iq_set(ito=to)
@@ -90,6 +92,13 @@ async def test_disco_caps_version_ping(gajim: Gajim, alice: GridOperator) -> Non
         while "load-j@localhost" not in gajim.caps:
             await asyncio.sleep(0.1)
     assert gajim.caps["load-j@localhost"] == "urn:gridpresence:caps"
+    # The version checks out as a client verifies it (XEP-0115 §5.4): the hash of the device's
+    # disco#info, which the caps node answers too; every presence of the session carried it.
+    gajim.client.register_plugin("xep_0115")
+    ver = gajim.client.plugin["xep_0115"].generate_verstring(info["disco_info"], "sha-1")
+    assert set(gajim.vers["load-j@localhost"]) == {ver}
+    at_node = await gajim.client.plugin["xep_0030"].get_info(jid=to, node=f"urn:gridpresence:caps#{ver}", timeout=5)
+    assert set(at_node["disco_info"]["features"]) == features
 
 
 async def test_status_and_shed_through_forms(gajim: Gajim, alice: GridOperator) -> None:

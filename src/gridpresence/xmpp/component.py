@@ -30,7 +30,7 @@ import logging
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -328,7 +328,7 @@ class HostedClient(ComponentXMPP):
         follower.policy = dataclasses.replace(follower.policy, keepalive_s=0.0, login_timeout_s=0.0)
         self.add_filter("out_sync", self._route)
         self.add_event_handler("session_start", self._probe_contacts)
-        self.pep = HostedPep(self)
+        self.own_pep = HostedPep(self)  # its PEP service (its own key is announced straight into it)
 
     # -- a session over the link ----------------------------------------------------------
 
@@ -518,21 +518,46 @@ class HostedPep:
         if not node:
             raise ValueError("publish without a node")
         item = pub.find(f"{{{PUBSUB}}}item")
-        item_id = (item.get("id") if item is not None else None) or uuid.uuid4().hex
         payload = next(iter(item), None) if item is not None else None
-        self.nodes[node] = (item_id, copy.deepcopy(payload) if payload is not None else None)
+        # Stored first, answered, then notified: the order a server keeps.
+        item_id, notify = self._store(node, item.get("id") if item is not None else None, payload)
         reply = iq.reply(clear=True)
         out = ET.SubElement(ET.SubElement(reply.xml, f"{{{PUBSUB}}}pubsub"), f"{{{PUBSUB}}}publish", {"node": node})
         ET.SubElement(out, f"{{{PUBSUB}}}item", {"id": item_id})
         reply.send()
-        for jid in self.client.link.store.subscribers(self.owner, node):
-            msg = self.client.make_message(mto=jid, mtype="headline")
-            items = ET.SubElement(ET.SubElement(msg.xml, f"{{{PUBSUB_EVENT}}}event"), f"{{{PUBSUB_EVENT}}}items",
-                                  {"node": node})
-            event_item = ET.SubElement(items, f"{{{PUBSUB_EVENT}}}item", {"id": item_id})
-            if payload is not None:
-                event_item.append(copy.deepcopy(payload))
-            msg.send()
+        notify()
+
+    # -- the owner's own publishing, in the process (security/pep_keyring.py's OwnPep) ----
+
+    def last_item(self, node: str) -> ET.Element | None:
+        """The payload of ``node``'s item (None: no item, or an item without payload)."""
+        entry = self.nodes.get(node)
+        return entry[1] if entry is not None else None
+
+    def put(self, node: str, item_id: str | None, payload: ET.Element | None) -> str:
+        """Publish as the owner without a round trip through the stream: what anyone sees is
+        what an owner's publish iq makes (the item stored, the subscribers notified)."""
+        item_id, notify = self._store(node, item_id, payload)
+        notify()
+        return item_id
+
+    def _store(self, node: str, item_id: str | None, payload: ET.Element | None) -> tuple[str, Callable[[], None]]:
+        """Keep the item (newest only); returns its id and what notifies the subscribers."""
+        item_id = item_id or uuid.uuid4().hex
+        kept = copy.deepcopy(payload) if payload is not None else None
+        self.nodes[node] = (item_id, kept)
+
+        def notify() -> None:
+            for jid in self.client.link.store.subscribers(self.owner, node):
+                msg = self.client.make_message(mto=jid, mtype="headline")
+                items = ET.SubElement(ET.SubElement(msg.xml, f"{{{PUBSUB_EVENT}}}event"),
+                                      f"{{{PUBSUB_EVENT}}}items", {"node": node})
+                event_item = ET.SubElement(items, f"{{{PUBSUB_EVENT}}}item", {"id": item_id})
+                if kept is not None:
+                    event_item.append(copy.deepcopy(kept))
+                msg.send()
+
+        return item_id, notify
 
     def _subscribe(self, iq: Iq, sub: ET.Element, on: bool) -> None:
         node, jid = sub.get("node") or "", sub.get("jid") or ""
