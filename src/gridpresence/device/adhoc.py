@@ -66,11 +66,8 @@ class AdhocCommands:
         self.agent = agent
         self.forms = agent.client.plugin["xep_0004"]
         self.adhoc = agent.client.plugin["xep_0050"]
-        self._caps: ET.Element | None = None
-        self._caps_jid: str | None = None  # the session (full JID) self._caps was computed for
         # Commands are keyed by the full JID, which a new session may change: add them each time.
         agent.client.add_event_handler("session_start", self._add_commands)
-        agent.client.add_filter("out", self._stamp_caps)
 
     def _add_commands(self, _event: object) -> None:
         jid = self.agent.client.boundjid
@@ -78,39 +75,6 @@ class AdhocCommands:
         if self.actions():
             self.adhoc.add_command(jid, RUN, "Run a command", self._run_form)
         self.adhoc.add_command(jid, ACK, "Acknowledge an alarm", self._ack_form)
-        told = self._caps.get("ver") if self._caps is not None and self._caps_jid == jid.full else None
-        if self._update_caps() != told and told is not None:
-            self.agent.publish(force=True)  # this session's presence went out with other caps: tell again
-
-    def _update_caps(self) -> str | None:
-        """Hash the session's features into the caps version (XEP-0115 §5) and keep the info
-        where a disco#info of the caps node finds it: done here, at once, so the session's
-        first presence carries the caps (no second broadcast just to add them). The same
-        steps as the plugin's update_caps, without its round of futures."""
-        try:
-            client, jid = self.agent.client, self.agent.client.boundjid.full
-            disco, caps = client.plugin["xep_0030"], client.plugin["xep_0115"]
-            info = disco._fix_default_info(disco.static.get_info(jid, None, None, None))  # as disco#info answers
-            ver: str = caps.generate_verstring(info, caps.hash)
-            disco.static.set_info(jid, f"{caps.caps_node}#{ver}", None, info)
-            caps.static.cache_caps(None, None, None, {"verstring": ver, "info": info})
-            caps.static.assign_verstring(jid, None, None, {"verstring": ver})
-            if self._caps is None or self._caps.get("ver") != ver:
-                self._caps = ET.Element(f"{{{CAPS_NS}}}c", {"hash": "sha-1", "node": CAPS_NODE, "ver": ver})
-            self._caps_jid = jid
-            return ver
-        except Exception:  # caps are a courtesy to clients: never worth the device
-            log.exception("%s: could not compute entity caps", self.agent.spec.name)
-            return None
-
-    def _stamp_caps(self, stanza: StanzaBase) -> StanzaBase:
-        if not isinstance(stanza, Presence) or stanza["type"] not in _AVAILABLE:  # caps go on available presence only
-            return stanza
-        if self._caps_jid != self.agent.client.boundjid.full:  # a session's first presence
-            self._update_caps()
-        if self._caps is not None:
-            stanza.xml.append(self._caps)  # one shared element: it is only ever serialised
-        return stanza
 
     def actions(self) -> list[Action]:
         return sorted(a for a in self.agent.sim.actions if a.value in ACTION_WORDS)
@@ -228,3 +192,43 @@ class AdhocDesk(AdhocCommands):
     def __init__(self, agent: DeviceHost) -> None:
         enable_standard_features(agent)
         super().__init__(agent)
+        self._caps: ET.Element | None = None
+        self._caps_jid: str | None = None  # the session (full JID) self._caps was computed for
+        agent.client.add_filter("out", self._stamp_caps)
+
+    def _add_commands(self, event: object) -> None:
+        super()._add_commands(event)
+        jid = self.agent.client.boundjid.full
+        told = self._caps.get("ver") if self._caps is not None and self._caps_jid == jid else None
+        if self._update_caps() != told and told is not None:
+            self.agent.publish(force=True)  # this session's presence went out with other caps: tell again
+
+    def _update_caps(self) -> str | None:
+        """Hash the session's features into the caps version (XEP-0115 §5) and keep the info
+        where a disco#info of the caps node finds it: done here, at once, so the session's
+        first presence carries the caps (no second broadcast just to add them). The same
+        steps as the plugin's update_caps, without its round of futures."""
+        try:
+            client, jid = self.agent.client, self.agent.client.boundjid.full
+            disco, caps = client.plugin["xep_0030"], client.plugin["xep_0115"]
+            info = disco._fix_default_info(disco.static.get_info(jid, None, None, None))  # as disco#info answers
+            ver: str = caps.generate_verstring(info, caps.hash)
+            disco.static.set_info(jid, f"{caps.caps_node}#{ver}", None, info)
+            caps.static.cache_caps(None, None, None, {"verstring": ver, "info": info})
+            caps.static.assign_verstring(jid, None, None, {"verstring": ver})
+            if self._caps is None or self._caps.get("ver") != ver:
+                self._caps = ET.Element(f"{{{CAPS_NS}}}c", {"hash": "sha-1", "node": CAPS_NODE, "ver": ver})
+            self._caps_jid = jid
+            return ver
+        except Exception:  # caps are a courtesy to clients: never worth the device
+            log.exception("%s: could not compute entity caps", self.agent.spec.name)
+            return None
+
+    def _stamp_caps(self, stanza: StanzaBase) -> StanzaBase:
+        if not isinstance(stanza, Presence) or stanza["type"] not in _AVAILABLE:  # caps go on available presence only
+            return stanza
+        if self._caps_jid != self.agent.client.boundjid.full:  # a session's first presence
+            self._update_caps()
+        if self._caps is not None:
+            stanza.xml.append(self._caps)  # one shared element: it is only ever serialised
+        return stanza
