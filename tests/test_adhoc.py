@@ -87,6 +87,10 @@ async def test_disco_caps_version_ping(gajim: Gajim, alice: GridOperator) -> Non
     nodes = {node: name for _jid, node, name in items["disco_items"]["items"]}
     assert nodes == {"status": "Status", "run": "Run a command", "ack-alarm": "Acknowledge an alarm",
                      "judge-alarm": "Judge an alarm"}
+    assert {jid for jid, _node, _name in items["disco_items"]["items"]} == {to}
+    for node, name in (("status", "Status"), ("judge-alarm", "Judge an alarm")):  # each command's own node
+        at = await gajim.client.plugin["xep_0030"].get_info(jid=to, node=node, timeout=5)
+        assert at["disco_info"]["identities"] == {("automation", "command-node", None, name)}
     version = await gajim.client.plugin["xep_0092"].get_version(to, timeout=5)
     assert version["software_version"]["name"] == "gridpresence device"
     assert await gajim.client.plugin["xep_0199"].ping(to, timeout=5) >= 0

@@ -17,6 +17,7 @@ from xml.etree import ElementTree as ET
 
 from slixmpp import JID, Iq, Presence
 from slixmpp.exceptions import XMPPError
+from slixmpp.plugins.xep_0030.stanza import DiscoInfo, DiscoItems
 from slixmpp.xmlstream import StanzaBase
 
 from gridpresence.device.alarms import AlarmDesk
@@ -34,6 +35,9 @@ ALL_ALARMS = "all"
 STATUS, RUN, ACK = "status", "run", "ack-alarm"
 CAPS_NS = "http://jabber.org/protocol/caps"
 CAPS_NODE = "urn:gridpresence:caps"
+COMMANDS_NS = "http://jabber.org/protocol/commands"
+# (node, name) -> the disco data of that command's node, one per process (AdhocCommands.add_command).
+_COMMAND_NODES: dict[tuple[str, str], dict[str, Any]] = {}
 _AVAILABLE = ("available", "chat", "away", "dnd", "xa")
 
 
@@ -70,11 +74,30 @@ class AdhocCommands:
         agent.client.add_event_handler("session_start", self._add_commands)
 
     def _add_commands(self, _event: object) -> None:
-        jid = self.agent.client.boundjid
-        self.adhoc.add_command(jid, STATUS, "Status", self._status)
+        self.add_command(STATUS, "Status", self._status)
         if self.actions():
-            self.adhoc.add_command(jid, RUN, "Run a command", self._run_form)
-        self.adhoc.add_command(jid, ACK, "Acknowledge an alarm", self._ack_form)
+            self.add_command(RUN, "Run a command", self._run_form)
+        self.add_command(ACK, "Acknowledge an alarm", self._ack_form)
+
+    def add_command(self, node: str, name: str, handler: Any) -> None:
+        """What xep_0050's add_command writes (the command, the commands node's identity and
+        item, the feature), written straight into the plugins' tables: a host of thousands of
+        identities saves a future and a task per call. The command node's own disco#info is
+        the same at every device, so it is kept once per process (nothing changes it later)."""
+        client = self.agent.client
+        owner = client.boundjid.full
+        static = client.plugin["xep_0030"].static
+        listing = static.add_node(owner, COMMANDS_NS)
+        listing["info"].add_identity("automation", "command-list", "Ad-Hoc commands")
+        listing["items"].add_item(owner, node=node, name=name)
+        shared = _COMMAND_NODES.get((node, name))
+        if shared is None:
+            shared = _COMMAND_NODES[(node, name)] = {"info": DiscoInfo(), "items": DiscoItems()}
+            shared["info"]["node"] = shared["items"]["node"] = node
+            shared["info"].add_identity("automation", "command-node", name)
+        static.nodes[(owner, node, "")] = shared
+        static.add_node(owner)["info"].add_feature(COMMANDS_NS)
+        self.adhoc.commands[(owner, node)] = (name, handler, None, 0)  # no session time-out, as add_command's default
 
     def actions(self) -> list[Action]:
         return sorted(a for a in self.agent.sim.actions if a.value in ACTION_WORDS)
