@@ -88,3 +88,33 @@ def test_stanzapath_match_is_slixmpps_own() -> None:
                     assert fast.match(matcher, stanza) == fast._slixmpp_match(matcher, stanza), (path, text, ns)
                     checked += 1
     assert checked == 2 * len(xml) * len(paths) * 2
+
+
+def test_a_stanza_plugin_registration_in_place_is_skipped_and_any_other_is_slixmpps() -> None:
+    from slixmpp.xmlstream import ElementBase, stanzabase
+
+    from gridpresence.xmpp.slixfix import stanzaplugins
+
+    class Parent(ElementBase):
+        name, namespace, plugin_attrib = "parent", "urn:test:slixfix", "parent"
+
+    class Child(ElementBase):
+        name, namespace, plugin_attrib, plugin_multi_attrib = "child", "urn:test:slixfix", "child", "children"
+
+    class Other(ElementBase):
+        name, namespace, plugin_attrib = "other", "urn:test:slixfix2", "child"
+
+    assert stanzabase.register_stanza_plugin is stanzaplugins.register_stanza_plugin
+    assert not stanzaplugins.in_place(Parent, Child, iterable=True)
+    stanzabase.register_stanza_plugin(Parent, Child, iterable=True)
+    multi, maps = Parent.plugin_attrib_map["children"], Parent.plugin_attrib_map
+    assert stanzaplugins.in_place(Parent, Child, iterable=True)
+    stanzabase.register_stanza_plugin(Parent, Child, iterable=True)  # in place: skipped, nothing rebuilt
+    assert Parent.plugin_attrib_map is maps and Parent.plugin_attrib_map["children"] is multi
+    stanzabase.register_stanza_plugin(Parent, Other)  # another plugin for the attribute: slixmpp's own
+    assert Parent.plugin_attrib_map["child"] is Other and not stanzaplugins.in_place(Parent, Child, iterable=True)
+    stanzabase.register_stanza_plugin(Parent, Child, iterable=True)  # and back, again by slixmpp
+    assert Parent.plugin_attrib_map["child"] is Child
+    parent = Parent()
+    parent.append(Child())
+    assert len(parent["children"]) == 1
