@@ -118,3 +118,24 @@ def test_a_stanza_plugin_registration_in_place_is_skipped_and_any_other_is_slixm
     parent = Parent()
     parent.append(Child())
     assert len(parent["children"]) == 1
+
+
+async def test_api_tables_made_when_a_handler_goes_in_and_answers_as_slixmpps() -> None:
+    from slixmpp import ComponentXMPP
+
+    from gridpresence.xmpp.slixfix import api
+
+    xmpp = ComponentXMPP("c.example", "secret", "127.0.0.1", 1)
+    reg = xmpp.api
+    reg.register(lambda jid, node, ifrom, args: "global", "t", "op", default=True)
+    entry = reg._handlers["t"]["op"]
+    assert entry["jid"] is api._NONE and entry["node"] is api._NONE
+    assert await reg.run("t", "op", "a@c.example") == "global"
+    reg.register(lambda jid, node, ifrom, args: "for a", "t", "op", jid="a@c.example")
+    reg.register(lambda jid, node, ifrom, args: "for a/n", "t", "op", jid="a@c.example", node="n")
+    assert await reg.run("t", "op", "a@c.example") == "for a" and await reg.run("t", "op", "a@c.example", "n") == "for a/n"
+    assert await reg.run("t", "op", "b@c.example") == "global"
+    reg.restore_default("t", "op", "a@c.example")  # slixmpp's: the default handler for that JID
+    assert await reg.run("t", "op", "a@c.example") == "global"
+    reg._setup("t", "other")  # a new operation's entry: shared tables again
+    assert reg._handlers["t"]["other"]["jid"] is api._NONE
