@@ -139,3 +139,29 @@ async def test_api_tables_made_when_a_handler_goes_in_and_answers_as_slixmpps() 
     assert await reg.run("t", "op", "a@c.example") == "global"
     reg._setup("t", "other")  # a new operation's entry: shared tables again
     assert reg._handlers["t"]["other"]["jid"] is api._NONE
+
+
+def test_iscoroutinefunction_gives_inspects_answer() -> None:
+    import functools
+    import inspect
+
+    from slixmpp.xmlstream import xmlstream
+
+    from gridpresence.xmpp.slixfix import coroutines
+
+    async def coro() -> None: ...
+
+    def plain() -> None: ...
+
+    class Thing:
+        async def method(self) -> None: ...
+
+        def sync(self) -> None: ...
+
+        async def __call__(self) -> None: ...
+
+    thing = Thing()
+    for obj in (coro, plain, thing.method, thing.sync, Thing.method, functools.partial(coro), thing, len, None, lambda: 0):
+        assert coroutines.iscoroutinefunction(obj) == inspect.iscoroutinefunction(obj), obj
+    if not hasattr(inspect, "markcoroutinefunction"):
+        assert xmlstream.iscoroutinefunction is coroutines.iscoroutinefunction

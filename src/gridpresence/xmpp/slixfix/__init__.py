@@ -8,6 +8,8 @@
   splitting it again for every stanza; slixmpp's own match on the same list.
 * ``api``: the API registry's per-JID and per-node tables made only when a handler goes in
   (two empty ones per operation per stream otherwise).
+* ``coroutines``: ``iscoroutinefunction`` of a function or method read from its code flags, as
+  inspect does on 3.11, without inspect's unwrapping (asked at every event, filter and API call).
 * ``stanzaplugins``: ``register_stanza_plugin`` skipped when its registration is already in
   place (plugins repeat it for every stream: thousands of times in a host of identities).
 
@@ -17,4 +19,4 @@ slixmpp, run ``tests/test_slixfix.py``: it checks each patch still gives slixmpp
 May import: nothing else of gridpresence.
 """
 
-from gridpresence.xmpp.slixfix import api, escape, scram, stanzapath, stanzaplugins  # noqa: F401  (applied on import)
+from gridpresence.xmpp.slixfix import api, coroutines, escape, scram, stanzapath, stanzaplugins  # noqa: F401  (applied on import)
