@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from common import percentile
@@ -39,11 +40,13 @@ from gridpresence.config import parse_fleet
 from gridpresence.host.fleet import FleetBots
 from gridpresence.host.grid import FLEET_COPY, SECRETS_FILE, Grid
 from gridpresence.operator.library import GridOperator
+from gridpresence.operator.tracker import DeviceView
 from gridpresence.server.accounts import Secrets
 from gridpresence.xmpp.session import ConnectionInfo
 
 
 REFRESH_S = 600.0
+OPERATOR_WAIT_S = 300.0  # for the operator to see all N; past it, what it saw is reported
 
 
 def rss_kib(pid: int | str = "self") -> int:
@@ -98,12 +101,17 @@ async def operator_child(data: Path, n: int) -> None:
     op = GridOperator.from_connection(ConnectionInfo.load(data / "connection.json"), resource="bench")
     t0 = time.perf_counter()
     await op.connect(timeout=300, settle_s=0, tariff_s=0)
+    def seen(d: Mapping[str, DeviceView]) -> int:
+        return sum(1 for name, v in d.items() if name.startswith("h-") and v.present and v.state is not None)
+
     try:
-        await op.wait_for(lambda d: sum(1 for name, v in d.items() if name.startswith("h-") and v.present
-                                        and v.state is not None) >= n, 600)
-        seen = time.perf_counter() - t0
+        try:
+            await op.wait_for(lambda d: seen(d) >= n, OPERATOR_WAIT_S)
+            took: float | None = time.perf_counter() - t0
+        except TimeoutError:  # said, and the memory still measured
+            took = None
         gc.collect()
-        print(json.dumps({"seen_s": seen, "rss_abs_kib": rss_kib()}), flush=True)
+        print(json.dumps({"seen_s": took, "seen": seen(op.devices), "rss_abs_kib": rss_kib()}), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     finally:
         await op.close()
@@ -136,7 +144,10 @@ async def one_side(data: Path, side: str, prosody_pid: int) -> dict[str, float]:
     try:
         if side == "h":  # the whole grid at N: Prosody, this bot process, an operator seeing all N
             op, seen = await _spawn("--operator", str(n), str(data))
-            out.update(operator_seen_s=seen["seen_s"], operator_rss_mib=seen["rss_abs_kib"] / 1024,
+            if seen["seen_s"] is None:
+                print(f"  the operator saw {seen['seen']} of {n} within {OPERATOR_WAIT_S:.0f} s", flush=True)
+            out.update(operator_seen_s=seen["seen_s"] if seen["seen_s"] is not None else float("nan"),
+                       operator_rss_mib=seen["rss_abs_kib"] / 1024,
                        bots_rss_mib=got["rss_abs_kib"] / 1024, prosody_rss_mib=rss_kib(prosody_pid) / 1024)
             out["grid_rss_mib"] = out["operator_rss_mib"] + out["bots_rss_mib"] + out["prosody_rss_mib"]
             await _end(op)
@@ -160,6 +171,8 @@ async def main(sizes: list[int], rounds: int, c2s_max: int) -> None:
                 order = [("h", "hosted"), ("c", "c2s")] if r % 2 == 0 else [("c", "c2s"), ("h", "hosted")]
                 for side, label in order:
                     results[label].append(await one_side(data, side, prosody))
+                    print(f"  round {r + 1}, {label}: " + json.dumps({k: round(v, 2) for k, v in results[label][-1].items()}),
+                          flush=True)  # as it comes: a long run that fails later still told this
         finally:
             await grid.stop()
             shutil.rmtree(data, ignore_errors=True)
