@@ -29,6 +29,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -184,6 +185,11 @@ class ComponentLink(ComponentXMPP):
         self.online = False
         self._bringing_up: asyncio.Task[None] | None = None
         self._out: list[bytes] = []  # identities' stanzas waiting for the end of this loop turn
+        # When the server last sent anything (xmpp/reconnect.py pings only after keepalive_s of
+        # silence, as for a c2s client): a server busy answering a 10,000-device operator login
+        # sends us its probes but answered the link's every-5-s ping late, and the link, with
+        # every identity on it, was dropped and brought up again in the middle of it.
+        self.last_heard = time.monotonic()
         self.register_plugin("xep_0030")
         self.register_plugin("xep_0199")
         self.add_event_handler("session_start", self._on_session_start)
@@ -211,6 +217,10 @@ class ComponentLink(ComponentXMPP):
         data, self._out = b"".join(self._out), []
         if data and self.transport is not None:
             self.transport.write(data)
+
+    def data_received(self, data: bytes | str) -> None:
+        self.last_heard = time.monotonic()  # any byte proves the server alive: no ping needed
+        super().data_received(data)
 
     def send_raw(self, data: str | bytes) -> None:
         self._flush()  # the link's own (a bounce, the stream's end) after what identities queued
