@@ -12,6 +12,11 @@ process and to Prosody; the ratio is hosted / c2s, per round, median over rounds
 
 Above ``--c2s-max`` the c2s side stays at that size: compare the per-identity rows (logins per
 second, memory per identity), not the totals.
+
+For the hosted side it also reports what the issue's goals name: the time from the start of the
+bot process's work (building the bots) to every identity online, the bot process's CPU per
+identity, and the whole grid's resident memory at N: Prosody, the bot process, and an operator
+(GridOperator in a process of its own) logged in and seeing all N hosted devices with their state.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from common import percentile
@@ -33,11 +39,14 @@ from common import percentile
 from gridpresence.config import parse_fleet
 from gridpresence.host.fleet import FleetBots
 from gridpresence.host.grid import FLEET_COPY, SECRETS_FILE, Grid
+from gridpresence.operator.library import GridOperator
+from gridpresence.operator.tracker import DeviceView
 from gridpresence.server.accounts import Secrets
 from gridpresence.xmpp.session import ConnectionInfo
 
 
 REFRESH_S = 600.0
+OPERATOR_WAIT_S = 300.0  # for the operator to see all N; past it, what it saw is reported
 
 
 def rss_kib(pid: int | str = "self") -> int:
@@ -60,6 +69,7 @@ async def child(data: Path, side: str) -> None:
     names = [d.name for d in fleet.devices if d.name.startswith(f"{side}-")]
     gc.collect()
     before = rss_kib()
+    cpu0, start = time.process_time(), time.perf_counter()
     # Physics ticks at the refresh only (as bench/common.py's device process): a 1 s tick of
     # thousands of simulated devices would be measured instead of their logins.
     bots = FleetBots(fleet, info.server, Secrets(data / SECRETS_FILE), only=names, with_services=False, data_dir=data,
@@ -76,28 +86,74 @@ async def child(data: Path, side: str) -> None:
         agent.login = timed  # type: ignore[method-assign]
     await bots.start(timeout=1800)
     total = time.perf_counter() - t0
+    from_start, cpu = time.perf_counter() - start, time.process_time() - cpu0
     gc.collect()
     print(json.dumps({"n": len(done), "median_s": statistics.median(done), "p99_s": percentile(done, 99),
-                      "total_s": total, "rss_kib": rss_kib() - before}), flush=True)  # one short line
+                      "total_s": total, "from_start_s": from_start, "cpu_s": cpu, "rss_kib": rss_kib() - before,
+                      "rss_abs_kib": rss_kib()}), flush=True)  # one short line
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await bots.stop()
 
 
-async def one_side(data: Path, side: str, prosody_pid: int) -> dict[str, float]:
-    prosody_before = rss_kib(prosody_pid)
-    proc = await asyncio.create_subprocess_exec(sys.executable, __file__, "--child", side, str(data),
-                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+async def operator_child(data: Path, n: int) -> None:
+    """An operator logged in until it sees all `n` hosted devices with their state: print the
+    time that took from its session start and its resident memory, stay until stdin closes."""
+    op = GridOperator.from_connection(ConnectionInfo.load(data / "connection.json"), resource="bench")
+    t0 = time.perf_counter()
+    await op.connect(timeout=300, settle_s=0, tariff_s=0)
+    def seen(d: Mapping[str, DeviceView]) -> int:
+        return sum(1 for name, v in d.items() if name.startswith("h-") and v.present and v.state is not None)
+
+    try:
+        try:
+            await op.wait_for(lambda d: seen(d) >= n, OPERATOR_WAIT_S)
+            took: float | None = time.perf_counter() - t0
+        except TimeoutError:  # said, and the memory still measured
+            took = None
+        gc.collect()
+        print(json.dumps({"seen_s": took, "seen": seen(op.devices), "rss_abs_kib": rss_kib()}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    finally:
+        await op.close()
+
+
+async def _spawn(*args: str) -> tuple[asyncio.subprocess.Process, dict[str, float]]:
+    """A child process of this script, and the one line it prints when it is ready."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, __file__, *args, stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE)
     line = await asyncio.wait_for(proc.stdout.readline(), 1800)  # type: ignore[union-attr]
     if not line:
-        raise SystemExit(f"the {side} process ended early")
-    got = json.loads(line)
-    await asyncio.sleep(1.0)  # the server settles the sessions' presence
-    prosody_added = rss_kib(prosody_pid) - prosody_before
+        raise SystemExit(f"the {' '.join(args)} process ended early")
+    return proc, json.loads(line)
+
+
+async def _end(proc: asyncio.subprocess.Process) -> None:
     proc.stdin.close()  # type: ignore[union-attr]
     await asyncio.wait_for(proc.wait(), 300)
+
+
+async def one_side(data: Path, side: str, prosody_pid: int) -> dict[str, float]:
+    prosody_before = rss_kib(prosody_pid)
+    proc, got = await _spawn("--child", side, str(data))
+    await asyncio.sleep(1.0)  # the server settles the sessions' presence
+    prosody_added = rss_kib(prosody_pid) - prosody_before
     n = got["n"]
-    return {"total_s": got["total_s"], "per_s": n / got["total_s"], "median_s": got["median_s"], "p99_s": got["p99_s"],
-            "rss_kib_per_identity": got["rss_kib"] / n, "prosody_kib_per_identity": prosody_added / n}
+    out = {"total_s": got["total_s"], "per_s": n / got["total_s"], "median_s": got["median_s"], "p99_s": got["p99_s"],
+           "rss_kib_per_identity": got["rss_kib"] / n, "prosody_kib_per_identity": prosody_added / n,
+           "from_start_s": got["from_start_s"], "cpu_ms_per_identity": 1000 * got["cpu_s"] / n}
+    try:
+        if side == "h":  # the whole grid at N: Prosody, this bot process, an operator seeing all N
+            op, seen = await _spawn("--operator", str(n), str(data))
+            if seen["seen_s"] is None:
+                print(f"  the operator saw {seen['seen']} of {n} within {OPERATOR_WAIT_S:.0f} s", flush=True)
+            out.update(operator_seen_s=seen["seen_s"] if seen["seen_s"] is not None else float("nan"),
+                       operator_rss_mib=seen["rss_abs_kib"] / 1024,
+                       bots_rss_mib=got["rss_abs_kib"] / 1024, prosody_rss_mib=rss_kib(prosody_pid) / 1024)
+            out["grid_rss_mib"] = out["operator_rss_mib"] + out["bots_rss_mib"] + out["prosody_rss_mib"]
+            await _end(op)
+    finally:
+        await _end(proc)
+    return out
 
 
 async def main(sizes: list[int], rounds: int, c2s_max: int) -> None:
@@ -115,6 +171,8 @@ async def main(sizes: list[int], rounds: int, c2s_max: int) -> None:
                 order = [("h", "hosted"), ("c", "c2s")] if r % 2 == 0 else [("c", "c2s"), ("h", "hosted")]
                 for side, label in order:
                     results[label].append(await one_side(data, side, prosody))
+                    print(f"  round {r + 1}, {label}: " + json.dumps({k: round(v, 2) for k, v in results[label][-1].items()}),
+                          flush=True)  # as it comes: a long run that fails later still told this
         finally:
             await grid.stop()
             shutil.rmtree(data, ignore_errors=True)
@@ -129,11 +187,20 @@ async def main(sizes: list[int], rounds: int, c2s_max: int) -> None:
                      "rss_kib_per_identity": "bot process RSS / identity",
                      "prosody_kib_per_identity": "Prosody RSS / identity"}[key]
             print(f"  {label + f' ({unit})':<36}{hosted:12.1f}{c2s:12.1f}{ratio}", flush=True)
+        print(f"  hosted {n}, median of {rounds} rounds (goals: online <= 30 s from start, grid <= 1.5 GB resident):")
+        for key, label in (("from_start_s", "online from start (s)"), ("cpu_ms_per_identity", "bot CPU / identity (ms)"),
+                           ("operator_seen_s", "operator sees all (s)"), ("prosody_rss_mib", "Prosody RSS (MiB)"),
+                           ("bots_rss_mib", "bot process RSS (MiB)"), ("operator_rss_mib", "operator RSS (MiB)"),
+                           ("grid_rss_mib", "whole grid RSS (MiB)")):
+            print(f"    {label:<34}{statistics.median(x[key] for x in results['hosted']):12.1f}", flush=True)
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--child":
         asyncio.run(child(Path(sys.argv[3]), sys.argv[2]))
+        sys.exit(0)
+    if len(sys.argv) == 4 and sys.argv[1] == "--operator":
+        asyncio.run(operator_child(Path(sys.argv[3]), int(sys.argv[2])))
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])

@@ -27,11 +27,15 @@ class Gajim:
     def __init__(self, client: ClientXMPP) -> None:
         self.client = client
         self.caps: dict[str, str] = {}
+        self.vers: dict[str, list[str]] = {}  # bare JID -> the caps versions its presence carried, in order
+        self.stamps = 0  # the most caps elements one presence carried
         client.add_event_handler("presence_available", self._on_presence)
 
     def _on_presence(self, pres: Presence) -> None:
         if pres.xml.find("{http://jabber.org/protocol/caps}c") is not None:
             self.caps[pres["from"].bare] = pres["caps"]["node"]
+            self.vers.setdefault(pres["from"].bare, []).append(pres["caps"]["ver"])
+            self.stamps = max(self.stamps, len(pres.xml.findall("{http://jabber.org/protocol/caps}c")))
 
     async def execute(self, to: str, node: str) -> Any:
         iq = self.client.make_iq_set(ito=to)
@@ -83,6 +87,10 @@ async def test_disco_caps_version_ping(gajim: Gajim, alice: GridOperator) -> Non
     nodes = {node: name for _jid, node, name in items["disco_items"]["items"]}
     assert nodes == {"status": "Status", "run": "Run a command", "ack-alarm": "Acknowledge an alarm",
                      "judge-alarm": "Judge an alarm"}
+    assert {jid for jid, _node, _name in items["disco_items"]["items"]} == {to}
+    for node, name in (("status", "Status"), ("judge-alarm", "Judge an alarm")):  # each command's own node
+        at = await gajim.client.plugin["xep_0030"].get_info(jid=to, node=node, timeout=5)
+        assert at["disco_info"]["identities"] == {("automation", "command-node", None, name)}
     version = await gajim.client.plugin["xep_0092"].get_version(to, timeout=5)
     assert version["software_version"]["name"] == "gridpresence device"
     assert await gajim.client.plugin["xep_0199"].ping(to, timeout=5) >= 0
@@ -90,6 +98,13 @@ async def test_disco_caps_version_ping(gajim: Gajim, alice: GridOperator) -> Non
         while "load-j@localhost" not in gajim.caps:
             await asyncio.sleep(0.1)
     assert gajim.caps["load-j@localhost"] == "urn:gridpresence:caps"
+    # The version checks out as a client verifies it (XEP-0115 §5.4): the hash of the device's
+    # disco#info, which the caps node answers too; every presence of the session carried it.
+    gajim.client.register_plugin("xep_0115")
+    ver = gajim.client.plugin["xep_0115"].generate_verstring(info["disco_info"], "sha-1")
+    assert set(gajim.vers["load-j@localhost"]) == {ver} and gajim.stamps == 1
+    at_node = await gajim.client.plugin["xep_0030"].get_info(jid=to, node=f"urn:gridpresence:caps#{ver}", timeout=5)
+    assert set(at_node["disco_info"]["features"]) == features
 
 
 async def test_status_and_shed_through_forms(gajim: Gajim, alice: GridOperator) -> None:

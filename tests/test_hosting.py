@@ -20,6 +20,8 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
 
 import pytest
 import pytest_asyncio
@@ -305,6 +307,13 @@ async def test_fuzzed_stanzas_to_hosted_jids_leave_the_host_serving(hosting: Hos
 
 
 async def test_host_restart_keeps_subscriptions_and_probes_are_answered_and_relay_delivers(hosting: Hosting) -> None:
+    # Bob follows h-100's key announcements (XEP-0373 §4.4: a subscription to its metadata node).
+    bob = await hosting.plain_client("bob")
+    announced: asyncio.Queue[Any] = asyncio.Queue()
+    bob.add_event_handler("ox_public_keys_publish", lambda m: m["from"].bare == hosting.fleet.jid("h-100")
+                          and announced.put_nowait(m))
+    keyring = PepKeyring(bob)
+    key = await keyring.key_for(hosting.fleet.jid("h-100"), timeout=5)
     async with hosting.operator("alice") as alice:
         await alice.wait_for(all_on, timeout=15)
         await hosting.host.stop()  # every hosted identity says goodbye
@@ -321,6 +330,11 @@ async def test_host_restart_keeps_subscriptions_and_probes_are_answered_and_rela
         assert final.status is OutcomeStatus.EXECUTED, final.summary()
         assert final.report is not None and final.report.state is DeviceState.OFF
         assert (await alice.command("h-100", Action.RESTORE)).ok
+    try:  # back, h-100 announced its key again, written into its own PEP service: bob is told
+        event = await asyncio.wait_for(announced.get(), 10)
+        assert fingerprint(key) in ET.tostring(event.xml, encoding="unicode")
+    finally:
+        await close_session(bob)
     # An operator logging in after the restart learns every hosted presence only from the
     # component's answers to its server's probes; no subscription was lost on the way.
     await _plain_client_sees_every_hosted_presence(hosting)

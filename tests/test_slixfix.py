@@ -88,3 +88,80 @@ def test_stanzapath_match_is_slixmpps_own() -> None:
                     assert fast.match(matcher, stanza) == fast._slixmpp_match(matcher, stanza), (path, text, ns)
                     checked += 1
     assert checked == 2 * len(xml) * len(paths) * 2
+
+
+def test_a_stanza_plugin_registration_in_place_is_skipped_and_any_other_is_slixmpps() -> None:
+    from slixmpp.xmlstream import ElementBase, stanzabase
+
+    from gridpresence.xmpp.slixfix import stanzaplugins
+
+    class Parent(ElementBase):
+        name, namespace, plugin_attrib = "parent", "urn:test:slixfix", "parent"
+
+    class Child(ElementBase):
+        name, namespace, plugin_attrib, plugin_multi_attrib = "child", "urn:test:slixfix", "child", "children"
+
+    class Other(ElementBase):
+        name, namespace, plugin_attrib = "other", "urn:test:slixfix2", "child"
+
+    assert stanzabase.register_stanza_plugin is stanzaplugins.register_stanza_plugin
+    assert not stanzaplugins.in_place(Parent, Child, iterable=True)
+    stanzabase.register_stanza_plugin(Parent, Child, iterable=True)
+    multi, maps = Parent.plugin_attrib_map["children"], Parent.plugin_attrib_map
+    assert stanzaplugins.in_place(Parent, Child, iterable=True)
+    stanzabase.register_stanza_plugin(Parent, Child, iterable=True)  # in place: skipped, nothing rebuilt
+    assert Parent.plugin_attrib_map is maps and Parent.plugin_attrib_map["children"] is multi
+    stanzabase.register_stanza_plugin(Parent, Other)  # another plugin for the attribute: slixmpp's own
+    assert Parent.plugin_attrib_map["child"] is Other and not stanzaplugins.in_place(Parent, Child, iterable=True)
+    stanzabase.register_stanza_plugin(Parent, Child, iterable=True)  # and back, again by slixmpp
+    assert Parent.plugin_attrib_map["child"] is Child
+    parent = Parent()
+    parent.append(Child())
+    assert len(parent["children"]) == 1
+
+
+async def test_api_tables_made_when_a_handler_goes_in_and_answers_as_slixmpps() -> None:
+    from slixmpp import ComponentXMPP
+
+    from gridpresence.xmpp.slixfix import api
+
+    xmpp = ComponentXMPP("c.example", "secret", "127.0.0.1", 1)
+    reg = xmpp.api
+    reg.register(lambda jid, node, ifrom, args: "global", "t", "op", default=True)
+    entry = reg._handlers["t"]["op"]
+    assert entry["jid"] is api._NONE and entry["node"] is api._NONE
+    assert await reg.run("t", "op", "a@c.example") == "global"
+    reg.register(lambda jid, node, ifrom, args: "for a", "t", "op", jid="a@c.example")
+    reg.register(lambda jid, node, ifrom, args: "for a/n", "t", "op", jid="a@c.example", node="n")
+    assert await reg.run("t", "op", "a@c.example") == "for a" and await reg.run("t", "op", "a@c.example", "n") == "for a/n"
+    assert await reg.run("t", "op", "b@c.example") == "global"
+    reg.restore_default("t", "op", "a@c.example")  # slixmpp's: the default handler for that JID
+    assert await reg.run("t", "op", "a@c.example") == "global"
+    reg._setup("t", "other")  # a new operation's entry: shared tables again
+    assert reg._handlers["t"]["other"]["jid"] is api._NONE
+
+
+def test_iscoroutinefunction_gives_inspects_answer() -> None:
+    import functools
+    import inspect
+
+    from slixmpp.xmlstream import xmlstream
+
+    from gridpresence.xmpp.slixfix import coroutines
+
+    async def coro() -> None: ...
+
+    def plain() -> None: ...
+
+    class Thing:
+        async def method(self) -> None: ...
+
+        def sync(self) -> None: ...
+
+        async def __call__(self) -> None: ...
+
+    thing = Thing()
+    for obj in (coro, plain, thing.method, thing.sync, Thing.method, functools.partial(coro), thing, len, None, lambda: 0):
+        assert coroutines.iscoroutinefunction(obj) == inspect.iscoroutinefunction(obj), obj
+    if not hasattr(inspect, "markcoroutinefunction"):
+        assert xmlstream.iscoroutinefunction is coroutines.iscoroutinefunction

@@ -8,6 +8,7 @@ through :meth:`DeviceAgent.accept`, the one command path.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -16,6 +17,7 @@ from xml.etree import ElementTree as ET
 
 from slixmpp import JID, Iq, Presence
 from slixmpp.exceptions import XMPPError
+from slixmpp.plugins.xep_0030.stanza import DiscoInfo, DiscoItems
 from slixmpp.xmlstream import StanzaBase
 
 from gridpresence.device.alarms import AlarmDesk
@@ -33,9 +35,15 @@ ALL_ALARMS = "all"
 STATUS, RUN, ACK = "status", "run", "ack-alarm"
 CAPS_NS = "http://jabber.org/protocol/caps"
 CAPS_NODE = "urn:gridpresence:caps"
+COMMANDS_NS = "http://jabber.org/protocol/commands"
+# (node, name) -> the disco data of that command's node, one per process (AdhocCommands.add_command).
+_COMMAND_NODES: dict[tuple[str, str], dict[str, Any]] = {}
+_AVAILABLE = ("available", "chat", "away", "dnd", "xa")
 
 
+@functools.cache
 def _software_version() -> str:
+    """Read once per process: the package metadata costs 3 ms a read, once per device bot."""
     try:
         return version("gridpresence")
     except PackageNotFoundError:
@@ -62,39 +70,34 @@ class AdhocCommands:
         self.agent = agent
         self.forms = agent.client.plugin["xep_0004"]
         self.adhoc = agent.client.plugin["xep_0050"]
-        self._caps: ET.Element | None = None
         # Commands are keyed by the full JID, which a new session may change: add them each time.
         agent.client.add_event_handler("session_start", self._add_commands)
 
     def _add_commands(self, _event: object) -> None:
-        jid = self.agent.client.boundjid
-        self.adhoc.add_command(jid, STATUS, "Status", self._status)
+        self.add_command(STATUS, "Status", self._status)
         if self.actions():
-            self.adhoc.add_command(jid, RUN, "Run a command", self._run_form)
-        self.adhoc.add_command(jid, ACK, "Acknowledge an alarm", self._ack_form)
-        asyncio.ensure_future(self._announce_caps())
+            self.add_command(RUN, "Run a command", self._run_form)
+        self.add_command(ACK, "Acknowledge an alarm", self._ack_form)
 
-    async def _announce_caps(self) -> None:
-        """Hash the features (commands included) into the caps version, then publish once more
-        so the presence everyone caches carries it."""
-        try:
-            client, jid = self.agent.client, self.agent.client.boundjid.full
-            await client.plugin["xep_0115"].update_caps(jid, broadcast=False)
-            ver = await client.plugin["xep_0115"].get_verstring(jid)
-            first = self._caps is None
-            if self._caps is not None and self._caps.get("ver") == ver:
-                return  # a reconnect: the session's first presence already carried these caps
-            self._caps = ET.Element(f"{{{CAPS_NS}}}c", {"hash": "sha-1", "node": CAPS_NODE, "ver": ver})
-            if first:
-                client.add_filter("out", self._stamp_caps)
-            self.agent.publish(force=True)
-        except Exception:  # caps are a courtesy to clients: never worth the device
-            log.exception("%s: could not compute entity caps", self.agent.spec.name)
-
-    def _stamp_caps(self, stanza: StanzaBase) -> StanzaBase:
-        if self._caps is not None and isinstance(stanza, Presence) and stanza["type"] != "unavailable":
-            stanza.xml.append(self._caps)  # one shared element: it is only ever serialised
-        return stanza
+    def add_command(self, node: str, name: str, handler: Any) -> None:
+        """What xep_0050's add_command writes (the command, the commands node's identity and
+        item, the feature), written straight into the plugins' tables: a host of thousands of
+        identities saves a future and a task per call. The command node's own disco#info is
+        the same at every device, so it is kept once per process (nothing changes it later)."""
+        client = self.agent.client
+        owner = client.boundjid.full
+        static = client.plugin["xep_0030"].static
+        listing = static.add_node(owner, COMMANDS_NS)
+        listing["info"].add_identity("automation", "command-list", "Ad-Hoc commands")
+        listing["items"].add_item(owner, node=node, name=name)
+        shared = _COMMAND_NODES.get((node, name))
+        if shared is None:
+            shared = _COMMAND_NODES[(node, name)] = {"info": DiscoInfo(), "items": DiscoItems()}
+            shared["info"]["node"] = shared["items"]["node"] = node
+            shared["info"].add_identity("automation", "command-node", name)
+        static.nodes[(owner, node, "")] = shared
+        static.add_node(owner)["info"].add_feature(COMMANDS_NS)
+        self.adhoc.commands[(owner, node)] = (name, handler, None, 0)  # no session time-out, as add_command's default
 
     def actions(self) -> list[Action]:
         return sorted(a for a in self.agent.sim.actions if a.value in ACTION_WORDS)
@@ -212,3 +215,43 @@ class AdhocDesk(AdhocCommands):
     def __init__(self, agent: DeviceHost) -> None:
         enable_standard_features(agent)
         super().__init__(agent)
+        self._caps: ET.Element | None = None
+        self._caps_jid: str | None = None  # the session (full JID) self._caps was computed for
+        agent.client.add_filter("out", self._stamp_caps)
+
+    def _add_commands(self, event: object) -> None:
+        super()._add_commands(event)
+        jid = self.agent.client.boundjid.full
+        told = self._caps.get("ver") if self._caps is not None and self._caps_jid == jid else None
+        if self._update_caps() != told and told is not None:
+            self.agent.publish(force=True)  # this session's presence went out with other caps: tell again
+
+    def _update_caps(self) -> str | None:
+        """Hash the session's features into the caps version (XEP-0115 §5) and keep the info
+        where a disco#info of the caps node finds it: done here, at once, so the session's
+        first presence carries the caps (no second broadcast just to add them). The same
+        steps as the plugin's update_caps, without its round of futures."""
+        try:
+            client, jid = self.agent.client, self.agent.client.boundjid.full
+            disco, caps = client.plugin["xep_0030"], client.plugin["xep_0115"]
+            info = disco._fix_default_info(disco.static.get_info(jid, None, None, None))  # as disco#info answers
+            ver: str = caps.generate_verstring(info, caps.hash)
+            disco.static.set_info(jid, f"{caps.caps_node}#{ver}", None, info)
+            caps.static.cache_caps(None, None, None, {"verstring": ver, "info": info})
+            caps.static.assign_verstring(jid, None, None, {"verstring": ver})
+            if self._caps is None or self._caps.get("ver") != ver:
+                self._caps = ET.Element(f"{{{CAPS_NS}}}c", {"hash": "sha-1", "node": CAPS_NODE, "ver": ver})
+            self._caps_jid = jid
+            return ver
+        except Exception:  # caps are a courtesy to clients: never worth the device
+            log.exception("%s: could not compute entity caps", self.agent.spec.name)
+            return None
+
+    def _stamp_caps(self, stanza: StanzaBase) -> StanzaBase:
+        if not isinstance(stanza, Presence) or stanza["type"] not in _AVAILABLE:  # caps go on available presence only
+            return stanza
+        if self._caps_jid != self.agent.client.boundjid.full:  # a session's first presence
+            self._update_caps()
+        if self._caps is not None:
+            stanza.xml.append(self._caps)  # one shared element: it is only ever serialised
+        return stanza

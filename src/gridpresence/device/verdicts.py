@@ -155,7 +155,7 @@ class JudgeCommand(AdhocCommands):
         super().__init__(agent)
 
     def _add_commands(self, _event: object) -> None:
-        self.adhoc.add_command(self.agent.client.boundjid, JUDGE, "Judge an alarm", self._form)
+        self.add_command(JUDGE, "Judge an alarm", self._form)
 
     def _form(self, iq: Iq, session: dict[str, Any]) -> dict[str, Any]:
         self._authorise(iq["from"])

@@ -18,7 +18,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 from xml.etree import ElementTree as ET
 
 from slixmpp import JID, ClientXMPP, Message
@@ -96,6 +96,16 @@ def _vouched_key(directory: Path, bare: str) -> tuple[str, pgpy.PGPKey] | None:
             return None
         _VOUCHED[slot] = entry
     return entry
+
+
+@runtime_checkable
+class OwnPep(Protocol):
+    """A party's own PEP service living in the same process (a hosted identity's): its key is
+    announced by writing the items there, as its publish iqs would."""
+
+    def last_item(self, node: str) -> ET.Element | None: ...
+
+    def put(self, node: str, item_id: str | None, payload: ET.Element | None) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -215,6 +225,9 @@ class PepKeyring:
     async def publish_part(self, part: PublicPart, timeout: float = 10.0) -> bool:
         """:meth:`publish` for a key's public part (security/keys.py: no parse of the key)."""
         fpr, created = part.fingerprint, part.created
+        own = self._own_pep()
+        if own is not None:
+            return self._publish_own(own, part)
         try:
             current = await self._metadata(self.jid, timeout)
         except KeyUnavailable:
@@ -225,6 +238,26 @@ class PepKeyring:
         await self._publish_open(key_node(fpr), xep82(created), pubkey_to_xml(part.data, created), timeout)
         await self._publish_open(PUBLIC_KEYS_NODE, None, metadata_to_xml([KeyAnnouncement(fpr, created)]), timeout)
         log.info("%s: announced OpenPGP key %s over PEP", self.jid, fpr)
+        return True
+
+    def _own_pep(self) -> OwnPep | None:
+        own = getattr(self.client, "own_pep", None)
+        return own if isinstance(own, OwnPep) else None
+
+    def _publish_own(self, own: OwnPep, part: PublicPart) -> bool:
+        """The same announcement, written straight into a PEP service in this process (a hosted
+        identity's, xmpp/component.py): no iq round trips to ourselves, the same nodes, items and
+        notifications for everyone else. Its nodes are always open."""
+        fpr, created = part.fingerprint, part.created
+        try:
+            current = metadata_from_xml(own.last_item(PUBLIC_KEYS_NODE))
+        except OxXmlError:
+            current = []
+        if any(a.fingerprint == fpr for a in current):
+            return False
+        own.put(key_node(fpr), xep82(created), pubkey_to_xml(part.data, created))
+        own.put(PUBLIC_KEYS_NODE, None, metadata_to_xml([KeyAnnouncement(fpr, created)]))
+        log.debug("%s: announced OpenPGP key %s in its own PEP service", self.jid, fpr)
         return True
 
     async def _publish_open(self, node: str, item_id: str | None, payload: ET.Element, timeout: float) -> None:

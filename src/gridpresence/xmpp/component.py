@@ -29,8 +29,9 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -79,11 +80,20 @@ class HostedStore:
             self._db.execute("CREATE TABLE IF NOT EXISTS pep (owner TEXT, node TEXT, jid TEXT, "
                              "PRIMARY KEY (owner, node, jid))")
         self._roster: dict[str, dict[str, dict[str, Any]]] = {}
+        # Thousands of identities have the same few states (an operator, subscribed both ways):
+        # each distinct one is held once. A state is never changed in place, only replaced.
+        self._states: dict[str, dict[str, Any]] = {}
         for owner, jid, state in self._db.execute("SELECT owner, jid, state FROM roster"):
-            self._roster.setdefault(owner, {})[jid] = json.loads(state)
+            self._roster.setdefault(owner, {})[jid] = self._shared(state)
         self._pep: dict[tuple[str, str], set[str]] = {}
         for owner, node, jid in self._db.execute("SELECT owner, node, jid FROM pep"):
             self._pep.setdefault((owner, node), set()).add(jid)
+
+    def _shared(self, state: str) -> dict[str, Any]:
+        kept = self._states.get(state)
+        if kept is None:
+            kept = self._states[state] = json.loads(state)
+        return kept
 
     # -- slixmpp roster back end --------------------------------------------------------
 
@@ -104,8 +114,9 @@ class HostedStore:
             kept["groups"] = list(kept.get("groups") or [])
             if self._roster.get(owner, {}).get(jid) == kept:
                 return
-            self._roster.setdefault(owner, {})[jid] = kept
-            self._db.execute("INSERT OR REPLACE INTO roster VALUES (?, ?, ?)", (owner, jid, json.dumps(kept)))
+            text = json.dumps(kept)
+            self._roster.setdefault(owner, {})[jid] = self._shared(text)
+            self._db.execute("INSERT OR REPLACE INTO roster VALUES (?, ?, ?)", (owner, jid, text))
 
     # -- provisioning -------------------------------------------------------------------
 
@@ -116,10 +127,10 @@ class HostedStore:
         for owner, contacts in rosters.items():
             owner = JID(owner).bare
             for jid, name, groups in contacts:
-                state = {"name": name, "groups": list(groups), "from": True, "to": True, "pending_in": False,
-                         "pending_out": False, "whitelisted": False}
-                self._roster.setdefault(owner, {})[JID(jid).bare] = state
-                rows.append((owner, JID(jid).bare, json.dumps(state)))
+                state = json.dumps({"name": name, "groups": list(groups), "from": True, "to": True,
+                                    "pending_in": False, "pending_out": False, "whitelisted": False})
+                self._roster.setdefault(owner, {})[JID(jid).bare] = self._shared(state)
+                rows.append((owner, JID(jid).bare, state))
         with self._lock, self._db:
             self._db.executemany("INSERT OR REPLACE INTO roster VALUES (?, ?, ?)", rows)
 
@@ -151,8 +162,7 @@ class _LinkTransport:
         self.link = link
 
     def write(self, data: bytes) -> None:
-        if self.link.transport is not None:
-            self.link.transport.write(data)
+        self.link.write_soon(data)
 
     def close(self) -> None:  # the identity leaves; the link stays
         pass
@@ -174,6 +184,12 @@ class ComponentLink(ComponentXMPP):
         self.clients: dict[str, HostedClient] = {}
         self.online = False
         self._bringing_up: asyncio.Task[None] | None = None
+        self._out: list[bytes] = []  # identities' stanzas waiting for the end of this loop turn
+        # When the server last sent anything (xmpp/reconnect.py pings only after keepalive_s of
+        # silence, as for a c2s client): a server busy answering a 10,000-device operator login
+        # sends us its probes but answered the link's every-5-s ping late, and the link, with
+        # every identity on it, was dropped and brought up again in the middle of it.
+        self.last_heard = time.monotonic()
         self.register_plugin("xep_0030")
         self.register_plugin("xep_0199")
         self.add_event_handler("session_start", self._on_session_start)
@@ -183,6 +199,32 @@ class ComponentLink(ComponentXMPP):
     @property
     def domain(self) -> str:
         return str(self.boundjid.bare)
+
+    # -- writing --------------------------------------------------------------------------
+
+    def write_soon(self, data: bytes) -> None:
+        """An identity's stanza: out at the end of this turn of the event loop, with every
+        other one queued in it, in one write. Thousands of session starts or a fan-out make
+        thousands of stanzas a turn: one system call (and one read by the server) for all of
+        them instead of one each. The order of the stanzas is kept."""
+        if self.transport is None:
+            return
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        data, self._out = b"".join(self._out), []
+        if data and self.transport is not None:
+            self.transport.write(data)
+
+    def data_received(self, data: bytes | str) -> None:
+        self.last_heard = time.monotonic()  # any byte proves the server alive: no ping needed
+        super().data_received(data)
+
+    def send_raw(self, data: str | bytes) -> None:
+        self._flush()  # the link's own (a bounce, the stream's end) after what identities queued
+        super().send_raw(data)
 
     def client(self, jid: str) -> HostedClient:
         """A new identity on this link (log it in with its ``connect``, as any client)."""
@@ -244,6 +286,7 @@ class ComponentLink(ComponentXMPP):
 
     def _on_disconnected(self, reason: object) -> None:
         self.online = False
+        self._out.clear()  # never into the next connection before its handshake
         for hosted in list(self.clients.values()):
             hosted._session_down(reason)
 
@@ -328,7 +371,7 @@ class HostedClient(ComponentXMPP):
         follower.policy = dataclasses.replace(follower.policy, keepalive_s=0.0, login_timeout_s=0.0)
         self.add_filter("out_sync", self._route)
         self.add_event_handler("session_start", self._probe_contacts)
-        self.pep = HostedPep(self)
+        self.own_pep = HostedPep(self)  # its PEP service (its own key is announced straight into it)
 
     # -- a session over the link ----------------------------------------------------------
 
@@ -445,10 +488,13 @@ class HostedClient(ComponentXMPP):
 
     def _probe_contacts(self, _e: object) -> None:
         """Ask the server for the presence of the contacts we are subscribed to, as a server
-        does for a c2s account at its login."""
+        does for a c2s account at its login. Written as they go out (no stanza object, no
+        trip through the send queue and its filters, which have nothing to add to a probe):
+        thousands of identities starting make four each."""
+        bare = self.boundjid.bare
         for jid in list(self.client_roster):
             if self.client_roster[jid]["to"]:
-                self.make_presence(ptype="probe", pto=jid).send()
+                self._send_one(ET.Element(f"{{{NS}}}presence", {"type": "probe", "to": jid, "from": bare}))
 
 
 class HostedPep:
@@ -518,21 +564,46 @@ class HostedPep:
         if not node:
             raise ValueError("publish without a node")
         item = pub.find(f"{{{PUBSUB}}}item")
-        item_id = (item.get("id") if item is not None else None) or uuid.uuid4().hex
         payload = next(iter(item), None) if item is not None else None
-        self.nodes[node] = (item_id, copy.deepcopy(payload) if payload is not None else None)
+        # Stored first, answered, then notified: the order a server keeps.
+        item_id, notify = self._store(node, item.get("id") if item is not None else None, payload)
         reply = iq.reply(clear=True)
         out = ET.SubElement(ET.SubElement(reply.xml, f"{{{PUBSUB}}}pubsub"), f"{{{PUBSUB}}}publish", {"node": node})
         ET.SubElement(out, f"{{{PUBSUB}}}item", {"id": item_id})
         reply.send()
-        for jid in self.client.link.store.subscribers(self.owner, node):
-            msg = self.client.make_message(mto=jid, mtype="headline")
-            items = ET.SubElement(ET.SubElement(msg.xml, f"{{{PUBSUB_EVENT}}}event"), f"{{{PUBSUB_EVENT}}}items",
-                                  {"node": node})
-            event_item = ET.SubElement(items, f"{{{PUBSUB_EVENT}}}item", {"id": item_id})
-            if payload is not None:
-                event_item.append(copy.deepcopy(payload))
-            msg.send()
+        notify()
+
+    # -- the owner's own publishing, in the process (security/pep_keyring.py's OwnPep) ----
+
+    def last_item(self, node: str) -> ET.Element | None:
+        """The payload of ``node``'s item (None: no item, or an item without payload)."""
+        entry = self.nodes.get(node)
+        return entry[1] if entry is not None else None
+
+    def put(self, node: str, item_id: str | None, payload: ET.Element | None) -> str:
+        """Publish as the owner without a round trip through the stream: what anyone sees is
+        what an owner's publish iq makes (the item stored, the subscribers notified)."""
+        item_id, notify = self._store(node, item_id, payload)
+        notify()
+        return item_id
+
+    def _store(self, node: str, item_id: str | None, payload: ET.Element | None) -> tuple[str, Callable[[], None]]:
+        """Keep the item (newest only); returns its id and what notifies the subscribers."""
+        item_id = item_id or uuid.uuid4().hex
+        kept = copy.deepcopy(payload) if payload is not None else None
+        self.nodes[node] = (item_id, kept)
+
+        def notify() -> None:
+            for jid in self.client.link.store.subscribers(self.owner, node):
+                msg = self.client.make_message(mto=jid, mtype="headline")
+                items = ET.SubElement(ET.SubElement(msg.xml, f"{{{PUBSUB_EVENT}}}event"),
+                                      f"{{{PUBSUB_EVENT}}}items", {"node": node})
+                event_item = ET.SubElement(items, f"{{{PUBSUB_EVENT}}}item", {"id": item_id})
+                if kept is not None:
+                    event_item.append(copy.deepcopy(kept))
+                msg.send()
+
+        return item_id, notify
 
     def _subscribe(self, iq: Iq, sub: ET.Element, on: bool) -> None:
         node, jid = sub.get("node") or "", sub.get("jid") or ""

@@ -9,6 +9,10 @@ kept per namespace here; and where it is the very list the first try used (every
 client stream), the second try would repeat the first (match is a pure function of stanza and
 list), so its answer is already known. Otherwise slixmpp's own ``ElementBase.match`` runs on
 the list it would have built: every result is slixmpp's.
+
+The splits are kept once per process, by path and namespace, not per handler: a host of
+thousands of identities registers the same few dozen paths on every one of them (~10 KiB each).
+slixmpp only reads these lists (``match`` slices them), so sharing them changes nothing.
 """
 
 from __future__ import annotations
@@ -16,23 +20,32 @@ from __future__ import annotations
 from slixmpp.xmlstream.matcher.stanzapath import StanzaPath
 from slixmpp.xmlstream.stanzabase import StanzaBase, fix_ns
 
-_CACHE = "_gridpresence_raw_by_ns"
+_SPLITS: dict[tuple[str, str], list[str]] = {}  # (path, namespace) -> fix_ns's split of it
+
+
+def _split(raw: str, namespace: str) -> list[str]:
+    """What ``fix_ns(raw, split=True, propagate_ns=False, default_ns=namespace)`` gives."""
+    key = (raw, namespace)
+    split = _SPLITS.get(key)
+    if split is None:
+        split = _SPLITS[key] = fix_ns(raw, split=True, propagate_ns=False, default_ns=namespace)  # type: ignore[assignment]
+    return split  # type: ignore[return-value]
+
+
+def __init__(self: StanzaPath, criteria: str) -> None:
+    self._criteria = _split(criteria, "jabber:client")
+    self._raw_criteria = criteria
 
 
 def match(self: StanzaPath, stanza: StanzaBase) -> bool:
     if stanza.match(self._criteria):
         return True
-    by_ns: dict[str, list[str]] | None = self.__dict__.get(_CACHE)
-    if by_ns is None:
-        by_ns = self.__dict__[_CACHE] = {}
-    raw = by_ns.get(stanza.namespace)
-    if raw is None:  # what ElementBase._fix_ns(raw, split=True, propagate_ns=False) gives
-        raw = by_ns[stanza.namespace] = fix_ns(self._raw_criteria, split=True, propagate_ns=False,  # type: ignore[assignment]
-                                               default_ns=stanza.namespace)
+    raw = _split(self._raw_criteria, stanza.namespace)
     if raw == self._criteria:
         return False  # the second try would be the first again
     return stanza.match(raw)  # type: ignore[arg-type]
 
 
 _slixmpp_match = StanzaPath.match
+StanzaPath.__init__ = __init__  # type: ignore[method-assign]
 StanzaPath.match = match  # type: ignore[method-assign]
