@@ -252,6 +252,10 @@ class ProsodyServer:
             component = (
                 f"Component {lua_string(component_host)}\n"
                 f"\tcomponent_secret = {lua_string(self.component_secret)}\n"
+                # Messages for hosted devices kept while their host is down, as mod_offline
+                # keeps an account's (server_config/mod_gridpresence_hosted_offline.lua).
+                f"\tmodules_enabled = {{ \"gridpresence_hosted_offline\" }}\n"
+                f"\tgridpresence_server_host = {lua_string(self.domain)}\n"
             )
         return {
             "pidfile": lua_string(str(self.pidfile_path)),

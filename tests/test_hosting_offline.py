@@ -1,0 +1,234 @@
+"""Messages for a hosted device whose host is down are kept and delivered when it returns, as
+Prosody's mod_offline does for an offline c2s device bot (server_config/
+mod_gridpresence_hosted_offline.lua): a chat line is answered late by both kinds, with the
+server's delay stamp; a signed command that outlives the outage is executed once and its
+outcome reaches the waiting issuer, one that lapsed is refused "expired"; a full queue is
+answered resource-constraint; what is kept survives a restart of Prosody; iq is not kept.
+
+The devices run in this process (as tests/test_hosting_parity.py): a test takes the component
+link (or a c2s device's session) down with no reconnect, and brings it back when it chooses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from xml.etree import ElementTree as ET
+
+import pytest
+import pytest_asyncio
+from slixmpp import Message
+from slixmpp.exceptions import IqError, IqTimeout
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import MatchXPath, StanzaPath
+
+from chatpeer import ChatPeer, chat_peer
+from conftest import until
+from gridpresence.config import Fleet, parse_fleet
+from gridpresence.device.agent import DeviceAgent
+from gridpresence.host.grid import Grid
+from gridpresence.operator.library import GridOperator
+from gridpresence.protocol.codec import outcome_from_xml
+from gridpresence.protocol.models import Action, Command, DeviceState, Outcome, OutcomeStatus, utcnow
+from gridpresence.xmpp.component import NS as COMPONENT_NS, ComponentLink
+from gridpresence.xmpp.reconnect import reconnector_of
+from gridpresence.xmpp.session import close_session, open_session
+
+pytestmark = pytest.mark.timeout(120)
+
+DELAY = "{urn:xmpp:delay}delay"
+PROBE_NS = "urn:gridpresence:test:offline"
+CAP = 100  # the module's default per hosted JID
+HOSTED = ("o-chat", "o-cmd", "o-exp", "o-cap", "o-keep")
+C2S = "o-c2s"
+FLEET = {
+    "domain": "localhost",
+    "presence_grace_s": 2.0,
+    "hosting": "component",
+    "operators": [{"name": "alice"}, {"name": "bob"}],
+    "devices": [*({"name": n, "kind": "load", "rated_kw": 10} for n in HOSTED),
+                {"name": C2S, "kind": "load", "rated_kw": 10, "hosting": "c2s"}],
+}
+
+
+@dataclass
+class Offline:
+    grid: Grid
+    fleet: Fleet
+
+    def agent(self, name: str) -> DeviceAgent:
+        assert self.grid.bots is not None
+        return self.grid.bots.devices[name]
+
+    @property
+    def link(self) -> ComponentLink:
+        assert self.grid.bots is not None and self.grid.bots.link is not None
+        return self.grid.bots.link
+
+    def operator(self, name: str) -> GridOperator:
+        return GridOperator.from_connection(self.grid.connection, operator=name, resource=f"o-{os.urandom(3).hex()}")
+
+
+@pytest_asyncio.fixture(scope="module")
+async def offline(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Offline]:
+    fleet = parse_fleet(FLEET)
+    grid = Grid(fleet, tmp_path_factory.mktemp("offline"), only=[d.name for d in fleet.devices], dashboard=False)
+    await grid.start()
+    try:
+        yield Offline(grid, fleet)
+    finally:
+        await grid.stop()
+
+
+@contextlib.asynccontextmanager
+async def down(env: Offline, watcher: ChatPeer, *, link: bool = True, c2s: bool = False) -> AsyncIterator[None]:
+    """The component link (every hosted identity) and/or the c2s device's session closed, with
+    no reconnect until the block ends; on entry the server has told `watcher` they are gone."""
+    parties = [*([env.link] if link else []), *([env.agent(C2S).client] if c2s else [])]
+    names = [*(HOSTED if link else ()), *((C2S,) if c2s else ())]
+    roster = watcher.client.client_roster
+    await until(lambda: all(roster[env.fleet.jid(n)].resources for n in names), 10, "every device online at first")
+    for party in parties:
+        reconnector_of(party).closing = True  # a loss now is ours: no try of its own
+        await asyncio.wait_for(party.disconnect(wait=1.0), 3)
+    await until(lambda: not any(roster[env.fleet.jid(n)].resources for n in names), 10,
+                "the server telling the watcher they are gone")
+    try:
+        yield
+    finally:
+        for party in parties:
+            reconnector_of(party).closing = False
+        if link:
+            await env.link.start()
+        if c2s:
+            await open_session(env.agent(C2S).client, env.grid.endpoint)
+
+
+def delays_seen(agent: DeviceAgent) -> list[ET.Element]:
+    """The delay stamps (XEP-0203) on the chat lines the device receives from now on."""
+    seen: list[ET.Element] = []
+    agent.client.add_event_handler("message", lambda m: seen.extend(m.xml.findall(DELAY)))
+    return seen
+
+
+async def test_a_chat_line_to_an_offline_c2s_and_hosted_device_is_answered_when_each_returns(offline: Offline) -> None:
+    bob = await chat_peer(offline, "bob", "late")
+    hosted, c2s = offline.fleet.jid("o-chat"), offline.fleet.jid(C2S)
+    stamps = {hosted: delays_seen(offline.agent("o-chat")), c2s: delays_seen(offline.agent(C2S))}
+    try:
+        async with down(offline, bob, c2s=True):
+            sent = utcnow().replace(microsecond=0)
+            bob.say(hosted, "status")
+            bob.say(c2s, "status")
+            await asyncio.sleep(0.5)
+            assert bob.replies.empty()  # no answer, and no error: kept
+        replies: dict[str, str] = {}
+        async with asyncio.timeout(10):
+            while len(replies) < 2:  # in whichever order they come back
+                msg = await bob.replies.get()
+                replies[msg["from"].bare] = msg["body"]
+        assert replies[hosted].startswith("o-chat (load)") and replies[c2s].startswith(f"{C2S} (load)"), replies
+        # Each was delivered late, stamped by the server that kept it (the recipient's domain).
+        for jid, domain in ((hosted, "devices.localhost"), (c2s, "localhost")):
+            got = stamps[jid]
+            assert len(got) == 1 and got[0].get("from") == domain, [ET.tostring(s) for s in got]
+            stamp = dt.datetime.fromisoformat(got[0].get("stamp", "").replace("Z", "+00:00"))
+            assert sent - dt.timedelta(seconds=1) <= stamp <= utcnow()
+    finally:
+        await close_session(bob.client)
+
+
+async def test_a_command_outliving_the_outage_runs_once_one_that_lapsed_is_refused_expired(offline: Offline) -> None:
+    bob = await chat_peer(offline, "bob", "cmd-watch")
+    async with offline.operator("alice") as alice:
+        outcomes: list[tuple[str, Outcome]] = []
+        alice.client.register_handler(Callback(
+            "outcomes seen", StanzaPath("message/grid_outcome"),
+            lambda m: outcomes.append((m["from"].bare, outcome_from_xml(m["grid_outcome"].xml)))))
+        await alice.wait_for(lambda d: d["o-cmd"].present and d["o-exp"].present, timeout=10)
+        lasting = Command.new(Action.SHED, alice.jid, serial=alice.serial_of(alice.devices["o-cmd"]), ttl_s=30)
+        lapsing = Command.new(Action.SHED, alice.jid, serial=alice.serial_of(alice.devices["o-exp"]), ttl_s=1.0)
+        cmd_jid, exp_jid = offline.fleet.jid("o-cmd"), offline.fleet.jid("o-exp")
+        async with down(offline, bob):
+            waiting = asyncio.ensure_future(alice.send_command(lasting, cmd_jid))
+            late = asyncio.ensure_future(alice.send_command(lapsing, exp_jid))
+            # The issuer gives the lapsed one up by itself; the other is still waited for.
+            assert (await asyncio.wait_for(late, 5)).status is OutcomeStatus.EXPIRED
+            assert not waiting.done()
+        final = await asyncio.wait_for(waiting, 15)
+        assert final.status is OutcomeStatus.EXECUTED, final.summary()
+        assert final.report is not None and final.report.state is DeviceState.OFF
+        # The device refused the lapsed one itself, and it did not act on it.
+        await until(lambda: any(j == exp_jid and o.command_id == lapsing.id for j, o in outcomes), 10,
+                    "o-exp's answer to the lapsed command")
+        answer = next(o for j, o in outcomes if j == exp_jid and o.command_id == lapsing.id)
+        assert answer.status is OutcomeStatus.EXPIRED
+        assert offline.agent("o-exp").sim.state is DeviceState.ON
+        await asyncio.sleep(0.5)  # any second copy (the issuer's resend to the new session) answered
+        ran = [o for j, o in outcomes if o.command_id == lasting.id and o.status is OutcomeStatus.EXECUTED]
+        assert len(ran) == 1, outcomes
+        assert (await alice.command("o-cmd", Action.RESTORE)).ok
+    await close_session(bob.client)
+
+
+async def test_over_the_cap_the_sender_is_told_and_the_rest_arrive_in_order(offline: Offline) -> None:
+    bob = await chat_peer(offline, "bob", "cap")
+    jid = offline.fleet.jid("o-cap")
+    got: list[int] = []
+    offline.agent("o-cap").client.register_handler(Callback(
+        "probe", MatchXPath(f"{{{COMPONENT_NS}}}message/{{{PROBE_NS}}}n"),
+        lambda m: got.append(int(m.xml.find(f"{{{PROBE_NS}}}n").get("i")))))  # type: ignore[union-attr]
+    refused: list[str] = []
+    bob.client.add_event_handler("message_error", lambda m: refused.append(m["error"]["condition"]))
+    try:
+        async with down(offline, bob):
+            for i in range(CAP + 3):
+                bob.client.send_raw(f"<message to='{jid}' type='normal'><n xmlns='{PROBE_NS}' i='{i}'/></message>")
+            await until(lambda: len(refused) == 3, 5, "the three over the cap refused")
+            assert refused == ["resource-constraint"] * 3
+        await until(lambda: len(got) == CAP, 10, f"the {CAP} kept messages at o-cap")
+        assert got == list(range(CAP))
+        # Delivered and deleted: a second return of the host brings nothing again.
+        async with down(offline, bob):
+            pass
+        await asyncio.sleep(1.0)
+        assert len(got) == CAP
+    finally:
+        await close_session(bob.client)
+
+
+async def test_an_iq_to_a_hosted_device_whose_host_is_down_is_answered_an_error_not_kept(offline: Offline) -> None:
+    bob = await chat_peer(offline, "bob", "iq")
+    try:
+        async with down(offline, bob):
+            iq = bob.client.make_iq_get(queryxmlns="urn:xmpp:ping", ito=offline.fleet.jid("o-chat"))
+            with pytest.raises(IqError):
+                await iq.send(timeout=5)
+    finally:
+        await close_session(bob.client)
+
+
+async def test_kept_messages_survive_a_restart_of_prosody(offline: Offline) -> None:
+    bob = await chat_peer(offline, "bob", "keep")
+    jid = offline.fleet.jid("o-keep")
+    try:
+        async with down(offline, bob):
+            bob.say(jid, "status")
+            files = offline.grid.server.storage_path.glob("devices*localhost/gridpresence*offline/o*keep.list")
+            kept = await until(lambda: next(iter(files), None) or next(iter(
+                offline.grid.server.storage_path.glob("devices*localhost/gridpresence*offline/o*keep.list")), None),
+                5, "o-keep's kept message on disk")
+            restarts = len(offline.grid.server_restarts)
+            os.kill(int(offline.grid.server.pidfile_path.read_text()), signal.SIGKILL)
+            await until(lambda: len(offline.grid.server_restarts) > restarts, 20, "Prosody restarted")
+            await until(lambda: reconnector_of(bob.client).online.is_set(), 20, "bob back on the new server")
+        reply = await bob.reply_from(jid, timeout=15)
+        assert reply["body"].startswith("o-keep (load)")
+        await until(lambda: not kept.exists() or not kept.read_text().strip(), 5, "the kept message deleted")
+    finally:
+        await close_session(bob.client)
