@@ -15,10 +15,12 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import random
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from xml.etree import ElementTree as ET
+from xml.sax.saxutils import escape
 
 import pytest
 import pytest_asyncio
@@ -44,6 +46,7 @@ pytestmark = pytest.mark.timeout(120)
 DELAY = "{urn:xmpp:delay}delay"
 PROBE_NS = "urn:gridpresence:test:offline"
 CAP = 100  # the module's default per hosted JID
+WAIT_S = 5.0  # how long the server waits for a hosted JID after its host returns (300 s by default)
 HOSTED = ("o-chat", "o-cmd", "o-exp", "o-cap", "o-keep")
 C2S = "o-c2s"
 FLEET = {
@@ -78,6 +81,7 @@ class Offline:
 async def offline(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Offline]:
     fleet = parse_fleet(FLEET)
     grid = Grid(fleet, tmp_path_factory.mktemp("offline"), only=[d.name for d in fleet.devices], dashboard=False)
+    grid.server.hosted_offline_wait_s = WAIT_S
     await grid.start()
     try:
         yield Offline(grid, fleet)
@@ -230,5 +234,48 @@ async def test_kept_messages_survive_a_restart_of_prosody(offline: Offline) -> N
         reply = await bob.reply_from(jid, timeout=15)
         assert reply["body"].startswith("o-keep (load)")
         await until(lambda: not kept.exists() or not kept.read_text().strip(), 5, "the kept message deleted")
+    finally:
+        await close_session(bob.client)
+
+
+def kept_files(env: Offline, node: str) -> list[str]:
+    return [p.name for p in env.grid.server.storage_path.glob(f"devices*localhost/gridpresence*offline/*.list")
+            if p.read_text().strip() and p.name.replace("%2d", "-") == f"{node}.list"]
+
+
+async def test_fuzzed_messages_while_the_host_is_down_leave_everything_serving(offline: Offline) -> None:
+    """Seeded junk of every message type to a hosted JID (any resource) and to one no one
+    hosts: groupchat is refused at once, the rest kept; the host returns and answers; what was
+    kept for the JID no one hosts goes back to the sender as service-unavailable after the wait."""
+    rng = random.Random(1616)
+    bob = await chat_peer(offline, "bob", "fuzz")
+    errors: list[tuple[str, str]] = []
+    bob.client.add_event_handler("message_error", lambda m: errors.append((m["from"].bare, m["error"]["condition"])))
+    hosted, nobody = offline.fleet.jid("o-chat"), "nobody@devices.localhost"
+    groupchats = kept_for_nobody = 0
+    try:
+        async with down(offline, bob):
+            for _ in range(60):
+                kind = rng.choice(["chat", "normal", None, "headline", "error", "groupchat"])
+                junk = escape("".join(rng.choice("abc<>&'\" \u00e9\U0001f600") for _ in range(rng.randint(0, 30))))
+                to = rng.choice([hosted, hosted + "/x", hosted + "/" + "r" * 50, nobody, nobody + "/y"])
+                inner = rng.choice([f"<body>{junk}</body>", f"<x xmlns='urn:fuzz'>{junk}</x>", ""])
+                typed = f" type='{kind}'" if kind else ""
+                bob.client.send_raw(f"<message to='{to}'{typed}>{inner}</message>")
+                groupchats += kind == "groupchat"
+                kept_for_nobody += to.startswith(nobody) and kind not in ("groupchat", "headline", "error")
+            await until(lambda: len(errors) == groupchats, 5, "each groupchat refused at once")
+            assert {c for _j, c in errors} <= {"service-unavailable"}, errors
+            assert kept_files(offline, "nobody"), "the messages for nobody kept meanwhile"
+        assert kept_for_nobody > 0 and groupchats > 0
+        async with asyncio.timeout(10):  # the host serves (after answering what fuzz it was kept)
+            bob.say(hosted, "status")
+            while not (await bob.replies.get())["body"].startswith("o-chat (load)"):
+                pass
+        await until(lambda: len(errors) == groupchats + kept_for_nobody, WAIT_S + 10,
+                    "what was kept for nobody returned to its sender")
+        assert all(c == "service-unavailable" for _j, c in errors), errors
+        assert {j for j, _c in errors[groupchats:]} == {nobody}
+        assert not kept_files(offline, "nobody")
     finally:
         await close_session(bob.client)
