@@ -91,21 +91,51 @@ local function give_back(node)
 	module:log("info", "%s@%s not back within %d s of its host: kept messages returned", node, module.host, wait_s);
 end
 
--- Wait for `node` to be up on the component, then deliver.
+-- Pings in flight at once: Prosody's send_iq tracks 256 per module and rejects the oldest beyond
+-- that, so thousands of identities with kept messages (a fan-out during the outage) wait in line.
+local max_pings = 128;
+local inflight = 0;
+local line = { head = 1, tail = 0 }; -- pings waiting for a slot, oldest first
+
+local function release()
+	inflight = inflight - 1;
+	if line.head <= line.tail then
+		local ping = line[line.head];
+		line[line.head], line.head = nil, line.head + 1;
+		inflight = inflight + 1;
+		ping();
+	end
+end
+
+local function in_turn(ping)
+	if inflight < max_pings then
+		inflight = inflight + 1;
+		ping();
+	else
+		line.tail = line.tail + 1;
+		line[line.tail] = ping;
+	end
+end
+
+-- Wait for `node` to be up on the component (it answers a ping), then deliver.
 local function await_identity(node, gen)
 	local started = os.time();
 	local delay = ping_first_s;
 	local function try()
-		if waiting[node] ~= gen or not session then return; end
-		local ping = st.iq({ type = "get", from = server, to = node .. "@" .. module.host, id = "gp-offline-" .. uuid() })
-			:tag("ping", { xmlns = "urn:xmpp:ping" });
-		on_server:send_iq(ping, nil, ping_timeout_s):next(function()
-			if waiting[node] == gen and session then deliver(node); end
-		end, function()
-			if waiting[node] ~= gen or not session then return; end
-			if os.time() - started >= wait_s then give_back(node); return; end
-			module:add_timer(delay, try);
-			delay = math.min(delay * 2, ping_max_s);
+		in_turn(function()
+			if waiting[node] ~= gen or not session then release(); return; end
+			local ping = st.iq({ type = "get", from = server, to = node .. "@" .. module.host, id = "gp-offline-" .. uuid() })
+				:tag("ping", { xmlns = "urn:xmpp:ping" });
+			on_server:send_iq(ping, nil, ping_timeout_s):next(function()
+				release();
+				if waiting[node] == gen and session then deliver(node); end
+			end, function()
+				release();
+				if waiting[node] ~= gen or not session then return; end
+				if os.time() - started >= wait_s then give_back(node); return; end
+				module:add_timer(delay, try);
+				delay = math.min(delay * 2, ping_max_s);
+			end);
 		end);
 	end
 	try();
@@ -134,10 +164,11 @@ do -- loaded (or reloaded) while the component is connected
 end
 
 local function keep(event)
+	if session and next(waiting) == nil then return nil; end -- connected: mod_component sends it on
 	local origin, stanza = event.origin, event.stanza;
 	local node = jid_split(stanza.attr.to);
 	if not node then return nil; end
-	if session and not waiting[node] then return nil; end -- mod_component sends it on
+	if session and not waiting[node] then return nil; end -- connected, nothing kept before it
 	local t = stanza.attr.type;
 	if t == "error" or t == "headline" then return true; end -- as for an account: dropped
 	if t == "groupchat" then

@@ -17,7 +17,7 @@ import datetime as dt
 import os
 import random
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from xml.etree import ElementTree as ET
 from xml.sax.saxutils import escape
@@ -46,8 +46,9 @@ pytestmark = pytest.mark.timeout(120)
 DELAY = "{urn:xmpp:delay}delay"
 PROBE_NS = "urn:gridpresence:test:offline"
 CAP = 100  # the module's default per hosted JID
-WAIT_S = 5.0  # how long the server waits for a hosted JID after its host returns (300 s by default)
-HOSTED = ("o-chat", "o-cmd", "o-exp", "o-cap", "o-keep")
+WAIT_S = 12.0  # how long the server waits for a hosted JID after its host returns (300 s by default)
+BACKGROUND = tuple(f"o-bg-{i:03d}" for i in range(150))  # more than the server pings at once (128)
+HOSTED = ("o-chat", "o-cmd", "o-exp", "o-cap", "o-keep", *BACKGROUND)
 C2S = "o-c2s"
 FLEET = {
     "domain": "localhost",
@@ -104,6 +105,11 @@ async def down(env: Offline, watcher: ChatPeer, *, link: bool = True, c2s: bool 
                 "the server telling the watcher they are gone")
     try:
         yield
+        # What the watcher sent meanwhile has been read by the server before the host returns
+        # (its stream is read in order: the answer to this ping comes after all of it).
+        ping = watcher.client.make_iq_get(ito=env.fleet.domain)
+        ping.append(ET.Element("{urn:xmpp:ping}ping"))
+        await ping.send(timeout=10)
     finally:
         for party in parties:
             reconnector_of(party).closing = False
@@ -202,6 +208,28 @@ async def test_over_the_cap_the_sender_is_told_and_the_rest_arrive_in_order(offl
             pass
         await asyncio.sleep(1.0)
         assert len(got) == CAP
+    finally:
+        await close_session(bob.client)
+
+
+async def test_a_fan_out_during_the_outage_reaches_every_identity_once_back(offline: Offline) -> None:
+    bob = await chat_peer(offline, "bob", "fan")
+    got: dict[str, int] = {}
+
+    def count(name: str) -> Callable[[Message], None]:
+        return lambda _m: got.__setitem__(name, got.get(name, 0) + 1)
+
+    for name in BACKGROUND:
+        offline.agent(name).client.register_handler(Callback(
+            "fan", MatchXPath(f"{{{COMPONENT_NS}}}message/{{{PROBE_NS}}}fan"), count(name)))
+    try:
+        async with down(offline, bob):
+            for name in BACKGROUND:
+                bob.client.send_raw(f"<message to='{offline.fleet.jid(name)}'><fan xmlns='{PROBE_NS}'/></message>")
+            await asyncio.sleep(0.5)
+        await until(lambda: len(got) == len(BACKGROUND), 20, "every identity's kept message")  # ~3 s
+        await asyncio.sleep(0.5)
+        assert set(got.values()) == {1}
     finally:
         await close_session(bob.client)
 
