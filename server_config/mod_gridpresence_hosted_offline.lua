@@ -66,16 +66,17 @@ local function forget(node)
 end
 
 local function deliver(node)
-	local items = session and kept:find(node);
-	if not items then return; end
+	if not session then return; end
+	local items, err = kept:find(node);
 	local sent = 0;
-	for _, stanza, when in items do
+	if not items and err then module:log("warn", "kept messages for %s unreadable: %s", node, tostring(err)); end
+	for _, stanza, when in items or function() end do
 		stanza:tag("delay", { xmlns = "urn:xmpp:delay", from = module.host, stamp = datetime.datetime(when) }):up();
 		stanza.attr.xmlns = nil;
 		session.send(stanza);
 		sent = sent + 1;
 	end
-	forget(node);
+	forget(node); -- and what arrives next goes straight on
 	module:log("debug", "%d kept messages delivered to %s@%s", sent, node, module.host);
 end
 
