@@ -33,6 +33,7 @@ from gridpresence.transport.probe import serves_http, serves_xmpp
 TEMPLATE_PATH = Path(__file__).resolve().parents[3] / "server_config" / "prosody.cfg.lua.tmpl"
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_TAIL_LINES = 30
+HOSTED_OFFLINE_WAIT_S = 300.0  # mod_gridpresence_hosted_offline.lua: see PROTOCOL.md "A host that is down"
 # First line of every config we render, with the SHA-256 of the rest: a file whose rest no
 # longer matches was edited by hand, and is kept aside before a new rendering replaces it.
 RENDERED_MARK = "-- rendered by gridpresence from server_config/prosody.cfg.lua.tmpl; sha256 "
@@ -158,6 +159,9 @@ class ProsodyServer:
         self.template_path = Path(template_path)
         self.adhoc_accounts = tuple(adhoc_accounts)
         self.advertise = advertise
+        # Seconds the server waits, after the component's return, for a hosted identity that has
+        # messages kept for it before returning them to their senders (tests shorten it).
+        self.hosted_offline_wait_s = HOSTED_OFFLINE_WAIT_S
         self.certs = CertPaths.in_directory(self.data_dir / "certs")
         self._auto_ports = ports is None
         self.ports = ports if ports is not None else self._remembered_or_new_ports()
@@ -252,6 +256,11 @@ class ProsodyServer:
             component = (
                 f"Component {lua_string(component_host)}\n"
                 f"\tcomponent_secret = {lua_string(self.component_secret)}\n"
+                # Messages for hosted devices kept while their host is down, as mod_offline
+                # keeps an account's (server_config/mod_gridpresence_hosted_offline.lua).
+                f"\tmodules_enabled = {{ \"gridpresence_hosted_offline\" }}\n"
+                f"\tgridpresence_server_host = {lua_string(self.domain)}\n"
+                f"\tgridpresence_offline_wait = {float(self.hosted_offline_wait_s)!r}\n"
             )
         return {
             "pidfile": lua_string(str(self.pidfile_path)),
