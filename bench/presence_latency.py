@@ -129,8 +129,9 @@ async def devices_child(data: Path, profile: str | None) -> None:
         if prof:
             prof.disable()
             prof.dump_stats(profile)
+        offline = sum(len(getattr(c, "_offline", ())) for c in bots.link.clients.values()) if bots.link else 0
         print(json.dumps({"sent": sent, "cpu_s": cpu_seconds(os.getpid()) - cpu0,
-                          "written": Written.count - written0}), flush=True)
+                          "written": Written.count - written0, "offline": offline}), flush=True)
     await raw.disconnect()
     await bots.stop()
 
@@ -325,6 +326,7 @@ async def main(args: argparse.Namespace) -> None:
               f"{missed} changes not seen (baseline {base_missed})")
         results["cpu_us_per_change"] = {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in pids}
         results["written_per_change"] = got["written"] / n
+        results["contacts_known_offline"] = got["offline"]
         print("  CPU per change: " + ", ".join(f"{k} {v:.0f} us" for k, v in results["cpu_us_per_change"].items())
               + f"; the devices' process wrote {results['written_per_change']:.2f} stanzas per change"
               + " (component link)" * (args.hosting == "component"), flush=True)

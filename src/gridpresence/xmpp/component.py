@@ -483,7 +483,10 @@ class HostedClient(ComponentXMPP):
 
     def _contact_offline(self, pres: Any) -> None:
         sender = pres["from"].bare
-        if sender in self.client_roster and not self.client_roster[sender].resources:
+        if sender not in self.client_roster:
+            return
+        item = self.client_roster[sender]  # slixmpp makes an item for any sender: a contact is subscribed
+        if item["from"] and item["to"] and not item.resources:
             self._offline.add(sender)
 
     def _handle_probe(self, pres: Any) -> None:
