@@ -265,8 +265,10 @@ async def main(args: argparse.Namespace) -> None:
     raw: RawReceiver | None = None
     results: dict[str, Any] = {"devices": args.devices, "hosting": args.hosting, "rate": rate}
     try:
-        await services.start(600)
+        # The devices first, as `up` does (its link is up before any party logs in): a party's
+        # login before it would have the server bounce its presence and probes to 10,000 JIDs.
         await devices.start(1800)
+        await services.start(600)
         print(f"{args.devices} devices ({args.hosting}), watchdog and console up in {time.perf_counter() - t:.0f} s",
               flush=True)
         pids = {"operator (this)": os.getpid(), "devices": devices.pid, "services": services.pid,

@@ -153,10 +153,14 @@ async def test_a_probe_counts_as_online_before_the_contacts_presence(grid: Grid)
     one, bob_jid = hosted(grid, LOADS[1]), grid.fleet.jid("bob")
     await until(lambda: bob_jid in one._offline, 10, "bob known offline")
     probe = ET.Element(f"{{{NS}}}presence", {"type": "probe", "from": f"{bob_jid}/x", "to": one.boundjid.bare})
+    heard: list[object] = []
+    one.add_event_handler("presence", heard.append)
     with Written(link_of(grid)) as seen:
         one.deliver(probe)
         await asyncio.sleep(0.2)
         assert seen.to(f"{bob_jid}/x") == 1, "the probe is answered"
+        assert heard == [], "as for a c2s account, a probe is the server's: the device's handlers never see it"
+        one.del_event_handler("presence", heard.append)
         toggle(agent(grid, LOADS[1]))
         await asyncio.sleep(0.3)
     assert seen.to(bob_jid) == 2  # the answer, and the change after it

@@ -417,6 +417,9 @@ class HostedClient(ComponentXMPP):
         if self.transport is None:
             return
         try:
+            if xml.tag == _PRESENCE and xml.get("type") == "probe":
+                self._answer_probe(xml.get("from") or "")  # the server's job: no stanza object, no handlers
+                return
             self._spawn_event(xml)
         except Exception:  # one bad stanza must not reach the link's reader
             log.exception("%s: stanza dropped", self.boundjid.bare)
@@ -490,19 +493,27 @@ class HostedClient(ComponentXMPP):
             self._offline.add(sender)
 
     def _handle_probe(self, pres: Any) -> None:
-        """Answer a probe with the last broadcast presence, for a subscribed contact only."""
-        asker = pres["from"].bare
-        if asker not in self.client_roster or not self.client_roster[asker]["from"]:
-            log.info("%s: probe from %s, which has no subscription on record: not answered", self.boundjid.bare,
-                     asker)
+        self._answer_probe(pres.xml.get("from") or "")
+
+    def _answer_probe(self, sender: str) -> None:
+        """Answer a probe with the last broadcast presence, for a subscribed contact only. As
+        for a c2s account, the server's work: the device's own handlers never see the probe
+        (they would read it as presence: a branch meter, as its child gone)."""
+        try:
+            asker = JID(sender)
+        except InvalidJID:
             return
-        self._offline.discard(asker)  # it is logging in: our next broadcasts are for it too
+        bare = asker.bare
+        if bare not in self.client_roster or not self.client_roster[bare]["from"]:
+            log.info("%s: probe from %s, which has no subscription on record: not answered", self.boundjid.bare,
+                     bare)
+            return
+        self._offline.discard(bare)  # it is logging in: our next broadcasts are for it too
         last = self._last_broadcast
         if last is None:
-            reply = self.make_presence(ptype="unavailable", pto=pres["from"])
-            reply.send()
+            self.make_presence(ptype="unavailable", pto=asker).send()
             return
-        self._send_text(str(pres["from"]), last, self._last_text)
+        self._send_text(asker.full, last, self._last_text)
 
     def _probe_contacts(self, _e: object) -> None:
         """Ask the server for the presence of the contacts we are subscribed to, as a server
