@@ -29,6 +29,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -181,6 +182,9 @@ class ComponentLink(ComponentXMPP):
         self.online = False
         self._bringing_up: asyncio.Task[None] | None = None
         self._out: list[bytes] = []  # the hosted identities' writes of this turn (_LinkTransport)
+        # When the server last sent anything (xmpp/reconnect.py pings only after a silence, and
+        # a ping's answer behind a login's thousands of probes is late, not missing).
+        self.last_heard = time.monotonic()
         self.register_plugin("xep_0030")
         self.register_plugin("xep_0199")
         self.add_event_handler("session_start", self._on_session_start)
@@ -232,6 +236,10 @@ class ComponentLink(ComponentXMPP):
         except (TimeoutError, ConnectionError):
             self.abort()
         self.store.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_heard = time.monotonic()
+        super().data_received(data)
 
     def _queue_write(self, data: bytes) -> None:
         if not self._out:
