@@ -322,6 +322,11 @@ async def main(args: argparse.Namespace) -> None:
         n = len(got["sent"])
         results["gridpresence"] = summary("device change -> operator library view", ours)
         results["missed"] = missed
+        tenth = max(1, len(ours) // 10)  # a backlog that grows shows as a last tenth slower than the first
+        results["median_first_tenth_ms"] = statistics.median(ours[:tenth]) * 1000
+        results["median_last_tenth_ms"] = statistics.median(ours[-tenth:]) * 1000
+        print(f"  median of the first tenth {results['median_first_tenth_ms']:.1f} ms, "
+              f"of the last {results['median_last_tenth_ms']:.1f} ms")
         results["ratio_median"] = statistics.median(ours) / statistics.median(base)
         results["ratio_p99"] = percentile(ours, 99) / percentile(base, 99)
         print(f"  ratio to baseline: median {results['ratio_median']:.2f}x, p99 {results['ratio_p99']:.2f}x; "
