@@ -1,141 +1,369 @@
 #!/usr/bin/env python3
-"""Presence propagation: from a device's state change to the operator library seeing it.
+"""Presence propagation at fleet size: from a device's state change to the operator library
+seeing it, and an operator's login until it sees every device with its state.
 
-100 device bots and the operator run in one event loop, so one clock times both ends
-(perf_counter). Changes are paced (default 100 per second, round robin over the devices).
-Baseline, same run, same server: a plain slixmpp client's presence (status text only) seen by
-a plain slixmpp client. Goal (issue 2): p50 <= 5 ms and p99 <= 50 ms at 100 devices.
+Three processes besides Prosody, as deployed: the devices (``--hosting component``: every
+identity on one XEP-0114 link, xmpp/component.py; ``c2s``: a session each) in one; the watchdog
+and the console in another; the operator (GridOperator) in this one. A change is timed from
+just before the device's physics changes (in the devices' process) to the operator's tracker
+telling it (here): both ends read ``time.monotonic()``, which is CLOCK_MONOTONIC, one clock for
+every process of the machine, so no clock offset enters the figures. The devices' process
+sends its (device, seq, instant) list when a run ends; the two lists are matched here.
 
-    python bench/presence_latency.py [--devices 100] [--changes 2000] [--rate 100]
+Changes: the fleet's loads shed / restored in turn, paced at ``--rate`` per second (default 1 %
+of the devices per second); each goes to every subscriber, and the load's branch meter re-sums
+and tells its reading, as in the field. Baseline, same run, same server: a plain slixmpp
+client's presence (status text only; a manufacturer's account, in the devices' process) seen
+by a plain slixmpp client of the operator's account (another resource, here).
+
+Login: ``GridOperator.connect`` (roster, presence, the probe answers for every device, the
+tracker) until every device is seen present with its state, against the plain client's login
+until every device's presence is in (same account, another resource). Reported: median, p99,
+ratios; CPU per change of each process; stanzas the devices' process writes per change.
+
+    python bench/presence_latency.py [--devices 100] [--hosting c2s|component] [--rate R]
+        [--changes N] [--login-rounds 2] [--profile DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
+import os
+import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from common import bench_fleet, summary
+from common import cpu_seconds, percentile, summary
 
+from gridpresence.config import load_fleet, parse_fleet, synthetic_fleet_data
+from gridpresence.host.fleet import FleetBots
+from gridpresence.host.grid import CONNECTION_FILE, FLEET_COPY, SECRETS_FILE, Grid
 from gridpresence.operator.library import GridOperator
-from gridpresence.xmpp.session import close_session, make_client, open_session
 from gridpresence.operator.tracker import DeviceChange
-from gridpresence.host.grid import Grid
-from gridpresence.protocol import Action
-from gridpresence.protocol.models import utcnow
+from gridpresence.protocol import Action, DeviceKind
+from gridpresence.protocol.models import DeviceState, utcnow
+from gridpresence.server.accounts import CONSOLE, WATCHDOG, Secrets
+from gridpresence.xmpp import component
+from gridpresence.xmpp.session import ConnectionInfo, close_session, make_client, open_session
+
+RAW_SENDER = "raw-maker"  # a manufacturer's account, added for the baseline: its roster holds the operators
+OPERATOR = "alice"
+LOGIN_OPERATOR = "bob"
 
 
-async def grid_latencies(grid: Grid, op: GridOperator, changes: int, rate: float) -> list[float]:
-    agents = list(grid.bots.devices.values())  # type: ignore[union-attr]
-    sent: dict[tuple[str, int], float] = {}
-    got: list[float] = []
-    done = asyncio.Event()
+def now() -> float:
+    return time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process of the machine
 
-    def seen(change: DeviceChange) -> None:
-        report = change.current.report
-        if report is None:
-            return
-        t0 = sent.pop((change.current.jid, report.seq), None)
-        if t0 is not None:
-            got.append(time.perf_counter() - t0)
-            if len(got) == changes:
-                done.set()
 
-    stop = op.tracker.listen(seen)
-    try:
+# -- the devices' process ------------------------------------------------------------------
+
+class Written:
+    """Stanzas the hosted identities write to the link (counted at the link's transport)."""
+
+    count = 0
+
+    @classmethod
+    def install(cls) -> None:
+        original = component._LinkTransport.write
+
+        def write(self: component._LinkTransport, data: bytes) -> None:
+            cls.count += 1
+            original(self, data)
+
+        component._LinkTransport.write = write  # type: ignore[method-assign]
+
+
+async def devices_child(data: Path, profile: str | None) -> None:
+    info = ConnectionInfo.load(data / CONNECTION_FILE)
+    fleet = load_fleet(data / FLEET_COPY)
+    secrets = Secrets(data / SECRETS_FILE)
+    Written.install()
+    bots = FleetBots(fleet, info.server, secrets, only=[d.name for d in fleet.devices], tick_s=3600,
+                     with_services=False, data_dir=data)
+    raw = make_client(f"{fleet.jid(RAW_SENDER)}/raw", secrets.password(RAW_SENDER), info.server)
+    await bots.start(timeout=1800)
+    await open_session(raw, info.server)
+    await raw.get_roster()
+    raw.send_presence()
+    loads = [a for a in bots.devices.values() if a.spec.kind is DeviceKind.LOAD]
+    print(json.dumps({"ready": len(bots.devices)}), flush=True)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    turn = 0
+    while line := await reader.readline():
+        cmd, n, rate = line.decode().split()
+        changes, pace = int(n), 1 / float(rate)
+        sent: list[tuple[str, int | str, float]] = []
+        prof = cProfile.Profile() if profile and cmd == "grid" else None
+        cpu0, written0 = cpu_seconds(os.getpid()), Written.count
+        if prof:
+            prof.enable()
+        start = now()
         for i in range(changes):
-            agent = agents[i % len(agents)]
-            action = Action.RESTORE if agent.sim.state.value == "off" else Action.SHED
-            t0 = time.perf_counter()
+            wait = start + i * pace - now()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if cmd == "raw":
+                t0 = now()
+                raw.send_presence(pstatus=f"change {i}", pshow="away" if i % 2 else None)
+                sent.append(("raw", f"change {i}", t0))
+                continue
+            agent = loads[turn % len(loads)]
+            turn += 1
+            before = agent.sim.state
+            action = Action.RESTORE if before is DeviceState.OFF else Action.SHED
+            t0 = now()
             agent.sim.execute(action, {}, utcnow())
-            report = agent.publish(force=True)
-            assert report is not None
-            sent[(agent.jid, report.seq)] = t0
-            await asyncio.sleep(1 / rate)
-        await asyncio.wait_for(done.wait(), 30)
-    finally:
-        stop()
-    return got
+            report = agent.publish(force=False)  # as after a command: a change of state is broadcast
+            if report is not None and report.state is not before:
+                sent.append((agent.jid, report.seq, t0))
+        await asyncio.sleep(1.0)  # the parents' re-sums and the last writes
+        if prof:
+            prof.disable()
+            prof.dump_stats(profile)
+        offline = sum(len(getattr(c, "_offline", ())) for c in bots.link.clients.values()) if bots.link else 0
+        print(json.dumps({"sent": sent, "cpu_s": cpu_seconds(os.getpid()) - cpu0,
+                          "written": Written.count - written0, "offline": offline}), flush=True)
+    await raw.disconnect()
+    await bots.stop()
 
 
-class RawPair:
-    """Plain slixmpp: a device account's presence, seen by an operator account's second resource."""
+async def services_child(data: Path) -> None:
+    info = ConnectionInfo.load(data / CONNECTION_FILE)
+    fleet = load_fleet(data / FLEET_COPY)
+    bots = FleetBots(fleet, info.server, Secrets(data / SECRETS_FILE), only=[WATCHDOG, CONSOLE], tick_s=3600,
+                     data_dir=data)
+    await bots.start(timeout=600)
+    print(json.dumps({"ready": 2}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await bots.stop()
 
-    def __init__(self, grid: Grid) -> None:
-        self.endpoint = grid.endpoint
-        self.sender = make_client("dev-0000@localhost/raw", grid.secrets.password("dev-0000"), self.endpoint)
-        self.receiver = make_client("bench-op@localhost/raw", grid.secrets.password("bench-op"), self.endpoint)
-        self.sent: dict[str, float] = {}
-        self.got: list[float] = []
-        self.receiver.add_event_handler("presence", self._seen)
 
-    def _seen(self, pres) -> None:  # type: ignore[no-untyped-def]
-        t0 = self.sent.pop(pres["status"], None)
-        if t0 is not None and pres["from"].resource == "raw":
-            self.got.append(time.perf_counter() - t0)
+# -- this process: the operator ------------------------------------------------------------
 
-    async def start(self) -> None:
-        for client in (self.receiver, self.sender):
-            await open_session(client, self.endpoint)
-            await client.get_roster()
-            client.send_presence()
-        await asyncio.sleep(0.5)
+class Child:
+    def __init__(self, role: str, data: Path, profile: str | None = None) -> None:
+        self.args = [sys.executable, __file__, "--child", role, str(data), *([profile] if profile else [])]
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout: float) -> dict[str, Any]:
+        self.proc = await asyncio.create_subprocess_exec(*self.args, stdin=asyncio.subprocess.PIPE,
+                                                         stdout=asyncio.subprocess.PIPE, limit=1 << 26)
+        return await self.read(timeout)
+
+    async def read(self, timeout: float) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            raise SystemExit(f"{self.args[3]} process ended early")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    async def ask(self, line: str, timeout: float) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        return await self.read(timeout)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     async def stop(self) -> None:
-        for client in (self.sender, self.receiver):
-            await close_session(client)
-
-    async def latencies(self, changes: int, rate: float) -> list[float]:
-        self.got = []
-        for i in range(changes):
-            status = f"change {i}"
-            self.sent[status] = time.perf_counter()
-            self.sender.send_presence(pstatus=status, pshow="away" if i % 2 else None)
-            await asyncio.sleep(1 / rate)
-        async with asyncio.timeout(30):
-            while len(self.got) < changes:
-                await asyncio.sleep(0.01)
-        return self.got
+        if self.proc is not None and self.proc.returncode is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 120)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--devices", type=int, default=100)
-    parser.add_argument("--changes", type=int, default=2000)
-    parser.add_argument("--rate", type=float, default=100.0, help="changes per second")
-    args = parser.parse_args()
-    fleet = bench_fleet(args.devices)
-    grid = Grid(fleet, Path(tempfile.mkdtemp(prefix="gridbench-")), only=[d.name for d in fleet.devices] + ["watchdog"],
-                tick_s=300)
-    await grid.start()
-    op = GridOperator.from_connection(grid.connection, resource="bench")
-    await op.connect(settle_s=10)
-    raw = RawPair(grid)
-    await raw.start()
+def matched(sent: list[list[Any]], seen: dict[tuple[str, Any], float]) -> tuple[list[float], int]:
+    """Latencies of the changes seen here, and how many were never seen."""
+    out, missed = [], 0
+    for jid, key, t0 in sent:
+        t1 = seen.get((jid, key))
+        if t1 is None:
+            missed += 1
+        else:
+            out.append(t1 - t0)
+    return out, missed
+
+
+class RawReceiver:
+    """A plain slixmpp client of the operator's account: its login (until every device's
+    presence is in) and the raw sender's presence changes, by status text."""
+
+    def __init__(self, grid: Grid, devices: set[str]) -> None:
+        self.grid, self.devices = grid, devices
+        self.client = make_client(f"{grid.fleet.jid(OPERATOR)}/raw", grid.secrets.password(OPERATOR), grid.endpoint)
+        self.sender = grid.fleet.jid(RAW_SENDER)
+        self.present: set[str] = set()
+        self.all_in = asyncio.Event()
+        self.seen: dict[tuple[str, Any], float] = {}
+        self.client.add_event_handler("presence", self._on)
+
+    def _on(self, pres: Any) -> None:
+        t1 = now()
+        bare = pres["from"].bare
+        if bare == self.sender and pres["from"].resource == "raw":
+            self.seen[("raw", pres["status"])] = t1
+        elif bare in self.devices and pres.xml.get("type") is None:
+            self.present.add(bare)
+            if len(self.present) == len(self.devices):
+                self.all_in.set()
+
+    async def login(self) -> float:
+        t0 = now()
+        await open_session(self.client, self.grid.endpoint, 120)
+        await self.client.get_roster()
+        self.client.send_presence()
+        await asyncio.wait_for(self.all_in.wait(), 300)
+        return now() - t0
+
+    async def close(self) -> None:
+        await close_session(self.client)
+
+
+async def operator_login(grid: Grid, n: int, i: int) -> float:
+    op = GridOperator.from_connection(grid.connection, operator=LOGIN_OPERATOR, resource=f"login-{i}")
+    t0 = now()
+    await op.connect(timeout=120, settle_s=300, tariff_s=0)
     try:
-        await grid_latencies(grid, op, 200, args.rate)  # warm-up
-        await raw.latencies(200, args.rate)
-        print(f"presence propagation, {args.devices} devices online, {args.rate:g} changes/s:")
-        base = await raw.latencies(args.changes, args.rate)
-        results = {"baseline": summary("raw slixmpp presence (status only)", base)}
-        ours = await grid_latencies(grid, op, args.changes, args.rate)
+        await op.wait_for(lambda d: op.tracker.present_count >= n and all(v.state is not None for v in d.values()), 300)
+        return now() - t0
+    finally:
+        await op.close()
+
+
+def cpu_of(pids: dict[str, int]) -> dict[str, float]:
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
+async def main(args: argparse.Namespace) -> None:
+    rate = args.rate or max(1.0, args.devices / 100)
+    changes = args.changes or int(max(1000, 30 * rate))
+    data = synthetic_fleet_data(args.devices, refresh_s=3600, hosting=args.hosting)  # refreshes out of the counts
+    data["manufacturers"] = [{"name": RAW_SENDER}]
+    fleet = parse_fleet(data)
+    jids = {fleet.jid(d.name) for d in fleet.devices}
+    grid = Grid(fleet, Path(tempfile.mkdtemp(prefix="gridbench-presence-")), bots=False, dashboard=False)
+    t = time.perf_counter()
+    await grid.start()
+    services, devices = Child("services", grid.data_dir), Child("devices", grid.data_dir,
+                                                                str(Path(args.profile) / "devices.prof") if args.profile else None)
+    op: GridOperator | None = None
+    raw: RawReceiver | None = None
+    results: dict[str, Any] = {"devices": args.devices, "hosting": args.hosting, "rate": rate}
+    try:
+        # The devices first, as `up` does (its link is up before any party logs in): a party's
+        # login before it would have the server bounce its presence and probes to 10,000 JIDs.
+        await devices.start(1800)
+        await services.start(600)
+        print(f"{args.devices} devices ({args.hosting}), watchdog and console up in {time.perf_counter() - t:.0f} s",
+              flush=True)
+        pids = {"operator (this)": os.getpid(), "devices": devices.pid, "services": services.pid,
+                "prosody": int(grid.server.pidfile_path.read_text().strip())}
+
+        # Login: the plain client (which stays for the raw baseline), then ours, in turn.
+        raw = RawReceiver(grid, jids)
+        logins_raw = [await raw.login()]
+        logins_ours = []
+        for i in range(args.login_rounds):
+            logins_ours.append(await operator_login(grid, args.devices, i))
+        print(f"operator login until all {args.devices} are seen with their state:")
+        results["login_raw"] = summary("raw slixmpp login, every presence in", logins_raw)
+        results["login_ours"] = summary("GridOperator.connect, all seen with state", logins_ours)
+        results["login_ratio"] = statistics.median(logins_ours) / logins_raw[0]
+        print(f"  ratio to raw: {results['login_ratio']:.2f}x", flush=True)
+
+        # Propagation.
+        op = GridOperator.from_connection(grid.connection, operator=OPERATOR, resource="bench")
+        await op.connect(timeout=120, settle_s=300, tariff_s=0)
+        seen: dict[tuple[str, Any], float] = {}
+
+        def on_change(change: DeviceChange) -> None:
+            report = change.current.report
+            if report is not None and change.cause in ("presence", "recovered"):
+                seen.setdefault((change.current.jid, report.seq), now())
+
+        op.tracker.listen(on_change)
+        await devices.ask(f"raw 200 {rate}", 120)  # warm-up
+        await devices.ask(f"grid 200 {rate}", 120)
+        await asyncio.sleep(1)
+        print(f"presence propagation, {args.devices} devices online ({args.hosting}), {rate:g} changes/s:")
+        got = await devices.ask(f"raw {changes} {rate}", changes / rate + 120)
+        await asyncio.sleep(1)
+        base, base_missed = matched(got["sent"], raw.seen)
+        results["baseline"] = summary("raw slixmpp presence (status only)", base)
+        await raw.close()  # so the operator's account has one session (ours) in the timed run
+        raw = None
+        prof = cProfile.Profile() if args.profile else None
+        cpu0 = cpu_of(pids)
+        if prof:
+            prof.enable()
+        got = await devices.ask(f"grid {changes} {rate}", changes / rate + 120)
+        await asyncio.sleep(1)
+        if prof:
+            prof.disable()
+            prof.dump_stats(str(Path(args.profile) / "operator.prof"))
+        cpu1 = cpu_of(pids)
+        cpu1["devices"] = cpu0["devices"] + got["cpu_s"]  # its own count: the run, without the reply
+        ours, missed = matched(got["sent"], seen)
+        n = len(got["sent"])
         results["gridpresence"] = summary("device change -> operator library view", ours)
-        ratio = statistics.median(ours) / statistics.median(base)
-        print(f"  ratio to baseline: median {ratio:.2f}x, p99 "
-              f"{results['gridpresence']['p99_ms'] / results['baseline']['p99_ms']:.2f}x", flush=True)
+        results["missed"] = missed
+        tenth = max(1, len(ours) // 10)  # a backlog that grows shows as a last tenth slower than the first
+        results["median_first_tenth_ms"] = statistics.median(ours[:tenth]) * 1000
+        results["median_last_tenth_ms"] = statistics.median(ours[-tenth:]) * 1000
+        print(f"  median of the first tenth {results['median_first_tenth_ms']:.1f} ms, "
+              f"of the last {results['median_last_tenth_ms']:.1f} ms")
+        results["ratio_median"] = statistics.median(ours) / statistics.median(base)
+        results["ratio_p99"] = percentile(ours, 99) / percentile(base, 99)
+        print(f"  ratio to baseline: median {results['ratio_median']:.2f}x, p99 {results['ratio_p99']:.2f}x; "
+              f"{missed} changes not seen (baseline {base_missed})")
+        results["cpu_us_per_change"] = {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in pids}
+        results["written_per_change"] = got["written"] / n
+        results["contacts_known_offline"] = got["offline"]
+        print("  CPU per change: " + ", ".join(f"{k} {v:.0f} us" for k, v in results["cpu_us_per_change"].items())
+              + f"; the devices' process wrote {results['written_per_change']:.2f} stanzas per change"
+              + " (component link)" * (args.hosting == "component"), flush=True)
         print(json.dumps(results))
     finally:
-        await raw.stop()
-        await op.close()
+        if op is not None:
+            await op.close()
+        if raw is not None:
+            await raw.close()
+        await devices.stop()
+        await services.stop()
         await grid.stop()
-        import shutil
-
         shutil.rmtree(grid.data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if len(sys.argv) >= 4 and sys.argv[1] == "--child":
+        role, where = sys.argv[2], Path(sys.argv[3])
+        asyncio.run(devices_child(where, sys.argv[4] if len(sys.argv) > 4 else None) if role == "devices"
+                    else services_child(where))
+        sys.exit(0)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=100)
+    parser.add_argument("--hosting", choices=("c2s", "component"), default="c2s")
+    parser.add_argument("--rate", type=float, default=0.0, help="changes per second (default: 1 %% of the devices)")
+    parser.add_argument("--changes", type=int, default=0, help="timed changes (default: 30 s worth, at least 1000)")
+    parser.add_argument("--login-rounds", type=int, default=2)
+    parser.add_argument("--profile", help="a directory: cProfile of the devices' process and this one, per run")
+    args = parser.parse_args()
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    asyncio.run(main(args))

@@ -63,9 +63,14 @@ def _attrs(model: BaseModel, skip: tuple[str, ...] = ()) -> dict[str, str]:
     return out
 
 
+_FIELD_OF: dict[type[BaseModel], dict[str, str]] = {}  # per model: attribute name (either spelling) -> field
+
+
 def _fields(cls: type[BaseModel], attrib: Mapping[str, str]) -> dict[str, Any]:
-    known = cls.model_fields
-    return {k.replace("-", "_"): v for k, v in attrib.items() if k.replace("-", "_") in known}
+    names = _FIELD_OF.get(cls)
+    if names is None:  # once per model: every device presence is read with it
+        names = _FIELD_OF[cls] = {**{f: f for f in cls.model_fields}, **{f.replace("_", "-"): f for f in cls.model_fields}}
+    return {names[k]: v for k, v in attrib.items() if k in names}
 
 
 def _validate(cls: type[M], data: dict[str, Any], what: str) -> M:

@@ -40,6 +40,7 @@ from slixmpp import JID, ComponentXMPP, Iq
 from slixmpp.basexmpp import BaseXMPP
 from slixmpp.jid import InvalidJID
 from slixmpp.xmlstream import StanzaBase, tostring
+from slixmpp.xmlstream.tostring import escape as xml_escape
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
@@ -58,6 +59,9 @@ HOSTING_FILE = "hosting.sqlite"  # in the grid's data directory
 COMPONENT_SECRET = "devices-component"  # its name in the grid's secrets.json
 
 BRING_UP_BATCH = 20  # identities whose session starts between two turns of the event loop
+_PRESENCE = f"{{{NS}}}presence"
+_BROADCAST_TYPES = (None, "unavailable", "away", "chat", "dnd", "xa")  # no type: available
+_TO_MARK = "\x01to\x01"  # where each copy's `to` goes in a broadcast serialized once (no JID has it)
 _ROSTER_KEYS = ("name", "groups", "from", "to", "pending_in", "pending_out", "whitelisted")
 
 
@@ -156,7 +160,10 @@ class HostedStore:
 
 
 class _LinkTransport:
-    """What a hosted identity's stream writes to: the link's socket, whichever it is now."""
+    """What a hosted identity's stream writes to: the link's socket, whichever it is now.
+    Writes made in one turn of the event loop go out as one (a state change fans out to a
+    handful of subscribers, and a login's probes are answered by thousands of identities: one
+    send call each would cost the host and the server a system call per stanza)."""
 
     def __init__(self, link: ComponentLink) -> None:
         self.link = link
@@ -352,12 +359,21 @@ class HostedClient(ComponentXMPP):
         self.server_host, self.server_port, self.secret = link.server_host, link.server_port, ""
         self.plugin_config, self.plugin_whitelist = {}, []
         self.add_event_handler("presence_probe", self._handle_probe)
+        # slixmpp's roster notes every presence sent as each contact's "last status" (a walk of
+        # the roster per broadcast) for re-sending on a subscription's approval, which a hosted
+        # identity never does (auto_authorize is off; provisioning subscribes).
+        self.del_filter("out", self.roster._save_last_status)
+        self.add_event_handler("presence", self._contact_online)
+        self.add_event_handler("presence_unavailable", self._contact_offline)  # after the roster's own
+        self.add_event_handler("session_end", lambda _e: self._offline.clear())  # unknown again: told
         self.link = link
         self.transport_name: str | None = None
         self.last_error: str | None = None
         self.wants_session = False
         self.whitespace_keepalive = False  # the link keeps the connection alive
         self._last_broadcast: ET.Element | None = None
+        self._last_text = ""  # its serialization, `to` marked (_TO_MARK)
+        self._offline: set[str] = set()  # contacts known to be offline this session (_contact_presence)
         self.roster.set_backend(link.store)  # type: ignore[arg-type]
         self.client_roster = self.roster[self.boundjid]
         # As make_client's: only provisioned contacts see the identity (ad-hoc requests refused).
@@ -434,6 +450,9 @@ class HostedClient(ComponentXMPP):
         if self.transport is None:
             return
         try:
+            if xml.tag == _PRESENCE and xml.get("type") == "probe":
+                self._answer_probe(xml.get("from") or "")  # the server's job: no stanza object, no handlers
+                return
             self._spawn_event(xml)
         except Exception:  # one bad stanza must not reach the link's reader
             log.exception("%s: stanza dropped", self.boundjid.bare)
@@ -446,13 +465,8 @@ class HostedClient(ComponentXMPP):
         if not stanza["from"]:
             stanza["from"] = self.boundjid
         xml = stanza.xml
-        if xml.tag == f"{{{NS}}}presence" and not stanza["to"] and stanza["type"] in (
-                "available", "unavailable", *stanza.showtypes):  # type: ignore[attr-defined]
-            self._last_broadcast = copy.deepcopy(xml)
-            for contact in self.subscribers():
-                xml.set("to", contact)
-                self._send_one(xml)
-            del xml.attrib["to"]
+        if xml.tag == _PRESENCE and "to" not in xml.attrib and xml.get("type") in _BROADCAST_TYPES:
+            self._broadcast(xml)
             return None
         if xml.get("to"):
             self._send_one(xml)
@@ -460,8 +474,33 @@ class HostedClient(ComponentXMPP):
             log.debug("%s: stanza without a recipient not sent: %s", self.boundjid.bare, stanza)
         return None
 
+    def _broadcast(self, xml: ET.Element) -> None:
+        """A broadcast presence to every subscriber not known to be offline (as a server sends a
+        c2s account's presence to its contacts' sessions only). Serialized once: each copy is
+        the same text but for its ``to``. Kept as the answer to later probes: the element is
+        the sent stanza's own (slixmpp builds a new one per send; nothing changes it after)."""
+        self._last_broadcast = xml
+        xml.set("to", _TO_MARK)
+        text = tostring(xml, xmlns=NS, stream=self, top_level=True)
+        del xml.attrib["to"]
+        self._last_text = text
+        for contact in self.subscribers():
+            if contact not in self._offline:
+                self._send_text(contact, xml, text)
+
+    def _send_text(self, to: str, xml: ET.Element, text: str) -> None:
+        """``xml`` to ``to`` (a bare or full JID), ``text`` its serialization with ``to`` marked."""
+        if to.partition("/")[0].rpartition("@")[2] == self.link.domain:
+            piece = copy.copy(xml)  # another identity on this link (deliver_local copies it deep)
+            piece.set("to", to)
+            if self.link.deliver_local(piece):
+                return
+        if self.transport is not None:
+            self.send_raw(text.replace(_TO_MARK, xml_escape(to), 1))
+
     def _send_one(self, xml: ET.Element) -> None:
-        if JID(xml.get("to") or "").domain == self.link.domain and self.link.deliver_local(xml):
+        to = xml.get("to") or ""
+        if to.partition("/")[0].rpartition("@")[2] == self.link.domain and self.link.deliver_local(xml):
             return
         if self.transport is not None:
             self.send_raw(tostring(xml, xmlns=NS, stream=self, top_level=True))
@@ -470,21 +509,44 @@ class HostedClient(ComponentXMPP):
         """Contacts that see this identity's presence (subscription from or both)."""
         return [jid for jid in self.client_roster if self.client_roster[jid]["from"]]
 
-    def _handle_probe(self, pres: Any) -> None:
-        """Answer a probe with the last broadcast presence, for a subscribed contact only."""
-        asker = pres["from"].bare
-        if asker not in self.client_roster or not self.client_roster[asker]["from"]:
-            log.info("%s: probe from %s, which has no subscription on record: not answered", self.boundjid.bare,
-                     asker)
+    def _contact_online(self, pres: Any) -> None:
+        """Who of the contacts is offline, from their own presence (a contact subscribed both
+        ways sends it to us; the server answers our probe for one offline with ``unavailable``).
+        Only a contact known to be offline this session is left out of a broadcast: one not heard
+        of yet gets it, and a probe from one (its login) counts as online."""
+        if pres.xml.get("type") is None:
+            self._offline.discard(pres["from"].bare)
+
+    def _contact_offline(self, pres: Any) -> None:
+        sender = pres["from"].bare
+        if sender not in self.client_roster:
             return
+        item = self.client_roster[sender]  # slixmpp makes an item for any sender: a contact is subscribed
+        if item["from"] and item["to"] and not item.resources:
+            self._offline.add(sender)
+
+    def _handle_probe(self, pres: Any) -> None:
+        self._answer_probe(pres.xml.get("from") or "")
+
+    def _answer_probe(self, sender: str) -> None:
+        """Answer a probe with the last broadcast presence, for a subscribed contact only. As
+        for a c2s account, the server's work: the device's own handlers never see the probe
+        (they would read it as presence: a branch meter, as its child gone)."""
+        try:
+            asker = JID(sender)
+        except InvalidJID:
+            return
+        bare = asker.bare
+        if bare not in self.client_roster or not self.client_roster[bare]["from"]:
+            log.info("%s: probe from %s, which has no subscription on record: not answered", self.boundjid.bare,
+                     bare)
+            return
+        self._offline.discard(bare)  # it is logging in: our next broadcasts are for it too
         last = self._last_broadcast
         if last is None:
-            reply = self.make_presence(ptype="unavailable", pto=pres["from"])
-            reply.send()
+            self.make_presence(ptype="unavailable", pto=asker).send()
             return
-        answer = copy.deepcopy(last)
-        answer.set("to", str(pres["from"]))
-        self._send_one(answer)
+        self._send_text(asker.full, last, self._last_text)
 
     def _probe_contacts(self, _e: object) -> None:
         """Ask the server for the presence of the contacts we are subscribed to, as a server

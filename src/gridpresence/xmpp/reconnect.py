@@ -146,9 +146,13 @@ class Reconnector:
             if silent < interval:
                 await asyncio.sleep(interval - silent)
                 continue
+            asked = time.monotonic()
             try:
                 await ping.send_ping(self.client.boundjid.domain, timeout=timeout)
             except IqTimeout:
+                later = getattr(self.client, "last_heard", None)
+                if later is not None and later > asked:
+                    continue  # the answer is queued behind what the server sent since: it is alive
                 if self.online.is_set() and not self.closing:
                     self._drop(f"no answer to a ping within {timeout:g} s")
                 return

@@ -1,0 +1,197 @@
+"""The hosted identities' presence fan-out (xmpp/component.py, "what the server does for a c2s
+account"), in one process against a real Prosody: a broadcast goes to the subscribers not known
+to be offline, one serialization for all, the link's writes of a turn as one; a contact known
+to be offline is told again the moment it logs in (its probe answered with the newest state),
+and a stock client then sees every change; malformed presence to a hosted JID changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import pytest
+import pytest_asyncio
+from slixmpp import ClientXMPP
+
+from conftest import until
+from gridpresence.config import parse_fleet
+from gridpresence.device.agent import DeviceAgent
+from gridpresence.host.grid import Grid
+from gridpresence.operator.library import GridOperator
+from gridpresence.protocol import Action
+from gridpresence.protocol.models import DeviceState, utcnow
+from gridpresence.xmpp.component import NS, ComponentLink, HostedClient
+from gridpresence.xmpp.session import close_session, make_client, open_session
+
+pytestmark = pytest.mark.timeout(120)
+
+LOADS = [f"f-{i}" for i in range(3)]
+FLEET = {
+    "domain": "localhost",
+    "presence_grace_s": 5.0,
+    "hosting": "component",
+    "operators": [{"name": "alice"}, {"name": "bob"}],
+    "devices": [{"name": n, "kind": "load", "rated_kw": 10, "refresh_s": 600.0} for n in LOADS],
+}
+
+
+@pytest_asyncio.fixture(scope="module")
+async def grid() -> AsyncIterator[Grid]:
+    data = Path(tempfile.mkdtemp(prefix="fanout-"))
+    g = Grid(parse_fleet(FLEET), data, only=[*LOADS, "watchdog"], dashboard=False, tick_s=600)
+    await g.start()
+    try:
+        yield g
+    finally:
+        await g.stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def link_of(grid: Grid) -> ComponentLink:
+    assert grid.bots is not None and grid.bots.link is not None
+    return grid.bots.link
+
+
+def hosted(grid: Grid, name: str) -> HostedClient:
+    return link_of(grid).clients[grid.fleet.jid(name)]
+
+
+def agent(grid: Grid, name: str) -> DeviceAgent:
+    assert grid.bots is not None
+    return grid.bots.devices[name]
+
+
+def toggle(dev: DeviceAgent) -> DeviceState:
+    """A state change, published as after a command (broadcast); the new state."""
+    before = dev.sim.state
+    dev.sim.execute(Action.RESTORE if before is DeviceState.OFF else Action.SHED, {}, utcnow())
+    report = dev.publish(force=False)
+    assert report is not None and report.state is not before
+    return report.state
+
+
+class Written:
+    """What the link sends to the server (each socket write, as text), while installed."""
+
+    def __init__(self, link: ComponentLink) -> None:
+        self.link, self.writes = link, []  # type: ignore[var-annotated]
+        assert link.transport is not None
+        self.transport = link.transport
+        self.original = link.transport.write
+
+    def __enter__(self) -> Written:
+        self.transport.write = lambda data: (self.writes.append(bytes(data).decode()), self.original(data))  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.transport.write = self.original  # type: ignore[method-assign]
+
+    def to(self, jid: str) -> int:
+        return sum(w.count(f"to=\"{jid}") for w in self.writes)
+
+
+async def plain(grid: Grid, name: str) -> ClientXMPP:
+    client = make_client(f"{grid.fleet.jid(name)}/plain-{random.randrange(1 << 20)}", grid.secrets.password(name),
+                         grid.endpoint)
+    await open_session(client, grid.endpoint)
+    await client.get_roster()
+    client.send_presence()
+    return client
+
+
+async def test_offline_contacts_are_skipped_and_told_again_at_their_login(grid: Grid) -> None:
+    alice_jid, bob_jid = grid.fleet.jid("alice"), grid.fleet.jid("bob")
+    one = hosted(grid, LOADS[0])
+    # The identity's probes at its session start were answered "unavailable" for everyone but
+    # the watchdog: they are known offline.
+    await until(lambda: {alice_jid, bob_jid, grid.fleet.jid("relay"), grid.fleet.jid("console")} <= one._offline,
+                10, "the probe answers")
+    assert grid.fleet.jid("watchdog") not in one._offline
+    with Written(link_of(grid)) as seen:
+        toggle(agent(grid, LOADS[0]))
+        await asyncio.sleep(0.3)
+    assert seen.to(grid.fleet.jid("watchdog")) == 1 and seen.to(alice_jid) == 0 and seen.to(bob_jid) == 0
+
+    # alice logs in: the server's probes are answered with the newest state, known offline or not.
+    async with GridOperator.from_connection(grid.connection, operator="alice", resource="fan") as alice:
+        await alice.wait_for(lambda d: all(v.present and v.state is not None for v in d.values()), 15)
+        assert alice.devices[LOADS[0]].state is agent(grid, LOADS[0]).sim.state
+        assert alice_jid not in one._offline
+        # ... and then every change, as a stock client of bob's logging in meanwhile sees it too.
+        bob = await plain(grid, "bob")
+        try:
+            item = bob.client_roster[one.boundjid.bare]
+            await until(lambda: item.resources, 10, "bob's probe answered")
+            for i in range(4):
+                with Written(link_of(grid)) as seen:
+                    state = toggle(agent(grid, LOADS[0]))
+                    await alice.wait_for(lambda d, s=state: d[LOADS[0]].state is s, 5)
+                    await until(lambda s=state: any((r.get("status") or "").split(",")[0] == s.value
+                                                    for r in item.resources.values()),
+                                5, f"bob's client showing {state.value}")
+                if i == 0:  # one copy each, all in one write to the server
+                    assert [seen.to(j) for j in (alice_jid, bob_jid, grid.fleet.jid("watchdog"))] == [1, 1, 1]
+                    assert len(seen.writes) == 1, seen.writes
+        finally:
+            await close_session(bob)
+    # Both gone: known offline again, and no longer sent anything.
+    await until(lambda: {alice_jid, bob_jid} <= one._offline, 10, "their goodbyes")
+    with Written(link_of(grid)) as seen:
+        toggle(agent(grid, LOADS[0]))
+        await asyncio.sleep(0.3)
+    assert seen.to(alice_jid) == 0 and seen.to(bob_jid) == 0 and seen.to(grid.fleet.jid("watchdog")) == 1
+
+
+async def test_a_probe_counts_as_online_before_the_contacts_presence(grid: Grid) -> None:
+    """The server may pass a contact's probe before its presence: from the probe on, it is told."""
+    one, bob_jid = hosted(grid, LOADS[1]), grid.fleet.jid("bob")
+    await until(lambda: bob_jid in one._offline, 10, "bob known offline")
+    probe = ET.Element(f"{{{NS}}}presence", {"type": "probe", "from": f"{bob_jid}/x", "to": one.boundjid.bare})
+    heard: list[object] = []
+    one.add_event_handler("presence", heard.append)
+    with Written(link_of(grid)) as seen:
+        one.deliver(probe)
+        await asyncio.sleep(0.2)
+        assert seen.to(f"{bob_jid}/x") == 1, "the probe is answered"
+        assert heard == [], "as for a c2s account, a probe is the server's: the device's handlers never see it"
+        one.del_event_handler("presence", heard.append)
+        toggle(agent(grid, LOADS[1]))
+        await asyncio.sleep(0.3)
+    assert seen.to(bob_jid) == 2  # the answer, and the change after it
+    # The server says bob is offline (its probe answer): skipped again.
+    one.deliver(ET.Element(f"{{{NS}}}presence", {"type": "unavailable", "from": bob_jid, "to": one.boundjid.bare}))
+    assert bob_jid in one._offline
+
+
+async def test_fuzzed_presence_to_a_hosted_jid_changes_nothing(grid: Grid) -> None:
+    """Seeded, bounded: presence of every kind from contacts, strangers and garbage JIDs; the
+    identity keeps serving, knows only its own contacts offline, and still tells the watchdog."""
+    rng = random.Random(16)
+    one = hosted(grid, LOADS[2])
+    contacts = set(one.client_roster)
+    senders = [*contacts, "stranger@localhost/x", "x@devices.localhost", "", "@@", "a@b/c/d", "localhost", "\u00e9@x"]
+    types = [None, "unavailable", "probe", "error", "subscribe", "unsubscribed", "bogus", ""]
+    for _ in range(300):
+        attrs = {"to": one.boundjid.bare}
+        sender, ptype = rng.choice(senders), rng.choice(types)
+        if sender:
+            attrs["from"] = sender
+        if ptype is not None:
+            attrs["type"] = ptype
+        pres = ET.Element(f"{{{NS}}}presence", attrs)
+        if rng.random() < 0.3:
+            ET.SubElement(pres, f"{{{NS}}}show").text = rng.choice(["away", "chat", "nonsense", ""])
+        one.deliver(pres)
+    await asyncio.sleep(0.2)
+    assert one.is_connected() and one._offline <= contacts
+    one._offline.discard(grid.fleet.jid("watchdog"))  # whatever the fuzz said, the server knows better
+    with Written(link_of(grid)) as seen:
+        toggle(agent(grid, LOADS[2]))
+        await asyncio.sleep(0.3)
+    assert seen.to(grid.fleet.jid("watchdog")) == 1
