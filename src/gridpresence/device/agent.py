@@ -133,7 +133,8 @@ class DeviceAgent(PartySession):
         self.sim: SimDevice = sim if sim is not None else make_device(spec, utcnow())
         # What operators set survives a restart of the host (kill -9 too): shed stays shed. A real
         # IED behind a gateway keeps its own state: the gateway reads it, never restores it.
-        self.operated = OperatedStore(self.setup.operated)
+        replay = replay or ReplayStore(None)
+        self.operated = OperatedStore(self.setup.operated, replay)  # in the replay store if it is on disk
         kept = self.operated.load() if sim is None else None
         if kept is not None:
             self.sim.restore(kept, utcnow())
@@ -147,7 +148,7 @@ class DeviceAgent(PartySession):
         # Issuers' keys over PEP (XEP-0373), pinned; and this device's own key's announcement.
         self.keyring = PepKeyring(self.client, keys)
         # Every command taken, with its outcome, until its expiry: a copy has no second effect.
-        self.replay = ReplayGuard(replay or ReplayStore(None), self.gate.device)
+        self.replay = ReplayGuard(replay, self.gate.device)
         self._seq = 0
         self._published: PresenceReport | None = None  # the last report told to anyone
         self._broadcast: PresenceReport | None = None  # the last told to every subscriber
@@ -518,7 +519,7 @@ class DeviceAgent(PartySession):
         try:
             outcome = await self.execute(cmd, now)
             forget_at = cmd.expires.timestamp() + self.security.clock_skew_s
-            self.replay.record(cmd.issuer, cmd.id, forget_at, outcome)
+            await self.replay.record_soon(cmd.issuer, cmd.id, forget_at, outcome)  # on disk before it is told
         finally:
             del self._in_flight[(cmd.issuer, cmd.id)]
             done.set_result(None)
@@ -550,7 +551,7 @@ class DeviceAgent(PartySession):
                                     "travels with its image")
         else:
             effect = await self.sim.carry_out(cmd.action, cmd.args, now, cmd.expires)
-            self.operated.save(self.sim.operated())  # on disk before anyone is told the outcome
+            await self.operated.keep(self.sim.operated())  # on disk before anyone is told the outcome
         report = self.publish(force=False)
         return Outcome(
             command_id=cmd.id,

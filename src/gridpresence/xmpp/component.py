@@ -29,6 +29,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -151,8 +152,7 @@ class _LinkTransport:
         self.link = link
 
     def write(self, data: bytes) -> None:
-        if self.link.transport is not None:
-            self.link.transport.write(data)
+        self.link.write_soon(data)
 
     def close(self) -> None:  # the identity leaves; the link stays
         pass
@@ -174,6 +174,8 @@ class ComponentLink(ComponentXMPP):
         self.clients: dict[str, HostedClient] = {}
         self.online = False
         self._bringing_up: asyncio.Task[None] | None = None
+        self._out: list[bytes] = []  # the identities' stanzas not yet written (write_soon)
+        self.last_heard = time.monotonic()  # when the server last sent us anything (liveness, xmpp/reconnect.py)
         self.register_plugin("xep_0030")
         self.register_plugin("xep_0199")
         self.add_event_handler("session_start", self._on_session_start)
@@ -183,6 +185,25 @@ class ComponentLink(ComponentXMPP):
     @property
     def domain(self) -> str:
         return str(self.boundjid.bare)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_heard = time.monotonic()  # a busy link (a fan-out's backlog) is a live one, ping answered or not
+        super().data_received(data)
+
+    def write_soon(self, data: bytes) -> None:
+        """What the identities send, gathered over one turn of the event loop and written to the
+        socket at once: a fan-out's thousands of stanzas are a few large writes, not a system
+        call each (in order: one buffer, one writer)."""
+        if self.transport is None:
+            return
+        self._out.append(data)
+        if len(self._out) == 1:
+            asyncio.get_running_loop().call_soon(self._write_out)
+
+    def _write_out(self) -> None:
+        out, self._out = self._out, []
+        if self.transport is not None and out:
+            self.transport.write(b"".join(out))
 
     def client(self, jid: str) -> HostedClient:
         """A new identity on this link (log it in with its ``connect``, as any client)."""
@@ -244,6 +265,7 @@ class ComponentLink(ComponentXMPP):
 
     def _on_disconnected(self, reason: object) -> None:
         self.online = False
+        self._out = []  # for the lost connection, as a socket's buffer is lost with it
         for hosted in list(self.clients.values()):
             hosted._session_down(reason)
 

@@ -146,9 +146,13 @@ class Reconnector:
             if silent < interval:
                 await asyncio.sleep(interval - silent)
                 continue
+            asked = time.monotonic()
             try:
                 await ping.send_ping(self.client.boundjid.domain, timeout=timeout)
             except IqTimeout:
+                heard = getattr(self.client, "last_heard", None)
+                if heard is not None and heard > asked:
+                    continue  # the server sent us other things meanwhile: alive; the answer is queued behind them
                 if self.online.is_set() and not self.closing:
                     self._drop(f"no answer to a ping within {timeout:g} s")
                 return
