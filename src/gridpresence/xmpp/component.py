@@ -44,6 +44,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
 from gridpresence.xmpp import slixfix  # noqa: F401  (our slixmpp patches)
+from gridpresence.xmpp.dispatch import ShapeDispatch
 from gridpresence.protocol import stanzas
 from gridpresence.xmpp.reconnect import reconnector_of
 
@@ -413,7 +414,10 @@ class HostedClient(ComponentXMPP):
         if self.transport is None:
             return
         try:
-            self._spawn_event(xml)
+            dispatch = self.__dict__.get("_dispatch")
+            if dispatch is None:  # made here, not in __init__: only identities that receive need one
+                dispatch = self._dispatch = ShapeDispatch(self)
+            dispatch.spawn(xml)  # slixmpp's _spawn_event, with handler matching kept per shape
         except Exception:  # one bad stanza must not reach the link's reader
             log.exception("%s: stanza dropped", self.boundjid.bare)
 
