@@ -21,7 +21,7 @@ from gridpresence.protocol.models import NS as GRID, Action, Command
 from gridpresence.server.accounts import Secrets
 from gridpresence.xmpp.component import NS, HostedClient
 from gridpresence.xmpp.dispatch import ShapeDispatch
-from gridpresence.xmpp.session import Endpoint
+from gridpresence.xmpp.session import Endpoint, make_client
 
 CHILDREN = [
     f"<body>{{text}}</body>",
@@ -63,18 +63,18 @@ def hosted(tmp_path_factory: pytest.TempPathFactory) -> HostedClient:
     return client
 
 
-def stanza_xml(rng: random.Random) -> ET.Element:
+def stanza_xml(rng: random.Random, ns: str = NS) -> ET.Element:
     kind = rng.choice(list(TYPES))
     typ = rng.choice(TYPES[kind])
     children = "".join(rng.choice(CHILDREN).format(text=rng.choice(["", " ", "hi"]))
                        for _ in range(rng.randint(0, 3)))
     attrs = f" type='{typ}'" if typ else ""
     lang = rng.choice(["", " xml:lang='de'"])
-    return ET.fromstring(f"<{kind} xmlns='{NS}' from='op@localhost/x' to='h-1@devices.localhost' "
+    return ET.fromstring(f"<{kind} xmlns='{ns}' from='op@localhost/x' to='h-1@devices.localhost' "
                          f"id='i{rng.randrange(1000)}'{attrs}{lang}>{children}</{kind}>")
 
 
-def slow(client: HostedClient, xml: ET.Element) -> list[object]:
+def slow(client: Any, xml: ET.Element) -> list[object]:
     stanza = client._build_stanza(client.incoming_filter(xml))
     return [h for h in client._XMLStream__handlers if h.match(stanza)]  # type: ignore[attr-defined]
 
@@ -87,6 +87,20 @@ def test_fast_dispatch_matches_what_slixmpp_matches(hosted: HostedClient) -> Non
         stanza = hosted._build_stanza(hosted.incoming_filter(xml))
         assert dispatch.matching(stanza) == slow(hosted, xml), ET.tostring(xml)
     assert dispatch.fast > 200, "many fuzzed stanzas share a shape with an earlier one"
+
+
+def test_an_operator_session_matches_what_slixmpp_matches() -> None:
+    """make_client's streams (every c2s party) dispatch by shape too: same handlers."""
+    client = make_client("op@localhost/x", "secret", Endpoint())
+    client.register_handler(Callback("grid outcome", StanzaPath("message/grid_outcome"), lambda _s: None))
+    dispatch = client._spawn_event.__self__  # type: ignore[attr-defined]
+    assert isinstance(dispatch, ShapeDispatch)
+    rng = random.Random(1617)
+    for _ in range(800):
+        xml = stanza_xml(rng, "jabber:client")
+        stanza = client._build_stanza(xml)
+        assert dispatch.matching(stanza) == slow(client, xml), ET.tostring(xml)  # type: ignore[arg-type]
+    assert dispatch.fast > 100
 
 
 def test_a_fan_out_of_commands_is_matched_from_the_cache(hosted: HostedClient) -> None:

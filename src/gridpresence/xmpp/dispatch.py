@@ -60,6 +60,13 @@ def _structural(handler: BaseHandler) -> bool:
     return False
 
 
+def install(stream: XMLStream) -> ShapeDispatch:
+    """Every stanza ``stream`` receives from now on is dispatched by shape."""
+    dispatch = ShapeDispatch(stream)
+    stream._spawn_event = dispatch.spawn  # type: ignore[method-assign]  (data_received calls it)
+    return dispatch
+
+
 class ShapeDispatch:
     """:meth:`spawn` is ``stream._spawn_event`` with handler matching kept per shape."""
 
@@ -75,7 +82,7 @@ class ShapeDispatch:
     def spawn(self, xml: ET.Element) -> None:
         stream = self.stream
         if self._in_filters:
-            stream._spawn_event(xml)  # slixmpp's own way, filters and all
+            XMLStream._spawn_event(stream, xml)  # slixmpp's own way, filters and all
             return
         xml = stream.incoming_filter(xml)
         try:
