@@ -155,3 +155,30 @@ def test_unhandled_iq_is_refused_by_the_fast_way_too(hosted: HostedClient) -> No
     assert dispatch.fast == 1
     assert [(a["id"], a["type"], a["error"]["condition"]) for a in answers] == [
         ("u0", "error", "feature-not-implemented"), ("u1", "error", "feature-not-implemented")]
+
+
+def test_copies_of_one_stanza_to_many_are_the_same_text_as_each_serialised_alone(hosted: HostedClient) -> None:
+    """HostedClient._send_one serialises a broadcast presence once and changes only the root's
+    "to" for each subscriber: byte for byte what slixmpp writes for each copy on its own."""
+    from slixmpp.xmlstream import tostring
+
+    sent: list[str] = []
+    hosted.send_raw = lambda data: sent.append(data)  # type: ignore[method-assign]
+    hosted.transport = object()  # type: ignore[assignment]
+    try:
+        xml = ET.fromstring(f"<presence xmlns='{NS}' from='h-1@devices.localhost'><status>to=\"x\"</status>"
+                            f"<device xmlns='{GRID}' kind='load' state='off'/></presence>")
+        contacts = ["op@localhost", "watchdog@localhost", "op@localhost/r&'1", "relay@localhost"]
+        expected = []
+        hosted._last_out = None
+        for contact in contacts:
+            xml.set("to", contact)
+            expected.append(tostring(xml, xmlns=NS, stream=hosted, top_level=True))
+            hosted._send_one(xml)
+        assert sent == expected and len(set(sent)) == len(contacts)
+        xml.set("type", "unavailable")  # another attribute changed: serialised afresh
+        hosted._send_one(xml)
+        assert 'type="unavailable"' in sent[-1]
+    finally:
+        hosted.transport = None
+        del hosted.send_raw

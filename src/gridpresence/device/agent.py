@@ -159,6 +159,7 @@ class DeviceAgent(PartySession):
         # (issuer, id) of each command being carried out: a copy waits for it, then is a replay.
         self._in_flight: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._stopping = False
+        self._outcome_xml: tuple[Outcome, ET.Element] | None = None  # the last record's outcome (_record)
         self.client.register_handler(
             Callback("grid command", StanzaPath("message/grid_command"), self._on_command)
         )
@@ -524,8 +525,9 @@ class DeviceAgent(PartySession):
             del self._in_flight[(cmd.issuer, cmd.id)]
             done.set_result(None)
         # The device's own event log: what it did, when, with which command (the chaos test reads it).
-        log.info("%s: command %s from %s %s %s at %s (expires %s)", self.spec.name, cmd.id, cmd.issuer,
-                 cmd.action.value, outcome.status.value, now.isoformat(), cmd.expires.isoformat())
+        if log.isEnabledFor(logging.INFO):  # its timestamps are formatted only if it is kept
+            log.info("%s: command %s from %s %s %s at %s (expires %s)", self.spec.name, cmd.id, cmd.issuer,
+                     cmd.action.value, outcome.status.value, now.isoformat(), cmd.expires.isoformat())
         self._record(cmd, outcome)
         return outcome
 
@@ -534,11 +536,15 @@ class DeviceAgent(PartySession):
         ad-hoc), to the recorders (the historian) — but to its own issuer, which has the outcome."""
         if not self.client.is_connected():
             return
+        record = None
         for to in self.setup.recorders:
             if to == JID(cmd.issuer).bare:
                 continue
+            if record is None:  # built once, for every recorder, and its outcome kept for the issuer's answer
+                record = record_to_xml(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome))
+                self._outcome_xml = (outcome, record[0])
             msg = self.client.make_message(mto=to, mtype="normal")
-            msg.append(record_to_xml(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome)))
+            msg.append(record)
             msg.send()
 
     async def execute(self, cmd: Command, now: dt.datetime) -> Outcome:
@@ -578,5 +584,8 @@ class DeviceAgent(PartySession):
 
     def _send_outcome(self, to: JID, outcome: Outcome) -> None:
         msg = self.client.make_message(mto=to, mtype="normal")
-        msg.append(outcome_to_xml(outcome))
+        made = self._outcome_xml
+        self._outcome_xml = None
+        # The same outcome's element as in the record just sent (both are only serialised).
+        msg.append(made[1] if made is not None and made[0] is outcome else outcome_to_xml(outcome))
         msg.send()

@@ -88,8 +88,9 @@ class CommandIssuer:
         wait_s = max(0.0, (cmd.expires - utcnow()).total_seconds()) + OUTCOME_MARGIN_S
         given_up = False
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), wait_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(wait_s):  # one timer, no task or shield per command: fut is ours alone
+                return await fut
+        except TimeoutError:
             return Outcome(command_id=cmd.id, device=JID(to).bare, status=OutcomeStatus.EXPIRED,
                            detail="no outcome before the command expired")
         except asyncio.CancelledError:

@@ -40,6 +40,7 @@ from slixmpp import JID, ComponentXMPP, Iq
 from slixmpp.basexmpp import BaseXMPP
 from slixmpp.jid import InvalidJID
 from slixmpp.xmlstream import StanzaBase, tostring
+from slixmpp.xmlstream.tostring import escape
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
@@ -321,6 +322,9 @@ class HostedClient(ComponentXMPP):
     """One hosted identity: the members of a GridClient that a party uses (connect, handlers,
     plugins, make_*/send, roster, boundjid, is_connected), over the link."""
 
+    # What _send_one serialised last: (element, its text, its other attributes, its children, its "to").
+    _last_out: tuple[ET.Element, str, list[tuple[str, str]], tuple[ET.Element, ...], str] | None = None
+
     def __init__(self, link: ComponentLink, jid: str) -> None:
         # ComponentXMPP's own set-up, but with the link's TLS context: slixmpp would build one per
         # stream from the system's CA store (0.13 s each), for a port that has no TLS anyway.
@@ -426,6 +430,7 @@ class HostedClient(ComponentXMPP):
     def _route(self, stanza: StanzaBase) -> StanzaBase | None:
         """Last outgoing step: our ``from`` on everything; a broadcast presence fanned out to
         the subscribers; a stanza for an identity on this link handed over in the process."""
+        self._last_out = None  # a new stanza: _send_one's memo is for copies of one stanza only
         if not stanza["from"]:
             stanza["from"] = self.boundjid
         xml = stanza.xml
@@ -444,10 +449,22 @@ class HostedClient(ComponentXMPP):
         return None
 
     def _send_one(self, xml: ET.Element) -> None:
-        if JID(xml.get("to") or "").domain == self.link.domain and self.link.deliver_local(xml):
+        to = xml.get("to") or ""
+        if JID(to).domain == self.link.domain and self.link.deliver_local(xml):
             return
-        if self.transport is not None:
-            self.send_raw(tostring(xml, xmlns=NS, stream=self, top_level=True))
+        if self.transport is None:
+            return
+        # The same stanza to one subscriber after another (a broadcast presence) differs in its
+        # root's "to" only: serialised once, the "to" replaced in the copies (the root's
+        # attributes come first in slixmpp's output).
+        others = [(k, v) for k, v in xml.attrib.items() if k != "to"]
+        last = self._last_out
+        if last is not None and last[0] is xml and last[2] == others and last[3] == tuple(xml) and last[4]:
+            data = last[1].replace(f' to="{escape(last[4])}"', f' to="{escape(to)}"', 1)
+        else:
+            data = tostring(xml, xmlns=NS, stream=self, top_level=True)
+        self._last_out = (xml, data, others, tuple(xml), to)
+        self.send_raw(data)
 
     def subscribers(self) -> list[str]:
         """Contacts that see this identity's presence (subscription from or both)."""
