@@ -182,3 +182,23 @@ def test_copies_of_one_stanza_to_many_are_the_same_text_as_each_serialised_alone
     finally:
         hosted.transport = None
         del hosted.send_raw
+
+
+def test_a_hosted_identity_sends_at_once_through_the_same_filters(hosted: HostedClient) -> None:
+    """HostedClient.send: with an empty send queue and only synchronous filters, a stanza goes out
+    at once, through every filter the queue's task would run (_route sets our "from")."""
+    sent: list[str] = []
+    hosted.send_raw = lambda data: sent.append(data if isinstance(data, str) else data.decode())  # type: ignore[method-assign]
+    hosted.transport = object()  # type: ignore[assignment]
+    hosted._session_started = True
+    try:
+        hosted.make_message(mto="op@localhost", mbody="hello", mtype="chat").send()
+        assert len(sent) == 1 and 'from="h-1@devices.localhost"' in sent[0] and "<body>hello</body>" in sent[0]
+        assert hosted.waiting_queue.empty()
+        hosted._session_started = False  # no session: slixmpp's own way (held back until there is one)
+        hosted.make_message(mto="op@localhost", mbody="later", mtype="chat").send()
+        assert len(sent) == 1
+    finally:
+        hosted._session_started = False
+        hosted.transport = None
+        del hosted.send_raw

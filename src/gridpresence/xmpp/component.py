@@ -31,6 +31,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from inspect import iscoroutinefunction
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -431,16 +432,17 @@ class HostedClient(ComponentXMPP):
         stanza otherwise, for each of thousands of identities, and the order stays the same."""
         filters = self._XMLStream__filters  # type: ignore[attr-defined]
         if (not use_filters or not isinstance(data, StanzaBase) or self.transport is None
-                or not self._session_started or not self.waiting_queue.empty() or filters["out"]
-                or filters["out_sce"]):
+                or not self._session_started or not self.waiting_queue.empty()
+                or any(iscoroutinefunction(f) for mode in ("out", "out_sce") for f in filters[mode])):
             super().send(data, use_filters)
             return
         try:
             stanza: StanzaBase | None = data
-            for step in filters["out_sync"]:
-                stanza = step(stanza)
-                if stanza is None:
-                    return
+            for mode in ("out", "out_sync", "out_sce"):  # as the queue's task runs them (the roster's is "out")
+                for step in filters[mode]:
+                    stanza = step(stanza)
+                    if stanza is None:
+                        return
             self.send_raw(tostring(stanza.xml, xmlns=self.default_ns, stream=self, top_level=True))
         except Exception:  # as the queue's task: a faulty stanza is logged, the sender goes on
             log.error("Exception raised in send:", exc_info=True)

@@ -16,6 +16,7 @@ filters is matched the slow way, stanza by stanza: what runs is always what slix
 from __future__ import annotations
 
 import logging
+from itertools import islice
 from typing import Any
 from xml.etree import ElementTree as ET
 
@@ -33,20 +34,11 @@ Shape = tuple[Any, ...]
 
 
 def shape_of(xml: ET.Element) -> Shape | None:
-    """What handler matching can see of a stanza; None if it is too big to be worth it."""
-    count = 0
-
-    def walk(el: ET.Element) -> tuple[Any, ...]:
-        nonlocal count
-        count += 1
-        if count > MAX_ELEMENTS:
-            raise OverflowError
-        return (el.tag, bool(el.text and el.text.strip()), el.get(LANG), tuple(walk(c) for c in el))
-
-    try:
-        return (xml.get("type"), walk(xml))
-    except OverflowError:
-        return None
+    """What handler matching can see of a stanza (its elements in document order, each with its
+    number of children: the tree); None if it is too big to be worth it."""
+    shape = tuple(islice(((el.tag, bool(el.text) and not el.text.isspace(), el.get(LANG), len(el))  # type: ignore[union-attr]
+                          for el in xml.iter()), MAX_ELEMENTS + 1))
+    return (xml.get("type"), shape) if len(shape) <= MAX_ELEMENTS else None
 
 
 def _structural(handler: BaseHandler) -> bool:
