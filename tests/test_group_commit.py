@@ -105,3 +105,34 @@ def test_an_orphan_adopted_from_a_dead_process_group_leaves_that_group(tmp_path:
     for entry in orphans[1:]:
         heir.remove(entry.command_id, found=True)  # their outcomes arrived unasked here
     assert not list(directory.glob("*.json"))
+
+
+async def test_a_fan_out_keeps_at_most_its_window_in_flight_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """command_many: never more than FAN_OUT_WINDOW commands waiting at once (what comes back
+    must not queue for seconds in front of our ping's answer), sent in the names' order, one
+    outcome each, progress for every one."""
+    from gridpresence.operator import library
+    from gridpresence.operator.library import GridOperator
+    from gridpresence.xmpp.session import Endpoint
+
+    monkeypatch.setattr(library, "FAN_OUT_WINDOW", 20)
+    op = GridOperator("alice@localhost", "secret", Endpoint())
+    started: list[str] = []
+    busy, most = 0, 0
+
+    async def command(name: str, action: object, **_kw: object) -> Outcome:
+        nonlocal busy, most
+        started.append(name)
+        busy += 1
+        most = max(most, busy)
+        await asyncio.sleep(0.001 * (len(started) % 3))
+        busy -= 1
+        return outcome(f"{name}@localhost", name)
+
+    monkeypatch.setattr(op, "command", command)
+    names = [f"load-{i:03d}" for i in range(300)]
+    told: list[int] = []
+    outcomes = await asyncio.wait_for(op.command_many(names, Action.SHED, progress=lambda d, _t: told.append(d)), 20)
+    assert most == 20 and started == names
+    assert list(outcomes) == names and all(o.command_id == n for n, o in outcomes.items())
+    assert told == list(range(1, 301))
