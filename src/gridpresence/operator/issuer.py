@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # Extra time after a command's expiry for its "expired" outcome to travel back.
 OUTCOME_MARGIN_S = 1.0
 KEEP_AFTER_S = 0.5  # a command still unanswered this long is kept on disk (operator/pending.py)
+KEEP_GROUP_S = 0.25  # ...in one file with the others due within this much more
 
 
 class CommandIssuer:
@@ -123,8 +124,9 @@ class CommandIssuer:
             if fut is not None and not fut.done() and not self.store.holds(cmd.id):
                 due.append(self.store.entry(cmd, device, ET.tostring(wire, encoding="unicode"), "direct"))
         self.store.add_many(due)
-        if self._to_keep:
-            self._keep_timer = asyncio.get_running_loop().call_at(self._to_keep[0][0], self._keep_due)
+        if self._to_keep:  # the next group: those due within KEEP_GROUP_S more (a fan-out sends continuously)
+            self._keep_timer = asyncio.get_running_loop().call_at(max(self._to_keep[0][0], now + KEEP_GROUP_S),
+                                                                  self._keep_due)
 
     def resend_pending(self) -> int:
         """After a reconnect: send every command still waiting once more, to its device's bare
