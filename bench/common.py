@@ -22,7 +22,7 @@ from slixmpp import ClientXMPP, Message
 
 from gridpresence.server.accounts import Secrets
 from gridpresence.xmpp.session import Endpoint, close_session, make_client, open_session
-from gridpresence.config import Fleet, parse_fleet
+from gridpresence.config import Fleet, Hosting, parse_fleet
 from gridpresence.host.grid import Grid
 
 
@@ -38,13 +38,16 @@ def summary(name: str, samples_s: Sequence[float]) -> dict[str, float]:
     return {"median_ms": med * 1000, "p99_ms": p99 * 1000, "n": len(samples_s)}
 
 
-def bench_fleet(loads: int, refresh_s: float = 300.0, require_signatures: bool = True) -> Fleet:
+def bench_fleet(loads: int, refresh_s: float = 300.0, require_signatures: bool = True,
+                hosting: Hosting = "c2s") -> Fleet:
     """N loads, one operator, and the baseline's echo pair (as billing parties: accounts whose
     rosters hold only the operator, so they are not flooded by device presence).
     ``require_signatures=False`` lets the devices take unsigned commands too (the signature
-    benchmark's baseline, same devices)."""
+    benchmark's baseline, same devices). ``hosting="component"``: the loads are identities
+    hosted on the grid's XEP-0114 component (xmpp/component.py), all on one connection."""
     return parse_fleet({
         "domain": "localhost",
+        "hosting": hosting,
         "security": {"require_signatures": require_signatures},
         "operators": [{"name": "bench-op"}],
         "billing": [{"name": "echo-a"}, {"name": "echo-b"}],
@@ -82,6 +85,13 @@ class CpuMeter:
               + f" (total {sum(ms.values()):.0f} ms on {os.cpu_count()} cores)", flush=True)
         return ms
 
+    def report_us(self, kind: str, times: int, per: str) -> dict[str, float]:
+        """Microseconds per operation (``times`` of them in all), by process, on one line."""
+        us = {name: secs / times * 1e6 for name, secs in self.spent[kind].items()}
+        print(f"  CPU per {per}: " + ", ".join(f"{name} {v:.0f} us" for name, v in us.items())
+              + f" (total {sum(us.values()):.0f} us)", flush=True)
+        return us
+
 
 class BenchGrid:
     """A bench grid: server, accounts and watchdog here; device bots and the echo responder in a
@@ -102,10 +112,20 @@ class BenchGrid:
         if line.strip() != b"ready":
             raise SystemExit("the device process did not come up")
 
+    async def remote_profile(self, dump_to: Path | None = None) -> None:
+        """Start cProfile in the device process, or (``dump_to``) stop it and write its stats."""
+        assert self.remote is not None and self.remote.stdin is not None and self.remote.stdout is not None
+        self.remote.stdin.write(b"profile\n" if dump_to is None else f"dump {dump_to}\n".encode())
+        await self.remote.stdin.drain()
+        if dump_to is not None:
+            line = await asyncio.wait_for(self.remote.stdout.readline(), 60)
+            if line.strip() != b"dumped":
+                raise SystemExit(f"the device process did not write its profile: {line!r}")
+
     def pids(self) -> dict[str, int]:
         """The three processes of a bench: this one, the device bots' and the XMPP server."""
         assert self.remote is not None
-        return {"operator side": os.getpid(), "device bots": self.remote.pid,
+        return {"operator side": os.getpid(), "device host": self.remote.pid,
                 "prosody": int(self.grid.server.pidfile_path.read_text().strip())}
 
     async def stop(self) -> None:
@@ -173,7 +193,7 @@ class EchoPair:
     async def pipelined(self, n: int) -> float:
         """n round trips all in flight at once: the throughput baseline (seconds for all)."""
         t0 = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(self._send(i) for i in range(n))), 60)
+        await asyncio.wait_for(asyncio.gather(*(self._send(i) for i in range(n))), max(60, n / 50))
         return time.perf_counter() - t0
 
 

@@ -21,7 +21,7 @@ import pytest_asyncio
 from conftest import run_cli, start_up
 from portcut import can_drop_ports, drop_port, undrop_port
 from gridpresence.config import Fleet, parse_fleet
-from gridpresence.device.operated import OperatedStore, state_path
+from gridpresence.device.operated import OperatedStore, kept_state
 from gridpresence.host.fleet import FleetBots
 from gridpresence.host import grid as grid_module
 from gridpresence.host.grid import Grid
@@ -272,7 +272,7 @@ async def test_a_command_in_flight_across_a_server_crash_ends_with_its_true_outc
         proc.send_signal(signal.SIGCONT)
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 15)
-    kept = OperatedStore(state_path(grid.data_dir, "apart")).load()
+    kept = kept_state(grid.data_dir, "apart")
     assert kept is not None and kept.state is DeviceState.OFF
 
 
@@ -401,8 +401,8 @@ async def test_a_command_whose_cli_died_waiting_is_reported_by_the_next_one(grid
         assert not list(pending_dir.glob("*.json")), "reported, so no longer pending"
         code, out, err = await run_cli("pending", *conn)
         assert code == 0 and "no command of yours is waiting" in out, (out, err)
-        kept_state = OperatedStore(state_path(grid.data_dir, "apart")).load()
-        assert kept_state is not None and kept_state.state is DeviceState.OFF
+        kept = kept_state(grid.data_dir, "apart")
+        assert kept is not None and kept.state is DeviceState.OFF
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGCONT)

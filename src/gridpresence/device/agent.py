@@ -133,7 +133,8 @@ class DeviceAgent(PartySession):
         self.sim: SimDevice = sim if sim is not None else make_device(spec, utcnow())
         # What operators set survives a restart of the host (kill -9 too): shed stays shed. A real
         # IED behind a gateway keeps its own state: the gateway reads it, never restores it.
-        self.operated = OperatedStore(self.setup.operated)
+        replay = replay or ReplayStore(None)
+        self.operated = OperatedStore(self.setup.operated, replay)  # in the replay store if it is on disk
         kept = self.operated.load() if sim is None else None
         if kept is not None:
             self.sim.restore(kept, utcnow())
@@ -147,7 +148,7 @@ class DeviceAgent(PartySession):
         # Issuers' keys over PEP (XEP-0373), pinned; and this device's own key's announcement.
         self.keyring = PepKeyring(self.client, keys)
         # Every command taken, with its outcome, until its expiry: a copy has no second effect.
-        self.replay = ReplayGuard(replay or ReplayStore(None), self.gate.device)
+        self.replay = ReplayGuard(replay, self.gate.device)
         self._seq = 0
         self._published: PresenceReport | None = None  # the last report told to anyone
         self._broadcast: PresenceReport | None = None  # the last told to every subscriber
@@ -158,6 +159,7 @@ class DeviceAgent(PartySession):
         # (issuer, id) of each command being carried out: a copy waits for it, then is a replay.
         self._in_flight: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._stopping = False
+        self._outcome_xml: tuple[Outcome, ET.Element] | None = None  # the last record's outcome (_record)
         self.client.register_handler(
             Callback("grid command", StanzaPath("message/grid_command"), self._on_command)
         )
@@ -518,13 +520,14 @@ class DeviceAgent(PartySession):
         try:
             outcome = await self.execute(cmd, now)
             forget_at = cmd.expires.timestamp() + self.security.clock_skew_s
-            self.replay.record(cmd.issuer, cmd.id, forget_at, outcome)
+            await self.replay.record_soon(cmd.issuer, cmd.id, forget_at, outcome)  # on disk before it is told
         finally:
             del self._in_flight[(cmd.issuer, cmd.id)]
             done.set_result(None)
         # The device's own event log: what it did, when, with which command (the chaos test reads it).
-        log.info("%s: command %s from %s %s %s at %s (expires %s)", self.spec.name, cmd.id, cmd.issuer,
-                 cmd.action.value, outcome.status.value, now.isoformat(), cmd.expires.isoformat())
+        if log.isEnabledFor(logging.INFO):  # its timestamps are formatted only if it is kept
+            log.info("%s: command %s from %s %s %s at %s (expires %s)", self.spec.name, cmd.id, cmd.issuer,
+                     cmd.action.value, outcome.status.value, now.isoformat(), cmd.expires.isoformat())
         self._record(cmd, outcome)
         return outcome
 
@@ -533,11 +536,15 @@ class DeviceAgent(PartySession):
         ad-hoc), to the recorders (the historian) — but to its own issuer, which has the outcome."""
         if not self.client.is_connected():
             return
+        record = None
         for to in self.setup.recorders:
             if to == JID(cmd.issuer).bare:
                 continue
+            if record is None:  # built once, for every recorder, and its outcome kept for the issuer's answer
+                record = record_to_xml(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome))
+                self._outcome_xml = (outcome, record[0])
             msg = self.client.make_message(mto=to, mtype="normal")
-            msg.append(record_to_xml(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome)))
+            msg.append(record)
             msg.send()
 
     async def execute(self, cmd: Command, now: dt.datetime) -> Outcome:
@@ -550,7 +557,7 @@ class DeviceAgent(PartySession):
                                     "travels with its image")
         else:
             effect = await self.sim.carry_out(cmd.action, cmd.args, now, cmd.expires)
-            self.operated.save(self.sim.operated())  # on disk before anyone is told the outcome
+            await self.operated.keep(self.sim.operated())  # on disk before anyone is told the outcome
         report = self.publish(force=False)
         return Outcome(
             command_id=cmd.id,
@@ -577,5 +584,8 @@ class DeviceAgent(PartySession):
 
     def _send_outcome(self, to: JID, outcome: Outcome) -> None:
         msg = self.client.make_message(mto=to, mtype="normal")
-        msg.append(outcome_to_xml(outcome))
+        made = self._outcome_xml
+        self._outcome_xml = None
+        # The same outcome's element as in the record just sent (both are only serialised).
+        msg.append(made[1] if made is not None and made[0] is outcome else outcome_to_xml(outcome))
         msg.send()

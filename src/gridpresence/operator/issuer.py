@@ -9,6 +9,7 @@ a password alone does not command the grid.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Callable
 from xml.etree import ElementTree as ET
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 # Extra time after a command's expiry for its "expired" outcome to travel back.
 OUTCOME_MARGIN_S = 1.0
 KEEP_AFTER_S = 0.5  # a command still unanswered this long is kept on disk (operator/pending.py)
+KEEP_GROUP_S = 0.25  # ...in one file with the others due within this much more
 
 
 class CommandIssuer:
@@ -51,6 +53,9 @@ class CommandIssuer:
         # its sessions (full JID): sent again after a reconnect of ours or of the device's, as the
         # first copy, or its outcome, may have died with the old session.
         self._sent: dict[str, tuple[ET.Element, str, str]] = {}
+        # Commands sent and, if still waiting at the due time, to be kept on disk (_keep_later).
+        self._to_keep: collections.deque[tuple[float, Command, str, ET.Element]] = collections.deque()
+        self._keep_timer: asyncio.TimerHandle | None = None
         client.register_handler(Callback("grid outcome", StanzaPath("message/grid_outcome"),
                                          self._on_outcome))  # type: ignore[arg-type]
         client.add_event_handler("message_error", self._on_bounce)
@@ -74,34 +79,54 @@ class CommandIssuer:
         self._stanza_to_command[msg["id"]] = cmd.id
         self._sent[cmd.id] = (wire, JID(to).bare, str(to))
 
-        def keep() -> None:
-            self.store.add(cmd, JID(to).bare, ET.tostring(wire, encoding="unicode"), "direct")
-
-        # Kept on disk only once it is slow to answer: most outcomes come within milliseconds,
-        # and a file per command would cost a fan-out ~1 ms each (only a kill -9 this soon
-        # after sending goes unkept; a cancelled wait keeps it at once, below).
-        keeping = asyncio.get_running_loop().call_later(KEEP_AFTER_S, keep) if self.store.directory else None
+        # Kept on disk only once it is slow to answer: most outcomes come within milliseconds
+        # (only a kill -9 this soon after sending goes unkept; a cancelled wait keeps it at once,
+        # below). The commands of a fan-out still waiting then go in one file (_keep_due).
+        keeping = self.store.directory is not None
+        if keeping:
+            self._keep_later(cmd, JID(to).bare, wire)
         msg.send()
         wait_s = max(0.0, (cmd.expires - utcnow()).total_seconds()) + OUTCOME_MARGIN_S
         given_up = False
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), wait_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(wait_s):  # one timer, no task or shield per command: fut is ours alone
+                return await fut
+        except TimeoutError:
             return Outcome(command_id=cmd.id, device=JID(to).bare, status=OutcomeStatus.EXPIRED,
                            detail="no outcome before the command expired")
         except asyncio.CancelledError:
             given_up = True  # the caller stopped waiting (Ctrl-C, shutdown), not the command: keep it
-            if keeping is not None and not keeping.cancelled() and not self.store.holds(cmd.id):
-                keep()
+            if keeping and not self.store.holds(cmd.id):
+                self.store.add(cmd, JID(to).bare, ET.tostring(wire, encoding="unicode"), "direct")
             raise
         finally:
-            if keeping is not None:
-                keeping.cancel()
             if not given_up:
                 self.store.remove(cmd.id)
             self.pending.pop(cmd.id, None)
             self._sent.pop(cmd.id, None)
             self._stanza_to_command.pop(msg["id"], None)
+
+    def _keep_later(self, cmd: Command, device: str, wire: ET.Element) -> None:
+        """Keep ``cmd`` on disk if it is still waiting KEEP_AFTER_S from now: one timer for all
+        the commands sent meanwhile, one file for those of them still waiting then."""
+        loop = asyncio.get_running_loop()
+        self._to_keep.append((loop.time() + KEEP_AFTER_S, cmd, device, wire))
+        if self._keep_timer is None:
+            self._keep_timer = loop.call_later(KEEP_AFTER_S, self._keep_due)
+
+    def _keep_due(self) -> None:
+        self._keep_timer = None
+        now = asyncio.get_running_loop().time()
+        due = []
+        while self._to_keep and self._to_keep[0][0] <= now:
+            _, cmd, device, wire = self._to_keep.popleft()
+            fut = self.pending.get(cmd.id)
+            if fut is not None and not fut.done() and not self.store.holds(cmd.id):
+                due.append(self.store.entry(cmd, device, ET.tostring(wire, encoding="unicode"), "direct"))
+        self.store.add_many(due)
+        if self._to_keep:  # the next group: those due within KEEP_GROUP_S more (a fan-out sends continuously)
+            self._keep_timer = asyncio.get_running_loop().call_at(max(self._to_keep[0][0], now + KEEP_GROUP_S),
+                                                                  self._keep_due)
 
     def resend_pending(self) -> int:
         """After a reconnect: send every command still waiting once more, to its device's bare

@@ -62,6 +62,10 @@ from gridpresence.protocol.addressing import origin_of
 log = logging.getLogger(__name__)
 
 FAN_OUT_BATCH = 50  # commands of a fan-out prepared (signed) before the loop may send them
+# Commands of one fan-out in flight at once: enough to keep the server and the devices busy,
+# few enough that what comes back (outcomes, presence) never queues for seconds in front of the
+# answer to our liveness ping (10,000 at once did: the session was dropped as "not answering").
+FAN_OUT_WINDOW = 1000
 # How long `connect` waits for the tariff of a billing party that is online.
 TARIFF_WAIT_S = 5.0
 
@@ -508,6 +512,11 @@ class GridOperator:
         names = list(names)
         tasks: list[asyncio.Future[Outcome]] = []
         done = 0
+        window = asyncio.Semaphore(FAN_OUT_WINDOW)  # FIFO: the commands go out in the names' order
+
+        async def one(name: str) -> Outcome:
+            async with window:
+                return await self.command(name, action, args=args, ttl_s=ttl_s, wait_final=wait_final)
 
         def one_more(_task: asyncio.Future[Outcome]) -> None:
             nonlocal done
@@ -524,9 +533,7 @@ class GridOperator:
                     # Let the batch just prepared go on the wire before signing the next one: the
                     # server and the devices start at once, not after the last command is made.
                     await asyncio.sleep(0)
-                tasks += [asyncio.ensure_future(self.command(n, action, args=args, ttl_s=ttl_s,
-                                                             wait_final=wait_final))
-                          for n in names[start:start + FAN_OUT_BATCH]]
+                tasks += [asyncio.ensure_future(one(n)) for n in names[start:start + FAN_OUT_BATCH]]
                 for task in tasks[start:]:
                     task.add_done_callback(one_more)
             outcomes = await asyncio.gather(*tasks)

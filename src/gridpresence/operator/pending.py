@@ -2,8 +2,13 @@
 process of the same issuer (a new `gridpresence` command after one that died, a restarted
 script) still learns how they ended (issue 14: every command ends with its true outcome).
 
-One small JSON file per command in ``DIR/keys/NAME.pending/`` (a file created or removed is
-atomic, so two processes of one operator never lose each other's entries). An entry names the
+Small JSON files in ``DIR/keys/NAME.pending/`` (a file created or removed is atomic, so two
+processes of one operator never lose each other's entries): one command's entry, or a group
+``{"entries": [...]}`` of the commands of one fan-out still unanswered at the same moment (a
+file per command cost a fan-out of 10,000 seconds of system calls); a group's file goes when its
+last command is answered. A group may so still list commands answered just before its process
+died: the next process learns their outcome again from the device's replay memory (the first
+outcome, never a second effect). An entry names the
 process that waits for it; one whose process is gone is an orphan, and the next library instance
 (`GridOperator.connect`, `gridpresence pending`) adopts it: the signed command is sent again to
 the device's bare JID while it is still valid — a device that had it answers from its replay
@@ -53,7 +58,10 @@ class PendingStore:
     def __init__(self, directory: Path | None) -> None:
         self.directory = directory
         self._made = False  # the directory exists (made once, not per command)
-        self._kept: set[str] = set()  # ids this process wrote (only those need unlinking)
+        self._kept: dict[str, str] = {}  # id this process wrote -> its file's stem (only those need unlinking)
+        self._groups: dict[str, set[str]] = {}  # file stem -> ids in it not yet answered
+        self._serial = 0
+        self._found_in: dict[str, Path] = {}  # id -> the file `entries` read it from (another process's)
 
     @classmethod
     def beside(cls, key_file: str | Path | None) -> PendingStore:
@@ -68,30 +76,49 @@ class PendingStore:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in command_id)
         return self.directory / f"{safe}.json"
 
+    @staticmethod
+    def entry(cmd: Command, device: str, wire: str, route: Literal["direct", "relay"]) -> PendingCommand:
+        return PendingCommand(command_id=cmd.id, device=device, action=cmd.action.value, issued=cmd.issued,
+                              expires=cmd.expires, route=route, wire=wire, pid=os.getpid())
+
     def add(self, cmd: Command, device: str, wire: str, route: Literal["direct", "relay"]) -> None:
         if self.directory is None:
             return
-        entry = PendingCommand(command_id=cmd.id, device=device, action=cmd.action.value, issued=cmd.issued,
-                               expires=cmd.expires, route=route, wire=wire, pid=os.getpid())
-        self._write(entry)
+        self._write([self.entry(cmd, device, wire, route)])
 
-    def _write(self, entry: PendingCommand) -> None:
+    def add_many(self, entries: list[PendingCommand]) -> None:
+        """Keep many at once: one file for all of them."""
+        if self.directory is not None and entries:
+            self._write(entries)
+
+    def _write(self, entries: list[PendingCommand]) -> None:
         assert self.directory is not None
+        if len(entries) == 1:
+            stem = self._path(entries[0].command_id).stem
+            data = entries[0].model_dump_json()
+        else:
+            self._serial += 1
+            stem = f"group-{os.getpid()}-{self._serial}"
+            data = '{"entries": [' + ", ".join(e.model_dump_json() for e in entries) + "]}"
         try:
             if not self._made:
                 self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
                 self._made = True
-            path = self._path(entry.command_id)
+            path = self.directory / f"{stem}.json"
             tmp = f"{path}.{os.getpid()}.tmp"  # renamed into place: a reader never sees half a file
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.write(fd, entry.model_dump_json().encode())
+                os.write(fd, data.encode())
             finally:
                 os.close(fd)
             os.replace(tmp, path)
-            self._kept.add(entry.command_id)
-        except OSError as exc:  # the command still goes out: only a later process would miss it
-            log.warning("could not keep pending command %s in %s: %s", entry.command_id, self.directory, exc)
+        except OSError as exc:  # the commands still go out: only a later process would miss them
+            log.warning("could not keep %d pending commands in %s: %s", len(entries), self.directory, exc)
+            return
+        for e in entries:
+            self._forget_in_group(e.command_id)  # adopted again: its older file need not list it
+            self._kept[e.command_id] = stem
+        self._groups[stem] = {e.command_id for e in entries}
 
     def holds(self, command_id: str) -> bool:
         """This process has `command_id` on disk."""
@@ -99,10 +126,25 @@ class PendingStore:
 
     def remove(self, command_id: str, found: bool = False) -> None:
         """Forget `command_id`; `found`: an entry another process wrote (an orphan's)."""
-        if self.directory is not None and (found or command_id in self._kept):
-            self._kept.discard(command_id)
-            with contextlib.suppress(OSError):
-                self._path(command_id).unlink()
+        if self.directory is None:
+            return
+        if command_id in self._kept:
+            self._forget_in_group(command_id)
+        elif found:
+            self._drop_found(command_id)
+
+    def _forget_in_group(self, command_id: str) -> None:
+        stem = self._kept.pop(command_id, None)
+        if stem is None or self.directory is None:
+            return
+        left = self._groups.get(stem)
+        if left is not None:
+            left.discard(command_id)
+            if left:
+                return
+            del self._groups[stem]
+        with contextlib.suppress(OSError):
+            (self.directory / f"{stem}.json").unlink()
 
     def entries(self) -> list[PendingCommand]:
         """Every kept entry, oldest first; an unreadable file is logged and set aside."""
@@ -111,8 +153,14 @@ class PendingStore:
         found = []
         for path in sorted(self.directory.glob("*.json")):
             try:
-                found.append(PendingCommand.model_validate(json.loads(path.read_text(encoding="utf-8"))))
-            except (OSError, ValueError, ValidationError) as exc:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                group = data.get("entries") if isinstance(data, dict) else None
+                read = ([PendingCommand.model_validate(e) for e in group] if isinstance(group, list)
+                        else [PendingCommand.model_validate(data)])
+                for e in read:
+                    self._found_in[e.command_id] = path
+                found += read
+            except (OSError, ValueError, ValidationError, AttributeError) as exc:
                 log.warning("pending command file %s unreadable (%s); set aside", path, str(exc).splitlines()[0])
                 with contextlib.suppress(OSError):
                     path.replace(path.with_suffix(".bad"))
@@ -126,5 +174,22 @@ class PendingStore:
     def adopt(self, entry: PendingCommand) -> PendingCommand:
         """This process waits for `entry` from now on (its file is then this process's own)."""
         mine = entry.model_copy(update={"pid": os.getpid()})
-        self._write(mine)
+        self._write([mine])
+        self._drop_found(entry.command_id)
         return mine
+
+    def _drop_found(self, command_id: str) -> None:
+        """Take `command_id` out of the other process's file it was found in (rare: adoption)."""
+        path = self._found_in.pop(command_id, None)
+        if path is None or path.stem == self._kept.get(command_id):
+            return
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            group = data.get("entries") if isinstance(data, dict) else None
+            left = [e for e in group if e.get("command_id") != command_id] if isinstance(group, list) else []
+            if not left:
+                path.unlink()
+                return
+            tmp = f"{path}.{os.getpid()}.tmp"
+            Path(tmp).write_text(json.dumps({"entries": left}), encoding="utf-8")
+            os.replace(tmp, path)

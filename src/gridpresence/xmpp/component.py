@@ -31,6 +31,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from inspect import iscoroutinefunction
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
 from gridpresence.xmpp import slixfix  # noqa: F401  (our slixmpp patches)
+from gridpresence.xmpp.dispatch import ShapeDispatch
 from gridpresence.protocol import stanzas
 from gridpresence.xmpp.reconnect import reconnector_of
 
@@ -453,9 +455,33 @@ class HostedClient(ComponentXMPP):
             if xml.tag == _PRESENCE and xml.get("type") == "probe":
                 self._answer_probe(xml.get("from") or "")  # the server's job: no stanza object, no handlers
                 return
-            self._spawn_event(xml)
+            dispatch = self.__dict__.get("_dispatch")
+            if dispatch is None:  # made here, not in __init__: only identities that receive need one
+                dispatch = self._dispatch = ShapeDispatch(self)
+            dispatch.spawn(xml)  # slixmpp's _spawn_event, with handler matching kept per shape
         except Exception:  # one bad stanza must not reach the link's reader
             log.exception("%s: stanza dropped", self.boundjid.bare)
+
+    def send(self, data: StanzaBase | str, use_filters: bool = True) -> None:
+        """As slixmpp's, but a stanza goes out at once when nothing waits in the send queue and
+        only synchronous filters apply (_route is one): the queue's task wakes up once per
+        stanza otherwise, for each of thousands of identities, and the order stays the same."""
+        filters = self._XMLStream__filters  # type: ignore[attr-defined]
+        if (not use_filters or not isinstance(data, StanzaBase) or self.transport is None
+                or not self._session_started or not self.waiting_queue.empty()
+                or any(iscoroutinefunction(f) for mode in ("out", "out_sce") for f in filters[mode])):
+            super().send(data, use_filters)
+            return
+        try:
+            stanza: StanzaBase | None = data
+            for mode in ("out", "out_sync", "out_sce"):  # as the queue's task runs them (the roster's is "out")
+                for step in filters[mode]:
+                    stanza = step(stanza)
+                    if stanza is None:
+                        return
+            self.send_raw(tostring(stanza.xml, xmlns=self.default_ns, stream=self, top_level=True))
+        except Exception:  # as the queue's task: a faulty stanza is logged, the sender goes on
+            log.error("Exception raised in send:", exc_info=True)
 
     # -- what the server does for a c2s account -------------------------------------------
 

@@ -19,6 +19,7 @@ from slixmpp import ClientXMPP
 from gridpresence.xmpp import slixfix  # noqa: F401  (our slixmpp patches: C-speed escaping and SCRAM)
 from gridpresence.protocol import stanzas
 from gridpresence.xmpp.reconnect import reconnector_of
+from gridpresence.xmpp.dispatch import install as dispatch_by_shape
 from gridpresence.transport.policy import ConnectionPolicy, GridClient
 from gridpresence.transport.tls import tls_context
 
@@ -172,6 +173,7 @@ def make_client(jid: str, password: str, endpoint: Endpoint, plugins: tuple[str,
     for name in ("xep_0030", "xep_0199", *plugins):
         client.register_plugin(name)
     reconnector_of(client)  # every party comes back by itself after a lost session (xmpp/reconnect.py)
+    dispatch_by_shape(client)  # handler matching kept per stanza shape (a fan-out's outcomes and presence)
     return client
 
 

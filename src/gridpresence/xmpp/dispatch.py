@@ -1,0 +1,117 @@
+"""Received stanzas to their handlers by their shape, not by matching every handler every time.
+
+slixmpp's ``recv_stanza`` tries every registered handler on every stanza (a hosted device has
+~21: disco, ping, PEP, pubsub events, forms, ad-hoc, commands...), about half of a hosted
+device's cost of taking a command. Which handlers match depends, for the matchers slixmpp and
+this project use (:class:`StanzaPath`, :class:`MatchXPath`), only on the stanza's *shape*: the
+tree of its element names, which elements have text (a StanzaPath on a sub-interface such as
+``message/body`` asks for one that is not empty), their ``xml:lang`` and the root's ``type``
+(the only attribute any handler's path checks). So the handlers matched for the first stanza
+of a shape are kept, with the handler list they were matched against, and reused for every
+later stanza of that shape while that list is unchanged. A stream with any other kind of matcher
+(an iq's answer waits on a matcher by id), attribute checks other than ``type``, or incoming
+filters is matched the slow way, stanza by stanza: what runs is always what slixmpp would run.
+"""
+
+from __future__ import annotations
+
+import logging
+from itertools import islice
+from typing import Any
+from xml.etree import ElementTree as ET
+
+from slixmpp.xmlstream import XMLStream
+from slixmpp.xmlstream.handler.base import BaseHandler
+from slixmpp.xmlstream.matcher import MatchXPath, StanzaPath
+
+log = logging.getLogger(__name__)
+
+LANG = "{http://www.w3.org/XML/1998/namespace}lang"
+MAX_SHAPES = 256  # shapes remembered per stream (a flood of odd shapes only costs the slow way)
+MAX_ELEMENTS = 16  # bigger stanzas (forms, PEP items) are rare on the hot path: matched the slow way
+
+Shape = tuple[Any, ...]
+
+
+def shape_of(xml: ET.Element) -> Shape | None:
+    """What handler matching can see of a stanza (its elements in document order, each with its
+    number of children: the tree); None if it is too big to be worth it."""
+    shape = tuple(islice(((el.tag, bool(el.text) and not el.text.isspace(), el.get(LANG), len(el))  # type: ignore[union-attr]
+                          for el in xml.iter()), MAX_ELEMENTS + 1))
+    return (xml.get("type"), shape) if len(shape) <= MAX_ELEMENTS else None
+
+
+def _structural(handler: BaseHandler) -> bool:
+    matcher = getattr(handler, "_matcher", None)
+    if isinstance(matcher, MatchXPath):
+        return True
+    if isinstance(matcher, StanzaPath):
+        raw = matcher._raw_criteria  # type: ignore[attr-defined]
+        steps = raw.split("/") if isinstance(raw, str) else list(raw)
+        return all(check.split("=", 1)[0] == "type" for step in steps for check in step.split("@")[1:])
+    return False
+
+
+def install(stream: XMLStream) -> ShapeDispatch:
+    """Every stanza ``stream`` receives from now on is dispatched by shape."""
+    dispatch = ShapeDispatch(stream)
+    stream._spawn_event = dispatch.spawn  # type: ignore[method-assign]  (data_received calls it)
+    return dispatch
+
+
+class ShapeDispatch:
+    """:meth:`spawn` is ``stream._spawn_event`` with handler matching kept per shape."""
+
+    def __init__(self, stream: XMLStream) -> None:
+        self.stream = stream
+        self._handlers: list[BaseHandler] = stream._XMLStream__handlers  # type: ignore[attr-defined]
+        self._in_filters: list[Any] = stream._XMLStream__filters["in"]  # type: ignore[attr-defined]
+        self._snapshot: tuple[BaseHandler, ...] = ()
+        self._cacheable = False
+        self._matched: dict[Shape, list[BaseHandler]] = {}
+        self.fast = 0  # stanzas dispatched from the cache (tests and benchmarks read it)
+
+    def spawn(self, xml: ET.Element) -> None:
+        stream = self.stream
+        if self._in_filters:
+            XMLStream._spawn_event(stream, xml)  # slixmpp's own way, filters and all
+            return
+        xml = stream.incoming_filter(xml)
+        try:
+            stanza = stream._build_stanza(xml)
+        except Exception as exc:
+            log.exception("Unable to parse stanza: %s,\n%s", exc, xml)
+            return
+        handlers = self._handlers
+        matched = self.matching(stanza)
+        # As slixmpp's recv_stanza from here on.
+        for handler in matched:
+            handler.prerun(stanza)
+            try:
+                handler.run(stanza)
+            except Exception as e:
+                stanza.exception(e)
+            if handler.check_delete() and handler in handlers:
+                handlers.remove(handler)
+        if not matched:
+            stanza.unhandled()
+
+    def matching(self, stanza: Any) -> list[BaseHandler]:
+        """The handlers slixmpp would run for ``stanza``, in its order."""
+        xml = stanza.xml
+        handlers = self._handlers
+        if len(handlers) != len(self._snapshot) or tuple(handlers) != self._snapshot:
+            self._snapshot = tuple(handlers)
+            self._cacheable = all(_structural(h) for h in handlers)
+            self._matched.clear()
+        shape = shape_of(xml) if self._cacheable else None
+        matched = self._matched.get(shape) if shape is not None else None
+        if matched is None:
+            matched = [h for h in handlers if h.match(stanza)]
+            if shape is not None:
+                if len(self._matched) >= MAX_SHAPES:
+                    self._matched.clear()
+                self._matched[shape] = matched
+        else:
+            self.fast += 1
+        return matched
