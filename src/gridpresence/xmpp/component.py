@@ -13,7 +13,8 @@ itself what the server does for a c2s account (PROTOCOL.md, "Hosted devices"):
   a JID with no record is ignored (never ``unsubscribed``, which would silently remove an
   operator's subscription after a lost store);
 * subscriptions: kept in :class:`HostedStore` (SQLite in the data directory), so they survive a
-  restart of the host; at each session the identity probes the contacts it is subscribed to;
+  restart of the host; at each session the identity learns the presence of the contacts it is
+  subscribed to: one probe per contact for the whole link (xmpp/shared_probes.py);
 * PEP (XEP-0163) for its own JID, enough for XEP-0373 keys (:class:`HostedPep`);
 * disco and ad-hoc: slixmpp's xep_0030/xep_0050 in component mode, at the bare JID.
 
@@ -49,6 +50,7 @@ from gridpresence.xmpp import slixfix  # noqa: F401  (our slixmpp patches)
 from gridpresence.xmpp.dispatch import ShapeDispatch
 from gridpresence.protocol import stanzas
 from gridpresence.xmpp.reconnect import reconnector_of
+from gridpresence.xmpp.shared_probes import SharedProbes
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,11 @@ class HostedStore:
             self._roster.setdefault(owner, {})[jid] = self._shared(text)
             self._db.execute("INSERT OR REPLACE INTO roster VALUES (?, ?, ?)", (owner, jid, text))
 
+    def subscribed_to(self, owner: str, jid: str) -> bool:
+        """Whether bare `owner` is subscribed to bare `jid`'s presence ("to" or "both")."""
+        state = self._roster.get(owner, {}).get(jid)
+        return bool(state and state.get("to"))
+
     # -- provisioning -------------------------------------------------------------------
 
     def seed(self, rosters: Mapping[str, Iterable[tuple[str, str, tuple[str, ...]]]]) -> None:
@@ -194,6 +201,7 @@ class ComponentLink(ComponentXMPP):
         self.online = False
         self._bringing_up: asyncio.Task[None] | None = None
         self._out: list[bytes] = []  # identities' stanzas waiting for the end of this loop turn
+        self.probes = SharedProbes(self)  # one probe per contact, its answer to every subscriber
         # When the server last sent anything (xmpp/reconnect.py pings only after keepalive_s of
         # silence, as for a c2s client): a server busy answering a 10,000-device operator login
         # sends us its probes but answered the link's every-5-s ping late, and the link, with
@@ -296,6 +304,7 @@ class ComponentLink(ComponentXMPP):
     def _on_disconnected(self, reason: object) -> None:
         self.online = False
         self._out.clear()  # never into the next connection before its handshake
+        self.probes.reset()
         for hosted in list(self.clients.values()):
             hosted._session_down(reason)
 
@@ -303,6 +312,8 @@ class ComponentLink(ComponentXMPP):
 
     def _spawn_event(self, xml: ET.Element) -> None:
         """Each stanza to its identity, by bare ``to``; the domain's own to the link itself."""
+        if self.probes.take(xml):  # an answer to a probe the link shares (xmpp/shared_probes.py)
+            return
         try:
             to = JID(xml.get("to") or "")
         except InvalidJID:
@@ -575,13 +586,18 @@ class HostedClient(ComponentXMPP):
         self._send_text(asker.full, last, self._last_text)
 
     def _probe_contacts(self, _e: object) -> None:
-        """Ask the server for the presence of the contacts we are subscribed to, as a server
-        does for a c2s account at its login. Written as they go out (no stanza object, no
-        trip through the send queue and its filters, which have nothing to add to a probe):
-        thousands of identities starting make four each."""
-        bare = self.boundjid.bare
+        """Ask for the presence of the contacts we are subscribed to, as a server does for a
+        c2s account at its login. A contact outside the link's domain is probed once for every
+        identity on the link (xmpp/shared_probes.py); one on the link answers in the process.
+        Written as they go out (no stanza object, no trip through the send queue and its
+        filters, which have nothing to add to a probe)."""
+        bare, domain = self.boundjid.bare, self.link.domain
         for jid in list(self.client_roster):
-            if self.client_roster[jid]["to"]:
+            if not self.client_roster[jid]["to"]:
+                continue
+            if str(jid).rpartition("@")[2] != domain:
+                self.link.probes.ask(self, str(jid))
+            else:
                 self._send_one(ET.Element(f"{{{NS}}}presence", {"type": "probe", "to": jid, "from": bare}))
 
 
