@@ -11,31 +11,33 @@
 if module:get_host_type() ~= "local" then return end
 
 local st = require "util.stanza";
-local jid_bare = require "util.jid".bare;
 
 local component = module:get_option_string("gridpresence_component_host");
 if not component or component == "" then return end
 
-local available = {}; -- hosted bare JID -> true while its last presence through here was available
+-- hosted bare JID -> the full JID its last presence through here came from, while available
+-- (its resource is the component's link session's: the unavailable must come from it, as a
+-- client drops only the resource an unavailable names)
+local available = {};
 
--- Hosted JIDs send from their bare JID; splitting only what has a resource keeps this at
--- 0.6 us per presence instead of 2.6 (lua5.4, util.jid.bare on every one).
-local function sender(stanza)
-	local from = stanza.attr.from;
-	if from and from:find("/", 1, true) then return jid_bare(from); end
+-- The bare JID by a plain find: the component's own JIDs need no nodeprep, and this keeps the
+-- watch near 0.6 us per presence (util.jid.bare on every one: 2.6 us, lua5.4).
+local function bare_of(from)
+	local slash = from:find("/", 1, true);
+	if slash then return from:sub(1, slash - 1); end
 	return from;
 end
 
 local function track(event)
 	local origin, stanza = event.origin, event.stanza;
 	if origin.type ~= "component" or origin.host ~= component then return nil; end
-	local ptype = stanza.attr.type;
+	local ptype, from = stanza.attr.type, stanza.attr.from;
+	if not from then return nil; end
 	if ptype == nil then
-		local from = sender(stanza);
-		if from then available[from] = true; end
+		available[bare_of(from)] = from;
 	elseif ptype == "unavailable" then
-		local from = sender(stanza);
-		if from then available[from] = nil; end
+		local bare = bare_of(from);
+		if available[bare] == from or bare == from then available[bare] = nil; end
 	end
 	return nil; -- only watching: mod_presence delivers it
 end
@@ -53,7 +55,7 @@ local function gone(event)
 			if session.presence and session.roster then
 				for contact, item in pairs(session.roster) do
 					if contact and left[contact] and (item.subscription == "both" or item.subscription == "to") then
-						session.send(st.presence({ from = contact, to = session.full_jid, type = "unavailable" })
+						session.send(st.presence({ from = left[contact], to = session.full_jid, type = "unavailable" })
 							:text_tag("status", status));
 						told = told + 1;
 					end

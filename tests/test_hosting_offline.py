@@ -3,7 +3,9 @@ Prosody's mod_offline does for an offline c2s device bot (server_config/
 mod_gridpresence_hosted_offline.lua): a chat line is answered late by both kinds, with the
 server's delay stamp; a signed command that outlives the outage is executed once and its
 outcome reaches the waiting issuer, one that lapsed is refused "expired"; a full queue is
-answered resource-constraint; what is kept survives a restart of Prosody; iq is not kept.
+answered resource-constraint; what is kept survives a restart of Prosody; iq is not kept. A
+command whose outcome was lost with a cut link is sent again when the identity is back on the
+link's next session (a new resource), and answered once.
 
 The devices run in this process (as tests/test_hosting_parity.py): a test takes the component
 link (or a c2s device's session) down with no reconnect, and brings it back when it chooses.
@@ -36,7 +38,7 @@ from gridpresence.device.agent import DeviceAgent
 from gridpresence.host.grid import Grid
 from gridpresence.operator.library import GridOperator
 from gridpresence.protocol.codec import outcome_from_xml
-from gridpresence.protocol.models import Action, Command, DeviceState, Outcome, OutcomeStatus, utcnow
+from gridpresence.protocol.models import Action, Command, DeviceState, Outcome, OutcomeStatus, RejectReason, utcnow
 from gridpresence.xmpp.component import NS as COMPONENT_NS, ComponentLink
 from gridpresence.xmpp.reconnect import reconnector_of
 from gridpresence.xmpp.session import close_session, open_session
@@ -48,7 +50,7 @@ PROBE_NS = "urn:gridpresence:test:offline"
 CAP = 100  # the module's default per hosted JID
 WAIT_S = 12.0  # how long the server waits for a hosted JID after its host returns (300 s by default)
 BACKGROUND = tuple(f"o-bg-{i:03d}" for i in range(150))  # more than the server pings at once (128)
-HOSTED = ("o-chat", "o-cmd", "o-exp", "o-cap", "o-keep", *BACKGROUND)
+HOSTED = ("o-chat", "o-cmd", "o-exp", "o-cap", "o-keep", "o-lost", *BACKGROUND)
 C2S = "o-c2s"
 FLEET = {
     "domain": "localhost",
@@ -184,6 +186,58 @@ async def test_a_command_outliving_the_outage_runs_once_one_that_lapsed_is_refus
         assert len(ran) == 1, outcomes
         assert (await alice.command("o-cmd", Action.RESTORE)).ok
     await close_session(bob.client)
+
+
+async def test_a_command_whose_outcome_died_with_the_link_is_sent_again_and_runs_once(
+        offline: Offline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's socket is closed after the device carried a command out and before its
+    outcome was written. The link comes back on a session of its own, each identity's presence
+    from a new resource: the operator sees a new session of the device, as for a c2s device's
+    new login (tests/test_chaos.py), and sends the command still waiting again; the device
+    answers the copy from its replay memory. Carried out once, one outcome at the operator."""
+    name = "o-lost"
+    agent, link = offline.agent(name), offline.link
+    carried_out: list[str] = []
+    execute = agent.execute
+
+    async def counted(cmd: Command, now: dt.datetime) -> Outcome:
+        carried_out.append(cmd.id)
+        return await execute(cmd, now)
+
+    monkeypatch.setattr(agent, "execute", counted)
+    cut: list[bytes] = []
+    write = link.write_soon
+
+    def cut_before_the_outcome(data: bytes) -> None:
+        if not cut and b"<outcome " in data and f'from="{agent.jid}'.encode() in data:
+            cut.append(data)
+            link.abort()  # as a crash: the socket closes with the outcome unwritten
+            return
+        write(data)
+
+    monkeypatch.setattr("gridpresence.xmpp.reconnect.backoff_delay", lambda *_a, **_k: 0.5)
+    async with offline.operator("alice") as alice:
+        outcomes: list[Outcome] = []
+        alice.client.register_handler(Callback(
+            "outcomes seen", StanzaPath("message/grid_outcome"),
+            lambda m: m["from"].bare == agent.jid and outcomes.append(outcome_from_xml(m["grid_outcome"].xml))))
+        await alice.wait_for(lambda d: d[name].present, timeout=10)
+        before = alice.devices[name].full_jid
+        assert before == f"{agent.jid}/{link.session_resource}", before  # its presence names the link's session
+        monkeypatch.setattr(link, "write_soon", cut_before_the_outcome)
+        outcome = await asyncio.wait_for(alice.command(name, Action.SHED), 20)
+        assert cut, "the link was never cut"
+        assert outcome.status is OutcomeStatus.EXECUTED, outcome.summary()
+        assert "answered again: the device had this command already" in outcome.detail
+        assert outcome.report is not None and outcome.report.state is DeviceState.OFF
+        after = alice.devices[name].full_jid
+        assert after == f"{agent.jid}/{link.session_resource}" and after != before
+        await asyncio.sleep(0.5)  # any further copy answered by now
+        assert carried_out == [outcome.command_id]
+        assert [(o.command_id, o.reason) for o in outcomes] == [(outcome.command_id, RejectReason.REPLAYED)]
+        monkeypatch.setattr(link, "write_soon", write)
+        assert (await alice.command(name, Action.RESTORE)).ok
+    await until(lambda: all(offline.agent(n).client.is_connected() for n in HOSTED), 10, "every hosted identity back")
 
 
 async def test_over_the_cap_the_sender_is_told_and_the_rest_arrive_in_order(offline: Offline) -> None:

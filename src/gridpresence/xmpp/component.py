@@ -199,6 +199,10 @@ class ComponentLink(ComponentXMPP):
         self.store = store
         self.clients: dict[str, HostedClient] = {}
         self.online = False
+        # The resource of this link session, new at each (_on_session_start): the identities'
+        # presence comes from NAME@DOMAIN/resource, so an operator sees a link's return as a new
+        # session of each, as a c2s bot's new login, and sends its unanswered commands again.
+        self.session_resource = ""
         self._bringing_up: asyncio.Task[None] | None = None
         self._out: list[bytes] = []  # identities' stanzas waiting for the end of this loop turn
         self.probes = SharedProbes(self)  # one probe per contact, its answer to every subscriber
@@ -286,6 +290,7 @@ class ComponentLink(ComponentXMPP):
         self.store.close()
 
     def _on_session_start(self, _e: object) -> None:
+        self.session_resource = uuid.uuid4().hex[:12]
         self.online = True
         if self._bringing_up is None or self._bringing_up.done():
             self._bringing_up = asyncio.ensure_future(self._bring_up())
@@ -497,14 +502,17 @@ class HostedClient(ComponentXMPP):
     # -- what the server does for a c2s account -------------------------------------------
 
     def _route(self, stanza: StanzaBase) -> StanzaBase | None:
-        """Last outgoing step: our ``from`` on everything; a broadcast presence fanned out to
-        the subscribers; a stanza for an identity on this link handed over in the process."""
+        """Last outgoing step: our ``from`` on everything (on presence, with the link session's
+        resource: ComponentLink.session_resource); a broadcast presence fanned out to the subscribers; a
+        stanza for an identity on this link handed over in the process."""
         if not stanza["from"]:
             stanza["from"] = self.boundjid
         xml = stanza.xml
-        if xml.tag == _PRESENCE and "to" not in xml.attrib and xml.get("type") in _BROADCAST_TYPES:
-            self._broadcast(xml)
-            return None
+        if xml.tag == _PRESENCE and xml.get("type") in _BROADCAST_TYPES:
+            xml.set("from", f"{self.boundjid.bare}/{self.link.session_resource}")
+            if "to" not in xml.attrib:
+                self._broadcast(xml)
+                return None
         if xml.get("to"):
             self._send_one(xml)
         else:  # for "the server" of a hosted JID: there is none (and the component's domain is not it)
