@@ -10,6 +10,7 @@ import asyncio
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -129,6 +130,28 @@ class GridUnderTest(Protocol):
     def fleet(self) -> Fleet: ...
 
 
+def hosted_fleet(devices: list[dict[str, Any]], **settings: Any) -> dict[str, Any]:
+    """A fleet of the hosting tests' own (test_hosting*.py, test_presence_fanout.py): devices on
+    the component, operators alice and bob, a short presence grace; `settings` add or override."""
+    return {"domain": "localhost", "presence_grace_s": 2.0, "hosting": "component",
+            "operators": [{"name": "alice"}, {"name": "bob"}], **settings, "devices": devices}
+
+
+@asynccontextmanager
+async def running_grid(fleet: Fleet, data: Path, prepare: Callable[[Grid], None] | None = None,
+                       **options: Any) -> AsyncIterator[Grid]:
+    """A grid of a module's own (its Prosody and the parts ``options`` name, as Grid takes
+    them; ``prepare`` sets what a test changes before it starts), up for the block, then stopped."""
+    grid = Grid(fleet, data, **options)
+    if prepare is not None:
+        prepare(grid)
+    await grid.start()
+    try:
+        yield grid
+    finally:
+        await grid.stop()
+
+
 @pytest.fixture(scope="session")
 def fleet() -> Fleet:
     return parse_fleet(TEST_FLEET)
@@ -139,12 +162,8 @@ async def env(tmp_path_factory: pytest.TempPathFactory, fleet: Fleet) -> AsyncIt
     data = tmp_path_factory.mktemp("grid")
     only = ([d.name for d in fleet.devices if d.name not in APART] + [b.name for b in fleet.billing]
             + ["maker", "watchdog", "console"])
-    grid = Grid(fleet, data, only=only)
-    await grid.start()
-    try:
+    async with running_grid(fleet, data, only=only) as grid:
         yield Env(grid, fleet, data)
-    finally:
-        await grid.stop()
 
 
 @pytest_asyncio.fixture

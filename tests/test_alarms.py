@@ -9,8 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from chatpeer import chat_peer
-from conftest import Env, until
+from chatpeer import (chat_peer, no_more_escalation, owed_alarms_arrive_once_at_login, told_acknowledged_by,
+                      urgent_alarm_skips_dnd_and_escalates)
+from conftest import Env
 from gridpresence.device.alarms import conditions
 from gridpresence.device.agent import DeviceAgent
 from gridpresence.operator.library import GridOperator
@@ -78,40 +79,18 @@ def test_thresholds_from_the_fleet_file() -> None:
 
 
 async def test_urgent_alarm_skips_dnd_operator_escalates_until_acknowledged(env: Env, fast_acks: None) -> None:
-    device = env.fleet.jid("hot-load")
-    # Alice is first on duty but busy (dnd); Bob is available.
+    dev = agent(env, "hot-load")
     alice = await chat_peer(env, "alice", "desk", show="dnd")
     bob = await chat_peer(env, "bob", "desk")
     try:
-        await asyncio.sleep(0.3)  # the device learns both presences
-        urgent = lambda m: "URGENT" in m["body"]  # noqa: E731
-        agent(env, "hot-load").sim.utilisation = 0.99  # the physics crosses the trip point
-        first = await bob.alarm(device, timeout=5, predicate=urgent)
-        alarm = alarm_from_xml(first.xml.find(q("alarm")))
-        assert alarm.kind is AlarmKind.TRIP_IMMINENT and alarm.level is AlarmLevel.URGENT and alarm.escalation == 0
-        assert "trip point imminent" in first["body"] and f"ack {alarm.id}" in first["body"]
-        assert not [m for m in alice.alarms._queue if m["from"].bare == device and urgent(m)]  # type: ignore[attr-defined]
-        # Nobody acknowledges: it is sent again; Alice is still dnd, so Bob again.
-        again = await bob.alarm(device, timeout=4, predicate=urgent)
-        assert "not acknowledged, sent again (1)" in again["body"]
-        # Alice becomes available: the next escalation goes round the duty order to her.
-        alice.client.send_presence()
-        to_alice = await alice.alarm(device, timeout=6, predicate=urgent)
-        escalated = alarm_from_xml(to_alice.xml.find(q("alarm")))
-        assert escalated.id == alarm.id and escalated.escalation >= 2
-        acked = await alice.ask(device, f"ack {alarm.id}")
+        alarm = await urgent_alarm_skips_dnd_and_escalates(dev, alice, bob)
+        acked = await alice.ask(dev.jid, f"ack {alarm.id}")
         assert acked == f"Acknowledged: alarm {alarm.id} (trip point imminent)."
-        told = await bob.alarm(device, timeout=3, predicate=lambda m: "acknowledged by" in m["body"])
-        assert alarm_from_xml(told.xml.find(q("alarm"))).status is AlarmStatus.ACKNOWLEDGED
-        assert alarm_from_xml(told.xml.find(q("alarm"))).acked_by == env.fleet.jid("alice")
-        # Acknowledged: no more escalation.
-        await asyncio.sleep(2 * FAST.ack_timeout_s + 0.5)
-        late = [m for q_ in (alice.alarms, bob.alarms) for m in q_._queue  # type: ignore[attr-defined]
-                if m["from"].bare == device and urgent(m)]
-        assert late == []
-        assert "no open alarms" in await bob.ask(device, "alarms")
+        await told_acknowledged_by(dev, alarm, alice, bob)
+        await no_more_escalation(dev, alice, bob)
+        assert "no open alarms" in await bob.ask(dev.jid, "alarms")
     finally:
-        agent(env, "hot-load").sim.utilisation = 0.5
+        dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
         await alice.close()
         await bob.close()
 
@@ -232,35 +211,4 @@ async def test_cli_shows_alarms_as_they_arrive(env: Env, fast_acks: None) -> Non
 
 
 async def test_operator_logging_in_gets_one_message_per_open_alarm_with_its_latest_state(env: Env) -> None:
-    """Alarms raised, escalated and changed while every operator was logged out: at login each
-    open alarm arrives once, as it stands now, not once per re-send stored while away."""
-    desk = agent(env, "hot-breaker").alarms
-    device = env.fleet.jid("hot-breaker")
-    before = desk.settings
-    desk.settings = AlarmSettings(ack_timeout_s=0.5)  # several re-sends while nobody is there
-    roster = agent(env, "hot-breaker").client.client_roster
-    # The test before may have ended an operator's session a moment ago: its unavailable presence
-    # is on its way. Every operator must be gone before the test starts (bounded wait).
-    await until(lambda: not any(roster[op].resources for op in desk.duty), what="every operator logged out")
-    try:
-        urgent = desk.raise_alarm(AlarmKind.BREAKER_TRIPPED, 0.0, 0.0)
-        warning = desk.raise_alarm(AlarmKind.BRANCH_NEAR_LIMIT, 91.0, 80.0, "shed load-x")  # a warning the readings do not clear
-        passed = desk.raise_alarm(AlarmKind.TRIP_IMMINENT, 96.0, 95.0)
-        await asyncio.sleep(1.8)  # each has been sent again a few times by now
-        desk.acknowledge(passed.id, "test")  # closed while away: nothing to tell about it
-        desk.settings = AlarmSettings(ack_timeout_s=3.0)  # no further re-send while we count
-        assert desk.open[urgent.id].alarm.escalation >= 2 and desk.open[warning.id].alarm.escalation >= 2
-        bob = await chat_peer(env, "bob", "back")
-        try:
-            await asyncio.sleep(1.5)
-            got = [alarm_from_xml(m.xml.find(q("alarm"))) for m in bob.alarms._queue  # type: ignore[attr-defined]
-                   if m["from"].bare == device]
-            latest = {aid: desk.open[aid].alarm for aid in (urgent.id, warning.id)}
-            assert sorted(a.id for a in got) == sorted(latest), got  # one message per open alarm, no copies
-            for a in got:
-                assert a == latest[a.id]  # its newest state (escalation count included)
-        finally:
-            await bob.close()
-    finally:
-        desk.settings = before
-        desk.acknowledge(None, "test-cleanup")
+    await owed_alarms_arrive_once_at_login(env, agent(env, "hot-breaker"))

@@ -29,8 +29,8 @@ from slixmpp import ClientXMPP, Message
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
-from conftest import until
-from terminal import HAVE_PROFANITY, log_in, run_profanity
+from conftest import hosted_fleet, running_grid, until
+from terminal import HAVE_PROFANITY, chat_shed_and_restore, log_in, run_profanity
 from gridpresence.config import Fleet, parse_fleet
 from gridpresence.host.grid import Grid
 from gridpresence.operator.library import GridOperator
@@ -49,18 +49,13 @@ N = 200
 HOSTED = [f"h-{i:03d}" for i in range(N)]
 C2S = "c2s-load"  # a device with its own session, beside the hosted ones
 BRANCH = "h-branch"
-FLEET = {
-    "domain": "localhost",
-    "presence_grace_s": 2.0,
-    "hosting": "component",
-    "operators": [{"name": "alice"}, {"name": "bob"}],
-    "security": {"unsigned_chat_actions": ["shed", "restore"]},
-    "devices": [*({"name": n, "kind": "load", "rated_kw": 10, "refresh_s": 3.0,
-                   **({"parent": BRANCH} if n in ("h-000", "h-001") else {})} for n in HOSTED),
-                # A branch meter hosted with its two loads: their presence reaches it inside the host.
-                {"name": BRANCH, "kind": "meter", "rated_kw": 100, "refresh_s": 3.0},
-                {"name": C2S, "kind": "load", "rated_kw": 10, "refresh_s": 3.0, "hosting": "c2s"}],
-}
+FLEET = hosted_fleet(
+    [*({"name": n, "kind": "load", "rated_kw": 10, "refresh_s": 3.0,
+        **({"parent": BRANCH} if n in ("h-000", "h-001") else {})} for n in HOSTED),
+     # A branch meter hosted with its two loads: their presence reaches it inside the host.
+     {"name": BRANCH, "kind": "meter", "rated_kw": 100, "refresh_s": 3.0},
+     {"name": C2S, "kind": "load", "rated_kw": 10, "refresh_s": 3.0, "hosting": "c2s"}],
+    security={"unsigned_chat_actions": ["shed", "restore"]})
 EXE = Path(sys.executable).with_name("gridpresence")
 COMMANDS = "http://jabber.org/protocol/commands"
 
@@ -125,15 +120,13 @@ class Hosting:
 async def hosting(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Hosting]:
     fleet = parse_fleet(FLEET)
     data = tmp_path_factory.mktemp("hosting")
-    grid = Grid(fleet, data, only=["watchdog", "console", "relay"], dashboard=False)
-    await grid.start()
-    host = Host(data)
-    try:
-        await host.start()
-        yield Hosting(grid, fleet, host)
-    finally:
-        await host.stop()
-        await grid.stop()
+    async with running_grid(fleet, data, only=["watchdog", "console", "relay"], dashboard=False) as grid:
+        host = Host(data)
+        try:
+            await host.start()
+            yield Hosting(grid, fleet, host)
+        finally:
+            await host.stop()
 
 
 def test_hosted_store_keeps_subscriptions_over_a_reopen(tmp_path: Path) -> None:
@@ -219,12 +212,7 @@ async def test_chat_and_adhoc_at_a_hosted_bare_jid(hosting: Hosting) -> None:
 async def test_profanity_chats_with_a_hosted_device(hosting: Hosting, tmp_path: Path) -> None:
     async with run_profanity(tmp_path) as term:
         await log_in(term, hosting, "alice")
-        await term.type("/msg h-020@devices.localhost status")
-        await term.wait_for(r"h-020 \(load\) is on, [\d.]+ kW of 10 kW")
-        await term.type("shed")
-        await term.wait_for(r"Done: load shed\.")
-        await term.type("restore")
-        await term.wait_for(r"Done: load restored\.")
+        await chat_shed_and_restore(term, hosting, "h-020")  # as tests/test_profanity.py's with a c2s bot
 
 
 async def test_signed_shed_once_and_its_replay_refused(hosting: Hosting) -> None:

@@ -32,7 +32,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath, StanzaPath
 
 from chatpeer import ChatPeer, chat_peer
-from conftest import until
+from conftest import hosted_fleet, running_grid, until
 from gridpresence.config import Fleet, parse_fleet
 from gridpresence.device.agent import DeviceAgent
 from gridpresence.host.grid import Grid
@@ -52,14 +52,8 @@ WAIT_S = 12.0  # how long the server waits for a hosted JID after its host retur
 BACKGROUND = tuple(f"o-bg-{i:03d}" for i in range(150))  # more than the server pings at once (128)
 HOSTED = ("o-chat", "o-cmd", "o-exp", "o-cap", "o-keep", "o-lost", *BACKGROUND)
 C2S = "o-c2s"
-FLEET = {
-    "domain": "localhost",
-    "presence_grace_s": 2.0,
-    "hosting": "component",
-    "operators": [{"name": "alice"}, {"name": "bob"}],
-    "devices": [*({"name": n, "kind": "load", "rated_kw": 10} for n in HOSTED),
-                {"name": C2S, "kind": "load", "rated_kw": 10, "hosting": "c2s"}],
-}
+FLEET = hosted_fleet([*({"name": n, "kind": "load", "rated_kw": 10} for n in HOSTED),
+                      {"name": C2S, "kind": "load", "rated_kw": 10, "hosting": "c2s"}])
 
 
 @dataclass
@@ -83,13 +77,12 @@ class Offline:
 @pytest_asyncio.fixture(scope="module")
 async def offline(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Offline]:
     fleet = parse_fleet(FLEET)
-    grid = Grid(fleet, tmp_path_factory.mktemp("offline"), only=[d.name for d in fleet.devices], dashboard=False)
-    grid.server.hosted_offline_wait_s = WAIT_S
-    await grid.start()
-    try:
+    def wait_less(grid: Grid) -> None:
+        grid.server.hosted_offline_wait_s = WAIT_S
+
+    async with running_grid(fleet, tmp_path_factory.mktemp("offline"), prepare=wait_less,
+                            only=[d.name for d in fleet.devices], dashboard=False) as grid:
         yield Offline(grid, fleet)
-    finally:
-        await grid.stop()
 
 
 @contextlib.asynccontextmanager

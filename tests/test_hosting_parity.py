@@ -21,18 +21,19 @@ from xml.etree import ElementTree as ET
 
 import pytest
 import pytest_asyncio
-from slixmpp import Message
 
-from chatpeer import ChatPeer, chat_peer
-from conftest import run_cli, until
-from gpghome import HAVE_GPG, GnuPG
+from chatpeer import (alarm_of, chat_peer, judged_not_a_fault_twice, no_more_escalation, owed_alarms_arrive_once_at_login,
+                      raises_by_a_limit_of_90, seen_busy_and_available, told_acknowledged_by, urgent,
+                      urgent_alarm_skips_dnd_and_escalates)
+from conftest import hosted_fleet, run_cli, running_grid, until
+from gpghome import HAVE_GPG
 from gridpresence.config import Fleet, parse_fleet
 from gridpresence.device.agent import DeviceAgent
 from gridpresence.host.grid import Grid
 from gridpresence.operator.firmware import FirmwareCampaign
 from gridpresence.operator.library import GridOperator
 from gridpresence.operator.reports import ReportInbox
-from gridpresence.protocol.alarm import Alarm, AlarmKind, AlarmLevel, AlarmStatus, alarm_from_xml
+from gridpresence.protocol.alarm import AlarmKind, AlarmLevel, AlarmStatus
 from gridpresence.protocol.billing_report import (BillingData, BillingReport, PartName, QualityData,
                                                   billing_report_from_xml)
 from gridpresence.protocol.codec import q
@@ -40,16 +41,15 @@ from gridpresence.protocol.firmware import FirmwareImage, FirmwareReason, Firmwa
 from gridpresence.protocol.models import DeviceState, RejectReason
 from gridpresence.protocol.openpgp import ox
 from gridpresence.rules.settings import AlarmSettings
-from gridpresence.security.keys import fingerprint
 from gridpresence.security.parts import NotForYou
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.security.policy import SecuritySettings
 from gridpresence.security.reports import ReportReader
 from gridpresence.words import TITLES
 from gridpresence.xmpp.session import close_session, make_client, open_session
-from terminal import HAVE_PROFANITY, NO_PROFANITY, Terminal, log_in, run_profanity
+from terminal import (HAVE_PROFANITY, NO_PROFANITY, Terminal, cmd_status_and_run, log_in, ox_signed_shed_and_restore,
+                      run_profanity)
 from test_adhoc import COMMANDS, _gajim
-from test_adhoc_profanity import _list_commands
 from test_ox_chat import opened_reply, sealed, send_ox
 
 pytestmark = pytest.mark.timeout(120)
@@ -59,17 +59,8 @@ CAPS = "http://jabber.org/protocol/caps"
 N = 100  # hosted loads besides the ones the tests drive
 BACKGROUND = [f"p-{i:03d}" for i in range(N)]
 FAST = AlarmSettings(ack_timeout_s=1.5)
-FLEET = {
-    "domain": "localhost",
-    "presence_grace_s": 2.0,
-    "hosting": "component",
-    "operators": [{"name": "alice"}, {"name": "bob"}],
-    "billing": [{"name": "billing", "peak_price": 0.8, "off_peak_price": 0.6}],
-    "customers": [{"name": "acme"}],
-    "manufacturers": [{"name": "maker"}],
-    # Lab setting, as conftest's fleet: plain chat lines may act and judge.
-    "security": {"unsigned_chat_actions": ["shed", "restore", "accept", "set", "reject", "revert", "judge"]},
-    "devices": [
+FLEET = hosted_fleet(
+    [
         *({"name": n, "kind": "load", "rated_kw": 10, "refresh_s": 5.0} for n in BACKGROUND),
         {"name": "hp-alarm", "kind": "load", "rated_kw": 100, "utilisation": 0.5},
         # Critical (no test sheds it): its alarms are never start-up transients of a state change.
@@ -85,7 +76,12 @@ FLEET = {
         {"name": "hp-fw", "kind": "load", "rated_kw": 10},
         {"name": "hp-fw-crit", "kind": "load", "rated_kw": 10, "critical": True, "critical_hold_s": 3},
     ],
-}
+    billing=[{"name": "billing", "peak_price": 0.8, "off_peak_price": 0.6}],
+    customers=[{"name": "acme"}],
+    manufacturers=[{"name": "maker"}],
+    # Lab setting, as conftest's fleet: plain chat lines may act and judge.
+    security={"unsigned_chat_actions": ["shed", "restore", "accept", "set", "reject", "revert", "judge"]},
+)
 DRIVEN = ("hp-alarm", "hp-verdict", "hp-owed")
 
 
@@ -107,14 +103,9 @@ class Parity:
 async def parity(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Parity]:
     fleet = parse_fleet(FLEET)
     data = tmp_path_factory.mktemp("parity")
-    grid = Grid(fleet, data, only=[*(d.name for d in fleet.devices), "billing", "maker", "watchdog", "console",
-                                  "relay"],
-                dashboard=False)
-    await grid.start()
-    try:
+    async with running_grid(fleet, data, only=[*(d.name for d in fleet.devices), "billing", "maker", "watchdog",
+                                               "console", "relay"], dashboard=False) as grid:
         yield Parity(grid, fleet, data)
-    finally:
-        await grid.stop()
 
 
 def test_the_driven_devices_are_hosted(parity: Parity) -> None:
@@ -135,56 +126,24 @@ def fast_acks(parity: Parity) -> Iterator[DeviceAgent]:
     agent.alarms.acknowledge(None, "test-cleanup")
 
 
-def urgent(msg: Message) -> bool:
-    return "URGENT" in msg["body"]
-
-
-def queued(peer: ChatPeer, device: str, predicate: Callable[[Message], bool] = urgent) -> list[Message]:
-    """Alarm messages from `device` that arrived and were not taken yet."""
-    return [m for m in peer.alarms._queue if m["from"].bare == device and predicate(m)]  # type: ignore[attr-defined]
-
-
-def alarm_of(msg: Message) -> Alarm:
-    return alarm_from_xml(msg.xml.find(q("alarm")))
-
-
 async def test_hosted_urgent_alarm_skips_a_dnd_operator_escalates_and_is_acked_from_the_cli(
         parity: Parity, fast_acks: DeviceAgent) -> None:
     dev = fast_acks
-    device, alice_jid, bob_jid = dev.jid, parity.fleet.jid("alice"), parity.fleet.jid("bob")
-    # Alice is first on duty but busy (dnd); Bob is available.
     alice = await chat_peer(parity, "alice", "desk", show="dnd")
     bob = await chat_peer(parity, "bob", "desk")
     try:
         # The hosted identity learns both presences from the server, over the component.
-        await until(lambda: dev.alarms.online(alice_jid) and not dev.alarms.available(alice_jid)
-                    and dev.alarms.available(bob_jid), 5, "both operators' presence at the hosted device")
-        dev.sim.utilisation = 0.99  # type: ignore[attr-defined]  # the physics crosses the trip point
-        first = await bob.alarm(device, timeout=5, predicate=urgent)
-        alarm = alarm_of(first)
-        assert alarm.kind is AlarmKind.TRIP_IMMINENT and alarm.level is AlarmLevel.URGENT and alarm.escalation == 0
-        assert alarm.device == device and f"ack {alarm.id}" in first["body"] and "trip point imminent" in first["body"]
-        assert not queued(alice, device)
-        # Nobody acknowledges: sent again; Alice is still dnd, so to Bob again.
-        again = await bob.alarm(device, timeout=4, predicate=urgent)
-        assert "not acknowledged, sent again (1)" in again["body"]
-        # Alice becomes available: the next escalation goes round the duty order to her.
-        alice.client.send_presence()
-        escalated = alarm_of(await alice.alarm(device, timeout=6, predicate=urgent))
-        assert escalated.id == alarm.id and escalated.escalation >= 2
+        alarm = await urgent_alarm_skips_dnd_and_escalates(dev, alice, bob)
         # `gridpresence ack`, as an operator runs it (its line is signed with her key).
         code, out, err = await run_cli("ack", "hp-alarm", alarm.id, "--as", "alice",
                                        "--connection", str(parity.grid.connection_file))
         assert code == 0 and out.strip() == f"hp-alarm: Acknowledged: alarm {alarm.id} (trip point imminent).", out + err
-        told = alarm_of(await bob.alarm(device, timeout=3, predicate=lambda m: "acknowledged by" in m["body"]))
-        assert told.status is AlarmStatus.ACKNOWLEDGED and told.acked_by == alice_jid
+        await told_acknowledged_by(dev, alarm, alice, bob)
         # Acknowledged: no more escalation (what was sent while the CLI logged in is drained first).
-        assert alarm.id not in dev.alarms.open
         for peer in (alice, bob):
             while not peer.alarms.empty():
                 peer.alarms.get_nowait()
-        await asyncio.sleep(2 * FAST.ack_timeout_s + 0.5)
-        assert queued(alice, device) == [] and queued(bob, device) == []
+        await no_more_escalation(dev, alice, bob)
     finally:
         await alice.close()
         await bob.close()
@@ -232,8 +191,7 @@ async def test_after_its_link_returns_a_hosted_device_knows_who_is_on_duty(
     alice = await chat_peer(parity, "alice", "duty", show="dnd")
     bob = await chat_peer(parity, "bob", "duty")
     try:
-        await until(lambda: dev.alarms.online(alice_jid) and not dev.alarms.available(alice_jid)
-                    and dev.alarms.available(bob_jid), 5, "both operators' presence at the hosted device")
+        await seen_busy_and_available(dev, alice, bob)
         # The link drops and stays down long enough for both changes to happen meanwhile.
         monkeypatch.setattr("gridpresence.xmpp.reconnect.backoff_delay", lambda *_a, **_k: 2.5)
         link.abort()
@@ -279,13 +237,6 @@ async def test_a_stock_client_sees_hosted_identities_go_when_their_link_drops(
         await bob.close()
 
 
-async def high_loading(peer: ChatPeer, device: str, status: AlarmStatus, timeout: float = 6.0) -> str:
-    """The id of the next high-loading alarm message in this status."""
-    msg = await peer.alarm(device, timeout, lambda m: alarm_of(m).kind is AlarmKind.HIGH_LOADING
-                           and alarm_of(m).status is status)
-    return alarm_of(msg).id
-
-
 async def test_verdicts_on_a_hosted_devices_alarms_adapt_its_threshold(parity: Parity) -> None:
     """As tests/test_verdicts.py for a c2s bot: two alarms judged not a fault (chat, then the
     library's signed line) propose a higher limit; the operator sets one; the device raises by it."""
@@ -296,31 +247,12 @@ async def test_verdicts_on_a_hosted_devices_alarms_adapt_its_threshold(parity: P
     try:
         async with parity.operator("bob") as bob:
             await until(lambda: dev.alarms.available(parity.fleet.jid("alice")), 5, "alice at the device")
-            readings: list[float] = []
-            for n in range(2):
-                sim.utilisation = 0.85  # type: ignore[attr-defined]
-                aid = await high_loading(alice, device, AlarmStatus.RAISED)
-                readings.append(dev.current_report().telemetry.load_pct or 0.0)  # type: ignore[union-attr]
-                sim.utilisation = 0.5  # type: ignore[attr-defined]
-                assert await high_loading(alice, device, AlarmStatus.CLEARED) == aid
-                answer = (await alice.ask(device, f"not a fault {aid}") if n == 0
-                          else await bob.ask(name, f"not a fault {aid}", signed=True))
-                assert answer.startswith(f"Recorded: alarm {aid} (high_loading) is not a fault."), answer
-            assert "threshold proposal" in answer and "high_loading.high_loading 80 ->" in answer
-            (pid, proposal), = dev.alarms.adjuster.pending.items()
-            assert max(readings) < proposal.proposed <= 94
+            pid, _ = await judged_not_a_fault_twice(dev, alice, lambda aid: bob.ask(name, f"not a fault {aid}",
+                                                                                    signed=True))
             changed = await alice.ask(device, f"set {pid} 90")
             assert "changed 80 -> 90 by " + parity.fleet.jid("alice") in changed, changed
             assert dev.alarms.thresholds.current(name, "high_loading", "high_loading") == 90.0
-            # The device raises by the new limit: 86 % is quiet, 92 % is an alarm.
-            sim.utilisation = 0.86  # type: ignore[attr-defined]
-            await asyncio.sleep(2.5)
-            assert queued(alice, device, lambda m: True) == []
-            sim.utilisation = 0.92  # type: ignore[attr-defined]
-            aid = await high_loading(alice, device, AlarmStatus.RAISED)
-            assert "limit 90" in dev.alarms.open[aid].alarm.text
-            sim.utilisation = 0.5  # type: ignore[attr-defined]
-            assert await high_loading(alice, device, AlarmStatus.CLEARED) == aid
+            await raises_by_a_limit_of_90(dev, alice)
             change = dev.alarms.thresholds.audit[-1]
             assert "changed 90 -> 80" in await alice.ask(device, f"revert {change.id}")
     finally:
@@ -332,33 +264,7 @@ async def test_verdicts_on_a_hosted_devices_alarms_adapt_its_threshold(parity: P
 async def test_alarms_owed_to_a_logged_out_operator_arrive_at_login_once(parity: Parity) -> None:
     """As tests/test_alarms.py's: raised, escalated and changed while every operator was away; at
     login each open alarm arrives once, in its newest state."""
-    dev = parity.agent("hp-owed")
-    desk, device = dev.alarms, dev.jid
-    before = desk.settings
-    desk.settings = AlarmSettings(ack_timeout_s=0.5)  # several re-sends while nobody is there
-    roster = dev.client.client_roster
-    await until(lambda: not any(roster[op].resources for op in desk.duty), 10, "every operator logged out")
-    try:
-        first = desk.raise_alarm(AlarmKind.BREAKER_TRIPPED, 0.0, 0.0)
-        warning = desk.raise_alarm(AlarmKind.BRANCH_NEAR_LIMIT, 91.0, 80.0, "shed p-001")
-        passed = desk.raise_alarm(AlarmKind.TRIP_IMMINENT, 96.0, 95.0)
-        await asyncio.sleep(1.8)  # each has been sent again a few times by now
-        desk.acknowledge(passed.id, "test")  # closed while away: nothing to tell about it
-        desk.settings = AlarmSettings(ack_timeout_s=3.0)  # no further re-send while we count
-        assert desk.open[first.id].alarm.escalation >= 2 and desk.open[warning.id].alarm.escalation >= 2
-        bob = await chat_peer(parity, "bob", "back")
-        try:
-            await asyncio.sleep(1.5)
-            got = [alarm_of(m) for m in queued(bob, device, lambda m: True)]
-            latest = {aid: desk.open[aid].alarm for aid in (first.id, warning.id)}
-            assert sorted(a.id for a in got) == sorted(latest), got  # one message per open alarm, no copies
-            for a in got:
-                assert a == latest[a.id]  # its newest state (escalation count included)
-        finally:
-            await bob.close()
-    finally:
-        desk.settings = before
-        desk.acknowledge(None, "test-cleanup")
+    await owed_alarms_arrive_once_at_login(parity, parity.agent("hp-owed"))
 
 
 async def test_ox_chat_to_a_hosted_identity_is_answered_sealed(parity: Parity) -> None:
@@ -601,38 +507,8 @@ async def test_profanity_discovers_a_hosted_key_and_sends_it_a_signed_encrypted_
     command and answers sealed; the same word in plain chat is refused (production policy)."""
     name = "hp-oxp"
     monkeypatch.setattr(parity.agent(name), "security", SecuritySettings())
-    device = parity.fleet.jid(name)
-    device_fpr = fingerprint(parity.grid.keys.secret(name))
-    async with GnuPG(trust_all=False) as gpg, parity.operator("bob") as watcher:
-        await gpg.import_key(parity.grid.keys.secret_path("alice").read_text())
-        await gpg.trust_own_key(fingerprint(parity.grid.keys.secret("alice")))
-        public, _ = await gpg.run("--export", "--export-options", "export-minimal", "xmpp:alice@localhost")
-        (tmp_path / "alice.pub").write_bytes(public)
-        async with run_profanity(tmp_path, {"GNUPGHOME": str(gpg.home)}) as term:
-            await log_in(term, parity, "alice")
-            await term.type(f"/ox announce {tmp_path / 'alice.pub'}")
-            await term.wait_for("Announce OpenPGP Key for OX")
-            await term.type(f"/ox discover {device}")
-            await term.wait_for(rf"Discovering Public Key for {re.escape(device)}(?:.*\n)+?\S+ - {device_fpr}")
-            await term.type(f"/ox request {device} {device_fpr}")
-            await term.wait_for("Public Key imported")
-            await gpg.run("--quick-lsign-key", device_fpr)
-            await term.type(f"/ox start {device}")
-            await term.wait_for(rf"{name} \[\w+\] \[OX\]")
-            await term.type("shed")
-            await term.wait_for(rf"Done: load shed\. Now: {name} \(load\) is off, 0\.0 kW of 90 kW")
-            await watcher.wait_for(lambda d: d[name].state is DeviceState.OFF, timeout=5)
-            await term.type("/ox end")
-            await term.wait_for("OX encryption disabled.")
-            await term.type("restore")
-            await term.wait_for(r"Refused restore: an unsigned chat line may not change the device's state")
-            await asyncio.sleep(0.5)
-            assert watcher.devices[name].state is DeviceState.OFF
-            await term.type("/ox start")
-            await term.wait_for(rf"{name} \[\w+\] \[OX\]")
-            await term.type("restore")
-            await term.wait_for(r"Done: load restored\.")
-            await watcher.wait_for(lambda d: d[name].state is DeviceState.ON, timeout=5)
+    async with parity.operator("bob") as watcher:
+        await ox_signed_shed_and_restore(parity, tmp_path, name, watcher)
 
 
 @pytest.mark.skipif(not HAVE_PROFANITY, reason=NO_PROFANITY)
@@ -640,24 +516,7 @@ async def test_profanity_discovers_a_hosted_key_and_sends_it_a_signed_encrypted_
 async def test_profanity_lists_and_runs_a_hosted_devices_commands(parity: Parity, tmp_path: Path) -> None:
     """As tests/test_adhoc_profanity.py: /cmd at the hosted identity's bare JID, a two-step form."""
     name = "hp-cmd"
-    bare = parity.fleet.jid(name)
     dev = parity.agent(name)
     async with run_profanity(tmp_path) as term:
         await log_in(term, parity, "bob")
-        listed = await _list_commands(term, bare)
-        assert {"status", "run", "ack-alarm", "judge-alarm"} <= set(re.findall(r"!   (\S+)", listed))
-        await term.type(f"/cmd exec status {bare}")
-        await term.wait_for(rf"Form title: {name}(?:.*\n)+?.*\[field1\] State: on")
-        await term.type(f"/cmd exec run {bare}")
-        await term.wait_for(rf"Form title: Command {name}(?:.*\n)+?.*\[field1\] Action \(required\)")
-        await term.type("/field1 shed")
-        await term.type("/form submit")
-        await term.wait_for(rf"Form title: {name}: shed(?:.*\n)+?.*State: off(?:.*\n)+?.*Outcome: executed")
-        assert dev.sim.state is DeviceState.OFF
-        await term.type("/form cancel")
-        await term.type(f"/cmd exec run {bare}")
-        await term.wait_for(rf"Form title: Command {name}")
-        await term.type("/field1 restore")
-        await term.type("/form submit")
-        await term.wait_for(rf"Form title: {name}: restore(?:.*\n)+?.*Outcome: executed")
-        assert dev.sim.state is DeviceState.ON
+        await cmd_status_and_run(term, parity.fleet.jid(name), name, "shed", "restore", lambda: dev.sim.state)

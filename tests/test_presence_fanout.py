@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 from xml.etree import ElementTree as ET
 
 import pytest
 import pytest_asyncio
 from slixmpp import ClientXMPP
 
-from conftest import until
+from conftest import hosted_fleet, running_grid, until
 from gridpresence.config import parse_fleet
 from gridpresence.device.agent import DeviceAgent
 from gridpresence.host.grid import Grid
@@ -32,25 +29,15 @@ from gridpresence.xmpp.session import close_session, make_client, open_session
 pytestmark = pytest.mark.timeout(120)
 
 LOADS = [f"f-{i}" for i in range(3)]
-FLEET = {
-    "domain": "localhost",
-    "presence_grace_s": 5.0,
-    "hosting": "component",
-    "operators": [{"name": "alice"}, {"name": "bob"}],
-    "devices": [{"name": n, "kind": "load", "rated_kw": 10, "refresh_s": 600.0} for n in LOADS],
-}
+FLEET = hosted_fleet([{"name": n, "kind": "load", "rated_kw": 10, "refresh_s": 600.0} for n in LOADS],
+                     presence_grace_s=5.0)
 
 
 @pytest_asyncio.fixture(scope="module")
-async def grid() -> AsyncIterator[Grid]:
-    data = Path(tempfile.mkdtemp(prefix="fanout-"))
-    g = Grid(parse_fleet(FLEET), data, only=[*LOADS, "watchdog"], dashboard=False, tick_s=600)
-    await g.start()
-    try:
+async def grid(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Grid]:
+    async with running_grid(parse_fleet(FLEET), tmp_path_factory.mktemp("fanout"), only=[*LOADS, "watchdog"],
+                            dashboard=False, tick_s=600) as g:
         yield g
-    finally:
-        await g.stop()
-        shutil.rmtree(data, ignore_errors=True)
 
 
 def link_of(grid: Grid) -> ComponentLink:

@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from conftest import Env
-from terminal import HAVE_PROFANITY, NO_PROFANITY, Terminal, log_in, run_profanity
+from terminal import HAVE_PROFANITY, NO_PROFANITY, Terminal, chat_shed_and_restore, log_in, run_profanity
 
 pytestmark = pytest.mark.skipif(not HAVE_PROFANITY, reason=NO_PROFANITY)
 
@@ -25,12 +25,7 @@ async def profanity_fixture(tmp_path: Path) -> AsyncIterator[Terminal]:
 async def test_operator_in_profanity_chats_with_devices_and_gets_an_alarm(env: Env, profanity: Terminal) -> None:
     await log_in(profanity, env, "alice")
 
-    await profanity.type("/msg desk-load@localhost status")
-    await profanity.wait_for(r"desk-load \(load\) is on, [\d.]+ kW of 120 kW, load \d+%")
-    await profanity.type("shed")
-    await profanity.wait_for(r"Done: load shed\. Now: desk-load \(load\) is off, 0\.0 kW of 120 kW")
-    await profanity.type("restore")
-    await profanity.wait_for(r"Done: load restored\.")
+    await chat_shed_and_restore(profanity, env, "desk-load")
     await profanity.type("launch rockets")
     await profanity.wait_for(r"I do not understand 'launch rockets'\. desk-load understands: status, restore, shed")
 

@@ -9,8 +9,6 @@ import argparse
 import asyncio
 import json
 import random
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 import pytest_asyncio
 from slixmpp import Presence
 
-from conftest import run_cli, until
+from conftest import run_cli, running_grid, until
 from gridpresence.cli import build_parser
 from gridpresence.config import FleetError, fleet_toml, parse_fleet, synthetic_fleet, synthetic_fleet_data
 from gridpresence.host.grid import Grid
@@ -33,16 +31,11 @@ DEVICES = 120  # three substations: masters, breakers, branch meters, loads, gen
 
 
 @pytest_asyncio.fixture(scope="module")
-async def grid() -> AsyncIterator[Grid]:
+async def grid(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Grid]:
     fleet = synthetic_fleet(DEVICES, seed=7, refresh_s=300)  # refreshes out of the way of the counts
-    data = Path(tempfile.mkdtemp(prefix="scale-op-"))
-    g = Grid(fleet, data, only=[d.name for d in fleet.devices] + ["watchdog"])
-    await g.start()
-    try:
+    async with running_grid(fleet, tmp_path_factory.mktemp("scale-op"),
+                            only=[d.name for d in fleet.devices] + ["watchdog"]) as g:
         yield g
-    finally:
-        await g.stop()
-        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest_asyncio.fixture

@@ -9,14 +9,13 @@ import asyncio
 import datetime as dt
 import json
 
-from chatpeer import ChatPeer, chat_peer
+from chatpeer import ChatPeer, chat_peer, high_loading, judged_not_a_fault_twice, raises_by_a_limit_of_90
 from conftest import Env, run_cli
 from gridpresence.host.fleet import FleetBots
 from gridpresence.rules.audit_log import audit_path
 from gridpresence.security.policy import SecuritySettings
 from gridpresence.device.agent import DeviceAgent
-from gridpresence.protocol.alarm import AlarmKind, AlarmStatus, alarm_from_xml
-from gridpresence.protocol.codec import q
+from gridpresence.protocol.alarm import AlarmStatus
 from test_adhoc import _gajim
 from gridpresence.xmpp.session import close_session
 from timebase import NOW
@@ -27,15 +26,6 @@ DEVICE = "verdict-load"
 def agent(env: Env) -> DeviceAgent:
     assert env.grid.bots is not None
     return env.grid.bots.devices[DEVICE]
-
-
-async def high_loading_alarm(peer: ChatPeer, device: str, status: AlarmStatus, timeout: float = 6.0) -> str:
-    """The id of the next high-loading alarm message in this status."""
-    def wanted(m) -> bool:  # type: ignore[no-untyped-def]
-        a = alarm_from_xml(m.xml.find(q("alarm")))
-        return a.kind is AlarmKind.HIGH_LOADING and a.status is status
-    msg = await peer.alarm(device, timeout, wanted)
-    return alarm_from_xml(msg.xml.find(q("alarm"))).id
 
 
 async def reply_from(peer: ChatPeer, device: str, needle: str, timeout: float = 6.0) -> str:
@@ -53,22 +43,8 @@ async def test_not_a_fault_over_chat_proposes_confirms_and_reverts(env: Env) -> 
     sim = dev.sim
     try:
         await asyncio.sleep(0.3)
-        readings: list[float] = []
-        for n in range(2):
-            sim.utilisation = 0.85  # type: ignore[attr-defined]
-            aid = await high_loading_alarm(alice, device, AlarmStatus.RAISED)
-            readings.append(dev.current_report().telemetry.load_pct or 0.0)  # type: ignore[union-attr]
-            sim.utilisation = 0.5  # type: ignore[attr-defined]
-            assert await high_loading_alarm(alice, device, AlarmStatus.CLEARED) == aid
-            answer = await alice.ask(device, f"not a fault {aid}" if n == 0 else "Not a fault.")
-            assert answer.startswith(f"Recorded: alarm {aid} (high_loading) is not a fault.")
-        # Two alarms judged not a fault: the hybrid rule proposes a limit past the sensor's error.
-        assert "threshold proposal" in answer and "high_loading.high_loading 80 ->" in answer
-        proposal = dev.alarms.adjuster.pending
-        assert len(proposal) == 1
-        (pid, p), = proposal.items()
-        assert p.proposed > max(readings) and p.proposed <= 94
-        assert f"accept {pid}" in answer and f"set {pid} VALUE" in answer
+        # The second verdict as a bare reply: it is taken for the alarm just cleared.
+        pid, _ = await judged_not_a_fault_twice(dev, alice, lambda _aid: alice.ask(device, "Not a fault."))
         # Bad answers are refused with the reason; nothing changes.
         assert "outside the bounds" in await alice.ask(device, f"set {pid} 120")
         assert "not a number" in await alice.ask(device, f"set {pid} lots")
@@ -80,15 +56,7 @@ async def test_not_a_fault_over_chat_proposes_confirms_and_reverts(env: Env) -> 
         change = dev.alarms.thresholds.audit[-1]
         assert (change.old, change.new, change.by) == (80.0, 90.0, env.fleet.jid("alice"))
         assert "not a fault" in change.why and "operator entered 90" in change.why
-        # The device now raises by the new limit: 86 % is quiet, 92 % is an alarm.
-        sim.utilisation = 0.86  # type: ignore[attr-defined]
-        await asyncio.sleep(2.5)
-        assert not [m for m in alice.alarms._queue if m["from"].bare == device]  # type: ignore[attr-defined]
-        sim.utilisation = 0.92  # type: ignore[attr-defined]
-        aid = await high_loading_alarm(alice, device, AlarmStatus.RAISED)
-        assert "limit 90" in dev.alarms.open[aid].alarm.text
-        sim.utilisation = 0.5  # type: ignore[attr-defined]
-        assert await high_loading_alarm(alice, device, AlarmStatus.CLEARED) == aid
+        await raises_by_a_limit_of_90(dev, alice)
         # Reverted: back to the rule set's value, the revert audited too.
         reverted = await alice.ask(device, f"revert {change.id}")
         assert "changed 90 -> 80" in reverted and f"revert of change {change.id}" in reverted
@@ -109,7 +77,7 @@ async def test_verdict_by_adhoc_command_and_bad_ids(env: Env) -> None:
         await asyncio.sleep(0.3)
         assert "raised no alarm" in await bob.ask(device, "not a fault 12345")
         dev.sim.utilisation = 0.85  # type: ignore[attr-defined]
-        aid = await high_loading_alarm(bob, device, AlarmStatus.RAISED)
+        aid = await high_loading(bob, device, AlarmStatus.RAISED)
         dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
         full = dev.client.boundjid.full
         first = await gajim.execute(full, "judge-alarm")
@@ -160,17 +128,17 @@ async def test_low_priority_warning_batched_costly_one_at_once(env: Env) -> None
         # A cheap one that lasts: told once the batch goes out, with its cost.
         dev.sim.utilisation = 0.82  # type: ignore[attr-defined]
         await until(True)
-        aid = await high_loading_alarm(bob, device, AlarmStatus.RAISED, timeout=5)
+        aid = await high_loading(bob, device, AlarmStatus.RAISED, timeout=5)
         text = dev.alarms.open[aid].alarm.text
         assert "low priority" in text and "a day, batched" in text
         cost = float(text.split("low priority, ")[1].split(" a day")[0])
         assert 0 < cost < 100
         dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
-        await high_loading_alarm(bob, device, AlarmStatus.CLEARED)
+        await high_loading(bob, device, AlarmStatus.CLEARED)
         # A costly one: at once, no batching note.
         dev.sim.utilisation = 0.93  # type: ignore[attr-defined]
         await until(True)
-        aid = await high_loading_alarm(bob, device, AlarmStatus.RAISED, timeout=1.0)
+        aid = await high_loading(bob, device, AlarmStatus.RAISED, timeout=1.0)
         assert "batched" not in dev.alarms.open[aid].alarm.text
     finally:
         dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
@@ -212,7 +180,7 @@ async def test_unsigned_threshold_verbs_are_refused_signed_ones_act(env: Env) ->
         book = dev.alarms.thresholds
         assert book.current(GUARD, "high_loading", "high_loading") == 90.0
         dev.sim.utilisation = 0.925  # type: ignore[attr-defined]
-        aid = await high_loading_alarm(alice, jid, AlarmStatus.RAISED, timeout=8)
+        aid = await high_loading(alice, jid, AlarmStatus.RAISED, timeout=8)
         dev.sim.utilisation = 0.5  # type: ignore[attr-defined]
         hist = dev.alarms.adjuster._hist[(GUARD, "high_loading")]
         for line in ("revert 1", "accept 1", "set 1 99", "reject 1", f"not a fault {aid}", "fault", "Not a fault."):
