@@ -4,8 +4,8 @@ mod_gridpresence_hosted_offline.lua): a chat line is answered late by both kinds
 server's delay stamp; a signed command that outlives the outage is executed once and its
 outcome reaches the waiting issuer, one that lapsed is refused "expired"; a full queue is
 answered resource-constraint; what is kept survives a restart of Prosody; iq is not kept. A
-command whose outcome was lost with a cut link is sent again when the identity is back on the
-link's next session (a new resource), and answered once.
+command lost with a cut link (unread, or its outcome unwritten) is sent again when the identity
+is back on the link's next session (a new resource), carried out once and answered once.
 
 The devices run in this process (as tests/test_hosting_parity.py): a test takes the component
 link (or a c2s device's session) down with no reconnect, and brings it back when it chooses.
@@ -181,13 +181,16 @@ async def test_a_command_outliving_the_outage_runs_once_one_that_lapsed_is_refus
     await close_session(bob.client)
 
 
-async def test_a_command_whose_outcome_died_with_the_link_is_sent_again_and_runs_once(
-        offline: Offline, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The host's socket is closed after the device carried a command out and before its
-    outcome was written. The link comes back on a session of its own, each identity's presence
-    from a new resource: the operator sees a new session of the device, as for a c2s device's
-    new login (tests/test_chaos.py), and sends the command still waiting again; the device
-    answers the copy from its replay memory. Carried out once, one outcome at the operator."""
+@pytest.mark.parametrize("lost", ["command", "outcome"])
+async def test_a_command_lost_with_a_cut_link_is_sent_again_to_the_new_session_and_runs_once(
+        offline: Offline, monkeypatch: pytest.MonkeyPatch, lost: str) -> None:
+    """The host's socket is closed with a command in flight: unread (the server had written it
+    to the old connection, so it keeps nothing), or carried out with its outcome not written
+    yet. The link comes back on a session of its own, each identity's presence from a new
+    resource: the operator sees a new session of the device, as for a c2s device's new login
+    (tests/test_chaos.py), and sends the command still waiting again. The device carries it out
+    once (a copy of one it had is answered from its replay memory); one outcome reaches the
+    operator."""
     name = "o-lost"
     agent, link = offline.agent(name), offline.link
     carried_out: list[str] = []
@@ -199,12 +202,20 @@ async def test_a_command_whose_outcome_died_with_the_link_is_sent_again_and_runs
 
     monkeypatch.setattr(agent, "execute", counted)
     cut: list[bytes] = []
-    write = link.write_soon
+    read, write = link.data_received, link.write_soon
 
-    def cut_before_the_outcome(data: bytes) -> None:
+    def cut_before_the_device_reads_it(data: bytes | str) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        if not cut and b"<openpgp" in raw and f"{agent.jid}/".encode() in raw:  # Prosody's quotes are single
+            cut.append(raw)
+            link.abort()  # as a crash: the socket closes with the command in its buffer
+            return
+        read(data)
+
+    def cut_before_the_outcome_is_written(data: bytes) -> None:
         if not cut and b"<outcome " in data and f'from="{agent.jid}'.encode() in data:
             cut.append(data)
-            link.abort()  # as a crash: the socket closes with the outcome unwritten
+            link.abort()  # the outcome goes with the socket
             return
         write(data)
 
@@ -217,17 +228,24 @@ async def test_a_command_whose_outcome_died_with_the_link_is_sent_again_and_runs
         await alice.wait_for(lambda d: d[name].present, timeout=10)
         before = alice.devices[name].full_jid
         assert before == f"{agent.jid}/{link.session_resource}", before  # its presence names the link's session
-        monkeypatch.setattr(link, "write_soon", cut_before_the_outcome)
+        if lost == "command":
+            monkeypatch.setattr(link, "data_received", cut_before_the_device_reads_it)
+        else:
+            monkeypatch.setattr(link, "write_soon", cut_before_the_outcome_is_written)
         outcome = await asyncio.wait_for(alice.command(name, Action.SHED), 20)
         assert cut, "the link was never cut"
         assert outcome.status is OutcomeStatus.EXECUTED, outcome.summary()
-        assert "answered again: the device had this command already" in outcome.detail
         assert outcome.report is not None and outcome.report.state is DeviceState.OFF
         after = alice.devices[name].full_jid
         assert after == f"{agent.jid}/{link.session_resource}" and after != before
         await asyncio.sleep(0.5)  # any further copy answered by now
         assert carried_out == [outcome.command_id]
-        assert [(o.command_id, o.reason) for o in outcomes] == [(outcome.command_id, RejectReason.REPLAYED)]
+        # The one outcome sent: the first (the copy's was the only one), or the copy's "replayed".
+        answered_again = "answered again: the device had this command already" in outcome.detail
+        assert answered_again is (lost == "outcome"), outcome.detail
+        reason = RejectReason.REPLAYED if lost == "outcome" else None
+        assert [(o.command_id, o.reason) for o in outcomes] == [(outcome.command_id, reason)]
+        monkeypatch.setattr(link, "data_received", read)
         monkeypatch.setattr(link, "write_soon", write)
         assert (await alice.command(name, Action.RESTORE)).ok
     await until(lambda: all(offline.agent(n).client.is_connected() for n in HOSTED), 10, "every hosted identity back")
