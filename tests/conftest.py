@@ -203,17 +203,28 @@ async def until(check: Callable[[], Any], timeout: float = 10.0, what: str = "th
     return got
 
 
-async def start_up(data: Path, fleet: Path, *extra: str, timeout: float = 40) -> tuple[asyncio.subprocess.Process, str]:
-    """`gridpresence up` as a person runs it, until it says it is up (its Ctrl-C line, within
-    `timeout` seconds); returns the process and what it printed."""
+async def start_up(data: Path, fleet: Path | None, *extra: str, timeout: float = 40,
+                   stderr: int = asyncio.subprocess.PIPE) -> tuple[asyncio.subprocess.Process, str]:
+    """`gridpresence up` as a person runs it (`--fleet FILE` unless ``fleet`` is None; `extra`
+    says the rest, as `--devices N`), until it says it is up (its Ctrl-C line, within `timeout`
+    seconds); returns the process and what it printed. One that does not come up is killed.
+    ``stderr=DEVNULL`` for a process that logs more than an unread pipe holds."""
     exe = Path(sys.executable).with_name("gridpresence")
-    proc = await asyncio.create_subprocess_exec(str(exe), "up", "--data", str(data), "--fleet", str(fleet), *extra,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    fleet_args = ("--fleet", str(fleet)) if fleet is not None else ()
+    proc = await asyncio.create_subprocess_exec(str(exe), "up", "--data", str(data), *fleet_args, *extra,
+                                                stdout=asyncio.subprocess.PIPE, stderr=stderr)
     seen = ""
-    async with asyncio.timeout(timeout):
-        while "Ctrl-C" not in seen:
-            line = await proc.stdout.readline()  # type: ignore[union-attr]
-            if not line:
-                raise AssertionError(f"up ended early: {seen}{(await proc.stderr.read()).decode()}")  # type: ignore[union-attr]
-            seen += line.decode()
+    try:
+        async with asyncio.timeout(timeout):
+            while "Ctrl-C" not in seen:
+                line = await proc.stdout.readline()  # type: ignore[union-attr]
+                if not line:
+                    why = (await proc.stderr.read()).decode() if proc.stderr is not None else ""
+                    raise AssertionError(f"up ended early: {seen}{why}")
+                seen += line.decode()
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        raise
     return proc, seen

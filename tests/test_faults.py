@@ -505,16 +505,7 @@ def test_kept_state_survives_bad_files(tmp_path: Path, caplog: pytest.LogCapture
 # -- `up --processes` ---------------------------------------------------------------------------
 
 async def _start_up_processes(data: Path, fleet: Path, *more: str) -> tuple[asyncio.subprocess.Process, dict[str, int]]:
-    exe = Path(sys.executable).with_name("gridpresence")
-    proc = await asyncio.create_subprocess_exec(str(exe), "up", "--processes", "--data", str(data), "--fleet",
-                                                str(fleet), *more, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.DEVNULL)
-    seen = ""
-    async with asyncio.timeout(90):
-        while "Ctrl-C" not in seen:
-            line = await proc.stdout.readline()  # type: ignore[union-attr]
-            assert line, seen
-            seen += line.decode()
+    proc, seen = await start_up(data, fleet, "--processes", *more, timeout=90, stderr=asyncio.subprocess.DEVNULL)
     pids = {m[0]: int(m[1]) for m in re.findall(r"(\w+): process (\d+), supervised", seen)}
     return proc, pids
 

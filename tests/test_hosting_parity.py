@@ -22,9 +22,9 @@ from xml.etree import ElementTree as ET
 import pytest
 import pytest_asyncio
 
-from chatpeer import (alarm_of, chat_peer, judged_not_a_fault_twice, no_more_escalation, owed_alarms_arrive_once_at_login,
-                      raises_by_a_limit_of_90, seen_busy_and_available, told_acknowledged_by, urgent,
-                      urgent_alarm_skips_dnd_and_escalates)
+from chatpeer import (alarm_of, chat_peer, judged_not_a_fault_twice, no_more_escalation,
+                      owed_alarms_arrive_once_at_login, raises_by_a_limit_of_90, seen_busy_and_available,
+                      told_acknowledged_by, urgent, urgent_alarm_skips_dnd_and_escalates)
 from conftest import hosted_fleet, run_cli, running_grid, until
 from gpghome import HAVE_GPG
 from gridpresence.config import Fleet, parse_fleet

@@ -23,7 +23,7 @@ from xml.etree import ElementTree as ET
 
 import pytest
 import pytest_asyncio
-from conftest import Env, run_cli
+from conftest import Env, run_cli, start_up
 
 from gridpresence.operator.availability import command_group, wait_available
 from gridpresence.host.fleet import device_agent
@@ -414,16 +414,8 @@ async def test_up_starts_the_relay(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text('[[operators]]\nname = "olga"\n\n[[devices]]\nname = "pump"\nkind = "load"\nrated_kw = 30\n')
     data = tmp_path / "grid"
-    exe = Path(sys.executable).with_name("gridpresence")
-    proc = await asyncio.create_subprocess_exec(str(exe), "up", "--data", str(data), "--fleet", str(fleet),
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc, banner = await start_up(data, fleet)
     try:
-        banner = ""
-        async with asyncio.timeout(40):
-            while "Ctrl-C" not in banner:
-                line = await proc.stdout.readline()  # type: ignore[union-attr]
-                assert line, banner
-                banner += line.decode()
         info = ConnectionInfo.load(data / "connection.json")
         assert info.relay is not None and info.relay.jid == "relay@localhost"
         assert f"SMTP {info.relay.smtp_host}:{info.relay.smtp_port}" in banner

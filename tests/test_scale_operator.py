@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 from slixmpp import Presence
 
-from conftest import run_cli, running_grid, until
+from conftest import run_cli, running_grid, start_up, until
 from gridpresence.cli import build_parser
 from gridpresence.config import FleetError, fleet_toml, parse_fleet, synthetic_fleet, synthetic_fleet_data
 from gridpresence.host.grid import Grid
@@ -253,24 +253,15 @@ async def test_up_devices_hosted_on_the_component_are_seen_by_an_operator(tmp_pa
     server's component (NAME@devices.localhost, no account of their own) and an operator logging
     in sees every one of them present, over the component, and commands one."""
     import signal
-    import sys
 
     from gridpresence.config import load_fleet
     from gridpresence.host.grid import FLEET_COPY
     from gridpresence.xmpp.session import ConnectionInfo
 
     n, data = 40, tmp_path / "grid"
-    exe = Path(sys.executable).with_name("gridpresence")
-    proc = await asyncio.create_subprocess_exec(str(exe), "up", "--devices", str(n), "--hosting", "component",
-                                                "--data", str(data), stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.DEVNULL)
+    proc, _ = await start_up(data, None, "--devices", str(n), "--hosting", "component", timeout=120,
+                             stderr=asyncio.subprocess.DEVNULL)
     try:
-        seen = ""
-        async with asyncio.timeout(120):
-            while "Ctrl-C" not in seen:
-                line = await proc.stdout.readline()  # type: ignore[union-attr]
-                assert line, seen
-                seen += line.decode()
         fleet = load_fleet(data / FLEET_COPY)
         assert fleet.hosting == "component" and fleet.jid("s001-load-001") == "s001-load-001@devices.localhost"
         async with GridOperator.from_connection(ConnectionInfo.load(data / "connection.json"),
