@@ -218,21 +218,25 @@ async def test_a_stock_client_sees_hosted_identities_go_when_their_link_drops(
     """A c2s bot whose connection drops is shown unavailable by its server at once. Hosted
     identities have no session there: when the component's connection drops without their
     goodbyes (a crash), the server's mod_gridpresence_hosted_gone.lua tells each subscribed
-    session the same; when the link is back, so are they."""
+    session the same, from the full JID each was online as; when the link is back, so are they,
+    each on a new resource (the link's next session)."""
     link = parity.grid.bots.link  # type: ignore[union-attr]
     assert link is not None
     jids = [parity.fleet.jid(d.name) for d in parity.fleet.devices]
     bob = await chat_peer(parity, "bob", "gone")
     roster = bob.client.client_roster
     said: dict[str, str] = {}
-    bob.client.add_event_handler("presence_unavailable", lambda p: said.__setitem__(p["from"].bare, p["status"]))
+    bob.client.add_event_handler("presence_unavailable", lambda p: said.__setitem__(p["from"].full, p["status"]))
     try:
         await until(lambda: all(roster[j].resources for j in jids), 10, "every hosted identity online at bob's")
+        online = {f"{j}/{r}" for j in jids for r in roster[j].resources}
+        assert len(online) == len(jids) and all(r == link.session_resource for j in jids for r in roster[j].resources)
         monkeypatch.setattr("gridpresence.xmpp.reconnect.backoff_delay", lambda *_a, **_k: 3.0)
         link.abort()  # as a crash: the socket closes, no identity says goodbye
         await until(lambda: not any(roster[j].resources for j in jids), 2, "every hosted identity offline at bob's")
-        assert set(said) >= set(jids) and all(said[j].startswith("Disconnected: ") for j in jids), said
+        assert set(said) >= online and all(said[j].startswith("Disconnected: ") for j in online), said
         await until(lambda: all(roster[j].resources for j in jids), 15, "every hosted identity back at bob's")
+        assert not {f"{j}/{r}" for j in jids for r in roster[j].resources} & online  # a new session of each
     finally:
         await bob.close()
 
