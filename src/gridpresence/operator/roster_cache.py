@@ -25,7 +25,6 @@ from xml.etree import ElementTree as ET
 
 from slixmpp import JID, ClientXMPP
 from slixmpp.jid import InvalidJID
-from slixmpp.roster import RosterNode
 
 log = logging.getLogger(__name__)
 
