@@ -20,6 +20,7 @@ was quiet again (the server's and the host's work continues after the operator h
 round's logins.
 
     python bench/operator_login.py [--devices 2000] [--rounds 3] [--profile DIR]
+    PYTHONPATH=OLDER/src python bench/operator_login.py --no-returning   # the code before, same way
 """
 
 from __future__ import annotations
