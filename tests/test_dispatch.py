@@ -16,6 +16,8 @@ from slixmpp.xmlstream.matcher import MatchIDSender, StanzaPath
 
 from gridpresence.config import parse_fleet
 from gridpresence.host.fleet import FleetBots
+from gridpresence.operator.tracker import DeviceView, PresenceTracker
+from gridpresence.protocol import DeviceKind
 from gridpresence.protocol.codec import command_to_xml
 from gridpresence.protocol.models import NS as GRID, Action, Command
 from gridpresence.server.accounts import Secrets
@@ -202,3 +204,35 @@ def test_a_hosted_identity_sends_at_once_through_the_same_filters(hosted: Hosted
         hosted._session_started = False
         hosted.transport = None
         del hosted.send_raw
+
+
+async def test_a_trackers_device_presence_is_taken_fast_unless_another_handler_wants_it() -> None:
+    """An operator's tracker takes its devices' presence straight from the XML (xmpp/dispatch.py
+    presence takers): the same view as slixmpp's way; a handler of the party's own on the
+    presence events sends every presence the slow way again, and it sees each."""
+    client = make_client("op@localhost/x", "secret", Endpoint())
+    tracker = PresenceTracker(client)
+    dispatch = client.shape_dispatch  # type: ignore[attr-defined]
+    jids = [f"d-{i:02d}@devices.localhost" for i in range(40)]
+    for jid in jids:
+        tracker.views[jid] = DeviceView(name=jid.split("@")[0], jid=jid, kind=DeviceKind.LOAD)
+
+    def gone(jid: str) -> ET.Element:
+        return ET.fromstring(f"<presence xmlns='jabber:client' from='{jid}/r' to='op@localhost/x' type='unavailable'>"
+                             "<status>cut</status></presence>")
+
+    for jid in jids[:20]:
+        client._spawn_event(gone(jid))  # type: ignore[attr-defined]
+    assert dispatch.taken == 19  # the first of its shape went slixmpp's way (which learns the shape)
+    assert all(tracker.views[j].health_reason == "offline when the watch began" for j in jids[:20])
+    seen: list[str] = []
+    client.add_event_handler("presence", lambda pres: seen.append(pres["from"].bare))
+    for jid in jids[20:]:
+        client._spawn_event(gone(jid))  # type: ignore[attr-defined]
+    assert dispatch.taken == 19 and seen == jids[20:]  # another handler: all the slow way, all seen
+    assert all(tracker.views[j].health_reason == "offline when the watch began" for j in jids[20:])
+    # Not a tracked device: never taken.
+    client.del_event_handler("presence", client._XMLStream__event_handlers["presence"][-1][0])  # type: ignore[attr-defined]
+    client._spawn_event(gone("stranger@localhost"))  # type: ignore[attr-defined]
+    client._spawn_event(gone(jids[0]))  # type: ignore[attr-defined]
+    assert dispatch.taken == 20

@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 from xml.etree import ElementTree as ET
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -55,6 +56,7 @@ from gridpresence.security.keyring import KeyUnavailable
 from gridpresence.security.ox import OxRefused, is_encrypted, open_chat, seal_chat
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.operator.relay_route import RelayRoute
+from gridpresence.operator.roster_cache import KeptRoster, fetch_roster, roster_file_beside
 from gridpresence.protocol.relay import FINAL_MARGIN_S
 from gridpresence.protocol.billing_report import PartData, PartName, QualityData
 from gridpresence.protocol.addressing import origin_of
@@ -119,6 +121,12 @@ class GridOperator:
         # Commands for absent devices go to the store-and-forward relay, if there is one.
         self.relay = RelayRoute(relay, self.keyring.secret_key) if relay is not None else None
         self._queued: dict[str, Command] = {}  # command id -> command the relay holds for us
+        # The roster kept between logins (XEP-0237): see `keep_roster`.
+        self.kept_roster: KeptRoster | None = None
+        # Items in the server's answer to the last roster get; None: "the kept roster is current".
+        self.roster_items_sent: int | None = None
+        if keys is not None and (kept := roster_file_beside(keys.secret_file, JID(jid).user)) is not None:
+            self.keep_roster(kept)
         self._version = 0
         self._changed = asyncio.Event()
         self.tracker.listen(lambda _change: self._bump())
@@ -150,6 +158,19 @@ class GridOperator:
         return cls(acc.jid, acc.password, info.server, watchdog=info.watchdog, grace_s=info.presence_grace_s,
                    resource=resource, relay=info.relay, keys=PartyKeys.beside(acc.key_file, acc.name),
                    serials=info.serials)
+
+    def keep_roster(self, path: Path) -> None:
+        """Keep the roster and its version in ``path`` between logins (operator/roster_cache.py):
+        a later login with nothing changed is sent no roster items. An operator made
+        ``from_connection`` with a key file keeps it beside the key (``NAME.roster.json``)."""
+        self.kept_roster = KeptRoster(path, self.client.boundjid.bare)
+        self.client.client_roster.set_backend(self.kept_roster, save=False)
+
+    async def _fetch_roster(self) -> None:
+        """The roster from the server (only its version when the kept one is current), then
+        the devices in it."""
+        self.roster_items_sent = await fetch_roster(self.client, self.kept_roster)
+        self.tracker.load_roster()
 
     @property
     def quality(self) -> list[QualityData]:
@@ -190,8 +211,7 @@ class GridOperator:
         await ensure_running(self.endpoint)  # a stopped grid is said at once, not after `timeout`
         await open_session(self.client, self.endpoint, timeout)
         await self.keyring.announced()
-        await self.client.get_roster()
-        self.tracker.load_roster()
+        await self._fetch_roster()
         billing = {jid for jid in self.client.client_roster if self._is_billing(jid)}
         offline: set[str] = set()  # billing parties the server said are offline (its probe answer)
 
@@ -201,6 +221,8 @@ class GridOperator:
                 self._bump()
 
         self.client.add_event_handler("presence", on_presence)  # only while settling: presence is hot
+        if (dispatch := getattr(self.client, "shape_dispatch", None)) is not None:
+            dispatch.declare(on_presence)  # billing parties only: devices' presence may be taken fast
         started = asyncio.get_running_loop().time()
         try:
             self.client.send_presence(pshow="chat", pstatus=self.presence_status)
@@ -285,8 +307,7 @@ class GridOperator:
     async def _come_back(self) -> None:
         """After a reconnect: the roster and our presence again (the devices' presence follows),
         then every command still waiting for its outcome is sent again on the new session."""
-        await self.client.get_roster()
-        self.tracker.load_roster()
+        await self._fetch_roster()
         self.client.send_presence(pshow="chat", pstatus=self.presence_status)
         self.issuer.resend_pending()
 
@@ -659,7 +680,8 @@ class GridOperator:
         self._bump()
 
     def _is_billing(self, jid: str) -> bool:
-        return jid in self.client.client_roster and roles.BILLING in self.client.client_roster[jid]["groups"]
+        roster = self.client.client_roster  # has_jid: `in` would walk the roster (no __contains__)
+        return roster.has_jid(jid) and roles.BILLING in roster[jid]["groups"]
 
     async def wait_tariff(self, timeout: float) -> Tariff:
         async with asyncio.timeout(timeout):

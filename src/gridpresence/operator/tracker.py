@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+from xml.etree import ElementTree as ET
 
 from slixmpp import JID, ClientXMPP, Presence
 from slixmpp.exceptions import IqError, IqTimeout
@@ -108,13 +109,23 @@ class PresenceTracker:
         self._watch_task: asyncio.Task[None] | None = None
         self._started_at = 0.0
         client.add_event_handler("presence", self._on_presence)
+        dispatch = getattr(client, "shape_dispatch", None)  # xmpp/dispatch.py (make_client installs it)
+        if dispatch is not None:
+            dispatch.take_presence(self._take, self._on_presence)
         reconnector_of(client).listen(self._on_session)
 
     # -- set-up -----------------------------------------------------------------------
 
     def load_roster(self) -> None:
-        """Learn the devices from the roster groups (call after get_roster)."""
+        """Learn the devices from the roster groups (call after get_roster); devices no longer in
+        it are forgotten."""
         roster = self.client.client_roster
+        listed = set(roster)  # (a roster node has no __contains__: `in` would walk it per view)
+        for jid in [j for j in self.views if j not in listed]:  # left the roster (while we were away)
+            view = self.views.pop(jid)
+            self.present_count -= view.present
+            self.jid_by_name.pop(view.name, None)
+            self._last_refresh.pop(jid, None)
         for jid in roster:
             kind = roles.device_kind(roster[jid]["groups"])
             if kind is not None and jid not in self.views:
@@ -169,24 +180,37 @@ class PresenceTracker:
                 log.exception("presence listener failed")
 
     def _on_presence(self, pres: Presence) -> None:
-        sender = pres["from"]
-        view = self.views.get(sender.bare)
-        # The raw attribute, not pres["type"]: this runs for every device presence and
-        # slixmpp's computed type costs more than the rest of the handler.
-        ptype = pres.xml.get("type")
+        """slixmpp's way (a presence the fast way did not take: see :meth:`_take`)."""
+        # The raw attribute, not pres["type"]: slixmpp's computed type costs more than the rest.
+        self._intake(pres.xml, pres["from"].full, pres["from"].bare, pres["from"].resource)
+
+    def _take(self, xml: ET.Element) -> bool:
+        """A device's presence straight from the XML (xmpp/dispatch.py's presence takers): at a
+        login's burst of thousands, slixmpp's stanza object, roster bookkeeping and events cost
+        most of each. Only JIDs tracked here, available or unavailable; the rest goes on."""
+        sender = xml.get("from") or ""
+        bare, _, resource = sender.partition("/")
+        if bare not in self.views or xml.get("type") not in (None, "unavailable"):
+            return False
+        self._intake(xml, sender, bare, resource)
+        return True
+
+    def _intake(self, xml: ET.Element, full: str, bare: str, resource: str) -> None:
+        view = self.views.get(bare)
+        ptype = xml.get("type")
         if view is None or ptype not in (None, "unavailable"):
             return
-        element = pres.xml.find(q("device"))
+        element = xml.find(q("device"))
         report: PresenceReport | None = None
         if element is not None:
             try:
                 report = report_from_xml(element)
             except PayloadError as exc:
-                log.warning("dropped invalid presence from %s: %s", sender, exc)
+                log.warning("dropped invalid presence from %s: %s", full, exc)
                 return
         now = utcnow()
         if ptype == "unavailable":
-            if view.full_jid is not None and sender.full != view.full_jid and sender.resource:
+            if view.full_jid is not None and full != view.full_jid and resource:
                 return  # another resource of the device left; the one we command is still here
             self._last_refresh.pop(view.jid, None)
             if view.full_jid is None and view.health is HealthStatus.UNKNOWN and report is None:
@@ -199,7 +223,8 @@ class PresenceTracker:
                               since=now, full_jid=None)
                 self._set(view, new, "goodbye")
             else:
-                why = pres["status"] or "connection lost"
+                ns = xml.tag[1:].partition("}")[0]  # the stream's: jabber:client
+                why = xml.findtext(f"{{{ns}}}status") or "connection lost"
                 new = replace(view, health=HealthStatus.PRESENCE_ERROR, full_jid=None, since=now,
                               health_reason=f"offline without a goodbye ({why})")
                 self._set(view, new, "offline")
@@ -208,7 +233,7 @@ class PresenceTracker:
             return  # a device's presence without the extension tells us nothing typed
         self._last_refresh[view.jid] = asyncio.get_running_loop().time()
         healthy = view.health is HealthStatus.OK
-        new = replace(view, report=report, health=HealthStatus.OK, health_reason="", full_jid=sender.full,
+        new = replace(view, report=report, health=HealthStatus.OK, health_reason="", full_jid=full,
                       since=view.since if healthy and view.state is report.state else now)
         self._set(view, new, "presence" if healthy else "recovered")
 

@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 from inspect import iscoroutinefunction
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ HOSTING_FILE = "hosting.sqlite"  # in the grid's data directory
 COMPONENT_SECRET = "devices-component"  # its name in the grid's secrets.json
 
 BRING_UP_BATCH = 20  # identities whose session starts between two turns of the event loop
+DRAIN_BATCH = 200  # waiting stanzas (ComponentLink._drain) delivered per turn of the event loop
 _PRESENCE = f"{{{NS}}}presence"
 _BROADCAST_TYPES = (None, "unavailable", "away", "chat", "dnd", "xa")  # no type: available
 _TO_MARK = "\x01to\x01"  # where each copy's `to` goes in a broadcast serialized once (no JID has it)
@@ -205,6 +207,7 @@ class ComponentLink(ComponentXMPP):
         self.session_resource = ""
         self._bringing_up: asyncio.Task[None] | None = None
         self._out: list[bytes] = []  # identities' stanzas waiting for the end of this loop turn
+        self._backlog: deque[tuple[HostedClient, ET.Element]] = deque()  # stanzas waiting behind probe answers
         self.probes = SharedProbes(self)  # one probe per contact, its answer to every subscriber
         # When the server last sent anything (xmpp/reconnect.py pings only after keepalive_s of
         # silence, as for a c2s client): a server busy answering a 10,000-device operator login
@@ -309,6 +312,7 @@ class ComponentLink(ComponentXMPP):
     def _on_disconnected(self, reason: object) -> None:
         self.online = False
         self._out.clear()  # never into the next connection before its handshake
+        self._backlog.clear()  # for sessions that end now
         self.probes.reset()
         for hosted in list(self.clients.values()):
             hosted._session_down(reason)
@@ -332,7 +336,27 @@ class ComponentLink(ComponentXMPP):
             self._bounce(xml, "service-unavailable")
             return
         xml.set("to", to.bare)  # identities answer at their bare JID, whatever resource was asked
+        if xml.tag == _PRESENCE and xml.get("type") == "probe":
+            hosted.deliver(xml)  # the server's part, answered at once (HostedClient._answer_probe)
+            return
+        if self._backlog or xml.tag == _PRESENCE:
+            # An operator's login sends its presence to every identity and only then its probes
+            # (Prosody's mod_presence): 10,000 presences through slixmpp ahead of the answers
+            # the operator waits for. So the presence waits for the answers: taken a batch per
+            # loop turn; what follows a waiting presence waits behind it, in order.
+            if not self._backlog:
+                asyncio.get_running_loop().call_soon(self._drain)
+            self._backlog.append((hosted, xml))
+            return
         hosted.deliver(xml)
+
+    def _drain(self) -> None:
+        backlog = self._backlog
+        for _ in range(min(DRAIN_BATCH, len(backlog))):
+            hosted, xml = backlog.popleft()
+            hosted.deliver(xml)  # (it drops a stanza whose session has ended meanwhile)
+        if backlog:
+            asyncio.get_running_loop().call_soon(self._drain)
 
     def deliver_local(self, xml: ET.Element) -> bool:
         """A stanza from one identity to another on this link: handed over in the process."""

@@ -11,11 +11,22 @@ of a shape are kept, with the handler list they were matched against, and reused
 later stanza of that shape while that list is unchanged. A stream with any other kind of matcher
 (an iq's answer waits on a matcher by id), attribute checks other than ``type``, or incoming
 filters is matched the slow way, stanza by stanza: what runs is always what slixmpp would run.
+
+Presence takers (:meth:`ShapeDispatch.take_presence`): a party that reads the presence of many
+contacts itself (an operator's tracker: 10,000 devices' presence at each login) may take a
+presence straight from the XML, before slixmpp builds a stanza object and runs its roster's
+bookkeeping and its events for it (most of a presence's cost). Only while nothing else could
+want it: every handler matched for the stanza's shape is slixmpp's own ``Presence`` callback and
+every handler of the presence events is slixmpp's or was declared by the taker (its own, or one
+that reads other contacts only). Otherwise slixmpp's way, as before. What a taken presence skips
+is slixmpp's record of the contact's resources (``client_roster[jid].resources``), which no
+taker's contacts are read from.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from itertools import islice
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -31,6 +42,10 @@ MAX_SHAPES = 256  # shapes remembered per stream (a flood of odd shapes only cos
 MAX_ELEMENTS = 16  # bigger stanzas (forms, PEP items) are rare on the hot path: matched the slow way
 
 Shape = tuple[Any, ...]
+# The events slixmpp fires for an available or unavailable presence (BaseXMPP._handle_presence
+# and its roster's handle_available / handle_unavailable).
+PRESENCE_EVENTS = ("presence", "presence_available", "presence_unavailable", "presence_away", "presence_chat",
+                   "presence_dnd", "presence_xa", "got_online", "got_offline", "changed_status")
 
 
 def shape_of(xml: ET.Element) -> Shape | None:
@@ -56,6 +71,7 @@ def install(stream: XMLStream) -> ShapeDispatch:
     """Every stanza ``stream`` receives from now on is dispatched by shape."""
     dispatch = ShapeDispatch(stream)
     stream._spawn_event = dispatch.spawn  # type: ignore[method-assign]  (data_received calls it)
+    stream.shape_dispatch = dispatch  # type: ignore[attr-defined]  (presence takers find it here)
     return dispatch
 
 
@@ -70,6 +86,37 @@ class ShapeDispatch:
         self._cacheable = False
         self._matched: dict[Shape, list[BaseHandler]] = {}
         self.fast = 0  # stanzas dispatched from the cache (tests and benchmarks read it)
+        self._takers: list[Callable[[ET.Element], bool]] = []
+        self._declared: set[Any] = set()  # presence-event handlers that need nothing a taker takes
+        self._events: dict[str, list[tuple[Any, bool]]] = stream._XMLStream__event_handlers  # type: ignore[attr-defined]
+        self._presence_tag = f"{{{stream.default_ns}}}presence"
+        self.taken = 0  # presences a taker took (tests and benchmarks read it)
+
+    def take_presence(self, taker: Callable[[ET.Element], bool], *handlers: Any) -> None:
+        """``taker(xml)`` sees each received presence first (while nothing else could want it,
+        see the module's text) and returns True when it took it: slixmpp then never sees it.
+        ``handlers``: presence-event handlers of the taker's party that need no presence it
+        takes (its own slow-way handler, one that reads other contacts)."""
+        self._takers.append(taker)
+        self.declare(*handlers)
+
+    def declare(self, *handlers: Any) -> None:
+        """Presence-event handlers that need no presence a taker takes."""
+        self._declared.update(handlers)
+
+    def _takeable(self, xml: ET.Element) -> bool:
+        if not self._cacheable or tuple(self._handlers) != self._snapshot:
+            return False
+        shape = shape_of(xml)
+        matched = self._matched.get(shape) if shape is not None else None
+        if matched is None or len(matched) != 1 or matched[0].name != "Presence":
+            return False  # a shape not seen yet (the slow way learns it) or other handlers want it
+        declared, events = self._declared, self._events
+        for name in PRESENCE_EVENTS:
+            for handler, _once in events.get(name, ()):
+                if handler not in declared and not getattr(handler, "__module__", "").startswith("slixmpp."):
+                    return False
+        return True
 
     def spawn(self, xml: ET.Element) -> None:
         stream = self.stream
@@ -77,6 +124,11 @@ class ShapeDispatch:
             XMLStream._spawn_event(stream, xml)  # slixmpp's own way, filters and all
             return
         xml = stream.incoming_filter(xml)
+        if self._takers and xml.tag == self._presence_tag and self._takeable(xml):
+            for take in self._takers:
+                if take(xml):
+                    self.taken += 1
+                    return
         try:
             stanza = stream._build_stanza(xml)
         except Exception as exc:
