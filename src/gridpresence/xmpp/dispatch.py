@@ -11,6 +11,12 @@ of a shape are kept, with the handler list they were matched against, and reused
 later stanza of that shape while that list is unchanged. A stream with any other kind of matcher
 (an iq's answer waits on a matcher by id), attribute checks other than ``type``, or incoming
 filters is matched the slow way, stanza by stanza: what runs is always what slixmpp would run.
+
+Streams whose handler lists are alike (the same kinds of handler with the same matchers in the
+same order: every hosted identity of a kind, thousands in one process) match a shape alike, so
+which of them matched is also kept once per process for each such list: an identity's first
+stanza of a shape (its session's probe answers, a first command) is not matched handler by
+handler again.
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ log = logging.getLogger(__name__)
 LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 MAX_SHAPES = 256  # shapes remembered per stream (a flood of odd shapes only costs the slow way)
 MAX_ELEMENTS = 16  # bigger stanzas (forms, PEP items) are rare on the hot path: matched the slow way
+MAX_LISTS = 1024  # handler lists whose matches are kept for the whole process
 
 Shape = tuple[Any, ...]
+HandlerKey = tuple[Any, ...]  # all that a structural handler's matching depends on
 
 
 def shape_of(xml: ET.Element) -> Shape | None:
@@ -52,6 +60,27 @@ def _structural(handler: BaseHandler) -> bool:
     return False
 
 
+def _key(handler: BaseHandler) -> HandlerKey | None:
+    """What a structural handler's answer for a shape depends on (None: not structural). Its
+    matcher's criteria are a path string; any other kind is never shared."""
+    matcher = getattr(handler, "_matcher", None)
+    criteria = (matcher._raw_criteria if isinstance(matcher, StanzaPath)  # type: ignore[attr-defined]
+                else matcher._criteria if isinstance(matcher, MatchXPath) else None)  # type: ignore[attr-defined]
+    if not isinstance(criteria, str):
+        return None
+    key = (type(handler), type(matcher), criteria)
+    known = _STRUCTURAL.get(key)
+    if known is None:
+        known = _STRUCTURAL[key] = _structural(handler)
+    return key if known else None
+
+
+# Per process: each handler key's structural verdict; per list of handler keys, what matched
+# each shape (the positions in the list, slixmpp's order).
+_STRUCTURAL: dict[HandlerKey, bool] = {}
+_SHARED: dict[tuple[Any, ...], dict[Shape, tuple[int, ...]]] = {}
+
+
 def install(stream: XMLStream) -> ShapeDispatch:
     """Every stanza ``stream`` receives from now on is dispatched by shape."""
     dispatch = ShapeDispatch(stream)
@@ -69,7 +98,9 @@ class ShapeDispatch:
         self._snapshot: tuple[BaseHandler, ...] = ()
         self._cacheable = False
         self._matched: dict[Shape, list[BaseHandler]] = {}
+        self._shared: dict[Shape, tuple[int, ...]] = {}  # what streams with this handler list matched
         self.fast = 0  # stanzas dispatched from the cache (tests and benchmarks read it)
+        self.shared = 0  # ... from what another stream with the same handler list matched
 
     def spawn(self, xml: ET.Element) -> None:
         stream = self.stream
@@ -102,12 +133,28 @@ class ShapeDispatch:
         handlers = self._handlers
         if len(handlers) != len(self._snapshot) or tuple(handlers) != self._snapshot:
             self._snapshot = tuple(handlers)
-            self._cacheable = all(_structural(h) for h in handlers)
+            keys = tuple(_key(h) for h in handlers)
+            self._cacheable = None not in keys
+            keys = (type(self.stream), self.stream.default_ns, *keys)  # which stanza classes it builds
             self._matched.clear()
+            self._shared = {}
+            if self._cacheable:
+                if keys not in _SHARED and len(_SHARED) >= MAX_LISTS:
+                    _SHARED.clear()
+                self._shared = _SHARED.setdefault(keys, {})
         shape = shape_of(xml) if self._cacheable else None
         matched = self._matched.get(shape) if shape is not None else None
         if matched is None:
-            matched = [h for h in handlers if h.match(stanza)]
+            positions = self._shared.get(shape) if shape is not None else None
+            if positions is None:
+                positions = tuple(i for i, h in enumerate(handlers) if h.match(stanza))
+                if shape is not None:
+                    if len(self._shared) >= MAX_SHAPES:
+                        self._shared.clear()
+                    self._shared[shape] = positions
+            else:
+                self.shared += 1
+            matched = [handlers[i] for i in positions]
             if shape is not None:
                 if len(self._matched) >= MAX_SHAPES:
                     self._matched.clear()
