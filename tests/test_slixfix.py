@@ -119,6 +119,21 @@ def test_a_stanza_plugin_registration_in_place_is_skipped_and_any_other_is_slixm
     parent.append(Child())
     assert len(parent["children"]) == 1
 
+    class Overriding(ElementBase):
+        name, namespace, plugin_attrib = "over", "urn:test:slixfix3", "over"
+        interfaces, overrides = {"x"}, ["set_x"]
+
+    class Rival(ElementBase):
+        name, namespace, plugin_attrib = "rival", "urn:test:slixfix4", "rival"
+        interfaces, overrides = {"x"}, ["set_x"]
+
+    assert not stanzaplugins.in_place(Parent, Overriding, overrides=True)
+    stanzabase.register_stanza_plugin(Parent, Overriding, overrides=True)
+    assert stanzaplugins.in_place(Parent, Overriding, overrides=True)
+    stanzabase.register_stanza_plugin(Parent, Rival, overrides=True)  # takes the override over
+    assert not stanzaplugins.in_place(Parent, Overriding, overrides=True)
+    assert stanzaplugins.in_place(Parent, Overriding)  # still registered, without its override
+
 
 async def test_api_tables_made_when_a_handler_goes_in_and_answers_as_slixmpps() -> None:
     from slixmpp import ComponentXMPP
