@@ -9,6 +9,12 @@ identity's session (median, p99, all of them) and the resident memory each ident
 process and to Prosody; the ratio is hosted / c2s, per round, median over rounds.
 
     python bench/hosting.py [--sizes 100 1000] [--rounds 3] [--c2s-max 1000]
+    python bench/hosting.py --profile 2000 [--keep DIR]   # where the bot process's CPU goes
+
+``--profile N`` builds and starts N hosted identities in this process under cProfile (a grid
+of N hosted devices, no c2s side; ``--keep DIR`` provisions it once and reuses it) and prints
+the CPU per identity, building and starting apart, and the top functions (with ``--keep``, the
+whole profile is left in DIR/startup.pstats).
 
 Above ``--c2s-max`` the c2s side stays at that size: compare the per-identity rows (logins per
 second, memory per identity), not the totals.
@@ -23,7 +29,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import gc
+import io
+import pstats
 import json
 import os
 import shutil
@@ -93,6 +102,43 @@ async def child(data: Path, side: str) -> None:
                       "rss_abs_kib": rss_kib()}), flush=True)  # one short line
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await bots.stop()
+
+
+async def profile(n: int, keep: Path | None) -> None:
+    """N hosted identities built and started in this process under cProfile, on a real server."""
+    data = keep or Path(tempfile.mkdtemp(prefix="gridbench-hosting-"))
+    fresh = not (data / FLEET_COPY).exists()
+    grid = Grid(parse_fleet(fleet_of(n, 0)), data, bots=False, dashboard=False)
+    t = time.perf_counter()
+    await grid.start()
+    print(f"N = {n}: grid {'provisioned and ' if fresh else ''}up in {time.perf_counter() - t:.1f} s", flush=True)
+    try:
+        fleet = parse_fleet(json.loads((data / FLEET_COPY).read_text()))
+        info = ConnectionInfo.load(data / "connection.json")
+        names = [d.name for d in fleet.devices if d.name.startswith("h-")]
+        gc.collect()
+        prof = cProfile.Profile()
+        cpu0 = time.process_time()
+        prof.enable()
+        bots = FleetBots(fleet, info.server, Secrets(data / SECRETS_FILE), only=names, with_services=False,
+                         data_dir=data, tick_s=REFRESH_S)
+        cpu1 = time.process_time()
+        await bots.start(timeout=1800)
+        prof.disable()
+        cpu2 = time.process_time()
+        print(f"  CPU per identity: {1000 * (cpu2 - cpu0) / n:.2f} ms (building {1000 * (cpu1 - cpu0) / n:.2f}, "
+              f"starting {1000 * (cpu2 - cpu1) / n:.2f}; under cProfile, which adds its own)", flush=True)
+        if keep is not None:
+            prof.dump_stats(str(keep / "startup.pstats"))  # for pstats' own browser
+        for order in ("tottime", "cumulative"):
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats(order).print_stats(30)
+            print(out.getvalue(), flush=True)
+        await bots.stop()
+    finally:
+        await grid.stop()
+        if keep is None:
+            shutil.rmtree(data, ignore_errors=True)
 
 
 async def operator_child(data: Path, n: int) -> None:
@@ -203,6 +249,8 @@ if __name__ == "__main__":
         asyncio.run(operator_child(Path(sys.argv[3]), int(sys.argv[2])))
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", type=int, metavar="N", help="profile building and starting N hosted identities")
+    parser.add_argument("--keep", type=Path, help="with --profile: the grid's data directory, provisioned once")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--c2s-max", type=int, default=1000,
@@ -210,4 +258,7 @@ if __name__ == "__main__":
                              "compare the per-identity rows then")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if args.profile:
+        asyncio.run(profile(args.profile, args.keep))
+        sys.exit(0)
     asyncio.run(main(args.sizes, args.rounds, args.c2s_max))

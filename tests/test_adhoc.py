@@ -216,3 +216,42 @@ async def test_bare_jid_commands_keep_authorisation_and_errors(env: Env, gajim: 
     with pytest.raises(IqError) as offline_exec:
         await gajim.execute("victim-2@localhost", "status")
     assert offline_exec.value.condition == "service-unavailable"
+
+
+def test_caps_hashed_once_per_session_and_again_when_the_info_changes(tmp_path: Any, monkeypatch: Any) -> None:
+    """The same session's same disco info is not hashed twice; a feature added (or removed) is
+    hashed again, and every version is slixmpp's own hash of the info (no server needed)."""
+    from gridpresence.config import parse_fleet
+    from gridpresence.device.adhoc import AdhocDesk
+    from gridpresence.host.fleet import FleetBots
+    from gridpresence.server.accounts import Secrets
+    from gridpresence.xmpp.session import Endpoint
+
+    fleet = parse_fleet({"domain": "localhost", "hosting": "component", "operators": [{"name": "op"}],
+                         "devices": [{"name": "h-1", "kind": "load", "rated_kw": 10}]})
+    bots = FleetBots(fleet, Endpoint(component_port=1), Secrets(tmp_path / "secrets.json"), with_services=False)
+    agent = bots.devices["h-1"]
+    desk, client = agent.desk(AdhocDesk), agent.client
+    caps, static = client.plugin["xep_0115"], client.plugin["xep_0030"].static
+    hashed: list[str] = []
+    slixmpps = caps.generate_verstring
+
+    def counted(info: Any, hash_name: str) -> str:
+        hashed.append(slixmpps(info, hash_name))
+        return hashed[-1]
+
+    monkeypatch.setattr(caps, "generate_verstring", counted)
+    jid = client.boundjid.full
+
+    def own_hash() -> str:
+        return slixmpps(client.plugin["xep_0030"]._fix_default_info(static.get_info(jid, None, None, None)), "sha-1")
+
+    first = desk._update_caps()
+    assert first == own_hash() and len(hashed) == 1
+    assert desk._update_caps() == first and len(hashed) == 1  # same session, same info: not hashed again
+    info = static.add_node(jid)["info"]
+    assert info.add_feature("urn:example:new")
+    second = desk._update_caps()
+    assert second != first and second == own_hash() and len(hashed) == 2
+    info.del_feature("urn:example:new")
+    assert desk._update_caps() == first == own_hash() and len(hashed) == 3

@@ -5,6 +5,7 @@ server needed (the identities are built, never connected)."""
 
 from __future__ import annotations
 
+import copy
 import random
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -22,6 +23,7 @@ from gridpresence.protocol.codec import command_to_xml
 from gridpresence.protocol.models import NS as GRID, Action, Command
 from gridpresence.server.accounts import Secrets
 from gridpresence.xmpp.component import NS, HostedClient
+from gridpresence.xmpp import dispatch as dispatch_module
 from gridpresence.xmpp.dispatch import ShapeDispatch
 from gridpresence.xmpp.session import Endpoint, make_client
 
@@ -236,3 +238,30 @@ async def test_a_trackers_device_presence_is_taken_fast_unless_another_handler_w
     client._spawn_event(gone("stranger@localhost"))  # type: ignore[attr-defined]
     client._spawn_event(gone(jids[0]))  # type: ignore[attr-defined]
     assert dispatch.taken == 20
+
+
+def test_identities_alike_share_what_matched_and_match_as_slixmpp(tmp_path: Any) -> None:
+    """Hosted identities with the same handler list reuse one another's matches (a stanza shape
+    new to this one is not matched handler by handler again), and still get slixmpp's answer;
+    one whose list differs is matched on its own."""
+    fleet = parse_fleet({"domain": "localhost", "hosting": "component", "operators": [{"name": "op"}],
+                         "devices": [{"name": f"h-{i}", "kind": "load", "rated_kw": 10} for i in range(3)]})
+    bots = FleetBots(fleet, Endpoint(component_port=1), Secrets(tmp_path / "secrets.json"), with_services=False)
+    first, second, odd = (bots.devices[f"h-{i}"].client for i in range(3))
+    odd.register_handler(Callback("odd ping", StanzaPath("iq/ping"), lambda _s: None))
+    dispatch_module._SHARED.clear()  # what earlier tests' identities matched
+    rng = random.Random(1618)
+    samples = [stanza_xml(rng) for _ in range(200)]  # fewer shapes than MAX_SHAPES: none forgotten
+    shapes = 0
+    for client in (first, second, odd):
+        dispatch = ShapeDispatch(client)
+        for xml in (copy.deepcopy(x) for x in samples):
+            stanza = client._build_stanza(client.incoming_filter(xml))
+            assert dispatch.matching(stanza) == slow(client, xml), ET.tostring(xml)
+        if client is first:
+            shapes = len(dispatch._matched)  # the shapes it matched itself, handler by handler
+            assert shapes > 10 and dispatch.shared == 0
+        elif client is second:
+            assert dispatch.shared == shapes, "every shape the first identity matched"
+        else:
+            assert dispatch.shared == 0, "no other stream with this handler list matched these shapes before"

@@ -119,6 +119,21 @@ def test_a_stanza_plugin_registration_in_place_is_skipped_and_any_other_is_slixm
     parent.append(Child())
     assert len(parent["children"]) == 1
 
+    class Overriding(ElementBase):
+        name, namespace, plugin_attrib = "over", "urn:test:slixfix3", "over"
+        interfaces, overrides = {"x"}, ["set_x"]
+
+    class Rival(ElementBase):
+        name, namespace, plugin_attrib = "rival", "urn:test:slixfix4", "rival"
+        interfaces, overrides = {"x"}, ["set_x"]
+
+    assert not stanzaplugins.in_place(Parent, Overriding, overrides=True)
+    stanzabase.register_stanza_plugin(Parent, Overriding, overrides=True)
+    assert stanzaplugins.in_place(Parent, Overriding, overrides=True)
+    stanzabase.register_stanza_plugin(Parent, Rival, overrides=True)  # takes the override over
+    assert not stanzaplugins.in_place(Parent, Overriding, overrides=True)
+    assert stanzaplugins.in_place(Parent, Overriding)  # still registered, without its override
+
 
 async def test_api_tables_made_when_a_handler_goes_in_and_answers_as_slixmpps() -> None:
     from slixmpp import ComponentXMPP
@@ -139,6 +154,43 @@ async def test_api_tables_made_when_a_handler_goes_in_and_answers_as_slixmpps() 
     assert await reg.run("t", "op", "a@c.example") == "global"
     reg._setup("t", "other")  # a new operation's entry: shared tables again
     assert reg._handlers["t"]["other"]["jid"] is api._NONE
+
+
+async def test_api_register_writes_what_slixmpps_writes() -> None:
+    """Seeded sequences of registrations (global, per JID, per node, default or not, handler or
+    None) leave the same tables, and the same answers, as slixmpp's own register."""
+    from slixmpp import ComponentXMPP
+    from slixmpp.api import APIRegistry
+
+    from gridpresence.xmpp.slixfix import api
+
+    class Slixmpps(APIRegistry):
+        _setup = api._slixmpp_setup
+        register = api._slixmpp_register
+
+    def plain(reg: APIRegistry) -> tuple[object, object]:
+        tables = {c: {o: {k: (dict(v) if k != "global" else v) for k, v in e.items()} for o, e in ops.items()}
+                  for c, ops in reg._handlers.items()}
+        return tables, reg._handler_defaults
+
+    xmpp = ComponentXMPP("c.example", "secret", "127.0.0.1", 1)
+    handlers = [lambda jid, node, ifrom, args, i=i: i for i in range(4)]
+    rng = random.Random(1616)
+    for _ in range(200):
+        ours, theirs = APIRegistry(xmpp), Slixmpps(xmpp)
+        assert type(ours).register is api.register
+        for _ in range(rng.randint(1, 12)):
+            args = (rng.choice([*handlers, None]), rng.choice(["a", "b"]), rng.choice(["op", "other"]),
+                    rng.choice([None, "x@c.example", "y@c.example"]), rng.choice([None, "n"]), rng.random() < 0.5)
+            if args[0] is None and args[3] is None and args[4] is None:
+                continue  # slixmpp's own KeyError either way (it looks the default up by op alone)
+            ours.register(*args)
+            theirs.register(*args)
+            assert plain(ours) == plain(theirs), args
+        for ctype, ops in theirs._handlers.items():
+            for op in ops:
+                for jid, node in ((None, None), ("x@c.example", None), ("x@c.example", "n"), ("z@c.example", "n")):
+                    assert await ours.run(ctype, op, jid, node) == await theirs.run(ctype, op, jid, node)
 
 
 def test_iscoroutinefunction_gives_inspects_answer() -> None:

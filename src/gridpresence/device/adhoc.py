@@ -217,6 +217,7 @@ class AdhocDesk(AdhocCommands):
         super().__init__(agent)
         self._caps: ET.Element | None = None
         self._caps_jid: str | None = None  # the session (full JID) self._caps was computed for
+        self._caps_of: tuple[object, tuple[ET.Element, ...]] | None = None  # the info hashed, and its children
         agent.client.add_filter("out", self._stamp_caps)
 
     def _add_commands(self, event: object) -> None:
@@ -230,18 +231,26 @@ class AdhocDesk(AdhocCommands):
         """Hash the session's features into the caps version (XEP-0115 §5) and keep the info
         where a disco#info of the caps node finds it: done here, at once, so the session's
         first presence carries the caps (no second broadcast just to add them). The same
-        steps as the plugin's update_caps, without its round of futures."""
+        steps as the plugin's update_caps, without its round of futures. Asked again in the same
+        session for the same info (the session's first presence, then its commands added, which
+        leave the JID's own info as it was), the answer is the one already written: disco info
+        is changed by adding and removing its elements, never in place, so the same elements
+        are the same info."""
         try:
             client, jid = self.agent.client, self.agent.client.boundjid.full
             disco, caps = client.plugin["xep_0030"], client.plugin["xep_0115"]
             info = disco._fix_default_info(disco.static.get_info(jid, None, None, None))  # as disco#info answers
+            hashed = (info, tuple(info.xml))
+            if self._caps is not None and self._caps_jid == jid and self._caps_of is not None \
+                    and self._caps_of[0] is info and self._caps_of[1] == hashed[1]:
+                return self._caps.get("ver")
             ver: str = caps.generate_verstring(info, caps.hash)
             disco.static.set_info(jid, f"{caps.caps_node}#{ver}", None, info)
             caps.static.cache_caps(None, None, None, {"verstring": ver, "info": info})
             caps.static.assign_verstring(jid, None, None, {"verstring": ver})
             if self._caps is None or self._caps.get("ver") != ver:
                 self._caps = ET.Element(f"{{{CAPS_NS}}}c", {"hash": "sha-1", "node": CAPS_NODE, "ver": ver})
-            self._caps_jid = jid
+            self._caps_jid, self._caps_of = jid, hashed
             return ver
         except Exception:  # caps are a courtesy to clients: never worth the device
             log.exception("%s: could not compute entity caps", self.agent.spec.name)

@@ -50,9 +50,11 @@ class _GcSettler:
 
     Each full collection scans every tracked object: bringing up 2,000 hosted identities spent
     7 s of 23 in the GC, and more per identity the more there are. Every FREEZE_EVERY bots, what
-    exists is collected (only what is not frozen yet: a few hundred bots' worth) and frozen, so
-    later collections scan the newest bots only. What is frozen is never collected: it is the
-    bots themselves, which live as long as the process."""
+    exists is frozen, so later collections scan the newest bots only. What is frozen is never
+    collected: it is the bots themselves, which live as long as the process. It is frozen
+    without a collection first: building and logging in 2,000 hosted identities leaves 16
+    unreachable objects in all, and the 16 collections that found them cost 1.3 s of CPU
+    (0.6 ms per identity, an eighth of the bring-up)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -62,7 +64,6 @@ class _GcSettler:
     def tick(self) -> None:
         self.count += 1
         if self.count % FREEZE_EVERY == 0:
-            gc.collect()
             gc.freeze()
 
 

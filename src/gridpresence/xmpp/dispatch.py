@@ -21,6 +21,12 @@ every handler of the presence events is slixmpp's or was declared by the taker (
 that reads other contacts only). Otherwise slixmpp's way, as before. What a taken presence skips
 is slixmpp's record of the contact's resources (``client_roster[jid].resources``), which no
 taker's contacts are read from.
+
+Streams whose handler lists are alike (the same kinds of handler with the same matchers in the
+same order: every hosted identity of a kind, thousands in one process) match a shape alike, so
+which of them matched is also kept once per process for each such list: an identity's first
+stanza of a shape (its session's probe answers, a first command) is not matched handler by
+handler again.
 """
 
 from __future__ import annotations
@@ -40,12 +46,14 @@ log = logging.getLogger(__name__)
 LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 MAX_SHAPES = 256  # shapes remembered per stream (a flood of odd shapes only costs the slow way)
 MAX_ELEMENTS = 16  # bigger stanzas (forms, PEP items) are rare on the hot path: matched the slow way
+MAX_LISTS = 1024  # handler lists whose matches are kept for the whole process
 
 Shape = tuple[Any, ...]
 # The events slixmpp fires for an available or unavailable presence (BaseXMPP._handle_presence
 # and its roster's handle_available / handle_unavailable).
 PRESENCE_EVENTS = ("presence", "presence_available", "presence_unavailable", "presence_away", "presence_chat",
                    "presence_dnd", "presence_xa", "got_online", "got_offline", "changed_status")
+HandlerKey = tuple[Any, ...]  # all that a structural handler's matching depends on
 
 
 def shape_of(xml: ET.Element) -> Shape | None:
@@ -67,6 +75,27 @@ def _structural(handler: BaseHandler) -> bool:
     return False
 
 
+def _key(handler: BaseHandler) -> HandlerKey | None:
+    """What a structural handler's answer for a shape depends on (None: not structural). Its
+    matcher's criteria are a path string; any other kind is never shared."""
+    matcher = getattr(handler, "_matcher", None)
+    criteria = (matcher._raw_criteria if isinstance(matcher, StanzaPath)  # type: ignore[attr-defined]
+                else matcher._criteria if isinstance(matcher, MatchXPath) else None)  # type: ignore[attr-defined]
+    if not isinstance(criteria, str):
+        return None
+    key = (type(handler), type(matcher), criteria)
+    known = _STRUCTURAL.get(key)
+    if known is None:
+        known = _STRUCTURAL[key] = _structural(handler)
+    return key if known else None
+
+
+# Per process: each handler key's structural verdict; per list of handler keys, what matched
+# each shape (the positions in the list, slixmpp's order).
+_STRUCTURAL: dict[HandlerKey, bool] = {}
+_SHARED: dict[tuple[Any, ...], dict[Shape, tuple[int, ...]]] = {}
+
+
 def install(stream: XMLStream) -> ShapeDispatch:
     """Every stanza ``stream`` receives from now on is dispatched by shape."""
     dispatch = ShapeDispatch(stream)
@@ -85,7 +114,9 @@ class ShapeDispatch:
         self._snapshot: tuple[BaseHandler, ...] = ()
         self._cacheable = False
         self._matched: dict[Shape, list[BaseHandler]] = {}
+        self._shared: dict[Shape, tuple[int, ...]] = {}  # what streams with this handler list matched
         self.fast = 0  # stanzas dispatched from the cache (tests and benchmarks read it)
+        self.shared = 0  # ... from what another stream with the same handler list matched
         self._takers: list[Callable[[ET.Element], bool]] = []
         self._declared: set[Any] = set()  # presence-event handlers that need nothing a taker takes
         self._events: dict[str, list[tuple[Any, bool]]] = stream._XMLStream__event_handlers  # type: ignore[attr-defined]
@@ -154,12 +185,28 @@ class ShapeDispatch:
         handlers = self._handlers
         if len(handlers) != len(self._snapshot) or tuple(handlers) != self._snapshot:
             self._snapshot = tuple(handlers)
-            self._cacheable = all(_structural(h) for h in handlers)
+            keys = tuple(_key(h) for h in handlers)
+            self._cacheable = None not in keys
+            keys = (type(self.stream), self.stream.default_ns, *keys)  # which stanza classes it builds
             self._matched.clear()
+            self._shared = {}
+            if self._cacheable:
+                if keys not in _SHARED and len(_SHARED) >= MAX_LISTS:
+                    _SHARED.clear()
+                self._shared = _SHARED.setdefault(keys, {})
         shape = shape_of(xml) if self._cacheable else None
         matched = self._matched.get(shape) if shape is not None else None
         if matched is None:
-            matched = [h for h in handlers if h.match(stanza)]
+            positions = self._shared.get(shape) if shape is not None else None
+            if positions is None:
+                positions = tuple(i for i, h in enumerate(handlers) if h.match(stanza))
+                if shape is not None:
+                    if len(self._shared) >= MAX_SHAPES:
+                        self._shared.clear()
+                    self._shared[shape] = positions
+            else:
+                self.shared += 1
+            matched = [handlers[i] for i in positions]
             if shape is not None:
                 if len(self._matched) >= MAX_SHAPES:
                     self._matched.clear()

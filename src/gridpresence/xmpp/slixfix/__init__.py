@@ -7,7 +7,7 @@
 * ``stanzapath``: handlers' StanzaPath matching keeps its path split per namespace instead of
   splitting it again for every stanza; slixmpp's own match on the same list.
 * ``api``: the API registry's per-JID and per-node tables made only when a handler goes in
-  (two empty ones per operation per stream otherwise).
+  (two empty ones per operation per stream otherwise), and ``register`` writing in one pass.
 * ``coroutines``: ``iscoroutinefunction`` of a function or method read from its code flags, as
   inspect does on 3.11, without inspect's unwrapping (asked at every event, filter and API call).
 * ``stanzaplugins``: ``register_stanza_plugin`` skipped when its registration is already in
