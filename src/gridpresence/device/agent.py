@@ -32,6 +32,7 @@ from gridpresence.device.operated import OperatedStore
 from gridpresence.device.ox_chat import OxDesk
 from gridpresence.device.price_feed import PriceFeed
 from gridpresence.security.ox import is_encrypted
+from gridpresence.xmpp.component import HostedClient
 from gridpresence.xmpp.party import PartySession
 from gridpresence.xmpp.reconnect import reconnector_of
 from gridpresence.xmpp.session import Endpoint, close_session, make_client
@@ -169,6 +170,9 @@ class DeviceAgent(PartySession):
             self.client.add_event_handler("presence", self._on_child_presence)
         self.client.add_event_handler("session_start", self._on_session_start)
         self.telemetry_audience = self._telemetry_audience()
+        # Left out of a change of state that is not one of availability (HostedClient only: a c2s
+        # account's broadcast is the server's). Never an operator, nor a service acting for them.
+        self.health_only = (frozenset(JID(j).bare for j in self.setup.health_only) | self.relays) - self.operators
         self._online: dict[str, set[str]] = {}  # the telemetry audience's sessions online, by bare JID
         self.client.add_event_handler("presence", self._on_audience_presence)
         # Every feature is a desk, built in the table's order for this kind (device/desks.py).
@@ -327,10 +331,15 @@ class DeviceAgent(PartySession):
         pres.append(report_to_xml(report))
         self._published = report
         if broadcast:
-            pres.send()
+            old = self._broadcast
+            if (not force and old is not None and isinstance(self.client, HostedClient)
+                    and (old.state is DeviceState.GONE) == (report.state is DeviceState.GONE)):
+                self.client.broadcast_change(pres, self.health_only)  # still there: not news to the watchdog
+            else:
+                pres.send()
+                # The refresh is counted from the last broadcast to all: the watchdog sees only those.
+                self._published_at = asyncio.get_running_loop().time()
             self._broadcast = report
-            # The refresh is counted from the last broadcast: the watchdog sees only those.
-            self._published_at = asyncio.get_running_loop().time()
         else:
             self._send_directed(pres)
         return report
@@ -537,12 +546,16 @@ class DeviceAgent(PartySession):
         if not self.client.is_connected():
             return
         record = None
+        hosted = self.client if isinstance(self.client, HostedClient) else None
         for to in self.setup.recorders:
             if to == JID(cmd.issuer).bare:
                 continue
             if record is None:  # built once, for every recorder, and its outcome kept for the issuer's answer
                 record = record_to_xml(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome))
                 self._outcome_xml = (outcome, record[0])
+            if hosted is not None:  # with the other identities' records, in one message (data only)
+                hosted.link.send_batched(to, q("outcome-records"), record)
+                continue
             msg = self.client.make_message(mto=to, mtype="normal")
             msg.append(record)
             msg.send()

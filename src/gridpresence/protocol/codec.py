@@ -177,6 +177,26 @@ def record_from_xml(el: ET.Element | None) -> OutcomeRecord:
     return _validate(OutcomeRecord, data, "outcome-record")
 
 
+RECORDS_MAX = 1000  # records read from one batch (a host sends at most 100: xmpp/component.py)
+
+
+def records_from_xml(el: ET.Element | None) -> tuple[list[OutcomeRecord], list[PayloadError]]:
+    """A batch ``<outcome-records>`` of many identities' records (a device host sends them so,
+    from its component's domain): the valid ones, and why each other one was not."""
+    el = _expect(el, "outcome-records")
+    good: list[OutcomeRecord] = []
+    bad: list[PayloadError] = []
+    for i, child in enumerate(el):
+        if i >= RECORDS_MAX:
+            bad.append(PayloadError(f"invalid outcome-records: more than {RECORDS_MAX}; the rest ignored"))
+            break
+        try:
+            good.append(record_from_xml(child))
+        except PayloadError as exc:
+            bad.append(exc)
+    return good, bad
+
+
 # -- tariffs and health ------------------------------------------------------------------
 
 
