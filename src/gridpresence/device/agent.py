@@ -596,9 +596,13 @@ class DeviceAgent(PartySession):
         err.send()
 
     def _send_outcome(self, to: JID, outcome: Outcome) -> None:
-        msg = self.client.make_message(mto=to, mtype="normal")
         made = self._outcome_xml
         self._outcome_xml = None
         # The same outcome's element as in the record just sent (both are only serialised).
-        msg.append(made[1] if made is not None and made[0] is outcome else outcome_to_xml(outcome))
+        el = made[1] if made is not None and made[0] is outcome else outcome_to_xml(outcome)
+        if isinstance(self.client, HostedClient):
+            self.client.send_payload(str(to), el)
+            return
+        msg = self.client.make_message(mto=to, mtype="normal")
+        msg.append(el)
         msg.send()

@@ -52,14 +52,31 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+_ATTR_NAMES: dict[type[BaseModel], tuple[tuple[str, str], ...]] = {}  # per model: (field, attribute)
+
+
 def _attrs(model: BaseModel, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """Scalar fields of a model as hyphenated attributes (None left out)."""
+    """Scalar fields of a model as hyphenated attributes (None left out). Every presence,
+    command and outcome is written with it: the field names are worked out once per model, and
+    the commonest values (str, float, int) written without _text's chain of checks."""
+    names = _ATTR_NAMES.get(type(model))
+    if names is None:
+        names = _ATTR_NAMES[type(model)] = tuple((f, f.replace("_", "-")) for f in type(model).model_fields)
+    values = model.__dict__  # a pydantic model's field values
     out: dict[str, str] = {}
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        if name in skip or value is None or isinstance(value, (BaseModel, dict, tuple)):
+    for name, attr in names:
+        value = values[name]
+        kind = type(value)
+        if value is None or name in skip:
             continue
-        out[name.replace("_", "-")] = _text(value)
+        if kind is str:
+            out[attr] = value
+        elif kind is float:
+            out[attr] = repr(value)
+        elif kind is int:
+            out[attr] = str(value)
+        elif not isinstance(value, (BaseModel, dict, tuple)):
+            out[attr] = _text(value)
     return out
 
 

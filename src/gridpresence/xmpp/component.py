@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
-from slixmpp import JID, ComponentXMPP, Iq
+from slixmpp import JID, ComponentXMPP, Iq, Message
 from slixmpp.basexmpp import BaseXMPP
 from slixmpp.jid import InvalidJID
 from slixmpp.xmlstream import StanzaBase, tostring
-from slixmpp.xmlstream.tostring import escape as xml_escape
+from gridpresence.xmpp.slixfix.escape import escape as xml_escape  # the fast one (slixmpp's own goes char by char)
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
@@ -535,6 +535,19 @@ class HostedClient(ComponentXMPP):
             self.send_raw(tostring(stanza.xml, xmlns=self.default_ns, stream=self, top_level=True))
         except Exception:  # as the queue's task: a faulty stanza is logged, the sender goes on
             log.error("Exception raised in send:", exc_info=True)
+
+    def send_payload(self, to: str, payload: ET.Element, mtype: str = "normal") -> None:
+        """A message of one data payload (a device's outcome) to ``to``: as send's fast path
+        sends it, but without a stanza object, its plugins or a run of the outgoing filters
+        (they stamp presence only), a tenth of a command's cost on the host. While anything
+        waits in the send queue, it goes the usual way, behind it."""
+        xml = ET.Element(f"{{{NS}}}message", {"type": mtype, "to": str(to), "id": self.new_id(),
+                                              "from": self.boundjid.full})
+        xml.append(payload)
+        if self.transport is None or not self._session_started or not self.waiting_queue.empty():
+            self.send(Message(self, xml))
+            return
+        self._send_one(xml)
 
     def broadcast_change(self, pres: StanzaBase, leave_out: frozenset[str]) -> None:
         """Send the broadcast presence ``pres`` as a change of what the identity says (not of
