@@ -19,6 +19,7 @@ from xml.etree import ElementTree as ET
 
 from pydantic import ValidationError
 from slixmpp import JID, Message, Presence
+from slixmpp.xmlstream import tostring
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
@@ -44,6 +45,7 @@ from gridpresence.protocol.codec import (
     PayloadError,
     q,
     outcome_to_xml,
+    record_to_text,
     record_to_xml,
     report_from_xml,
     report_to_xml,
@@ -160,7 +162,8 @@ class DeviceAgent(PartySession):
         # (issuer, id) of each command being carried out: a copy waits for it, then is a replay.
         self._in_flight: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._stopping = False
-        self._outcome_xml: tuple[Outcome, ET.Element] | None = None  # the last record's outcome (_record)
+        # The last record's outcome, as an element and (hosted) serialised: the issuer's answer (_record).
+        self._outcome_xml: tuple[Outcome, ET.Element, str] | None = None
         self.client.register_handler(
             Callback("grid command", StanzaPath("message/grid_command"), self._on_command)
         )
@@ -550,12 +553,18 @@ class DeviceAgent(PartySession):
         for to in self.setup.recorders:
             if to == JID(cmd.issuer).bare:
                 continue
-            if record is None:  # built once, for every recorder, and its outcome kept for the issuer's answer
-                record = record_to_xml(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome))
-                self._outcome_xml = (outcome, record[0])
             if hosted is not None:  # with the other identities' records, in one message (data only)
+                if record is None:  # the outcome serialised once, for the recorders and the issuer's answer
+                    el = outcome_to_xml(outcome)
+                    text = tostring(el)
+                    self._outcome_xml = (outcome, el, text)
+                    record = record_to_text(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome),
+                                            text)
                 hosted.link.send_batched(to, q("outcome-records"), record)
                 continue
+            if record is None:  # built once, for every recorder, and its outcome kept for the issuer's answer
+                record = record_to_xml(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome))
+                self._outcome_xml = (outcome, record[0], "")
             msg = self.client.make_message(mto=to, mtype="normal")
             msg.append(record)
             msg.send()
@@ -599,9 +608,9 @@ class DeviceAgent(PartySession):
         made = self._outcome_xml
         self._outcome_xml = None
         # The same outcome's element as in the record just sent (both are only serialised).
-        el = made[1] if made is not None and made[0] is outcome else outcome_to_xml(outcome)
+        el, text = (made[1], made[2]) if made is not None and made[0] is outcome else (outcome_to_xml(outcome), "")
         if isinstance(self.client, HostedClient):
-            self.client.send_payload(str(to), el)
+            self.client.send_payload(str(to), el, text=text)
             return
         msg = self.client.make_message(mto=to, mtype="normal")
         msg.append(el)

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from xml.etree import ElementTree as ET
 
 from pydantic import BaseModel, ValidationError
+from slixmpp.xmlstream import tostring
 
 from gridpresence.protocol.models import (
     NS,
@@ -183,9 +184,21 @@ def outcome_from_xml(el: ET.Element | None, *, nested: bool = False) -> Outcome:
 
 
 def record_to_xml(record: OutcomeRecord) -> ET.Element:
-    el = ET.Element(q("outcome-record"), {"action": record.action.value, "issuer": record.issuer})
+    el = ET.Element(q("outcome-record"), _record_attrs(record))
     el.append(outcome_to_xml(record.outcome))
     return el
+
+
+def _record_attrs(record: OutcomeRecord) -> dict[str, str]:
+    return {"action": record.action.value, "issuer": record.issuer}
+
+
+def record_to_text(record: OutcomeRecord, outcome_text: str) -> str:
+    """record_to_xml's element serialised, around ``outcome_text``: its outcome already
+    serialised (by slixmpp's ``tostring``, its namespace declared), as a device host sends the
+    same outcome to the issuer: written once for both."""
+    shell = tostring(ET.Element(q("outcome-record"), _record_attrs(record)), open_only=True)
+    return f"{shell}{outcome_text}</outcome-record>"
 
 
 def record_from_xml(el: ET.Element | None) -> OutcomeRecord:
