@@ -113,6 +113,8 @@ async def test_every_operator_sees_every_change_and_the_watchdog_is_left_out(gri
     name = LOADS[0]
     jid, alice_jid, bob_jid = grid.fleet.jid(name), grid.fleet.jid("alice"), grid.fleet.jid("bob")
     dev = agent(grid, name)
+    # Left out of a change: the watchdog and the relay only, never an operator or the console.
+    assert dev.health_only == {grid.fleet.jid("watchdog"), grid.fleet.jid("relay")}
     async with GridOperator.from_connection(grid.connection, operator="alice", resource="aud") as alice:
         await alice.wait_for(lambda d: all(v.present for v in d.values()), 15)
         bob = await plain(grid, "bob")  # a stock client's roster
