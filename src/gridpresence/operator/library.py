@@ -589,6 +589,9 @@ class GridOperator:
         """A device host's batch of records, from its component's domain (which speaks for every
         identity on it): each record only for a device of that domain that we watch."""
         sender = msg["from"]
+        if sender.user:  # a user's JID speaks for no host: the whole batch is refused, with one line
+            log.warning("outcome records from %s ignored: only a device host's domain sends them", sender)
+            return
         try:
             records, bad = records_from_xml(msg["grid_outcome_records"].xml)
         except PayloadError as exc:
@@ -598,7 +601,7 @@ class GridOperator:
             log.warning("dropped an invalid outcome record from %s: %s", sender, exc)
         for record in records:
             view = self.tracker.find(record.outcome.device)
-            if sender.user or view is None or JID(record.outcome.device).domain != sender.bare:
+            if view is None or JID(record.outcome.device).domain != sender.bare:
                 log.warning("outcome record from %s for %s ignored: not that device's host", sender,
                             record.outcome.device)
                 continue
