@@ -19,6 +19,7 @@ from xml.etree import ElementTree as ET
 
 from pydantic import ValidationError
 from slixmpp import JID, Message, Presence
+from slixmpp.xmlstream import tostring
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
@@ -32,6 +33,7 @@ from gridpresence.device.operated import OperatedStore
 from gridpresence.device.ox_chat import OxDesk
 from gridpresence.device.price_feed import PriceFeed
 from gridpresence.security.ox import is_encrypted
+from gridpresence.xmpp.component import HostedClient
 from gridpresence.xmpp.party import PartySession
 from gridpresence.xmpp.reconnect import reconnector_of
 from gridpresence.xmpp.session import Endpoint, close_session, make_client
@@ -43,6 +45,7 @@ from gridpresence.protocol.codec import (
     PayloadError,
     q,
     outcome_to_xml,
+    record_to_text,
     record_to_xml,
     report_from_xml,
     report_to_xml,
@@ -159,7 +162,8 @@ class DeviceAgent(PartySession):
         # (issuer, id) of each command being carried out: a copy waits for it, then is a replay.
         self._in_flight: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._stopping = False
-        self._outcome_xml: tuple[Outcome, ET.Element] | None = None  # the last record's outcome (_record)
+        # The last record's outcome, as an element and (hosted) serialised: the issuer's answer (_record).
+        self._outcome_xml: tuple[Outcome, ET.Element, str] | None = None
         self.client.register_handler(
             Callback("grid command", StanzaPath("message/grid_command"), self._on_command)
         )
@@ -169,6 +173,9 @@ class DeviceAgent(PartySession):
             self.client.add_event_handler("presence", self._on_child_presence)
         self.client.add_event_handler("session_start", self._on_session_start)
         self.telemetry_audience = self._telemetry_audience()
+        # Left out of a change of state that is not one of availability (HostedClient only: a c2s
+        # account's broadcast is the server's). Never an operator, nor a service acting for them.
+        self.health_only = (frozenset(JID(j).bare for j in self.setup.health_only) | self.relays) - self.operators
         self._online: dict[str, set[str]] = {}  # the telemetry audience's sessions online, by bare JID
         self.client.add_event_handler("presence", self._on_audience_presence)
         # Every feature is a desk, built in the table's order for this kind (device/desks.py).
@@ -327,10 +334,15 @@ class DeviceAgent(PartySession):
         pres.append(report_to_xml(report))
         self._published = report
         if broadcast:
-            pres.send()
+            old = self._broadcast
+            if (not force and old is not None and isinstance(self.client, HostedClient)
+                    and (old.state is DeviceState.GONE) == (report.state is DeviceState.GONE)):
+                self.client.broadcast_change(pres, self.health_only)  # still there: not news to the watchdog
+            else:
+                pres.send()
+                # The refresh is counted from the last broadcast to all: the watchdog sees only those.
+                self._published_at = asyncio.get_running_loop().time()
             self._broadcast = report
-            # The refresh is counted from the last broadcast: the watchdog sees only those.
-            self._published_at = asyncio.get_running_loop().time()
         else:
             self._send_directed(pres)
         return report
@@ -537,12 +549,22 @@ class DeviceAgent(PartySession):
         if not self.client.is_connected():
             return
         record = None
+        hosted = self.client if isinstance(self.client, HostedClient) else None
         for to in self.setup.recorders:
             if to == JID(cmd.issuer).bare:
                 continue
+            if hosted is not None:  # with the other identities' records, in one message (data only)
+                if record is None:  # the outcome serialised once, for the recorders and the issuer's answer
+                    el = outcome_to_xml(outcome)
+                    text = tostring(el)
+                    self._outcome_xml = (outcome, el, text)
+                    record = record_to_text(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome),
+                                            text)
+                hosted.link.send_batched(to, q("outcome-records"), record)
+                continue
             if record is None:  # built once, for every recorder, and its outcome kept for the issuer's answer
                 record = record_to_xml(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome))
-                self._outcome_xml = (outcome, record[0])
+                self._outcome_xml = (outcome, record[0], "")
             msg = self.client.make_message(mto=to, mtype="normal")
             msg.append(record)
             msg.send()
@@ -583,9 +605,13 @@ class DeviceAgent(PartySession):
         err.send()
 
     def _send_outcome(self, to: JID, outcome: Outcome) -> None:
-        msg = self.client.make_message(mto=to, mtype="normal")
         made = self._outcome_xml
         self._outcome_xml = None
         # The same outcome's element as in the record just sent (both are only serialised).
-        msg.append(made[1] if made is not None and made[0] is outcome else outcome_to_xml(outcome))
+        el, text = (made[1], made[2]) if made is not None and made[0] is outcome else (outcome_to_xml(outcome), "")
+        if isinstance(self.client, HostedClient):
+            self.client.send_payload(str(to), el, text=text)
+            return
+        msg = self.client.make_message(mto=to, mtype="normal")
+        msg.append(el)
         msg.send()

@@ -45,6 +45,9 @@ class DeviceSetup:
 
     duty: tuple[str, ...] = ()  # operators on alarm duty, in the fleet's order
     recorders: tuple[str, ...] = ()  # bare JIDs sent a copy of every alarm state and command outcome (the historian)
+    # Bare JIDs that need only the device's availability and refreshes (the watchdog; the relays
+    # count too): a hosted device leaves them out of a change of state (PROTOCOL.md).
+    health_only: tuple[str, ...] = ()
     alarms: AlarmSettings = field(default_factory=AlarmSettings)
     rules: RuleSet | None = None  # the fleet's rule set (None: the built-in one for ``alarms``)
     audit: Path | None = None  # where threshold changes are journalled (None: memory only)

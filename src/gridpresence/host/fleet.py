@@ -232,6 +232,7 @@ def device_agent(fleet: Fleet, name: str, endpoint: Endpoint, password: str, key
         peak=peak_hours(fleet),
         fleet=fleet,
         recorders=(fleet.jid(CONSOLE),),  # the historian rides on the console's session
+        health_only=(fleet.jid(WATCHDOG),),
     )
     return DeviceAgent(spec, fleet.jid(name), password, endpoint, [fleet.jid(o.name) for o in fleet.operators],
                        [fleet.jid(c.name) for c in fleet.children(name)], tick_s=tick_s, relays=[fleet.jid(RELAY)],

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from xml.etree import ElementTree as ET
 
 from slixmpp import JID, ClientXMPP, Message
+from slixmpp.xmlstream import tostring
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
@@ -56,6 +57,7 @@ class CommandIssuer:
         # Commands sent and, if still waiting at the due time, to be kept on disk (_keep_later).
         self._to_keep: collections.deque[tuple[float, Command, str, ET.Element]] = collections.deque()
         self._keep_timer: asyncio.TimerHandle | None = None
+        self._out: list[str] = []  # commands serialised this loop turn, written together (_post)
         client.register_handler(Callback("grid outcome", StanzaPath("message/grid_outcome"),
                                          self._on_outcome))  # type: ignore[arg-type]
         client.add_event_handler("message_error", self._on_bounce)
@@ -73,19 +75,18 @@ class CommandIssuer:
     async def send(self, cmd: Command, to: str) -> Outcome:
         """Send ``cmd`` to a device's full JID; its one outcome, or "expired" if none came."""
         fut = self.expect(cmd.id)
-        msg = self.client.make_message(mto=to, mtype="normal")
-        wire = self.wire(cmd, JID(to).bare)
-        msg.append(wire)
-        self._stanza_to_command[msg["id"]] = cmd.id
-        self._sent[cmd.id] = (wire, JID(to).bare, str(to))
+        device = JID(to).bare
+        wire = self.wire(cmd, device)
+        self._sent[cmd.id] = (wire, device, str(to))
 
         # Kept on disk only once it is slow to answer: most outcomes come within milliseconds
         # (only a kill -9 this soon after sending goes unkept; a cancelled wait keeps it at once,
         # below). The commands of a fan-out still waiting then go in one file (_keep_due).
         keeping = self.store.directory is not None
         if keeping:
-            self._keep_later(cmd, JID(to).bare, wire)
-        msg.send()
+            self._keep_later(cmd, device, wire)
+        stanza_id = self._post(str(to), wire)
+        self._stanza_to_command[stanza_id] = cmd.id
         wait_s = max(0.0, (cmd.expires - utcnow()).total_seconds()) + OUTCOME_MARGIN_S
         given_up = False
         try:
@@ -104,7 +105,34 @@ class CommandIssuer:
                 self.store.remove(cmd.id)
             self.pending.pop(cmd.id, None)
             self._sent.pop(cmd.id, None)
-            self._stanza_to_command.pop(msg["id"], None)
+            self._stanza_to_command.pop(stanza_id, None)
+
+    def _post(self, to: str, wire: ET.Element) -> str:
+        """Send ``wire`` in a message to ``to``; its stanza id. With the session up and nothing
+        in slixmpp's send queue, serialised here and written with the other commands of this
+        loop turn in one write: a fan-out's 1,000 commands cost one TLS record and system call
+        per turn instead of one each, and no stanza object each (a message has nothing for the
+        outgoing filters to do). Otherwise as any stanza, through the queue (held while the
+        session is down, in order behind what waits)."""
+        client = self.client
+        if (client.transport is None or not client._session_started or not client.waiting_queue.empty()
+                or "xep_0198" in client.plugin):  # stream management counts what its filter sees
+            msg = client.make_message(mto=to, mtype="normal")
+            msg.append(wire)
+            msg.send()
+            return str(msg["id"])
+        stanza_id = client.new_id()
+        xml = ET.Element(f"{{{client.default_ns}}}message", {"to": to, "type": "normal", "id": stanza_id})
+        xml.append(wire)
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(tostring(xml, xmlns=client.default_ns, stream=client, top_level=True))
+        return stanza_id
+
+    def _flush(self) -> None:
+        data, self._out = "".join(self._out), []
+        if data and self.client.transport is not None:  # gone meanwhile: resend_pending sends them again
+            self.client.send_raw(data)
 
     def _keep_later(self, cmd: Command, device: str, wire: ET.Element) -> None:
         """Keep ``cmd`` on disk if it is still waiting KEEP_AFTER_S from now: one timer for all

@@ -47,6 +47,7 @@ from gridpresence.protocol.codec import (
     health_from_xml,
     q,
     record_from_xml,
+    records_from_xml,
     report_from_xml,
 )
 from gridpresence.protocol.alarm import Alarm, alarm_from_xml
@@ -135,6 +136,8 @@ class GridOperator:
         # A device's copy of a command someone else issued (this session is a recorder's).
         self.client.register_handler(Callback("outcome record", StanzaPath("message/grid_outcome_record"),
                                               self._on_record))
+        self.client.register_handler(Callback("outcome records", StanzaPath("message/grid_outcome_records"),
+                                              self._on_records))
         self.client.register_handler(Callback("signed tariff", StanzaPath("message/openpgp"),
                                               self._on_tariff))  # type: ignore[arg-type]
         self.client.register_handler(Callback("mailed data", StanzaPath("message/grid_device"), self._on_mailed_data))
@@ -602,6 +605,28 @@ class GridOperator:
             log.warning("outcome record from %s for %s ignored: not that device", msg["from"], record.outcome.device)
             return
         self._tell(self._outcome_listeners, view.name, record.action.value, record.outcome)
+
+    def _on_records(self, msg: Message) -> None:
+        """A device host's batch of records, from its component's domain (which speaks for every
+        identity on it): each record only for a device of that domain that we watch."""
+        sender = msg["from"]
+        if sender.user:  # a user's JID speaks for no host: the whole batch is refused, with one line
+            log.warning("outcome records from %s ignored: only a device host's domain sends them", sender)
+            return
+        try:
+            records, bad = records_from_xml(msg["grid_outcome_records"].xml)
+        except PayloadError as exc:
+            log.warning("dropped invalid outcome records from %s: %s", sender, exc)
+            return
+        for exc in bad[:3]:
+            log.warning("dropped an invalid outcome record from %s: %s", sender, exc)
+        for record in records:
+            view = self.tracker.find(record.outcome.device)
+            if view is None or JID(record.outcome.device).domain != sender.bare:
+                log.warning("outcome record from %s for %s ignored: not that device's host", sender,
+                            record.outcome.device)
+                continue
+            self._tell(self._outcome_listeners, view.name, record.action.value, record.outcome)
 
     async def new_alarms(self) -> AsyncIterator[Alarm]:
         """Alarms sent to this operator from now on, as they arrive."""

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from xml.etree import ElementTree as ET
 
 from pydantic import BaseModel, ValidationError
+from slixmpp.xmlstream import tostring
 
 from gridpresence.protocol.models import (
     NS,
@@ -52,14 +53,31 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+_ATTR_NAMES: dict[type[BaseModel], tuple[tuple[str, str], ...]] = {}  # per model: (field, attribute)
+
+
 def _attrs(model: BaseModel, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """Scalar fields of a model as hyphenated attributes (None left out)."""
+    """Scalar fields of a model as hyphenated attributes (None left out). Every presence,
+    command and outcome is written with it: the field names are worked out once per model, and
+    the commonest values (str, float, int) written without _text's chain of checks."""
+    names = _ATTR_NAMES.get(type(model))
+    if names is None:
+        names = _ATTR_NAMES[type(model)] = tuple((f, f.replace("_", "-")) for f in type(model).model_fields)
+    values = model.__dict__  # a pydantic model's field values
     out: dict[str, str] = {}
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        if name in skip or value is None or isinstance(value, (BaseModel, dict, tuple)):
+    for name, attr in names:
+        value = values[name]
+        kind = type(value)
+        if value is None or name in skip:
             continue
-        out[name.replace("_", "-")] = _text(value)
+        if kind is str:
+            out[attr] = value
+        elif kind is float:
+            out[attr] = repr(value)
+        elif kind is int:
+            out[attr] = str(value)
+        elif not isinstance(value, (BaseModel, dict, tuple)):
+            out[attr] = _text(value)
     return out
 
 
@@ -166,15 +184,47 @@ def outcome_from_xml(el: ET.Element | None, *, nested: bool = False) -> Outcome:
 
 
 def record_to_xml(record: OutcomeRecord) -> ET.Element:
-    el = ET.Element(q("outcome-record"), {"action": record.action.value, "issuer": record.issuer})
+    el = ET.Element(q("outcome-record"), _record_attrs(record))
     el.append(outcome_to_xml(record.outcome))
     return el
+
+
+def _record_attrs(record: OutcomeRecord) -> dict[str, str]:
+    return {"action": record.action.value, "issuer": record.issuer}
+
+
+def record_to_text(record: OutcomeRecord, outcome_text: str) -> str:
+    """record_to_xml's element serialised, around ``outcome_text``: its outcome already
+    serialised (by slixmpp's ``tostring``, its namespace declared), as a device host sends the
+    same outcome to the issuer: written once for both."""
+    shell = tostring(ET.Element(q("outcome-record"), _record_attrs(record)), open_only=True)
+    return f"{shell}{outcome_text}</outcome-record>"
 
 
 def record_from_xml(el: ET.Element | None) -> OutcomeRecord:
     el = _expect(el, "outcome-record")
     data = {**_fields(OutcomeRecord, el.attrib), "outcome": outcome_from_xml(el.find(q("outcome")))}
     return _validate(OutcomeRecord, data, "outcome-record")
+
+
+RECORDS_MAX = 1000  # records read from one batch (a host sends at most 100: xmpp/component.py)
+
+
+def records_from_xml(el: ET.Element | None) -> tuple[list[OutcomeRecord], list[PayloadError]]:
+    """A batch ``<outcome-records>`` of many identities' records (a device host sends them so,
+    from its component's domain): the valid ones, and why each other one was not."""
+    el = _expect(el, "outcome-records")
+    good: list[OutcomeRecord] = []
+    bad: list[PayloadError] = []
+    for i, child in enumerate(el):
+        if i >= RECORDS_MAX:
+            bad.append(PayloadError(f"invalid outcome-records: more than {RECORDS_MAX}; the rest ignored"))
+            break
+        try:
+            good.append(record_from_xml(child))
+        except PayloadError as exc:
+            bad.append(exc)
+    return good, bad
 
 
 # -- tariffs and health ------------------------------------------------------------------

@@ -34,6 +34,14 @@ class GridOutcomeRecord(ElementBase):
     plugin_attrib = "grid_outcome_record"
 
 
+class GridOutcomeRecords(ElementBase):
+    """A batch of records from a device host's domain (xmpp/component.py send_batched)."""
+
+    name = "outcome-records"
+    namespace = NS
+    plugin_attrib = "grid_outcome_records"
+
+
 class GridTariff(ElementBase):
     name = "tariff"
     namespace = NS
@@ -61,6 +69,7 @@ def register() -> None:
     register_stanza_plugin(Message, GridCommand)
     register_stanza_plugin(Message, GridOutcome)
     register_stanza_plugin(Message, GridOutcomeRecord)
+    register_stanza_plugin(Message, GridOutcomeRecords)
     register_stanza_plugin(Message, GridTariff)
     register_stanza_plugin(Iq, GridHealthQuery)
     _registered = True

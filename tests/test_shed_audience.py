@@ -1,0 +1,255 @@
+"""Who a hosted device's shed reaches (issue 16, fewer stanzas per command), against a real
+Prosody: a change of state goes to every operator (a stock client's roster shows each one) but
+not to the watchdog, which still gets every refresh on its rhythm and every change of
+availability; the outcome records for the historian go in batches from the component's domain,
+each one recorded, and a batch from anyone else, or malformed, changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import pytest
+import pytest_asyncio
+from slixmpp import ClientXMPP
+
+from conftest import until
+from gridpresence.config import parse_fleet
+from gridpresence.device.agent import DeviceAgent
+from gridpresence.host.grid import Grid
+from gridpresence.operator.library import GridOperator
+from gridpresence.protocol import Action
+from gridpresence.protocol.codec import PayloadError, q, record_to_xml, records_from_xml
+from gridpresence.protocol.models import (DeviceState, Outcome, OutcomeRecord, OutcomeStatus,
+                                          utcnow)
+from gridpresence.services.watchdog import WatchdogAgent
+from gridpresence.xmpp.component import ComponentLink
+from gridpresence.xmpp.session import close_session, make_client, open_session
+
+pytestmark = pytest.mark.timeout(120)
+
+LOADS = [f"s-{i}" for i in range(12)]
+QUICK = "quick"  # refreshes every 2 s: the watchdog's rhythm is watched on it
+FLEET = {
+    "domain": "localhost",
+    "presence_grace_s": 5.0,
+    "hosting": "component",
+    "operators": [{"name": "alice"}, {"name": "bob"}],
+    "devices": [*({"name": n, "kind": "load", "rated_kw": 10, "refresh_s": 600.0} for n in LOADS),
+                {"name": QUICK, "kind": "load", "rated_kw": 10, "refresh_s": 2.0}],
+}
+
+
+@pytest_asyncio.fixture(scope="module")
+async def grid() -> AsyncIterator[Grid]:
+    data = Path(tempfile.mkdtemp(prefix="shed-aud-"))
+    g = Grid(parse_fleet(FLEET), data, only=[*LOADS, QUICK, "watchdog", "console"], dashboard=False, tick_s=600)
+    await g.start()
+    try:
+        yield g
+    finally:
+        await g.stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def link_of(grid: Grid) -> ComponentLink:
+    assert grid.bots is not None and grid.bots.link is not None
+    return grid.bots.link
+
+
+def agent(grid: Grid, name: str) -> DeviceAgent:
+    assert grid.bots is not None
+    return grid.bots.devices[name]
+
+
+def watchdog(grid: Grid) -> WatchdogAgent:
+    assert grid.bots is not None
+    found = [b for b in grid.bots.bots if isinstance(b, WatchdogAgent)]
+    assert found
+    return found[0]
+
+
+class Written:
+    """Every stanza the link writes to the server while installed, as text."""
+
+    def __init__(self, link: ComponentLink) -> None:
+        assert link.transport is not None
+        self.transport, self.writes = link.transport, []  # type: ignore[var-annotated]
+        self.original = link.transport.write
+
+    def __enter__(self) -> Written:
+        self.transport.write = lambda data: (self.writes.append(bytes(data).decode()), self.original(data))  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.transport.write = self.original  # type: ignore[method-assign]
+
+    def presence_to(self, jid: str, sender: str) -> int:
+        """Presence stanzas from ``sender`` (bare) to ``jid`` (bare, any resource)."""
+        tags = re.findall(r"<presence\b[^>]*>", "".join(self.writes))
+        return sum(1 for t in tags if re.search(rf'to="{re.escape(jid)}[/"]', t) and f'from="{sender}' in t)
+
+    def messages_with(self, element: str) -> list[str]:
+        return [m for m in re.findall(r"<message\b.*?</message>", "".join(self.writes), re.S) if f"<{element}" in m]
+
+
+async def plain(grid: Grid, name: str) -> ClientXMPP:
+    client = make_client(f"{grid.fleet.jid(name)}/plain-{random.randrange(1 << 20)}", grid.secrets.password(name),
+                         grid.endpoint)
+    await open_session(client, grid.endpoint)
+    await client.get_roster()
+    client.send_presence()
+    return client
+
+
+async def test_every_operator_sees_every_change_and_the_watchdog_is_left_out(grid: Grid) -> None:
+    name = LOADS[0]
+    jid, alice_jid, bob_jid = grid.fleet.jid(name), grid.fleet.jid("alice"), grid.fleet.jid("bob")
+    dev = agent(grid, name)
+    # Left out of a change: the watchdog and the relay only, never an operator or the console.
+    assert dev.health_only == {grid.fleet.jid("watchdog"), grid.fleet.jid("relay")}
+    async with GridOperator.from_connection(grid.connection, operator="alice", resource="aud") as alice:
+        await alice.wait_for(lambda d: all(v.present for v in d.values()), 15)
+        bob = await plain(grid, "bob")  # a stock client's roster
+        try:
+            item = bob.client_roster[jid]
+            await until(lambda: item.resources, 10, "bob's probe answered")
+            refreshed_at = dev._published_at
+            with Written(link_of(grid)) as seen:
+                for i in range(4):
+                    action, state = (Action.SHED, DeviceState.OFF) if i % 2 == 0 else (Action.RESTORE, DeviceState.ON)
+                    outcome = await alice.command(name, action)
+                    assert outcome.status is OutcomeStatus.EXECUTED, outcome
+                    await alice.wait_for(lambda d, s=state: d[name].state is s, 5)
+                    await until(lambda s=state: any((r.get("status") or "").split(",")[0] == s.value
+                                                    for r in item.resources.values()), 5, f"bob seeing {state.value}")
+            # One presence per change to each operator; none to the watchdog.
+            assert seen.presence_to(alice_jid, jid) == 4 and seen.presence_to(bob_jid, jid) == 4
+            assert seen.presence_to(grid.fleet.jid("watchdog"), jid) == 0
+            assert dev._published_at == refreshed_at  # the refresh is not postponed by what the watchdog missed
+            # A refresh reaches everyone, the watchdog too, with the state as it is now.
+            tracker = watchdog(grid).tracker
+            before = tracker._last_refresh.get(jid)
+            with Written(link_of(grid)) as seen:
+                dev.publish(force=True)
+                await until(lambda: tracker._last_refresh.get(jid) != before, 5, "the watchdog's refresh")
+            assert tracker.views[jid].state is DeviceState.ON
+            assert seen.presence_to(grid.fleet.jid("watchdog"), jid) == 1
+            assert watchdog(grid).tracker.views[jid].health.value == "ok"
+        finally:
+            await close_session(bob)
+
+
+async def test_the_watchdog_keeps_its_refresh_rhythm_through_changes(grid: Grid) -> None:
+    """Changes every 0.4 s for 5 s: none reach the watchdog, yet a refresh still comes every
+    2 s (counted from the last presence it got, not the last change), so it never has to ping."""
+    dev, jid = agent(grid, QUICK), grid.fleet.jid(QUICK)
+    with Written(link_of(grid)) as seen:
+        for i in range(12):
+            dev.sim.execute(Action.SHED if i % 2 == 0 else Action.RESTORE, {}, utcnow())
+            dev.publish(force=False)
+            await asyncio.sleep(0.4)
+    told = seen.presence_to(grid.fleet.jid("watchdog"), jid)
+    assert 2 <= told <= 3, told  # the refreshes of 4.8 s at 2 s, and nothing else
+    assert seen.presence_to(grid.fleet.jid("alice"), jid) + seen.presence_to(grid.fleet.jid("console"), jid) >= 12
+    assert watchdog(grid).tracker.views[jid].health.value == "ok"
+
+
+async def test_records_go_in_batches_and_each_is_recorded(grid: Grid) -> None:
+    assert grid.bots is not None and grid.bots.console is not None
+    recorded: dict[str, str] = {}
+    stop = grid.bots.console.grid.listen_outcomes(lambda _n, action, o: recorded.__setitem__(o.command_id, action))
+    try:
+        async with GridOperator.from_connection(grid.connection, operator="alice", resource="rec") as alice:
+            await alice.wait_for(lambda d: all(v.present for v in d.values()), 15)
+            with Written(link_of(grid)) as seen:
+                outcomes = await alice.command_many(LOADS, Action.SHED)
+                await until(lambda: {o.command_id for o in outcomes.values()} <= recorded.keys(), 10, "every record")
+                await alice.command_many(LOADS, Action.RESTORE)
+        assert all(o.status is OutcomeStatus.EXECUTED for o in outcomes.values())
+        assert all(recorded[o.command_id] == "shed" for o in outcomes.values())
+        batches = seen.messages_with("outcome-records")
+        assert 1 <= len(batches) < len(LOADS), len(batches)  # 12 records in fewer messages
+        assert all(re.match(rf"<message [^>]*from=[\"']{re.escape(link_of(grid).domain)}[\"']", m) for m in batches)
+        assert sum(m.count("<outcome-record ") for m in batches) >= len(LOADS)
+        assert not [m for m in seen.messages_with("outcome-record ") if "<outcome-records" not in m]
+    finally:
+        stop()
+
+
+def _record(device: str, command_id: str) -> ET.Element:
+    return record_to_xml(OutcomeRecord(action=Action.SHED, issuer="alice@localhost", outcome=Outcome(
+        command_id=command_id, device=device, status=OutcomeStatus.EXECUTED)))
+
+
+async def test_forged_or_malformed_batches_change_nothing(grid: Grid) -> None:
+    """Seeded, bounded: a batch from a user's JID, records for devices of another domain, and
+    garbage in batches from the domain itself; the console records none of them and still
+    records the next real one."""
+    assert grid.bots is not None and grid.bots.console is not None
+    link_of(grid).flush_batches()  # earlier tests' records, out before we listen
+    await asyncio.sleep(0.5)
+    recorded: list[str] = []
+    stop = grid.bots.console.grid.listen_outcomes(lambda _n, _a, o: recorded.append(o.command_id))
+    rng = random.Random(1616)
+    link, console = link_of(grid), grid.fleet.jid("console")
+    bob = await plain(grid, "bob")
+    try:
+        # bob, a user, cannot speak for the devices' host.
+        msg = bob.make_message(mto=console, mtype="normal")
+        box = ET.SubElement(msg.xml, q("outcome-records"))
+        box.append(_record(grid.fleet.jid(LOADS[1]), "forged-1"))
+        msg.send()
+        # The host's domain cannot speak for another domain's device.
+        link.send_batched(console, q("outcome-records"), _record("someone@localhost", "forged-2"))
+        pieces = [lambda: ET.Element(q("outcome-record")), lambda: ET.Element("junk"),
+                  lambda: ET.Element(q("outcome-record"), {"action": "bogus", "issuer": ""}),
+                  lambda: _record(grid.fleet.jid(LOADS[2]), "x" * rng.randrange(0, 200)),
+                  lambda: ET.Element(q("outcome-records"))]
+        for _ in range(60):
+            link.send_batched(console, q("outcome-records"), rng.choice(pieces)())
+        link.flush_batches()
+        await asyncio.sleep(1.0)
+        assert "forged-1" not in recorded and "forged-2" not in recorded
+        assert all(c and set(c) == {"x"} for c in recorded)  # only the valid records of the domain's own devices
+        async with GridOperator.from_connection(grid.connection, operator="alice", resource="fz") as alice:
+            await alice.wait_for(lambda d: all(v.present for v in d.values()), 15)
+            outcome = await alice.command(LOADS[3], Action.READ)
+        await until(lambda: outcome.command_id in recorded, 10, "the real record after the garbage")
+    finally:
+        stop()
+        await close_session(bob)
+
+
+def test_records_from_xml_fuzz() -> None:
+    """Seeded, bounded: mutated batches give records or PayloadErrors, never another exception."""
+    rng = random.Random(16)
+    good = ET.tostring(ET.Element(q("outcome-records")), encoding="unicode")
+    base = ET.fromstring(good)
+    for i in range(5):
+        base.append(_record(f"d-{i}@devices.localhost", f"c-{i}"))
+    text = ET.tostring(base, encoding="unicode")
+    for _ in range(400):
+        chars = list(text)
+        for _ in range(rng.randrange(1, 6)):
+            chars[rng.randrange(len(chars))] = rng.choice('<>"=/ ax0-')
+        try:
+            el = ET.fromstring("".join(chars))
+        except ET.ParseError:
+            continue
+        try:
+            records, bad = records_from_xml(el)
+        except PayloadError:
+            continue
+        assert len(records) + len(bad) == len(el)
+    many = ET.Element(q("outcome-records"))
+    many.extend(_record("d@devices.localhost", f"c-{i}") for i in range(1005))
+    records, bad = records_from_xml(many)
+    assert len(records) == 1000 and len(bad) == 1  # bounded: the rest is not read
