@@ -41,6 +41,8 @@ def q(name: str) -> str:
 
 
 def _text(value: Any) -> str:
+    if type(value) is float:  # the commonest in presence: readings
+        return repr(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, Enum):
@@ -52,14 +54,21 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+_ATTR_OF: dict[type[BaseModel], tuple[tuple[str, str], ...]] = {}  # per model: (field, attribute name)
+
+
 def _attrs(model: BaseModel, skip: tuple[str, ...] = ()) -> dict[str, str]:
     """Scalar fields of a model as hyphenated attributes (None left out)."""
+    cls = type(model)
+    names = _ATTR_OF.get(cls)
+    if names is None:  # once per model: every presence sent is written with it
+        names = _ATTR_OF[cls] = tuple((f, f.replace("_", "-")) for f in cls.model_fields)
     out: dict[str, str] = {}
-    for name in type(model).model_fields:
+    for name, attr in names:
         value = getattr(model, name)
-        if name in skip or value is None or isinstance(value, (BaseModel, dict, tuple)):
+        if value is None or name in skip or isinstance(value, (BaseModel, dict, tuple)):
             continue
-        out[name.replace("_", "-")] = _text(value)
+        out[attr] = _text(value)
     return out
 
 
