@@ -34,6 +34,39 @@ async def test_master_publishes_branch_totals(env: Env, alice: GridOperator) -> 
         await peer.close()
 
 
+async def test_branch_totals_follow_each_change_of_a_childs_reading(env: Env, alice: GridOperator) -> None:
+    """The master's <branches/> is made once per change of a child's report and kept between
+    them: after branch-x's reading moves, the master's next presence carries the new total."""
+    assert env.grid.bots is not None
+    bots = env.grid.bots.devices
+    names = ("bx-load-1", "bx-load-2", "bx-crit")
+    before = {n: bots[n].sim.utilisation for n in names}  # type: ignore[attr-defined]
+    x = env.fleet.jid("branch-x")
+    peer = await chat_peer(env, "bob", "totals")  # subscribed to the master: its broadcasts reach him
+    seen: asyncio.Queue = asyncio.Queue()
+    peer.client.add_event_handler("presence_available", lambda p: p["from"].bare == env.fleet.jid("master")
+                                  and p.xml.find(q("branches")) is not None and seen.put_nowait(p))
+    try:
+        for level in (0.2, 0.9, 0.3):
+            for name in names:
+                bots[name].sim.utilisation = level  # type: ignore[attr-defined]
+                bots[name].publish(force=True)
+            # branch-x's own sum, as its re-sum tells it (its loads drift a little around the level).
+            await alice.wait_for(lambda d, lv=level: (r := d["branch-x"].report) is not None
+                                 and abs((r.telemetry.kw or 0) - 115 * lv) <= 0.1 * 115, 8)
+            bots["master"].publish(force=True)  # its own re-sum may stay in the deadband: a refresh
+            async with asyncio.timeout(8):
+                while True:
+                    totals = {t.device: t for t in branches_from_xml((await seen.get()).xml.find(q("branches")))}
+                    if x in totals and abs(totals[x].kw - 115 * level) <= 0.1 * 115:
+                        break
+    finally:
+        for name, value in before.items():
+            bots[name].sim.utilisation = value  # type: ignore[attr-defined]
+            bots[name].publish(force=True)
+        await peer.close()
+
+
 async def test_branch_near_limit_advice_names_loads_and_generator(env: Env, alice: GridOperator) -> None:
     assert env.grid.bots is not None
     bots = env.grid.bots.devices

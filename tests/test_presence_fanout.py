@@ -22,6 +22,7 @@ from gridpresence.device.agent import DeviceAgent
 from gridpresence.host.grid import Grid
 from gridpresence.operator.library import GridOperator
 from gridpresence.protocol import Action
+from gridpresence.protocol.codec import report_to_xml
 from gridpresence.protocol.models import DeviceState, utcnow
 from gridpresence.xmpp.component import NS, ComponentLink, HostedClient
 from gridpresence.xmpp.session import close_session, make_client, open_session
@@ -155,6 +156,60 @@ async def test_a_probe_counts_as_online_before_the_contacts_presence(grid: Grid)
     # The server says bob is offline (its probe answer): skipped again.
     one.deliver(ET.Element(f"{{{NS}}}presence", {"type": "unavailable", "from": bob_jid, "to": one.boundjid.bare}))
     assert bob_jid in one._offline
+
+
+def stanzas_in(writes: list[str]) -> list[ET.Element]:
+    """The stanzas the link wrote, one element each (several may share a write)."""
+    return list(ET.fromstring(f"<w xmlns='{NS}'>{''.join(writes)}</w>"))
+
+
+def canonical(el: ET.Element) -> str:
+    return ET.canonicalize(ET.tostring(el))  # attributes in one order, whatever order they were set in
+
+
+async def test_a_moved_reading_goes_once_to_each_online_operator_as_one_copy_each_would(grid: Grid) -> None:
+    """A reading past the deadband without a change of health: directed presence to the telemetry
+    audience online only (not the watchdog), filtered and serialised once (send_each), and each
+    recipient's stanza the same as a copy sent on its own through the stream's send."""
+    dev, one = agent(grid, LOADS[1]), hosted(grid, LOADS[1])
+    alice_jid, bob_jid, watchdog = grid.fleet.jid("alice"), grid.fleet.jid("bob"), grid.fleet.jid("watchdog")
+    async with GridOperator.from_connection(grid.connection, operator="alice", resource="directed") as alice:
+        bob = await plain(grid, "bob")
+        try:
+            await until(lambda: dev._online.get(alice_jid) and dev._online.get(bob_jid), 10, "both seen online")
+            if dev.sim.state is not DeviceState.ON:  # a load that is off draws nothing: no reading moves
+                toggle(dev)
+            await alice.wait_for(lambda d: d[LOADS[1]].state is DeviceState.ON, 10)
+            sim = dev.sim
+            sim.utilisation = 0.3 if sim.utilisation > 0.6 else 0.9  # type: ignore[attr-defined]
+            sim.tick(utcnow())
+            with Written(link_of(grid)) as seen:
+                report = dev.publish(force=False)
+                await asyncio.sleep(0.3)
+            assert report is not None and dev._broadcast is not report, "told as a reading, not broadcast"
+            assert [seen.to(j) for j in (alice_jid, bob_jid, watchdog)] == [1, 1, 0]
+            await alice.wait_for(lambda d: (r := d[LOADS[1]].report) is not None and r.seq == report.seq, 5)
+            item = bob.client_roster[one.boundjid.bare]
+            await until(lambda: any(f"load {report.telemetry.load_pct:.0f}%" in (r.get("status") or "")
+                                    for r in item.resources.values()), 5, "bob's client showing the reading")
+
+            # One presence both ways: send_each, and a copy each through send (the way before).
+            pres = one.make_presence(pshow=report.show(), pstatus=report.status_text())
+            pres.append(report_to_xml(report))
+            with Written(link_of(grid)) as fast:
+                one.send_each(pres.__copy__(), [alice_jid, bob_jid])
+                await asyncio.sleep(0.2)
+            with Written(link_of(grid)) as slow:
+                for jid in (alice_jid, bob_jid):
+                    piece = pres.__copy__()
+                    piece["to"] = jid
+                    piece.send()
+                await asyncio.sleep(0.2)
+            fast_out, slow_out = stanzas_in(fast.writes), stanzas_in(slow.writes)
+            assert len(fast_out) == 2 and [canonical(e) for e in fast_out] == [canonical(e) for e in slow_out]
+            assert all(e.find("{http://jabber.org/protocol/caps}c") is not None for e in fast_out), "caps on each"
+        finally:
+            await close_session(bob)
 
 
 async def test_fuzzed_presence_to_a_hosted_jid_changes_nothing(grid: Grid) -> None:

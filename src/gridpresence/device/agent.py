@@ -350,11 +350,15 @@ class DeviceAgent(PartySession):
     def _send_directed(self, pres: Presence) -> None:
         """One copy to each member of the telemetry audience that is online (the server fans a
         bare JID out to its sessions); none to those offline, which the server would drop."""
-        for jid in self.telemetry_audience:
-            if self._online.get(jid):
-                copy = pres.__copy__()
-                copy["to"] = jid
-                copy.send()
+        tos = [jid for jid in self.telemetry_audience if self._online.get(jid)]
+        send_each = getattr(self.client, "send_each", None)  # a hosted identity's: filtered and serialised once
+        if send_each is not None:
+            send_each(pres, tos)
+            return
+        for jid in tos:
+            copy = pres.__copy__()
+            copy["to"] = jid
+            copy.send()
 
     def _on_audience_presence(self, pres: Presence) -> None:
         """Who of the telemetry audience is online, by session. A session that comes online had
@@ -383,9 +387,10 @@ class DeviceAgent(PartySession):
         if sender not in self.children:
             return
         kw, child = 0.0, None
-        if pres["type"] != "unavailable" and pres.xml.find(q("device")) is not None:
+        device = pres.xml.find(q("device"))
+        if pres.xml.get("type") != "unavailable" and device is not None:  # the attribute: pres["type"] costs more
             try:
-                child = report_from_xml(pres["grid_device"].xml)
+                child = report_from_xml(device)
             except PayloadError as exc:
                 log.warning("%s: dropped invalid presence from %s: %s", self.spec.name, sender, exc)
                 return

@@ -5,6 +5,7 @@ operators which loads can be shed and which generator can be started."""
 from __future__ import annotations
 
 import logging
+from xml.etree import ElementTree as ET
 
 from slixmpp import Presence
 from slixmpp.xmlstream import StanzaBase
@@ -33,16 +34,21 @@ class BranchAdvisor:
         self.master = agent.spec
         self.specs: dict[str, DeviceSpec] = {}
         self.children: list[str] = []
+        self._children: frozenset[str] = frozenset()  # the same, to look up
         self.branches: dict[str, list[str]] = {}  # each branch head -> the devices under it
         fleet = agent.setup.fleet
         if fleet is not None:  # without one (a device run on its own) there is no tree to watch
             self.specs = {fleet.jid(d.name): d for d in tree_members(fleet, self.master.name)}
             self.children = [fleet.jid(d.name) for d in fleet.children(self.master.name)]
+            self._children = frozenset(self.children)
             # Each branch (the master and every device with devices below it) and the loads under it.
             heads = [self.master, *(d for d in self.specs.values() if fleet.children(d.name))]
             self.branches = {fleet.jid(h.name): [fleet.jid(d.name) for d in fleet.descendants(h.name)] for h in heads}
         self.generators = [j for j, d in self.specs.items() if d.kind is DeviceKind.GENERATOR]
         self.reports: dict[str, PresenceReport] = {}
+        # <branches/> as last made: every presence out carries it (a re-sum's go to several
+        # recipients), and it changes only when a child's report does. Replaced, never changed.
+        self._totals_xml: ET.Element | None = None
         self.near: set[str] = set()  # branches already advised about, until they fall back
         agent.client.add_event_handler("presence", self._on_presence)
         agent.client.add_filter("out", self._add_totals)
@@ -56,14 +62,17 @@ class BranchAdvisor:
         sender = pres["from"].bare
         if sender not in self.specs:
             return
-        if pres["type"] == "unavailable" or pres.xml.find(q("device")) is None:
+        device = pres.xml.find(q("device"))
+        if pres.xml.get("type") == "unavailable" or device is None:
             self.reports.pop(sender, None)
         else:
             try:
-                self.reports[sender] = report_from_xml(pres.xml.find(q("device")))
+                self.reports[sender] = report_from_xml(device)
             except PayloadError as exc:
                 log.warning("%s: ignored invalid presence from %s: %s", self.master.name, sender, exc)
                 return
+        if sender in self._children:
+            self._totals_xml = None
         try:
             self.evaluate()
         except Exception:  # advice is a help; a failure must not end the master
@@ -80,8 +89,11 @@ class BranchAdvisor:
         return out
 
     def _add_totals(self, stanza: StanzaBase) -> StanzaBase:
-        if isinstance(stanza, Presence) and stanza["type"] != "unavailable" and stanza.xml.find(q("device")) is not None:
-            stanza.append(branches_to_xml(self.totals()))
+        if (isinstance(stanza, Presence) and stanza.xml.get("type") != "unavailable"
+                and stanza.xml.find(q("device")) is not None):
+            if self._totals_xml is None:
+                self._totals_xml = branches_to_xml(self.totals())
+            stanza.xml.append(self._totals_xml)  # shared: only ever serialised (a local recipient gets a copy)
         return stanza
 
     # -- advice ---------------------------------------------------------------------------

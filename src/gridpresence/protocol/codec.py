@@ -42,6 +42,8 @@ def q(name: str) -> str:
 
 
 def _text(value: Any) -> str:
+    if type(value) is float:  # the commonest in presence: readings
+        return repr(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, Enum):
