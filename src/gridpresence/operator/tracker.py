@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import heapq
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -104,6 +105,12 @@ class PresenceTracker:
         # burst of N presences would otherwise make N checks over N views).
         self.present_count = 0
         self._last_refresh: dict[str, float] = {}  # loop time of the last valid presence
+        # The watchdog's work list, so a pass costs what is due, not a walk over every device
+        # (45 ms a second at 10,000, blocking the loop that takes presence): refresh deadlines
+        # as (loop time, JID), one pushed per refresh, stale ones skipped when popped; and the
+        # devices still unknown.
+        self._due: list[tuple[float, str]] = []
+        self._unknown: set[str] = set()
         self._pinging: set[str] = set()
         self._listeners: list[Callable[[DeviceChange], None]] = []
         self._watch_task: asyncio.Task[None] | None = None
@@ -126,12 +133,14 @@ class PresenceTracker:
             self.present_count -= view.present
             self.jid_by_name.pop(view.name, None)
             self._last_refresh.pop(jid, None)
+            self._unknown.discard(jid)
         for jid in roster:
             kind = roles.device_kind(roster[jid]["groups"])
             if kind is not None and jid not in self.views:
                 name = jid.split("@", 1)[0]
                 self.views[jid] = DeviceView(name=name, jid=jid, kind=kind)
                 self.jid_by_name[name] = jid
+                self._unknown.add(jid)
 
     def start_watchdog(self) -> None:
         self._started_at = asyncio.get_running_loop().time()
@@ -172,6 +181,10 @@ class PresenceTracker:
     def _set(self, old: DeviceView, new: DeviceView, cause: str) -> None:
         self.views[new.jid] = new
         self.present_count += new.present - old.present
+        if new.health is HealthStatus.UNKNOWN:
+            self._unknown.add(new.jid)
+        else:
+            self._unknown.discard(new.jid)
         change = DeviceChange(old, new, cause)
         for listener in list(self._listeners):
             try:
@@ -231,11 +244,11 @@ class PresenceTracker:
             return
         if report is None:
             return  # a device's presence without the extension tells us nothing typed
-        self._last_refresh[view.jid] = asyncio.get_running_loop().time()
         healthy = view.health is HealthStatus.OK
         new = replace(view, report=report, health=HealthStatus.OK, health_reason="", full_jid=full,
                       since=view.since if healthy and view.state is report.state else now)
         self._set(view, new, "presence" if healthy else "recovered")
+        self._refreshed(new)
 
     def note_mailed(self, jid: str, report: PresenceReport) -> None:
         """Data a device pushed by mail (through the relay): it has no presence, but it is alive."""
@@ -244,8 +257,18 @@ class PresenceTracker:
             return
         self._set(view, replace(view, report=report, health=HealthStatus.OK, since=utcnow(),
                                 health_reason="reported by mail through the relay"), "mail")
+        if view.jid in self._last_refresh:  # its refresh period may have changed with the report
+            self._refreshed(self.views[view.jid], self._last_refresh[view.jid])
 
     # -- watchdog ---------------------------------------------------------------------
+
+    def _refreshed(self, view: DeviceView, at: float | None = None) -> None:
+        """The device proved alive (at loop time ``at``, now if None): its next deadline."""
+        at = asyncio.get_running_loop().time() if at is None else at
+        self._last_refresh[view.jid] = at
+        deadline = self._deadline(view)
+        if deadline is not None:
+            heapq.heappush(self._due, (deadline, view.jid))
 
     def _deadline(self, view: DeviceView) -> float | None:
         last = self._last_refresh.get(view.jid)
@@ -257,13 +280,26 @@ class PresenceTracker:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(1.0, self.grace_s / 4))
-            now = loop.time()
-            for view in list(self.views.values()):
-                deadline = self._deadline(view)
-                if deadline is not None and now > deadline and view.jid not in self._pinging:
-                    self._pinging.add(view.jid)
-                    asyncio.ensure_future(self._probe(view))
-                elif (view.health is HealthStatus.UNKNOWN and now - self._started_at > 2 * self.grace_s):
+            self._watch_pass(loop.time())
+
+    def _watch_pass(self, now: float) -> None:
+        """Ping each device whose refresh is overdue; flag those still unknown after the grace."""
+        due = self._due
+        while due and due[0][0] < now:
+            _, jid = heapq.heappop(due)
+            view = self.views.get(jid)
+            deadline = self._deadline(view) if view is not None else None
+            # Stale entries: the device refreshed since (a later entry is queued), left, or is pinged.
+            if view is None or deadline is None or deadline >= now or jid in self._pinging:
+                continue
+            self._pinging.add(jid)
+            asyncio.ensure_future(self._probe(view))
+        if self._unknown and now - self._started_at > 2 * self.grace_s:
+            for jid in list(self._unknown):
+                view = self.views.get(jid)
+                if view is None:
+                    self._unknown.discard(jid)
+                elif view.health is HealthStatus.UNKNOWN:
                     self._set(view, replace(view, health=HealthStatus.PRESENCE_ERROR, since=utcnow(),
                                             health_reason="no presence since the watch began"), "watchdog")
 
@@ -274,7 +310,7 @@ class PresenceTracker:
             try:
                 await self.client.plugin["xep_0199"].send_ping(JID(target), timeout=self.ping_timeout_s)
                 log.info("%s missed its presence refresh but answered a ping", view.name)
-                self._last_refresh[view.jid] = asyncio.get_running_loop().time()
+                self._refreshed(self.views.get(view.jid, view))
                 return
             except (IqError, IqTimeout) as exc:
                 why = "ping timed out" if isinstance(exc, IqTimeout) else f"ping failed: {exc.condition}"
@@ -288,6 +324,10 @@ class PresenceTracker:
             self._last_refresh.pop(view.jid, None)
         finally:
             self._pinging.discard(view.jid)
+            current = self.views.get(view.jid)
+            deadline = self._deadline(current) if current is not None else None
+            if deadline is not None:  # still watched (the ping failed to go out, say): due again
+                heapq.heappush(self._due, (deadline, view.jid))
 
     def health(self) -> list[Health]:
         return [Health(device=v.jid, status=v.health, reason=v.health_reason, since=v.since)
