@@ -455,6 +455,55 @@ async def test_a_device_verifies_a_vouched_issuer_without_asking_its_pep_node(en
         await close_session(client)
 
 
+async def test_following_vouched_issuers_goes_at_a_pace_and_verifying_does_not_wait_for_it(
+        env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first shed to thousands of hosted devices made each follow the issuer's announcements
+    at once (10,000 subscriptions in front of the commands at the server): they go at most
+    WATCH_IN_FLIGHT at a time per process, in the background; every key verifies at once."""
+    import weakref
+
+    from gridpresence.security import pep_keyring
+    from gridpresence.security.pep_keyring import vouch
+    from gridpresence.security.pins import PinStore
+    from timebase import key_for
+
+    monkeypatch.setattr(pep_keyring, "WATCH_IN_FLIGHT", 2)
+    monkeypatch.setattr(pep_keyring, "_WATCH_SLOTS", weakref.WeakKeyDictionary())
+    issuers = [f"issuer-{i}@localhost" for i in range(8)]
+    issuer_keys = {jid: key_for(jid) for jid in issuers}
+    PinStore(tmp_path / "pins.json").provision({jid: fingerprint(k) for jid, k in issuer_keys.items()})
+    for jid, key in issuer_keys.items():
+        vouch(tmp_path / "vouched", jid, key)
+    client, ring = await _login(env, "bob", "paced", PartyKeys(None, tmp_path / "pins.json", tmp_path / "vouched"))
+    try:
+        in_flight, most, asked = 0, 0, []
+        subscribe = ring._pubsub.subscribe
+
+        async def counted(jid: Any, node: str, **kwargs: Any) -> Any:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            asked.append(str(jid))
+            try:
+                await asyncio.sleep(0.05)  # as a busy server's answer: the next ones queue
+                return await subscribe(jid, node, **kwargs)
+            finally:
+                in_flight -= 1
+
+        monkeypatch.setattr(ring._pubsub, "subscribe", counted)
+        for jid in issuers:  # all verified at once, none waiting for its subscription
+            key = await asyncio.wait_for(ring.key_for(jid), 0.5)
+            assert fingerprint(key) == fingerprint(issuer_keys[jid])
+        for _ in range(100):
+            if len(asked) == len(issuers) and in_flight == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(asked) == sorted(issuers)  # each followed once (the server's answer is its own)
+        assert most == 2
+    finally:
+        await close_session(client)
+
+
 @pytest.mark.parametrize("vouched", ["another key", "garbage"])
 async def test_a_vouched_key_that_is_not_the_pinned_one_is_not_used(env: Env, tmp_path: Path,
                                                                      vouched: str,
