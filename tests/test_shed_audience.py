@@ -253,3 +253,30 @@ def test_records_from_xml_fuzz() -> None:
     many.extend(_record("d@devices.localhost", f"c-{i}") for i in range(1005))
     records, bad = records_from_xml(many)
     assert len(records) == 1000 and len(bad) == 1  # bounded: the rest is not read
+
+
+async def test_commands_pass_every_outgoing_filter_a_party_adds(grid: Grid) -> None:
+    """The issuer writes a turn's commands past slixmpp's send queue only while no outgoing
+    filter but slixmpp's roster (presence only) would see them: one of the party's own sees
+    every command of a fan-out, and each is carried out."""
+    async with GridOperator.from_connection(grid.connection, operator="alice", resource="flt") as alice:
+        await alice.wait_for(lambda d: all(v.present for v in d.values()), 15)
+        seen: list[str] = []
+
+        def spy(stanza: object) -> object:
+            xml = getattr(stanza, "xml", None)
+            if xml is not None and xml.tag.endswith("}message") and len(xml):  # a command, signed or not
+                seen.append(xml.get("to") or "")
+            return stanza
+
+        alice.client.add_filter("out", spy)
+        try:
+            names = LOADS[4:8]
+            outcomes = await asyncio.gather(*(alice.command(n, Action.READ) for n in names))
+            assert all(o.status is OutcomeStatus.EXECUTED for o in outcomes), outcomes
+            assert sorted(j.split("/")[0] for j in seen) == sorted(grid.fleet.jid(n) for n in names)
+        finally:
+            alice.client.del_filter("out", spy)
+        seen.clear()
+        outcome = await alice.command(LOADS[4], Action.READ)  # no filter of ours: the fast way again
+        assert outcome.status is OutcomeStatus.EXECUTED and seen == []

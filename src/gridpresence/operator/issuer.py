@@ -34,6 +34,12 @@ KEEP_AFTER_S = 0.5  # a command still unanswered this long is kept on disk (oper
 KEEP_GROUP_S = 0.25  # ...in one file with the others due within this much more
 
 
+# Outgoing filters that touch presence only (slixmpp's roster keeps the last one sent): a
+# command written past the send queue skips nothing by skipping them. Any other filter (a
+# party's own, a plugin's) sees every command: then commands take slixmpp's way.
+_PRESENCE_ONLY_FILTERS = ("slixmpp.roster.",)
+
+
 class CommandIssuer:
     """Signs commands with ``key`` and matches outcomes to them. ``relay``: a bare JID whose
     outcomes are accepted on behalf of devices (the store-and-forward relay passes them on)."""
@@ -115,8 +121,11 @@ class CommandIssuer:
         outgoing filters to do). Otherwise as any stanza, through the queue (held while the
         session is down, in order behind what waits)."""
         client = self.client
+        filters = client._XMLStream__filters  # type: ignore[attr-defined]
         if (client.transport is None or not client._session_started or not client.waiting_queue.empty()
-                or "xep_0198" in client.plugin):  # stream management counts what its filter sees
+                or "xep_0198" in client.plugin  # stream management counts what its filter sees
+                or any(not getattr(f, "__module__", "").startswith(_PRESENCE_ONLY_FILTERS)
+                       for mode in ("out", "out_sync", "out_sce") for f in filters[mode])):
             msg = client.make_message(mto=to, mtype="normal")
             msg.append(wire)
             msg.send()
