@@ -26,6 +26,7 @@ from gridpresence.device.chat import ACTION_WORDS, unsigned_refusal
 from gridpresence.words import REASONS, describe_outcome, describe_report
 from gridpresence.protocol.models import Action, Command, PresenceReport, utcnow
 from gridpresence.device.host import DeviceHost
+from gridpresence.xmpp.outgoing import presence_only
 
 
 log = logging.getLogger(__name__)
@@ -256,6 +257,7 @@ class AdhocDesk(AdhocCommands):
             log.exception("%s: could not compute entity caps", self.agent.spec.name)
             return None
 
+    @presence_only
     def _stamp_caps(self, stanza: StanzaBase) -> StanzaBase:
         if not isinstance(stanza, Presence) or stanza["type"] not in _AVAILABLE:  # caps go on available presence only
             return stanza

@@ -14,6 +14,7 @@ from gridpresence.physics.base import branch_contribution
 from gridpresence.config import DeviceSpec, Fleet
 from gridpresence.protocol.alarm import AlarmKind
 from gridpresence.protocol.branch import BranchTotal, branches_to_xml
+from gridpresence.xmpp.outgoing import presence_only
 from gridpresence.protocol.codec import PayloadError, q, report_from_xml
 from gridpresence.protocol.models import DeviceKind, DeviceState, PresenceReport, Telemetry
 from gridpresence.device.host import DeviceHost
@@ -88,6 +89,7 @@ class BranchAdvisor:
                                        load_pct=t.load_pct, capacity_kw=t.capacity_kw))
         return out
 
+    @presence_only
     def _add_totals(self, stanza: StanzaBase) -> StanzaBase:
         if (isinstance(stanza, Presence) and stanza.xml.get("type") != "unavailable"
                 and stanza.xml.find(q("device")) is not None):

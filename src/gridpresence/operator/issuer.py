@@ -20,6 +20,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.protocol import openpgp  # noqa: F401  (registers <openpgp/> with slixmpp)
+from gridpresence.xmpp.outgoing import may_skip_queue, messages_need_no_filter
 from gridpresence.protocol.codec import PayloadError, command_to_xml, outcome_from_xml
 from gridpresence.operator.pending import PendingCommand, PendingStore
 from gridpresence.protocol.models import Command, Outcome, OutcomeStatus, RejectReason, utcnow
@@ -32,12 +33,6 @@ log = logging.getLogger(__name__)
 OUTCOME_MARGIN_S = 1.0
 KEEP_AFTER_S = 0.5  # a command still unanswered this long is kept on disk (operator/pending.py)
 KEEP_GROUP_S = 0.25  # ...in one file with the others due within this much more
-
-
-# Outgoing filters that touch presence only (slixmpp's roster keeps the last one sent): a
-# command written past the send queue skips nothing by skipping them. Any other filter (a
-# party's own, a plugin's) sees every command: then commands take slixmpp's way.
-_PRESENCE_ONLY_FILTERS = ("slixmpp.roster.",)
 
 
 class CommandIssuer:
@@ -121,11 +116,8 @@ class CommandIssuer:
         outgoing filters to do). Otherwise as any stanza, through the queue (held while the
         session is down, in order behind what waits)."""
         client = self.client
-        filters = client._XMLStream__filters  # type: ignore[attr-defined]
-        if (client.transport is None or not client._session_started or not client.waiting_queue.empty()
-                or "xep_0198" in client.plugin  # stream management counts what its filter sees
-                or any(not getattr(f, "__module__", "").startswith(_PRESENCE_ONLY_FILTERS)
-                       for mode in ("out", "out_sync", "out_sce") for f in filters[mode])):
+        if (not may_skip_queue(client) or not messages_need_no_filter(client)
+                or "xep_0198" in client.plugin):  # stream management counts what its filter sees
             msg = client.make_message(mto=to, mtype="normal")
             msg.append(wire)
             msg.send()

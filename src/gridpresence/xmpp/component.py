@@ -32,7 +32,6 @@ import sqlite3
 import threading
 import time
 import uuid
-from inspect import iscoroutinefunction
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -49,6 +48,7 @@ from slixmpp.xmlstream.matcher import MatchXPath
 
 from gridpresence.xmpp import slixfix  # noqa: F401  (our slixmpp patches)
 from gridpresence.xmpp.dispatch import ShapeDispatch
+from gridpresence.xmpp.outgoing import filters_sync, may_skip_queue, messages_need_no_filter, run_filters
 from gridpresence.protocol import stanzas
 from gridpresence.xmpp.reconnect import reconnector_of
 from gridpresence.xmpp.shared_probes import SharedProbes
@@ -550,20 +550,13 @@ class HostedClient(ComponentXMPP):
         """As slixmpp's, but a stanza goes out at once when nothing waits in the send queue and
         only synchronous filters apply (_route is one): the queue's task wakes up once per
         stanza otherwise, for each of thousands of identities, and the order stays the same."""
-        filters = self._XMLStream__filters  # type: ignore[attr-defined]
-        if (not use_filters or not isinstance(data, StanzaBase) or self.transport is None
-                or not self._session_started or not self.waiting_queue.empty()
-                or any(iscoroutinefunction(f) for mode in ("out", "out_sce") for f in filters[mode])):
+        if not use_filters or not isinstance(data, StanzaBase) or not may_skip_queue(self) or not filters_sync(self):
             super().send(data, use_filters)
             return
         try:
-            stanza: StanzaBase | None = data
-            for mode in ("out", "out_sync", "out_sce"):  # as the queue's task runs them (the roster's is "out")
-                for step in filters[mode]:
-                    stanza = step(stanza)
-                    if stanza is None:
-                        return
-            self.send_raw(tostring(stanza.xml, xmlns=self.default_ns, stream=self, top_level=True))
+            stanza = run_filters(self, data)  # _route, the last, sends it itself
+            if stanza is not None:
+                self.send_raw(tostring(stanza.xml, xmlns=self.default_ns, stream=self, top_level=True))
         except Exception:  # as the queue's task: a faulty stanza is logged, the sender goes on
             log.error("Exception raised in send:", exc_info=True)
 
@@ -574,7 +567,7 @@ class HostedClient(ComponentXMPP):
         payload already serialised (slixmpp's ``tostring``), written as it is. While anything
         waits in the send queue, it goes the usual way, behind it."""
         attrs = {"type": mtype, "to": str(to), "id": self.new_id(), "from": self.boundjid.full}
-        if self.transport is None or not self._session_started or not self.waiting_queue.empty():
+        if not may_skip_queue(self) or not messages_need_no_filter(self, self._route):
             xml = ET.Element(f"{{{NS}}}message", attrs)
             xml.append(payload)
             self.send(Message(self, xml))
@@ -608,24 +601,16 @@ class HostedClient(ComponentXMPP):
         tos = list(tos)
         if not tos:
             return
-        filters = self._XMLStream__filters  # type: ignore[attr-defined]
-        if (self.transport is None or not self._session_started or not self.waiting_queue.empty()
-                or any(iscoroutinefunction(f) for mode in ("out", "out_sce") for f in filters[mode])):
+        if not may_skip_queue(self) or not filters_sync(self):
             for to in tos:  # the queue's way, one copy each
                 piece = stanza.__copy__()
                 piece["to"] = to
                 piece.send()
             return
         try:
-            steps = [f for mode in ("out", "out_sync", "out_sce") for f in filters[mode]]
-            if self._route in steps:  # as send runs them, up to _route: its last step, done here per recipient
-                steps = steps[:steps.index(self._route)]
-            out: StanzaBase | None = stanza
-            for step in steps:
-                out = step(out)
-                if out is None:
-                    return
-            assert out is not None
+            out = run_filters(self, stanza, stop_at=self._route)  # _route's work done here per recipient
+            if out is None:
+                return
             xml = self._stamp_from(out)
             xml.set("to", _TO_MARK)
             text = tostring(xml, xmlns=NS, stream=self, top_level=True)
