@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -17,10 +18,12 @@ from typing import Any, Protocol
 
 import pytest
 import pytest_asyncio
+from slixmpp import ClientXMPP
 
 from gridpresence.operator.library import GridOperator
 from gridpresence.config import Fleet, parse_fleet
 from gridpresence.host.grid import Grid
+from gridpresence.xmpp.session import make_client, open_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,6 +153,17 @@ async def running_grid(fleet: Fleet, data: Path, prepare: Callable[[Grid], None]
         yield grid
     finally:
         await grid.stop()
+
+
+async def plain_client(grid: Grid, name: str) -> ClientXMPP:
+    """A plain slixmpp session of account ``name`` (a stock client: roster fetched, available),
+    on a resource of its own."""
+    client = make_client(f"{grid.fleet.jid(name)}/plain-{random.randrange(1 << 20)}", grid.secrets.password(name),
+                         grid.endpoint)
+    await open_session(client, grid.endpoint)
+    await client.get_roster()
+    client.send_presence()
+    return client
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,8 @@ from xml.etree import ElementTree as ET
 
 import pytest
 import pytest_asyncio
-from slixmpp import ClientXMPP
 
-from conftest import hosted_fleet, running_grid, until
+from conftest import hosted_fleet, plain_client, running_grid, until
 from gridpresence.config import parse_fleet
 from gridpresence.device.agent import DeviceAgent
 from gridpresence.host.grid import Grid
@@ -25,7 +24,7 @@ from gridpresence.protocol import Action
 from gridpresence.protocol.codec import report_to_xml
 from gridpresence.protocol.models import DeviceState, utcnow
 from gridpresence.xmpp.component import NS, ComponentLink, HostedClient
-from gridpresence.xmpp.session import close_session, make_client, open_session
+from gridpresence.xmpp.session import close_session
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -84,15 +83,6 @@ class Written:
         return sum(w.count(f"to=\"{jid}") for w in self.writes)
 
 
-async def plain(grid: Grid, name: str) -> ClientXMPP:
-    client = make_client(f"{grid.fleet.jid(name)}/plain-{random.randrange(1 << 20)}", grid.secrets.password(name),
-                         grid.endpoint)
-    await open_session(client, grid.endpoint)
-    await client.get_roster()
-    client.send_presence()
-    return client
-
-
 async def test_offline_contacts_are_skipped_and_told_again_at_their_login(grid: Grid) -> None:
     alice_jid, bob_jid = grid.fleet.jid("alice"), grid.fleet.jid("bob")
     one = hosted(grid, LOADS[0])
@@ -113,7 +103,7 @@ async def test_offline_contacts_are_skipped_and_told_again_at_their_login(grid: 
         assert alice.devices[LOADS[0]].state is agent(grid, LOADS[0]).sim.state
         assert alice_jid not in one._offline
         # ... and then every change, as a stock client of bob's logging in meanwhile sees it too.
-        bob = await plain(grid, "bob")
+        bob = await plain_client(grid, "bob")
         try:
             item = bob.client_roster[one.boundjid.bare]
             await until(lambda: item.resources, 10, "bob's probe answered")
@@ -174,7 +164,7 @@ async def test_a_moved_reading_goes_once_to_each_online_operator_as_one_copy_eac
     dev, one = agent(grid, LOADS[1]), hosted(grid, LOADS[1])
     alice_jid, bob_jid, watchdog = grid.fleet.jid("alice"), grid.fleet.jid("bob"), grid.fleet.jid("watchdog")
     async with GridOperator.from_connection(grid.connection, operator="alice", resource="directed") as alice:
-        bob = await plain(grid, "bob")
+        bob = await plain_client(grid, "bob")
         try:
             await until(lambda: dev._online.get(alice_jid) and dev._online.get(bob_jid), 10, "both seen online")
             if dev.sim.state is not DeviceState.ON:  # a load that is off draws nothing: no reading moves

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from xml.etree import ElementTree as ET
@@ -17,7 +15,7 @@ from xml.etree import ElementTree as ET
 import pytest
 import pytest_asyncio
 
-from conftest import until
+from conftest import running_grid, until
 from gridpresence.config import parse_fleet
 from gridpresence.host.grid import Grid
 from gridpresence.operator.library import GridOperator
@@ -38,15 +36,9 @@ FLEET = {
 
 
 @pytest_asyncio.fixture(scope="module")
-async def grid() -> AsyncIterator[Grid]:
-    data = Path(tempfile.mkdtemp(prefix="roster-ver-"))
-    g = Grid(parse_fleet(FLEET), data, only=NAMES)
-    await g.start()
-    try:
+async def grid(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Grid]:
+    async with running_grid(parse_fleet(FLEET), tmp_path_factory.mktemp("roster-ver"), only=NAMES) as g:
         yield g
-    finally:
-        await g.stop()
-        shutil.rmtree(data, ignore_errors=True)
 
 
 class Login:

@@ -10,17 +10,13 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 from xml.etree import ElementTree as ET
 
 import pytest
 import pytest_asyncio
-from slixmpp import ClientXMPP
 
-from conftest import until
+from conftest import plain_client, running_grid, until
 from gridpresence.config import parse_fleet
 from gridpresence.device.agent import DeviceAgent
 from gridpresence.host.grid import Grid
@@ -31,7 +27,7 @@ from gridpresence.protocol.models import (DeviceState, Outcome, OutcomeRecord, O
                                           utcnow)
 from gridpresence.services.watchdog import WatchdogAgent
 from gridpresence.xmpp.component import ComponentLink
-from gridpresence.xmpp.session import close_session, make_client, open_session
+from gridpresence.xmpp.session import close_session
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,15 +44,10 @@ FLEET = {
 
 
 @pytest_asyncio.fixture(scope="module")
-async def grid() -> AsyncIterator[Grid]:
-    data = Path(tempfile.mkdtemp(prefix="shed-aud-"))
-    g = Grid(parse_fleet(FLEET), data, only=[*LOADS, QUICK, "watchdog", "console"], dashboard=False, tick_s=600)
-    await g.start()
-    try:
+async def grid(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Grid]:
+    async with running_grid(parse_fleet(FLEET), tmp_path_factory.mktemp("shed-aud"),
+                            only=[*LOADS, QUICK, "watchdog", "console"], dashboard=False, tick_s=600) as g:
         yield g
-    finally:
-        await g.stop()
-        shutil.rmtree(data, ignore_errors=True)
 
 
 def link_of(grid: Grid) -> ComponentLink:
@@ -100,15 +91,6 @@ class Written:
         return [m for m in re.findall(r"<message\b.*?</message>", "".join(self.writes), re.S) if f"<{element}" in m]
 
 
-async def plain(grid: Grid, name: str) -> ClientXMPP:
-    client = make_client(f"{grid.fleet.jid(name)}/plain-{random.randrange(1 << 20)}", grid.secrets.password(name),
-                         grid.endpoint)
-    await open_session(client, grid.endpoint)
-    await client.get_roster()
-    client.send_presence()
-    return client
-
-
 async def test_every_operator_sees_every_change_and_the_watchdog_is_left_out(grid: Grid) -> None:
     name = LOADS[0]
     jid, alice_jid, bob_jid = grid.fleet.jid(name), grid.fleet.jid("alice"), grid.fleet.jid("bob")
@@ -117,7 +99,7 @@ async def test_every_operator_sees_every_change_and_the_watchdog_is_left_out(gri
     assert dev.health_only == {grid.fleet.jid("watchdog"), grid.fleet.jid("relay")}
     async with GridOperator.from_connection(grid.connection, operator="alice", resource="aud") as alice:
         await alice.wait_for(lambda d: all(v.present for v in d.values()), 15)
-        bob = await plain(grid, "bob")  # a stock client's roster
+        bob = await plain_client(grid, "bob")  # a stock client's roster
         try:
             item = bob.client_roster[jid]
             await until(lambda: item.resources, 10, "bob's probe answered")
@@ -200,7 +182,7 @@ async def test_forged_or_malformed_batches_change_nothing(grid: Grid) -> None:
     stop = grid.bots.console.grid.listen_outcomes(lambda _n, _a, o: recorded.append(o.command_id))
     rng = random.Random(1616)
     link, console = link_of(grid), grid.fleet.jid("console")
-    bob = await plain(grid, "bob")
+    bob = await plain_client(grid, "bob")
     try:
         # bob, a user, cannot speak for the devices' host.
         msg = bob.make_message(mto=console, mtype="normal")
