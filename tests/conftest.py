@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,7 +23,9 @@ from slixmpp import ClientXMPP
 
 from gridpresence.operator.library import GridOperator
 from gridpresence.config import Fleet, parse_fleet
+from gridpresence.device.agent import DeviceAgent
 from gridpresence.host.grid import Grid
+from gridpresence.xmpp.component import ComponentLink
 from gridpresence.xmpp.session import make_client, open_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +167,48 @@ async def plain_client(grid: Grid, name: str) -> ClientXMPP:
     await client.get_roster()
     client.send_presence()
     return client
+
+
+def link_of(grid: Grid) -> ComponentLink:
+    """The component link of a hosting grid (its devices on one XEP-0114 connection)."""
+    assert grid.bots is not None and grid.bots.link is not None
+    return grid.bots.link
+
+
+def agent_of(grid: Grid, name: str) -> DeviceAgent:
+    assert grid.bots is not None
+    return grid.bots.devices[name]
+
+
+class Written:
+    """What a component link writes to the server while installed (``with Written(link) as
+    seen:``): each socket write, as text, in ``writes``."""
+
+    def __init__(self, link: ComponentLink) -> None:
+        assert link.transport is not None
+        self.transport = link.transport
+        self.original = link.transport.write
+        self.writes: list[str] = []
+
+    def __enter__(self) -> Written:
+        self.transport.write = lambda data: (self.writes.append(bytes(data).decode()), self.original(data))  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.transport.write = self.original  # type: ignore[method-assign]
+
+    def to(self, jid: str) -> int:
+        """Stanzas addressed to ``jid`` (a bare JID counts its resources too)."""
+        return sum(w.count(f"to=\"{jid}") for w in self.writes)
+
+    def presence_to(self, jid: str, sender: str) -> int:
+        """Presence stanzas from ``sender`` (bare) to ``jid`` (bare, any resource)."""
+        tags = re.findall(r"<presence\b[^>]*>", "".join(self.writes))
+        return sum(1 for t in tags if re.search(rf'to="{re.escape(jid)}[/"]', t) and f'from="{sender}' in t)
+
+    def messages_with(self, element: str) -> list[str]:
+        """The messages written that hold an ``element`` (its name, as written)."""
+        return [m for m in re.findall(r"<message\b.*?</message>", "".join(self.writes), re.S) if f"<{element}" in m]
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from xml.etree import ElementTree as ET
 import pytest
 import pytest_asyncio
 
-from conftest import hosted_fleet, plain_client, running_grid, until
+from conftest import Written, agent_of, hosted_fleet, link_of, plain_client, running_grid, until
 from gridpresence.config import parse_fleet
 from gridpresence.device.agent import DeviceAgent
 from gridpresence.host.grid import Grid
@@ -23,7 +23,7 @@ from gridpresence.operator.library import GridOperator
 from gridpresence.protocol import Action
 from gridpresence.protocol.codec import report_to_xml
 from gridpresence.protocol.models import DeviceState, utcnow
-from gridpresence.xmpp.component import NS, ComponentLink, HostedClient
+from gridpresence.xmpp.component import NS, HostedClient
 from gridpresence.xmpp.session import close_session
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,18 +40,8 @@ async def grid(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Grid]:
         yield g
 
 
-def link_of(grid: Grid) -> ComponentLink:
-    assert grid.bots is not None and grid.bots.link is not None
-    return grid.bots.link
-
-
 def hosted(grid: Grid, name: str) -> HostedClient:
     return link_of(grid).clients[grid.fleet.jid(name)]
-
-
-def agent(grid: Grid, name: str) -> DeviceAgent:
-    assert grid.bots is not None
-    return grid.bots.devices[name]
 
 
 def toggle(dev: DeviceAgent) -> DeviceState:
@@ -63,26 +53,6 @@ def toggle(dev: DeviceAgent) -> DeviceState:
     return report.state
 
 
-class Written:
-    """What the link sends to the server (each socket write, as text), while installed."""
-
-    def __init__(self, link: ComponentLink) -> None:
-        self.link, self.writes = link, []  # type: ignore[var-annotated]
-        assert link.transport is not None
-        self.transport = link.transport
-        self.original = link.transport.write
-
-    def __enter__(self) -> Written:
-        self.transport.write = lambda data: (self.writes.append(bytes(data).decode()), self.original(data))  # type: ignore[method-assign]
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.transport.write = self.original  # type: ignore[method-assign]
-
-    def to(self, jid: str) -> int:
-        return sum(w.count(f"to=\"{jid}") for w in self.writes)
-
-
 async def test_offline_contacts_are_skipped_and_told_again_at_their_login(grid: Grid) -> None:
     alice_jid, bob_jid = grid.fleet.jid("alice"), grid.fleet.jid("bob")
     one = hosted(grid, LOADS[0])
@@ -92,7 +62,7 @@ async def test_offline_contacts_are_skipped_and_told_again_at_their_login(grid: 
                 10, "the probe answers")
     assert grid.fleet.jid("watchdog") not in one._offline
     with Written(link_of(grid)) as seen:
-        toggle(agent(grid, LOADS[0]))
+        toggle(agent_of(grid, LOADS[0]))
         await asyncio.sleep(0.3)
     # Nobody is told: the operators are offline, and the watchdog, online, needs no change of state.
     assert seen.to(grid.fleet.jid("watchdog")) == 0 and seen.to(alice_jid) == 0 and seen.to(bob_jid) == 0
@@ -100,7 +70,7 @@ async def test_offline_contacts_are_skipped_and_told_again_at_their_login(grid: 
     # alice logs in: the server's probes are answered with the newest state, known offline or not.
     async with GridOperator.from_connection(grid.connection, operator="alice", resource="fan") as alice:
         await alice.wait_for(lambda d: all(v.present and v.state is not None for v in d.values()), 15)
-        assert alice.devices[LOADS[0]].state is agent(grid, LOADS[0]).sim.state
+        assert alice.devices[LOADS[0]].state is agent_of(grid, LOADS[0]).sim.state
         assert alice_jid not in one._offline
         # ... and then every change, as a stock client of bob's logging in meanwhile sees it too.
         bob = await plain_client(grid, "bob")
@@ -109,7 +79,7 @@ async def test_offline_contacts_are_skipped_and_told_again_at_their_login(grid: 
             await until(lambda: item.resources, 10, "bob's probe answered")
             for i in range(4):
                 with Written(link_of(grid)) as seen:
-                    state = toggle(agent(grid, LOADS[0]))
+                    state = toggle(agent_of(grid, LOADS[0]))
                     await alice.wait_for(lambda d, s=state: d[LOADS[0]].state is s, 5)
                     await until(lambda s=state: any((r.get("status") or "").split(",")[0] == s.value
                                                     for r in item.resources.values()),
@@ -122,7 +92,7 @@ async def test_offline_contacts_are_skipped_and_told_again_at_their_login(grid: 
     # Both gone: known offline again, and no longer sent anything.
     await until(lambda: {alice_jid, bob_jid} <= one._offline, 10, "their goodbyes")
     with Written(link_of(grid)) as seen:
-        toggle(agent(grid, LOADS[0]))
+        toggle(agent_of(grid, LOADS[0]))
         await asyncio.sleep(0.3)
     assert seen.to(alice_jid) == 0 and seen.to(bob_jid) == 0 and seen.to(grid.fleet.jid("watchdog")) == 0
 
@@ -140,7 +110,7 @@ async def test_a_probe_counts_as_online_before_the_contacts_presence(grid: Grid)
         assert seen.to(f"{bob_jid}/x") == 1, "the probe is answered"
         assert heard == [], "as for a c2s account, a probe is the server's: the device's handlers never see it"
         one.del_event_handler("presence", heard.append)
-        toggle(agent(grid, LOADS[1]))
+        toggle(agent_of(grid, LOADS[1]))
         await asyncio.sleep(0.3)
     assert seen.to(bob_jid) == 2  # the answer, and the change after it
     # The server says bob is offline (its probe answer): skipped again.
@@ -161,7 +131,7 @@ async def test_a_moved_reading_goes_once_to_each_online_operator_as_one_copy_eac
     """A reading past the deadband without a change of health: directed presence to the telemetry
     audience online only (not the watchdog), filtered and serialised once (send_each), and each
     recipient's stanza the same as a copy sent on its own through the stream's send."""
-    dev, one = agent(grid, LOADS[1]), hosted(grid, LOADS[1])
+    dev, one = agent_of(grid, LOADS[1]), hosted(grid, LOADS[1])
     alice_jid, bob_jid, watchdog = grid.fleet.jid("alice"), grid.fleet.jid("bob"), grid.fleet.jid("watchdog")
     async with GridOperator.from_connection(grid.connection, operator="alice", resource="directed") as alice:
         bob = await plain_client(grid, "bob")
@@ -226,6 +196,6 @@ async def test_fuzzed_presence_to_a_hosted_jid_changes_nothing(grid: Grid) -> No
     assert one.is_connected() and one._offline <= contacts
     one._offline.discard(grid.fleet.jid("watchdog"))  # whatever the fuzz said, the server knows better
     with Written(link_of(grid)) as seen:
-        agent(grid, LOADS[2]).publish(force=True)
+        agent_of(grid, LOADS[2]).publish(force=True)
         await asyncio.sleep(0.3)
     assert seen.to(grid.fleet.jid("watchdog")) == 1

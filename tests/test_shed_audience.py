@@ -16,9 +16,8 @@ from xml.etree import ElementTree as ET
 import pytest
 import pytest_asyncio
 
-from conftest import plain_client, running_grid, until
+from conftest import Written, agent_of, link_of, plain_client, running_grid, until
 from gridpresence.config import parse_fleet
-from gridpresence.device.agent import DeviceAgent
 from gridpresence.host.grid import Grid
 from gridpresence.operator.library import GridOperator
 from gridpresence.protocol import Action
@@ -26,7 +25,6 @@ from gridpresence.protocol.codec import PayloadError, q, record_to_xml, records_
 from gridpresence.protocol.models import (DeviceState, Outcome, OutcomeRecord, OutcomeStatus,
                                           utcnow)
 from gridpresence.services.watchdog import WatchdogAgent
-from gridpresence.xmpp.component import ComponentLink
 from gridpresence.xmpp.session import close_session
 
 pytestmark = pytest.mark.timeout(120)
@@ -50,16 +48,6 @@ async def grid(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Grid]:
         yield g
 
 
-def link_of(grid: Grid) -> ComponentLink:
-    assert grid.bots is not None and grid.bots.link is not None
-    return grid.bots.link
-
-
-def agent(grid: Grid, name: str) -> DeviceAgent:
-    assert grid.bots is not None
-    return grid.bots.devices[name]
-
-
 def watchdog(grid: Grid) -> WatchdogAgent:
     assert grid.bots is not None
     found = [b for b in grid.bots.bots if isinstance(b, WatchdogAgent)]
@@ -67,34 +55,10 @@ def watchdog(grid: Grid) -> WatchdogAgent:
     return found[0]
 
 
-class Written:
-    """Every stanza the link writes to the server while installed, as text."""
-
-    def __init__(self, link: ComponentLink) -> None:
-        assert link.transport is not None
-        self.transport, self.writes = link.transport, []  # type: ignore[var-annotated]
-        self.original = link.transport.write
-
-    def __enter__(self) -> Written:
-        self.transport.write = lambda data: (self.writes.append(bytes(data).decode()), self.original(data))  # type: ignore[method-assign]
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.transport.write = self.original  # type: ignore[method-assign]
-
-    def presence_to(self, jid: str, sender: str) -> int:
-        """Presence stanzas from ``sender`` (bare) to ``jid`` (bare, any resource)."""
-        tags = re.findall(r"<presence\b[^>]*>", "".join(self.writes))
-        return sum(1 for t in tags if re.search(rf'to="{re.escape(jid)}[/"]', t) and f'from="{sender}' in t)
-
-    def messages_with(self, element: str) -> list[str]:
-        return [m for m in re.findall(r"<message\b.*?</message>", "".join(self.writes), re.S) if f"<{element}" in m]
-
-
 async def test_every_operator_sees_every_change_and_the_watchdog_is_left_out(grid: Grid) -> None:
     name = LOADS[0]
     jid, alice_jid, bob_jid = grid.fleet.jid(name), grid.fleet.jid("alice"), grid.fleet.jid("bob")
-    dev = agent(grid, name)
+    dev = agent_of(grid, name)
     # Left out of a change: the watchdog and the relay only, never an operator or the console.
     assert dev.health_only == {grid.fleet.jid("watchdog"), grid.fleet.jid("relay")}
     async with GridOperator.from_connection(grid.connection, operator="alice", resource="aud") as alice:
@@ -132,7 +96,7 @@ async def test_every_operator_sees_every_change_and_the_watchdog_is_left_out(gri
 async def test_the_watchdog_keeps_its_refresh_rhythm_through_changes(grid: Grid) -> None:
     """Changes every 0.4 s for 5 s: none reach the watchdog, yet a refresh still comes every
     2 s (counted from the last presence it got, not the last change), so it never has to ping."""
-    dev, jid = agent(grid, QUICK), grid.fleet.jid(QUICK)
+    dev, jid = agent_of(grid, QUICK), grid.fleet.jid(QUICK)
     with Written(link_of(grid)) as seen:
         for i in range(12):
             dev.sim.execute(Action.SHED if i % 2 == 0 else Action.RESTORE, {}, utcnow())
