@@ -459,7 +459,6 @@ class HostedClient(ComponentXMPP):
         self._last_broadcast: ET.Element | None = None
         self._last_text = ""  # its serialization, `to` marked (_TO_MARK)
         self._offline: set[str] = set()  # contacts known to be offline this session (_contact_presence)
-        self._leave_out: frozenset[str] = frozenset()  # while broadcast_change sends (_broadcast)
         self.roster.set_backend(link.store)  # type: ignore[arg-type]
         self.client_roster = self.roster[self.boundjid]
         # As make_client's: only provisioned contacts see the identity (ad-hoc requests refused).
@@ -546,17 +545,19 @@ class HostedClient(ComponentXMPP):
         except Exception:  # one bad stanza must not reach the link's reader
             log.exception("%s: stanza dropped", self.boundjid.bare)
 
-    def send(self, data: StanzaBase | str, use_filters: bool = True) -> None:
+    def send(self, data: StanzaBase | str, use_filters: bool = True, *,
+             leave_out: frozenset[str] = frozenset()) -> None:
         """As slixmpp's, but a stanza goes out at once when nothing waits in the send queue and
         only synchronous filters apply (_route is one): the queue's task wakes up once per
-        stanza otherwise, for each of thousands of identities, and the order stays the same."""
+        stanza otherwise, for each of thousands of identities, and the order stays the same.
+        ``leave_out``: broadcast_change's, on the fast path only (the queue's way sends to all)."""
         if not use_filters or not isinstance(data, StanzaBase) or not may_skip_queue(self) or not filters_sync(self):
             super().send(data, use_filters)
             return
         try:
-            stanza = run_filters(self, data)  # _route, the last, sends it itself
+            stanza = run_filters(self, data, stop_at=self._route)
             if stanza is not None:
-                self.send_raw(tostring(stanza.xml, xmlns=self.default_ns, stream=self, top_level=True))
+                self._route(stanza, leave_out)  # the last filter: it sends the stanza itself
         except Exception:  # as the queue's task: a faulty stanza is logged, the sender goes on
             log.error("Exception raised in send:", exc_info=True)
 
@@ -587,11 +588,7 @@ class HostedClient(ComponentXMPP):
         "Who gets which presence"). The fan-out is ours, not the server's, so this costs nothing:
         each subscriber left out is one stanza fewer through the server. If the stanza must wait
         its turn in the send queue, it goes to every subscriber, as any broadcast."""
-        self._leave_out = leave_out  # read by _broadcast, reached synchronously by send's fast path
-        try:
-            self.send(pres)
-        finally:
-            self._leave_out = frozenset()
+        self.send(pres, leave_out=leave_out)
 
     def send_each(self, stanza: StanzaBase, tos: Iterable[str]) -> None:
         """``stanza`` (with no ``to``) to each of ``tos``, as sending a copy to each would: the
@@ -622,13 +619,14 @@ class HostedClient(ComponentXMPP):
 
     # -- what the server does for a c2s account -------------------------------------------
 
-    def _route(self, stanza: StanzaBase) -> StanzaBase | None:
+    def _route(self, stanza: StanzaBase, leave_out: frozenset[str] = frozenset()) -> StanzaBase | None:
         """Last outgoing step: our ``from`` on everything (on presence, with the link session's
-        resource: ComponentLink.session_resource); a broadcast presence fanned out to the subscribers; a
-        stanza for an identity on this link handed over in the process."""
+        resource: ComponentLink.session_resource); a broadcast presence fanned out to the subscribers
+        (but ``leave_out``: broadcast_change's); a stanza for an identity on this link handed over
+        in the process."""
         xml = self._stamp_from(stanza)
         if xml.tag == _PRESENCE and xml.get("type") in _BROADCAST_TYPES and "to" not in xml.attrib:
-            self._broadcast(xml)
+            self._broadcast(xml, leave_out)
             return None
         if xml.get("to"):
             self._send_one(xml)
@@ -646,9 +644,9 @@ class HostedClient(ComponentXMPP):
             xml.set("from", f"{self.boundjid.bare}/{self.link.session_resource}")
         return xml
 
-    def _broadcast(self, xml: ET.Element) -> None:
-        """A broadcast presence to every subscriber not known to be offline (as a server sends a
-        c2s account's presence to its contacts' sessions only). Serialized once: each copy is
+    def _broadcast(self, xml: ET.Element, leave_out: frozenset[str] = frozenset()) -> None:
+        """A broadcast presence to every subscriber not known to be offline nor in ``leave_out``
+        (as a server sends a c2s account's presence to its contacts' sessions only). Serialized once: each copy is
         the same text but for its ``to``. Kept as the answer to later probes: the element is
         the sent stanza's own (slixmpp builds a new one per send; nothing changes it after)."""
         self._last_broadcast = xml
@@ -656,7 +654,7 @@ class HostedClient(ComponentXMPP):
         text = tostring(xml, xmlns=NS, stream=self, top_level=True)
         del xml.attrib["to"]
         self._last_text = text
-        skip = self._offline | self._leave_out if self._leave_out else self._offline
+        skip = self._offline | leave_out if leave_out else self._offline
         for contact in self.subscribers():
             if contact not in skip:
                 self._send_text(contact, xml, text)
