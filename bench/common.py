@@ -15,15 +15,16 @@ import statistics
 import tempfile
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
-from slixmpp import ClientXMPP, Message
+from slixmpp import ClientXMPP, Message, Presence
 
 from gridpresence.server.accounts import Secrets
 from gridpresence.xmpp.session import Endpoint, close_session, make_client, open_session
 from gridpresence.config import Fleet, Hosting, parse_fleet
 from gridpresence.host.grid import Grid
+from gridpresence.operator.library import GridOperator
 
 
 def percentile(samples: Sequence[float], pct: float) -> float:
@@ -197,8 +198,9 @@ class EchoPair:
         return time.perf_counter() - t0
 
 
-def client_for(grid: Grid, name: str) -> ClientXMPP:
-    return make_client(f"{name}@localhost/bench", grid.secrets.password(name), grid.endpoint)
+def client_for(grid: Grid, name: str, resource: str = "bench") -> ClientXMPP:
+    """A plain slixmpp client of account ``name`` on ``resource`` (not connected)."""
+    return make_client(f"{grid.fleet.jid(name)}/{resource}", grid.secrets.password(name), grid.endpoint)
 
 
 @contextlib.asynccontextmanager
@@ -219,3 +221,47 @@ async def chat_bench(devices: int, prefix: str) -> AsyncIterator[tuple[Grid, Ech
                     await party.stop()
     finally:
         shutil.rmtree(data, ignore_errors=True)
+
+
+async def raw_login_all_seen(grid: Grid, client: ClientXMPP, devices: set[str], wait_s: float,
+                             on_device: Callable[[], None] | None = None) -> tuple[float, float]:
+    """The login benches' baseline: a plain slixmpp ``client`` (client_for: an operator's
+    account on a resource of its own) fetches its roster, says it is available, and waits until
+    each of ``devices`` (bare JIDs) has sent its available presence; then it leaves. Returns the
+    perf_counter instants of its connect and of the last device seen; ``on_device`` is called on
+    each device's presence."""
+    seen: set[str] = set()
+    done = asyncio.Event()
+
+    def on(pres: Presence) -> None:
+        bare = pres["from"].bare
+        if bare in devices and pres.xml.get("type") is None:
+            seen.add(bare)
+            if on_device is not None:
+                on_device()
+            if len(seen) == len(devices):
+                done.set()
+
+    client.add_event_handler("presence", on)
+    t0 = time.perf_counter()
+    await open_session(client, grid.endpoint, 120)
+    await client.get_roster()
+    client.send_presence()
+    await asyncio.wait_for(done.wait(), wait_s)
+    t1 = time.perf_counter()
+    await close_session(client)
+    return t0, t1
+
+
+async def operator_login_all_seen(op: GridOperator, devices: int, wait_s: float) -> tuple[float, float]:
+    """``op`` (made, and instrumented, by the caller) connects without waiting for a tariff
+    until its library sees ``devices`` devices present, each with its state; then it leaves.
+    Returns the perf_counter instants of its connect and of all seen."""
+    t0 = time.perf_counter()
+    await op.connect(timeout=120, settle_s=wait_s, tariff_s=0)
+    try:
+        await op.wait_for(lambda d: op.tracker.present_count >= devices
+                          and all(v.state is not None for v in d.values()), wait_s)
+        return t0, time.perf_counter()
+    finally:
+        await op.close()

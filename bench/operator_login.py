@@ -34,12 +34,11 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from common import BenchGrid, cpu_seconds, percentile, summary
-from slixmpp import Presence
+from common import (BenchGrid, client_for, cpu_seconds, operator_login_all_seen, percentile, raw_login_all_seen,
+                    summary)
 
 from gridpresence.config import Fleet, parse_fleet
 from gridpresence.operator.library import GridOperator
-from gridpresence.xmpp.session import close_session, make_client, open_session
 
 OPERATOR = "bench-op"
 WAIT_S = 300.0
@@ -93,28 +92,9 @@ class Login:
 
 
 async def raw_login(bench: BenchGrid, devices: set[str], i: int) -> tuple[float, float]:
-    grid = bench.grid
-    client = make_client(f"{grid.fleet.jid(OPERATOR)}/raw-{i}", grid.secrets.password(OPERATOR), grid.endpoint)
-    seen: set[str] = set()
-    done = asyncio.Event()
-
-    def on(pres: Presence) -> None:
-        bare = pres["from"].bare
-        if bare in devices and pres.xml.get("type") is None:
-            seen.add(bare)
-            login.first_seen()
-            if len(seen) == len(devices):
-                done.set()
-
-    client.add_event_handler("presence", on)
+    client = client_for(bench.grid, OPERATOR, f"raw-{i}")
     login = Login(client)
-    t0 = time.perf_counter()
-    await open_session(client, grid.endpoint, 120)
-    await client.get_roster()
-    client.send_presence()
-    await asyncio.wait_for(done.wait(), WAIT_S)
-    t1 = time.perf_counter()
-    await close_session(client)
+    t0, t1 = await raw_login_all_seen(bench.grid, client, devices, WAIT_S, on_device=login.first_seen)
     assert login.t_session is not None
     login.note("raw slixmpp", t1)
     return t1 - t0, t1 - login.t_session
@@ -137,14 +117,7 @@ async def our_login(bench: BenchGrid, n: int, resource: str, returning: bool) ->
 
         op._fetch_roster = timed_fetch  # type: ignore[method-assign]
     op.tracker.listen(lambda change: login.first_seen() if change.current.present else None)
-    t0 = time.perf_counter()
-    await op.connect(timeout=120, settle_s=WAIT_S, tariff_s=0)
-    try:
-        await op.wait_for(lambda d: op.tracker.present_count >= n and all(v.state is not None for v in d.values()),
-                          WAIT_S)
-        t1 = time.perf_counter()
-    finally:
-        await op.close()
+    t0, t1 = await operator_login_all_seen(op, n, WAIT_S)
     assert login.t_session is not None
     login.note("ours, returning" if returning else "ours, first login", t1)
     return t1 - t0, t1 - login.t_session

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_seconds, percentile, summary
+from common import client_for, cpu_seconds, operator_login_all_seen, percentile, raw_login_all_seen, summary
 from slixmpp import Presence
 
 from gridpresence.config import parse_fleet, synthetic_fleet_data
@@ -38,41 +38,16 @@ from gridpresence.operator.library import GridOperator
 from gridpresence.operator.selection import DeviceFilter, FleetSummary
 from gridpresence.protocol import DeviceKind
 from gridpresence.protocol.codec import q
-from gridpresence.xmpp.session import close_session, make_client, open_session
 
 
 async def our_login(grid: Grid, n: int, i: int) -> float:
-    op = GridOperator.from_connection(grid.connection, resource=f"login-{i}")
-    t0 = time.perf_counter()
-    await op.connect(timeout=120, settle_s=120, tariff_s=0)
-    try:
-        await op.wait_for(lambda d: len(d) == n and all(v.present and v.state is not None for v in d.values()), 120)
-        return time.perf_counter() - t0
-    finally:
-        await op.close()
+    t0, t1 = await operator_login_all_seen(GridOperator.from_connection(grid.connection, resource=f"login-{i}"), n, 120)
+    return t1 - t0
 
 
 async def raw_login(grid: Grid, devices: set[str], i: int) -> float:
-    client = make_client(f"alice@localhost/raw-{i}", grid.secrets.password("alice"), grid.endpoint)
-    seen: set[str] = set()
-    done = asyncio.Event()
-
-    def on(pres: Presence) -> None:
-        bare = pres["from"].bare
-        if bare in devices and pres.xml.get("type") is None:
-            seen.add(bare)
-            if len(seen) == len(devices):
-                done.set()
-
-    client.add_event_handler("presence", on)
-    t0 = time.perf_counter()
-    await open_session(client, grid.endpoint, 120)
-    await client.get_roster()
-    client.send_presence()
-    await asyncio.wait_for(done.wait(), 120)
-    elapsed = time.perf_counter() - t0
-    await close_session(client)
-    return elapsed
+    t0, t1 = await raw_login_all_seen(grid, client_for(grid, "alice", f"raw-{i}"), devices, 120)
+    return t1 - t0
 
 
 async def readings_round(grid: Grid, bots: FleetBots, directed: bool,
