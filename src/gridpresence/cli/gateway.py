@@ -9,7 +9,7 @@ from typing import Any
 
 from gridpresence.cli.common import EXIT_OK, CliError
 from gridpresence.config import load_fleet
-from gridpresence.gateway.site import SiteError, load_site
+from gridpresence.gateway.site import Dnp3TcpLink, ModbusTcpLink, SiteError, load_site
 from gridpresence.host.gateway import Gateway, GatewayError, play_site
 from gridpresence.host.grid import FLEET_COPY, SECRETS_FILE
 from gridpresence.host.processes import heartbeat
@@ -69,7 +69,8 @@ async def cmd_field_sim(args: argparse.Namespace) -> int:
     try:
         for name, ied in sim.ieds.items():
             link = ied.ied.link
-            where = f"{link.host}:{link.port}" if hasattr(link, "host") else getattr(link, "device", "?")
+            where = (f"{link.host}:{link.port}" if isinstance(link, ModbusTcpLink | Dnp3TcpLink)
+                     else getattr(link, "device", "?"))
             print(f"  {name}: {link.protocol} {where} unit {getattr(link, 'unit', '?')} ({ied.ied.map})")
         print(f"field simulator up: {len(sim.ieds)} IEDs of {args.site}. Ctrl-C stops it.", flush=True)
         await stop.wait()

@@ -32,6 +32,7 @@ from gridpresence.services.relay.commissioning import commission, readers_keys, 
 from gridpresence.security.keyring import KeyUnavailable
 from gridpresence.security.keys import load_secret
 from gridpresence.security.pep_keyring import PartyKeys
+from gridpresence.transport.mail import smtp_reply
 from gridpresence.host.signals import stop_signal
 
 CONNECTION_FILE, SECRETS_FILE, FLEET_COPY = "connection.json", "secrets.json", "fleet.json"
@@ -147,9 +148,8 @@ async def cmd_mail_device(args: argparse.Namespace) -> int:
             except smtplib.SMTPResponseException as exc:
                 hint = (f" (the relay cannot find {spec.name}'s key over PEP: run `gridpresence mail-device "
                         f"{spec.name} --commission` where the XMPP server is reachable)"
-                        if exc.smtp_code == 451 and b"4.7.1" in exc.smtp_error else "")
-                print(f"{spec.name}: relay refused: {exc.smtp_code} {exc.smtp_error.decode(errors='replace')}{hint}",
-                      flush=True)
+                        if exc.smtp_code == 451 and "4.7.1" in smtp_reply(exc) else "")
+                print(f"{spec.name}: relay refused: {exc.smtp_code} {smtp_reply(exc)}{hint}", flush=True)
                 return 1
             except (smtplib.SMTPException, OSError, KeyUnavailable) as exc:
                 print(f"{spec.name}: relay refused or unreachable: {exc}", flush=True)

@@ -93,7 +93,7 @@ async def cmd_fleet_generate(args: argparse.Namespace) -> int:
 
 
 def synthetic_opts(p: argparse.ArgumentParser, *, optional: bool) -> None:
-    how = dict(type=device_count, metavar="N")
+    how: dict[str, Any] = dict(type=device_count, metavar="N")
     if optional:
         p.add_argument("--devices", default=0, help="instead of --fleet: a synthetic fleet of N devices "
                        "(substations of masters, breakers, branch meters, loads, generators)", **how)

@@ -15,7 +15,6 @@ import logging
 from xml.etree import ElementTree as ET
 
 from slixmpp import Message
-from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.protocol.codec import PayloadError
@@ -38,6 +37,7 @@ from gridpresence.protocol.openpgp import OPENPGP_NS
 from gridpresence.security.gate import Refusal, open_command
 from gridpresence.security.signed import SignatureFailure, key_of
 from gridpresence.device.host import DeviceHost
+from gridpresence.xmpp.handlers import stanza_callback
 
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ class FirmwareDesk:
         self.version = FACTORY_VERSION
         self.applied: dict[str, str] = {}  # upgrade id -> version: a resent upgrade is not applied twice
         self._busy: set[asyncio.Task[None]] = set()
-        agent.client.register_handler(Callback("grid firmware", StanzaPath("message/grid_firmware"), self._on_firmware))
+        agent.client.register_handler(stanza_callback("grid firmware", StanzaPath("message/grid_firmware"),
+                                                      self._on_firmware))
 
 
     def close(self) -> None:

@@ -8,12 +8,12 @@ import asyncio
 import logging
 
 from slixmpp import JID, Message
-from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.security.tariff import TariffRefused, tariff_from_billing
 from gridpresence.protocol.models import Tariff
 from gridpresence.device.host import DeviceHost
+from gridpresence.xmpp.handlers import stanza_callback
 
 
 log = logging.getLogger(__name__)
@@ -26,8 +26,7 @@ class PriceFeed:
         self.tariff: Tariff | None = agent.setup.tariff  # the fleet file's tariff until the billing party sends its own
         self._from_billing = False
         self._busy: set[asyncio.Task[None]] = set()
-        agent.client.register_handler(Callback("grid tariff", StanzaPath("message/grid_tariff"),
-                                               self.on_tariff))  # type: ignore[arg-type]  # slixmpp types it as StanzaBase
+        agent.client.register_handler(stanza_callback("grid tariff", StanzaPath("message/grid_tariff"), self.on_tariff))
 
     def price(self) -> float:
         """The price per kWh now (0 before any tariff is known: nothing is costly then)."""

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from dnp3.application.parser import ParseError, parse_response
 from dnp3.core.enums import CommandStatus, ControlCode
@@ -195,13 +196,14 @@ class Dnp3Driver:
 
     def cached(self, point: Point) -> Reading:
         h = self._handler
-        store = {
+        stores: dict[str, Mapping[int, Any]] = {  # (each table's own value type; read alike below)
             "binary_input": h.binary_inputs,
             "binary_output": h.binary_outputs,
             "analog_input": h.analog_inputs,
             "analog_output": h.analog_outputs,
             "counter": h.counters,
-        }[point.table]
+        }
+        store = stores[point.table]
         value = store.get(point.address)
         if value is None:
             return Reading(None, Quality.MISSING)

@@ -136,7 +136,7 @@ class FieldIed:
         self.pmap = pmap
         self.driver = driver or make_driver(ied, pmap)
         self.status = FieldStatus()
-        self.on_poll: Callable[[], None] | None = None
+        self.on_poll: Callable[[], object] | None = None
         self.polls = 0
         self._seq = 0
         self._polling = asyncio.Lock()

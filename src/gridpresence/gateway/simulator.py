@@ -16,7 +16,7 @@ import logging
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
@@ -129,7 +129,8 @@ class FieldSimulator:
                 raise SimulatorError(f"{ied.name}: the field simulator plays Modbus IEDs, not {link.protocol}")
             sim = SimulatedIed(ied, site.map_for(ied), random.Random(rng.random()))
             key: tuple[str, str | int] = (link.host, link.port) if isinstance(link, ModbusTcpLink) else ("rtu", link.device)
-            units = {s.ied.link.unit for s in self._servers.get(key, [])}
+            served = self._servers.get(key, [])  # Modbus IEDs only (checked above as each was added)
+            units = {cast(ModbusTcpLink | ModbusRtuLink, s.ied.link).unit for s in served}
             if link.unit in units:
                 raise SimulatorError(f"{ied.name}: unit {link.unit} is played twice on the same link")
             self.ieds[ied.name] = sim

@@ -264,10 +264,10 @@ def parse_site(data: object, source: str = "site") -> Site:
     except ValidationError as exc:
         raise SiteError("\n".join(f"{source}: {m}" for m in _messages(exc, data))) from None
     problems: list[str] = []
-    for name, pmap in site.maps.items():
+    for name, own in site.maps.items():
         if not _MAP_NAME.match(name):
             problems.append(f"maps.{name}: a map name is lowercase letters, digits and '-'")
-        problems += [f"maps.{name}.{p}" for p in pmap.problems()]
+        problems += [f"maps.{name}.{p}" for p in own.problems()]
     seen: set[str] = set()
     shipped = shipped_maps()
     for i, ied in enumerate(site.ieds):

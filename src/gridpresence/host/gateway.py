@@ -11,6 +11,7 @@ gets through).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from pathlib import Path
 
@@ -83,7 +84,7 @@ class Gateway:
         first = [asyncio.wrap_future(self.field_loop.submit(f.poll())) for f in self.ieds.values()]
         await asyncio.wait_for(asyncio.gather(*first), timeout)
         for name, field in self.ieds.items():
-            field.on_poll = lambda n=name: main.call_soon_threadsafe(self._polled, n)  # type: ignore[misc]
+            field.on_poll = functools.partial(main.call_soon_threadsafe, self._polled, name)
             self.field_loop.submit(field.run())
         await log_in_all(self.devices.values(), timeout)
 

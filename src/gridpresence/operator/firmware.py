@@ -15,7 +15,6 @@ from collections.abc import Iterable, Mapping
 from xml.etree import ElementTree as ET
 
 from slixmpp import Message
-from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.operator.library import GridOperator
@@ -30,6 +29,7 @@ from gridpresence.protocol.firmware import (
     result_from_xml,
 )
 from gridpresence.protocol.models import DeviceState
+from gridpresence.xmpp.handlers import stanza_callback
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ class FirmwareCampaign:
 
     async def run(self, timeout_s: float) -> dict[str, FirmwareResult]:
         handler = f"firmware result {self.image.id}"
-        self.grid.client.register_handler(Callback(handler, StanzaPath("message/grid_firmware_result"), self._on_result))
+        self.grid.client.register_handler(stanza_callback(handler, StanzaPath("message/grid_firmware_result"),
+                                                          self._on_result))
         stop = self.grid.tracker.listen(self._on_change)
         try:
             for name in self.names:

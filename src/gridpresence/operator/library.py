@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 from xml.etree import ElementTree as ET
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -22,7 +23,6 @@ from typing import Any
 
 from slixmpp import JID, Message, Presence
 from slixmpp.exceptions import IqError, IqTimeout
-from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.protocol import roster as roles
@@ -61,6 +61,7 @@ from gridpresence.operator.roster_cache import KeptRoster, fetch_roster, roster_
 from gridpresence.protocol.relay import FINAL_MARGIN_S
 from gridpresence.protocol.billing_report import PartData, PartName, QualityData
 from gridpresence.protocol.addressing import origin_of
+from gridpresence.xmpp.handlers import stanza_callback
 
 log = logging.getLogger(__name__)
 
@@ -132,21 +133,24 @@ class GridOperator:
         self._changed = asyncio.Event()
         self.tracker.listen(lambda _change: self._bump())
         self.tracker.listen(self._on_device_session)
-        self.client.register_handler(Callback("grid tariff", StanzaPath("message/grid_tariff"), self._on_tariff))
+        self.client.register_handler(stanza_callback("grid tariff", StanzaPath("message/grid_tariff"),
+                                                     self._on_tariff))
         # A device's copy of a command someone else issued (this session is a recorder's).
-        self.client.register_handler(Callback("outcome record", StanzaPath("message/grid_outcome_record"),
-                                              self._on_record))
-        self.client.register_handler(Callback("outcome records", StanzaPath("message/grid_outcome_records"),
-                                              self._on_records))
-        self.client.register_handler(Callback("signed tariff", StanzaPath("message/openpgp"),
-                                              self._on_tariff))  # type: ignore[arg-type]
-        self.client.register_handler(Callback("mailed data", StanzaPath("message/grid_device"), self._on_mailed_data))
+        self.client.register_handler(stanza_callback("outcome record", StanzaPath("message/grid_outcome_record"),
+                                                     self._on_record))
+        self.client.register_handler(stanza_callback("outcome records", StanzaPath("message/grid_outcome_records"),
+                                                     self._on_records))
+        self.client.register_handler(stanza_callback("signed tariff", StanzaPath("message/openpgp"),
+                                                     self._on_tariff))
+        self.client.register_handler(stanza_callback("mailed data", StanzaPath("message/grid_device"),
+                                                     self._on_mailed_data))
         self.alarms: list[Alarm] = []  # alarms devices sent this operator, oldest first (the newest KEPT_ALARMS)
         self._alarms_total = 0  # every alarm ever received: new_alarms() counts on this, not on the kept list
         # Who else wants each alarm and each command's outcome as it comes (the historian).
         self._alarm_listeners: list[Callable[[Alarm], None]] = []
         self._outcome_listeners: list[Callable[[str, str, Outcome], None]] = []
-        self.client.register_handler(Callback("grid alarm", StanzaPath("message/grid_alarm"), self._on_alarm))
+        self.client.register_handler(stanza_callback("grid alarm", StanzaPath("message/grid_alarm"),
+                                                     self._on_alarm))
         # The power-quality part of meters' billing reports is for the utility ([0085]).
         self.reports: ReportInbox | None = None
         if self.keyring.secret_key is not None:
@@ -259,7 +263,7 @@ class GridOperator:
                 continue
             task = asyncio.ensure_future(self.issuer.adopt(entry))
             self.inherited[entry.command_id] = (entry, task)
-            task.add_done_callback(lambda t, e=entry: self._inherited_done(e, t))
+            task.add_done_callback(functools.partial(self._inherited_done, entry))
         if self.inherited:
             log.warning("%s: %d commands sent by an earlier process had no outcome yet; waiting for them here",
                         self.jid, len(self.inherited))
@@ -618,8 +622,8 @@ class GridOperator:
         except PayloadError as exc:
             log.warning("dropped invalid outcome records from %s: %s", sender, exc)
             return
-        for exc in bad[:3]:
-            log.warning("dropped an invalid outcome record from %s: %s", sender, exc)
+        for why in bad[:3]:
+            log.warning("dropped an invalid outcome record from %s: %s", sender, why)
         for record in records:
             view = self.tracker.find(record.outcome.device)
             if view is None or JID(record.outcome.device).domain != sender.bare:

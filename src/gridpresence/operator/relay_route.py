@@ -11,7 +11,7 @@ from gridpresence.xmpp.session import RelayEndpoint
 from gridpresence.protocol.models import Command, Outcome, OutcomeStatus
 from gridpresence.protocol.codec import q
 from gridpresence.protocol.openpgp import element_to_text
-from gridpresence.transport.mail import MailSender, SignedCommand, build_mail
+from gridpresence.transport.mail import MailSender, SignedCommand, build_mail, smtp_reply
 from gridpresence.security.pgp import pgpy
 
 
@@ -37,8 +37,7 @@ class RelayRoute:
             code, text = next(iter(exc.recipients.values()))
             return self._undeliverable(cmd, device, f"relay refused: {code} {text.decode(errors='replace')}")
         except smtplib.SMTPResponseException as exc:
-            return self._undeliverable(cmd, device, f"relay refused: {exc.smtp_code} "
-                                                    f"{exc.smtp_error.decode(errors='replace')}")
+            return self._undeliverable(cmd, device, f"relay refused: {exc.smtp_code} {smtp_reply(exc)}")
         except (smtplib.SMTPException, OSError) as exc:
             return self._undeliverable(cmd, device, f"relay at {self.relay.smtp_host}:{self.relay.smtp_port} "
                                                     f"unreachable: {exc}")

@@ -20,11 +20,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from xml.etree import ElementTree as ET
 
 from slixmpp import JID, ClientXMPP
 from slixmpp.jid import InvalidJID
+from slixmpp.types import RosterState
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,9 @@ class KeptRoster:
     def entries(self, owner: Any, db_state: Any = None) -> list[str]:
         return list(self._items) if JID(owner).bare == self.owner else []
 
-    def load(self, owner: Any, jid: Any, db_state: Any = None) -> dict[str, Any] | None:
-        return self._items.get(JID(jid).bare) if JID(owner).bare == self.owner else None
+    def load(self, owner: Any, jid: Any, db_state: Any = None) -> RosterState | None:
+        item = self._items.get(JID(jid).bare) if JID(owner).bare == self.owner else None
+        return cast("RosterState | None", item)  # the keys kept (_KEYS): those slixmpp's RosterItem.load reads
 
     def save(self, owner: Any, jid: Any, state: Any, db_state: Any = None) -> None:
         if JID(owner).bare != self.owner:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -149,7 +149,7 @@ def _first_error(exc: Exception) -> tuple[str, str]:
 
 @dataclass
 class ReplayResult:
-    alarms: list[dict[str, object]] = field(default_factory=list)
+    alarms: list[dict[str, Any]] = field(default_factory=list)
     cleared: int = 0
     changes: list[Change] = field(default_factory=list)
     proposals: list[Proposal] = field(default_factory=list)

@@ -7,7 +7,6 @@ import logging
 from collections.abc import Iterable
 
 from slixmpp import JID, Iq
-from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.xmpp.party import PartySession
@@ -16,6 +15,7 @@ from gridpresence.xmpp.session import Endpoint, make_client
 from gridpresence.operator.tracker import PresenceTracker
 from gridpresence.protocol.codec import health_to_xml
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
+from gridpresence.xmpp.handlers import stanza_callback
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class WatchdogAgent(PartySession):
         self.keyring = PepKeyring(self.client, keys)
         self.tracker = PresenceTracker(self.client, grace_s=grace_s)
         self.client.register_handler(
-            Callback("fleet health", StanzaPath("iq@type=get/grid_fleet_health"), self._on_query)
+            stanza_callback("fleet health", StanzaPath("iq@type=get/grid_fleet_health"), self._on_query)
         )
         reconnector_of(self.client).on_resume(self._arrive)
 

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 from xml.sax.saxutils import quoteattr
 
@@ -46,6 +46,15 @@ FEED_CHUNK = 4096  # bytes handed to the XMPP parser at a time, like reads from 
 MAX_ATTEMPTS = 4  # sends of one request (1 + retransmissions) before the session is given up
 
 
+class _Stream(Protocol):
+    """What the transport drives: slixmpp's XMLStream (an asyncio.BaseProtocol, so not typed as
+    an asyncio.Protocol, that reads data all the same)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
+    def data_received(self, data: bytes) -> None: ...
+    def connection_lost(self, exception: BaseException | None) -> None: ...
+
+
 class BoshTransport(asyncio.Transport):
     """One BOSH session driving one slixmpp XMLStream (``protocol``)."""
 
@@ -56,7 +65,7 @@ class BoshTransport(asyncio.Transport):
             raise ValueError(f"BOSH URL must be http(s)://..., not {url!r}")
         self.url = url
         self.secure = url.startswith("https:")
-        self._protocol: asyncio.Protocol | None = None
+        self._protocol: _Stream | None = None
         self._held: list[StreamStart | Payload | Terminated] = []  # answers that came before attach
         self._header_seen = False
         self.session = BoshSession(to=domain, wait=wait, hold=hold)
@@ -87,7 +96,7 @@ class BoshTransport(asyncio.Transport):
             self._lose(None)
             raise
 
-    def attach(self, protocol: asyncio.Protocol) -> None:
+    def attach(self, protocol: _Stream) -> None:
         """Hand the open session to slixmpp: it writes its stream header (which the session
         creation already stands for) and then reads the features the server sent."""
         self._protocol = protocol
@@ -104,7 +113,8 @@ class BoshTransport(asyncio.Transport):
         if chunk.startswith(b"<?xml") or chunk.startswith(b"<stream:stream"):
             if self._header_seen:  # a second header: slixmpp restarts the stream after SASL
                 start = self.session.restart()
-                asyncio.get_running_loop().call_soon(self._deliver, [start])
+                events: list[StreamStart | Payload | Terminated] = [start]
+                asyncio.get_running_loop().call_soon(self._deliver, events)
             self._header_seen = True
         elif chunk == b"</stream:stream>":
             self._closing = True

@@ -217,6 +217,12 @@ def open_smtp(host: str, port: int, tls: ssl.SSLContext, timeout: float = 10.0) 
     return smtp
 
 
+def smtp_reply(exc: smtplib.SMTPResponseException) -> str:
+    """The server's reply text of a refusal (smtplib gives it as bytes, typed as bytes or str)."""
+    text = exc.smtp_error
+    return text.decode(errors="replace") if isinstance(text, bytes) else text
+
+
 class MailSender:
     """An SMTP client that keeps one STARTTLS connection open (reconnecting when it drops),
     verifying the relay against `ca_file`.

@@ -229,7 +229,8 @@ async def discover_bosh_url(base_url: str, ssl_context: ssl.SSLContext | None, t
     """XEP-0156: the BOSH URL the server announces at ``base_url/.well-known/host-meta``
     (JSON first, then XRD), or None when it announces none."""
     base = base_url.rstrip("/")
-    conn = aiohttp.TCPConnector(ssl=ssl_context if base.startswith("https:") else False)
+    # (ssl_context None: aiohttp's default check, which True names)
+    conn = aiohttp.TCPConnector(ssl=(ssl_context or True) if base.startswith("https:") else False)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as http:
         try:
             async with http.get(f"{base}/.well-known/host-meta.json") as resp:

@@ -43,7 +43,6 @@ from slixmpp.basexmpp import BaseXMPP
 from slixmpp.jid import InvalidJID
 from slixmpp.xmlstream import StanzaBase, tostring
 from gridpresence.xmpp.slixfix.escape import escape as xml_escape  # the fast one (slixmpp's own goes char by char)
-from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
 from gridpresence.xmpp import slixfix  # noqa: F401  (our slixmpp patches)
@@ -52,6 +51,7 @@ from gridpresence.xmpp.outgoing import filters_sync, may_skip_queue, messages_ne
 from gridpresence.protocol import stanzas
 from gridpresence.xmpp.reconnect import reconnector_of
 from gridpresence.xmpp.shared_probes import SharedProbes
+from gridpresence.xmpp.handlers import stanza_callback
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class ComponentLink(ComponentXMPP):
         self.register_plugin("xep_0199")
         self.add_event_handler("session_start", self._on_session_start)
         self.add_event_handler("disconnected", self._on_disconnected)
-        reconnector_of(self)  # type: ignore[arg-type]  (a component session comes back like any party's)
+        reconnector_of(self)  # type: ignore[arg-type]  # (a component session comes back like any party's)
 
     @property
     def domain(self) -> str:
@@ -744,9 +744,10 @@ class HostedPep:
         self.client = client
         self.owner = str(client.boundjid.bare)
         self.nodes: dict[str, tuple[str, ET.Element | None]] = {}  # node -> (item id, payload)
-        client.register_handler(Callback("hosted pep", MatchXPath(f"{{{NS}}}iq/{{{PUBSUB}}}pubsub"), self._on_iq))
-        client.register_handler(Callback("hosted pep owner", MatchXPath(f"{{{NS}}}iq/{{{PUBSUB_OWNER}}}pubsub"),
-                                         self._on_owner))
+        client.register_handler(stanza_callback("hosted pep", MatchXPath(f"{{{NS}}}iq/{{{PUBSUB}}}pubsub"),
+                                                self._on_iq))
+        client.register_handler(stanza_callback("hosted pep owner",
+                                                MatchXPath(f"{{{NS}}}iq/{{{PUBSUB_OWNER}}}pubsub"), self._on_owner))
         client.add_event_handler("session_bind", self._identity)
 
     def _identity(self, _e: object) -> None:

@@ -99,8 +99,8 @@ _SHARED: dict[tuple[Any, ...], dict[Shape, tuple[int, ...]]] = {}
 def install(stream: XMLStream) -> ShapeDispatch:
     """Every stanza ``stream`` receives from now on is dispatched by shape."""
     dispatch = ShapeDispatch(stream)
-    stream._spawn_event = dispatch.spawn  # type: ignore[method-assign]  (data_received calls it)
-    stream.shape_dispatch = dispatch  # type: ignore[attr-defined]  (presence takers find it here)
+    stream._spawn_event = dispatch.spawn  # type: ignore[method-assign]  # (data_received calls it)
+    stream.shape_dispatch = dispatch  # type: ignore[attr-defined]  # (presence takers find it here)
     return dispatch
 
 
@@ -185,7 +185,7 @@ class ShapeDispatch:
         handlers = self._handlers
         if len(handlers) != len(self._snapshot) or tuple(handlers) != self._snapshot:
             self._snapshot = tuple(handlers)
-            keys = tuple(_key(h) for h in handlers)
+            keys: tuple[Any, ...] = tuple(_key(h) for h in handlers)
             self._cacheable = None not in keys
             keys = (type(self.stream), self.stream.default_ns, *keys)  # which stanza classes it builds
             self._matched.clear()

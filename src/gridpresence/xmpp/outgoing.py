@@ -58,12 +58,13 @@ def messages_need_no_filter(stream: XMLStream, *also: Any) -> bool:
 def run_filters(stream: XMLStream, stanza: StanzaBase, stop_at: Any = None) -> StanzaBase | None:
     """The outgoing filters on ``stanza``, as the send queue's task runs them, up to (not
     including) ``stop_at``; None if one dropped it. Call only when :func:`filters_sync`."""
-    out: StanzaBase | None = stanza
+    out = stanza
     for mode in MODES:
         for step in _filters(stream)[mode]:
             if step == stop_at:
                 return out
-            out = step(out)
-            if out is None:
+            kept: StanzaBase | None = step(out)
+            if kept is None:
                 return None
+            out = kept
     return out

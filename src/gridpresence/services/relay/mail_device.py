@@ -53,10 +53,12 @@ class MailDevice:
             since = now
         self.sim: SimDevice = make_device(spec, since)
         registers = getattr(self.sim, "registers", None)
-        if isinstance(registers, MeterRegisters) and isinstance(kept.get("register_kwh"), (int, float)):
-            registers.register_kwh = registers.start_kwh = float(kept["register_kwh"])
+        kwh = kept.get("register_kwh")
+        if isinstance(registers, MeterRegisters) and isinstance(kwh, (int, float)):
+            registers.register_kwh = registers.start_kwh = float(kwh)
         self._sender = MailSender(relay.smtp_host, relay.smtp_port, relay.ca_file)
-        self._seq = int(kept.get("seq", 0)) if isinstance(kept.get("seq", 0), int) else 0
+        seq = kept.get("seq", 0)
+        self._seq = seq if isinstance(seq, int) else 0
 
     def _load(self) -> dict[str, object]:
         if self.state_file is None or not self.state_file.exists():

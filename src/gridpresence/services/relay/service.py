@@ -25,9 +25,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-from slixmpp import Message
+from slixmpp import JID, Message
 from slixmpp.exceptions import IqError, IqTimeout
-from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.server.accounts import RELAY
@@ -45,6 +44,7 @@ from gridpresence.protocol.billing_report import BillingReport
 from gridpresence.services.relay.smtp import Directory, RelayHandler, Stored, server_tls, smtp_factory
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.server.certs import cert_ips, ensure_certificates
+from gridpresence.xmpp.handlers import stanza_callback
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ class RelayService:
         self.certs = ensure_certificates(certs_dir, fleet.domain, cert_ips(advertise or smtp_host), service=RELAY,
                                          hosts=[advertise] if advertise else [])
         self.tls = server_tls(self.certs.cert, self.certs.key)
-        self.client.register_handler(Callback("relay outcome", StanzaPath("message/grid_outcome"), self._on_outcome))
+        self.client.register_handler(stanza_callback("relay outcome", StanzaPath("message/grid_outcome"),
+                                                     self._on_outcome))
         self._server: asyncio.AbstractServer | None = None
         self._online = False
         self._expiry: asyncio.TimerHandle | None = None
@@ -213,7 +214,7 @@ class RelayService:
         """
         async def confirm() -> None:
             try:
-                await self.client.plugin["xep_0199"].send_ping(self.fleet.domain, timeout=30)
+                await self.client.plugin["xep_0199"].send_ping(JID(self.fleet.domain), timeout=30)
             except (IqError, IqTimeout) as exc:
                 log.warning("relay: server did not confirm delivery (%s); will tell again after a restart", exc)
                 return
