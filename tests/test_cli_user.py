@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from conftest import ROOT, Env, run_cli
+from conftest import ROOT, Env, run_cli, running_grid
 from gridpresence.operator.library import GridOperator
 from gridpresence.words import status_rows_of
 from gridpresence.config import parse_fleet
@@ -45,12 +45,8 @@ SMALL = {
 
 @pytest_asyncio.fixture(scope="module")
 async def small(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Grid]:
-    grid = Grid(parse_fleet(SMALL), tmp_path_factory.mktemp("small-grid"))
-    await grid.start()
-    try:
+    async with running_grid(parse_fleet(SMALL), tmp_path_factory.mktemp("small-grid")) as grid:
         yield grid
-    finally:
-        await grid.stop()
 
 
 def conn(grid: Grid) -> list[str]:

@@ -16,12 +16,12 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from conftest import ROOT, running_grid
 from gridpresence.config import load_fleet
 from gridpresence.host.fleet import FleetBots
 from gridpresence.host.grid import Grid
 from gridpresence.xmpp.session import ConnectionInfo
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
@@ -30,13 +30,10 @@ SCREENSHOT = ROOT / "docs" / "dashboard.png"
 
 @pytest_asyncio.fixture(scope="module")
 async def demo(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Grid]:
-    grid = Grid(load_fleet(ROOT / "bots" / "demo-fleet.toml"), tmp_path_factory.mktemp("dash-grid"),
-                without=["far-1", "meter-9"])  # as the README starts it; far-1 joins during the test
-    await grid.start()
-    try:
+    # As the README starts it; far-1 joins during the test.
+    async with running_grid(load_fleet(ROOT / "bots" / "demo-fleet.toml"), tmp_path_factory.mktemp("dash-grid"),
+                            without=["far-1", "meter-9"]) as grid:
         yield grid
-    finally:
-        await grid.stop()
 
 
 def tls(grid: Grid) -> ssl.SSLContext:

@@ -34,6 +34,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from conftest import run_cli, start_up
+from nullmodem import NullModem
 from gridpresence.config import FleetError, parse_fleet
 from gridpresence.gateway.field_device import FieldIed
 from gridpresence.gateway.site import load_site, parse_site
@@ -329,19 +330,17 @@ async def field(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Field
     brk1, brk2 = Outstation3(ports["brk1"]), Outstation3(ports["brk2"])
     await ieds.run(brk1.start())
     await ieds.run(brk2.start())
-    from test_gateway_drivers import bridge, pty_pair
-
-    (m1, s1), (m2, s2) = pty_pair()
+    cable = NullModem()
 
     async def serve_rtu() -> ModbusSerialServer:
-        bridge(m1, m2)  # on the IEDs' loop: the cable is the field's
-        server = ModbusSerialServer(rtu.devices, port=os.ttyname(s1), baudrate=115200)
+        cable.plug()  # on the IEDs' loop: the cable is the field's
+        server = ModbusSerialServer(rtu.devices, port=cable.a, baudrate=115200)
         await server.serve_forever(background=True)
         return server
 
     rtu_server = await ieds.run(serve_rtu())
     site_file = tmp / "site.toml"
-    site_file.write_text(SITE.format(**ports, rtu=os.ttyname(s2)))
+    site_file.write_text(SITE.format(**ports, rtu=cable.b))
     (tmp / "cli-site.toml").write_text(CLI_SITE.format(**ports))
     fleet = parse_fleet({"operators": [{"name": "alice"}], "presence_grace_s": 2.0,
                          "devices": [{"name": "sim-load", "kind": "load", "rated_kw": 10}],
@@ -368,14 +367,11 @@ async def field(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Field
 
         async def unplug_rtu() -> None:
             await rtu_server.shutdown()
-            loop = asyncio.get_running_loop()
-            for fd in (m1, m2):
-                loop.remove_reader(fd)
+            cable.unplug()
 
         await ieds.run(unplug_rtu())
         ieds.stop()
-        for fd in (m1, s1, m2, s2):
-            os.close(fd)
+        cable.close()
 
 
 async def until(alice: GridOperator, name: str, check: Any, timeout: float = 5.0) -> None:
@@ -751,20 +747,18 @@ async def test_a_modbus_rtu_ied_is_online_and_commanded_through_xmpp(field: Fiel
 async def test_a_modbus_rtu_ied_over_a_pseudo_terminal_is_polled_and_commanded() -> None:
     """The serial path of the gateway's field side (no grid): pymodbus's RTU server on one end
     of a pseudo-terminal "null modem", a FieldIed on the other, both on this loop."""
-    from test_gateway_drivers import bridge, pty_pair
-
     from pymodbus.server import ModbusSerialServer
 
     from gridpresence.protocol.models import Action
 
-    (m1, s1), (m2, s2) = pty_pair()
-    bridge(m1, m2)
+    cable = NullModem()
+    cable.plug()
     sim = ModbusIeds((5,))
     sim.load(5, kw=12, capacity=40, load_pct=30)
-    server = ModbusSerialServer(sim.devices, port=os.ttyname(s1), baudrate=115200)
+    server = ModbusSerialServer(sim.devices, port=cable.a, baudrate=115200)
     await server.serve_forever(background=True)
     site = parse_site({"ieds": [{"name": "rtu-load", "kind": "load", "map": "modbus-load-controller",
-                                 "link": {"protocol": "modbus-rtu", "device": os.ttyname(s2), "baudrate": 115200,
+                                 "link": {"protocol": "modbus-rtu", "device": cable.b, "baudrate": 115200,
                                           "unit": 5}}]})
     field_ied = FieldIed(site.ieds[0], site.map_for(site.ieds[0]))
     try:
@@ -778,11 +772,8 @@ async def test_a_modbus_rtu_ied_over_a_pseudo_terminal_is_polled_and_commanded()
     finally:
         await field_ied.driver.close()
         await server.shutdown()
-        loop = asyncio.get_running_loop()
-        for fd in (m1, m2):
-            loop.remove_reader(fd)
-        for fd in (m1, s1, m2, s2):
-            os.close(fd)
+        cable.unplug()
+        cable.close()
 
 
 def _readme_files(heading: str, tmp_path: Path) -> set[str]:

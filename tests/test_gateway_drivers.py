@@ -4,9 +4,7 @@ pseudo-terminal pair) and dnp3py's outstation, started here on loopback."""
 from __future__ import annotations
 
 import asyncio
-import os
 import struct
-import tty
 
 import pytest
 from dnp3.database import AnalogInputConfig, BinaryInputConfig, BinaryOutputConfig, CounterConfig, Database
@@ -15,6 +13,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from nullmodem import NullModem
 from gridpresence.gateway.dnp3 import Dnp3Driver, Dnp3Tcp
 from gridpresence.gateway.driver import ControlRefused, Driver, LinkDown, LinkState, ModbusExceptionResponse, Quality
 from gridpresence.gateway.modbus import ModbusDriver, ModbusSerial, ModbusTcp, plan_reads
@@ -162,36 +161,13 @@ async def test_modbus_write_read_back_exception_and_recovery() -> None:
         await server.shutdown()
 
 
-def pty_pair() -> tuple[tuple[int, int], tuple[int, int]]:
-    """Two pseudo-terminals; the test copies bytes between their master sides, so what one
-    end's slave writes the other end's slave reads: a null-modem cable."""
-    pairs = (os.openpty(), os.openpty())
-    for master, slave in pairs:
-        tty.setraw(master)
-        tty.setraw(slave)
-    return pairs
-
-
-def bridge(a: int, b: int) -> None:
-    loop = asyncio.get_running_loop()
-
-    def pump(src: int, dst: int) -> None:
-        try:
-            os.write(dst, os.read(src, 4096))
-        except OSError:
-            pass
-
-    loop.add_reader(a, pump, a, b)
-    loop.add_reader(b, pump, b, a)
-
-
 async def test_modbus_rtu_over_a_pseudo_terminal() -> None:
-    (m1, s1), (m2, s2) = pty_pair()
-    bridge(m1, m2)
+    cable = NullModem()
+    cable.plug()
     sim = ModbusSim(units=(3,))
-    server = ModbusSerialServer(sim.devices, port=os.ttyname(s1), baudrate=115200, trace_pdu=sim.trace)
+    server = ModbusSerialServer(sim.devices, port=cable.a, baudrate=115200, trace_pdu=sim.trace)
     await server.serve_forever(background=True)
-    driver = ModbusDriver(ModbusSerial(os.ttyname(s2), baudrate=115200), unit=3, timeout_s=1.0)
+    driver = ModbusDriver(ModbusSerial(cable.b, baudrate=115200), unit=3, timeout_s=1.0)
     try:
         sim.set_regs(3, "i", 10, f32(230.5))
         point = Point(name="v", table="input", address=10, type="f32")
@@ -202,11 +178,8 @@ async def test_modbus_rtu_over_a_pseudo_terminal() -> None:
     finally:
         await driver.close()
         await server.shutdown()
-        loop = asyncio.get_running_loop()
-        for fd in (m1, m2):
-            loop.remove_reader(fd)
-        for fd in (m1, s1, m2, s2):
-            os.close(fd)
+        cable.unplug()
+        cable.close()
 
 
 class Relay(DefaultCommandHandler):

@@ -26,7 +26,7 @@ from conftest import until as shared_until
 from gridpresence.protocol.models import Outcome, OutcomeStatus
 from gridpresence.services.historian import Event, Historian, HistoryStore, Retention, Sample, open_store
 from gridpresence.services.historian.store import SqliteStore, StoreError
-from conftest import run_cli
+from conftest import run_cli, running_grid
 from gridpresence.cli import main
 from gridpresence.config import parse_fleet
 from gridpresence.host.grid import Grid
@@ -223,12 +223,8 @@ LIVE = {
 
 @pytest_asyncio.fixture(scope="module")
 async def live(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Grid]:
-    grid = Grid(parse_fleet(LIVE), tmp_path_factory.mktemp("history-grid"))
-    await grid.start()
-    try:
+    async with running_grid(parse_fleet(LIVE), tmp_path_factory.mktemp("history-grid")) as grid:
         yield grid
-    finally:
-        await grid.stop()
 
 
 async def until(check: Callable[[], Any], timeout: float = 15.0) -> Any:
