@@ -93,7 +93,7 @@ async def child(data: Path, side: str) -> None:
             done.append(time.perf_counter() - t0)
 
         agent.login = timed  # type: ignore[method-assign]
-    await bots.start(timeout=1800)
+    await bots.start()
     total = time.perf_counter() - t0
     from_start, cpu = time.perf_counter() - start, time.process_time() - cpu0
     gc.collect()
@@ -123,7 +123,7 @@ async def profile(n: int, keep: Path | None) -> None:
         bots = FleetBots(fleet, info.server, Secrets(data / SECRETS_FILE), only=names, with_services=False,
                          data_dir=data, tick_s=REFRESH_S)
         cpu1 = time.process_time()
-        await bots.start(timeout=1800)
+        await bots.start()
         prof.disable()
         cpu2 = time.process_time()
         print(f"  CPU per identity: {1000 * (cpu2 - cpu0) / n:.2f} ms (building {1000 * (cpu1 - cpu0) / n:.2f}, "

@@ -95,7 +95,7 @@ async def main() -> None:
     bots = FleetBots(fleet, grid.endpoint, grid.secrets, only=names, tick_s=3600, with_services=False,
                      data_dir=grid.data_dir)
     t0 = time.perf_counter()
-    await bots.start(timeout=900)
+    await bots.start()
     print(f"{args.devices} device bots (synthetic fleet) logged in in {time.perf_counter() - t0:.1f} s", flush=True)
     results: dict[str, object] = {}
     jids = {fleet.jid(n) for n in names}

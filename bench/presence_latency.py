@@ -91,7 +91,7 @@ async def devices_child(data: Path, profile: str | None) -> None:
     bots = FleetBots(fleet, info.server, secrets, only=[d.name for d in fleet.devices], tick_s=3600,
                      with_services=False, data_dir=data)
     raw = make_client(f"{fleet.jid(RAW_SENDER)}/raw", secrets.password(RAW_SENDER), info.server)
-    await bots.start(timeout=1800)
+    await bots.start()
     await open_session(raw, info.server)
     await raw.get_roster()
     raw.send_presence()
@@ -144,7 +144,7 @@ async def services_child(data: Path, profile: str | None) -> None:
     fleet = load_fleet(data / FLEET_COPY)
     bots = FleetBots(fleet, info.server, Secrets(data / SECRETS_FILE), only=[WATCHDOG, CONSOLE], tick_s=3600,
                      data_dir=data)
-    await bots.start(timeout=600)
+    await bots.start()
     prof = cProfile.Profile() if profile else None
     if prof:  # from its start-up's end to the run's: the raw baseline and the changes
         prof.enable()

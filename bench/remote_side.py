@@ -29,7 +29,7 @@ async def main(data: Path, tick_s: float) -> None:
     bots = FleetBots(fleet, info.server, secrets, only=[d.name for d in fleet.devices], tick_s=tick_s,
                      with_services=False, data_dir=data)  # as deployed: each device announces its key
     echo = EchoResponder(info.server, secrets)
-    await asyncio.gather(bots.start(timeout=1800), echo.start())
+    await asyncio.gather(bots.start(), echo.start())
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     profile: cProfile.Profile | None = None

@@ -23,12 +23,20 @@ from gridpresence.cli import argtypes
 from gridpresence.operator.library import GridOperator, UnknownDevice
 from gridpresence.xmpp.session import ConnectionInfo, SessionError, connection_path
 from gridpresence.operator.shedding import shed_to_target
+from gridpresence.words import progress_line
+
+
+def _progress(done: int, total: int) -> None:
+    """A long round's fan-out: `shed: N/M outcomes back` on stderr (as `gridpresence shed` says it)."""
+    line = progress_line("shed", done, total)
+    if line is not None:
+        print(line, file=sys.stderr, flush=True)
 
 
 async def run(args: argparse.Namespace) -> int:
     info = ConnectionInfo.load(connection_path(args.connection))
     async with GridOperator.from_connection(info, operator=args.operator, resource="load-shed") as grid:
-        report = await shed_to_target(grid, args.target_kw, args.price_limit)
+        report = await shed_to_target(grid, args.target_kw, args.price_limit, progress=_progress)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

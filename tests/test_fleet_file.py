@@ -43,6 +43,14 @@ def test_errors_name_the_device(tmp_path: Path) -> None:
         parse_fleet({"operators": OPS, "devices": [_load("ok"), _load("Bad!")]})
     with pytest.raises(FleetError, match=r"devices\[1\] \(b\)\.parent: no device named 'nowhere'"):
         parse_fleet({"operators": OPS, "devices": [_load("a"), _load("b", parent="nowhere")]})
+    # Only wrong devices: their own errors, not also "at least 1 item" (the file has one).
+    with pytest.raises(FleetError) as caught:
+        parse_fleet({"operators": OPS, "devices": [_load("d1", kind="lod", rated_kw=-1)]})
+    assert str(caught.value).splitlines() == [
+        "fleet: devices[0] (d1).kind: Input should be 'load', 'generator', 'meter', 'breaker' or 'master'",
+        "fleet: devices[0] (d1).rated_kw: Input should be greater than 0"]
+    with pytest.raises(FleetError, match=r"fleet: devices: .*at least 1 item"):  # an empty list still says so
+        parse_fleet({"operators": OPS, "devices": []})
 
 
 def test_unreadable_paths_are_fleet_errors(tmp_path: Path) -> None:

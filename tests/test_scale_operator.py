@@ -225,6 +225,27 @@ def test_fuzz_filters_and_fleet_arguments() -> None:
             synthetic_fleet(bad)
 
 
+def test_a_synthetic_fleet_starts_within_its_ratings() -> None:
+    """Each branch meter and master is rated for the loads under it: a new fleet starts at about
+    START_LOADING of its ratings, below the branch's "near its limit" advice, not in an alarm storm."""
+    from gridpresence.config import START_LOADING
+    from gridpresence.rules.settings import AlarmSettings
+
+    rng = random.Random(1618)
+    for n in (50, 51, 120, rng.randrange(200, 3000)):
+        fleet = synthetic_fleet(n, seed=rng.randrange(1000))
+        by_name = {d.name: d for d in fleet.devices}
+        draw: Counter[str] = Counter()
+        for d in fleet.devices:
+            if d.kind is DeviceKind.LOAD and d.parent is not None:
+                draw[d.parent] += d.rated_kw * d.utilisation
+                draw[by_name[d.parent].parent or ""] += d.rated_kw * d.utilisation
+        rated = {name: kw / by_name[name].rated_kw for name, kw in draw.items() if name}
+        assert rated and max(rated.values()) <= START_LOADING + 1e-9, (n, max(rated.values()))
+        assert START_LOADING * 100 < AlarmSettings().high_loading_pct
+        assert {by_name[name].kind for name in rated} == {DeviceKind.METER, DeviceKind.MASTER}
+
+
 def test_summary_counts_a_known_fleet() -> None:
     fleet = synthetic_fleet(1000)
     kinds = Counter(d.kind.value for d in fleet.devices)
@@ -244,6 +265,10 @@ async def test_up_devices_provisions_a_synthetic_fleet(tmp_path: Path) -> None:
     assert [d.name for d in fleet.devices][:3] == ["s001-master", "s001-breaker", "s001-branch-01"]
     code, _, err = await run_cli("up", "--devices", "30", "--fleet", "x.toml", "--provision-only", "--data", str(tmp_path))
     assert code == 2 and "give --fleet FILE or --devices N, not both" in err
+    for shape in (["--hosting", "component"], ["--seed", "4"], ["--refresh", "30", "--hosting", "c2s"]):
+        code, _, err = await run_cli("up", *shape, "--provision-only", "--data", str(tmp_path / "plain"))
+        assert code == 2 and "a synthetic fleet: give" in err and "with --devices N" in err, (shape, err)
+        assert not (tmp_path / "plain").exists()  # refused before anything was written
     code, out, err = await run_cli("fleet", "generate", "12", "--out", str(tmp_path / "f.toml"))
     assert code == 0 and parse_fleet(__import__("tomllib").loads((tmp_path / "f.toml").read_text())) == synthetic_fleet(12)
 
@@ -268,6 +293,12 @@ async def test_up_devices_hosted_on_the_component_are_seen_by_an_operator(tmp_pa
                                                 resource="hosted-synthetic") as op:
             await op.wait_for(lambda d: len(d) == n and all(v.present for v in d.values()), timeout=60)
             assert {v.transport for v in op.devices.values()} == {"component"}
+            conn = ["--connection", str(data / "connection.json")]
+            code, out, err = await run_cli("status", *conn, "--json", "--filter", "transport=component")
+            assert code == 0, err
+            assert len(json.loads(out)["devices"]) == n  # the hosted devices, selected by how they connect
+            code, out, err = await run_cli("status", *conn, "--json", "--filter", "transport=tcp,bosh")
+            assert code == 0 and json.loads(out)["devices"] == [], err
             load = next(v for name, v in op.devices.items()
                         if "-load-" in name and v.report is not None and not v.report.critical)
             outcome = await op.command(load.name, Action.SHED, ttl_s=15)

@@ -7,7 +7,7 @@ import asyncio
 import random
 from xml.etree import ElementTree as ET
 
-from gridpresence.operator.tracker import DeviceView, PresenceTracker
+from gridpresence.operator.tracker import OWN_OUTAGE, DeviceView, PresenceTracker
 from gridpresence.protocol import DeviceKind, DeviceState, HealthStatus, PresenceReport
 from gridpresence.protocol.codec import report_to_xml
 from gridpresence.xmpp.session import Endpoint, make_client
@@ -90,3 +90,39 @@ async def test_a_pass_with_nothing_due_looks_at_nothing_and_unknowns_are_flagged
     assert tracker.views[jids[-1]].health_reason == "no presence since the watch began"
     assert all(tracker.views[j].health is HealthStatus.OK for j in jids[:-1])
     assert not tracker._unknown
+
+
+async def test_nothing_is_flagged_while_our_own_session_is_down() -> None:
+    """Our session lost: every device is unknown for that reason alone, however long it lasts;
+    once back, the start-up grace runs again before a silent device is flagged."""
+    from gridpresence.xmpp.reconnect import SessionChange, SessionEvent
+
+    client = make_client("op@localhost/x", "secret", Endpoint())
+    tracker = PresenceTracker(client, grace_s=GRACE)
+    probed: list[str] = []
+
+    async def probe(view: DeviceView) -> None:
+        probed.append(view.jid)
+        tracker._pinging.discard(view.jid)
+
+    tracker._probe = probe  # type: ignore[method-assign]
+    jids = [f"d-{i}@devices.localhost" for i in range(5)]
+    for jid in jids:
+        tracker.views[jid] = DeviceView(name=jid.split("@")[0], jid=jid, kind=DeviceKind.LOAD)
+        tracker._intake(presence(jid, 1.0), f"{jid}/r", jid, "r")
+    now = asyncio.get_running_loop().time()
+    tracker._started_at = now
+    tracker._on_session(SessionChange(SessionEvent.LOST, "op@localhost", 0.0, reason="cut"))
+    assert {v.health for v in tracker.views.values()} == {HealthStatus.UNKNOWN}
+    for later in (1.0, 2 * GRACE + 1, 10 * GRACE):  # long past every refresh and the grace
+        tracker._watch_pass(now + later)
+    assert {v.health for v in tracker.views.values()} == {HealthStatus.UNKNOWN} and not probed
+    assert {v.health_reason for v in tracker.views.values()} == {OWN_OUTAGE}
+    tracker._on_session(SessionChange(SessionEvent.BACK, "op@localhost", 0.0, down_s=50.0))
+    back = tracker._started_at
+    tracker._intake(presence(jids[0], 60.0), f"{jids[0]}/r", jids[0], "r")  # one comes back
+    tracker._watch_pass(back + GRACE)  # within the new grace: nothing yet
+    assert sum(v.health is HealthStatus.PRESENCE_ERROR for v in tracker.views.values()) == 0
+    tracker._watch_pass(back + 2 * GRACE + 1)
+    flagged = {j for j, v in tracker.views.items() if v.health is HealthStatus.PRESENCE_ERROR}
+    assert flagged == set(jids[1:])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import tomllib
 import unicodedata
@@ -341,8 +342,13 @@ def parse_fleet(data: dict[str, object], source: str = "fleet", base: Path | Non
     try:
         fleet = Fleet.model_validate(data)
     except ValidationError as exc:
+        errors = exc.errors()
+        # "at least 1 item" of a list whose items were all wrong says nothing the items' own errors
+        # do not (pydantic counts what validated).
+        errors = [e for e in errors if not (e["type"] == "too_short" and any(
+            len(o["loc"]) > len(e["loc"]) and o["loc"][:len(e["loc"])] == e["loc"] for o in errors))]
         # Cross-field checks (no loc) name their field themselves.
-        lines = [f"{source}: {_where(e['loc'], data) + ': ' if e['loc'] else ''}{_message(e)}" for e in exc.errors()]
+        lines = [f"{source}: {_where(e['loc'], data) + ': ' if e['loc'] else ''}{_message(e)}" for e in errors]
         raise FleetError("\n".join(lines)) from None
     fleet = _with_rules(fleet, source, base)
     if base is not None and fleet.sites:
@@ -394,6 +400,9 @@ MAX_SYNTHETIC_DEVICES = 100_000
 SUBSTATION_SIZE = 50  # devices under one master IED in a synthetic fleet
 LOADS_PER_BRANCH = 12
 CRITICAL_EVERY = 20  # one load in this many is critical (refuses a shed)
+# A synthetic substation starts at about this share of its ratings: its loads' draw sizes its
+# branch meters and master (the "near its limit" advice is at 80 %, so a new fleet is quiet).
+START_LOADING = 0.55
 _LOAD_NAMES = ("HVAC", "water heaters", "EV chargers", "pumps", "street lighting", "cold store", "workshop",
                "irrigation", "offices", "data room")
 
@@ -416,19 +425,23 @@ def synthetic_fleet_data(devices: int, *, seed: int = 0, refresh_s: float = 60.0
         size = min(SUBSTATION_SIZE, devices - len(out))
         p = f"s{s:03d}" if stations < 1000 else f"s{s:05d}"
         master = f"{p}-master"
-        out.append({"name": master, "display_name": f"Master IED, substation {s}", "kind": "master",
-                    "rated_kw": 1200.0, "refresh_s": refresh_s})
+        top: list[dict[str, Any]] = [{"name": master, "display_name": f"Master IED, substation {s}",
+                                      "kind": "master", "rated_kw": 1200.0, "refresh_s": refresh_s}]
+        out.append(top[0])
         rest = size - 1
         if rest >= 1:
-            out.append({"name": f"{p}-breaker", "display_name": f"Main breaker, substation {s}", "kind": "breaker",
+            top.append({"name": f"{p}-breaker", "display_name": f"Main breaker, substation {s}", "kind": "breaker",
                         "rated_kw": 1200.0, "parent": master, "utilisation": 0.45, "refresh_s": refresh_s})
+            out.append(top[-1])
             rest -= 1
         branches = max(1, rest // (LOADS_PER_BRANCH + 1)) if rest >= 2 else 0
         gens = rest // 10 if rest >= 10 else 0
         loads = rest - branches - gens
-        for b in range(branches):
-            out.append({"name": f"{p}-branch-{b + 1:02d}", "display_name": f"Branch {b + 1} meter, substation {s}",
-                        "kind": "meter", "rated_kw": 500.0, "parent": master, "refresh_s": refresh_s})
+        meters = [{"name": f"{p}-branch-{b + 1:02d}", "display_name": f"Branch {b + 1} meter, substation {s}",
+                   "kind": "meter", "rated_kw": 500.0, "parent": master, "refresh_s": refresh_s}
+                  for b in range(branches)]
+        out.extend(meters)
+        draw = [0.0] * branches
         for i in range(loads):
             what = _LOAD_NAMES[rng.randrange(len(_LOAD_NAMES))]
             load: dict[str, Any] = {
@@ -437,9 +450,14 @@ def synthetic_fleet_data(devices: int, *, seed: int = 0, refresh_s: float = 60.0
                 "utilisation": round(rng.uniform(0.3, 0.9), 2), "refresh_s": refresh_s}
             if branches:
                 load["parent"] = f"{p}-branch-{i % branches + 1:02d}"
+                draw[i % branches] += load["rated_kw"] * load["utilisation"]
             if (i + 1) % CRITICAL_EVERY == 0:
                 load["critical"] = True
             out.append(load)
+        for meter, kw in zip(meters, draw):
+            meter["rated_kw"] = _rating(kw, meter["rated_kw"], 50)
+        for device in top:  # the main breaker is rated like the substation it protects
+            device["rated_kw"] = _rating(sum(draw), device["rated_kw"], 100)
         for g in range(gens):
             out.append({"name": f"{p}-gen-{g + 1}", "display_name": f"Generator {g + 1}, substation {s}",
                         "kind": "generator", "rated_kw": float(rng.choice((250, 400))), "parent": master,
@@ -454,6 +472,11 @@ def synthetic_fleet_data(devices: int, *, seed: int = 0, refresh_s: float = 60.0
                      "peak_price": 0.80, "off_peak_price": 0.60}],
         "devices": out,
     }
+
+
+def _rating(draw_kw: float, least_kw: float, step_kw: int) -> float:
+    """A rating that carries `draw_kw` at START_LOADING, in steps of `step_kw`, at least `least_kw`."""
+    return max(least_kw, float(math.ceil(draw_kw / START_LOADING / step_kw) * step_kw))
 
 
 def synthetic_fleet(devices: int, *, seed: int = 0, refresh_s: float = 60.0, hosting: Hosting = "c2s") -> Fleet:

@@ -22,6 +22,19 @@ MAX_CHARS = 500  # commands are short; anything longer is refused, not parsed
 # -- tables and outcome lines (CLI, console, demo) ---------------------------------------------
 
 
+PROGRESS_FROM = 50  # fan-outs to this many devices or more show their progress
+
+
+def progress_line(action: str, done: int, total: int) -> str | None:
+    """`shed: 500/1000 outcomes back` for a long fan-out (PROGRESS_FROM devices or more), at each
+    tenth and at the end (None between, and for a short one)."""
+    if total < PROGRESS_FROM:
+        return None
+    step = max(1, total // 10)
+    return f"{action}: {done}/{total} outcomes back" if done % step == 0 or done == total else None
+
+
+
 def _fmt(value: float | None, unit: str = "") -> str:
     return "-" if value is None else f"{value:.1f}{unit}"
 

@@ -7,6 +7,7 @@ import argparse
 import datetime as dt
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from gridpresence.cli import argtypes
@@ -19,14 +20,11 @@ from gridpresence.cli.common import (
     outcome_dict,
     with_operator,
 )
-from gridpresence.operator.library import GridOperator
-from gridpresence.operator.selection import DeviceFilter, FleetSummary
+from gridpresence.operator.library import FAN_OUT_BATCH, GridOperator
+from gridpresence.operator.selection import FILTER_SYNTAX, DeviceFilter, FleetSummary
 from gridpresence.operator.tracker import DeviceChange
 from gridpresence.protocol.models import METERING_KINDS, Action, OutcomeStatus
-from gridpresence.words import outcome_line, status_rows, summary_line, table
-
-
-PROGRESS_FROM = 50  # fan-outs to this many devices or more show their progress on stderr
+from gridpresence.words import PROGRESS_FROM, outcome_line, progress_line, status_rows, summary_line, table
 
 
 def _filter(args: argparse.Namespace) -> DeviceFilter:
@@ -152,17 +150,13 @@ async def cmd_quality(args: argparse.Namespace) -> int:
     return await with_operator(args, body)
 
 
-class _Progress:
-    """`ACTION: 500/1000 outcomes back` on stderr for a long fan-out (stdout stays the outcomes,
-    --json or not): at each tenth, and at the end."""
-
-    def __init__(self, action: str, total: int) -> None:
-        self.action, self.total = action, total
-        self.step = max(1, total // 10)
-
-    def __call__(self, done: int, total: int) -> None:
-        if done % self.step == 0 or done == total:
-            print(f"{self.action}: {done}/{total} outcomes back", file=sys.stderr, flush=True)
+def _progress(action: str) -> Callable[[int, int], None]:
+    """A long fan-out's progress on stderr (stdout stays the outcomes, --json or not)."""
+    def say(done: int, total: int) -> None:
+        line = progress_line(action, done, total)
+        if line is not None:
+            print(line, file=sys.stderr, flush=True)
+    return say
 
 
 def _targets(args: argparse.Namespace, grid: GridOperator) -> list[str]:
@@ -187,7 +181,7 @@ async def cmd_action(args: argparse.Namespace) -> int:
 
     async def body(grid: GridOperator) -> int:
         names = _targets(args, grid)
-        progress = _Progress(args.action, len(names)) if len(names) >= PROGRESS_FROM else None
+        progress = _progress(args.action)
         if args.until_available:
             from gridpresence.operator.availability import command_group
 
@@ -272,8 +266,7 @@ async def cmd_pending(args: argparse.Namespace) -> int:
 def filter_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filter", nargs="+", type=argtypes.filter_term, default=[], metavar="KEY=VALUE",
                    help="only devices matching every key (values of a key, comma-separated, are alternatives): "
-                        "name=GLOB kind=load,generator state=on,off,restricted,gone,presence-error,unknown "
-                        "health=... transport=tcp,bosh,none critical=yes|no present=yes|no")
+                        + FILTER_SYNTAX)
 
 
 def register(sub: Any) -> None:  # argparse's subparsers action has no public type
@@ -281,15 +274,20 @@ def register(sub: Any) -> None:  # argparse's subparsers action has no public ty
     operator_opts(status)
     filter_opt(status)
     status.add_argument("--summary", action="store_true", help="only the summary line (counts by kind and state)")
+    status.epilog = ("--json is streamed: `{\"devices\": [`, then one device object a line (each but the last "
+                     "followed by a comma), then the summary, filter and price; one JSON document in all. "
+                     "`watch --json` is JSON Lines (one object a line).")
     status.set_defaults(run=cmd_status)
     watch = sub.add_parser("watch", help="show presence changes live")
     operator_opts(watch)
     filter_opt(watch)
-    watch.add_argument("--count", type=argtypes.count, default=0, help="stop after this many changes")
+    watch.add_argument("--count", type=argtypes.count, default=0,
+                       help="stop after this many changes (default 0: until Ctrl-C)")
     watch.set_defaults(run=cmd_watch, until_stopped=True)
     alarms = sub.add_parser("alarms", help="show alarms sent to this operator as they arrive (acknowledge: `ack`)")
     operator_opts(alarms)
-    alarms.add_argument("--count", type=argtypes.count, default=0, help="stop after this many alarms")
+    alarms.add_argument("--count", type=argtypes.count, default=0,
+                        help="stop after this many alarms (default 0: until Ctrl-C)")
     alarms.set_defaults(run=cmd_alarms, until_stopped=True)
     ack = sub.add_parser("ack", help="acknowledge a device's alarm (all its open alarms without an ID)")
     operator_opts(ack)
@@ -310,9 +308,14 @@ def register(sub: Any) -> None:  # argparse's subparsers action has no public ty
     quality.add_argument("--timeout", type=argtypes.positive, default=10.0, help="seconds to wait for each report")
     quality.set_defaults(run=cmd_quality)
     for action in (*COMMAND_ACTIONS, "set-time"):
-        p = sub.add_parser(action, help=f"{action} one or more devices and print the outcomes")
+        p = sub.add_parser(action, help=f"{action} one or more devices and print the outcomes",
+                           description=f"{action} devices named and/or chosen by --filter (both: every device "
+                           "named plus every one the filter matches), signed, and print each one's outcome. "
+                           f"A fan-out goes {FAN_OUT_BATCH} signed commands at a time; from {PROGRESS_FROM} devices "
+                           f"it reports `{action}: N/M outcomes back` on stderr at each tenth (stdout stays the "
+                           "outcomes).")
         operator_opts(p)
-        p.add_argument("devices", nargs="*", metavar="DEVICE")
+        p.add_argument("devices", nargs="*", metavar="DEVICE", help="devices by name (none: those --filter matches)")
         filter_opt(p)
         p.add_argument("--ttl", type=argtypes.positive, default=30.0, help="seconds before the command expires")
         p.add_argument("--wait", action="store_true",

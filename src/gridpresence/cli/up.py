@@ -32,6 +32,11 @@ def _ports(args: argparse.Namespace) -> ServerPorts | None:
                        https=args.https_port or free_port(args.bind), component=free_port(args.bind))
 
 
+def _say(line: str) -> None:
+    """How far a long start is, for the person waiting (and a supervising `up`)."""
+    print(line, flush=True)
+
+
 def _print_welcome(grid: Grid) -> None:
     info = grid.connection
     print(f"grid is up: XMPP server {info.server.host}:{info.server.c2s_port} (domain {info.server.domain}, TLS, "
@@ -74,13 +79,25 @@ def _fleet_of(args: argparse.Namespace) -> Fleet:
     if args.devices:
         if args.fleet is not None:
             raise CliError("give --fleet FILE or --devices N, not both")
-        return synthetic_fleet(args.devices, seed=args.seed, refresh_s=args.refresh, hosting=args.hosting)
+        return synthetic_fleet(args.devices, **_synthetic_shape(args))
+    shaped = [f"--{k}" for k, v in vars(args).items() if k in _SHAPE and v is not None]
+    if shaped:  # a fleet file says its own ratings, refresh and hosting
+        raise CliError(f"{', '.join(shaped)} {'shapes' if len(shaped) == 1 else 'shape'} a synthetic fleet: give "
+                       f"{'it' if len(shaped) == 1 else 'them'} with --devices N (a fleet file says its own)")
     return load_fleet(Path(args.fleet or DEFAULT_FLEET))
+
+
+_SHAPE = {"seed": "seed", "refresh": "refresh_s", "hosting": "hosting"}  # option -> synthetic_fleet's keyword
+
+
+def _synthetic_shape(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given (synthetic_fleet_data's own defaults for the others)."""
+    return {kw: getattr(args, opt) for opt, kw in _SHAPE.items() if getattr(args, opt, None) is not None}
 
 
 async def cmd_fleet_generate(args: argparse.Namespace) -> int:
     """`fleet generate N`: the synthetic fleet `up --devices N` runs, as a fleet file to edit."""
-    text = fleet_toml(synthetic_fleet_data(args.devices, seed=args.seed, refresh_s=args.refresh, hosting=args.hosting))
+    text = fleet_toml(synthetic_fleet_data(args.devices, **_synthetic_shape(args)))
     if args.out is None:
         print(text, end="")
     else:
@@ -95,17 +112,22 @@ async def cmd_fleet_generate(args: argparse.Namespace) -> int:
 def synthetic_opts(p: argparse.ArgumentParser, *, optional: bool) -> None:
     how: dict[str, Any] = dict(type=device_count, metavar="N")
     if optional:
-        p.add_argument("--devices", default=0, help="instead of --fleet: a synthetic fleet of N devices "
-                       "(substations of masters, breakers, branch meters, loads, generators)", **how)
+        p.add_argument("--devices", default=0, help="instead of --fleet: a synthetic fleet of N devices, 1 to "
+                       f"{MAX_SYNTHETIC_DEVICES:,} (substations of masters, breakers, branch meters, loads, generators)",
+                       **how)
     else:
-        p.add_argument("devices", help="how many devices", **how)
-    p.add_argument("--seed", type=argtypes.Number(ge=0, integer=True), default=0,
-                   help="the synthetic fleet's seed (ratings, utilisation; the same N and seed, the same fleet)")
-    p.add_argument("--refresh", type=argtypes.Number(ge=0.2, le=86400), default=60.0, metavar="S",
-                   help="the synthetic devices' presence refresh interval (s)")
-    p.add_argument("--hosting", choices=["c2s", "component"], default="c2s",
-                   help="the synthetic devices' way to the server: c2s (an account and connection each) or "
-                        "component (all hosted over the server's XEP-0114 component: thousands in one process)")
+        p.add_argument("devices", help=f"how many devices (1 to {MAX_SYNTHETIC_DEVICES:,})", **how)
+    # No argparse defaults: synthetic_fleet_data's are the defaults, and `up` can tell a shape
+    # option given without --devices.
+    p.add_argument("--seed", type=argtypes.Number(ge=0, integer=True), default=None,
+                   help="the synthetic fleet's seed (ratings, utilisation; the same N and seed, the same fleet; "
+                        "default 0)")
+    p.add_argument("--refresh", type=argtypes.Number(ge=0.2, le=86400), default=None, metavar="S",
+                   help="the synthetic devices' presence refresh interval in seconds (default 60)")
+    p.add_argument("--hosting", choices=["c2s", "component"], default=None,
+                   help="the synthetic devices' way to the server: c2s (an account and connection each; the "
+                        "default) or component (all hosted over the server's XEP-0114 component: thousands in "
+                        "one process)")
 
 
 device_count = argtypes.Number(ge=1, le=MAX_SYNTHETIC_DEVICES, integer=True)
@@ -119,7 +141,8 @@ async def cmd_up(args: argparse.Namespace, scenario: Callable[[Grid], Awaitable[
     grid = Grid(fleet, Path(args.data), bind=args.bind, ports=_ports(args), prosody_bin=args.prosody,
                 without=args.without, log_level=args.log_level or "info", processes=args.processes,
                 history=args.history, dashboard_port=args.dashboard_port or 0,
-                advertise=args.advertise, hung_after_s=getattr(args, "hung_after", None) or HUNG_AFTER_S)
+                advertise=args.advertise, hung_after_s=getattr(args, "hung_after", None) or HUNG_AFTER_S,
+                progress=_say)
     if getattr(args, "provision_only", False):
         try:
             grid.server.refuse_if_running_elsewhere()
@@ -232,7 +255,7 @@ async def cmd_bots(args: argparse.Namespace) -> int:
     if not bots.bots:
         raise CliError(f"no bot named {', '.join(args.only)} in the fleet")
     try:
-        await unless_stopped(bots.start(), stop)
+        await unless_stopped(bots.start(progress=_say), stop)  # under `up --processes`: read by the supervisor
         services = [b for b in ("watchdog", "console") if getattr(bots, b) is not None]
         print(f"running {', '.join(sorted(bots.devices) + sorted(bots.billing) + services)}", flush=True)
         beating = heartbeat()  # under `up --processes`: tells the supervisor this loop still runs

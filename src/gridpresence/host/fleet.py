@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Protocol, cast
 
@@ -75,27 +75,60 @@ class Bot(Protocol):
     async def stop(self) -> None: ...
 
 
-async def log_in_all(bots: Iterable[Bot], timeout: float = 60.0, paced: Collection[Bot] = (),
-                     settler: _GcSettler | None = None) -> None:
+LOGIN_STALL_S = 60.0  # a fleet's login fails only when no bot at all got in for this long
+PROGRESS_EVERY_S = 5.0  # how often a long login says how far it is
+
+Progress = Callable[[str], None]
+
+
+async def log_in_all(bots: Iterable[Bot], stall_s: float = LOGIN_STALL_S, paced: Collection[Bot] = (),
+                     settler: _GcSettler | None = None, progress: Progress | None = None) -> None:
     """Log bots in a few at a time (the server is not hit by one thundering herd), each
-    announcing its key; fails if they are not all in within `timeout`. A `paced` bot (a hosted
-    identity) holds its place until its key is announced too: its login and announcement are
-    work of this process alone, and thousands begun at once would starve each other's answers
-    past their time-outs."""
+    announcing its key. A `paced` bot (a hosted identity) holds its place until its key is
+    announced too: its login and announcement are work of this process alone, and thousands
+    begun at once would starve each other's answers past their time-outs.
+
+    No limit on the whole: ten thousand bots on a busy machine take what they take. It fails
+    (SessionError, saying how far it got) only when no bot got in for `stall_s`. `progress`
+    hears "N of M logged in" every PROGRESS_EVERY_S while it lasts."""
+    bots = list(bots)
     gate = asyncio.Semaphore(LOGIN_CONCURRENCY)
+    loop = asyncio.get_running_loop()
+    done = 0
+    last_in = loop.time()
 
     async def one(bot: Bot) -> None:
+        nonlocal done, last_in
         async with gate:
             await bot.login()
             if bot in paced:
                 await bot.keyring.announced()
             if settler is not None:
                 settler.tick()
+        done += 1
+        last_in = loop.time()
         # Outside the gate: the next login need not wait for this key announcement's round trip.
         await bot.keyring.announced()
 
-    async with asyncio.timeout(timeout):
-        await asyncio.gather(*(one(b) for b in bots))
+    everyone = asyncio.ensure_future(asyncio.gather(*(one(b) for b in bots)))
+    said = loop.time()
+    try:
+        while not everyone.done():
+            await asyncio.wait([everyone], timeout=min(PROGRESS_EVERY_S, stall_s))
+            now = loop.time()
+            if everyone.done():
+                break
+            if now - last_in >= stall_s:
+                raise SessionError(f"logins stalled: {done} of {len(bots)} bots logged in, none in the last "
+                                   f"{stall_s:g} s (is the server overloaded or unreachable?)")
+            if progress is not None and now - said >= PROGRESS_EVERY_S:
+                progress(f"{done} of {len(bots)} bots logged in")
+                said = now
+        everyone.result()
+    finally:
+        if not everyone.done():
+            everyone.cancel()
+            await asyncio.gather(everyone, return_exceptions=True)
 
 
 class FleetBots:
@@ -180,13 +213,13 @@ class FleetBots:
                 *self.devices.values(),
                 *([self.console] if self.console else [])]
 
-    async def start(self, timeout: float = 60.0) -> None:
+    async def start(self, stall_s: float = LOGIN_STALL_S, progress: Progress | None = None) -> None:
         if self.historian is not None:
             self.historian.start()  # before the logins, so it records the fleet arriving
         if self.link is not None:  # hosted devices' sessions start when the link is up
             await self.link.start()
         hosted = {d for name, d in self.devices.items() if self.fleet.hosted(name)}
-        await log_in_all(self.bots, timeout, paced=hosted, settler=self._gc)
+        await log_in_all(self.bots, stall_s, paced=hosted, settler=self._gc, progress=progress)
         # Thousands of long-lived session objects now exist; keep the cyclic GC from
         # re-scanning them on every full collection (a third of a fan-out's time otherwise).
         gc.collect()

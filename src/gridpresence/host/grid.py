@@ -17,7 +17,7 @@ from gridpresence.gateway.fleet import with_sites
 from gridpresence.gateway.simulator import FieldSimulator
 from gridpresence.gateway.site import load_site
 from gridpresence.host.gateway import Gateway, play_site
-from gridpresence.host.fleet import FleetBots
+from gridpresence.host.fleet import FleetBots, Progress
 from gridpresence.host.processes import HUNG_AFTER_S, SupervisedChild, gridpresence_argv
 from gridpresence.xmpp.session import Account, ConnectionInfo, Endpoint, RelayEndpoint, SessionError
 from gridpresence.config import Fleet, FleetError
@@ -57,7 +57,8 @@ class Grid:
                  bots: bool = True, only: Collection[str] | None = None, without: Collection[str] = (),
                  tick_s: float = 1.0, prosody_bin: str = "prosody", log_level: str = "info",
                  processes: bool = False, history: str | None = None, dashboard: bool = True,
-                 dashboard_port: int = 0, advertise: str | None = None, hung_after_s: float = HUNG_AFTER_S) -> None:
+                 dashboard_port: int = 0, advertise: str | None = None, hung_after_s: float = HUNG_AFTER_S,
+                 progress: Progress | None = None) -> None:
         # IEDs of the fleet's sites get accounts here; their bots are a field gateway's.
         fleet, self.gateway_ieds = with_sites(fleet)
         without = (*without, *self.gateway_ieds)
@@ -93,6 +94,7 @@ class Grid:
         # `processes`: devices, services and the relay each in a supervised process of their own.
         self._processes = processes
         self._hung_after_s = hung_after_s  # a child process without a heartbeat this long is restarted
+        self._progress = progress  # hears how far a long start is ("N of M bots logged in")
         self.children: list[SupervisedChild] = []
         self.server_restarts: list[float] = []  # seconds each supervised restart took
         # The simulated sites' field simulators (None: it could not start) and gateways.
@@ -184,7 +186,7 @@ class Grid:
             if self._want_bots:
                 self.bots = FleetBots(self.fleet, self.endpoint, self.secrets, only=self._only, tick_s=self._tick_s,
                                       data_dir=self.data_dir, history=self._history)
-                await self.bots.start()
+                await self.bots.start(progress=self._progress)
                 await self._play_sites()
         except BaseException:
             await self.stop()
@@ -210,11 +212,11 @@ class Grid:
         if devices:
             plan.append(SupervisedChild("devices", gridpresence_argv(*verbose, "bots", "--data", data, "--only",
                                                                      *devices), ready="running",
-                                        hung_after_s=self._hung_after_s))
+                                        hung_after_s=self._hung_after_s, progress=self._progress))
         if services:
             plan.append(SupervisedChild("services", gridpresence_argv(*verbose, "bots", "--data", data,
                                                                       "--only", *services), ready="running",
-                                        hung_after_s=self._hung_after_s))
+                                        hung_after_s=self._hung_after_s, progress=self._progress))
         for ref in f.sites:  # a simulated site's IEDs and their gateway: one process per site, as in-process
             if ref.simulate:
                 plan.append(SupervisedChild(f"gateway-{ref.path.stem}", gridpresence_argv(

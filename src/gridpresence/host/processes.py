@@ -18,14 +18,15 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gridpresence.server.prosody import die_with_parent
 from gridpresence.xmpp.reconnect import backoff_delay
 
 log = logging.getLogger(__name__)
 
-READY_TIMEOUT_S = 60.0
+READY_QUIET_S = 60.0  # a child that says nothing this long before it is ready is stuck
+PROGRESS_MARK = "logged in"  # a child's line saying how far its logins are (host/fleet.py)
 STOP_TIMEOUT_S = 15.0
 HEARTBEAT_ENV = "GRIDPRESENCE_HEARTBEAT_S"  # set for a supervised child: how often to beat
 HEARTBEAT_LINE = "heartbeat"
@@ -61,11 +62,17 @@ class SupervisedChild:
     """One child process: started, waited for (`ready`: a line of its stdout saying so),
     restarted whenever it exits until :meth:`stop`."""
 
-    def __init__(self, name: str, argv: Sequence[str], ready: str, hung_after_s: float = HUNG_AFTER_S) -> None:
+    def __init__(self, name: str, argv: Sequence[str], ready: str, hung_after_s: float = HUNG_AFTER_S,
+                 progress: Callable[[str], None] | None = None, ready_quiet_s: float = READY_QUIET_S) -> None:
         self.name = name
         self.argv = list(argv)
         self.ready = ready
         self.hung_after_s = hung_after_s
+        # Ten thousand logins take what they take: a child is given up on only when it falls
+        # silent for ready_quiet_s before it is ready; its progress lines go to `progress`.
+        self.progress = progress
+        self.ready_quiet_s = ready_quiet_s
+        self._said: float = 0.0  # monotonic time of the latest line before ready
         self.restarts = 0
         self.hung_kills = 0
         self._heard: float | None = None  # monotonic time of the latest line, once ready
@@ -97,19 +104,26 @@ class SupervisedChild:
         reader = asyncio.ensure_future(self._read(self.process.stdout, ready))
         self._readers.add(reader)
         reader.add_done_callback(self._readers.discard)
-        try:
-            await asyncio.wait_for(asyncio.shield(ready), READY_TIMEOUT_S)
-        except TimeoutError:
-            raise RuntimeError(f"{self.name}: not ready within {READY_TIMEOUT_S:g} s") from None
+        self._said = time.monotonic()
+        while not ready.done():
+            quiet_until = self._said + self.ready_quiet_s
+            await asyncio.wait([ready], timeout=max(0.0, quiet_until - time.monotonic()))
+            if not ready.done() and time.monotonic() >= self._said + self.ready_quiet_s:
+                raise RuntimeError(f"{self.name}: not ready, and silent for {self.ready_quiet_s:g} s")
+        ready.result()
 
     async def _read(self, stream: asyncio.StreamReader, ready: asyncio.Future[None]) -> None:
         while line := await stream.readline():
             text = line.decode(errors="replace").rstrip()
             if ready.done():
                 self._heard = time.monotonic()
+            else:
+                self._said = time.monotonic()
             if text == HEARTBEAT_LINE:
                 continue
             log.info("%s: %s", self.name, text)
+            if PROGRESS_MARK in text and not ready.done() and self.progress is not None:
+                self.progress(f"{self.name}: {text}")
             if self.ready in text and not ready.done():
                 ready.set_result(None)
                 self._heard = time.monotonic()

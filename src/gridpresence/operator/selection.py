@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from gridpresence.operator.tracker import DeviceView
-from gridpresence.protocol.models import DeviceKind, DeviceState, HealthStatus
+from gridpresence.protocol.models import TRANSPORTS, DeviceKind, DeviceState, HealthStatus
 
 # The words `status` shows in its STATE column (DeviceView.label).
 STATE_LABELS = (*(s.value for s in DeviceState), "presence-error", "unknown")
@@ -22,11 +22,13 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "kind": tuple(k.value for k in DeviceKind),
     "state": STATE_LABELS,
     "health": tuple(h.value for h in HealthStatus),
-    "transport": ("tcp", "bosh", "none"),
+    "transport": (*TRANSPORTS, "none"),
     "critical": ("yes", "no"),
     "present": ("yes", "no"),
 }
 FILTER_KEYS = ("name", *_CHOICES)
+# What --filter's help lists: every key with what it takes.
+FILTER_SYNTAX = " ".join(("name=GLOB", *(f"{k}={','.join(v)}" for k, v in _CHOICES.items())))
 MAX_TERMS = 32
 MAX_VALUES = 256  # names alternatives may list per term
 

@@ -115,6 +115,7 @@ class PresenceTracker:
         self._listeners: list[Callable[[DeviceChange], None]] = []
         self._watch_task: asyncio.Task[None] | None = None
         self._started_at = 0.0
+        self._own_down = False  # our session is lost: silence says nothing of the devices then
         client.add_event_handler("presence", self._on_presence)
         dispatch = getattr(client, "shape_dispatch", None)  # xmpp/dispatch.py (make_client installs it)
         if dispatch is not None:
@@ -167,8 +168,10 @@ class PresenceTracker:
         """Our own session was lost: what we saw is stale (no one will tell us who left meanwhile).
         Every device is unknown until its presence reaches the new session."""
         if change.event is SessionEvent.BACK:
+            self._own_down = False
             self._started_at = asyncio.get_running_loop().time()  # the start-up grace again
             return
+        self._own_down = True
         now = utcnow()
         for view in list(self.views.values()):
             self._last_refresh.pop(view.jid, None)
@@ -283,7 +286,10 @@ class PresenceTracker:
             self._watch_pass(loop.time())
 
     def _watch_pass(self, now: float) -> None:
-        """Ping each device whose refresh is overdue; flag those still unknown after the grace."""
+        """Ping each device whose refresh is overdue; flag those still unknown after the grace.
+        Nothing while our own session is down: every device is unknown for that reason alone."""
+        if self._own_down:
+            return
         due = self._due
         while due and due[0][0] < now:
             _, jid = heapq.heappop(due)

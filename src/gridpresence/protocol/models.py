@@ -11,7 +11,7 @@ import datetime as dt
 import re
 import uuid
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,6 +22,12 @@ MAX_NOTE = 200
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+# How a device reaches the server: the XMPP port, BOSH through a web-only firewall, or hosted
+# over the server's component (xmpp/component.py).
+Transport = Literal["tcp", "bosh", "component"]
+TRANSPORTS: tuple[str, ...] = get_args(Transport)
 
 
 class DeviceKind(StrEnum):
@@ -153,7 +159,7 @@ class PresenceReport(_Model):
     seq: int = Field(default=0, ge=0)
     at: AwareDatetime = Field(default_factory=utcnow)
     # How the device reaches the server: the XMPP port, or BOSH through a web-only firewall.
-    transport: Literal["tcp", "bosh", "component"] | None = None  # component: hosted (xmpp/component.py)
+    transport: Transport | None = None
     # The device's serial number: issuers bind it into every signed command ([0045]).
     serial: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{1,64}$")
     # Faults active now (own first, then those folded into them); empty on a healthy device.
