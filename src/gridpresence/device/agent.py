@@ -144,6 +144,9 @@ class DeviceAgent(PartySession):
             log.info("%s: state kept from the last run restored: %s", spec.name, kept.state.value)
         # Its own c2s/BOSH session, or the one given: a hosted identity on the fleet's component.
         self.client = client if client is not None else make_client(jid, password, endpoint)
+        # No id on our presence (RFC 6120 needs none; nothing answers a presence by id): a uuid4
+        # from os.urandom for each of the 2-3 presences a change makes across a branch is waste.
+        self.client.use_presence_ids = False
         self.security = security or SecuritySettings()
         self.gate = CommandGate(JID(jid).bare, spec.serial, self.security,
                                 dict(roles) if roles is not None else dict.fromkeys(self.operators, Role.OPERATOR),
