@@ -60,6 +60,7 @@ from gridpresence.xmpp.session import ConnectionInfo, close_session, make_client
 
 RAW_SENDER = "raw-maker"  # a manufacturer's account, added for the baseline: its roster holds the operators
 OPERATOR = "alice"
+PAUSES_ENV = "GRIDBENCH_PAUSES"  # set by --pauses, read by the children too
 LOGIN_OPERATOR = "bob"
 
 
@@ -80,14 +81,17 @@ class Pauses:
 
     def __init__(self) -> None:
         self.spans: list[tuple[float, float, str]] = []
+        self.stacks: dict[str, int] = {}  # where the loop was, sampled while it was stalled
         self._gc_t0 = 0.0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        self.stacks = {}
+        if not os.environ.get(PAUSES_ENV):  # it costs each process a few % of a core: asked for only
+            return
         gc.callbacks.append(self._gc)
         self._task = asyncio.ensure_future(self._probe())
         self._beat = now()
-        self.stacks: dict[str, int] = {}  # where the loop was, sampled while it was stalled
         self._main = threading.get_ident()
         threading.Thread(target=self._sample, daemon=True).start()
 
@@ -430,6 +434,10 @@ async def main(args: argparse.Namespace) -> None:
                 seen.setdefault((change.current.jid, report.seq), now())
 
         op.tracker.listen(on_change)
+        # Its arrival (its presence and key announcement to every device) taken in before any
+        # timing: the baseline would otherwise time that backlog.
+        print(f"  the operator's arrival taken in by every process after "
+              f"{await settle({k: v for k, v in pids.items() if k != 'operator (this)'}):.1f} s", flush=True)
         pauses = Pauses()
         pauses.start()
         await devices.ask(f"raw 200 {rate}", 120)  # warm-up
@@ -443,7 +451,8 @@ async def main(args: argparse.Namespace) -> None:
         results["baseline_sender_late_p99_ms"] = got["late_p99_ms"]
         raw_pauses = {"operator": pauses.take(), "devices": got["pauses"],
                       "services": (await services.ask("pauses", 60))["pauses"]}
-        results["baseline_tail"] = tail_causes(got["sent"], raw.seen, raw_pauses)
+        if args.pauses:
+            results["baseline_tail"] = tail_causes(got["sent"], raw.seen, raw_pauses)
         await raw.close()  # so the operator's account has one session (ours) in the timed run
         _closed, raw = raw, None  # kept: its stream's last task ends while we wait below
         quiet = {k: v for k, v in pids.items() if k != "operator (this)"}
@@ -465,22 +474,23 @@ async def main(args: argparse.Namespace) -> None:
         cpu1 = cpu_of(pids)
         cpu1["devices"] = cpu0["devices"] + got["cpu_s"]  # its own count: the run, without the reply
         ours, missed = matched(got["sent"], seen)
-        told = await services.ask("pauses", 60)
-        run_pauses = {"operator": pauses.take(), "devices": got["pauses"], "services": told["pauses"]}
-        results["stalled_in"] = {"operator": pauses.top_stacks(), "devices": got["stacks"], "services": told["stacks"]}
-        print("  where each process's loop was while stalled (samples every 3 ms):")
-        for name, rows in results["stalled_in"].items():
-            for count, where in rows[:5]:
-                print(f"    {name} {count}: {where}")
-        results["pauses"] = {k: pause_summary(v) for k, v in run_pauses.items()}
-        results["baseline_pauses"] = {k: pause_summary(v) for k, v in raw_pauses.items()}
-        results["tail"] = tail_causes(got["sent"], seen, run_pauses)
-        print("  pauses in the timed run (GC collections >= 1 ms, loop stalls >= 5 ms): "
-              + json.dumps(results["pauses"]))
-        print("  the slowest changes and what each process paused for meanwhile:")
-        for row in results["tail"]:
-            print("    " + json.dumps(row))
-        print("  baseline's slowest: " + json.dumps(results["baseline_tail"][:8]))
+        if args.pauses:
+            told = await services.ask("pauses", 60)
+            run_pauses = {"operator": pauses.take(), "devices": got["pauses"], "services": told["pauses"]}
+            results["stalled_in"] = {"operator": pauses.top_stacks(), "devices": got["stacks"], "services": told["stacks"]}
+            print("  where each process's loop was while stalled (samples every 3 ms):")
+            for name, rows in results["stalled_in"].items():
+                for count, where in rows[:5]:
+                    print(f"    {name} {count}: {where}")
+            results["pauses"] = {k: pause_summary(v) for k, v in run_pauses.items()}
+            results["baseline_pauses"] = {k: pause_summary(v) for k, v in raw_pauses.items()}
+            results["tail"] = tail_causes(got["sent"], seen, run_pauses)
+            print("  pauses in the timed run (GC collections >= 1 ms, loop stalls >= 5 ms): "
+                  + json.dumps(results["pauses"]))
+            print("  the slowest changes and what each process paused for meanwhile:")
+            for row in results["tail"]:
+                print("    " + json.dumps(row))
+            print("  baseline's slowest: " + json.dumps(results["baseline_tail"][:8]))
         n = len(got["sent"])
         results["gridpresence"] = summary("device change -> operator library view", ours)
         results["missed"] = missed
@@ -528,10 +538,15 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=0.0, help="changes per second (default: 1 %% of the devices)")
     parser.add_argument("--changes", type=int, default=0, help="timed changes (default: 30 s worth, at least 1000)")
     parser.add_argument("--login-rounds", type=int, default=2)
+    parser.add_argument("--pauses", action="store_true",
+                        help="record every process's GC collections and loop stalls (and where each loop was "
+                        "while stalled) and lay the slowest changes beside them")
     parser.add_argument("--profile", help="a directory: cProfile of the devices' process and this one (the timed run), "
                         "and of the services' (baseline and run)")
     args = parser.parse_args()
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if args.pauses:
+        os.environ[PAUSES_ENV] = "1"
     asyncio.run(main(args))
