@@ -33,12 +33,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import json
 import os
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -58,11 +60,104 @@ from gridpresence.xmpp.session import ConnectionInfo, close_session, make_client
 
 RAW_SENDER = "raw-maker"  # a manufacturer's account, added for the baseline: its roster holds the operators
 OPERATOR = "alice"
+PAUSES_ENV = "GRIDBENCH_PAUSES"  # set by --pauses, read by the children too
 LOGIN_OPERATOR = "bob"
 
 
 def now() -> float:
     return time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process of the machine
+
+
+# -- where the time goes: pauses of each process -------------------------------------------
+
+class Pauses:
+    """This process's cyclic-GC collections and event-loop stalls, as (start, end, what) in
+    monotonic time, so a slow change can be laid beside what each process was doing then."""
+
+    GC_MIN_S = 0.001  # shorter collections are not worth a line
+    STALL_MIN_S = 0.005  # the loop came back this much later than asked
+    STEP_S = 0.002
+    SAMPLE_S = 0.003
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float, str]] = []
+        self.stacks: dict[str, int] = {}  # where the loop was, sampled while it was stalled
+        self._gc_t0 = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.stacks = {}
+        if not os.environ.get(PAUSES_ENV):  # it costs each process a few % of a core: asked for only
+            return
+        gc.callbacks.append(self._gc)
+        self._task = asyncio.ensure_future(self._probe())
+        self._beat = now()
+        self._main = threading.get_ident()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        """Every SAMPLE_S, while the loop has not come back for STALL_MIN_S: what it is running."""
+        while True:
+            time.sleep(self.SAMPLE_S)
+            if now() - self._beat < self.STALL_MIN_S:
+                continue
+            frame = sys._current_frames().get(self._main)
+            names = []
+            while frame is not None and len(names) < 40:
+                code = frame.f_code
+                names.append(f"{Path(code.co_filename).name}:{code.co_name}")
+                frame = frame.f_back
+            key = " < ".join(n for n in names[:12])
+            self.stacks[key] = self.stacks.get(key, 0) + 1
+
+    def top_stacks(self, n: int = 8) -> list[tuple[int, str]]:
+        out = sorted(((c, k) for k, c in self.stacks.items()), reverse=True)[:n]
+        self.stacks = {}
+        return out
+
+    def take(self) -> list[tuple[float, float, str]]:
+        spans, self.spans = self.spans, []
+        return spans
+
+    def _gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_t0 = now()
+        elif (t := now()) - self._gc_t0 >= self.GC_MIN_S:
+            self.spans.append((self._gc_t0, t, f"gc{info['generation']}"))
+
+    async def _probe(self) -> None:
+        while True:
+            t = self._beat = now()
+            await asyncio.sleep(self.STEP_S)
+            if (t1 := now()) - t - self.STEP_S >= self.STALL_MIN_S:
+                self.spans.append((t + self.STEP_S, t1, "stall"))
+
+
+def pause_summary(spans: list[list[Any]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for t0, t1, what in spans:
+        s = out.setdefault(what, {"n": 0, "total_ms": 0.0, "max_ms": 0.0})
+        s["n"] += 1
+        s["total_ms"] += (t1 - t0) * 1000
+        s["max_ms"] = max(s["max_ms"], (t1 - t0) * 1000)
+    return out
+
+
+def tail_causes(sent: list[list[Any]], seen: dict[tuple[str, Any], float], pauses: dict[str, list[list[Any]]],
+                top: int = 15) -> list[dict[str, Any]]:
+    """The slowest changes, each with what every process paused for while it was on its way."""
+    rows = []
+    for jid, key, t0 in sent:
+        t1 = seen.get((jid, key))
+        if t1 is not None:
+            rows.append((t1 - t0, t0, t1))
+    rows.sort(reverse=True)
+    out = []
+    for lat, t0, t1 in rows[:top]:
+        during = {name: [f"{what} {(b - a) * 1000:.0f}ms@{(a - t0) * 1000:+.0f}" for a, b, what in spans
+                         if a < t1 and b > t0] for name, spans in pauses.items()}
+        out.append({"ms": round(lat * 1000, 1), **{k: v for k, v in during.items() if v}})
+    return out
 
 
 # -- the devices' process ------------------------------------------------------------------
@@ -96,6 +191,8 @@ async def devices_child(data: Path, profile: str | None) -> None:
     await raw.get_roster()
     raw.send_presence()
     loads = [a for a in bots.devices.values() if a.spec.kind is DeviceKind.LOAD]
+    pauses = Pauses()
+    pauses.start()
     print(json.dumps({"ready": len(bots.devices)}), flush=True)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -109,11 +206,16 @@ async def devices_child(data: Path, profile: str | None) -> None:
         cpu0, written0 = cpu_seconds(os.getpid()), Written.count
         if prof:
             prof.enable()
+        pauses.take()
         start = now()
+        late: list[float] = []  # how long after its planned instant each change was made
         for i in range(changes):
-            wait = start + i * pace - now()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            # Each change in a turn of the event loop of its own, as a fleet's devices change
+            # (each in its own tick or command): one that is late (the machine was busy) must
+            # not be made back to back with the next ones, which would time the sender's
+            # catching up (the link writes nothing until the loop turns), not a change's way.
+            await asyncio.sleep(max(0.0, start + i * pace - now()))
+            late.append(now() - start - i * pace)
             if cmd == "raw":
                 t0 = now()
                 raw.send_presence(pstatus=f"change {i}", pshow="away" if i % 2 else None)
@@ -134,7 +236,9 @@ async def devices_child(data: Path, profile: str | None) -> None:
             prof.dump_stats(profile)
         offline = sum(len(getattr(c, "_offline", ())) for c in bots.link.clients.values()) if bots.link else 0
         print(json.dumps({"sent": sent, "cpu_s": cpu_seconds(os.getpid()) - cpu0,
-                          "written": Written.count - written0, "offline": offline}), flush=True)
+                          "written": Written.count - written0, "offline": offline,
+                          "late_p99_ms": percentile(late, 99) * 1000 if late else 0.0,
+                          "pauses": pauses.take(), "stacks": pauses.top_stacks()}), flush=True)
     await raw.disconnect()
     await bots.stop()
 
@@ -148,8 +252,14 @@ async def services_child(data: Path, profile: str | None) -> None:
     prof = cProfile.Profile() if profile else None
     if prof:  # from its start-up's end to the run's: the raw baseline and the changes
         prof.enable()
+    pauses = Pauses()
+    pauses.start()
     print(json.dumps({"ready": 2}), flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while await reader.readline():  # "pauses": what it paused for since it was last asked
+        print(json.dumps({"pauses": pauses.take(), "stacks": pauses.top_stacks()}), flush=True)
     if prof:
         prof.disable()
         prof.dump_stats(profile)
@@ -324,6 +434,12 @@ async def main(args: argparse.Namespace) -> None:
                 seen.setdefault((change.current.jid, report.seq), now())
 
         op.tracker.listen(on_change)
+        # Its arrival (its presence and key announcement to every device) taken in before any
+        # timing: the baseline would otherwise time that backlog.
+        print(f"  the operator's arrival taken in by every process after "
+              f"{await settle({k: v for k, v in pids.items() if k != 'operator (this)'}):.1f} s", flush=True)
+        pauses = Pauses()
+        pauses.start()
         await devices.ask(f"raw 200 {rate}", 120)  # warm-up
         await devices.ask(f"grid 200 {rate}", 120)
         await asyncio.sleep(1)
@@ -332,12 +448,20 @@ async def main(args: argparse.Namespace) -> None:
         await asyncio.sleep(1)
         base, base_missed = matched(got["sent"], raw.seen)
         results["baseline"] = summary("raw slixmpp presence (status only)", base)
+        results["baseline_sender_late_p99_ms"] = got["late_p99_ms"]
+        raw_pauses = {"operator": pauses.take(), "devices": got["pauses"],
+                      "services": (await services.ask("pauses", 60))["pauses"]}
+        if args.pauses:
+            results["baseline_tail"] = tail_causes(got["sent"], raw.seen, raw_pauses)
         await raw.close()  # so the operator's account has one session (ours) in the timed run
         _closed, raw = raw, None  # kept: its stream's last task ends while we wait below
         quiet = {k: v for k, v in pids.items() if k != "operator (this)"}
         print(f"  the baseline client's goodbye taken in by every process after {await settle(quiet):.1f} s",
               flush=True)
         prof = cProfile.Profile() if args.profile else None
+        await services.ask("pauses", 60)
+        pauses.take()
+        pauses.top_stacks()
         cpu0 = cpu_of(pids)
         load_before = os.getloadavg()[0]  # the machine is shared: what else ran says how far figures travel
         if prof:
@@ -350,9 +474,29 @@ async def main(args: argparse.Namespace) -> None:
         cpu1 = cpu_of(pids)
         cpu1["devices"] = cpu0["devices"] + got["cpu_s"]  # its own count: the run, without the reply
         ours, missed = matched(got["sent"], seen)
+        if args.pauses:
+            told = await services.ask("pauses", 60)
+            run_pauses = {"operator": pauses.take(), "devices": got["pauses"], "services": told["pauses"]}
+            results["stalled_in"] = {"operator": pauses.top_stacks(), "devices": got["stacks"], "services": told["stacks"]}
+            print("  where each process's loop was while stalled (samples every 3 ms):")
+            for name, rows in results["stalled_in"].items():
+                for count, where in rows[:5]:
+                    print(f"    {name} {count}: {where}")
+            results["pauses"] = {k: pause_summary(v) for k, v in run_pauses.items()}
+            results["baseline_pauses"] = {k: pause_summary(v) for k, v in raw_pauses.items()}
+            results["tail"] = tail_causes(got["sent"], seen, run_pauses)
+            print("  pauses in the timed run (GC collections >= 1 ms, loop stalls >= 5 ms): "
+                  + json.dumps(results["pauses"]))
+            print("  the slowest changes and what each process paused for meanwhile:")
+            for row in results["tail"]:
+                print("    " + json.dumps(row))
+            print("  baseline's slowest: " + json.dumps(results["baseline_tail"][:8]))
         n = len(got["sent"])
         results["gridpresence"] = summary("device change -> operator library view", ours)
         results["missed"] = missed
+        results["sender_late_p99_ms"] = got["late_p99_ms"]
+        print(f"  the sender's own lateness, p99: {got['late_p99_ms']:.1f} ms "
+              f"(baseline's {results['baseline_sender_late_p99_ms']:.1f} ms)")
         tenth = max(1, len(ours) // 10)  # a backlog that grows shows as a last tenth slower than the first
         results["median_first_tenth_ms"] = statistics.median(ours[:tenth]) * 1000
         results["median_last_tenth_ms"] = statistics.median(ours[-tenth:]) * 1000
@@ -394,10 +538,15 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=0.0, help="changes per second (default: 1 %% of the devices)")
     parser.add_argument("--changes", type=int, default=0, help="timed changes (default: 30 s worth, at least 1000)")
     parser.add_argument("--login-rounds", type=int, default=2)
+    parser.add_argument("--pauses", action="store_true",
+                        help="record every process's GC collections and loop stalls (and where each loop was "
+                        "while stalled) and lay the slowest changes beside them")
     parser.add_argument("--profile", help="a directory: cProfile of the devices' process and this one (the timed run), "
                         "and of the services' (baseline and run)")
     args = parser.parse_args()
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if args.pauses:
+        os.environ[PAUSES_ENV] = "1"
     asyncio.run(main(args))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from xml.etree import ElementTree as ET
@@ -77,6 +78,11 @@ log = logging.getLogger(__name__)
 # Publish between refreshes only when a reading moves this much (percentage points of load):
 # every drift would flood the operators with presence.
 LOAD_DEADBAND_PCT = 5.0
+# The first refresh after a session start comes this fraction of refresh_s early at most, by a
+# fraction fixed per JID: a link's thousands of identities start their sessions within seconds
+# of each other (a reconnect brings them all back at once), and their refreshes, each counted
+# from its own last broadcast, would otherwise all fall due in the same second, every period.
+REFRESH_PHASE_SPREAD = 0.5
 
 # On stop, commands under way get this long to send their outcome before the goodbye.
 STOP_GRACE_S = 5.0
@@ -144,6 +150,9 @@ class DeviceAgent(PartySession):
             log.info("%s: state kept from the last run restored: %s", spec.name, kept.state.value)
         # Its own c2s/BOSH session, or the one given: a hosted identity on the fleet's component.
         self.client = client if client is not None else make_client(jid, password, endpoint)
+        # No id on our presence (RFC 6120 needs none; nothing answers a presence by id): a uuid4
+        # from os.urandom for each of the 2-3 presences a change makes across a branch is waste.
+        self.client.use_presence_ids = False
         self.security = security or SecuritySettings()
         self.gate = CommandGate(JID(jid).bare, spec.serial, self.security,
                                 dict(roles) if roles is not None else dict.fromkeys(self.operators, Role.OPERATOR),
@@ -221,8 +230,15 @@ class DeviceAgent(PartySession):
         self._published = self._broadcast = None  # a new session has told no one anything yet
         self._online.clear()  # the new session's probes tell us again
         self.publish()
+        self._published_at -= self.refresh_phase()  # (earlier only: never late for a watchdog)
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.ensure_future(self._run())
+
+    def refresh_phase(self) -> float:
+        """How much earlier than refresh_s the first refresh after a session start comes: a
+        fraction of REFRESH_PHASE_SPREAD of it, the same for a JID at every start, spread over
+        the fleet's JIDs."""
+        return random.Random(self.jid).uniform(0.0, REFRESH_PHASE_SPREAD) * self.spec.refresh_s
 
     async def stop(self) -> None:
         """Say goodbye (state "gone") and leave."""

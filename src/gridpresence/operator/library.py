@@ -41,6 +41,7 @@ from gridpresence.xmpp.session import (
     open_session,
 )
 from gridpresence.operator.tracker import OWN_OUTAGE, DeviceChange, DeviceView, PresenceTracker
+from gridpresence.xmpp import heap
 from gridpresence.xmpp.reconnect import Reconnector, SessionChange, reconnector_of
 from gridpresence.protocol.codec import (
     PayloadError,
@@ -254,6 +255,7 @@ class GridOperator:
         await self._adopt_watchdog_health()
         self.tracker.start_watchdog()
         self._adopt_orphans()
+        heap.settle(len(self.tracker.views))  # what the login built lives on: no full GC stalls over it
 
     def _adopt_orphans(self) -> None:
         """Commands an earlier process of this operator sent and died waiting for: their
