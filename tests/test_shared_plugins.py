@@ -7,6 +7,7 @@ and tests/test_adhoc.py ask a real server's hosted identities the same questions
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -155,3 +156,24 @@ def test_an_adhoc_session_goes_on_only_at_its_identity(loop: asyncio.AbstractEve
     other = ET.Element(f"{{{NS}}}iq", {"type": "get", "id": "q2", "to": f"a@{DOMAIN}"})
     ET.SubElement(other, "{http://jabber.org/protocol/pubsub}pubsub")
     assert not link._shared_iq(f"a@{DOMAIN}", other)  # the identity's own (its PEP service)
+
+
+def test_a_shared_request_waiting_behind_presence_keeps_its_place(loop: asyncio.AbstractEventLoop) -> None:
+    """What follows a waiting presence waits behind it (ComponentLink._spawn_event), shared
+    requests too; one for an identity whose session ended meanwhile is dropped."""
+    link = _link()
+    a = link.client(f"a@{DOMAIN}")
+    order: list[str] = []
+    a.deliver = lambda xml: order.append(xml.tag.rpartition("}")[2])  # type: ignore[method-assign]
+    link._shared_iq = lambda bare, xml: order.append("shared") or True  # type: ignore[method-assign,func-returns-value]
+    a.transport = object()  # type: ignore[assignment]  (its session: up)
+    link._backlog.append((a, ET.Element(f"{{{NS}}}presence", {"from": "op@test/x", "to": a.boundjid.bare})))
+    ping = ET.Element(f"{{{NS}}}iq", {"type": "get", "id": "p", "from": "op@test/x", "to": a.boundjid.bare})
+    ET.SubElement(ping, "{urn:xmpp:ping}ping")
+    link._backlog.append((a, ping))
+    link._drain()
+    assert order == ["presence", "shared"]
+    a.transport = None
+    link._backlog.append((a, copy.deepcopy(ping)))
+    link._drain()
+    assert order == ["presence", "shared"]

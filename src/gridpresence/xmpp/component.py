@@ -478,8 +478,6 @@ class ComponentLink(ComponentXMPP):
             self._bounce(xml, "service-unavailable")
             return
         xml.set("to", to.bare)  # identities answer at their bare JID, whatever resource was asked
-        if xml.tag == _IQ and xml.get("type") in ("get", "set") and len(xml) and self._shared_iq(to.bare, xml):
-            return
         if xml.tag == _PRESENCE and xml.get("type") == "probe":
             hosted.deliver(xml)  # the server's part, answered at once (HostedClient._answer_probe)
             return
@@ -492,6 +490,16 @@ class ComponentLink(ComponentXMPP):
                 asyncio.get_running_loop().call_soon(self._drain)
             self._backlog.append((hosted, xml))
             return
+        self._hand_over(hosted, xml)
+
+    def _hand_over(self, hosted: HostedClient, xml: ET.Element) -> None:
+        """A stanza for ``hosted``: to its own stream, or, if the shared plugins answer it, to the
+        link's handlers (dropped, as the identity's own stream drops it, if its session ended)."""
+        if xml.tag == _IQ and xml.get("type") in ("get", "set") and len(xml):
+            if hosted.transport is None:
+                return
+            if self._shared_iq(hosted.boundjid.bare, xml):
+                return
         hosted.deliver(xml)
 
     def _shared_iq(self, bare: str, xml: ET.Element) -> bool:
@@ -515,7 +523,7 @@ class ComponentLink(ComponentXMPP):
         backlog = self._backlog
         for _ in range(min(DRAIN_BATCH, len(backlog))):
             hosted, xml = backlog.popleft()
-            hosted.deliver(xml)  # (it drops a stanza whose session has ended meanwhile)
+            self._hand_over(hosted, xml)  # (it drops a stanza whose session has ended meanwhile)
         if backlog:
             asyncio.get_running_loop().call_soon(self._drain)
 
@@ -528,7 +536,7 @@ class ComponentLink(ComponentXMPP):
             return False
         piece = copy.deepcopy(xml)
         piece.set("to", bare)
-        asyncio.get_running_loop().call_soon(hosted.deliver, piece)
+        asyncio.get_running_loop().call_soon(self._hand_over, hosted, piece)
         return True
 
     def _bounce(self, xml: ET.Element, condition: str) -> None:
