@@ -58,12 +58,15 @@ def enable_standard_features(agent: DeviceHost) -> None:
     client.register_plugin("xep_0050")
     client.register_plugin("xep_0092", {"software_name": "gridpresence device", "version": _software_version()})
     client.register_plugin("xep_0115", {"caps_node": CAPS_NODE})
+    caps = client.plugin["xep_0115"]
+    if caps.xmpp is not client:  # a hosted identity's, shared: its link sets it so (xmpp/component.py)
+        return
     # Advertise our own caps, but do not query everyone else's: a thousand devices asking each
     # new operator's client for its features would be a storm, and devices have no use for them.
     client.remove_handler("Entity Capabilities")
     # The plugin stamps presence from an async filter, which slixmpp runs as a task with a
     # timeout for every outgoing stanza (a third more time per command); a sync filter does it.
-    client.del_filter("out", client.plugin["xep_0115"]._filter_add_caps)  # type: ignore[arg-type]
+    client.del_filter("out", caps._filter_add_caps)  # type: ignore[arg-type]
 
 
 class AdhocCommands:

@@ -38,6 +38,7 @@ from gridpresence.security.gate import Refusal, open_command
 from gridpresence.security.signed import SignatureFailure, key_of
 from gridpresence.device.host import DeviceHost
 from gridpresence.xmpp.handlers import stanza_callback
+from gridpresence.xmpp.component import set_software_version
 
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,6 @@ class FirmwareDesk:
                        detail=f"firmware {old} -> {image.version}")
         forget_at = offer.expires.timestamp() + self.agent.security.clock_skew_s
         self.agent.replay.record(offer.issuer, offer.id, forget_at, done)  # the offer is used up
-        self.agent.client.plugin["xep_0092"].version = image.version  # what clients see in "version"
+        set_software_version(self.agent.client, image.version)  # what clients see in "version"
         log.info("%s: firmware %s -> %s (%d bytes)", self.agent.spec.name, old, image.version, image.size)
         return self._result(image.id, FirmwareStatus.APPLIED, None, done.detail)

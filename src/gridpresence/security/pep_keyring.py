@@ -174,7 +174,9 @@ class PepKeyring:
                 client.register_plugin(name)
         self._pubsub: Any = client.plugin["xep_0060"]
         self._pubsub.map_node_event(PUBLIC_KEYS_NODE, KEYS_EVENT)
-        client.plugin["xep_0030"].add_feature(PUBLIC_KEYS_NOTIFY)
+        # At its own JID (what None means to a client of its own): a hosted identity's disco
+        # plugin is shared by every identity of its process (xmpp/component.py).
+        client.plugin["xep_0030"].add_feature(PUBLIC_KEYS_NOTIFY, jid=client.boundjid)
         client.add_event_handler(f"{KEYS_EVENT}_publish", self._on_announcement)
         client.add_event_handler("session_start", self._on_session_start)
 

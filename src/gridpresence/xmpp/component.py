@@ -16,7 +16,9 @@ itself what the server does for a c2s account (PROTOCOL.md, "Hosted devices"):
   restart of the host; at each session the identity learns the presence of the contacts it is
   subscribed to: one probe per contact for the whole link (xmpp/shared_probes.py);
 * PEP (XEP-0163) for its own JID, enough for XEP-0373 keys (:class:`HostedPep`);
-* disco and ad-hoc: slixmpp's xep_0030/xep_0050 in component mode, at the bare JID.
+* disco, ad-hoc, version, ping, caps: one set of slixmpp's plugins per process, on the link
+  (:data:`SHARED_PLUGINS`), in component mode, at each identity's bare JID: what slixmpp keeps per
+  JID (disco nodes, commands, caps) stays per JID; the iqs they answer go to the link's handlers.
 
 Stanzas between two identities on the same link never leave the process.
 """
@@ -43,7 +45,8 @@ from slixmpp.basexmpp import BaseXMPP
 from slixmpp.jid import InvalidJID
 from slixmpp.xmlstream import StanzaBase, tostring
 from gridpresence.xmpp.slixfix.escape import escape as xml_escape  # the fast one (slixmpp's own goes char by char)
-from slixmpp.xmlstream.matcher import MatchXPath
+from slixmpp.xmlstream.matcher import MatchXPath, StanzaPath
+from slixmpp.plugins.base import PLUGIN_REGISTRY, load_plugin
 
 from gridpresence.xmpp import slixfix  # noqa: F401  (our slixmpp patches)
 from gridpresence.xmpp.dispatch import ShapeDispatch
@@ -70,6 +73,20 @@ BATCH_MAX = 100
 BRING_UP_BATCH = 20  # identities whose session starts between two turns of the event loop
 DRAIN_BATCH = 200  # waiting stanzas (ComponentLink._drain) delivered per turn of the event loop
 _PRESENCE = f"{{{NS}}}presence"
+_IQ = f"{{{NS}}}iq"
+COMMANDS_NS = "http://jabber.org/protocol/commands"
+# slixmpp plugins every hosted identity uses, enabled once per link (ComponentLink.share_plugin)
+# instead of once per identity (a tenth of a hosted identity's start-up, and its memory, each):
+# what they keep per JID (disco nodes, commands, caps, versions) is kept per identity's JID.
+# xep_0060 is not among them: its events (the keys' announcements) are each identity's own. The
+# one setting they keep for all: xep_0131's headers, to which xep_0060 adds SubID (every device
+# bot has xep_0060, for its keyring: the same features as with a plugin set each).
+SHARED_PLUGINS = frozenset({"xep_0004", "xep_0030", "xep_0050", "xep_0082", "xep_0092", "xep_0115", "xep_0128",
+                            "xep_0131", "xep_0199"})
+# The requests those plugins answer: an iq get/set for a hosted JID with one of these payloads
+# goes to the link's handlers (ComponentLink._spawn_event); every other to the identity's own.
+SHARED_IQ_NS = frozenset({"http://jabber.org/protocol/disco#info", "http://jabber.org/protocol/disco#items",
+                          COMMANDS_NS, "jabber:iq:version", "urn:xmpp:ping"})
 _BROADCAST_TYPES = (None, "unavailable", "away", "chat", "dnd", "xa")  # no type: available
 _TO_MARK = "\x01to\x01"  # where each copy's `to` goes in a broadcast serialized once (no JID has it)
 _ROSTER_KEYS = ("name", "groups", "from", "to", "pending_in", "pending_out", "whitelisted")
@@ -220,8 +237,12 @@ class ComponentLink(ComponentXMPP):
         # sends us its probes but answered the link's every-5-s ping late, and the link, with
         # every identity on it, was dropped and brought up again in the middle of it.
         self.last_heard = time.monotonic()
-        self.register_plugin("xep_0030")
-        self.register_plugin("xep_0199")
+        self._shared_config: dict[str, dict[str, Any]] = {}  # shared plugin -> its configuration
+        # Each shared plugin's disco writes at a session's bind, noted once (_binds_of).
+        self._binds: dict[str, list[tuple[str, str | None, Any]]] = {}
+        self.versions: dict[str, str] = {}  # bare JID -> its own software version (set_software_version)
+        self.share_plugin("xep_0030")
+        self.share_plugin("xep_0199")
         self.add_event_handler("session_start", self._on_session_start)
         self.add_event_handler("disconnected", self._on_disconnected)
         reconnector_of(self)  # type: ignore[arg-type]  # (a component session comes back like any party's)
@@ -290,6 +311,84 @@ class ComponentLink(ComponentXMPP):
     def send_raw(self, data: str | bytes) -> None:
         self._flush()  # the link's own (a bounce, the stream's end) after what identities queued
         super().send_raw(data)
+
+    # -- the plugins every identity shares ----------------------------------------------
+
+    def share_plugin(self, name: str, config: Mapping[str, Any] | None = None) -> None:
+        """Enable the shared plugin ``name`` on the link (once: later calls must ask for the same
+        configuration, or none: every identity of the process is answered by the one instance)."""
+        if name not in SHARED_PLUGINS:
+            raise ValueError(f"{name} is not a plugin hosted identities share")
+        wanted = dict(config or {})
+        if name in self._shared_config:
+            if wanted and wanted != self._shared_config[name]:
+                raise ValueError(f"{name} is shared by every hosted identity; configured as "
+                                 f"{self._shared_config[name]}, asked for {wanted}")
+            return
+        self._shared_config[name] = wanted
+        self.register_plugin(name, wanted)
+        for dep in self.plugin[name].dependencies:
+            if dep in SHARED_PLUGINS and dep not in self._shared_config:
+                self._shared_config[dep] = {}
+        if name == "xep_0115":
+            # Its caps go on the identities' presence (device/adhoc.py stamps them), not on the
+            # link's; and no one's caps are queried (a storm of disco requests for nothing).
+            self.remove_handler("Entity Capabilities")
+            self.del_filter("out", self.plugin[name]._filter_add_caps)
+        if name == "xep_0092":  # each identity's own version (set_software_version)
+            self.remove_handler("Software Version")
+            self.register_handler(stanza_callback("Software Version", StanzaPath("iq@type=get/software_version"),
+                                                  self._answer_version))
+
+    def _answer_version(self, iq: Iq) -> None:
+        plugin = self.plugin["xep_0092"]
+        version = self.versions.get(iq["to"].bare)
+        if version is None:
+            plugin._handle_version(iq)
+            return
+        reply = iq.reply()
+        reply["software_version"]["name"] = plugin.software_name
+        reply["software_version"]["version"] = version
+        reply["software_version"]["os"] = plugin.os
+        reply.send()
+
+    def _binds_of(self, name: str) -> list[tuple[str, str | None, Any]]:
+        """What the shared plugin ``name``'s session_bind writes into disco (features, the
+        commands node's items), noted once by running slixmpp's own session_bind with the disco
+        API's handlers taking notes instead of writing; replayed at each identity's JID
+        (bind_shared), as the plugin's own instance on the identity's stream would write them."""
+        binds = self._binds.get(name)
+        if binds is None:
+            binds = []
+            table = self.api._handlers.get("xep_0030", {})
+            kept = {op: entry["global"] for op, entry in table.items()}
+
+            def noting(op: str) -> Callable[..., None]:
+                def note(_jid: Any, node: str | None, _ifrom: Any, args: Any) -> None:
+                    binds.append((op, node, args))
+                return note
+
+            try:
+                for op, entry in table.items():
+                    entry["global"] = noting(op)
+                self.plugin[name].session_bind(self.boundjid.full)
+            finally:
+                for op, handler in kept.items():
+                    table[op]["global"] = handler
+            self._binds[name] = binds
+        return binds
+
+    def forget_binds(self) -> None:
+        """The shared plugins' binds noted so far, to be noted again at the next bind."""
+        self._binds.clear()
+
+    def bind_shared(self, hosted: HostedClient, names: Iterable[str]) -> None:
+        """The disco writes of the shared plugins' session_bind, at ``hosted``'s JID: straight
+        into the static disco store (its API's default handlers, which is all they would reach)."""
+        static, jid = self.plugin["xep_0030"].static, hosted.boundjid.full
+        for name in names:
+            for op, node, args in self._binds_of(name):
+                getattr(static, op)(jid, node, None, args)
 
     def client(self, jid: str) -> HostedClient:
         """A new identity on this link (log it in with its ``connect``, as any client)."""
@@ -391,13 +490,40 @@ class ComponentLink(ComponentXMPP):
                 asyncio.get_running_loop().call_soon(self._drain)
             self._backlog.append((hosted, xml))
             return
+        self._hand_over(hosted, xml)
+
+    def _hand_over(self, hosted: HostedClient, xml: ET.Element) -> None:
+        """A stanza for ``hosted``: to its own stream, or, if the shared plugins answer it, to the
+        link's handlers (dropped, as the identity's own stream drops it, if its session ended)."""
+        if xml.tag == _IQ and xml.get("type") in ("get", "set") and len(xml):
+            if hosted.transport is None:
+                return
+            if self._shared_iq(hosted.boundjid.bare, xml):
+                return
         hosted.deliver(xml)
+
+    def _shared_iq(self, bare: str, xml: ET.Element) -> bool:
+        """An iq for a hosted identity that the shared plugins answer: to the link's handlers
+        (ComponentXMPP's own dispatch, at the identity's JID). An ad-hoc session goes on only at
+        the identity that began it (the plugin's sessions are the process's, not per identity:
+        another identity answers as for a session it does not know)."""
+        payload = xml[0]
+        ns = payload.tag[1:].partition("}")[0]
+        if ns not in SHARED_IQ_NS:
+            return False
+        if ns == COMMANDS_NS and (sid := payload.get("sessionid")):
+            session = self.plugin["xep_0050"].sessions.get(sid) if "xep_0050" in self.plugin else None
+            if session is not None and session["to"].bare != bare:
+                self._bounce(xml, "item-not-found")
+                return True
+        super()._spawn_event(xml)
+        return True
 
     def _drain(self) -> None:
         backlog = self._backlog
         for _ in range(min(DRAIN_BATCH, len(backlog))):
             hosted, xml = backlog.popleft()
-            hosted.deliver(xml)  # (it drops a stanza whose session has ended meanwhile)
+            self._hand_over(hosted, xml)  # (it drops a stanza whose session has ended meanwhile)
         if backlog:
             asyncio.get_running_loop().call_soon(self._drain)
 
@@ -410,7 +536,7 @@ class ComponentLink(ComponentXMPP):
             return False
         piece = copy.deepcopy(xml)
         piece.set("to", bare)
-        asyncio.get_running_loop().call_soon(hosted.deliver, piece)
+        asyncio.get_running_loop().call_soon(self._hand_over, hosted, piece)
         return True
 
     def _bounce(self, xml: ET.Element, condition: str) -> None:
@@ -464,6 +590,7 @@ class HostedClient(ComponentXMPP):
         # As make_client's: only provisioned contacts see the identity (ad-hoc requests refused).
         self.auto_authorize = False
         self.auto_subscribe = False
+        self._bound_shared: list[str] = []  # shared plugins whose binds this session has (bind_shared)
         for name in ("xep_0030", "xep_0199"):
             self.register_plugin(name)
         follower = reconnector_of(self)  # type: ignore[arg-type]
@@ -473,6 +600,49 @@ class HostedClient(ComponentXMPP):
         self.add_filter("out_sync", self._route)
         self.add_event_handler("session_start", self._probe_contacts)
         self.own_pep = HostedPep(self)  # its PEP service (its own key is announced straight into it)
+
+    # -- plugins: the link's shared ones, and its own ---------------------------------------
+
+    def register_plugin(self, plugin: str, pconfig: dict[str, Any] | None = None, module: Any = None) -> None:
+        """As slixmpp's, but a plugin of SHARED_PLUGINS is the link's one instance (enabled
+        there once); any other is the identity's own, on its stream, with the shared ones it
+        depends on taken from the link."""
+        if plugin in SHARED_PLUGINS:
+            self.link.share_plugin(plugin, pconfig)
+            self._take_shared(plugin)
+            return
+        if not self.plugin.registered(plugin):
+            load_plugin(plugin, module)
+        for dep in PLUGIN_REGISTRY[plugin].dependencies:
+            if dep in SHARED_PLUGINS:
+                self.register_plugin(dep)
+        super().register_plugin(plugin, pconfig, module)
+        self.link.forget_binds()  # it may change what a shared one writes (xep_0060: xep_0131's SubID)
+
+    def _take_shared(self, name: str) -> None:
+        """The link's shared plugin ``name`` and the shared ones it depends on, in this stream's
+        plugin table (as enabled: no identity has a plugin it did not ask for), and, in a
+        session already bound, their disco writes at our JID (slixmpp's plugin does that when
+        enabled after the bind)."""
+        manager, link_plugins, wanted = self.plugin, self.link.plugin, [name]
+        while wanted:
+            name = wanted.pop()
+            if name in SHARED_PLUGINS and name not in manager._enabled:
+                plugin = link_plugins[name]
+                manager._plugins[name] = plugin
+                manager._enabled.add(name)
+                wanted.extend(plugin.dependencies)
+        if self.session_bind_event.is_set():
+            self._bind_shared()
+
+    def _bind_shared(self) -> None:
+        new = [name for name in self.plugin if name in SHARED_PLUGINS and name not in self._bound_shared]
+        self.link.bind_shared(self, new)
+        self._bound_shared.extend(new)
+
+    def set_software_version(self, version: str) -> None:
+        """What this identity answers to a software version request (XEP-0092)."""
+        self.link.versions[self.boundjid.bare] = version
 
     # -- a session over the link ----------------------------------------------------------
 
@@ -495,6 +665,8 @@ class HostedClient(ComponentXMPP):
             self._run_out_filters = asyncio.ensure_future(self.run_filters())
         self.session_bind_event.set()
         self.sessionstarted = True
+        self._bound_shared.clear()  # each session binds again, as each plugin's own would
+        self._bind_shared()
         self.event("session_bind", self.boundjid)
         self.event("session_start")
 
@@ -733,6 +905,15 @@ class HostedClient(ComponentXMPP):
                 self.link.probes.ask(self, str(jid))
             else:
                 self._send_one(ET.Element(f"{{{NS}}}presence", {"type": "probe", "to": jid, "from": bare}))
+
+
+def set_software_version(client: Any, version: str) -> None:
+    """What ``client`` answers to a software version request (XEP-0092) from now on: a hosted
+    identity's own (its plugin is its link's, shared), any other client's plugin's."""
+    if isinstance(client, HostedClient):
+        client.set_software_version(version)
+    else:
+        client.plugin["xep_0092"].version = version
 
 
 class HostedPep:
