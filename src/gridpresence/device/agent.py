@@ -464,7 +464,7 @@ class DeviceAgent(PartySession):
 
     async def _accept_and_answer(self, sender: JID, cmd: Command) -> None:
         try:
-            self._send_outcome(sender, await self.accept(cmd, utcnow(), signed=True))
+            self._send_outcome(sender, await self.accept(cmd, utcnow(), signed=True), cmd.issuer)
         except Exception:  # never let one command end the bot
             log.exception("%s: command %s failed", self.spec.name, cmd.id)
             self._stanza_error(sender, "internal-server-error", "wait", "the device could not handle this command")
@@ -473,7 +473,7 @@ class DeviceAgent(PartySession):
         try:
             key = await self._fetch_key(signed)
             cmd = self.gate.check(sender.bare, signed, key, utcnow())
-            self._send_outcome(sender, await self.accept(cmd, utcnow(), signed=True))
+            self._send_outcome(sender, await self.accept(cmd, utcnow(), signed=True), cmd.issuer)
         except SignatureFailure as exc:
             self._refused(sender, Refusal(exc.reason, exc.detail, signed.command.id))
         except Refusal as refusal:
@@ -560,7 +560,7 @@ class DeviceAgent(PartySession):
                 continue
             if hosted is not None:  # with the other identities' records, in one message (data only)
                 if record is None:  # the outcome serialised once, for the recorders and the issuer's answer
-                    el = outcome_to_xml(outcome)
+                    el = outcome_to_xml(outcome, by_seq=self._state_told(outcome, cmd.issuer))
                     text = tostring(el)
                     self._outcome_xml = (outcome, el, text)
                     record = record_to_text(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome),
@@ -568,8 +568,9 @@ class DeviceAgent(PartySession):
                 hosted.link.send_batched(to, q("outcome-records"), record)
                 continue
             if record is None:  # built once, for every recorder, and its outcome kept for the issuer's answer
-                record = record_to_xml(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome))
-                self._outcome_xml = (outcome, record[0], "")
+                el = outcome_to_xml(outcome, by_seq=self._state_told(outcome, cmd.issuer))
+                record = record_to_xml(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome), el)
+                self._outcome_xml = (outcome, el, "")
             msg = self.client.make_message(mto=to, mtype="normal")
             msg.append(record)
             msg.send()
@@ -609,11 +610,23 @@ class DeviceAgent(PartySession):
         err["error"]["text"] = text[:500]
         err.send()
 
-    def _send_outcome(self, to: JID, outcome: Outcome) -> None:
+    def _state_told(self, outcome: Outcome, issuer: str) -> bool:
+        """Whether ``issuer`` already has a presence of this session at least as new as the
+        outcome's report: then the outcome names that presence's seq instead of carrying the
+        report again (PROTOCOL.md, "Commands and outcomes"). Operators and the services acting
+        for them are subscribers no broadcast leaves out; it went out before the outcome."""
+        told = self._broadcast
+        return (outcome.report is not None and told is not None and outcome.report.seq <= told.seq
+                and JID(issuer).bare in self.operators)
+
+    def _send_outcome(self, to: JID, outcome: Outcome, issuer: str = "") -> None:
         made = self._outcome_xml
         self._outcome_xml = None
         # The same outcome's element as in the record just sent (both are only serialised).
-        el, text = (made[1], made[2]) if made is not None and made[0] is outcome else (outcome_to_xml(outcome), "")
+        if made is not None and made[0] is outcome:
+            el, text = made[1], made[2]
+        else:
+            el, text = outcome_to_xml(outcome, by_seq=bool(issuer) and self._state_told(outcome, issuer)), ""
         if isinstance(self.client, HostedClient):
             self.client.send_payload(str(to), el, text=text)
             return

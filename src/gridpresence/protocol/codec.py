@@ -159,11 +159,16 @@ def command_from_xml(el: ET.Element | None) -> Command:
     return _validate(Command, data, "command")
 
 
-def outcome_to_xml(outcome: Outcome) -> ET.Element:
-    el = ET.Element(q("outcome"), _attrs(outcome, skip=("detail",)))
+def outcome_to_xml(outcome: Outcome, *, by_seq: bool = False) -> ET.Element:
+    """``by_seq``: the state after the command as ``report-seq`` (the seq of the presence that
+    carries it, sent just before) instead of the whole ``<device/>`` report (PROTOCOL.md)."""
+    attrs = _attrs(outcome, skip=("detail",))
+    if by_seq and outcome.report is not None:
+        attrs["report-seq"] = str(outcome.report.seq)
+    el = ET.Element(q("outcome"), attrs)
     if outcome.detail:
         ET.SubElement(el, q("detail")).text = outcome.detail
-    if outcome.report is not None:
+    if outcome.report is not None and not by_seq:
         el.append(report_to_xml(outcome.report))
     if outcome.first is not None:
         ET.SubElement(el, q("first")).append(outcome_to_xml(outcome.first))
@@ -185,9 +190,10 @@ def outcome_from_xml(el: ET.Element | None, *, nested: bool = False) -> Outcome:
     return _validate(Outcome, data, "outcome")
 
 
-def record_to_xml(record: OutcomeRecord) -> ET.Element:
+def record_to_xml(record: OutcomeRecord, outcome_el: ET.Element | None = None) -> ET.Element:
+    """``outcome_el``: the record's outcome already as an element (the issuer's answer's own)."""
     el = ET.Element(q("outcome-record"), _record_attrs(record))
-    el.append(outcome_to_xml(record.outcome))
+    el.append(outcome_el if outcome_el is not None else outcome_to_xml(record.outcome))
     return el
 
 
