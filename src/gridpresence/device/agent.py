@@ -19,7 +19,6 @@ from xml.etree import ElementTree as ET
 
 from pydantic import ValidationError
 from slixmpp import JID, Message, Presence
-from slixmpp.xmlstream import tostring
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
@@ -45,6 +44,7 @@ from gridpresence.protocol.codec import (
     PayloadError,
     q,
     outcome_to_xml,
+    outcome_wire,
     record_to_text,
     record_to_xml,
     report_from_xml,
@@ -560,8 +560,7 @@ class DeviceAgent(PartySession):
                 continue
             if hosted is not None:  # with the other identities' records, in one message (data only)
                 if record is None:  # the outcome serialised once, for the recorders and the issuer's answer
-                    el = outcome_to_xml(outcome, by_seq=self._state_told(outcome, cmd.issuer))
-                    text = tostring(el)
+                    el, text = outcome_wire(outcome, by_seq=self._state_told(outcome, cmd.issuer))
                     self._outcome_xml = (outcome, el, text)
                     record = record_to_text(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome),
                                             text)
@@ -623,11 +622,13 @@ class DeviceAgent(PartySession):
         made = self._outcome_xml
         self._outcome_xml = None
         # The same outcome's element as in the record just sent (both are only serialised).
+        hosted = isinstance(self.client, HostedClient)
         if made is not None and made[0] is outcome:
             el, text = made[1], made[2]
         else:
-            el, text = outcome_to_xml(outcome, by_seq=bool(issuer) and self._state_told(outcome, issuer)), ""
-        if isinstance(self.client, HostedClient):
+            by_seq = bool(issuer) and self._state_told(outcome, issuer)
+            el, text = outcome_wire(outcome, by_seq=by_seq) if hosted else (outcome_to_xml(outcome, by_seq=by_seq), "")
+        if hosted:
             self.client.send_payload(str(to), el, text=text)
             return
         msg = self.client.make_message(mto=to, mtype="normal")
