@@ -535,9 +535,7 @@ class DeviceAgent(PartySession):
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._in_flight[(cmd.issuer, cmd.id)] = done
         try:
-            outcome = await self.execute(cmd, now)
-            forget_at = cmd.expires.timestamp() + self.security.clock_skew_s
-            await self.replay.record_soon(cmd.issuer, cmd.id, forget_at, outcome)  # on disk before it is told
+            outcome = await self.execute(cmd, now)  # on disk, with its effect, before it is told
         finally:
             del self._in_flight[(cmd.issuer, cmd.id)]
             done.set_result(None)
@@ -576,24 +574,27 @@ class DeviceAgent(PartySession):
 
     async def execute(self, cmd: Command, now: dt.datetime) -> Outcome:
         """Apply a valid, authorised, fresh command to the physics (awaited: a real IED answers
-        in its own time); publish the new state first so an issuer that sees the outcome already
-        sees the matching presence."""
+        in its own time) and remember it (the replay guard); publish the new state first so an
+        issuer that sees the outcome already sees the matching presence."""
+        kept = None
         if cmd.action in (Action.TARIFF, Action.PRICE, Action.FIRMWARE_UPGRADE):
             effect = Effect.refused(RejectReason.INVALID_ARGUMENTS, f"{cmd.action.value} is not a command on its own: "
                                     "a tariff or price is the billing party's signed <tariff/>, a firmware offer "
                                     "travels with its image")
         else:
             effect = await self.sim.carry_out(cmd.action, cmd.args, now, cmd.expires)
-            await self.operated.keep(self.sim.operated())  # on disk before anyone is told the outcome
+            kept = self.operated.keep_soon(self.sim.operated())
+        outcome = Outcome(command_id=cmd.id, device=self.jid, status=effect.status, reason=effect.reason,
+                          detail=effect.detail)
+        # The state and the replay record in one group commit (the record keeps no report), both
+        # on disk before anyone is told: the presence or the outcome.
+        forget_at = cmd.expires.timestamp() + self.security.clock_skew_s
+        recorded = self.replay.record_soon(cmd.issuer, cmd.id, forget_at, outcome)
+        if kept is not None:
+            await kept
+        await recorded  # done with kept: the same batch
         report = self.publish(force=False)
-        return Outcome(
-            command_id=cmd.id,
-            device=self.jid,
-            status=effect.status,
-            reason=effect.reason,
-            detail=effect.detail,
-            report=report,
-        )
+        return outcome.model_copy(update={"report": report}) if report is not None else outcome
 
     def _answer(self, to: JID, cmd_id: str, status: OutcomeStatus, reason: RejectReason | None, detail: str) -> None:
         if not cmd_id:  # nothing to correlate with: a stanza-level error is all we can give
