@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any, TypeVar
 from xml.etree import ElementTree as ET
-from xml.sax.saxutils import escape, quoteattr
+from xml.sax.saxutils import escape
 
 from pydantic import BaseModel, ValidationError
 from slixmpp.xmlstream import tostring
@@ -153,13 +153,20 @@ def command_to_xml(cmd: Command) -> ET.Element:
     return el
 
 
+def _quoted(value: str) -> str:
+    """An attribute value in double quotes, as ElementTree escapes it (whitespace kept exactly),
+    by ``str.replace`` in C: saxutils' quoteattr costs more than the rest of a command's text."""
+    return ('"' + value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+            .replace("\n", "&#10;").replace("\r", "&#13;").replace("\t", "&#09;") + '"')
+
+
 def command_to_text(cmd: Command) -> str:
     """command_to_xml's element, serialised as ElementTree writes it but for the namespace's
-    prefix (a default namespace here), in a tenth of its time: the bytes an issuer signs."""
-    attrs = "".join(f" {name}={quoteattr(value)}" for name, value in _attrs(cmd).items())
+    prefix (a default namespace here), in a fraction of its time: the bytes an issuer signs."""
+    attrs = "".join(f" {name}={_quoted(value)}" for name, value in _attrs(cmd).items())
     if not cmd.args:
         return f'<command xmlns="{NS}"{attrs} />'
-    args = "".join(f"<arg name={quoteattr(name)}>{escape(value)}</arg>" for name, value in cmd.args.items())
+    args = "".join(f"<arg name={_quoted(name)}>{escape(value)}</arg>" for name, value in cmd.args.items())
     return f'<command xmlns="{NS}"{attrs}>{args}</command>'
 
 
@@ -194,7 +201,7 @@ def outcome_wire(outcome: Outcome, *, by_seq: bool = False) -> tuple[ET.Element,
     el = outcome_to_xml(outcome, by_seq=by_seq)
     if len(el) > (1 if outcome.detail else 0):  # a report or a first outcome: the serialiser's job
         return el, tostring(el)
-    attrs = "".join(f" {name}={quoteattr(value)}" for name, value in el.attrib.items())
+    attrs = "".join(f" {name}={_quoted(value)}" for name, value in el.attrib.items())
     detail = f"<detail>{escape(outcome.detail)}</detail>" if outcome.detail else ""
     return el, f'<outcome xmlns="{NS}"{attrs}>{detail}</outcome>' if detail else f'<outcome xmlns="{NS}"{attrs} />'
 
@@ -229,7 +236,7 @@ def record_to_text(record: OutcomeRecord, outcome_text: str) -> str:
     """record_to_xml's element serialised, around ``outcome_text``: its outcome already
     serialised (by slixmpp's ``tostring``, its namespace declared), as a device host sends the
     same outcome to the issuer: written once for both."""
-    attrs = "".join(f" {name}={quoteattr(value)}" for name, value in _record_attrs(record).items())
+    attrs = "".join(f" {name}={_quoted(value)}" for name, value in _record_attrs(record).items())
     return f'<outcome-record xmlns="{NS}"{attrs}>{outcome_text}</outcome-record>'
 
 
