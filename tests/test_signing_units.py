@@ -330,3 +330,16 @@ def test_command_text_reads_back_as_the_command_element_does() -> None:
         assert command_from_xml(ET.fromstring(text)) == command_from_xml(command_to_xml(cmd)) == cmd, text
         content = sign_from_bytes(sign_to_bytes(DEVICE, NOW, text))
         assert command_from_xml(content.payload) == cmd
+
+
+def test_a_signed_commands_wire_text_reads_back_as_its_element() -> None:
+    """operator/issuer.py's wire_text (what it writes and what a pending entry keeps) is the
+    same <openpgp/> as the element; an unsigned command goes through the serialiser."""
+    from gridpresence.operator.issuer import wire_text
+    cmd = Command.new(Action.SHED, ALICE, now=NOW, serial=SERIAL)
+    wire = signed(cmd)
+    back = ET.fromstring(wire_text(wire))
+    assert back.tag == wire.tag and openpgp_from_xml(back) == openpgp_from_xml(wire)
+    assert open_command(back).command == cmd
+    plain = command_to_xml(cmd)
+    assert ET.tostring(ET.fromstring(wire_text(plain))) == ET.tostring(plain)

@@ -103,7 +103,7 @@ class CommandIssuer:
         except asyncio.CancelledError:
             given_up = True  # the caller stopped waiting (Ctrl-C, shutdown), not the command: keep it
             if keeping and not self.store.holds(cmd.id):
-                self.store.add(cmd, JID(to).bare, ET.tostring(wire, encoding="unicode"), "direct")
+                self.store.add(cmd, JID(to).bare, wire_text(wire), "direct")
             raise
         finally:
             if not given_up:
@@ -131,7 +131,7 @@ class CommandIssuer:
             asyncio.get_running_loop().call_soon(self._flush)
         if wire.tag == _OPENPGP and not len(wire) and not wire.attrib:  # a signed command: base64 text only
             self._out.append(f"<message to='{xml_escape(to)}' type='normal' id='{xml_escape(stanza_id)}'>"
-                             f"<openpgp xmlns='{OPENPGP_NS}'>{wire.text or ''}</openpgp></message>")
+                             f"{wire_text(wire)}</message>")
             return stanza_id
         xml = ET.Element(f"{{{client.default_ns}}}message", {"to": to, "type": "normal", "id": stanza_id})
         xml.append(wire)
@@ -159,7 +159,7 @@ class CommandIssuer:
             _, cmd, device, wire = self._to_keep.popleft()
             fut = self.pending.get(cmd.id)
             if fut is not None and not fut.done() and not self.store.holds(cmd.id):
-                due.append(self.store.entry(cmd, device, ET.tostring(wire, encoding="unicode"), "direct"))
+                due.append(self.store.entry(cmd, device, wire_text(wire), "direct"))
         self.store.add_many(due)
         if self._to_keep:  # the next group: those due within KEEP_GROUP_S more (a fan-out sends continuously)
             self._keep_timer = asyncio.get_running_loop().call_at(max(self._to_keep[0][0], now + KEEP_GROUP_S),
@@ -279,6 +279,14 @@ class CommandIssuer:
         fut.set_result(Outcome(command_id=cmd_id or "", device=msg["from"].bare, status=OutcomeStatus.UNDELIVERABLE,
                                detail=f"{err['condition']}: {err['text']}".rstrip(": ")))
         self.store.remove(cmd_id or "")
+
+
+def wire_text(wire: ET.Element) -> str:
+    """A command's wire element as text (kept by operator/pending.py, written by _post): a signed
+    one, base64 text only, without the serialiser (a fan-out keeps thousands still waiting)."""
+    if wire.tag == _OPENPGP and not len(wire) and not wire.attrib:
+        return f"<openpgp xmlns='{OPENPGP_NS}'>{wire.text or ''}</openpgp>"
+    return ET.tostring(wire, encoding="unicode")
 
 
 def first_outcome(outcome: Outcome) -> Outcome:
