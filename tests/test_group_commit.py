@@ -136,3 +136,31 @@ async def test_a_fan_out_keeps_at_most_its_window_in_flight_in_order(monkeypatch
     assert most == 20 and started == names
     assert list(outcomes) == names and all(o.command_id == n for n, o in outcomes.items())
     assert told == list(range(1, 301))
+
+
+async def test_a_commands_state_and_replay_record_are_one_commit_before_anyone_is_told(tmp_path: Path) -> None:
+    """A device's command: what it now is and that it had this command go to disk in one
+    transaction (one fsync), both there once the outcome is made; a copy is then a replay."""
+    from gridpresence.config import DeviceSpec
+    from gridpresence.device.agent import DeviceAgent
+    from gridpresence.device.host import DeviceSetup
+    from gridpresence.protocol.models import RejectReason, utcnow
+    from gridpresence.xmpp.session import Endpoint
+
+    store = ReplayStore(tmp_path / REPLAY_FILE)
+    commits: list[int] = []
+    commit = store._commit
+    store._commit = lambda batch: (commits.append(len(batch)), commit(batch))[1]  # type: ignore[method-assign]
+    setup = DeviceSetup(operated=state_path(tmp_path, "l"))
+    agent = DeviceAgent(DeviceSpec(name="l", kind="load", rated_kw=10), "l@localhost", "pw", Endpoint(),
+                        ["alice@localhost"], setup=setup, replay=store)
+    cmd = Command.new(Action.SHED, "alice@localhost", ttl_s=30)
+    done = await agent.accept(cmd, utcnow(), signed=True)
+    assert done.status is OutcomeStatus.EXECUTED and done.report is not None and done.report.state is DeviceState.OFF
+    assert len(commits) == 1 and commits[0] >= 2, commits  # the state and the record (and a prune) together
+    kept = kept_state(tmp_path, "l")
+    assert kept is not None and kept.state is DeviceState.OFF
+    assert ReplayGuard(ReplayStore(tmp_path / REPLAY_FILE), "l@localhost").seen("alice@localhost", cmd.id) is not None
+    again = await agent.accept(cmd, utcnow(), signed=True)
+    assert again.reason is RejectReason.REPLAYED and again.first is not None and again.first.status is OutcomeStatus.EXECUTED
+    store.close()

@@ -220,3 +220,29 @@ def test_outcome_record_round_trips_and_refuses_a_broken_one() -> None:
                 f"status='executed'/></outcome-record>"):
         with pytest.raises(PayloadError):
             record_from_xml(ET.fromstring(bad))
+
+
+def test_outcome_text_reads_back_as_its_element_does() -> None:
+    """codec.outcome_wire writes a plain outcome's text itself: seeded, it reads back as the
+    serialiser's text of the same element (namespace, quotes and escapes alike), and a record
+    around it reads back as the record."""
+    import random
+    from slixmpp.xmlstream import tostring
+    from gridpresence.protocol.codec import outcome_from_xml, outcome_wire, record_from_xml, record_to_text
+    from gridpresence.protocol.models import Action, Outcome, OutcomeRecord, OutcomeStatus, RejectReason
+    rng = random.Random(5)
+    chars = "aZ09 <>&'\"\t=/é"
+    for i in range(200):
+        status = list(OutcomeStatus)[i % len(OutcomeStatus)]
+        report = PresenceReport(kind=DeviceKind.LOAD, state=DeviceState.OFF, at=NOW, seq=i) if i % 3 else None
+        out = Outcome(command_id=f"c-{i}", device="load-1@localhost", status=status,
+                      reason=RejectReason.STALE if status is OutcomeStatus.REJECTED else None,
+                      detail="".join(rng.choice(chars) for _ in range(rng.randrange(12))), report=report)
+        by_seq = bool(i % 2)
+        el, text = outcome_wire(out, by_seq=by_seq)
+        assert outcome_from_xml(ET.fromstring(text)) == outcome_from_xml(ET.fromstring(tostring(el))) \
+            == outcome_from_xml(el), text
+        if by_seq and report is not None:
+            assert "<device" not in text and outcome_from_xml(el).report_seq == i
+        record = OutcomeRecord(action=Action.SHED, issuer="a'l&ice@localhost", outcome=outcome_from_xml(el))
+        assert record_from_xml(ET.fromstring(record_to_text(record, text))) == record

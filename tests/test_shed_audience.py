@@ -226,3 +226,37 @@ async def test_commands_pass_every_outgoing_filter_a_party_adds(grid: Grid) -> N
         seen.clear()
         outcome = await alice.command(LOADS[4], Action.READ)  # no filter of ours: the fast way again
         assert outcome.status is OutcomeStatus.EXECUTED and seen == []
+
+
+async def test_an_outcome_names_the_presence_just_sent_instead_of_carrying_it(grid: Grid) -> None:
+    """A shed changes the state: the device broadcasts it, then answers with ``report-seq`` (that
+    presence's seq) and no ``<device/>``; the library gives its caller the report all the same,
+    from that presence. A read changes nothing that is broadcast: its answer carries the report.
+    A reader that knows no ``report-seq`` (an older party) still reads the outcome."""
+    from gridpresence.protocol.codec import outcome_from_xml
+    name = LOADS[1]
+    async with GridOperator.from_connection(grid.connection, operator="alice", resource="seq") as alice:
+        await alice.wait_for(lambda d: all(v.present for v in d.values()), 15)
+        with Written(link_of(grid)) as seen:
+            shed = await alice.command(name, Action.SHED)
+            read = await alice.command(name, Action.READ)
+            restore = await alice.command(name, Action.RESTORE)
+        assert shed.ok and shed.report is not None and shed.report.state is DeviceState.OFF, shed
+        assert restore.ok and restore.report is not None and restore.report.state is DeviceState.ON, restore
+        assert read.ok and read.report is not None and read.report.state is DeviceState.OFF, read
+        answers = [m for m in seen.messages_with("outcome ") if "<outcome-records" not in m
+                   and grid.fleet.jid("alice") in m.split(">", 1)[0]]
+        by_id = {o.command_id: m for o in (shed, read, restore) for m in answers if o.command_id in m}
+        assert len(by_id) == 3, answers
+        for o in (shed, restore):
+            wire = by_id[o.command_id]
+            assert "<device " not in wire and f'report-seq="{o.report.seq}"' in wire.replace("'", '"'), wire  # type: ignore[union-attr]
+        assert "<device " in by_id[read.command_id] and "report-seq" not in by_id[read.command_id]
+        # An older reader: the same stanza's outcome, without a report (not an error).
+        el = ET.fromstring(by_id[shed.command_id]).find(q("outcome"))
+        older = outcome_from_xml(el)
+        assert older.status is OutcomeStatus.EXECUTED and older.report is None and older.report_seq == shed.report.seq  # type: ignore[union-attr]
+        # An issuer that has not seen that presence yet (a seq ahead of its view) gets no report, not a stale one.
+        ahead = older.model_copy(update={"report_seq": older.report_seq + 1000})  # type: ignore[operator]
+        assert alice.with_state(ahead).report is None
+        assert alice.with_state(older).report == alice.devices[name].report

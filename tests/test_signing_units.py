@@ -13,7 +13,8 @@ import pytest
 from pgpy.constants import CompressionAlgorithm, PubKeyAlgorithm
 
 from gridpresence.config import FleetError, parse_fleet
-from gridpresence.protocol.codec import PayloadError, command_to_xml, outcome_from_xml, outcome_to_xml, tariff_to_xml
+from gridpresence.protocol.codec import (PayloadError, command_to_text, command_to_xml, outcome_from_xml, outcome_to_xml,
+                                        tariff_to_xml)
 from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, RejectReason, Tariff, TariffPeriod
 from gridpresence.protocol.openpgp import openpgp_from_xml, openpgp_to_xml, sign_from_bytes, sign_to_bytes
 from gridpresence.security import fastsig
@@ -254,3 +255,91 @@ def test_security_settings_in_the_fleet_file() -> None:
         parse_fleet({**base, "devices": [{"name": "pump", "kind": "load", "rated_kw": 3, "serial": "no spaces"}]})
     made = parse_fleet({**base, "manufacturers": [{"name": "acme"}]})
     assert made.roles()["acme@localhost"] is Role.MANUFACTURER
+
+
+def _pgpy_verdict(blob: bytes, key: pgpy.PGPKey) -> bool:
+    """The reference: pgpy's verdict on a signed message (any error is a refusal)."""
+    try:
+        return bool(key.verify(pgpy.PGPMessage.from_blob(blob)))
+    except Exception:
+        return False
+
+
+def test_the_hot_path_agrees_with_pgpy_on_seeded_valid_tampered_foreign_and_malformed_messages() -> None:
+    """Seeded fuzz of the libsodium path (security/fastsig.py) against pgpy: every message it
+    reads, it judges as pgpy does — valid ones (its own and pgpy's) accepted, each tampered byte
+    of the signed part, another key, or a malformed message refused — and what it does not read
+    (None) pgpy decides, through Sealed.verify. Bytes outside what the signature covers (the
+    unhashed issuer key id, the literal packet's name and date) are not tampering; a changed
+    quick check (the digest's left 16 bits) the hot path refuses, as GnuPG does, and pgpy not."""
+    import random
+    rng = random.Random(16)
+    bob = key_for("bob@localhost")
+    fast_read = 0
+    for i in range(60):
+        cmd = Command.new(Action.SHED if i % 2 else Action.RESTORE, ALICE, now=NOW, serial=SERIAL,
+                          args={"note": "".join(rng.choice("ab<&'\" ") for _ in range(rng.randrange(8)))})
+        data = sign_to_bytes(DEVICE, NOW, command_to_text(cmd))
+        if i % 3 == 0:  # pgpy's own making
+            message = pgpy.PGPMessage.new(data, format="b", compression=CompressionAlgorithm.Uncompressed)
+            message |= KEY.sign(message)
+            good = bytes(message)
+        else:
+            made = fastsig.sign(data, KEY, NOW)
+            assert made is not None
+            good = made
+        variants = [(good, KEY.pubkey), (good, bob.pubkey)]
+        for _ in range(6):  # one byte flipped anywhere
+            blob = bytearray(good)
+            blob[rng.randrange(len(blob))] ^= 1 << rng.randrange(8)
+            variants.append((bytes(blob), KEY.pubkey))
+        cut = rng.randrange(1, len(good))
+        variants += [(good[:cut], KEY.pubkey), (good + bytes([rng.randrange(256)]), KEY.pubkey),
+                     (bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))), KEY.pubkey)]
+        for blob, key in variants:
+            parsed = fastsig.parse(blob)
+            reference = _pgpy_verdict(blob, key)
+            if parsed is None:
+                continue  # pgpy's to read (Sealed.verify falls back to it)
+            fast_read += 1
+            verdict = fastsig.verify(parsed, key)
+            if verdict != reference:  # where pgpy looks at what no signature covers, or looks less
+                first = fastsig.parse(good)
+                assert first is not None and blob != good, i
+                if verdict:  # an unhashed key id or the literal's name or date changed: the signed part did not
+                    assert parsed.data == data and parsed.hashed == first.hashed, (i, blob.hex())
+                else:  # the two left bytes of the digest changed: pgpy skips that quick check, GnuPG does not
+                    assert parsed.left16 != first.left16 and parsed.signature == first.signature, (i, blob.hex())
+            if verdict and blob != good:
+                assert parsed.data == data  # never a different content accepted
+    assert fast_read >= 300  # the fuzz did exercise the hot path
+
+
+def test_command_text_reads_back_as_the_command_element_does() -> None:
+    """codec.command_to_text (what an issuer signs) against command_to_xml, seeded: both read
+    back as the same command, whatever the args and serial hold."""
+    import random
+    from gridpresence.protocol.codec import command_from_xml
+    rng = random.Random(7)
+    chars = "aZ09 <>&'\"\t\n=/é"
+    for i in range(200):
+        args = {f"k{j}": "".join(rng.choice(chars) for _ in range(rng.randrange(10))) for j in range(rng.randrange(3))}
+        cmd = Command.new(list(Action)[i % len(Action)], ALICE, now=NOW, args=args,
+                          serial="".join(rng.choice("AZ09-._:") for _ in range(rng.randrange(1, 8))))
+        text = command_to_text(cmd)
+        assert command_from_xml(ET.fromstring(text)) == command_from_xml(command_to_xml(cmd)) == cmd, text
+        content = sign_from_bytes(sign_to_bytes(DEVICE, NOW, text))
+        assert command_from_xml(content.payload) == cmd
+
+
+def test_a_signed_commands_wire_text_reads_back_as_its_element() -> None:
+    """operator/issuer.py's wire_text (what it writes and what a pending entry keeps) is the
+    same <openpgp/> as the element; an unsigned command goes through the serialiser."""
+    from gridpresence.operator.issuer import wire_text
+    cmd = Command.new(Action.SHED, ALICE, now=NOW, serial=SERIAL)
+    wire = signed(cmd)
+    back = ET.fromstring(wire_text(wire))
+    assert back.tag == wire.tag and openpgp_from_xml(back) == openpgp_from_xml(wire)
+    assert open_command(back).command == cmd
+    plain = command_to_xml(cmd)
+    assert ET.tostring(ET.fromstring(wire_text(plain))) == ET.tostring(plain)

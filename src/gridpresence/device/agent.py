@@ -20,7 +20,6 @@ from xml.etree import ElementTree as ET
 
 from pydantic import ValidationError
 from slixmpp import JID, Message, Presence
-from slixmpp.xmlstream import tostring
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
@@ -46,6 +45,7 @@ from gridpresence.protocol.codec import (
     PayloadError,
     q,
     outcome_to_xml,
+    outcome_wire,
     record_to_text,
     record_to_xml,
     report_from_xml,
@@ -480,7 +480,7 @@ class DeviceAgent(PartySession):
 
     async def _accept_and_answer(self, sender: JID, cmd: Command) -> None:
         try:
-            self._send_outcome(sender, await self.accept(cmd, utcnow(), signed=True))
+            self._send_outcome(sender, await self.accept(cmd, utcnow(), signed=True), cmd.issuer)
         except Exception:  # never let one command end the bot
             log.exception("%s: command %s failed", self.spec.name, cmd.id)
             self._stanza_error(sender, "internal-server-error", "wait", "the device could not handle this command")
@@ -489,7 +489,7 @@ class DeviceAgent(PartySession):
         try:
             key = await self._fetch_key(signed)
             cmd = self.gate.check(sender.bare, signed, key, utcnow())
-            self._send_outcome(sender, await self.accept(cmd, utcnow(), signed=True))
+            self._send_outcome(sender, await self.accept(cmd, utcnow(), signed=True), cmd.issuer)
         except SignatureFailure as exc:
             self._refused(sender, Refusal(exc.reason, exc.detail, signed.command.id))
         except Refusal as refusal:
@@ -551,9 +551,7 @@ class DeviceAgent(PartySession):
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._in_flight[(cmd.issuer, cmd.id)] = done
         try:
-            outcome = await self.execute(cmd, now)
-            forget_at = cmd.expires.timestamp() + self.security.clock_skew_s
-            await self.replay.record_soon(cmd.issuer, cmd.id, forget_at, outcome)  # on disk before it is told
+            outcome = await self.execute(cmd, now)  # on disk, with its effect, before it is told
         finally:
             del self._in_flight[(cmd.issuer, cmd.id)]
             done.set_result(None)
@@ -576,40 +574,43 @@ class DeviceAgent(PartySession):
                 continue
             if hosted is not None:  # with the other identities' records, in one message (data only)
                 if record is None:  # the outcome serialised once, for the recorders and the issuer's answer
-                    el = outcome_to_xml(outcome)
-                    text = tostring(el)
+                    el, text = outcome_wire(outcome, by_seq=self._state_told(outcome, cmd.issuer))
                     self._outcome_xml = (outcome, el, text)
                     record = record_to_text(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome),
                                             text)
                 hosted.link.send_batched(to, q("outcome-records"), record)
                 continue
             if record is None:  # built once, for every recorder, and its outcome kept for the issuer's answer
-                record = record_to_xml(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome))
-                self._outcome_xml = (outcome, record[0], "")
+                el = outcome_to_xml(outcome, by_seq=self._state_told(outcome, cmd.issuer))
+                record = record_to_xml(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome), el)
+                self._outcome_xml = (outcome, el, "")
             msg = self.client.make_message(mto=to, mtype="normal")
             msg.append(record)
             msg.send()
 
     async def execute(self, cmd: Command, now: dt.datetime) -> Outcome:
         """Apply a valid, authorised, fresh command to the physics (awaited: a real IED answers
-        in its own time); publish the new state first so an issuer that sees the outcome already
-        sees the matching presence."""
+        in its own time) and remember it (the replay guard); publish the new state first so an
+        issuer that sees the outcome already sees the matching presence."""
+        kept = None
         if cmd.action in (Action.TARIFF, Action.PRICE, Action.FIRMWARE_UPGRADE):
             effect = Effect.refused(RejectReason.INVALID_ARGUMENTS, f"{cmd.action.value} is not a command on its own: "
                                     "a tariff or price is the billing party's signed <tariff/>, a firmware offer "
                                     "travels with its image")
         else:
             effect = await self.sim.carry_out(cmd.action, cmd.args, now, cmd.expires)
-            await self.operated.keep(self.sim.operated())  # on disk before anyone is told the outcome
+            kept = self.operated.keep_soon(self.sim.operated())
+        outcome = Outcome(command_id=cmd.id, device=self.jid, status=effect.status, reason=effect.reason,
+                          detail=effect.detail)
+        # The state and the replay record in one group commit (the record keeps no report), both
+        # on disk before anyone is told: the presence or the outcome.
+        forget_at = cmd.expires.timestamp() + self.security.clock_skew_s
+        recorded = self.replay.record_soon(cmd.issuer, cmd.id, forget_at, outcome)
+        if kept is not None:
+            await kept
+        await recorded  # done with kept: the same batch
         report = self.publish(force=False)
-        return Outcome(
-            command_id=cmd.id,
-            device=self.jid,
-            status=effect.status,
-            reason=effect.reason,
-            detail=effect.detail,
-            report=report,
-        )
+        return outcome.model_copy(update={"report": report}) if report is not None else outcome
 
     def _answer(self, to: JID, cmd_id: str, status: OutcomeStatus, reason: RejectReason | None, detail: str) -> None:
         if not cmd_id:  # nothing to correlate with: a stanza-level error is all we can give
@@ -625,12 +626,26 @@ class DeviceAgent(PartySession):
         err["error"]["text"] = text[:500]
         err.send()
 
-    def _send_outcome(self, to: JID, outcome: Outcome) -> None:
+    def _state_told(self, outcome: Outcome, issuer: str) -> bool:
+        """Whether ``issuer`` already has a presence of this session at least as new as the
+        outcome's report: then the outcome names that presence's seq instead of carrying the
+        report again (PROTOCOL.md, "Commands and outcomes"). Operators and the services acting
+        for them are subscribers no broadcast leaves out; it went out before the outcome."""
+        told = self._broadcast
+        return (outcome.report is not None and told is not None and outcome.report.seq <= told.seq
+                and JID(issuer).bare in self.operators)
+
+    def _send_outcome(self, to: JID, outcome: Outcome, issuer: str = "") -> None:
         made = self._outcome_xml
         self._outcome_xml = None
         # The same outcome's element as in the record just sent (both are only serialised).
-        el, text = (made[1], made[2]) if made is not None and made[0] is outcome else (outcome_to_xml(outcome), "")
-        if isinstance(self.client, HostedClient):
+        hosted = isinstance(self.client, HostedClient)
+        if made is not None and made[0] is outcome:
+            el, text = made[1], made[2]
+        else:
+            by_seq = bool(issuer) and self._state_told(outcome, issuer)
+            el, text = outcome_wire(outcome, by_seq=by_seq) if hosted else (outcome_to_xml(outcome, by_seq=by_seq), "")
+        if hosted:
             self.client.send_payload(str(to), el, text=text)
             return
         msg = self.client.make_message(mto=to, mtype="normal")

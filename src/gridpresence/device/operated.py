@@ -12,6 +12,7 @@ row (a state kept by an older run).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -67,11 +68,19 @@ class OperatedStore:
 
     async def keep(self, state: Operated) -> None:
         """Save, by group commit when in the replay store; returns once it is on disk."""
+        written = self.keep_soon(state)
+        if written is not None:
+            await written
+
+    def keep_soon(self, state: Operated) -> asyncio.Future[None] | None:
+        """Save: in the replay store by group commit (done when the returned future is, with the
+        other writes asked for in this turn of the loop: a command's replay record too), else
+        now (None)."""
         if self.journal is None:
             self.save(state)
-            return
-        await self.journal.write("INSERT OR REPLACE INTO operated (device, state) VALUES (?, ?)",
-                                 (self.key, state.model_dump_json()))
+            return None
+        return self.journal.write("INSERT OR REPLACE INTO operated (device, state) VALUES (?, ?)",
+                                  (self.key, state.model_dump_json()))
 
     def save(self, state: Operated) -> None:
         if self.path is None:

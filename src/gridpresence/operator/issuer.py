@@ -21,13 +21,16 @@ from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.protocol import openpgp  # noqa: F401  (registers <openpgp/> with slixmpp)
 from gridpresence.xmpp.outgoing import may_skip_queue, messages_need_no_filter
-from gridpresence.protocol.codec import PayloadError, command_to_xml, outcome_from_xml
+from gridpresence.xmpp.slixfix.escape import escape as xml_escape  # the fast one
+from gridpresence.protocol.codec import PayloadError, command_to_text, command_to_xml, outcome_from_xml
+from gridpresence.protocol.openpgp import OPENPGP_NS
 from gridpresence.operator.pending import PendingCommand, PendingStore
 from gridpresence.protocol.models import Command, Outcome, OutcomeStatus, RejectReason, utcnow
 from gridpresence.security.pgp import pgpy
 from gridpresence.security.signed import sign_payload
 
 log = logging.getLogger(__name__)
+_OPENPGP = f"{{{OPENPGP_NS}}}openpgp"
 
 # Extra time after a command's expiry for its "expired" outcome to travel back.
 OUTCOME_MARGIN_S = 1.0
@@ -65,8 +68,9 @@ class CommandIssuer:
 
     def wire(self, cmd: Command, device: str) -> ET.Element:
         """What goes on the wire for ``cmd`` to ``device`` (bare JID): signed if we hold a key."""
-        el = command_to_xml(cmd)
-        return sign_payload(el, device, self.key, now=cmd.issued) if self.key is not None else el
+        if self.key is None:
+            return command_to_xml(cmd)
+        return sign_payload(command_to_text(cmd), device, self.key, now=cmd.issued)
 
     def expect(self, cmd_id: str) -> asyncio.Future[Outcome]:
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
@@ -99,7 +103,7 @@ class CommandIssuer:
         except asyncio.CancelledError:
             given_up = True  # the caller stopped waiting (Ctrl-C, shutdown), not the command: keep it
             if keeping and not self.store.holds(cmd.id):
-                self.store.add(cmd, JID(to).bare, ET.tostring(wire, encoding="unicode"), "direct")
+                self.store.add(cmd, JID(to).bare, wire_text(wire), "direct")
             raise
         finally:
             if not given_up:
@@ -123,10 +127,14 @@ class CommandIssuer:
             msg.send()
             return str(msg["id"])
         stanza_id = client.new_id()
-        xml = ET.Element(f"{{{client.default_ns}}}message", {"to": to, "type": "normal", "id": stanza_id})
-        xml.append(wire)
         if not self._out:
             asyncio.get_running_loop().call_soon(self._flush)
+        if wire.tag == _OPENPGP and not len(wire) and not wire.attrib:  # a signed command: base64 text only
+            self._out.append(f"<message to='{xml_escape(to)}' type='normal' id='{xml_escape(stanza_id)}'>"
+                             f"{wire_text(wire)}</message>")
+            return stanza_id
+        xml = ET.Element(f"{{{client.default_ns}}}message", {"to": to, "type": "normal", "id": stanza_id})
+        xml.append(wire)
         self._out.append(tostring(xml, xmlns=client.default_ns, stream=client, top_level=True))
         return stanza_id
 
@@ -151,7 +159,7 @@ class CommandIssuer:
             _, cmd, device, wire = self._to_keep.popleft()
             fut = self.pending.get(cmd.id)
             if fut is not None and not fut.done() and not self.store.holds(cmd.id):
-                due.append(self.store.entry(cmd, device, ET.tostring(wire, encoding="unicode"), "direct"))
+                due.append(self.store.entry(cmd, device, wire_text(wire), "direct"))
         self.store.add_many(due)
         if self._to_keep:  # the next group: those due within KEEP_GROUP_S more (a fan-out sends continuously)
             self._keep_timer = asyncio.get_running_loop().call_at(max(self._to_keep[0][0], now + KEEP_GROUP_S),
@@ -271,6 +279,14 @@ class CommandIssuer:
         fut.set_result(Outcome(command_id=cmd_id or "", device=msg["from"].bare, status=OutcomeStatus.UNDELIVERABLE,
                                detail=f"{err['condition']}: {err['text']}".rstrip(": ")))
         self.store.remove(cmd_id or "")
+
+
+def wire_text(wire: ET.Element) -> str:
+    """A command's wire element as text (kept by operator/pending.py, written by _post): a signed
+    one, base64 text only, without the serialiser (a fan-out keeps thousands still waiting)."""
+    if wire.tag == _OPENPGP and not len(wire) and not wire.attrib:
+        return f"<openpgp xmlns='{OPENPGP_NS}'>{wire.text or ''}</openpgp>"
+    return ET.tostring(wire, encoding="unicode")
 
 
 def first_outcome(outcome: Outcome) -> Outcome:

@@ -510,7 +510,7 @@ class GridOperator:
         wait_s = max(0.0, (cmd.expires - utcnow()).total_seconds()) + FINAL_MARGIN_S
         given_up = False
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), wait_s)
+            return self.with_state(await asyncio.wait_for(asyncio.shield(fut), wait_s))
         except asyncio.TimeoutError:
             return Outcome(command_id=cmd.id, device=queued.device, status=OutcomeStatus.EXPIRED,
                            detail="the relay reported no outcome before the command expired")
@@ -525,7 +525,19 @@ class GridOperator:
 
     async def send_command(self, cmd: Command, to: str) -> Outcome:
         """Sign and send ``cmd`` to a device's full JID (its serial bound in); its one outcome."""
-        return await self.issuer.send(self._bind_serial(cmd, to), to)
+        return self.with_state(await self.issuer.send(self._bind_serial(cmd, to), to))
+
+    def with_state(self, outcome: Outcome) -> Outcome:
+        """An outcome that names the device's presence by its seq instead of carrying the report
+        (``report-seq``, PROTOCOL.md): with the report of the device's presence as seen here, if
+        that is at least as new; else as it came (no report)."""
+        if outcome.report is not None or outcome.report_seq is None:
+            return outcome
+        view = self.tracker.find(JID(outcome.device).bare)
+        report = view.report if view is not None else None
+        if report is None or report.seq < outcome.report_seq:
+            return outcome
+        return outcome.model_copy(update={"report": report})
 
     def _bind_serial(self, cmd: Command, to: str) -> Command:
         if cmd.serial is not None:

@@ -275,6 +275,9 @@ class Outcome(_Model):
     reason: RejectReason | None = None
     detail: str = Field(default="", max_length=500)
     report: PresenceReport | None = None  # the device's state after the command
+    # Instead of ``report`` on the wire: the ``seq`` of the presence that carries the state after
+    # the command, which the device broadcast just before the outcome (the issuer has it).
+    report_seq: int | None = Field(default=None, ge=0)
     # With reason "replayed": the outcome the device gave when it first had this command, so
     # the issuer of a legitimate redelivery (XEP-0198 resend, relay after a crash) learns it.
     first: Outcome | None = None

@@ -94,8 +94,9 @@ def check_envelope(content: SignContent, to: str, now: dt.datetime, skew_s: floa
         raise SignatureFailure(RejectReason.STALE, f"signed {-ahead:.0f} s ago, more than {max_age_s:g} s")
 
 
-def sign_payload(payload: ET.Element, to_jid: str, key: pgpy.PGPKey, now: dt.datetime | None = None) -> ET.Element:
-    """``payload`` for ``to_jid`` (bare JID), signed with the secret ``key``: an ``<openpgp/>``."""
+def sign_payload(payload: ET.Element | str, to_jid: str, key: pgpy.PGPKey, now: dt.datetime | None = None) -> ET.Element:
+    """``payload`` for ``to_jid`` (bare JID), signed with the secret ``key``: an ``<openpgp/>``.
+    ``payload`` may come serialised (one element, its namespace declared: codec's ``*_to_text``)."""
     when = now or utcnow()
     data = sign_to_bytes(to_jid, when, payload)
     blob = fastsig.sign(data, key, when)
