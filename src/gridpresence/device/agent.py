@@ -14,7 +14,7 @@ import asyncio
 import datetime as dt
 import logging
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from xml.etree import ElementTree as ET
 
@@ -178,10 +178,11 @@ class DeviceAgent(PartySession):
         )
         self.client.register_handler(Callback("openpgp", StanzaPath("message/openpgp"),
                                               self._on_openpgp))  # type: ignore[arg-type]
-        if self.children:
-            self.client.add_event_handler("presence", self._on_child_presence)
         self.client.add_event_handler("session_start", self._on_session_start)
         self.telemetry_audience = self._telemetry_audience()
+        if self.children:  # (registered before the desks': their handlers run after it, either way)
+            self.client.add_event_handler("presence", self._on_child_presence)
+            self.take_presence_of(self.children, self._child_intake, self._on_child_presence)
         # Left out of a change of state that is not one of availability (HostedClient only: a c2s
         # account's broadcast is the server's). Never an operator, nor a service acting for them.
         self.health_only = (frozenset(JID(j).bare for j in self.setup.health_only) | self.relays) - self.operators
@@ -398,13 +399,31 @@ class DeviceAgent(PartySession):
             out["to"] = sender.full
             out.send()
 
+    def take_presence_of(self, jids: Iterable[str], intake: Callable[[str, ET.Element], None],
+                         slow_way: Callable[[Presence], None]) -> None:
+        """``intake(bare, xml)`` takes the available and unavailable presence of ``jids`` (the
+        devices below: a parent's children, a master's tree) straight from the XML where the
+        session can (a hosted identity: HostedClient.take_contacts), and ``slow_way`` (an event
+        handler of "presence" that hands the same to ``intake``) whenever slixmpp's path runs. Never
+        the presence of a JID another handler reads (operators, the parent, the telemetry audience):
+        those handlers are declared as needing none taken."""
+        take = getattr(self.client, "take_contacts", None)
+        if take is None:
+            return
+        others = self.operators | self.telemetry_audience | ({self.setup.parent} if self.setup.parent else set())
+        take([j for j in jids if j not in others], intake, slow_way, self._on_audience_presence)
+
     def _on_child_presence(self, pres: Presence) -> None:
-        sender = pres["from"].bare
+        self._child_intake(pres["from"].bare, pres.xml)
+
+    def _child_intake(self, sender: str, xml: ET.Element) -> None:
+        """A child's presence (either way: :meth:`take_presence_of`): its load in the branch sum,
+        its faults in the folding, and this device's presence if that moved."""
         if sender not in self.children:
             return
         kw, child = 0.0, None
-        device = pres.xml.find(q("device"))
-        if pres.xml.get("type") != "unavailable" and device is not None:  # the attribute: pres["type"] costs more
+        device = xml.find(q("device"))
+        if xml.get("type") != "unavailable" and device is not None:  # the attribute: pres["type"] costs more
             try:
                 child = report_from_xml(device)
             except PayloadError as exc:

@@ -28,6 +28,7 @@ from gridpresence.rules.live import report_sample
 from gridpresence.rules.model import default_rules
 from gridpresence.rules.thresholds import Adjuster, Change, Proposal, ThresholdBook
 from gridpresence.device.folding import BranchFold
+from gridpresence.xmpp.dispatch import declare_presence
 from gridpresence.device.host import DeviceHost
 from gridpresence.device.price_feed import PriceFeed
 from gridpresence.words import TITLES, describe
@@ -124,6 +125,7 @@ class AlarmDesk:
         # when the operator logs in (the server's offline storage would replay every copy).
         self._owed: dict[str, dict[str, Alarm]] = {}
         agent.client.add_event_handler("presence_available", self._on_operator_presence)
+        declare_presence(agent.client, self._on_operator_presence)  # operators' only: never taken
 
     # -- presence of the operators ------------------------------------------------------
 

@@ -52,6 +52,7 @@ class BranchAdvisor:
         self._totals_xml: ET.Element | None = None
         self.near: set[str] = set()  # branches already advised about, until they fall back
         agent.client.add_event_handler("presence", self._on_presence)
+        agent.take_presence_of(self.specs, self._intake, self._on_presence)
         agent.client.add_filter("out", self._add_totals)
 
     def close(self) -> None:
@@ -60,11 +61,14 @@ class BranchAdvisor:
     # -- presence in and out --------------------------------------------------------------
 
     def _on_presence(self, pres: Presence) -> None:
-        sender = pres["from"].bare
+        self._intake(pres["from"].bare, pres.xml)
+
+    def _intake(self, sender: str, xml: ET.Element) -> None:
+        """A presence from the tree (either way: DeviceHost.take_presence_of)."""
         if sender not in self.specs:
             return
-        device = pres.xml.find(q("device"))
-        if pres.xml.get("type") == "unavailable" or device is None:
+        device = xml.find(q("device"))
+        if xml.get("type") == "unavailable" or device is None:
             self.reports.pop(sender, None)
         else:
             try:

@@ -20,6 +20,7 @@ import logging
 from slixmpp import JID, Presence
 
 from gridpresence.protocol.codec import PayloadError, q, report_from_xml
+from gridpresence.xmpp.dispatch import declare_presence
 from gridpresence.protocol.models import MAX_FAULTS, FaultRef, PresenceReport
 from gridpresence.device.host import DeviceHost
 
@@ -40,6 +41,7 @@ class BranchFold:
         self.on_release: list[Callable[[], None]] = []
         if self.parent is not None:
             agent.client.add_event_handler("presence", self._on_parent_presence)
+            declare_presence(agent.client, self._on_parent_presence)  # the parent's only: never taken
 
     # -- the parent above ----------------------------------------------------------------
 

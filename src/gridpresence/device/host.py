@@ -10,9 +10,13 @@ class and the device imports desks only through the table in ``device.desks``.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
+from xml.etree import ElementTree as ET
+
+from slixmpp import Presence
 
 from gridpresence.config import DeviceSpec, Fleet
 from gridpresence.physics import SimDevice
@@ -90,6 +94,11 @@ class DeviceHost(Protocol):
         (awaited: a real IED behind a gateway answers when its read-back confirms)."""
 
     def publish(self, force: bool = True) -> PresenceReport | None: ...
+
+    def take_presence_of(self, jids: Iterable[str], intake: Callable[[str, ET.Element], None],
+                         slow_way: Callable[[Presence], None]) -> None:
+        """``intake(bare, xml)`` for the presence of devices below, straight from the XML where the
+        session can; ``slow_way`` (a "presence" handler calling ``intake``) otherwise."""
 
     def current_report(self) -> PresenceReport | None: ...
 

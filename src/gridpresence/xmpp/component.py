@@ -702,6 +702,15 @@ class HostedClient(ComponentXMPP):
         self.wants_session = False
         self._session_down("aborted")
 
+    @property
+    def shape_dispatch(self) -> ShapeDispatch:
+        """This identity's dispatch (xmpp/dispatch.py), made when first needed, not in __init__:
+        only identities that receive, or take presence, need one."""
+        dispatch = self.__dict__.get("_dispatch")
+        if dispatch is None:
+            dispatch = self._dispatch = ShapeDispatch(self)
+        return dispatch
+
     def deliver(self, xml: ET.Element) -> None:
         """A stanza for this identity (from the link, or from another identity)."""
         if self.transport is None:
@@ -710,10 +719,7 @@ class HostedClient(ComponentXMPP):
             if xml.tag == _PRESENCE and xml.get("type") == "probe":
                 self._answer_probe(xml.get("from") or "")  # the server's job: no stanza object, no handlers
                 return
-            dispatch = self.__dict__.get("_dispatch")
-            if dispatch is None:  # made here, not in __init__: only identities that receive need one
-                dispatch = self._dispatch = ShapeDispatch(self)
-            dispatch.spawn(xml)  # slixmpp's _spawn_event, with handler matching kept per shape
+            self.shape_dispatch.spawn(xml)  # slixmpp's _spawn_event, with handler matching kept per shape
         except Exception:  # one bad stanza must not reach the link's reader
             log.exception("%s: stanza dropped", self.boundjid.bare)
 
@@ -867,6 +873,69 @@ class HostedClient(ComponentXMPP):
         item = self.client_roster[sender]  # slixmpp makes an item for any sender: a contact is subscribed
         if item["from"] and item["to"] and not item.resources:
             self._offline.add(sender)
+
+    # -- contacts' presence taken from the XML (a parent's children) -------------------------
+
+    def take_contacts(self, jids: Iterable[str], intake: Callable[[str, ET.Element], None], *handlers: Any) -> None:
+        """``intake(bare, xml)`` gets each available or unavailable presence of ``jids`` (bare)
+        straight from the XML, before slixmpp builds a stanza object (xmpp/dispatch.py's presence
+        takers): a parent re-summing its children, thousands of presences a minute in one process.
+        While anything else could want the presence, slixmpp's way runs instead, and with it the
+        party's slow-way handler, which must come to the same ``intake``. ``handlers``: the
+        presence-event handlers that need no presence of ``jids`` (its slow-way handler, those
+        reading other contacts only). The intakes of a JID run in the order taken, as the event
+        handlers do; around them, what slixmpp's roster and this client do with a contact's
+        presence (:meth:`_contact_presence`)."""
+        intakes: dict[str, list[Callable[[str, ET.Element], None]]] | None = self.__dict__.get("_intakes")
+        if intakes is None:
+            intakes = self._intakes = {}
+            self.shape_dispatch.take_presence(self._take_contact, self._contact_online, self._contact_offline)
+        for jid in jids:
+            intakes.setdefault(jid, []).append(intake)
+        self.shape_dispatch.declare(*handlers)
+
+    def _take_contact(self, xml: ET.Element) -> bool:
+        sender = xml.get("from") or ""
+        bare, _, resource = sender.partition("/")
+        intakes = self._intakes.get(bare)
+        ptype = xml.get("type")
+        if intakes is None or ptype not in (None, "unavailable"):
+            return False
+        if resource:  # (a hosted child's presence is from its bare JID; a c2s one's has a resource)
+            try:
+                JID(sender)
+            except InvalidJID:
+                return False  # slixmpp's way: it logs and drops it
+        if ptype is None:
+            self._offline.discard(bare)  # _contact_online: before the intakes, as its handler is
+        for intake in intakes:
+            try:
+                intake(bare, xml)
+            except Exception:  # as slixmpp's events: one failing handler does not stop the others
+                log.exception("%s: presence of %s: handler failed", self.boundjid.bare, bare)
+        self._contact_presence(bare, resource, xml)
+        return True
+
+    def _contact_presence(self, bare: str, resource: str, xml: ET.Element) -> None:
+        """What slixmpp's roster (RosterItem.handle_available / handle_unavailable) and
+        :meth:`_contact_offline` keep of a contact's presence, for one a taker took: its
+        resources (show, status, priority) and whether it is known offline. Not its events
+        (got_online, changed_status...): a taker takes only while none has a handler of ours."""
+        item = self.client_roster[bare]
+        resources = item.resources
+        if xml.get("type") is None:
+            ns = xml.tag[1:].partition("}")[0]
+            try:
+                priority = int(xml.findtext(f"{{{ns}}}priority") or 0)
+            except ValueError:
+                priority = 0  # as slixmpp reads one that is not a number
+            resources.setdefault(resource, {}).update(
+                {"status": xml.findtext(f"{{{ns}}}status") or "", "show": xml.findtext(f"{{{ns}}}show") or "",
+                 "priority": priority})
+            return
+        resources.pop(resource, None)
+        if item["from"] and item["to"] and not resources:
+            self._offline.add(bare)
 
     def _handle_probe(self, pres: Any) -> None:
         self._answer_probe(pres.xml.get("from") or "")

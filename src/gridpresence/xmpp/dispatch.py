@@ -18,9 +18,10 @@ presence straight from the XML, before slixmpp builds a stanza object and runs i
 bookkeeping and its events for it (most of a presence's cost). Only while nothing else could
 want it: every handler matched for the stanza's shape is slixmpp's own ``Presence`` callback and
 every handler of the presence events is slixmpp's or was declared by the taker (its own, or one
-that reads other contacts only). Otherwise slixmpp's way, as before. What a taken presence skips
-is slixmpp's record of the contact's resources (``client_roster[jid].resources``), which no
-taker's contacts are read from.
+that reads other contacts only; :func:`declare_presence`). Otherwise slixmpp's way, as before.
+What a taken presence skips is slixmpp's record of the contact's resources
+(``client_roster[jid].resources``), which no tracker's contacts are read from; a hosted identity's
+takers (a parent's children: HostedClient.take_contacts) keep that record themselves.
 
 Streams whose handler lists are alike (the same kinds of handler with the same matchers in the
 same order: every hosted identity of a kind, thousands in one process) match a shape alike, so
@@ -102,6 +103,14 @@ def install(stream: XMLStream) -> ShapeDispatch:
     stream._spawn_event = dispatch.spawn  # type: ignore[method-assign]  # (data_received calls it)
     stream.shape_dispatch = dispatch  # type: ignore[attr-defined]  # (presence takers find it here)
     return dispatch
+
+
+def declare_presence(stream: Any, *handlers: Any) -> None:
+    """Presence-event handlers of ``stream`` that read only contacts a presence taker never takes
+    (an operator's, the parent's presence): they leave a taker free to take the rest."""
+    dispatch = getattr(stream, "shape_dispatch", None)
+    if dispatch is not None:
+        dispatch.declare(*handlers)
 
 
 class ShapeDispatch:
