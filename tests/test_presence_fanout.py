@@ -207,7 +207,7 @@ async def test_a_change_goes_without_a_presence_id_and_is_still_seen(grid: Grid)
     async with GridOperator.from_connection(grid.connection, operator="alice", resource="noid") as alice:
         await alice.wait_for(lambda d: all(v.present and v.state is not None for v in d.values()), 15)
         with Written(link_of(grid)) as seen:
-            state = toggle(agent(grid, LOADS[1]))
+            state = toggle(agent_of(grid, LOADS[1]))
             await alice.wait_for(lambda d, s=state: d[LOADS[1]].state is s, 5)
         sent = [el for el in stanzas_in(seen.writes) if el.tag == f"{{{NS}}}presence"]
         assert sent and all(el.get("id") is None for el in sent), [ET.tostring(el) for el in sent]
