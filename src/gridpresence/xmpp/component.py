@@ -586,6 +586,7 @@ class HostedClient(ComponentXMPP):
         # (_TO_MARK), and its element (None until needed when the presence was written as text).
         self._last_text = ""
         self._last_broadcast: ET.Element | None = None
+        self._me_text = ("", "")  # our broadcast presence's `from`, and it escaped
         self._offline: set[str] = set()  # contacts known to be offline this session (_contact_presence)
         self.roster.set_backend(link.store)  # type: ignore[arg-type]
         self.client_roster = self.roster[self.boundjid]
@@ -781,9 +782,11 @@ class HostedClient(ComponentXMPP):
         stamps = presence_texts(self, self._route)
         if stamps is None:
             return False
-        me = xml_escape(f"{self.boundjid.bare}/{self.link.session_resource}")
-        parts = [f'<presence from="{me}" to="{_TO_MARK}" type="{ptype}">' if ptype else
-                 f'<presence from="{me}" to="{_TO_MARK}">']
+        me = f"{self.boundjid.bare}/{self.link.session_resource}"
+        if self._me_text[0] != me:  # once per session: the same for every presence
+            self._me_text = (me, xml_escape(me))
+        parts = [f'<presence from="{self._me_text[1]}" to="{_TO_MARK}" type="{ptype}">' if ptype else
+                 f'<presence from="{self._me_text[1]}" to="{_TO_MARK}">']
         if show:
             parts.append(f"<show>{show}</show>")
         if status:
@@ -893,8 +896,11 @@ class HostedClient(ComponentXMPP):
             self.send_raw(tostring(xml, xmlns=NS, stream=self, top_level=True))
 
     def subscribers(self) -> list[str]:
-        """Contacts that see this identity's presence (subscription from or both)."""
-        return [jid for jid in self.client_roster if self.client_roster[jid]["from"]]
+        """Contacts that see this identity's presence (subscription from or both). Read from
+        the roster node's items as they are: its ``[jid]`` makes a JID of each key, once per
+        contact per broadcast."""
+        items: dict[str, Any] = self.client_roster._jids  # bare JID -> RosterItem
+        return [jid for jid, item in items.items() if item._state["from"]]
 
     def _contact_online(self, pres: Any) -> None:
         """Who of the contacts is offline, from their own presence (a contact subscribed both
