@@ -26,7 +26,8 @@ from gridpresence.device.chat import ACTION_WORDS, unsigned_refusal
 from gridpresence.words import REASONS, describe_outcome, describe_report
 from gridpresence.protocol.models import Action, Command, PresenceReport, utcnow
 from gridpresence.device.host import DeviceHost
-from gridpresence.xmpp.outgoing import presence_only
+from gridpresence.xmpp.outgoing import presence_stamp
+from gridpresence.xmpp.slixfix.escape import escape as xml_escape
 
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,7 @@ class AdhocDesk(AdhocCommands):
         self._caps: ET.Element | None = None
         self._caps_jid: str | None = None  # the session (full JID) self._caps was computed for
         self._caps_of: tuple[object, tuple[ET.Element, ...]] | None = None  # the info hashed, and its children
+        self._caps_text_of: tuple[ET.Element, str] | None = None  # self._caps, and its text
         agent.client.add_filter("out", self._stamp_caps)
 
     def _add_commands(self, event: object) -> None:
@@ -260,12 +262,27 @@ class AdhocDesk(AdhocCommands):
             log.exception("%s: could not compute entity caps", self.agent.spec.name)
             return None
 
-    @presence_only
+    def _session_caps(self) -> ET.Element | None:
+        if self._caps_jid != self.agent.client.boundjid.full:  # a session's first presence
+            self._update_caps()
+        return self._caps
+
+    @presence_stamp("_caps_text")
     def _stamp_caps(self, stanza: StanzaBase) -> StanzaBase:
         if not isinstance(stanza, Presence) or stanza["type"] not in _AVAILABLE:  # caps go on available presence only
             return stanza
-        if self._caps_jid != self.agent.client.boundjid.full:  # a session's first presence
-            self._update_caps()
-        if self._caps is not None:
-            stanza.xml.append(self._caps)  # one shared element: it is only ever serialised
+        caps = self._session_caps()
+        if caps is not None:
+            stanza.xml.append(caps)  # one shared element: it is only ever serialised
         return stanza
+
+    def _caps_text(self, ptype: str | None, _payload: str | None) -> str:
+        """_stamp_caps's element as text, for a presence written without a stanza object (no
+        type attribute: available; a show value is a child, not the type)."""
+        caps = self._session_caps() if ptype is None else None
+        if caps is None:
+            return ""
+        if self._caps_text_of is None or self._caps_text_of[0] is not caps:
+            attrs = "".join(f' {k}="{xml_escape(v)}"' for k, v in caps.attrib.items())
+            self._caps_text_of = (caps, f'<c xmlns="{CAPS_NS}"{attrs} />')
+        return self._caps_text_of[1]

@@ -49,6 +49,7 @@ from gridpresence.protocol.codec import (
     record_to_text,
     record_to_xml,
     report_from_xml,
+    report_to_text,
     report_to_xml,
 )
 from gridpresence.protocol import openpgp  # noqa: F401  (registers <openpgp/> with slixmpp)
@@ -74,6 +75,7 @@ from gridpresence.security.replay import ReplayGuard, ReplayStore
 from gridpresence.security.signed import SignatureFailure, key_of
 
 log = logging.getLogger(__name__)
+_DEVICE = q("device")  # the payload of every presence a device sends
 
 # Publish between refreshes only when a reading moves this much (percentage points of load):
 # every drift would flood the operators with presence.
@@ -344,25 +346,38 @@ class DeviceAgent(PartySession):
         broadcast = force or not self.directed_readings or self._health_changed(report)
         if not broadcast and not self._telemetry_changed(report):
             return report
-        if report.state is DeviceState.GONE:  # a field IED that stopped answering: unavailable, with why
-            pres = self.client.make_presence(ptype="unavailable", pstatus=f"gone: {self.sim.status_note or 'gone'}")
-        else:
-            pres = self.client.make_presence(pshow=report.show(), pstatus=report.status_text())
-        pres.append(report_to_xml(report))
+        gone = report.state is DeviceState.GONE  # a field IED that stopped answering: unavailable, with why
+        ptype, show = ("unavailable", None) if gone else (None, report.show())
+        status = f"gone: {self.sim.status_note or 'gone'}" if gone else report.status_text()
         self._published = report
-        if broadcast:
-            old = self._broadcast
-            if (not force and old is not None and isinstance(self.client, HostedClient)
-                    and (old.state is DeviceState.GONE) == (report.state is DeviceState.GONE)):
-                self.client.broadcast_change(pres, self.health_only)  # still there: not news to the watchdog
-            else:
-                pres.send()
-                # The refresh is counted from the last broadcast to all: the watchdog sees only those.
-                self._published_at = asyncio.get_running_loop().time()
-            self._broadcast = report
-        else:
-            self._send_directed(pres)
+        if not broadcast:
+            self._send_directed(self._presence(report, ptype, show, status))
+            return report
+        old = self._broadcast
+        # A change of what it says, still there (not a refresh): not news to the watchdog.
+        change = not force and old is not None and (old.state is DeviceState.GONE) == gone
+        client = self.client
+        if isinstance(client, HostedClient):
+            leave_out = self.health_only if change else frozenset()
+            if not client.broadcast_presence(_DEVICE, report_to_text(report), show=show, status=status,
+                                             ptype=ptype, leave_out=leave_out):
+                client.broadcast_change(self._presence(report, ptype, show, status), leave_out)
+        else:  # the server's fan-out: to every subscriber
+            change = False
+            self._presence(report, ptype, show, status).send()
+        if not change:  # the refresh is counted from the last broadcast to all: the watchdog sees only those
+            self._published_at = asyncio.get_running_loop().time()
+        self._broadcast = report
         return report
+
+    def _presence(self, report: PresenceReport, ptype: str | None, show: str | None, status: str) -> Presence:
+        """The stanza of ``report`` (HostedClient.broadcast_presence writes the same as text)."""
+        if ptype is not None:
+            pres = self.client.make_presence(ptype=ptype, pstatus=status)  # type: ignore[arg-type]
+        else:
+            pres = self.client.make_presence(pshow=show, pstatus=status)  # type: ignore[arg-type]
+        pres.append(report_to_xml(report))
+        return pres
 
     def _send_directed(self, pres: Presence) -> None:
         """One copy to each member of the telemetry audience that is online (the server fans a

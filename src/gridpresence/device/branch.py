@@ -8,13 +8,13 @@ import logging
 from xml.etree import ElementTree as ET
 
 from slixmpp import Presence
-from slixmpp.xmlstream import StanzaBase
+from slixmpp.xmlstream import StanzaBase, tostring
 
 from gridpresence.physics.base import branch_contribution
 from gridpresence.config import DeviceSpec, Fleet
 from gridpresence.protocol.alarm import AlarmKind
 from gridpresence.protocol.branch import BranchTotal, branches_to_xml
-from gridpresence.xmpp.outgoing import presence_only
+from gridpresence.xmpp.outgoing import presence_stamp
 from gridpresence.protocol.codec import PayloadError, q, report_from_xml
 from gridpresence.protocol.models import DeviceKind, DeviceState, PresenceReport, Telemetry
 from gridpresence.device.host import DeviceHost
@@ -22,6 +22,7 @@ from gridpresence.device.alarms import AlarmDesk
 
 
 log = logging.getLogger(__name__)
+_DEVICE = q("device")
 
 
 def tree_members(fleet: Fleet, master: str) -> tuple[DeviceSpec, ...]:
@@ -50,6 +51,7 @@ class BranchAdvisor:
         # <branches/> as last made: every presence out carries it (a re-sum's go to several
         # recipients), and it changes only when a child's report does. Replaced, never changed.
         self._totals_xml: ET.Element | None = None
+        self._totals_text_of: tuple[ET.Element, str] | None = None  # self._totals_xml, and its text
         self.near: set[str] = set()  # branches already advised about, until they fall back
         agent.client.add_event_handler("presence", self._on_presence)
         agent.take_presence_of(self.specs, self._intake, self._on_presence)
@@ -93,14 +95,26 @@ class BranchAdvisor:
                                        load_pct=t.load_pct, capacity_kw=t.capacity_kw))
         return out
 
-    @presence_only
+    def _totals(self) -> ET.Element:
+        if self._totals_xml is None:
+            self._totals_xml = branches_to_xml(self.totals())
+        return self._totals_xml
+
+    @presence_stamp("_totals_text")
     def _add_totals(self, stanza: StanzaBase) -> StanzaBase:
         if (isinstance(stanza, Presence) and stanza.xml.get("type") != "unavailable"
                 and stanza.xml.find(q("device")) is not None):
-            if self._totals_xml is None:
-                self._totals_xml = branches_to_xml(self.totals())
-            stanza.xml.append(self._totals_xml)  # shared: only ever serialised (a local recipient gets a copy)
+            stanza.xml.append(self._totals())  # shared: only ever serialised (a local recipient gets a copy)
         return stanza
+
+    def _totals_text(self, ptype: str | None, payload: str | None) -> str:
+        """_add_totals's element as text, for a presence written without a stanza object."""
+        if ptype == "unavailable" or payload != _DEVICE:
+            return ""
+        totals = self._totals()
+        if self._totals_text_of is None or self._totals_text_of[0] is not totals:
+            self._totals_text_of = (totals, tostring(totals))
+        return self._totals_text_of[1]
 
     # -- advice ---------------------------------------------------------------------------
 

@@ -126,6 +126,21 @@ def report_to_xml(report: PresenceReport, tag: str = "device") -> ET.Element:
     return el
 
 
+def report_to_text(report: PresenceReport, tag: str = "device") -> str:
+    """report_to_xml's element serialised (its namespace declared on it), written from the
+    model without an element or a serialiser: the payload of every presence a device host
+    broadcasts (xmpp/component.py HostedClient.broadcast_presence)."""
+    parts = [f"<telemetry{_attr_text(_attrs(report.telemetry))} />"]
+    res = report.restriction
+    if res is not None:
+        note = escape(res.note) if res.note else ""
+        parts.append(f"<restriction{_attr_text(_attrs(res, skip=('note',)))}>{note}</restriction>")
+    if report.faults:
+        faults = "".join(f"<fault{_attr_text(_attrs(ref))} />" for ref in report.faults)
+        parts.append(f"<faults>{faults}</faults>")
+    return f'<{tag} xmlns="{NS}"{_attr_text(_attrs(report))}>{"".join(parts)}</{tag}>'
+
+
 def report_from_xml(el: ET.Element | None, tag: str = "device") -> PresenceReport:
     el = _expect(el, tag)
     data = _fields(PresenceReport, el.attrib)
@@ -158,6 +173,13 @@ def _quoted(value: str) -> str:
     by ``str.replace`` in C: saxutils' quoteattr costs more than the rest of a command's text."""
     return ('"' + value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
             .replace("\n", "&#10;").replace("\r", "&#13;").replace("\t", "&#09;") + '"')
+
+
+def _attr_text(attrs: Mapping[str, str]) -> str:
+    """Attributes as _quoted writes them, all values escaped in one pass (NUL, which XML
+    forbids in any value, between them): a presence has a dozen, each a replace chain."""
+    values = _quoted("\x00".join(attrs.values()))[1:-1].split("\x00")
+    return "".join([f' {name}="{value}"' for name, value in zip(attrs, values)])
 
 
 def command_to_text(cmd: Command) -> str:

@@ -50,7 +50,7 @@ from slixmpp.plugins.base import PLUGIN_REGISTRY, load_plugin
 
 from gridpresence.xmpp import slixfix  # noqa: F401  (our slixmpp patches)
 from gridpresence.xmpp.dispatch import ShapeDispatch
-from gridpresence.xmpp.outgoing import filters_sync, may_skip_queue, messages_need_no_filter, run_filters
+from gridpresence.xmpp.outgoing import filters_sync, may_skip_queue, messages_need_no_filter, presence_texts, run_filters
 from gridpresence.protocol import stanzas
 from gridpresence.xmpp.reconnect import reconnector_of
 from gridpresence.xmpp.shared_probes import SharedProbes
@@ -582,8 +582,11 @@ class HostedClient(ComponentXMPP):
         self.last_error: str | None = None
         self.wants_session = False
         self.whitespace_keepalive = False  # the link keeps the connection alive
+        # The last broadcast presence (the answer to later probes): its serialization, `to` marked
+        # (_TO_MARK), and its element (None until needed when the presence was written as text).
+        self._last_text = ""
         self._last_broadcast: ET.Element | None = None
-        self._last_text = ""  # its serialization, `to` marked (_TO_MARK)
+        self._me_text = ("", "")  # our broadcast presence's `from`, and it escaped
         self._offline: set[str] = set()  # contacts known to be offline this session (_contact_presence)
         self.roster.set_backend(link.store)  # type: ignore[arg-type]
         self.client_roster = self.roster[self.boundjid]
@@ -768,6 +771,38 @@ class HostedClient(ComponentXMPP):
         its turn in the send queue, it goes to every subscriber, as any broadcast."""
         self.send(pres, leave_out=leave_out)
 
+    def broadcast_presence(self, payload_tag: str, payload_text: str, *, show: str | None = None,
+                           status: str | None = None, ptype: str | None = None,
+                           leave_out: frozenset[str] = frozenset()) -> bool:
+        """A broadcast presence of ``show``, ``status`` and one payload (``payload_text``, its
+        namespace declared; ``payload_tag``, its qualified tag), ``ptype`` None (available) or
+        "unavailable": the same presence (as parsed XML) as send's fast path writes for the
+        stanza ``make_presence(...)`` with the payload appended (tests/test_presence_text.py), and
+        to the same contacts (``leave_out``: broadcast_change's), but written as text: no stanza
+        object, no run of the outgoing filters (each one's text half writes what it would
+        append: xmpp/outgoing.py presence_texts) and no serialiser, a quarter of a command's cost
+        on the host. False, having sent nothing, when that cannot be: a filter without a text
+        half is installed, or something waits in the send queue (the caller sends the stanza)."""
+        if not may_skip_queue(self):
+            return False
+        stamps = presence_texts(self, self._route)
+        if stamps is None:
+            return False
+        me = f"{self.boundjid.bare}/{self.link.session_resource}"
+        if self._me_text[0] != me:  # once per session: the same for every presence
+            self._me_text = (me, xml_escape(me))
+        parts = [f'<presence from="{self._me_text[1]}" to="{_TO_MARK}" type="{ptype}">' if ptype else
+                 f'<presence from="{self._me_text[1]}" to="{_TO_MARK}">']
+        if show:
+            parts.append(f"<show>{show}</show>")
+        if status:
+            parts.append(f"<status>{xml_escape(status)}</status>")
+        parts.append(payload_text)
+        parts.extend(stamp(ptype, payload_tag) for stamp in stamps)
+        parts.append("</presence>")
+        self._broadcast_text("".join(parts), None, leave_out)
+        return True
+
     def send_each(self, stanza: StanzaBase, tos: Iterable[str]) -> None:
         """``stanza`` (with no ``to``) to each of ``tos``, as sending a copy to each would: the
         outgoing filters run once and the text is made once, as for a broadcast (a branch
@@ -827,20 +862,32 @@ class HostedClient(ComponentXMPP):
         (as a server sends a c2s account's presence to its contacts' sessions only). Serialized once: each copy is
         the same text but for its ``to``. Kept as the answer to later probes: the element is
         the sent stanza's own (slixmpp builds a new one per send; nothing changes it after)."""
-        self._last_broadcast = xml
         xml.set("to", _TO_MARK)
         text = tostring(xml, xmlns=NS, stream=self, top_level=True)
         del xml.attrib["to"]
-        self._last_text = text
+        self._broadcast_text(text, xml, leave_out)
+
+    def _broadcast_text(self, text: str, xml: ET.Element | None, leave_out: frozenset[str]) -> None:
+        """_broadcast's fan-out of ``text`` (``to`` marked); ``xml``: its element, if made."""
+        self._last_text, self._last_broadcast = text, xml
         skip = self._offline | leave_out if leave_out else self._offline
         for contact in self.subscribers():
             if contact not in skip:
                 self._send_text(contact, xml, text)
 
-    def _send_text(self, to: str, xml: ET.Element, text: str) -> None:
-        """``xml`` to ``to`` (a bare or full JID), ``text`` its serialization with ``to`` marked."""
+    def _last_element(self) -> ET.Element:
+        """The last broadcast's element (no ``to``), parsed from its text if it was written so."""
+        if self._last_broadcast is None:
+            wrapped = ET.fromstring(f"<w xmlns='{NS}'>{self._last_text.replace(_TO_MARK, '', 1)}</w>")
+            self._last_broadcast = wrapped[0]
+            del self._last_broadcast.attrib["to"]
+        return self._last_broadcast
+
+    def _send_text(self, to: str, xml: ET.Element | None, text: str) -> None:
+        """``xml`` to ``to`` (a bare or full JID), ``text`` its serialization with ``to`` marked
+        (``xml`` None: the last broadcast, written as text)."""
         if to.partition("/")[0].rpartition("@")[2] == self.link.domain:
-            piece = copy.copy(xml)  # another identity on this link (deliver_local copies it deep)
+            piece = copy.copy(xml if xml is not None else self._last_element())  # deliver_local copies it deep
             piece.set("to", to)
             if self.link.deliver_local(piece):
                 return
@@ -855,8 +902,11 @@ class HostedClient(ComponentXMPP):
             self.send_raw(tostring(xml, xmlns=NS, stream=self, top_level=True))
 
     def subscribers(self) -> list[str]:
-        """Contacts that see this identity's presence (subscription from or both)."""
-        return [jid for jid in self.client_roster if self.client_roster[jid]["from"]]
+        """Contacts that see this identity's presence (subscription from or both). Read from
+        the roster node's items as they are: its ``[jid]`` makes a JID of each key, once per
+        contact per broadcast."""
+        items: dict[str, Any] = self.client_roster._jids  # bare JID -> RosterItem
+        return [jid for jid, item in items.items() if item._state["from"]]
 
     def _contact_online(self, pres: Any) -> None:
         """Who of the contacts is offline, from their own presence (a contact subscribed both
@@ -954,11 +1004,10 @@ class HostedClient(ComponentXMPP):
                      bare)
             return
         self._offline.discard(bare)  # it is logging in: our next broadcasts are for it too
-        last = self._last_broadcast
-        if last is None:
+        if not self._last_text:
             self.make_presence(ptype="unavailable", pto=asker).send()
             return
-        self._send_text(asker.full, last, self._last_text)
+        self._send_text(asker.full, self._last_broadcast, self._last_text)
 
     def _probe_contacts(self, _e: object) -> None:
         """Ask for the presence of the contacts we are subscribed to, as a server does for a

@@ -29,6 +29,40 @@ def presence_only(filter_: F) -> F:
     return filter_
 
 
+# What a presence stamp's text half is given: the presence's ``type`` attribute (None: available)
+# and the qualified tag of its payload (None: none); it returns the text of what the filter would
+# append (namespaces declared on it), "" for nothing.
+PresenceText = Callable[[str | None, str | None], str]
+
+
+def presence_stamp(text_method: str) -> Callable[[F], F]:
+    """Mark an outgoing filter that only appends to presence (caps, branch totals) and whose
+    owner can also write what it appends as text: its method ``text_method`` (a
+    :data:`PresenceText`). A presence written as text (no stanza object, no filter run) is
+    allowed only when every filter has one (:func:`presence_texts`)."""
+    def mark(filter_: F) -> F:
+        filter_.presence_text = text_method  # type: ignore[attr-defined]
+        return presence_only(filter_)
+    return mark
+
+
+def presence_texts(stream: XMLStream, *also: Any) -> list[PresenceText] | None:
+    """The text halves of every outgoing filter (but ``also``: the caller's own last step and
+    filters it knows leave presence alone), in the order the send queue's task runs them; None
+    if any other filter is installed (it could change a presence: the stanza's way then)."""
+    out: list[PresenceText] = []
+    for mode in MODES:
+        for f in _filters(stream)[mode]:
+            if f in also:
+                continue
+            name = getattr(f, "presence_text", None)
+            owner = getattr(f, "__self__", None)
+            if name is None or owner is None:
+                return None
+            out.append(getattr(owner, name))
+    return out
+
+
 def _filters(stream: XMLStream) -> dict[str, list[Callable[[StanzaBase], StanzaBase | None]]]:
     return stream._XMLStream__filters  # type: ignore[attr-defined,no-any-return]
 
