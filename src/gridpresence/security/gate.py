@@ -90,7 +90,7 @@ class CommandGate:
         ``carriers``: who else may hand it over (operators carry a manufacturer's firmware offer)."""
         cmd = signed.command
         try:
-            signed.sealed.verify(key, cmd.issuer)
+            signed.sealed.check(key, cmd.issuer)
         except SignatureFailure as exc:
             raise Refusal(exc.reason, exc.detail, cmd.id) from None
         if sender != cmd.issuer and sender not in self.relays and sender not in carriers:
