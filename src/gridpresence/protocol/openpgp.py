@@ -20,6 +20,7 @@ import datetime as dt
 import re
 import secrets
 from dataclasses import dataclass
+from typing import NamedTuple
 from xml.etree import ElementTree as ET
 from xml.sax.saxutils import quoteattr
 
@@ -125,8 +126,7 @@ def signcrypt_from_bytes(data: bytes) -> Signcrypt:
 # -- signed only: <sign/> ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SignContent:
+class SignContent(NamedTuple):  # a tuple: a third of a frozen dataclass's making, per command
     """The parsed ``<sign/>`` element: recipients, signing time and the one payload element."""
 
     to: tuple[str, ...]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import NamedTuple
 from xml.etree import ElementTree as ET
 
 from pgpy.constants import CompressionAlgorithm
@@ -51,8 +52,7 @@ class Verified:
     to: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class Sealed:
+class Sealed(NamedTuple):  # a tuple: a third of a frozen dataclass's making, per command
     """An ``<openpgp/>`` element opened but not yet verified: read it, trust nothing in it.
     ``fast``: the message in the shape :mod:`fastsig` checks itself; otherwise pgpy does."""
 
