@@ -343,3 +343,97 @@ def test_a_signed_commands_wire_text_reads_back_as_its_element() -> None:
     assert open_command(back).command == cmd
     plain = command_to_xml(cmd)
     assert ET.tostring(ET.fromstring(wire_text(plain))) == ET.tostring(plain)
+
+
+def _reading(read: object, data: bytes) -> object:
+    """What a reader of signed content makes of ``data``: every part of the element, or the error."""
+    try:
+        c = read(data)  # type: ignore[operator]
+    except PayloadError as exc:
+        return ("error", str(exc))
+    p = c.payload
+    return (c.to, c.time, p.tag, list(p.attrib.items()), p.text, p.tail, len(p))
+
+
+def test_the_signed_command_template_reads_as_the_parser_does_on_seeded_variants() -> None:
+    """protocol/openpgp.py reads the one shape an issuer writes around a command without args
+    without the XML parser: seeded, on commands as written and mutated (a byte flipped, cut,
+    inserted, characters that need escaping or normalising, a repeated or reserved attribute,
+    args), the content read is the parser's to the last attribute and its order, or the parser
+    reads it (never a different element, never one the parser refuses)."""
+    import random
+    from gridpresence.protocol import openpgp
+    rng = random.Random(1616)
+    specials = ["&amp;", '"', "'", "<", ">", "\t", "\n", "é", "\x01", " ", "xmlns", "ox:", "/>", "=", "&#65;"]
+    fast = 0
+    for i in range(3000):
+        cmd = Command.new(list(Action)[i % len(Action)], rng.choice([ALICE, "o@x", "a.b-c@d.e"]), now=NOW,
+                          serial=rng.choice([SERIAL, None, "A:B.C-9"]),
+                          args={"note": "x"} if i % 11 == 0 else None)
+        data = sign_to_bytes(rng.choice([DEVICE, "d@devices.x"]), NOW, command_to_text(cmd))
+        kind = i % 6
+        if kind == 1:  # one byte flipped
+            b = bytearray(data)
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+            data = bytes(b)
+        elif kind == 2:  # something inserted where it may or may not matter
+            at = rng.randrange(len(data))
+            data = data[:at] + rng.choice(specials).encode() + data[at:]
+        elif kind == 3:  # an attribute added: new, repeated, reserved, or with an odd value
+            name = rng.choice(["id", "action", "serial", "xmlns", "xml-x", "extra", "a-b"])
+            value = rng.choice(["v", "", "a&amp;b", "t\tab", "q'q", "1 2"])
+            data = data.replace(b" />", f' {name}="{value}" />'.encode(), 1)
+        elif kind == 4:  # cut short or spaced differently
+            data = data[:rng.randrange(len(data))] if rng.random() < 0.5 else data.replace(b" />", b"/>", 1)
+        reference = _reading(openpgp.parse_sign, data)
+        assert _reading(openpgp.sign_from_bytes, data) == reference, data
+        fast += openpgp._signed_command(data) is not None
+        if openpgp._signed_command(data) is not None:
+            assert reference[0] != "error", data  # the template never takes what the parser refuses
+    assert fast >= 1000  # the fuzz did exercise the template
+
+
+def test_the_gate_judges_seeded_commands_alike_through_the_template_and_the_parser(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end through the gate, seeded: valid, tampered, wrong key, expired, wrong serial,
+    wrong recipient, future, malformed — the same command or the same refusal whether the
+    signed content is read by the template or by the parser."""
+    import random
+    from gridpresence.protocol import openpgp
+    rng = random.Random(1617)
+    bob = key_for("bob@localhost")
+
+    def verdict(el: ET.Element, now: dt.datetime) -> object:
+        try:
+            return check(Command.new(Action.READ, ALICE, now=NOW), el=el, now=now)
+        except Refusal as refusal:
+            return (refusal.reason, refusal.detail, refusal.command_id)
+
+    seen: set[object] = set()
+    for i in range(240):
+        cmd = Command.new(rng.choice([Action.SHED, Action.RESTORE, Action.READ]), ALICE, now=NOW,
+                          serial=rng.choice([SERIAL, SERIAL, "SN-2"]), ttl_s=rng.choice([30.0, 1.0]))
+        kind = i % 6
+        key = bob if kind == 1 else KEY
+        when = NOW + dt.timedelta(seconds=rng.choice([0, 0, 45, -90]))
+        data = sign_to_bytes(rng.choice([DEVICE, DEVICE, "load-2@localhost"]), when, command_to_text(cmd))
+        if kind == 2:  # tampered before signing would be valid: tamper after
+            blob = fastsig.sign(data, key, when)
+            assert blob is not None
+            b = bytearray(blob)
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+            el = openpgp_to_xml(bytes(b))
+        elif kind == 3:  # malformed content, validly signed
+            el = openpgp_to_xml(fastsig.sign(data.replace(b"action=", rng.choice([b"action=", b"x="]), 1)
+                                             .replace(b'" />', rng.choice([b'" />', b'"/>', b'" x="1" />']), 1),
+                                             key, when) or b"")
+        else:
+            el = openpgp_to_xml(fastsig.sign(data, key, when) or b"")
+        now = NOW + dt.timedelta(seconds=rng.choice([0, 5, 40]))  # 40 s: past a 30 s command's expiry window
+        through_template = verdict(el, now)
+        with monkeypatch.context() as m:
+            m.setattr(openpgp, "_signed_command", lambda data: None)
+            assert verdict(el, now) == through_template, (i, through_template)
+        seen.add(through_template[0] if isinstance(through_template, tuple) else "accepted")
+    assert seen >= {"accepted", RejectReason.BAD_SIGNATURE, RejectReason.STALE, RejectReason.WRONG_SERIAL,
+                    RejectReason.WRONG_RECIPIENT, RejectReason.INVALID_ARGUMENTS}, seen

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 from xml.etree import ElementTree as ET
 
 from gridpresence.protocol.codec import PayloadError, command_from_xml
@@ -28,8 +29,7 @@ class Refusal(Exception):
         self.command_id = command_id
 
 
-@dataclass(frozen=True)
-class SignedCommand:
+class SignedCommand(NamedTuple):  # a tuple: a third of a frozen dataclass's making, per command
     """A signed ``<command/>`` opened for checking; ``command`` is what it claims, unverified."""
 
     sealed: Sealed
@@ -90,7 +90,7 @@ class CommandGate:
         ``carriers``: who else may hand it over (operators carry a manufacturer's firmware offer)."""
         cmd = signed.command
         try:
-            signed.sealed.verify(key, cmd.issuer)
+            signed.sealed.check(key, cmd.issuer)
         except SignatureFailure as exc:
             raise Refusal(exc.reason, exc.detail, cmd.id) from None
         if sender != cmd.issuer and sender not in self.relays and sender not in carriers:

@@ -35,6 +35,7 @@ class PinStore:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
+        self._where = os.fspath(path) if path is not None else None  # os.stat of a str: a third of Path.stat
         self._pins: dict[str, str] = {}
         self._changes: dict[str, str] = {}  # JID -> fingerprint offered instead of the pinned one
         self._stamp: tuple[int, int] | None = None
@@ -96,9 +97,9 @@ class PinStore:
 
     def _refresh(self) -> None:
         """Re-read the files if another process (or the CLI) wrote them since we last did."""
-        if self.path is None:
+        if self._where is None:
             return
-        stamp = _stamp(self.path)
+        stamp = _stamp(self._where)
         if stamp == self._stamp:
             return
         self._pins = _read(self.path)
@@ -110,12 +111,16 @@ class PinStore:
             return
         _write(changes_path(self.path), self._changes)
         _write(self.path, self._pins)  # last: its stamp says both files are what we hold
-        self._stamp = _stamp(self.path)
+        self._stamp = _stamp(self._where)
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+def _stamp(path: str | None) -> tuple[int, int] | None:
+    """What changes on every write (each is an ``os.replace``: a new inode), checked before
+    every read: a re-pin made elsewhere is never missed."""
+    if path is None:
+        return None
     try:
-        st = path.stat()
+        st = os.stat(path)
     except FileNotFoundError:
         return None
     return st.st_mtime_ns, st.st_ino

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import NamedTuple
 from xml.etree import ElementTree as ET
 
 from pgpy.constants import CompressionAlgorithm
@@ -51,8 +52,7 @@ class Verified:
     to: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class Sealed:
+class Sealed(NamedTuple):  # a tuple: a third of a frozen dataclass's making, per command
     """An ``<openpgp/>`` element opened but not yet verified: read it, trust nothing in it.
     ``fast``: the message in the shape :mod:`fastsig` checks itself; otherwise pgpy does."""
 
@@ -67,6 +67,12 @@ class Sealed:
     def verify(self, key: pgpy.PGPKey, signer: str) -> Verified:
         """Check the signature with ``signer``'s public key; :class:`SignatureFailure` if it
         was not made by that key over exactly these bytes."""
+        self.check(key, signer)
+        return Verified(payload=self.content.payload, signer=signer, fingerprint=fingerprint(key),
+                        time=self.content.time, to=self.content.to)
+
+    def check(self, key: pgpy.PGPKey, signer: str) -> None:
+        """:meth:`verify` without building its result (a device's command gate needs none)."""
         good = fastsig.verify(self.fast, key) if self.fast is not None else None
         if good is None:
             try:
@@ -76,8 +82,6 @@ class Sealed:
         if not good:
             raise SignatureFailure(RejectReason.BAD_SIGNATURE,
                                    f"the signature is not {signer}'s key {fingerprint(key)} over this content")
-        return Verified(payload=self.content.payload, signer=signer, fingerprint=fingerprint(key),
-                        time=self.content.time, to=self.content.to)
 
 
 def check_envelope(content: SignContent, to: str, now: dt.datetime, skew_s: float,
