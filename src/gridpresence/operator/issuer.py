@@ -22,7 +22,7 @@ from slixmpp.xmlstream.matcher import StanzaPath
 from gridpresence.protocol import openpgp  # noqa: F401  (registers <openpgp/> with slixmpp)
 from gridpresence.xmpp.outgoing import may_skip_queue, messages_need_no_filter
 from gridpresence.xmpp.slixfix.escape import escape as xml_escape  # the fast one
-from gridpresence.protocol.codec import PayloadError, command_to_text, command_to_xml, outcome_from_xml
+from gridpresence.protocol.codec import PayloadError, command_to_text, command_to_xml, outcome_from_xml, q
 from gridpresence.protocol.openpgp import OPENPGP_NS
 from gridpresence.operator.pending import PendingCommand, PendingStore
 from gridpresence.protocol.models import Command, Outcome, OutcomeStatus, RejectReason, utcnow
@@ -31,6 +31,8 @@ from gridpresence.security.signed import sign_payload
 
 log = logging.getLogger(__name__)
 _OPENPGP = f"{{{OPENPGP_NS}}}openpgp"
+_OUTCOME = q("outcome")
+_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 
 # Extra time after a command's expiry for its "expired" outcome to travel back.
 OUTCOME_MARGIN_S = 1.0
@@ -62,8 +64,11 @@ class CommandIssuer:
         self._to_keep: collections.deque[tuple[float, Command, str, ET.Element]] = collections.deque()
         self._keep_timer: asyncio.TimerHandle | None = None
         self._out: list[str] = []  # commands serialised this loop turn, written together (_post)
-        client.register_handler(Callback("grid outcome", StanzaPath("message/grid_outcome"),
-                                         self._on_outcome))  # type: ignore[arg-type]
+        handler = Callback("grid outcome", StanzaPath("message/grid_outcome"), self._on_outcome)  # type: ignore[arg-type]
+        client.register_handler(handler)
+        dispatch = getattr(client, "shape_dispatch", None)  # xmpp/dispatch.py (make_client installs it)
+        if dispatch is not None:
+            dispatch.take_for(handler, self._take_outcome)
         client.add_event_handler("message_error", self._on_bounce)
 
     def wire(self, cmd: Command, device: str) -> ET.Element:
@@ -240,6 +245,24 @@ class CommandIssuer:
             if not fut.done():
                 fut.cancel()
 
+    def _take_outcome(self, xml: ET.Element) -> bool:
+        """An outcome straight from the message's XML (xmpp/dispatch.py take_for): a fan-out's
+        thousands skip slixmpp's stanza object and JID parsing. Only the commonest case, the
+        device answering for itself with its JID written as the outcome names it; anything else
+        (an invalid outcome, the relay's, another spelling of the JID) goes to _on_outcome."""
+        sender = xml.get("from") or ""
+        found = xml.findall(_OUTCOME)
+        if len(found) != 1 or found[0].get(_LANG) is not None:
+            return False  # which one slixmpp's msg["grid_outcome"] reads is its business
+        try:
+            outcome = outcome_from_xml(found[0])
+        except PayloadError:
+            return False  # _on_outcome says why
+        if outcome.device != sender.partition("/")[0]:
+            return False
+        self._accept(outcome)
+        return True
+
     def _on_outcome(self, msg: Message) -> None:
         try:
             outcome = outcome_from_xml(msg["grid_outcome"].xml)
@@ -251,6 +274,10 @@ class CommandIssuer:
             log.warning("outcome for %s claims device %s but came from %s", outcome.command_id, outcome.device,
                         msg["from"])
             return
+        self._accept(outcome)
+
+    def _accept(self, outcome: Outcome) -> None:
+        """An outcome from the device it names (or the relay): to the command waiting for it."""
         fut = self.pending.get(outcome.command_id)
         if fut is None or fut.done():
             self._maybe_orphans(outcome)
