@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import logging
 from collections.abc import Callable
 from xml.etree import ElementTree as ET
@@ -40,6 +41,10 @@ KEEP_AFTER_S = 0.5  # a command still unanswered this long is kept on disk (oper
 KEEP_GROUP_S = 0.25  # ...in one file with the others due within this much more
 
 
+class _NoOutcome(Exception):
+    """A command's wait ran out without its outcome (CommandIssuer._expire_due)."""
+
+
 class CommandIssuer:
     """Signs commands with ``key`` and matches outcomes to them. ``relay``: a bare JID whose
     outcomes are accepted on behalf of devices (the store-and-forward relay passes them on)."""
@@ -64,6 +69,11 @@ class CommandIssuer:
         self._to_keep: collections.deque[tuple[float, Command, str, ET.Element]] = collections.deque()
         self._keep_timer: asyncio.TimerHandle | None = None
         self._out: list[str] = []  # commands serialised this loop turn, written together (_post)
+        # When each command sent waits no longer (_expire_later): (loop time, command id), and
+        # the waits still running.
+        self._deadlines: list[tuple[float, str]] = []
+        self._timed: dict[str, asyncio.Future[Outcome]] = {}
+        self._expiry: asyncio.TimerHandle | None = None
         handler = Callback("grid outcome", StanzaPath("message/grid_outcome"), self._on_outcome)  # type: ignore[arg-type]
         client.register_handler(handler)
         dispatch = getattr(client, "shape_dispatch", None)  # xmpp/dispatch.py (make_client installs it)
@@ -98,11 +108,11 @@ class CommandIssuer:
         stanza_id = self._post(str(to), wire)
         self._stanza_to_command[stanza_id] = cmd.id
         wait_s = max(0.0, (cmd.expires - utcnow()).total_seconds()) + OUTCOME_MARGIN_S
+        self._expire_later(cmd.id, fut, wait_s)
         given_up = False
         try:
-            async with asyncio.timeout(wait_s):  # one timer, no task or shield per command: fut is ours alone
-                return await fut
-        except TimeoutError:
+            return await fut
+        except _NoOutcome:
             return Outcome(command_id=cmd.id, device=JID(to).bare, status=OutcomeStatus.EXPIRED,
                            detail="no outcome before the command expired")
         except asyncio.CancelledError:
@@ -114,8 +124,33 @@ class CommandIssuer:
             if not given_up:
                 self.store.remove(cmd.id)
             self.pending.pop(cmd.id, None)
+            self._timed.pop(cmd.id, None)
             self._sent.pop(cmd.id, None)
             self._stanza_to_command.pop(stanza_id, None)
+
+    def _expire_later(self, cmd_id: str, fut: asyncio.Future[Outcome], wait_s: float) -> None:
+        """``fut`` ends in :class:`_NoOutcome` after ``wait_s`` unless settled before: one timer
+        for all the commands waiting (a fan-out's share one deadline), not one each."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + wait_s
+        self._timed[cmd_id] = fut
+        heapq.heappush(self._deadlines, (when, cmd_id))
+        if self._expiry is None or when < self._expiry.when():
+            if self._expiry is not None:
+                self._expiry.cancel()
+            self._expiry = loop.call_at(when, self._expire_due)
+
+    def _expire_due(self) -> None:
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        now, deadlines = loop.time(), self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, cmd_id = heapq.heappop(deadlines)
+            fut = self._timed.pop(cmd_id, None)  # (gone: answered, or its wait ended otherwise)
+            if fut is not None and not fut.done():
+                fut.set_exception(_NoOutcome())
+        if deadlines:
+            self._expiry = loop.call_at(deadlines[0][0], self._expire_due)
 
     def _post(self, to: str, wire: ET.Element) -> str:
         """Send ``wire`` in a message to ``to``; its stanza id. With the session up and nothing
