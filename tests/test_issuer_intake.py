@@ -124,3 +124,36 @@ async def test_a_devices_outcome_is_taken_without_a_stanza_object_and_settles_it
     client._spawn_event(ET.fromstring(  # type: ignore[attr-defined]
         f"<message xmlns='jabber:client' from='{DEVICES[2]}/h' type='normal'>{body}</message>"))
     assert not late.done() and dispatch.taken_for == 4
+
+
+async def test_commands_without_an_outcome_expire_on_the_shared_timer_each_at_its_own_time(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """One timer serves every waiting command (operator/issuer.py _expire_later): each that gets
+    no outcome ends "expired" at its own deadline, not before; an earlier deadline sent later
+    moves the timer up; an answered one is not touched; nothing is left waiting."""
+    import gridpresence.operator.issuer as issuer_module
+    monkeypatch.setattr(issuer_module, "OUTCOME_MARGIN_S", 0.0)
+    client = make_client("op@localhost/x", "secret", Endpoint())
+    issuer = CommandIssuer(client, None, store=PendingStore(None))
+    loop = asyncio.get_running_loop()
+    ttls = {"slow": 0.4, "quick": 0.1, "answered": 0.3, "middle": 0.2}
+    ended: dict[str, tuple[float, Outcome]] = {}
+    started = loop.time()
+
+    async def one(name: str) -> None:
+        cmd = Command.new(Action.SHED, "op@localhost", ttl_s=ttls[name])
+        object.__setattr__(cmd, "id", name)  # (readable ids; the model is frozen)
+        outcome = await issuer.send(cmd, f"{DEVICES[0]}/h")
+        ended[name] = (loop.time(), outcome)
+
+    tasks = [asyncio.ensure_future(one(n)) for n in ttls]
+    await asyncio.sleep(0.05)
+    issuer._accept(Outcome(command_id="answered", device=DEVICES[0], status=OutcomeStatus.EXECUTED))
+    await asyncio.gather(*tasks)
+    assert ended["answered"][1].status is OutcomeStatus.EXECUTED and ended["answered"][0] - started < 0.2
+    for name in ("quick", "middle", "slow"):
+        at, outcome = ended[name]
+        assert outcome.status is OutcomeStatus.EXPIRED and outcome.command_id == name
+        assert ttls[name] - 0.05 <= at - started < ttls[name] + 0.5, (name, at - started)
+    assert sorted(ended, key=lambda n: ended[n][0]) == ["answered", "quick", "middle", "slow"]
+    assert not issuer.pending and not issuer._timed and issuer._expiry is None
