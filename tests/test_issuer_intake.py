@@ -157,3 +157,21 @@ async def test_commands_without_an_outcome_expire_on_the_shared_timer_each_at_it
         assert ttls[name] - 0.05 <= at - started < ttls[name] + 0.5, (name, at - started)
     assert sorted(ended, key=lambda n: ended[n][0]) == ["answered", "quick", "middle", "slow"]
     assert not issuer.pending and not issuer._timed and issuer._expiry is None
+
+
+async def test_an_outcome_another_handler_also_wants_goes_slixmpps_way_to_both(tmp_path: Path) -> None:
+    """A shape that matches more than the outcome handler (here a body: slixmpp's "message"
+    event too) is never taken: both run, as slixmpp runs them."""
+    client = make_client("op@localhost/x", "secret", Endpoint())
+    issuer = CommandIssuer(client, None, store=PendingStore(None))
+    dispatch = client.shape_dispatch  # type: ignore[attr-defined]
+    bodies: list[str] = []
+    client.add_event_handler("message", lambda msg: bodies.append(str(msg["body"])))
+    futs = [issuer.expect(f"b{i}") for i in range(4)]
+    for i in range(4):
+        body = ET.tostring(outcome_to_xml(Outcome(command_id=f"b{i}", device=DEVICES[3], status=OutcomeStatus.EXECUTED)),
+                           encoding="unicode")
+        client._spawn_event(ET.fromstring(  # type: ignore[attr-defined]
+            f"<message xmlns='jabber:client' from='{DEVICES[3]}/h' type='normal'><body>hi {i}</body>{body}</message>"))
+    assert dispatch.taken_for == 0 and all(f.done() and f.result().ok for f in futs)
+    assert bodies == [f"hi {i}" for i in range(4)]
