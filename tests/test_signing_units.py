@@ -332,6 +332,23 @@ def test_command_text_reads_back_as_the_command_element_does() -> None:
         assert command_from_xml(content.payload) == cmd
 
 
+def test_command_text_is_the_general_writers_text_byte_for_byte() -> None:
+    """codec's field-by-field command attributes against _attrs' general loop, seeded: the same
+    bytes (what is signed) for any id, issuer, serial or none, time zone and microseconds."""
+    import datetime as dt
+    import random
+    from gridpresence.protocol import codec
+    assert codec._COMMAND_SHAPE_KNOWN  # a field added to Command: the general way (and update the writer)
+    rng = random.Random(11)
+    zones = [dt.timezone.utc, dt.timezone(dt.timedelta(hours=-5)), dt.timezone(dt.timedelta(hours=5, minutes=30))]
+    for i in range(300):
+        when = (NOW + dt.timedelta(seconds=rng.randrange(-10**6, 10**6), microseconds=rng.choice([0, rng.randrange(10**6)])))
+        cmd = Command.new(list(Action)[i % len(Action)], rng.choice([ALICE, "a&b<c>\"@x.example"]),
+                          now=when.astimezone(rng.choice(zones)), ttl_s=rng.choice([0.5, 30.0, 86400.0]),
+                          serial=rng.choice([None, "SN-1", "a.b:c_d"]))
+        assert codec._command_attrs(cmd) == codec._general_command_attrs(cmd), cmd
+
+
 def test_a_signed_commands_wire_text_reads_back_as_its_element() -> None:
     """operator/issuer.py's wire_text (what it writes and what a pending entry keeps) is the
     same <openpgp/> as the element; an unsigned command goes through the serialiser."""

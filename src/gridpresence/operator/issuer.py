@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import logging
 from collections.abc import Callable
 from xml.etree import ElementTree as ET
@@ -22,7 +23,7 @@ from slixmpp.xmlstream.matcher import StanzaPath
 from gridpresence.protocol import openpgp  # noqa: F401  (registers <openpgp/> with slixmpp)
 from gridpresence.xmpp.outgoing import may_skip_queue, messages_need_no_filter
 from gridpresence.xmpp.slixfix.escape import escape as xml_escape  # the fast one
-from gridpresence.protocol.codec import PayloadError, command_to_text, command_to_xml, outcome_from_xml
+from gridpresence.protocol.codec import PayloadError, command_to_text, command_to_xml, outcome_from_xml, q
 from gridpresence.protocol.openpgp import OPENPGP_NS
 from gridpresence.operator.pending import PendingCommand, PendingStore
 from gridpresence.protocol.models import Command, Outcome, OutcomeStatus, RejectReason, utcnow
@@ -31,11 +32,17 @@ from gridpresence.security.signed import sign_payload
 
 log = logging.getLogger(__name__)
 _OPENPGP = f"{{{OPENPGP_NS}}}openpgp"
+_OUTCOME = q("outcome")
+_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 
 # Extra time after a command's expiry for its "expired" outcome to travel back.
 OUTCOME_MARGIN_S = 1.0
 KEEP_AFTER_S = 0.5  # a command still unanswered this long is kept on disk (operator/pending.py)
 KEEP_GROUP_S = 0.25  # ...in one file with the others due within this much more
+
+
+class _NoOutcome(Exception):
+    """A command's wait ran out without its outcome (CommandIssuer._expire_due)."""
 
 
 class CommandIssuer:
@@ -62,8 +69,16 @@ class CommandIssuer:
         self._to_keep: collections.deque[tuple[float, Command, str, ET.Element]] = collections.deque()
         self._keep_timer: asyncio.TimerHandle | None = None
         self._out: list[str] = []  # commands serialised this loop turn, written together (_post)
-        client.register_handler(Callback("grid outcome", StanzaPath("message/grid_outcome"),
-                                         self._on_outcome))  # type: ignore[arg-type]
+        # When each command sent waits no longer (_expire_later): (loop time, command id), and
+        # the waits still running.
+        self._deadlines: list[tuple[float, str]] = []
+        self._timed: dict[str, asyncio.Future[Outcome]] = {}
+        self._expiry: asyncio.TimerHandle | None = None
+        handler = Callback("grid outcome", StanzaPath("message/grid_outcome"), self._on_outcome)  # type: ignore[arg-type]
+        client.register_handler(handler)
+        dispatch = getattr(client, "shape_dispatch", None)  # xmpp/dispatch.py (make_client installs it)
+        if dispatch is not None:
+            dispatch.take_for(handler, self._take_outcome)
         client.add_event_handler("message_error", self._on_bounce)
 
     def wire(self, cmd: Command, device: str) -> ET.Element:
@@ -93,11 +108,11 @@ class CommandIssuer:
         stanza_id = self._post(str(to), wire)
         self._stanza_to_command[stanza_id] = cmd.id
         wait_s = max(0.0, (cmd.expires - utcnow()).total_seconds()) + OUTCOME_MARGIN_S
+        self._expire_later(cmd.id, fut, wait_s)
         given_up = False
         try:
-            async with asyncio.timeout(wait_s):  # one timer, no task or shield per command: fut is ours alone
-                return await fut
-        except TimeoutError:
+            return await fut
+        except _NoOutcome:
             return Outcome(command_id=cmd.id, device=JID(to).bare, status=OutcomeStatus.EXPIRED,
                            detail="no outcome before the command expired")
         except asyncio.CancelledError:
@@ -109,8 +124,33 @@ class CommandIssuer:
             if not given_up:
                 self.store.remove(cmd.id)
             self.pending.pop(cmd.id, None)
+            self._timed.pop(cmd.id, None)
             self._sent.pop(cmd.id, None)
             self._stanza_to_command.pop(stanza_id, None)
+
+    def _expire_later(self, cmd_id: str, fut: asyncio.Future[Outcome], wait_s: float) -> None:
+        """``fut`` ends in :class:`_NoOutcome` after ``wait_s`` unless settled before: one timer
+        for all the commands waiting (a fan-out's share one deadline), not one each."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + wait_s
+        self._timed[cmd_id] = fut
+        heapq.heappush(self._deadlines, (when, cmd_id))
+        if self._expiry is None or when < self._expiry.when():
+            if self._expiry is not None:
+                self._expiry.cancel()
+            self._expiry = loop.call_at(when, self._expire_due)
+
+    def _expire_due(self) -> None:
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        now, deadlines = loop.time(), self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, cmd_id = heapq.heappop(deadlines)
+            fut = self._timed.pop(cmd_id, None)  # (gone: answered, or its wait ended otherwise)
+            if fut is not None and not fut.done():
+                fut.set_exception(_NoOutcome())
+        if deadlines:
+            self._expiry = loop.call_at(deadlines[0][0], self._expire_due)
 
     def _post(self, to: str, wire: ET.Element) -> str:
         """Send ``wire`` in a message to ``to``; its stanza id. With the session up and nothing
@@ -120,8 +160,11 @@ class CommandIssuer:
         outgoing filters to do). Otherwise as any stanza, through the queue (held while the
         session is down, in order behind what waits)."""
         client = self.client
-        if (not may_skip_queue(client) or not messages_need_no_filter(client)
-                or "xep_0198" in client.plugin):  # stream management counts what its filter sees
+        # The filters are asked once per loop turn, by its first command (a turn of a fan-out
+        # writes hundreds; filters come with plugins, registered before any command).
+        if not may_skip_queue(client) or (not self._out and (not messages_need_no_filter(client)
+                                                             or "xep_0198" in client.plugin)):
+            # (stream management counts what its filter sees)
             msg = client.make_message(mto=to, mtype="normal")
             msg.append(wire)
             msg.send()
@@ -240,6 +283,24 @@ class CommandIssuer:
             if not fut.done():
                 fut.cancel()
 
+    def _take_outcome(self, xml: ET.Element) -> bool:
+        """An outcome straight from the message's XML (xmpp/dispatch.py take_for): a fan-out's
+        thousands skip slixmpp's stanza object and JID parsing. Only the commonest case, the
+        device answering for itself with its JID written as the outcome names it; anything else
+        (an invalid outcome, the relay's, another spelling of the JID) goes to _on_outcome."""
+        sender = xml.get("from") or ""
+        found = xml.findall(_OUTCOME)
+        if len(found) != 1 or found[0].get(_LANG) is not None:
+            return False  # which one slixmpp's msg["grid_outcome"] reads is its business
+        try:
+            outcome = outcome_from_xml(found[0])
+        except PayloadError:
+            return False  # _on_outcome says why
+        if outcome.device != sender.partition("/")[0]:
+            return False
+        self._accept(outcome)
+        return True
+
     def _on_outcome(self, msg: Message) -> None:
         try:
             outcome = outcome_from_xml(msg["grid_outcome"].xml)
@@ -251,6 +312,10 @@ class CommandIssuer:
             log.warning("outcome for %s claims device %s but came from %s", outcome.command_id, outcome.device,
                         msg["from"])
             return
+        self._accept(outcome)
+
+    def _accept(self, outcome: Outcome) -> None:
+        """An outcome from the device it names (or the relay): to the command waiting for it."""
         fut = self.pending.get(outcome.command_id)
         if fut is None or fut.done():
             self._maybe_orphans(outcome)

@@ -533,7 +533,8 @@ class GridOperator:
         that is at least as new; else as it came (no report)."""
         if outcome.report is not None or outcome.report_seq is None:
             return outcome
-        view = self.tracker.find(JID(outcome.device).bare)
+        views = self.tracker.views  # (a device's outcome names its bare JID as the roster spells it)
+        view = views.get(outcome.device) or self.tracker.find(JID(outcome.device).bare)
         report = view.report if view is not None else None
         if report is None or report.seq < outcome.report_seq:
             return outcome

@@ -182,10 +182,36 @@ def _attr_text(attrs: Mapping[str, str]) -> str:
     return "".join([f' {name}="{value}"' for name, value in zip(attrs, values)])
 
 
+# Command's fields in their order, as _command_attrs writes them (checked against the model
+# below: a field added to Command makes command_to_text take _attrs' general way again).
+_COMMAND_FIELDS = ("id", "action", "issuer", "issued", "expires", "args", "serial")
+_COMMAND_SHAPE_KNOWN = tuple(Command.model_fields) == _COMMAND_FIELDS
+_UTC = dt.timezone.utc
+
+
+def _utc_stamp(value: dt.datetime) -> str:
+    """_text's form of a datetime, without its checks (a command carries two)."""
+    if value.tzinfo is not _UTC:
+        value = value.astimezone(_UTC)
+    return value.isoformat()[:-6] + "Z"  # (a UTC datetime's isoformat ends "+00:00")
+
+
+def _command_attrs(cmd: Command) -> str:
+    """_attrs(cmd) written out as command_to_text's attributes, field by field: a fan-out
+    writes thousands of commands and the general loop cost half of each one's text."""
+    serial = f" serial={_quoted(cmd.serial)}" if cmd.serial is not None else ""
+    return (f" id={_quoted(cmd.id)} action={_quoted(cmd.action.value)} issuer={_quoted(cmd.issuer)}"
+            f' issued="{_utc_stamp(cmd.issued)}" expires="{_utc_stamp(cmd.expires)}"{serial}')
+
+
+def _general_command_attrs(cmd: Command) -> str:
+    return "".join(f" {name}={_quoted(value)}" for name, value in _attrs(cmd).items())
+
+
 def command_to_text(cmd: Command) -> str:
     """command_to_xml's element, serialised as ElementTree writes it but for the namespace's
     prefix (a default namespace here), in a fraction of its time: the bytes an issuer signs."""
-    attrs = "".join(f" {name}={_quoted(value)}" for name, value in _attrs(cmd).items())
+    attrs = _command_attrs(cmd) if _COMMAND_SHAPE_KNOWN else _general_command_attrs(cmd)
     if not cmd.args:
         return f'<command xmlns="{NS}"{attrs} />'
     args = "".join(f"<arg name={_quoted(name)}>{escape(value)}</arg>" for name, value in cmd.args.items())
