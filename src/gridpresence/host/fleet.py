@@ -26,6 +26,7 @@ from gridpresence.services.historian import HISTORY_FILE, Historian, open_store
 from gridpresence.services.manufacturer import ManufacturerAgent
 from gridpresence.xmpp.component import COMPONENT_SECRET, HOSTING_FILE, ComponentLink, HostedStore
 from gridpresence.xmpp.session import Endpoint, SessionError
+from gridpresence.host.processes import PROGRESS_MARK
 from gridpresence.transport.policy import GridClient
 from gridpresence.services.watchdog import WatchdogAgent
 from gridpresence.config import Fleet
@@ -122,7 +123,7 @@ async def log_in_all(bots: Iterable[Bot], stall_s: float = LOGIN_STALL_S, paced:
                 raise SessionError(f"logins stalled: {done} of {len(bots)} bots logged in, none in the last "
                                    f"{stall_s:g} s (is the server overloaded or unreachable?)")
             if progress is not None and now - said >= PROGRESS_EVERY_S:
-                progress(f"{done} of {len(bots)} bots logged in")
+                progress(f"{done} of {len(bots)} bots {PROGRESS_MARK}")
                 said = now
         everyone.result()
     finally:

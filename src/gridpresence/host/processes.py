@@ -26,7 +26,7 @@ from gridpresence.xmpp.reconnect import backoff_delay
 log = logging.getLogger(__name__)
 
 READY_QUIET_S = 60.0  # a child that says nothing this long before it is ready is stuck
-PROGRESS_MARK = "logged in"  # a child's line saying how far its logins are (host/fleet.py)
+PROGRESS_MARK = "logged in"  # ends a line saying how far logins are (host/fleet.py writes it)
 STOP_TIMEOUT_S = 15.0
 HEARTBEAT_ENV = "GRIDPRESENCE_HEARTBEAT_S"  # set for a supervised child: how often to beat
 HEARTBEAT_LINE = "heartbeat"
