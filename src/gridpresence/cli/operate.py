@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import sys
@@ -22,19 +23,51 @@ from gridpresence.cli.common import (
 )
 from gridpresence.operator.library import FAN_OUT_BATCH, GridOperator
 from gridpresence.operator.selection import FILTER_SYNTAX, DeviceFilter, FleetSummary
-from gridpresence.operator.tracker import DeviceChange
-from gridpresence.protocol.models import METERING_KINDS, Action, OutcomeStatus
+from gridpresence.operator.tracker import DeviceChange, DeviceView
+from gridpresence.protocol.models import METERING_KINDS, Action, HealthStatus, OutcomeStatus
 from gridpresence.words import PROGRESS_FROM, outcome_line, progress_line, status_rows, summary_line, table
+
+
+# How long a filtered command waits for devices not heard from yet before leaving them out.
+UNTOLD_WAIT_S = 5.0
+UNTOLD_NAMES_SHOWN = 5
 
 
 def _filter(args: argparse.Namespace) -> DeviceFilter:
     return DeviceFilter.parse(getattr(args, "filter", None) or ())
 
 
+async def _chosen(chosen: DeviceFilter, grid: GridOperator) -> tuple[list[DeviceView], list[str]]:
+    """The devices `chosen` selects, by name, and the names of those it cannot tell yet.
+
+    A filter asks about state or criticality; a device that has not reported yet has neither,
+    so it waits (bounded) for those that may still report, and says on stderr which it left out: a shed of
+    ``critical=no`` loads must not take a silent critical load, nor act on a partial view
+    without saying so."""
+    views, untold = chosen.split(grid.devices.values())
+    if untold:
+        # Only those that may yet report: a device gone before its first report will not now.
+        waiting = {v.jid for v in untold if v.present or v.health is HealthStatus.UNKNOWN}
+        views_now = grid.tracker.views
+        deadline = asyncio.get_running_loop().time() + UNTOLD_WAIT_S
+        # Polled, not per change: at fleet size a check of every waiting view per presence would be quadratic.
+        while waiting and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+            waiting = {j for j in waiting if j in views_now and chosen.verdict(views_now[j]) is None}
+        views, untold = chosen.split(grid.devices.values())
+    names = sorted(v.name for v in untold)
+    if names:
+        shown = ", ".join(names[:UNTOLD_NAMES_SHOWN]) + (", …" if len(names) > UNTOLD_NAMES_SHOWN else "")
+        print(f"note: {len(names)} device{'s have' if len(names) != 1 else ' has'} not reported yet, so the filter "
+              f"{chosen} cannot tell {'them' if len(names) != 1 else 'it'}: not selected ({shown})",
+              file=sys.stderr, flush=True)
+    return sorted(views, key=lambda v: v.name), names
+
+
 async def cmd_status(args: argparse.Namespace) -> int:
     async def body(grid: GridOperator) -> int:
         chosen = _filter(args)
-        views = sorted(chosen.select(grid.devices.values()), key=lambda v: v.name)
+        views, untold = await _chosen(chosen, grid)
         summary = FleetSummary.of(views)
         tariff = grid.tariff
         if args.json:
@@ -44,7 +77,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
             out.write('{"devices": [')
             for i, view in enumerate(views):
                 out.write(("\n" if not i else ",\n") + json.dumps(view.as_dict()))
-            tail = {"summary": summary.as_dict(), "filter": str(chosen) or None, "price_per_kwh": grid.price_now(),
+            tail = {"summary": summary.as_dict(), "filter": str(chosen) or None, "not_reported": len(untold),
+                    "price_per_kwh": grid.price_now(),
                     "currency": tariff.currency if tariff else None, "supplier": tariff.supplier if tariff else None}
             out.write("\n], " + json.dumps(tail)[1:] + "\n")
             out.flush()
@@ -159,7 +193,7 @@ def _progress(action: str) -> Callable[[int, int], None]:
     return say
 
 
-def _targets(args: argparse.Namespace, grid: GridOperator) -> list[str]:
+async def _targets(args: argparse.Namespace, grid: GridOperator) -> list[str]:
     """The named devices, then those the filter selects (each once, names first)."""
     names = list(dict.fromkeys(args.devices))
     for name in names:
@@ -167,7 +201,8 @@ def _targets(args: argparse.Namespace, grid: GridOperator) -> list[str]:
     chosen = _filter(args)
     if chosen:
         named = set(names)
-        names += sorted(v.name for v in chosen.select(grid.devices.values()) if v.name not in named)
+        views, _ = await _chosen(chosen, grid)
+        names += [v.name for v in views if v.name not in named]
     if not names:
         raise CliError(f"no device matches the filter {chosen}" if chosen else "name the devices, or give --filter")
     return names
@@ -180,7 +215,7 @@ async def cmd_action(args: argparse.Namespace) -> int:
         raise CliError(f"name the devices to {args.action}, or select them with --filter KEY=VALUE")
 
     async def body(grid: GridOperator) -> int:
-        names = _targets(args, grid)
+        names = await _targets(args, grid)
         progress = _progress(args.action)
         if args.until_available:
             from gridpresence.operator.availability import command_group

@@ -56,17 +56,44 @@ class DeviceFilter:
     def __bool__(self) -> bool:
         return bool(self.terms)
 
-    def matches(self, view: DeviceView) -> bool:
+    def verdict(self, view: DeviceView) -> bool | None:
+        """True: the device matches; False: it does not; None: it cannot be told yet, because a
+        term asks what the device has not said (its state or criticality before its first
+        report). A safety filter such as ``critical=no`` must never take a device for "no"
+        merely because nothing was heard from it."""
+        told = True
         for key, wanted in self.terms.items():
             if key == "name":
                 if not any(fnmatch.fnmatchcase(view.name, p) for p in wanted):
                     return False
-            elif _value(view, key) not in wanted:
-                return False
-        return True
+                continue
+            value = _value(view, key)
+            if value is None:
+                told = False
+            elif value not in wanted:
+                if key == "state" and value == "unknown":
+                    told = False  # not heard from yet: it may well be in a wanted state
+                else:
+                    return False
+        return True if told else None
+
+    def matches(self, view: DeviceView) -> bool:
+        return self.verdict(view) is True
 
     def select(self, views: Iterable[DeviceView]) -> Iterator[DeviceView]:
         return (v for v in views if self.matches(v))
+
+    def split(self, views: Iterable[DeviceView]) -> tuple[list[DeviceView], list[DeviceView]]:
+        """(selected, undetermined): those that match, and those that cannot be told yet."""
+        chosen: list[DeviceView] = []
+        untold: list[DeviceView] = []
+        for v in views:
+            verdict = self.verdict(v)
+            if verdict:
+                chosen.append(v)
+            elif verdict is None:
+                untold.append(v)
+        return chosen, untold
 
     def __str__(self) -> str:
         return " ".join(f"{k}={','.join(sorted(v))}" for k, v in self.terms.items())
@@ -95,9 +122,10 @@ def parse_term(text: str) -> tuple[str, frozenset[str]]:
     return key, frozenset(values)
 
 
-def _value(view: DeviceView, key: str) -> str:
+def _value(view: DeviceView, key: str) -> str | None:
+    """What `view` has for a filter key; None: not known until the device reports."""
     if key == "kind":
-        return view.kind.value if view.kind else ""
+        return view.kind.value if view.kind else None
     if key == "state":
         return view.label
     if key == "health":
@@ -105,7 +133,9 @@ def _value(view: DeviceView, key: str) -> str:
     if key == "transport":
         return view.transport or "none"
     if key == "critical":
-        return "yes" if view.report is not None and view.report.critical else "no"
+        if view.report is None:
+            return None
+        return "yes" if view.report.critical else "no"
     if key == "present":
         return "yes" if view.present else "no"
     raise AssertionError(key)
