@@ -75,6 +75,21 @@ async def test_status_waits_for_the_price_when_every_device_is_present(small: Gr
     assert re.search(r"\nprice now: 0\.[68]0 USD/kWh \(", out), out
 
 
+async def test_status_summary_is_the_summary_alone_as_text_or_json(small: Grid) -> None:
+    code, out, err = await run_cli("status", "--summary", *conn(small))
+    assert code == 0, err
+    assert len(out.splitlines()) == 1 and out.startswith("3 devices (3 present): "), out
+    assert "price now" not in out
+    code, out, err = await run_cli("status", "--json", "--summary", "--filter", "kind=load", *conn(small))
+    assert code == 0, err
+    assert len(out.splitlines()) == 1, out
+    data = json.loads(out)
+    assert "devices" not in data, data
+    assert data["summary"]["devices"] == 2 and data["summary"]["by_kind"] == {"load": 2}, data
+    assert data["filter"] == "kind=load"
+    assert data["price_per_kwh"] in (0.6, 0.8) and data["currency"] == "USD", data
+
+
 # -- 2. JSON carries what the table shows; `read` shows its values --------------------------------
 
 
