@@ -267,6 +267,17 @@ async def test_numeric_arguments_are_checked(args: list[str], option: str) -> No
     assert code == 2 and f"argument {option}: must be" in err and "Traceback" not in err, err
 
 
+async def test_a_device_name_after_filter_says_where_names_go(small: Grid) -> None:
+    code, out, err = await run_cli("read", "--filter", "kind=load", "pump", *conn(small))
+    assert code == 2 and out == "" and "Traceback" not in err, err
+    assert "argument --filter: filter 'pump': expected KEY=VALUE" in err, err
+    assert "device names go before --filter" in err, err
+    code, out, err = await run_cli("read", "pump", "--filter", "kind=load", *conn(small))  # as the hint says
+    assert code == 0 and "pump: executed" in out, (out, err)
+    code, _, err = await run_cli("read", "--filter", "kind=lod", *conn(small))
+    assert code == 2 and "kind 'lod' is not one of" in err and "device names go" not in err, err
+
+
 async def test_load_shed_numbers_are_checked() -> None:
     for args, option in ((["--target-kw", "-1"], "--target-kw"), (["--target-kw", "1", "--price-limit", "x"],
                                                                   "--price-limit")):

@@ -266,10 +266,12 @@ async def cmd_pending(args: argparse.Namespace) -> int:
     return await with_operator(args, body)
 
 
-def filter_opt(p: argparse.ArgumentParser) -> None:
+def filter_opt(p: argparse.ArgumentParser, *, names: bool = False) -> None:
+    """--filter; ``names``: the command also takes DEVICE names, which must come before it."""
+    where = ". It takes every word after it: device names go before --filter" if names else ""
     p.add_argument("--filter", nargs="+", type=argtypes.filter_term, default=[], metavar="KEY=VALUE",
                    help="only devices matching every key (values of a key, comma-separated, are alternatives): "
-                        + FILTER_SYNTAX)
+                        + FILTER_SYNTAX + where)
 
 
 def register(sub: Any) -> None:  # argparse's subparsers action has no public type
@@ -322,7 +324,7 @@ def register(sub: Any) -> None:  # argparse's subparsers action has no public ty
                            "outcomes).")
         operator_opts(p)
         p.add_argument("devices", nargs="*", metavar="DEVICE", help="devices by name (none: those --filter matches)")
-        filter_opt(p)
+        filter_opt(p, names=True)
         p.add_argument("--ttl", type=argtypes.positive, default=30.0, help="seconds before the command expires")
         p.add_argument("--wait", action="store_true",
                        help="for a device without presence, wait for the relay's final outcome instead of 'queued'")
