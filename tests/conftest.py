@@ -263,15 +263,19 @@ async def until(check: Callable[[], Any], timeout: float = 10.0, what: str = "th
 
 
 async def start_up(data: Path, fleet: Path | None, *extra: str, timeout: float = 40,
-                   stderr: int = asyncio.subprocess.PIPE) -> tuple[asyncio.subprocess.Process, str]:
+                   stderr: int = asyncio.subprocess.PIPE,
+                   new_session: bool = False) -> tuple[asyncio.subprocess.Process, str]:
     """`gridpresence up` as a person runs it (`--fleet FILE` unless ``fleet`` is None; `extra`
     says the rest, as `--devices N`), until it says it is up (its Ctrl-C line, within `timeout`
     seconds); returns the process and what it printed. One that does not come up is killed.
-    ``stderr=DEVNULL`` for a process that logs more than an unread pipe holds."""
+    ``stderr=DEVNULL`` for a process that logs more than an unread pipe holds (or a file's
+    descriptor). ``new_session``: `up` leads a process group of its own, as a terminal's shell
+    starts it, so a test can send the group a terminal's Ctrl-C (os.killpg) without hitting pytest."""
     exe = Path(sys.executable).with_name("gridpresence")
     fleet_args = ("--fleet", str(fleet)) if fleet is not None else ()
     proc = await asyncio.create_subprocess_exec(str(exe), "up", "--data", str(data), *fleet_args, *extra,
-                                                stdout=asyncio.subprocess.PIPE, stderr=stderr)
+                                                stdout=asyncio.subprocess.PIPE, stderr=stderr,
+                                                start_new_session=new_session)
     seen = ""
     try:
         async with asyncio.timeout(timeout):

@@ -75,6 +75,21 @@ async def test_status_waits_for_the_price_when_every_device_is_present(small: Gr
     assert re.search(r"\nprice now: 0\.[68]0 USD/kWh \(", out), out
 
 
+async def test_status_summary_is_the_summary_alone_as_text_or_json(small: Grid) -> None:
+    code, out, err = await run_cli("status", "--summary", *conn(small))
+    assert code == 0, err
+    assert len(out.splitlines()) == 1 and out.startswith("3 devices (3 present): "), out
+    assert "price now" not in out
+    code, out, err = await run_cli("status", "--json", "--summary", "--filter", "kind=load", *conn(small))
+    assert code == 0, err
+    assert len(out.splitlines()) == 1, out
+    data = json.loads(out)
+    assert "devices" not in data, data
+    assert data["summary"]["devices"] == 2 and data["summary"]["by_kind"] == {"load": 2}, data
+    assert data["filter"] == "kind=load"
+    assert data["price_per_kwh"] in (0.6, 0.8) and data["currency"] == "USD", data
+
+
 # -- 2. JSON carries what the table shows; `read` shows its values --------------------------------
 
 
@@ -250,6 +265,17 @@ async def test_grid_found_through_the_environment_by_keys_and_rules_audit(stoppe
 async def test_numeric_arguments_are_checked(args: list[str], option: str) -> None:
     code, out, err = await run_cli(*args, "--connection", "/nonexistent/connection.json")
     assert code == 2 and f"argument {option}: must be" in err and "Traceback" not in err, err
+
+
+async def test_a_device_name_after_filter_says_where_names_go(small: Grid) -> None:
+    code, out, err = await run_cli("read", "--filter", "kind=load", "pump", *conn(small))
+    assert code == 2 and out == "" and "Traceback" not in err, err
+    assert "argument --filter: filter 'pump': expected KEY=VALUE" in err, err
+    assert "device names go before --filter" in err, err
+    code, out, err = await run_cli("read", "pump", "--filter", "kind=load", *conn(small))  # as the hint says
+    assert code == 0 and "pump: executed" in out, (out, err)
+    code, _, err = await run_cli("read", "--filter", "kind=lod", *conn(small))
+    assert code == 2 and "kind 'lod' is not one of" in err and "device names go" not in err, err
 
 
 async def test_load_shed_numbers_are_checked() -> None:

@@ -591,3 +591,31 @@ async def test_up_processes_a_hung_process_is_killed_and_started_again(tmp_path:
         if proc.returncode is None:
             proc.send_signal(signal.SIGINT)
             await asyncio.wait_for(proc.wait(), 30)
+
+
+async def test_up_processes_ctrl_c_in_a_terminal_stops_the_children_in_order(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C is SIGINT to its whole foreground process group. The children live in
+    sessions of their own, so only `up` takes it and stops them itself: none is seen exiting and
+    started again during the stop, and none is left behind."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(SMALL_FLEET)
+    data = tmp_path / "grid"
+    with open(tmp_path / "up.log", "wb") as log:
+        proc, seen = await start_up(data, fleet, "--processes", timeout=90, stderr=log.fileno(), new_session=True)
+    try:
+        pids = {m[0]: int(m[1]) for m in re.findall(r"(\w+): process (\d+), supervised", seen)}
+        assert set(pids) == {"relay", "devices", "services"}, seen
+        prosody = int((data / "prosody.pid").read_text())
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        logged = (tmp_path / "up.log").read_text(errors="replace")
+        assert proc.returncode == 0, logged
+        assert "stopping..." in out.decode()
+        assert "starting it again" not in logged and "is back after" not in logged, logged
+        async with asyncio.timeout(5):
+            while not all(_gone(pid) for pid in (prosody, *pids.values())):
+                await asyncio.sleep(0.05)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

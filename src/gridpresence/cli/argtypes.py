@@ -47,5 +47,7 @@ def filter_term(text: str) -> str:
     try:
         parse_term(text)
     except FilterError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        # --filter takes every word after it: a device name there is the usual slip.
+        hint = "; device names go before --filter (or select them by name=GLOB)" if "=" not in text else ""
+        raise argparse.ArgumentTypeError(f"{exc}{hint}") from None
     return text

@@ -71,15 +71,17 @@ async def cmd_status(args: argparse.Namespace) -> int:
         summary = FleetSummary.of(views)
         tariff = grid.tariff
         if args.json:
+            tail = {"summary": summary.as_dict(), "filter": str(chosen) or None, "not_reported": len(untold),
+                    "price_per_kwh": grid.price_now(), "currency": tariff.currency if tariff else None, "supplier": tariff.supplier if tariff else None}
+            if args.summary:
+                print(json.dumps(tail), flush=True)
+                return EXIT_OK
             # Streamed: one device a line as it is rendered (a reader may go line by line), and
             # the whole output still one JSON document (json.load of it works as before).
             out = sys.stdout
             out.write('{"devices": [')
             for i, view in enumerate(views):
                 out.write(("\n" if not i else ",\n") + json.dumps(view.as_dict()))
-            tail = {"summary": summary.as_dict(), "filter": str(chosen) or None, "not_reported": len(untold),
-                    "price_per_kwh": grid.price_now(),
-                    "currency": tariff.currency if tariff else None, "supplier": tariff.supplier if tariff else None}
             out.write("\n], " + json.dumps(tail)[1:] + "\n")
             out.flush()
         else:
@@ -88,7 +90,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
                 print()
             print(summary_line(summary.total, summary.present, summary.by_kind, summary.by_state)
                   + (f" (filter: {chosen})" if chosen else ""))
-            if tariff:
+            if tariff and not args.summary:  # --summary is that one line, for a script or a glance
                 print(f"price now: {grid.price_now():.2f} {tariff.currency}/kWh ({tariff.supplier})")
         return EXIT_OK
 
@@ -298,19 +300,24 @@ async def cmd_pending(args: argparse.Namespace) -> int:
     return await with_operator(args, body)
 
 
-def filter_opt(p: argparse.ArgumentParser) -> None:
+def filter_opt(p: argparse.ArgumentParser, *, names: bool = False) -> None:
+    """--filter; ``names``: the command also takes DEVICE names, which must come before it."""
+    where = ". It takes every word after it: device names go before --filter" if names else ""
     p.add_argument("--filter", nargs="+", type=argtypes.filter_term, default=[], metavar="KEY=VALUE",
                    help="only devices matching every key (values of a key, comma-separated, are alternatives): "
-                        + FILTER_SYNTAX)
+                        + FILTER_SYNTAX + where)
 
 
 def register(sub: Any) -> None:  # argparse's subparsers action has no public type
     status = sub.add_parser("status", help="every device's state and telemetry, and a summary line")
     operator_opts(status)
     filter_opt(status)
-    status.add_argument("--summary", action="store_true", help="only the summary line (counts by kind and state)")
+    status.add_argument("--summary", action="store_true",
+                        help="only the summary line (counts by kind and state); with --json, one object of the "
+                             "summary, filter and price, without the devices")
     status.epilog = ("--json is streamed: `{\"devices\": [`, then one device object a line (each but the last "
-                     "followed by a comma), then the summary, filter and price; one JSON document in all. "
+                     "followed by a comma), then the summary, filter and price; one JSON document in all "
+                     "(with --summary: one line, no devices). "
                      "`watch --json` is JSON Lines (one object a line).")
     status.set_defaults(run=cmd_status)
     watch = sub.add_parser("watch", help="show presence changes live")
@@ -351,7 +358,7 @@ def register(sub: Any) -> None:  # argparse's subparsers action has no public ty
                            "outcomes).")
         operator_opts(p)
         p.add_argument("devices", nargs="*", metavar="DEVICE", help="devices by name (none: those --filter matches)")
-        filter_opt(p)
+        filter_opt(p, names=True)
         p.add_argument("--ttl", type=argtypes.positive, default=30.0, help="seconds before the command expires")
         p.add_argument("--wait", action="store_true",
                        help="for a device without presence, wait for the relay's final outcome instead of 'queued'")

@@ -1,8 +1,9 @@
 """`up --processes`: the grid's parties as separate, supervised processes (issue 14), so one
 hung or crashed process — a frozen device host, a relay that died — does not take the others
 with it. Each child is a `gridpresence` sub-command (`bots`, `relay`) on the grid's data
-directory; it dies with `up` (PR_SET_PDEATHSIG), and one that exits is started again with
-back-off and said in the log. Its parties reconnect by themselves (xmpp/reconnect.py).
+directory, in a session of its own (a terminal's Ctrl-C reaches `up`, which stops them); it
+dies with `up` (PR_SET_PDEATHSIG), and one that exits is started again with back-off and said
+in the log. Its parties reconnect by themselves (xmpp/reconnect.py).
 
 A child that hangs (SIGSTOP, a frozen event loop) does not exit, so each child writes a
 heartbeat line to its stdout from its event loop (:func:`heartbeat`, once ready); one that has
@@ -97,6 +98,9 @@ class SupervisedChild:
         env = {**os.environ, HEARTBEAT_ENV: f"{HEARTBEAT_S:g}"} if self.hung_after_s > 0 else None
         self.process = await asyncio.create_subprocess_exec(
             *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, env=env,
+            # A session of its own: a terminal's Ctrl-C (SIGINT to the foreground group) reaches
+            # `up` alone, which stops its children in order; PDEATHSIG still ties it to `up`.
+            start_new_session=True,
             preexec_fn=die_with_parent(os.getpid()))  # stderr (its log) is ours
         assert self.process.stdout is not None
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
