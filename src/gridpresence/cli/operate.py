@@ -72,7 +72,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
         tariff = grid.tariff
         if args.json:
             tail = {"summary": summary.as_dict(), "filter": str(chosen) or None, "not_reported": len(untold),
-                    "price_per_kwh": grid.price_now(), "currency": tariff.currency if tariff else None, "supplier": tariff.supplier if tariff else None}
+                    "price_per_kwh": grid.price_now(), "currency": tariff.currency if tariff else None,
+                    "supplier": tariff.supplier if tariff else None}
             if args.summary:
                 print(json.dumps(tail), flush=True)
                 return EXIT_OK
