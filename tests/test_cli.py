@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Env, ROOT, run_cli, run_python, start_up
+from conftest import Env, ROOT, run_cli, run_python, start_up, until
 from gridpresence.services.billing import BillingAgent
 from gridpresence.operator.library import GridOperator
+from gridpresence.operator.tracker import DeviceChange
 from gridpresence.cli.common import COMMAND_ACTIONS
 from gridpresence.protocol import DeviceState
 
@@ -102,6 +103,97 @@ async def test_watch_shows_changes_live(env: Env, alice: GridOperator) -> None:
         proc.kill()
         await proc.wait()
         await alice.command("load-j", "restore")
+
+
+WATCH_FLEET = """
+domain = "localhost"
+[[operators]]
+name = "olga"
+[[devices]]
+name = "idle"
+kind = "load"
+rated_kw = 20
+initial_state = "off"
+refresh_s = 1.0
+[[devices]]
+name = "pump"
+kind = "load"
+rated_kw = 30
+refresh_s = 1.0
+"""
+
+
+async def _watch(conn: list[str], *args: str) -> tuple[asyncio.subprocess.Process, list[str], asyncio.Task[None]]:
+    """`gridpresence watch ARGS` started, and every line it prints, as it prints it."""
+    exe = Path(sys.executable).with_name("gridpresence")
+    proc = await asyncio.create_subprocess_exec(str(exe), "watch", *args, *conn, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    lines: list[str] = []
+
+    async def read() -> None:
+        while line := await proc.stdout.readline():  # type: ignore[union-attr]
+            lines.append(line.decode().rstrip("\n"))
+
+    return proc, lines, asyncio.ensure_future(read())
+
+
+async def test_watch_prints_a_line_only_when_what_it_shows_changed(tmp_path: Path) -> None:
+    """Devices refreshing every second with the same state and readings print nothing after the
+    snapshot; a shed prints exactly one line, and the refreshes after it none, in text and JSON,
+    and with a filter the shed load leaves. The operator's tracker still takes every refresh."""
+    from gridpresence.xmpp.session import ConnectionInfo
+
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(WATCH_FLEET)
+    data = tmp_path / "grid"
+    conn = ["--connection", str(data / "connection.json")]
+    proc, _ = await start_up(data, fleet)
+    watches: list[tuple[asyncio.subprocess.Process, list[str], asyncio.Task[None]]] = []
+    witness = GridOperator.from_connection(ConnectionInfo.load(data / "connection.json"), resource="witness")
+    try:
+        await witness.connect()
+        refreshes = {"idle": 0, "pump": 0}  # every presence the witness's tracker took, by device
+
+        def count(change: DeviceChange) -> None:
+            refreshes[change.current.name] += 1
+        witness.tracker.listen(count)
+        watches = [await _watch(conn), await _watch(conn, "--json"), await _watch(conn, "--filter", "state=on")]
+        text, js, filtered = (w[1] for w in watches)
+        await until(lambda: any("Ctrl-C to stop" in ln for ln in text) and any("Ctrl-C to stop" in ln for ln in filtered)
+                    and len(js) >= 2, timeout=30, what="the watches to be live")
+        live = (len(text), len(js), len(filtered))
+        assert any(ln.split()[:3] == ["pump", "load", "on"] for ln in filtered)
+        assert not any(ln.startswith("idle") for ln in filtered)  # off: not in the filter's table
+
+        def changes(lines: list[str], since: int, name: str) -> list[str]:
+            if lines is js:
+                return [ln for ln in lines[since:] if json.loads(ln)["name"] == name]
+            return [ln for ln in lines[since:] if ln.split()[1:2] == [name]]
+
+        start = refreshes["idle"]
+        await until(lambda: refreshes["idle"] >= start + 3, timeout=15, what="three refreshes of idle")
+        code, out, err = await run_cli("shed", "pump", *conn)
+        assert code == 0 and "executed" in out, err
+        for lines, since in zip((text, js, filtered), live):
+            await until(lambda: changes(lines, since, "pump") and "off" in changes(lines, since, "pump")[-1],
+                        timeout=10, what="the shed in the watch")
+        shed_seen = refreshes["pump"]
+        await until(lambda: refreshes["pump"] >= shed_seen + 3, timeout=15, what="three refreshes of the shed pump")
+        await asyncio.sleep(0.5)  # the watches have had them too
+        for lines, since in zip((text, js, filtered), live):
+            assert changes(lines, since, "idle") == [], lines[since:]  # refreshes with nothing new
+            pump = changes(lines, since, "pump")
+            offs = [ln for ln in pump if (json.loads(ln)["state"] if lines is js else ln.split()[2]) == "off"]
+            assert len(offs) == 1 and pump[-1] == offs[0], pump  # the shed, once; its refreshes: nothing
+        assert json.loads(changes(js, live[1], "pump")[-1])["cause"] == "presence"
+    finally:
+        await witness.close()
+        for watch, _, reader in watches:
+            watch.kill()
+            await watch.wait()
+            reader.cancel()
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
 
 
 async def test_load_shed_script_skips_critical_and_restricted(env: Env, alice: GridOperator) -> None:

@@ -23,9 +23,10 @@ from xml.etree import ElementTree as ET
 
 import pytest
 import pytest_asyncio
-from conftest import Env, run_cli, start_up
+from conftest import Env, hosted_fleet, run_cli, running_grid, start_up, until
 
 from gridpresence.operator.availability import command_group, wait_available
+from gridpresence.config import fleet_toml, parse_fleet
 from gridpresence.host.fleet import device_agent
 from gridpresence.security.pep_keyring import PartyKeys
 from gridpresence.operator.library import GridOperator
@@ -425,6 +426,62 @@ async def test_up_starts_the_relay(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+# -- start-up beside hosted devices ------------------------------------------------------------------
+
+HOSTED_LOADS = ("h-pump", "h-fan", "h-heater")
+# Refreshes far apart: what the relay knows of a device comes from the start-up alone.
+HOSTED_GRID = hosted_fleet([*({"name": n, "kind": "load", "rated_kw": 10, "refresh_s": 600.0} for n in HOSTED_LOADS),
+                            {"name": "c2s-pump", "kind": "load", "rated_kw": 10, "refresh_s": 600.0, "hosting": "c2s"}])
+BOUNCED = "Component not connected"  # Prosody's line for each stanza to a component not connected
+
+
+async def _relay_delivers_at_once(connection: ConnectionInfo, names: tuple[str, ...]) -> None:
+    """A command mailed to the relay for each device (all present) is delivered without waiting
+    for a presence: the relay knows each one is there."""
+    async with GridOperator.from_connection(connection, resource=f"t-{os.urandom(3).hex()}") as op:
+        await op.wait_for(lambda d: all(d[n].present for n in names), timeout=30)
+        queued = [await op.queue_command(Command.new(Action.READ, op.jid, ttl_s=60), op.device(n).jid)
+                  for n in names]
+        assert {q.status for q in queued} == {OutcomeStatus.QUEUED}, queued
+        finals = await asyncio.wait_for(asyncio.gather(*(op.final_outcome(q) for q in queued)), 20)
+        assert {f.status for f in finals} == {OutcomeStatus.EXECUTED}, finals
+
+
+async def test_relay_logs_in_after_the_component_link_and_knows_every_hosted_device(tmp_path: Path) -> None:
+    """The grid's relay probes the devices it watches at its login; with the component link not
+    yet up, Prosody bounced each hosted device's two stanzas (two log lines a device). It logs
+    in after the link, and still learns every device's presence."""
+    fleet = parse_fleet(HOSTED_GRID)
+    async with running_grid(fleet, tmp_path / "grid", dashboard=False) as grid:
+        assert grid.relay is not None
+        tracker = grid.relay.tracker
+        everyone = [fleet.jid(n) for n in (*HOSTED_LOADS, "c2s-pump")]
+        await until(lambda: all(tracker.views[j].present for j in everyone), timeout=20,
+                    what="the relay to see every device present")
+        assert {tracker.views[fleet.jid(n)].transport for n in HOSTED_LOADS} == {"component"}
+        await _relay_delivers_at_once(grid.connection, (*HOSTED_LOADS, "c2s-pump"))
+        log_text = grid.server.log_path.read_text()
+        assert "devices.localhost:component" in log_text  # (the log is the one the component writes to)
+        assert BOUNCED not in log_text, [ln for ln in log_text.splitlines() if BOUNCED in ln][:4]
+
+
+async def test_up_processes_starts_the_relay_after_the_hosted_devices(tmp_path: Path) -> None:
+    """`up --processes`: the relay's process starts after the devices' one (which holds the
+    component link): no bounces in Prosody's log, and the relay delivers to every device at once."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml(HOSTED_GRID))
+    data = tmp_path / "grid"
+    proc, _ = await start_up(data, fleet, "--processes", timeout=90, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await _relay_delivers_at_once(ConnectionInfo.load(data / "connection.json"), (*HOSTED_LOADS, "c2s-pump"))
+        log_text = (data / "prosody.log").read_text()
+        assert "devices.localhost:component" in log_text
+        assert BOUNCED not in log_text, [ln for ln in log_text.splitlines() if BOUNCED in ln][:4]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
 
 
 # -- signatures through the relay -------------------------------------------------------------------

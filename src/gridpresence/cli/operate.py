@@ -23,7 +23,7 @@ from gridpresence.cli.common import (
 )
 from gridpresence.operator.library import FAN_OUT_BATCH, GridOperator
 from gridpresence.operator.selection import FILTER_SYNTAX, DeviceFilter, FleetSummary
-from gridpresence.operator.tracker import DeviceChange, DeviceView
+from gridpresence.operator.tracker import DeviceView
 from gridpresence.protocol.models import METERING_KINDS, Action, HealthStatus, OutcomeStatus
 from gridpresence.words import PROGRESS_FROM, outcome_line, progress_line, status_rows, summary_line, table
 
@@ -98,11 +98,14 @@ async def cmd_status(args: argparse.Namespace) -> int:
     return await with_operator(args, body)
 
 
-def _change_text(change: DeviceChange) -> str:
-    cur = change.current
-    detail = cur.health_reason if cur.label in ("presence-error", "gone") else (
-        cur.report.status_text() if cur.report else "")
-    return f"{dt.datetime.now():%H:%M:%S} {cur.name:<14} {cur.label:<15} {detail}"
+def _watch_line(view: DeviceView, as_json: bool) -> str:
+    """What `watch` shows of a device, without the time a text line starts with (nor the JSON
+    line's cause): a presence whose line would be the same as the last one shown is not news."""
+    if as_json:
+        return json.dumps(view.as_dict())
+    detail = view.health_reason if view.label in ("presence-error", "gone") else (
+        view.report.status_text() if view.report else "")
+    return f"{view.name:<14} {view.label:<15} {detail}"
 
 
 async def cmd_watch(args: argparse.Namespace) -> int:
@@ -118,15 +121,28 @@ async def cmd_watch(args: argparse.Namespace) -> int:
         else:
             print(table(status_rows({v.name: v for v in now})), flush=True)
             print("-- watching; Ctrl-C to stop --", flush=True)
+        # The last line shown of each device: its periodic refresh, saying what it said, is no
+        # change to a person (the tracker still takes it: it is what keeps the device fresh).
+        shown = {view.name: _watch_line(view, args.json) for view in now}
         count = 0
         async for change in grid.changes():
-            # A device leaving the filter (load on -> off with state=on) is a change to show too.
-            if chosen and not (chosen.matches(change.current) or chosen.matches(change.previous)):
+            cur = change.current
+            # A device leaving the filter (load on -> off with state=on) is a change to show too,
+            # and so is one entering it, whether or not its line changed.
+            crossed = False
+            if chosen:
+                was, is_now = chosen.matches(change.previous), chosen.matches(cur)
+                if not (was or is_now):
+                    continue
+                crossed = was != is_now
+            line = _watch_line(cur, args.json)
+            if not crossed and shown.get(cur.name) == line:
                 continue
-            if args.json:
-                print(json.dumps({"cause": change.cause, **change.current.as_dict()}), flush=True)
+            shown[cur.name] = line
+            if args.json:  # the line shown, with the cause first (as json.dumps of both writes it)
+                print(f'{{"cause": {json.dumps(change.cause)}, {line[1:]}', flush=True)
             else:
-                print(_change_text(change), flush=True)
+                print(f"{dt.datetime.now():%H:%M:%S} {line}", flush=True)
             count += 1
             if args.count and count >= args.count:
                 break
@@ -321,11 +337,13 @@ def register(sub: Any) -> None:  # argparse's subparsers action has no public ty
                      "(with --summary: one line, no devices). "
                      "`watch --json` is JSON Lines (one object a line).")
     status.set_defaults(run=cmd_status)
-    watch = sub.add_parser("watch", help="show presence changes live")
+    watch = sub.add_parser("watch", help="show presence changes live (a device's line when what it shows changed)")
     operator_opts(watch)
     filter_opt(watch)
     watch.add_argument("--count", type=argtypes.count, default=0,
-                       help="stop after this many changes (default 0: until Ctrl-C)")
+                       help="stop after this many lines of changes (default 0: until Ctrl-C)")
+    watch.epilog = ("A device's presence that shows nothing new (its periodic refresh, same state and readings) "
+                    "prints no line; one entering or leaving --filter always does.")
     watch.set_defaults(run=cmd_watch, until_stopped=True)
     alarms = sub.add_parser("alarms", help="show alarms sent to this operator as they arrive (acknowledge: `ack`)")
     operator_opts(alarms)

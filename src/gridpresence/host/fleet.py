@@ -214,11 +214,17 @@ class FleetBots:
                 *self.devices.values(),
                 *([self.console] if self.console else [])]
 
+    async def connect_link(self) -> None:
+        """The component link of the hosted devices, up (once; nothing without hosted devices).
+        Before any party that watches them logs in (the grid's relay): that login sends each
+        one its presence and a probe, which the server bounces while no component is connected."""
+        if self.link is not None and not self.link.online:
+            await self.link.start()
+
     async def start(self, stall_s: float = LOGIN_STALL_S, progress: Progress | None = None) -> None:
         if self.historian is not None:
             self.historian.start()  # before the logins, so it records the fleet arriving
-        if self.link is not None:  # hosted devices' sessions start when the link is up
-            await self.link.start()
+        await self.connect_link()  # hosted devices' sessions start when the link is up
         hosted = {d for name, d in self.devices.items() if self.fleet.hosted(name)}
         await log_in_all(self.bots, stall_s, paced=hosted, settler=self._gc, progress=progress)
         # Thousands of long-lived session objects now exist; keep the cyclic GC from

@@ -180,12 +180,14 @@ class Grid:
                 if self._want_bots:
                     await self._start_children()
                 return
-            if self._want_bots and (self._only is None or RELAY in self._only):
-                await self._start_relay()
-            self._write_connection()
             if self._want_bots:
                 self.bots = FleetBots(self.fleet, self.endpoint, self.secrets, only=self._only, tick_s=self._tick_s,
                                       data_dir=self.data_dir, history=self._history)
+                await self.bots.connect_link()  # before the relay: see _start_relay
+                if self._only is None or RELAY in self._only:
+                    await self._start_relay()
+            self._write_connection()
+            if self.bots is not None:
                 await self.bots.start(progress=self._progress)
                 await self._play_sites()
         except BaseException:
@@ -193,8 +195,11 @@ class Grid:
             raise
 
     async def _start_children(self) -> None:
-        """The relay first (it publishes itself in the connection file), then the devices, then
-        the services; each a `gridpresence` process of its own, supervised."""
+        """The devices first, then the relay (it publishes itself in the connection file), then
+        the services; each a `gridpresence` process of its own, supervised. The devices' process
+        holds the hosted devices' component link: a relay logging in before it is up has its
+        presence and probes to them bounced (see _start_relay); after it, its probes are
+        answered by each device's last presence."""
         f, data = self.fleet, str(self.data_dir)
         wanted = set(self._only) if self._only is not None else None
 
@@ -205,14 +210,14 @@ class Grid:
         devices = chosen([d.name for d in f.devices])
         services = chosen([WATCHDOG, CONSOLE, *(p.name for p in (*f.billing, *f.manufacturers))])
         plan = []
-        if chosen([RELAY]):
-            plan.append(SupervisedChild("relay", gridpresence_argv(*verbose, "relay", "--data", data,
-                                                                   "--bind", self._bind), ready="relay up",
-                                        hung_after_s=self._hung_after_s))
         if devices:
             plan.append(SupervisedChild("devices", gridpresence_argv(*verbose, "bots", "--data", data, "--only",
                                                                      *devices), ready="running",
                                         hung_after_s=self._hung_after_s, progress=self._progress))
+        if chosen([RELAY]):
+            plan.append(SupervisedChild("relay", gridpresence_argv(*verbose, "relay", "--data", data,
+                                                                   "--bind", self._bind), ready="relay up",
+                                        hung_after_s=self._hung_after_s))
         if services:
             plan.append(SupervisedChild("services", gridpresence_argv(*verbose, "bots", "--data", data,
                                                                       "--only", *services), ready="running",
@@ -267,7 +272,11 @@ class Grid:
             PinStore(PartyKeys.beside(self.keys.secret_path(op.name), op.name).pins_file).provision(billing)
 
     async def _start_relay(self) -> None:
-        """The store-and-forward relay, before the devices so it sees them arrive."""
+        """The store-and-forward relay, before the devices log in so it sees them arrive, but
+        after the hosted devices' component link is up: its login sends every device it watches
+        its presence and a probe, which Prosody bounces, two lines of its log each, for hosted
+        ones while no component is connected. A hosted device tells it it is there at its login
+        (its first presence goes to every subscriber)."""
         queue_path, _ = relay_files(self.data_dir)
         port = relay_port(self.data_dir, self._bind)
         self.relay = RelayService(self.fleet, self.endpoint, self.secrets.password(RELAY), queue_path,
