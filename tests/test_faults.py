@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from conftest import run_cli, start_up
+from conftest import run_cli, start_up, until
 from portcut import can_drop_ports, drop_port, undrop_port
 from gridpresence.config import Fleet, parse_fleet
 from gridpresence.device.operated import OperatedStore, kept_state
@@ -403,6 +403,49 @@ async def test_a_command_whose_cli_died_waiting_is_reported_by_the_next_one(grid
         assert code == 0 and "no command of yours is waiting" in out, (out, err)
         kept = kept_state(grid.data_dir, "apart")
         assert kept is not None and kept.state is DeviceState.OFF
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+            await proc.wait()
+
+
+async def test_a_shed_ended_by_ctrl_c_says_what_stays_pending_and_no_outcome_is_lost(grid: Grid) -> None:
+    """Ctrl-C while `gridpresence shed` waits for a frozen device: stderr says how many commands
+    had no outcome, that they stay pending and that `gridpresence pending` reports them. The
+    device runs it when it thaws; the `status` after takes the outcome, and `gridpresence
+    pending` still prints it (once: it is then no longer kept)."""
+    conn = ["--connection", str(grid.connection_file)]
+    pending_dir = grid.keys.secret_path("alice").with_name("alice.pending")
+    proc = await _bots_apart(grid, "apart")
+    exe = Path(sys.executable).with_name("gridpresence")
+    try:
+        code, out, err = await run_cli("status", *conn)
+        assert code == 0 and re.search(r"apart\s+load\s+on", out), (out, err)
+        proc.send_signal(signal.SIGSTOP)
+        cli = await asyncio.create_subprocess_exec(str(exe), "shed", "apart", "load-1", "--ttl", "30", *conn,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(30):
+            while not list(pending_dir.glob("*.json")):
+                await asyncio.sleep(0.1)
+        cli.send_signal(signal.SIGINT)
+        out_b, err_b = await asyncio.wait_for(cli.communicate(), 20)
+        err = err_b.decode()
+        assert cli.returncode == 2, (out_b, err)
+        assert "1 command sent had no outcome yet" in err, err  # load-1 answered: only apart waits
+        assert "stays pending" in err and "`gridpresence pending`" in err and str(pending_dir) in err, err
+        [kept] = list(pending_dir.glob("*.json"))
+        entry = json.loads(kept.read_text())
+        assert entry["action"] == "shed" and entry["device"].startswith("apart@"), entry
+        proc.send_signal(signal.SIGCONT)
+        await until(lambda: (k := kept_state(grid.data_dir, "apart")) is not None and k.state is DeviceState.OFF,
+                    timeout=20, what="apart to run the shed")
+        code, out, err = await run_cli("status", *conn)
+        assert code == 0 and re.search(r"apart\s+load\s+off", out), (out, err)
+        code, out, err = await run_cli("pending", *conn)
+        assert code == 0 and re.search(r"^shed apart: executed", out, re.M), (out, err)
+        code, out, err = await run_cli("pending", *conn)
+        assert code == 0 and "no command of yours is waiting" in out, (out, err)
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGCONT)

@@ -261,15 +261,17 @@ class GridOperator:
         """Commands an earlier process of this operator sent and died waiting for: their
         outcomes are awaited here (`inherited`), told to the outcome listeners, logged, and kept
         in the pending store until `gridpresence pending` shows them (operator/pending.py)."""
+        adopted = 0
         for entry in self.issuer.store.orphans():
             if entry.command_id in self.inherited:
                 continue
             task = asyncio.ensure_future(self.issuer.adopt(entry))
             self.inherited[entry.command_id] = (entry, task)
             task.add_done_callback(functools.partial(self._inherited_done, entry))
-        if self.inherited:
+            adopted += 1
+        if adopted:  # (not those whose outcome came unasked before: they were said)
             log.warning("%s: %d commands sent by an earlier process had no outcome yet; waiting for them here",
-                        self.jid, len(self.inherited))
+                        self.jid, adopted)
 
     def _late_inherited(self, entry: PendingCommand, outcome: Outcome) -> None:
         """An earlier process's command answered here before (or without) being adopted."""
