@@ -82,9 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ending a command that runs until stopped (watch, alarms) is what Ctrl-C is for.
         if getattr(args, "until_stopped", False):
             return EXIT_OK
-        # Otherwise say what the commands already sent do now (Interrupted: how many wait).
-        print(f"gridpresence {args.command}: {exc if isinstance(exc, Interrupted) else 'interrupted'}",
-              file=sys.stderr)
+        # Commands sent still without an outcome go on without us: say so, and where they are.
+        if isinstance(exc, Interrupted) and exc.waiting:
+            print(f"gridpresence {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:
         # The reader went away (`status | head`): as the Python docs advise for SIGPIPE, point

@@ -34,12 +34,11 @@ class Interrupted(Exception):
         self.waiting, self.where = waiting, where
 
     def __str__(self) -> str:
-        if not self.waiting or self.where is None:
-            return "interrupted"
         one = self.waiting == 1
         return (f"interrupted: {self.waiting} command{'' if one else 's'} sent had no outcome yet. "
-                f"{'It was' if one else 'They were'} not withdrawn: a device that gets one before it expires "
-                f"still runs it. {'It stays' if one else 'They stay'} pending in {self.where}; "
+                f"{'It was' if one else 'They were'} not withdrawn: a device that gets "
+                f"{'it' if one else 'one'} before it expires still runs it. "
+                f"{'It stays' if one else 'They stay'} pending in {self.where}; "
                 f"`gridpresence pending` reports {'its outcome' if one else 'their outcomes'}.")
 
 
@@ -69,6 +68,7 @@ async def with_operator(args: argparse.Namespace, body: Callable[[GridOperator],
             raise
         # Ctrl-C (asyncio.run cancels this task): the waits were cancelled, so every command
         # still without an outcome is on disk by now (operator/issuer.py send); say so.
-        raise Interrupted(grid.issuer.store.waiting_here(), grid.issuer.store.directory) from None
+        store = grid.issuer.store
+        raise Interrupted(store.waiting_here(), store.directory) from None
     finally:
         await grid.close()
