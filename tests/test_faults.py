@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from conftest import run_cli, start_up
+from conftest import run_cli, start_up, until
 from portcut import can_drop_ports, drop_port, undrop_port
 from gridpresence.config import Fleet, parse_fleet
 from gridpresence.device.operated import OperatedStore, kept_state
@@ -410,10 +410,54 @@ async def test_a_command_whose_cli_died_waiting_is_reported_by_the_next_one(grid
             await proc.wait()
 
 
+async def test_a_shed_ended_by_ctrl_c_says_what_stays_pending_and_no_outcome_is_lost(grid: Grid) -> None:
+    """Ctrl-C while `gridpresence shed` waits for a frozen device: stderr says how many commands
+    had no outcome, that they stay pending and that `gridpresence pending` reports them. The
+    device runs it when it thaws; the `status` after takes the outcome, and `gridpresence
+    pending` still prints it (once: it is then no longer kept)."""
+    conn = ["--connection", str(grid.connection_file)]
+    pending_dir = grid.keys.secret_path("alice").with_name("alice.pending")
+    proc = await _bots_apart(grid, "apart")
+    exe = Path(sys.executable).with_name("gridpresence")
+    try:
+        code, out, err = await run_cli("status", *conn)
+        assert code == 0 and re.search(r"apart\s+load\s+on", out), (out, err)
+        proc.send_signal(signal.SIGSTOP)
+        cli = await asyncio.create_subprocess_exec(str(exe), "shed", "apart", "load-1", "--ttl", "30", *conn,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(30):
+            while not list(pending_dir.glob("*.json")):
+                await asyncio.sleep(0.1)
+        cli.send_signal(signal.SIGINT)
+        out_b, err_b = await asyncio.wait_for(cli.communicate(), 20)
+        err = err_b.decode()
+        assert cli.returncode == 2, (out_b, err)
+        assert "1 command sent had no outcome yet" in err, err  # load-1 answered: only apart waits
+        assert "stays pending" in err and "`gridpresence pending`" in err and str(pending_dir) in err, err
+        [kept] = list(pending_dir.glob("*.json"))
+        entry = json.loads(kept.read_text())
+        assert entry["action"] == "shed" and entry["device"].startswith("apart@"), entry
+        proc.send_signal(signal.SIGCONT)
+        await until(lambda: (k := kept_state(grid.data_dir, "apart")) is not None and k.state is DeviceState.OFF,
+                    timeout=20, what="apart to run the shed")
+        code, out, err = await run_cli("status", *conn)
+        assert code == 0 and re.search(r"apart\s+load\s+off", out), (out, err)
+        code, out, err = await run_cli("pending", *conn)
+        assert code == 0 and re.search(r"^shed apart: executed", out, re.M), (out, err)
+        code, out, err = await run_cli("pending", *conn)
+        assert code == 0 and "no command of yours is waiting" in out, (out, err)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+            await proc.wait()
+
+
 def test_pending_store_survives_bad_files(tmp_path: Path) -> None:
-    """Torn or tampered pending-command files are set aside, never an error. Seeded, bounded fuzz."""
+    """Torn or tampered pending-command files are set aside, never an error; a damaged answered
+    entry is skipped and set aside, the entries beside it in its file stay. Seeded, bounded fuzz."""
     from gridpresence.operator.pending import PendingStore
-    from gridpresence.protocol.models import Action, Command
+    from gridpresence.protocol.models import Action, Command, Outcome
 
     store = PendingStore(tmp_path / "alice.pending")
     cmd = Command.new(Action.SHED, "alice@localhost", ttl_s=30)
@@ -421,14 +465,34 @@ def test_pending_store_survives_bad_files(tmp_path: Path) -> None:
     [good] = store.entries()
     assert good.command_id == cmd.id and good.pid == os.getpid() and not store.orphans()
     raw = next((tmp_path / "alice.pending").glob("*.json")).read_bytes()
+    # An answered entry (a later session took the outcome of an earlier process's command).
+    done_cmd = Command.new(Action.SHED, "alice@localhost", ttl_s=30)
+    done = store.entry(done_cmd, "load-2@localhost", "<command xmlns='x'/>", "direct")
+    store.answer(done, Outcome(command_id=done_cmd.id, device="load-2@localhost", status=OutcomeStatus.EXECUTED))
+    [answered] = store.answered()
+    assert answered.outcome is not None and answered.outcome.status is OutcomeStatus.EXECUTED
+    assert [e.command_id for e in store.entries()] == [cmd.id], "answered: not waiting, not adopted again"
+    answered_raw = (tmp_path / "alice.pending" / f"{done_cmd.id}.json").read_bytes()
     rng = random.Random(1415)
     for i in range(200):
-        blob = bytearray(raw)
+        blob = bytearray(rng.choice((raw, answered_raw)))
         for _ in range(rng.randint(1, 6)):
             blob[rng.randrange(len(blob))] = rng.randrange(256)
         (tmp_path / "alice.pending" / f"fuzz-{i}.json").write_bytes(bytes(blob[: rng.randint(0, len(blob))]))
-        entries = store.entries()
-        assert all(e.command_id for e in entries)
+        entries, kept = store.entries(), store.answered()
+        assert all(e.command_id for e in entries) and all(e.outcome is not None for e in kept)
+        assert cmd.id in {e.command_id for e in entries} and done_cmd.id in {e.command_id for e in kept}
+    # A group with one damaged answered entry: that one is set aside, the other is still read.
+    intact = json.loads(answered_raw) | {"command_id": "intact-1"}
+    damaged = json.loads(answered_raw) | {"command_id": "damaged-1"}
+    damaged["outcome"]["status"] = "exploded"
+    group = tmp_path / "alice.pending" / "group-1-1.json"
+    group.write_text(json.dumps({"entries": [damaged, intact]}))
+    assert "intact-1" in {e.command_id for e in store.answered()}
+    assert "damaged-1" not in {e.command_id for e in store.answered() + store.entries()}
+    assert "damaged-1" in group.with_suffix(".bad").read_text() and "damaged-1" not in group.read_text()
+    store.shown([done_cmd.id, "intact-1"])
+    assert {e.command_id for e in store.answered()} == set(), "shown: no longer kept"
     store.remove(cmd.id)
     assert all(e.command_id != cmd.id for e in store.entries())
     assert PendingStore.beside(None).entries() == [] and PendingStore.beside(

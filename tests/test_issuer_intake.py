@@ -175,3 +175,46 @@ async def test_an_outcome_another_handler_also_wants_goes_slixmpps_way_to_both(t
             f"<message xmlns='jabber:client' from='{DEVICES[3]}/h' type='normal'><body>hi {i}</body>{body}</message>"))
     assert dispatch.taken_for == 0 and all(f.done() and f.result().ok for f in futs)
     assert bodies == [f"hi {i}" for i in range(4)]
+
+
+async def test_cancelled_waits_keep_their_commands_at_once_and_an_heirs_outcomes_stay_until_shown(
+        tmp_path: Path) -> None:
+    """Ctrl-C cancels the waits well before the 0.5 s keep: every command sent is on disk at
+    once, still waiting (operator/pending.py). The next issuer of the operator adopts them: an
+    outcome it takes, asked or unasked, is kept answered until shown; an adoption cancelled in
+    turn (that process ended too) leaves its command waiting for the next."""
+    directory = tmp_path / "alice.pending"
+    issuer = CommandIssuer(make_client("op@localhost/a", "secret", Endpoint()), None, store=PendingStore(directory))
+    cmds = [Command.new(Action.SHED, "op@localhost", ttl_s=30) for _ in DEVICES[:3]]
+    tasks = [asyncio.ensure_future(issuer.send(c, f"{d}/h")) for c, d in zip(cmds, DEVICES)]
+    await asyncio.sleep(0.05)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert issuer.store.waiting_here() == 3
+    kept = PendingStore(directory).entries()
+    assert [e.command_id for e in kept] == [c.id for c in cmds] and all(e.outcome is None for e in kept)
+    for path in directory.glob("*.json"):  # as the interrupted process leaves them once it is gone
+        path.unlink()
+    PendingStore(directory).add_many([e.model_copy(update={"pid": DEAD_PID}) for e in kept])
+
+    told: list[str] = []
+    heir = CommandIssuer(make_client("op@localhost/b", "secret", Endpoint()), None, store=PendingStore(directory))
+    heir.on_orphan_outcome = lambda entry, _outcome: told.append(entry.command_id)
+    orphans = {e.command_id: e for e in heir.store.orphans()}
+    assert set(orphans) == {c.id for c in cmds}
+    answered = asyncio.ensure_future(heir.adopt(orphans[cmds[0].id]))
+    given_up = asyncio.ensure_future(heir.adopt(orphans[cmds[1].id]))
+    await asyncio.sleep(0.05)
+    heir._accept(Outcome(command_id=cmds[0].id, device=DEVICES[0], status=OutcomeStatus.EXECUTED))
+    heir._accept(Outcome(command_id=cmds[2].id, device=DEVICES[2], status=OutcomeStatus.EXECUTED))  # unasked
+    given_up.cancel()
+    assert (await answered).status is OutcomeStatus.EXECUTED
+    await asyncio.gather(given_up, return_exceptions=True)
+    assert told == [cmds[2].id]
+    reader = PendingStore(directory)
+    assert {e.command_id for e in reader.answered()} == {cmds[0].id, cmds[2].id}
+    assert all(e.outcome is not None and e.outcome.ok for e in reader.answered())
+    assert [e.command_id for e in reader.entries()] == [cmds[1].id] and heir.store.waiting_here() == 1
+    reader.shown([cmds[0].id, cmds[2].id])
+    assert not PendingStore(directory).answered() and [e.command_id for e in reader.entries()] == [cmds[1].id]

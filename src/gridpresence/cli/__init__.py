@@ -41,7 +41,7 @@ import sys
 from collections.abc import Sequence
 
 from gridpresence.cli import gateway, history, keys, operate, relay, rules, up
-from gridpresence.cli.common import EXIT_ERROR, EXIT_FAILED_OUTCOME, EXIT_OK, CliError
+from gridpresence.cli.common import EXIT_ERROR, EXIT_FAILED_OUTCOME, EXIT_OK, CliError, Interrupted
 from gridpresence.config import FleetError
 from gridpresence.operator.library import UnknownDevice
 from gridpresence.rules.model import RuleSetError
@@ -78,9 +78,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             UnknownDevice) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted) as exc:
         # Ending a command that runs until stopped (watch, alarms) is what Ctrl-C is for.
-        return EXIT_OK if getattr(args, "until_stopped", False) else EXIT_ERROR
+        if getattr(args, "until_stopped", False):
+            return EXIT_OK
+        # Commands sent still without an outcome go on without us: say so, and where they are.
+        if isinstance(exc, Interrupted) and exc.waiting:
+            print(f"gridpresence {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except BrokenPipeError:
         # The reader went away (`status | head`): as the Python docs advise for SIGPIPE, point
         # stdout at devnull so the flush at exit cannot fail again, and leave quietly.

@@ -4,6 +4,7 @@ the operator options, and logging in as an operator for one command."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,23 @@ EXIT_OK, EXIT_FAILED_OUTCOME, EXIT_ERROR = 0, 1, 2
 
 class CliError(Exception):
     """An error for the person at the terminal: printed without a traceback, exit code 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C ended an operator's command: `waiting` commands it sent (or adopted) still had no
+    outcome. They were not withdrawn and stay in the pending store (`where`)."""
+
+    def __init__(self, waiting: int, where: Path | None) -> None:
+        super().__init__(waiting, where)
+        self.waiting, self.where = waiting, where
+
+    def __str__(self) -> str:
+        one = self.waiting == 1
+        return (f"interrupted: {self.waiting} command{'' if one else 's'} sent had no outcome yet. "
+                f"{'It was' if one else 'They were'} not withdrawn: a device that gets "
+                f"{'it' if one else 'one'} before it expires still runs it. "
+                f"{'It stays' if one else 'They stay'} pending in {self.where}; "
+                f"`gridpresence pending` reports {'its outcome' if one else 'their outcomes'}.")
 
 
 def outcome_dict(name: str, outcome: Outcome) -> dict[str, Any]:
@@ -44,5 +62,13 @@ async def with_operator(args: argparse.Namespace, body: Callable[[GridOperator],
     await grid.connect(settle_s=args.settle)
     try:
         return await body(grid)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or not task.cancelling():
+            raise
+        # Ctrl-C (asyncio.run cancels this task): the waits were cancelled, so every command
+        # still without an outcome is on disk by now (operator/issuer.py send); say so.
+        store = grid.issuer.store
+        raise Interrupted(store.waiting_here(), store.directory) from None
     finally:
         await grid.close()

@@ -295,8 +295,9 @@ async def cmd_alarm_reply(args: argparse.Namespace) -> int:
 
 async def cmd_pending(args: argparse.Namespace) -> int:
     """The commands this operator sent from a process that ended before their outcome came:
-    their outcomes now (waited for until each expires), and those another live process of the
-    same operator still waits for."""
+    their outcomes now (waited for until each expires, or taken meanwhile by another session of
+    the operator and kept for this), and those another live process of the same operator still
+    waits for. An outcome shown is no longer kept."""
 
     async def body(grid: GridOperator) -> int:
         others = [e for e in grid.issuer.store.entries() if e.command_id not in grid.inherited]
@@ -305,13 +306,15 @@ async def cmd_pending(args: argparse.Namespace) -> int:
             print(json.dumps({"outcomes": [{**outcome_dict(name, o), "action": e.action} for name, e, o in done],
                               "awaited_elsewhere": [{"command_id": e.command_id, "device": e.device,
                                                      "action": e.action, "pid": e.pid} for e in others]}, indent=2))
-            return EXIT_OK
-        if not done and not others:
-            print("no command of yours is waiting for an outcome")
-        for name, entry, outcome in done:
-            print(f"{entry.action} {outcome_line(name, outcome)}")
-        for entry in others:
-            print(f"{entry.command_id} {entry.action} {entry.device}: still awaited by process {entry.pid}")
+        else:
+            if not done and not others:
+                print("no command of yours is waiting for an outcome")
+            for name, entry, outcome in done:
+                print(f"{entry.action} {outcome_line(name, outcome)}")
+            for entry in others:
+                print(f"{entry.command_id} {entry.action} {entry.device}: still awaited by process {entry.pid}")
+        sys.stdout.flush()  # written (a closed pipe raises here): only then forgotten
+        grid.shown(done)
         return EXIT_OK
 
     return await with_operator(args, body)

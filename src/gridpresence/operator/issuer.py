@@ -60,6 +60,7 @@ class CommandIssuer:
         # Told the outcome of an earlier process's command that arrives here unasked.
         self.on_orphan_outcome: Callable[[PendingCommand, Outcome], None] | None = None
         self.pending: dict[str, asyncio.Future[Outcome]] = {}  # command id -> outcome
+        self._adopted: set[str] = set()  # ids in `pending` that are an earlier process's (adopt)
         self._stanza_to_command: dict[str, str] = {}  # message id -> command id, for bounces
         # What was sent for each command still waiting, to which device (bare JID) and to which of
         # its sessions (full JID): sent again after a reconnect of ours or of the device's, as the
@@ -249,14 +250,18 @@ class CommandIssuer:
         """Wait for the outcome of a command an earlier process of this issuer sent and never
         heard back about (operator/pending.py). Sent straight to the device, it is sent again,
         unchanged, while it is valid (the device answers a copy from its replay memory); one the
-        relay holds is answered by the relay. Expired already: "expired", with why."""
+        relay holds is answered by the relay. Expired already: "expired", with why. The outcome
+        is kept in the store, answered, until `gridpresence pending` shows it; a wait cancelled
+        (this process ends first) leaves the entry waiting, for the next process."""
         entry = self.store.adopt(entry)
         if entry.expires <= utcnow():
-            self.store.remove(entry.command_id)
-            return Outcome(command_id=entry.command_id, device=entry.device, status=OutcomeStatus.EXPIRED,
-                           detail="expired before any outcome reached its issuer (the process that sent it "
-                                  "ended first); what the device did is in its history")
+            outcome = Outcome(command_id=entry.command_id, device=entry.device, status=OutcomeStatus.EXPIRED,
+                              detail="expired before any outcome reached its issuer (the process that sent it "
+                                     "ended first); what the device did is in its history")
+            self.store.answer(entry, outcome)
+            return outcome
         fut = self.expect(entry.command_id)
+        self._adopted.add(entry.command_id)
         if entry.route == "direct":
             try:
                 wire = ET.fromstring(entry.wire)
@@ -269,14 +274,16 @@ class CommandIssuer:
                 msg.send()
         wait_s = max(0.0, (entry.expires - utcnow()).total_seconds()) + OUTCOME_MARGIN_S
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), wait_s)
+            outcome = await asyncio.wait_for(asyncio.shield(fut), wait_s)
         except asyncio.TimeoutError:
-            return Outcome(command_id=entry.command_id, device=entry.device, status=OutcomeStatus.EXPIRED,
-                           detail="no outcome before the command expired (sent by an earlier process)")
+            outcome = Outcome(command_id=entry.command_id, device=entry.device, status=OutcomeStatus.EXPIRED,
+                              detail="no outcome before the command expired (sent by an earlier process)")
         finally:
-            self.store.remove(entry.command_id)
             self.pending.pop(entry.command_id, None)
             self._sent.pop(entry.command_id, None)
+            self._adopted.discard(entry.command_id)
+        self.store.answer(entry, outcome)
+        return outcome
 
     def cancel_all(self) -> None:
         for fut in self.pending.values():
@@ -321,19 +328,22 @@ class CommandIssuer:
             self._maybe_orphans(outcome)
             return
         fut.set_result(first_outcome(outcome))
-        self.store.remove(outcome.command_id)  # answered: no later process need wait for it
+        if outcome.command_id not in self._adopted:  # (adopt keeps an adopted one's outcome)
+            self.store.remove(outcome.command_id)  # answered: no later process need wait for it
 
     def _maybe_orphans(self, outcome: Outcome) -> None:
         """An outcome for no command of this process: an earlier process of ours may have sent
         it and died waiting (the device answered the full JID it no longer has, or the relay
-        our bare JID). Taken for it, and told, instead of being dropped."""
+        our bare JID). Taken for it, kept in the store as answered, and told, instead of being
+        dropped."""
         entry = next((e for e in self.store.orphans() if e.command_id == outcome.command_id), None)
         if entry is None or JID(entry.device).bare != JID(outcome.device).bare:
             log.debug("outcome for unknown or answered command %s from %s", outcome.command_id, outcome.device)
             return
-        self.store.remove(entry.command_id, found=True)
+        outcome = first_outcome(outcome)
+        self.store.answer(entry, outcome)
         if self.on_orphan_outcome is not None:
-            self.on_orphan_outcome(entry, first_outcome(outcome))
+            self.on_orphan_outcome(entry, outcome)
 
     def _on_bounce(self, msg: Message) -> None:
         cmd_id = self._stanza_to_command.get(msg["id"])

@@ -259,16 +259,19 @@ class GridOperator:
 
     def _adopt_orphans(self) -> None:
         """Commands an earlier process of this operator sent and died waiting for: their
-        outcomes are awaited here (`inherited`), told to the outcome listeners and logged."""
+        outcomes are awaited here (`inherited`), told to the outcome listeners, logged, and kept
+        in the pending store until `gridpresence pending` shows them (operator/pending.py)."""
+        adopted = 0
         for entry in self.issuer.store.orphans():
             if entry.command_id in self.inherited:
                 continue
             task = asyncio.ensure_future(self.issuer.adopt(entry))
             self.inherited[entry.command_id] = (entry, task)
             task.add_done_callback(functools.partial(self._inherited_done, entry))
-        if self.inherited:
+            adopted += 1
+        if adopted:  # (not those whose outcome came unasked before: they were said)
             log.warning("%s: %d commands sent by an earlier process had no outcome yet; waiting for them here",
-                        self.jid, len(self.inherited))
+                        self.jid, adopted)
 
     def _late_inherited(self, entry: PendingCommand, outcome: Outcome) -> None:
         """An earlier process's command answered here before (or without) being adopted."""
@@ -288,24 +291,35 @@ class GridOperator:
         if task.cancelled() or task.exception() is not None:
             return
         outcome = task.result()
-        log.warning("%s: command %s (%s %s) from an earlier process: %s %s", self.jid, entry.command_id, entry.action,
-                    self._name_of(entry.device), outcome.status.value, outcome.detail)
+        log.warning("%s: command %s (%s %s) from an earlier process: %s %s (kept for `gridpresence pending`)",
+                    self.jid, entry.command_id, entry.action, self._name_of(entry.device), outcome.status.value,
+                    outcome.detail)
         self._tell(self._outcome_listeners, self._name_of(entry.device), entry.action, outcome)
 
     async def inherited_outcomes(self) -> list[tuple[str, PendingCommand, Outcome]]:
-        """(device name, command, outcome) for every command adopted from an earlier process of
-        this operator, once each has ended (at the latest when it expires)."""
-        done = []
+        """(device name, command, outcome) for every command of an earlier process of this
+        operator with an outcome nobody has shown yet: those adopted here, once each has ended
+        (at the latest when it expires), and those an earlier session took and kept; oldest
+        first. `shown` then drops them from the pending store."""
+        done: dict[str, tuple[PendingCommand, Outcome]] = {}
         for cmd_id in list(self.inherited):
             while True:  # an adoption's wait may be replaced by the outcome arriving unasked
                 entry, fut = self.inherited[cmd_id]
                 try:
-                    done.append((self._name_of(entry.device), entry, await asyncio.shield(fut)))
+                    done[cmd_id] = (entry, await asyncio.shield(fut))
                     break
                 except asyncio.CancelledError:
                     if self.inherited[cmd_id][1] is fut:
                         raise
-        return done
+        for entry in self.issuer.store.answered():  # (also those just kept: the same outcome)
+            assert entry.outcome is not None
+            done.setdefault(entry.command_id, (entry, entry.outcome))
+        ordered = sorted(done.values(), key=lambda pair: pair[0].issued)
+        return [(self._name_of(entry.device), entry, self.with_state(outcome)) for entry, outcome in ordered]
+
+    def shown(self, outcomes: Iterable[tuple[str, PendingCommand, Outcome]]) -> None:
+        """These outcomes (from `inherited_outcomes`) reached the person: no longer kept."""
+        self.issuer.store.shown([entry.command_id for _name, entry, _outcome in outcomes])
 
     def _on_device_session(self, change: DeviceChange) -> None:
         """A device back on a new session gets the commands still waiting for it again."""

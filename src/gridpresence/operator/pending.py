@@ -14,6 +14,14 @@ process that waits for it; one whose process is gone is an orphan, and the next 
 the device's bare JID while it is still valid — a device that had it answers from its replay
 memory with the first outcome, so nothing runs twice — and an entry found already expired is
 reported as such (what the device did is in the historian: `gridpresence history DEVICE`).
+
+An outcome a later process takes for an orphan is kept too, in the entry (``outcome``), until
+`gridpresence pending` shows it (`answer`, `shown`): the process that took it is seldom the one
+the person reads outcomes from (a `status` after a Ctrl-C'd `shed`), and a log line on its
+stderr is easily lost. Shown, it is removed: `pending` is where a person learns the outcome
+once, and the device's history (`gridpresence history DEVICE`) keeps it for good; an answered
+entry nobody has shown yet is kept with no time limit (there are only as many as commands
+whose process died waiting).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
-from gridpresence.protocol.models import Command, utcnow
+from gridpresence.protocol.models import Command, Outcome, utcnow
 from gridpresence.server.pids import process_alive
 
 log = logging.getLogger(__name__)
@@ -49,7 +57,9 @@ class PendingCommand(BaseModel):
     expires: AwareDatetime
     route: Literal["direct", "relay"]
     wire: str  # the signed command element as sent, to send again unchanged
-    pid: int  # the process waiting for its outcome
+    pid: int  # the process waiting for its outcome (answered: the one that took the outcome)
+    # Set once a process other than the sender took the outcome: kept until `pending` shows it.
+    outcome: Outcome | None = None
 
 
 class PendingStore:
@@ -62,6 +72,7 @@ class PendingStore:
         self._groups: dict[str, set[str]] = {}  # file stem -> ids in it not yet answered
         self._serial = 0
         self._found_in: dict[str, Path] = {}  # id -> the file `entries` read it from (another process's)
+        self._answered: set[str] = set()  # ids in `_kept` that are answered (not waiting)
 
     @classmethod
     def beside(cls, key_file: str | Path | None) -> PendingStore:
@@ -116,13 +127,20 @@ class PendingStore:
             log.warning("could not keep %d pending commands in %s: %s", len(entries), self.directory, exc)
             return
         for e in entries:
-            self._forget_in_group(e.command_id)  # adopted again: its older file need not list it
+            if self._kept.get(e.command_id) != stem:  # (the same file rewritten: nothing to forget)
+                self._forget_in_group(e.command_id)  # adopted again: its older file need not list it
             self._kept[e.command_id] = stem
+            (self._answered.add if e.outcome is not None else self._answered.discard)(e.command_id)
         self._groups[stem] = {e.command_id for e in entries}
 
     def holds(self, command_id: str) -> bool:
         """This process has `command_id` on disk."""
         return command_id in self._kept
+
+    def waiting_here(self) -> int:
+        """Commands this process has on disk still without an outcome (its own and adopted ones):
+        what stays pending if it ends now."""
+        return len(self._kept.keys() - self._answered)
 
     def remove(self, command_id: str, found: bool = False) -> None:
         """Forget `command_id`; `found`: an entry another process wrote (an orphan's)."""
@@ -134,6 +152,7 @@ class PendingStore:
             self._drop_found(command_id)
 
     def _forget_in_group(self, command_id: str) -> None:
+        self._answered.discard(command_id)
         stem = self._kept.pop(command_id, None)
         if stem is None or self.directory is None:
             return
@@ -147,24 +166,63 @@ class PendingStore:
             (self.directory / f"{stem}.json").unlink()
 
     def entries(self) -> list[PendingCommand]:
-        """Every kept entry, oldest first; an unreadable file is logged and set aside."""
+        """Every kept entry still waiting for its outcome, oldest first."""
+        return [e for e in self._read() if e.outcome is None]
+
+    def answered(self) -> list[PendingCommand]:
+        """Every entry whose outcome a later process took and nobody has shown yet, oldest first."""
+        return [e for e in self._read() if e.outcome is not None]
+
+    def _read(self) -> list[PendingCommand]:
+        """Every kept entry, oldest first; what cannot be read is logged and set aside."""
         if self.directory is None or not self.directory.is_dir():
             return []
         found = []
         for path in sorted(self.directory.glob("*.json")):
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-                group = data.get("entries") if isinstance(data, dict) else None
-                read = ([PendingCommand.model_validate(e) for e in group] if isinstance(group, list)
-                        else [PendingCommand.model_validate(data)])
-                for e in read:
-                    self._found_in[e.command_id] = path
-                found += read
-            except (OSError, ValueError, ValidationError, AttributeError) as exc:
-                log.warning("pending command file %s unreadable (%s); set aside", path, str(exc).splitlines()[0])
-                with contextlib.suppress(OSError):
-                    path.replace(path.with_suffix(".bad"))
+            found += self._read_file(path)
         return sorted(found, key=lambda e: e.issued)
+
+    def _read_file(self, path: Path) -> list[PendingCommand]:
+        """One file's entries. A file that is not JSON is set aside whole (``.bad``); in a group,
+        only the entries that do not validate are (``.bad``), the others stay where they were."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []  # removed meanwhile by the process whose it is: answered
+        except (OSError, ValueError) as exc:
+            self._set_aside(path, str(exc))
+            return []
+        group = data.get("entries") if isinstance(data, dict) else None
+        items = group if isinstance(group, list) else [data]
+        good: list[PendingCommand] = []
+        bad: list[object] = []
+        why = ""
+        for item in items:
+            try:
+                good.append(PendingCommand.model_validate(item))
+            except (ValidationError, ValueError, TypeError) as exc:
+                bad.append(item)
+                why = why or str(exc)
+        if bad and not good:
+            self._set_aside(path, why)
+        elif bad:
+            log.warning("pending command file %s: %d of %d entries unreadable (%s); those set aside",
+                        path, len(bad), len(items), why.splitlines()[0])
+            with contextlib.suppress(OSError, TypeError, ValueError):
+                path.with_suffix(".bad").write_text(json.dumps({"entries": bad}), encoding="utf-8")
+                tmp = f"{path}.{os.getpid()}.tmp"
+                Path(tmp).write_text(json.dumps({"entries": [e.model_dump(mode="json") for e in good]}),
+                                     encoding="utf-8")
+                os.replace(tmp, path)
+        for e in good:
+            self._found_in[e.command_id] = path
+        return good
+
+    @staticmethod
+    def _set_aside(path: Path, why: str) -> None:
+        log.warning("pending command file %s unreadable (%s); set aside", path, (why.splitlines() or [""])[0])
+        with contextlib.suppress(OSError):
+            path.replace(path.with_suffix(".bad"))
 
     def orphans(self) -> list[PendingCommand]:
         """Entries whose waiting process is gone."""
@@ -177,6 +235,19 @@ class PendingStore:
         self._write([mine])
         self._drop_found(entry.command_id)
         return mine
+
+    def answer(self, entry: PendingCommand, outcome: Outcome) -> None:
+        """`entry`, an earlier process's command, has its `outcome` here: kept, answered, until
+        `gridpresence pending` shows it (`shown`), whichever process took it."""
+        if self.directory is None:
+            return
+        self._write([entry.model_copy(update={"pid": os.getpid(), "outcome": outcome})])
+        self._drop_found(entry.command_id)
+
+    def shown(self, command_ids: list[str]) -> None:
+        """The outcomes of these answered entries were shown to the person: no longer kept."""
+        for command_id in command_ids:
+            self.remove(command_id, found=True)
 
     def _drop_found(self, command_id: str) -> None:
         """Take `command_id` out of the other process's file it was found in (rare: adoption)."""
