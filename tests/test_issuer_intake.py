@@ -218,3 +218,34 @@ async def test_cancelled_waits_keep_their_commands_at_once_and_an_heirs_outcomes
     assert [e.command_id for e in reader.entries()] == [cmds[1].id] and heir.store.waiting_here() == 1
     reader.shown([cmds[0].id, cmds[2].id])
     assert not PendingStore(directory).answered() and [e.command_id for e in reader.entries()] == [cmds[1].id]
+
+
+def test_the_orphans_of_a_fleet_sized_group_are_adopted_in_one_write_and_answers_are_not_waiting_twice(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """A Ctrl-C'd shed of 10,000 leaves one group file; the next process adopts them all with
+    one file of its own and the old group removed, not rewritten once per entry. An entry
+    answered and also still listed in a dead process's group counts as answered only."""
+    import os
+
+    directory = tmp_path / "alice.pending"
+    sender = PendingStore(directory)
+    cmds = [Command.new(Action.SHED, "op@localhost", ttl_s=30) for _ in range(10_000)]
+    sender.add_many([PendingStore.entry(c, DEVICES[i % len(DEVICES)], "<command/>", "direct")
+                     .model_copy(update={"pid": DEAD_PID}) for i, c in enumerate(cmds)])
+    writes: list[str] = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (writes.append(str(b)), real_replace(a, b))[1])
+    heir = PendingStore(directory)
+    orphans = heir.orphans()
+    assert len(orphans) == 10_000
+    mine = heir.adopt_many(orphans)
+    assert {e.pid for e in mine} == {os.getpid()} and len(writes) == 1  # one file written, none rewritten
+    files = list(directory.glob("*.json"))
+    assert len(files) == 1 and files[0].name == writes[0].rsplit("/", 1)[1]
+    assert not PendingStore(directory).orphans()  # ours now, alive
+
+    heir.answer(mine[0], Outcome(command_id=cmds[0].id, device=mine[0].device, status=OutcomeStatus.EXECUTED))
+    reader = PendingStore(directory)
+    assert [e.command_id for e in reader.answered()] == [cmds[0].id]
+    waiting = reader.entries()
+    assert len(waiting) == 9_999 and cmds[0].id not in {e.command_id for e in waiting}

@@ -246,14 +246,16 @@ class CommandIssuer:
             count += 1
         return count
 
-    async def adopt(self, entry: PendingCommand) -> Outcome:
+    async def adopt(self, entry: PendingCommand, kept: bool = False) -> Outcome:
         """Wait for the outcome of a command an earlier process of this issuer sent and never
         heard back about (operator/pending.py). Sent straight to the device, it is sent again,
         unchanged, while it is valid (the device answers a copy from its replay memory); one the
         relay holds is answered by the relay. Expired already: "expired", with why. The outcome
         is kept in the store, answered, until `gridpresence pending` shows it; a wait cancelled
-        (this process ends first) leaves the entry waiting, for the next process."""
-        entry = self.store.adopt(entry)
+        (this process ends first) leaves the entry waiting, for the next process. `kept`: the
+        store has it as this process's already (`PendingStore.adopt_many`, for many at once)."""
+        if not kept:
+            entry = self.store.adopt(entry)
         if entry.expires <= utcnow():
             outcome = Outcome(command_id=entry.command_id, device=entry.device, status=OutcomeStatus.EXPIRED,
                               detail="expired before any outcome reached its issuer (the process that sent it "

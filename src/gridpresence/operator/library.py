@@ -261,11 +261,10 @@ class GridOperator:
         """Commands an earlier process of this operator sent and died waiting for: their
         outcomes are awaited here (`inherited`), told to the outcome listeners, logged, and kept
         in the pending store until `gridpresence pending` shows them (operator/pending.py)."""
+        fresh = [e for e in self.issuer.store.orphans() if e.command_id not in self.inherited]
         adopted = 0
-        for entry in self.issuer.store.orphans():
-            if entry.command_id in self.inherited:
-                continue
-            task = asyncio.ensure_future(self.issuer.adopt(entry))
+        for entry in self.issuer.store.adopt_many(fresh):  # one write for them all, however many
+            task = asyncio.ensure_future(self.issuer.adopt(entry, kept=True))
             self.inherited[entry.command_id] = (entry, task)
             task.add_done_callback(functools.partial(self._inherited_done, entry))
             adopted += 1

@@ -166,8 +166,11 @@ class PendingStore:
             (self.directory / f"{stem}.json").unlink()
 
     def entries(self) -> list[PendingCommand]:
-        """Every kept entry still waiting for its outcome, oldest first."""
-        return [e for e in self._read() if e.outcome is None]
+        """Every kept entry still waiting for its outcome, oldest first (not one also kept
+        answered: a group file of a process that died still lists what it had answered)."""
+        kept = self._read()
+        answered = {e.command_id for e in kept if e.outcome is not None}
+        return [e for e in kept if e.outcome is None and e.command_id not in answered]
 
     def answered(self) -> list[PendingCommand]:
         """Every entry whose outcome a later process took and nobody has shown yet, oldest first."""
@@ -231,9 +234,16 @@ class PendingStore:
 
     def adopt(self, entry: PendingCommand) -> PendingCommand:
         """This process waits for `entry` from now on (its file is then this process's own)."""
-        mine = entry.model_copy(update={"pid": os.getpid()})
-        self._write([mine])
-        self._drop_found(entry.command_id)
+        return self.adopt_many([entry])[0]
+
+    def adopt_many(self, entries: list[PendingCommand]) -> list[PendingCommand]:
+        """This process waits for `entries` from now on: one file of its own for them all, and
+        each file they were found in rewritten once (an entry at a time, the orphans of a
+        Ctrl-C'd shed of 10,000 rewrote their group file 10,000 times)."""
+        mine = [e.model_copy(update={"pid": os.getpid()}) for e in entries]
+        if self.directory is not None and mine:
+            self._write(mine)
+            self._drop_found_many([e.command_id for e in entries])
         return mine
 
     def answer(self, entry: PendingCommand, outcome: Outcome) -> None:
@@ -250,17 +260,24 @@ class PendingStore:
             self.remove(command_id, found=True)
 
     def _drop_found(self, command_id: str) -> None:
-        """Take `command_id` out of the other process's file it was found in (rare: adoption)."""
-        path = self._found_in.pop(command_id, None)
-        if path is None or path.stem == self._kept.get(command_id):
-            return
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            data = json.loads(path.read_text(encoding="utf-8"))
-            group = data.get("entries") if isinstance(data, dict) else None
-            left = [e for e in group if e.get("command_id") != command_id] if isinstance(group, list) else []
-            if not left:
-                path.unlink()
-                return
-            tmp = f"{path}.{os.getpid()}.tmp"
-            Path(tmp).write_text(json.dumps({"entries": left}), encoding="utf-8")
-            os.replace(tmp, path)
+        self._drop_found_many([command_id])
+
+    def _drop_found_many(self, command_ids: list[str]) -> None:
+        """Take these ids out of the other processes' files they were found in (adoption,
+        answers): each file read and rewritten (or removed) once."""
+        by_path: dict[Path, set[str]] = {}
+        for command_id in command_ids:
+            path = self._found_in.pop(command_id, None)
+            if path is not None and path.stem != self._kept.get(command_id):
+                by_path.setdefault(path, set()).add(command_id)
+        for path, ids in by_path.items():
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                data = json.loads(path.read_text(encoding="utf-8"))
+                group = data.get("entries") if isinstance(data, dict) else None
+                left = [e for e in group if e.get("command_id") not in ids] if isinstance(group, list) else []
+                if not left:
+                    path.unlink()
+                    continue
+                tmp = f"{path}.{os.getpid()}.tmp"
+                Path(tmp).write_text(json.dumps({"entries": left}), encoding="utf-8")
+                os.replace(tmp, path)
