@@ -4,6 +4,7 @@ come back by itself. Real Prosody, real bots, real kill -9."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -373,23 +374,39 @@ async def test_a_prosody_left_by_a_crashed_run_is_stopped_not_left_to_a_person(t
         await old.stop()
 
 
+@contextlib.asynccontextmanager
+async def _shed_waiting_for_frozen(grid: Grid, frozen: str, *others: str) -> AsyncIterator[
+        tuple[asyncio.subprocess.Process, asyncio.subprocess.Process, Path]]:
+    """`frozen` in a bot process of its own, seen on, then SIGSTOPped; a `gridpresence shed`
+    of it (and `others`) running until its command is kept pending: (device process, CLI,
+    the operator's pending dir). The device is thawed and stopped after."""
+    conn = ["--connection", str(grid.connection_file)]
+    pending_dir = grid.keys.secret_path("alice").with_name("alice.pending")
+    proc = await _bots_apart(grid, frozen)
+    exe = Path(sys.executable).with_name("gridpresence")
+    try:
+        code, out, err = await run_cli("status", *conn)
+        assert code == 0 and re.search(rf"{frozen}\s+load\s+on", out), (out, err)
+        proc.send_signal(signal.SIGSTOP)
+        cli = await asyncio.create_subprocess_exec(str(exe), "shed", frozen, *others, "--ttl", "30", *conn,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(30):
+            while not list(pending_dir.glob("*.json")):
+                await asyncio.sleep(0.1)
+        yield proc, cli, pending_dir
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+            await proc.wait()
+
+
 async def test_a_command_whose_cli_died_waiting_is_reported_by_the_next_one(grid: Grid) -> None:
     """`gridpresence shed` killed -9 while its device is frozen: the command is kept in the
     operator's data dir; the device runs it when it thaws and answers a full JID that is gone;
     the next `gridpresence pending` of the same operator reports the true outcome."""
     conn = ["--connection", str(grid.connection_file)]
-    pending_dir = grid.keys.secret_path("alice").with_name("alice.pending")
-    proc = await _bots_apart(grid, "apart")
-    exe = Path(sys.executable).with_name("gridpresence")
-    try:
-        code, out, err = await run_cli("status", *conn)
-        assert code == 0 and re.search(r"apart\s+load\s+on", out), (out, err)
-        proc.send_signal(signal.SIGSTOP)
-        cli = await asyncio.create_subprocess_exec(str(exe), "shed", "apart", "--ttl", "30", *conn,
-                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        async with asyncio.timeout(30):
-            while not list(pending_dir.glob("*.json")):
-                await asyncio.sleep(0.1)
+    async with _shed_waiting_for_frozen(grid, "apart") as (proc, cli, pending_dir):
         cli.kill()  # -9 while it waits: no clean-up runs
         await cli.communicate()
         [kept] = list(pending_dir.glob("*.json"))
@@ -403,11 +420,6 @@ async def test_a_command_whose_cli_died_waiting_is_reported_by_the_next_one(grid
         assert code == 0 and "no command of yours is waiting" in out, (out, err)
         kept = kept_state(grid.data_dir, "apart")
         assert kept is not None and kept.state is DeviceState.OFF
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.terminate()
-            await proc.wait()
 
 
 async def test_a_shed_ended_by_ctrl_c_says_what_stays_pending_and_no_outcome_is_lost(grid: Grid) -> None:
@@ -416,18 +428,7 @@ async def test_a_shed_ended_by_ctrl_c_says_what_stays_pending_and_no_outcome_is_
     device runs it when it thaws; the `status` after takes the outcome, and `gridpresence
     pending` still prints it (once: it is then no longer kept)."""
     conn = ["--connection", str(grid.connection_file)]
-    pending_dir = grid.keys.secret_path("alice").with_name("alice.pending")
-    proc = await _bots_apart(grid, "apart")
-    exe = Path(sys.executable).with_name("gridpresence")
-    try:
-        code, out, err = await run_cli("status", *conn)
-        assert code == 0 and re.search(r"apart\s+load\s+on", out), (out, err)
-        proc.send_signal(signal.SIGSTOP)
-        cli = await asyncio.create_subprocess_exec(str(exe), "shed", "apart", "load-1", "--ttl", "30", *conn,
-                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        async with asyncio.timeout(30):
-            while not list(pending_dir.glob("*.json")):
-                await asyncio.sleep(0.1)
+    async with _shed_waiting_for_frozen(grid, "apart", "load-1") as (proc, cli, pending_dir):
         cli.send_signal(signal.SIGINT)
         out_b, err_b = await asyncio.wait_for(cli.communicate(), 20)
         err = err_b.decode()
@@ -446,11 +447,6 @@ async def test_a_shed_ended_by_ctrl_c_says_what_stays_pending_and_no_outcome_is_
         assert code == 0 and re.search(r"^shed apart: executed", out, re.M), (out, err)
         code, out, err = await run_cli("pending", *conn)
         assert code == 0 and "no command of yours is waiting" in out, (out, err)
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.terminate()
-            await proc.wait()
 
 
 def test_pending_store_survives_bad_files(tmp_path: Path) -> None:
