@@ -15,16 +15,18 @@ import pytest
 import pytest_asyncio
 from slixmpp import ClientXMPP, Iq
 from slixmpp.exceptions import IqError, IqTimeout
+from slixmpp.xmlstream.matcher import StanzaPath
 
 from conftest import agent_of, hosted_fleet, plain_client, run_cli, running_grid, until
 from gridpresence.config import parse_fleet
 from gridpresence.host.grid import Grid
-from gridpresence.operator.library import GridOperator
+from gridpresence.operator.library import WATCHDOG_HEALTH_MARGIN, GridOperator
 from gridpresence.protocol.codec import health_to_xml, q
-from gridpresence.protocol.models import HealthStatus
+from gridpresence.protocol.models import Health, HealthStatus
 from gridpresence.protocol.paging import RSM_NS, PageRequest, PagingError, parse_page_request, select_page
 from gridpresence.protocol.stanzas import FLEET_HEALTH_PAGE
 from gridpresence.services.watchdog import WatchdogAgent
+from gridpresence.xmpp.handlers import stanza_callback
 from gridpresence.xmpp.reconnect import SessionChange, reconnector_of
 from gridpresence.xmpp.session import close_session
 
@@ -263,6 +265,42 @@ async def test_only_operators_are_answered(paging: Paging) -> None:
             assert err.value.condition == "forbidden"
     finally:
         await close_session(client)
+
+
+async def test_an_operator_stops_asking_a_watchdog_gone_wrong(paging: Paging) -> None:
+    """A watchdog that pages on forever (new keys each page), or never moves on (the same page
+    again): the operator's login asks a bounded number of pages, and comes up all the same."""
+    watchdog = paging.watchdog
+    asked: list[str] = []
+
+    def endless(iq: Iq) -> None:  # pages of devices no roster holds, always more to come
+        asked.append(iq["grid_fleet_health"]["rsm"]["after"])
+        reply = iq.reply()
+        query = reply.enable("grid_fleet_health")
+        start = len(asked) * PAGE
+        for i in range(PAGE):
+            query.xml.append(health_to_xml(Health(device=f"ghost-{start + i:06d}@localhost", status=HealthStatus.GONE)))
+        query["rsm"]["first"], query["rsm"]["first_index"] = f"ghost-{start:06d}@localhost", str(start)
+        query["rsm"]["last"], query["rsm"]["count"] = f"ghost-{start + PAGE - 1:06d}@localhost", str(10**9)
+        reply.send()
+
+    def stuck(iq: Iq) -> None:  # the first real page, whatever was asked
+        asked.append(iq["grid_fleet_health"]["rsm"]["after"])
+        iq["grid_fleet_health"].xml.clear()
+        watchdog._on_query(iq)
+
+    for wrong, most in ((endless, (N + WATCHDOG_HEALTH_MARGIN) // PAGE + 1), (stuck, 2)):
+        asked.clear()
+        watchdog.client.remove_handler("fleet health")
+        watchdog.client.register_handler(stanza_callback("fleet health", StanzaPath("iq@type=get/grid_fleet_health"), wrong))
+        try:
+            async with GridOperator.from_connection(paging.grid.connection, operator="bob", resource="wary") as bob:
+                assert 2 <= len(asked) <= most, (wrong.__name__, len(asked))
+                assert sum(v.health is HealthStatus.GONE for v in bob.tracker.views.values()) <= len(GONE)
+        finally:
+            watchdog.client.remove_handler("fleet health")
+            watchdog.client.register_handler(
+                stanza_callback("fleet health", StanzaPath("iq@type=get/grid_fleet_health"), watchdog._on_query))
 
 
 async def test_the_limit_is_real_one_answer_for_the_fleet_closes_the_watchdog_stream(paging: Paging) -> None:
