@@ -60,7 +60,7 @@ def parse_page_request(query: ET.Element, page_size: int) -> PageRequest:
         tag = child.tag if isinstance(child.tag, str) else ""
         ns, _, local = tag[1:].partition("}") if tag.startswith("{") else ("", "", tag)
         if ns != RSM_NS or local not in _ASKABLE:
-            raise PagingError(f"a request's <set/> holds only <{'/>, <'.join(_ASKABLE)}/>, not <{local or tag}/>")
+            raise PagingError(f"a request's <set/> holds only <{'/>, <'.join(_ASKABLE)}/>, not <{(local or tag)[:60]}/>")
         if local in given:
             raise PagingError(f"<{local}/> given twice")
         if len(child):
