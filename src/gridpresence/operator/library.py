@@ -62,6 +62,8 @@ from gridpresence.operator.roster_cache import KeptRoster, fetch_roster, roster_
 from gridpresence.protocol.relay import FINAL_MARGIN_S
 from gridpresence.protocol.billing_report import PartData, PartName, QualityData
 from gridpresence.protocol.addressing import origin_of
+from gridpresence.protocol.paging import RSM_NS
+from gridpresence.protocol.stanzas import FLEET_HEALTH_PAGE
 from gridpresence.xmpp.handlers import stanza_callback
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,12 @@ FAN_OUT_BATCH = 50  # commands of a fan-out prepared (signed) before the loop ma
 FAN_OUT_WINDOW = 1000
 # How long `connect` waits for the tariff of a billing party that is online.
 TARIFF_WAIT_S = 5.0
+# The watchdog's fleet health, page by page (XEP-0059): how long one page and all of them may
+# take, and how many healths beyond our roster's devices we take (devices added since) before
+# we stop asking, whatever a watchdog gone wrong keeps sending.
+WATCHDOG_PAGE_S = 3.0
+WATCHDOG_HEALTH_S = 15.0
+WATCHDOG_HEALTH_MARGIN = FLEET_HEALTH_PAGE
 
 
 KEPT_ALARMS = 1000  # alarms kept in GridOperator.alarms
@@ -377,18 +385,52 @@ class GridOperator:
         if not resources:
             log.info("watchdog %s is not present; using own view only", self.watchdog)
             return
-        iq = self.client.make_iq_get(ito=f"{self.watchdog}/{next(iter(resources))}")
-        iq.enable("grid_fleet_health")
+        to = f"{self.watchdog}/{next(iter(resources))}"
+        bound = len(self.tracker.views) + WATCHDOG_HEALTH_MARGIN
+        taken, after = 0, ""
         try:
-            result = await iq.send(timeout=3)
-        except (IqError, IqTimeout) as exc:
-            log.info("watchdog %s did not answer (%s); using own view only", self.watchdog, exc)
-            return
-        for el in result.xml.iter(q("health")):
+            async with asyncio.timeout(WATCHDOG_HEALTH_S):
+                while taken < bound:
+                    got, after = await self._adopt_health_page(to, after)
+                    taken += got
+                    if not after:
+                        return
+            log.warning("watchdog %s sent %d healths for %d devices; asked no more", self.watchdog, taken,
+                        len(self.tracker.views))
+        except (IqError, IqTimeout, TimeoutError) as exc:
+            log.info("watchdog %s did not answer (%s) after %d healths; using own view for the rest",
+                     self.watchdog, str(exc) or "no time left", taken)
+
+    async def _adopt_health_page(self, to: str, after: str) -> tuple[int, str]:
+        """Ask the watchdog for the page after key ``after`` ("": the first) and adopt it; the
+        healths in it and the key to ask after next ("": that was the last page)."""
+        iq = self.client.make_iq_get(ito=to)
+        rsm = iq.enable("grid_fleet_health")["rsm"]
+        rsm["max"] = str(FLEET_HEALTH_PAGE)
+        if after:
+            rsm["after"] = after
+        result = await iq.send(timeout=WATCHDOG_PAGE_S)
+        query = result["grid_fleet_health"]
+        healths = query.xml.findall(q("health"))
+        for el in healths:
             try:
                 self.tracker.adopt(health_from_xml(el))
             except PayloadError as exc:
                 log.warning("watchdog sent invalid health: %s", exc)
+        if query.xml.find(f"{{{RSM_NS}}}set") is None:  # an older watchdog: everything in one answer
+            return len(healths), ""
+        page = query["rsm"]
+        last = page["last"] or ""
+        if not healths or not last or last <= after:  # past the end, or a watchdog not moving on
+            return len(healths), ""
+        # XEP-0059: the count and the first item's index tell whether more follow (a page may
+        # be shorter than asked: the watchdog's own page size); without them, a short page ends.
+        count, first = page["count"], page["first_index"]
+        if count and first and count.isdigit() and first.isdigit():
+            more = int(first) + len(healths) < int(count)
+        else:
+            more = len(healths) >= FLEET_HEALTH_PAGE
+        return len(healths), last if more else ""
 
     # -- views ------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import asyncio
 import datetime as dt
 import heapq
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -335,9 +335,10 @@ class PresenceTracker:
             if deadline is not None:  # still watched (the ping failed to go out, say): due again
                 heapq.heappush(self._due, (deadline, view.jid))
 
-    def health(self) -> list[Health]:
-        return [Health(device=v.jid, status=v.health, reason=v.health_reason, since=v.since)
-                for v in self.views.values()]
+    def health(self, jids: Iterable[str] | None = None) -> list[Health]:
+        """Every device's health, or those of ``jids`` (bare JIDs of devices watched)."""
+        views = self.views.values() if jids is None else (self.views[j] for j in jids)
+        return [Health(device=v.jid, status=v.health, reason=v.health_reason, since=v.since) for v in views]
 
     def by_name(self) -> Mapping[str, DeviceView]:
         """A live, read-only view of the devices by name (no copy: `wait_for` predicates and

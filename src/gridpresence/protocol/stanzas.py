@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from slixmpp import Iq, Message, Presence
+from slixmpp.plugins.xep_0059.stanza import Set
 from slixmpp.xmlstream import ElementBase, register_stanza_plugin
 
 from gridpresence.protocol.models import NS
@@ -48,8 +49,16 @@ class GridTariff(ElementBase):
     plugin_attrib = "grid_tariff"
 
 
+# The most <health/> elements in one fleet-health result: ~130 bytes each (a 300-character
+# reason makes ~450), so a page stays well below Prosody's 256 KiB c2s stanza limit, which
+# the watchdog's one answer for the whole fleet passed at ~2,600 devices.
+FLEET_HEALTH_PAGE = 500
+
+
 class GridHealthQuery(ElementBase):
-    """``<fleet-health/>`` in an iq get; the result holds one ``<health/>`` per device."""
+    """``<fleet-health/>`` in an iq get; the result holds one ``<health/>`` per device of a page,
+    the devices in the order of their bare JIDs, paged with XEP-0059 (``query["rsm"]``,
+    :mod:`gridpresence.protocol.paging`)."""
 
     name = "fleet-health"
     namespace = NS
@@ -72,4 +81,5 @@ def register() -> None:
     register_stanza_plugin(Message, GridOutcomeRecords)
     register_stanza_plugin(Message, GridTariff)
     register_stanza_plugin(Iq, GridHealthQuery)
+    register_stanza_plugin(GridHealthQuery, Set)
     _registered = True

@@ -34,6 +34,10 @@ TEMPLATE_PATH = Path(__file__).resolve().parents[3] / "server_config" / "prosody
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_TAIL_LINES = 30
 HOSTED_OFFLINE_WAIT_S = 300.0  # mod_gridpresence_hosted_offline.lua: see PROTOCOL.md "A host that is down"
+# Prosody 0.12's own default (mod_c2s.lua); it refuses less than 10,000. A client sending a bigger
+# stanza has its stream closed: whatever may grow with the fleet is paged below it (fleet health).
+C2S_STANZA_SIZE_LIMIT = 256 * 1024
+C2S_STANZA_SIZE_MIN = 10_000
 # First line of every config we render, with the SHA-256 of the rest: a file whose rest no
 # longer matches was edited by hand, and is kept aside before a new rendering replaces it.
 RENDERED_MARK = "-- rendered by gridpresence from server_config/prosody.cfg.lua.tmpl; sha256 "
@@ -146,9 +150,13 @@ class ProsodyServer:
         template_path: Path = TEMPLATE_PATH,
         adhoc_accounts: Sequence[str] = (),
         advertise: str | None = None,
+        c2s_stanza_size_limit: int = C2S_STANZA_SIZE_LIMIT,
     ) -> None:
         if log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, not {log_level!r}")
+        if c2s_stanza_size_limit < C2S_STANZA_SIZE_MIN:
+            raise ValueError(f"c2s_stanza_size_limit must be at least {C2S_STANZA_SIZE_MIN} bytes (Prosody's minimum), "
+                             f"not {c2s_stanza_size_limit}")
         self.data_dir = Path(data_dir).resolve()
         self.domain = domain
         self.bind = bind
@@ -159,6 +167,8 @@ class ProsodyServer:
         self.template_path = Path(template_path)
         self.adhoc_accounts = tuple(adhoc_accounts)
         self.advertise = advertise
+        # Bytes of one stanza from an authenticated client (tests lower it to meet the limit sooner).
+        self.c2s_stanza_size_limit = c2s_stanza_size_limit
         # Seconds the server waits, after the component's return, for a hosted identity that has
         # messages kept for it before returning them to their senders (tests shorten it).
         self.hosted_offline_wait_s = HOSTED_OFFLINE_WAIT_S
@@ -269,6 +279,7 @@ class ProsodyServer:
             "log_file": lua_string(str(self.log_path)),
             "bind": lua_string(self.bind),
             "c2s_port": str(int(self.ports.c2s)),
+            "c2s_stanza_size_limit": str(int(self.c2s_stanza_size_limit)),
             "http_port": str(int(self.ports.http)),
             "https_port": str(int(self.ports.https)),
             "component_port": str(int(self.ports.component)),
