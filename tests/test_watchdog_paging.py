@@ -113,6 +113,7 @@ async def test_an_operator_adopts_every_device_health_and_the_watchdog_keeps_its
     assert {jid: d["health"] for jid, d in listed.items()} == want
     for name in GONE:  # only the watchdog could say so: they left before this login
         assert listed[grid.fleet.jid(name)]["health_reason"] == "said goodbye", listed[grid.fleet.jid(name)]
+        assert listed[grid.fleet.jid(name)]["state"] == "gone"  # as STATE says it, not "unknown"
 
     # The library, the same: every vanished device's health is the watchdog's.
     async with GridOperator.from_connection(grid.connection, operator="bob", resource="paged") as bob:

@@ -63,7 +63,9 @@ class DeviceView:
             return "presence-error"
         if self.health is HealthStatus.UNKNOWN:
             return "unknown"
-        return self.state.value if self.state else "unknown"
+        if self.state is None:  # no report of its own: gone by the watchdog's word, or unknown
+            return "gone" if self.health is HealthStatus.GONE else "unknown"
+        return self.state.value
 
     def as_dict(self) -> dict[str, Any]:
         """Everything an operator is shown about the device (`gridpresence status` renders its
