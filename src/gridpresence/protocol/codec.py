@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 from xml.etree import ElementTree as ET
 from xml.sax.saxutils import escape
 
@@ -18,6 +18,7 @@ from slixmpp.xmlstream import tostring
 
 from gridpresence.protocol.models import (
     NS,
+    Answer,
     Command,
     FaultRef,
     Health,
@@ -184,9 +185,10 @@ def _attr_text(attrs: Mapping[str, str]) -> str:
 
 # Command's fields in their order, as _command_attrs writes them (checked against the model
 # below: a field added to Command makes command_to_text take _attrs' general way again).
-_COMMAND_FIELDS = ("id", "action", "issuer", "issued", "expires", "args", "serial")
+_COMMAND_FIELDS = ("id", "action", "issuer", "issued", "expires", "args", "serial", "answer")
 _COMMAND_SHAPE_KNOWN = tuple(Command.model_fields) == _COMMAND_FIELDS
 _UTC = dt.timezone.utc
+_ANSWERS = (None, *get_args(Answer))
 
 
 def _utc_stamp(value: dt.datetime) -> str:
@@ -200,8 +202,9 @@ def _command_attrs(cmd: Command) -> str:
     """_attrs(cmd) written out as command_to_text's attributes, field by field: a fan-out
     writes thousands of commands and the general loop cost half of each one's text."""
     serial = f" serial={_quoted(cmd.serial)}" if cmd.serial is not None else ""
+    answer = f' answer="{cmd.answer}"' if cmd.answer is not None else ""  # (a Literal: nothing to escape)
     return (f" id={_quoted(cmd.id)} action={_quoted(cmd.action.value)} issuer={_quoted(cmd.issuer)}"
-            f' issued="{_utc_stamp(cmd.issued)}" expires="{_utc_stamp(cmd.expires)}"{serial}')
+            f' issued="{_utc_stamp(cmd.issued)}" expires="{_utc_stamp(cmd.expires)}"{serial}{answer}')
 
 
 def _general_command_attrs(cmd: Command) -> str:
@@ -221,6 +224,8 @@ def command_to_text(cmd: Command) -> str:
 def command_from_xml(el: ET.Element | None) -> Command:
     el = _expect(el, "command")
     data = _fields(Command, el.attrib)
+    if data.get("answer") not in _ANSWERS:  # a way a newer issuer asks for that this device has not: the message
+        data.pop("answer", None)
     data["args"] = {a.get("name", ""): a.text or "" for a in el.findall(q("arg"))}
     return _validate(Command, data, "command")
 
