@@ -674,7 +674,8 @@ class DeviceAgent(PartySession):
         if kept is not None:
             await kept
         await recorded  # done with kept: the same batch
-        report = self.publish(force=False, answer=(answer_to, outcome) if answer_to else None)
+        # Only an executed command's: a refusal (a critical load's, restricted) is told by message, as ever.
+        report = self.publish(force=False, answer=(answer_to, outcome) if answer_to and outcome.ok else None)
         told = self._in_presence
         if told is not None and told.command_id == outcome.command_id and told.report is report:
             return told  # in the presence of the change: _send_outcome sends no message
