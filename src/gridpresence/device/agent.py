@@ -20,6 +20,7 @@ from xml.etree import ElementTree as ET
 
 from pydantic import ValidationError
 from slixmpp import JID, Message, Presence
+from slixmpp.jid import InvalidJID
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
@@ -53,6 +54,7 @@ from gridpresence.protocol.codec import (
     report_to_xml,
 )
 from gridpresence.protocol import openpgp  # noqa: F401  (registers <openpgp/> with slixmpp)
+from gridpresence.protocol.openpgp import OPENPGP_NS
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.protocol.models import (
     Action,
@@ -76,6 +78,8 @@ from gridpresence.security.signed import SignatureFailure, key_of
 
 log = logging.getLogger(__name__)
 _DEVICE = q("device")  # the payload of every presence a device sends
+_TARIFF, _FIRMWARE = q("tariff"), q("firmware")
+_OPENPGP = f"{{{OPENPGP_NS}}}openpgp"
 
 # Publish between refreshes only when a reading moves this much (percentage points of load):
 # every drift would flood the operators with presence.
@@ -174,14 +178,17 @@ class DeviceAgent(PartySession):
         self._in_flight: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._stopping = False
         # The last record's outcome, as an element and (hosted) serialised: the issuer's answer (_record).
-        self._outcome_xml: tuple[Outcome, ET.Element, str] | None = None
+        self._outcome_xml: tuple[Outcome, ET.Element | None, str] | None = None
         # The last outcome told its issuer in the presence of its change: no message follows (_send_outcome).
         self._in_presence: Outcome | None = None
         self.client.register_handler(
             Callback("grid command", StanzaPath("message/grid_command"), self._on_command)
         )
-        self.client.register_handler(Callback("openpgp", StanzaPath("message/openpgp"),
-                                              self._on_openpgp))  # type: ignore[arg-type]
+        openpgp = Callback("openpgp", StanzaPath("message/openpgp"), self._on_openpgp)  # type: ignore[arg-type]
+        self.client.register_handler(openpgp)
+        dispatch = getattr(self.client, "shape_dispatch", None)  # xmpp/dispatch.py (hosted, or make_client's)
+        if dispatch is not None:
+            dispatch.take_for(openpgp, self._take_signed)
         self.client.add_event_handler("session_start", self._on_session_start)
         self.telemetry_audience = self._telemetry_audience()
         if self.children:  # (registered before the desks': their handlers run after it, either way)
@@ -492,14 +499,32 @@ class DeviceAgent(PartySession):
         elif msg.xml.find(q("firmware")) is None:  # with an image: the firmware desk's signed offer
             self._on_signed(msg, envelope)
 
+    def _take_signed(self, xml: ET.Element) -> bool:
+        """A signed command straight from the message's XML (xmpp/dispatch.py take_for): a shed's
+        thousands skip slixmpp's stanza object. What _on_openpgp would send to _on_signed only,
+        and not a tariff (the price desk reads the stanza): anything else goes slixmpp's way."""
+        envelope = xml.find(_OPENPGP)
+        if envelope is None or is_encrypted(envelope.text or "") or xml.find(_FIRMWARE) is not None:
+            return False
+        try:
+            sender = JID(xml.get("from") or "")
+        except InvalidJID:
+            return False  # slixmpp's way says why
+        return self._signed(sender, envelope, None)
+
     def _on_signed(self, msg: Message, envelope: ET.Element) -> None:
-        """A signed command: checked, then acted on once. Sync while the issuer's key is cached."""
-        sender = msg["from"]
+        self._signed(msg["from"], envelope, msg)
+
+    def _signed(self, sender: JID, envelope: ET.Element, msg: Message | None) -> bool:
+        """A signed command: checked, then acted on once. Sync while the issuer's key is cached.
+        False, having done nothing, for a tariff without its stanza (``msg`` None)."""
         try:
             sealed = open_sealed(envelope)
-            if sealed.payload.tag == q("tariff"):
+            if sealed.payload.tag == _TARIFF:
+                if msg is None:
+                    return False
                 self.prices.on_tariff(msg)  # the billing party's signed price: its own gate
-                return
+                return True
             signed = SignedCommand(sealed, parse_command(sealed.payload))
             if not self.gate.may_send(sender.bare):
                 raise Refusal(RejectReason.NOT_AUTHORISED, f"{sender.bare} may not command this device",
@@ -510,13 +535,14 @@ class DeviceAgent(PartySession):
                 task = asyncio.ensure_future(self._signed_after_fetch(sender, signed))
                 self._fetching.add(task)
                 task.add_done_callback(self._fetching.discard)
-                return
+                return True
             self._carry_out(sender, self.gate.check(sender.bare, signed, key, utcnow()), in_presence=True)
         except Refusal as refusal:
             self._refused(sender, refusal)
         except Exception:  # never let one stanza end the bot
             log.exception("%s: signed command handling failed", self.spec.name)
             self._stanza_error(sender, "internal-server-error", "wait", "the device could not handle this command")
+        return True
 
     def _carry_out(self, sender: JID, cmd: Command, in_presence: bool = False) -> None:
         """An authorised signed (or, by the fleet's leave, unsigned) command: its outcome is sent
@@ -721,5 +747,5 @@ class DeviceAgent(PartySession):
             self.client.send_payload(str(to), el, text=text)
             return
         msg = self.client.make_message(mto=to, mtype="normal")
-        msg.append(el)
+        msg.append(el if el is not None else outcome_to_xml(outcome))
         msg.send()

@@ -742,13 +742,17 @@ class HostedClient(ComponentXMPP):
         except Exception:  # as the queue's task: a faulty stanza is logged, the sender goes on
             log.error("Exception raised in send:", exc_info=True)
 
-    def send_payload(self, to: str, payload: ET.Element, mtype: str = "normal", text: str = "") -> None:
+    def send_payload(self, to: str, payload: ET.Element | None, mtype: str = "normal", text: str = "") -> None:
         """A message of one data payload (a device's outcome) to ``to``: as send's fast path
         sends it, but without a stanza object, its plugins or a run of the outgoing filters
         (they stamp presence only), a tenth of a command's cost on the host. ``text``: the
-        payload already serialised (slixmpp's ``tostring``), written as it is. While anything
-        waits in the send queue, it goes the usual way, behind it."""
+        payload already serialised (slixmpp's ``tostring``), written as it is; ``payload`` None:
+        made from it where an element is needed. While anything waits in the send queue, it goes
+        the usual way, behind it."""
         attrs = {"type": mtype, "to": str(to), "id": self.new_id(), "from": self.boundjid.full}
+        if payload is None and not (text and may_skip_queue(self) and messages_need_no_filter(self, self._route)
+                                    and attrs["to"].partition("/")[0].rpartition("@")[2] != self.link.domain):
+            payload = ET.fromstring(text)
         if not may_skip_queue(self) or not messages_need_no_filter(self, self._route):
             xml = ET.Element(f"{{{NS}}}message", attrs)
             xml.append(payload)
