@@ -226,3 +226,50 @@ async def test_forged_or_malformed_outcomes_in_presence_change_nothing(grid: Gri
             shed = await alice.command(a, Action.SHED if view.state is DeviceState.ON else Action.RESTORE)
         assert shed.ok, shed
         assert [p for p in answers_to(seen, alice_jid)[0] if shed.command_id in p]
+
+
+async def test_signed_commands_are_taken_from_the_xml_and_mutated_ones_each_get_one_answer(grid: Grid) -> None:
+    """A hosted device reads a signed command straight from the message's XML (no stanza
+    object: its dispatch's taker counts it). Seeded, bounded: 40 copies of a signed shed with
+    their base64 mutated each get exactly one answer (a refusal or a message error; the outcome
+    in presence for one left intact), and the device then still carries out a valid shed."""
+    rng = random.Random(4216)
+    name = LOADS[4]
+    jid, dev, one = grid.fleet.jid(name), agent_of(grid, name), hosted(grid, name)
+    async with GridOperator.from_connection(grid.connection, operator="alice", resource="sfx") as alice:
+        await present(alice)
+        taken = one.shape_dispatch.taken_for
+        for _ in range(4):  # (a shape's first stanza, and the first after the handlers change, teach the dispatch)
+            assert (await alice.command(name, Action.READ)).ok
+        assert one.shape_dispatch.taken_for >= taken + 2, (taken, one.shape_dispatch.taken_for)
+        full = alice.devices[name].full_jid
+        assert full is not None
+        me = alice.client.boundjid.full
+        with Written(link_of(grid)) as seen:
+            for i in range(40):
+                wire = alice.issuer.wire(Command.new(Action.SHED, alice.jid, serial=alice.serial_of(alice.devices[name]),
+                                                     answer="presence"), jid)
+                text = list(wire.text or "")
+                for _ in range(rng.randrange(1, 4)):
+                    at = rng.randrange(len(text))
+                    text[at] = rng.choice([c for c in "A/+=Zz09!" if c != text[at]])
+                wire.text = "".join(text)
+                alice.issuer._post(full, wire)
+            # (a change in bits base64 ignores leaves the command intact: carried out, answered in presence)
+            await until(lambda: len(answered(seen, jid, me)) + len(answers_to(seen, alice.jid)[0]) >= 40, 10,
+                        "an answer to each")
+            await asyncio.sleep(0.3)
+        assert len(answered(seen, jid, me)) + len(answers_to(seen, alice.jid)[0]) == 40
+        state = dev.sim.state
+        assert alice.client.is_connected()
+        shed = await alice.command(name, Action.SHED if state is DeviceState.ON else Action.RESTORE)
+        assert shed.ok, shed
+
+
+def answered(seen: Written, device: str, to: str) -> list[str]:
+    """The messages from ``device`` to ``to`` (a full JID) with an outcome or an error."""
+    text = "".join(seen.writes)
+    return [m for m in re.findall(r"<message\b.*?</message>", text, re.S)
+            if re.search(rf"""to=["']{re.escape(to)}["']""", m.split(">", 1)[0])
+            and re.search(rf"""from=["']{re.escape(device)}""", m.split(">", 1)[0])
+            and ("<outcome " in m or re.search(r"""type=["']error["']""", m.split(">", 1)[0]))]
