@@ -38,7 +38,7 @@ from gridpresence.config import Fleet, parse_fleet
 from gridpresence.device.agent import DeviceAgent
 from gridpresence.host.grid import Grid
 from gridpresence.operator.library import GridOperator
-from gridpresence.protocol.codec import outcome_from_xml
+from gridpresence.protocol.codec import outcome_from_xml, q
 from gridpresence.protocol.models import Action, Command, DeviceState, Outcome, OutcomeStatus, RejectReason, utcnow
 from gridpresence.xmpp.component import NS as COMPONENT_NS, ComponentLink
 from gridpresence.xmpp.reconnect import reconnector_of
@@ -197,9 +197,9 @@ async def test_a_command_lost_with_a_cut_link_is_sent_again_to_the_new_session_a
     carried_out: list[str] = []
     execute = agent.execute
 
-    async def counted(cmd: Command, now: dt.datetime) -> Outcome:
+    async def counted(cmd: Command, now: dt.datetime, *rest: str | None) -> Outcome:
         carried_out.append(cmd.id)
-        return await execute(cmd, now)
+        return await execute(cmd, now, *rest)
 
     monkeypatch.setattr(agent, "execute", counted)
     cut: list[bytes] = []
@@ -226,6 +226,9 @@ async def test_a_command_lost_with_a_cut_link_is_sent_again_to_the_new_session_a
         alice.client.register_handler(Callback(
             "outcomes seen", StanzaPath("message/grid_outcome"),
             lambda m: m["from"].bare == agent.jid and outcomes.append(outcome_from_xml(m["grid_outcome"].xml))))
+        # ... and those in the presence of the change (PROTOCOL.md, "Answered in presence").
+        alice.client.add_event_handler("presence", lambda p: p["from"].bare == agent.jid and outcomes.extend(
+            outcome_from_xml(el) for el in p.xml.findall(q("outcome"))))
         await alice.wait_for(lambda d: d[name].present, timeout=10)
         before = alice.devices[name].full_jid
         assert before == f"{agent.jid}/{link.session_resource}", before  # its presence names the link's session

@@ -228,7 +228,8 @@ def test_outcome_text_reads_back_as_its_element_does() -> None:
     around it reads back as the record."""
     import random
     from slixmpp.xmlstream import tostring
-    from gridpresence.protocol.codec import outcome_from_xml, outcome_wire, record_from_xml, record_to_text
+    from gridpresence.protocol.codec import (outcome_from_xml, outcome_to_xml, outcome_wire, record_from_xml,
+                                             record_to_text)
     from gridpresence.protocol.models import Action, Outcome, OutcomeRecord, OutcomeStatus, RejectReason
     rng = random.Random(5)
     chars = "aZ09 <>&'\"\t=/é"
@@ -239,9 +240,12 @@ def test_outcome_text_reads_back_as_its_element_does() -> None:
                       reason=RejectReason.STALE if status is OutcomeStatus.REJECTED else None,
                       detail="".join(rng.choice(chars) for _ in range(rng.randrange(12))), report=report)
         by_seq = bool(i % 2)
-        el, text = outcome_wire(out, by_seq=by_seq)
+        made, text = outcome_wire(out, by_seq=by_seq)
+        el = outcome_to_xml(out, by_seq=by_seq)
+        assert made is None or ET.tostring(made) == ET.tostring(el)
         assert outcome_from_xml(ET.fromstring(text)) == outcome_from_xml(ET.fromstring(tostring(el))) \
             == outcome_from_xml(el), text
+        assert ET.canonicalize(text) == ET.canonicalize(tostring(el)), text  # the same element, as written
         if by_seq and report is not None:
             assert "<device" not in text and outcome_from_xml(el).report_seq == i
         record = OutcomeRecord(action=Action.SHED, issuer="a'l&ice@localhost", outcome=outcome_from_xml(el))

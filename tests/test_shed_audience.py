@@ -229,10 +229,11 @@ async def test_commands_pass_every_outgoing_filter_a_party_adds(grid: Grid) -> N
 
 
 async def test_an_outcome_names_the_presence_just_sent_instead_of_carrying_it(grid: Grid) -> None:
-    """A shed changes the state: the device broadcasts it, then answers with ``report-seq`` (that
-    presence's seq) and no ``<device/>``; the library gives its caller the report all the same,
-    from that presence. A read changes nothing that is broadcast: its answer carries the report.
-    A reader that knows no ``report-seq`` (an older party) still reads the outcome."""
+    """A shed changes the state: the device broadcasts it, its outcome with ``report-seq`` (that
+    presence's seq) and no ``<device/>`` (in alice's copy of that presence: she asks for it);
+    the library gives its caller the report all the same, from that presence. A read changes
+    nothing that is broadcast: its answer, a message, carries the report. A reader that knows
+    no ``report-seq`` (an older party) still reads the outcome."""
     from gridpresence.protocol.codec import outcome_from_xml
     name = LOADS[1]
     async with GridOperator.from_connection(grid.connection, operator="alice", resource="seq") as alice:
@@ -244,16 +245,19 @@ async def test_an_outcome_names_the_presence_just_sent_instead_of_carrying_it(gr
         assert shed.ok and shed.report is not None and shed.report.state is DeviceState.OFF, shed
         assert restore.ok and restore.report is not None and restore.report.state is DeviceState.ON, restore
         assert read.ok and read.report is not None and read.report.state is DeviceState.OFF, read
-        answers = [m for m in seen.messages_with("outcome ") if "<outcome-records" not in m
-                   and grid.fleet.jid("alice") in m.split(">", 1)[0]]
+        written = "".join(seen.writes)
+        answers = [m for m in [*seen.messages_with("outcome "), *re.findall(r"<presence\b.*?</presence>", written, re.S)]
+                   if "<outcome-records" not in m and grid.fleet.jid("alice") in m.split(">", 1)[0]]
         by_id = {o.command_id: m for o in (shed, read, restore) for m in answers if o.command_id in m}
         assert len(by_id) == 3, answers
         for o in (shed, restore):
-            wire = by_id[o.command_id]
+            wire = by_id[o.command_id].partition("<outcome ")[2]
             assert "<device " not in wire and f'report-seq="{o.report.seq}"' in wire.replace("'", '"'), wire  # type: ignore[union-attr]
         assert "<device " in by_id[read.command_id] and "report-seq" not in by_id[read.command_id]
         # An older reader: the same stanza's outcome, without a report (not an error).
-        el = ET.fromstring(by_id[shed.command_id]).find(q("outcome"))
+        assert by_id[shed.command_id].startswith("<presence") and by_id[read.command_id].startswith("<message")
+        el = ET.fromstring(by_id[shed.command_id].replace("<presence ", f"<presence xmlns='jabber:client' ", 1)
+                           ).find(q("outcome"))
         older = outcome_from_xml(el)
         assert older.status is OutcomeStatus.EXECUTED and older.report is None and older.report_seq == shed.report.seq  # type: ignore[union-attr]
         # An issuer that has not seen that presence yet (a seq ahead of its view) gets no report, not a stale one.

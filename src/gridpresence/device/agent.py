@@ -20,6 +20,7 @@ from xml.etree import ElementTree as ET
 
 from pydantic import ValidationError
 from slixmpp import JID, Message, Presence
+from slixmpp.jid import InvalidJID
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
@@ -53,6 +54,7 @@ from gridpresence.protocol.codec import (
     report_to_xml,
 )
 from gridpresence.protocol import openpgp  # noqa: F401  (registers <openpgp/> with slixmpp)
+from gridpresence.protocol.openpgp import OPENPGP_NS
 from gridpresence.security.pep_keyring import PartyKeys, PepKeyring
 from gridpresence.protocol.models import (
     Action,
@@ -76,6 +78,8 @@ from gridpresence.security.signed import SignatureFailure, key_of
 
 log = logging.getLogger(__name__)
 _DEVICE = q("device")  # the payload of every presence a device sends
+_TARIFF, _FIRMWARE = q("tariff"), q("firmware")
+_OPENPGP = f"{{{OPENPGP_NS}}}openpgp"
 
 # Publish between refreshes only when a reading moves this much (percentage points of load):
 # every drift would flood the operators with presence.
@@ -174,12 +178,17 @@ class DeviceAgent(PartySession):
         self._in_flight: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._stopping = False
         # The last record's outcome, as an element and (hosted) serialised: the issuer's answer (_record).
-        self._outcome_xml: tuple[Outcome, ET.Element, str] | None = None
+        self._outcome_xml: tuple[Outcome, ET.Element | None, str] | None = None
+        # The last outcome told its issuer in the presence of its change: no message follows (_send_outcome).
+        self._in_presence: Outcome | None = None
         self.client.register_handler(
             Callback("grid command", StanzaPath("message/grid_command"), self._on_command)
         )
-        self.client.register_handler(Callback("openpgp", StanzaPath("message/openpgp"),
-                                              self._on_openpgp))  # type: ignore[arg-type]
+        openpgp = Callback("openpgp", StanzaPath("message/openpgp"), self._on_openpgp)  # type: ignore[arg-type]
+        self.client.register_handler(openpgp)
+        dispatch = getattr(self.client, "shape_dispatch", None)  # xmpp/dispatch.py (hosted, or make_client's)
+        if dispatch is not None:
+            dispatch.take_for(openpgp, self._take_signed)
         self.client.add_event_handler("session_start", self._on_session_start)
         self.telemetry_audience = self._telemetry_audience()
         if self.children:  # (registered before the desks': their handlers run after it, either way)
@@ -335,11 +344,13 @@ class DeviceAgent(PartySession):
                     above.add(fleet.jid(node.name))
         return self.operators | above
 
-    def publish(self, force: bool = True) -> PresenceReport | None:
+    def publish(self, force: bool = True, answer: tuple[str, Outcome] | None = None) -> PresenceReport | None:
         """Broadcast presence if forced (refresh) or if health changed (every subscriber
         needs it); a reading that moved past the deadband alone goes as directed presence to
         the telemetry audience only. Returns the current report (None if the physics produced
-        invalid values)."""
+        invalid values). ``answer``: (issuer's bare JID, the outcome of its command, without
+        report): put in the issuer's copy of a broadcast it is sent (PROTOCOL.md, "Answered in
+        presence"), with this presence's seq; then kept as ``_in_presence``."""
         report = self.current_report()
         if report is None or not self.client.is_connected():
             return report
@@ -359,8 +370,17 @@ class DeviceAgent(PartySession):
         client = self.client
         if isinstance(client, HostedClient):
             leave_out = self.health_only if change else frozenset()
-            if not client.broadcast_presence(_DEVICE, report_to_text(report), show=show, status=status,
-                                             ptype=ptype, leave_out=leave_out):
+            told, said = None, None
+            if answer is not None and ptype is None and client.reaches(answer[0], leave_out):
+                told = answer[1].model_copy(update={"report": report})
+                el, text = outcome_wire(told, by_seq=True)  # the seq of this very presence
+                self._outcome_xml = (told, el, text)  # the records' copy (_record)
+                said = (answer[0], text)
+            if client.broadcast_presence(_DEVICE, report_to_text(report), show=show, status=status, ptype=ptype,
+                                         leave_out=leave_out, answer=said):
+                self._in_presence = told
+            else:  # (the stanza's way: the outcome goes as a message)
+                self._in_presence = None
                 client.broadcast_change(self._presence(report, ptype, show, status), leave_out)
         else:  # the server's fan-out: to every subscriber
             change = False
@@ -479,14 +499,32 @@ class DeviceAgent(PartySession):
         elif msg.xml.find(q("firmware")) is None:  # with an image: the firmware desk's signed offer
             self._on_signed(msg, envelope)
 
+    def _take_signed(self, xml: ET.Element) -> bool:
+        """A signed command straight from the message's XML (xmpp/dispatch.py take_for): a shed's
+        thousands skip slixmpp's stanza object. What _on_openpgp would send to _on_signed only,
+        and not a tariff (the price desk reads the stanza): anything else goes slixmpp's way."""
+        envelope = xml.find(_OPENPGP)
+        if envelope is None or is_encrypted(envelope.text or "") or xml.find(_FIRMWARE) is not None:
+            return False
+        try:
+            sender = JID(xml.get("from") or "")
+        except InvalidJID:
+            return False  # slixmpp's way says why
+        return self._signed(sender, envelope, None)
+
     def _on_signed(self, msg: Message, envelope: ET.Element) -> None:
-        """A signed command: checked, then acted on once. Sync while the issuer's key is cached."""
-        sender = msg["from"]
+        self._signed(msg["from"], envelope, msg)
+
+    def _signed(self, sender: JID, envelope: ET.Element, msg: Message | None) -> bool:
+        """A signed command: checked, then acted on once. Sync while the issuer's key is cached.
+        False, having done nothing, for a tariff without its stanza (``msg`` None)."""
         try:
             sealed = open_sealed(envelope)
-            if sealed.payload.tag == q("tariff"):
+            if sealed.payload.tag == _TARIFF:
+                if msg is None:
+                    return False
                 self.prices.on_tariff(msg)  # the billing party's signed price: its own gate
-                return
+                return True
             signed = SignedCommand(sealed, parse_command(sealed.payload))
             if not self.gate.may_send(sender.bare):
                 raise Refusal(RejectReason.NOT_AUTHORISED, f"{sender.bare} may not command this device",
@@ -497,24 +535,27 @@ class DeviceAgent(PartySession):
                 task = asyncio.ensure_future(self._signed_after_fetch(sender, signed))
                 self._fetching.add(task)
                 task.add_done_callback(self._fetching.discard)
-                return
-            self._carry_out(sender, self.gate.check(sender.bare, signed, key, utcnow()))
+                return True
+            self._carry_out(sender, self.gate.check(sender.bare, signed, key, utcnow()), in_presence=True)
         except Refusal as refusal:
             self._refused(sender, refusal)
         except Exception:  # never let one stanza end the bot
             log.exception("%s: signed command handling failed", self.spec.name)
             self._stanza_error(sender, "internal-server-error", "wait", "the device could not handle this command")
+        return True
 
-    def _carry_out(self, sender: JID, cmd: Command) -> None:
+    def _carry_out(self, sender: JID, cmd: Command, in_presence: bool = False) -> None:
         """An authorised signed (or, by the fleet's leave, unsigned) command: its outcome is sent
-        when the device has carried it out; meanwhile the handler returns to the loop."""
-        task = asyncio.ensure_future(self._accept_and_answer(sender, cmd))
+        when the device has carried it out; meanwhile the handler returns to the loop.
+        ``in_presence``: a signed one, whose outcome may go in the presence of its change."""
+        task = asyncio.ensure_future(self._accept_and_answer(sender, cmd, in_presence))
         self._commands.add(task)
         task.add_done_callback(self._commands.discard)
 
-    async def _accept_and_answer(self, sender: JID, cmd: Command) -> None:
+    async def _accept_and_answer(self, sender: JID, cmd: Command, in_presence: bool = False) -> None:
         try:
-            self._send_outcome(sender, await self.accept(cmd, utcnow(), signed=True), cmd.issuer)
+            outcome = await self.accept(cmd, utcnow(), signed=True, answer_to=self._answer_to(sender, cmd, in_presence))
+            self._send_outcome(sender, outcome, cmd.issuer)
         except Exception:  # never let one command end the bot
             log.exception("%s: command %s failed", self.spec.name, cmd.id)
             self._stanza_error(sender, "internal-server-error", "wait", "the device could not handle this command")
@@ -523,7 +564,8 @@ class DeviceAgent(PartySession):
         try:
             key = await self._fetch_key(signed)
             cmd = self.gate.check(sender.bare, signed, key, utcnow())
-            self._send_outcome(sender, await self.accept(cmd, utcnow(), signed=True), cmd.issuer)
+            outcome = await self.accept(cmd, utcnow(), signed=True, answer_to=self._answer_to(sender, cmd, True))
+            self._send_outcome(sender, outcome, cmd.issuer)
         except SignatureFailure as exc:
             self._refused(sender, Refusal(exc.reason, exc.detail, signed.command.id))
         except Refusal as refusal:
@@ -554,13 +596,24 @@ class DeviceAgent(PartySession):
                     refusal.reason.value, refusal.detail)
         self._answer(sender, refusal.command_id, OutcomeStatus.REJECTED, refusal.reason, refusal.detail)
 
-    async def accept(self, cmd: Command, now: dt.datetime, *, signed: bool = False) -> Outcome:
+    def _answer_to(self, sender: JID, cmd: Command, in_presence: bool) -> str | None:
+        """The bare JID whose copy of the change's presence may carry the outcome: a signed
+        command asking for it (``answer="presence"``) from its issuer itself (not through the
+        relay), an operator, to a hosted device (a c2s device's presence is the server's fan-out)."""
+        if not in_presence or cmd.answer != "presence" or not isinstance(self.client, HostedClient):
+            return None
+        issuer = sender.bare
+        return issuer if issuer == cmd.issuer and issuer in self.operators else None
+
+    async def accept(self, cmd: Command, now: dt.datetime, *, signed: bool = False,
+                     answer_to: str | None = None) -> Outcome:
         """The one path for an authorised, valid command (signed stanza, chat or ad-hoc).
 
         A command taken before (same issuer and id, until its expiry) has no second effect: a
         signed copy is rejected ``replayed`` with the first outcome attached; a chat or ad-hoc
         redelivery gets the first outcome again. A copy that arrives while the first is still
-        being carried out waits for it, then is such a copy. A late command is expired."""
+        being carried out waits for it, then is such a copy. A late command is expired.
+        ``answer_to``: execute's (a copy or a late one is answered by message)."""
         running = self._in_flight.get((cmd.issuer, cmd.id))
         if running is not None:
             await asyncio.shield(running)
@@ -585,7 +638,7 @@ class DeviceAgent(PartySession):
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._in_flight[(cmd.issuer, cmd.id)] = done
         try:
-            outcome = await self.execute(cmd, now)  # on disk, with its effect, before it is told
+            outcome = await self.execute(cmd, now, answer_to)  # on disk, with its effect, before it is told
         finally:
             del self._in_flight[(cmd.issuer, cmd.id)]
             done.set_result(None)
@@ -608,8 +661,11 @@ class DeviceAgent(PartySession):
                 continue
             if hosted is not None:  # with the other identities' records, in one message (data only)
                 if record is None:  # the outcome serialised once, for the recorders and the issuer's answer
-                    el, text = outcome_wire(outcome, by_seq=self._state_told(outcome, cmd.issuer))
-                    self._outcome_xml = (outcome, el, text)
+                    made = self._outcome_xml  # (the presence's, if the outcome went in it)
+                    if made is None or made[0] is not outcome:
+                        el, text = outcome_wire(outcome, by_seq=self._state_told(outcome, cmd.issuer))
+                        made = self._outcome_xml = (outcome, el, text)
+                    text = made[2]
                     record = record_to_text(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome),
                                             text)
                 hosted.link.send_batched(to, q("outcome-records"), record)
@@ -622,10 +678,11 @@ class DeviceAgent(PartySession):
             msg.append(record)
             msg.send()
 
-    async def execute(self, cmd: Command, now: dt.datetime) -> Outcome:
+    async def execute(self, cmd: Command, now: dt.datetime, answer_to: str | None = None) -> Outcome:
         """Apply a valid, authorised, fresh command to the physics (awaited: a real IED answers
         in its own time) and remember it (the replay guard); publish the new state first so an
-        issuer that sees the outcome already sees the matching presence."""
+        issuer that sees the outcome already sees the matching presence. ``answer_to``: the
+        issuer (bare JID) whose copy of that presence may carry the outcome (then no message)."""
         kept = None
         if cmd.action in (Action.TARIFF, Action.PRICE, Action.FIRMWARE_UPGRADE):
             effect = Effect.refused(RejectReason.INVALID_ARGUMENTS, f"{cmd.action.value} is not a command on its own: "
@@ -643,7 +700,11 @@ class DeviceAgent(PartySession):
         if kept is not None:
             await kept
         await recorded  # done with kept: the same batch
-        report = self.publish(force=False)
+        # Only an executed command's: a refusal (a critical load's, restricted) is told by message, as ever.
+        report = self.publish(force=False, answer=(answer_to, outcome) if answer_to and outcome.ok else None)
+        told = self._in_presence
+        if told is not None and told.command_id == outcome.command_id and told.report is report:
+            return told  # in the presence of the change: _send_outcome sends no message
         return outcome.model_copy(update={"report": report}) if report is not None else outcome
 
     def _answer(self, to: JID, cmd_id: str, status: OutcomeStatus, reason: RejectReason | None, detail: str) -> None:
@@ -672,6 +733,9 @@ class DeviceAgent(PartySession):
     def _send_outcome(self, to: JID, outcome: Outcome, issuer: str = "") -> None:
         made = self._outcome_xml
         self._outcome_xml = None
+        if self._in_presence is outcome:  # told in the presence of its change (publish)
+            self._in_presence = None
+            return
         # The same outcome's element as in the record just sent (both are only serialised).
         hosted = isinstance(self.client, HostedClient)
         if made is not None and made[0] is outcome:
@@ -683,5 +747,5 @@ class DeviceAgent(PartySession):
             self.client.send_payload(str(to), el, text=text)
             return
         msg = self.client.make_message(mto=to, mtype="normal")
-        msg.append(el)
+        msg.append(el if el is not None else outcome_to_xml(outcome))
         msg.send()

@@ -310,6 +310,27 @@ class CommandIssuer:
         self._accept(outcome)
         return True
 
+    def outcome_in_presence(self, device: str, el: ET.Element) -> None:
+        """An ``<outcome/>`` in an available presence of ``device`` (bare JID, the sender: see
+        PresenceTracker.take_outcomes), the answer to a command sent with ``answer="presence"``.
+        Taken only for a command of this session still waiting that went to that device, the
+        outcome naming it; anything else is ignored (another session's of ours, a forgery, one
+        malformed): a command whose answer is lost so is asked again by the resends (a new
+        session of ours or of the device's, an adoption), answered from the replay memory."""
+        try:
+            outcome = outcome_from_xml(el)
+        except PayloadError as exc:
+            log.warning("dropped invalid outcome in the presence of %s: %s", device, exc)
+            return
+        sent = self._sent.get(outcome.command_id)
+        fut = self.pending.get(outcome.command_id)
+        if sent is None or fut is None or fut.done() or sent[1] != device or outcome.device != device:
+            log.debug("outcome in the presence of %s for no command of ours waiting on it: %s", device,
+                      outcome.command_id)
+            return
+        fut.set_result(first_outcome(outcome))
+        self.store.remove(outcome.command_id)
+
     def _on_outcome(self, msg: Message) -> None:
         try:
             outcome = outcome_from_xml(msg["grid_outcome"].xml)

@@ -52,7 +52,7 @@ from gridpresence.protocol.codec import (
     report_from_xml,
 )
 from gridpresence.protocol.alarm import Alarm, alarm_from_xml
-from gridpresence.protocol.models import Action, Command, Outcome, OutcomeStatus, Tariff, utcnow
+from gridpresence.protocol.models import Action, Answer, Command, Outcome, OutcomeStatus, Tariff, utcnow
 from gridpresence.protocol.openpgp import FALLBACK_BODY, OPENPGP_NS
 from gridpresence.security.keyring import KeyUnavailable
 from gridpresence.security.ox import OxRefused, is_encrypted, open_chat, seal_chat
@@ -121,6 +121,7 @@ class GridOperator:
         # Every command is signed with the operator's key; without one, devices refuse them.
         self.issuer = CommandIssuer(self.client, self.keyring.secret_key, relay.jid if relay is not None else None,
                                     store=PendingStore.beside(keys.secret_file if keys else None))
+        self.tracker.take_outcomes(self.issuer.outcome_in_presence)  # (what `command` asks hosted devices for)
         # Outcomes of commands an earlier process of ours sent and died waiting for (see `inherited`).
         self.inherited: dict[str, tuple[PendingCommand, asyncio.Future[Outcome]]] = {}
         self.issuer.on_orphan_outcome = self._late_inherited
@@ -479,7 +480,9 @@ class GridOperator:
         gives the device's real outcome, or "expired" if it did not return in time.
         """
         view = self.device(name)
-        cmd = Command.new(action, self.jid, ttl_s=ttl_s, args=args, serial=self.serial_of(view))
+        # A hosted device may answer in the presence of the change, which this library tracks.
+        answer: Answer | None = "presence" if view.transport == "component" else None
+        cmd = Command.new(action, self.jid, ttl_s=ttl_s, args=args, serial=self.serial_of(view), answer=answer)
         if view.full_jid is None and self.session.armed:
             view = await self._after_own_outage(view, cmd)
             if view is None:

@@ -27,6 +27,7 @@ from gridpresence.xmpp.reconnect import SessionChange, SessionEvent, reconnector
 
 log = logging.getLogger(__name__)
 
+_DEVICE, _OUTCOME = q("device"), q("outcome")
 OWN_OUTAGE = "our own connection to the server was lost"  # why every view is unknown after a loss
 
 
@@ -118,6 +119,7 @@ class PresenceTracker:
         self._watch_task: asyncio.Task[None] | None = None
         self._started_at = 0.0
         self._own_down = False  # our session is lost: silence says nothing of the devices then
+        self._outcome_taker: Callable[[str, ET.Element], None] | None = None  # take_outcomes
         client.add_event_handler("presence", self._on_presence)
         dispatch = getattr(client, "shape_dispatch", None)  # xmpp/dispatch.py (make_client installs it)
         if dispatch is not None:
@@ -158,6 +160,13 @@ class PresenceTracker:
         """Call `callback` on every change; returns a function that stops it."""
         self._listeners.append(callback)
         return lambda: self._listeners.remove(callback)
+
+    def take_outcomes(self, taker: Callable[[str, ET.Element], None]) -> None:
+        """``taker(device, element)`` gets each ``<outcome/>`` in an available presence of a
+        tracked device (bare JID), before the presence's own change is told (an issuer's answer
+        in presence, PROTOCOL.md "Answered in presence": no resend on the change for a command it
+        answers); what it is worth is the taker's to judge."""
+        self._outcome_taker = taker
 
     def adopt(self, health: Health) -> None:
         """Take another watcher's verdict (the watchdog service's) for a device we have not seen."""
@@ -218,8 +227,10 @@ class PresenceTracker:
         ptype = xml.get("type")
         if view is None or ptype not in (None, "unavailable"):
             return
-        element = xml.find(q("device"))
+        element = xml.find(_DEVICE)
         report: PresenceReport | None = None
+        if ptype is None and self._outcome_taker is not None and (answer := xml.find(_OUTCOME)) is not None:
+            self._outcome_taker(bare, answer)  # (an outcome is worth its own checks, whatever the report)
         if element is not None:
             try:
                 report = report_from_xml(element)

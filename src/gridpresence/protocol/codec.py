@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 from xml.etree import ElementTree as ET
 from xml.sax.saxutils import escape
 
@@ -18,6 +18,7 @@ from slixmpp.xmlstream import tostring
 
 from gridpresence.protocol.models import (
     NS,
+    Answer,
     Command,
     FaultRef,
     Health,
@@ -130,7 +131,7 @@ def report_to_text(report: PresenceReport, tag: str = "device") -> str:
     """report_to_xml's element serialised (its namespace declared on it), written from the
     model without an element or a serialiser: the payload of every presence a device host
     broadcasts (xmpp/component.py HostedClient.broadcast_presence)."""
-    parts = [f"<telemetry{_attr_text(_attrs(report.telemetry))} />"]
+    parts = [f"<telemetry{_telemetry_attrs(report.telemetry) if _REPORT_SHAPE_KNOWN else _attr_text(_attrs(report.telemetry))} />"]
     res = report.restriction
     if res is not None:
         note = escape(res.note) if res.note else ""
@@ -138,7 +139,43 @@ def report_to_text(report: PresenceReport, tag: str = "device") -> str:
     if report.faults:
         faults = "".join(f"<fault{_attr_text(_attrs(ref))} />" for ref in report.faults)
         parts.append(f"<faults>{faults}</faults>")
-    return f'<{tag} xmlns="{NS}"{_attr_text(_attrs(report))}>{"".join(parts)}</{tag}>'
+    attrs = _report_attrs(report) if _REPORT_SHAPE_KNOWN else _attr_text(_attrs(report))
+    return f'<{tag} xmlns="{NS}"{attrs}>{"".join(parts)}</{tag}>'
+
+
+# The fields of a report and its telemetry in their order, as _report_attrs and _telemetry_attrs
+# write them (checked against the models: a field added makes report_to_text take _attrs' way).
+_REPORT_FIELDS = ("kind", "state", "critical", "telemetry", "restriction", "refresh_s", "seq", "at", "transport",
+                  "serial", "faults", "under_fault")
+_TELEMETRY_FIELDS = ("load_pct", "kw", "capacity_kw", "fuel_pct", "temperature_c", "energy_kwh", "breaker")
+
+
+def _report_attrs(report: PresenceReport) -> str:
+    """_attr_text(_attrs(report)), field by field: none of these values has anything to escape
+    (enums, numbers, a UTC time, a Literal transport, a serial of [A-Za-z0-9._:-]). Every presence
+    a device host broadcasts is written with it, and the general loop cost a third of the text."""
+    v = report.__dict__
+    text = (f' kind="{v["kind"].value}" state="{v["state"].value}" critical="{"true" if v["critical"] else "false"}"'
+            f' refresh-s="{v["refresh_s"]!r}" seq="{v["seq"]!r}" at="{_utc_stamp(v["at"])}"')
+    if v["transport"] is not None:
+        text += f' transport="{v["transport"]}"'
+    if v["serial"] is not None:
+        text += f' serial="{v["serial"]}"'
+    if v["under_fault"] is not None:
+        text += f' under-fault="{"true" if v["under_fault"] else "false"}"'
+    return text
+
+
+_TELEMETRY_NUMBERS = tuple((f, f.replace("_", "-")) for f in _TELEMETRY_FIELDS[:-1])
+
+
+def _telemetry_attrs(telemetry: Telemetry) -> str:
+    """_attr_text(_attrs(telemetry)), field by field: numbers (repr) and the breaker's enum."""
+    v = telemetry.__dict__
+    text = "".join([f' {attr}="{v[name]!r}"' for name, attr in _TELEMETRY_NUMBERS if v[name] is not None])
+    if v["breaker"] is not None:
+        text += f' breaker="{v["breaker"].value}"'
+    return text
 
 
 def report_from_xml(el: ET.Element | None, tag: str = "device") -> PresenceReport:
@@ -184,9 +221,14 @@ def _attr_text(attrs: Mapping[str, str]) -> str:
 
 # Command's fields in their order, as _command_attrs writes them (checked against the model
 # below: a field added to Command makes command_to_text take _attrs' general way again).
-_COMMAND_FIELDS = ("id", "action", "issuer", "issued", "expires", "args", "serial")
+_COMMAND_FIELDS = ("id", "action", "issuer", "issued", "expires", "args", "serial", "answer")
 _COMMAND_SHAPE_KNOWN = tuple(Command.model_fields) == _COMMAND_FIELDS
 _UTC = dt.timezone.utc
+_ANSWERS = (None, *get_args(Answer))
+_OUTCOME_SHAPE_KNOWN = tuple(Outcome.model_fields) == ("command_id", "device", "status", "reason", "detail", "report",
+                                                        "report_seq", "first")
+_REPORT_SHAPE_KNOWN = (tuple(PresenceReport.model_fields) == _REPORT_FIELDS
+                       and tuple(Telemetry.model_fields) == _TELEMETRY_FIELDS)
 
 
 def _utc_stamp(value: dt.datetime) -> str:
@@ -200,8 +242,9 @@ def _command_attrs(cmd: Command) -> str:
     """_attrs(cmd) written out as command_to_text's attributes, field by field: a fan-out
     writes thousands of commands and the general loop cost half of each one's text."""
     serial = f" serial={_quoted(cmd.serial)}" if cmd.serial is not None else ""
+    answer = f' answer="{cmd.answer}"' if cmd.answer is not None else ""  # (a Literal: nothing to escape)
     return (f" id={_quoted(cmd.id)} action={_quoted(cmd.action.value)} issuer={_quoted(cmd.issuer)}"
-            f' issued="{_utc_stamp(cmd.issued)}" expires="{_utc_stamp(cmd.expires)}"{serial}')
+            f' issued="{_utc_stamp(cmd.issued)}" expires="{_utc_stamp(cmd.expires)}"{serial}{answer}')
 
 
 def _general_command_attrs(cmd: Command) -> str:
@@ -221,6 +264,8 @@ def command_to_text(cmd: Command) -> str:
 def command_from_xml(el: ET.Element | None) -> Command:
     el = _expect(el, "command")
     data = _fields(Command, el.attrib)
+    if data.get("answer") not in _ANSWERS:  # a way a newer issuer asks for that this device has not: the message
+        data.pop("answer", None)
     data["args"] = {a.get("name", ""): a.text or "" for a in el.findall(q("arg"))}
     return _validate(Command, data, "command")
 
@@ -241,17 +286,34 @@ def outcome_to_xml(outcome: Outcome, *, by_seq: bool = False) -> ET.Element:
     return el
 
 
-def outcome_wire(outcome: Outcome, *, by_seq: bool = False) -> tuple[ET.Element, str]:
-    """outcome_to_xml's element and its text (its namespace declared on it), the text written
-    here without a serialiser when the outcome is attributes and a detail only (what a device
-    answers nearly every command with): a device host sends the text, the element stays for
-    a recipient in the same process."""
+def outcome_wire(outcome: Outcome, *, by_seq: bool = False) -> tuple[ET.Element | None, str]:
+    """outcome_to_xml's text (its namespace declared on it) and its element; the text written
+    here without an element or a serialiser when the outcome is attributes and a detail only
+    (what a device answers nearly every command with), and the element then None (made from the
+    text by whoever needs one: a recipient in the same process). A device host sends the text."""
+    text = _outcome_text(outcome, by_seq) if _OUTCOME_SHAPE_KNOWN else None
+    if text is not None:
+        return None, text
     el = outcome_to_xml(outcome, by_seq=by_seq)
-    if len(el) > (1 if outcome.detail else 0):  # a report or a first outcome: the serialiser's job
-        return el, tostring(el)
-    attrs = "".join(f" {name}={_quoted(value)}" for name, value in el.attrib.items())
-    detail = f"<detail>{escape(outcome.detail)}</detail>" if outcome.detail else ""
-    return el, f'<outcome xmlns="{NS}"{attrs}>{detail}</outcome>' if detail else f'<outcome xmlns="{NS}"{attrs} />'
+    return el, tostring(el)
+
+
+def _outcome_text(outcome: Outcome, by_seq: bool) -> str | None:
+    """outcome_to_xml's element as text, field by field; None for one with a report to carry or
+    a first outcome (the serialiser's job)."""
+    v = outcome.__dict__
+    report = v["report"]
+    if v["first"] is not None or (report is not None and not by_seq):
+        return None
+    attrs = f" command-id={_quoted(v['command_id'])} device={_quoted(v['device'])} status=\"{v['status'].value}\""
+    if v["reason"] is not None:
+        attrs += f' reason="{v["reason"].value}"'
+    seq = report.seq if report is not None else v["report_seq"]  # (by_seq here, if there is a report)
+    if seq is not None:
+        attrs += f' report-seq="{seq}"'
+    if v["detail"]:
+        return f'<outcome xmlns="{NS}"{attrs}><detail>{escape(v["detail"])}</detail></outcome>'
+    return f'<outcome xmlns="{NS}"{attrs} />'
 
 
 def outcome_from_xml(el: ET.Element | None, *, nested: bool = False) -> Outcome:

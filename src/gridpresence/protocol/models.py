@@ -205,6 +205,7 @@ class PresenceReport(_Model):
         return ", ".join(parts)
 
 
+Answer = Literal["presence"]  # how the issuer asks for its outcome besides the message (Command.answer)
 _ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 
 
@@ -219,6 +220,9 @@ class Command(_Model):
     args: dict[str, Annotated[str, Field(max_length=200)]] = Field(default_factory=dict)
     # The target device's serial number, bound into the signed content ([0045]).
     serial: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{1,64}$")
+    # "presence": the issuer takes the outcome from the presence the command's change produces
+    # (PROTOCOL.md, "Answered in presence"); a device that cannot answers with a message.
+    answer: Answer | None = None
 
     @field_validator("id")
     @classmethod
@@ -250,6 +254,7 @@ class Command(_Model):
         args: dict[str, str] | None = None,
         now: dt.datetime | None = None,
         serial: str | None = None,
+        answer: Answer | None = None,
     ) -> Command:
         issued = now or utcnow()
         return cls(
@@ -260,6 +265,7 @@ class Command(_Model):
             expires=issued + dt.timedelta(seconds=ttl_s),
             args=args or {},
             serial=serial,
+            answer=answer,
         )
 
     def is_expired(self, now: dt.datetime | None = None) -> bool:

@@ -742,13 +742,17 @@ class HostedClient(ComponentXMPP):
         except Exception:  # as the queue's task: a faulty stanza is logged, the sender goes on
             log.error("Exception raised in send:", exc_info=True)
 
-    def send_payload(self, to: str, payload: ET.Element, mtype: str = "normal", text: str = "") -> None:
+    def send_payload(self, to: str, payload: ET.Element | None, mtype: str = "normal", text: str = "") -> None:
         """A message of one data payload (a device's outcome) to ``to``: as send's fast path
         sends it, but without a stanza object, its plugins or a run of the outgoing filters
         (they stamp presence only), a tenth of a command's cost on the host. ``text``: the
-        payload already serialised (slixmpp's ``tostring``), written as it is. While anything
-        waits in the send queue, it goes the usual way, behind it."""
+        payload already serialised (slixmpp's ``tostring``), written as it is; ``payload`` None:
+        made from it where an element is needed. While anything waits in the send queue, it goes
+        the usual way, behind it."""
         attrs = {"type": mtype, "to": str(to), "id": self.new_id(), "from": self.boundjid.full}
+        if payload is None and not (text and may_skip_queue(self) and messages_need_no_filter(self, self._route)
+                                    and attrs["to"].partition("/")[0].rpartition("@")[2] != self.link.domain):
+            payload = ET.fromstring(text)
         if not may_skip_queue(self) or not messages_need_no_filter(self, self._route):
             xml = ET.Element(f"{{{NS}}}message", attrs)
             xml.append(payload)
@@ -773,7 +777,7 @@ class HostedClient(ComponentXMPP):
 
     def broadcast_presence(self, payload_tag: str, payload_text: str, *, show: str | None = None,
                            status: str | None = None, ptype: str | None = None,
-                           leave_out: frozenset[str] = frozenset()) -> bool:
+                           leave_out: frozenset[str] = frozenset(), answer: tuple[str, str] | None = None) -> bool:
         """A broadcast presence of ``show``, ``status`` and one payload (``payload_text``, its
         namespace declared; ``payload_tag``, its qualified tag), ``ptype`` None (available) or
         "unavailable": the same presence (as parsed XML) as send's fast path writes for the
@@ -782,7 +786,10 @@ class HostedClient(ComponentXMPP):
         object, no run of the outgoing filters (each one's text half writes what it would
         append: xmpp/outgoing.py presence_texts) and no serialiser, a quarter of a command's cost
         on the host. False, having sent nothing, when that cannot be: a filter without a text
-        half is installed, or something waits in the send queue (the caller sends the stanza)."""
+        half is installed, or something waits in the send queue (the caller sends the stanza).
+        ``answer``: (a bare JID :meth:`reaches`, an element serialised): in that contact's copy
+        only, after the payload (a command's outcome, PROTOCOL.md "Answered in presence"); the
+        other copies and later probes' answers are the presence without it."""
         if not may_skip_queue(self):
             return False
         stamps = presence_texts(self, self._route)
@@ -800,8 +807,15 @@ class HostedClient(ComponentXMPP):
         parts.append(payload_text)
         parts.extend(stamp(ptype, payload_tag) for stamp in stamps)
         parts.append("</presence>")
-        self._broadcast_text("".join(parts), None, leave_out)
+        self._broadcast_text("".join(parts), None, leave_out, answer)
         return True
+
+    def reaches(self, bare: str, leave_out: frozenset[str] = frozenset()) -> bool:
+        """Whether a broadcast with ``leave_out`` is sent to ``bare`` (a contact subscribed to
+        us, not known to be offline nor left out), over the server (not an identity on the link)."""
+        item = self.client_roster._jids.get(bare)  # bare JID -> RosterItem
+        return (item is not None and bool(item._state["from"]) and bare not in self._offline
+                and bare not in leave_out and bare.rpartition("@")[2] != self.link.domain)
 
     def send_each(self, stanza: StanzaBase, tos: Iterable[str]) -> None:
         """``stanza`` (with no ``to``) to each of ``tos``, as sending a copy to each would: the
@@ -867,12 +881,19 @@ class HostedClient(ComponentXMPP):
         del xml.attrib["to"]
         self._broadcast_text(text, xml, leave_out)
 
-    def _broadcast_text(self, text: str, xml: ET.Element | None, leave_out: frozenset[str]) -> None:
-        """_broadcast's fan-out of ``text`` (``to`` marked); ``xml``: its element, if made."""
+    def _broadcast_text(self, text: str, xml: ET.Element | None, leave_out: frozenset[str],
+                        answer: tuple[str, str] | None = None) -> None:
+        """_broadcast's fan-out of ``text`` (``to`` marked); ``xml``: its element, if made;
+        ``answer``: broadcast_presence's (to a contact over the server: text only)."""
         self._last_text, self._last_broadcast = text, xml
         skip = self._offline | leave_out if leave_out else self._offline
+        told, extra = answer if answer is not None else ("", "")
         for contact in self.subscribers():
-            if contact not in skip:
+            if contact in skip:
+                continue
+            if contact == told:  # (the text ends "</presence>")
+                self._send_text(contact, None, f"{text[:-11]}{extra}</presence>")
+            else:
                 self._send_text(contact, xml, text)
 
     def _last_element(self) -> ET.Element:
