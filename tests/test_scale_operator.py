@@ -306,3 +306,17 @@ async def test_up_devices_hosted_on_the_component_are_seen_by_an_operator(tmp_pa
     finally:
         proc.send_signal(signal.SIGINT)
         await asyncio.wait_for(proc.wait(), 30)
+
+
+def test_up_devices_past_a_thousand_on_c2s_says_what_hosting_component_is_for(capsys: pytest.CaptureFixture[str]) -> None:
+    from gridpresence.cli.up import C2S_ADVICE_ABOVE, _fleet_of
+
+    parser = build_parser()
+    for argv, noted in ((["--devices", str(C2S_ADVICE_ABOVE + 1)], True),
+                        (["--devices", str(C2S_ADVICE_ABOVE + 1), "--hosting", "component"], False),
+                        (["--devices", str(C2S_ADVICE_ABOVE + 1), "--hosting", "c2s"], False),  # asked for
+                        (["--devices", str(C2S_ADVICE_ABOVE)], False)):
+        fleet = _fleet_of(parser.parse_args(["up", *argv]))
+        assert len(fleet.devices) == int(argv[1])
+        err = capsys.readouterr().err
+        assert ("--hosting component hosts them all on one connection" in err) is noted, (argv, err)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,10 @@ def _fleet_of(args: argparse.Namespace) -> Fleet:
     if args.devices:
         if args.fleet is not None:
             raise CliError("give --fleet FILE or --devices N, not both")
+        if args.devices > C2S_ADVICE_ABOVE and args.hosting is None:
+            print(f"note: {args.devices:,} devices each on a c2s session of its own log in slowly (an account, TLS "
+                  "and a stream each, tens a second on a small machine); --hosting component hosts them all "
+                  "on one connection (about a thousand a second)", file=sys.stderr, flush=True)
         return synthetic_fleet(args.devices, **_synthetic_shape(args))
     shaped = [f"--{k}" for k, v in vars(args).items() if k in _SHAPE and v is not None]
     if shaped:  # a fleet file says its own ratings, refresh and hosting
@@ -87,6 +92,7 @@ def _fleet_of(args: argparse.Namespace) -> Fleet:
     return load_fleet(Path(args.fleet or DEFAULT_FLEET))
 
 
+C2S_ADVICE_ABOVE = 1000  # synthetic devices beyond which `up` says what --hosting component is for
 _SHAPE = {"seed": "seed", "refresh": "refresh_s", "hosting": "hosting"}  # option -> synthetic_fleet's keyword
 
 
