@@ -143,9 +143,9 @@ class CountedDevice:
         self.executions: Counter[str] = Counter()
         run = self.agent.execute
 
-        def counted(cmd: Command, now):  # type: ignore[no-untyped-def]
+        def counted(cmd: Command, now, *rest):  # type: ignore[no-untyped-def]
             self.executions[cmd.id] += 1
-            return run(cmd, now)
+            return run(cmd, now, *rest)
 
         self.agent.execute = counted  # type: ignore[method-assign]
 
