@@ -185,6 +185,9 @@ class AlarmDesk:
         self.adjuster.observe(sample)  # after the events: readings of an open fault stay out of the indices
         # A rule held silently (high loading while the trip point is imminent) counts as told.
         held = self.engine.active(self.agent.spec.name)
+        if not held and not self._active and not self.open:  # healthy, as at the last tick: nothing to clear
+            self.own_faults = []
+            return
         self._active = frozenset(AlarmKind(self.engine.rules.get(name).alarm) for name in held)
         self.own_faults = sorted({self.engine.rules.get(name).alarm.value for name, silent in held.items() if not silent})
         self._clear_warnings(self._active)
