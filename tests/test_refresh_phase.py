@@ -9,6 +9,7 @@ import asyncio
 
 from gridpresence.config import DeviceSpec
 from gridpresence.device.agent import REFRESH_PHASE_SPREAD, DeviceAgent
+from gridpresence.device.ticker import Ticker
 from gridpresence.xmpp.session import Endpoint
 
 REFRESH_S = 60.0
@@ -35,6 +36,5 @@ async def test_a_session_start_moves_the_first_refresh_earlier_by_the_phase() ->
         assert dev._published_at == before - dev.refresh_phase()
         assert dev.refresh_phase() > 0
     finally:
-        assert dev._loop_task is not None
-        dev._loop_task.cancel()
-        await asyncio.gather(dev._loop_task, return_exceptions=True)
+        assert Ticker.of().ticking(dev)  # its ticks started with the session
+        Ticker.of().leave(dev)

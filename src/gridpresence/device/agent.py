@@ -33,6 +33,7 @@ from gridpresence.device.host import D, Desk, DeviceSetup
 from gridpresence.device.operated import OperatedStore
 from gridpresence.device.ox_chat import OxDesk
 from gridpresence.device.price_feed import PriceFeed
+from gridpresence.device.ticker import Ticker
 from gridpresence.security.ox import is_encrypted
 from gridpresence.xmpp.component import HostedClient
 from gridpresence.xmpp.party import PartySession
@@ -67,6 +68,7 @@ from gridpresence.protocol.models import (
     OutcomeStatus,
     PresenceReport,
     RejectReason,
+    Restriction,
     Telemetry,
     utcnow,
 )
@@ -94,6 +96,12 @@ REFRESH_PHASE_SPREAD = 0.5
 STOP_GRACE_S = 5.0
 
 
+def _health(state: DeviceState, restriction: Restriction | None, faults: tuple[FaultRef, ...],
+            under_fault: bool | None, telemetry: Telemetry) -> tuple[object, ...]:
+    """What of a report every subscriber is told of when it changes (DeviceAgent._health_changed)."""
+    return state, restriction, faults, under_fault, telemetry.breaker
+
+
 class DeviceAgent(PartySession):
     """One device identity on the network.
 
@@ -113,6 +121,8 @@ class DeviceAgent(PartySession):
     """
 
     directed_readings = True
+    # Ticks from the event loop's one timer wheel (device/ticker.py); off, a task of its own each.
+    shared_ticker = True
 
     def __init__(
         self,
@@ -243,7 +253,10 @@ class DeviceAgent(PartySession):
         self._online.clear()  # the new session's probes tell us again
         self.publish()
         self._published_at -= self.refresh_phase()  # (earlier only: never late for a watchdog)
-        if self._loop_task is None or self._loop_task.done():
+        if self.shared_ticker:
+            if not self._stopping and not Ticker.of().ticking(self):
+                Ticker.of().join(self, self.tick_s, self._tick)
+        elif self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.ensure_future(self._run())
 
     def refresh_phase(self) -> float:
@@ -257,6 +270,7 @@ class DeviceAgent(PartySession):
         self._stopping = True
         for desk in reversed(self._desks.values()):
             desk.close()
+        Ticker.of().leave(self)
         if self._loop_task:
             self._loop_task.cancel()
         for task in self._fetching:  # commands waiting for their issuer's key: never acted on
@@ -275,17 +289,25 @@ class DeviceAgent(PartySession):
             await close_session(self.client)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        """The tick on a task of its own (``shared_ticker`` off: the baseline bench/idle_grid.py measures)."""
         while True:
             await asyncio.sleep(self.tick_s)
-            try:
-                self.sim.tick(utcnow())
-                refresh_due = loop.time() - self._published_at >= self.spec.refresh_s
+            self._tick()
+
+    def _tick(self) -> None:
+        try:
+            self.sim.tick(utcnow())
+            refresh_due = asyncio.get_running_loop().time() - self._published_at >= self.spec.refresh_s
+            reading = None if refresh_due else self._unmoved_reading()
+            if reading is not None:  # nothing to tell: the rules get the same readings, without a report
+                self._seq += 1  # (the seq the report would have taken: the next one told is as before)
+                self.alarms.check_reading(self.sim.state, self.sim.kind, reading)
+            else:
                 self.alarms.check(self.publish(force=refresh_due))
-                if self._published is not None and self._published.faults != self._faults():
-                    self.publish(force=False)  # parent and children learn of a fault now, not at the next refresh
-            except Exception:  # one bad tick must not end the device
-                log.exception("%s: tick failed", self.spec.name)
+            if self._published is not None and self._published.faults != self._faults():
+                self.publish(force=False)  # parent and children learn of a fault now, not at the next refresh
+        except Exception:  # one bad tick must not end the device
+            log.exception("%s: tick failed", self.spec.name)
 
     # -- presence ---------------------------------------------------------------------
 
@@ -320,13 +342,37 @@ class DeviceAgent(PartySession):
         """Something every subscriber needs (the watchdog and the relay too): state, restriction,
         faults, the breaker's position. A first publish counts."""
         old = self._broadcast
-        return (old is None or old.state != report.state or old.restriction != report.restriction
-                or old.faults != report.faults or old.under_fault != report.under_fault
-                or old.telemetry.breaker != report.telemetry.breaker)
+        return old is None or _health(old.state, old.restriction, old.faults, old.under_fault,
+                                      old.telemetry) != _health(report.state, report.restriction, report.faults,
+                                                                report.under_fault, report.telemetry)
 
     def _telemetry_changed(self, report: PresenceReport) -> bool:
+        return self._published is None or self._reading_moved(report.telemetry)
+
+    def _reading_moved(self, telemetry: Telemetry) -> bool:
+        """Past the deadband since the last report told (there is one)."""
         old = self._published
-        return old is None or abs((old.telemetry.load_pct or 0.0) - (report.telemetry.load_pct or 0.0)) >= LOAD_DEADBAND_PCT
+        assert old is not None
+        return abs((old.telemetry.load_pct or 0.0) - (telemetry.load_pct or 0.0)) >= LOAD_DEADBAND_PCT
+
+    def _unmoved_reading(self) -> Telemetry | None:
+        """The physics' readings now, if ``publish(force=False)`` would send nothing for them
+        (health as last broadcast, the reading within the deadband of the last told), found
+        without building the report; else None (publish decides, and logs invalid values).
+        Such a report would validate: its telemetry is built validated, and the rest is as in
+        the last report told."""
+        if self._broadcast is None or self._published is None or not self.directed_readings:
+            return None
+        sim, old = self.sim, self._broadcast
+        try:
+            telemetry = sim.telemetry()
+        except ValidationError:
+            return None
+        under_fault = True if self.fold.parent_in_fault else None
+        if _health(sim.state, sim.restriction, self._faults(), under_fault, telemetry) != _health(
+                old.state, old.restriction, old.faults, old.under_fault, old.telemetry):
+            return None
+        return None if self._reading_moved(telemetry) else telemetry
 
     def _telemetry_audience(self) -> frozenset[str]:
         """Who is told of a reading that moved but changed no state (PROTOCOL.md, "Who gets which

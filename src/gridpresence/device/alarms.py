@@ -20,11 +20,11 @@ from slixmpp import JID, Presence
 
 from gridpresence.rules.settings import AlarmSettings
 from gridpresence.protocol.alarm import URGENT_KINDS, Alarm, AlarmKind, AlarmLevel, AlarmStatus, alarm_to_xml
-from gridpresence.protocol.models import PresenceReport
+from gridpresence.protocol.models import DeviceKind, DeviceState, PresenceReport, Telemetry
 from gridpresence.rules.audit_log import AuditJournal
 from gridpresence.rules.engine import Engine, FaultEvent
 from gridpresence.rules.priority import Prioritiser
-from gridpresence.rules.live import report_sample
+from gridpresence.rules.live import reading_sample, report_sample
 from gridpresence.rules.model import default_rules
 from gridpresence.rules.thresholds import Adjuster, Change, Proposal, ThresholdBook
 from gridpresence.device.folding import BranchFold
@@ -163,11 +163,14 @@ class AlarmDesk:
 
     def check(self, report: PresenceReport | None) -> None:
         """Run the rules over the latest readings; raise what newly holds."""
-        if report is None:
-            return
-        sample = report_sample(self.agent.spec.name, report, asyncio.get_running_loop().time(),
-                               self.agent.sim.commanded)
-        self._capacity_kw = report.telemetry.capacity_kw
+        if report is not None:
+            self.check_reading(report.state, report.kind, report.telemetry)
+
+    def check_reading(self, state: DeviceState, kind: DeviceKind, telemetry: Telemetry) -> None:
+        """The same, from a report's parts: a tick that tells nothing builds no report."""
+        sample = reading_sample(self.agent.spec.name, state, kind, telemetry, asyncio.get_running_loop().time(),
+                                self.agent.sim.commanded)
+        self._capacity_kw = telemetry.capacity_kw
         ranker = self._ranker()
         for ev in self.engine.feed(sample):
             if ev.raised and self.fold is not None and self.fold.parent_in_fault:
@@ -182,6 +185,9 @@ class AlarmDesk:
         self.adjuster.observe(sample)  # after the events: readings of an open fault stay out of the indices
         # A rule held silently (high loading while the trip point is imminent) counts as told.
         held = self.engine.active(self.agent.spec.name)
+        if not held and not self._active and not self.open:  # healthy, as at the last tick: nothing to clear
+            self.own_faults = []
+            return
         self._active = frozenset(AlarmKind(self.engine.rules.get(name).alarm) for name in held)
         self.own_faults = sorted({self.engine.rules.get(name).alarm.value for name, silent in held.items() if not silent})
         self._clear_warnings(self._active)

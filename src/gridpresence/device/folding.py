@@ -90,6 +90,8 @@ class BranchFold:
     def presence_faults(self, own_kinds: list[str]) -> tuple[FaultRef, ...]:
         """What this device's presence says: its own faults and, only while it or a branch above is
         in fault, those folded into them (else they are not folded: each device below tells its own)."""
+        if not own_kinds and not self.parent_in_fault:
+            return ()  # (every device, every tick: the healthy case builds nothing)
         own = [FaultRef(kind=k) for k in own_kinds]
         return tuple([*own, *self.below()] if own or self.parent_in_fault else own)[:MAX_FAULTS]
 

@@ -132,6 +132,9 @@ class ThresholdBook:
         return self.set(c.device, c.rule, c.param, c.old, by, f"revert of change {c.id}", at, reverts=c.id)
 
 
+_NUMBER = (float, int)  # a reading the indices take (what isinstance(v, float | int) tests)
+
+
 @dataclass
 class _Ewma:
     """Exponentially weighted mean and variance (the document's performance indices)."""
@@ -195,18 +198,23 @@ class Adjuster:
     def observe(self, s: Sample) -> None:
         """EWMA indices of readings taken while no fault is open; peaks of open faults. Call it
         after passing the sample's fault events to `event`."""
-        for (device, rule), alarm in self._open.items():
-            if device == s.device:
-                cmp = first_param_compare(self.rules.get(rule).content)
-                v = s.values.get(cmp.field) if cmp else None
-                if isinstance(v, float | int) and alarm.peak is not None:
-                    worse = max if cmp and cmp.op in (">=", ">") else min
-                    alarm.peak = worse(alarm.peak, float(v))
-        if any(d == s.device for d, _ in self._open):
-            return
+        if self._open:  # (a device's every sample: most have no fault open)
+            for (device, rule), alarm in self._open.items():
+                if device == s.device:
+                    cmp = first_param_compare(self.rules.get(rule).content)
+                    v = s.values.get(cmp.field) if cmp else None
+                    if isinstance(v, float | int) and alarm.peak is not None:
+                        worse = max if cmp and cmp.op in (">=", ">") else min
+                        alarm.peak = worse(alarm.peak, float(v))
+            if any(d == s.device for d, _ in self._open):
+                return
+        indices = self._indices
         for name, v in s.values.items():
-            if isinstance(v, float | int):
-                self._indices.setdefault((s.device, name), _Ewma(self.lam / 10)).add(float(v))
+            if isinstance(v, _NUMBER):
+                index = indices.get((s.device, name))
+                if index is None:  # (made only when missing: setdefault would make one every sample)
+                    index = indices[(s.device, name)] = _Ewma(self.lam / 10)
+                index.add(float(v))
 
     def event(self, ev: FaultEvent, at: datetime | None = None) -> Change | Proposal | None:
         key = (ev.device, ev.rule)
