@@ -47,6 +47,7 @@ from slixmpp.xmlstream import StanzaBase, tostring
 from gridpresence.xmpp.slixfix.escape import escape as xml_escape  # the fast one (slixmpp's own goes char by char)
 from slixmpp.xmlstream.matcher import MatchXPath, StanzaPath
 from slixmpp.plugins.base import PLUGIN_REGISTRY, load_plugin
+from slixmpp.roster import Roster, RosterNode
 
 from gridpresence.xmpp import slixfix  # noqa: F401  (our slixmpp patches)
 from gridpresence.xmpp.dispatch import ShapeDispatch
@@ -555,6 +556,21 @@ class ComponentLink(ComponentXMPP):
             self.send_raw(tostring(reply, xmlns=NS, stream=self, top_level=True))
 
 
+class _OwnRoster(Roster):
+    """A hosted identity's roster: its own node, and no one else's kept. slixmpp's presence
+    handler asks for the sender's node (``roster[sender].ignore_updates``), and a Roster makes,
+    loads from the back end and keeps a node for any JID asked: every identity held a copy of
+    each contact's whole roster (a master's fifty devices in each of its fifty devices), a
+    third of a hosting process's memory. A node asked for another JID is a fresh empty one,
+    as slixmpp's would be without a back end, and is not kept."""
+
+    def __getitem__(self, key: Any) -> RosterNode:
+        bare = self.xmpp.boundjid.bare if key is None else (key if isinstance(key, JID) else JID(key)).bare
+        if bare in self._rosters or bare == self.xmpp.boundjid.bare:
+            return super().__getitem__(key)
+        return RosterNode(self.xmpp, bare)
+
+
 class HostedClient(ComponentXMPP):
     """One hosted identity: the members of a GridClient that a party uses (connect, handlers,
     plugins, make_*/send, roster, boundjid, is_connected), over the link."""
@@ -574,6 +590,9 @@ class HostedClient(ComponentXMPP):
         # the roster per broadcast) for re-sending on a subscription's approval, which a hosted
         # identity never does (auto_authorize is off; provisioning subscribes).
         self.del_filter("out", self.roster._save_last_status)
+        self.roster = _OwnRoster(self)
+        self.del_filter("out", self.roster._save_last_status)
+        self.roster.add(self.boundjid)
         self.add_event_handler("presence", self._contact_online)
         self.add_event_handler("presence_unavailable", self._contact_offline)  # after the roster's own
         self.add_event_handler("session_end", lambda _e: self._offline.clear())  # unknown again: told
