@@ -893,8 +893,9 @@ class HostedClient(ComponentXMPP):
     def _broadcast(self, xml: ET.Element, leave_out: frozenset[str] = frozenset()) -> None:
         """A broadcast presence to every subscriber not known to be offline nor in ``leave_out``
         (as a server sends a c2s account's presence to its contacts' sessions only). Serialized once: each copy is
-        the same text but for its ``to``. Kept as the answer to later probes: the element is
-        the sent stanza's own (slixmpp builds a new one per send; nothing changes it after)."""
+        the same text but for its ``to``. Its text is kept as the answer to later probes; during the
+        fan-out the element is the sent stanza's own (slixmpp builds a new one per send; nothing
+        changes it after)."""
         xml.set("to", _TO_MARK)
         text = tostring(xml, xmlns=NS, stream=self, top_level=True)
         del xml.attrib["to"]
@@ -914,6 +915,9 @@ class HostedClient(ComponentXMPP):
                 self._send_text(contact, None, f"{text[:-11]}{extra}</presence>")
             else:
                 self._send_text(contact, xml, text)
+        # Only the text is kept for later probes: an element kept per identity, thousands of
+        # them, costs more than parsing one again for a probe from a contact in this process.
+        self._last_broadcast = None
 
     def _last_element(self) -> ET.Element:
         """The last broadcast's element (no ``to``), parsed from its text if it was written so."""
