@@ -254,15 +254,19 @@ def test_identities_alike_share_what_matched_and_match_as_slixmpp(tmp_path: Any)
     rng = random.Random(1618)
     samples = [stanza_xml(rng) for _ in range(200)]  # fewer shapes than MAX_SHAPES: none forgotten
     shapes = 0
+    kept: dict[Any, list[Any]] = {}  # each stream's _matched keys (its shapes, as kept)
     for client in (first, second, odd):
         dispatch = ShapeDispatch(client)
         for xml in (copy.deepcopy(x) for x in samples):
             stanza = client._build_stanza(client.incoming_filter(xml))
             assert dispatch.matching(stanza) == slow(client, xml), ET.tostring(xml)
+        kept[client] = list(dispatch._matched)
         if client is first:
             shapes = len(dispatch._matched)  # the shapes it matched itself, handler by handler
             assert shapes > 10 and dispatch.shared == 0
         elif client is second:
             assert dispatch.shared == shapes, "every shape the first identity matched"
+            # Its shapes are the first's own objects: thousands of identities keep one copy.
+            assert {id(k) for k in kept[client]} == {id(k) for k in kept[first]}
         else:
             assert dispatch.shared == 0, "no other stream with this handler list matched these shapes before"

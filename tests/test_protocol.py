@@ -64,6 +64,24 @@ def test_command_and_outcome_roundtrip() -> None:
     assert outcome_from_xml(_roundtrip(outcome_to_xml(out))) == out
 
 
+def test_the_same_presence_read_twice_is_one_report_and_a_changed_one_is_not() -> None:
+    """Every party in a process that follows a device reads its presence: one report is kept."""
+    report = PresenceReport(kind=DeviceKind.LOAD, state=DeviceState.RESTRICTED, telemetry=Telemetry(kw=4.0),
+                            restriction=Restriction(note="shed"), seq=3, at=NOW)
+    first, second = (report_from_xml(_roundtrip(report_to_xml(report))) for _ in range(2))
+    assert first == report and second is first
+    other = report_from_xml(_roundtrip(report_to_xml(report.model_copy(update={"seq": 4}))))
+    assert other.seq == 4 and first.seq == 3
+    noted = _roundtrip(report_to_xml(report))
+    noted.find(f"{{{NS}}}restriction").text = "shed again"  # type: ignore[union-attr]
+    assert report_from_xml(noted).restriction.note == "shed again"  # type: ignore[union-attr]
+    # Without `at` a report is stamped as it is read: never one kept from before.
+    bare = f"<device xmlns='{NS}' kind='load' state='on'/>"
+    assert report_from_xml(ET.fromstring(bare)) is not report_from_xml(ET.fromstring(bare))
+    with pytest.raises(PayloadError):  # nor is a bad one let through by a good one read before
+        report_from_xml(ET.fromstring(f"<device xmlns='{NS}' kind='load' state='restricted' at='{NOW.isoformat()}'/>"))
+
+
 @pytest.mark.parametrize("attrs", ["load-pct='150.5'", "load-pct='-1'", "kw='nan'", "kw='inf'", "fuel-pct='101'",
                                    "temperature-c='1e9'", "breaker='melted'"])
 def test_out_of_range_telemetry_is_rejected(attrs: str) -> None:

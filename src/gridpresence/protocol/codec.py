@@ -178,8 +178,29 @@ def _telemetry_attrs(telemetry: Telemetry) -> str:
     return text
 
 
+# The reports read lately, by their XML's content. One device's presence reaches every party in
+# a process that follows it (the watchdog, relay and console trackers, its master and branch
+# meter): each would validate and keep a copy of its own, thousands of devices over. Reports
+# are frozen, so all share one. A report without `at` is not kept (validation stamps it now).
+_RECENT_REPORTS: dict[tuple[Any, ...], PresenceReport] = {}
+MAX_RECENT_REPORTS = 4096
+
+
 def report_from_xml(el: ET.Element | None, tag: str = "device") -> PresenceReport:
     el = _expect(el, tag)
+    if "at" not in el.attrib:
+        return _report_from_xml(el)
+    key = tuple([(e.tag, tuple(e.attrib.items()), e.text) for e in el.iter()])
+    report = _RECENT_REPORTS.get(key)
+    if report is None:
+        report = _report_from_xml(el)
+        if len(_RECENT_REPORTS) >= MAX_RECENT_REPORTS:
+            _RECENT_REPORTS.clear()
+        _RECENT_REPORTS[key] = report
+    return report
+
+
+def _report_from_xml(el: ET.Element) -> PresenceReport:
     data = _fields(PresenceReport, el.attrib)
     tel = el.find(q("telemetry"))
     data["telemetry"] = _validate(Telemetry, _fields(Telemetry, tel.attrib), "telemetry") if tel is not None else Telemetry()

@@ -47,6 +47,7 @@ from slixmpp.xmlstream import StanzaBase, tostring
 from gridpresence.xmpp.slixfix.escape import escape as xml_escape  # the fast one (slixmpp's own goes char by char)
 from slixmpp.xmlstream.matcher import MatchXPath, StanzaPath
 from slixmpp.plugins.base import PLUGIN_REGISTRY, load_plugin
+from slixmpp.roster import Roster, RosterNode
 
 from gridpresence.xmpp import slixfix  # noqa: F401  (our slixmpp patches)
 from gridpresence.xmpp.dispatch import ShapeDispatch
@@ -555,6 +556,21 @@ class ComponentLink(ComponentXMPP):
             self.send_raw(tostring(reply, xmlns=NS, stream=self, top_level=True))
 
 
+class _OwnRoster(Roster):
+    """A hosted identity's roster: its own node, and no one else's kept. slixmpp's presence
+    handler asks for the sender's node (``roster[sender].ignore_updates``), and a Roster makes,
+    loads from the back end and keeps a node for any JID asked: every identity held a copy of
+    each contact's whole roster (a master's fifty devices in each of its fifty devices), a
+    third of a hosting process's memory. A node asked for another JID is a fresh empty one,
+    as slixmpp's would be without a back end, and is not kept."""
+
+    def __getitem__(self, key: Any) -> RosterNode:
+        bare = self.xmpp.boundjid.bare if key is None else (key if isinstance(key, JID) else JID(key)).bare
+        if bare in self._rosters or bare == self.xmpp.boundjid.bare:
+            return super().__getitem__(key)
+        return RosterNode(self.xmpp, bare)
+
+
 class HostedClient(ComponentXMPP):
     """One hosted identity: the members of a GridClient that a party uses (connect, handlers,
     plugins, make_*/send, roster, boundjid, is_connected), over the link."""
@@ -574,6 +590,9 @@ class HostedClient(ComponentXMPP):
         # the roster per broadcast) for re-sending on a subscription's approval, which a hosted
         # identity never does (auto_authorize is off; provisioning subscribes).
         self.del_filter("out", self.roster._save_last_status)
+        self.roster = _OwnRoster(self)
+        self.del_filter("out", self.roster._save_last_status)
+        self.roster.add(self.boundjid)
         self.add_event_handler("presence", self._contact_online)
         self.add_event_handler("presence_unavailable", self._contact_offline)  # after the roster's own
         self.add_event_handler("session_end", lambda _e: self._offline.clear())  # unknown again: told
@@ -874,8 +893,9 @@ class HostedClient(ComponentXMPP):
     def _broadcast(self, xml: ET.Element, leave_out: frozenset[str] = frozenset()) -> None:
         """A broadcast presence to every subscriber not known to be offline nor in ``leave_out``
         (as a server sends a c2s account's presence to its contacts' sessions only). Serialized once: each copy is
-        the same text but for its ``to``. Kept as the answer to later probes: the element is
-        the sent stanza's own (slixmpp builds a new one per send; nothing changes it after)."""
+        the same text but for its ``to``. Its text is kept as the answer to later probes; during the
+        fan-out the element is the sent stanza's own (slixmpp builds a new one per send; nothing
+        changes it after)."""
         xml.set("to", _TO_MARK)
         text = tostring(xml, xmlns=NS, stream=self, top_level=True)
         del xml.attrib["to"]
@@ -895,6 +915,9 @@ class HostedClient(ComponentXMPP):
                 self._send_text(contact, None, f"{text[:-11]}{extra}</presence>")
             else:
                 self._send_text(contact, xml, text)
+        # Only the text is kept for later probes: an element kept per identity, thousands of
+        # them, costs more than parsing one again for a probe from a contact in this process.
+        self._last_broadcast = None
 
     def _last_element(self) -> ET.Element:
         """The last broadcast's element (no ``to``), parsed from its text if it was written so."""

@@ -100,7 +100,7 @@ def _key(handler: BaseHandler) -> HandlerKey | None:
 # Per process: each handler key's structural verdict; per list of handler keys, what matched
 # each shape (the positions in the list, slixmpp's order).
 _STRUCTURAL: dict[HandlerKey, bool] = {}
-_SHARED: dict[tuple[Any, ...], dict[Shape, tuple[int, ...]]] = {}
+_SHARED: dict[tuple[Any, ...], dict[Shape, tuple[Shape, tuple[int, ...]]]] = {}
 
 
 def install(stream: XMLStream) -> ShapeDispatch:
@@ -129,7 +129,10 @@ class ShapeDispatch:
         self._snapshot: tuple[BaseHandler, ...] = ()
         self._cacheable = False
         self._matched: dict[Shape, list[BaseHandler]] = {}
-        self._shared: dict[Shape, tuple[int, ...]] = {}  # what streams with this handler list matched
+        # What streams with this handler list matched: the shape (the one copy of it that every
+        # such stream's _matched is keyed by: thousands of identities, each its own, added up) and
+        # the handlers' positions.
+        self._shared: dict[Shape, tuple[Shape, tuple[int, ...]]] = {}
         self.fast = 0  # stanzas dispatched from the cache (tests and benchmarks read it)
         self.shared = 0  # ... from what another stream with the same handler list matched
         self._takers: list[Callable[[ET.Element], bool]] = []
@@ -245,14 +248,15 @@ class ShapeDispatch:
             shape = None
         matched = self._matched.get(shape) if shape is not None else None
         if matched is None:
-            positions = self._shared.get(shape) if shape is not None else None
-            if positions is None:
+            known = self._shared.get(shape) if shape is not None else None
+            if known is None:
                 positions = tuple(i for i, h in enumerate(handlers) if h.match(stanza))
                 if shape is not None:
                     if len(self._shared) >= MAX_SHAPES:
                         self._shared.clear()
-                    self._shared[shape] = positions
+                    self._shared[shape] = (shape, positions)
             else:
+                shape, positions = known
                 self.shared += 1
             matched = [handlers[i] for i in positions]
             if shape is not None:
