@@ -297,7 +297,11 @@ class DeviceAgent(PartySession):
     def _tick(self) -> None:
         try:
             self.sim.tick(utcnow())
-            refresh_due = asyncio.get_running_loop().time() - self._published_at >= self.spec.refresh_s
+            # Due at the tick nearest its time: the wheel ticks on a fixed schedule, so a tick can
+            # come a hair before a whole refresh after the last presence (a strict >= then waited
+            # a whole tick more, a 1 s refresh going out every 2 s).
+            since = asyncio.get_running_loop().time() - self._published_at
+            refresh_due = since >= self.spec.refresh_s - self.tick_s / 2
             reading = None if refresh_due else self._unmoved_reading()
             if reading is not None:  # nothing to tell: the rules get the same readings, without a report
                 self._seq += 1  # (the seq the report would have taken: the next one told is as before)
