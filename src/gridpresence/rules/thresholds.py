@@ -132,7 +132,7 @@ class ThresholdBook:
         return self.set(c.device, c.rule, c.param, c.old, by, f"revert of change {c.id}", at, reverts=c.id)
 
 
-_NUMBER = (float, int)  # a reading the indices take (what isinstance(v, float | int) tests)
+_NUMBER = (float, int)  # a numeric reading: the indices and the peaks take these (isinstance on a tuple is the cheaper test)
 
 
 @dataclass
@@ -203,7 +203,7 @@ class Adjuster:
                 if device == s.device:
                     cmp = first_param_compare(self.rules.get(rule).content)
                     v = s.values.get(cmp.field) if cmp else None
-                    if isinstance(v, float | int) and alarm.peak is not None:
+                    if isinstance(v, _NUMBER) and alarm.peak is not None:
                         worse = max if cmp and cmp.op in (">=", ">") else min
                         alarm.peak = worse(alarm.peak, float(v))
             if any(d == s.device for d, _ in self._open):
