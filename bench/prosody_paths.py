@@ -8,7 +8,8 @@ flight to JIDs of the devices' component; a bare slixmpp component (no gridprese
 each. Paths, per round, all against the same server:
 
   chat      c2s -> c2s chat message and its echo: the raw baseline of bench/fanout.py
-  signed    a signed command's size (886 bytes, as a shed sends) to the component, chat answer
+  signed    a message carrying a shed's <openpgp/> element (770 bytes, as the operator sends it:
+            an 886-byte stanza) and a short body to the component, chat answer
   full      the same command; answered by a device's presence (714 bytes, outcome in it) to the
             client's full JID
   bare      the same presence to the client's bare JID, from a contact in its roster: how a
@@ -40,7 +41,7 @@ from gridpresence.xmpp.session import close_session, open_session
 
 # A shed's command as the operator sends it (the OpenPGP-signed XEP-0373 <signed/> payload), and
 # the device's answering presence with the outcome in the issuer's copy (PROTOCOL.md).
-SIGNED = ("<openpgp xmlns='urn:xmpp:openpgp:0'>" + "A" * 808 + "</openpgp>")
+SIGNED = ("<openpgp xmlns='urn:xmpp:openpgp:0'>" + "A" * 724 + "</openpgp>")  # a shed's: 724 base64 characters
 PRESENCE = (
     "<presence id='{id}' to='{to}' from='dev-0000@devices.localhost/e6b84787d594'><show>away</show>"
     "<status>off, load 0%, 0.0 kW</status><device critical='false' at='2026-12-03T14:54:37.297409Z' kind='load' "
