@@ -199,14 +199,16 @@ class Adjuster:
         """EWMA indices of readings taken while no fault is open; peaks of open faults. Call it
         after passing the sample's fault events to `event`."""
         if self._open:  # (a device's every sample: most have no fault open)
+            in_fault = False
             for (device, rule), alarm in self._open.items():
                 if device == s.device:
+                    in_fault = True
                     cmp = first_param_compare(self.rules.get(rule).content)
                     v = s.values.get(cmp.field) if cmp else None
                     if isinstance(v, _NUMBER) and alarm.peak is not None:
                         worse = max if cmp and cmp.op in (">=", ">") else min
                         alarm.peak = worse(alarm.peak, float(v))
-            if any(d == s.device for d, _ in self._open):
+            if in_fault:
                 return
         indices = self._indices
         for name, v in s.values.items():
