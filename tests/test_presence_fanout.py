@@ -211,3 +211,43 @@ async def test_a_change_goes_without_a_presence_id_and_is_still_seen(grid: Grid)
             await alice.wait_for(lambda d, s=state: d[LOADS[1]].state is s, 5)
         sent = [el for el in stanzas_in(seen.writes) if el.tag == f"{{{NS}}}presence"]
         assert sent and all(el.get("id") is None for el in sent), [ET.tostring(el) for el in sent]
+
+
+async def test_connect_waits_out_a_slow_login_burst_while_devices_keep_answering(
+        grid: Grid, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 10,000 hosted devices the answers to an operator's login probes take seconds. With
+    `settle_s=1` (the CLI's default) the operator waits while devices keep answering, each
+    answer within 1 s of the one before, so `status` shows the whole fleet; a device that never
+    answers costs one settle after the last news, not the whole timeout."""
+    loop = asyncio.get_running_loop()
+    gap = 0.5  # between answers: each within the settle of the one before, all three past it
+
+    def slow(client: HostedClient, delay: float | None) -> None:
+        answer = client._answer_probe
+        monkeypatch.setattr(client, "_answer_probe", lambda sender: None if delay is None
+                            else loop.call_later(delay, answer, sender))
+
+    for i, name in enumerate(LOADS):
+        slow(hosted(grid, name), gap * (i + 1))
+    alice = GridOperator.from_connection(grid.connection, operator="alice", resource="slow")
+    began = loop.time()
+    try:
+        await alice.connect(settle_s=1.0, timeout=20)
+        took = loop.time() - began
+        assert all(alice.devices[n].present for n in LOADS), {n: alice.devices[n].present for n in LOADS}
+        assert took < 10, f"connect took {took:.1f} s: it should end once every device is present"
+    finally:
+        await alice.close()
+
+    # The last device never answers: the wait ends about a settle after the second's answer.
+    slow(hosted(grid, LOADS[2]), None)
+    bob = GridOperator.from_connection(grid.connection, operator="bob", resource="slow")
+    began = loop.time()
+    try:
+        await bob.connect(settle_s=1.0, timeout=20)
+        took = loop.time() - began
+        assert bob.devices[LOADS[0]].present and bob.devices[LOADS[1]].present
+        assert not bob.devices[LOADS[2]].present
+        assert took < 8, f"connect took {took:.1f} s: a silent device must not cost the whole timeout"
+    finally:
+        await bob.close()

@@ -220,9 +220,10 @@ class GridOperator:
     async def connect(self, timeout: float = 20.0, settle_s: float = 0.5, tariff_s: float = TARIFF_WAIT_S) -> None:
         """Log in, learn the devices from the roster, go online and collect their presence.
 
-        `settle_s` waits for the initial presence burst; it ends early once every device
-        is known and, if the roster has a billing party, its tariff has come (or the party is
-        known to be offline). A billing party seen online is waited for up to `tariff_s` in
+        `settle_s` waits for the initial presence burst: it ends once every device is present
+        and, if the roster has a billing party, its tariff has come (or the party is known to be
+        offline), or once `settle_s` has passed without a device newly heard from (up to
+        `timeout` in all, so a burst still coming in is waited out). A billing party seen online is waited for up to `tariff_s` in
         all: it sends the tariff when it sees our presence, a few signatures later.
         """
         await ensure_running(self.endpoint)  # a stopped grid is said at once, not after `timeout`
@@ -244,14 +245,11 @@ class GridOperator:
         try:
             self.client.send_presence(pshow="chat", pstatus=self.presence_status)
 
-            def settled(devs: Mapping[str, DeviceView]) -> bool:  # O(1): it runs at every presence of the burst
+            def settled() -> bool:  # O(1): it runs at every presence of the burst
                 return (self.tracker.present_count >= len(self.tracker.views)
                         and (self.tariff is not None or billing <= offline))
 
-            try:
-                await self.wait_for(settled, timeout=settle_s)
-            except TimeoutError:
-                pass  # some devices are not present; the view says so
+            await self._settle(settled, settle_s, started + max(settle_s, timeout))
             online = {jid for jid in billing - offline if self.client.client_roster[jid].resources}
             left = tariff_s - (asyncio.get_running_loop().time() - started)
             if self.tariff is None and online and left > 0:
@@ -265,6 +263,27 @@ class GridOperator:
         self.tracker.start_watchdog()
         self._adopt_orphans()
         heap.settle(len(self.tracker.views))  # what the login built lives on: no full GC stalls over it
+
+    async def _settle(self, settled: Callable[[], bool], settle_s: float, limit: float) -> None:
+        """Wait until `settled()`, or until no device was newly heard from or present for
+        `settle_s`, or until loop time `limit`. A login's burst can outlast `settle_s` (thousands
+        of hosted devices answer the server's probes over seconds): while it still brings news,
+        waiting on is what shows the whole fleet; devices that stay silent cost one `settle_s`."""
+        loop = asyncio.get_running_loop()
+        tracker = self.tracker
+        heard = present = -1
+        quiet_until = 0.0
+        while settle_s > 0 and not settled():
+            now = loop.time()
+            if tracker.heard_count > heard or tracker.present_count > present:
+                heard, present = max(heard, tracker.heard_count), max(present, tracker.present_count)
+                quiet_until = min(limit, now + settle_s)
+            if now >= quiet_until:
+                return  # some devices are not present; the view says so
+            try:
+                await asyncio.wait_for(self._changed.wait(), quiet_until - now)
+            except TimeoutError:
+                pass
 
     def _adopt_orphans(self) -> None:
         """Commands an earlier process of this operator sent and died waiting for: their

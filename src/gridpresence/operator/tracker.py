@@ -107,6 +107,9 @@ class PresenceTracker:
         # Kept with every change, so "are all present?" costs nothing per presence (a login's
         # burst of N presences would otherwise make N checks over N views).
         self.present_count = 0
+        # Devices any presence of came from (a probe's "offline" answer too) since our session
+        # began: how a login's burst is seen to be still coming in (GridOperator.connect).
+        self._heard: set[str] = set()
         self._last_refresh: dict[str, float] = {}  # loop time of the last valid presence
         # The watchdog's work list, so a pass costs what is due, not a walk over every device
         # (45 ms a second at 10,000, blocking the loop that takes presence): refresh deadlines
@@ -183,6 +186,7 @@ class PresenceTracker:
             self._started_at = asyncio.get_running_loop().time()  # the start-up grace again
             return
         self._own_down = True
+        self._heard.clear()
         now = utcnow()
         for view in list(self.views.values()):
             self._last_refresh.pop(view.jid, None)
@@ -227,6 +231,7 @@ class PresenceTracker:
         ptype = xml.get("type")
         if view is None or ptype not in (None, "unavailable"):
             return
+        self._heard.add(bare)
         element = xml.find(_DEVICE)
         report: PresenceReport | None = None
         if ptype is None and self._outcome_taker is not None and (answer := xml.find(_OUTCOME)) is not None:
@@ -265,6 +270,11 @@ class PresenceTracker:
                       since=view.since if healthy and view.state is report.state else now)
         self._set(view, new, "presence" if healthy else "recovered")
         self._refreshed(new)
+
+    @property
+    def heard_count(self) -> int:
+        """How many devices have sent any presence (or had it answered for them) this session."""
+        return len(self._heard)
 
     def note_mailed(self, jid: str, report: PresenceReport) -> None:
         """Data a device pushed by mail (through the relay): it has no presence, but it is alive."""
