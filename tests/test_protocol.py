@@ -242,12 +242,12 @@ def test_outcome_record_round_trips_and_refuses_a_broken_one() -> None:
 
 def test_outcome_text_reads_back_as_its_element_does() -> None:
     """codec.outcome_wire writes a plain outcome's text itself: seeded, it reads back as the
-    serialiser's text of the same element (namespace, quotes and escapes alike), and a record
-    around it reads back as the record."""
+    serialiser's text of the same element (namespace, quotes and escapes alike), and its record
+    in a host's JSON batch reads back as the record's element does."""
     import random
     from slixmpp.xmlstream import tostring
-    from gridpresence.protocol.codec import (outcome_from_xml, outcome_to_xml, outcome_wire, record_from_xml,
-                                             record_to_text)
+    from gridpresence.protocol.codec import (JSON_NS, outcome_from_xml, outcome_to_xml, outcome_wire, q,
+                                             record_from_xml, record_json, record_to_xml, records_from_xml)
     from gridpresence.protocol.models import Action, Outcome, OutcomeRecord, OutcomeStatus, RejectReason
     rng = random.Random(5)
     chars = "aZ09 <>&'\"\t=/é"
@@ -266,5 +266,10 @@ def test_outcome_text_reads_back_as_its_element_does() -> None:
         assert ET.canonicalize(text) == ET.canonicalize(tostring(el)), text  # the same element, as written
         if by_seq and report is not None:
             assert "<device" not in text and outcome_from_xml(el).report_seq == i
-        record = OutcomeRecord(action=Action.SHED, issuer="a'l&ice@localhost", outcome=outcome_from_xml(el))
-        assert record_from_xml(ET.fromstring(record_to_text(record, text))) == record
+        record = OutcomeRecord(action=Action.SHED, issuer="a'l&ice@localhost", outcome=out)
+        # A record as a host batches it (JSON) reads back as the record's element does.
+        batch = ET.Element(q("outcome-records"))
+        ET.SubElement(batch, f"{{{JSON_NS}}}json").text = f"[{record_json(record, by_seq=by_seq)}]"
+        as_element = record_to_xml(record, outcome_to_xml(out, by_seq=by_seq))
+        assert records_from_xml(_roundtrip(batch)) == ([record_from_xml(as_element)], [])
+        assert record_json(record, by_seq=by_seq).isascii()

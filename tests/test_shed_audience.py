@@ -8,6 +8,7 @@ each one recorded, and a batch from anyone else, or malformed, changes nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from gridpresence.config import parse_fleet
 from gridpresence.host.grid import Grid
 from gridpresence.operator.library import GridOperator
 from gridpresence.protocol import Action
-from gridpresence.protocol.codec import PayloadError, q, record_to_xml, records_from_xml
+from gridpresence.protocol.codec import JSON_NS, PayloadError, q, record_json, record_to_xml, records_from_xml
 from gridpresence.protocol.models import (DeviceState, Outcome, OutcomeRecord, OutcomeStatus,
                                           utcnow)
 from gridpresence.services.watchdog import WatchdogAgent
@@ -124,15 +125,23 @@ async def test_records_go_in_batches_and_each_is_recorded(grid: Grid) -> None:
         batches = seen.messages_with("outcome-records")
         assert 1 <= len(batches) < len(LOADS), len(batches)  # 12 records in fewer messages
         assert all(re.match(rf"<message [^>]*from=[\"']{re.escape(link_of(grid).domain)}[\"']", m) for m in batches)
-        assert sum(m.count("<outcome-record ") for m in batches) >= len(LOADS)
-        assert not [m for m in seen.messages_with("outcome-record ") if "<outcome-records" not in m]
+        # Each batch is one JSON text for the server to parse: <message><outcome-records><json>, closed.
+        assert all(m.count("<") == 6 for m in batches), batches
+        texts = [ET.fromstring(m).findtext(f"{q('outcome-records')}/{{{JSON_NS}}}json") for m in batches]
+        told = [r["outcome"]["command_id"] for t in texts for r in json.loads(t or "")]
+        assert {o.command_id for o in outcomes.values()} <= set(told)
+        assert not seen.messages_with("outcome-record ")
     finally:
         stop()
 
 
 def _record(device: str, command_id: str) -> ET.Element:
-    return record_to_xml(OutcomeRecord(action=Action.SHED, issuer="alice@localhost", outcome=Outcome(
-        command_id=command_id, device=device, status=OutcomeStatus.EXECUTED)))
+    return record_to_xml(_made(device, command_id))
+
+
+def _made(device: str, command_id: str) -> OutcomeRecord:
+    return OutcomeRecord(action=Action.SHED, issuer="alice@localhost", outcome=Outcome(
+        command_id=command_id, device=device, status=OutcomeStatus.EXECUTED))
 
 
 async def test_forged_or_malformed_batches_change_nothing(grid: Grid) -> None:
@@ -154,17 +163,22 @@ async def test_forged_or_malformed_batches_change_nothing(grid: Grid) -> None:
         box.append(_record(grid.fleet.jid(LOADS[1]), "forged-1"))
         msg.send()
         # The host's domain cannot speak for another domain's device.
-        link.send_batched(console, q("outcome-records"), _record("someone@localhost", "forged-2"))
-        pieces = [lambda: ET.Element(q("outcome-record")), lambda: ET.Element("junk"),
-                  lambda: ET.Element(q("outcome-record"), {"action": "bogus", "issuer": ""}),
-                  lambda: _record(grid.fleet.jid(LOADS[2]), "x" * rng.randrange(0, 200)),
-                  lambda: ET.Element(q("outcome-records"))]
+        link.send_batched(console, q("outcome-records"), record_json(_made("someone@localhost", "forged-2")))
+        link.flush_batches()
+        # A batch whose JSON does not parse is refused whole (a host never writes one).
+        link.send_batched(console, q("outcome-records"), record_json(_made(grid.fleet.jid(LOADS[2]), "broken"))[:-3])
+        link.flush_batches()
+        pieces = [lambda: "{}", lambda: "null", lambda: '"junk"', lambda: "[1, 2]", lambda: '{"action": "shed"}',
+                  lambda: '{"action": "bogus", "issuer": "", "outcome": {}}',
+                  lambda: record_json(_made(grid.fleet.jid(LOADS[2]), "x" * rng.randrange(0, 200))),
+                  lambda: '{"action": "shed", "issuer": "a@b", "outcome": {"command_id": "c", "device": "<&>"}}']
         for _ in range(60):
             link.send_batched(console, q("outcome-records"), rng.choice(pieces)())
         link.flush_batches()
         await asyncio.sleep(1.0)
-        assert "forged-1" not in recorded and "forged-2" not in recorded
+        assert "forged-1" not in recorded and "forged-2" not in recorded and "broken" not in recorded
         assert all(c and set(c) == {"x"} for c in recorded)  # only the valid records of the domain's own devices
+        assert recorded, "the valid records among the garbage are recorded"
         async with GridOperator.from_connection(grid.connection, operator="alice", resource="fz") as alice:
             await alice.wait_for(lambda d: all(v.present for v in d.values()), 15)
             outcome = await alice.command(LOADS[3], Action.READ)
@@ -199,6 +213,27 @@ def test_records_from_xml_fuzz() -> None:
     many.extend(_record("d@devices.localhost", f"c-{i}") for i in range(1005))
     records, bad = records_from_xml(many)
     assert len(records) == 1000 and len(bad) == 1  # bounded: the rest is not read
+    # The same in a host's JSON form: mutated texts give records or reasons; the bound holds
+    # across elements and JSON alike; a deeply nested array is one reason, not a crash.
+    items = [record_json(_made(f"d-{i}@devices.localhost", f"c-{i}")) for i in range(5)]
+    text = "[" + ",".join(items) + "]"
+    for _ in range(400):
+        chars = list(text)
+        for _ in range(rng.randrange(1, 6)):
+            chars[rng.randrange(len(chars))] = rng.choice('[]{}",:0a\\')
+        batch = ET.Element(q("outcome-records"))
+        ET.SubElement(batch, f"{{{JSON_NS}}}json").text = "".join(chars)
+        records, bad = records_from_xml(batch)
+        assert len(records) <= 5 and (records or bad)
+    batch = ET.Element(q("outcome-records"))
+    batch.extend(_record("d@devices.localhost", f"e-{i}") for i in range(600))
+    ET.SubElement(batch, f"{{{JSON_NS}}}json").text = "[" + ",".join([items[0]] * 600) + "]"
+    ET.SubElement(batch, f"{{{JSON_NS}}}json").text = "[" * 100_000
+    records, bad = records_from_xml(batch)
+    assert len(records) == 1000 and len(bad) == 1
+    nested = ET.Element(q("outcome-records"))
+    ET.SubElement(nested, f"{{{JSON_NS}}}json").text = "[" * 100_000 + "]" * 100_000
+    assert records_from_xml(nested)[0] == [] and len(records_from_xml(nested)[1]) == 1
 
 
 async def test_commands_pass_every_outgoing_filter_a_party_adds(grid: Grid) -> None:

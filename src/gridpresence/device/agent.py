@@ -48,7 +48,7 @@ from gridpresence.protocol.codec import (
     q,
     outcome_to_xml,
     outcome_wire,
-    record_to_text,
+    record_json,
     record_to_xml,
     report_from_xml,
     report_to_text,
@@ -424,7 +424,7 @@ class DeviceAgent(PartySession):
             if answer is not None and ptype is None and client.reaches(answer[0], leave_out):
                 told = answer[1].model_copy(update={"report": report})
                 el, text = outcome_wire(told, by_seq=True)  # the seq of this very presence
-                self._outcome_xml = (told, el, text)  # the records' copy (_record)
+                self._outcome_xml = (told, el, text)  # _send_outcome's, if the presence cannot carry it
                 said = (answer[0], text)
             if client.broadcast_presence(_DEVICE, report_to_text(report), show=show, status=status, ptype=ptype,
                                          leave_out=leave_out, answer=said):
@@ -705,20 +705,16 @@ class DeviceAgent(PartySession):
         if not self.client.is_connected():
             return
         record = None
+        json_record: str | None = None
         hosted = self.client if isinstance(self.client, HostedClient) else None
         for to in self.setup.recorders:
             if to == JID(cmd.issuer).bare:
                 continue
             if hosted is not None:  # with the other identities' records, in one message (data only)
-                if record is None:  # the outcome serialised once, for the recorders and the issuer's answer
-                    made = self._outcome_xml  # (the presence's, if the outcome went in it)
-                    if made is None or made[0] is not outcome:
-                        el, text = outcome_wire(outcome, by_seq=self._state_told(outcome, cmd.issuer))
-                        made = self._outcome_xml = (outcome, el, text)
-                    text = made[2]
-                    record = record_to_text(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome),
-                                            text)
-                hosted.link.send_batched(to, q("outcome-records"), record)
+                if json_record is None:  # written once for every recorder
+                    json_record = record_json(OutcomeRecord(action=cmd.action, issuer=cmd.issuer, outcome=outcome),
+                                              by_seq=self._state_told(outcome, cmd.issuer))
+                hosted.link.send_batched(to, q("outcome-records"), json_record)
                 continue
             if record is None:  # built once, for every recorder, and its outcome kept for the issuer's answer
                 el = outcome_to_xml(outcome, by_seq=self._state_told(outcome, cmd.issuer))

@@ -7,6 +7,7 @@ older party can read a newer one's payloads, but every known value is validated.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Mapping
 from enum import Enum
 from typing import Any, TypeVar, get_args
@@ -363,12 +364,14 @@ def _record_attrs(record: OutcomeRecord) -> dict[str, str]:
     return {"action": record.action.value, "issuer": record.issuer}
 
 
-def record_to_text(record: OutcomeRecord, outcome_text: str) -> str:
-    """record_to_xml's element serialised, around ``outcome_text``: its outcome already
-    serialised (by slixmpp's ``tostring``, its namespace declared), as a device host sends the
-    same outcome to the issuer: written once for both."""
-    attrs = "".join(f" {name}={_quoted(value)}" for name, value in _record_attrs(record).items())
-    return f'<outcome-record xmlns="{NS}"{attrs}>{outcome_text}</outcome-record>'
+def record_json(record: OutcomeRecord, *, by_seq: bool = False) -> str:
+    """A record as one item of a batch's JSON array (PROTOCOL.md "Outcome records"); ``by_seq``
+    as for outcome_to_xml. ASCII only, so any text in it is a legal XML character."""
+    outcome = record.outcome
+    if by_seq and outcome.report is not None:
+        outcome = outcome.model_copy(update={"report": None, "report_seq": outcome.report.seq})
+        record = record.model_copy(update={"outcome": outcome})
+    return record.model_dump_json(exclude_defaults=True, ensure_ascii=True)
 
 
 def record_from_xml(el: ET.Element | None) -> OutcomeRecord:
@@ -378,22 +381,47 @@ def record_from_xml(el: ET.Element | None) -> OutcomeRecord:
 
 
 RECORDS_MAX = 1000  # records read from one batch (a host sends at most 100: xmpp/component.py)
+JSON_NS = "urn:xmpp:json:0"  # XEP-0335: a JSON text in an element
+_JSON = f"{{{JSON_NS}}}json"
 
 
 def records_from_xml(el: ET.Element | None) -> tuple[list[OutcomeRecord], list[PayloadError]]:
     """A batch ``<outcome-records>`` of many identities' records (a device host sends them so,
-    from its component's domain): the valid ones, and why each other one was not."""
+    from its component's domain): the valid ones, and why each other one was not. The records
+    come as a JSON array in an XEP-0335 ``<json/>`` (what a host sends: one text for the server
+    to parse, not thousands of elements) or as ``<outcome-record/>`` elements."""
     el = _expect(el, "outcome-records")
     good: list[OutcomeRecord] = []
     bad: list[PayloadError] = []
-    for i, child in enumerate(el):
-        if i >= RECORDS_MAX:
-            bad.append(PayloadError(f"invalid outcome-records: more than {RECORDS_MAX}; the rest ignored"))
-            break
-        try:
-            good.append(record_from_xml(child))
-        except PayloadError as exc:
-            bad.append(exc)
+    seen = 0
+    for child in el:
+        items: list[Any]
+        if child.tag == _JSON:
+            try:
+                parsed = json.loads(child.text or "")
+            except (ValueError, RecursionError) as exc:
+                bad.append(PayloadError(f"invalid outcome-records: its JSON does not parse ({exc})"))
+                continue
+            if not isinstance(parsed, list):
+                bad.append(PayloadError("invalid outcome-records: its JSON is not an array of records"))
+                continue
+            items = parsed
+        else:
+            items = [child]
+        for item in items:
+            if seen >= RECORDS_MAX:
+                bad.append(PayloadError(f"invalid outcome-records: more than {RECORDS_MAX}; the rest ignored"))
+                return good, bad
+            seen += 1
+            try:
+                if isinstance(item, ET.Element):
+                    good.append(record_from_xml(item))
+                elif isinstance(item, dict):
+                    good.append(_validate(OutcomeRecord, item, "outcome-record"))
+                else:
+                    raise PayloadError("invalid outcome-record: not a JSON object")
+            except PayloadError as exc:
+                bad.append(exc)
     return good, bad
 
 
