@@ -5,7 +5,9 @@ against ~90 us per raw chat round trip).
 
 One client (the bench operator's account, whose roster holds the device) sends N (2000) messages in
 flight to JIDs of the devices' component; a bare slixmpp component (no gridpresence code) answers
-each. Paths, per round, all against the same server:
+each, and the server's disco#info queries for the caps in its presence (as a device host does:
+unanswered, Prosody's mod_pep asked again at every presence to a bare JID, thousands of queries
+that no real grid sends). Paths, per round, all against the same server:
 
   chat      c2s -> c2s chat message and its echo: the raw baseline of bench/fanout.py
   signed    a message carrying a shed's <openpgp/> element (770 bytes, as the operator sends it:
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import shutil
 import statistics
 import tempfile
@@ -32,6 +36,8 @@ import time
 from pathlib import Path
 
 from slixmpp import ComponentXMPP
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import MatchXPath
 
 from common import EchoResponder, bench_fleet, client_for, cpu_seconds
 
@@ -39,6 +45,14 @@ from gridpresence.host.grid import Grid
 from gridpresence.xmpp.component import COMPONENT_SECRET
 from gridpresence.xmpp.session import close_session, open_session
 
+# The caps the device's presence carries (XEP-0115), and the disco#info they hash: the component
+# answers the server's query for them, as a device host does (Prosody's mod_pep asks a contact's
+# caps when its presence reaches a bare JID; left unanswered, it asks again at every presence).
+DISCO_INFO = "http://jabber.org/protocol/disco#info"
+CAPS_FEATURES = ("http://jabber.org/protocol/caps", DISCO_INFO)
+CAPS_VER = base64.b64encode(hashlib.sha1(
+    ("client/pc//device<" + "".join(f + "<" for f in sorted(CAPS_FEATURES))).encode()).digest()).decode()
+CAPS_NODE = "urn:gridpresence:caps"
 # A shed's command as the operator sends it (the OpenPGP-signed XEP-0373 <signed/> payload), and
 # the device's answering presence with the outcome in the issuer's copy (PROTOCOL.md).
 SIGNED = ("<openpgp xmlns='urn:xmpp:openpgp:0'>" + "A" * 724 + "</openpgp>")  # a shed's: 724 base64 characters
@@ -47,8 +61,8 @@ PRESENCE = (
     "<status>off, load 0%, 0.0 kW</status><device critical='false' at='2026-12-03T14:54:37.297409Z' kind='load' "
     "xmlns='urn:gridpresence:0' refresh-s='300.0' serial='SN-98FD6459B56C' state='off' seq='4' "
     "transport='component'><telemetry capacity-kw='10.0' kw='0.0' load-pct='0.0'/></device>"
-    "<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' ver='lSDicTXNbZN+R6LqvrPdkbdZazU=' "
-    "node='urn:gridpresence:caps'/><outcome report-seq='4' status='executed' device='dev-0000@devices.localhost' "
+    f"<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' ver='{CAPS_VER}' "
+    f"node='{CAPS_NODE}'/><outcome report-seq='4' status='executed' device='dev-0000@devices.localhost' "
     "command-id='a92b210afc9b486c8a34ec849a0abe6a' xmlns='urn:gridpresence:0'><detail>load shed</detail></outcome>"
     "</presence>")
 PATHS = ("chat", "signed", "full", "bare")
@@ -81,6 +95,19 @@ async def main() -> None:
         if fut is not None and not fut.done():
             fut.set_result(None)
 
+    asked = {"disco": 0}
+
+    def on_disco(iq: object) -> None:  # the server's caps query (mod_pep), answered with what the caps hash
+        xml = iq.xml  # type: ignore[attr-defined]
+        asked["disco"] += 1
+        node = xml.find(f"{{{DISCO_INFO}}}query").get("node", "")
+        features = "".join(f"<feature var='{f}'/>" for f in CAPS_FEATURES)
+        component.send_raw(f"<iq type='result' id='{xml.get('id')}' to='{xml.get('from')}' from='{xml.get('to')}'>"
+                           f"<query xmlns='{DISCO_INFO}' node='{node}'><identity category='client' type='pc' "
+                           f"name='device'/>{features}</query></iq>")
+
+    component.register_handler(Callback("caps query", MatchXPath(f"{{jabber:component:accept}}iq/{{{DISCO_INFO}}}query"),
+                                        on_disco))
     component.add_event_handler("message", on_command)
     client.add_event_handler("message", lambda msg: back(msg["body"]))  # the echo answers with the body
     client.add_event_handler("presence", lambda pres: back(pres["id"]))
@@ -115,7 +142,8 @@ async def main() -> None:
         for _ in range(args.rounds):
             for path in PATHS:
                 spent[path].append(await run(path) / args.n)
-        print(f"Prosody CPU per round trip, {args.n} in flight, {args.rounds} rounds (median, worst; ratio to chat):")
+        print(f"Prosody CPU per round trip, {args.n} in flight, {args.rounds} rounds (median, worst; ratio to chat; "
+              f"{asked['disco']} caps queries from the server answered):")
         for path in PATHS:
             ratios = [s / c for s, c in zip(spent[path], spent["chat"])]
             print(f"  {path:<7} median {statistics.median(spent[path]) * 1e6:6.0f} us  worst "
