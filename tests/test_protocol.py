@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import math
 from xml.etree import ElementTree as ET
@@ -250,7 +251,7 @@ def test_outcome_text_reads_back_as_its_element_does() -> None:
                                              record_from_xml, record_json, record_to_xml, records_from_xml)
     from gridpresence.protocol.models import Action, Outcome, OutcomeRecord, OutcomeStatus, RejectReason
     rng = random.Random(5)
-    chars = "aZ09 <>&'\"\t=/é"
+    chars = "aZ09 <>&'\"\t=/é\u2028\\"
     for i in range(200):
         status = list(OutcomeStatus)[i % len(OutcomeStatus)]
         report = PresenceReport(kind=DeviceKind.LOAD, state=DeviceState.OFF, at=NOW, seq=i) if i % 3 else None
@@ -273,3 +274,7 @@ def test_outcome_text_reads_back_as_its_element_does() -> None:
         as_element = record_to_xml(record, outcome_to_xml(out, by_seq=by_seq))
         assert records_from_xml(_roundtrip(batch)) == ([record_from_xml(as_element)], [])
         assert record_json(record, by_seq=by_seq).isascii()
+        # Written field by field for a plain outcome: the same JSON as pydantic's dump of the record.
+        told = out.model_copy(update={"report": None, "report_seq": report.seq}) if by_seq and report else out
+        reference = record.model_copy(update={"outcome": told}).model_dump_json(exclude_defaults=True)
+        assert json.loads(record_json(record, by_seq=by_seq)) == json.loads(reference), reference
