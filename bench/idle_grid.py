@@ -17,6 +17,7 @@ and `status --json` once. The machine is shared: the load average is printed wit
 
     python bench/idle_grid.py [--devices 2000] [--windows 3] [--window-s 10] [--settle-s 15]
     python bench/idle_grid.py --only shared --devices 10000 --settle-s 60 --status 5
+    python bench/idle_grid.py --only shared --devices 10000 --profile /tmp/idle   # where the CPU goes
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import collections
 import json
 import os
+import pstats
 import shutil
 import signal
 import statistics
@@ -67,8 +69,21 @@ def snapshot(_sig, _frame):
         json.dump(dict(counts), f)
     os.replace(path + ".tmp", path)
 
+import cProfile
+profile = [None]
+
+def toggle_profile(_sig, _frame):  # SIGUSR2: start a profile of the loop; the next one writes it
+    if profile[0] is None:
+        profile[0] = cProfile.Profile()
+        profile[0].enable()
+    else:
+        profile[0].disable()
+        profile[0].dump_stats(os.environ["IDLE_PROFILE"])
+        profile[0] = None
+
 DeviceAgent.publish, DeviceAgent._send_directed = counted_publish, counted_directed
 signal.signal(signal.SIGUSR1, snapshot)
+signal.signal(signal.SIGUSR2, toggle_profile)
 from gridpresence.cli import main
 sys.argv[0] = "gridpresence"
 sys.exit(main())
@@ -124,14 +139,15 @@ def status_runs(data: Path, runs: int, devices: int) -> None:
         print(f"  status --json {wall:.2f} s: unreadable ({exc}): {out.stderr.strip()[-200:]}", flush=True)
 
 
-def measure(side: str, devices: int, windows: int, window_s: float, settle_s: float, status: int) -> float:
+def measure(side: str, devices: int, windows: int, window_s: float, settle_s: float, status: int,
+            profile: Path | None = None) -> float:
     """Median CPU milliseconds per device-second of one `up` over ``windows`` windows."""
     data = Path(tempfile.mkdtemp(prefix=f"idle-{side}-"))
     counts = data / "counts.json"
     code = RUN_UP.format(shared=side == "shared")
     proc = subprocess.Popen([sys.executable, "-c", code, "up", "--devices", str(devices), "--hosting", "component",
                              "--data", str(data)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "IDLE_COUNTS": str(counts)})
+                            env={**os.environ, "IDLE_COUNTS": str(counts), "IDLE_PROFILE": str(profile or "")})
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -154,6 +170,17 @@ def measure(side: str, devices: int, windows: int, window_s: float, settle_s: fl
             print(f"  {side:<9} window: {ms:.4f} ms CPU per device-second "
                   f"({(c1 - c0) / (t1 - t0) * 100:.0f} % of a core; load average {os.getloadavg()[0]:.2f})\n"
                   f"            sent: {rates(n0, n1, t1 - t0)}", flush=True)
+        if profile is not None:
+            profile.unlink(missing_ok=True)
+            proc.send_signal(signal.SIGUSR2)
+            time.sleep(window_s)
+            proc.send_signal(signal.SIGUSR2)
+            deadline = time.monotonic() + 30
+            while not profile.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.5)  # (written whole)
+            print(f"  {side:<9} profile of {window_s:.0f} s idle: {profile}", flush=True)
+            pstats.Stats(str(profile)).sort_stats("tottime").print_stats(25)
         if status:
             status_runs(data, status, devices)
         return statistics.median(per_device)
@@ -176,12 +203,14 @@ def main() -> None:
     ap.add_argument("--only", choices=["shared", "per-task"], help="measure one side only")
     ap.add_argument("--status", type=int, default=0, metavar="K",
                     help="then run the operator's `status --summary` K times and `status --json` once")
+    ap.add_argument("--profile", type=Path, metavar="FILE",
+                    help="after the windows, cProfile the idle process's loop for one window into FILE and print its top")
     args = ap.parse_args()
     sides = [args.only] if args.only else ["per-task", "shared"]
     print(f"idle grid: {args.devices} hosted devices, {args.windows} x {args.window_s:.0f} s windows "
           f"on {os.cpu_count()} cores", flush=True)
-    got = {side: measure(side, args.devices, args.windows, args.window_s, args.settle_s, args.status)
-           for side in sides}
+    got = {side: measure(side, args.devices, args.windows, args.window_s, args.settle_s, args.status,
+                         args.profile.with_suffix(f".{side}.pstats") if args.profile else None) for side in sides}
     for side, ms in got.items():
         print(f"  {side:<9} median {ms:.4f} ms CPU per device-second", flush=True)
     if len(got) == 2:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
+
+import pytest
 
 from chatpeer import chat_peer
-from conftest import Env
+from conftest import Env, until
 from gridpresence.operator.library import GridOperator
 from gridpresence.protocol.alarm import AlarmKind, alarm_from_xml
 from gridpresence.protocol.branch import branches_from_xml
@@ -65,6 +68,52 @@ async def test_branch_totals_follow_each_change_of_a_childs_reading(env: Env, al
             bots[name].sim.utilisation = value  # type: ignore[attr-defined]
             bots[name].publish(force=True)
         await peer.close()
+
+
+async def test_a_childs_presence_that_moves_no_sum_builds_no_report(env: Env, alice: GridOperator,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child's refresh that leaves the meter's sum within the deadband costs the meter no
+    report (and sends nothing); one that moves the sum past it is told at once."""
+    assert env.grid.bots is not None
+    bots = env.grid.bots.devices
+    meter, child = bots["branch-x"], bots["bx-load-2"]
+    watched = env.fleet.jid("bx-load-2")
+    intakes: list[str] = []
+    built: list[int] = []
+    report = meter._report
+
+    class Sums(dict):  # type: ignore[type-arg]  # the meter's branch sums: set at each intake of a child's presence
+        def __setitem__(self, key: str, value: float) -> None:
+            super().__setitem__(key, value)
+            intakes.append(key)
+
+    def counted_report(*a: object, **k: object) -> object:
+        frame, depth = sys._getframe(1), 0
+        while frame is not None and depth < 4:  # built for a child's presence (not the meter's own tick)
+            if frame.f_code.co_name == "_child_intake":
+                if frame.f_locals.get("sender") == watched:  # (another child's news may still be coming in)
+                    built.append(1)
+                break
+            frame, depth = frame.f_back, depth + 1
+        return report(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(meter.sim, "branch_kw", Sums(meter.sim.branch_kw))  # type: ignore[attr-defined]
+    monkeypatch.setattr(meter, "_report", counted_report)
+    before = child.sim.utilisation  # type: ignore[attr-defined]
+    try:
+        child.publish(force=True)  # its refresh: the same reading
+        await until(lambda: watched in intakes, 8, "the meter's intake of the refresh")
+        assert built == [], "a re-sum within the deadband built a report"
+        told = meter._published
+        child.sim.utilisation = 0.05 if before > 0.5 else 0.95  # type: ignore[attr-defined]
+        intakes.clear()
+        child.publish(force=True)
+        await until(lambda: watched in intakes, 8, "the meter's intake of the change")
+        assert built, "a re-sum past the deadband builds the meter's report"
+        assert meter._published is not told, "and tells it"
+    finally:
+        child.sim.utilisation = before  # type: ignore[attr-defined]
+        child.publish(force=True)
 
 
 async def test_branch_near_limit_advice_names_loads_and_generator(env: Env, alice: GridOperator) -> None:

@@ -518,7 +518,12 @@ class DeviceAgent(PartySession):
         self.sim.branch_kw[sender] = kw
         if self.fold.child(sender, child):
             self.alarms.below_changed()
-        self.publish(force=False)
+        # A child's refresh mostly moves the sum within the deadband: then no report is built
+        # (a few hundred re-sums a second on a synthetic fleet of 10,000).
+        if self._unmoved_reading() is None:
+            self.publish(force=False)
+        else:
+            self._seq += 1  # (the seq the report would have taken, as a tick that tells nothing)
 
     # -- commands ---------------------------------------------------------------------
 
