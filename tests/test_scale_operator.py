@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import random
+import statistics
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -244,6 +246,41 @@ def test_a_synthetic_fleet_starts_within_its_ratings() -> None:
         assert rated and max(rated.values()) <= START_LOADING + 1e-9, (n, max(rated.values()))
         assert START_LOADING * 100 < AlarmSettings().high_loading_pct
         assert {by_name[name].kind for name in rated} == {DeviceKind.METER, DeviceKind.MASTER}
+
+
+def test_a_large_synthetic_fleet_is_sampled_less_often_and_drifts_as_fast() -> None:
+    """Past SAMPLES_PER_S devices a synthetic fleet's devices sample every devices / SAMPLES_PER_S
+    seconds (10,000: 4 s), so a host runs about as many device passes a second as at 2,500; a
+    fleet file may set ``sample_s`` itself, and a bad one is refused. The physics' drift per
+    second does not depend on the interval (a walk's step grows with the root of the time)."""
+    from gridpresence.config import SAMPLES_PER_S
+    from gridpresence.physics import make_device
+    from timebase import NOW
+
+    assert {d.sample_s for d in synthetic_fleet(SAMPLES_PER_S).devices} == {None}
+    assert {d.sample_s for d in synthetic_fleet(10_000).devices} == {4.0}
+    assert {d.sample_s for d in synthetic_fleet(10_000, refresh_s=2.0).devices} == {2.0}  # never past the refresh
+    data = synthetic_fleet_data(10_000)
+    assert parse_fleet(__import__("tomllib").loads(fleet_toml(data))) == synthetic_fleet(10_000)
+    one = {"domain": "localhost", "operators": [{"name": "alice"}],
+           "devices": [{"name": "l-1", "kind": "load", "rated_kw": 10}]}
+    assert parse_fleet({**one, "devices": [{**one["devices"][0], "sample_s": 2.5}]}).devices[0].sample_s == 2.5
+    for bad in (0, -1, 0.01, 4000, float("nan"), "soon"):
+        with pytest.raises(FleetError, match="sample_s"):
+            parse_fleet({**one, "devices": [{**one["devices"][0], "sample_s": bad}]})
+    # Drift: the spread of a load's reading after 40 s, sampled every 1 s and every 4 s, seeded.
+    start = NOW
+    spread: dict[float, float] = {}
+    for every in (1.0, 4.0):
+        moves = []
+        for seed in range(300):
+            spec = parse_fleet({**one, "devices": [{**one["devices"][0], "utilisation": 0.6}]}).devices[0]
+            sim = make_device(spec, start, random.Random(seed))
+            for k in range(1, int(40 / every) + 1):
+                sim.tick(start + dt.timedelta(seconds=k * every))
+            moves.append(sim.utilisation - 0.6)  # type: ignore[attr-defined]
+        spread[every] = statistics.pstdev(moves)
+    assert 0.75 <= spread[4.0] / spread[1.0] <= 1.33, spread  # (linear steps: 2x)
 
 
 def test_summary_counts_a_known_fleet() -> None:

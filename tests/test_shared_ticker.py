@@ -26,14 +26,16 @@ TICK_S, REFRESH_S = 0.5, 2.0
 # Off loads: their readings never move, so every presence they send is a refresh.
 QUIET = [f"q-{i}" for i in range(3)]
 MOVING = "m-0"  # on, refreshing rarely: what it sends between is a reading that moved
+SAMPLED, SAMPLE_S = "s-0", 1.0  # a device of its own sampling interval, twice the host's tick
 FLEET = hosted_fleet([*({"name": n, "kind": "load", "rated_kw": 10, "refresh_s": REFRESH_S, "initial_state": "off"}
                         for n in QUIET),
-                      {"name": MOVING, "kind": "load", "rated_kw": 10, "refresh_s": 600.0}])
+                      {"name": MOVING, "kind": "load", "rated_kw": 10, "refresh_s": 600.0},
+                      {"name": SAMPLED, "kind": "load", "rated_kw": 10, "refresh_s": 600.0, "sample_s": SAMPLE_S}])
 
 
 @pytest_asyncio.fixture(scope="module")
 async def grid(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Grid]:
-    async with running_grid(parse_fleet(FLEET), tmp_path_factory.mktemp("ticker"), only=[*QUIET, MOVING],
+    async with running_grid(parse_fleet(FLEET), tmp_path_factory.mktemp("ticker"), only=[*QUIET, MOVING, SAMPLED],
                             dashboard=False, tick_s=TICK_S) as g:
         yield g
 
@@ -78,6 +80,28 @@ async def test_each_device_keeps_its_tick_and_its_refresh_period(grid: Grid) -> 
         gaps = [b - a for a, b in zip(times, times[1:])]
         # Due at refresh_s, noticed at the next tick at the latest: never early, never a tick late.
         assert all(REFRESH_S - 0.15 <= g <= REFRESH_S + TICK_S + 0.3 for g in gaps), (name, gaps)
+
+
+async def test_a_device_with_its_own_sample_interval_ticks_at_it(grid: Grid) -> None:
+    """``sample_s`` (a synthetic fleet past SAMPLES_PER_S devices has it) sets the device's
+    tick: here every 1 s beside the host's 0.5 s."""
+    counted = {n: 0 for n in (SAMPLED, QUIET[0])}
+    for name in counted:
+        sim = agent_of(grid, name).sim
+        real = sim.tick
+
+        def counting(now: object, name: str = name, real: object = real) -> None:
+            counted[name] += 1
+            real(now)  # type: ignore[operator]
+
+        sim.tick = counting  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await asyncio.sleep(6 * SAMPLE_S)
+    elapsed = loop.time() - t0
+    assert agent_of(grid, SAMPLED).tick_s == SAMPLE_S
+    assert elapsed / SAMPLE_S - 2 <= counted[SAMPLED] <= elapsed / SAMPLE_S + 1, counted
+    assert elapsed / TICK_S - 2 <= counted[QUIET[0]] <= elapsed / TICK_S + 1, counted
 
 
 async def test_a_reading_past_the_deadband_is_told_within_a_tick(grid: Grid) -> None:

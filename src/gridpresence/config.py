@@ -125,6 +125,9 @@ class DeviceSpec(_Spec):
     critical: bool = False
     parent: str | None = None
     refresh_s: float = Field(default=60.0, ge=0.2, le=86400, allow_inf_nan=False)
+    # Seconds between two passes of the device's physics and rules (its readings sampled, faults
+    # checked, news told). None: the host's tick (1 s). Never longer than refresh_s.
+    sample_s: float | None = Field(default=None, ge=0.05, le=3600, allow_inf_nan=False)
     # Generator: seconds in "starting" (restricted) before it is on ([00131]).
     startup_s: float = Field(default=10.0, ge=0, le=3600, allow_inf_nan=False)
     # Critical load: how long it stays restricted after refusing a shed.
@@ -400,6 +403,11 @@ MAX_SYNTHETIC_DEVICES = 100_000
 SUBSTATION_SIZE = 50  # devices under one master IED in a synthetic fleet
 LOADS_PER_BRANCH = 12
 CRITICAL_EVERY = 20  # one load in this many is critical (refuses a shed)
+# A synthetic fleet's devices are sampled once a second up to this many; a larger fleet every
+# devices / this many seconds (10,000: every 4 s), so its host runs about this many device passes
+# (physics, rules) a second whatever the size: at 10,000 and 1 s they took a whole core of the
+# 2-core machine, and an operator's status no longer saw the fleet.
+SAMPLES_PER_S = 2500
 # A synthetic substation starts at about this share of its ratings: its loads' draw sizes its
 # branch meters and master (the "near its limit" advice is at 80 %, so a new fleet is quiet).
 START_LOADING = 0.55
@@ -412,7 +420,8 @@ def synthetic_fleet_data(devices: int, *, seed: int = 0, refresh_s: float = 60.0
     """A fleet of `devices` devices as the fleet file's data: substations of up to
     SUBSTATION_SIZE devices, each a master IED with a main breaker, branch meters, loads under
     the meters (one in CRITICAL_EVERY critical) and a generator per ten loads. Names say where a
-    device sits (``s003-load-017``); the same `devices` and `seed` give the same fleet.
+    device sits (``s003-load-017``); the same `devices` and `seed` give the same fleet. Past
+    SAMPLES_PER_S devices, each is sampled less often (``sample_s``).
     ``hosting``: the devices' way to the server (``"component"``: all in one hosting process)."""
     import random
 
@@ -462,6 +471,10 @@ def synthetic_fleet_data(devices: int, *, seed: int = 0, refresh_s: float = 60.0
             out.append({"name": f"{p}-gen-{g + 1}", "display_name": f"Generator {g + 1}, substation {s}",
                         "kind": "generator", "rated_kw": float(rng.choice((250, 400))), "parent": master,
                         "startup_s": 10.0, "refresh_s": refresh_s})
+    if devices > SAMPLES_PER_S:
+        sample_s = round(devices / SAMPLES_PER_S, 1)
+        for device in out:
+            device["sample_s"] = min(sample_s, refresh_s)
     return {
         "domain": "localhost",
         "hosting": hosting,

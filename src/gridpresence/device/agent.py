@@ -153,7 +153,7 @@ class DeviceAgent(PartySession):
         self.children = frozenset(JID(j).bare for j in children)
         # Store-and-forward relays may hand over commands, but only ones an operator issued.
         self.relays = frozenset(JID(j).bare for j in relays)
-        self.tick_s = min(tick_s, spec.refresh_s)
+        self.tick_s = min(spec.sample_s or tick_s, spec.refresh_s)
         # The physics, or what stands for it: a field gateway passes its real IED (gateway/field_device.py).
         self.sim: SimDevice = sim if sim is not None else make_device(spec, utcnow())
         # What operators set survives a restart of the host (kill -9 too): shed stays shed. A real

@@ -4,6 +4,7 @@ depend on the physics (read, set_time, restricted devices refuse), and a random 
 from __future__ import annotations
 
 import datetime as dt
+import math
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -57,6 +58,14 @@ class Effect:
 def walk(rng: random.Random, value: float, step: float, lo: float, hi: float) -> float:
     """One bounded random-walk step: readings drift without leaving their physical range."""
     return min(hi, max(lo, value + rng.uniform(-step, step)))
+
+
+def step_for(rate: float, dt_s: float) -> float:
+    """A walk's step over ``dt_s`` seconds (up to 10): ``rate`` a step of one second, grown with
+    the root of the time, as a diffusion's spread is. So how fast readings drift does not depend
+    on how often the device is sampled (``sample_s``): a step in proportion to the time made a
+    4 s sample drift twice as fast as a 1 s one."""
+    return rate * math.sqrt(min(max(dt_s, 0.0), 10.0))
 
 
 class SimDevice(ABC):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from gridpresence.physics.base import Effect, Operated, SimDevice, walk
+from gridpresence.physics.base import Effect, Operated, SimDevice, step_for, walk
 from gridpresence.protocol.models import Action, Breaker as Contacts, DeviceKind, DeviceState, Telemetry
 
 
@@ -37,7 +37,7 @@ class Breaker(SimDevice):
             self.contacts = kept.contacts
 
     def _advance(self, dt_s: float, now: dt.datetime) -> None:
-        self.utilisation = walk(self.rng, self.utilisation, 0.01 * min(dt_s, 10), 0.05, 1.0)
+        self.utilisation = walk(self.rng, self.utilisation, step_for(0.01, dt_s), 0.05, 1.0)
 
     def telemetry(self) -> Telemetry:
         kw = self.spec.rated_kw * self.utilisation if self.contacts is Contacts.CLOSED else 0.0

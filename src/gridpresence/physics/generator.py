@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from gridpresence.physics.base import Effect, SimDevice, walk
+from gridpresence.physics.base import Effect, SimDevice, step_for, walk
 from gridpresence.protocol.models import Action, DeviceKind, DeviceState, Restriction, Telemetry
 
 AMBIENT_C = 25.0
@@ -47,7 +47,7 @@ class Generator(SimDevice):
 
     def _advance(self, dt_s: float, now: dt.datetime) -> None:
         if self.running:
-            self.output_share = walk(self.rng, self.output_share, 0.01 * min(dt_s, 10), 0.3, 1.0)
+            self.output_share = walk(self.rng, self.output_share, step_for(0.01, dt_s), 0.3, 1.0)
             burn = 100.0 * self.output_share * dt_s / (FULL_TANK_HOURS * 3600)
             self.fuel_pct = max(0.0, self.fuel_pct - burn)
             if self.fuel_pct == 0.0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from gridpresence.physics.base import Effect, SimDevice, walk
+from gridpresence.physics.base import Effect, SimDevice, step_for, walk
 from gridpresence.protocol.models import Action, DeviceKind, DeviceState, RejectReason, Restriction, Telemetry
 
 
@@ -35,7 +35,7 @@ class Load(SimDevice):
         return Effect.done("load restored")
 
     def _advance(self, dt_s: float, now: dt.datetime) -> None:
-        self.utilisation = walk(self.rng, self.utilisation, 0.01 * min(dt_s, 10), 0.2, 1.0)
+        self.utilisation = walk(self.rng, self.utilisation, step_for(0.01, dt_s), 0.2, 1.0)
 
     @property
     def drawing(self) -> bool:

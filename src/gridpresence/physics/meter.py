@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import ClassVar
 
-from gridpresence.physics.base import Effect, SimDevice, walk
+from gridpresence.physics.base import Effect, SimDevice, step_for, walk
 from gridpresence.physics.metering import MeterRegisters
 from gridpresence.protocol.models import Action, DeviceKind, DeviceState, Telemetry
 
@@ -40,7 +40,7 @@ class Meter(SimDevice):
 
     def _advance(self, dt_s: float, now: dt.datetime) -> None:
         self.registers.sample(self.kw, self.load_pct, dt_s, now + self.clock_offset)
-        self.utilisation = walk(self.rng, self.utilisation, 0.01 * min(dt_s, 10), 0.05, 1.0)
+        self.utilisation = walk(self.rng, self.utilisation, step_for(0.01, dt_s), 0.05, 1.0)
 
     def telemetry(self) -> Telemetry:
         return Telemetry(

@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass
 
 from gridpresence.config import Fleet
-from gridpresence.physics.base import walk
+from gridpresence.physics.base import step_for, walk
 from gridpresence.protocol.billing_report import BillingData, QualityData
 
 NOMINAL_V = 230.0
@@ -65,12 +65,11 @@ class MeterRegisters:
         else:
             self.off_peak_kwh += kwh
         self.max_kw = max(self.max_kw, kw)
-        step = min(dt_s, 10.0)
         # Voltage drops with load along the feeder; distortion rises with it.
         self.voltage_v = NOMINAL_V * (1 - 0.05 * load_pct / 100) + self.rng.uniform(-1.5, 1.5)
-        self.frequency_hz = walk(self.rng, self.frequency_hz, 0.005 * step, NOMINAL_HZ - 0.2, NOMINAL_HZ + 0.2)
-        self.power_factor = walk(self.rng, self.power_factor, 0.002 * step, 0.80, 0.99)
-        self.thd_pct = walk(self.rng, self.thd_pct, 0.05 * step, 1.0, 8.0)
+        self.frequency_hz = walk(self.rng, self.frequency_hz, step_for(0.005, dt_s), NOMINAL_HZ - 0.2, NOMINAL_HZ + 0.2)
+        self.power_factor = walk(self.rng, self.power_factor, step_for(0.002, dt_s), 0.80, 0.99)
+        self.thd_pct = walk(self.rng, self.thd_pct, step_for(0.05, dt_s), 1.0, 8.0)
         self.v_min, self.v_max = min(self.v_min, self.voltage_v), max(self.v_max, self.voltage_v)
         self.v_sum += self.voltage_v
         self.load_sum += load_pct
