@@ -19,7 +19,7 @@ from conftest import Written, agent_of, hosted_fleet, link_of, plain_client, run
 from gridpresence.config import parse_fleet
 from gridpresence.device.agent import DeviceAgent
 from gridpresence.host.grid import Grid
-from gridpresence.operator.library import GridOperator
+from gridpresence.operator.library import UNHEARD_QUIET_S, GridOperator
 from gridpresence.protocol import Action
 from gridpresence.protocol.codec import report_to_xml
 from gridpresence.protocol.models import DeviceState, utcnow
@@ -218,12 +218,14 @@ async def test_connect_waits_out_a_slow_login_burst_while_devices_keep_answering
     """At 10,000 hosted devices the answers to an operator's login probes take seconds. With
     `settle_s=1` (the CLI's default) the operator waits while devices keep answering, each
     answer within 1 s of the one before, so `status` shows the whole fleet; a device that never
-    answers costs one settle after the last news, not the whole timeout."""
+    answers costs one settle (or UNHEARD_QUIET_S) after the last news, not the whole timeout."""
     loop = asyncio.get_running_loop()
     gap = 0.5  # between answers: each within the settle of the one before, all three past it
 
+    originals = {name: hosted(grid, name)._answer_probe for name in LOADS}
+
     def slow(client: HostedClient, delay: float | None) -> None:
-        answer = client._answer_probe
+        answer = originals[client.boundjid.user]
         monkeypatch.setattr(client, "_answer_probe", lambda sender: None if delay is None
                             else loop.call_later(delay, answer, sender))
 
@@ -239,7 +241,21 @@ async def test_connect_waits_out_a_slow_login_burst_while_devices_keep_answering
     finally:
         await alice.close()
 
-    # The last device never answers: the wait ends about a settle after the second's answer.
+    # Answers 1.8 s apart, longer than the settle: while devices are unheard, a pause up to
+    # UNHEARD_QUIET_S (a busy host) is not taken for the end.
+    assert 1.0 < 1.8 < UNHEARD_QUIET_S
+    for i, name in enumerate(LOADS):
+        slow(hosted(grid, name), 1.8 * (i + 1))
+    alice = GridOperator.from_connection(grid.connection, operator="alice", resource="slower")
+    try:
+        await alice.connect(settle_s=1.0, timeout=20)
+        assert all(alice.devices[n].present for n in LOADS), {n: alice.devices[n].present for n in LOADS}
+    finally:
+        await alice.close()
+
+    # The last device never answers: the wait ends about UNHEARD_QUIET_S after the second's answer.
+    slow(hosted(grid, LOADS[0]), gap)
+    slow(hosted(grid, LOADS[1]), 2 * gap)
     slow(hosted(grid, LOADS[2]), None)
     bob = GridOperator.from_connection(grid.connection, operator="bob", resource="slow")
     began = loop.time()

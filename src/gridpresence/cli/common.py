@@ -54,7 +54,8 @@ def operator_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--settle", type=argtypes.non_negative, default=1.0, metavar="S",
                    help="on connect, wait for presence until S seconds pass without a device newly heard from "
-                        "(default 1; a fleet still answering is waited out, 0 waits for nothing)")
+                        "(default 1, at least 3 while some have sent nothing yet; a fleet still answering "
+                        "is waited out; 0 waits for nothing)")
 
 
 async def with_operator(args: argparse.Namespace, body: Callable[[GridOperator], Awaitable[int]]) -> int:

@@ -75,6 +75,9 @@ FAN_OUT_BATCH = 50  # commands of a fan-out prepared (signed) before the loop ma
 FAN_OUT_WINDOW = 1000
 # How long `connect` waits for the tariff of a billing party that is online.
 TARIFF_WAIT_S = 5.0
+# connect's settle: the pause in a login's burst taken for its end while some devices have sent
+# nothing yet (a host of 10,000 sending the alarms it owes an operator at its login pauses ~1 s).
+UNHEARD_QUIET_S = 3.0
 # The watchdog's fleet health, page by page (XEP-0059): how long one page and all of them may
 # take, and how many healths beyond our roster's devices we take (devices added since) before
 # we stop asking, whatever a watchdog gone wrong keeps sending.
@@ -268,7 +271,8 @@ class GridOperator:
         """Wait until `settled()`, or until no device was newly heard from or present for
         `settle_s`, or until loop time `limit`. A login's burst can outlast `settle_s` (thousands
         of hosted devices answer the server's probes over seconds): while it still brings news,
-        waiting on is what shows the whole fleet; devices that stay silent cost one `settle_s`."""
+        waiting on is what shows the whole fleet; devices that stay silent cost one `settle_s`,
+        or UNHEARD_QUIET_S if longer."""
         loop = asyncio.get_running_loop()
         tracker = self.tracker
         heard = present = -1
@@ -277,7 +281,10 @@ class GridOperator:
             now = loop.time()
             if tracker.heard_count > heard or tracker.present_count > present:
                 heard, present = max(heard, tracker.heard_count), max(present, tracker.present_count)
-                quiet_until = min(limit, now + settle_s)
+                # While devices have not been heard from at all, a pause is more likely their
+                # host busy (alarms owed to us going out at our login) than the burst's end.
+                quiet = settle_s if heard >= len(tracker.views) else max(settle_s, UNHEARD_QUIET_S)
+                quiet_until = min(limit, now + quiet)
             if now >= quiet_until:
                 return  # some devices are not present; the view says so
             try:
