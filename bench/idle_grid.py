@@ -9,7 +9,8 @@ a few windows and prints the median CPU per device-second. In each window it als
 child (its `DeviceAgent.publish` and directed sends wrapped, a snapshot on SIGUSR1), what the
 devices sent, by device kind: broadcasts for a change of health or state (every subscriber),
 directed readings past the deadband (the telemetry audience), timed refreshes, session starts,
-and publishes that sent nothing (a re-sum that moved nothing). The baseline is the same fleet
+and publishes that sent nothing (a tick or a meter's re-sum that finds nothing to tell builds no
+report and calls no publish: these are the others). The baseline is the same fleet
 with every device on a ticking task of its own (``DeviceAgent.shared_ticker = False``), measured
 back to back with the shared ticker; the ratio is shared / baseline. ``--status K`` then runs the
 operator's `gridpresence status --summary` K times (median and p99 wall time, devices present)

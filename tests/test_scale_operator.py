@@ -265,9 +265,11 @@ def test_a_large_synthetic_fleet_is_sampled_less_often_and_drifts_as_fast() -> N
     one = {"domain": "localhost", "operators": [{"name": "alice"}],
            "devices": [{"name": "l-1", "kind": "load", "rated_kw": 10}]}
     assert parse_fleet({**one, "devices": [{**one["devices"][0], "sample_s": 2.5}]}).devices[0].sample_s == 2.5
-    for bad in (0, -1, 0.01, 4000, float("nan"), "soon"):
+    for bad in (0, -1, 0.01, 4000, float("nan"), "soon", 61):  # (61: longer than its refresh of 60 s)
         with pytest.raises(FleetError, match="sample_s"):
             parse_fleet({**one, "devices": [{**one["devices"][0], "sample_s": bad}]})
+    # Past 25,000 devices the interval stays at 10 s, the longest that readings drift as fast at.
+    assert {d["sample_s"] for d in synthetic_fleet_data(30_000)["devices"]} == {10.0}
     # Drift: the spread of a load's reading after 40 s, sampled every 1 s and every 4 s, seeded.
     start = NOW
     spread: dict[float, float] = {}

@@ -100,8 +100,9 @@ async def test_a_device_with_its_own_sample_interval_ticks_at_it(grid: Grid) -> 
     await asyncio.sleep(6 * SAMPLE_S)
     elapsed = loop.time() - t0
     assert agent_of(grid, SAMPLED).tick_s == SAMPLE_S
-    assert elapsed / SAMPLE_S - 2 <= counted[SAMPLED] <= elapsed / SAMPLE_S + 1, counted
-    assert elapsed / TICK_S - 2 <= counted[QUIET[0]] <= elapsed / TICK_S + 1, counted
+    assert counted[SAMPLED] <= elapsed / SAMPLE_S + 1, counted  # never more often than its interval
+    # Half as often as the host's tick (a stalled loop drops ticks of both wheels alike).
+    assert counted[SAMPLED] >= 3 and 1.5 <= counted[QUIET[0]] / counted[SAMPLED] <= 2.7, counted
 
 
 async def test_a_reading_past_the_deadband_is_told_within_a_tick(grid: Grid) -> None:

@@ -231,6 +231,11 @@ def test_records_from_xml_fuzz() -> None:
     ET.SubElement(batch, f"{{{JSON_NS}}}json").text = "[" * 100_000
     records, bad = records_from_xml(batch)
     assert len(records) == 1000 and len(bad) == 1
+    broken = ET.Element(q("outcome-records"))  # thousands of <json/> that hold no record are bounded too
+    for i in range(3000):
+        ET.SubElement(broken, f"{{{JSON_NS}}}json").text = ("x", "[]", "{}", "")[i % 4]
+    records, bad = records_from_xml(broken)
+    assert records == [] and len(bad) == 1001
     nested = ET.Element(q("outcome-records"))
     ET.SubElement(nested, f"{{{JSON_NS}}}json").text = "[" * 100_000 + "]" * 100_000
     assert records_from_xml(nested)[0] == [] and len(records_from_xml(nested)[1]) == 1

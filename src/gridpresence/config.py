@@ -145,6 +145,13 @@ class DeviceSpec(_Spec):
     hosting: Hosting | None = None
 
     @model_validator(mode="after")
+    def _sampled_within_refresh(self) -> DeviceSpec:
+        if self.sample_s is not None and self.sample_s > self.refresh_s:
+            raise ValueError(f"sample_s ({self.sample_s:g}) may not be longer than refresh_s ({self.refresh_s:g}): "
+                             "a refresh tells the last sample")
+        return self
+
+    @model_validator(mode="after")
     def _serial(self) -> DeviceSpec:
         if not self.serial:
             object.__setattr__(self, "serial", default_serial(self.name))
@@ -408,6 +415,7 @@ CRITICAL_EVERY = 20  # one load in this many is critical (refuses a shed)
 # (physics, rules) a second whatever the size: at 10,000 and 1 s they took a whole core of the
 # 2-core machine, and an operator's status no longer saw the fleet.
 SAMPLES_PER_S = 2500
+MAX_SYNTHETIC_SAMPLE_S = 10.0  # the longest interval readings still drift as fast at (physics.base.step_for)
 # A synthetic substation starts at about this share of its ratings: its loads' draw sizes its
 # branch meters and master (the "near its limit" advice is at 80 %, so a new fleet is quiet).
 START_LOADING = 0.55
@@ -474,7 +482,7 @@ def synthetic_fleet_data(devices: int, *, seed: int = 0, refresh_s: float = 60.0
     if devices > SAMPLES_PER_S:
         sample_s = round(devices / SAMPLES_PER_S, 1)
         for device in out:
-            device["sample_s"] = min(sample_s, refresh_s)
+            device["sample_s"] = min(sample_s, MAX_SYNTHETIC_SAMPLE_S, refresh_s)
     return {
         "domain": "localhost",
         "hosting": hosting,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gridpresence.cli import argtypes
-from gridpresence.operator.library import GridOperator
+from gridpresence.operator.library import UNHEARD_QUIET_S, GridOperator
 from gridpresence.protocol.models import Outcome
 from gridpresence.xmpp.session import ConnectionInfo, connection_path
 
@@ -54,8 +54,8 @@ def operator_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--settle", type=argtypes.non_negative, default=1.0, metavar="S",
                    help="on connect, wait for presence until S seconds pass without a device newly heard from "
-                        "(default 1, at least 3 while some have sent nothing yet; a fleet still answering "
-                        "is waited out; 0 waits for nothing)")
+                        f"(default 1, at least {UNHEARD_QUIET_S:g} while some have sent nothing yet; a fleet "
+                        "still answering is waited out; 0 waits for nothing)")
 
 
 async def with_operator(args: argparse.Namespace, body: Callable[[GridOperator], Awaitable[int]]) -> int:

@@ -302,9 +302,8 @@ class DeviceAgent(PartySession):
             # a whole tick more, a 1 s refresh going out every 2 s).
             since = asyncio.get_running_loop().time() - self._published_at
             refresh_due = since >= self.spec.refresh_s - self.tick_s / 2
-            reading = None if refresh_due else self._unmoved_reading()
+            reading = None if refresh_due else self._quiet_reading()
             if reading is not None:  # nothing to tell: the rules get the same readings, without a report
-                self._seq += 1  # (the seq the report would have taken: the next one told is as before)
                 self.alarms.check_reading(self.sim.state, self.sim.kind, reading)
             else:
                 self.alarms.check(self.publish(force=refresh_due))
@@ -358,6 +357,14 @@ class DeviceAgent(PartySession):
         old = self._published
         assert old is not None
         return abs((old.telemetry.load_pct or 0.0) - (telemetry.load_pct or 0.0)) >= LOAD_DEADBAND_PCT
+
+    def _quiet_reading(self) -> Telemetry | None:
+        """:meth:`_unmoved_reading`, and if there is one (nothing to tell), the seq its report
+        would have taken spent, so the next report told has the seq it would have had."""
+        reading = self._unmoved_reading()
+        if reading is not None:
+            self._seq += 1
+        return reading
 
     def _unmoved_reading(self) -> Telemetry | None:
         """The physics' readings now, if ``publish(force=False)`` would send nothing for them
@@ -520,10 +527,8 @@ class DeviceAgent(PartySession):
             self.alarms.below_changed()
         # A child's refresh mostly moves the sum within the deadband: then no report is built
         # (a few hundred re-sums a second on a synthetic fleet of 10,000).
-        if self._unmoved_reading() is None:
+        if self._quiet_reading() is None:
             self.publish(force=False)
-        else:
-            self._seq += 1  # (the seq the report would have taken, as a tick that tells nothing)
 
     # -- commands ---------------------------------------------------------------------
 

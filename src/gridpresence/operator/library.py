@@ -225,9 +225,10 @@ class GridOperator:
 
         `settle_s` waits for the initial presence burst: it ends once every device is present
         and, if the roster has a billing party, its tariff has come (or the party is known to be
-        offline), or once `settle_s` has passed without a device newly heard from (up to
-        `timeout` in all, so a burst still coming in is waited out). A billing party seen online is waited for up to `tariff_s` in
-        all: it sends the tariff when it sees our presence, a few signatures later.
+        offline), or once `settle_s` (at least UNHEARD_QUIET_S while some devices have sent
+        nothing) has passed without a device newly heard from, up to `timeout` in all: a burst
+        still coming in is waited out. A billing party seen online is waited for up to
+        `tariff_s` in all: it sends the tariff when it sees our presence, a few signatures later.
         """
         await ensure_running(self.endpoint)  # a stopped grid is said at once, not after `timeout`
         await open_session(self.client, self.endpoint, timeout)
@@ -288,7 +289,8 @@ class GridOperator:
             if now >= quiet_until:
                 return  # some devices are not present; the view says so
             try:
-                await asyncio.wait_for(self._changed.wait(), quiet_until - now)
+                async with asyncio.timeout(quiet_until - now):  # (no task per wait, as wait_for makes)
+                    await self._changed.wait()
             except TimeoutError:
                 pass
 

@@ -61,10 +61,11 @@ def walk(rng: random.Random, value: float, step: float, lo: float, hi: float) ->
 
 
 def step_for(rate: float, dt_s: float) -> float:
-    """A walk's step over ``dt_s`` seconds (up to 10): ``rate`` a step of one second, grown with
-    the root of the time, as a diffusion's spread is. So how fast readings drift does not depend
-    on how often the device is sampled (``sample_s``): a step in proportion to the time made a
-    4 s sample drift twice as fast as a 1 s one."""
+    """A walk's step over ``dt_s`` seconds: ``rate`` a step of one second, grown with the root
+    of the time, as a diffusion's spread is. So how fast readings drift does not depend on how
+    often the device is sampled (``sample_s``, up to 10 s): a step in proportion to the time made
+    a 4 s sample drift twice as fast as a 1 s one. Past 10 s a step is a 10 s one (a host that
+    stalled for minutes does not make its readings jump)."""
     return rate * math.sqrt(min(max(dt_s, 0.0), 10.0))
 
 

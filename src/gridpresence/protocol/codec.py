@@ -408,24 +408,34 @@ def records_from_xml(el: ET.Element | None) -> tuple[list[OutcomeRecord], list[P
     el = _expect(el, "outcome-records")
     good: list[OutcomeRecord] = []
     bad: list[PayloadError] = []
-    seen = 0
+    seen = 0  # records and children read: a batch of thousands of empty or broken <json/> is bounded too
+    too_many = PayloadError(f"invalid outcome-records: more than {RECORDS_MAX}; the rest ignored")
     for child in el:
         items: list[Any]
+        if seen >= RECORDS_MAX:
+            bad.append(too_many)
+            return good, bad
         if child.tag == _JSON:
+            why = ""
             try:
                 parsed = json.loads(child.text or "")
             except (ValueError, RecursionError) as exc:
-                bad.append(PayloadError(f"invalid outcome-records: its JSON does not parse ({exc})"))
-                continue
-            if not isinstance(parsed, list):
-                bad.append(PayloadError("invalid outcome-records: its JSON is not an array of records"))
+                why = f"its JSON does not parse ({exc})"
+            else:
+                if not isinstance(parsed, list):
+                    why = "its JSON is not an array of records"
+                elif not parsed:
+                    why = "its JSON array holds no record"
+            if why:  # (counted as one record read)
+                seen += 1
+                bad.append(PayloadError(f"invalid outcome-records: {why}"))
                 continue
             items = parsed
         else:
             items = [child]
         for item in items:
             if seen >= RECORDS_MAX:
-                bad.append(PayloadError(f"invalid outcome-records: more than {RECORDS_MAX}; the rest ignored"))
+                bad.append(too_many)
                 return good, bad
             seen += 1
             try:
