@@ -40,9 +40,10 @@ async def grid(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Grid]:
         yield g
 
 
-async def test_each_device_keeps_its_tick_and_its_refresh_period(grid: Grid) -> None:
-    ticks = dict.fromkeys(QUIET, 0)
-    for name in QUIET:
+def count_ticks(grid: Grid, names: list[str], monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Each device's ticks from now on, counted as its physics is stepped (the counts live on)."""
+    ticks = dict.fromkeys(names, 0)
+    for name in names:
         sim = agent_of(grid, name).sim
         real = sim.tick
 
@@ -50,7 +51,12 @@ async def test_each_device_keeps_its_tick_and_its_refresh_period(grid: Grid) -> 
             ticks[name] += 1
             real(now)  # type: ignore[operator]
 
-        sim.tick = counting  # type: ignore[method-assign]
+        monkeypatch.setattr(sim, "tick", counting)
+    return ticks
+
+
+async def test_each_device_keeps_its_tick_and_its_refresh_period(grid: Grid, monkeypatch: pytest.MonkeyPatch) -> None:
+    ticks = count_ticks(grid, QUIET, monkeypatch)
     seen: dict[str, list[float]] = {grid.fleet.jid(n): [] for n in QUIET}
     loop = asyncio.get_running_loop()
 
@@ -82,19 +88,10 @@ async def test_each_device_keeps_its_tick_and_its_refresh_period(grid: Grid) -> 
         assert all(REFRESH_S - 0.15 <= g <= REFRESH_S + TICK_S + 0.3 for g in gaps), (name, gaps)
 
 
-async def test_a_device_with_its_own_sample_interval_ticks_at_it(grid: Grid) -> None:
+async def test_a_device_with_its_own_sample_interval_ticks_at_it(grid: Grid, monkeypatch: pytest.MonkeyPatch) -> None:
     """``sample_s`` (a synthetic fleet past SAMPLES_PER_S devices has it) sets the device's
     tick: here every 1 s beside the host's 0.5 s."""
-    counted = {n: 0 for n in (SAMPLED, QUIET[0])}
-    for name in counted:
-        sim = agent_of(grid, name).sim
-        real = sim.tick
-
-        def counting(now: object, name: str = name, real: object = real) -> None:
-            counted[name] += 1
-            real(now)  # type: ignore[operator]
-
-        sim.tick = counting  # type: ignore[method-assign]
+    counted = count_ticks(grid, [SAMPLED, QUIET[0]], monkeypatch)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     await asyncio.sleep(6 * SAMPLE_S)
