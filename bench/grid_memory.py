@@ -5,7 +5,7 @@ and alarms) hosted on the component link, and every service (watchdog, relay, co
 historian, dashboard) in the same `up` process. The issue's goal: 10,000 devices, whole grid
 <= 1.5 GB resident.
 
-    ../.venv/bin/python grid_memory.py [--devices 2000] [--settle 20] [--baseline]
+    ../.venv/bin/python grid_memory.py [--devices 2000] [--settle 20] [--baseline] [--every S]
 
 It starts `up` as a process of its own on a fresh data directory, waits for its "Ctrl-C stops
 everything." line and `--settle` seconds more (the first presence refreshes, the services'
@@ -51,7 +51,7 @@ def plain_loads(n: int, data: Path) -> Path:
     return path
 
 
-def measure(n: int, settle_s: float, fleet: Path | None = None) -> dict[str, float]:
+def measure(n: int, settle_s: float, fleet: Path | None = None, every_s: float = 0.0) -> dict[str, float]:
     """One `up` brought up, measured and stopped; its data directory removed after."""
     data = Path(tempfile.mkdtemp(prefix="gridbench-memory-"))
     # A fleet file says its own hosting (`up` refuses a shape option without --devices).
@@ -72,8 +72,14 @@ def measure(n: int, settle_s: float, fleet: Path | None = None) -> dict[str, flo
             if time.perf_counter() - t0 > UP_WAIT_S:
                 raise SystemExit(f"`up` not up within {UP_WAIT_S:.0f} s")
         up_s = time.perf_counter() - t0
-        time.sleep(settle_s)
         prosody = int((data / "prosody.pid").read_text().strip())
+        end = time.perf_counter() + settle_s
+        while every_s and time.perf_counter() + every_s < end:  # the growth over the settle, if asked
+            time.sleep(every_s)
+            up_mib, prosody_mib = rss_kib(proc.pid) / 1024, rss_kib(prosody) / 1024
+            print(f"    {time.perf_counter() - t0 - up_s:6.0f} s after up: up {up_mib:7.1f} MiB, Prosody "
+                  f"{prosody_mib:6.1f} MiB, whole grid {up_mib + prosody_mib:7.1f} MiB", flush=True)
+        time.sleep(max(0.0, end - time.perf_counter()))
         return {"up_s": up_s, "up_mib": rss_kib(proc.pid) / 1024, "prosody_mib": rss_kib(prosody) / 1024}
     finally:
         if proc.poll() is None:
@@ -102,11 +108,13 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2000)
     parser.add_argument("--settle", type=float, default=20.0, help="seconds after `up` is up before measuring")
     parser.add_argument("--baseline", action="store_true", help="also N plain loads, same services")
+    parser.add_argument("--every", type=float, default=0.0, metavar="S",
+                        help="also print the resident memory every S seconds of the settle (its growth)")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     n = args.devices
     print(f"N = {n}: `gridpresence up --devices {n} --hosting component`", flush=True)
-    report("synthetic fleet", n, measure(n, args.settle))
+    report("synthetic fleet", n, measure(n, args.settle, every_s=args.every))
     if args.baseline:
         scratch = Path(tempfile.mkdtemp(prefix="gridbench-memory-fleet-"))
         try:
