@@ -15,6 +15,11 @@ session. ``--signatures both`` also runs each fan-out unsigned (a second session
 operator without a key; the bench fleet lets the same devices take both), alternating which
 goes first, and reports signed/unsigned per round.
 
+``--batches both`` also runs each signed fan-out with one message per device instead of the
+multicast batches (PROTOCOL.md, "Commands in batches"; what a host without XEP-0033 gets),
+alternating which goes first, and reports batched/per-device per round; ``off`` sends only
+per-device messages.
+
 ``--profile DIR`` adds one cProfiled shed (and restore) of the largest size after the measured
 rounds, in this process and in the device process: DIR/operator.pstats and DIR/host.pstats.
 
@@ -22,7 +27,7 @@ The device bots (all N in one process) and the echo responder run in a second pr
 they would on other hardware; this process holds the operator and the watchdog service.
 
     python bench/fanout.py [--sizes 1000 10000] [--rounds 5] [--hosting c2s|component]
-                           [--signatures on|off|both] [--profile DIR]
+                           [--signatures on|off|both] [--batches on|off|both] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -58,6 +63,27 @@ async def fan_out(op: GridOperator, names: list[str], action: Action, meter: Cpu
     return elapsed
 
 
+def compared(what: str, times: list[float], ratios: list[float], key: str, label: str) -> dict[str, object]:
+    """summary() of ``times``, with the median and worst of the rounds' ``ratios``, printed."""
+    stats: dict[str, object] = dict(summary(what, times))
+    stats[f"ratio_{key}_median"] = statistics.median(ratios)
+    stats[f"ratio_{key}_worst"] = max(ratios)
+    print(f"  {label} median {statistics.median(ratios):.2f}x (worst round {max(ratios):.2f}x)", flush=True)
+    return stats
+
+
+async def per_device(op: GridOperator, names: list[str], meter: CpuMeter, kind: str) -> float:
+    """A signed shed (and its restore) with one message per device: what a host without
+    XEP-0033 multicast gets."""
+    op.batches = False
+    try:
+        elapsed = await fan_out(op, names, Action.SHED, meter, kind)
+        await fan_out(op, names, Action.RESTORE)
+    finally:
+        op.batches = True
+    return elapsed
+
+
 async def connected(op: GridOperator, devices: int) -> None:
     """Log in and wait until every device is present (the echo pair are billing parties that
     send no tariff: `connect`'s settling would wait out its whole time for one)."""
@@ -76,6 +102,7 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--signatures", choices=("on", "off", "both"), default="on")
     parser.add_argument("--hosting", choices=("c2s", "component"), default="c2s")
+    parser.add_argument("--batches", choices=("on", "off", "both"), default="on")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR")
     args = parser.parse_args()
     largest = max(args.sizes)
@@ -88,6 +115,7 @@ async def main() -> None:
     await echo.start()
     t0 = time.perf_counter()
     op = GridOperator.from_connection(bench.grid.connection, resource="bench")
+    op.batches = args.batches != "off"
     if args.signatures == "off":
         op.issuer.key = None
     await connected(op, largest)
@@ -119,6 +147,8 @@ async def main() -> None:
         ratio: dict[int, list[float]] = {n: [] for n in args.sizes}
         unsigned: dict[int, list[float]] = {n: [] for n in args.sizes}
         ratio_sig: dict[int, list[float]] = {n: [] for n in args.sizes}
+        alone: dict[int, list[float]] = {n: [] for n in args.sizes}  # --batches both: one message per device
+        ratio_alone: dict[int, list[float]] = {n: [] for n in args.sizes}
         meter = CpuMeter(bench.pids())
         signed_kind = "signed" if op.issuer.key is not None else "unsigned"
         for round_no in range(args.rounds):
@@ -128,8 +158,14 @@ async def main() -> None:
                 if plain is not None and round_no % 2 == 0:  # alternate which goes first
                     unsigned[n].append(await fan_out(plain, names[:n], Action.SHED, meter, f"unsigned {n}"))
                     await fan_out(plain, names[:n], Action.RESTORE)
+                if args.batches == "both" and round_no % 2 == 0:  # alternate which goes first
+                    alone[n].append(await per_device(op, names[:n], meter, f"per-device {n}"))
                 elapsed = await fan_out(op, names[:n], Action.SHED, meter, f"{signed_kind} {n}")
                 await fan_out(op, names[:n], Action.RESTORE)
+                if args.batches == "both" and round_no % 2 == 1:
+                    alone[n].append(await per_device(op, names[:n], meter, f"per-device {n}"))
+                if args.batches == "both":
+                    ratio_alone[n].append(alone[n][-1] / pipelined[n][-1])
                 if plain is not None and round_no % 2 == 1:
                     unsigned[n].append(await fan_out(plain, names[:n], Action.SHED, meter, f"unsigned {n}"))
                     await fan_out(plain, names[:n], Action.RESTORE)
@@ -137,8 +173,10 @@ async def main() -> None:
                     ratio_sig[n].append(elapsed / unsigned[n][-1])
                 fan[n].append(elapsed)
                 ratio[n].append(elapsed / pipelined[n][-1])
+                also = (f"; one message per device {alone[n][-1] * 1000:.0f} ms: {ratio_alone[n][-1]:.2f}x"
+                        if args.batches == "both" else "")
                 print(f"  round {round_no + 1}: shed {n} {elapsed * 1000:.0f} ms, {n} raw in flight "
-                      f"{pipelined[n][-1] * 1000:.0f} ms: {ratio[n][-1]:.2f}x", flush=True)
+                      f"{pipelined[n][-1] * 1000:.0f} ms: {ratio[n][-1]:.2f}x{also}", flush=True)
 
         results: dict[str, object] = {"hosting": args.hosting}
         print(f"{args.rounds} rounds, devices {args.hosting}:")
@@ -157,13 +195,16 @@ async def main() -> None:
                                                                  f"command ({signed_kind} shed of {n})")
             results[f"cpu_us_per_raw_round_trip_{n}"] = meter.report_us(f"raw {n}", args.rounds * n,
                                                                         f"raw round trip ({n} in flight)")
+            if args.batches == "both":
+                results[f"fanout_{n}_per_device"] = compared(
+                    f"signed shed of {n}, one message per device", alone[n], ratio_alone[n], "to_raw",
+                    "one message per device: ratio to raw")
+                results[f"cpu_us_per_command_{n}_per_device"] = meter.report_us(
+                    f"per-device {n}", args.rounds * n, f"command (signed, one message per device, shed of {n})")
             if plain is not None:
-                base = summary(f"shed {n}, unsigned (same devices)", unsigned[n])
-                base["ratio_signed_to_unsigned_median"] = statistics.median(ratio_sig[n])
-                base["ratio_signed_to_unsigned_worst"] = max(ratio_sig[n])
-                print(f"  signed / unsigned: median {base['ratio_signed_to_unsigned_median']:.2f}x (worst round "
-                      f"{base['ratio_signed_to_unsigned_worst']:.2f}x)", flush=True)
-                results[f"fanout_{n}_unsigned"] = base
+                results[f"fanout_{n}_unsigned"] = compared(
+                    f"shed {n}, unsigned (same devices)", unsigned[n], ratio_sig[n], "signed_to_unsigned",
+                    "signed / unsigned:")
                 results[f"cpu_us_per_command_{n}_unsigned"] = meter.report_us(
                     f"unsigned {n}", args.rounds * n, f"command (unsigned shed of {n})")
         if args.profile is not None:

@@ -585,7 +585,11 @@ class DeviceAgent(PartySession):
                     return False
                 self.prices.on_tariff(msg)  # the billing party's signed price: its own gate
                 return True
-            signed = SignedCommand(sealed, parse_command(sealed.payload))
+            try:
+                command = sealed.command_for(self.gate.device)  # (its own of a batch)
+            except SignatureFailure as exc:
+                raise Refusal(exc.reason, exc.detail) from None
+            signed = SignedCommand(sealed, parse_command(command))
             if not self.gate.may_send(sender.bare):
                 raise Refusal(RejectReason.NOT_AUTHORISED, f"{sender.bare} may not command this device",
                               signed.command.id)

@@ -12,7 +12,7 @@ import asyncio
 import collections
 import heapq
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from xml.etree import ElementTree as ET
 
 from slixmpp import JID, ClientXMPP, Message
@@ -21,9 +21,11 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.protocol import openpgp  # noqa: F401  (registers <openpgp/> with slixmpp)
+from gridpresence.protocol.addressing import addresses_text
 from gridpresence.xmpp.outgoing import may_skip_queue, messages_need_no_filter
 from gridpresence.xmpp.slixfix.escape import escape as xml_escape  # the fast one
-from gridpresence.protocol.codec import PayloadError, command_to_text, command_to_xml, outcome_from_xml, q
+from gridpresence.protocol.codec import (BATCH_TEXT_MAX, PayloadError, command_to_text, command_to_xml,
+                                         commands_to_text, outcome_from_xml, q)
 from gridpresence.protocol.openpgp import OPENPGP_NS
 from gridpresence.operator.pending import PendingCommand, PendingStore
 from gridpresence.protocol.models import Command, Outcome, OutcomeStatus, RejectReason, utcnow
@@ -62,6 +64,8 @@ class CommandIssuer:
         self.pending: dict[str, asyncio.Future[Outcome]] = {}  # command id -> outcome
         self._adopted: set[str] = set()  # ids in `pending` that are an earlier process's (adopt)
         self._stanza_to_command: dict[str, str] = {}  # message id -> command id, for bounces
+        # ...and of a batch: message id -> (the host's domain, device bare JID -> command id)
+        self._batch_of_stanza: dict[str, tuple[str, dict[str, str]]] = {}
         # What was sent for each command still waiting, to which device (bare JID) and to which of
         # its sessions (full JID): sent again after a reconnect of ours or of the device's, as the
         # first copy, or its outcome, may have died with the old session.
@@ -103,23 +107,78 @@ class CommandIssuer:
         # Kept on disk only once it is slow to answer: most outcomes come within milliseconds
         # (only a kill -9 this soon after sending goes unkept; a cancelled wait keeps it at once,
         # below). The commands of a fan-out still waiting then go in one file (_keep_due).
-        keeping = self.store.directory is not None
-        if keeping:
+        if self.store.directory is not None:
             self._keep_later(cmd, device, wire)
         stanza_id = self._post(str(to), wire)
         self._stanza_to_command[stanza_id] = cmd.id
+        try:
+            return await self._outcome(cmd, fut, device, wire)
+        finally:
+            self._stanza_to_command.pop(stanza_id, None)
+
+    async def send_batch(self, batch: Sequence[tuple[Command, str]], domain: str) -> list[Outcome]:
+        """Commands for devices hosted on ``domain`` ((command, the device's full JID) pairs, at
+        most BATCH_COMMANDS_MAX) in XEP-0033 multicast messages to the domain, each under one
+        signature for all its commands (as many as BATCH_TEXT_MAX characters of them allow);
+        their outcomes, in order, each as :meth:`send` gives it. A copy sent again (a reconnect,
+        a new session of a device, an adoption) is its whole batch to that one device, which
+        takes its own command (PROTOCOL.md, "Commands in batches"). Only with a key."""
+        assert self.key is not None
+        items = [(cmd, full, JID(full).bare, command_to_text(cmd)) for cmd, full in batch]
+        parts: list[list[tuple[Command, str, str, str]]] = [[]]
+        size = 0
+        for item in items:
+            length = len(item[3]) + 2 * len(item[2]) + 40  # (its text, its <to/> and its to='…')
+            if parts[-1] and size + length > BATCH_TEXT_MAX:
+                parts.append([])
+                size = 0
+            parts[-1].append(item)
+            size += length
+        return [o for part in await asyncio.gather(*(self._send_part(p, domain) for p in parts)) for o in part]
+
+    async def _send_part(self, part: list[tuple[Command, str, str, str]], domain: str) -> list[Outcome]:
+        assert self.key is not None
+        devices = [device for _, _, device, _ in part]
+        wire = sign_payload(commands_to_text([(text, device) for _, _, device, text in part]), devices, self.key,
+                            now=part[0][0].issued)
+        keeping = self.store.directory is not None
+        futs = []
+        for cmd, full, device, _ in part:
+            futs.append(self.expect(cmd.id))
+            self._sent[cmd.id] = (wire, device, full)
+            if keeping:
+                self._keep_later(cmd, device, wire)
+        stanza_id = self._post(domain, wire, devices)
+        self._batch_of_stanza[stanza_id] = (domain, {device: cmd.id for cmd, _, device, _ in part})
+        waits = [self._outcome(cmd, fut, device, wire, keep_on_cancel=False)
+                 for (cmd, _, device, _), fut in zip(part, futs)]
+        try:
+            return list(await asyncio.gather(*waits))
+        except asyncio.CancelledError:
+            if keeping:  # kept at once, as send keeps one, but in one file (the batch's wire once)
+                text = wire_text(wire)
+                self.store.add_many([self.store.entry(cmd, device, text, "direct")
+                                     for cmd, _, device, _ in part if not self.store.holds(cmd.id)])
+            raise
+        finally:
+            self._batch_of_stanza.pop(stanza_id, None)
+
+    async def _outcome(self, cmd: Command, fut: asyncio.Future[Outcome], device: str, wire: ET.Element, *,
+                       keep_on_cancel: bool = True) -> Outcome:
+        """The wait for a command sent: its outcome, or "expired"."""
+        keeping = self.store.directory is not None
         wait_s = max(0.0, (cmd.expires - utcnow()).total_seconds()) + OUTCOME_MARGIN_S
         self._expire_later(cmd.id, fut, wait_s)
         given_up = False
         try:
             return await fut
         except _NoOutcome:
-            return Outcome(command_id=cmd.id, device=JID(to).bare, status=OutcomeStatus.EXPIRED,
+            return Outcome(command_id=cmd.id, device=device, status=OutcomeStatus.EXPIRED,
                            detail="no outcome before the command expired")
         except asyncio.CancelledError:
             given_up = True  # the caller stopped waiting (Ctrl-C, shutdown), not the command: keep it
-            if keeping and not self.store.holds(cmd.id):
-                self.store.add(cmd, JID(to).bare, wire_text(wire), "direct")
+            if keeping and keep_on_cancel and not self.store.holds(cmd.id):
+                self.store.add(cmd, device, wire_text(wire), "direct")
             raise
         finally:
             if not given_up:
@@ -127,7 +186,6 @@ class CommandIssuer:
             self.pending.pop(cmd.id, None)
             self._timed.pop(cmd.id, None)
             self._sent.pop(cmd.id, None)
-            self._stanza_to_command.pop(stanza_id, None)
 
     def _expire_later(self, cmd_id: str, fut: asyncio.Future[Outcome], wait_s: float) -> None:
         """``fut`` ends in :class:`_NoOutcome` after ``wait_s`` unless settled before: one timer
@@ -153,8 +211,9 @@ class CommandIssuer:
         if deadlines:
             self._expiry = loop.call_at(deadlines[0][0], self._expire_due)
 
-    def _post(self, to: str, wire: ET.Element) -> str:
-        """Send ``wire`` in a message to ``to``; its stanza id. With the session up and nothing
+    def _post(self, to: str, wire: ET.Element, addresses: Sequence[str] = ()) -> str:
+        """Send ``wire`` in a message to ``to`` (with ``addresses``: XEP-0033's, to each of
+        them, through the multicast service ``to``); its stanza id. With the session up and nothing
         in slixmpp's send queue, serialised here and written with the other commands of this
         loop turn in one write: a fan-out's 1,000 commands cost one TLS record and system call
         per turn instead of one each, and no stanza object each (a message has nothing for the
@@ -167,6 +226,8 @@ class CommandIssuer:
                                                              or "xep_0198" in client.plugin)):
             # (stream management counts what its filter sees)
             msg = client.make_message(mto=to, mtype="normal")
+            if addresses:
+                msg.append(ET.fromstring(addresses_text(addresses)))
             msg.append(wire)
             msg.send()
             return str(msg["id"])
@@ -175,9 +236,11 @@ class CommandIssuer:
             asyncio.get_running_loop().call_soon(self._flush)
         if wire.tag == _OPENPGP and not len(wire) and not wire.attrib:  # a signed command: base64 text only
             self._out.append(f"<message to='{xml_escape(to)}' type='normal' id='{xml_escape(stanza_id)}'>"
-                             f"{wire_text(wire)}</message>")
+                             f"{addresses_text(addresses) if addresses else ''}{wire_text(wire)}</message>")
             return stanza_id
         xml = ET.Element(f"{{{client.default_ns}}}message", {"to": to, "type": "normal", "id": stanza_id})
+        if addresses:
+            xml.append(ET.fromstring(addresses_text(addresses)))
         xml.append(wire)
         self._out.append(tostring(xml, xmlns=client.default_ns, stream=client, top_level=True))
         return stanza_id
@@ -199,11 +262,15 @@ class CommandIssuer:
         self._keep_timer = None
         now = asyncio.get_running_loop().time()
         due = []
+        texts: dict[int, tuple[ET.Element, str]] = {}  # a batch's wire written once (and kept once: pending.py)
         while self._to_keep and self._to_keep[0][0] <= now:
             _, cmd, device, wire = self._to_keep.popleft()
             fut = self.pending.get(cmd.id)
             if fut is not None and not fut.done() and not self.store.holds(cmd.id):
-                due.append(self.store.entry(cmd, device, wire_text(wire), "direct"))
+                text = texts.get(id(wire))
+                if text is None:
+                    text = texts[id(wire)] = (wire, wire_text(wire))
+                due.append(self.store.entry(cmd, device, text[1], "direct"))
         self.store.add_many(due)
         if self._to_keep:  # the next group: those due within KEEP_GROUP_S more (a fan-out sends continuously)
             self._keep_timer = asyncio.get_running_loop().call_at(max(self._to_keep[0][0], now + KEEP_GROUP_S),
@@ -369,14 +436,23 @@ class CommandIssuer:
             self.on_orphan_outcome(entry, outcome)
 
     def _on_bounce(self, msg: Message) -> None:
-        cmd_id = self._stanza_to_command.get(msg["id"])
-        fut = self.pending.get(cmd_id) if cmd_id else None
-        if fut is None or fut.done():
-            return
+        sender = msg["from"].bare
+        batch = self._batch_of_stanza.get(msg["id"])
+        if batch is not None:  # a device of the batch bounced its copy; its host, the whole batch
+            domain, ids = batch
+            bounced = [(d, i) for d, i in ids.items() if d == sender] if sender != domain else list(ids.items())
+        else:
+            cmd_id = self._stanza_to_command.get(msg["id"])
+            bounced = [(sender, cmd_id)] if cmd_id else []
         err = msg["error"]
-        fut.set_result(Outcome(command_id=cmd_id or "", device=msg["from"].bare, status=OutcomeStatus.UNDELIVERABLE,
-                               detail=f"{err['condition']}: {err['text']}".rstrip(": ")))
-        self.store.remove(cmd_id or "")
+        detail = f"{err['condition']}: {err['text']}".rstrip(": ")
+        for device, cmd_id in bounced:
+            fut = self.pending.get(cmd_id)
+            if fut is None or fut.done():
+                continue
+            fut.set_result(Outcome(command_id=cmd_id, device=device, status=OutcomeStatus.UNDELIVERABLE,
+                                   detail=detail))
+            self.store.remove(cmd_id)
 
 
 def wire_text(wire: ET.Element) -> str:

@@ -44,6 +44,7 @@ from gridpresence.operator.tracker import OWN_OUTAGE, DeviceChange, DeviceView, 
 from gridpresence.xmpp import heap
 from gridpresence.xmpp.reconnect import Reconnector, SessionChange, reconnector_of
 from gridpresence.protocol.codec import (
+    BATCH_COMMANDS_MAX,
     PayloadError,
     health_from_xml,
     q,
@@ -61,7 +62,7 @@ from gridpresence.operator.relay_route import RelayRoute
 from gridpresence.operator.roster_cache import KeptRoster, fetch_roster, roster_file_beside
 from gridpresence.protocol.relay import FINAL_MARGIN_S
 from gridpresence.protocol.billing_report import PartData, PartName, QualityData
-from gridpresence.protocol.addressing import origin_of
+from gridpresence.protocol.addressing import ADDRESS_NS, origin_of
 from gridpresence.protocol.paging import RSM_NS
 from gridpresence.protocol.stanzas import FLEET_HEALTH_PAGE
 from gridpresence.xmpp.handlers import stanza_callback
@@ -73,6 +74,7 @@ FAN_OUT_BATCH = 50  # commands of a fan-out prepared (signed) before the loop ma
 # few enough that what comes back (outcomes, presence) never queues for seconds in front of the
 # answer to our liveness ping (10,000 at once did: the session was dropped as "not answering").
 FAN_OUT_WINDOW = 1000
+MULTICAST_DISCO_S = 5.0  # for the disco#info of a host's domain before its first batch
 # How long `connect` waits for the tariff of a billing party that is online.
 TARIFF_WAIT_S = 5.0
 # connect's settle: the pause in a login's burst taken for its end while some devices have sent
@@ -136,6 +138,10 @@ class GridOperator:
         # Commands for absent devices go to the store-and-forward relay, if there is one.
         self.relay = RelayRoute(relay, self.keyring.secret_key) if relay is not None else None
         self._queued: dict[str, Command] = {}  # command id -> command the relay holds for us
+        self._multicast: dict[str, bool] = {}  # host domain -> whether it takes XEP-0033 (_multicast_hosts)
+        # command_many's batches (PROTOCOL.md, "Commands in batches"); False: one message per
+        # device, as for a host without multicast (bench/fanout.py --batches compares the two).
+        self.batches = True
         # The roster kept between logins (XEP-0237): see `keep_roster`.
         self.kept_roster: KeptRoster | None = None
         # Items in the server's answer to the last roster get; None: "the kept roster is current".
@@ -637,17 +643,21 @@ class GridOperator:
                            ttl_s: float = 30.0, wait_final: bool = False,
                            progress: Callable[[int, int], None] | None = None) -> dict[str, Outcome]:
         """The same command to many devices at once; one outcome per device. `progress(done,
-        total)` is called as each outcome comes back (a CLI shows long fan-outs with it)."""
+        total)` is called as each outcome comes back (a CLI shows long fan-outs with it).
+
+        Signed commands for present devices of a host whose domain takes XEP-0033 multicast
+        go to it in batches of up to BATCH_COMMANDS_MAX under one signature (PROTOCOL.md,
+        "Commands in batches"); every other device gets its own command, as `command` sends it."""
         names = list(names)
-        tasks: list[asyncio.Future[Outcome]] = []
+        action = Action(action)
+        tasks: list[asyncio.Future[Any]] = []
         done = 0
+        outcomes: dict[str, Outcome] = {}
         window = asyncio.Semaphore(FAN_OUT_WINDOW)  # FIFO: the commands go out in the names' order
+        batch_window = asyncio.Semaphore(max(1, FAN_OUT_WINDOW // BATCH_COMMANDS_MAX))
+        hosts = await self._multicast_hosts(names) if self.issuer.key is not None and self.batches else set()
 
-        async def one(name: str) -> Outcome:
-            async with window:
-                return await self.command(name, action, args=args, ttl_s=ttl_s, wait_final=wait_final)
-
-        def one_more(_task: asyncio.Future[Outcome]) -> None:
+        def one_more() -> None:
             nonlocal done
             done += 1
             if progress is not None:
@@ -656,21 +666,99 @@ class GridOperator:
                 except Exception:  # a faulty display must not lose the fan-out
                     log.exception("progress callback failed")
 
+        async def one(name: str) -> None:
+            async with window:
+                outcome = await self.command(name, action, args=args, ttl_s=ttl_s, wait_final=wait_final)
+            outcomes.setdefault(name, outcome)
+            one_more()
+
+        async def batch(domain: str, chunk: list[str]) -> None:
+            async with batch_window:
+                await self._command_batch(domain, chunk, action, args, ttl_s, wait_final, outcomes, one_more)
+
+        batched: set[str] = set()
+        chunks: dict[str, list[str]] = {}
+        singles = 0
         try:
-            for start in range(0, len(names), FAN_OUT_BATCH):
-                if start:
-                    # Let the batch just prepared go on the wire before signing the next one: the
-                    # server and the devices start at once, not after the last command is made.
-                    await asyncio.sleep(0)
-                tasks += [asyncio.ensure_future(one(n)) for n in names[start:start + FAN_OUT_BATCH]]
-                for task in tasks[start:]:
-                    task.add_done_callback(one_more)
-            outcomes = await asyncio.gather(*tasks)
+            for name in names:
+                view = self.tracker.find(name) if hosts else None
+                domain = JID(view.jid).domain if view is not None else ""
+                if view is None or domain not in hosts or view.full_jid is None or name in batched:
+                    tasks.append(asyncio.ensure_future(one(name)))
+                    singles += 1
+                    if singles % FAN_OUT_BATCH == 0:
+                        # Let the commands just prepared go on the wire before signing the next
+                        # ones: the server and the devices start at once, not after the last.
+                        await asyncio.sleep(0)
+                    continue
+                batched.add(name)
+                chunk = chunks.setdefault(domain, [])
+                chunk.append(name)
+                if len(chunk) >= BATCH_COMMANDS_MAX:
+                    tasks.append(asyncio.ensure_future(batch(domain, chunks.pop(domain))))
+                    await asyncio.sleep(0)  # (as above: each batch on the wire as it is made)
+            tasks += [asyncio.ensure_future(batch(domain, chunk)) for domain, chunk in chunks.items()]
+            await asyncio.gather(*tasks)
         except asyncio.CancelledError:
             for task in tasks:
                 task.cancel()
             raise
-        return dict(zip(names, outcomes))
+        return {name: outcomes[name] for name in names}
+
+    async def _command_batch(self, domain: str, chunk: list[str], action: Action, args: dict[str, str] | None,
+                             ttl_s: float, wait_final: bool, outcomes: dict[str, Outcome],
+                             told: Callable[[], None]) -> None:
+        """command_many's batch for devices of the host at ``domain``: those still present now
+        in one (CommandIssuer.send_batch); any other by `command`."""
+        now = utcnow()
+        ready: list[tuple[str, Command, str]] = []  # (name, command, full JID)
+        alone: list[str] = []
+        for name in chunk:
+            view = self.tracker.find(name)
+            if view is None or view.full_jid is None:
+                alone.append(name)  # gone meanwhile: the relay's or the absent device's way
+                continue
+            cmd = Command.new(action, self.jid, ttl_s=ttl_s, args=args, now=now, serial=self.serial_of(view),
+                              answer="presence")
+            ready.append((name, self._bind_serial(cmd, view.full_jid), view.full_jid))
+
+        async def sent() -> None:
+            results = await self.issuer.send_batch([(cmd, full) for _, cmd, full in ready], domain)
+            for (name, cmd, _), outcome in zip(ready, results):
+                outcome = self.with_state(outcome)
+                self._tell(self._outcome_listeners, name, cmd.action.value, outcome)
+                outcomes.setdefault(name, outcome)
+                told()
+
+        async def single(name: str) -> None:
+            outcomes.setdefault(name, await self.command(name, action, args=args, ttl_s=ttl_s, wait_final=wait_final))
+            told()
+
+        await asyncio.gather(*([sent()] if ready else []), *(single(n) for n in alone))
+
+    async def _multicast_hosts(self, names: list[str]) -> set[str]:
+        """The domains of hosted devices among ``names`` that take XEP-0033 multicast (their
+        disco#info names the feature; asked once per domain, and again after a failed ask)."""
+        domains = set()
+        for name in names:
+            view = self.tracker.find(name)
+            if view is not None and view.transport == "component" and view.full_jid is not None:
+                domains.add(JID(view.jid).domain)
+        found = set()
+        for domain in domains:
+            known = self._multicast.get(domain)
+            if known is None:
+                try:
+                    info = await self.client.plugin["xep_0030"].get_info(jid=domain, timeout=MULTICAST_DISCO_S)
+                    known = ADDRESS_NS in info["disco_info"]["features"]
+                except (IqError, IqTimeout) as exc:
+                    log.info("%s: no multicast to %s (%s): one command per device", self.jid, domain,
+                             type(exc).__name__)
+                    continue  # asked again at the next fan-out
+                self._multicast[domain] = known
+            if known:
+                found.add(domain)
+        return found
 
     def _on_mailed_data(self, msg: Message) -> None:
         """A device's data that reached the relay by mail ([00116]): update that device's view."""

@@ -45,6 +45,7 @@ PENDING_SUFFIX = ".pending"
 # An entry this long past its expiry is an orphan even if its pid is alive (a reused pid): its
 # own process stopped waiting seconds after the expiry.
 STALE_AFTER = dt.timedelta(minutes=5)
+SHARED_WIRE_MIN = 4096  # characters from which a wire shared by entries of a group is written once
 
 
 class PendingCommand(BaseModel):
@@ -110,7 +111,17 @@ class PendingStore:
         else:
             self._serial += 1
             stem = f"group-{os.getpid()}-{self._serial}"
-            data = '{"entries": [' + ", ".join(e.model_dump_json() for e in entries) + "]}"
+            # A wire that several entries share (a batch's: operator/issuer.py) is written once,
+            # in "wires", and named in each entry by its key there.
+            refs: dict[int, tuple[str, str]] = {}  # id(wire text) -> (its key, the text)
+            items = []
+            for e in entries:
+                if len(e.wire) >= SHARED_WIRE_MIN:
+                    ref = refs.setdefault(id(e.wire), (f"#{len(refs)}", e.wire))[0]
+                    e = e.model_copy(update={"wire": ref})
+                items.append(e.model_dump_json())
+            wires = json.dumps({ref: text for ref, text in refs.values()}) if refs else ""
+            data = '{"entries": [' + ", ".join(items) + "]" + (f', "wires": {wires}' if wires else "") + "}"
         try:
             if not self._made:
                 self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -197,6 +208,11 @@ class PendingStore:
             return []
         group = data.get("entries") if isinstance(data, dict) else None
         items = group if isinstance(group, list) else [data]
+        wires = data.get("wires") if isinstance(group, list) else None
+        if isinstance(wires, dict):  # (_write: a shared wire named by its key)
+            items = [{**item, "wire": wires[item["wire"]]}
+                     if isinstance(item, dict) and isinstance(item.get("wire"), str) and item["wire"] in wires
+                     and isinstance(wires[item["wire"]], str) else item for item in items]
         good: list[PendingCommand] = []
         bad: list[object] = []
         why = ""

@@ -1,9 +1,12 @@
-"""XEP-0033 extended addressing, as far as the relay needs it: ``ofrom`` names the device a
-relayed message speaks for (the relay sends it, the device is its origin)."""
+"""XEP-0033 extended addressing: ``ofrom`` names the device a relayed message speaks for (the
+relay sends it, the device is its origin); ``to`` addresses the devices of a host a batch of
+commands is multicast to (xmpp/component.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from xml.etree import ElementTree as ET
+from xml.sax.saxutils import quoteattr
 
 ADDRESS_NS = "http://jabber.org/protocol/address"
 
@@ -19,3 +22,9 @@ def origin_of(stanza: ET.Element) -> str | None:
         if address.get("type") == "ofrom" and address.get("jid"):
             return address.get("jid")
     return None
+
+
+def addresses_text(devices: Sequence[str]) -> str:
+    """``<addresses/>`` naming each of ``devices`` as a ``to``, serialised (a batch's hundred)."""
+    each = "".join(f"<address type='to' jid={quoteattr(d)}/>" for d in devices)
+    return f"<addresses xmlns='{ADDRESS_NS}'>{each}</addresses>"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from json.encoder import encode_basestring_ascii as _json_str  # a JSON string, ASCII only
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Any, TypeVar, get_args
 from xml.etree import ElementTree as ET
@@ -291,6 +291,40 @@ def command_from_xml(el: ET.Element | None) -> Command:
         data.pop("answer", None)
     data["args"] = {a.get("name", ""): a.text or "" for a in el.findall(q("arg"))}
     return _validate(Command, data, "command")
+
+
+# A batch of commands (PROTOCOL.md, "Commands in batches"): one signature over the commands of
+# a fan-out to many devices of one host, each ``<command/>`` naming its device in ``to``.
+COMMANDS_MAX = 1000  # commands read from one batch (an issuer sends at most BATCH_COMMANDS_MAX)
+BATCH_COMMANDS_MAX = 100  # ...and writes at most this many, of at most BATCH_TEXT_MAX characters
+BATCH_TEXT_MAX = 40_000  # (its signed message stays under the 64 KiB an <openpgp/> may hold)
+
+
+def commands_to_text(batch: Sequence[tuple[str, str]]) -> str:
+    """``<commands/>`` of (a command as command_to_text writes it, its device's bare JID) pairs."""
+    parts = [f"<command to={_quoted(device)}{text[len(_COMMAND_OPEN):]}" for text, device in batch]
+    return f'<commands xmlns="{NS}">{"".join(parts)}</commands>'
+
+
+_COMMAND_OPEN = f'<command xmlns="{NS}"'
+
+
+def commands_by_device(batch: ET.Element) -> dict[str, ET.Element | None]:
+    """Each device's ``<command/>`` in a ``<commands/>`` batch, by the bare JID in its ``to``
+    (None for a device named twice: which one was meant is not for it to guess); raises
+    :class:`PayloadError` for a batch of more than COMMANDS_MAX."""
+    if len(batch) > COMMANDS_MAX:
+        raise PayloadError(f"a batch of more than {COMMANDS_MAX} commands")
+    found: dict[str, ET.Element | None] = {}
+    for el in batch:
+        device = el.get("to")
+        if el.tag != _COMMAND or not device:
+            continue
+        found[device] = None if device in found else el
+    return found
+
+
+_COMMAND = q("command")
 
 
 def outcome_to_xml(outcome: Outcome, *, by_seq: bool = False) -> ET.Element:

@@ -10,14 +10,16 @@ Every refusal is a :class:`SignatureFailure` with a reject reason and words.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 from xml.etree import ElementTree as ET
 
 from pgpy.constants import CompressionAlgorithm
 
-from gridpresence.protocol.codec import PayloadError
+from gridpresence.protocol.codec import PayloadError, commands_by_device, q
 from gridpresence.protocol.models import RejectReason, utcnow
 from gridpresence.protocol.openpgp import (
     SignContent,
@@ -59,6 +61,21 @@ class Sealed(NamedTuple):  # a tuple: a third of a frozen dataclass's making, pe
     content: SignContent
     blob: bytes
     fast: fastsig.FastSigned | None = None
+    # Keys this very message checked out with: a batch of commands (one signature for many
+    # devices of one host, xmpp/component.py) is verified once, not by each of its devices.
+    good: list[pgpy.PGPKey] | None = None
+    # A batch's commands by device (codec.commands_by_device), read once for all of them.
+    parts: dict[str, ET.Element | None] | None = None
+
+    def command_for(self, device: str) -> ET.Element:
+        """The ``<command/>`` for ``device`` (bare JID): the payload itself, or its part of a
+        batch; :class:`SignatureFailure` if a batch holds none for it (or two)."""
+        if self.parts is None:
+            return self.content.payload
+        found = self.parts.get(device)
+        if found is None:
+            raise SignatureFailure(RejectReason.WRONG_RECIPIENT, f"the batch holds no one command for {device}")
+        return found
 
     @property
     def payload(self) -> ET.Element:
@@ -73,6 +90,8 @@ class Sealed(NamedTuple):  # a tuple: a third of a frozen dataclass's making, pe
 
     def check(self, key: pgpy.PGPKey, signer: str) -> None:
         """:meth:`verify` without building its result (a device's command gate needs none)."""
+        if self.good is not None and any(k is key for k in self.good):
+            return  # (the same key object over the same bytes: the same answer)
         good = fastsig.verify(self.fast, key) if self.fast is not None else None
         if good is None:
             try:
@@ -82,6 +101,8 @@ class Sealed(NamedTuple):  # a tuple: a third of a frozen dataclass's making, pe
         if not good:
             raise SignatureFailure(RejectReason.BAD_SIGNATURE,
                                    f"the signature is not {signer}'s key {fingerprint(key)} over this content")
+        if self.good is not None:
+            self.good.append(key)
 
 
 def check_envelope(content: SignContent, to: str, now: dt.datetime, skew_s: float,
@@ -98,9 +119,11 @@ def check_envelope(content: SignContent, to: str, now: dt.datetime, skew_s: floa
         raise SignatureFailure(RejectReason.STALE, f"signed {-ahead:.0f} s ago, more than {max_age_s:g} s")
 
 
-def sign_payload(payload: ET.Element | str, to_jid: str, key: pgpy.PGPKey, now: dt.datetime | None = None) -> ET.Element:
-    """``payload`` for ``to_jid`` (bare JID), signed with the secret ``key``: an ``<openpgp/>``.
-    ``payload`` may come serialised (one element, its namespace declared: codec's ``*_to_text``)."""
+def sign_payload(payload: ET.Element | str, to_jid: str | Sequence[str], key: pgpy.PGPKey,
+                 now: dt.datetime | None = None) -> ET.Element:
+    """``payload`` for ``to_jid`` (bare JID, or several for a batch), signed with the secret
+    ``key``: an ``<openpgp/>``. ``payload`` may come serialised (one element, its namespace
+    declared: codec's ``*_to_text``)."""
     when = now or utcnow()
     data = sign_to_bytes(to_jid, when, payload)
     blob = fastsig.sign(data, key, when)
@@ -112,7 +135,31 @@ def sign_payload(payload: ET.Element | str, to_jid: str, key: pgpy.PGPKey, now: 
 
 
 def open_signed(el: ET.Element | None) -> Sealed:
-    """Parse an ``<openpgp/>`` element; the signature is not checked yet."""
+    """Parse an ``<openpgp/>`` element; the signature is not checked yet. The copies of one
+    multicast batch share their ``<openpgp/>`` element (xmpp/component.py): it is opened once,
+    and its :class:`Sealed` remembers the keys it checked out with."""
+    if el is not None:
+        for seen, sealed in _OPENED:
+            if seen is el:
+                return sealed
+    sealed = _open(el)
+    if sealed.content.payload.tag == _BATCH:
+        try:
+            parts = commands_by_device(sealed.content.payload)
+        except PayloadError as exc:
+            raise SignatureFailure(RejectReason.INVALID_ARGUMENTS, str(exc)) from None
+        sealed = sealed._replace(good=[], parts=parts)
+        if el is not None:
+            _OPENED.append((el, sealed))
+    return sealed
+
+
+_BATCH = q("commands")
+# The batches opened last, by their element (held here, so never another element at its id).
+_OPENED: collections.deque[tuple[ET.Element, Sealed]] = collections.deque(maxlen=4)
+
+
+def _open(el: ET.Element | None) -> Sealed:
     try:
         blob = openpgp_from_xml(el)
     except PayloadError as exc:

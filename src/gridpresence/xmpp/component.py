@@ -54,6 +54,7 @@ from gridpresence.xmpp import slixfix  # noqa: F401  (our slixmpp patches)
 from gridpresence.xmpp.dispatch import ShapeDispatch
 from gridpresence.xmpp.outgoing import filters_sync, may_skip_queue, messages_need_no_filter, presence_texts, run_filters
 from gridpresence.protocol import stanzas
+from gridpresence.protocol.addressing import ADDRESS_NS
 from gridpresence.protocol.codec import JSON_NS
 from gridpresence.xmpp.reconnect import reconnector_of
 from gridpresence.xmpp.shared_probes import SharedProbes
@@ -76,6 +77,10 @@ BATCH_MAX = 100
 BRING_UP_BATCH = 20  # identities whose session starts between two turns of the event loop
 DRAIN_BATCH = 200  # waiting stanzas (ComponentLink._drain) delivered per turn of the event loop
 _PRESENCE = f"{{{NS}}}presence"
+_MESSAGE = f"{{{NS}}}message"
+_ADDRESSES = f"{{{ADDRESS_NS}}}addresses"
+_ADDRESS = f"{{{ADDRESS_NS}}}address"
+MULTICAST_MAX = 1000  # identities one multicast message may address (an issuer sends up to 100)
 _IQ = f"{{{NS}}}iq"
 COMMANDS_NS = "http://jabber.org/protocol/commands"
 # slixmpp plugins every hosted identity uses, enabled once per link (ComponentLink.share_plugin)
@@ -440,6 +445,7 @@ class ComponentLink(ComponentXMPP):
     def _on_session_start(self, _e: object) -> None:
         self.session_resource = uuid.uuid4().hex[:12]
         self.online = True
+        self.plugin["xep_0030"].add_feature(ADDRESS_NS, jid=self.boundjid)  # (_multicast)
         if self._bringing_up is None or self._bringing_up.done():
             self._bringing_up = asyncio.ensure_future(self._bring_up())
 
@@ -475,8 +481,15 @@ class ComponentLink(ComponentXMPP):
             self._bounce(xml, "jid-malformed")
             return
         if not to.user:  # the handshake, stream errors, and stanzas for devices.DOMAIN itself
+            addresses = xml.find(_ADDRESSES) if xml.tag == _MESSAGE and to.domain == self.domain else None
+            if addresses is not None:
+                self._multicast(xml, addresses)
+                return
             super()._spawn_event(xml)
             return
+        self._to_identity(to, xml)
+
+    def _to_identity(self, to: JID, xml: ET.Element) -> None:
         hosted = self.clients.get(to.bare) if to.domain == self.domain else None
         if hosted is None or not hosted.is_connected():
             self._bounce(xml, "service-unavailable")
@@ -495,6 +508,50 @@ class ComponentLink(ComponentXMPP):
             self._backlog.append((hosted, xml))
             return
         self._hand_over(hosted, xml)
+
+    def _multicast(self, xml: ET.Element, addresses: ET.Element) -> None:
+        """XEP-0033 for this domain's own identities (the domain's disco names the feature): a
+        copy of the message to each one it addresses (``to``, ``cc``, ``bcc``, not yet
+        delivered), as if sent to it alone — a fan-out's batch of signed commands is one stanza
+        through the server instead of one per device (PROTOCOL.md, "Commands in batches"). The
+        copies share the message's children (the devices only read them: a batch's signature
+        is opened and checked once, security/signed.py) and leave ``<addresses/>`` out (a bcc
+        stays hidden; nothing is multicast twice). An identity not hosted or not online here
+        answers as to a message of its own (service-unavailable, from it); an address on
+        another domain, none at all, or more than MULTICAST_MAX: the whole message is refused."""
+        seen: set[str] = set()
+        targets: list[JID] = []
+        problem = ""
+        for address in addresses:
+            if address.tag != _ADDRESS or address.get("type") not in ("to", "cc", "bcc") \
+                    or address.get("delivered") == "true":
+                continue
+            try:
+                jid = JID(address.get("jid") or "")
+            except InvalidJID:
+                problem = f"address {address.get('jid', '')[:100]!r} is not a JID"
+                break
+            if jid.domain != self.domain or not jid.user:
+                problem = f"{jid.bare[:100]} is not an identity of {self.domain}"
+                break
+            if jid.bare not in seen:
+                seen.add(jid.bare)
+                targets.append(jid)
+        if not problem and not targets:
+            problem = "no address to deliver to"
+        elif len(targets) > MULTICAST_MAX:
+            problem = f"more than {MULTICAST_MAX} addresses"
+        if problem:
+            log.warning("%s: multicast from %s refused: %s", self.domain, xml.get("from"), problem)
+            self._bounce(xml, "bad-request", problem)
+            return
+        children = [child for child in xml if child is not addresses]
+        attrib = dict(xml.attrib)
+        for jid in targets:
+            attrib["to"] = jid.bare
+            piece = ET.Element(xml.tag, attrib)
+            piece.extend(children)
+            self._to_identity(jid, piece)
 
     def _hand_over(self, hosted: HostedClient, xml: ET.Element) -> None:
         """A stanza for ``hosted``: to its own stream, or, if the shared plugins answer it, to the
@@ -543,7 +600,7 @@ class ComponentLink(ComponentXMPP):
         asyncio.get_running_loop().call_soon(self._hand_over, hosted, piece)
         return True
 
-    def _bounce(self, xml: ET.Element, condition: str) -> None:
+    def _bounce(self, xml: ET.Element, condition: str, text: str = "") -> None:
         """An error back to the sender, as a server does for an unknown account (never for an
         error or a presence: no loops, and presence to no one is dropped)."""
         kind, typ = xml.tag.rpartition("}")[2], xml.get("type")
@@ -555,6 +612,8 @@ class ComponentLink(ComponentXMPP):
             reply.set("id", xml.get("id") or "")
         err = ET.SubElement(reply, f"{{{NS}}}error", {"type": "cancel"})
         ET.SubElement(err, f"{{{STANZAS}}}{condition}")
+        if text:
+            ET.SubElement(err, f"{{{STANZAS}}}text").text = text
         if self.transport is not None:
             self.send_raw(tostring(reply, xmlns=NS, stream=self, top_level=True))
 

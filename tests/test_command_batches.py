@@ -1,0 +1,283 @@
+"""Commands in batches (issue 16: a signed shed to thousands): a fan-out's signed commands for
+the devices of one host go as XEP-0033 multicast messages to the host's domain, each under one
+signature for up to a hundred commands (PROTOCOL.md, "Commands in batches"). Against a real
+Prosody and a host of 150 identities: each device carries out its own command once, a stock
+client's roster shows every change, a batch sent again is answered from the replay memory, an
+address the host does not serve ends in its own outcome, malformed multicasts are refused
+with an error and leave the host serving; and, without a server, the batch's reading, its one
+verification, and the pending store that keeps its wire once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import pytest
+import pytest_asyncio
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import StanzaPath
+
+from conftest import agent_of, hosted_fleet, link_of, plain_client, running_grid, until
+from gridpresence.config import parse_fleet
+from gridpresence.host.grid import Grid
+from gridpresence.operator.issuer import wire_text
+from gridpresence.operator.library import GridOperator
+from gridpresence.operator.pending import PendingStore
+from gridpresence.protocol import Action
+from gridpresence.protocol.addressing import ADDRESS_NS, addresses_text
+from gridpresence.protocol.codec import (BATCH_COMMANDS_MAX, COMMANDS_MAX, PayloadError, command_to_text,
+                                         commands_by_device, commands_to_text, outcome_from_xml, q)
+from gridpresence.protocol.models import Command, DeviceState, Outcome, OutcomeStatus, RejectReason
+from gridpresence.security.keys import generate
+from gridpresence.security.signed import SignatureFailure, open_signed, sign_payload
+from gridpresence.xmpp.session import close_session
+
+pytestmark = pytest.mark.timeout(180)
+
+NAMES = [f"b-{i:03d}" for i in range(150)]
+DOMAIN = "devices.localhost"
+T0 = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)  # a fixed time: nothing here reads the clock
+
+
+@pytest_asyncio.fixture(scope="module")
+async def grid(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Grid]:
+    fleet = hosted_fleet([{"name": n, "kind": "load", "rated_kw": 10, "refresh_s": 600.0} for n in NAMES])
+    async with running_grid(parse_fleet(fleet), tmp_path_factory.mktemp("batches"),
+                            only=[*NAMES], dashboard=False, tick_s=600) as g:
+        yield g
+
+
+class Multicasts:
+    """The multicast messages the host's link takes while installed (its XEP-0033 entry)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.link = link_of(grid)
+        self.seen: list[int] = []  # addresses of each
+
+    def __enter__(self) -> Multicasts:
+        original = self.link._multicast
+
+        def counting(xml: ET.Element, addresses: ET.Element) -> None:
+            self.seen.append(len(addresses))
+            original(xml, addresses)
+        self.link._multicast = counting  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        del self.link._multicast
+
+
+async def outcomes_of(client: object) -> asyncio.Queue[Outcome]:
+    """Outcomes (messages) and errors a plain session gets, in one queue."""
+    queue: asyncio.Queue[Outcome] = asyncio.Queue()
+    client.register_handler(Callback("outcome", StanzaPath("message/grid_outcome"),  # type: ignore[attr-defined]
+                                     lambda m: queue.put_nowait(outcome_from_xml(m.xml.find(q("outcome"))))))
+    return queue
+
+
+async def test_a_shed_of_150_goes_in_two_batches_and_every_roster_shows_it(grid: Grid) -> None:
+    async with GridOperator.from_connection(grid.connection, operator="alice", resource="batch") as alice:
+        await alice.wait_for(lambda d: all(v.present for v in d.values()), 30)
+        bob = await plain_client(grid, "bob")  # a stock client's roster: every change shows
+        try:
+            items = {n: bob.client_roster[grid.fleet.jid(n)] for n in NAMES}
+            await until(lambda: all(i.resources for i in items.values()), 20, "bob seeing every device")
+            done: list[int] = []
+            with Multicasts(grid) as multicasts:
+                outcomes = await alice.command_many(NAMES, Action.SHED, progress=lambda d, _t: done.append(d))
+            assert sorted(outcomes) == sorted(NAMES)
+            bad = {n: o for n, o in outcomes.items() if o.status is not OutcomeStatus.EXECUTED}
+            assert not bad, list(bad.items())[:3]
+            assert multicasts.seen == [BATCH_COMMANDS_MAX, len(NAMES) - BATCH_COMMANDS_MAX]
+            assert done[-1] == len(NAMES) and sorted(done) == done
+            for name in NAMES:  # each carried out its own command, once
+                assert agent_of(grid, name).sim.state is DeviceState.OFF
+            await until(lambda: all(any((r.get("status") or "").startswith("off") for r in i.resources.values())
+                                    for i in items.values()), 20, "bob seeing every device off")
+            back = await alice.command_many(NAMES, Action.RESTORE)
+            assert all(o.status is OutcomeStatus.EXECUTED for o in back.values())
+        finally:
+            await close_session(bob)
+
+
+async def test_the_domain_names_multicast_and_a_batch_sent_again_is_answered_as_a_replay(grid: Grid) -> None:
+    async with GridOperator.from_connection(grid.connection, operator="alice", resource="replay") as alice:
+        await alice.wait_for(lambda d: all(v.present for v in d.values()), 30)
+        info = await alice.client.plugin["xep_0030"].get_info(jid=DOMAIN, timeout=5)
+        assert ADDRESS_NS in info["disco_info"]["features"]
+        names = NAMES[:3]
+        views = [alice.devices[n] for n in names]
+        cmds = [Command.new(Action.SHED, alice.jid, serial=alice.serial_of(v), ttl_s=30) for v in views]
+        first = await alice.issuer.send_batch([(c, v.full_jid or v.jid) for c, v in zip(cmds, views)], DOMAIN)
+        assert [o.status for o in first] == [OutcomeStatus.EXECUTED] * 3
+        # The same signed batch again, once multicast and once to one device's bare JID (as a
+        # resend after a reconnect or an adoption sends it): no second effect anywhere.
+        key = grid.keys.secret("alice")
+        wire = sign_payload(commands_to_text([(command_to_text(c), v.jid) for c, v in zip(cmds, views)]),
+                            [v.jid for v in views], key, now=cmds[0].issued)
+        plain = await plain_client(grid, "alice")
+        try:
+            answers = await outcomes_of(plain)
+            plain.send_raw(f"<message to='{DOMAIN}' type='normal' id='again'>{addresses_text([v.jid for v in views])}"
+                           f"{wire_text(wire)}</message>")
+            plain.send_raw(f"<message to='{views[1].jid}' type='normal' id='alone'>{wire_text(wire)}</message>")
+            got = [await asyncio.wait_for(answers.get(), 10) for _ in range(4)]
+        finally:
+            await close_session(plain)
+        assert sorted(o.command_id for o in got) == sorted([c.id for c in cmds] + [cmds[1].id])
+        assert all(o.status is OutcomeStatus.REJECTED and o.reason is RejectReason.REPLAYED for o in got)
+        assert all(o.first is not None and o.first.ok for o in got)
+        for name in names:
+            assert agent_of(grid, name).sim.state is DeviceState.OFF
+        restored = await alice.command_many(names, Action.RESTORE)
+        assert all(restored[n].ok for n in names)
+
+
+async def test_an_address_the_host_does_not_serve_ends_in_its_own_outcome(grid: Grid) -> None:
+    async with GridOperator.from_connection(grid.connection, operator="alice", resource="ghost") as alice:
+        await alice.wait_for(lambda d: all(v.present for v in d.values()), 30)
+        view = alice.devices[NAMES[5]]
+        real = Command.new(Action.SHED, alice.jid, serial=alice.serial_of(view), ttl_s=30)
+        ghost = Command.new(Action.SHED, alice.jid, ttl_s=30)
+        t0 = asyncio.get_running_loop().time()
+        outcomes = await alice.issuer.send_batch([(real, view.full_jid or view.jid), (ghost, f"ghost@{DOMAIN}/x")],
+                                                 DOMAIN)
+        assert asyncio.get_running_loop().time() - t0 < 10  # answered, not left to expire (30 s)
+        assert outcomes[0].status is OutcomeStatus.EXECUTED
+        assert outcomes[1].status is OutcomeStatus.UNDELIVERABLE and outcomes[1].device == f"ghost@{DOMAIN}"
+        assert "service-unavailable" in outcomes[1].detail
+        assert (await alice.command(NAMES[5], Action.RESTORE)).ok
+
+
+async def test_malformed_multicasts_are_refused_and_the_host_keeps_serving(grid: Grid) -> None:
+    plain = await plain_client(grid, "alice")
+    errors: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    plain.register_handler(Callback("errors", StanzaPath("message@type=error"),
+                                    lambda m: errors.put_nowait((m["id"], m["error"]["condition"]))))
+    rng = random.Random(16033)
+    try:
+        body = "<openpgp xmlns='urn:xmpp:openpgp:0'>AAAA</openpgp>"
+        refused = {
+            "none": f"<addresses xmlns='{ADDRESS_NS}'/>",
+            "foreign": addresses_text(["x@elsewhere.example"]),
+            "domain": addresses_text([DOMAIN]),
+            "many": addresses_text([f"n{i}@{DOMAIN}" for i in range(1001)]),
+        }
+        for tag, addresses in refused.items():
+            plain.send_raw(f"<message to='{DOMAIN}' type='normal' id='{tag}'>{addresses}{body}</message>")
+            stanza_id, condition = await asyncio.wait_for(errors.get(), 10)
+            assert (stanza_id, condition) == (tag, "bad-request")
+        # Seeded fuzz: addresses of random shapes around the real ones, with broken payloads;
+        # whatever each is answered with, the host goes on and a device still takes a command.
+        pieces = [f"<address type='to' jid='{grid.fleet.jid(NAMES[0])}'/>", "<address type='bcc' jid=''/>",
+                  "<address type='cc' jid='@@'/>", "<address/>", "<address type='noreply'/>",
+                  f"<address type='to' jid='{NAMES[1]}@{DOMAIN}' delivered='true'/>", "<x xmlns='y'/>"]
+        payloads = [body, "<openpgp xmlns='urn:xmpp:openpgp:0'>!!</openpgp>", "<command xmlns='urn:gridpresence:0'/>",
+                    "<body>hi</body>", ""]
+        for i in range(60):
+            picked = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 6)))
+            plain.send_raw(f"<message to='{DOMAIN}' type='normal' id='f{i}'><addresses xmlns='{ADDRESS_NS}'>"
+                           f"{picked}</addresses>{rng.choice(payloads)}</message>")
+        await asyncio.sleep(1.0)
+    finally:
+        await close_session(plain)
+    assert link_of(grid).is_connected()
+    async with GridOperator.from_connection(grid.connection, operator="alice", resource="after") as alice:
+        await alice.wait_for(lambda d: d[NAMES[0]].present, 20)
+        assert (await alice.command(NAMES[0], Action.SHED)).ok
+        assert (await alice.command(NAMES[0], Action.RESTORE)).ok
+
+
+# -- without a server ----------------------------------------------------------------------
+
+
+def _batch(n: int) -> tuple[list[Command], list[str]]:
+    cmds = [Command.new(Action.SHED, "alice@localhost", ttl_s=30, now=T0, serial=f"SN-{i}") for i in range(n)]
+    return cmds, [f"d{i}@{DOMAIN}" for i in range(n)]
+
+
+def test_a_batch_is_read_per_device_and_verified_once() -> None:
+    key, other = generate("alice@localhost", T0), generate("mallory@localhost", T0)
+    cmds, devices = _batch(5)
+    wire = sign_payload(commands_to_text([(command_to_text(c), d) for c, d in zip(cmds, devices)]), devices,
+                        key, now=T0)
+    sealed = open_signed(wire)
+    assert set(sealed.content.to) == set(devices)
+    assert open_signed(wire) is sealed  # each copy of the multicast opens it once
+    for cmd, device in zip(cmds, devices):
+        el = sealed.command_for(device)
+        assert el.get("id") == cmd.id and el.get("serial") == cmd.serial
+    with pytest.raises(SignatureFailure) as refused:
+        sealed.command_for(f"d9@{DOMAIN}")
+    assert refused.value.reason is RejectReason.WRONG_RECIPIENT
+    with pytest.raises(SignatureFailure):
+        sealed.check(other.pubkey, "mallory@localhost")  # a key it was not made with
+    sealed.check(key.pubkey, "alice@localhost")
+    assert sealed.good is not None and len(sealed.good) == 1
+    # The same bytes in another element: opened again, and its tampered copy fails.
+    tampered = ET.Element(wire.tag)
+    raw = bytearray(wire.text.encode())
+    raw[len(raw) // 2] = ord("A") if raw[len(raw) // 2] != ord("A") else ord("B")
+    tampered.text = raw.decode()
+    try:
+        bad = open_signed(tampered)
+    except SignatureFailure:
+        return
+    assert bad is not sealed
+    with pytest.raises(SignatureFailure):
+        bad.check(key.pubkey, "alice@localhost")
+
+
+def test_commands_by_device_refuses_a_device_twice_and_an_oversized_batch() -> None:
+    cmds, devices = _batch(3)
+    text = commands_to_text([(command_to_text(c), d) for c, d in zip(cmds, [devices[0], devices[1], devices[0]])])
+    parts = commands_by_device(ET.fromstring(text))
+    assert parts[devices[0]] is None and parts[devices[1]] is not None
+    big = ET.Element(q("commands"))
+    big.extend(ET.Element(q("command"), {"to": f"d{i}@{DOMAIN}"}) for i in range(COMMANDS_MAX + 1))
+    with pytest.raises(PayloadError):
+        commands_by_device(big)
+
+
+def test_opening_fuzzed_batches_only_ever_refuses() -> None:
+    rng = random.Random(1616)
+    key = generate("alice@localhost", T0)
+    cmds, devices = _batch(4)
+    text = commands_to_text([(command_to_text(c), d) for c, d in zip(cmds, devices)])
+    for i in range(300):
+        chars = list(text)
+        for _ in range(rng.randrange(1, 6)):
+            at = rng.randrange(len(chars))
+            chars[at] = rng.choice("<>/='\"& x")
+        wire = sign_payload("".join(chars) if i % 3 else text.replace("to=", rng.choice(["to=", "tx=", "to =", ""])),
+                            devices, key, now=T0)
+        try:
+            sealed = open_signed(wire)
+            for device in devices:
+                try:
+                    sealed.command_for(device)
+                except SignatureFailure:
+                    pass
+        except SignatureFailure:
+            pass  # refused with a reason: all a device may do with it
+
+
+def test_a_group_of_batched_commands_keeps_the_wire_once(tmp_path: Path) -> None:
+    store = PendingStore(tmp_path / "alice.pending")
+    key = generate("alice@localhost", T0)
+    cmds, devices = _batch(BATCH_COMMANDS_MAX)
+    wire = wire_text(sign_payload(commands_to_text([(command_to_text(c), d) for c, d in zip(cmds, devices)]),
+                                  devices, key, now=T0))
+    store.add_many([store.entry(c, d, wire, "direct") for c, d in zip(cmds, devices)])
+    files = list((tmp_path / "alice.pending").glob("*.json"))
+    assert len(files) == 1 and files[0].stat().st_size < 2 * len(wire)
+    assert "wires" in json.loads(files[0].read_text())
+    again = PendingStore(tmp_path / "alice.pending").entries()
+    assert len(again) == BATCH_COMMANDS_MAX and all(e.wire == wire for e in again)
+    assert {e.command_id for e in again} == {c.id for c in cmds}
