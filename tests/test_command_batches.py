@@ -194,6 +194,52 @@ async def test_malformed_multicasts_are_refused_and_the_host_keeps_serving(grid:
         assert (await alice.command(NAMES[0], Action.RESTORE)).ok
 
 
+async def test_a_batch_whose_multicast_was_lost_is_sent_again_as_one_and_runs_once(grid: Grid) -> None:
+    """The first multicast never reaches the devices (dropped at the host, as if lost with a
+    cut connection); the resend after a reconnect of ours (resend_pending) sends the batch's
+    copies as one multicast, and each device carries out its command once."""
+    names = NAMES[10:15]
+    link = link_of(grid)
+    carried_out: dict[str, int] = {}
+    for name in names:
+        agent = agent_of(grid, name)
+        execute = agent.execute
+
+        async def counted(cmd: Command, now: dt.datetime, *rest: object, _e=execute, _n=name) -> Outcome:
+            carried_out[_n] = carried_out.get(_n, 0) + 1
+            return await _e(cmd, now, *rest)
+        agent.execute = counted  # type: ignore[method-assign]
+    dropped: list[int] = []
+    original = link._multicast
+
+    def drop_first(xml: ET.Element, addresses: ET.Element) -> None:
+        if not dropped:
+            dropped.append(len(addresses))
+            return
+        original(xml, addresses)
+    try:
+        async with GridOperator.from_connection(grid.connection, operator="alice", resource="lost") as alice:
+            await alice.wait_for(lambda d: all(d[n].present for n in names), 30)
+            link._multicast = drop_first  # type: ignore[method-assign]
+            shed = asyncio.ensure_future(alice.command_many(names, Action.SHED))
+            await until(lambda: dropped, 10, "the first multicast dropped")
+            link._multicast = original  # type: ignore[method-assign]
+            with Multicasts(grid) as multicasts:
+                assert alice.issuer.resend_pending() == len(names)
+                outcomes = await asyncio.wait_for(shed, 20)
+            assert dropped == [len(names)] and multicasts.seen == [len(names)]
+            assert all(o.status is OutcomeStatus.EXECUTED for o in outcomes.values()), outcomes
+            await asyncio.sleep(0.3)
+            assert carried_out == dict.fromkeys(names, 1)
+            restored = await alice.command_many(names, Action.RESTORE)
+            assert all(o.ok for o in restored.values())
+    finally:
+        for name in names:
+            del agent_of(grid, name).execute
+        if "_multicast" in vars(link):
+            del link._multicast
+
+
 # -- without a server ----------------------------------------------------------------------
 
 
@@ -216,10 +262,13 @@ def test_a_batch_is_read_per_device_and_verified_once() -> None:
     with pytest.raises(SignatureFailure) as refused:
         sealed.command_for(f"d9@{DOMAIN}")
     assert refused.value.reason is RejectReason.WRONG_RECIPIENT
+    pub, other_pub = key.pubkey, other.pubkey
     with pytest.raises(SignatureFailure):
-        sealed.check(other.pubkey, "mallory@localhost")  # a key it was not made with
-    sealed.check(key.pubkey, "alice@localhost")
-    assert sealed.good is not None and len(sealed.good) == 1
+        sealed.check(other_pub, "mallory@localhost")  # a key it was not made with
+    sealed.check(pub, "alice@localhost")
+    assert sealed.checked is not None and [ok for _k, ok in sealed.checked] == [False, True]
+    sealed.check(pub, "alice@localhost")  # the second device's check: the first's answer
+    assert len(sealed.checked) == 2
     # The same bytes in another element: opened again, and its tampered copy fails.
     tampered = ET.Element(wire.tag)
     raw = bytearray(wire.text.encode())

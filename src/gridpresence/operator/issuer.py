@@ -66,6 +66,8 @@ class CommandIssuer:
         self._stanza_to_command: dict[str, str] = {}  # message id -> command id, for bounces
         # ...and of a batch: message id -> (the host's domain, device bare JID -> command id)
         self._batch_of_stanza: dict[str, tuple[str, dict[str, str]]] = {}
+        self._batch_wires: dict[int, ET.Element] = {}  # id -> the wire of a batch still waiting (_resend)
+        self._back: dict[str, str] = {}  # devices back on a new session this loop turn -> its full JID
         # What was sent for each command still waiting, to which device (bare JID) and to which of
         # its sessions (full JID): sent again after a reconnect of ours or of the device's, as the
         # first copy, or its outcome, may have died with the old session.
@@ -150,6 +152,7 @@ class CommandIssuer:
                 self._keep_later(cmd, device, wire)
         stanza_id = self._post(domain, wire, devices)
         self._batch_of_stanza[stanza_id] = (domain, {device: cmd.id for cmd, _, device, _ in part})
+        self._batch_wires[id(wire)] = wire
         waits = [self._outcome(cmd, fut, device, wire, keep_on_cancel=False)
                  for (cmd, _, device, _), fut in zip(part, futs)]
         try:
@@ -162,6 +165,7 @@ class CommandIssuer:
             raise
         finally:
             self._batch_of_stanza.pop(stanza_id, None)
+            self._batch_wires.pop(id(wire), None)
 
     async def _outcome(self, cmd: Command, fut: asyncio.Future[Outcome], device: str, wire: ET.Element, *,
                        keep_on_cancel: bool = True) -> Outcome:
@@ -224,13 +228,7 @@ class CommandIssuer:
         # writes hundreds; filters come with plugins, registered before any command).
         if not may_skip_queue(client) or (not self._out and (not messages_need_no_filter(client)
                                                              or "xep_0198" in client.plugin)):
-            # (stream management counts what its filter sees)
-            msg = client.make_message(mto=to, mtype="normal")
-            if addresses:
-                msg.append(ET.fromstring(addresses_text(addresses)))
-            msg.append(wire)
-            msg.send()
-            return str(msg["id"])
+            return self._send_copy(to, wire, addresses)  # (stream management counts what its filter sees)
         stanza_id = client.new_id()
         if not self._out:
             asyncio.get_running_loop().call_soon(self._flush)
@@ -287,31 +285,60 @@ class CommandIssuer:
             log.info("%s: sent %d unanswered commands again after a reconnect", self.client.boundjid.bare, count)
         return count
 
-    def resend_to_new_session(self, device: str, full_jid: str) -> int:
+    def resend_to_new_session(self, device: str, full_jid: str) -> None:
         """The device came back on a new session (``full_jid``): every command still waiting that
         went to an earlier session of it goes once more to this one. The old session may have
         taken the command, or sent its outcome, and died before either got through (a cut
         network that the device's liveness ping ended); the device answers a copy of one it ran
-        from its replay memory, so nothing runs twice."""
-        count = self._resend(lambda dev, to: full_jid if dev == device and to != full_jid else None)
+        from its replay memory, so nothing runs twice. Sent at the end of this loop turn, with
+        those of the other devices back in it: a host's new connection brings all of its
+        identities back at once, and a batch's copies then go together (_resend)."""
+        if not self._back:
+            asyncio.get_running_loop().call_soon(self._resend_back)
+        self._back[device] = full_jid
+
+    def _resend_back(self) -> None:
+        back, self._back = self._back, {}
+        count = self._resend(lambda dev, to: where if (where := back.get(dev)) is not None and to != where else None)
         if count:
-            log.info("%s: sent %d unanswered commands again to %s, back on a new session",
-                     self.client.boundjid.bare, count, full_jid)
-        return count
+            log.info("%s: sent %d unanswered commands again to %d devices back on a new session",
+                     self.client.boundjid.bare, count, len(back))
 
     def _resend(self, target: Callable[[str, str], str | None]) -> int:
+        """Each command still waiting for which ``target(device, where it went)`` names where
+        to: sent there again. The copies of one batch (send_batch) go as one multicast to the
+        host's domain when more than one of its devices waits, not its whole wire once each."""
         count = 0
+        batches: dict[int, tuple[ET.Element, list[str], list[str]]] = {}  # id(wire) -> (wire, devices, wheres)
         for cmd_id, (wire, device, to) in list(self._sent.items()):
             fut = self.pending.get(cmd_id)
             where = target(device, to)
             if fut is None or fut.done() or where is None:
                 continue
-            msg = self.client.make_message(mto=where, mtype="normal")
-            msg.append(wire)
-            msg.send()
             self._sent[cmd_id] = (wire, device, where)
             count += 1
+            if self._batch_wires.get(id(wire)) is wire:
+                group = batches.setdefault(id(wire), (wire, [], []))
+                group[1].append(device)
+                group[2].append(where)
+                continue
+            self._send_copy(where, wire)
+        for wire, devices, wheres in batches.values():
+            if len(devices) == 1:
+                self._send_copy(wheres[0], wire)
+            else:  # (a hosted identity answers at its bare JID, whatever resource was asked)
+                self._send_copy(JID(devices[0]).domain, wire, devices)
         return count
+
+    def _send_copy(self, to: str, wire: ET.Element, addresses: Sequence[str] = ()) -> str:
+        """``wire`` in a message to ``to`` through slixmpp's queue (held while our session is
+        down); its stanza id."""
+        msg = self.client.make_message(mto=to, mtype="normal")
+        if addresses:
+            msg.append(ET.fromstring(addresses_text(addresses)))
+        msg.append(wire)
+        msg.send()
+        return str(msg["id"])
 
     async def adopt(self, entry: PendingCommand, kept: bool = False) -> Outcome:
         """Wait for the outcome of a command an earlier process of this issuer sent and never
@@ -338,9 +365,7 @@ class CommandIssuer:
                 wire = None
             if wire is not None:
                 self._sent[entry.command_id] = (wire, entry.device, entry.device)
-                msg = self.client.make_message(mto=entry.device, mtype="normal")
-                msg.append(wire)
-                msg.send()
+                self._send_copy(entry.device, wire)
         wait_s = max(0.0, (entry.expires - utcnow()).total_seconds()) + OUTCOME_MARGIN_S
         try:
             outcome = await asyncio.wait_for(asyncio.shield(fut), wait_s)

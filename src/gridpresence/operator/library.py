@@ -683,7 +683,8 @@ class GridOperator:
             for name in names:
                 view = self.tracker.find(name) if hosts else None
                 domain = JID(view.jid).domain if view is not None else ""
-                if view is None or domain not in hosts or view.full_jid is None or name in batched:
+                if (view is None or domain not in hosts or view.transport != "component" or view.full_jid is None
+                        or name in batched):
                     tasks.append(asyncio.ensure_future(one(name)))
                     singles += 1
                     if singles % FAN_OUT_BATCH == 0:

@@ -61,9 +61,10 @@ class Sealed(NamedTuple):  # a tuple: a third of a frozen dataclass's making, pe
     content: SignContent
     blob: bytes
     fast: fastsig.FastSigned | None = None
-    # Keys this very message checked out with: a batch of commands (one signature for many
-    # devices of one host, xmpp/component.py) is verified once, not by each of its devices.
-    good: list[pgpy.PGPKey] | None = None
+    # The keys this very message was checked with, and whether it checked out: a batch of
+    # commands (one signature for many devices of one host, xmpp/component.py) is verified
+    # once per key, not by each of its devices.
+    checked: list[tuple[pgpy.PGPKey, bool]] | None = None
     # A batch's commands by device (codec.commands_by_device), read once for all of them.
     parts: dict[str, ET.Element | None] | None = None
 
@@ -90,19 +91,24 @@ class Sealed(NamedTuple):  # a tuple: a third of a frozen dataclass's making, pe
 
     def check(self, key: pgpy.PGPKey, signer: str) -> None:
         """:meth:`verify` without building its result (a device's command gate needs none)."""
-        if self.good is not None and any(k is key for k in self.good):
-            return  # (the same key object over the same bytes: the same answer)
+        # (the same key object over the same bytes: the same answer)
+        good = next((ok for k, ok in self.checked if k is key), None) if self.checked is not None else None
+        if good is None:
+            good = self._verify(key)
+            if self.checked is not None:
+                self.checked.append((key, good))
+        if not good:
+            raise SignatureFailure(RejectReason.BAD_SIGNATURE,
+                                   f"the signature is not {signer}'s key {fingerprint(key)} over this content")
+
+    def _verify(self, key: pgpy.PGPKey) -> bool:
         good = fastsig.verify(self.fast, key) if self.fast is not None else None
         if good is None:
             try:
                 good = bool(key.verify(pgpy.PGPMessage.from_blob(self.blob)))
             except Exception:  # pgpy: "No signatures to verify" when no signature is by this key
                 good = False
-        if not good:
-            raise SignatureFailure(RejectReason.BAD_SIGNATURE,
-                                   f"the signature is not {signer}'s key {fingerprint(key)} over this content")
-        if self.good is not None:
-            self.good.append(key)
+        return good
 
 
 def check_envelope(content: SignContent, to: str, now: dt.datetime, skew_s: float,
@@ -138,25 +144,32 @@ def open_signed(el: ET.Element | None) -> Sealed:
     """Parse an ``<openpgp/>`` element; the signature is not checked yet. The copies of one
     multicast batch share their ``<openpgp/>`` element (xmpp/component.py): it is opened once,
     and its :class:`Sealed` remembers the keys it checked out with."""
-    if el is not None:
-        for seen, sealed in _OPENED:
-            if seen is el:
-                return sealed
-    sealed = _open(el)
-    if sealed.content.payload.tag == _BATCH:
-        try:
-            parts = commands_by_device(sealed.content.payload)
-        except PayloadError as exc:
-            raise SignatureFailure(RejectReason.INVALID_ARGUMENTS, str(exc)) from None
-        sealed = sealed._replace(good=[], parts=parts)
-        if el is not None:
-            _OPENED.append((el, sealed))
+    if el is None:
+        return _open(el)
+    for seen, opened in _OPENED:
+        if seen is el:
+            if isinstance(opened, SignatureFailure):
+                raise SignatureFailure(opened.reason, opened.detail)
+            return opened
+    try:
+        sealed = _open(el)
+        if sealed.content.payload.tag == _BATCH:
+            try:
+                parts = commands_by_device(sealed.content.payload)
+            except PayloadError as exc:
+                raise SignatureFailure(RejectReason.INVALID_ARGUMENTS, str(exc)) from None
+            sealed = sealed._replace(checked=[], parts=parts)
+    except SignatureFailure as exc:
+        _OPENED.append((el, exc))  # (a broken one, multicast to a thousand, is read once too)
+        raise
+    _OPENED.append((el, sealed))
     return sealed
 
 
 _BATCH = q("commands")
-# The batches opened last, by their element (held here, so never another element at its id).
-_OPENED: collections.deque[tuple[ET.Element, Sealed]] = collections.deque(maxlen=4)
+# The elements opened last, with what came of it (each held here, so no other element can have
+# its id meanwhile): the copies of a multicast follow one another.
+_OPENED: collections.deque[tuple[ET.Element, Sealed | SignatureFailure]] = collections.deque(maxlen=4)
 
 
 def _open(el: ET.Element | None) -> Sealed:
