@@ -22,6 +22,7 @@ from gridpresence.cli.common import (
     with_operator,
 )
 from gridpresence.operator.library import FAN_OUT_BATCH, GridOperator
+from gridpresence.protocol.codec import BATCH_COMMANDS_MAX
 from gridpresence.operator.selection import FILTER_SYNTAX, DeviceFilter, FleetSummary
 from gridpresence.operator.tracker import DeviceView
 from gridpresence.protocol.models import METERING_KINDS, Action, HealthStatus, OutcomeStatus
@@ -375,7 +376,9 @@ def register(sub: Any) -> None:  # argparse's subparsers action has no public ty
         p = sub.add_parser(action, help=f"{action} one or more devices and print the outcomes",
                            description=f"{action} devices named and/or chosen by --filter (both: every device "
                            "named plus every one the filter matches), signed, and print each one's outcome. "
-                           f"A fan-out goes {FAN_OUT_BATCH} signed commands at a time; from {PROGRESS_FROM} devices "
+                           f"A fan-out sends devices hosted on a component in batches of up to {BATCH_COMMANDS_MAX} "
+                           f"under one signature (XEP-0033 multicast), others {FAN_OUT_BATCH} signed commands at a "
+                           f"time; from {PROGRESS_FROM} devices "
                            f"it reports `{action}: N/M outcomes back` on stderr at each tenth (stdout stays the "
                            "outcomes).")
         operator_opts(p)
