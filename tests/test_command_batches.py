@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,21 +29,22 @@ from gridpresence.config import parse_fleet
 from gridpresence.host.grid import Grid
 from gridpresence.operator.issuer import wire_text
 from gridpresence.operator.library import GridOperator
-from gridpresence.operator.pending import PendingStore
+from gridpresence.operator.pending import SHARED_WIRE_MIN, PendingStore
 from gridpresence.protocol import Action
 from gridpresence.protocol.addressing import ADDRESS_NS, addresses_text
 from gridpresence.protocol.codec import (BATCH_COMMANDS_MAX, COMMANDS_MAX, PayloadError, command_to_text,
                                          commands_by_device, commands_to_text, outcome_from_xml, q)
 from gridpresence.protocol.models import Command, DeviceState, Outcome, OutcomeStatus, RejectReason
-from gridpresence.security.keys import generate
 from gridpresence.security.signed import SignatureFailure, open_signed, sign_payload
+from gridpresence.xmpp.component import MULTICAST_MAX
 from gridpresence.xmpp.session import close_session
+from timebase import NOW, key_for
 
 pytestmark = pytest.mark.timeout(180)
 
 NAMES = [f"b-{i:03d}" for i in range(150)]
 DOMAIN = "devices.localhost"
-T0 = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)  # a fixed time: nothing here reads the clock
+T0 = NOW  # the suite's one clock reading (timebase.py): the unit tests below read no clock
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -164,15 +166,16 @@ async def test_malformed_multicasts_are_refused_and_the_host_keeps_serving(grid:
     try:
         body = "<openpgp xmlns='urn:xmpp:openpgp:0'>AAAA</openpgp>"
         refused = {
-            "none": f"<addresses xmlns='{ADDRESS_NS}'/>",
-            "foreign": addresses_text(["x@elsewhere.example"]),
-            "domain": addresses_text([DOMAIN]),
-            "many": addresses_text([f"n{i}@{DOMAIN}" for i in range(1001)]),
+            "none": (f"<addresses xmlns='{ADDRESS_NS}'><address type='to' jid='{NAMES[0]}@{DOMAIN}' "
+                     "delivered='true'/></addresses>", "bad-request"),
+            "foreign": (addresses_text(["x@elsewhere.example"]), "bad-request"),
+            "domain": (addresses_text([DOMAIN]), "bad-request"),
+            "many": (addresses_text([f"n{i}@{DOMAIN}" for i in range(MULTICAST_MAX + 1)]), "not-acceptable"),
         }
-        for tag, addresses in refused.items():
+        for tag, (addresses, expected) in refused.items():
             plain.send_raw(f"<message to='{DOMAIN}' type='normal' id='{tag}'>{addresses}{body}</message>")
             stanza_id, condition = await asyncio.wait_for(errors.get(), 10)
-            assert (stanza_id, condition) == (tag, "bad-request")
+            assert (stanza_id, condition) == (tag, expected)
         # Seeded fuzz: addresses of random shapes around the real ones, with broken payloads;
         # whatever each is answered with, the host goes on and a device still takes a command.
         pieces = [f"<address type='to' jid='{grid.fleet.jid(NAMES[0])}'/>", "<address type='bcc' jid=''/>",
@@ -240,6 +243,54 @@ async def test_a_batch_whose_multicast_was_lost_is_sent_again_as_one_and_runs_on
             del link._multicast
 
 
+async def test_a_cancelled_batch_keeps_only_the_commands_still_waiting(grid: Grid) -> None:
+    """One device of a batch never answers; the others' outcomes come (and progress counts each
+    as it comes, not the batch at the end); the fan-out cancelled then (a Ctrl-C) keeps on disk
+    for a later process the one command still waiting, not those answered."""
+    names = NAMES[20:25]
+    silent = agent_of(grid, names[2])
+    hold: asyncio.Event = asyncio.Event()
+
+    async def never(cmd: Command, now: dt.datetime, *rest: object) -> Outcome:
+        await hold.wait()
+        raise asyncio.CancelledError
+    silent.execute = never  # type: ignore[method-assign]
+    try:
+        async with GridOperator.from_connection(grid.connection, operator="alice", resource="cancel") as alice:
+            await alice.wait_for(lambda d: all(d[n].present for n in names), 30)
+            store = alice.issuer.store
+            assert store.directory is not None  # (alice's key is on file: her commands are kept)
+            progress: list[int] = []
+            shed = asyncio.ensure_future(alice.command_many(names, Action.SHED, ttl_s=60,
+                                                            progress=lambda d, _t: progress.append(d)))
+            await until(lambda: progress and progress[-1] == len(names) - 1, 10, "the four outcomes told")
+            await asyncio.sleep(0.7)  # past KEEP_AFTER_S: the waiting one is kept by now anyway
+            shed.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await shed
+            waiting = [e for e in store.entries() if e.pid == os.getpid()]
+            assert [e.device for e in waiting] == [grid.fleet.jid(names[2])]
+            store.remove(waiting[0].command_id)
+            restored = await alice.command_many([n for n in names if n != names[2]], Action.RESTORE)
+            assert all(o.ok for o in restored.values())
+    finally:
+        del silent.execute
+        hold.set()
+
+
+async def test_a_device_named_twice_by_name_and_jid_gets_both_commands(grid: Grid) -> None:
+    name = NAMES[30]
+    async with GridOperator.from_connection(grid.connection, operator="alice", resource="twice") as alice:
+        await alice.wait_for(lambda d: d[name].present, 30)
+        t0 = asyncio.get_running_loop().time()
+        outcomes = await alice.command_many([name, grid.fleet.jid(name), NAMES[31]], Action.SHED, ttl_s=30)
+        assert asyncio.get_running_loop().time() - t0 < 10  # none left to expire
+        assert len(outcomes) == 3 and all(o.status is not OutcomeStatus.EXPIRED for o in outcomes.values())
+        assert outcomes[name].status is OutcomeStatus.EXECUTED
+        restored = await alice.command_many([name, NAMES[31]], Action.RESTORE)
+        assert all(o.ok for o in restored.values())
+
+
 # -- without a server ----------------------------------------------------------------------
 
 
@@ -249,7 +300,7 @@ def _batch(n: int) -> tuple[list[Command], list[str]]:
 
 
 def test_a_batch_is_read_per_device_and_verified_once() -> None:
-    key, other = generate("alice@localhost", T0), generate("mallory@localhost", T0)
+    key, other = key_for("alice@localhost"), key_for("mallory@localhost")
     cmds, devices = _batch(5)
     wire = sign_payload(commands_to_text([(command_to_text(c), d) for c, d in zip(cmds, devices)]), devices,
                         key, now=T0)
@@ -269,18 +320,16 @@ def test_a_batch_is_read_per_device_and_verified_once() -> None:
     assert sealed.checked is not None and [ok for _k, ok in sealed.checked] == [False, True]
     sealed.check(pub, "alice@localhost")  # the second device's check: the first's answer
     assert len(sealed.checked) == 2
-    # The same bytes in another element: opened again, and its tampered copy fails.
-    tampered = ET.Element(wire.tag)
-    raw = bytearray(wire.text.encode())
-    raw[len(raw) // 2] = ord("A") if raw[len(raw) // 2] != ord("A") else ord("B")
-    tampered.text = raw.decode()
-    try:
-        bad = open_signed(tampered)
-    except SignatureFailure:
-        return
-    assert bad is not sealed
-    with pytest.raises(SignatureFailure):
-        bad.check(key.pubkey, "alice@localhost")
+    # A tampered copy (another element) is opened again, and refused at the opening or the check.
+    for at in (len(wire.text) // 2, len(wire.text) - 10):
+        tampered = ET.Element(wire.tag)
+        raw = bytearray(wire.text.encode())
+        raw[at] = ord("A") if raw[at] != ord("A") else ord("B")
+        tampered.text = raw.decode()
+        with pytest.raises(SignatureFailure):
+            bad = open_signed(tampered)
+            assert bad is not sealed
+            bad.check(pub, "alice@localhost")
 
 
 def test_commands_by_device_refuses_a_device_twice_and_an_oversized_batch() -> None:
@@ -296,7 +345,7 @@ def test_commands_by_device_refuses_a_device_twice_and_an_oversized_batch() -> N
 
 def test_opening_fuzzed_batches_only_ever_refuses() -> None:
     rng = random.Random(1616)
-    key = generate("alice@localhost", T0)
+    key = key_for("alice@localhost")
     cmds, devices = _batch(4)
     text = commands_to_text([(command_to_text(c), d) for c, d in zip(cmds, devices)])
     for i in range(300):
@@ -319,7 +368,7 @@ def test_opening_fuzzed_batches_only_ever_refuses() -> None:
 
 def test_a_group_of_batched_commands_keeps_the_wire_once(tmp_path: Path) -> None:
     store = PendingStore(tmp_path / "alice.pending")
-    key = generate("alice@localhost", T0)
+    key = key_for("alice@localhost")
     cmds, devices = _batch(BATCH_COMMANDS_MAX)
     wire = wire_text(sign_payload(commands_to_text([(command_to_text(c), d) for c, d in zip(cmds, devices)]),
                                   devices, key, now=T0))
@@ -330,3 +379,24 @@ def test_a_group_of_batched_commands_keeps_the_wire_once(tmp_path: Path) -> None
     again = PendingStore(tmp_path / "alice.pending").entries()
     assert len(again) == BATCH_COMMANDS_MAX and all(e.wire == wire for e in again)
     assert {e.command_id for e in again} == {c.id for c in cmds}
+
+
+def test_a_group_rewritten_by_another_process_keeps_its_shared_wire(tmp_path: Path) -> None:
+    """An entry of a group taken out of it by a later process (an orphan's outcome answered
+    there): the group's other entries still read back with the batch's wire."""
+    directory = tmp_path / "alice.pending"
+    key = key_for("alice@localhost")
+    cmds, devices = _batch(30)  # (a wire long enough to be shared: SHARED_WIRE_MIN)
+    wire = wire_text(sign_payload(commands_to_text([(command_to_text(c), d) for c, d in zip(cmds, devices)]),
+                                  devices, key, now=T0))
+    first = PendingStore(directory)
+    first.add_many([first.entry(c, d, wire, "direct") for c, d in zip(cmds, devices)])
+    assert len(wire) >= SHARED_WIRE_MIN and "wires" in json.loads(next(directory.glob("group-*")).read_text())
+    later = PendingStore(directory)
+    entry = next(e for e in later.entries() if e.command_id == cmds[0].id)
+    later.answer(entry, Outcome(command_id=cmds[0].id, device=devices[0], status=OutcomeStatus.EXECUTED))
+    reader = PendingStore(directory)
+    again = {e.command_id: e for e in reader.entries()}
+    assert sorted(again) == sorted(c.id for c in cmds[1:])
+    assert all(e.wire == wire for e in again.values())
+    assert [e.command_id for e in reader.answered()] == [cmds[0].id]

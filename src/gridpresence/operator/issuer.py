@@ -118,27 +118,34 @@ class CommandIssuer:
         finally:
             self._stanza_to_command.pop(stanza_id, None)
 
-    async def send_batch(self, batch: Sequence[tuple[Command, str]], domain: str) -> list[Outcome]:
+    async def send_batch(self, batch: Sequence[tuple[Command, str]], domain: str,
+                         each: Callable[[Command, Outcome], None] | None = None) -> list[Outcome]:
         """Commands for devices hosted on ``domain`` ((command, the device's full JID) pairs, at
-        most BATCH_COMMANDS_MAX) in XEP-0033 multicast messages to the domain, each under one
-        signature for all its commands (as many as BATCH_TEXT_MAX characters of them allow);
-        their outcomes, in order, each as :meth:`send` gives it. A copy sent again (a reconnect,
-        a new session of a device, an adoption) is its whole batch to that one device, which
-        takes its own command (PROTOCOL.md, "Commands in batches"). Only with a key."""
+        most BATCH_COMMANDS_MAX, one per device, issued together: the batch is signed at the
+        first one's ``issued``) in XEP-0033 multicast messages to the domain, each under one
+        signature for all its commands (as many as BATCH_TEXT_MAX bytes of them allow); their
+        outcomes, in order, each as :meth:`send` gives it, and each also to ``each`` as it comes.
+        A copy sent again (a reconnect, a new session of a device, an adoption) is its batch
+        to the devices still waiting, which take their own commands (PROTOCOL.md, "Commands in
+        batches"). Only with a key."""
         assert self.key is not None
         items = [(cmd, full, JID(full).bare, command_to_text(cmd)) for cmd, full in batch]
         parts: list[list[tuple[Command, str, str, str]]] = [[]]
         size = 0
         for item in items:
-            length = len(item[3]) + 2 * len(item[2]) + 40  # (its text, its <to/> and its to='…')
+            text = item[3]
+            # (its text, its <to/> and its to='…'; a signed message holds bytes)
+            length = (len(text) if text.isascii() else len(text.encode())) + 2 * len(item[2].encode()) + 40
             if parts[-1] and size + length > BATCH_TEXT_MAX:
                 parts.append([])
                 size = 0
             parts[-1].append(item)
             size += length
-        return [o for part in await asyncio.gather(*(self._send_part(p, domain) for p in parts)) for o in part]
+        done = await asyncio.gather(*(self._send_part(p, domain, each) for p in parts))
+        return [outcome for part in done for outcome in part]
 
-    async def _send_part(self, part: list[tuple[Command, str, str, str]], domain: str) -> list[Outcome]:
+    async def _send_part(self, part: list[tuple[Command, str, str, str]], domain: str,
+                         each: Callable[[Command, Outcome], None] | None) -> list[Outcome]:
         assert self.key is not None
         devices = [device for _, _, device, _ in part]
         wire = sign_payload(commands_to_text([(text, device) for _, _, device, text in part]), devices, self.key,
@@ -153,15 +160,22 @@ class CommandIssuer:
         stanza_id = self._post(domain, wire, devices)
         self._batch_of_stanza[stanza_id] = (domain, {device: cmd.id for cmd, _, device, _ in part})
         self._batch_wires[id(wire)] = wire
-        waits = [self._outcome(cmd, fut, device, wire, keep_on_cancel=False)
-                 for (cmd, _, device, _), fut in zip(part, futs)]
+
+        async def one(cmd: Command, fut: asyncio.Future[Outcome], device: str) -> Outcome:
+            outcome = await self._outcome(cmd, fut, device, wire, keep_on_cancel=False)
+            if each is not None:
+                each(cmd, outcome)
+            return outcome
+
         try:
-            return list(await asyncio.gather(*waits))
+            return list(await asyncio.gather(*(one(cmd, fut, device)
+                                               for (cmd, _, device, _), fut in zip(part, futs))))
         except asyncio.CancelledError:
             if keeping:  # kept at once, as send keeps one, but in one file (the batch's wire once)
                 text = wire_text(wire)
                 self.store.add_many([self.store.entry(cmd, device, text, "direct")
-                                     for cmd, _, device, _ in part if not self.store.holds(cmd.id)])
+                                     for (cmd, _, device, _), fut in zip(part, futs)
+                                     if fut.cancelled() and not self.store.holds(cmd.id)])  # (not those answered)
             raise
         finally:
             self._batch_of_stanza.pop(stanza_id, None)

@@ -374,6 +374,7 @@ class GridOperator:
         then every command still waiting for its outcome is sent again on the new session."""
         await self._fetch_roster()
         self.client.send_presence(pshow="chat", pstatus=self.presence_status)
+        self._multicast.clear()  # (asked again: a host may have changed meanwhile)
         self.issuer.resend_pending()
 
     @property
@@ -654,7 +655,6 @@ class GridOperator:
         done = 0
         outcomes: dict[str, Outcome] = {}
         window = asyncio.Semaphore(FAN_OUT_WINDOW)  # FIFO: the commands go out in the names' order
-        batch_window = asyncio.Semaphore(max(1, FAN_OUT_WINDOW // BATCH_COMMANDS_MAX))
         hosts = await self._multicast_hosts(names) if self.issuer.key is not None and self.batches else set()
 
         def one_more() -> None:
@@ -673,8 +673,20 @@ class GridOperator:
             one_more()
 
         async def batch(domain: str, chunk: list[str]) -> None:
-            async with batch_window:
-                await self._command_batch(domain, chunk, action, args, ttl_s, wait_final, outcomes, one_more)
+            for _ in chunk:  # a slot of the window per command, each given back as its outcome comes
+                await window.acquire()
+            left = len(chunk)
+
+            def ended() -> None:
+                nonlocal left
+                left -= 1
+                window.release()
+                one_more()
+            try:
+                await self._command_batch(domain, chunk, action, args, ttl_s, wait_final, outcomes, ended)
+            finally:
+                for _ in range(left):
+                    window.release()
 
         batched: set[str] = set()
         chunks: dict[str, list[str]] = {}
@@ -684,7 +696,7 @@ class GridOperator:
                 view = self.tracker.find(name) if hosts else None
                 domain = JID(view.jid).domain if view is not None else ""
                 if (view is None or domain not in hosts or view.transport != "component" or view.full_jid is None
-                        or name in batched):
+                        or view.jid in batched):  # (a device named twice, by name and JID: its second alone)
                     tasks.append(asyncio.ensure_future(one(name)))
                     singles += 1
                     if singles % FAN_OUT_BATCH == 0:
@@ -692,7 +704,7 @@ class GridOperator:
                         # ones: the server and the devices start at once, not after the last.
                         await asyncio.sleep(0)
                     continue
-                batched.add(name)
+                batched.add(view.jid)
                 chunk = chunks.setdefault(domain, [])
                 chunk.append(name)
                 if len(chunk) >= BATCH_COMMANDS_MAX:
@@ -710,7 +722,7 @@ class GridOperator:
                              ttl_s: float, wait_final: bool, outcomes: dict[str, Outcome],
                              told: Callable[[], None]) -> None:
         """command_many's batch for devices of the host at ``domain``: those still present now
-        in one (CommandIssuer.send_batch); any other by `command`."""
+        in one (CommandIssuer.send_batch); any other by `command`. ``told`` as each ends."""
         now = utcnow()
         ready: list[tuple[str, Command, str]] = []  # (name, command, full JID)
         alone: list[str] = []
@@ -723,13 +735,17 @@ class GridOperator:
                               answer="presence")
             ready.append((name, self._bind_serial(cmd, view.full_jid), view.full_jid))
 
+        name_of = {cmd.id: name for name, cmd, _ in ready}
+
+        def each(cmd: Command, outcome: Outcome) -> None:  # as each comes: progress, listeners, the window
+            name = name_of[cmd.id]
+            outcome = self.with_state(outcome)
+            self._tell(self._outcome_listeners, name, cmd.action.value, outcome)
+            outcomes.setdefault(name, outcome)
+            told()
+
         async def sent() -> None:
-            results = await self.issuer.send_batch([(cmd, full) for _, cmd, full in ready], domain)
-            for (name, cmd, _), outcome in zip(ready, results):
-                outcome = self.with_state(outcome)
-                self._tell(self._outcome_listeners, name, cmd.action.value, outcome)
-                outcomes.setdefault(name, outcome)
-                told()
+            await self.issuer.send_batch([(cmd, full) for _, cmd, full in ready], domain, each)
 
         async def single(name: str) -> None:
             outcomes.setdefault(name, await self.command(name, action, args=args, ttl_s=ttl_s, wait_final=wait_final))

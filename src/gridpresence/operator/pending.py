@@ -32,7 +32,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
@@ -294,6 +294,11 @@ class PendingStore:
                 if not left:
                     path.unlink()
                     continue
+                kept: dict[str, Any] = {"entries": left}
+                wires = data.get("wires")
+                if isinstance(wires, dict):  # (_write's shared wires, those still named)
+                    named = {e.get("wire") for e in left if isinstance(e, dict)}
+                    kept["wires"] = {ref: text for ref, text in wires.items() if ref in named}
                 tmp = f"{path}.{os.getpid()}.tmp"
-                Path(tmp).write_text(json.dumps({"entries": left}), encoding="utf-8")
+                Path(tmp).write_text(json.dumps(kept), encoding="utf-8")
                 os.replace(tmp, path)

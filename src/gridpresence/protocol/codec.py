@@ -296,7 +296,7 @@ def command_from_xml(el: ET.Element | None) -> Command:
 # A batch of commands (PROTOCOL.md, "Commands in batches"): one signature over the commands of
 # a fan-out to many devices of one host, each ``<command/>`` naming its device in ``to``.
 COMMANDS_MAX = 1000  # commands read from one batch (an issuer sends at most BATCH_COMMANDS_MAX)
-BATCH_COMMANDS_MAX = 100  # ...and writes at most this many, of at most BATCH_TEXT_MAX characters
+BATCH_COMMANDS_MAX = 100  # ...and writes at most this many, of at most BATCH_TEXT_MAX bytes
 BATCH_TEXT_MAX = 40_000  # (its signed message stays under the 64 KiB an <openpgp/> may hold)
 
 

@@ -55,7 +55,7 @@ from gridpresence.xmpp.dispatch import ShapeDispatch
 from gridpresence.xmpp.outgoing import filters_sync, may_skip_queue, messages_need_no_filter, presence_texts, run_filters
 from gridpresence.protocol import stanzas
 from gridpresence.protocol.addressing import ADDRESS_NS
-from gridpresence.protocol.codec import JSON_NS
+from gridpresence.protocol.codec import BATCH_COMMANDS_MAX, JSON_NS
 from gridpresence.xmpp.reconnect import reconnector_of
 from gridpresence.xmpp.shared_probes import SharedProbes
 from gridpresence.xmpp.handlers import stanza_callback
@@ -80,7 +80,8 @@ _PRESENCE = f"{{{NS}}}presence"
 _MESSAGE = f"{{{NS}}}message"
 _ADDRESSES = f"{{{ADDRESS_NS}}}addresses"
 _ADDRESS = f"{{{ADDRESS_NS}}}address"
-MULTICAST_MAX = 1000  # identities one multicast message may address (an issuer sends up to 100)
+MULTICAST_MAX = BATCH_COMMANDS_MAX  # identities one multicast message may address: an issuer's batch
+_DELIVERED = ("to", "cc", "bcc")  # XEP-0033's address types delivered to (the others only say who)
 _IQ = f"{{{NS}}}iq"
 COMMANDS_NS = "http://jabber.org/protocol/commands"
 # slixmpp plugins every hosted identity uses, enabled once per link (ComponentLink.share_plugin)
@@ -482,7 +483,7 @@ class ComponentLink(ComponentXMPP):
             return
         if not to.user:  # the handshake, stream errors, and stanzas for devices.DOMAIN itself
             addresses = xml.find(_ADDRESSES) if xml.tag == _MESSAGE and to.domain == self.domain else None
-            if addresses is not None:
+            if addresses is not None and any(a.get("type") in _DELIVERED for a in addresses):
                 self._multicast(xml, addresses)
                 return
             super()._spawn_event(xml)
@@ -518,13 +519,14 @@ class ComponentLink(ComponentXMPP):
         is opened and checked once, security/signed.py) and leave ``<addresses/>`` out (a bcc
         stays hidden; nothing is multicast twice). An identity not hosted or not online here
         answers as to a message of its own (service-unavailable, from it); an address on
-        another domain, none at all, or more than MULTICAST_MAX: the whole message is refused."""
+        another domain, or none left to deliver to: the whole message is refused (bad-request);
+        more than MULTICAST_MAX (an issuer's batch at most: no stanza is made a thousand), too
+        (not-acceptable)."""
         seen: set[str] = set()
         targets: list[JID] = []
         problem = ""
         for address in addresses:
-            if address.tag != _ADDRESS or address.get("type") not in ("to", "cc", "bcc") \
-                    or address.get("delivered") == "true":
+            if address.tag != _ADDRESS or address.get("type") not in _DELIVERED or address.get("delivered") == "true":
                 continue
             try:
                 jid = JID(address.get("jid") or "")
@@ -537,13 +539,14 @@ class ComponentLink(ComponentXMPP):
             if jid.bare not in seen:
                 seen.add(jid.bare)
                 targets.append(jid)
+        condition = "bad-request"
         if not problem and not targets:
             problem = "no address to deliver to"
-        elif len(targets) > MULTICAST_MAX:
-            problem = f"more than {MULTICAST_MAX} addresses"
+        elif not problem and len(targets) > MULTICAST_MAX:
+            problem, condition = f"more than {MULTICAST_MAX} addresses", "not-acceptable"
         if problem:
             log.warning("%s: multicast from %s refused: %s", self.domain, xml.get("from"), problem)
-            self._bounce(xml, "bad-request", problem)
+            self._bounce(xml, condition, problem)
             return
         children = [child for child in xml if child is not addresses]
         attrib = dict(xml.attrib)
