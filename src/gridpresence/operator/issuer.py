@@ -67,7 +67,7 @@ class CommandIssuer:
         # ...and of a batch: message id -> (the host's domain, device bare JID -> command id)
         self._batch_of_stanza: dict[str, tuple[str, dict[str, str]]] = {}
         self._batch_wires: dict[int, ET.Element] = {}  # id -> the wire of a batch still waiting (_resend)
-        self._back: dict[str, str] = {}  # devices back on a new session this loop turn -> its full JID
+        self._to_resend: list[tuple[str, ET.Element, str, str]] = []  # resend_to_new_session's, this loop turn
         # What was sent for each command still waiting, to which device (bare JID) and to which of
         # its sessions (full JID): sent again after a reconnect of ours or of the device's, as the
         # first copy, or its outcome, may have died with the old session.
@@ -294,55 +294,63 @@ class CommandIssuer:
         memory with the first outcome (see first_outcome), so nothing runs twice; a copy that
         arrives late is answered "expired" by the device. A bounce of a copy is not an outcome:
         the first copy may have been executed."""
-        count = self._resend(lambda device, _to: device)
-        if count:
-            log.info("%s: sent %d unanswered commands again after a reconnect", self.client.boundjid.bare, count)
-        return count
+        picked = self._pick(lambda device, _to: device)
+        self._send_picked(picked)
+        if picked:
+            log.info("%s: sent %d unanswered commands again after a reconnect", self.client.boundjid.bare,
+                     len(picked))
+        return len(picked)
 
-    def resend_to_new_session(self, device: str, full_jid: str) -> None:
+    def resend_to_new_session(self, device: str, full_jid: str) -> int:
         """The device came back on a new session (``full_jid``): every command still waiting that
         went to an earlier session of it goes once more to this one. The old session may have
         taken the command, or sent its outcome, and died before either got through (a cut
         network that the device's liveness ping ended); the device answers a copy of one it ran
-        from its replay memory, so nothing runs twice. Sent at the end of this loop turn, with
-        those of the other devices back in it: a host's new connection brings all of its
-        identities back at once, and a batch's copies then go together (_resend)."""
-        if not self._back:
-            asyncio.get_running_loop().call_soon(self._resend_back)
-        self._back[device] = full_jid
+        from its replay memory, so nothing runs twice. Which commands is decided now; they go
+        at the end of this loop turn, with those of the other devices back in it: a host's new
+        connection brings all its identities back at once, and a batch's copies go together."""
+        picked = self._pick(lambda dev, to: full_jid if dev == device and to != full_jid else None)
+        if picked:
+            if not self._to_resend:
+                asyncio.get_running_loop().call_soon(self._resend_due)
+            self._to_resend += picked
+            log.info("%s: sending %d unanswered commands again to %s, back on a new session",
+                     self.client.boundjid.bare, len(picked), full_jid)
+        return len(picked)
 
-    def _resend_back(self) -> None:
-        back, self._back = self._back, {}
-        count = self._resend(lambda dev, to: where if (where := back.get(dev)) is not None and to != where else None)
-        if count:
-            log.info("%s: sent %d unanswered commands again to %d devices back on a new session",
-                     self.client.boundjid.bare, count, len(back))
+    def _resend_due(self) -> None:
+        picked, self._to_resend = self._to_resend, []
+        self._send_picked([p for p in picked if (fut := self.pending.get(p[0])) is not None and not fut.done()])
 
-    def _resend(self, target: Callable[[str, str], str | None]) -> int:
-        """Each command still waiting for which ``target(device, where it went)`` names where
-        to: sent there again. The copies of one batch (send_batch) go as one multicast to the
-        host's domain when more than one of its devices waits, not its whole wire once each."""
-        count = 0
-        batches: dict[int, tuple[ET.Element, list[str], list[str]]] = {}  # id(wire) -> (wire, devices, wheres)
+    def _pick(self, target: Callable[[str, str], str | None]) -> list[tuple[str, ET.Element, str, str]]:
+        """(command id, wire, device, where) of each command still waiting for which
+        ``target(device, where it went)`` names where to send it again; noted as sent there."""
+        picked = []
         for cmd_id, (wire, device, to) in list(self._sent.items()):
             fut = self.pending.get(cmd_id)
             where = target(device, to)
             if fut is None or fut.done() or where is None:
                 continue
             self._sent[cmd_id] = (wire, device, where)
-            count += 1
+            picked.append((cmd_id, wire, device, where))
+        return picked
+
+    def _send_picked(self, picked: list[tuple[str, ET.Element, str, str]]) -> None:
+        """Each copy to where it goes; the copies of one batch (send_batch) as one multicast to
+        the host's domain when more than one of its devices waits, not its whole wire once each."""
+        batches: dict[int, tuple[ET.Element, list[str], list[str]]] = {}  # id(wire) -> (wire, devices, wheres)
+        for _cmd_id, wire, device, where in picked:
             if self._batch_wires.get(id(wire)) is wire:
                 group = batches.setdefault(id(wire), (wire, [], []))
                 group[1].append(device)
                 group[2].append(where)
-                continue
-            self._send_copy(where, wire)
+            else:
+                self._send_copy(where, wire)
         for wire, devices, wheres in batches.values():
             if len(devices) == 1:
                 self._send_copy(wheres[0], wire)
             else:  # (a hosted identity answers at its bare JID, whatever resource was asked)
                 self._send_copy(JID(devices[0]).domain, wire, devices)
-        return count
 
     def _send_copy(self, to: str, wire: ET.Element, addresses: Sequence[str] = ()) -> str:
         """``wire`` in a message to ``to`` through slixmpp's queue (held while our session is
