@@ -31,7 +31,7 @@ from gridpresence.operator.issuer import wire_text
 from gridpresence.operator.library import GridOperator
 from gridpresence.operator.pending import SHARED_WIRE_MIN, PendingStore
 from gridpresence.protocol import Action
-from gridpresence.protocol.addressing import ADDRESS_NS, addresses_text
+from gridpresence.protocol.addressing import ADDRESS_NS, addresses_text, addresses_to_xml
 from gridpresence.protocol.codec import (BATCH_COMMANDS_MAX, COMMANDS_MAX, PayloadError, command_to_text,
                                          commands_by_device, commands_to_text, outcome_from_xml, q)
 from gridpresence.protocol.models import Command, DeviceState, Outcome, OutcomeStatus, RejectReason
@@ -400,3 +400,8 @@ def test_a_group_rewritten_by_another_process_keeps_its_shared_wire(tmp_path: Pa
     assert sorted(again) == sorted(c.id for c in cmds[1:])
     assert all(e.wire == wire for e in again.values())
     assert [e.command_id for e in reader.answered()] == [cmds[0].id]
+
+
+def test_addresses_as_text_and_as_element_are_the_same() -> None:
+    devices = [f"d{i}@{DOMAIN}" for i in range(3)] + ["o'brien&co@devices.localhost"]
+    assert ET.tostring(ET.fromstring(addresses_text(devices))) == ET.tostring(addresses_to_xml(devices))

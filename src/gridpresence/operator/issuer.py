@@ -21,7 +21,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from gridpresence.protocol import openpgp  # noqa: F401  (registers <openpgp/> with slixmpp)
-from gridpresence.protocol.addressing import addresses_text
+from gridpresence.protocol.addressing import addresses_text, addresses_to_xml
 from gridpresence.xmpp.outgoing import may_skip_queue, messages_need_no_filter
 from gridpresence.xmpp.slixfix.escape import escape as xml_escape  # the fast one
 from gridpresence.protocol.codec import (BATCH_TEXT_MAX, PayloadError, command_to_text, command_to_xml,
@@ -252,7 +252,7 @@ class CommandIssuer:
             return stanza_id
         xml = ET.Element(f"{{{client.default_ns}}}message", {"to": to, "type": "normal", "id": stanza_id})
         if addresses:
-            xml.append(ET.fromstring(addresses_text(addresses)))
+            xml.append(addresses_to_xml(addresses))
         xml.append(wire)
         self._out.append(tostring(xml, xmlns=client.default_ns, stream=client, top_level=True))
         return stanza_id
@@ -357,7 +357,7 @@ class CommandIssuer:
         down); its stanza id."""
         msg = self.client.make_message(mto=to, mtype="normal")
         if addresses:
-            msg.append(ET.fromstring(addresses_text(addresses)))
+            msg.append(addresses_to_xml(addresses))
         msg.append(wire)
         msg.send()
         return str(msg["id"])

@@ -695,7 +695,7 @@ class GridOperator:
             for name in names:
                 view = self.tracker.find(name) if hosts else None
                 domain = JID(view.jid).domain if view is not None else ""
-                if (view is None or domain not in hosts or view.transport != "component" or view.full_jid is None
+                if (view is None or domain not in hosts or not _batchable(view)
                         or view.jid in batched):  # (a device named twice, by name and JID: its second alone)
                     tasks.append(asyncio.ensure_future(one(name)))
                     singles += 1
@@ -744,14 +744,12 @@ class GridOperator:
             outcomes.setdefault(name, outcome)
             told()
 
-        async def sent() -> None:
-            await self.issuer.send_batch([(cmd, full) for _, cmd, full in ready], domain, each)
-
         async def single(name: str) -> None:
             outcomes.setdefault(name, await self.command(name, action, args=args, ttl_s=ttl_s, wait_final=wait_final))
             told()
 
-        await asyncio.gather(*([sent()] if ready else []), *(single(n) for n in alone))
+        sent = [self.issuer.send_batch([(cmd, full) for _, cmd, full in ready], domain, each)] if ready else []
+        await asyncio.gather(*sent, *(single(n) for n in alone))
 
     async def _multicast_hosts(self, names: list[str]) -> set[str]:
         """The domains of hosted devices among ``names`` that take XEP-0033 multicast (their
@@ -759,7 +757,7 @@ class GridOperator:
         domains = set()
         for name in names:
             view = self.tracker.find(name)
-            if view is not None and view.transport == "component" and view.full_jid is not None:
+            if view is not None and _batchable(view):
                 domains.add(JID(view.jid).domain)
         found = set()
         for domain in domains:
@@ -926,3 +924,8 @@ class GridOperator:
 
     def price_now(self) -> float | None:
         return self.tariff.price_at() if self.tariff else None
+
+
+def _batchable(view: DeviceView) -> bool:
+    """A device command_many may put in a batch: hosted on a component, and present."""
+    return view.transport == "component" and view.full_jid is not None

@@ -24,6 +24,14 @@ def origin_of(stanza: ET.Element) -> str | None:
     return None
 
 
+def addresses_to_xml(devices: Sequence[str]) -> ET.Element:
+    """``<addresses/>`` naming each of ``devices`` as a ``to`` (what addresses_text writes)."""
+    addresses = ET.Element(f"{{{ADDRESS_NS}}}addresses")
+    for device in devices:
+        ET.SubElement(addresses, f"{{{ADDRESS_NS}}}address", {"type": "to", "jid": device})
+    return addresses
+
+
 def addresses_text(devices: Sequence[str]) -> str:
     """``<addresses/>`` naming each of ``devices`` as a ``to``, serialised (a batch's hundred)."""
     each = "".join(f"<address type='to' jid={quoteattr(d)}/>" for d in devices)
